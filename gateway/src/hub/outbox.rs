@@ -1,0 +1,280 @@
+//! A client's bounded queue of encoded frames waiting to be written to its socket.
+//!
+//! Publishers push shared, already-encoded frames (`Bytes`, one reference count each) and never
+//! wait: when a client's queue passes its output limit the client is marked for closing and its
+//! queue is dropped, so one slow reader cannot stall a publisher or other subscribers. The
+//! connection's writer drains the queue in batches, so a burst costs one write, not one per frame.
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Redis's `client-output-buffer-limit` for one client class: a hard limit in bytes, and a soft
+/// limit that closes the client when exceeded continuously for `soft_seconds`. Zero disables a
+/// limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputLimit {
+    /// Close as soon as this many bytes are queued.
+    pub hard_bytes: usize,
+    /// Close when at least this many bytes stay queued for `soft_seconds`.
+    pub soft_bytes: usize,
+    /// How long the soft limit may be exceeded.
+    pub soft_seconds: u64,
+}
+
+impl OutputLimit {
+    /// Redis's default for pub/sub clients: `32mb 8mb 60`.
+    pub const PUBSUB_DEFAULT: OutputLimit =
+        OutputLimit { hard_bytes: 32 * 1024 * 1024, soft_bytes: 8 * 1024 * 1024, soft_seconds: 60 };
+}
+
+/// Why a client's connection is being closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Its queued output passed the output limit; queued frames are dropped.
+    OutputLimit,
+    /// `CLIENT KILL`; queued frames are dropped.
+    Killed,
+    /// The client asked (`QUIT`), sent a malformed request, or the server is shutting down:
+    /// queued frames are written first.
+    AfterFlush,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    soft_exceeded_since: Option<Instant>,
+    closed: Option<CloseReason>,
+}
+
+/// The queue itself; shared between the connection (writer side) and the hub (publishers).
+#[derive(Debug, Default)]
+pub struct Outbox {
+    state: Mutex<State>,
+    /// Wakes the writer when the queue becomes non-empty or is closed.
+    ready: Notify,
+    /// Wakes a reader waiting for the queue to drain (reply backpressure).
+    drained: Notify,
+    /// Cancelled when the client is marked for closing, so its reader stops too.
+    closing: CancellationToken,
+}
+
+/// What the writer gets from [`Outbox::next_batch`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Batch {
+    /// Frames were appended to the buffer; write them.
+    Frames,
+    /// The client is being closed; stop after writing the buffer.
+    Closed(CloseReason),
+}
+
+impl Outbox {
+    /// Creates an empty, open queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Queues a reply to the client's own command. Replies are not limited here: the
+    /// connection stops reading commands while too much output is queued (see
+    /// [`Outbox::wait_below`]).
+    pub fn push_reply(&self, frame: Bytes) {
+        let mut state = self.state.lock();
+        if state.closed.is_some() {
+            return;
+        }
+        let was_empty = state.frames.is_empty();
+        state.bytes += frame.len();
+        state.frames.push_back(frame);
+        drop(state);
+        if was_empty {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Queues a pub/sub message under `limit`. Returns false, and closes the client, when the
+    /// limit is passed; the message is then not delivered to this client.
+    pub fn push_message(&self, frame: Bytes, limit: &OutputLimit) -> bool {
+        let mut state = self.state.lock();
+        if state.closed.is_some() {
+            return false;
+        }
+        let queued = state.bytes + frame.len();
+        let over_hard = limit.hard_bytes > 0 && queued > limit.hard_bytes;
+        let over_soft = limit.soft_bytes > 0 && queued > limit.soft_bytes;
+        // As in Redis: the first time over the soft limit starts the clock; the client is
+        // closed once it is still over the limit after more than `soft_seconds`.
+        let soft_expired = if over_soft {
+            match state.soft_exceeded_since {
+                None => {
+                    state.soft_exceeded_since = Some(Instant::now());
+                    false
+                }
+                Some(since) => since.elapsed() > Duration::from_secs(limit.soft_seconds),
+            }
+        } else {
+            state.soft_exceeded_since = None;
+            false
+        };
+        if over_hard || soft_expired {
+            self.close_locked(&mut state, CloseReason::OutputLimit);
+            drop(state);
+            self.ready.notify_one();
+            return false;
+        }
+        let was_empty = state.frames.is_empty();
+        state.bytes = queued;
+        state.frames.push_back(frame);
+        drop(state);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        true
+    }
+
+    /// Marks the client for closing. The first reason given wins.
+    pub fn close(&self, reason: CloseReason) {
+        let mut state = self.state.lock();
+        if state.closed.is_none() {
+            self.close_locked(&mut state, reason);
+        }
+        drop(state);
+        self.ready.notify_one();
+        self.drained.notify_waiters();
+    }
+
+    fn close_locked(&self, state: &mut State, reason: CloseReason) {
+        self.closing.cancel();
+        state.closed = Some(reason);
+        if reason != CloseReason::AfterFlush {
+            state.frames = VecDeque::new();
+            state.bytes = 0;
+        }
+    }
+
+    /// Completes once the client is marked for closing.
+    pub async fn wait_closing(&self) {
+        self.closing.cancelled().await
+    }
+
+    /// Whether the client was marked for closing, and why.
+    pub fn closed(&self) -> Option<CloseReason> {
+        self.state.lock().closed
+    }
+
+    /// Bytes queued and not yet handed to the writer (`omem` in `CLIENT LIST`).
+    pub fn queued_bytes(&self) -> usize {
+        self.state.lock().bytes
+    }
+
+    /// Number of frames queued (`oll` in `CLIENT LIST`).
+    pub fn queued_frames(&self) -> usize {
+        self.state.lock().frames.len()
+    }
+
+    /// Waits for frames and appends up to about `max_bytes` of them to `out`.
+    pub async fn next_batch(&self, out: &mut BytesMut, max_bytes: usize) -> Batch {
+        loop {
+            {
+                let mut state = self.state.lock();
+                if !state.frames.is_empty() {
+                    let mut taken = 0;
+                    while let Some(frame) = state.frames.pop_front() {
+                        taken += frame.len();
+                        out.extend_from_slice(&frame);
+                        if taken >= max_bytes {
+                            break;
+                        }
+                    }
+                    state.bytes -= taken;
+                    if state.soft_exceeded_since.is_some() && state.bytes == 0 {
+                        state.soft_exceeded_since = None;
+                    }
+                    drop(state);
+                    self.drained.notify_waiters();
+                    return Batch::Frames;
+                }
+                if let Some(reason) = state.closed {
+                    return Batch::Closed(reason);
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// Waits until at most `bytes` are queued or the client is closing: the reader's
+    /// backpressure, so a client that pipelines without reading cannot grow memory unbounded.
+    pub async fn wait_below(&self, bytes: usize) {
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            {
+                let state = self.state.lock();
+                if state.bytes <= bytes || state.closed.is_some() {
+                    return;
+                }
+            }
+            drained.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: usize) -> Bytes {
+        Bytes::from(vec![b'x'; n])
+    }
+
+    #[tokio::test]
+    async fn batches_everything_queued_in_one_go() {
+        let outbox = Outbox::new();
+        outbox.push_reply(frame(3));
+        assert!(outbox.push_message(frame(4), &OutputLimit::PUBSUB_DEFAULT));
+        let mut out = BytesMut::new();
+        assert_eq!(outbox.next_batch(&mut out, 1 << 20).await, Batch::Frames);
+        assert_eq!(out.len(), 7);
+        assert_eq!(outbox.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn hard_limit_closes_and_drops() {
+        let outbox = Outbox::new();
+        let limit = OutputLimit { hard_bytes: 10, soft_bytes: 0, soft_seconds: 0 };
+        assert!(outbox.push_message(frame(6), &limit));
+        assert!(!outbox.push_message(frame(6), &limit));
+        assert_eq!(outbox.closed(), Some(CloseReason::OutputLimit));
+        let mut out = BytesMut::new();
+        assert_eq!(outbox.next_batch(&mut out, 1 << 20).await, Batch::Closed(CloseReason::OutputLimit));
+        assert!(out.is_empty(), "queued frames of a client over its limit are dropped");
+    }
+
+    #[tokio::test]
+    async fn soft_limit_needs_to_last() {
+        let outbox = Outbox::new();
+        let limit = OutputLimit { hard_bytes: 0, soft_bytes: 5, soft_seconds: 0 };
+        assert!(outbox.push_message(frame(6), &limit), "first time over soft starts the clock");
+        assert!(!outbox.push_message(frame(1), &limit), "still over after soft_seconds");
+        let patient = Outbox::new();
+        let limit = OutputLimit { hard_bytes: 0, soft_bytes: 5, soft_seconds: 3600 };
+        assert!(patient.push_message(frame(6), &limit));
+        assert!(patient.push_message(frame(6), &limit));
+    }
+
+    #[tokio::test]
+    async fn close_after_flush_keeps_queued_frames() {
+        let outbox = Outbox::new();
+        outbox.push_reply(frame(2));
+        outbox.close(CloseReason::AfterFlush);
+        outbox.push_reply(frame(5));
+        let mut out = BytesMut::new();
+        assert_eq!(outbox.next_batch(&mut out, 1 << 20).await, Batch::Frames);
+        assert_eq!(out.len(), 2, "nothing is queued after the close");
+        assert_eq!(outbox.next_batch(&mut out, 1 << 20).await, Batch::Closed(CloseReason::AfterFlush));
+    }
+}

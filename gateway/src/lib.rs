@@ -1,0 +1,22 @@
+//! # herald-gateway
+//!
+//! Everything a herald client touches. Today that is the Redis-protocol server and the local
+//! pub/sub hub behind it; the HTTP surfaces (SSE, WebSocket, publish API, stats) join it here.
+//!
+//! ## Layout
+//!
+//! - [`hub`]: which local clients listen to which channels and patterns, and the fan-out of a
+//!   published message to their bounded queues ([`hub::outbox`]) with Redis glob matching
+//!   ([`hub::glob`]). Protocol-neutral: every surface delivers through it.
+//! - [`resp`]: the RESP2/RESP3 server: request parsing with Redis's limits and error texts,
+//!   reply encoding, one module per command family, connection handling and the listener.
+//!
+//! ## Hot path
+//!
+//! A `PUBLISH` is parsed into `Bytes` split off the read buffer, looked up under a read lock,
+//! encoded once per protocol version in use, and queued to each receiver as a shared `Bytes`.
+//! Each receiver's writer drains its queue in one write per batch. Every queue is bounded: a
+//! receiver over its output limit is disconnected instead of slowing anybody else.
+
+pub mod hub;
+pub mod resp;

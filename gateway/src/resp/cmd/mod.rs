@@ -1,0 +1,149 @@
+//! Command dispatch: lookup, Redis's checks in Redis's order (unknown command, arity,
+//! authentication, subscribed context), then the handler of the command's module.
+//!
+//! One module per command family, as in mini-redis: [`connection`] (PING, ECHO, HELLO, AUTH,
+//! SELECT, QUIT, RESET), [`pubsub`] (the pub/sub set), [`client`] (CLIENT), [`server`]
+//! (INFO, COMMAND, CONFIG). Handlers reply through [`Session::reply`].
+
+mod client;
+mod connection;
+mod pubsub;
+mod server;
+pub mod table;
+
+use crate::resp::connection::Session;
+use crate::resp::frame::Frame;
+use crate::resp::frame::Protocol;
+use bytes::Bytes;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use table::{ALLOWED_WHILE_SUBSCRIBED, CommandSpec};
+
+/// The request's arguments, the command name first.
+pub(crate) type Args = Vec<Bytes>;
+
+/// Runs one request and queues its reply (or replies) on the session.
+pub(crate) fn execute(session: &mut Session, args: Args) {
+    session.ctx.stats.commands_processed.fetch_add(1, Ordering::Relaxed);
+    let Some(command) = table::lookup(&args[0]) else {
+        session.reply(unknown_command(&args));
+        return;
+    };
+    let (spec, subcommand) = if command.subcommands.is_empty() {
+        (command, "")
+    } else if args.len() < 2 {
+        session.reply(wrong_arity(command.name));
+        return;
+    } else {
+        match command.subcommand(&args[1]) {
+            Some(sub) => (sub, sub.name),
+            None => {
+                session.reply(Frame::error(format!(
+                    "ERR unknown subcommand '{}'. Try {} HELP.",
+                    truncate_lossy(&args[1], 128),
+                    command.name.to_ascii_uppercase()
+                )));
+                return;
+            }
+        }
+    };
+    if !spec.arity_ok(args.len()) {
+        session.reply(wrong_arity(&full_name(command, subcommand)));
+        return;
+    }
+    if !session.authenticated && !spec.no_auth() {
+        session.reply(Frame::error("NOAUTH Authentication required."));
+        return;
+    }
+    if session.protocol == Protocol::Resp2
+        && session.in_pubsub_context()
+        && !ALLOWED_WHILE_SUBSCRIBED.contains(&command.name)
+    {
+        session.reply(Frame::error(format!(
+            "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
+            full_name(command, subcommand)
+        )));
+        return;
+    }
+    {
+        let mut meta = session.client.meta.lock();
+        meta.last_command = (command.name, subcommand);
+        meta.last_active = Instant::now();
+    }
+    match command.name {
+        "auth" => connection::auth(session, &args),
+        "client" => client::client(session, subcommand, &args),
+        "command" => server::command(session, subcommand, &args),
+        "config" => server::config(session, subcommand, &args),
+        "echo" => session.reply(Frame::Bulk(args[1].clone())),
+        "hello" => connection::hello(session, &args),
+        "info" => server::info(session, &args),
+        "ping" => connection::ping(session, &args),
+        "psubscribe" => pubsub::subscribe(session, crate::hub::Kind::Pattern, &args),
+        "publish" => pubsub::publish(session, &args),
+        "pubsub" => pubsub::introspect(session, subcommand, &args),
+        "punsubscribe" => pubsub::unsubscribe(session, crate::hub::Kind::Pattern, &args),
+        "quit" => {
+            session.reply(Frame::OK);
+            session.closing = true;
+        }
+        "reset" => connection::reset(session),
+        "select" => connection::select(session, &args),
+        "spublish" => pubsub::spublish(session, &args),
+        "ssubscribe" => pubsub::subscribe(session, crate::hub::Kind::Shard, &args),
+        "subscribe" => pubsub::subscribe(session, crate::hub::Kind::Channel, &args),
+        "sunsubscribe" => pubsub::unsubscribe(session, crate::hub::Kind::Shard, &args),
+        "unsubscribe" => pubsub::unsubscribe(session, crate::hub::Kind::Channel, &args),
+        other => unreachable!("command {other} is in the table but has no handler"),
+    }
+}
+
+fn full_name(command: &CommandSpec, subcommand: &str) -> String {
+    if subcommand.is_empty() { command.name.to_string() } else { format!("{}|{}", command.name, subcommand) }
+}
+
+/// Redis's arity error.
+pub(crate) fn wrong_arity(name: &str) -> Frame {
+    Frame::error(format!("ERR wrong number of arguments for '{name}' command"))
+}
+
+/// Redis's syntax error.
+pub(crate) fn syntax_error() -> Frame {
+    Frame::error("ERR syntax error")
+}
+
+/// Redis's error for an unknown command, quoting the first arguments.
+fn unknown_command(args: &Args) -> Frame {
+    let mut quoted = String::new();
+    for arg in &args[1..] {
+        if quoted.len() >= 128 {
+            break;
+        }
+        let room = 128 - quoted.len();
+        quoted.push('\'');
+        quoted.push_str(&truncate_lossy(arg, room));
+        quoted.push_str("' ");
+    }
+    Frame::error(format!(
+        "ERR unknown command '{}', with args beginning with: {}",
+        truncate_lossy(&args[0], 128),
+        quoted
+    ))
+}
+
+/// At most `max` bytes of `bytes`, as text (invalid UTF-8 replaced).
+pub(crate) fn truncate_lossy(bytes: &[u8], max: usize) -> String {
+    String::from_utf8_lossy(&bytes[..bytes.len().min(max)]).into_owned()
+}
+
+/// Parses an integer argument the way Redis does, with Redis's error.
+pub(crate) fn integer_arg(arg: &[u8]) -> Result<i64, Frame> {
+    crate::resp::parse::parse_strict_i64(arg).ok_or_else(|| Frame::error("ERR value is not an integer or out of range"))
+}
+
+/// A `HELP` reply: the title line then the lines, as simple strings in an array.
+pub(crate) fn help(command: &str, lines: &[&'static str]) -> Frame {
+    let mut items = vec![Frame::simple(format!("{command} <subcommand> [<arg> [value] [opt] ...]. Subcommands are:"))];
+    items.extend(lines.iter().map(|&line| Frame::simple(line)));
+    Frame::Array(items)
+}

@@ -1,0 +1,121 @@
+//! The pub/sub commands: (P|S)SUBSCRIBE, (P|S)UNSUBSCRIBE, PUBLISH, SPUBLISH and PUBSUB.
+
+use super::{Args, help};
+use crate::hub::Kind;
+use crate::hub::glob::{Glob, MAX_PATTERN_LEN};
+use crate::resp::connection::Session;
+use crate::resp::frame::Frame;
+use bytes::Bytes;
+
+fn slot(kind: Kind) -> usize {
+    match kind {
+        Kind::Channel => 0,
+        Kind::Pattern => 1,
+        Kind::Shard => 2,
+    }
+}
+
+fn words(kind: Kind) -> (&'static str, &'static str) {
+    match kind {
+        Kind::Channel => ("subscribe", "unsubscribe"),
+        Kind::Pattern => ("psubscribe", "punsubscribe"),
+        Kind::Shard => ("ssubscribe", "sunsubscribe"),
+    }
+}
+
+fn confirmation(session: &Session, word: &'static str, name: Frame, kind: Kind) -> Bytes {
+    let count = session.subscription_count(kind) as i64;
+    Frame::Push(vec![Frame::text(word), name, Frame::Integer(count)]).to_bytes(session.protocol)
+}
+
+/// `SUBSCRIBE` / `PSUBSCRIBE` / `SSUBSCRIBE name [name ...]`: one confirmation per name.
+pub(super) fn subscribe(session: &mut Session, kind: Kind, args: &Args) {
+    let names = &args[1..];
+    if kind == Kind::Pattern && names.iter().any(|p| p.len() > MAX_PATTERN_LEN) {
+        session.reply(Frame::error(format!("ERR pattern too long (herald accepts up to {MAX_PATTERN_LEN} bytes)")));
+        return;
+    }
+    let (word, _) = words(kind);
+    let mut replies = Vec::with_capacity(names.len());
+    for name in names {
+        session.subscriptions[slot(kind)].insert(name.clone());
+        replies.push(confirmation(session, word, Frame::Bulk(name.clone()), kind));
+    }
+    session.flush_replies();
+    session.ctx.hub.subscribe(kind, session.subscriber(), names, replies);
+    session.record_subscription_counts();
+}
+
+/// `UNSUBSCRIBE` / `PUNSUBSCRIBE` / `SUNSUBSCRIBE [name ...]`: without names, from everything
+/// of that kind; from nothing, one confirmation with a null name.
+pub(super) fn unsubscribe(session: &mut Session, kind: Kind, args: &Args) {
+    let (_, word) = words(kind);
+    let names: Vec<Bytes> = if args.len() > 1 {
+        args[1..].to_vec()
+    } else {
+        session.subscriptions[slot(kind)].iter().cloned().collect()
+    };
+    let mut replies = Vec::with_capacity(names.len().max(1));
+    for name in &names {
+        session.subscriptions[slot(kind)].swap_remove(name);
+        replies.push(confirmation(session, word, Frame::Bulk(name.clone()), kind));
+    }
+    if names.is_empty() {
+        replies.push(confirmation(session, word, Frame::Null, kind));
+    }
+    session.flush_replies();
+    session.ctx.hub.unsubscribe(kind, session.subscriber(), &names, replies);
+    session.record_subscription_counts();
+}
+
+/// `PUBLISH channel message`: the number of receivers.
+pub(super) fn publish(session: &mut Session, args: &Args) {
+    let receivers = session.ctx.hub.publish(&args[1], &args[2]);
+    session.reply(Frame::Integer(receivers as i64));
+}
+
+/// `SPUBLISH shardchannel message`: the number of receivers.
+pub(super) fn spublish(session: &mut Session, args: &Args) {
+    let receivers = session.ctx.hub.spublish(&args[1], &args[2]);
+    session.reply(Frame::Integer(receivers as i64));
+}
+
+/// `PUBSUB CHANNELS | NUMSUB | NUMPAT | SHARDCHANNELS | SHARDNUMSUB | HELP`.
+pub(super) fn introspect(session: &mut Session, subcommand: &str, args: &Args) {
+    let hub = session.ctx.hub.clone();
+    let reply = match subcommand {
+        "channels" | "shardchannels" => {
+            let kind = if subcommand == "channels" { Kind::Channel } else { Kind::Shard };
+            let filter = args.get(2).map(|p| Glob::new(p));
+            Frame::Array(hub.active_names(kind, filter.as_ref()).into_iter().map(Frame::Bulk).collect())
+        }
+        "numsub" | "shardnumsub" => {
+            let kind = if subcommand == "numsub" { Kind::Channel } else { Kind::Shard };
+            let names = &args[2..];
+            let counts = hub.subscriber_counts(kind, names);
+            Frame::Map(
+                names.iter().zip(counts).map(|(name, n)| (Frame::Bulk(name.clone()), Frame::Integer(n as i64))).collect(),
+            )
+        }
+        "numpat" => Frame::Integer(hub.pattern_count() as i64),
+        _ => help(
+            "PUBSUB",
+            &[
+                "CHANNELS [<pattern>]",
+                "    Return the currently active channels matching a <pattern> (default: '*').",
+                "NUMPAT",
+                "    Return number of subscriptions to patterns.",
+                "NUMSUB [<channel> ...]",
+                "    Return the number of subscribers for the specified channels, excluding",
+                "    pattern subscriptions(default: no channels).",
+                "SHARDCHANNELS [<pattern>]",
+                "    Return the currently active shard level channels matching a <pattern> (default: '*').",
+                "SHARDNUMSUB [<shardchannel> ...]",
+                "    Return the number of subscribers for the specified shard level channel(s)",
+                "HELP",
+                "    Prints this help.",
+            ],
+        ),
+    };
+    session.reply(reply);
+}

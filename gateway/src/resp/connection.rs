@@ -1,0 +1,231 @@
+//! One RESP client: a reader that parses and runs commands, and a writer that drains the
+//! client's [`Outbox`] to the socket.
+//!
+//! Replies to a batch of pipelined commands are encoded into one buffer and queued once; pub/sub
+//! messages arrive in the same queue from the hub, so the writer sends replies and messages in
+//! the order they were queued, batched into as few writes as possible.
+
+use crate::hub::outbox::{Batch, CloseReason, Outbox};
+use crate::hub::{Kind, Subscriber};
+use crate::resp::clients::ClientInfo;
+use crate::resp::cmd;
+use crate::resp::frame::{Frame, Protocol};
+use crate::resp::parse::RequestParser;
+use crate::resp::server::{REPLY_BACKPRESSURE_BYTES, ServerContext};
+use bytes::{Bytes, BytesMut};
+use indexmap::IndexSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+
+/// Most bytes the writer gathers into one write.
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
+/// Read buffers larger than this are released once empty, so idle clients stay small.
+const IDLE_BUFFER_BYTES: usize = 16 * 1024;
+/// How much room to make before each read.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+
+/// The per-connection state commands work on.
+pub(crate) struct Session {
+    /// Server-wide state.
+    pub ctx: Arc<ServerContext>,
+    /// This client's registry entry (and its hub subscriber).
+    pub client: Arc<ClientInfo>,
+    /// The protocol replies are encoded in.
+    pub protocol: Protocol,
+    /// Whether `AUTH` succeeded (always true without `requirepass`).
+    pub authenticated: bool,
+    /// Subscriptions by kind: channels, patterns, shard channels.
+    pub subscriptions: [IndexSet<Bytes>; 3],
+    /// Replies encoded but not yet queued.
+    replies: BytesMut,
+    /// Set by `QUIT` and protocol errors: stop after queued output is written.
+    pub closing: bool,
+}
+
+impl Session {
+    fn new(ctx: Arc<ServerContext>, client: Arc<ClientInfo>) -> Self {
+        let authenticated = ctx.settings.read().requirepass.is_none();
+        Session {
+            ctx,
+            client,
+            protocol: Protocol::Resp2,
+            authenticated,
+            subscriptions: Default::default(),
+            replies: BytesMut::new(),
+            closing: false,
+        }
+    }
+
+    /// This client's hub handle.
+    pub fn subscriber(&self) -> &Arc<Subscriber> {
+        &self.client.subscriber
+    }
+
+    /// This client's queue.
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        self.client.subscriber.outbox()
+    }
+
+    /// Encodes a reply; it is queued with the rest of the batch.
+    pub fn reply(&mut self, frame: Frame) {
+        frame.encode(self.protocol, &mut self.replies);
+    }
+
+    /// Queues the replies encoded so far. Must run before anything else is queued directly
+    /// (hub subscription confirmations), to keep replies in command order.
+    pub fn flush_replies(&mut self) {
+        if !self.replies.is_empty() {
+            let batch = self.replies.split().freeze();
+            self.outbox().push_reply(batch);
+        }
+    }
+
+    /// Total subscriptions counted the way Redis counts them for `kind`'s replies: channels
+    /// plus patterns, or shard channels alone.
+    pub fn subscription_count(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Shard => self.subscriptions[2].len(),
+            _ => self.subscriptions[0].len() + self.subscriptions[1].len(),
+        }
+    }
+
+    /// Whether the client is in Redis's subscribed state.
+    pub fn in_pubsub_context(&self) -> bool {
+        self.subscriptions.iter().any(|s| !s.is_empty())
+    }
+
+    /// Publishes the subscription counts to the registry (for `CLIENT LIST`).
+    pub fn record_subscription_counts(&self) {
+        let counts = [self.subscriptions[0].len(), self.subscriptions[1].len(), self.subscriptions[2].len()];
+        self.client.meta.lock().subscriptions = counts;
+    }
+
+    /// Drops every subscription without replies (disconnect, `RESET`).
+    pub fn drop_subscriptions(&mut self) {
+        let [channels, patterns, shards] = std::mem::take(&mut self.subscriptions);
+        let channels: Vec<Bytes> = channels.into_iter().collect();
+        let patterns: Vec<Bytes> = patterns.into_iter().collect();
+        let shards: Vec<Bytes> = shards.into_iter().collect();
+        self.ctx.hub.remove_client(
+            self.client.id,
+            &[(Kind::Channel, &channels), (Kind::Pattern, &patterns), (Kind::Shard, &shards)],
+        );
+        self.record_subscription_counts();
+    }
+}
+
+/// Serves one client until it disconnects, is killed, or the server shuts down.
+pub(crate) async fn serve(ctx: Arc<ServerContext>, stream: TcpStream, client: Arc<ClientInfo>) {
+    let (mut reader, writer) = stream.into_split();
+    let outbox = client.subscriber.outbox().clone();
+    let writer = tokio::spawn(write_loop(writer, outbox.clone()));
+    let mut session = Session::new(ctx.clone(), client);
+    let mut parser = RequestParser::new();
+    let mut buffer = BytesMut::new();
+
+    'connection: loop {
+        // Run every complete request in the buffer; their replies go out as one batch.
+        let (limits, query_limit, timeout) = {
+            let settings = ctx.settings.read();
+            (settings.request_limits(), settings.client_query_buffer_limit, settings.timeout_seconds)
+        };
+        loop {
+            match parser.next_request(&mut buffer, &limits, session.authenticated) {
+                Ok(Some(args)) => {
+                    cmd::execute(&mut session, args);
+                    if session.closing {
+                        session.flush_replies();
+                        outbox.close(CloseReason::AfterFlush);
+                        break 'connection;
+                    }
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::debug!(id = session.client.id, %error, "closing client after a protocol error");
+                    session.reply(Frame::error(format!("ERR {error}")));
+                    session.flush_replies();
+                    outbox.close(CloseReason::AfterFlush);
+                    break 'connection;
+                }
+            }
+        }
+        session.flush_replies();
+        if buffer.len() > query_limit {
+            tracing::warn!(id = session.client.id, bytes = buffer.len(), "closing client that reached max query buffer length");
+            outbox.close(CloseReason::Killed);
+            break;
+        }
+        session.client.meta.lock().query_buffer = buffer.len();
+        if buffer.is_empty() && buffer.capacity() > IDLE_BUFFER_BYTES {
+            buffer = BytesMut::new();
+        }
+
+        // Backpressure: a client that pipelines without reading waits here, not in memory.
+        tokio::select! {
+            _ = outbox.wait_below(REPLY_BACKPRESSURE_BYTES) => {}
+            _ = ctx.shutdown.cancelled() => break,
+        }
+
+        buffer.reserve(READ_CHUNK_BYTES);
+        let idle = idle_deadline(timeout, &session);
+        tokio::select! {
+            read = reader.read_buf(&mut buffer) => match read {
+                // The peer closed its side: still deliver what it asked for, then stop.
+                Ok(0) => {
+                    outbox.close(CloseReason::AfterFlush);
+                    break;
+                }
+                Err(_) => {
+                    outbox.close(CloseReason::Killed);
+                    break;
+                }
+                Ok(_) => {}
+            },
+            _ = outbox.wait_closing() => break,
+            _ = ctx.shutdown.cancelled() => break,
+            _ = idle => {
+                tracing::debug!(id = session.client.id, "closing idle client");
+                outbox.close(CloseReason::Killed);
+                break;
+            }
+        }
+    }
+
+    session.drop_subscriptions();
+    if ctx.shutdown.is_cancelled() {
+        outbox.close(CloseReason::AfterFlush);
+    }
+    let _ = writer.await;
+}
+
+/// The idle timeout (`timeout` setting); subscribers are exempt, as in Redis.
+async fn idle_deadline(timeout_seconds: u64, session: &Session) {
+    if timeout_seconds == 0 || session.in_pubsub_context() {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(Duration::from_secs(timeout_seconds)).await;
+}
+
+/// Writes queued frames until the client is closed; batches whatever is queued into one write.
+async fn write_loop(mut socket: OwnedWriteHalf, outbox: Arc<Outbox>) {
+    let mut buffer = BytesMut::new();
+    loop {
+        match outbox.next_batch(&mut buffer, WRITE_BATCH_BYTES).await {
+            Batch::Frames => {
+                if socket.write_all(&buffer).await.is_err() {
+                    outbox.close(CloseReason::Killed);
+                    break;
+                }
+                buffer.clear();
+                if buffer.capacity() > IDLE_BUFFER_BYTES {
+                    buffer = BytesMut::new();
+                }
+            }
+            Batch::Closed(_) => break,
+        }
+    }
+    let _ = socket.shutdown().await;
+}
