@@ -8,6 +8,7 @@
 //! - [`hub`]: which local clients listen to which channels and patterns, and the fan-out of a
 //!   published message to their bounded queues ([`hub::outbox`]) with Redis glob matching
 //!   ([`hub::glob`]). Protocol-neutral: every surface delivers through it.
+//! - [`http`]: the HTTP surface (axum): health and readiness today.
 //! - [`resp`]: the RESP2/RESP3 server: request parsing with Redis's limits and error texts,
 //!   reply encoding, one module per command family, connection handling and the listener.
 //!
@@ -18,5 +19,6 @@
 //! Each receiver's writer drains its queue in one write per batch. Every queue is bounded: a
 //! receiver over its output limit is disconnected instead of slowing anybody else.
 
+pub mod http;
 pub mod hub;
 pub mod resp;

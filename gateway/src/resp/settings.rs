@@ -104,7 +104,7 @@ impl RespSettings {
                 self.requirepass = (!value.is_empty()).then(|| value.to_string());
             }
             "protected-mode" => self.protected_mode = parse_yes_no(value)?,
-            "maxclients" => self.maxclients = parse_memory(value)?.max(1),
+            "maxclients" => self.maxclients = parse_integer(value)?.max(1) as usize,
             "proto-max-bulk-len" => {
                 let bytes = parse_memory(value)?;
                 if bytes < 1024 {
@@ -120,7 +120,7 @@ impl RespSettings {
                 self.client_query_buffer_limit = bytes;
             }
             "client-output-buffer-limit" => self.pubsub_output_limit = parse_output_limit(value, self.pubsub_output_limit)?,
-            "timeout" => self.timeout_seconds = parse_memory(value)? as u64,
+            "timeout" => self.timeout_seconds = parse_integer(value)?,
             "databases" | "port" | "bind" => return Err(SettingError::Immutable),
             _ => return Err(SettingError::Unknown),
         }
@@ -138,6 +138,10 @@ fn parse_yes_no(value: &str) -> Result<bool, SettingError> {
         "no" => Ok(false),
         _ => Err(SettingError::Invalid("argument must be 'yes' or 'no'".into())),
     }
+}
+
+fn parse_integer(value: &str) -> Result<u64, SettingError> {
+    value.parse::<u64>().map_err(|_| SettingError::Invalid("argument couldn't be parsed into an integer".into()))
 }
 
 /// Parses a Redis memory value: `1024`, `64kb`, `32mb`, `1gb`, `1k` (1000), `1m` (1000000)...

@@ -93,9 +93,13 @@ pub(super) fn introspect(session: &mut Session, subcommand: &str, args: &Args) {
             let kind = if subcommand == "numsub" { Kind::Channel } else { Kind::Shard };
             let names = &args[2..];
             let counts = hub.subscriber_counts(kind, names);
-            Frame::Map(
-                names.iter().zip(counts).map(|(name, n)| (Frame::Bulk(name.clone()), Frame::Integer(n as i64))).collect(),
-            )
+            // A flat array in RESP3 too, as Redis 7 replies.
+            let mut items = Vec::with_capacity(2 * names.len());
+            for (name, n) in names.iter().zip(counts) {
+                items.push(Frame::Bulk(name.clone()));
+                items.push(Frame::Integer(n as i64));
+            }
+            Frame::Array(items)
         }
         "numpat" => Frame::Integer(hub.pattern_count() as i64),
         _ => help(
