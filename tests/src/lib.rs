@@ -1,1 +1,315 @@
+//! # herald-tests
+//!
+//! The integration-test harness: real `herald` processes on loopback, real `redis-server`
+//! processes as the reference implementation, and a raw RESP connection for byte-exact checks.
+//! The tests themselves live in `tests/`, one file per user-visible concern.
+//!
+//! Nodes bind port 0 and the harness reads the bound addresses from the node's start-up log,
+//! so tests run in parallel without port clashes. Every process is killed when its handle drops.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long the harness waits for anything (start-up, a reply, an exit) before failing.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The `herald` binary of this workspace, built (once per test process) with the profile the
+/// tests were built with.
+pub fn herald_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("test executable path");
+            // target/<profile>/deps/<test> -> target/<profile>
+            let profile_dir = exe.parent().and_then(Path::parent).expect("target profile directory").to_path_buf();
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+            let mut build = Command::new(cargo);
+            build.args(["build", "--quiet", "-p", "herald", "--bin", "herald"]);
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                build.arg("--release");
+            }
+            let status = build.status().expect("run cargo build for the herald binary");
+            assert!(status.success(), "building the herald binary failed");
+            profile_dir.join("herald")
+        })
+        .clone()
+}
+
+/// A fresh, empty directory under the system temp dir, removed by [`Herald`]'s drop.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("herald-test-{}-{tag}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// A running herald node.
+pub struct Herald {
+    child: Option<Child>,
+    /// The Redis-protocol address.
+    pub resp: SocketAddr,
+    /// The HTTP address.
+    pub http: SocketAddr,
+    /// The node's data directory.
+    pub data_dir: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl Herald {
+    /// Starts a node with default settings on free ports.
+    pub fn start() -> Herald {
+        Herald::start_with(&[])
+    }
+
+    /// Starts a node with extra `herald serve` arguments.
+    pub fn start_with(args: &[&str]) -> Herald {
+        let data_dir = scratch_dir("node");
+        let mut command = Command::new(herald_binary());
+        command
+            .arg("serve")
+            .args(["--resp-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--log", "info"])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawn herald");
+        let stderr = child.stderr.take().expect("herald stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let (mut resp, mut http) = (None, None);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("RESP (Redis protocol) listening") {
+                    resp = address_in(&line);
+                } else if line.contains("HTTP listening") {
+                    http = address_in(&line);
+                }
+                if let (Some(r), Some(h)) = (resp, http) {
+                    let _ = tx.send((r, h));
+                    resp = None;
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let (resp, http) = match rx.recv_timeout(PATIENCE) {
+            Ok(addrs) => addrs,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("herald did not start; its log:\n{}", log.lock().unwrap());
+            }
+        };
+        let node = Herald { child: Some(child), resp, http, data_dir, log };
+        node.wait_ready();
+        node
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + PATIENCE;
+        while TcpStream::connect(self.resp).is_err() {
+            assert!(Instant::now() < deadline, "herald RESP port never accepted");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `redis://` URL of the node (RESP2), for the `redis` crate.
+    pub fn url(&self) -> String {
+        format!("redis://{}/", self.resp)
+    }
+
+    /// Everything the node logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends `signal` (e.g. "TERM") to the node.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{signal} failed");
+    }
+
+    /// Waits for the process to exit; `None` if it is still running after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+fn address_in(line: &str) -> Option<SocketAddr> {
+    let start = line.find("addr=")? + 5;
+    line[start..].split_whitespace().next()?.parse().ok()
+}
+
+/// A free loopback TCP port (bound and released; good enough for a reference server).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A real `redis-server`, the reference herald's replies are compared with.
+pub struct RedisServer {
+    child: Child,
+    /// Its address.
+    pub addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` on a free port with `extra` configuration lines.
+    pub fn start(extra: &[&str]) -> RedisServer {
+        let dir = scratch_dir("redis");
+        let port = free_port();
+        let mut config = format!("port {port}\nbind 127.0.0.1\nsave \"\"\nappendonly no\ndir {}\n", dir.display());
+        for line in extra {
+            config.push_str(line);
+            config.push('\n');
+        }
+        let path = dir.join("redis.conf");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new("redis-server")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is needed as the reference implementation: install it (apt-get install redis-server), as .ci/run does");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RedisServer { child, addr, dir }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A raw RESP connection for byte-exact conversations.
+pub struct RawConn {
+    stream: TcpStream,
+    buffer: Vec<u8>,
+}
+
+impl RawConn {
+    /// Connects to `addr`.
+    pub fn connect(addr: SocketAddr) -> RawConn {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        RawConn { stream, buffer: Vec::new() }
+    }
+
+    /// Sends raw bytes.
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send");
+    }
+
+    /// Sends a command as a RESP multibulk request.
+    pub fn command(&mut self, args: &[&[u8]]) {
+        self.send(&encode_command(args));
+    }
+
+    /// Reads until the received bytes end with `suffix`; returns them (and clears the buffer).
+    pub fn read_until_suffix(&mut self, suffix: &[u8]) -> Vec<u8> {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.buffer.ends_with(suffix) {
+            assert!(Instant::now() < deadline, "no reply ending in {:?}; got {:?}", String::from_utf8_lossy(suffix), String::from_utf8_lossy(&self.buffer));
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => panic!("connection closed; got {:?}", String::from_utf8_lossy(&self.buffer)),
+                Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
+                Err(e) => panic!("read failed ({e}); got {:?}", String::from_utf8_lossy(&self.buffer)),
+            }
+        }
+        std::mem::take(&mut self.buffer)
+    }
+
+    /// Reads until the server closes the connection; returns everything received.
+    pub fn read_to_close(&mut self) -> Vec<u8> {
+        let mut rest = Vec::new();
+        let _ = self.stream.read_to_end(&mut rest);
+        self.buffer.extend_from_slice(&rest);
+        std::mem::take(&mut self.buffer)
+    }
+
+    /// Reads exactly `n` bytes.
+    pub fn read_exact(&mut self, n: usize) -> Vec<u8> {
+        while self.buffer.len() < n {
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => panic!("connection closed after {:?}", String::from_utf8_lossy(&self.buffer)),
+                Ok(k) => self.buffer.extend_from_slice(&chunk[..k]),
+                Err(e) => panic!("read failed ({e}) after {:?}", String::from_utf8_lossy(&self.buffer)),
+            }
+        }
+        self.buffer.drain(..n).collect()
+    }
+
+    /// The underlying socket.
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+/// Encodes a command as a RESP multibulk request.
+pub fn encode_command(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        out.extend_from_slice(arg);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// Polls `condition` until it holds or [`PATIENCE`] runs out; panics with `what` then.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -120,7 +120,7 @@ pub(super) fn hello(session: &mut Session, args: &Args) {
     if !session.authenticated {
         session.reply(Frame::error(
             "NOAUTH HELLO must be called with the client already authenticated, otherwise the \
-             HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and \
+             HELLO AUTH <user> <pass> option can be used to authenticate the client and \
              select the RESP protocol version at the same time",
         ));
         return;
