@@ -42,7 +42,12 @@ pub struct ServeArgs {
     pub data_dir: Option<PathBuf>,
 
     /// Password clients must give with AUTH (or HELLO ... AUTH) [default: none].
-    #[arg(long, env = "HERALD_REQUIREPASS", value_name = "PASSWORD", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "HERALD_REQUIREPASS",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
     pub requirepass: Option<String>,
 
     /// Without a password, accept Redis clients from loopback addresses only [default: yes].

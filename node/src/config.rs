@@ -32,8 +32,10 @@ pub struct FileConfig {
 impl FileConfig {
     /// Reads and parses a settings file; errors name the file and the offending key.
     pub fn load(path: &Path) -> Result<FileConfig> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow!("invalid config file {}: {}", path.display(), e.message()))
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow!("invalid config file {}: {}", path.display(), e.message()))
     }
 }
 
@@ -73,16 +75,28 @@ impl NodeConfig {
             None => FileConfig::default(),
         };
         let mut resp = RespSettings::default();
-        resp.requirepass = args.requirepass.or(file.requirepass).filter(|p| !p.is_empty());
-        resp.protected_mode = args.protected_mode.or(file.protected_mode).unwrap_or(resp.protected_mode);
-        resp.maxclients = args.maxclients.or(file.maxclients).unwrap_or(resp.maxclients);
+        resp.requirepass = args
+            .requirepass
+            .or(file.requirepass)
+            .filter(|p| !p.is_empty());
+        resp.protected_mode = args
+            .protected_mode
+            .or(file.protected_mode)
+            .unwrap_or(resp.protected_mode);
+        resp.maxclients = args
+            .maxclients
+            .or(file.maxclients)
+            .unwrap_or(resp.maxclients);
         if resp.maxclients == 0 {
             bail!("maxclients must be at least 1");
         }
         if let Some(value) = args.proto_max_bulk_len.or(file.proto_max_bulk_len) {
             resp.proto_max_bulk_len = memory("proto-max-bulk-len", &value)?;
         }
-        if let Some(value) = args.client_query_buffer_limit.or(file.client_query_buffer_limit) {
+        if let Some(value) = args
+            .client_query_buffer_limit
+            .or(file.client_query_buffer_limit)
+        {
             resp.client_query_buffer_limit = memory("client-query-buffer-limit", &value)?;
         }
         if let Some(value) = args.pubsub_output_limit.or(file.pubsub_output_limit) {
@@ -91,38 +105,53 @@ impl NodeConfig {
         resp.timeout_seconds = args.timeout.or(file.timeout).unwrap_or(0);
         Ok(NodeConfig {
             resp_addr: AddrSetting {
-                addr: args.resp_addr.or(file.resp_addr).unwrap_or(([127, 0, 0, 1], 6379).into()),
+                addr: args
+                    .resp_addr
+                    .or(file.resp_addr)
+                    .unwrap_or(([127, 0, 0, 1], 6379).into()),
                 flag: "--resp-addr",
                 env: "HERALD_RESP_ADDR",
             },
             http_addr: AddrSetting {
-                addr: args.http_addr.or(file.http_addr).unwrap_or(([127, 0, 0, 1], 8000).into()),
+                addr: args
+                    .http_addr
+                    .or(file.http_addr)
+                    .unwrap_or(([127, 0, 0, 1], 8000).into()),
                 flag: "--http-addr",
                 env: "HERALD_HTTP_ADDR",
             },
-            data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("herald-data")),
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("herald-data")),
             resp,
-            shutdown_timeout: Duration::from_secs(args.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(5)),
+            shutdown_timeout: Duration::from_secs(
+                args.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(5),
+            ),
             log: args.log.or(file.log).unwrap_or_else(|| "info".to_string()),
         })
     }
 }
 
 fn memory(name: &str, value: &str) -> Result<usize> {
-    parse_memory(value).map_err(|_| anyhow!("invalid {name} '{value}': expected a size such as 1024, 64kb, 32mb or 1gb"))
+    parse_memory(value).map_err(|_| {
+        anyhow!("invalid {name} '{value}': expected a size such as 1024, 64kb, 32mb or 1gb")
+    })
 }
 
 fn output_limit(value: &str) -> Result<OutputLimit> {
     let parts: Vec<&str> = value.split_whitespace().collect();
     let [hard, soft, seconds] = parts[..] else {
-        bail!("invalid pubsub-output-limit '{value}': expected '<hard> <soft> <soft-seconds>', e.g. '32mb 8mb 60'");
+        bail!(
+            "invalid pubsub-output-limit '{value}': expected '<hard> <soft> <soft-seconds>', e.g. '32mb 8mb 60'"
+        );
     };
     Ok(OutputLimit {
         hard_bytes: memory("pubsub-output-limit hard limit", hard)?,
         soft_bytes: memory("pubsub-output-limit soft limit", soft)?,
-        soft_seconds: seconds
-            .parse()
-            .map_err(|_| anyhow!("invalid pubsub-output-limit soft-seconds '{seconds}': expected whole seconds"))?,
+        soft_seconds: seconds.parse().map_err(|_| {
+            anyhow!("invalid pubsub-output-limit soft-seconds '{seconds}': expected whole seconds")
+        })?,
     })
 }
 
@@ -134,12 +163,24 @@ mod tests {
     #[test]
     fn flags_override_file_which_overrides_defaults() {
         let mut file = tempfile_in_target("herald-config-test.toml");
-        writeln!(file.1, "resp_addr = \"127.0.0.1:7777\"\nmaxclients = 5\npubsub_output_limit = \"1mb 512kb 10\"").unwrap();
-        let args = ServeArgs { config: Some(file.0.clone()), maxclients: Some(9), ..ServeArgs::default() };
+        writeln!(
+            file.1,
+            "resp_addr = \"127.0.0.1:7777\"\nmaxclients = 5\npubsub_output_limit = \"1mb 512kb 10\""
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file.0.clone()),
+            maxclients: Some(9),
+            ..ServeArgs::default()
+        };
         let config = NodeConfig::resolve(args).unwrap();
         assert_eq!(config.resp_addr.addr.port(), 7777, "file beats default");
         assert_eq!(config.resp.maxclients, 9, "flag beats file");
-        assert_eq!(config.http_addr.addr.port(), 8000, "default when nobody says");
+        assert_eq!(
+            config.http_addr.addr.port(),
+            8000,
+            "default when nobody says"
+        );
         assert_eq!(config.resp.pubsub_output_limit.hard_bytes, 1 << 20);
         std::fs::remove_file(&file.0).unwrap();
     }
@@ -148,7 +189,10 @@ mod tests {
     fn unknown_file_keys_are_named() {
         let mut file = tempfile_in_target("herald-config-typo.toml");
         writeln!(file.1, "resp_adr = \"127.0.0.1:7777\"").unwrap();
-        let args = ServeArgs { config: Some(file.0.clone()), ..ServeArgs::default() };
+        let args = ServeArgs {
+            config: Some(file.0.clone()),
+            ..ServeArgs::default()
+        };
         let error = NodeConfig::resolve(args).unwrap_err().to_string();
         assert!(error.contains("resp_adr"), "{error}");
         std::fs::remove_file(&file.0).unwrap();

@@ -18,22 +18,31 @@ use std::time::{Duration, Instant};
 /// How long the harness waits for anything (start-up, a reply, an exit) before failing.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
-/// The `herald` binary of this workspace, built (once per test process) with the profile the
-/// tests were built with.
+/// The `herald` binary under test: `HERALD_BIN` when set (as `scripts/test` does), otherwise
+/// this workspace's, built once per test process with the profile the tests were built with.
 pub fn herald_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY
         .get_or_init(|| {
+            if let Some(path) = std::env::var_os("HERALD_BIN") {
+                return PathBuf::from(path);
+            }
             let exe = std::env::current_exe().expect("test executable path");
             // target/<profile>/deps/<test> -> target/<profile>
-            let profile_dir = exe.parent().and_then(Path::parent).expect("target profile directory").to_path_buf();
+            let profile_dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .expect("target profile directory")
+                .to_path_buf();
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
             let mut build = Command::new(cargo);
             build.args(["build", "--quiet", "-p", "herald", "--bin", "herald"]);
             if profile_dir.file_name().is_some_and(|n| n == "release") {
                 build.arg("--release");
             }
-            let status = build.status().expect("run cargo build for the herald binary");
+            let status = build
+                .status()
+                .expect("run cargo build for the herald binary");
             assert!(status.success(), "building the herald binary failed");
             profile_dir.join("herald")
         })
@@ -70,15 +79,28 @@ impl Herald {
 
     /// Starts a node with extra `herald serve` arguments.
     pub fn start_with(args: &[&str]) -> Herald {
+        Herald::start_configured(args, &[])
+    }
+
+    /// Starts a node with extra `herald serve` arguments and environment variables.
+    pub fn start_configured(args: &[&str], envs: &[(&str, &str)]) -> Herald {
         let data_dir = scratch_dir("node");
         let mut command = Command::new(herald_binary());
         command
             .arg("serve")
-            .args(["--resp-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--log", "info"])
+            .args([
+                "--resp-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--log",
+                "info",
+            ])
             .arg("--data-dir")
             .arg(&data_dir)
             .args(args)
             .env_remove("RUST_LOG")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -112,7 +134,13 @@ impl Herald {
                 panic!("herald did not start; its log:\n{}", log.lock().unwrap());
             }
         };
-        let node = Herald { child: Some(child), resp, http, data_dir, log };
+        let node = Herald {
+            child: Some(child),
+            resp,
+            http,
+            data_dir,
+            log,
+        };
         node.wait_ready();
         node
     }
@@ -142,7 +170,10 @@ impl Herald {
 
     /// Sends `signal` (e.g. "TERM") to the node.
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status();
         assert!(status.is_ok_and(|s| s.success()), "kill -{signal} failed");
     }
 
@@ -180,7 +211,11 @@ fn address_in(line: &str) -> Option<SocketAddr> {
 
 /// A free loopback TCP port (bound and released; good enough for a reference server).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A real `redis-server`, the reference herald's replies are compared with.
@@ -196,7 +231,10 @@ impl RedisServer {
     pub fn start(extra: &[&str]) -> RedisServer {
         let dir = scratch_dir("redis");
         let port = free_port();
-        let mut config = format!("port {port}\nbind 127.0.0.1\nsave \"\"\nappendonly no\ndir {}\n", dir.display());
+        let mut config = format!(
+            "port {port}\nbind 127.0.0.1\nsave \"\"\nappendonly no\ndir {}\n",
+            dir.display()
+        );
         for line in extra {
             config.push_str(line);
             config.push('\n');
@@ -239,7 +277,10 @@ impl RawConn {
         let stream = TcpStream::connect(addr).expect("connect");
         stream.set_read_timeout(Some(PATIENCE)).unwrap();
         stream.set_nodelay(true).unwrap();
-        RawConn { stream, buffer: Vec::new() }
+        RawConn {
+            stream,
+            buffer: Vec::new(),
+        }
     }
 
     /// Sends raw bytes.
@@ -256,12 +297,23 @@ impl RawConn {
     pub fn read_until_suffix(&mut self, suffix: &[u8]) -> Vec<u8> {
         let deadline = Instant::now() + PATIENCE;
         while !self.buffer.ends_with(suffix) {
-            assert!(Instant::now() < deadline, "no reply ending in {:?}; got {:?}", String::from_utf8_lossy(suffix), String::from_utf8_lossy(&self.buffer));
+            assert!(
+                Instant::now() < deadline,
+                "no reply ending in {:?}; got {:?}",
+                String::from_utf8_lossy(suffix),
+                String::from_utf8_lossy(&self.buffer)
+            );
             let mut chunk = [0u8; 65536];
             match self.stream.read(&mut chunk) {
-                Ok(0) => panic!("connection closed; got {:?}", String::from_utf8_lossy(&self.buffer)),
+                Ok(0) => panic!(
+                    "connection closed; got {:?}",
+                    String::from_utf8_lossy(&self.buffer)
+                ),
                 Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
-                Err(e) => panic!("read failed ({e}); got {:?}", String::from_utf8_lossy(&self.buffer)),
+                Err(e) => panic!(
+                    "read failed ({e}); got {:?}",
+                    String::from_utf8_lossy(&self.buffer)
+                ),
             }
         }
         std::mem::take(&mut self.buffer)
@@ -280,9 +332,15 @@ impl RawConn {
         while self.buffer.len() < n {
             let mut chunk = [0u8; 65536];
             match self.stream.read(&mut chunk) {
-                Ok(0) => panic!("connection closed after {:?}", String::from_utf8_lossy(&self.buffer)),
+                Ok(0) => panic!(
+                    "connection closed after {:?}",
+                    String::from_utf8_lossy(&self.buffer)
+                ),
                 Ok(k) => self.buffer.extend_from_slice(&chunk[..k]),
-                Err(e) => panic!("read failed ({e}) after {:?}", String::from_utf8_lossy(&self.buffer)),
+                Err(e) => panic!(
+                    "read failed ({e}) after {:?}",
+                    String::from_utf8_lossy(&self.buffer)
+                ),
             }
         }
         self.buffer.drain(..n).collect()

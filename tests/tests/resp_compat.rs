@@ -26,7 +26,8 @@ fn cmd(conn: usize, args: &[&'static str]) -> Action {
 
 /// Plays `steps` against `addr` and returns the transcript, one entry per step.
 fn play(addr: SocketAddr, conns: usize, steps: &[Action]) -> Vec<String> {
-    let mut connections: Vec<Option<RawConn>> = (0..conns).map(|_| Some(RawConn::connect(addr))).collect();
+    let mut connections: Vec<Option<RawConn>> =
+        (0..conns).map(|_| Some(RawConn::connect(addr))).collect();
     let mut transcript = Vec::new();
     for (i, step) in steps.iter().enumerate() {
         let marker = format!("__sync_{i}__");
@@ -43,7 +44,8 @@ fn play(addr: SocketAddr, conns: usize, steps: &[Action]) -> Vec<String> {
             got
         } else {
             connection.command(&[marker.as_bytes()]);
-            connection.read_until_suffix(format!("'{marker}', with args beginning with: \r\n").as_bytes())
+            connection
+                .read_until_suffix(format!("'{marker}', with args beginning with: \r\n").as_bytes())
         };
         transcript.push(normalize(&String::from_utf8_lossy(&received)));
     }
@@ -73,13 +75,22 @@ fn normalize(text: &str) -> String {
     out
 }
 
-fn assert_same_as_redis(name: &str, conns: usize, steps: &[Action], redis_config: &[&str], herald_args: &[&str]) {
+fn assert_same_as_redis(
+    name: &str,
+    conns: usize,
+    steps: &[Action],
+    redis_config: &[&str],
+    herald_args: &[&str],
+) {
     let redis = RedisServer::start(redis_config);
     let herald = Herald::start_with(herald_args);
     let expected = play(redis.addr, conns, steps);
     let actual = play(herald.resp, conns, steps);
     for (i, (want, got)) in expected.iter().zip(&actual).enumerate() {
-        assert_eq!(got, want, "{name}: step {i} differs from Redis\n  redis:  {want:?}\n  herald: {got:?}");
+        assert_eq!(
+            got, want,
+            "{name}: step {i} differs from Redis\n  redis:  {want:?}\n  herald: {got:?}"
+        );
     }
 }
 
@@ -232,10 +243,26 @@ fn resp3_push_frames() {
 fn glob_patterns() {
     // One subscriber per pattern: the order in which Redis walks patterns is not part of its
     // contract, the set of deliveries is.
-    let patterns = ["h?llo", "h*llo", "h[ae]llo", "h[^e]llo", "h[a-b]llo", "h\\*llo", "*", "h[b-a]llo", "ab[c"];
+    let patterns = [
+        "h?llo",
+        "h*llo",
+        "h[ae]llo",
+        "h[^e]llo",
+        "h[a-b]llo",
+        "h\\*llo",
+        "*",
+        "h[b-a]llo",
+        "ab[c",
+    ];
     let publisher = patterns.len();
-    let mut steps: Vec<Action> = patterns.iter().enumerate().map(|(i, p)| cmd(i, &["PSUBSCRIBE", p])).collect();
-    for channel in ["hello", "hallo", "hllo", "heeeello", "hbllo", "hcllo", "h*llo", "abc", "xyz", ""] {
+    let mut steps: Vec<Action> = patterns
+        .iter()
+        .enumerate()
+        .map(|(i, p)| cmd(i, &["PSUBSCRIBE", p]))
+        .collect();
+    for channel in [
+        "hello", "hallo", "hllo", "heeeello", "hbllo", "hcllo", "h*llo", "abc", "xyz", "",
+    ] {
         steps.push(cmd(publisher, &["PUBLISH", channel, "m"]));
     }
     steps.extend((0..patterns.len()).map(|i| cmd(i, &["PING"])));
@@ -254,7 +281,10 @@ fn inline_commands_and_pipelining() {
             Raw(0, b"   \r\n"),
             Raw(0, b"*-10\r\n"),
             Raw(0, b"*0\r\n"),
-            Raw(0, b"*1\r\n$4\r\nPING\r\n*2\r\n$4\r\nECHO\r\n$1\r\nx\r\nPING\r\n"),
+            Raw(
+                0,
+                b"*1\r\n$4\r\nPING\r\n*2\r\n$4\r\nECHO\r\n$1\r\nx\r\nPING\r\n",
+            ),
             Raw(0, b"SUBSCRIBE one two\r\n"),
         ],
         &[],
@@ -276,7 +306,13 @@ fn malformed_requests_close_the_connection_with_redis_errors() {
         b"PING\r\n*1\r\nfoo\r\n",
     ];
     for case in cases {
-        assert_same_as_redis(&String::from_utf8_lossy(case), 1, &[RawThenClose(0, case)], &[], &[]);
+        assert_same_as_redis(
+            &String::from_utf8_lossy(case),
+            1,
+            &[RawThenClose(0, case)],
+            &[],
+            &[],
+        );
     }
 }
 
@@ -297,7 +333,13 @@ fn authentication() {
         cmd(0, &["AUTH", "s3cret"]),
         cmd(0, &["PUBLISH", "a", "x"]),
     ];
-    assert_same_as_redis("auth", 1, &steps, &["requirepass s3cret"], &["--requirepass", "s3cret"]);
+    assert_same_as_redis(
+        "auth",
+        1,
+        &steps,
+        &["requirepass s3cret"],
+        &["--requirepass", "s3cret"],
+    );
 }
 
 #[test]

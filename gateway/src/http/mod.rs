@@ -10,7 +10,9 @@ use tokio::net::TcpListener;
 
 /// The HTTP routes.
 pub fn router() -> Router {
-    Router::new().route("/health", get(health)).route("/ready", get(ready))
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
 }
 
 /// `GET /health`: the process is up and serving.
@@ -24,6 +26,11 @@ async fn ready() -> Json<serde_json::Value> {
 }
 
 /// Serves HTTP on `listener` until `shutdown` completes.
-pub async fn serve(listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-    axum::serve(listener, router()).with_graceful_shutdown(shutdown).await
+pub async fn serve(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router())
+        .with_graceful_shutdown(shutdown)
+        .await
 }

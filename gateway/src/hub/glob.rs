@@ -21,7 +21,10 @@ enum Token {
     /// A byte that must match exactly.
     Byte(u8),
     /// `[...]`: one byte that is (or with `negated`, is not) in the class.
-    Class { negated: bool, items: Vec<ClassItem> },
+    Class {
+        negated: bool,
+        items: Vec<ClassItem>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,9 +173,15 @@ mod tests {
         assert!(m("news.*", "news.") && m("news.*", "news.tech"));
         assert!(m("a*b*c", "axxbyyc") && !m("a*b*c", "axxbyy"));
         assert!(m("*:*", "job_progress:job_1") && !m("*:*", "plain"));
-        assert!(m("ab[c", "abc"), "unterminated class ends at the end of the pattern");
+        assert!(
+            m("ab[c", "abc"),
+            "unterminated class ends at the end of the pattern"
+        );
         assert!(m("a\\", "a\\"), "a trailing backslash is literal");
-        assert!(!m("*", ""), "an empty name matches only an empty pattern, as in Redis");
+        assert!(
+            !m("*", ""),
+            "an empty name matches only an empty pattern, as in Redis"
+        );
         assert!(m("", ""));
     }
 
@@ -227,9 +236,7 @@ mod tests {
                             if p.first() == Some(&b'\\') && p.len() >= 2 {
                                 p = &p[1..];
                                 hit |= p[0] == s[0];
-                            } else if p.first() == Some(&b']') {
-                                break;
-                            } else if p.is_empty() {
+                            } else if p.first() == Some(&b']') || p.is_empty() {
                                 break;
                             } else if p.len() >= 3 && p[1] == b'-' {
                                 let (a, b) = (p[0].min(p[2]), p[0].max(p[2]));

@@ -14,7 +14,7 @@ use crate::resp::frame::{Protocol, encode_bulk, encode_header};
 use bytes::{Bytes, BytesMut};
 use glob::Glob;
 use indexmap::IndexMap;
-use outbox::{OutputLimit, Outbox};
+use outbox::{Delivery, Outbox, OutputLimit};
 use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -45,7 +45,11 @@ pub struct Subscriber {
 impl Subscriber {
     /// A subscriber writing into `outbox` with frames of `protocol`.
     pub fn new(id: ClientId, outbox: Arc<Outbox>, protocol: Protocol) -> Self {
-        Subscriber { id, outbox, protocol: AtomicU8::new(protocol as u8) }
+        Subscriber {
+            id,
+            outbox,
+            protocol: AtomicU8::new(protocol as u8),
+        }
     }
 
     /// The client's id.
@@ -121,16 +125,29 @@ struct Encoded<'a> {
 
 impl<'a> Encoded<'a> {
     fn new(kind: &'static [u8], parts: [&'a [u8]; 3]) -> Self {
-        Encoded { parts, kind, frames: [None, None] }
+        Encoded {
+            parts,
+            kind,
+            frames: [None, None],
+        }
     }
 
     fn frame(&mut self, protocol: Protocol) -> Bytes {
         let slot = &mut self.frames[(protocol == Protocol::Resp3) as usize];
         slot.get_or_insert_with(|| {
-            let parts: Vec<&[u8]> = self.parts.iter().copied().filter(|p| !p.is_empty()).collect();
+            let parts: Vec<&[u8]> = self
+                .parts
+                .iter()
+                .copied()
+                .filter(|p| !p.is_empty())
+                .collect();
             let size = 32 + self.kind.len() + parts.iter().map(|p| p.len() + 16).sum::<usize>();
             let mut out = BytesMut::with_capacity(size);
-            let aggregate = if protocol == Protocol::Resp3 { b'>' } else { b'*' };
+            let aggregate = if protocol == Protocol::Resp3 {
+                b'>'
+            } else {
+                b'*'
+            };
             encode_header(&mut out, aggregate, 1 + parts.len() as i64);
             encode_bulk(&mut out, self.kind);
             for part in parts {
@@ -174,7 +191,13 @@ impl Hub {
     }
 
     /// Adds `subscriber` to each name, queueing `replies[i]` right after adding `names[i]`.
-    pub fn subscribe(&self, kind: Kind, subscriber: &Arc<Subscriber>, names: &[Bytes], replies: Vec<Bytes>) {
+    pub fn subscribe(
+        &self,
+        kind: Kind,
+        subscriber: &Arc<Subscriber>,
+        names: &[Bytes],
+        replies: Vec<Bytes>,
+    ) {
         let mut state = self.state.write();
         for (name, reply) in names.iter().zip(replies) {
             let receivers = match kind {
@@ -184,7 +207,10 @@ impl Hub {
                     &mut state
                         .patterns
                         .entry(name.clone())
-                        .or_insert_with(|| PatternEntry { glob: Glob::new(name), receivers: Receivers::new() })
+                        .or_insert_with(|| PatternEntry {
+                            glob: Glob::new(name),
+                            receivers: Receivers::new(),
+                        })
                         .receivers
                 }
             };
@@ -195,7 +221,13 @@ impl Hub {
 
     /// Removes `subscriber` from each name, queueing `replies[i]` right after removing
     /// `names[i]`. Extra replies (unsubscribing from nothing) are queued at the end.
-    pub fn unsubscribe(&self, kind: Kind, subscriber: &Subscriber, names: &[Bytes], replies: Vec<Bytes>) {
+    pub fn unsubscribe(
+        &self,
+        kind: Kind,
+        subscriber: &Subscriber,
+        names: &[Bytes],
+        replies: Vec<Bytes>,
+    ) {
         let mut state = self.state.write();
         let mut replies = replies.into_iter();
         for name in names {
@@ -251,7 +283,9 @@ impl Hub {
             }
         }
         self.stats.published.fetch_add(1, Ordering::Relaxed);
-        self.stats.delivered.fetch_add(receivers as u64, Ordering::Relaxed);
+        self.stats
+            .delivered
+            .fetch_add(receivers as u64, Ordering::Relaxed);
         receivers
     }
 
@@ -267,15 +301,28 @@ impl Hub {
             None => 0,
         };
         self.stats.published.fetch_add(1, Ordering::Relaxed);
-        self.stats.delivered.fetch_add(receivers as u64, Ordering::Relaxed);
+        self.stats
+            .delivered
+            .fetch_add(receivers as u64, Ordering::Relaxed);
         receivers
     }
 
-    fn deliver(&self, subscribers: &Receivers, message: &mut Encoded<'_>, limit: &OutputLimit) -> usize {
+    fn deliver(
+        &self,
+        subscribers: &Receivers,
+        message: &mut Encoded<'_>,
+        limit: &OutputLimit,
+    ) -> usize {
         for subscriber in subscribers.values() {
             let frame = message.frame(subscriber.protocol());
-            if !subscriber.outbox.push_message(frame, limit) {
-                self.stats.slow_clients_closed.fetch_add(1, Ordering::Relaxed);
+            if subscriber.outbox.push_message(frame, limit) == Delivery::LimitReached {
+                self.stats
+                    .slow_clients_closed
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    client = subscriber.id,
+                    "subscriber closed: it passed its output buffer limit"
+                );
             }
         }
         subscribers.len()
@@ -289,7 +336,10 @@ impl Hub {
             Kind::Shard => Box::new(state.shards.keys()),
             Kind::Pattern => Box::new(state.patterns.keys()),
         };
-        names.filter(|name| filter.is_none_or(|glob| glob.matches(name))).cloned().collect()
+        names
+            .filter(|name| filter.is_none_or(|glob| glob.matches(name)))
+            .cloned()
+            .collect()
     }
 
     /// Subscriber count of each channel (or shard channel) in `names`.
@@ -299,7 +349,10 @@ impl Hub {
             Kind::Shard => &state.shards,
             _ => &state.channels,
         };
-        names.iter().map(|name| map.get(name).map_or(0, IndexMap::len)).collect()
+        names
+            .iter()
+            .map(|name| map.get(name).map_or(0, IndexMap::len))
+            .collect()
     }
 
     /// Number of distinct patterns with subscribers (`PUBSUB NUMPAT`).
@@ -311,7 +364,11 @@ impl Hub {
     pub fn channel_totals(&self) -> (usize, usize) {
         let state = self.state.read();
         let subscriptions = state.channels.values().map(IndexMap::len).sum::<usize>()
-            + state.patterns.values().map(|e| e.receivers.len()).sum::<usize>()
+            + state
+                .patterns
+                .values()
+                .map(|e| e.receivers.len())
+                .sum::<usize>()
             + state.shards.values().map(IndexMap::len).sum::<usize>();
         (state.channels.len() + state.shards.len(), subscriptions)
     }
@@ -338,7 +395,10 @@ mod tests {
     async fn drain(subscriber: &Subscriber) -> String {
         let mut out = BytesMut::new();
         if subscriber.outbox.queued_frames() > 0 {
-            assert_eq!(subscriber.outbox.next_batch(&mut out, usize::MAX).await, Batch::Frames);
+            assert_eq!(
+                subscriber.outbox.next_batch(&mut out, usize::MAX).await,
+                Batch::Frames
+            );
         }
         String::from_utf8(out.to_vec()).unwrap()
     }
@@ -346,19 +406,50 @@ mod tests {
     #[tokio::test]
     async fn fan_out_counts_and_encodes_per_protocol() {
         let hub = Hub::default();
-        let (a, b) = (subscriber(1, Protocol::Resp2), subscriber(2, Protocol::Resp3));
+        let (a, b) = (
+            subscriber(1, Protocol::Resp2),
+            subscriber(2, Protocol::Resp3),
+        );
         let ch = Bytes::from_static(b"news");
-        hub.subscribe(Kind::Channel, &a, std::slice::from_ref(&ch), vec![Bytes::new()]);
-        hub.subscribe(Kind::Channel, &b, std::slice::from_ref(&ch), vec![Bytes::new()]);
-        hub.subscribe(Kind::Pattern, &a, &[Bytes::from_static(b"n*")], vec![Bytes::new()]);
+        hub.subscribe(
+            Kind::Channel,
+            &a,
+            std::slice::from_ref(&ch),
+            vec![Bytes::new()],
+        );
+        hub.subscribe(
+            Kind::Channel,
+            &b,
+            std::slice::from_ref(&ch),
+            vec![Bytes::new()],
+        );
+        hub.subscribe(
+            Kind::Pattern,
+            &a,
+            &[Bytes::from_static(b"n*")],
+            vec![Bytes::new()],
+        );
         assert_eq!(hub.publish(b"news", b"hi"), 3);
         assert_eq!(
             drain(&a).await,
             "*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$2\r\nhi\r\n*4\r\n$8\r\npmessage\r\n$2\r\nn*\r\n$4\r\nnews\r\n$2\r\nhi\r\n"
         );
-        assert_eq!(drain(&b).await, ">3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$2\r\nhi\r\n");
-        assert_eq!(hub.spublish(b"news", b"hi"), 0, "shard channels are a separate space");
-        hub.remove_client(1, &[(Kind::Channel, &[ch.clone()]), (Kind::Pattern, &[Bytes::from_static(b"n*")])]);
+        assert_eq!(
+            drain(&b).await,
+            ">3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$2\r\nhi\r\n"
+        );
+        assert_eq!(
+            hub.spublish(b"news", b"hi"),
+            0,
+            "shard channels are a separate space"
+        );
+        hub.remove_client(
+            1,
+            &[
+                (Kind::Channel, std::slice::from_ref(&ch)),
+                (Kind::Pattern, &[Bytes::from_static(b"n*")]),
+            ],
+        );
         assert_eq!(hub.publish(b"news", b"x"), 1);
         assert_eq!(hub.pattern_count(), 0);
     }

@@ -27,8 +27,11 @@ pub struct OutputLimit {
 
 impl OutputLimit {
     /// Redis's default for pub/sub clients: `32mb 8mb 60`.
-    pub const PUBSUB_DEFAULT: OutputLimit =
-        OutputLimit { hard_bytes: 32 * 1024 * 1024, soft_bytes: 8 * 1024 * 1024, soft_seconds: 60 };
+    pub const PUBSUB_DEFAULT: OutputLimit = OutputLimit {
+        hard_bytes: 32 * 1024 * 1024,
+        soft_bytes: 8 * 1024 * 1024,
+        soft_seconds: 60,
+    };
 }
 
 /// Why a client's connection is being closed.
@@ -61,6 +64,20 @@ pub struct Outbox {
     drained: Notify,
     /// Cancelled when the client is marked for closing, so its reader stops too.
     closing: CancellationToken,
+    /// Cancelled when queued output is to be dropped: aborts a write in progress, so a client
+    /// that stopped reading cannot hold its connection open.
+    aborted: CancellationToken,
+}
+
+/// What happened to a message offered with [`Outbox::push_message`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Queued for the client.
+    Queued,
+    /// Not queued: this message took the client over its limit, and the client is now closed.
+    LimitReached,
+    /// Not queued: the client was already closing.
+    Closed,
 }
 
 /// What the writer gets from [`Outbox::next_batch`].
@@ -95,12 +112,12 @@ impl Outbox {
         }
     }
 
-    /// Queues a pub/sub message under `limit`. Returns false, and closes the client, when the
-    /// limit is passed; the message is then not delivered to this client.
-    pub fn push_message(&self, frame: Bytes, limit: &OutputLimit) -> bool {
+    /// Queues a pub/sub message under `limit`. When the message would take the client over
+    /// the limit, the client is closed instead and the message is not delivered to it.
+    pub fn push_message(&self, frame: Bytes, limit: &OutputLimit) -> Delivery {
         let mut state = self.state.lock();
         if state.closed.is_some() {
-            return false;
+            return Delivery::Closed;
         }
         let queued = state.bytes + frame.len();
         let over_hard = limit.hard_bytes > 0 && queued > limit.hard_bytes;
@@ -123,7 +140,7 @@ impl Outbox {
             self.close_locked(&mut state, CloseReason::OutputLimit);
             drop(state);
             self.ready.notify_one();
-            return false;
+            return Delivery::LimitReached;
         }
         let was_empty = state.frames.is_empty();
         state.bytes = queued;
@@ -132,7 +149,7 @@ impl Outbox {
         if was_empty {
             self.ready.notify_one();
         }
-        true
+        Delivery::Queued
     }
 
     /// Marks the client for closing. The first reason given wins.
@@ -150,6 +167,7 @@ impl Outbox {
         self.closing.cancel();
         state.closed = Some(reason);
         if reason != CloseReason::AfterFlush {
+            self.aborted.cancel();
             state.frames = VecDeque::new();
             state.bytes = 0;
         }
@@ -158,6 +176,11 @@ impl Outbox {
     /// Completes once the client is marked for closing.
     pub async fn wait_closing(&self) {
         self.closing.cancelled().await
+    }
+
+    /// Completes once queued output is to be dropped (`Killed`, `OutputLimit`).
+    pub async fn wait_aborted(&self) {
+        self.aborted.cancelled().await
     }
 
     /// Whether the client was marked for closing, and why.
@@ -235,7 +258,10 @@ mod tests {
     async fn batches_everything_queued_in_one_go() {
         let outbox = Outbox::new();
         outbox.push_reply(frame(3));
-        assert!(outbox.push_message(frame(4), &OutputLimit::PUBSUB_DEFAULT));
+        assert_eq!(
+            outbox.push_message(frame(4), &OutputLimit::PUBSUB_DEFAULT),
+            Delivery::Queued
+        );
         let mut out = BytesMut::new();
         assert_eq!(outbox.next_batch(&mut out, 1 << 20).await, Batch::Frames);
         assert_eq!(out.len(), 7);
@@ -245,25 +271,56 @@ mod tests {
     #[tokio::test]
     async fn hard_limit_closes_and_drops() {
         let outbox = Outbox::new();
-        let limit = OutputLimit { hard_bytes: 10, soft_bytes: 0, soft_seconds: 0 };
-        assert!(outbox.push_message(frame(6), &limit));
-        assert!(!outbox.push_message(frame(6), &limit));
+        let limit = OutputLimit {
+            hard_bytes: 10,
+            soft_bytes: 0,
+            soft_seconds: 0,
+        };
+        assert_eq!(outbox.push_message(frame(6), &limit), Delivery::Queued);
+        assert_eq!(
+            outbox.push_message(frame(6), &limit),
+            Delivery::LimitReached
+        );
         assert_eq!(outbox.closed(), Some(CloseReason::OutputLimit));
+        assert_eq!(outbox.push_message(frame(1), &limit), Delivery::Closed);
         let mut out = BytesMut::new();
-        assert_eq!(outbox.next_batch(&mut out, 1 << 20).await, Batch::Closed(CloseReason::OutputLimit));
-        assert!(out.is_empty(), "queued frames of a client over its limit are dropped");
+        assert_eq!(
+            outbox.next_batch(&mut out, 1 << 20).await,
+            Batch::Closed(CloseReason::OutputLimit)
+        );
+        assert!(
+            out.is_empty(),
+            "queued frames of a client over its limit are dropped"
+        );
     }
 
     #[tokio::test]
     async fn soft_limit_needs_to_last() {
         let outbox = Outbox::new();
-        let limit = OutputLimit { hard_bytes: 0, soft_bytes: 5, soft_seconds: 0 };
-        assert!(outbox.push_message(frame(6), &limit), "first time over soft starts the clock");
-        assert!(!outbox.push_message(frame(1), &limit), "still over after soft_seconds");
+        let limit = OutputLimit {
+            hard_bytes: 0,
+            soft_bytes: 5,
+            soft_seconds: 0,
+        };
+        assert_eq!(
+            outbox.push_message(frame(6), &limit),
+            Delivery::Queued,
+            "first time over soft starts the clock"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            outbox.push_message(frame(1), &limit),
+            Delivery::LimitReached,
+            "still over after soft_seconds"
+        );
         let patient = Outbox::new();
-        let limit = OutputLimit { hard_bytes: 0, soft_bytes: 5, soft_seconds: 3600 };
-        assert!(patient.push_message(frame(6), &limit));
-        assert!(patient.push_message(frame(6), &limit));
+        let limit = OutputLimit {
+            hard_bytes: 0,
+            soft_bytes: 5,
+            soft_seconds: 3600,
+        };
+        assert_eq!(patient.push_message(frame(6), &limit), Delivery::Queued);
+        assert_eq!(patient.push_message(frame(6), &limit), Delivery::Queued);
     }
 
     #[tokio::test]
@@ -275,6 +332,9 @@ mod tests {
         let mut out = BytesMut::new();
         assert_eq!(outbox.next_batch(&mut out, 1 << 20).await, Batch::Frames);
         assert_eq!(out.len(), 2, "nothing is queued after the close");
-        assert_eq!(outbox.next_batch(&mut out, 1 << 20).await, Batch::Closed(CloseReason::AfterFlush));
+        assert_eq!(
+            outbox.next_batch(&mut out, 1 << 20).await,
+            Batch::Closed(CloseReason::AfterFlush)
+        );
     }
 }

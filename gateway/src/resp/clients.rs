@@ -49,7 +49,12 @@ pub struct ClientInfo {
 
 impl ClientInfo {
     /// A freshly connected client.
-    pub fn new(id: ClientId, addr: SocketAddr, laddr: SocketAddr, subscriber: Arc<Subscriber>) -> Self {
+    pub fn new(
+        id: ClientId,
+        addr: SocketAddr,
+        laddr: SocketAddr,
+        subscriber: Arc<Subscriber>,
+    ) -> Self {
         let now = Instant::now();
         ClientInfo {
             id,
@@ -78,7 +83,11 @@ impl ClientInfo {
     pub fn describe(&self) -> String {
         let meta = self.meta.lock();
         let now = Instant::now();
-        let lossy = |b: &Option<Bytes>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+        let lossy = |b: &Option<Bytes>| {
+            b.as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default()
+        };
         let pubsub = meta.subscriptions.iter().any(|&n| n > 0);
         let outbox = self.subscriber.outbox();
         let mut line = String::with_capacity(256);

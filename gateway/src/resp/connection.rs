@@ -99,7 +99,11 @@ impl Session {
 
     /// Publishes the subscription counts to the registry (for `CLIENT LIST`).
     pub fn record_subscription_counts(&self) {
-        let counts = [self.subscriptions[0].len(), self.subscriptions[1].len(), self.subscriptions[2].len()];
+        let counts = [
+            self.subscriptions[0].len(),
+            self.subscriptions[1].len(),
+            self.subscriptions[2].len(),
+        ];
         self.client.meta.lock().subscriptions = counts;
     }
 
@@ -111,7 +115,11 @@ impl Session {
         let shards: Vec<Bytes> = shards.into_iter().collect();
         self.ctx.hub.remove_client(
             self.client.id,
-            &[(Kind::Channel, &channels), (Kind::Pattern, &patterns), (Kind::Shard, &shards)],
+            &[
+                (Kind::Channel, &channels),
+                (Kind::Pattern, &patterns),
+                (Kind::Shard, &shards),
+            ],
         );
         self.record_subscription_counts();
     }
@@ -130,7 +138,11 @@ pub(crate) async fn serve(ctx: Arc<ServerContext>, stream: TcpStream, client: Ar
         // Run every complete request in the buffer; their replies go out as one batch.
         let (limits, query_limit, timeout) = {
             let settings = ctx.settings.read();
-            (settings.request_limits(), settings.client_query_buffer_limit, settings.timeout_seconds)
+            (
+                settings.request_limits(),
+                settings.client_query_buffer_limit,
+                settings.timeout_seconds,
+            )
         };
         loop {
             match parser.next_request(&mut buffer, &limits, session.authenticated) {
@@ -154,7 +166,11 @@ pub(crate) async fn serve(ctx: Arc<ServerContext>, stream: TcpStream, client: Ar
         }
         session.flush_replies();
         if buffer.len() > query_limit {
-            tracing::warn!(id = session.client.id, bytes = buffer.len(), "closing client that reached max query buffer length");
+            tracing::warn!(
+                id = session.client.id,
+                bytes = buffer.len(),
+                "closing client that reached max query buffer length"
+            );
             outbox.close(CloseReason::Killed);
             break;
         }
@@ -212,19 +228,18 @@ async fn idle_deadline(timeout_seconds: u64, session: &Session) {
 /// Writes queued frames until the client is closed; batches whatever is queued into one write.
 async fn write_loop(mut socket: OwnedWriteHalf, outbox: Arc<Outbox>) {
     let mut buffer = BytesMut::new();
-    loop {
-        match outbox.next_batch(&mut buffer, WRITE_BATCH_BYTES).await {
-            Batch::Frames => {
-                if socket.write_all(&buffer).await.is_err() {
-                    outbox.close(CloseReason::Killed);
-                    break;
-                }
-                buffer.clear();
-                if buffer.capacity() > IDLE_BUFFER_BYTES {
-                    buffer = BytesMut::new();
-                }
-            }
-            Batch::Closed(_) => break,
+    while outbox.next_batch(&mut buffer, WRITE_BATCH_BYTES).await == Batch::Frames {
+        let written = tokio::select! {
+            written = socket.write_all(&buffer) => written.is_ok(),
+            _ = outbox.wait_aborted() => false,
+        };
+        if !written {
+            outbox.close(CloseReason::Killed);
+            return;
+        }
+        buffer.clear();
+        if buffer.capacity() > IDLE_BUFFER_BYTES {
+            buffer = BytesMut::new();
         }
     }
     let _ = socket.shutdown().await;

@@ -107,11 +107,19 @@ impl Frame {
             },
             Frame::Array(items) => encode_items(out, b'*', items, protocol),
             Frame::Set(items) => {
-                let kind = if protocol == Protocol::Resp3 { b'~' } else { b'*' };
+                let kind = if protocol == Protocol::Resp3 {
+                    b'~'
+                } else {
+                    b'*'
+                };
                 encode_items(out, kind, items, protocol)
             }
             Frame::Push(items) => {
-                let kind = if protocol == Protocol::Resp3 { b'>' } else { b'*' };
+                let kind = if protocol == Protocol::Resp3 {
+                    b'>'
+                } else {
+                    b'*'
+                };
                 encode_items(out, kind, items, protocol)
             }
             Frame::Map(pairs) => {

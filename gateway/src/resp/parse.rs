@@ -26,7 +26,10 @@ pub struct RequestLimits {
 
 impl Default for RequestLimits {
     fn default() -> Self {
-        RequestLimits { max_multibulk_len: 1024 * 1024, max_bulk_len: 512 * 1024 * 1024 }
+        RequestLimits {
+            max_multibulk_len: 1024 * 1024,
+            max_bulk_len: 512 * 1024 * 1024,
+        }
     }
 }
 
@@ -131,8 +134,11 @@ impl RequestParser {
                     continue;
                 }
                 let expected = count as usize;
-                self.partial =
-                    Some(Partial { expected, args: Vec::with_capacity(expected.min(1024)), bulk_len: None });
+                self.partial = Some(Partial {
+                    expected,
+                    args: Vec::with_capacity(expected.min(1024)),
+                    bulk_len: None,
+                });
             }
             let partial = self.partial.as_mut().expect("partial request present");
             while partial.args.len() < partial.expected {
@@ -173,7 +179,10 @@ impl RequestParser {
 }
 
 /// Takes one `\r\n`-terminated line (returned without the terminator) off `buf`.
-fn take_line(buf: &mut BytesMut, too_big: ProtocolError) -> Result<Option<BytesMut>, ProtocolError> {
+fn take_line(
+    buf: &mut BytesMut,
+    too_big: ProtocolError,
+) -> Result<Option<BytesMut>, ProtocolError> {
     match memchr::memchr(b'\r', buf) {
         None if buf.len() > MAX_INLINE_SIZE => Err(too_big),
         None => Ok(None),
@@ -199,7 +208,9 @@ fn parse_inline(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, ProtocolError>
     if line.last() == Some(&b'\r') {
         line.truncate(newline - 1);
     }
-    split_args(&line).map(Some).ok_or(ProtocolError::UnbalancedQuotes)
+    split_args(&line)
+        .map(Some)
+        .ok_or(ProtocolError::UnbalancedQuotes)
 }
 
 /// Splits a line into arguments the way Redis's `sdssplitargs` does: whitespace separates,
@@ -329,25 +340,43 @@ mod tests {
         let mut parser = RequestParser::new();
         let mut buf = BytesMut::from(input);
         let mut out = Vec::new();
-        while let Some(req) = parser.next_request(&mut buf, &RequestLimits::default(), authenticated)? {
+        while let Some(req) =
+            parser.next_request(&mut buf, &RequestLimits::default(), authenticated)?
+        {
             out.push(req);
         }
         Ok(out)
     }
 
     fn args(list: &[&str]) -> Vec<Bytes> {
-        list.iter().map(|s| Bytes::copy_from_slice(s.as_bytes())).collect()
+        list.iter()
+            .map(|s| Bytes::copy_from_slice(s.as_bytes()))
+            .collect()
     }
 
     #[test]
     fn multibulk_inline_and_pipelining() {
-        let reqs = parse_all(b"*2\r\n$4\r\nECHO\r\n$3\r\na\r\n\r\nPING\r\nSUBSCRIBE a  b\n", true).unwrap();
-        assert_eq!(reqs, vec![args(&["ECHO", "a\r\n"]), args(&["PING"]), args(&["SUBSCRIBE", "a", "b"])]);
+        let reqs = parse_all(
+            b"*2\r\n$4\r\nECHO\r\n$3\r\na\r\n\r\nPING\r\nSUBSCRIBE a  b\n",
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            reqs,
+            vec![
+                args(&["ECHO", "a\r\n"]),
+                args(&["PING"]),
+                args(&["SUBSCRIBE", "a", "b"])
+            ]
+        );
     }
 
     #[test]
     fn empty_requests_are_skipped_like_redis() {
-        assert_eq!(parse_all(b"*-10\r\n*0\r\n\r\n   \r\nPING\r\n", true).unwrap(), vec![args(&["PING"])]);
+        assert_eq!(
+            parse_all(b"*-10\r\n*0\r\n\r\n   \r\nPING\r\n", true).unwrap(),
+            vec![args(&["PING"])]
+        );
     }
 
     #[test]
@@ -358,14 +387,25 @@ mod tests {
             (b"*3000000000\r\n", InvalidMultibulkLength),
             (b"*abc\r\n", InvalidMultibulkLength),
             (b"*3\r\n$3\r\nSET\r\n$1\r\nx\r\n$-10\r\n", InvalidBulkLength),
-            (b"*3\r\n$3\r\nSET\r\n$1\r\nx\r\n$2000000000\r\n", InvalidBulkLength),
-            (b"*3\r\n$3\r\nSET\r\n$1\r\nx\r\n$blabla\r\n", InvalidBulkLength),
+            (
+                b"*3\r\n$3\r\nSET\r\n$1\r\nx\r\n$2000000000\r\n",
+                InvalidBulkLength,
+            ),
+            (
+                b"*3\r\n$3\r\nSET\r\n$1\r\nx\r\n$blabla\r\n",
+                InvalidBulkLength,
+            ),
             (b"*1\r\nfoo\r\n", ExpectedDollar(b'f')),
             (b"set \"\"\"test-key\"\"\" test-value\r\n", UnbalancedQuotes),
             (b"echo \"abc\r\n", UnbalancedQuotes),
         ];
         for (input, expected) in cases {
-            assert_eq!(parse_all(input, true).unwrap_err(), *expected, "{}", String::from_utf8_lossy(input));
+            assert_eq!(
+                parse_all(input, true).unwrap_err(),
+                *expected,
+                "{}",
+                String::from_utf8_lossy(input)
+            );
         }
         assert_eq!(
             ProtocolError::ExpectedDollar(b'f').to_string(),
@@ -375,7 +415,10 @@ mod tests {
 
     #[test]
     fn unauthenticated_clients_get_small_limits() {
-        assert_eq!(parse_all(b"*100\r\n", false).unwrap_err(), ProtocolError::UnauthenticatedMultibulkLength);
+        assert_eq!(
+            parse_all(b"*100\r\n", false).unwrap_err(),
+            ProtocolError::UnauthenticatedMultibulkLength
+        );
         assert_eq!(
             parse_all(b"*1\r\n$100000\r\n", false).unwrap_err(),
             ProtocolError::UnauthenticatedBulkLength
@@ -386,10 +429,16 @@ mod tests {
     #[test]
     fn overlong_lines_are_refused() {
         let long = vec![b'a'; MAX_INLINE_SIZE + 1];
-        assert_eq!(parse_all(&long, true).unwrap_err(), ProtocolError::TooBigInlineRequest);
+        assert_eq!(
+            parse_all(&long, true).unwrap_err(),
+            ProtocolError::TooBigInlineRequest
+        );
         let mut mbulk = b"*".to_vec();
         mbulk.extend_from_slice(&long);
-        assert_eq!(parse_all(&mbulk, true).unwrap_err(), ProtocolError::TooBigMultibulkCount);
+        assert_eq!(
+            parse_all(&mbulk, true).unwrap_err(),
+            ProtocolError::TooBigMultibulkCount
+        );
     }
 
     #[test]
@@ -400,7 +449,10 @@ mod tests {
         let mut got = None;
         for &b in input.iter() {
             buf.extend_from_slice(&[b]);
-            if let Some(req) = parser.next_request(&mut buf, &RequestLimits::default(), true).unwrap() {
+            if let Some(req) = parser
+                .next_request(&mut buf, &RequestLimits::default(), true)
+                .unwrap()
+            {
                 got = Some(req);
             }
         }
@@ -410,11 +462,18 @@ mod tests {
 
     #[test]
     fn inline_quoting_matches_sdssplitargs() {
-        assert_eq!(split_args(br#"a "b c" 'd e' "\x41\n" 'it\'s'"#).unwrap(), args(&["a", "b c", "d e", "A\n", "it's"]));
+        assert_eq!(
+            split_args(br#"a "b c" 'd e' "\x41\n" 'it\'s'"#).unwrap(),
+            args(&["a", "b c", "d e", "A\n", "it's"])
+        );
         assert_eq!(split_args(b"  ").unwrap(), Vec::<Bytes>::new());
         assert!(split_args(br#""a"b"#).is_none());
         assert!(split_args(b"'abc").is_none());
-        assert_eq!(split_args(b"a\0b c").unwrap(), args(&["a"]), "NUL ends the line, as in Redis");
+        assert_eq!(
+            split_args(b"a\0b c").unwrap(),
+            args(&["a"]),
+            "NUL ends the line, as in Redis"
+        );
     }
 
     #[test]

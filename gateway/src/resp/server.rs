@@ -77,8 +77,12 @@ impl RespServer {
         settings: RespSettings,
         shutdown: CancellationToken,
     ) -> Result<RespServer, BindError> {
-        let listener = TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })?;
-        let listen_addr = listener.local_addr().map_err(|source| BindError { addr, source })?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| BindError { addr, source })?;
+        let listen_addr = listener
+            .local_addr()
+            .map_err(|source| BindError { addr, source })?;
         hub.set_output_limit(settings.pubsub_output_limit);
         let context = Arc::new(ServerContext {
             hub,
@@ -128,34 +132,56 @@ impl RespServer {
         drop(self.listener);
         tracker.close();
         context.clients.close_all(CloseReason::AfterFlush);
-        if tokio::time::timeout(drain_timeout, tracker.wait()).await.is_err() {
-            tracing::warn!(remaining = context.clients.len(), "RESP clients still open after the drain timeout");
+        if tokio::time::timeout(drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = context.clients.len(),
+                "RESP clients still open after the drain timeout"
+            );
         }
     }
 }
 
 /// Applies the admission rules to a new connection, then serves it.
 async fn admit(context: Arc<ServerContext>, mut stream: TcpStream, addr: SocketAddr) {
-    context.stats.connections_received.fetch_add(1, Ordering::Relaxed);
+    context
+        .stats
+        .connections_received
+        .fetch_add(1, Ordering::Relaxed);
     let _ = stream.set_nodelay(true);
     let (denied, maxclients) = {
         let settings = context.settings.read();
-        let denied = settings.protected_mode && settings.requirepass.is_none() && !addr.ip().is_loopback();
+        let denied =
+            settings.protected_mode && settings.requirepass.is_none() && !addr.ip().is_loopback();
         (denied, settings.maxclients)
     };
     if denied {
-        context.stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
+        context
+            .stats
+            .rejected_connections
+            .fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%addr, "refused a non-loopback client in protected mode");
         let _ = stream.write_all(PROTECTED_MODE_DENIED.as_bytes()).await;
         return;
     }
     let laddr = stream.local_addr().unwrap_or(context.listen_addr);
     let id = context.hub.next_client_id();
-    let subscriber = Arc::new(Subscriber::new(id, Arc::new(Outbox::new()), Protocol::Resp2));
+    let subscriber = Arc::new(Subscriber::new(
+        id,
+        Arc::new(Outbox::new()),
+        Protocol::Resp2,
+    ));
     let client = Arc::new(ClientInfo::new(id, addr, laddr, subscriber));
     if !context.clients.try_add(client.clone(), maxclients) {
-        context.stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
-        let _ = stream.write_all(b"-ERR max number of clients reached\r\n").await;
+        context
+            .stats
+            .rejected_connections
+            .fetch_add(1, Ordering::Relaxed);
+        let _ = stream
+            .write_all(b"-ERR max number of clients reached\r\n")
+            .await;
         return;
     }
     tracing::debug!(id, %addr, "RESP client connected");

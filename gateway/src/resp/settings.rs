@@ -71,7 +71,10 @@ pub const SETTING_NAMES: &[&str] = &[
 impl RespSettings {
     /// The request-parsing limits these settings imply.
     pub fn request_limits(&self) -> RequestLimits {
-        RequestLimits { max_multibulk_len: self.max_multibulk_len, max_bulk_len: self.proto_max_bulk_len }
+        RequestLimits {
+            max_multibulk_len: self.max_multibulk_len,
+            max_bulk_len: self.proto_max_bulk_len,
+        }
     }
 
     /// A setting's value as `CONFIG GET` shows it; `port` and `bind` come from the listener.
@@ -108,18 +111,24 @@ impl RespSettings {
             "proto-max-bulk-len" => {
                 let bytes = parse_memory(value)?;
                 if bytes < 1024 {
-                    return Err(SettingError::Invalid("argument must be a memory value of at least 1kb".into()));
+                    return Err(SettingError::Invalid(
+                        "argument must be a memory value of at least 1kb".into(),
+                    ));
                 }
                 self.proto_max_bulk_len = bytes;
             }
             "client-query-buffer-limit" => {
                 let bytes = parse_memory(value)?;
                 if bytes < 1024 * 1024 {
-                    return Err(SettingError::Invalid("argument must be a memory value of at least 1mb".into()));
+                    return Err(SettingError::Invalid(
+                        "argument must be a memory value of at least 1mb".into(),
+                    ));
                 }
                 self.client_query_buffer_limit = bytes;
             }
-            "client-output-buffer-limit" => self.pubsub_output_limit = parse_output_limit(value, self.pubsub_output_limit)?,
+            "client-output-buffer-limit" => {
+                self.pubsub_output_limit = parse_output_limit(value, self.pubsub_output_limit)?
+            }
             "timeout" => self.timeout_seconds = parse_integer(value)?,
             "databases" | "port" | "bind" => return Err(SettingError::Immutable),
             _ => return Err(SettingError::Unknown),
@@ -136,18 +145,24 @@ fn parse_yes_no(value: &str) -> Result<bool, SettingError> {
     match value.to_ascii_lowercase().as_str() {
         "yes" => Ok(true),
         "no" => Ok(false),
-        _ => Err(SettingError::Invalid("argument must be 'yes' or 'no'".into())),
+        _ => Err(SettingError::Invalid(
+            "argument must be 'yes' or 'no'".into(),
+        )),
     }
 }
 
 fn parse_integer(value: &str) -> Result<u64, SettingError> {
-    value.parse::<u64>().map_err(|_| SettingError::Invalid("argument couldn't be parsed into an integer".into()))
+    value
+        .parse::<u64>()
+        .map_err(|_| SettingError::Invalid("argument couldn't be parsed into an integer".into()))
 }
 
 /// Parses a Redis memory value: `1024`, `64kb`, `32mb`, `1gb`, `1k` (1000), `1m` (1000000)...
 pub fn parse_memory(value: &str) -> Result<usize, SettingError> {
     let lower = value.to_ascii_lowercase();
-    let split = lower.find(|c: char| !c.is_ascii_digit()).unwrap_or(lower.len());
+    let split = lower
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(lower.len());
     let (digits, unit) = lower.split_at(split);
     let multiplier: usize = match unit {
         "" | "b" => 1,
@@ -157,7 +172,11 @@ pub fn parse_memory(value: &str) -> Result<usize, SettingError> {
         "mb" => 1024 * 1024,
         "g" => 1000 * 1000 * 1000,
         "gb" => 1024 * 1024 * 1024,
-        _ => return Err(SettingError::Invalid("argument must be a memory value".into())),
+        _ => {
+            return Err(SettingError::Invalid(
+                "argument must be a memory value".into(),
+            ));
+        }
     };
     digits
         .parse::<usize>()
@@ -170,20 +189,34 @@ pub fn parse_memory(value: &str) -> Result<usize, SettingError> {
 /// the `pubsub` class and accepts (and ignores) `normal` and `replica`/`slave`.
 fn parse_output_limit(value: &str, current: OutputLimit) -> Result<OutputLimit, SettingError> {
     let words: Vec<&str> = value.split_whitespace().collect();
-    if words.is_empty() || words.len() % 4 != 0 {
-        return Err(SettingError::Invalid("Wrong number of arguments in buffer limit configuration.".into()));
+    if words.is_empty() || !words.len().is_multiple_of(4) {
+        return Err(SettingError::Invalid(
+            "Wrong number of arguments in buffer limit configuration.".into(),
+        ));
     }
     let mut limit = current;
     for group in words.chunks(4) {
         let hard = parse_memory(group[1])?;
         let soft = parse_memory(group[2])?;
-        let seconds = group[3]
-            .parse::<u64>()
-            .map_err(|_| SettingError::Invalid("Error in soft_seconds setting in buffer limit configuration.".into()))?;
+        let seconds = group[3].parse::<u64>().map_err(|_| {
+            SettingError::Invalid(
+                "Error in soft_seconds setting in buffer limit configuration.".into(),
+            )
+        })?;
         match group[0].to_ascii_lowercase().as_str() {
-            "pubsub" => limit = OutputLimit { hard_bytes: hard, soft_bytes: soft, soft_seconds: seconds },
+            "pubsub" => {
+                limit = OutputLimit {
+                    hard_bytes: hard,
+                    soft_bytes: soft,
+                    soft_seconds: seconds,
+                }
+            }
             "normal" | "replica" | "slave" => {}
-            _ => return Err(SettingError::Invalid("Invalid client class specified in buffer limit configuration.".into())),
+            _ => {
+                return Err(SettingError::Invalid(
+                    "Invalid client class specified in buffer limit configuration.".into(),
+                ));
+            }
         }
     }
     Ok(limit)
@@ -205,7 +238,9 @@ mod tests {
     #[test]
     fn output_limit_round_trips_through_config() {
         let mut settings = RespSettings::default();
-        settings.set("client-output-buffer-limit", "pubsub 1mb 512kb 5").unwrap();
+        settings
+            .set("client-output-buffer-limit", "pubsub 1mb 512kb 5")
+            .unwrap();
         let addr = "127.0.0.1:6379".parse().unwrap();
         assert_eq!(
             settings.get("client-output-buffer-limit", addr).unwrap(),

@@ -18,7 +18,9 @@ pub(super) fn validate_name(name: &[u8]) -> Result<(), Frame> {
     if printable(name) {
         Ok(())
     } else {
-        Err(Frame::error("ERR Client names cannot contain spaces, newlines or special characters."))
+        Err(Frame::error(
+            "ERR Client names cannot contain spaces, newlines or special characters.",
+        ))
     }
 }
 
@@ -32,7 +34,13 @@ pub(super) fn client(session: &mut Session, subcommand: &str, args: &Args) {
             }
             Err(error) => error,
         },
-        "getname" => session.client.meta.lock().name.clone().map_or(Frame::Null, Frame::Bulk),
+        "getname" => session
+            .client
+            .meta
+            .lock()
+            .name
+            .clone()
+            .map_or(Frame::Null, Frame::Bulk),
         "setinfo" => set_info(session, &args[2], &args[3]),
         "info" => Frame::Verbatim(Bytes::from(session.client.describe() + "\n")),
         "list" => list(session, args),
@@ -77,13 +85,22 @@ fn set_info(session: &Session, attribute: &Bytes, value: &Bytes) -> Frame {
     } else if attribute.eq_ignore_ascii_case(b"lib-ver") {
         "lib-ver"
     } else {
-        return Frame::error(format!("ERR Unrecognized option '{}'", super::truncate_lossy(attribute, 128)));
+        return Frame::error(format!(
+            "ERR Unrecognized option '{}'",
+            super::truncate_lossy(attribute, 128)
+        ));
     };
     if !printable(value) {
-        return Frame::error(format!("ERR {field} cannot contain spaces, newlines or special characters."));
+        return Frame::error(format!(
+            "ERR {field} cannot contain spaces, newlines or special characters."
+        ));
     }
     let mut meta = session.client.meta.lock();
-    let slot = if field == "lib-name" { &mut meta.lib_name } else { &mut meta.lib_ver };
+    let slot = if field == "lib-name" {
+        &mut meta.lib_name
+    } else {
+        &mut meta.lib_ver
+    };
     *slot = (!value.is_empty()).then(|| value.clone());
     Frame::OK
 }
@@ -129,6 +146,9 @@ fn list(session: &Session, args: &Args) -> Frame {
     Frame::Verbatim(Bytes::from(text))
 }
 
+/// One `CLIENT KILL` filter.
+type ClientFilter = Box<dyn Fn(&ClientInfo) -> bool>;
+
 /// `CLIENT KILL addr` (old form: `OK` or an error) or `CLIENT KILL <filter> <value> ...`
 /// (new form: the number of clients killed).
 fn kill(session: &mut Session, args: &Args) -> Frame {
@@ -143,13 +163,16 @@ fn kill(session: &mut Session, args: &Args) -> Frame {
             None => Frame::error("ERR No such client"),
         };
     }
-    if args.len() % 2 != 0 {
+    if !args.len().is_multiple_of(2) {
         return syntax_error();
     }
     let mut skip_me = true;
-    let mut filters: Vec<Box<dyn Fn(&ClientInfo) -> bool>> = Vec::new();
+    let mut filters: Vec<ClientFilter> = Vec::new();
     for pair in args[2..].chunks(2) {
-        let (option, value) = (pair[0].to_ascii_lowercase(), String::from_utf8_lossy(&pair[1]).into_owned());
+        let (option, value) = (
+            pair[0].to_ascii_lowercase(),
+            String::from_utf8_lossy(&pair[1]).into_owned(),
+        );
         match option.as_slice() {
             b"id" => match value.parse::<u64>() {
                 Ok(id) if id > 0 => filters.push(Box::new(move |c| c.id == id)),

@@ -14,7 +14,10 @@ pub(super) fn ping(session: &mut Session, args: &Args) {
         session.reply(wrong_arity("ping"));
     } else if session.protocol == Protocol::Resp2 && session.in_pubsub_context() {
         let message = args.get(1).cloned().unwrap_or_default();
-        session.reply(Frame::Array(vec![Frame::text("pong"), Frame::Bulk(message)]));
+        session.reply(Frame::Array(vec![
+            Frame::text("pong"),
+            Frame::Bulk(message),
+        ]));
     } else if let Some(message) = args.get(1) {
         session.reply(Frame::Bulk(message.clone()));
     } else {
@@ -57,7 +60,9 @@ fn check_credentials(session: &mut Session, username: &[u8], password: &[u8]) ->
         Ok(())
     } else {
         tracing::info!(id = session.client.id, addr = %session.client.addr, "AUTH failed");
-        Err(Frame::error("WRONGPASS invalid username-password pair or user is disabled."))
+        Err(Frame::error(
+            "WRONGPASS invalid username-password pair or user is disabled.",
+        ))
     }
 }
 
@@ -76,7 +81,9 @@ pub(super) fn hello(session: &mut Session, args: &Args) {
     let mut next = 1;
     if args.len() >= 2 {
         let Ok(version) = integer_arg(&args[1]) else {
-            session.reply(Frame::error("ERR Protocol version is not an integer or out of range"));
+            session.reply(Frame::error(
+                "ERR Protocol version is not an integer or out of range",
+            ));
             return;
         };
         match Protocol::from_version(version) {
@@ -111,11 +118,11 @@ pub(super) fn hello(session: &mut Session, args: &Args) {
             return;
         }
     }
-    if let Some((username, password)) = credentials {
-        if let Err(error) = check_credentials(session, &username, &password) {
-            session.reply(error);
-            return;
-        }
+    if let Some((username, password)) = credentials
+        && let Err(error) = check_credentials(session, &username, &password)
+    {
+        session.reply(error);
+        return;
     }
     if !session.authenticated {
         session.reply(Frame::error(
@@ -135,7 +142,10 @@ pub(super) fn hello(session: &mut Session, args: &Args) {
     session.reply(Frame::Map(vec![
         (Frame::text("server"), Frame::text("redis")),
         (Frame::text("version"), Frame::text(REDIS_COMPAT_VERSION)),
-        (Frame::text("proto"), Frame::Integer(session.protocol.version())),
+        (
+            Frame::text("proto"),
+            Frame::Integer(session.protocol.version()),
+        ),
         (Frame::text("id"), Frame::Integer(session.client.id as i64)),
         (Frame::text("mode"), Frame::text("standalone")),
         (Frame::text("role"), Frame::text("master")),
@@ -148,7 +158,9 @@ pub(super) fn hello(session: &mut Session, args: &Args) {
 pub(super) fn select(session: &mut Session, args: &Args) {
     match integer_arg(&args[1]) {
         Err(error) => session.reply(error),
-        Ok(index) if !(0..16).contains(&index) => session.reply(Frame::error("ERR DB index is out of range")),
+        Ok(index) if !(0..16).contains(&index) => {
+            session.reply(Frame::error("ERR DB index is out of range"))
+        }
         Ok(_) => session.reply(Frame::OK),
     }
 }

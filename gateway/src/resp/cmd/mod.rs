@@ -24,7 +24,11 @@ pub(crate) type Args = Vec<Bytes>;
 
 /// Runs one request and queues its reply (or replies) on the session.
 pub(crate) fn execute(session: &mut Session, args: Args) {
-    session.ctx.stats.commands_processed.fetch_add(1, Ordering::Relaxed);
+    session
+        .ctx
+        .stats
+        .commands_processed
+        .fetch_add(1, Ordering::Relaxed);
     let Some(command) = table::lookup(&args[0]) else {
         session.reply(unknown_command(&args));
         return;
@@ -99,12 +103,18 @@ pub(crate) fn execute(session: &mut Session, args: Args) {
 }
 
 fn full_name(command: &CommandSpec, subcommand: &str) -> String {
-    if subcommand.is_empty() { command.name.to_string() } else { format!("{}|{}", command.name, subcommand) }
+    if subcommand.is_empty() {
+        command.name.to_string()
+    } else {
+        format!("{}|{}", command.name, subcommand)
+    }
 }
 
 /// Redis's arity error.
 pub(crate) fn wrong_arity(name: &str) -> Frame {
-    Frame::error(format!("ERR wrong number of arguments for '{name}' command"))
+    Frame::error(format!(
+        "ERR wrong number of arguments for '{name}' command"
+    ))
 }
 
 /// Redis's syntax error.
@@ -138,12 +148,15 @@ pub(crate) fn truncate_lossy(bytes: &[u8], max: usize) -> String {
 
 /// Parses an integer argument the way Redis does, with Redis's error.
 pub(crate) fn integer_arg(arg: &[u8]) -> Result<i64, Frame> {
-    crate::resp::parse::parse_strict_i64(arg).ok_or_else(|| Frame::error("ERR value is not an integer or out of range"))
+    crate::resp::parse::parse_strict_i64(arg)
+        .ok_or_else(|| Frame::error("ERR value is not an integer or out of range"))
 }
 
 /// A `HELP` reply: the title line then the lines, as simple strings in an array.
 pub(crate) fn help(command: &str, lines: &[&'static str]) -> Frame {
-    let mut items = vec![Frame::simple(format!("{command} <subcommand> [<arg> [value] [opt] ...]. Subcommands are:"))];
+    let mut items = vec![Frame::simple(format!(
+        "{command} <subcommand> [<arg> [value] [opt] ...]. Subcommands are:"
+    ))];
     items.extend(lines.iter().map(|&line| Frame::simple(line)));
     Frame::Array(items)
 }

@@ -32,7 +32,9 @@ fn confirmation(session: &Session, word: &'static str, name: Frame, kind: Kind) 
 pub(super) fn subscribe(session: &mut Session, kind: Kind, args: &Args) {
     let names = &args[1..];
     if kind == Kind::Pattern && names.iter().any(|p| p.len() > MAX_PATTERN_LEN) {
-        session.reply(Frame::error(format!("ERR pattern too long (herald accepts up to {MAX_PATTERN_LEN} bytes)")));
+        session.reply(Frame::error(format!(
+            "ERR pattern too long (herald accepts up to {MAX_PATTERN_LEN} bytes)"
+        )));
         return;
     }
     let (word, _) = words(kind);
@@ -42,7 +44,10 @@ pub(super) fn subscribe(session: &mut Session, kind: Kind, args: &Args) {
         replies.push(confirmation(session, word, Frame::Bulk(name.clone()), kind));
     }
     session.flush_replies();
-    session.ctx.hub.subscribe(kind, session.subscriber(), names, replies);
+    session
+        .ctx
+        .hub
+        .subscribe(kind, session.subscriber(), names, replies);
     session.record_subscription_counts();
 }
 
@@ -64,7 +69,10 @@ pub(super) fn unsubscribe(session: &mut Session, kind: Kind, args: &Args) {
         replies.push(confirmation(session, word, Frame::Null, kind));
     }
     session.flush_replies();
-    session.ctx.hub.unsubscribe(kind, session.subscriber(), &names, replies);
+    session
+        .ctx
+        .hub
+        .unsubscribe(kind, session.subscriber(), &names, replies);
     session.record_subscription_counts();
 }
 
@@ -85,12 +93,25 @@ pub(super) fn introspect(session: &mut Session, subcommand: &str, args: &Args) {
     let hub = session.ctx.hub.clone();
     let reply = match subcommand {
         "channels" | "shardchannels" => {
-            let kind = if subcommand == "channels" { Kind::Channel } else { Kind::Shard };
+            let kind = if subcommand == "channels" {
+                Kind::Channel
+            } else {
+                Kind::Shard
+            };
             let filter = args.get(2).map(|p| Glob::new(p));
-            Frame::Array(hub.active_names(kind, filter.as_ref()).into_iter().map(Frame::Bulk).collect())
+            Frame::Array(
+                hub.active_names(kind, filter.as_ref())
+                    .into_iter()
+                    .map(Frame::Bulk)
+                    .collect(),
+            )
         }
         "numsub" | "shardnumsub" => {
-            let kind = if subcommand == "numsub" { Kind::Channel } else { Kind::Shard };
+            let kind = if subcommand == "numsub" {
+                Kind::Channel
+            } else {
+                Kind::Shard
+            };
             let names = &args[2..];
             let counts = hub.subscriber_counts(kind, names);
             // A flat array in RESP3 too, as Redis 7 replies.

@@ -13,9 +13,14 @@ use std::sync::atomic::Ordering;
 
 /// `INFO [section ...]` in Redis's `# Section` / `field:value` format.
 pub(super) fn info(session: &mut Session, args: &Args) {
-    let requested: Vec<String> =
-        args[1..].iter().map(|a| String::from_utf8_lossy(a).to_ascii_lowercase()).collect();
-    let everything = requested.is_empty() || requested.iter().any(|s| s == "all" || s == "everything" || s == "default");
+    let requested: Vec<String> = args[1..]
+        .iter()
+        .map(|a| String::from_utf8_lossy(a).to_ascii_lowercase())
+        .collect();
+    let everything = requested.is_empty()
+        || requested
+            .iter()
+            .any(|s| s == "all" || s == "everything" || s == "default");
     let wants = |section: &str| everything || requested.iter().any(|s| s == section);
     let ctx = &session.ctx;
     let mut out = String::with_capacity(2048);
@@ -56,7 +61,10 @@ pub(super) fn info(session: &mut Session, args: &Args) {
             ctx.settings.read().maxclients,
         ),
     );
-    section("Memory", format!("used_memory:{rss}\r\nused_memory_rss:{rss}\r\nmaxmemory:0\r\n"));
+    section(
+        "Memory",
+        format!("used_memory:{rss}\r\nused_memory_rss:{rss}\r\nmaxmemory:0\r\n"),
+    );
     section("Persistence", "loading:0\r\n".to_string());
     let stats = &ctx.stats;
     section(
@@ -74,8 +82,14 @@ pub(super) fn info(session: &mut Session, args: &Args) {
             hub.stats().slow_clients_closed.load(Ordering::Relaxed),
         ),
     );
-    section("Replication", "role:master\r\nconnected_slaves:0\r\n".to_string());
-    section("CPU", format!("used_cpu_sys:{cpu_sys:.6}\r\nused_cpu_user:{cpu_user:.6}\r\n"));
+    section(
+        "Replication",
+        "role:master\r\nconnected_slaves:0\r\n".to_string(),
+    );
+    section(
+        "CPU",
+        format!("used_cpu_sys:{cpu_sys:.6}\r\nused_cpu_user:{cpu_user:.6}\r\n"),
+    );
     section("Cluster", "cluster_enabled:0\r\n".to_string());
     section(
         "Herald",
@@ -93,7 +107,11 @@ pub(super) fn info(session: &mut Session, args: &Args) {
 fn process_usage() -> (u64, f64, f64) {
     let rss = std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
         .map_or(0, |pages| pages * 4096);
     let (user, sys) = std::fs::read_to_string("/proc/self/stat")
         .ok()
@@ -101,7 +119,10 @@ fn process_usage() -> (u64, f64, f64) {
             // Fields after the parenthesised command name; utime and stime are 14th and 15th.
             let rest = &s[s.rfind(')')? + 2..];
             let fields: Vec<&str> = rest.split_whitespace().collect();
-            Some((fields.get(11)?.parse::<f64>().ok()? / 100.0, fields.get(12)?.parse::<f64>().ok()? / 100.0))
+            Some((
+                fields.get(11)?.parse::<f64>().ok()? / 100.0,
+                fields.get(12)?.parse::<f64>().ok()? / 100.0,
+            ))
         })
         .unwrap_or((0.0, 0.0));
     (rss, user, sys)
@@ -112,7 +133,8 @@ fn command_info(spec: &CommandSpec, parent: Option<&str>) -> Frame {
         Some(parent) => format!("{parent}|{}", spec.name),
         None => spec.name.to_string(),
     };
-    let simple_set = |items: &[&'static str]| Frame::Set(items.iter().map(|&f| Frame::simple(f)).collect());
+    let simple_set =
+        |items: &[&'static str]| Frame::Set(items.iter().map(|&f| Frame::simple(f)).collect());
     Frame::Array(vec![
         Frame::Bulk(Bytes::from(name)),
         Frame::Integer(spec.arity as i64),
@@ -123,7 +145,12 @@ fn command_info(spec: &CommandSpec, parent: Option<&str>) -> Frame {
         simple_set(spec.acl),
         Frame::Set(vec![]),
         Frame::Array(vec![]),
-        Frame::Array(spec.subcommands.iter().map(|s| command_info(s, Some(spec.name))).collect()),
+        Frame::Array(
+            spec.subcommands
+                .iter()
+                .map(|s| command_info(s, Some(spec.name)))
+                .collect(),
+        ),
     ])
 }
 
@@ -137,7 +164,12 @@ fn command_docs(spec: &CommandSpec, parent: Option<&str>) -> Frame {
         let subs = spec
             .subcommands
             .iter()
-            .map(|s| (Frame::Bulk(Bytes::from(format!("{}|{}", spec.name, s.name))), command_docs(s, Some(spec.name))))
+            .map(|s| {
+                (
+                    Frame::Bulk(Bytes::from(format!("{}|{}", spec.name, s.name))),
+                    command_docs(s, Some(spec.name)),
+                )
+            })
             .collect();
         doc.push((Frame::text("subcommands"), Frame::Map(subs)));
     }
@@ -150,16 +182,29 @@ pub(super) fn command(session: &mut Session, subcommand: &str, args: &Args) {
     let reply = match subcommand {
         "count" => Frame::Integer(COMMANDS.len() as i64),
         "info" if args.len() > 2 => Frame::Array(
-            args[2..].iter().map(|name| lookup(name).map_or(Frame::Null, |spec| command_info(spec, None))).collect(),
+            args[2..]
+                .iter()
+                .map(|name| lookup(name).map_or(Frame::Null, |spec| command_info(spec, None)))
+                .collect(),
         ),
-        "info" => Frame::Array(COMMANDS.iter().map(|spec| command_info(spec, None)).collect()),
+        "info" => Frame::Array(
+            COMMANDS
+                .iter()
+                .map(|spec| command_info(spec, None))
+                .collect(),
+        ),
         "docs" => {
             let specs: Vec<&CommandSpec> = if args.len() > 2 {
                 args[2..].iter().filter_map(|name| lookup(name)).collect()
             } else {
                 COMMANDS.iter().collect()
             };
-            Frame::Map(specs.into_iter().map(|spec| (Frame::text(spec.name), command_docs(spec, None))).collect())
+            Frame::Map(
+                specs
+                    .into_iter()
+                    .map(|spec| (Frame::text(spec.name), command_docs(spec, None)))
+                    .collect(),
+            )
         }
         "list" => {
             let filter = if args.len() == 5
@@ -173,7 +218,11 @@ pub(super) fn command(session: &mut Session, subcommand: &str, args: &Args) {
             Frame::Array(
                 COMMANDS
                     .iter()
-                    .filter(|spec| filter.as_ref().is_none_or(|g| g.matches(spec.name.as_bytes())))
+                    .filter(|spec| {
+                        filter
+                            .as_ref()
+                            .is_none_or(|g| g.matches(spec.name.as_bytes()))
+                    })
                     .map(|spec| Frame::text(spec.name))
                     .collect(),
             )
@@ -195,7 +244,12 @@ pub(super) fn command(session: &mut Session, subcommand: &str, args: &Args) {
                 "    Print this help.",
             ],
         ),
-        _ => Frame::Array(COMMANDS.iter().map(|spec| command_info(spec, None)).collect()),
+        _ => Frame::Array(
+            COMMANDS
+                .iter()
+                .map(|spec| command_info(spec, None))
+                .collect(),
+        ),
     };
     session.reply(reply);
 }
@@ -206,17 +260,22 @@ pub(super) fn config(session: &mut Session, subcommand: &str, args: &Args) {
     let reply = match subcommand {
         "get" => {
             let settings = session.ctx.settings.read().clone();
-            let globs: Vec<Glob> = args[2..].iter().map(|p| Glob::new(&p.to_ascii_lowercase())).collect();
+            let globs: Vec<Glob> = args[2..]
+                .iter()
+                .map(|p| Glob::new(&p.to_ascii_lowercase()))
+                .collect();
             let pairs = SETTING_NAMES
                 .iter()
                 .filter(|name| globs.iter().any(|g| g.matches(name.as_bytes())))
                 .filter_map(|&name| {
-                    settings.get(name, session.ctx.listen_addr).map(|value| (Frame::text(name), Frame::text(&value)))
+                    settings
+                        .get(name, session.ctx.listen_addr)
+                        .map(|value| (Frame::text(name), Frame::text(&value)))
                 })
                 .collect();
             Frame::Map(pairs)
         }
-        "set" if args.len() % 2 != 0 => wrong_arity("config|set"),
+        "set" if !args.len().is_multiple_of(2) => wrong_arity("config|set"),
         "set" => {
             let mut updated = session.ctx.settings.read().clone();
             let mut failure = None;
@@ -226,7 +285,9 @@ pub(super) fn config(session: &mut Session, subcommand: &str, args: &Args) {
                 match updated.set(&name, &value) {
                     Ok(()) => {}
                     Err(SettingError::Unknown) => {
-                        failure = Some(format!("ERR Unknown option or number of arguments for CONFIG SET - '{name}'"));
+                        failure = Some(format!(
+                            "ERR Unknown option or number of arguments for CONFIG SET - '{name}'"
+                        ));
                         break;
                     }
                     Err(SettingError::Immutable) => {
@@ -236,7 +297,9 @@ pub(super) fn config(session: &mut Session, subcommand: &str, args: &Args) {
                         break;
                     }
                     Err(SettingError::Invalid(why)) => {
-                        failure = Some(format!("ERR CONFIG SET failed (possibly related to argument '{name}') - {why}"));
+                        failure = Some(format!(
+                            "ERR CONFIG SET failed (possibly related to argument '{name}') - {why}"
+                        ));
                         break;
                     }
                 }
@@ -244,7 +307,10 @@ pub(super) fn config(session: &mut Session, subcommand: &str, args: &Args) {
             match failure {
                 Some(error) => Frame::error(error),
                 None => {
-                    session.ctx.hub.set_output_limit(updated.pubsub_output_limit);
+                    session
+                        .ctx
+                        .hub
+                        .set_output_limit(updated.pubsub_output_limit);
                     tracing::info!("settings changed by CONFIG SET");
                     *session.ctx.settings.write() = updated;
                     Frame::OK

@@ -28,7 +28,11 @@ impl CommandSpec {
     /// Whether `argc` arguments (command name included) satisfy the arity.
     pub fn arity_ok(&self, argc: usize) -> bool {
         let argc = argc as i32;
-        if self.arity >= 0 { argc == self.arity } else { argc >= -self.arity }
+        if self.arity >= 0 {
+            argc == self.arity
+        } else {
+            argc >= -self.arity
+        }
     }
 
     /// Whether the command runs before authentication.
@@ -38,7 +42,9 @@ impl CommandSpec {
 
     /// The subcommand named `name` (any case).
     pub fn subcommand(&self, name: &[u8]) -> Option<&'static CommandSpec> {
-        self.subcommands.iter().find(|s| s.name.as_bytes().eq_ignore_ascii_case(name))
+        self.subcommands
+            .iter()
+            .find(|s| s.name.as_bytes().eq_ignore_ascii_case(name))
     }
 }
 
@@ -51,7 +57,16 @@ const fn spec(
     summary: &'static str,
     since: &'static str,
 ) -> CommandSpec {
-    CommandSpec { name, arity, flags, acl, group, summary, since, subcommands: &[] }
+    CommandSpec {
+        name,
+        arity,
+        flags,
+        acl,
+        group,
+        summary,
+        since,
+        subcommands: &[],
+    }
 }
 
 const fn container(
@@ -61,13 +76,29 @@ const fn container(
     since: &'static str,
     subcommands: &'static [CommandSpec],
 ) -> CommandSpec {
-    CommandSpec { name, arity: -2, flags: &[], acl: &["@slow"], group, summary, since, subcommands }
+    CommandSpec {
+        name,
+        arity: -2,
+        flags: &[],
+        acl: &["@slow"],
+        group,
+        summary,
+        since,
+        subcommands,
+    }
 }
 
 const CONN: &str = "connection";
 const PUBSUB: &str = "pubsub";
 const SERVER: &str = "server";
-const FAST_CONN: &[&str] = &["noscript", "loading", "stale", "fast", "no_auth", "allow_busy"];
+const FAST_CONN: &[&str] = &[
+    "noscript",
+    "loading",
+    "stale",
+    "fast",
+    "no_auth",
+    "allow_busy",
+];
 const SUB_FLAGS: &[&str] = &["pubsub", "noscript", "loading", "stale"];
 const PUB_FLAGS: &[&str] = &["pubsub", "loading", "stale", "fast"];
 const INTROSPECT: &[&str] = &["loading", "stale"];
@@ -76,22 +107,102 @@ const CLIENT_FLAGS: &[&str] = &["noscript", "loading", "stale"];
 
 /// Every top-level command herald answers, sorted by name.
 pub static COMMANDS: &[CommandSpec] = &[
-    spec("auth", -2, FAST_CONN, &["@fast", "@connection"], CONN, "Authenticates the connection.", "1.0.0"),
+    spec(
+        "auth",
+        -2,
+        FAST_CONN,
+        &["@fast", "@connection"],
+        CONN,
+        "Authenticates the connection.",
+        "1.0.0",
+    ),
     container(
         "client",
         CONN,
         "A container for client connection commands.",
         "2.4.0",
         &[
-            spec("getname", 2, CLIENT_FLAGS, &["@slow", "@connection"], CONN, "Returns the name of the connection.", "2.6.9"),
-            spec("help", 2, INTROSPECT, &["@slow", "@connection"], CONN, "Returns helpful text about the different subcommands.", "5.0.0"),
-            spec("id", 2, CLIENT_FLAGS, &["@slow", "@connection"], CONN, "Returns the unique client ID of the connection.", "5.0.0"),
-            spec("info", 2, CLIENT_FLAGS, &["@slow", "@connection"], CONN, "Returns information about the connection.", "6.2.0"),
-            spec("kill", -3, ADMIN, &["@admin", "@slow", "@dangerous", "@connection"], CONN, "Terminates open connections.", "2.4.0"),
-            spec("list", -2, ADMIN, &["@admin", "@slow", "@dangerous", "@connection"], CONN, "Lists open connections.", "2.4.0"),
-            spec("no-evict", 3, ADMIN, &["@admin", "@slow", "@dangerous", "@connection"], CONN, "Sets the client eviction mode of the connection.", "7.0.0"),
-            spec("setinfo", 4, CLIENT_FLAGS, &["@slow", "@connection"], CONN, "Sets information specific to the client or connection.", "7.2.0"),
-            spec("setname", 3, CLIENT_FLAGS, &["@slow", "@connection"], CONN, "Sets the connection name.", "2.6.9"),
+            spec(
+                "getname",
+                2,
+                CLIENT_FLAGS,
+                &["@slow", "@connection"],
+                CONN,
+                "Returns the name of the connection.",
+                "2.6.9",
+            ),
+            spec(
+                "help",
+                2,
+                INTROSPECT,
+                &["@slow", "@connection"],
+                CONN,
+                "Returns helpful text about the different subcommands.",
+                "5.0.0",
+            ),
+            spec(
+                "id",
+                2,
+                CLIENT_FLAGS,
+                &["@slow", "@connection"],
+                CONN,
+                "Returns the unique client ID of the connection.",
+                "5.0.0",
+            ),
+            spec(
+                "info",
+                2,
+                CLIENT_FLAGS,
+                &["@slow", "@connection"],
+                CONN,
+                "Returns information about the connection.",
+                "6.2.0",
+            ),
+            spec(
+                "kill",
+                -3,
+                ADMIN,
+                &["@admin", "@slow", "@dangerous", "@connection"],
+                CONN,
+                "Terminates open connections.",
+                "2.4.0",
+            ),
+            spec(
+                "list",
+                -2,
+                ADMIN,
+                &["@admin", "@slow", "@dangerous", "@connection"],
+                CONN,
+                "Lists open connections.",
+                "2.4.0",
+            ),
+            spec(
+                "no-evict",
+                3,
+                ADMIN,
+                &["@admin", "@slow", "@dangerous", "@connection"],
+                CONN,
+                "Sets the client eviction mode of the connection.",
+                "7.0.0",
+            ),
+            spec(
+                "setinfo",
+                4,
+                CLIENT_FLAGS,
+                &["@slow", "@connection"],
+                CONN,
+                "Sets information specific to the client or connection.",
+                "7.2.0",
+            ),
+            spec(
+                "setname",
+                3,
+                CLIENT_FLAGS,
+                &["@slow", "@connection"],
+                CONN,
+                "Sets the connection name.",
+                "2.6.9",
+            ),
         ],
     ),
     container(
@@ -100,11 +211,51 @@ pub static COMMANDS: &[CommandSpec] = &[
         "Returns detailed information about all commands.",
         "2.8.13",
         &[
-            spec("count", 2, INTROSPECT, &["@slow", "@connection"], SERVER, "Returns a count of commands.", "2.8.13"),
-            spec("docs", -2, INTROSPECT, &["@slow", "@connection"], SERVER, "Returns documentary information about one, multiple or all commands.", "7.0.0"),
-            spec("help", 2, INTROSPECT, &["@slow", "@connection"], SERVER, "Returns helpful text about the different subcommands.", "5.0.0"),
-            spec("info", -2, INTROSPECT, &["@slow", "@connection"], SERVER, "Returns information about one, multiple or all commands.", "2.8.13"),
-            spec("list", -2, INTROSPECT, &["@slow", "@connection"], SERVER, "Returns a list of command names.", "7.0.0"),
+            spec(
+                "count",
+                2,
+                INTROSPECT,
+                &["@slow", "@connection"],
+                SERVER,
+                "Returns a count of commands.",
+                "2.8.13",
+            ),
+            spec(
+                "docs",
+                -2,
+                INTROSPECT,
+                &["@slow", "@connection"],
+                SERVER,
+                "Returns documentary information about one, multiple or all commands.",
+                "7.0.0",
+            ),
+            spec(
+                "help",
+                2,
+                INTROSPECT,
+                &["@slow", "@connection"],
+                SERVER,
+                "Returns helpful text about the different subcommands.",
+                "5.0.0",
+            ),
+            spec(
+                "info",
+                -2,
+                INTROSPECT,
+                &["@slow", "@connection"],
+                SERVER,
+                "Returns information about one, multiple or all commands.",
+                "2.8.13",
+            ),
+            spec(
+                "list",
+                -2,
+                INTROSPECT,
+                &["@slow", "@connection"],
+                SERVER,
+                "Returns a list of command names.",
+                "7.0.0",
+            ),
         ],
     ),
     container(
@@ -113,51 +264,262 @@ pub static COMMANDS: &[CommandSpec] = &[
         "A container for server configuration commands.",
         "2.0.0",
         &[
-            spec("get", -3, ADMIN, &["@admin", "@slow", "@dangerous"], SERVER, "Returns the effective values of configuration parameters.", "2.0.0"),
-            spec("help", 2, INTROSPECT, &["@slow"], SERVER, "Returns helpful text about the different subcommands.", "5.0.0"),
-            spec("resetstat", 2, ADMIN, &["@admin", "@slow", "@dangerous"], SERVER, "Resets the server's statistics.", "2.0.0"),
-            spec("set", -4, ADMIN, &["@admin", "@slow", "@dangerous"], SERVER, "Sets configuration parameters in-flight.", "2.0.0"),
+            spec(
+                "get",
+                -3,
+                ADMIN,
+                &["@admin", "@slow", "@dangerous"],
+                SERVER,
+                "Returns the effective values of configuration parameters.",
+                "2.0.0",
+            ),
+            spec(
+                "help",
+                2,
+                INTROSPECT,
+                &["@slow"],
+                SERVER,
+                "Returns helpful text about the different subcommands.",
+                "5.0.0",
+            ),
+            spec(
+                "resetstat",
+                2,
+                ADMIN,
+                &["@admin", "@slow", "@dangerous"],
+                SERVER,
+                "Resets the server's statistics.",
+                "2.0.0",
+            ),
+            spec(
+                "set",
+                -4,
+                ADMIN,
+                &["@admin", "@slow", "@dangerous"],
+                SERVER,
+                "Sets configuration parameters in-flight.",
+                "2.0.0",
+            ),
         ],
     ),
-    spec("echo", 2, &["fast"], &["@fast", "@connection"], CONN, "Returns the given string.", "1.0.0"),
-    spec("hello", -1, FAST_CONN, &["@fast", "@connection"], CONN, "Handshakes with the Redis server.", "6.0.0"),
-    spec("info", -1, INTROSPECT, &["@slow", "@dangerous"], SERVER, "Returns information and statistics about the server.", "1.0.0"),
-    spec("ping", -1, &["fast"], &["@fast", "@connection"], CONN, "Returns the server's liveliness response.", "1.0.0"),
-    spec("psubscribe", -2, SUB_FLAGS, &["@pubsub", "@slow"], PUBSUB, "Listens for messages published to channels that match one or more patterns.", "2.0.0"),
-    spec("publish", 3, PUB_FLAGS, &["@pubsub", "@fast"], PUBSUB, "Posts a message to a channel.", "2.0.0"),
+    spec(
+        "echo",
+        2,
+        &["fast"],
+        &["@fast", "@connection"],
+        CONN,
+        "Returns the given string.",
+        "1.0.0",
+    ),
+    spec(
+        "hello",
+        -1,
+        FAST_CONN,
+        &["@fast", "@connection"],
+        CONN,
+        "Handshakes with the Redis server.",
+        "6.0.0",
+    ),
+    spec(
+        "info",
+        -1,
+        INTROSPECT,
+        &["@slow", "@dangerous"],
+        SERVER,
+        "Returns information and statistics about the server.",
+        "1.0.0",
+    ),
+    spec(
+        "ping",
+        -1,
+        &["fast"],
+        &["@fast", "@connection"],
+        CONN,
+        "Returns the server's liveliness response.",
+        "1.0.0",
+    ),
+    spec(
+        "psubscribe",
+        -2,
+        SUB_FLAGS,
+        &["@pubsub", "@slow"],
+        PUBSUB,
+        "Listens for messages published to channels that match one or more patterns.",
+        "2.0.0",
+    ),
+    spec(
+        "publish",
+        3,
+        PUB_FLAGS,
+        &["@pubsub", "@fast"],
+        PUBSUB,
+        "Posts a message to a channel.",
+        "2.0.0",
+    ),
     container(
         "pubsub",
         PUBSUB,
         "A container for Pub/Sub commands.",
         "2.8.0",
         &[
-            spec("channels", -2, &["pubsub", "loading", "stale"], &["@pubsub", "@slow"], PUBSUB, "Returns the active channels.", "2.8.0"),
-            spec("help", 2, INTROSPECT, &["@slow"], PUBSUB, "Returns helpful text about the different subcommands.", "6.2.0"),
-            spec("numpat", 2, &["pubsub", "loading", "stale"], &["@pubsub", "@slow"], PUBSUB, "Returns a count of unique pattern subscriptions.", "2.8.0"),
-            spec("numsub", -2, &["pubsub", "loading", "stale"], &["@pubsub", "@slow"], PUBSUB, "Returns a count of subscribers to channels.", "2.8.0"),
-            spec("shardchannels", -2, &["pubsub", "loading", "stale"], &["@pubsub", "@slow"], PUBSUB, "Returns the active shard channels.", "7.0.0"),
-            spec("shardnumsub", -2, &["pubsub", "loading", "stale"], &["@pubsub", "@slow"], PUBSUB, "Returns the count of subscribers of shard channels.", "7.0.0"),
+            spec(
+                "channels",
+                -2,
+                &["pubsub", "loading", "stale"],
+                &["@pubsub", "@slow"],
+                PUBSUB,
+                "Returns the active channels.",
+                "2.8.0",
+            ),
+            spec(
+                "help",
+                2,
+                INTROSPECT,
+                &["@slow"],
+                PUBSUB,
+                "Returns helpful text about the different subcommands.",
+                "6.2.0",
+            ),
+            spec(
+                "numpat",
+                2,
+                &["pubsub", "loading", "stale"],
+                &["@pubsub", "@slow"],
+                PUBSUB,
+                "Returns a count of unique pattern subscriptions.",
+                "2.8.0",
+            ),
+            spec(
+                "numsub",
+                -2,
+                &["pubsub", "loading", "stale"],
+                &["@pubsub", "@slow"],
+                PUBSUB,
+                "Returns a count of subscribers to channels.",
+                "2.8.0",
+            ),
+            spec(
+                "shardchannels",
+                -2,
+                &["pubsub", "loading", "stale"],
+                &["@pubsub", "@slow"],
+                PUBSUB,
+                "Returns the active shard channels.",
+                "7.0.0",
+            ),
+            spec(
+                "shardnumsub",
+                -2,
+                &["pubsub", "loading", "stale"],
+                &["@pubsub", "@slow"],
+                PUBSUB,
+                "Returns the count of subscribers of shard channels.",
+                "7.0.0",
+            ),
         ],
     ),
-    spec("punsubscribe", -1, SUB_FLAGS, &["@pubsub", "@slow"], PUBSUB, "Stops listening to messages published to channels that match one or more patterns.", "2.0.0"),
-    spec("quit", -1, FAST_CONN, &["@fast", "@connection"], CONN, "Closes the connection.", "1.0.0"),
-    spec("reset", 1, FAST_CONN, &["@fast", "@connection"], CONN, "Resets the connection.", "6.2.0"),
-    spec("select", 2, &["loading", "stale", "fast"], &["@fast", "@connection"], CONN, "Changes the selected database.", "1.0.0"),
-    spec("spublish", 3, PUB_FLAGS, &["@pubsub", "@fast"], PUBSUB, "Post a message to a shard channel", "7.0.0"),
-    spec("ssubscribe", -2, SUB_FLAGS, &["@pubsub", "@slow"], PUBSUB, "Listens for messages published to shard channels.", "7.0.0"),
-    spec("subscribe", -2, SUB_FLAGS, &["@pubsub", "@slow"], PUBSUB, "Listens for messages published to channels.", "2.0.0"),
-    spec("sunsubscribe", -1, SUB_FLAGS, &["@pubsub", "@slow"], PUBSUB, "Stops listening to messages posted to shard channels.", "7.0.0"),
-    spec("unsubscribe", -1, SUB_FLAGS, &["@pubsub", "@slow"], PUBSUB, "Stops listening to messages posted to channels.", "2.0.0"),
+    spec(
+        "punsubscribe",
+        -1,
+        SUB_FLAGS,
+        &["@pubsub", "@slow"],
+        PUBSUB,
+        "Stops listening to messages published to channels that match one or more patterns.",
+        "2.0.0",
+    ),
+    spec(
+        "quit",
+        -1,
+        FAST_CONN,
+        &["@fast", "@connection"],
+        CONN,
+        "Closes the connection.",
+        "1.0.0",
+    ),
+    spec(
+        "reset",
+        1,
+        FAST_CONN,
+        &["@fast", "@connection"],
+        CONN,
+        "Resets the connection.",
+        "6.2.0",
+    ),
+    spec(
+        "select",
+        2,
+        &["loading", "stale", "fast"],
+        &["@fast", "@connection"],
+        CONN,
+        "Changes the selected database.",
+        "1.0.0",
+    ),
+    spec(
+        "spublish",
+        3,
+        PUB_FLAGS,
+        &["@pubsub", "@fast"],
+        PUBSUB,
+        "Post a message to a shard channel",
+        "7.0.0",
+    ),
+    spec(
+        "ssubscribe",
+        -2,
+        SUB_FLAGS,
+        &["@pubsub", "@slow"],
+        PUBSUB,
+        "Listens for messages published to shard channels.",
+        "7.0.0",
+    ),
+    spec(
+        "subscribe",
+        -2,
+        SUB_FLAGS,
+        &["@pubsub", "@slow"],
+        PUBSUB,
+        "Listens for messages published to channels.",
+        "2.0.0",
+    ),
+    spec(
+        "sunsubscribe",
+        -1,
+        SUB_FLAGS,
+        &["@pubsub", "@slow"],
+        PUBSUB,
+        "Stops listening to messages posted to shard channels.",
+        "7.0.0",
+    ),
+    spec(
+        "unsubscribe",
+        -1,
+        SUB_FLAGS,
+        &["@pubsub", "@slow"],
+        PUBSUB,
+        "Stops listening to messages posted to channels.",
+        "2.0.0",
+    ),
 ];
 
 /// The top-level command named `name` (any case).
 pub fn lookup(name: &[u8]) -> Option<&'static CommandSpec> {
-    COMMANDS.iter().find(|c| c.name.as_bytes().eq_ignore_ascii_case(name))
+    COMMANDS
+        .iter()
+        .find(|c| c.name.as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// Commands a RESP2 client may run while subscribed (Redis's rule).
-pub const ALLOWED_WHILE_SUBSCRIBED: &[&str] =
-    &["ping", "subscribe", "ssubscribe", "unsubscribe", "sunsubscribe", "psubscribe", "punsubscribe", "quit", "reset"];
+pub const ALLOWED_WHILE_SUBSCRIBED: &[&str] = &[
+    "ping",
+    "subscribe",
+    "ssubscribe",
+    "unsubscribe",
+    "sunsubscribe",
+    "psubscribe",
+    "punsubscribe",
+    "quit",
+    "reset",
+];
 
 #[cfg(test)]
 mod tests {

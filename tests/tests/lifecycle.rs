@@ -1,0 +1,201 @@
+//! The node as an operator meets it: start-up errors, configuration sources, graceful shutdown.
+
+use herald_tests::{Herald, RawConn, herald_binary, scratch_dir};
+use std::process::Command;
+use std::time::Duration;
+
+#[test]
+fn version_flag() {
+    let output = Command::new(herald_binary())
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8(output.stdout).unwrap(),
+        format!("herald {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn sigterm_drains_clients_and_exits_zero() {
+    let mut node = Herald::start();
+    let mut subscriber = RawConn::connect(node.resp);
+    subscriber.command(&[b"SUBSCRIBE", b"news"]);
+    subscriber.read_until_suffix(b":1\r\n");
+    let mut publisher = RawConn::connect(node.resp);
+    publisher.command(&[b"PUBLISH", b"news", b"last words"]);
+    assert_eq!(publisher.read_until_suffix(b"\r\n"), b":1\r\n");
+
+    node.signal("TERM");
+    let status = node
+        .wait_exit(Duration::from_secs(10))
+        .expect("herald exits within a few seconds of SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    // Queued output was flushed before the connection closed.
+    let rest = subscriber.read_to_close();
+    assert_eq!(
+        rest,
+        b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$10\r\nlast words\r\n"
+    );
+    assert!(node.log().contains("shutting down"), "{}", node.log());
+}
+
+#[test]
+fn sigint_also_stops_the_node() {
+    let mut node = Herald::start();
+    node.signal("INT");
+    let status = node
+        .wait_exit(Duration::from_secs(10))
+        .expect("herald exits after SIGINT");
+    assert!(status.success());
+}
+
+#[test]
+fn address_in_use_is_one_clear_line_and_exit_code_1() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let data_dir = scratch_dir("in-use");
+    let output = Command::new(herald_binary())
+        .args([
+            "serve",
+            "--resp-addr",
+            &addr,
+            "--http-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&data_dir)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&addr)
+            && stderr.contains("--resp-addr")
+            && stderr.contains("address already in use"),
+        "{stderr}"
+    );
+
+    let output = Command::new(herald_binary())
+        .args([
+            "serve",
+            "--resp-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            &addr,
+            "--data-dir",
+        ])
+        .arg(&data_dir)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(&addr) && last.contains("--http-addr"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(data_dir);
+}
+
+#[test]
+fn a_data_directory_serves_one_node_only() {
+    let node = Herald::start();
+    let output = Command::new(herald_binary())
+        .args([
+            "serve",
+            "--resp-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&node.data_dir)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("in use by another herald process"),
+        "{stderr}"
+    );
+}
+
+fn config_get(node: &Herald, password: &str, name: &str) -> String {
+    let url = format!("redis://:{password}@{}/", node.resp);
+    let mut connection = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let pair: (String, String) = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(name)
+        .query(&mut connection)
+        .unwrap();
+    pair.1
+}
+
+#[test]
+fn settings_come_from_flags_then_environment_then_file() {
+    let dir = scratch_dir("config");
+    let file = dir.join("herald.toml");
+    std::fs::write(
+        &file,
+        "maxclients = 111\ntimeout = 30\nrequirepass = \"from-file\"\n",
+    )
+    .unwrap();
+    let file = file.to_string_lossy().to_string();
+    let node = Herald::start_configured(
+        &["--config", &file, "--maxclients", "333"],
+        &[("HERALD_MAXCLIENTS", "222"), ("HERALD_TIMEOUT", "40")],
+    );
+    assert_eq!(
+        config_get(&node, "from-file", "maxclients"),
+        "333",
+        "flag wins over env and file"
+    );
+    assert_eq!(
+        config_get(&node, "from-file", "timeout"),
+        "40",
+        "env wins over file"
+    );
+    assert_eq!(
+        config_get(&node, "from-file", "requirepass"),
+        "from-file",
+        "file wins over default"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_bad_config_file_names_the_problem() {
+    let dir = scratch_dir("bad-config");
+    let file = dir.join("herald.toml");
+    std::fs::write(&file, "maxclient = 5\n").unwrap();
+    let output = Command::new(herald_binary())
+        .args(["serve", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("maxclient") && stderr.contains("herald.toml"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn requirepass_from_the_environment_protects_the_node() {
+    let node = Herald::start_configured(&[], &[("HERALD_REQUIREPASS", "env-secret")]);
+    let mut conn = RawConn::connect(node.resp);
+    conn.command(&[b"PUBLISH", b"a", b"b"]);
+    assert_eq!(
+        conn.read_until_suffix(b"\r\n"),
+        b"-NOAUTH Authentication required.\r\n"
+    );
+    conn.command(&[b"AUTH", b"env-secret"]);
+    assert_eq!(conn.read_until_suffix(b"\r\n"), b"+OK\r\n");
+    conn.command(&[b"PUBLISH", b"a", b"b"]);
+    assert_eq!(conn.read_until_suffix(b"\r\n"), b":0\r\n");
+}

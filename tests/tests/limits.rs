@@ -1,0 +1,213 @@
+//! Limits and hostile input: slow subscribers, maxclients, buffer limits, huge headers and
+//! crafted patterns. In every case the offender is cut off and everybody else is unaffected.
+
+use futures::StreamExt;
+use herald_tests::{Herald, PATIENCE, RawConn, encode_command, wait_until};
+use redis::AsyncCommands;
+use std::io::Read;
+use std::time::Instant;
+
+fn info_field(node: &Herald, field: &str) -> String {
+    let client = redis::Client::open(node.url()).unwrap();
+    let mut connection = client.get_connection().unwrap();
+    let info: String = redis::cmd("INFO").query(&mut connection).unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in INFO"))
+        .trim()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_subscriber_is_disconnected_and_others_get_everything() {
+    let node = Herald::start_with(&["--pubsub-output-limit", "2mb 1mb 2"]);
+
+    // The slow one subscribes and then never reads again.
+    let mut slow = RawConn::connect(node.resp);
+    slow.command(&[b"SUBSCRIBE", b"firehose"]);
+    slow.read_exact(b"*3\r\n$9\r\nsubscribe\r\n$8\r\nfirehose\r\n:1\r\n".len());
+
+    let client = redis::Client::open(node.url()).unwrap();
+    let mut fast = client.get_async_pubsub().await.unwrap();
+    fast.subscribe("firehose").await.unwrap();
+    let mut publisher = client.get_multiplexed_async_connection().await.unwrap();
+
+    // Far more than the kernel's socket buffers plus the output limit can hold.
+    const COUNT: usize = 40_000;
+    let payload = vec![b'x'; 1024];
+    let receiving = tokio::spawn(async move {
+        let mut messages = fast.on_message();
+        for i in 0..COUNT {
+            let message = tokio::time::timeout(PATIENCE, messages.next())
+                .await
+                .expect("fast subscriber starved")
+                .unwrap();
+            let payload: Vec<u8> = message.get_payload().unwrap();
+            assert_eq!(
+                &payload[..8],
+                format!("{i:08}").as_bytes(),
+                "message {i} in order"
+            );
+        }
+        drop(messages);
+        fast
+    });
+    // Publish in pipelined batches; the multiplexed connection keeps their order.
+    for batch in (0..COUNT).collect::<Vec<_>>().chunks(100) {
+        let mut pipe = redis::pipe();
+        for i in batch {
+            let mut message = format!("{i:08}").into_bytes();
+            message.extend_from_slice(&payload);
+            pipe.publish("firehose", message).ignore();
+        }
+        let () = pipe.query_async(&mut publisher).await.unwrap();
+    }
+    let _fast = receiving.await.unwrap();
+
+    // The slow subscriber was closed: after what the kernel buffered, its stream ends.
+    let mut rest = Vec::new();
+    let read = slow.stream().try_clone().unwrap().read_to_end(&mut rest);
+    assert!(
+        read.is_ok() || rest.len() < COUNT * 1024,
+        "slow subscriber was not disconnected"
+    );
+    assert!(
+        rest.len() < COUNT * 1024,
+        "the slow subscriber got everything: it was never cut off"
+    );
+    assert_eq!(
+        info_field(&node, "client_output_buffer_limit_disconnections"),
+        "1"
+    );
+    let receivers: i64 = publisher.publish("firehose", "after").await.unwrap();
+    assert_eq!(receivers, 1, "only the fast subscriber is left");
+}
+
+#[test]
+fn maxclients_refuses_the_extra_client_with_redis_error() {
+    let node = Herald::start_with(&["--maxclients", "2"]);
+    let mut first = RawConn::connect(node.resp);
+    let mut second = RawConn::connect(node.resp);
+    first.command(&[b"PING"]);
+    assert_eq!(first.read_until_suffix(b"\r\n"), b"+PONG\r\n");
+    second.command(&[b"PING"]);
+    assert_eq!(second.read_until_suffix(b"\r\n"), b"+PONG\r\n");
+    let mut third = RawConn::connect(node.resp);
+    assert_eq!(
+        third.read_to_close(),
+        b"-ERR max number of clients reached\r\n"
+    );
+    drop(first);
+    wait_until("a slot frees up", || {
+        let mut again = RawConn::connect(node.resp);
+        again.command(&[b"PING"]);
+        let reply = again.read_until_suffix(b"\r\n");
+        reply == b"+PONG\r\n"
+    });
+}
+
+#[test]
+fn query_buffer_limit_closes_the_offender_only() {
+    let node = Herald::start_with(&["--client-query-buffer-limit", "1mb"]);
+    let mut bystander = RawConn::connect(node.resp);
+    let mut offender = RawConn::connect(node.resp);
+    // A 5 MB argument is announced but the limit is 1 MB of buffered input.
+    offender.send(b"*2\r\n$4\r\nECHO\r\n$5000000\r\n");
+    let chunk = vec![b'a'; 64 * 1024];
+    let mut sent = 0;
+    while sent < 5_000_000 {
+        if std::io::Write::write_all(&mut offender.stream().try_clone().unwrap(), &chunk).is_err() {
+            break;
+        }
+        sent += chunk.len();
+    }
+    assert_eq!(
+        offender.read_to_close(),
+        b"",
+        "closed without a reply, as Redis does"
+    );
+    bystander.command(&[b"PING"]);
+    assert_eq!(bystander.read_until_suffix(b"\r\n"), b"+PONG\r\n");
+}
+
+#[test]
+fn huge_multibulk_header_is_refused_before_any_allocation() {
+    let node = Herald::start();
+    let mut conn = RawConn::connect(node.resp);
+    conn.send(b"*20000000\r\n");
+    assert_eq!(
+        conn.read_to_close(),
+        b"-ERR Protocol error: invalid multibulk length\r\n"
+    );
+}
+
+#[test]
+fn protocol_errors_leave_other_clients_alone() {
+    let node = Herald::start();
+    let mut subscriber = RawConn::connect(node.resp);
+    subscriber.command(&[b"SUBSCRIBE", b"calm"]);
+    subscriber.read_until_suffix(b":1\r\n");
+    for garbage in [
+        &b"*-10\r\n*1\r\nfoo\r\n"[..],
+        b"*1\r\n$blabla\r\n",
+        b"\"unbalanced\r\n",
+        b"*1\r\n$2000000000\r\n",
+    ] {
+        let mut bad = RawConn::connect(node.resp);
+        bad.send(garbage);
+        let reply = bad.read_to_close();
+        assert!(
+            reply.starts_with(b"-ERR Protocol error: "),
+            "{:?}",
+            String::from_utf8_lossy(&reply)
+        );
+    }
+    let mut publisher = RawConn::connect(node.resp);
+    publisher.command(&[b"PUBLISH", b"calm", b"still here"]);
+    assert_eq!(publisher.read_until_suffix(b"\r\n"), b":1\r\n");
+    assert_eq!(
+        subscriber.read_until_suffix(b"still here\r\n"),
+        b"*3\r\n$7\r\nmessage\r\n$4\r\ncalm\r\n$10\r\nstill here\r\n"
+    );
+}
+
+#[test]
+fn crafted_patterns_cannot_hang_the_server() {
+    let node = Herald::start();
+    let mut subscriber = RawConn::connect(node.resp);
+    let pattern = format!("{}b", "*a".repeat(500));
+    subscriber.command(&[b"PSUBSCRIBE", pattern.as_bytes()]);
+    subscriber.read_until_suffix(b":1\r\n");
+    let too_long = "a".repeat(2000);
+    subscriber.command(&[b"PSUBSCRIBE", too_long.as_bytes()]);
+    assert_eq!(
+        subscriber.read_until_suffix(b"\r\n"),
+        b"-ERR pattern too long (herald accepts up to 1024 bytes)\r\n"
+    );
+
+    let mut publisher = RawConn::connect(node.resp);
+    let channel = "a".repeat(100_000);
+    let started = Instant::now();
+    for _ in 0..10 {
+        publisher.send(&encode_command(&[b"PUBLISH", channel.as_bytes(), b"x"]));
+        assert_eq!(publisher.read_until_suffix(b"\r\n"), b":0\r\n");
+    }
+    assert!(started.elapsed() < PATIENCE);
+    publisher.command(&[b"PING"]);
+    assert_eq!(publisher.read_until_suffix(b"\r\n"), b"+PONG\r\n");
+}
+
+#[test]
+fn client_kill_closes_the_target() {
+    let node = Herald::start();
+    let mut victim = RawConn::connect(node.resp);
+    victim.command(&[b"CLIENT", b"ID"]);
+    let id_reply = victim.read_until_suffix(b"\r\n");
+    let id = String::from_utf8_lossy(&id_reply[1..id_reply.len() - 2]).to_string();
+    let mut admin = RawConn::connect(node.resp);
+    admin.command(&[b"CLIENT", b"KILL", b"ID", id.as_bytes()]);
+    assert_eq!(admin.read_until_suffix(b"\r\n"), b":1\r\n");
+    assert_eq!(victim.read_to_close(), b"");
+    admin.command(&[b"CLIENT", b"KILL", b"127.0.0.1:1"]);
+    assert_eq!(admin.read_until_suffix(b"\r\n"), b"-ERR No such client\r\n");
+}

@@ -1,0 +1,229 @@
+//! Stock Redis clients used unchanged against herald: the `redis` crate (RESP2 and RESP3) and
+//! `redis-cli`.
+
+use futures::StreamExt;
+use herald_tests::{Herald, PATIENCE};
+use redis::AsyncCommands;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// A payload no text protocol would survive: CR LF, NUL, non-UTF-8 bytes, the RESP markers.
+fn hostile_payload(i: u32) -> Vec<u8> {
+    let mut payload = format!("event {i}\r\n*3\r\n$-1\r\n").into_bytes();
+    payload.extend_from_slice(&[0, 0xff, 0xfe, b'\n', 0xc3, 0xa9]);
+    payload.extend_from_slice("✓ é 中".as_bytes());
+    payload
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_crate_resp2_receives_everything_in_order_intact() {
+    let node = Herald::start();
+    let client = redis::Client::open(node.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("orders").await.unwrap();
+    pubsub.psubscribe("orders*").await.unwrap();
+    let mut publisher = client.get_multiplexed_async_connection().await.unwrap();
+
+    const COUNT: u32 = 2_000;
+    let sender = tokio::spawn(async move {
+        for i in 0..COUNT {
+            let receivers: i64 = publisher
+                .publish("orders", hostile_payload(i))
+                .await
+                .unwrap();
+            assert_eq!(receivers, 2, "one channel and one pattern subscription");
+        }
+    });
+    let mut messages = pubsub.on_message();
+    let (mut direct, mut by_pattern) = (0u32, 0u32);
+    while direct + by_pattern < 2 * COUNT {
+        let message = tokio::time::timeout(PATIENCE, messages.next())
+            .await
+            .expect("message in time")
+            .unwrap();
+        assert_eq!(message.get_channel_name(), "orders");
+        let pattern: Option<String> = message.get_pattern().ok();
+        let expected = if pattern.as_deref() == Some("orders*") {
+            &mut by_pattern
+        } else {
+            &mut direct
+        };
+        assert_eq!(
+            message.get_payload_bytes(),
+            hostile_payload(*expected),
+            "in order and intact"
+        );
+        *expected += 1;
+    }
+    sender.await.unwrap();
+    assert_eq!((direct, by_pattern), (COUNT, COUNT));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_crate_resp3_gets_push_messages() {
+    let node = Herald::start();
+    let client = redis::Client::open(format!("{}?protocol=resp3", node.url())).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let config = redis::AsyncConnectionConfig::new().set_push_sender(tx);
+    let mut subscriber = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap();
+    subscriber.subscribe("alerts:u1").await.unwrap();
+    subscriber.psubscribe("alerts:*").await.unwrap();
+    // RESP3 allows ordinary commands on a subscribed connection.
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut subscriber)
+        .await
+        .unwrap();
+    assert_eq!(pong, "PONG");
+
+    let mut publisher = client.get_multiplexed_async_connection().await.unwrap();
+    let receivers: i64 = publisher
+        .publish("alerts:u1", hostile_payload(7))
+        .await
+        .unwrap();
+    assert_eq!(receivers, 2);
+
+    let mut kinds = Vec::new();
+    while kinds.len() < 2 {
+        let push = tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .expect("push in time")
+            .unwrap();
+        match push.kind {
+            redis::PushKind::Message | redis::PushKind::PMessage => {
+                let payload = push.data.last().cloned().unwrap();
+                assert_eq!(payload, redis::Value::BulkString(hostile_payload(7)));
+                kinds.push(push.kind);
+            }
+            _ => {} // subscription confirmations
+        }
+    }
+    assert_eq!(
+        kinds,
+        vec![redis::PushKind::Message, redis::PushKind::PMessage]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_commands_are_answered_in_order() {
+    let node = Herald::start();
+    let client = redis::Client::open(node.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("even").await.unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+
+    let mut pipe = redis::pipe();
+    for i in 0..1_000 {
+        let channel = if i % 2 == 0 { "even" } else { "odd" };
+        pipe.publish(channel, i).cmd("ECHO").arg(i);
+    }
+    let replies: Vec<i64> = pipe.query_async(&mut connection).await.unwrap();
+    for (i, pair) in replies.chunks(2).enumerate() {
+        assert_eq!(pair, [if i % 2 == 0 { 1 } else { 0 }, i as i64]);
+    }
+    let mut messages = pubsub.on_message();
+    for i in (0..1_000).step_by(2) {
+        let message = tokio::time::timeout(PATIENCE, messages.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(message.get_payload::<i64>().unwrap(), i);
+    }
+}
+
+fn redis_cli(node: &Herald, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &node.resp.port().to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli is needed: install redis-tools (apt-get install redis-tools), as .ci/run does");
+    assert!(
+        output.status.success(),
+        "redis-cli {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn redis_cli_publishes_and_subscribes() {
+    let node = Herald::start();
+    assert_eq!(redis_cli(&node, &["PING"]), "PONG\n");
+    assert_eq!(redis_cli(&node, &["PUBLISH", "news", "nobody"]), "0\n");
+
+    let mut subscriber = Command::new("redis-cli")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &node.resp.port().to_string(),
+            "SUBSCRIBE",
+            "news",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("redis-cli");
+    let mut lines = BufReader::new(subscriber.stdout.take().unwrap()).lines();
+    // redis-cli prints the confirmation as three lines: subscribe / news / 1.
+    let confirmation: Vec<String> = (0..3).map(|_| lines.next().unwrap().unwrap()).collect();
+    assert_eq!(confirmation, ["subscribe", "news", "1"]);
+
+    assert_eq!(redis_cli(&node, &["PUBSUB", "NUMSUB", "news"]), "news\n1\n");
+    assert_eq!(
+        redis_cli(&node, &["PUBLISH", "news", "hello from redis-cli"]),
+        "1\n"
+    );
+    let message: Vec<String> = (0..3).map(|_| lines.next().unwrap().unwrap()).collect();
+    assert_eq!(message, ["message", "news", "hello from redis-cli"]);
+
+    let _ = subscriber.kill();
+    let _ = subscriber.wait();
+    herald_tests::wait_until("the killed redis-cli is unsubscribed", || {
+        redis_cli(&node, &["PUBSUB", "NUMSUB", "news"]) == "news\n0\n"
+    });
+}
+
+#[test]
+fn redis_cli_resp3_and_introspection() {
+    let node = Herald::start();
+    let hello = redis_cli(&node, &["-3", "HELLO", "3"]);
+    assert!(hello.contains("proto") && hello.contains("3"), "{hello}");
+    let info = redis_cli(&node, &["INFO", "server"]);
+    assert!(
+        info.contains("redis_version:") && info.contains("herald_version:"),
+        "{info}"
+    );
+    let count: usize = redis_cli(&node, &["COMMAND", "COUNT"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(count >= 20, "{count}");
+    assert_eq!(
+        redis_cli(&node, &["CONFIG", "GET", "maxclients"]),
+        "maxclients\n10000\n"
+    );
+    assert_eq!(
+        redis_cli(&node, &["CONFIG", "SET", "maxclients", "50"]),
+        "OK\n"
+    );
+    assert_eq!(
+        redis_cli(&node, &["CONFIG", "GET", "maxclients"]),
+        "maxclients\n50\n"
+    );
+    let list = redis_cli(&node, &["CLIENT", "LIST"]);
+    assert!(
+        list.contains("cmd=client|list") && list.contains("resp=2"),
+        "{list}"
+    );
+    assert_eq!(
+        redis_cli(&node, &["CLIENT", "SETINFO", "LIB-NAME", "herald-test"]),
+        "OK\n"
+    );
+    // redis-cli keeps working through its whole start-up sequence in interactive-like mode.
+    let docs = redis_cli(&node, &["COMMAND", "DOCS", "publish"]);
+    assert!(docs.contains("Posts a message to a channel."), "{docs}");
+    std::thread::sleep(Duration::from_millis(10));
+}
