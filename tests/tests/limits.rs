@@ -5,6 +5,8 @@ use futures::StreamExt;
 use herald_tests::{Herald, PATIENCE, RawConn, encode_command, wait_until};
 use redis::AsyncCommands;
 use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 fn info_field(node: &Herald, field: &str) -> String {
@@ -35,6 +37,8 @@ async fn slow_subscriber_is_disconnected_and_others_get_everything() {
     // Far more than the kernel's socket buffers plus the output limit can hold.
     const COUNT: usize = 40_000;
     let payload = vec![b'x'; 1024];
+    let received = Arc::new(AtomicUsize::new(0));
+    let progress = received.clone();
     let receiving = tokio::spawn(async move {
         let mut messages = fast.on_message();
         for i in 0..COUNT {
@@ -48,12 +52,15 @@ async fn slow_subscriber_is_disconnected_and_others_get_everything() {
                 format!("{i:08}").as_bytes(),
                 "message {i} in order"
             );
+            progress.store(i + 1, Ordering::Relaxed);
         }
         drop(messages);
         fast
     });
-    // Publish in pipelined batches; the multiplexed connection keeps their order.
-    for batch in (0..COUNT).collect::<Vec<_>>().chunks(100) {
+    // Publish in pipelined batches, letting the fast subscriber catch up after each: however
+    // loaded the test machine is, it never lags by more than a batch, while the slow one lags
+    // without bound.
+    for (n, batch) in (0..COUNT).collect::<Vec<_>>().chunks(100).enumerate() {
         let mut pipe = redis::pipe();
         for i in batch {
             let mut message = format!("{i:08}").into_bytes();
@@ -61,6 +68,16 @@ async fn slow_subscriber_is_disconnected_and_others_get_everything() {
             pipe.publish("firehose", message).ignore();
         }
         let () = pipe.query_async(&mut publisher).await.unwrap();
+        let sent = (n + 1) * 100;
+        let deadline = Instant::now() + PATIENCE;
+        while received.load(Ordering::Relaxed) < sent {
+            assert!(
+                Instant::now() < deadline,
+                "fast subscriber stuck at {}",
+                received.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
     }
     let _fast = receiving.await.unwrap();
 
@@ -87,6 +104,12 @@ async fn slow_subscriber_is_disconnected_and_others_get_everything() {
 fn maxclients_refuses_the_extra_client_with_redis_error() {
     let node = Herald::start_with(&["--maxclients", "2"]);
     let mut first = RawConn::connect(node.resp);
+    // The harness's readiness probe may still be counted for a moment: wait until it is gone.
+    wait_until("only this test's client is connected", || {
+        first.command(&[b"CLIENT", b"LIST"]);
+        let list = first.read_until_suffix(b"\n\r\n");
+        String::from_utf8_lossy(&list).matches("id=").count() == 1
+    });
     let mut second = RawConn::connect(node.resp);
     first.command(&[b"PING"]);
     assert_eq!(first.read_until_suffix(b"\r\n"), b"+PONG\r\n");
