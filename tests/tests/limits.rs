@@ -234,3 +234,21 @@ fn client_kill_closes_the_target() {
     admin.command(&[b"CLIENT", b"KILL", b"127.0.0.1:1"]);
     assert_eq!(admin.read_until_suffix(b"\r\n"), b"-ERR No such client\r\n");
 }
+
+#[test]
+fn idle_clients_are_closed_after_the_timeout_but_subscribers_are_not() {
+    let node = Herald::start_with(&["--timeout", "1"]);
+    let mut idle = RawConn::connect(node.resp);
+    idle.command(&[b"PING"]);
+    assert_eq!(idle.read_until_suffix(b"\r\n"), b"+PONG\r\n");
+    let mut subscriber = RawConn::connect(node.resp);
+    subscriber.command(&[b"SUBSCRIBE", b"quiet"]);
+    subscriber.read_until_suffix(b":1\r\n");
+
+    assert_eq!(idle.read_to_close(), b"", "the idle client is closed without a reply");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let mut publisher = RawConn::connect(node.resp);
+    publisher.command(&[b"PUBLISH", b"quiet", b"still subscribed"]);
+    assert_eq!(publisher.read_until_suffix(b"\r\n"), b":1\r\n");
+    subscriber.read_until_suffix(b"still subscribed\r\n");
+}
