@@ -79,6 +79,27 @@ impl Subscriber {
 
 type Receivers = IndexMap<ClientId, Arc<Subscriber>>;
 
+/// Receivers whose writers still have to be woken after a batch of publishes. Waking once per
+/// batch lets each writer send the whole batch with one write. Dropping it wakes them all, so a
+/// wake-up can be late but never lost.
+#[derive(Default)]
+pub struct Wakes(Vec<Arc<Outbox>>);
+
+impl Wakes {
+    /// Wakes every writer collected so far.
+    pub fn wake_all(&mut self) {
+        for outbox in self.0.drain(..) {
+            outbox.wake();
+        }
+    }
+}
+
+impl Drop for Wakes {
+    fn drop(&mut self) {
+        self.wake_all();
+    }
+}
+
 struct PatternEntry {
     glob: Glob,
     receivers: Receivers,
@@ -269,17 +290,23 @@ impl Hub {
     /// `PUBLISH`: queues the message to every subscriber of `channel` and of every pattern
     /// matching it. Returns the number of receivers, counted as Redis counts them.
     pub fn publish(&self, channel: &[u8], payload: &[u8]) -> usize {
+        self.publish_batched(channel, payload, &mut Wakes::default())
+    }
+
+    /// [`Hub::publish`], leaving the receivers' wake-ups in `wakes` for the caller to do at the
+    /// end of its batch.
+    pub fn publish_batched(&self, channel: &[u8], payload: &[u8], wakes: &mut Wakes) -> usize {
         let limit = self.output_limit();
         let state = self.state.read();
         let mut receivers = 0;
         if let Some(subscribers) = state.channels.get(channel) {
             let mut message = Encoded::new(b"message", [channel, payload, b""]);
-            receivers += self.deliver(subscribers, &mut message, &limit);
+            receivers += self.deliver(subscribers, &mut message, &limit, wakes);
         }
         for (pattern, entry) in &state.patterns {
             if entry.glob.matches(channel) {
                 let mut message = Encoded::new(b"pmessage", [pattern, channel, payload]);
-                receivers += self.deliver(&entry.receivers, &mut message, &limit);
+                receivers += self.deliver(&entry.receivers, &mut message, &limit, wakes);
             }
         }
         self.stats.published.fetch_add(1, Ordering::Relaxed);
@@ -290,13 +317,13 @@ impl Hub {
     }
 
     /// `SPUBLISH`: queues the message to every subscriber of shard channel `channel`.
-    pub fn spublish(&self, channel: &[u8], payload: &[u8]) -> usize {
+    pub fn spublish(&self, channel: &[u8], payload: &[u8], wakes: &mut Wakes) -> usize {
         let limit = self.output_limit();
         let state = self.state.read();
         let receivers = match state.shards.get(channel) {
             Some(subscribers) => {
                 let mut message = Encoded::new(b"smessage", [channel, payload, b""]);
-                self.deliver(subscribers, &mut message, &limit)
+                self.deliver(subscribers, &mut message, &limit, wakes)
             }
             None => 0,
         };
@@ -312,10 +339,15 @@ impl Hub {
         subscribers: &Receivers,
         message: &mut Encoded<'_>,
         limit: &OutputLimit,
+        wakes: &mut Wakes,
     ) -> usize {
         for subscriber in subscribers.values() {
             let frame = message.frame(subscriber.protocol());
-            if subscriber.outbox.push_message(frame, limit) == Delivery::LimitReached {
+            let (delivery, wake) = subscriber.outbox.enqueue_message(frame, limit);
+            if wake {
+                wakes.0.push(subscriber.outbox.clone());
+            }
+            if delivery == Delivery::LimitReached {
                 self.stats
                     .slow_clients_closed
                     .fetch_add(1, Ordering::Relaxed);
@@ -439,7 +471,7 @@ mod tests {
             ">3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$2\r\nhi\r\n"
         );
         assert_eq!(
-            hub.spublish(b"news", b"hi"),
+            hub.spublish(b"news", b"hi", &mut Wakes::default()),
             0,
             "shard channels are a separate space"
         );

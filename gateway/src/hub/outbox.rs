@@ -115,9 +115,21 @@ impl Outbox {
     /// Queues a pub/sub message under `limit`. When the message would take the client over
     /// the limit, the client is closed instead and the message is not delivered to it.
     pub fn push_message(&self, frame: Bytes, limit: &OutputLimit) -> Delivery {
+        let (delivery, wake) = self.enqueue_message(frame, limit);
+        if wake {
+            self.wake();
+        }
+        delivery
+    }
+
+    /// Like [`Outbox::push_message`], but leaves waking the writer to the caller: `true` means
+    /// the queue was empty and [`Outbox::wake`] must be called. A publisher handling a batch of
+    /// commands wakes each receiver once at the end of the batch, so the receiver writes the
+    /// whole batch in one go instead of racing the publisher message by message.
+    pub fn enqueue_message(&self, frame: Bytes, limit: &OutputLimit) -> (Delivery, bool) {
         let mut state = self.state.lock();
         if state.closed.is_some() {
-            return Delivery::Closed;
+            return (Delivery::Closed, false);
         }
         let queued = state.bytes + frame.len();
         let over_hard = limit.hard_bytes > 0 && queued > limit.hard_bytes;
@@ -138,18 +150,17 @@ impl Outbox {
         };
         if over_hard || soft_expired {
             self.close_locked(&mut state, CloseReason::OutputLimit);
-            drop(state);
-            self.ready.notify_one();
-            return Delivery::LimitReached;
+            return (Delivery::LimitReached, true);
         }
         let was_empty = state.frames.is_empty();
         state.bytes = queued;
         state.frames.push_back(frame);
-        drop(state);
-        if was_empty {
-            self.ready.notify_one();
-        }
-        Delivery::Queued
+        (Delivery::Queued, was_empty)
+    }
+
+    /// Wakes the writer (after [`Outbox::enqueue_message`] asked for it).
+    pub fn wake(&self) {
+        self.ready.notify_one();
     }
 
     /// Marks the client for closing. The first reason given wins.

@@ -6,7 +6,7 @@
 //! the order they were queued, batched into as few writes as possible.
 
 use crate::hub::outbox::{Batch, CloseReason, Outbox};
-use crate::hub::{Kind, Subscriber};
+use crate::hub::{Kind, Subscriber, Wakes};
 use crate::resp::clients::ClientInfo;
 use crate::resp::cmd;
 use crate::resp::frame::{Frame, Protocol};
@@ -41,6 +41,8 @@ pub(crate) struct Session {
     pub subscriptions: [IndexSet<Bytes>; 3],
     /// Replies encoded but not yet queued.
     replies: BytesMut,
+    /// Receivers of this batch's publishes, woken when the batch's replies are queued.
+    pub wakes: Wakes,
     /// Set by `QUIT` and protocol errors: stop after queued output is written.
     pub closing: bool,
 }
@@ -55,6 +57,7 @@ impl Session {
             authenticated,
             subscriptions: Default::default(),
             replies: BytesMut::new(),
+            wakes: Wakes::default(),
             closing: false,
         }
     }
@@ -77,6 +80,7 @@ impl Session {
     /// Queues the replies encoded so far. Must run before anything else is queued directly
     /// (hub subscription confirmations), to keep replies in command order.
     pub fn flush_replies(&mut self) {
+        self.wakes.wake_all();
         if !self.replies.is_empty() {
             let batch = self.replies.split().freeze();
             self.outbox().push_reply(batch);

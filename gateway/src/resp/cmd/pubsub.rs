@@ -78,13 +78,19 @@ pub(super) fn unsubscribe(session: &mut Session, kind: Kind, args: &Args) {
 
 /// `PUBLISH channel message`: the number of receivers.
 pub(super) fn publish(session: &mut Session, args: &Args) {
-    let receivers = session.ctx.hub.publish(&args[1], &args[2]);
+    let receivers = session
+        .ctx
+        .hub
+        .publish_batched(&args[1], &args[2], &mut session.wakes);
     session.reply(Frame::Integer(receivers as i64));
 }
 
 /// `SPUBLISH shardchannel message`: the number of receivers.
 pub(super) fn spublish(session: &mut Session, args: &Args) {
-    let receivers = session.ctx.hub.spublish(&args[1], &args[2]);
+    let receivers = session
+        .ctx
+        .hub
+        .spublish(&args[1], &args[2], &mut session.wakes);
     session.reply(Frame::Integer(receivers as i64));
 }
 
