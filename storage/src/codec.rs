@@ -1,0 +1,254 @@
+//! The on-disk format: key layout and value encoding, all in this one module.
+//!
+//! Everything lives in ONE sled tree ([`TREE`]); the first key byte says what a record is.
+//! Numbers in keys are big-endian so that sled's byte order is numeric order. A channel appears
+//! in keys as `chan` = `u32 BE length ++ channel bytes`, which makes `prefix ++ chan` an exact
+//! per-channel prefix (no channel's prefix is a prefix of another's).
+//!
+//! | key | value | what |
+//! |---|---|---|
+//! | `m` `v` | u32 BE | format version ([`FORMAT_VERSION`]) |
+//! | `m` `e` | u64 BE | epoch |
+//! | `m` `p` | u16 BE | partition count |
+//! | `m` `s` u16 BE partition | u64 BE | last assigned seq of the partition |
+//! | `m` `f` u16 BE partition | u64 BE | highest seq dropped with a forgotten channel's meta |
+//! | `c` chan | [`ChannelMeta`] | retained count and loss floor of a channel with history |
+//! | `h` chan u64 BE seq | [`StoredEvent`] | one retained event |
+//! | `d` chan message-id | [`DedupRecord`] | a message id seen in the dedup window |
+//! | `x` u64 BE at_ms chan message-id | empty | dedup expiry index, in time order |
+//!
+//! Values are bincode 2 (standard config, varint integers) through serde. bincode 3 is a
+//! deliberate `compile_error!`; if the codec ever has to change crate, only this module changes
+//! (and [`FORMAT_VERSION`] goes up).
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::event::Partition;
+use crate::store::StorageError;
+
+/// The name of the single sled tree the store uses.
+pub(crate) const TREE: &[u8] = b"herald";
+
+/// The version of this layout; a store written with another version is refused.
+pub(crate) const FORMAT_VERSION: u32 = 1;
+
+pub(crate) const KEY_VERSION: &[u8] = b"mv";
+pub(crate) const KEY_EPOCH: &[u8] = b"me";
+pub(crate) const KEY_PARTITIONS: &[u8] = b"mp";
+pub(crate) const PREFIX_LAST_SEQ: &[u8] = b"ms";
+pub(crate) const PREFIX_FORGOTTEN: &[u8] = b"mf";
+pub(crate) const PREFIX_CHANNEL: u8 = b'c';
+pub(crate) const PREFIX_HISTORY: u8 = b'h';
+pub(crate) const PREFIX_DEDUP: u8 = b'd';
+pub(crate) const PREFIX_DEDUP_EXPIRY: u8 = b'x';
+
+/// Per-channel bookkeeping, present while the channel has (or just had) retained history.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ChannelMeta {
+    /// How many `h` records the channel has (expired-but-not-yet-deleted ones included).
+    pub retained: u64,
+    /// The highest seq of this channel that left retention (trimmed, expired, or inherited from
+    /// the partition's forgotten floor when the meta was created). 0 = nothing lost.
+    pub removed_through: u64,
+}
+
+/// The fields every stored event starts with, decodable without copying the payload.
+///
+/// bincode decodes fields in order and ignores what follows, so decoding a [`StoredEvent`]'s
+/// bytes as this struct reads only its head. Keep the two field lists in step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StoredEventHead {
+    pub partition: Partition,
+    pub timestamp_ms: u64,
+    /// When the event stops being retained (`None` = no age limit), fixed at apply time.
+    pub expires_at_ms: Option<u64>,
+}
+
+impl StoredEventHead {
+    pub fn expired(&self, now_ms: u64) -> bool {
+        matches!(self.expires_at_ms, Some(t) if t <= now_ms)
+    }
+}
+
+/// One retained event as stored under its `h` key (channel and seq are in the key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StoredEvent {
+    pub partition: Partition,
+    pub timestamp_ms: u64,
+    pub expires_at_ms: Option<u64>,
+    pub message_id: Option<Bytes>,
+    pub payload: Bytes,
+}
+
+/// A message id seen at `at_ms`, and the position its event got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct DedupRecord {
+    pub partition: Partition,
+    pub seq: u64,
+    pub at_ms: u64,
+}
+
+fn config() -> impl bincode::config::Config {
+    // The limit keeps a corrupt length prefix from asking for an absurd allocation.
+    bincode::config::standard().with_limit::<{ 1 << 30 }>()
+}
+
+/// Encodes a value record.
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Encoding into a Vec cannot fail for these plain structs (no maps, no unsized sequences).
+    bincode::serde::encode_to_vec(value, config()).expect("bincode encoding of a record")
+}
+
+/// Decodes a value record (or the head of one); `what` names it in the error.
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StorageError> {
+    bincode::serde::decode_from_slice(bytes, config())
+        .map(|(v, _)| v)
+        .map_err(|e| StorageError::Corrupt(format!("undecodable {what} record: {e}")))
+}
+
+/// `u32 BE len ++ channel`.
+pub(crate) fn put_chan(key: &mut Vec<u8>, channel: &[u8]) {
+    let len = u32::try_from(channel.len()).expect("channel names are shorter than 4 GiB");
+    key.extend_from_slice(&len.to_be_bytes());
+    key.extend_from_slice(channel);
+}
+
+/// `tag ++ chan`: the channel meta key, or the prefix of the channel's history or dedup keys.
+pub(crate) fn chan_key(tag: u8, channel: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + 4 + channel.len() + 8);
+    k.push(tag);
+    put_chan(&mut k, channel);
+    k
+}
+
+/// `h ++ chan ++ seq BE`.
+pub(crate) fn history_key(channel: &[u8], seq: u64) -> Vec<u8> {
+    let mut k = chan_key(PREFIX_HISTORY, channel);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The seq at the end of a history key.
+pub(crate) fn history_key_seq(key: &[u8]) -> Result<u64, StorageError> {
+    key.len()
+        .checked_sub(8)
+        .and_then(|at| key[at..].try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StorageError::Corrupt("history key too short".into()))
+}
+
+/// The channel inside a `tag ++ chan ++ ...` key, and what follows it.
+pub(crate) fn split_chan(key: &[u8]) -> Result<(&[u8], &[u8]), StorageError> {
+    let bad = || StorageError::Corrupt("key with a malformed channel".into());
+    let len_bytes: [u8; 4] = key
+        .get(1..5)
+        .ok_or_else(bad)?
+        .try_into()
+        .map_err(|_| bad())?;
+    let len = u32::from_be_bytes(len_bytes) as usize;
+    let end = 5usize.checked_add(len).ok_or_else(bad)?;
+    let channel = key.get(5..end).ok_or_else(bad)?;
+    Ok((channel, &key[end..]))
+}
+
+/// `d ++ chan ++ message id`.
+pub(crate) fn dedup_key(channel: &[u8], id: &[u8]) -> Vec<u8> {
+    let mut k = chan_key(PREFIX_DEDUP, channel);
+    k.extend_from_slice(id);
+    k
+}
+
+/// `x ++ at_ms BE ++ chan ++ message id`.
+pub(crate) fn dedup_expiry_key(at_ms: u64, dedup_key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + dedup_key.len());
+    k.push(PREFIX_DEDUP_EXPIRY);
+    k.extend_from_slice(&at_ms.to_be_bytes());
+    k.extend_from_slice(&dedup_key[1..]);
+    k
+}
+
+/// From an `x` key: its time and the `d` key it points at.
+pub(crate) fn split_dedup_expiry_key(key: &[u8]) -> Result<(u64, Vec<u8>), StorageError> {
+    let at: [u8; 8] = key
+        .get(1..9)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| StorageError::Corrupt("dedup expiry key too short".into()))?;
+    let mut d = Vec::with_capacity(key.len() - 8);
+    d.push(PREFIX_DEDUP);
+    d.extend_from_slice(&key[9..]);
+    Ok((u64::from_be_bytes(at), d))
+}
+
+/// `m ++ tag ++ partition BE` (last seq or forgotten floor of a partition).
+pub(crate) fn partition_key(prefix: &[u8], p: Partition) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(&p.to_be_bytes());
+    k
+}
+
+/// A big-endian u64 value.
+pub(crate) fn be_u64(v: &[u8], what: &str) -> Result<u64, StorageError> {
+    v.try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| StorageError::Corrupt(format!("{what} is not 8 bytes")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_decodes_from_a_full_record() {
+        let ev = StoredEvent {
+            partition: 3,
+            timestamp_ms: 1_700_000_000_000,
+            expires_at_ms: Some(1_700_000_001_000),
+            message_id: Some(Bytes::from_static(b"m-1")),
+            payload: Bytes::from(vec![7u8; 1000]),
+        };
+        let bytes = encode(&ev);
+        let head: StoredEventHead = decode(&bytes, "event").unwrap();
+        assert_eq!(head.partition, 3);
+        assert_eq!(head.timestamp_ms, ev.timestamp_ms);
+        assert_eq!(head.expires_at_ms, ev.expires_at_ms);
+        assert!(!head.expired(1_700_000_000_999));
+        assert!(head.expired(1_700_000_001_000));
+        let back: StoredEvent = decode(&bytes, "event").unwrap();
+        assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn garbage_is_a_corrupt_error() {
+        let e = decode::<StoredEvent>(&[0xff, 0xff, 0xff], "event").unwrap_err();
+        assert!(e.to_string().contains("undecodable event record"), "{e}");
+        let e = decode::<StoredEvent>(
+            &[
+                1, 1, 1, 1, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
+            ],
+            "event",
+        );
+        assert!(e.is_err());
+    }
+
+    #[test]
+    fn keys_sort_and_split() {
+        let a = history_key(b"ch", 2);
+        let b = history_key(b"ch", 10);
+        let c = history_key(b"ch", 256);
+        assert!(a < b && b < c);
+        assert!(a.starts_with(&chan_key(PREFIX_HISTORY, b"ch")));
+        assert!(!history_key(b"chx", 1).starts_with(&chan_key(PREFIX_HISTORY, b"ch")));
+        assert_eq!(history_key_seq(&c).unwrap(), 256);
+        let (ch, rest) = split_chan(&c).unwrap();
+        assert_eq!(ch, b"ch");
+        assert_eq!(rest, 256u64.to_be_bytes());
+
+        let d = dedup_key(b"ch", b"id:1");
+        let x = dedup_expiry_key(42, &d);
+        assert_eq!(split_dedup_expiry_key(&x).unwrap(), (42, d.clone()));
+        assert!(dedup_expiry_key(41, &d) < x);
+        assert!(split_chan(b"c\x00\x00\x00\x09abc").is_err());
+        assert!(split_chan(b"c\x00").is_err());
+    }
+}

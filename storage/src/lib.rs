@@ -1,0 +1,42 @@
+//! # herald-storage
+//!
+//! The durable event history of ONE herald node: the [`Event`] and [`Position`] types, cursors,
+//! namespace config, the sled-backed [`Store`] with its apply function (dedup, sequence
+//! assignment, history write, retention), and the single-node group-commit [`LocalLog`].
+//!
+//! ## Layout
+//!
+//! - [`event`]: [`Event`], [`Position`] `(partition, seq)`, [`Epoch`], and [`partition_of`], the
+//!   stable channel -> partition hash.
+//! - [`cursor`]: [`Cursor`], the last delivered seq per partition, in the short URL-safe form
+//!   SSE `id:` / `Last-Event-ID` carries, with [`CursorError`] for malformed input.
+//! - [`namespace`]: [`NamespaceConfig`] and [`Namespaces`]: history size, TTL and durability per
+//!   channel family, parsed with serde (`[namespace.NAME]` tables).
+//! - [`store`]: [`Store`]: open/create, [`Store::apply`] (THE state machine apply, one atomic
+//!   sled batch per call), flush, history reads, TTL and dedup expiry, stats.
+//! - [`log`]: [`LocalLog`]: the log of one member: a committer task that batches concurrent
+//!   publishes into one apply + one flush (group commit) and acknowledges only after the flush.
+//! - `codec` (private): the on-disk key layout and the bincode value encoding, in one place.
+//!
+//! ## Guarantees
+//!
+//! A publish acknowledged by [`LocalLog`] is flushed to disk and survives `kill -9`; its position
+//! is never reused, even after a crash (the partition counters are written in the same atomic
+//! batch as the events). Cursors and positions are only meaningful within one [`Epoch`].
+
+#![warn(missing_docs)]
+
+mod codec;
+pub mod cursor;
+pub mod event;
+pub mod log;
+pub mod namespace;
+pub mod store;
+#[cfg(test)]
+mod testutil;
+
+pub use cursor::{Cursor, CursorError};
+pub use event::{Epoch, Event, Partition, Position, partition_of, unix_now_ms};
+pub use log::{LocalLog, LogOptions, LogStats, OnCommit};
+pub use namespace::{NamespaceConfig, Namespaces, parse_duration};
+pub use store::{Applied, ChannelStats, Publish, StorageError, Store, StoreOptions};

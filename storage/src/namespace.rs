@@ -1,0 +1,353 @@
+//! Namespaces: per-channel-family retention and durability settings.
+//!
+//! A channel's namespace is the part before its first `:` (`job_progress:job_1` ->
+//! `job_progress`); a channel without `:`, or whose namespace is not configured, uses the default
+//! namespace. The node parses the config with serde (e.g. from TOML):
+//!
+//! ```toml
+//! [namespace.default]      # applies where no namespace matches
+//! history_size = 100       # events kept per channel (0 = no history)
+//! history_ttl = "24h"      # age limit ("500ms", "30s", "15m", "24h", "7d"; "0" or "none" = none)
+//! durable = true           # publish is acknowledged after commit
+//!
+//! [namespace.cursor]
+//! history_size = 0
+//! durable = false
+//! ```
+//!
+//! Keys a table leaves out are inherited from `[namespace.default]`, whose own missing keys come
+//! from [`NamespaceConfig::default`]. Unknown keys are rejected.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The name of the namespace that applies where no other matches.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// How the channels of one namespace behave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceConfig {
+    /// Events kept per channel, oldest dropped first (0 = no history).
+    pub history_size: usize,
+    /// How long an event is kept after it was applied (`None` = no age limit).
+    pub history_ttl: Option<Duration>,
+    /// Whether a publish goes through the log (sequenced, stored, acknowledged after commit).
+    /// Non-durable namespaces are fan-out only: the gateway does not call the store for them.
+    pub durable: bool,
+}
+
+impl Default for NamespaceConfig {
+    /// The implicit default namespace: 100 events, 24 hours, durable.
+    fn default() -> Self {
+        NamespaceConfig {
+            history_size: 100,
+            history_ttl: Some(Duration::from_secs(24 * 3600)),
+            durable: true,
+        }
+    }
+}
+
+/// The default namespace plus the named ones; answers "which config applies to this channel".
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Namespaces {
+    default: NamespaceConfig,
+    named: HashMap<Box<[u8]>, NamespaceConfig>,
+}
+
+impl Namespaces {
+    /// Namespaces with `default` for unmatched channels and no named namespace.
+    pub fn new(default: NamespaceConfig) -> Self {
+        Namespaces {
+            default,
+            named: HashMap::new(),
+        }
+    }
+
+    /// Adds (or replaces) the namespace `name`. Naming `"default"` replaces the default.
+    pub fn with(mut self, name: &str, config: NamespaceConfig) -> Self {
+        self.insert(name, config);
+        self
+    }
+
+    /// Adds (or replaces) the namespace `name`. Naming `"default"` replaces the default.
+    pub fn insert(&mut self, name: &str, config: NamespaceConfig) {
+        if name == DEFAULT_NAMESPACE {
+            self.default = config;
+        } else {
+            self.named.insert(name.as_bytes().into(), config);
+        }
+    }
+
+    /// The config of the default namespace.
+    pub fn default_config(&self) -> &NamespaceConfig {
+        &self.default
+    }
+
+    /// The config of the namespace `name` (the default one for `"default"`), if configured.
+    pub fn get(&self, name: &str) -> Option<&NamespaceConfig> {
+        if name == DEFAULT_NAMESPACE {
+            Some(&self.default)
+        } else {
+            self.named.get(name.as_bytes())
+        }
+    }
+
+    /// The config that applies to `channel`: that of the bytes before its first `:`, or the
+    /// default one when there is no `:` or that namespace is not configured.
+    pub fn for_channel(&self, channel: &[u8]) -> &NamespaceConfig {
+        if self.named.is_empty() {
+            return &self.default;
+        }
+        match channel.iter().position(|&b| b == b':') {
+            Some(i) => self.named.get(&channel[..i]).unwrap_or(&self.default),
+            None => &self.default,
+        }
+    }
+
+    /// The names of the configured namespaces other than the default one, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .named
+            .keys()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// One `[namespace.NAME]` table as written: every key optional, unknown keys rejected.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNamespace {
+    history_size: Option<usize>,
+    #[serde(default, deserialize_with = "de_ttl")]
+    history_ttl: Option<Option<Duration>>,
+    durable: Option<bool>,
+}
+
+impl RawNamespace {
+    fn over(self, base: &NamespaceConfig) -> NamespaceConfig {
+        NamespaceConfig {
+            history_size: self.history_size.unwrap_or(base.history_size),
+            history_ttl: self.history_ttl.unwrap_or(base.history_ttl),
+            durable: self.durable.unwrap_or(base.durable),
+        }
+    }
+}
+
+fn de_ttl<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<Duration>>, D::Error> {
+    let s = String::deserialize(d)?;
+    let s = s.trim();
+    if s == "none" || s == "0" {
+        return Ok(Some(None));
+    }
+    match parse_duration(s) {
+        Ok(d) if d.is_zero() => Ok(Some(None)),
+        Ok(d) => Ok(Some(Some(d))),
+        Err(e) => Err(serde::de::Error::custom(e)),
+    }
+}
+
+impl<'de> Deserialize<'de> for NamespaceConfig {
+    /// A single namespace table; missing keys come from [`NamespaceConfig::default`].
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(RawNamespace::deserialize(d)?.over(&NamespaceConfig::default()))
+    }
+}
+
+impl<'de> Deserialize<'de> for Namespaces {
+    /// The `namespace` table: a map from namespace name to its table (see the module docs).
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut raw = BTreeMap::<String, RawNamespace>::deserialize(d)?;
+        let default = raw
+            .remove(DEFAULT_NAMESPACE)
+            .unwrap_or_default()
+            .over(&NamespaceConfig::default());
+        let mut ns = Namespaces::new(default);
+        for (name, table) in raw {
+            if name.is_empty() || name.contains(':') {
+                return Err(serde::de::Error::custom(format!(
+                    "namespace name {name:?} must be non-empty and contain no ':'"
+                )));
+            }
+            let config = table.over(&ns.default);
+            ns.insert(&name, config);
+        }
+        Ok(ns)
+    }
+}
+
+/// Why a duration string was rejected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DurationError(String);
+
+impl fmt::Display for DurationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid duration {:?}: expected a whole number with a unit, like \"500ms\", \"30s\", \"15m\", \"24h\" or \"7d\"",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for DurationError {}
+
+/// Parses `"500ms"`, `"30s"`, `"15m"`, `"24h"`, `"7d"`: a whole number and one unit
+/// (`ms`, `s`, `m`, `h`, `d`). Config files use it for every duration.
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    let err = || DurationError(s.to_string());
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        return Err(err());
+    }
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let ms_per = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(err()),
+    };
+    n.checked_mul(ms_per)
+        .map(Duration::from_millis)
+        .ok_or_else(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NodeConfig {
+        #[serde(default)]
+        namespace: Namespaces,
+    }
+
+    fn parse(s: &str) -> Result<Namespaces, String> {
+        toml::from_str::<NodeConfig>(s)
+            .map(|c| c.namespace)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn default_namespace() {
+        let ns = Namespaces::default();
+        let d = ns.for_channel(b"anything");
+        assert_eq!(d.history_size, 100);
+        assert_eq!(d.history_ttl, Some(Duration::from_secs(86_400)));
+        assert!(d.durable);
+        assert_eq!(parse("").unwrap(), ns);
+    }
+
+    #[test]
+    fn channel_lookup() {
+        let cursor = NamespaceConfig {
+            history_size: 0,
+            history_ttl: None,
+            durable: false,
+        };
+        let ns = Namespaces::default().with("cursor", cursor.clone());
+        assert_eq!(ns.for_channel(b"cursor:user_1"), &cursor);
+        assert_eq!(ns.for_channel(b"cursor:a:b"), &cursor);
+        assert_eq!(ns.for_channel(b"cursor"), ns.default_config());
+        assert_eq!(ns.for_channel(b"cursors:x"), ns.default_config());
+        assert_eq!(ns.for_channel(b":x"), ns.default_config());
+        assert_eq!(ns.for_channel(b"job_progress:job_1"), ns.default_config());
+        assert_eq!(ns.get("cursor"), Some(&cursor));
+        assert_eq!(ns.names(), vec!["cursor".to_string()]);
+    }
+
+    #[test]
+    fn parses_the_design_example() {
+        let ns = parse(
+            r#"
+            [namespace.default]
+            history_size = 100
+            history_ttl = "24h"
+            durable = true
+
+            [namespace.cursor]
+            history_size = 0
+            durable = false
+
+            [namespace.audit]
+            history_size = 1000
+            history_ttl = "7d"
+
+            [namespace.forever]
+            history_ttl = "none"
+            "#,
+        )
+        .unwrap();
+        let cursor = ns.for_channel(b"cursor:1");
+        assert_eq!(cursor.history_size, 0);
+        assert!(!cursor.durable);
+        assert_eq!(cursor.history_ttl, Some(Duration::from_secs(86_400)));
+        let audit = ns.for_channel(b"audit:x");
+        assert_eq!(audit.history_ttl, Some(Duration::from_secs(7 * 86_400)));
+        assert!(audit.durable);
+        assert_eq!(ns.for_channel(b"forever:x").history_ttl, None);
+    }
+
+    #[test]
+    fn named_namespaces_inherit_the_configured_default() {
+        let ns = parse(
+            r#"
+            [namespace.default]
+            history_size = 5
+            history_ttl = "30s"
+            [namespace.a]
+            durable = false
+            "#,
+        )
+        .unwrap();
+        let a = ns.for_channel(b"a:1");
+        assert_eq!(a.history_size, 5);
+        assert_eq!(a.history_ttl, Some(Duration::from_secs(30)));
+        assert!(!a.durable);
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_durations() {
+        let e = parse("[namespace.default]\nhistory_sise = 3\n").unwrap_err();
+        assert!(e.contains("unknown field `history_sise`"), "{e}");
+        let e = parse("[namespace.x]\nhistory_ttl = \"10 parsecs\"\n").unwrap_err();
+        assert!(e.contains("invalid duration \"10 parsecs\""), "{e}");
+        let e = parse("[namespace.x]\nhistory_ttl = 10\n").unwrap_err();
+        assert!(e.contains("invalid type"), "{e}");
+        let e = parse("[namespace.x]\nhistory_size = -1\n").unwrap_err();
+        assert!(e.contains("history_size"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(604_800)));
+        for bad in [
+            "",
+            "s",
+            "10",
+            "1.5h",
+            "-1s",
+            "10x",
+            "99999999999999999999d",
+            "1 h",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        let msg = parse_duration("1y").unwrap_err().to_string();
+        assert!(msg.starts_with("invalid duration \"1y\""), "{msg}");
+    }
+}

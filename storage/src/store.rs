@@ -1,0 +1,1443 @@
+//! The store: one node's durable event history in sled, and THE apply function.
+//!
+//! [`Store::apply`] is the state machine: it takes a batch of publishes in log order and, for
+//! each, checks dedup, assigns the partition's next seq, writes history, trims retention and
+//! records the message id, all in ONE atomic `sled::Batch`. The single-node log
+//! ([`crate::log::LocalLog`]) calls it today; the cluster's Raft state machine will call exactly
+//! this later, so it depends only on its inputs (the batch, the namespace config, `now_ms`) and
+//! the store's own state, never on the local clock.
+//!
+//! Reads ([`Store::history_after`], [`Store::last`], [`Store::oldest`]) take no lock and see a
+//! consistent view of each applied batch. The on-disk layout is described in the private `codec` module.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, MutexGuard};
+
+use crate::codec::{self, ChannelMeta, DedupRecord, StoredEvent, StoredEventHead};
+use crate::event::{Epoch, Event, Partition, Position, partition_of, unix_now_ms};
+use crate::namespace::Namespaces;
+
+/// How many operations `expire` puts in one batch before applying it (between channels).
+const EXPIRE_CHUNK: usize = 10_000;
+
+/// Everything that can go wrong in the store or the log. `Clone` so that one failure can be
+/// handed to every publisher of a batch.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum StorageError {
+    /// sled failed (I/O, corruption it detected, ...). The outcome of a batch that failed in
+    /// flush is unknown: it may or may not be on disk.
+    #[error("storage failed: {0}")]
+    Sled(#[from] sled::Error),
+    /// The store was created with another partition count, which can never change.
+    #[error(
+        "store in {dir} was created with {stored} partitions but {requested} were requested; the partition count is fixed when a store is created"
+    )]
+    PartitionsMismatch {
+        /// The store's directory.
+        dir: PathBuf,
+        /// The partition count on disk.
+        stored: u16,
+        /// The partition count asked for.
+        requested: u16,
+    },
+    /// The store was written in an on-disk format this build does not read.
+    #[error("store in {dir} has format version {found}, this build reads version {expected}")]
+    FormatVersion {
+        /// The store's directory.
+        dir: PathBuf,
+        /// The version on disk.
+        found: u32,
+        /// The version this build writes.
+        expected: u32,
+    },
+    /// The options make no sense (e.g. zero partitions).
+    #[error("invalid store options: {0}")]
+    InvalidOptions(String),
+    /// Stored bytes could not be decoded.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// A bug: a task of the store or log failed unexpectedly (e.g. panicked).
+    #[error("internal storage error: {0}")]
+    Internal(String),
+    /// The log's committer is gone (the log was shut down or its task died).
+    #[error("the log is closed")]
+    Closed,
+}
+
+/// How a store is opened. The partition count is fixed at creation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Number of partitions (sequence spaces); default 16. Must match on every later open.
+    pub partitions: u16,
+    /// How long a message id is remembered for dedup; default 10 minutes.
+    pub dedup_window: Duration,
+    /// sled's page cache size in bytes (counts on-disk size; RSS can be larger); default 64 MiB.
+    pub cache_capacity: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            partitions: 16,
+            dedup_window: Duration::from_secs(600),
+            cache_capacity: 64 << 20,
+        }
+    }
+}
+
+/// One publish as it enters the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Publish {
+    /// The channel (binary-safe).
+    pub channel: Bytes,
+    /// The payload (binary-safe).
+    pub payload: Bytes,
+    /// An optional publisher-chosen id: a publish repeating a (channel, id) pair seen within the
+    /// dedup window is not applied again. An empty id is an id like any other.
+    pub message_id: Option<Bytes>,
+}
+
+impl Publish {
+    /// A publish without a message id.
+    pub fn new(channel: impl Into<Bytes>, payload: impl Into<Bytes>) -> Self {
+        Publish {
+            channel: channel.into(),
+            payload: payload.into(),
+            message_id: None,
+        }
+    }
+
+    /// The same publish carrying message id `id`.
+    pub fn with_id(mut self, id: impl Into<Bytes>) -> Self {
+        self.message_id = Some(id.into());
+        self
+    }
+
+    /// Bytes the publish occupies (channel + payload + id), for batch size limits.
+    pub fn size(&self) -> usize {
+        self.channel.len() + self.payload.len() + self.message_id.as_ref().map_or(0, |m| m.len())
+    }
+}
+
+/// What applying one publish did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// A new event got this position (and was stored if its namespace keeps history).
+    New(Event),
+    /// The message id was seen within the dedup window: nothing was applied; this is the
+    /// position the original publish got.
+    Duplicate(Position),
+}
+
+impl Applied {
+    /// The event's position: the new one, or the original one for a duplicate.
+    pub fn position(&self) -> Position {
+        match self {
+            Applied::New(e) => e.position,
+            Applied::Duplicate(p) => *p,
+        }
+    }
+
+    /// Whether this publish was a duplicate.
+    pub fn is_duplicate(&self) -> bool {
+        matches!(self, Applied::Duplicate(_))
+    }
+}
+
+/// Size of the retained history, for `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// Channels with at least one retained event (expired-but-not-yet-deleted ones included).
+    pub channels: u64,
+    /// Retained events over all channels (same caveat).
+    pub events: u64,
+}
+
+/// State that only the writers (apply, expire) touch, under one lock.
+struct WriteState {
+    last_seq: Vec<u64>,
+    forgotten: Vec<u64>,
+}
+
+/// One node's durable event history (see the module docs).
+pub struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+    dir: PathBuf,
+    epoch: Epoch,
+    partitions: u16,
+    dedup_window_ms: u64,
+    write: Mutex<WriteState>,
+    latest: Box<[AtomicU64]>,
+    forgotten: Box<[AtomicU64]>,
+    stat_channels: AtomicU64,
+    stat_events: AtomicU64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .field("epoch", &self.epoch)
+            .field("partitions", &self.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Deletions of `expire` not yet applied, with their effect on memory.
+#[derive(Default)]
+struct ExpireChunk {
+    batch: sled::Batch,
+    ops: usize,
+    forgotten: BTreeMap<Partition, u64>,
+    d_channels: i64,
+    d_events: i64,
+}
+
+/// Per-channel work collected while applying one batch.
+struct ChannelWork {
+    partition: Partition,
+    history_size: u64,
+    meta: ChannelMeta,
+    new: Vec<(u64, Vec<u8>)>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`.
+    ///
+    /// The first open picks a random epoch and records `options.partitions`; later opens reuse
+    /// both and fail with [`StorageError::PartitionsMismatch`] if `options.partitions` differs.
+    /// Only one process may have a store open (sled holds an exclusive lock on the directory).
+    pub fn open(dir: &Path, options: StoreOptions) -> Result<Store, StorageError> {
+        if options.partitions == 0 {
+            return Err(StorageError::InvalidOptions(
+                "the partition count must be at least 1".into(),
+            ));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| StorageError::Sled(sled::Error::Io(e)))?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(options.cache_capacity)
+            .open()?;
+        let tree = db.open_tree(codec::TREE)?;
+
+        let (epoch, partitions) = match tree.get(codec::KEY_VERSION)? {
+            None => {
+                let epoch = Epoch::random();
+                let mut b = sled::Batch::default();
+                b.insert(codec::KEY_VERSION, &codec::FORMAT_VERSION.to_be_bytes());
+                b.insert(codec::KEY_EPOCH, &epoch.0.to_be_bytes());
+                b.insert(codec::KEY_PARTITIONS, &options.partitions.to_be_bytes());
+                tree.apply_batch(b)?;
+                db.flush()?;
+                tracing::info!(dir = %dir.display(), %epoch, partitions = options.partitions, "created store");
+                (epoch, options.partitions)
+            }
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(&v[..])
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StorageError::Corrupt("format version is not 4 bytes".into()))?;
+                if found != codec::FORMAT_VERSION {
+                    return Err(StorageError::FormatVersion {
+                        dir: dir.to_path_buf(),
+                        found,
+                        expected: codec::FORMAT_VERSION,
+                    });
+                }
+                let epoch = tree
+                    .get(codec::KEY_EPOCH)?
+                    .ok_or_else(|| StorageError::Corrupt("epoch missing".into()))?;
+                let epoch = Epoch(codec::be_u64(&epoch, "epoch")?);
+                let p = tree
+                    .get(codec::KEY_PARTITIONS)?
+                    .ok_or_else(|| StorageError::Corrupt("partition count missing".into()))?;
+                let stored = <[u8; 2]>::try_from(&p[..])
+                    .map(u16::from_be_bytes)
+                    .map_err(|_| StorageError::Corrupt("partition count is not 2 bytes".into()))?;
+                if stored != options.partitions {
+                    return Err(StorageError::PartitionsMismatch {
+                        dir: dir.to_path_buf(),
+                        stored,
+                        requested: options.partitions,
+                    });
+                }
+                (epoch, stored)
+            }
+        };
+
+        let mut last_seq = vec![0u64; usize::from(partitions)];
+        let mut forgotten = vec![0u64; usize::from(partitions)];
+        for (prefix, into) in [
+            (codec::PREFIX_LAST_SEQ, &mut last_seq),
+            (codec::PREFIX_FORGOTTEN, &mut forgotten),
+        ] {
+            for kv in tree.scan_prefix(prefix) {
+                let (k, v) = kv?;
+                let p = k
+                    .get(prefix.len()..)
+                    .and_then(|b| <[u8; 2]>::try_from(b).ok())
+                    .map(u16::from_be_bytes)
+                    .ok_or_else(|| StorageError::Corrupt("partition key malformed".into()))?;
+                let slot = into.get_mut(usize::from(p)).ok_or_else(|| {
+                    StorageError::Corrupt(format!("partition {p} beyond the partition count"))
+                })?;
+                *slot = codec::be_u64(&v, "partition counter")?;
+            }
+        }
+
+        let (mut channels, mut events) = (0u64, 0u64);
+        for kv in tree.scan_prefix([codec::PREFIX_CHANNEL]) {
+            let (_, v) = kv?;
+            let meta: ChannelMeta = codec::decode(&v, "channel meta")?;
+            if meta.retained > 0 {
+                channels += 1;
+                events += meta.retained;
+            }
+        }
+
+        let atomics = |v: &[u64]| v.iter().map(|&x| AtomicU64::new(x)).collect::<Box<[_]>>();
+        Ok(Store {
+            latest: atomics(&last_seq),
+            forgotten: atomics(&forgotten),
+            write: Mutex::new(WriteState {
+                last_seq,
+                forgotten,
+            }),
+            db,
+            tree,
+            dir: dir.to_path_buf(),
+            epoch,
+            partitions,
+            dedup_window_ms: options.dedup_window.as_millis().min(u128::from(u64::MAX)) as u64,
+            stat_channels: AtomicU64::new(channels),
+            stat_events: AtomicU64::new(events),
+        })
+    }
+
+    /// The store's epoch, chosen at random when it was created.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// The partition count, fixed when the store was created.
+    pub fn partitions(&self) -> u16 {
+        self.partitions
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The partition `channel` belongs to in this store.
+    pub fn partition_of(&self, channel: &[u8]) -> Partition {
+        partition_of(channel, self.partitions)
+    }
+
+    /// The last assigned seq of `partition` (0 = none yet, or no such partition).
+    pub fn latest_seq(&self, partition: Partition) -> u64 {
+        self.latest
+            .get(usize::from(partition))
+            .map_or(0, |a| a.load(Ordering::Acquire))
+    }
+
+    /// Number of channels with history and total retained events (kept in memory: O(1)).
+    pub fn channel_stats(&self) -> ChannelStats {
+        ChannelStats {
+            channels: self.stat_channels.load(Ordering::Relaxed),
+            events: self.stat_events.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Applies `batch` in order, as ONE atomic sled batch; returns one [`Applied`] per publish.
+    ///
+    /// For each publish: a (channel, message id) seen within the dedup window (in an earlier
+    /// batch or earlier in this one) yields [`Applied::Duplicate`] with the original position.
+    /// Otherwise the channel's partition assigns its next seq (contiguous, never reused), the
+    /// event is written to history if its namespace keeps any (`history_size > 0`), the channel
+    /// is trimmed to `history_size`, oldest first, and the message id is recorded with time
+    /// `now_ms`. The event's TTL deadline is fixed here as `now_ms + history_ttl`.
+    ///
+    /// Does not flush: the caller flushes ([`Store::flush`]) before acknowledging. If this
+    /// returns an error nothing of the batch was applied. Callers must not pass publishes of
+    /// non-durable namespaces (they are stored like durable ones if they do).
+    pub fn apply(
+        &self,
+        batch: &[Publish],
+        namespaces: &Namespaces,
+        now_ms: u64,
+    ) -> Result<Vec<Applied>, StorageError> {
+        let mut state = self.write.lock();
+        let mut out = Vec::with_capacity(batch.len());
+        let mut sled_batch = sled::Batch::default();
+        let mut next: BTreeMap<Partition, u64> = BTreeMap::new();
+        let mut seen: HashMap<Vec<u8>, Position> = HashMap::new();
+        let mut channels: HashMap<Bytes, ChannelWork> = HashMap::new();
+
+        for publish in batch {
+            let config = namespaces.for_channel(&publish.channel);
+            let partition = partition_of(&publish.channel, self.partitions);
+
+            let dedup_key = match &publish.message_id {
+                Some(id) => {
+                    let key = codec::dedup_key(&publish.channel, id);
+                    if let Some(&pos) = seen.get(&key) {
+                        out.push(Applied::Duplicate(pos));
+                        continue;
+                    }
+                    if let Some(v) = self.tree.get(&key)? {
+                        let rec: DedupRecord = codec::decode(&v, "dedup")?;
+                        if rec.at_ms.saturating_add(self.dedup_window_ms) > now_ms {
+                            out.push(Applied::Duplicate(Position::new(rec.partition, rec.seq)));
+                            continue;
+                        }
+                    }
+                    Some(key)
+                }
+                None => None,
+            };
+
+            let last = next
+                .entry(partition)
+                .or_insert(state.last_seq[usize::from(partition)]);
+            *last += 1;
+            let position = Position::new(partition, *last);
+
+            if let Some(key) = dedup_key {
+                let rec = DedupRecord {
+                    partition,
+                    seq: position.seq,
+                    at_ms: now_ms,
+                };
+                sled_batch.insert(codec::dedup_expiry_key(now_ms, &key), &[][..]);
+                sled_batch.insert(key.as_slice(), codec::encode(&rec));
+                seen.insert(key, position);
+            }
+
+            if config.history_size > 0 {
+                let work = match channels.get_mut(&publish.channel) {
+                    Some(w) => w,
+                    None => {
+                        let meta_key = codec::chan_key(codec::PREFIX_CHANNEL, &publish.channel);
+                        let meta = match self.tree.get(&meta_key)? {
+                            Some(v) => codec::decode(&v, "channel meta")?,
+                            None => ChannelMeta {
+                                retained: 0,
+                                removed_through: state.forgotten[usize::from(partition)],
+                            },
+                        };
+                        channels
+                            .entry(publish.channel.clone())
+                            .or_insert(ChannelWork {
+                                partition,
+                                history_size: config.history_size as u64,
+                                meta,
+                                new: Vec::new(),
+                            })
+                    }
+                };
+                let stored = StoredEvent {
+                    partition,
+                    timestamp_ms: now_ms,
+                    expires_at_ms: config.history_ttl.map(|ttl| {
+                        now_ms.saturating_add(ttl.as_millis().min(u128::from(u64::MAX)) as u64)
+                    }),
+                    message_id: publish.message_id.clone(),
+                    payload: publish.payload.clone(),
+                };
+                work.new.push((position.seq, codec::encode(&stored)));
+            }
+
+            out.push(Applied::New(Event {
+                position,
+                channel: publish.channel.clone(),
+                payload: publish.payload.clone(),
+                message_id: publish.message_id.clone(),
+                timestamp_ms: now_ms,
+            }));
+        }
+
+        // Retention by count, per channel: drop the oldest committed events first, then (if the
+        // batch alone overflows) the oldest of this batch's, which are then never written.
+        let (mut d_channels, mut d_events) = (0i64, 0i64);
+        for (channel, work) in channels {
+            let ChannelWork {
+                partition,
+                history_size,
+                mut meta,
+                new,
+            } = work;
+            debug_assert_eq!(partition, partition_of(&channel, self.partitions));
+            let before = meta.retained;
+            let total = before + new.len() as u64;
+            let excess = total.saturating_sub(history_size);
+            let from_old = excess.min(before);
+            if from_old > 0 {
+                let prefix = codec::chan_key(codec::PREFIX_HISTORY, &channel);
+                for key in self
+                    .tree
+                    .scan_prefix(&prefix)
+                    .keys()
+                    .take(from_old as usize)
+                {
+                    let key = key?;
+                    meta.removed_through = meta.removed_through.max(codec::history_key_seq(&key)?);
+                    sled_batch.remove(key);
+                }
+            }
+            let from_new = (excess - from_old) as usize;
+            for (i, (seq, value)) in new.into_iter().enumerate() {
+                if i < from_new {
+                    meta.removed_through = meta.removed_through.max(seq);
+                } else {
+                    sled_batch.insert(codec::history_key(&channel, seq), value);
+                }
+            }
+            meta.retained = total - excess;
+            sled_batch.insert(
+                codec::chan_key(codec::PREFIX_CHANNEL, &channel),
+                codec::encode(&meta),
+            );
+            d_events += meta.retained as i64 - before as i64;
+            if before == 0 && meta.retained > 0 {
+                d_channels += 1;
+            }
+        }
+
+        for (&p, &seq) in &next {
+            sled_batch.insert(
+                codec::partition_key(codec::PREFIX_LAST_SEQ, p),
+                &seq.to_be_bytes(),
+            );
+        }
+
+        self.tree.apply_batch(sled_batch)?;
+
+        for (p, seq) in next {
+            state.last_seq[usize::from(p)] = seq;
+            self.latest[usize::from(p)].store(seq, Ordering::Release);
+        }
+        add(&self.stat_channels, d_channels);
+        add(&self.stat_events, d_events);
+        Ok(out)
+    }
+}
+
+fn add(a: &AtomicU64, d: i64) {
+    if d >= 0 {
+        a.fetch_add(d as u64, Ordering::Relaxed);
+    } else {
+        a.fetch_sub(d.unsigned_abs(), Ordering::Relaxed);
+    }
+}
+
+impl Store {
+    /// Makes everything applied so far durable (sled `flush_async`: the whole database).
+    /// A publish must not be acknowledged before the flush after its apply has returned `Ok`.
+    pub async fn flush(&self) -> Result<(), StorageError> {
+        self.tree.flush_async().await?;
+        Ok(())
+    }
+
+    /// Blocking form of [`Store::flush`], for shutdown paths and tests outside a runtime.
+    pub fn flush_blocking(&self) -> Result<(), StorageError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Retained events of `channel` with `seq > after_seq` (`None`: from the oldest), ascending,
+    /// at most `limit`, leaving out TTL-expired ones (by the system clock).
+    pub fn history_after(
+        &self,
+        channel: &[u8],
+        after_seq: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Event>, StorageError> {
+        self.history_after_at(channel, after_seq, limit, unix_now_ms())
+    }
+
+    /// [`Store::history_after`] with an explicit clock (`now_ms` decides what is expired).
+    pub fn history_after_at(
+        &self,
+        channel: &[u8],
+        after_seq: Option<u64>,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<Vec<Event>, StorageError> {
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let prefix = codec::chan_key(codec::PREFIX_HISTORY, channel);
+        let start = match after_seq {
+            None => prefix.clone(),
+            Some(u64::MAX) => return Ok(out),
+            Some(s) => codec::history_key(channel, s + 1),
+        };
+        let channel = Bytes::copy_from_slice(channel);
+        for kv in self.tree.range(start..) {
+            let (k, v) = kv?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if let Some(ev) = self.to_event(&channel, &k, &v, now_ms)? {
+                out.push(ev);
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The last `n` retained (unexpired, by the system clock) events of `channel`, ascending.
+    pub fn last(&self, channel: &[u8], n: usize) -> Result<Vec<Event>, StorageError> {
+        self.last_at(channel, n, unix_now_ms())
+    }
+
+    /// [`Store::last`] with an explicit clock.
+    pub fn last_at(
+        &self,
+        channel: &[u8],
+        n: usize,
+        now_ms: u64,
+    ) -> Result<Vec<Event>, StorageError> {
+        let mut out = Vec::new();
+        if n == 0 {
+            return Ok(out);
+        }
+        let prefix = codec::chan_key(codec::PREFIX_HISTORY, channel);
+        let channel = Bytes::copy_from_slice(channel);
+        for kv in self.tree.scan_prefix(&prefix).rev() {
+            let (k, v) = kv?;
+            if let Some(ev) = self.to_event(&channel, &k, &v, now_ms)? {
+                out.push(ev);
+                if out.len() == n {
+                    break;
+                }
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// The position of the oldest retained (unexpired, by the system clock) event of `channel`.
+    pub fn oldest(&self, channel: &[u8]) -> Result<Option<Position>, StorageError> {
+        self.oldest_at(channel, unix_now_ms())
+    }
+
+    /// [`Store::oldest`] with an explicit clock.
+    pub fn oldest_at(&self, channel: &[u8], now_ms: u64) -> Result<Option<Position>, StorageError> {
+        let prefix = codec::chan_key(codec::PREFIX_HISTORY, channel);
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            let head: StoredEventHead = codec::decode(&v, "event")?;
+            if !head.expired(now_ms) {
+                return Ok(Some(Position::new(
+                    head.partition,
+                    codec::history_key_seq(&k)?,
+                )));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The highest seq of `channel` whose event is no longer retained (trimmed, expired by the
+    /// system clock, or dropped with the channel's bookkeeping); 0 if nothing was lost.
+    ///
+    /// A client resuming `channel` after seq `c` (its cursor's seq for the channel's partition)
+    /// may have missed events iff `c < retention_floor(channel)`: that is the gap test. It can
+    /// over-report (a floor inherited from the partition when the channel's bookkeeping was
+    /// dropped), never under-report. Cost: one pass over the channel's retained event heads.
+    pub fn retention_floor(&self, channel: &[u8]) -> Result<u64, StorageError> {
+        self.retention_floor_at(channel, unix_now_ms())
+    }
+
+    /// [`Store::retention_floor`] with an explicit clock.
+    pub fn retention_floor_at(&self, channel: &[u8], now_ms: u64) -> Result<u64, StorageError> {
+        let meta_key = codec::chan_key(codec::PREFIX_CHANNEL, channel);
+        let mut floor = match self.tree.get(&meta_key)? {
+            Some(v) => codec::decode::<ChannelMeta>(&v, "channel meta")?.removed_through,
+            None => self.forgotten[usize::from(self.partition_of(channel))].load(Ordering::Acquire),
+        };
+        let prefix = codec::chan_key(codec::PREFIX_HISTORY, channel);
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            let head: StoredEventHead = codec::decode(&v, "event")?;
+            if head.expired(now_ms) {
+                floor = floor.max(codec::history_key_seq(&k)?);
+            }
+        }
+        Ok(floor)
+    }
+
+    fn to_event(
+        &self,
+        channel: &Bytes,
+        key: &[u8],
+        value: &[u8],
+        now_ms: u64,
+    ) -> Result<Option<Event>, StorageError> {
+        let head: StoredEventHead = codec::decode(value, "event")?;
+        if head.expired(now_ms) {
+            return Ok(None);
+        }
+        let stored: StoredEvent = codec::decode(value, "event")?;
+        Ok(Some(Event {
+            position: Position::new(stored.partition, codec::history_key_seq(key)?),
+            channel: channel.clone(),
+            payload: stored.payload,
+            message_id: stored.message_id,
+            timestamp_ms: stored.timestamp_ms,
+        }))
+    }
+
+    /// Deletes what retention no longer covers; returns how many records it deleted (events plus
+    /// dedup entries). The node runs it periodically (e.g. every few seconds).
+    ///
+    /// - History: each channel is trimmed to its namespace's CURRENT `history_size` (so a lowered
+    ///   size or a namespace switched to 0 takes effect here), then its leading TTL-expired
+    ///   events are deleted (by the deadline fixed at apply time). A channel left with no event
+    ///   loses its bookkeeping; its loss floor moves to its partition's forgotten floor.
+    /// - Dedup: message ids recorded at or before `now_ms - dedup_window` are forgotten.
+    ///
+    /// Work is applied in batches of about 10,000 deletions, each consistent on its own.
+    /// Cost: one read per channel with history plus the deleted records.
+    pub fn expire(&self, namespaces: &Namespaces, now_ms: u64) -> Result<usize, StorageError> {
+        let mut state = self.write.lock();
+        let mut chunk = ExpireChunk::default();
+        let mut deleted = 0usize;
+
+        for key in self.tree.scan_prefix([codec::PREFIX_CHANNEL]).keys() {
+            let meta_key = key?;
+            // Read the meta afresh: the lock may have been yielded to apply since the scan began.
+            let Some(v) = self.tree.get(&meta_key)? else {
+                continue;
+            };
+            let mut meta: ChannelMeta = codec::decode(&v, "channel meta")?;
+            let (channel, _) = codec::split_chan(&meta_key)?;
+            let config = namespaces.for_channel(channel);
+            let excess = meta.retained.saturating_sub(config.history_size as u64);
+            let mut removed = 0u64;
+            let prefix = codec::chan_key(codec::PREFIX_HISTORY, channel);
+            for kv in self.tree.scan_prefix(&prefix) {
+                let (k, v) = kv?;
+                if removed >= excess {
+                    let head: StoredEventHead = codec::decode(&v, "event")?;
+                    if !head.expired(now_ms) {
+                        break;
+                    }
+                }
+                meta.removed_through = meta.removed_through.max(codec::history_key_seq(&k)?);
+                chunk.batch.remove(k);
+                removed += 1;
+            }
+            if removed == 0 && meta.retained > 0 {
+                continue;
+            }
+            let before = meta.retained;
+            meta.retained = meta.retained.saturating_sub(removed);
+            chunk.d_events -= (before - meta.retained) as i64;
+            chunk.ops += removed as usize + 1;
+            deleted += removed as usize;
+            if meta.retained == 0 {
+                let p = partition_of(channel, self.partitions);
+                let current = chunk
+                    .forgotten
+                    .get(&p)
+                    .copied()
+                    .unwrap_or(state.forgotten[usize::from(p)]);
+                chunk.forgotten.insert(p, current.max(meta.removed_through));
+                chunk.batch.remove(meta_key);
+                if before > 0 {
+                    chunk.d_channels -= 1;
+                }
+            } else {
+                chunk.batch.insert(meta_key, codec::encode(&meta));
+            }
+            if chunk.ops >= EXPIRE_CHUNK {
+                self.commit_chunk(&mut chunk, &mut state)?;
+                // Let a waiting apply in between chunks, so expire never stalls publishing long.
+                MutexGuard::bump(&mut state);
+            }
+        }
+
+        if let Some(cut) = now_ms.checked_sub(self.dedup_window_ms) {
+            let end = match cut.checked_add(1) {
+                Some(c) => {
+                    let mut end = vec![codec::PREFIX_DEDUP_EXPIRY];
+                    end.extend_from_slice(&c.to_be_bytes());
+                    end
+                }
+                None => vec![codec::PREFIX_DEDUP_EXPIRY + 1],
+            };
+            for key in self
+                .tree
+                .range(vec![codec::PREFIX_DEDUP_EXPIRY]..end)
+                .keys()
+            {
+                let k = key?;
+                let (at_ms, dedup_key) = codec::split_dedup_expiry_key(&k)?;
+                chunk.batch.remove(k);
+                chunk.ops += 1;
+                if let Some(v) = self.tree.get(&dedup_key)? {
+                    let rec: DedupRecord = codec::decode(&v, "dedup")?;
+                    // A newer record for the same id has its own index entry.
+                    if rec.at_ms == at_ms {
+                        chunk.batch.remove(dedup_key);
+                        chunk.ops += 1;
+                        deleted += 1;
+                    }
+                }
+                if chunk.ops >= EXPIRE_CHUNK {
+                    self.commit_chunk(&mut chunk, &mut state)?;
+                    MutexGuard::bump(&mut state);
+                }
+            }
+        }
+
+        self.commit_chunk(&mut chunk, &mut state)?;
+        if deleted > 0 {
+            tracing::debug!(deleted, "expired history and dedup entries");
+        }
+        Ok(deleted)
+    }
+
+    /// Applies one chunk of expire's work and publishes its effects to memory.
+    fn commit_chunk(
+        &self,
+        chunk: &mut ExpireChunk,
+        state: &mut WriteState,
+    ) -> Result<(), StorageError> {
+        let ExpireChunk {
+            mut batch,
+            ops,
+            forgotten,
+            d_channels,
+            d_events,
+        } = std::mem::take(chunk);
+        if ops == 0 && forgotten.is_empty() {
+            return Ok(());
+        }
+        for (&p, &f) in &forgotten {
+            batch.insert(
+                codec::partition_key(codec::PREFIX_FORGOTTEN, p),
+                &f.to_be_bytes(),
+            );
+        }
+        self.tree.apply_batch(batch)?;
+        for (p, f) in forgotten {
+            state.forgotten[usize::from(p)] = f;
+            self.forgotten[usize::from(p)].store(f, Ordering::Release);
+        }
+        add(&self.stat_channels, d_channels);
+        add(&self.stat_events, d_events);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::namespace::NamespaceConfig;
+    use crate::testutil::TempDir;
+    use proptest::prelude::*;
+
+    const T0: u64 = 1_700_000_000_000;
+
+    fn opts(partitions: u16) -> StoreOptions {
+        StoreOptions {
+            partitions,
+            dedup_window: Duration::from_secs(60),
+            cache_capacity: 8 << 20,
+        }
+    }
+
+    fn ns(history_size: usize, ttl: Option<Duration>) -> Namespaces {
+        Namespaces::new(NamespaceConfig {
+            history_size,
+            history_ttl: ttl,
+            durable: true,
+        })
+    }
+
+    fn publish(ch: &str, payload: &str) -> Publish {
+        Publish::new(ch.to_string(), payload.to_string())
+    }
+
+    fn new_event(a: &Applied) -> &Event {
+        match a {
+            Applied::New(e) => e,
+            Applied::Duplicate(p) => panic!("unexpected duplicate of {p}"),
+        }
+    }
+
+    fn payloads(events: &[Event]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| String::from_utf8(e.payload.to_vec()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn seqs_are_contiguous_per_partition_and_survive_reopen() {
+        let dir = TempDir::new("reopen");
+        let namespaces = ns(100, None);
+        let (epoch, last) = {
+            let store = Store::open(dir.path(), opts(4)).unwrap();
+            assert_eq!(store.partitions(), 4);
+            let batch: Vec<Publish> = (0..40)
+                .map(|i| publish(&format!("ch{}", i % 7), &i.to_string()))
+                .collect();
+            let applied = store.apply(&batch, &namespaces, T0).unwrap();
+            let mut per_partition: BTreeMap<Partition, Vec<u64>> = BTreeMap::new();
+            for a in &applied {
+                let e = new_event(a);
+                assert_eq!(e.position.partition, store.partition_of(&e.channel));
+                per_partition
+                    .entry(e.position.partition)
+                    .or_default()
+                    .push(e.position.seq);
+            }
+            for (p, seqs) in &per_partition {
+                assert_eq!(seqs, &(1..=seqs.len() as u64).collect::<Vec<_>>());
+                assert_eq!(store.latest_seq(*p), seqs.len() as u64);
+            }
+            assert_eq!(store.latest_seq(99), 0);
+            store.flush_blocking().unwrap();
+            let last: Vec<u64> = (0..4).map(|p| store.latest_seq(p)).collect();
+            (store.epoch(), last)
+        };
+        let store = Store::open(dir.path(), opts(4)).unwrap();
+        assert_eq!(store.epoch(), epoch);
+        assert_eq!(
+            (0..4).map(|p| store.latest_seq(p)).collect::<Vec<_>>(),
+            last
+        );
+        let a = store
+            .apply(&[publish("ch0", "after")], &namespaces, T0 + 1)
+            .unwrap();
+        let p = store.partition_of(b"ch0");
+        assert_eq!(a[0].position(), Position::new(p, last[usize::from(p)] + 1));
+        assert_eq!(
+            store.channel_stats(),
+            ChannelStats {
+                channels: 7,
+                events: 41
+            }
+        );
+        let h = store.history_after_at(b"ch0", None, 100, T0).unwrap();
+        assert_eq!(
+            payloads(&h),
+            vec!["0", "7", "14", "21", "28", "35", "after"]
+        );
+    }
+
+    #[test]
+    fn partitions_mismatch_names_both_numbers() {
+        let dir = TempDir::new("mismatch");
+        drop(Store::open(dir.path(), opts(16)).unwrap());
+        let err = Store::open(dir.path(), opts(8)).unwrap_err();
+        assert!(matches!(
+            err,
+            StorageError::PartitionsMismatch {
+                stored: 16,
+                requested: 8,
+                ..
+            }
+        ));
+        let msg = err.to_string();
+        assert!(
+            msg.contains("16 partitions") && msg.contains("8 were requested"),
+            "{msg}"
+        );
+        let err = Store::open(dir.path(), opts(0)).unwrap_err();
+        assert!(matches!(err, StorageError::InvalidOptions(_)), "{err}");
+    }
+
+    #[test]
+    fn retention_by_count() {
+        let dir = TempDir::new("count");
+        let store = Store::open(dir.path(), opts(1)).unwrap();
+        let namespaces = ns(3, None);
+        for i in 1..=5 {
+            store
+                .apply(&[publish("c", &i.to_string())], &namespaces, T0)
+                .unwrap();
+        }
+        let h = store.history_after_at(b"c", None, 10, T0).unwrap();
+        assert_eq!(payloads(&h), vec!["3", "4", "5"]);
+        assert_eq!(
+            h.iter().map(|e| e.position.seq).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
+        assert_eq!(store.retention_floor_at(b"c", T0).unwrap(), 2);
+        assert_eq!(
+            store.oldest_at(b"c", T0).unwrap(),
+            Some(Position::new(0, 3))
+        );
+        assert_eq!(
+            payloads(&store.last_at(b"c", 2, T0).unwrap()),
+            vec!["4", "5"]
+        );
+        assert_eq!(
+            payloads(&store.last_at(b"c", 10, T0).unwrap()),
+            vec!["3", "4", "5"]
+        );
+        assert_eq!(
+            payloads(&store.history_after_at(b"c", Some(3), 10, T0).unwrap()),
+            vec!["4", "5"]
+        );
+        assert_eq!(
+            payloads(&store.history_after_at(b"c", Some(3), 1, T0).unwrap()),
+            vec!["4"]
+        );
+        assert!(
+            store
+                .history_after_at(b"c", Some(5), 10, T0)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store
+                .history_after_at(b"c", Some(u64::MAX), 10, T0)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store
+                .history_after_at(b"c", None, 0, T0)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store.channel_stats(),
+            ChannelStats {
+                channels: 1,
+                events: 3
+            }
+        );
+
+        // One batch bigger than the history: only its newest survive, seqs still advance.
+        let batch: Vec<Publish> = (6..=12).map(|i| publish("c", &i.to_string())).collect();
+        let applied = store.apply(&batch, &namespaces, T0).unwrap();
+        assert_eq!(applied.len(), 7);
+        assert_eq!(applied[6].position(), Position::new(0, 12));
+        assert_eq!(
+            payloads(&store.history_after_at(b"c", None, 10, T0).unwrap()),
+            vec!["10", "11", "12"]
+        );
+        assert_eq!(store.retention_floor_at(b"c", T0).unwrap(), 9);
+        assert_eq!(
+            store.channel_stats(),
+            ChannelStats {
+                channels: 1,
+                events: 3
+            }
+        );
+
+        // A channel of another name sharing a prefix is separate.
+        store.apply(&[publish("cc", "x")], &namespaces, T0).unwrap();
+        assert_eq!(
+            payloads(&store.history_after_at(b"c", None, 10, T0).unwrap()),
+            vec!["10", "11", "12"]
+        );
+        assert_eq!(store.retention_floor_at(b"cc", T0).unwrap(), 0);
+        assert!(
+            store
+                .history_after_at(b"nope", None, 10, T0)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(store.oldest_at(b"nope", T0).unwrap(), None);
+    }
+
+    #[test]
+    fn history_size_zero_still_sequences() {
+        let dir = TempDir::new("zero");
+        let store = Store::open(dir.path(), opts(1)).unwrap();
+        let namespaces = ns(100, None).with(
+            "live",
+            NamespaceConfig {
+                history_size: 0,
+                history_ttl: None,
+                durable: true,
+            },
+        );
+        let a = store
+            .apply(
+                &[
+                    publish("live:1", "a"),
+                    publish("kept", "b"),
+                    publish("live:1", "c"),
+                ],
+                &namespaces,
+                T0,
+            )
+            .unwrap();
+        assert_eq!(
+            a.iter()
+                .map(Applied::position)
+                .map(|p| p.seq)
+                .collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert!(
+            store
+                .history_after_at(b"live:1", None, 10, T0)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store.channel_stats(),
+            ChannelStats {
+                channels: 1,
+                events: 1
+            }
+        );
+    }
+
+    #[test]
+    fn retention_by_ttl_and_expire() {
+        let dir = TempDir::new("ttl");
+        let store = Store::open(dir.path(), opts(2)).unwrap();
+        let namespaces = ns(100, Some(Duration::from_secs(10)));
+        store
+            .apply(&[publish("a", "1"), publish("b", "1")], &namespaces, T0)
+            .unwrap();
+        store
+            .apply(&[publish("a", "2")], &namespaces, T0 + 5_000)
+            .unwrap();
+
+        assert_eq!(
+            payloads(&store.history_after_at(b"a", None, 10, T0 + 9_999).unwrap()),
+            vec!["1", "2"]
+        );
+        // At T0 + 10 s the first events are expired for readers, before expire runs.
+        let h = store.history_after_at(b"a", None, 10, T0 + 10_000).unwrap();
+        assert_eq!(payloads(&h), vec!["2"]);
+        let floor = store.retention_floor_at(b"a", T0 + 10_000).unwrap();
+        assert_eq!(
+            floor,
+            store.history_after_at(b"a", None, 1, T0).unwrap()[0]
+                .position
+                .seq
+        );
+        assert_eq!(
+            store.oldest_at(b"a", T0 + 10_000).unwrap(),
+            Some(h[0].position)
+        );
+        assert_eq!(
+            payloads(&store.last_at(b"a", 5, T0 + 10_000).unwrap()),
+            vec!["2"]
+        );
+        assert!(
+            store
+                .history_after_at(b"b", None, 10, T0 + 10_000)
+                .unwrap()
+                .is_empty()
+        );
+        // The system-clock forms see everything (T0 is long gone) as expired.
+        assert!(store.history_after(b"a", None, 10).unwrap().is_empty());
+        assert_eq!(store.oldest(b"a").unwrap(), None);
+
+        assert_eq!(
+            store.channel_stats(),
+            ChannelStats {
+                channels: 2,
+                events: 3
+            }
+        );
+        assert_eq!(store.expire(&namespaces, T0 + 9_999).unwrap(), 0);
+        assert_eq!(store.expire(&namespaces, T0 + 10_000).unwrap(), 2);
+        assert_eq!(
+            store.channel_stats(),
+            ChannelStats {
+                channels: 1,
+                events: 1
+            }
+        );
+        assert_eq!(store.expire(&namespaces, T0 + 10_000).unwrap(), 0);
+        // b's bookkeeping is gone; its loss floor lives on as its partition's forgotten floor.
+        let pb = store.partition_of(b"b");
+        assert!(store.retention_floor_at(b"b", T0 + 10_000).unwrap() >= 1);
+        let floor_b = store.retention_floor_at(b"b", T0 + 10_000).unwrap();
+        // A new event on b starts with that floor, so an old cursor still sees the gap.
+        store
+            .apply(&[publish("b", "2")], &namespaces, T0 + 11_000)
+            .unwrap();
+        assert_eq!(
+            store.retention_floor_at(b"b", T0 + 11_000).unwrap(),
+            floor_b
+        );
+        assert_eq!(store.expire(&namespaces, T0 + 20_000).unwrap(), 1);
+        assert_eq!(store.expire(&namespaces, T0 + 22_000).unwrap(), 1);
+        assert_eq!(store.channel_stats(), ChannelStats::default());
+        assert!(store.latest_seq(pb) >= 2);
+        drop(store);
+
+        // The forgotten floors and stats survive a reopen.
+        let store = Store::open(dir.path(), opts(2)).unwrap();
+        assert_eq!(store.channel_stats(), ChannelStats::default());
+        assert!(store.retention_floor_at(b"b", T0).unwrap() >= floor_b);
+    }
+
+    #[test]
+    fn expire_applies_a_lowered_history_size() {
+        let dir = TempDir::new("lowered");
+        let store = Store::open(dir.path(), opts(1)).unwrap();
+        let batch: Vec<Publish> = (1..=10).map(|i| publish("job:1", &i.to_string())).collect();
+        store.apply(&batch, &ns(10, None), T0).unwrap();
+        store
+            .apply(&[publish("other", "x")], &ns(10, None), T0)
+            .unwrap();
+        let lowered = ns(10, None).with(
+            "job",
+            NamespaceConfig {
+                history_size: 4,
+                history_ttl: None,
+                durable: true,
+            },
+        );
+        assert_eq!(store.expire(&lowered, T0).unwrap(), 6);
+        assert_eq!(
+            payloads(&store.history_after_at(b"job:1", None, 100, T0).unwrap()),
+            vec!["7", "8", "9", "10"]
+        );
+        assert_eq!(store.retention_floor_at(b"job:1", T0).unwrap(), 6);
+        let off = lowered.with(
+            "job",
+            NamespaceConfig {
+                history_size: 0,
+                history_ttl: None,
+                durable: true,
+            },
+        );
+        assert_eq!(store.expire(&off, T0).unwrap(), 4);
+        assert_eq!(
+            store.channel_stats(),
+            ChannelStats {
+                channels: 1,
+                events: 1
+            }
+        );
+    }
+
+    #[test]
+    fn dedup_within_the_window() {
+        let dir = TempDir::new("dedup");
+        let store = Store::open(dir.path(), opts(4)).unwrap();
+        let namespaces = ns(100, None);
+        let first = store
+            .apply(&[publish("c", "a").with_id("m1")], &namespaces, T0)
+            .unwrap();
+        let pos = first[0].position();
+
+        // Retry in a later batch, twice in one batch, and a different channel with the same id.
+        let again = store
+            .apply(
+                &[
+                    publish("c", "a-retry").with_id("m1"),
+                    publish("c", "b").with_id("m2"),
+                    publish("c", "b-retry").with_id("m2"),
+                    publish("d", "a").with_id("m1"),
+                    publish("c", "no-id"),
+                ],
+                &namespaces,
+                T0 + 59_999,
+            )
+            .unwrap();
+        assert_eq!(again[0], Applied::Duplicate(pos));
+        assert!(!again[1].is_duplicate());
+        assert_eq!(again[2], Applied::Duplicate(again[1].position()));
+        assert!(!again[3].is_duplicate());
+        assert!(!again[4].is_duplicate());
+        let h = store.history_after_at(b"c", None, 10, T0).unwrap();
+        assert_eq!(payloads(&h), vec!["a", "b", "no-id"]);
+        assert_eq!(h[0].message_id.as_deref(), Some(&b"m1"[..]));
+        assert_eq!(h[2].message_id, None);
+
+        // Past the window the id is new again, even before expire ran.
+        let late = store
+            .apply(
+                &[publish("c", "late").with_id("m1")],
+                &namespaces,
+                T0 + 60_000,
+            )
+            .unwrap();
+        assert!(!late[0].is_duplicate());
+        assert_ne!(late[0].position(), pos);
+        // Expire drops m1's stale index entry (not counted) but keeps the refreshed record.
+        assert_eq!(store.expire(&namespaces, T0 + 60_000).unwrap(), 0);
+        let retry = store
+            .apply(&[publish("c", "x").with_id("m1")], &namespaces, T0 + 60_001)
+            .unwrap();
+        assert_eq!(retry[0], Applied::Duplicate(late[0].position()));
+        // m2 and d/m1 (recorded at T0 + 59_999) go one window later, m1 (T0 + 60_000) after that.
+        assert_eq!(store.expire(&namespaces, T0 + 119_999).unwrap(), 2);
+        assert_eq!(store.expire(&namespaces, T0 + 120_000).unwrap(), 1);
+        assert_eq!(store.expire(&namespaces, T0 + 1_000_000).unwrap(), 0);
+        let fresh = store
+            .apply(
+                &[publish("c", "y").with_id("m1")],
+                &namespaces,
+                T0 + 120_001,
+            )
+            .unwrap();
+        assert!(!fresh[0].is_duplicate());
+    }
+
+    #[test]
+    fn expire_works_in_chunks() {
+        let dir = TempDir::new("chunks");
+        let store = Store::open(dir.path(), opts(4)).unwrap();
+        let namespaces = ns(100_000, Some(Duration::from_secs(1)));
+        let batch: Vec<Publish> = (0..12_000)
+            .map(|i| publish(&format!("ch{}", i % 700), "x").with_id(format!("{i}")))
+            .collect();
+        store.apply(&batch, &namespaces, T0).unwrap();
+        assert_eq!(
+            store.channel_stats(),
+            ChannelStats {
+                channels: 700,
+                events: 12_000
+            }
+        );
+        // Events expire after 1 s, message ids after the 60 s window.
+        assert_eq!(store.expire(&namespaces, T0 + 1_000).unwrap(), 12_000);
+        assert_eq!(store.channel_stats(), ChannelStats::default());
+        assert!(store.apply(&batch[..1], &namespaces, T0 + 2_000).unwrap()[0].is_duplicate());
+        assert_eq!(store.expire(&namespaces, T0 + 60_000).unwrap(), 12_000);
+        assert!(!store.apply(&batch[..1], &namespaces, T0 + 60_000).unwrap()[0].is_duplicate());
+        // Left: 3 store meta keys, 4 last seqs, 4 forgotten floors, and the last publish's
+        // history, channel meta, dedup record and dedup index entry.
+        assert_eq!(store.tree.len(), 3 + 4 + 4 + 4);
+    }
+
+    #[test]
+    fn dedup_survives_reopen() {
+        let dir = TempDir::new("dedup-reopen");
+        let namespaces = ns(100, None);
+        let pos = {
+            let store = Store::open(dir.path(), opts(4)).unwrap();
+            let a = store
+                .apply(&[publish("c", "a").with_id("m1")], &namespaces, T0)
+                .unwrap();
+            store.flush_blocking().unwrap();
+            a[0].position()
+        };
+        let store = Store::open(dir.path(), opts(4)).unwrap();
+        let again = store
+            .apply(&[publish("c", "a").with_id("m1")], &namespaces, T0 + 1)
+            .unwrap();
+        assert_eq!(again[0], Applied::Duplicate(pos));
+    }
+
+    #[test]
+    fn binary_channels_and_payloads() {
+        let dir = TempDir::new("binary");
+        let store = Store::open(dir.path(), opts(3)).unwrap();
+        let namespaces = ns(5, None);
+        let ch = Bytes::from_static(b"\x00\xff:\r\n");
+        let payload = Bytes::from(vec![0u8, 1, 2, 255]);
+        let p = Publish {
+            channel: ch.clone(),
+            payload: payload.clone(),
+            message_id: Some(Bytes::new()),
+        };
+        let a = store
+            .apply(std::slice::from_ref(&p), &namespaces, T0)
+            .unwrap();
+        assert_eq!(
+            store.apply(&[p], &namespaces, T0).unwrap()[0],
+            Applied::Duplicate(a[0].position())
+        );
+        let h = store.history_after_at(&ch, None, 10, T0).unwrap();
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[0].payload, payload);
+        assert_eq!(h[0].channel, ch);
+        assert_eq!(&h[0], new_event(&a[0]));
+    }
+
+    /// Channel names for the model test: namespaces a (size 2), b (size 5), default (size 3).
+    const CHANNELS: [&str; 5] = ["a:1", "a:2", "b:1", "plain", "b:x:y"];
+
+    fn model_namespaces() -> Namespaces {
+        let cfg = |n| NamespaceConfig {
+            history_size: n,
+            history_ttl: None,
+            durable: true,
+        };
+        Namespaces::new(cfg(3)).with("a", cfg(2)).with("b", cfg(5))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+        #[test]
+        fn apply_matches_a_model(
+            batches in proptest::collection::vec(
+                proptest::collection::vec((0..CHANNELS.len(), proptest::option::of(0u8..4)), 0..12),
+                1..8,
+            )
+        ) {
+            let dir = TempDir::new("model");
+            let store = Store::open(dir.path(), opts(3)).unwrap();
+            let namespaces = model_namespaces();
+            let mut last: BTreeMap<Partition, u64> = BTreeMap::new();
+            let mut ids: HashMap<(usize, u8), Position> = HashMap::new();
+            let mut history: HashMap<usize, Vec<(Position, String)>> = HashMap::new();
+            let mut n = 0u32;
+            for (b, batch) in batches.iter().enumerate() {
+                let publishes: Vec<Publish> = batch
+                    .iter()
+                    .map(|&(c, id)| {
+                        n += 1;
+                        let p = publish(CHANNELS[c], &format!("p{n}"));
+                        match id { Some(id) => p.with_id(vec![id]), None => p }
+                    })
+                    .collect();
+                let applied = store.apply(&publishes, &namespaces, T0 + b as u64).unwrap();
+                prop_assert_eq!(applied.len(), publishes.len());
+                for ((&(c, id), p), a) in batch.iter().zip(&publishes).zip(&applied) {
+                    if let Some(&orig) = id.and_then(|id| ids.get(&(c, id))) {
+                        prop_assert_eq!(a, &Applied::Duplicate(orig));
+                        continue;
+                    }
+                    let part = store.partition_of(CHANNELS[c].as_bytes());
+                    let seq = last.entry(part).or_insert(0);
+                    *seq += 1;
+                    let pos = Position::new(part, *seq);
+                    prop_assert_eq!(a.position(), pos);
+                    if let Some(id) = id { ids.insert((c, id), pos); }
+                    let h = history.entry(c).or_default();
+                    h.push((pos, String::from_utf8(p.payload.to_vec()).unwrap()));
+                    let keep = namespaces.for_channel(CHANNELS[c].as_bytes()).history_size;
+                    if h.len() > keep { h.remove(0); }
+                }
+            }
+            for (p, seq) in &last {
+                prop_assert_eq!(store.latest_seq(*p), *seq);
+            }
+            let mut total = 0;
+            for (c, name) in CHANNELS.iter().enumerate() {
+                let got = store.history_after_at(name.as_bytes(), None, 100, T0).unwrap();
+                let want = history.get(&c).cloned().unwrap_or_default();
+                prop_assert!(got.len() <= namespaces.for_channel(name.as_bytes()).history_size);
+                prop_assert!(got.windows(2).all(|w| w[0].position < w[1].position));
+                let got: Vec<(Position, String)> = got
+                    .iter()
+                    .map(|e| (e.position, String::from_utf8(e.payload.to_vec()).unwrap()))
+                    .collect();
+                prop_assert_eq!(&got, &want);
+                total += want.len() as u64;
+            }
+            prop_assert_eq!(store.channel_stats().events, total);
+        }
+    }
+}
