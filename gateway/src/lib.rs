@@ -19,6 +19,8 @@
 //! Each receiver's writer drains its queue in one write per batch. Every queue is bounded: a
 //! receiver over its output limit is disconnected instead of slowing anybody else.
 
+pub mod broker;
 pub mod http;
 pub mod hub;
 pub mod resp;
+pub mod stream;

@@ -80,6 +80,30 @@ pub struct ServeArgs {
     #[arg(long, env = "HERALD_SHUTDOWN_TIMEOUT", value_name = "SECONDS")]
     pub shutdown_timeout: Option<u64>,
 
+    /// Partitions (independent event sequences) of a new store; fixed once the store exists
+    /// [default: 16].
+    #[arg(long, env = "HERALD_PARTITIONS", value_name = "N")]
+    pub partitions: Option<u16>,
+
+    /// How long a message id is remembered, so a retried publish commits once, e.g. 10m
+    /// [default: 10m].
+    #[arg(long, env = "HERALD_DEDUP_WINDOW", value_name = "DURATION")]
+    pub dedup_window: Option<String>,
+
+    /// Origins allowed to call the HTTP API from browsers (CORS), comma-separated, or `*`
+    /// [default: none].
+    #[arg(
+        long,
+        env = "HERALD_CORS_ORIGINS",
+        value_name = "ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Option<Vec<String>>,
+
+    /// Interval of SSE keep-alive comments, e.g. 15s [default: 15s].
+    #[arg(long, env = "HERALD_SSE_KEEP_ALIVE", value_name = "DURATION")]
+    pub sse_keep_alive: Option<String>,
+
     /// Log filter, e.g. info or herald_gateway=debug [default: info].
     #[arg(long, env = "HERALD_LOG", value_name = "FILTER")]
     pub log: Option<String>,

@@ -3,9 +3,11 @@
 
 use crate::cli::ServeArgs;
 use anyhow::{Context, Result, anyhow, bail};
+use herald_gateway::http::HttpSettings;
 use herald_gateway::hub::outbox::OutputLimit;
 use herald_gateway::resp::RespSettings;
 use herald_gateway::resp::settings::parse_memory;
+use herald_storage::{Namespaces, StoreOptions, parse_duration};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,6 +29,13 @@ pub struct FileConfig {
     timeout: Option<u64>,
     shutdown_timeout: Option<u64>,
     log: Option<String>,
+    partitions: Option<u16>,
+    dedup_window: Option<String>,
+    cors_origins: Option<Vec<String>>,
+    sse_keep_alive: Option<String>,
+    /// `[namespace.NAME]` tables.
+    #[serde(default)]
+    namespace: Option<Namespaces>,
 }
 
 impl FileConfig {
@@ -65,6 +74,12 @@ pub struct NodeConfig {
     pub shutdown_timeout: Duration,
     /// Log filter.
     pub log: String,
+    /// Store settings (partitions, dedup window).
+    pub store: StoreOptions,
+    /// Namespace behaviour (history, durability).
+    pub namespaces: Namespaces,
+    /// HTTP settings.
+    pub http: HttpSettings,
 }
 
 impl NodeConfig {
@@ -103,6 +118,32 @@ impl NodeConfig {
             resp.pubsub_output_limit = output_limit(&value)?;
         }
         resp.timeout_seconds = args.timeout.or(file.timeout).unwrap_or(0);
+        let mut store = StoreOptions::default();
+        if let Some(partitions) = args.partitions.or(file.partitions) {
+            if partitions == 0 {
+                bail!("partitions must be at least 1");
+            }
+            store.partitions = partitions;
+        }
+        if let Some(window) = args.dedup_window.or(file.dedup_window) {
+            store.dedup_window = parse_duration(&window)
+                .map_err(|e| anyhow!("invalid dedup-window '{window}': {e}"))?;
+        }
+        let mut http = HttpSettings::default();
+        if let Some(origins) = args.cors_origins.or(file.cors_origins) {
+            http.cors_origins = origins
+                .into_iter()
+                .map(|o| o.trim().to_string())
+                .filter(|o| !o.is_empty())
+                .collect();
+        }
+        if let Some(interval) = args.sse_keep_alive.or(file.sse_keep_alive) {
+            http.keep_alive = parse_duration(&interval)
+                .map_err(|e| anyhow!("invalid sse-keep-alive '{interval}': {e}"))?;
+            if http.keep_alive.is_zero() {
+                bail!("sse-keep-alive must be above zero");
+            }
+        }
         Ok(NodeConfig {
             resp_addr: AddrSetting {
                 addr: args
@@ -129,6 +170,9 @@ impl NodeConfig {
                 args.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(5),
             ),
             log: args.log.or(file.log).unwrap_or_else(|| "info".to_string()),
+            store,
+            namespaces: file.namespace.unwrap_or_default(),
+            http,
         })
     }
 }

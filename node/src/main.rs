@@ -10,6 +10,7 @@
 
 mod cli;
 mod config;
+mod metrics;
 mod serve;
 
 use clap::Parser;

@@ -1,11 +1,15 @@
 //! `herald serve`: start-up, signal handling and graceful shutdown of one node.
 
 use crate::config::{AddrSetting, NodeConfig};
+use crate::metrics::Metrics;
 use anyhow::{Context, Result, anyhow};
+use herald_gateway::broker::Broker;
+use herald_gateway::http::HttpState;
 use herald_gateway::hub::Hub;
 use herald_gateway::resp::RespServer;
 use std::fs::File;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -27,19 +31,30 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     let signal = shutdown_signal()?;
     let _data_lock = lock_data_dir(&config)?;
     let shutdown = CancellationToken::new();
-    let hub = Arc::new(Hub::new(config.resp.pubsub_output_limit));
-
-    let resp = RespServer::bind(
-        config.resp_addr.addr,
-        hub.clone(),
-        config.resp.clone(),
-        shutdown.clone(),
-    )
-    .await
-    .map_err(|e| bind_error(&config.resp_addr, "Redis-protocol", e.source))?;
+    // Bind before touching the store: a port in use is a one-line error and nothing else.
+    let resp_listener = TcpListener::bind(config.resp_addr.addr)
+        .await
+        .map_err(|e| bind_error(&config.resp_addr, "Redis-protocol", e))?;
     let http = TcpListener::bind(config.http_addr.addr)
         .await
         .map_err(|e| bind_error(&config.http_addr, "HTTP", e))?;
+    let metrics = Metrics::install()?;
+    let hub = Arc::new(Hub::new(config.resp.pubsub_output_limit));
+    let store_dir = config.data_dir.join("store");
+    let broker = Broker::open(
+        hub.clone(),
+        &store_dir,
+        config.store.clone(),
+        config.namespaces.clone(),
+    )
+    .with_context(|| format!("cannot open the event store in {}", store_dir.display()))?;
+    broker.spawn_expiry(Duration::from_secs(5), shutdown.clone());
+    let resp = RespServer::with_listener(
+        resp_listener,
+        broker.clone(),
+        config.resp.clone(),
+        shutdown.clone(),
+    )?;
     tracing::info!(addr = %resp.local_addr(), "RESP (Redis protocol) listening");
     tracing::info!(addr = %http.local_addr()?, "HTTP listening");
     if config.resp.requirepass.is_none() && !config.resp_addr.addr.ip().is_loopback() {
@@ -47,28 +62,36 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             "no --requirepass set: protected mode accepts Redis clients from loopback addresses only"
         );
     }
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), data_dir = %config.data_dir.display(), "herald node ready");
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        data_dir = %config.data_dir.display(),
+        epoch = %broker.epoch(),
+        partitions = broker.store().partitions(),
+        "herald node ready"
+    );
 
+    let http_state = HttpState::new(
+        broker.clone(),
+        resp.context(),
+        config.http.clone(),
+        metrics.renderer(),
+        shutdown.clone(),
+    );
     let resp_task = tokio::spawn(resp.run(config.shutdown_timeout));
-    let http_shutdown = shutdown.clone();
-    let http_task = tokio::spawn(herald_gateway::http::serve(http, async move {
-        http_shutdown.cancelled().await
-    }));
+    let http_task = tokio::spawn(herald_gateway::http::serve(http, http_state));
 
     signal.await;
     tracing::info!("shutting down: no new clients, draining the connected ones");
     shutdown.cancel();
-    let drained = tokio::time::timeout(
-        config.shutdown_timeout + std::time::Duration::from_secs(1),
-        async {
-            let _ = resp_task.await;
-            let _ = http_task.await;
-        },
-    )
+    let drained = tokio::time::timeout(config.shutdown_timeout + Duration::from_secs(1), async {
+        let _ = resp_task.await;
+        let _ = http_task.await;
+    })
     .await;
     if drained.is_err() {
         tracing::warn!("some connections did not close in time; exiting anyway");
     }
+    broker.close().await;
     tracing::info!("herald stopped");
     Ok(())
 }

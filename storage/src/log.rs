@@ -148,6 +148,24 @@ impl LocalLog {
         self.submit(batch).await
     }
 
+    /// Queues one publish and returns at once (or when the queue has room) with a handle to
+    /// await its outcome later. Queue order is commit order, so a connection that pipelines
+    /// publishes enqueues them one after another and awaits them together: they share a flush.
+    pub async fn enqueue(&self, publish: Publish) -> Result<Pending, StorageError> {
+        let (reply, rx) = oneshot::channel();
+        let bytes = publish.size();
+        self.inner
+            .tx
+            .send(Msg::Publish(Request {
+                publishes: vec![publish],
+                bytes,
+                reply,
+            }))
+            .await
+            .map_err(|_| StorageError::Closed)?;
+        Ok(Pending(rx))
+    }
+
     async fn submit(&self, publishes: Vec<Publish>) -> Result<Vec<Applied>, StorageError> {
         let (reply, rx) = oneshot::channel();
         let bytes = publishes.iter().map(Publish::size).sum();
@@ -183,6 +201,20 @@ impl LocalLog {
             publishes: self.inner.counters.publishes.load(Ordering::Relaxed),
             queued: tx.max_capacity() - tx.capacity(),
         }
+    }
+}
+
+/// A publish queued with [`LocalLog::enqueue`], not yet known to be committed.
+#[derive(Debug)]
+pub struct Pending(oneshot::Receiver<Result<Vec<Applied>, StorageError>>);
+
+impl Pending {
+    /// Waits until the publish is applied and flushed (or its batch failed).
+    pub async fn wait(self) -> Result<Applied, StorageError> {
+        let mut applied = self.0.await.map_err(|_| StorageError::Closed)??;
+        applied
+            .pop()
+            .ok_or_else(|| StorageError::Internal("the log returned no result".into()))
     }
 }
 

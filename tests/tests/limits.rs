@@ -245,7 +245,11 @@ fn idle_clients_are_closed_after_the_timeout_but_subscribers_are_not() {
     subscriber.command(&[b"SUBSCRIBE", b"quiet"]);
     subscriber.read_until_suffix(b":1\r\n");
 
-    assert_eq!(idle.read_to_close(), b"", "the idle client is closed without a reply");
+    assert_eq!(
+        idle.read_to_close(),
+        b"",
+        "the idle client is closed without a reply"
+    );
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let mut publisher = RawConn::connect(node.resp);
     publisher.command(&[b"PUBLISH", b"quiet", b"still subscribed"]);

@@ -1,36 +1,277 @@
-//! The HTTP surface (axum). Today: liveness and readiness probes; the SSE, WebSocket, publish
-//! and stats endpoints of the seed API are built on this router.
+//! The HTTP surface (axum): the seed API's SSE streams, WebSocket endpoints, publish API and
+//! stats, plus health, readiness and Prometheus metrics.
+//!
+//! - [`sse`]: `GET /api/stream/...`, resumable with `Last-Event-ID`.
+//! - [`publish`]: `POST /api/publish`.
+//! - [`ops`]: `/api/realtime/stats`, `/health`, `/ready`, `/metrics`.
 
-use axum::Json;
+pub mod ops;
+pub mod publish;
+pub mod sse;
+
+use crate::broker::Broker;
+use crate::resp::ServerContext;
 use axum::Router;
-use axum::routing::get;
-use serde_json::json;
-use std::future::Future;
+use axum::routing::{get, post};
+use bytes::Bytes;
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+/// HTTP settings.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Interval of SSE keep-alive comments.
+    pub keep_alive: Duration,
+    /// The reconnection delay SSE clients are told (`retry:`).
+    pub retry: Duration,
+    /// Origins allowed by CORS; empty disables CORS headers, `*` allows any.
+    pub cors_origins: Vec<String>,
+    /// Interval of WebSocket `heartbeat` messages.
+    pub ws_heartbeat: Duration,
+    /// WebSocket clients silent this long are closed.
+    pub ws_timeout: Duration,
+    /// Largest WebSocket message (and frame) accepted from a client.
+    pub ws_max_message: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            keep_alive: Duration::from_secs(15),
+            retry: Duration::from_secs(3),
+            cors_origins: Vec::new(),
+            ws_heartbeat: Duration::from_secs(30),
+            ws_timeout: Duration::from_secs(60),
+            ws_max_message: 64 * 1024,
+        }
+    }
+}
+
+/// What `/api/realtime/stats` shows of one streaming client.
+#[derive(Debug)]
+pub struct StreamClient {
+    /// Its channels.
+    pub channels: Vec<Bytes>,
+    /// When it connected.
+    pub connected_at: SystemTime,
+    /// Events sent to it.
+    pub events_sent: Arc<AtomicU64>,
+    /// The user it said it is (`userId`), for WebSocket clients.
+    pub user_id: Option<String>,
+}
+
+/// Connected clients of one HTTP protocol, for stats and metrics.
+#[derive(Debug, Default)]
+pub struct StreamClients {
+    clients: Mutex<BTreeMap<u64, StreamClient>>,
+    /// Events sent to all clients of this protocol since start.
+    pub total_events: AtomicU64,
+}
+
+impl StreamClients {
+    /// Registers a client; it is removed when the returned guard drops.
+    pub fn register(self: &Arc<Self>, id: u64, client: StreamClient) -> ClientGuard {
+        self.clients.lock().insert(id, client);
+        ClientGuard {
+            clients: self.clone(),
+            id,
+        }
+    }
+
+    /// Number of connected clients.
+    pub fn len(&self) -> usize {
+        self.clients.lock().len()
+    }
+
+    /// Whether none is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Runs `f` over the clients (for the stats endpoint).
+    pub fn with_clients<T>(&self, f: impl FnOnce(&BTreeMap<u64, StreamClient>) -> T) -> T {
+        f(&self.clients.lock())
+    }
+
+    /// Updates a client's channel list.
+    pub fn set_channels(&self, id: u64, channels: Vec<Bytes>) {
+        if let Some(client) = self.clients.lock().get_mut(&id) {
+            client.channels = channels;
+        }
+    }
+
+    /// Counts `n` events sent.
+    pub fn count_events(&self, n: u64) {
+        self.total_events.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Removes a client from its registry when dropped.
+pub struct ClientGuard {
+    clients: Arc<StreamClients>,
+    id: u64,
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.clients.clients.lock().remove(&self.id);
+    }
+}
+
+/// State shared by the HTTP handlers.
+#[derive(Clone)]
+pub struct HttpState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    broker: Arc<Broker>,
+    resp: Arc<ServerContext>,
+    settings: HttpSettings,
+    render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    shutdown: CancellationToken,
+    sse: Arc<StreamClients>,
+    ws: Arc<StreamClients>,
+}
+
+impl HttpState {
+    /// State for the handlers; `render_metrics` produces the Prometheus text.
+    pub fn new(
+        broker: Arc<Broker>,
+        resp: Arc<ServerContext>,
+        settings: HttpSettings,
+        render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
+        shutdown: CancellationToken,
+    ) -> HttpState {
+        HttpState {
+            inner: Arc::new(Inner {
+                broker,
+                resp,
+                settings,
+                render_metrics,
+                shutdown,
+                sse: Arc::default(),
+                ws: Arc::default(),
+            }),
+        }
+    }
+
+    /// Where publishes go.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.inner.broker
+    }
+
+    /// The RESP server's shared state (for stats).
+    pub fn resp(&self) -> &Arc<ServerContext> {
+        &self.inner.resp
+    }
+
+    /// HTTP settings.
+    pub fn settings(&self) -> &HttpSettings {
+        &self.inner.settings
+    }
+
+    /// Cancelled when the node shuts down: streams end so clients move elsewhere.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
+    /// Connected SSE clients.
+    pub fn sse_clients(&self) -> &Arc<StreamClients> {
+        &self.inner.sse
+    }
+
+    /// Connected WebSocket clients.
+    pub fn ws_clients(&self) -> &Arc<StreamClients> {
+        &self.inner.ws
+    }
+
+    fn render_metrics(&self) -> String {
+        (self.inner.render_metrics)()
+    }
+}
 
 /// The HTTP routes.
-pub fn router() -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
+pub fn router(state: HttpState) -> Router {
+    let cors = cors_layer(&state.settings().cors_origins);
+    let router = Router::new()
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics))
+        .route("/api/realtime/stats", get(ops::stats))
+        .route("/api/publish", post(publish::publish))
+        .route("/api/stream", get(sse::stream_query))
+        .route(
+            "/api/stream/render-progress/{job_id}",
+            get(sse::render_progress),
+        )
+        .route(
+            "/api/stream/campaign-metrics/{campaign_id}",
+            get(sse::campaign_metrics),
+        )
+        .route(
+            "/api/stream/ab-test-results/{test_id}",
+            get(sse::ab_test_results),
+        )
+        .route("/api/stream/council-score", get(sse::council_score))
+        .route("/api/stream/evaluate-creative", get(sse::evaluate_creative))
+        .route("/api/stream/{channel}", get(sse::stream_channel))
+        .with_state(state);
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }
 
-/// `GET /health`: the process is up and serving.
-async fn health() -> Json<serde_json::Value> {
-    Json(json!({ "status": "healthy" }))
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+            .allow_headers([
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderName::from_static("last-event-id"),
+            ]),
+    )
 }
 
-/// `GET /ready`: the node accepts clients (a single node is ready once it listens).
-async fn ready() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ready" }))
-}
-
-/// Serves HTTP on `listener` until `shutdown` completes.
-pub async fn serve(
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router())
-        .with_graceful_shutdown(shutdown)
+/// Serves HTTP on `listener` until the node shuts down; open streams end at shutdown.
+pub async fn serve(listener: TcpListener, state: HttpState) -> std::io::Result<()> {
+    let shutdown = state.shutdown().clone();
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+/// A one-line plain-text error response.
+pub(crate) fn error_response(
+    status: axum::http::StatusCode,
+    message: impl Into<String>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut text = message.into();
+    text.push('\n');
+    (
+        status,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }

@@ -1,20 +1,25 @@
 //! The local hub: which of this node's clients listen to which channels and patterns, and the
 //! fan-out of each published message to them.
 //!
-//! The hub is protocol-neutral: a subscriber is an [`Outbox`] plus the RESP version its frames
-//! are encoded in. Each message is encoded at most once per protocol version (lazily, only for
-//! versions some receiver uses) and the encoded frame is shared by reference count among all
-//! receivers. Publishing takes a read lock; subscribing a write lock, under which the
+//! The hub is protocol-neutral: a subscriber is an [`Outbox`] plus the [`Format`] its frames
+//! are encoded in (RESP2, RESP3, SSE, WebSocket). Each message is encoded at most once per
+//! format (lazily, only for formats some receiver uses, see [`encode`]) and the encoded frame is
+//! shared by reference count among all receivers. Events of the durable history carry their
+//! position, so SSE and WebSocket streams can put their cursor on each event. Publishing takes a read lock; subscribing a write lock, under which the
 //! subscription's confirmation is queued, so no message can overtake the confirmation.
 
+pub mod encode;
 pub mod glob;
 pub mod outbox;
 
-use crate::resp::frame::{Protocol, encode_bulk, encode_header};
-use bytes::{Bytes, BytesMut};
+use crate::resp::frame::Protocol;
+use bytes::Bytes;
+use encode::Encoded;
+pub use encode::Format;
 use glob::Glob;
+use herald_storage::{Event, Position};
 use indexmap::IndexMap;
-use outbox::{Delivery, Outbox, OutputLimit};
+use outbox::{Delivery, Item, Outbox, OutputLimit};
 use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,16 +44,16 @@ pub enum Kind {
 pub struct Subscriber {
     id: ClientId,
     outbox: Arc<Outbox>,
-    protocol: AtomicU8,
+    format: AtomicU8,
 }
 
 impl Subscriber {
-    /// A subscriber writing into `outbox` with frames of `protocol`.
-    pub fn new(id: ClientId, outbox: Arc<Outbox>, protocol: Protocol) -> Self {
+    /// A subscriber writing into `outbox` with frames of `format`.
+    pub fn new(id: ClientId, outbox: Arc<Outbox>, format: Format) -> Self {
         Subscriber {
             id,
             outbox,
-            protocol: AtomicU8::new(protocol as u8),
+            format: AtomicU8::new(format as u8),
         }
     }
 
@@ -62,18 +67,24 @@ impl Subscriber {
         &self.outbox
     }
 
-    /// The protocol its frames are encoded in.
+    /// The format its frames are encoded in.
+    pub fn format(&self) -> Format {
+        Format::from_u8(self.format.load(Ordering::Relaxed))
+    }
+
+    /// The RESP protocol of a RESP client (RESP2 for others).
     pub fn protocol(&self) -> Protocol {
-        if self.protocol.load(Ordering::Relaxed) == Protocol::Resp3 as u8 {
+        if self.format() == Format::Resp3 {
             Protocol::Resp3
         } else {
             Protocol::Resp2
         }
     }
 
-    /// Switches the protocol (after `HELLO`).
+    /// Switches a RESP client's protocol (after `HELLO`).
     pub fn set_protocol(&self, protocol: Protocol) {
-        self.protocol.store(protocol as u8, Ordering::Relaxed);
+        self.format
+            .store(Format::resp(protocol) as u8, Ordering::Relaxed);
     }
 }
 
@@ -137,49 +148,6 @@ impl Default for Hub {
     }
 }
 
-/// A message's frames, encoded on first use per protocol version.
-struct Encoded<'a> {
-    parts: [&'a [u8]; 3],
-    kind: &'static [u8],
-    frames: [Option<Bytes>; 2],
-}
-
-impl<'a> Encoded<'a> {
-    fn new(kind: &'static [u8], parts: [&'a [u8]; 3]) -> Self {
-        Encoded {
-            parts,
-            kind,
-            frames: [None, None],
-        }
-    }
-
-    fn frame(&mut self, protocol: Protocol) -> Bytes {
-        let slot = &mut self.frames[(protocol == Protocol::Resp3) as usize];
-        slot.get_or_insert_with(|| {
-            let parts: Vec<&[u8]> = self
-                .parts
-                .iter()
-                .copied()
-                .filter(|p| !p.is_empty())
-                .collect();
-            let size = 32 + self.kind.len() + parts.iter().map(|p| p.len() + 16).sum::<usize>();
-            let mut out = BytesMut::with_capacity(size);
-            let aggregate = if protocol == Protocol::Resp3 {
-                b'>'
-            } else {
-                b'*'
-            };
-            encode_header(&mut out, aggregate, 1 + parts.len() as i64);
-            encode_bulk(&mut out, self.kind);
-            for part in parts {
-                encode_bulk(&mut out, part);
-            }
-            out.freeze()
-        })
-        .clone()
-    }
-}
-
 impl Hub {
     /// An empty hub whose receivers are held to `limit`.
     pub fn new(limit: OutputLimit) -> Self {
@@ -211,7 +179,8 @@ impl Hub {
         *self.limit.write() = limit;
     }
 
-    /// Adds `subscriber` to each name, queueing `replies[i]` right after adding `names[i]`.
+    /// Adds `subscriber` to each name, queueing `replies[i]` (if given) right after adding
+    /// `names[i]`.
     pub fn subscribe(
         &self,
         kind: Kind,
@@ -220,7 +189,8 @@ impl Hub {
         replies: Vec<Bytes>,
     ) {
         let mut state = self.state.write();
-        for (name, reply) in names.iter().zip(replies) {
+        let mut replies = replies.into_iter();
+        for name in names {
             let receivers = match kind {
                 Kind::Channel => state.channels.entry(name.clone()).or_default(),
                 Kind::Shard => state.shards.entry(name.clone()).or_default(),
@@ -236,7 +206,9 @@ impl Hub {
                 }
             };
             receivers.insert(subscriber.id, subscriber.clone());
-            subscriber.outbox.push_reply(reply);
+            if let Some(reply) = replies.next() {
+                subscriber.outbox.push_reply(reply);
+            }
         }
     }
 
@@ -296,17 +268,43 @@ impl Hub {
     /// [`Hub::publish`], leaving the receivers' wake-ups in `wakes` for the caller to do at the
     /// end of its batch.
     pub fn publish_batched(&self, channel: &[u8], payload: &[u8], wakes: &mut Wakes) -> usize {
+        self.fan_out(channel, payload, None, wakes)
+    }
+
+    /// Delivers events committed to the durable history, in order, with their positions.
+    /// Returns the receivers of each.
+    pub fn deliver_events(&self, events: &[Event], wakes: &mut Wakes) -> Vec<usize> {
+        events
+            .iter()
+            .map(|event| {
+                self.fan_out(
+                    &event.channel,
+                    &event.payload,
+                    Some((event.position, &event.channel)),
+                    wakes,
+                )
+            })
+            .collect()
+    }
+
+    fn fan_out(
+        &self,
+        channel: &[u8],
+        payload: &[u8],
+        position: Option<(Position, &Bytes)>,
+        wakes: &mut Wakes,
+    ) -> usize {
         let limit = self.output_limit();
         let state = self.state.read();
         let mut receivers = 0;
         if let Some(subscribers) = state.channels.get(channel) {
-            let mut message = Encoded::new(b"message", [channel, payload, b""]);
-            receivers += self.deliver(subscribers, &mut message, &limit, wakes);
+            let mut message = Encoded::new(b"message", None, channel, payload);
+            receivers += self.deliver(subscribers, &mut message, position, &limit, wakes);
         }
         for (pattern, entry) in &state.patterns {
             if entry.glob.matches(channel) {
-                let mut message = Encoded::new(b"pmessage", [pattern, channel, payload]);
-                receivers += self.deliver(&entry.receivers, &mut message, &limit, wakes);
+                let mut message = Encoded::new(b"pmessage", Some(pattern), channel, payload);
+                receivers += self.deliver(&entry.receivers, &mut message, position, &limit, wakes);
             }
         }
         self.stats.published.fetch_add(1, Ordering::Relaxed);
@@ -316,14 +314,27 @@ impl Hub {
         receivers
     }
 
+    /// Number of receivers a message on `channel` would reach now (channel and pattern
+    /// subscriptions), as `PUBLISH` counts them.
+    pub fn receiver_count(&self, channel: &[u8]) -> usize {
+        let state = self.state.read();
+        state.channels.get(channel).map_or(0, IndexMap::len)
+            + state
+                .patterns
+                .values()
+                .filter(|entry| entry.glob.matches(channel))
+                .map(|entry| entry.receivers.len())
+                .sum::<usize>()
+    }
+
     /// `SPUBLISH`: queues the message to every subscriber of shard channel `channel`.
     pub fn spublish(&self, channel: &[u8], payload: &[u8], wakes: &mut Wakes) -> usize {
         let limit = self.output_limit();
         let state = self.state.read();
         let receivers = match state.shards.get(channel) {
             Some(subscribers) => {
-                let mut message = Encoded::new(b"smessage", [channel, payload, b""]);
-                self.deliver(subscribers, &mut message, &limit, wakes)
+                let mut message = Encoded::new(b"smessage", None, channel, payload);
+                self.deliver(subscribers, &mut message, None, &limit, wakes)
             }
             None => 0,
         };
@@ -338,12 +349,16 @@ impl Hub {
         &self,
         subscribers: &Receivers,
         message: &mut Encoded<'_>,
+        position: Option<(Position, &Bytes)>,
         limit: &OutputLimit,
         wakes: &mut Wakes,
     ) -> usize {
         for subscriber in subscribers.values() {
-            let frame = message.frame(subscriber.protocol());
-            let (delivery, wake) = subscriber.outbox.enqueue_message(frame, limit);
+            let frame = message.frame(subscriber.format());
+            let position = position.map(|(p, channel)| (p, channel.clone()));
+            let (delivery, wake) = subscriber
+                .outbox
+                .enqueue_message(Item { position, frame }, limit);
             if wake {
                 wakes.0.push(subscriber.outbox.clone());
             }
@@ -421,11 +436,15 @@ mod tests {
     use outbox::Batch;
 
     fn subscriber(id: ClientId, protocol: Protocol) -> Arc<Subscriber> {
-        Arc::new(Subscriber::new(id, Arc::new(Outbox::new()), protocol))
+        Arc::new(Subscriber::new(
+            id,
+            Arc::new(Outbox::new()),
+            Format::resp(protocol),
+        ))
     }
 
     async fn drain(subscriber: &Subscriber) -> String {
-        let mut out = BytesMut::new();
+        let mut out = bytes::BytesMut::new();
         if subscriber.outbox.queued_frames() > 0 {
             assert_eq!(
                 subscriber.outbox.next_batch(&mut out, usize::MAX).await,

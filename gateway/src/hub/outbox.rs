@@ -6,6 +6,7 @@
 //! connection's writer drains the queue in batches, so a burst costs one write, not one per frame.
 
 use bytes::{Bytes, BytesMut};
+use herald_storage::Position;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -48,7 +49,7 @@ pub enum CloseReason {
 
 #[derive(Debug, Default)]
 struct State {
-    frames: VecDeque<Bytes>,
+    frames: VecDeque<Item>,
     bytes: usize,
     soft_exceeded_since: Option<Instant>,
     closed: Option<CloseReason>,
@@ -67,6 +68,26 @@ pub struct Outbox {
     /// Cancelled when queued output is to be dropped: aborts a write in progress, so a client
     /// that stopped reading cannot hold its connection open.
     aborted: CancellationToken,
+}
+
+/// One queued frame. `position` is set for events of the durable history: the SSE and WebSocket
+/// writers use it to advance the stream's cursor and to skip events already replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    /// Where the event sits in the history and its channel, if it has a place there.
+    pub position: Option<(Position, Bytes)>,
+    /// The encoded frame (for SSE and WebSocket, everything but the per-stream id).
+    pub frame: Bytes,
+}
+
+impl Item {
+    /// A frame with no history position (replies, non-durable messages).
+    pub fn plain(frame: Bytes) -> Item {
+        Item {
+            position: None,
+            frame,
+        }
+    }
 }
 
 /// What happened to a message offered with [`Outbox::push_message`].
@@ -105,7 +126,7 @@ impl Outbox {
         }
         let was_empty = state.frames.is_empty();
         state.bytes += frame.len();
-        state.frames.push_back(frame);
+        state.frames.push_back(Item::plain(frame));
         drop(state);
         if was_empty {
             self.ready.notify_one();
@@ -114,8 +135,8 @@ impl Outbox {
 
     /// Queues a pub/sub message under `limit`. When the message would take the client over
     /// the limit, the client is closed instead and the message is not delivered to it.
-    pub fn push_message(&self, frame: Bytes, limit: &OutputLimit) -> Delivery {
-        let (delivery, wake) = self.enqueue_message(frame, limit);
+    pub fn push_message(&self, item: Item, limit: &OutputLimit) -> Delivery {
+        let (delivery, wake) = self.enqueue_message(item, limit);
         if wake {
             self.wake();
         }
@@ -126,12 +147,12 @@ impl Outbox {
     /// the queue was empty and [`Outbox::wake`] must be called. A publisher handling a batch of
     /// commands wakes each receiver once at the end of the batch, so the receiver writes the
     /// whole batch in one go instead of racing the publisher message by message.
-    pub fn enqueue_message(&self, frame: Bytes, limit: &OutputLimit) -> (Delivery, bool) {
+    pub fn enqueue_message(&self, item: Item, limit: &OutputLimit) -> (Delivery, bool) {
         let mut state = self.state.lock();
         if state.closed.is_some() {
             return (Delivery::Closed, false);
         }
-        let queued = state.bytes + frame.len();
+        let queued = state.bytes + item.frame.len();
         let over_hard = limit.hard_bytes > 0 && queued > limit.hard_bytes;
         let over_soft = limit.soft_bytes > 0 && queued > limit.soft_bytes;
         // As in Redis: the first time over the soft limit starts the clock; the client is
@@ -154,7 +175,7 @@ impl Outbox {
         }
         let was_empty = state.frames.is_empty();
         state.bytes = queued;
-        state.frames.push_back(frame);
+        state.frames.push_back(item);
         (Delivery::Queued, was_empty)
     }
 
@@ -209,16 +230,27 @@ impl Outbox {
         self.state.lock().frames.len()
     }
 
-    /// Waits for frames and appends up to about `max_bytes` of them to `out`.
+    /// Waits for frames and appends up to about `max_bytes` of them to `out` (the RESP writer).
     pub async fn next_batch(&self, out: &mut BytesMut, max_bytes: usize) -> Batch {
+        self.next_with(max_bytes, |item| out.extend_from_slice(&item.frame))
+            .await
+    }
+
+    /// Waits for frames and moves up to about `max_bytes` of them to `out` (the SSE and
+    /// WebSocket writers, which format each event with the stream's cursor).
+    pub async fn next_items(&self, out: &mut Vec<Item>, max_bytes: usize) -> Batch {
+        self.next_with(max_bytes, |item| out.push(item)).await
+    }
+
+    async fn next_with(&self, max_bytes: usize, mut take: impl FnMut(Item)) -> Batch {
         loop {
             {
                 let mut state = self.state.lock();
                 if !state.frames.is_empty() {
                     let mut taken = 0;
-                    while let Some(frame) = state.frames.pop_front() {
-                        taken += frame.len();
-                        out.extend_from_slice(&frame);
+                    while let Some(item) = state.frames.pop_front() {
+                        taken += item.frame.len();
+                        take(item);
                         if taken >= max_bytes {
                             break;
                         }
@@ -270,7 +302,7 @@ mod tests {
         let outbox = Outbox::new();
         outbox.push_reply(frame(3));
         assert_eq!(
-            outbox.push_message(frame(4), &OutputLimit::PUBSUB_DEFAULT),
+            outbox.push_message(Item::plain(frame(4)), &OutputLimit::PUBSUB_DEFAULT),
             Delivery::Queued
         );
         let mut out = BytesMut::new();
@@ -287,13 +319,19 @@ mod tests {
             soft_bytes: 0,
             soft_seconds: 0,
         };
-        assert_eq!(outbox.push_message(frame(6), &limit), Delivery::Queued);
         assert_eq!(
-            outbox.push_message(frame(6), &limit),
+            outbox.push_message(Item::plain(frame(6)), &limit),
+            Delivery::Queued
+        );
+        assert_eq!(
+            outbox.push_message(Item::plain(frame(6)), &limit),
             Delivery::LimitReached
         );
         assert_eq!(outbox.closed(), Some(CloseReason::OutputLimit));
-        assert_eq!(outbox.push_message(frame(1), &limit), Delivery::Closed);
+        assert_eq!(
+            outbox.push_message(Item::plain(frame(1)), &limit),
+            Delivery::Closed
+        );
         let mut out = BytesMut::new();
         assert_eq!(
             outbox.next_batch(&mut out, 1 << 20).await,
@@ -314,13 +352,13 @@ mod tests {
             soft_seconds: 0,
         };
         assert_eq!(
-            outbox.push_message(frame(6), &limit),
+            outbox.push_message(Item::plain(frame(6)), &limit),
             Delivery::Queued,
             "first time over soft starts the clock"
         );
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(
-            outbox.push_message(frame(1), &limit),
+            outbox.push_message(Item::plain(frame(1)), &limit),
             Delivery::LimitReached,
             "still over after soft_seconds"
         );
@@ -330,8 +368,14 @@ mod tests {
             soft_bytes: 5,
             soft_seconds: 3600,
         };
-        assert_eq!(patient.push_message(frame(6), &limit), Delivery::Queued);
-        assert_eq!(patient.push_message(frame(6), &limit), Delivery::Queued);
+        assert_eq!(
+            patient.push_message(Item::plain(frame(6)), &limit),
+            Delivery::Queued
+        );
+        assert_eq!(
+            patient.push_message(Item::plain(frame(6)), &limit),
+            Delivery::Queued
+        );
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@
 //! messages arrive in the same queue from the hub, so the writer sends replies and messages in
 //! the order they were queued, batched into as few writes as possible.
 
+use crate::broker::Ticket;
 use crate::hub::outbox::{Batch, CloseReason, Outbox};
 use crate::hub::{Kind, Subscriber, Wakes};
 use crate::resp::clients::ClientInfo;
@@ -27,6 +28,12 @@ const IDLE_BUFFER_BYTES: usize = 16 * 1024;
 /// How much room to make before each read.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
+/// A reply in waiting: encoded, or a publish still being committed.
+enum Slot {
+    Ready(BytesMut),
+    Publish(Ticket),
+}
+
 /// The per-connection state commands work on.
 pub(crate) struct Session {
     /// Server-wide state.
@@ -39,8 +46,9 @@ pub(crate) struct Session {
     pub authenticated: bool,
     /// Subscriptions by kind: channels, patterns, shard channels.
     pub subscriptions: [IndexSet<Bytes>; 3],
-    /// Replies encoded but not yet queued.
-    replies: BytesMut,
+    /// Replies not yet queued, in command order; durable publishes wait in their slot for
+    /// their commit while later commands run.
+    slots: Vec<Slot>,
     /// Receivers of this batch's publishes, woken when the batch's replies are queued.
     pub wakes: Wakes,
     /// Set by `QUIT` and protocol errors: stop after queued output is written.
@@ -56,7 +64,7 @@ impl Session {
             protocol: Protocol::Resp2,
             authenticated,
             subscriptions: Default::default(),
-            replies: BytesMut::new(),
+            slots: Vec::new(),
             wakes: Wakes::default(),
             closing: false,
         }
@@ -74,16 +82,40 @@ impl Session {
 
     /// Encodes a reply; it is queued with the rest of the batch.
     pub fn reply(&mut self, frame: Frame) {
-        frame.encode(self.protocol, &mut self.replies);
+        if !matches!(self.slots.last(), Some(Slot::Ready(_))) {
+            self.slots.push(Slot::Ready(BytesMut::new()));
+        }
+        let Some(Slot::Ready(buffer)) = self.slots.last_mut() else {
+            unreachable!()
+        };
+        frame.encode(self.protocol, buffer);
+    }
+
+    /// Reserves the reply slot of a publish whose outcome is not known yet.
+    pub fn reply_later(&mut self, ticket: Ticket) {
+        self.slots.push(Slot::Publish(ticket));
     }
 
     /// Queues the replies encoded so far. Must run before anything else is queued directly
     /// (hub subscription confirmations), to keep replies in command order.
-    pub fn flush_replies(&mut self) {
+    pub async fn flush_replies(&mut self) {
         self.wakes.wake_all();
-        if !self.replies.is_empty() {
-            let batch = self.replies.split().freeze();
-            self.outbox().push_reply(batch);
+        let mut out = BytesMut::new();
+        for slot in std::mem::take(&mut self.slots) {
+            match slot {
+                Slot::Ready(buffer) if out.is_empty() => out = buffer,
+                Slot::Ready(buffer) => out.extend_from_slice(&buffer),
+                Slot::Publish(ticket) => {
+                    let frame = match self.ctx.broker.wait(ticket).await {
+                        Ok(published) => Frame::Integer(published.receivers as i64),
+                        Err(error) => Frame::error(format!("ERR publish failed: {error}")),
+                    };
+                    frame.encode(self.protocol, &mut out);
+                }
+            }
+        }
+        if !out.is_empty() {
+            self.outbox().push_reply(out.freeze());
         }
     }
 
@@ -151,9 +183,9 @@ pub(crate) async fn serve(ctx: Arc<ServerContext>, stream: TcpStream, client: Ar
         loop {
             match parser.next_request(&mut buffer, &limits, session.authenticated) {
                 Ok(Some(args)) => {
-                    cmd::execute(&mut session, args);
+                    cmd::execute(&mut session, args).await;
                     if session.closing {
-                        session.flush_replies();
+                        session.flush_replies().await;
                         outbox.close(CloseReason::AfterFlush);
                         break 'connection;
                     }
@@ -162,13 +194,13 @@ pub(crate) async fn serve(ctx: Arc<ServerContext>, stream: TcpStream, client: Ar
                 Err(error) => {
                     tracing::debug!(id = session.client.id, %error, "closing client after a protocol error");
                     session.reply(Frame::error(format!("ERR {error}")));
-                    session.flush_replies();
+                    session.flush_replies().await;
                     outbox.close(CloseReason::AfterFlush);
                     break 'connection;
                 }
             }
         }
-        session.flush_replies();
+        session.flush_replies().await;
         if buffer.len() > query_limit {
             tracing::warn!(
                 id = session.client.id,

@@ -1,11 +1,11 @@
 //! The RESP listener: accepts clients, enforces `maxclients` and protected mode, runs one
 //! connection task per client, and drains them all on shutdown.
 
+use crate::broker::Broker;
 use crate::hub::outbox::{CloseReason, Outbox};
-use crate::hub::{Hub, Subscriber};
+use crate::hub::{Format, Hub, Subscriber};
 use crate::resp::clients::{ClientInfo, ClientRegistry};
 use crate::resp::connection;
-use crate::resp::frame::Protocol;
 use crate::resp::settings::RespSettings;
 use parking_lot::RwLock;
 use std::io;
@@ -31,6 +31,8 @@ pub struct ServerStats {
 
 /// State shared by every RESP connection of the node.
 pub struct ServerContext {
+    /// Where publishes go.
+    pub broker: Arc<Broker>,
     /// The node's pub/sub hub.
     pub hub: Arc<Hub>,
     /// Settings `CONFIG SET` can change.
@@ -73,18 +75,30 @@ impl RespServer {
     /// Binds the listener. Nothing is accepted until [`RespServer::run`].
     pub async fn bind(
         addr: SocketAddr,
-        hub: Arc<Hub>,
+        broker: Arc<Broker>,
         settings: RespSettings,
         shutdown: CancellationToken,
     ) -> Result<RespServer, BindError> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| BindError { addr, source })?;
-        let listen_addr = listener
-            .local_addr()
-            .map_err(|source| BindError { addr, source })?;
+        RespServer::with_listener(listener, broker, settings, shutdown)
+            .map_err(|source| BindError { addr, source })
+    }
+
+    /// A server on an already bound listener (the node binds every port before it opens the
+    /// store, so a port in use fails fast and touches nothing).
+    pub fn with_listener(
+        listener: TcpListener,
+        broker: Arc<Broker>,
+        settings: RespSettings,
+        shutdown: CancellationToken,
+    ) -> io::Result<RespServer> {
+        let listen_addr = listener.local_addr()?;
+        let hub = broker.hub().clone();
         hub.set_output_limit(settings.pubsub_output_limit);
         let context = Arc::new(ServerContext {
+            broker,
             hub,
             settings: RwLock::new(settings),
             clients: ClientRegistry::default(),
@@ -168,11 +182,7 @@ async fn admit(context: Arc<ServerContext>, mut stream: TcpStream, addr: SocketA
     }
     let laddr = stream.local_addr().unwrap_or(context.listen_addr);
     let id = context.hub.next_client_id();
-    let subscriber = Arc::new(Subscriber::new(
-        id,
-        Arc::new(Outbox::new()),
-        Protocol::Resp2,
-    ));
+    let subscriber = Arc::new(Subscriber::new(id, Arc::new(Outbox::new()), Format::Resp2));
     let client = Arc::new(ClientInfo::new(id, addr, laddr, subscriber));
     if !context.clients.try_add(client.clone(), maxclients) {
         context

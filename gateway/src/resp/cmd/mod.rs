@@ -23,7 +23,7 @@ use table::{ALLOWED_WHILE_SUBSCRIBED, CommandSpec};
 pub(crate) type Args = Vec<Bytes>;
 
 /// Runs one request and queues its reply (or replies) on the session.
-pub(crate) fn execute(session: &mut Session, args: Args) {
+pub(crate) async fn execute(session: &mut Session, args: Args) {
     session
         .ctx
         .stats
@@ -83,21 +83,21 @@ pub(crate) fn execute(session: &mut Session, args: Args) {
         "hello" => connection::hello(session, &args),
         "info" => server::info(session, &args),
         "ping" => connection::ping(session, &args),
-        "psubscribe" => pubsub::subscribe(session, crate::hub::Kind::Pattern, &args),
-        "publish" => pubsub::publish(session, &args),
+        "psubscribe" => pubsub::subscribe(session, crate::hub::Kind::Pattern, &args).await,
+        "publish" => pubsub::publish(session, &args).await,
         "pubsub" => pubsub::introspect(session, subcommand, &args),
-        "punsubscribe" => pubsub::unsubscribe(session, crate::hub::Kind::Pattern, &args),
+        "punsubscribe" => pubsub::unsubscribe(session, crate::hub::Kind::Pattern, &args).await,
         "quit" => {
             session.reply(Frame::OK);
             session.closing = true;
         }
-        "reset" => connection::reset(session),
+        "reset" => connection::reset(session).await,
         "select" => connection::select(session, &args),
         "spublish" => pubsub::spublish(session, &args),
-        "ssubscribe" => pubsub::subscribe(session, crate::hub::Kind::Shard, &args),
-        "subscribe" => pubsub::subscribe(session, crate::hub::Kind::Channel, &args),
-        "sunsubscribe" => pubsub::unsubscribe(session, crate::hub::Kind::Shard, &args),
-        "unsubscribe" => pubsub::unsubscribe(session, crate::hub::Kind::Channel, &args),
+        "ssubscribe" => pubsub::subscribe(session, crate::hub::Kind::Shard, &args).await,
+        "subscribe" => pubsub::subscribe(session, crate::hub::Kind::Channel, &args).await,
+        "sunsubscribe" => pubsub::unsubscribe(session, crate::hub::Kind::Shard, &args).await,
+        "unsubscribe" => pubsub::unsubscribe(session, crate::hub::Kind::Channel, &args).await,
         other => unreachable!("command {other} is in the table but has no handler"),
     }
 }

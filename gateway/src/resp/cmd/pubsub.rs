@@ -1,6 +1,7 @@
 //! The pub/sub commands: (P|S)SUBSCRIBE, (P|S)UNSUBSCRIBE, PUBLISH, SPUBLISH and PUBSUB.
 
 use super::{Args, help};
+use crate::broker::Ticket;
 use crate::hub::Kind;
 use crate::hub::glob::{Glob, MAX_PATTERN_LEN};
 use crate::resp::connection::Session;
@@ -29,7 +30,7 @@ fn confirmation(session: &Session, word: &'static str, name: Frame, kind: Kind) 
 }
 
 /// `SUBSCRIBE` / `PSUBSCRIBE` / `SSUBSCRIBE name [name ...]`: one confirmation per name.
-pub(super) fn subscribe(session: &mut Session, kind: Kind, args: &Args) {
+pub(super) async fn subscribe(session: &mut Session, kind: Kind, args: &Args) {
     let names = &args[1..];
     if kind == Kind::Pattern && names.iter().any(|p| p.len() > MAX_PATTERN_LEN) {
         session.reply(Frame::error(format!(
@@ -43,7 +44,7 @@ pub(super) fn subscribe(session: &mut Session, kind: Kind, args: &Args) {
         session.subscriptions[slot(kind)].insert(name.clone());
         replies.push(confirmation(session, word, Frame::Bulk(name.clone()), kind));
     }
-    session.flush_replies();
+    session.flush_replies().await;
     session
         .ctx
         .hub
@@ -53,7 +54,7 @@ pub(super) fn subscribe(session: &mut Session, kind: Kind, args: &Args) {
 
 /// `UNSUBSCRIBE` / `PUNSUBSCRIBE` / `SUNSUBSCRIBE [name ...]`: without names, from everything
 /// of that kind; from nothing, one confirmation with a null name.
-pub(super) fn unsubscribe(session: &mut Session, kind: Kind, args: &Args) {
+pub(super) async fn unsubscribe(session: &mut Session, kind: Kind, args: &Args) {
     let (_, word) = words(kind);
     let names: Vec<Bytes> = if args.len() > 1 {
         args[1..].to_vec()
@@ -68,7 +69,7 @@ pub(super) fn unsubscribe(session: &mut Session, kind: Kind, args: &Args) {
     if names.is_empty() {
         replies.push(confirmation(session, word, Frame::Null, kind));
     }
-    session.flush_replies();
+    session.flush_replies().await;
     session
         .ctx
         .hub
@@ -76,13 +77,18 @@ pub(super) fn unsubscribe(session: &mut Session, kind: Kind, args: &Args) {
     session.record_subscription_counts();
 }
 
-/// `PUBLISH channel message`: the number of receivers.
-pub(super) fn publish(session: &mut Session, args: &Args) {
-    let receivers = session
-        .ctx
-        .hub
-        .publish_batched(&args[1], &args[2], &mut session.wakes);
-    session.reply(Frame::Integer(receivers as i64));
+/// `PUBLISH channel message`: the number of receivers. To a durable namespace the reply comes
+/// once the message is committed; pipelined publishes share one commit.
+pub(super) async fn publish(session: &mut Session, args: &Args) {
+    let broker = session.ctx.broker.clone();
+    let ticket = broker
+        .enqueue(args[1].clone(), args[2].clone(), None, &mut session.wakes)
+        .await;
+    match ticket {
+        Ok(Ticket::Done(published)) => session.reply(Frame::Integer(published.receivers as i64)),
+        Ok(ticket) => session.reply_later(ticket),
+        Err(error) => session.reply(Frame::error(format!("ERR publish failed: {error}"))),
+    }
 }
 
 /// `SPUBLISH shardchannel message`: the number of receivers.

@@ -1,0 +1,269 @@
+//! The broker: where a publish goes, whichever protocol it came in by.
+//!
+//! A channel of a durable namespace goes through the log: the publish is batched with others
+//! into one apply + flush (group commit), and only then is it handed to the hub and
+//! acknowledged. A channel of a non-durable namespace goes straight to the hub, like Redis
+//! pub/sub: no history, no position, no guarantee.
+//!
+//! The broker also keeps each partition's *committed* watermark: the highest sequence number
+//! that is flushed and handed to the hub. A stream resuming from a cursor replays history up
+//! to the watermark it read after subscribing, and takes everything above it live, so the
+//! hand-over has neither a gap nor a duplicate (see `stream`).
+
+use crate::hub::{Hub, Wakes};
+use bytes::Bytes;
+use herald_storage::{
+    Applied, Epoch, Event, LocalLog, Namespaces, Partition, Pending, Position, Publish,
+    StorageError, Store, StoreOptions,
+};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The outcome of an acknowledged publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// The event's place in the history; `None` for non-durable namespaces.
+    pub position: Option<Position>,
+    /// True when the message id was already committed: nothing new was written and `position`
+    /// is the original event's.
+    pub duplicate: bool,
+    /// Local receivers of the message (for durable events, counted at acknowledgement).
+    pub receivers: usize,
+}
+
+/// A publish that was accepted and may still be waiting for its commit.
+#[derive(Debug)]
+pub enum Ticket {
+    /// Already delivered (non-durable namespace).
+    Done(Published),
+    /// Queued in the log; [`Ticket::wait`] resolves once it is flushed.
+    Queued { pending: Pending, channel: Bytes },
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct BrokerStats {
+    /// Durable publishes acknowledged.
+    pub durable_published: AtomicU64,
+    /// Non-durable publishes delivered.
+    pub transient_published: AtomicU64,
+    /// Publishes answered from the dedup table.
+    pub duplicates: AtomicU64,
+    /// Publishes that failed in storage.
+    pub failed: AtomicU64,
+}
+
+/// Routes publishes to the log or the hub and serves history.
+pub struct Broker {
+    hub: Arc<Hub>,
+    store: Arc<Store>,
+    log: LocalLog,
+    namespaces: Arc<Namespaces>,
+    committed: Arc<Vec<AtomicU64>>,
+    stats: Arc<BrokerStats>,
+}
+
+impl Broker {
+    /// Opens the store in `dir` and starts the log. Must run inside a Tokio runtime.
+    pub fn open(
+        hub: Arc<Hub>,
+        dir: &Path,
+        options: StoreOptions,
+        namespaces: Namespaces,
+    ) -> Result<Arc<Broker>, StorageError> {
+        let store = Arc::new(Store::open(dir, options)?);
+        let committed: Arc<Vec<AtomicU64>> = Arc::new(
+            (0..store.partitions())
+                .map(|p| AtomicU64::new(store.latest_seq(p)))
+                .collect(),
+        );
+        let namespaces = Arc::new(namespaces);
+        let on_commit = {
+            let hub = hub.clone();
+            let committed = committed.clone();
+            Arc::new(move |events: &[Event]| {
+                // Raise the watermark first: a stream that reads it after subscribing either
+                // finds an event below it in history or receives it live, never neither.
+                for event in events {
+                    committed[event.position.partition as usize]
+                        .fetch_max(event.position.seq, Ordering::SeqCst);
+                }
+                hub.deliver_events(events, &mut Wakes::default());
+            })
+        };
+        let log = LocalLog::start(store.clone(), namespaces.clone(), on_commit);
+        Ok(Arc::new(Broker {
+            hub,
+            store,
+            log,
+            namespaces,
+            committed,
+            stats: Arc::default(),
+        }))
+    }
+
+    /// The local hub.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// The history store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The namespace configuration.
+    pub fn namespaces(&self) -> &Namespaces {
+        &self.namespaces
+    }
+
+    /// The epoch cursors must carry.
+    pub fn epoch(&self) -> Epoch {
+        self.store.epoch()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &BrokerStats {
+        &self.stats
+    }
+
+    /// Whether publishes to `channel` are durable (and kept in history).
+    pub fn is_durable(&self, channel: &[u8]) -> bool {
+        self.namespaces.for_channel(channel).durable
+    }
+
+    /// The partition of `channel`.
+    pub fn partition_of(&self, channel: &[u8]) -> Partition {
+        self.store.partition_of(channel)
+    }
+
+    /// The highest sequence number of `partition` that is flushed and delivered to the hub.
+    pub fn committed_seq(&self, partition: Partition) -> u64 {
+        self.committed[partition as usize].load(Ordering::SeqCst)
+    }
+
+    /// Accepts a publish: a durable one is queued in the log (waiting only if the log's queue
+    /// is full), a non-durable one is delivered at once, its receivers woken via `wakes`.
+    pub async fn enqueue(
+        &self,
+        channel: Bytes,
+        payload: Bytes,
+        message_id: Option<Bytes>,
+        wakes: &mut Wakes,
+    ) -> Result<Ticket, StorageError> {
+        if !self.is_durable(&channel) {
+            let receivers = self.hub.publish_batched(&channel, &payload, wakes);
+            self.stats
+                .transient_published
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(Ticket::Done(Published {
+                position: None,
+                duplicate: false,
+                receivers,
+            }));
+        }
+        let publish = Publish {
+            channel: channel.clone(),
+            payload,
+            message_id,
+        };
+        let pending = self.log.enqueue(publish).await?;
+        Ok(Ticket::Queued { pending, channel })
+    }
+
+    /// Publishes and waits for the acknowledgement.
+    pub async fn publish(
+        &self,
+        channel: Bytes,
+        payload: Bytes,
+        message_id: Option<Bytes>,
+    ) -> Result<Published, StorageError> {
+        let ticket = self
+            .enqueue(channel, payload, message_id, &mut Wakes::default())
+            .await?;
+        self.wait(ticket).await
+    }
+
+    /// Waits for a ticket's acknowledgement.
+    pub async fn wait(&self, ticket: Ticket) -> Result<Published, StorageError> {
+        match ticket {
+            Ticket::Done(published) => Ok(published),
+            Ticket::Queued { pending, channel } => {
+                let started = Instant::now();
+                let applied = pending.wait().await;
+                let applied = match applied {
+                    Ok(applied) => applied,
+                    Err(error) => {
+                        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                        return Err(error);
+                    }
+                };
+                metrics::histogram!("herald_publish_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                let receivers = self.hub.receiver_count(&channel);
+                Ok(match applied {
+                    Applied::New(event) => {
+                        self.stats.durable_published.fetch_add(1, Ordering::Relaxed);
+                        Published {
+                            position: Some(event.position),
+                            duplicate: false,
+                            receivers,
+                        }
+                    }
+                    Applied::Duplicate(position) => {
+                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        Published {
+                            position: Some(position),
+                            duplicate: true,
+                            receivers,
+                        }
+                    }
+                })
+            }
+        }
+    }
+
+    /// Commits what is queued and stops accepting durable publishes (shutdown).
+    pub async fn close(&self) {
+        self.log.close().await;
+        if let Err(error) = self.store.flush().await {
+            tracing::error!(%error, "final flush of the store failed");
+        }
+    }
+
+    /// Deletes expired history and dedup records every `every`, until `shutdown`.
+    pub fn spawn_expiry(
+        self: &Arc<Self>,
+        every: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let broker = self.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                let worker = broker.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    worker
+                        .store
+                        .expire(&worker.namespaces, herald_storage::unix_now_ms())
+                })
+                .await;
+                match result {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(removed)) => {
+                        tracing::debug!(removed, "expired history and dedup records")
+                    }
+                    Ok(Err(error)) => tracing::warn!(%error, "expiring history failed"),
+                    Err(error) => tracing::warn!(%error, "the expiry task failed"),
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,109 @@
+//! Operations endpoints: `/api/realtime/stats` (the seed's JSON shape, with herald's additions),
+//! `/health`, `/ready` and `/metrics` (Prometheus).
+
+use super::HttpState;
+use crate::hub::Kind;
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use std::sync::atomic::Ordering;
+use std::time::UNIX_EPOCH;
+
+/// `GET /health`: the process is up.
+pub async fn health() -> Json<Value> {
+    Json(json!({ "status": "healthy" }))
+}
+
+/// `GET /ready`: 200 while the node accepts clients, 503 once it is shutting down.
+pub async fn ready(State(state): State<HttpState>) -> Response {
+    if state.shutdown().is_cancelled() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "shutting down" })),
+        )
+            .into_response()
+    } else {
+        Json(json!({ "status": "ready" })).into_response()
+    }
+}
+
+/// `GET /api/realtime/stats`.
+pub async fn stats(State(state): State<HttpState>) -> Json<Value> {
+    let hub = state.broker().hub();
+    let channels = hub.active_names(Kind::Channel, None);
+    let (_, subscriptions) = hub.channel_totals();
+    let describe = |clients: &super::StreamClients| {
+        clients.with_clients(|clients| {
+            clients
+                .iter()
+                .map(|(id, c)| {
+                    json!({
+                        "clientId": format!("{id}"),
+                        "userId": c.user_id,
+                        "channels": c.channels.iter().map(|ch| String::from_utf8_lossy(ch).into_owned()).collect::<Vec<_>>(),
+                        "connectedAt": c.connected_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+                        "eventsSent": c.events_sent.load(Ordering::Relaxed),
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let history = state.broker().store().channel_stats();
+    Json(json!({
+        "status": if state.shutdown().is_cancelled() { "shutting down" } else { "healthy" },
+        "sse": {
+            "totalConnections": state.sse_clients().len(),
+            "totalEvents": state.sse_clients().total_events.load(Ordering::Relaxed),
+            "clients": describe(state.sse_clients()),
+        },
+        "websocket": {
+            "totalConnections": state.ws_clients().len(),
+            "totalEvents": state.ws_clients().total_events.load(Ordering::Relaxed),
+            "clients": describe(state.ws_clients()),
+        },
+        "resp": { "totalConnections": state.resp().clients.len() },
+        "channels": {
+            "isConnected": true,
+            "activeChannels": channels.len(),
+            "totalSubscriptions": subscriptions,
+            "redisSubscriptions": channels.len(),
+            "channels": channels.iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>(),
+        },
+        "history": { "channels": history.channels, "events": history.events },
+        "node": { "epoch": state.broker().epoch().to_string(), "partitions": state.broker().store().partitions() },
+    }))
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<HttpState>) -> Response {
+    let hub = state.broker().hub();
+    let stats = hub.stats();
+    let broker = state.broker().stats();
+    metrics::gauge!("herald_connections", "protocol" => "resp")
+        .set(state.resp().clients.len() as f64);
+    metrics::gauge!("herald_connections", "protocol" => "sse")
+        .set(state.sse_clients().len() as f64);
+    metrics::gauge!("herald_connections", "protocol" => "websocket")
+        .set(state.ws_clients().len() as f64);
+    metrics::counter!("herald_published_total", "durability" => "durable")
+        .absolute(broker.durable_published.load(Ordering::Relaxed));
+    metrics::counter!("herald_published_total", "durability" => "transient")
+        .absolute(broker.transient_published.load(Ordering::Relaxed));
+    metrics::counter!("herald_publish_duplicates_total")
+        .absolute(broker.duplicates.load(Ordering::Relaxed));
+    metrics::counter!("herald_publish_failures_total")
+        .absolute(broker.failed.load(Ordering::Relaxed));
+    metrics::counter!("herald_delivered_total").absolute(stats.delivered.load(Ordering::Relaxed));
+    metrics::counter!("herald_dropped_clients_total")
+        .absolute(stats.slow_clients_closed.load(Ordering::Relaxed));
+    let history = state.broker().store().channel_stats();
+    metrics::gauge!("herald_history_events").set(history.events as f64);
+    metrics::gauge!("herald_history_channels").set(history.channels as f64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.render_metrics(),
+    )
+        .into_response()
+}

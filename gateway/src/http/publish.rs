@@ -1,0 +1,140 @@
+//! `POST /api/publish`: publish one event (`{"channel", "data", "messageId"?}`) or several
+//! (a JSON array of those, or `{"events": [...]}`), acknowledged after commit for durable
+//! namespaces.
+//!
+//! `data` that is a JSON string is published as its text; any other JSON value as its compact
+//! JSON. The reply names the event's position and its `id`: a cursor that resumes a stream
+//! right after this event. A `messageId` makes a retry safe: within the dedup window it returns
+//! the original position with `"duplicate": true` and commits nothing.
+
+use super::{HttpState, error_response};
+use crate::broker::Published;
+use crate::hub::Wakes;
+use crate::stream::position_text;
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use herald_storage::Cursor;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// One event to publish.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    /// The channel.
+    pub channel: String,
+    /// The payload.
+    pub data: Value,
+    /// Makes retries idempotent within the dedup window.
+    #[serde(rename = "messageId")]
+    pub message_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Body {
+    One(PublishRequest),
+    Many(Vec<PublishRequest>),
+    Wrapped { events: Vec<PublishRequest> },
+}
+
+/// Most events in one batch request.
+const MAX_BATCH: usize = 10_000;
+
+/// `POST /api/publish`.
+pub async fn publish(State(state): State<HttpState>, body: Bytes) -> Response {
+    let parsed: Body = match serde_json::from_slice(&body) {
+        Ok(body) => body,
+        Err(error) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "invalid publish request: {error}; expected {{\"channel\": \"...\", \"data\": ..., \"messageId\"?: \"...\"}} or an array of them"
+                ),
+            );
+        }
+    };
+    let (events, batch) = match parsed {
+        Body::One(one) => (vec![one], false),
+        Body::Many(many) | Body::Wrapped { events: many } => (many, true),
+    };
+    if events.len() > MAX_BATCH {
+        return error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("at most {MAX_BATCH} events per request"),
+        );
+    }
+    if let Some(empty) = events.iter().position(|e| e.channel.is_empty()) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            format!("event {empty} has an empty channel"),
+        );
+    }
+    let broker = state.broker().clone();
+    // Queue every event first (in order), then wait: the batch shares one commit.
+    let mut tickets = Vec::with_capacity(events.len());
+    let mut wakes = Wakes::default();
+    for event in events {
+        let channel = Bytes::from(event.channel);
+        let payload = match event.data {
+            Value::String(text) => Bytes::from(text),
+            other => Bytes::from(other.to_string()),
+        };
+        match broker
+            .enqueue(
+                channel.clone(),
+                payload,
+                event.message_id.map(Bytes::from),
+                &mut wakes,
+            )
+            .await
+        {
+            Ok(ticket) => tickets.push((channel, ticket)),
+            Err(error) => {
+                return error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("publish failed: {error}"),
+                );
+            }
+        }
+    }
+    wakes.wake_all();
+    let mut results = Vec::with_capacity(tickets.len());
+    for (channel, ticket) in tickets {
+        match broker.wait(ticket).await {
+            Ok(published) => results.push(describe(&state, &channel, published)),
+            Err(error) => {
+                return error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "publish failed: {error}; its outcome is unknown: retry with the same messageId"
+                    ),
+                );
+            }
+        }
+    }
+    if batch {
+        Json(json!({ "results": results })).into_response()
+    } else {
+        Json(results.pop().expect("one result")).into_response()
+    }
+}
+
+fn describe(state: &HttpState, channel: &[u8], published: Published) -> Value {
+    let id = published.position.map(|position| {
+        let mut cursor = Cursor::new(state.broker().epoch());
+        cursor.advance(position);
+        cursor.encode()
+    });
+    json!({
+        "channel": String::from_utf8_lossy(channel),
+        "id": id,
+        "position": position_text(published.position),
+        "durable": published.position.is_some(),
+        "duplicate": published.duplicate,
+        "receivers": published.receivers,
+    })
+}

@@ -1,0 +1,355 @@
+//! Server-Sent Events: `GET /api/stream/{channel}`, `GET /api/stream?channel=a&channel=b`, and
+//! the seed's endpoints mapped onto channels.
+//!
+//! | endpoint | channel streamed |
+//! |---|---|
+//! | `/api/stream/render-progress/{jobId}` | `render_progress:{jobId}` |
+//! | `/api/stream/campaign-metrics/{campaignId}` | `campaign_metrics:{campaignId}` |
+//! | `/api/stream/ab-test-results/{testId}` | `ab_test_results:{testId}` |
+//! | `/api/stream/council-score?videoUrl=&transcript=&features=` | publishes a request on `council_score_requests`, streams `council_score:{requestId}` |
+//! | `/api/stream/evaluate-creative?content=&type=` | publishes a request on `creative_evaluation_requests`, streams `creative_evaluation:{requestId}` |
+//!
+//! Every event of a durable channel carries `id: <cursor>`. A client that reconnects with
+//! `Last-Event-ID` (or `?lastEventId=` for polyfills) gets everything retained after it, then
+//! live events, with no gap and no duplicate; `?last=N` replays the last N events on a first
+//! connect. A cursor older than retention, or from another epoch, first gets an `event: gap`
+//! naming the requested and oldest available positions. A malformed cursor is a 400.
+
+use super::{HttpState, StreamClient, error_response};
+use crate::hub::Format;
+use crate::hub::encode::put_json_string;
+use crate::stream::{Emit, EventStream, Gap, Start, position_text};
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
+use bytes::{BufMut, Bytes, BytesMut};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+/// `GET /api/stream/{channel}`.
+pub async fn stream_channel(
+    State(state): State<HttpState>,
+    Path(channel): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    open(
+        state,
+        vec![Bytes::from(channel)],
+        &headers,
+        query.as_deref(),
+    )
+}
+
+/// `GET /api/stream?channel=a&channel=b`.
+pub async fn stream_query(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let channels: Vec<Bytes> = params(query.as_deref())
+        .into_iter()
+        .filter(|(k, _)| k == "channel")
+        .map(|(_, v)| Bytes::from(v))
+        .collect();
+    if channels.is_empty() {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "no channel given: use /api/stream/{channel} or ?channel=a&channel=b",
+        );
+    }
+    open(state, channels, &headers, query.as_deref())
+}
+
+/// `GET /api/stream/render-progress/{jobId}`.
+pub async fn render_progress(
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    open(
+        state,
+        vec![Bytes::from(format!("render_progress:{id}"))],
+        &headers,
+        query.as_deref(),
+    )
+}
+
+/// `GET /api/stream/campaign-metrics/{campaignId}`.
+pub async fn campaign_metrics(
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    open(
+        state,
+        vec![Bytes::from(format!("campaign_metrics:{id}"))],
+        &headers,
+        query.as_deref(),
+    )
+}
+
+/// `GET /api/stream/ab-test-results/{testId}`.
+pub async fn ab_test_results(
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    open(
+        state,
+        vec![Bytes::from(format!("ab_test_results:{id}"))],
+        &headers,
+        query.as_deref(),
+    )
+}
+
+/// `GET /api/stream/council-score?videoUrl=&transcript=&features=`.
+pub async fn council_score(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    request_stream(
+        state,
+        "council_score_requests",
+        "council_score",
+        &headers,
+        query.as_deref(),
+    )
+    .await
+}
+
+/// `GET /api/stream/evaluate-creative?content=&type=`.
+pub async fn evaluate_creative(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    request_stream(
+        state,
+        "creative_evaluation_requests",
+        "creative_evaluation",
+        &headers,
+        query.as_deref(),
+    )
+    .await
+}
+
+/// Streams the reply channel of a fresh request, then publishes the request (with the query
+/// parameters) for workers: subscribing first means no answer can be missed.
+async fn request_stream(
+    state: HttpState,
+    requests: &str,
+    replies: &str,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Response {
+    let request_id = format!("req_{:016x}", rand_u64());
+    let reply_channel = format!("{replies}:{request_id}");
+    let response = open(
+        state.clone(),
+        vec![Bytes::from(reply_channel.clone())],
+        headers,
+        query,
+    );
+    if response.status() != StatusCode::OK {
+        return response;
+    }
+    let mut request = serde_json::Map::new();
+    request.insert("requestId".into(), request_id.clone().into());
+    request.insert("replyChannel".into(), reply_channel.into());
+    for (key, value) in params(query) {
+        if key != "lastEventId" && key != "last" {
+            request.insert(key, value.into());
+        }
+    }
+    let payload = Bytes::from(serde_json::Value::Object(request).to_string());
+    if let Err(error) = state
+        .broker()
+        .publish(
+            Bytes::from(requests.to_string()),
+            payload,
+            Some(Bytes::from(request_id)),
+        )
+        .await
+    {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot publish the request: {error}"),
+        );
+    }
+    response
+}
+
+fn params(query: Option<&str>) -> Vec<(String, String)> {
+    query
+        .and_then(|q| serde_urlencoded::from_str(q).ok())
+        .unwrap_or_default()
+}
+
+/// Where the client wants to start: `Last-Event-ID` header, else `lastEventId`, else `last=N`.
+fn start_of(headers: &HeaderMap, query: Option<&str>) -> Result<Start, String> {
+    let params = params(query);
+    let header = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().map(str::to_string));
+    let cursor = match header {
+        Some(Ok(value)) => Some(value),
+        Some(Err(_)) => return Err("invalid Last-Event-ID: not ASCII".into()),
+        None => params
+            .iter()
+            .find(|(k, _)| k == "lastEventId")
+            .map(|(_, v)| v.clone()),
+    };
+    if let Some(cursor) = cursor.filter(|c| !c.trim().is_empty()) {
+        return Start::from_cursor(&cursor).map_err(|e| format!("invalid Last-Event-ID: {e}"));
+    }
+    match params.iter().find(|(k, _)| k == "last") {
+        Some((_, n)) => n
+            .parse()
+            .map(Start::Last)
+            .map_err(|_| format!("invalid last '{n}': expected a whole number")),
+        None => Ok(Start::Live),
+    }
+}
+
+fn open(
+    state: HttpState,
+    channels: Vec<Bytes>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Response {
+    let start = match start_of(headers, query) {
+        Ok(start) => start,
+        Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
+    };
+    let (stream, backlog) =
+        match EventStream::open(state.broker().clone(), Format::Sse, channels.clone(), start) {
+            Ok(opened) => opened,
+            Err(error) => {
+                return error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("cannot read history: {error}"),
+                );
+            }
+        };
+    let events_sent = Arc::new(AtomicU64::new(0));
+    let guard = state.sse_clients().register(
+        stream.id(),
+        StreamClient {
+            channels,
+            connected_at: SystemTime::now(),
+            events_sent: events_sent.clone(),
+            user_id: None,
+        },
+    );
+    tracing::debug!(id = stream.id(), "SSE client connected");
+
+    let mut first = BytesMut::new();
+    first.put_slice(format!("retry: {}\n\n", state.settings().retry.as_millis()).as_bytes());
+    let sent = write_emits(&mut first, backlog);
+    events_sent.fetch_add(sent, Ordering::Relaxed);
+    state.sse_clients().count_events(sent);
+
+    let body = futures::stream::unfold(
+        (
+            Some(first.freeze()),
+            stream,
+            state,
+            events_sent,
+            guard,
+            Vec::new(),
+        ),
+        |(first, mut stream, state, events_sent, guard, mut emits)| async move {
+            if let Some(first) = first {
+                return Some((
+                    Ok::<Bytes, std::convert::Infallible>(first),
+                    (None, stream, state, events_sent, guard, emits),
+                ));
+            }
+            let keep_alive = state.settings().keep_alive;
+            let chunk = tokio::select! {
+                next = stream.next(&mut emits) => {
+                    next?;
+                    let mut out = BytesMut::new();
+                    let sent = write_emits(&mut out, emits.drain(..));
+                    events_sent.fetch_add(sent, Ordering::Relaxed);
+                    state.sse_clients().count_events(sent);
+                    out.freeze()
+                }
+                _ = tokio::time::sleep(keep_alive) => Bytes::from_static(b": keep-alive\n\n"),
+                _ = state.shutdown().cancelled() => return None,
+            };
+            Some((Ok(chunk), (None, stream, state, events_sent, guard, emits)))
+        },
+    );
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(body))
+        .expect("valid response")
+}
+
+/// Writes emits as SSE; returns how many were events.
+fn write_emits(out: &mut BytesMut, emits: impl IntoIterator<Item = Emit>) -> u64 {
+    let mut events = 0;
+    for emit in emits {
+        match emit {
+            Emit::Event { cursor, frame } => {
+                out.put_slice(b"id: ");
+                out.put_slice(cursor.as_bytes());
+                out.put_u8(b'\n');
+                out.put_slice(&frame);
+                events += 1;
+            }
+            Emit::Transient { frame } => {
+                out.put_slice(&frame);
+                events += 1;
+            }
+            Emit::Gap(gap) => {
+                out.put_slice(b"event: gap\ndata: ");
+                out.put_slice(&gap_json(&gap));
+                out.put_slice(b"\n\n");
+            }
+        }
+    }
+    events
+}
+
+/// The JSON of a gap notice: `{"channel":..,"requested":"p-seq"|null,"oldest":"p-seq"|null,"reason":..}`.
+pub fn gap_json(gap: &Gap) -> Bytes {
+    let mut out = BytesMut::new();
+    out.put_slice(b"{\"type\":\"gap\",\"channel\":");
+    put_json_string(&mut out, &gap.channel);
+    let field = |out: &mut BytesMut, name: &str, value: Option<String>| {
+        out.put_slice(format!(",\"{name}\":").as_bytes());
+        match value {
+            Some(v) => out.put_slice(format!("\"{v}\"").as_bytes()),
+            None => out.put_slice(b"null"),
+        }
+    };
+    field(&mut out, "requested", position_text(gap.requested));
+    field(&mut out, "oldest", position_text(gap.oldest));
+    out.put_slice(format!(",\"reason\":\"{}\"}}", gap.reason).as_bytes());
+    out.freeze()
+}
+
+/// A random number for request ids.
+pub(crate) fn rand_u64() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
+}

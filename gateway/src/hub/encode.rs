@@ -1,0 +1,237 @@
+//! How one published message becomes a frame for each kind of receiver, encoded at most once per
+//! format and shared by all receivers of that format.
+//!
+//! - RESP2 / RESP3: the complete `message` / `pmessage` / `smessage` frame.
+//! - SSE: the `data:` lines and the blank line that ends the event; the stream's writer puts the
+//!   `id:` line (the stream's cursor) in front.
+//! - WebSocket: a JSON object missing its opening: the writer puts `{"id":"<cursor>",` (or `{`) in
+//!   front. A payload that is a JSON object is merged into the message, so the seed's messages
+//!   (`{"type":"job_progress",...}`) reach browsers unchanged, plus `id` and `channel`; any other
+//!   payload is carried as `{"type":"message","channel":...,"data":...}`.
+
+use crate::resp::frame::{Protocol, encode_bulk, encode_header};
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// The wire format a receiver takes its frames in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Format {
+    /// RESP2 arrays.
+    Resp2 = 0,
+    /// RESP3 push frames.
+    Resp3 = 1,
+    /// Server-Sent Events.
+    Sse = 2,
+    /// WebSocket text messages with JSON.
+    WebSocket = 3,
+}
+
+impl Format {
+    /// The format of a RESP client speaking `protocol`.
+    pub fn resp(protocol: Protocol) -> Format {
+        match protocol {
+            Protocol::Resp2 => Format::Resp2,
+            Protocol::Resp3 => Format::Resp3,
+        }
+    }
+
+    pub(crate) fn from_u8(value: u8) -> Format {
+        match value {
+            1 => Format::Resp3,
+            2 => Format::Sse,
+            3 => Format::WebSocket,
+            _ => Format::Resp2,
+        }
+    }
+}
+
+/// A message's frames, encoded on first use per format.
+pub(crate) struct Encoded<'a> {
+    /// `message`, `pmessage` or `smessage`.
+    kind: &'static [u8],
+    /// The pattern, for `pmessage`.
+    pattern: Option<&'a [u8]>,
+    channel: &'a [u8],
+    payload: &'a [u8],
+    frames: [Option<Bytes>; 4],
+}
+
+impl<'a> Encoded<'a> {
+    pub(crate) fn new(
+        kind: &'static [u8],
+        pattern: Option<&'a [u8]>,
+        channel: &'a [u8],
+        payload: &'a [u8],
+    ) -> Self {
+        Encoded {
+            kind,
+            pattern,
+            channel,
+            payload,
+            frames: [None, None, None, None],
+        }
+    }
+
+    /// The frame for `format`, encoding it the first time.
+    pub(crate) fn frame(&mut self, format: Format) -> Bytes {
+        if let Some(frame) = &self.frames[format as usize] {
+            return frame.clone();
+        }
+        let frame = match format {
+            Format::Resp2 => self.resp(b'*'),
+            Format::Resp3 => self.resp(b'>'),
+            Format::Sse => sse_data(self.payload),
+            Format::WebSocket => websocket_tail(self.channel, self.payload),
+        };
+        self.frames[format as usize] = Some(frame.clone());
+        frame
+    }
+
+    fn resp(&self, aggregate: u8) -> Bytes {
+        let parts = 2 + self.pattern.is_some() as i64;
+        let size = 48
+            + self.kind.len()
+            + self.channel.len()
+            + self.payload.len()
+            + self.pattern.map_or(0, <[u8]>::len);
+        let mut out = BytesMut::with_capacity(size);
+        encode_header(&mut out, aggregate, 1 + parts);
+        encode_bulk(&mut out, self.kind);
+        if let Some(pattern) = self.pattern {
+            encode_bulk(&mut out, pattern);
+        }
+        encode_bulk(&mut out, self.channel);
+        encode_bulk(&mut out, self.payload);
+        out.freeze()
+    }
+}
+
+/// The `data:` lines of an SSE event and the blank line ending it. SSE treats CR, LF and CRLF
+/// alike as line ends, so each becomes a line break the client rejoins with LF.
+pub fn sse_data(payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(payload.len() + 16);
+    let mut rest = payload;
+    loop {
+        out.put_slice(b"data: ");
+        match rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+            Some(end) => {
+                out.put_slice(&rest[..end]);
+                out.put_u8(b'\n');
+                let skip = if rest[end] == b'\r' && rest.get(end + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
+                rest = &rest[end + skip..];
+            }
+            None => {
+                out.put_slice(rest);
+                out.put_u8(b'\n');
+                break;
+            }
+        }
+    }
+    out.put_u8(b'\n');
+    out.freeze()
+}
+
+/// The WebSocket message for `payload` on `channel`, without its opening `{`.
+pub fn websocket_tail(channel: &[u8], payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(payload.len() + channel.len() + 48);
+    out.put_slice(b"\"channel\":");
+    put_json_string(&mut out, channel);
+    match json_object_body(payload) {
+        Some(body) if body.iter().filter(|b| !b.is_ascii_whitespace()).eq([&b'}']) => {
+            out.put_u8(b'}')
+        }
+        Some(body) => {
+            out.put_u8(b',');
+            out.put_slice(body);
+        }
+        None => {
+            out.put_slice(b",\"type\":\"message\",\"data\":");
+            if serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok() {
+                out.put_slice(payload);
+            } else {
+                put_json_string(&mut out, payload);
+            }
+            out.put_u8(b'}');
+        }
+    }
+    out.freeze()
+}
+
+/// For a payload that is one JSON object, everything after its opening brace.
+fn json_object_body(payload: &[u8]) -> Option<&[u8]> {
+    let start = payload.iter().position(|b| !b.is_ascii_whitespace())?;
+    if payload[start] != b'{' {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    value.is_object().then(|| &payload[start + 1..])
+}
+
+/// Writes `bytes` as a JSON string (invalid UTF-8 replaced by U+FFFD).
+pub fn put_json_string(out: &mut BytesMut, bytes: &[u8]) {
+    let text = String::from_utf8_lossy(bytes);
+    let encoded = serde_json::to_string(&text).expect("strings always serialize");
+    out.put_slice(encoded.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(b: Bytes) -> String {
+        String::from_utf8(b.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn resp_frames_keep_empty_parts() {
+        let mut e = Encoded::new(b"message", None, b"", b"");
+        assert_eq!(
+            text(e.frame(Format::Resp2)),
+            "*3\r\n$7\r\nmessage\r\n$0\r\n\r\n$0\r\n\r\n"
+        );
+        let mut p = Encoded::new(b"pmessage", Some(b"a*"), b"ab", b"x");
+        assert_eq!(
+            text(p.frame(Format::Resp3)),
+            ">4\r\n$8\r\npmessage\r\n$2\r\na*\r\n$2\r\nab\r\n$1\r\nx\r\n"
+        );
+    }
+
+    #[test]
+    fn sse_lines() {
+        assert_eq!(text(sse_data(b"{\"a\":1}")), "data: {\"a\":1}\n\n");
+        assert_eq!(
+            text(sse_data(b"a\nb\r\nc\rd")),
+            "data: a\ndata: b\ndata: c\ndata: d\n\n"
+        );
+        assert_eq!(text(sse_data(b"")), "data: \n\n");
+        assert_eq!(text(sse_data(b"end\n")), "data: end\ndata: \n\n");
+    }
+
+    #[test]
+    fn websocket_messages() {
+        let merged = text(websocket_tail(
+            b"job_progress:j1",
+            br#"{"type":"job_progress","progress":0.5}"#,
+        ));
+        assert_eq!(
+            merged,
+            r#""channel":"job_progress:j1","type":"job_progress","progress":0.5}"#
+        );
+        assert_eq!(text(websocket_tail(b"c", b"{}")), r#""channel":"c"}"#);
+        assert_eq!(
+            text(websocket_tail(b"c", b"42")),
+            r#""channel":"c","type":"message","data":42}"#
+        );
+        assert_eq!(
+            text(websocket_tail(b"c", b"hi\n\"x\"")),
+            r#""channel":"c","type":"message","data":"hi\n\"x\""}"#
+        );
+        let full = format!("{{{}", text(websocket_tail(b"c", br#" {"k":[1,2]} "#)));
+        let value: serde_json::Value = serde_json::from_str(&full).unwrap();
+        assert_eq!(value["k"][1], 2);
+    }
+}

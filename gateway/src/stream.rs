@@ -1,0 +1,271 @@
+//! A resumable event stream: what an SSE or WebSocket client holds.
+//!
+//! Opening a stream subscribes it to the hub first, then reads each partition's committed
+//! watermark, then replays history up to that watermark; live events at or below the watermark
+//! are skipped (they were replayed or predate the stream), everything above arrives live. So the
+//! hand-over from history to live has no gap and no duplicate, whatever is being published
+//! meanwhile. Each event the stream emits carries the stream's full cursor (the last delivered
+//! sequence number of every partition it touches), which is what `Last-Event-ID` sends back.
+//!
+//! When the requested cursor is older than what is retained, or comes from another epoch, the
+//! stream first emits a [`Gap`] notice naming what was asked for and the oldest position
+//! available: loss is never silent.
+
+use crate::broker::Broker;
+use crate::hub::outbox::{Batch, Item, Outbox};
+use crate::hub::{ClientId, Format, Kind, Subscriber};
+use bytes::Bytes;
+use herald_storage::{Cursor, CursorError, Event, Partition, Position, StorageError};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// Where a new stream starts.
+#[derive(Debug, Clone)]
+pub enum Start {
+    /// Live events only.
+    Live,
+    /// Everything retained after this cursor, then live.
+    After(Cursor),
+    /// The last `n` retained events of each channel, then live.
+    Last(usize),
+}
+
+impl Start {
+    /// Parses a client's cursor (`Last-Event-ID`, `lastEventId`, a WebSocket `cursor`).
+    pub fn from_cursor(text: &str) -> Result<Start, CursorError> {
+        Cursor::decode(text.trim()).map(Start::After)
+    }
+}
+
+/// Why history the client asked for cannot be replayed in full.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    /// The channel concerned.
+    pub channel: Bytes,
+    /// The position after which the client asked to resume (`None`: its cursor was from
+    /// another epoch, so nothing it holds can be matched).
+    pub requested: Option<Position>,
+    /// The oldest position still retained for the channel, if any.
+    pub oldest: Option<Position>,
+    /// `"retention"` or `"epoch"`.
+    pub reason: &'static str,
+}
+
+/// One thing the stream emits.
+#[derive(Debug, Clone)]
+pub enum Emit {
+    /// An event with a history position: `cursor` is the stream's cursor after it.
+    Event { cursor: String, frame: Bytes },
+    /// A message without a position (non-durable namespace).
+    Transient { frame: Bytes },
+    /// A gap notice.
+    Gap(Gap),
+}
+
+/// An open stream: a hub subscription plus the stream's cursor.
+pub struct EventStream {
+    broker: Arc<Broker>,
+    subscriber: Arc<Subscriber>,
+    channels: Vec<Bytes>,
+    format: Format,
+    cursor: Cursor,
+    /// Live events of a channel at or below its sequence number here were replayed or predate
+    /// the channel's subscription.
+    skip_upto: HashMap<Bytes, u64>,
+    items: Vec<Item>,
+}
+
+impl EventStream {
+    /// Subscribes to `channels` and returns the stream with what must be sent before live
+    /// events: gap notices, then the replay, in order.
+    pub fn open(
+        broker: Arc<Broker>,
+        format: Format,
+        channels: Vec<Bytes>,
+        start: Start,
+    ) -> Result<(EventStream, Vec<Emit>), StorageError> {
+        let hub = broker.hub().clone();
+        let id = hub.next_client_id();
+        let subscriber = Arc::new(Subscriber::new(id, Arc::new(Outbox::new()), format));
+        let mut stream = EventStream {
+            cursor: Cursor::new(broker.epoch()),
+            broker,
+            subscriber,
+            channels: Vec::new(),
+            format,
+            skip_upto: HashMap::new(),
+            items: Vec::new(),
+        };
+        let emits = stream.add(channels, start)?;
+        Ok((stream, emits))
+    }
+
+    /// Adds channels to the stream (a WebSocket `subscribe`), replaying as `start` asks.
+    pub fn add(&mut self, channels: Vec<Bytes>, start: Start) -> Result<Vec<Emit>, StorageError> {
+        let channels: Vec<Bytes> = channels
+            .into_iter()
+            .filter(|c| !self.channels.contains(c))
+            .collect();
+        if channels.is_empty() {
+            return Ok(Vec::new());
+        }
+        let broker = self.broker.clone();
+        // 1. Subscribe: from here on every committed event of these channels reaches the outbox.
+        broker
+            .hub()
+            .subscribe(Kind::Channel, &self.subscriber, &channels, Vec::new());
+        self.channels.extend(channels.iter().cloned());
+        // 2. The watermark of each partition, read after subscribing.
+        let mut watermarks: BTreeMap<Partition, u64> = BTreeMap::new();
+        for channel in channels.iter().filter(|c| broker.is_durable(c)) {
+            let p = broker.partition_of(channel);
+            watermarks
+                .entry(p)
+                .or_insert_with(|| broker.committed_seq(p));
+        }
+        // 3. History up to the watermarks, and gap notices.
+        let store = broker.store();
+        let mut emits = Vec::new();
+        let mut replay: Vec<Event> = Vec::new();
+        for channel in channels.iter().filter(|c| broker.is_durable(c)) {
+            let p = broker.partition_of(channel);
+            let limit = watermarks[&p];
+            let events = match &start {
+                Start::Live => Vec::new(),
+                Start::Last(n) => store.last(channel, *n)?,
+                Start::After(cursor) if cursor.epoch != broker.epoch() => {
+                    emits.push(Emit::Gap(Gap {
+                        channel: channel.clone(),
+                        requested: None,
+                        oldest: store.oldest(channel)?,
+                        reason: "epoch",
+                    }));
+                    store.history_after(channel, None, usize::MAX)?
+                }
+                Start::After(cursor) => {
+                    let after = cursor.get(p).unwrap_or(0);
+                    if after < store.retention_floor(channel)? {
+                        emits.push(Emit::Gap(Gap {
+                            channel: channel.clone(),
+                            requested: Some(Position {
+                                partition: p,
+                                seq: after,
+                            }),
+                            oldest: store.oldest(channel)?,
+                            reason: "retention",
+                        }));
+                    }
+                    store.history_after(channel, Some(after), usize::MAX)?
+                }
+            };
+            replay.extend(events.into_iter().filter(|e| e.position.seq <= limit));
+        }
+        if let Start::After(cursor) = &start
+            && cursor.epoch == broker.epoch()
+        {
+            for position in cursor.positions() {
+                self.cursor.advance(position);
+            }
+        }
+        // Per partition in sequence order, so the cursor is exact after every event.
+        replay.sort_by_key(|e| (e.position.partition, e.position.seq));
+        replay.dedup_by_key(|e| e.position);
+        for event in &replay {
+            self.cursor.advance(event.position);
+            emits.push(Emit::Event {
+                cursor: self.cursor.encode(),
+                frame: self.encode(event),
+            });
+        }
+        for (&p, &seq) in &watermarks {
+            self.cursor.advance(Position { partition: p, seq });
+        }
+        for channel in channels.iter().filter(|c| broker.is_durable(c)) {
+            self.skip_upto
+                .insert(channel.clone(), watermarks[&broker.partition_of(channel)]);
+        }
+        Ok(emits)
+    }
+
+    /// Removes channels from the stream (a WebSocket `unsubscribe`).
+    pub fn remove(&mut self, channels: &[Bytes]) {
+        self.broker
+            .hub()
+            .remove_client(self.subscriber.id(), &[(Kind::Channel, channels)]);
+        self.channels.retain(|c| !channels.contains(c));
+        for channel in channels {
+            self.skip_upto.remove(channel);
+        }
+    }
+
+    fn encode(&self, event: &Event) -> Bytes {
+        match self.format {
+            Format::WebSocket => crate::hub::encode::websocket_tail(&event.channel, &event.payload),
+            _ => crate::hub::encode::sse_data(&event.payload),
+        }
+    }
+
+    /// The stream's channels.
+    pub fn channels(&self) -> &[Bytes] {
+        &self.channels
+    }
+
+    /// The stream's id in the hub.
+    pub fn id(&self) -> ClientId {
+        self.subscriber.id()
+    }
+
+    /// The stream's queue (close it to end the stream).
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        self.subscriber.outbox()
+    }
+
+    /// The stream's current cursor.
+    pub fn cursor(&self) -> &Cursor {
+        &self.cursor
+    }
+
+    /// Waits for live events and appends them to `out`; `None` once the stream is closed
+    /// (output limit passed, or closed by the server).
+    pub async fn next(&mut self, out: &mut Vec<Emit>) -> Option<()> {
+        let outbox = self.subscriber.outbox().clone();
+        match outbox.next_items(&mut self.items, 256 * 1024).await {
+            Batch::Closed(_) => None,
+            Batch::Frames => {
+                for item in self.items.drain(..) {
+                    match item.position {
+                        None => out.push(Emit::Transient { frame: item.frame }),
+                        Some((position, channel)) => {
+                            if self
+                                .skip_upto
+                                .get(&channel)
+                                .is_some_and(|&s| position.seq <= s)
+                            {
+                                continue;
+                            }
+                            self.cursor.advance(position);
+                            out.push(Emit::Event {
+                                cursor: self.cursor.encode(),
+                                frame: item.frame,
+                            });
+                        }
+                    }
+                }
+                Some(())
+            }
+        }
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        self.broker
+            .hub()
+            .remove_client(self.subscriber.id(), &[(Kind::Channel, &self.channels)]);
+    }
+}
+
+/// `p-seq`, how positions are shown in gap notices and the publish API.
+pub fn position_text(position: Option<Position>) -> Option<String> {
+    position.map(|p| format!("{}-{}", p.partition, p.seq))
+}
