@@ -84,7 +84,11 @@ impl Herald {
 
     /// Starts a node with extra `herald serve` arguments and environment variables.
     pub fn start_configured(args: &[&str], envs: &[(&str, &str)]) -> Herald {
-        let data_dir = scratch_dir("node");
+        Herald::start_in(scratch_dir("node"), args, envs)
+    }
+
+    /// Starts a node on an existing data directory (a restart after [`Herald::kill_keeping_data`]).
+    pub fn start_in(data_dir: PathBuf, args: &[&str], envs: &[(&str, &str)]) -> Herald {
         let mut command = Command::new(herald_binary());
         command
             .arg("serve")
@@ -177,6 +181,20 @@ impl Herald {
         assert!(status.is_ok_and(|s| s.success()), "kill -{signal} failed");
     }
 
+    /// `kill -9`s the node and returns its data directory, which is kept for a restart.
+    pub fn kill_keeping_data(mut self) -> PathBuf {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        std::mem::take(&mut self.data_dir)
+    }
+
+    /// Base URL of the HTTP surface.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
     /// Waits for the process to exit; `None` if it is still running after `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
@@ -200,8 +218,17 @@ impl Drop for Herald {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.data_dir);
+        if !self.data_dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
     }
+}
+
+/// Writes a herald config file into a fresh scratch directory and returns its path.
+pub fn config_file(contents: &str) -> PathBuf {
+    let path = scratch_dir("config").join("herald.toml");
+    std::fs::write(&path, contents).expect("write config");
+    path
 }
 
 fn address_in(line: &str) -> Option<SocketAddr> {

@@ -1,0 +1,469 @@
+//! Server-Sent Events with a real SSE parser (`eventsource-stream` over `reqwest`): delivery
+//! with ids, resume with `Last-Event-ID` after a disconnect and after `kill -9`, gap notices,
+//! bad cursors, publish bursts during reconnects, and payloads that must arrive intact.
+
+use eventsource_stream::{Event, Eventsource};
+use futures::{Stream, StreamExt};
+use herald_tests::{Herald, PATIENCE, config_file};
+use serde_json::{Value, json};
+use std::pin::Pin;
+
+type Events = Pin<Box<dyn Stream<Item = Event> + Send>>;
+
+/// Opens an SSE stream; `last_event_id` goes in the `Last-Event-ID` header.
+async fn connect(url: &str, last_event_id: Option<&str>) -> Events {
+    let mut request = reqwest::Client::new().get(url);
+    if let Some(id) = last_event_id {
+        request = request.header("Last-Event-ID", id);
+    }
+    let response = request.send().await.expect("SSE request");
+    assert_eq!(
+        response.status(),
+        200,
+        "{}",
+        response.text().await.unwrap_or_default()
+    );
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    Box::pin(
+        response
+            .bytes_stream()
+            .eventsource()
+            .map(|e| e.expect("well-formed SSE")),
+    )
+}
+
+async fn next(events: &mut Events) -> Event {
+    tokio::time::timeout(PATIENCE, events.next())
+        .await
+        .expect("an event in time")
+        .expect("stream open")
+}
+
+/// Publishes over HTTP and returns the reply (position, id, duplicate...).
+async fn publish(node: &Herald, channel: &str, data: Value, message_id: Option<&str>) -> Value {
+    let mut body = json!({ "channel": channel, "data": data });
+    if let Some(id) = message_id {
+        body["messageId"] = json!(id);
+    }
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/publish", node.http_url()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+fn stream_url(node: &Herald, channel: &str) -> String {
+    format!("{}/api/stream/{channel}", node.http_url())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_arrive_with_ids_and_resume_exactly_after_a_disconnect() {
+    let node = Herald::start();
+    let url = stream_url(&node, "job_progress:job_1");
+    let mut events = connect(&url, None).await;
+    for i in 0..3 {
+        publish(
+            &node,
+            "job_progress:job_1",
+            json!({ "type": "job_progress", "step": i }),
+            None,
+        )
+        .await;
+    }
+    let mut last_id = String::new();
+    for i in 0..3 {
+        let event = next(&mut events).await;
+        assert_eq!(event.event, "message");
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        assert_eq!(data, json!({ "type": "job_progress", "step": i }));
+        assert!(
+            !event.id.is_empty() && event.id != last_id,
+            "each event has a new id"
+        );
+        last_id = event.id;
+    }
+    drop(events);
+
+    for i in 3..6 {
+        publish(&node, "job_progress:job_1", json!({ "step": i }), None).await;
+    }
+    let mut resumed = connect(&url, Some(&last_id)).await;
+    for i in 3..8 {
+        if i == 6 {
+            publish(&node, "job_progress:job_1", json!({ "step": 6 }), None).await;
+            publish(&node, "job_progress:job_1", json!({ "step": 7 }), None).await;
+        }
+        let data: Value = serde_json::from_str(&next(&mut resumed).await.data).unwrap();
+        assert_eq!(
+            data["step"], i,
+            "missed events replayed in order, then live, none twice"
+        );
+    }
+
+    // Polyfills send the cursor as a query parameter.
+    let mut polyfill = connect(&format!("{url}?lastEventId={last_id}"), None).await;
+    let data: Value = serde_json::from_str(&next(&mut polyfill).await.data).unwrap();
+    assert_eq!(data["step"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_n_replays_the_most_recent_events() {
+    let node = Herald::start();
+    for i in 0..10 {
+        publish(&node, "campaign_metrics:c1", json!({ "n": i }), None).await;
+    }
+    let mut events = connect(
+        &format!("{}/api/stream/campaign-metrics/c1?last=3", node.http_url()),
+        None,
+    )
+    .await;
+    for i in 7..10 {
+        let data: Value = serde_json::from_str(&next(&mut events).await.data).unwrap();
+        assert_eq!(data["n"], i);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_events_survive_kill_9_and_cursors_still_resume() {
+    let node = Herald::start();
+    let url = stream_url(&node, "render_progress:r1");
+    let mut events = connect(&url, None).await;
+    publish(&node, "render_progress:r1", json!({ "frame": 0 }), None).await;
+    let first = next(&mut events).await;
+    drop(events);
+    let mut acknowledged = Vec::new();
+    for i in 1..50 {
+        acknowledged.push(publish(&node, "render_progress:r1", json!({ "frame": i }), None).await);
+    }
+    let data_dir = node.kill_keeping_data();
+
+    let node = Herald::start_in(data_dir, &[], &[]);
+    let mut resumed = connect(
+        &format!("{}/api/stream/render-progress/r1", node.http_url()),
+        Some(&first.id),
+    )
+    .await;
+    for (i, ack) in (1..50).zip(&acknowledged) {
+        let event = next(&mut resumed).await;
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        assert_eq!(
+            data["frame"], i,
+            "every acknowledged event is there after kill -9, in order"
+        );
+        assert_eq!(
+            event.id,
+            ack["id"].as_str().unwrap(),
+            "its cursor is the one the publisher was given"
+        );
+    }
+    let ack = publish(&node, "render_progress:r1", json!({ "frame": 50 }), None).await;
+    let event = next(&mut resumed).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&event.data).unwrap()["frame"],
+        50
+    );
+    assert_ne!(
+        ack["position"],
+        acknowledged.last().unwrap()["position"],
+        "positions are never reused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_older_than_retention_gets_a_gap_notice_first() {
+    let config = config_file("[namespace.short]\nhistory_size = 3\n");
+    let node = Herald::start_with(&["--config", config.to_str().unwrap()]);
+    let mut acks = Vec::new();
+    for i in 0..10 {
+        acks.push(publish(&node, "short:x", json!({ "n": i }), None).await);
+    }
+    let stale = acks[0]["id"].as_str().unwrap();
+    let mut events = connect(&stream_url(&node, "short:x"), Some(stale)).await;
+    let gap = next(&mut events).await;
+    assert_eq!(gap.event, "gap");
+    let gap: Value = serde_json::from_str(&gap.data).unwrap();
+    assert_eq!(gap["channel"], "short:x");
+    assert_eq!(gap["reason"], "retention");
+    assert_eq!(gap["requested"], acks[0]["position"]);
+    assert_eq!(gap["oldest"], acks[7]["position"]);
+    for i in 7..10 {
+        let data: Value = serde_json::from_str(&next(&mut events).await.data).unwrap();
+        assert_eq!(data["n"], i, "then everything still retained");
+    }
+
+    // A cursor inside retention resumes without a gap notice.
+    let mut events = connect(
+        &stream_url(&node, "short:x"),
+        Some(acks[7]["id"].as_str().unwrap()),
+    )
+    .await;
+    let event = next(&mut events).await;
+    assert_eq!(event.event, "message");
+    assert_eq!(serde_json::from_str::<Value>(&event.data).unwrap()["n"], 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_from_another_cluster_epoch_is_reported_then_everything_is_replayed() {
+    let other = Herald::start();
+    let foreign = publish(&other, "news", json!("elsewhere"), None).await;
+    let node = Herald::start();
+    publish(&node, "news", json!("one"), None).await;
+    publish(&node, "news", json!("two"), None).await;
+    let mut events = connect(
+        &stream_url(&node, "news"),
+        Some(foreign["id"].as_str().unwrap()),
+    )
+    .await;
+    let gap = next(&mut events).await;
+    assert_eq!(gap.event, "gap");
+    let gap: Value = serde_json::from_str(&gap.data).unwrap();
+    assert_eq!(gap["reason"], "epoch");
+    assert_eq!(gap["requested"], Value::Null);
+    assert_eq!(next(&mut events).await.data, "one");
+    assert_eq!(next(&mut events).await.data, "two");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_cursors_and_parameters_are_a_400_with_the_reason() {
+    let node = Herald::start();
+    let client = reqwest::Client::new();
+    let cases = [
+        (
+            stream_url(&node, "news"),
+            Some("!!!"),
+            "invalid Last-Event-ID: cursor is not base64url",
+        ),
+        (
+            stream_url(&node, "news"),
+            Some("AA"),
+            "invalid Last-Event-ID: cursor is truncated",
+        ),
+        (
+            format!("{}?last=many", stream_url(&node, "news")),
+            None,
+            "invalid last 'many': expected a whole number",
+        ),
+        (
+            format!("{}/api/stream", node.http_url()),
+            None,
+            "no channel given",
+        ),
+    ];
+    for (url, cursor, reason) in cases {
+        let mut request = client.get(&url);
+        if let Some(cursor) = cursor {
+            request = request.header("Last-Event-ID", cursor);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 400, "{url}");
+        let body = response.text().await.unwrap();
+        assert!(
+            body.starts_with(reason) && body.lines().count() == 1,
+            "{body:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_burst_during_reconnects_is_delivered_once_in_order() {
+    let node = Herald::start();
+    let url = stream_url(&node, "burst");
+    const TOTAL: u64 = 600;
+    let publisher = {
+        let base = node.http_url();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            for i in 0..TOTAL {
+                let body = json!({ "channel": "burst", "data": { "n": i } });
+                let response = client
+                    .post(format!("{base}/api/publish"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+            }
+        })
+    };
+    let mut received: Vec<u64> = Vec::new();
+    let mut last_id: Option<String> = None;
+    let mut reconnects = 0;
+    while received.len() < TOTAL as usize {
+        let mut events = connect(&url, last_id.as_deref()).await;
+        // Take a few events, then drop the connection mid-burst.
+        for _ in 0..(37 + reconnects * 11) {
+            if received.len() == TOTAL as usize {
+                break;
+            }
+            let event = next(&mut events).await;
+            received.push(
+                serde_json::from_str::<Value>(&event.data).unwrap()["n"]
+                    .as_u64()
+                    .unwrap(),
+            );
+            last_id = Some(event.id);
+        }
+        reconnects += 1;
+    }
+    publisher.await.unwrap();
+    assert!(reconnects > 3);
+    assert_eq!(
+        received,
+        (0..TOTAL).collect::<Vec<_>>(),
+        "no loss, no duplicate, in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_with_newlines_and_non_ascii_arrive_intact() {
+    let node = Herald::start();
+    let mut events = connect(&stream_url(&node, "text"), None).await;
+    let texts = [
+        "line one\nline two\n\nline four",
+        "é 中文 ✓ \"quoted\" \\ back",
+        "ends with newline\n",
+        "",
+        "data: not a field",
+    ];
+    for text in texts {
+        publish(&node, "text", json!(text), None).await;
+    }
+    let object = json!({ "msg": "multi\nline é", "nested": { "list": [1, "два"] } });
+    publish(&node, "text", object.clone(), None).await;
+    for text in texts {
+        assert_eq!(next(&mut events).await.data, text);
+    }
+    assert_eq!(
+        serde_json::from_str::<Value>(&next(&mut events).await.data).unwrap(),
+        object
+    );
+
+    // The same bytes published over RESP arrive the same way.
+    let client = redis::Client::open(node.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::AsyncCommands::publish(&mut connection, "text", texts[0])
+        .await
+        .unwrap();
+    assert_eq!(next(&mut events).await.data, texts[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_ids_make_retries_commit_once() {
+    let node = Herald::start();
+    let mut events = connect(&stream_url(&node, "orders"), None).await;
+    let first = publish(&node, "orders", json!({ "order": 1 }), Some("order-1")).await;
+    let retry = publish(&node, "orders", json!({ "order": 1 }), Some("order-1")).await;
+    assert_eq!(first["duplicate"], false);
+    assert_eq!(retry["duplicate"], true);
+    assert_eq!(retry["position"], first["position"]);
+    publish(&node, "orders", json!({ "order": 2 }), Some("order-2")).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&next(&mut events).await.data).unwrap()["order"],
+        1
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&next(&mut events).await.data).unwrap()["order"],
+        2,
+        "the retry was not delivered again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn council_score_publishes_a_request_and_streams_the_workers_answer() {
+    let node = Herald::start();
+    let client = redis::Client::open(node.url()).unwrap();
+    let mut worker = client.get_async_pubsub().await.unwrap();
+    worker.subscribe("council_score_requests").await.unwrap();
+    let mut events = connect(
+        &format!(
+            "{}/api/stream/council-score?videoUrl=https://v/1.mp4&transcript=hello",
+            node.http_url()
+        ),
+        None,
+    )
+    .await;
+    let request = tokio::time::timeout(PATIENCE, worker.on_message().next())
+        .await
+        .unwrap()
+        .unwrap();
+    let request: Value = serde_json::from_slice(request.get_payload_bytes()).unwrap();
+    assert_eq!(request["videoUrl"], "https://v/1.mp4");
+    assert_eq!(request["transcript"], "hello");
+    let reply_channel = request["replyChannel"].as_str().unwrap().to_string();
+    assert!(reply_channel.starts_with("council_score:req_"));
+    publish(
+        &node,
+        &reply_channel,
+        json!({ "type": "council_score_stream", "stage": "gemini", "isComplete": false }),
+        None,
+    )
+    .await;
+    let data: Value = serde_json::from_str(&next(&mut events).await.data).unwrap();
+    assert_eq!(data["stage"], "gemini");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_health_ready_and_metrics() {
+    let node = Herald::start();
+    let _events = connect(&stream_url(&node, "job_progress:job_9"), None).await;
+    publish(&node, "job_progress:job_9", json!({ "p": 1 }), None).await;
+    let client = reqwest::Client::new();
+    let stats: Value = client
+        .get(format!("{}/api/realtime/stats", node.http_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["status"], "healthy");
+    assert_eq!(stats["sse"]["totalConnections"], 1);
+    assert_eq!(
+        stats["sse"]["clients"][0]["channels"][0],
+        "job_progress:job_9"
+    );
+    assert!(
+        stats["channels"]["channels"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("job_progress:job_9"))
+    );
+    assert_eq!(stats["channels"]["isConnected"], true);
+    let health: Value = client
+        .get(format!("{}/health", node.http_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "healthy");
+    assert_eq!(
+        client
+            .get(format!("{}/ready", node.http_url()))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let metrics = client
+        .get(format!("{}/metrics", node.http_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "herald_connections{protocol=\"sse\"} 1",
+        "herald_publish_commit_seconds_bucket",
+        "herald_published_total",
+        "herald_history_events",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from\n{metrics}");
+    }
+}
