@@ -55,7 +55,11 @@ pub struct Gap {
 #[derive(Debug, Clone)]
 pub enum Emit {
     /// An event with a history position: `cursor` is the stream's cursor after it.
-    Event { cursor: String, frame: Bytes },
+    Event {
+        cursor: String,
+        channel: Bytes,
+        frame: Bytes,
+    },
     /// A message without a position (non-durable namespace).
     Transient { frame: Bytes },
     /// A gap notice.
@@ -174,6 +178,7 @@ impl EventStream {
             self.cursor.advance(event.position);
             emits.push(Emit::Event {
                 cursor: self.cursor.encode(),
+                channel: event.channel.clone(),
                 frame: self.encode(event),
             });
         }
@@ -201,6 +206,9 @@ impl EventStream {
     fn encode(&self, event: &Event) -> Bytes {
         match self.format {
             Format::WebSocket => crate::hub::encode::websocket_tail(&event.channel, &event.payload),
+            Format::RespStream2 | Format::RespStream3 => {
+                crate::hub::encode::resp_payload(&event.payload)
+            }
             _ => crate::hub::encode::sse_data(&event.payload),
         }
     }
@@ -246,6 +254,7 @@ impl EventStream {
                             self.cursor.advance(position);
                             out.push(Emit::Event {
                                 cursor: self.cursor.encode(),
+                                channel,
                                 frame: item.frame,
                             });
                         }

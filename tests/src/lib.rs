@@ -373,6 +373,55 @@ impl RawConn {
         self.buffer.drain(..n).collect()
     }
 
+    /// Reads exactly one RESP value (of any type, nested ones included) and returns its bytes.
+    pub fn read_frame(&mut self) -> Vec<u8> {
+        let mut frame = Vec::new();
+        self.read_value_into(&mut frame);
+        frame
+    }
+
+    fn read_line_into(&mut self, out: &mut Vec<u8>) -> Vec<u8> {
+        loop {
+            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\r\n") {
+                let line: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                out.extend_from_slice(&line);
+                return line[..line.len() - 2].to_vec();
+            }
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => panic!("connection closed after {:?}", String::from_utf8_lossy(out)),
+                Ok(k) => self.buffer.extend_from_slice(&chunk[..k]),
+                Err(e) => panic!("read failed ({e}) after {:?}", String::from_utf8_lossy(out)),
+            }
+        }
+    }
+
+    fn read_value_into(&mut self, out: &mut Vec<u8>) {
+        let line = self.read_line_into(out);
+        let count = || {
+            String::from_utf8_lossy(&line[1..])
+                .parse::<i64>()
+                .unwrap_or(-1)
+        };
+        match line.first() {
+            Some(b'$') | Some(b'=') | Some(b'!') if count() >= 0 => {
+                let data = self.read_exact(count() as usize + 2);
+                out.extend_from_slice(&data);
+            }
+            Some(b'*') | Some(b'>') | Some(b'~') => {
+                for _ in 0..count().max(0) {
+                    self.read_value_into(out);
+                }
+            }
+            Some(b'%') => {
+                for _ in 0..2 * count().max(0) {
+                    self.read_value_into(out);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// The underlying socket.
     pub fn stream(&self) -> &TcpStream {
         &self.stream

@@ -302,7 +302,7 @@ fn write_emits(out: &mut BytesMut, emits: impl IntoIterator<Item = Emit>) -> u64
     let mut events = 0;
     for emit in emits {
         match emit {
-            Emit::Event { cursor, frame } => {
+            Emit::Event { cursor, frame, .. } => {
                 out.put_slice(b"id: ");
                 out.put_slice(cursor.as_bytes());
                 out.put_u8(b'\n');

@@ -24,6 +24,10 @@ pub enum Format {
     Sse = 2,
     /// WebSocket text messages with JSON.
     WebSocket = 3,
+    /// A RESP2 history subscription (`HSUBSCRIBE`): `hmessage` arrays carrying cursors.
+    RespStream2 = 4,
+    /// A RESP3 history subscription: `hmessage` push frames carrying cursors.
+    RespStream3 = 5,
 }
 
 impl Format {
@@ -40,6 +44,8 @@ impl Format {
             1 => Format::Resp3,
             2 => Format::Sse,
             3 => Format::WebSocket,
+            4 => Format::RespStream2,
+            5 => Format::RespStream3,
             _ => Format::Resp2,
         }
     }
@@ -53,7 +59,9 @@ pub(crate) struct Encoded<'a> {
     pattern: Option<&'a [u8]>,
     channel: &'a [u8],
     payload: &'a [u8],
-    frames: [Option<Bytes>; 4],
+    /// Whether the message has a history position (the stream writer adds the cursor).
+    positioned: bool,
+    frames: [Option<Bytes>; 6],
 }
 
 impl<'a> Encoded<'a> {
@@ -62,13 +70,15 @@ impl<'a> Encoded<'a> {
         pattern: Option<&'a [u8]>,
         channel: &'a [u8],
         payload: &'a [u8],
+        positioned: bool,
     ) -> Self {
         Encoded {
             kind,
             pattern,
             channel,
             payload,
-            frames: [None, None, None, None],
+            positioned,
+            frames: Default::default(),
         }
     }
 
@@ -82,6 +92,11 @@ impl<'a> Encoded<'a> {
             Format::Resp3 => self.resp(b'>'),
             Format::Sse => sse_data(self.payload),
             Format::WebSocket => websocket_tail(self.channel, self.payload),
+            Format::RespStream2 | Format::RespStream3 if self.positioned => {
+                resp_payload(self.payload)
+            }
+            Format::RespStream2 => hmessage(b'*', self.channel, None, self.payload),
+            Format::RespStream3 => hmessage(b'>', self.channel, None, self.payload),
         };
         self.frames[format as usize] = Some(frame.clone());
         frame
@@ -104,6 +119,34 @@ impl<'a> Encoded<'a> {
         encode_bulk(&mut out, self.payload);
         out.freeze()
     }
+}
+
+/// The payload as a RESP bulk string: the part of an `hmessage` shared by all receivers.
+pub fn resp_payload(payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(payload.len() + 16);
+    encode_bulk(&mut out, payload);
+    out.freeze()
+}
+
+/// A whole `hmessage` frame: `[hmessage, channel, cursor or nil, payload]`.
+pub fn hmessage(aggregate: u8, channel: &[u8], cursor: Option<&[u8]>, payload: &[u8]) -> Bytes {
+    let mut out = hmessage_head(aggregate, channel, cursor);
+    encode_bulk(&mut out, payload);
+    out.freeze()
+}
+
+/// Everything of an `hmessage` frame before its payload.
+pub fn hmessage_head(aggregate: u8, channel: &[u8], cursor: Option<&[u8]>) -> BytesMut {
+    let mut out = BytesMut::with_capacity(48 + channel.len());
+    encode_header(&mut out, aggregate, 4);
+    encode_bulk(&mut out, b"hmessage");
+    encode_bulk(&mut out, channel);
+    match cursor {
+        Some(cursor) => encode_bulk(&mut out, cursor),
+        None if aggregate == b'>' => out.put_slice(b"_\r\n"),
+        None => out.put_slice(b"$-1\r\n"),
+    }
+    out
 }
 
 /// The `data:` lines of an SSE event and the blank line ending it. SSE treats CR, LF and CRLF
@@ -188,12 +231,12 @@ mod tests {
 
     #[test]
     fn resp_frames_keep_empty_parts() {
-        let mut e = Encoded::new(b"message", None, b"", b"");
+        let mut e = Encoded::new(b"message", None, b"", b"", false);
         assert_eq!(
             text(e.frame(Format::Resp2)),
             "*3\r\n$7\r\nmessage\r\n$0\r\n\r\n$0\r\n\r\n"
         );
-        let mut p = Encoded::new(b"pmessage", Some(b"a*"), b"ab", b"x");
+        let mut p = Encoded::new(b"pmessage", Some(b"a*"), b"ab", b"x", false);
         assert_eq!(
             text(p.frame(Format::Resp3)),
             ">4\r\n$8\r\npmessage\r\n$2\r\na*\r\n$2\r\nab\r\n$1\r\nx\r\n"

@@ -298,12 +298,18 @@ impl Hub {
         let state = self.state.read();
         let mut receivers = 0;
         if let Some(subscribers) = state.channels.get(channel) {
-            let mut message = Encoded::new(b"message", None, channel, payload);
+            let mut message = Encoded::new(b"message", None, channel, payload, position.is_some());
             receivers += self.deliver(subscribers, &mut message, position, &limit, wakes);
         }
         for (pattern, entry) in &state.patterns {
             if entry.glob.matches(channel) {
-                let mut message = Encoded::new(b"pmessage", Some(pattern), channel, payload);
+                let mut message = Encoded::new(
+                    b"pmessage",
+                    Some(pattern),
+                    channel,
+                    payload,
+                    position.is_some(),
+                );
                 receivers += self.deliver(&entry.receivers, &mut message, position, &limit, wakes);
             }
         }
@@ -333,7 +339,7 @@ impl Hub {
         let state = self.state.read();
         let receivers = match state.shards.get(channel) {
             Some(subscribers) => {
-                let mut message = Encoded::new(b"smessage", None, channel, payload);
+                let mut message = Encoded::new(b"smessage", None, channel, payload, false);
                 self.deliver(subscribers, &mut message, None, &limit, wakes)
             }
             None => 0,

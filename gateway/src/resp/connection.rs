@@ -53,6 +53,8 @@ pub(crate) struct Session {
     pub wakes: Wakes,
     /// Set by `QUIT` and protocol errors: stop after queued output is written.
     pub closing: bool,
+    /// The task forwarding this connection's history subscription (`HSUBSCRIBE`), if any.
+    pub history: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Session {
@@ -67,6 +69,7 @@ impl Session {
             slots: Vec::new(),
             wakes: Wakes::default(),
             closing: false,
+            history: None,
         }
     }
 
@@ -130,7 +133,7 @@ impl Session {
 
     /// Whether the client is in Redis's subscribed state.
     pub fn in_pubsub_context(&self) -> bool {
-        self.subscriptions.iter().any(|s| !s.is_empty())
+        self.subscriptions.iter().any(|s| !s.is_empty()) || self.history.is_some()
     }
 
     /// Publishes the subscription counts to the registry (for `CLIENT LIST`).
@@ -145,6 +148,9 @@ impl Session {
 
     /// Drops every subscription without replies (disconnect, `RESET`).
     pub fn drop_subscriptions(&mut self) {
+        if let Some(history) = self.history.take() {
+            history.abort();
+        }
         let [channels, patterns, shards] = std::mem::take(&mut self.subscriptions);
         let channels: Vec<Bytes> = channels.into_iter().collect();
         let patterns: Vec<Bytes> = patterns.into_iter().collect();

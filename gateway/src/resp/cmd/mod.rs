@@ -7,6 +7,7 @@
 
 mod client;
 mod connection;
+mod history;
 mod pubsub;
 mod server;
 pub mod table;
@@ -81,6 +82,9 @@ pub(crate) async fn execute(session: &mut Session, args: Args) {
         "config" => server::config(session, subcommand, &args),
         "echo" => session.reply(Frame::Bulk(args[1].clone())),
         "hello" => connection::hello(session, &args),
+        "history" => history::history(session, &args),
+        "hsubscribe" => history::hsubscribe(session, &args).await,
+        "hunsubscribe" => history::hunsubscribe(session),
         "info" => server::info(session, &args),
         "ping" => connection::ping(session, &args),
         "psubscribe" => pubsub::subscribe(session, crate::hub::Kind::Pattern, &args).await,

@@ -1,0 +1,203 @@
+//! herald's RESP extension for the durable history, so Redis-protocol consumers get the same
+//! resume guarantee as SSE and WebSocket clients:
+//!
+//! - `HISTORY channel [AFTER cursor] [COUNT n]`: retained events after `cursor` (default: all
+//!   retained), oldest first, at most `n` (default 1000), as `[cursor, payload]` pairs. Each
+//!   cursor resumes right after its event.
+//! - `HSUBSCRIBE from channel [channel ...]`: like `SUBSCRIBE`, with history. `from` is `$`
+//!   (live only), `0` (everything retained first) or a cursor (everything after it first).
+//!   Confirmations are `[hsubscribe, channel, count]`; events arrive as
+//!   `[hmessage, channel, cursor, payload]` (push frames in RESP3), where `cursor` is the
+//!   stream's cursor after the event; a cursor older than retention or from another epoch first
+//!   gets `[hgap, channel, requested, oldest, reason]`. Replay hands over to live events with
+//!   no gap and no duplicate. One history subscription per connection.
+//! - `HUNSUBSCRIBE`: ends it (`[hunsubscribe, nil, 0]`).
+
+use super::{Args, integer_arg, syntax_error};
+use crate::hub::Format;
+use crate::hub::encode::hmessage_head;
+use crate::resp::connection::Session;
+use crate::resp::frame::{Frame, Protocol};
+use crate::resp::server::REPLY_BACKPRESSURE_BYTES;
+use crate::stream::{Emit, EventStream, Start, position_text};
+use bytes::{Bytes, BytesMut};
+use herald_storage::Cursor;
+
+/// Default and largest `COUNT` of `HISTORY`.
+const HISTORY_COUNT: usize = 1000;
+
+/// `HISTORY channel [AFTER cursor] [COUNT n]`.
+pub(super) fn history(session: &mut Session, args: &Args) {
+    let mut after = None;
+    let mut count = HISTORY_COUNT;
+    let mut i = 2;
+    while i < args.len() {
+        if i + 1 >= args.len() {
+            session.reply(syntax_error());
+            return;
+        }
+        let value = &args[i + 1];
+        if args[i].eq_ignore_ascii_case(b"after") {
+            match Cursor::decode(&String::from_utf8_lossy(value)) {
+                Ok(cursor) => after = Some(cursor),
+                Err(error) => {
+                    session.reply(Frame::error(format!("ERR invalid cursor: {error}")));
+                    return;
+                }
+            }
+        } else if args[i].eq_ignore_ascii_case(b"count") {
+            match integer_arg(value) {
+                Ok(n) if n > 0 => count = (n as usize).min(HISTORY_COUNT),
+                _ => {
+                    session.reply(Frame::error("ERR COUNT must be a positive integer"));
+                    return;
+                }
+            }
+        } else {
+            session.reply(syntax_error());
+            return;
+        }
+        i += 2;
+    }
+    let broker = session.ctx.broker.clone();
+    let channel = &args[1];
+    if !broker.is_durable(channel) {
+        session.reply(Frame::Array(Vec::new()));
+        return;
+    }
+    let partition = broker.partition_of(channel);
+    let after_seq = after
+        .filter(|c| c.epoch == broker.epoch())
+        .map(|c| c.get(partition).unwrap_or(0));
+    match broker.store().history_after(channel, after_seq, count) {
+        Ok(events) => {
+            let items = events
+                .into_iter()
+                .map(|event| {
+                    let mut cursor = Cursor::new(broker.epoch());
+                    cursor.advance(event.position);
+                    Frame::Array(vec![
+                        Frame::Bulk(Bytes::from(cursor.encode())),
+                        Frame::Bulk(event.payload),
+                    ])
+                })
+                .collect();
+            session.reply(Frame::Array(items));
+        }
+        Err(error) => session.reply(Frame::error(format!("ERR cannot read history: {error}"))),
+    }
+}
+
+/// `HSUBSCRIBE from channel [channel ...]`.
+pub(super) async fn hsubscribe(session: &mut Session, args: &Args) {
+    if session.history.is_some() {
+        session.reply(Frame::error(
+            "ERR this connection already has a history subscription: HUNSUBSCRIBE first, or use another connection",
+        ));
+        return;
+    }
+    let start = match &args[1][..] {
+        b"$" => Start::Live,
+        b"0" => Start::Last(usize::MAX),
+        cursor => match Start::from_cursor(&String::from_utf8_lossy(cursor)) {
+            Ok(start) => start,
+            Err(error) => {
+                session.reply(Frame::error(format!("ERR invalid cursor: {error}")));
+                return;
+            }
+        },
+    };
+    let channels: Vec<Bytes> = args[2..].to_vec();
+    let protocol = session.protocol;
+    let format = if protocol == Protocol::Resp3 {
+        Format::RespStream3
+    } else {
+        Format::RespStream2
+    };
+    let (mut stream, backlog) =
+        match EventStream::open(session.ctx.broker.clone(), format, channels.clone(), start) {
+            Ok(opened) => opened,
+            Err(error) => {
+                session.reply(Frame::error(format!("ERR cannot read history: {error}")));
+                return;
+            }
+        };
+    let mut out = BytesMut::new();
+    for (i, channel) in channels.iter().enumerate() {
+        Frame::Push(vec![
+            Frame::text("hsubscribe"),
+            Frame::Bulk(channel.clone()),
+            Frame::Integer(i as i64 + 1),
+        ])
+        .encode(protocol, &mut out);
+    }
+    write_emits(&mut out, protocol, backlog);
+    session.flush_replies().await;
+    let outbox = session.outbox().clone();
+    outbox.push_reply(out.freeze());
+    let forwarder = tokio::spawn(async move {
+        let mut emits = Vec::new();
+        loop {
+            tokio::select! {
+                next = stream.next(&mut emits) => {
+                    if next.is_none() {
+                        // The stream passed its output limit: close the client so it resumes.
+                        outbox.close(crate::hub::outbox::CloseReason::OutputLimit);
+                        return;
+                    }
+                    let mut out = BytesMut::new();
+                    write_emits(&mut out, protocol, emits.drain(..));
+                    outbox.push_reply(out.freeze());
+                    outbox.wait_below(REPLY_BACKPRESSURE_BYTES).await;
+                }
+                _ = outbox.wait_closing() => return,
+            }
+        }
+    });
+    session.history = Some(forwarder);
+}
+
+/// `HUNSUBSCRIBE`.
+pub(super) fn hunsubscribe(session: &mut Session) {
+    if let Some(forwarder) = session.history.take() {
+        forwarder.abort();
+    }
+    session.reply(Frame::Push(vec![
+        Frame::text("hunsubscribe"),
+        Frame::Null,
+        Frame::Integer(0),
+    ]));
+}
+
+fn write_emits(out: &mut BytesMut, protocol: Protocol, emits: impl IntoIterator<Item = Emit>) {
+    let aggregate = if protocol == Protocol::Resp3 {
+        b'>'
+    } else {
+        b'*'
+    };
+    for emit in emits {
+        match emit {
+            Emit::Event {
+                cursor,
+                channel,
+                frame,
+            } => {
+                out.extend_from_slice(&hmessage_head(aggregate, &channel, Some(cursor.as_bytes())));
+                out.extend_from_slice(&frame);
+            }
+            Emit::Transient { frame } => out.extend_from_slice(&frame),
+            Emit::Gap(gap) => {
+                let text =
+                    |p| position_text(p).map_or(Frame::Null, |t| Frame::Bulk(Bytes::from(t)));
+                Frame::Push(vec![
+                    Frame::text("hgap"),
+                    Frame::Bulk(gap.channel),
+                    text(gap.requested),
+                    text(gap.oldest),
+                    Frame::text(gap.reason),
+                ])
+                .encode(protocol, out);
+            }
+        }
+    }
+}

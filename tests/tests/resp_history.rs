@@ -1,0 +1,159 @@
+//! herald's RESP history extension (`HISTORY`, `HSUBSCRIBE`, `HUNSUBSCRIBE`): Redis-protocol
+//! consumers resume from a cursor with the same guarantee as SSE clients, across `kill -9`.
+
+use herald_tests::{Herald, RawConn, config_file};
+
+fn publish(node: &Herald, channel: &str, payload: &str) {
+    let mut conn = RawConn::connect(node.resp);
+    conn.command(&[b"PUBLISH", channel.as_bytes(), payload.as_bytes()]);
+    let reply = conn.read_until_suffix(b"\r\n");
+    assert!(
+        reply.starts_with(b":"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+}
+
+/// Reads `HISTORY` through the redis crate: `[(cursor, payload)]`.
+fn history(node: &Herald, args: &[&str]) -> Vec<(String, String)> {
+    let mut connection = redis::Client::open(node.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    redis::cmd("HISTORY")
+        .arg(args)
+        .query(&mut connection)
+        .unwrap()
+}
+
+/// Reads one `hmessage` frame and returns (channel, cursor, payload).
+fn read_hmessage(conn: &mut RawConn) -> (String, String, String) {
+    let frame = conn.read_frame();
+    let value = redis::parse_redis_value(&frame).expect("a RESP value");
+    // The redis crate splits a RESP3 push into its kind and the rest.
+    let items: Vec<redis::Value> = match value {
+        redis::Value::Array(items) => items,
+        redis::Value::Push { kind, data } => {
+            assert_eq!(kind, redis::PushKind::Other("hmessage".into()));
+            [vec![redis::Value::BulkString(b"hmessage".to_vec())], data].concat()
+        }
+        other => panic!("not an hmessage: {other:?}"),
+    };
+    let items: Vec<String> = items
+        .into_iter()
+        .map(|v| redis::from_redis_value(v).unwrap())
+        .collect();
+    assert_eq!(items[0], "hmessage");
+    (items[1].clone(), items[2].clone(), items[3].clone())
+}
+
+#[test]
+fn history_reads_after_a_cursor() {
+    let node = Herald::start();
+    for i in 0..5 {
+        publish(&node, "news", &format!("n{i}"));
+    }
+    let all = history(&node, &["news"]);
+    assert_eq!(
+        all.iter().map(|(_, p)| p.as_str()).collect::<Vec<_>>(),
+        ["n0", "n1", "n2", "n3", "n4"]
+    );
+    let after = history(&node, &["news", "AFTER", &all[1].0, "COUNT", "2"]);
+    assert_eq!(
+        after.iter().map(|(_, p)| p.as_str()).collect::<Vec<_>>(),
+        ["n2", "n3"]
+    );
+    let mut conn = RawConn::connect(node.resp);
+    conn.command(&[b"HISTORY", b"news", b"AFTER", b"%%%"]);
+    assert_eq!(
+        conn.read_until_suffix(b"\r\n"),
+        b"-ERR invalid cursor: cursor is not base64url\r\n"
+    );
+}
+
+#[test]
+fn hsubscribe_replays_then_goes_live_and_resumes_after_kill_9() {
+    let node = Herald::start();
+    for i in 0..3 {
+        publish(&node, "orders", &format!("o{i}"));
+    }
+    let first = history(&node, &["orders", "COUNT", "1"]).remove(0).0;
+
+    let mut consumer = RawConn::connect(node.resp);
+    consumer.command(&[b"HSUBSCRIBE", first.as_bytes(), b"orders"]);
+    assert_eq!(
+        consumer.read_frame(),
+        b"*3\r\n$10\r\nhsubscribe\r\n$6\r\norders\r\n:1\r\n"
+    );
+    assert_eq!(read_hmessage(&mut consumer).2, "o1");
+    let (channel, _, payload) = read_hmessage(&mut consumer);
+    assert_eq!((channel.as_str(), payload.as_str()), ("orders", "o2"));
+    publish(&node, "orders", "o3");
+    let (_, last_cursor, payload) = read_hmessage(&mut consumer);
+    assert_eq!(payload, "o3", "live after the replay, nothing twice");
+    drop(consumer);
+
+    for i in 4..7 {
+        publish(&node, "orders", &format!("o{i}"));
+    }
+    let data_dir = node.kill_keeping_data();
+    let node = Herald::start_in(data_dir, &[], &[]);
+    let mut consumer = RawConn::connect(node.resp);
+    consumer.command(&[b"HSUBSCRIBE", last_cursor.as_bytes(), b"orders"]);
+    consumer.read_frame();
+    for i in 4..7 {
+        assert_eq!(
+            read_hmessage(&mut consumer).2,
+            format!("o{i}"),
+            "resumed on the restarted node"
+        );
+    }
+    // Ordinary commands other than the subscription set are refused while subscribed (RESP2).
+    consumer.command(&[b"HSUBSCRIBE", b"$", b"other"]);
+    assert!(
+        consumer
+            .read_frame()
+            .starts_with(b"-ERR this connection already has a history subscription")
+    );
+    consumer.command(&[b"HUNSUBSCRIBE"]);
+    assert_eq!(
+        consumer.read_frame(),
+        b"*3\r\n$12\r\nhunsubscribe\r\n$-1\r\n:0\r\n"
+    );
+    consumer.command(&[b"PING"]);
+    assert_eq!(consumer.read_frame(), b"+PONG\r\n");
+}
+
+#[test]
+fn hsubscribe_reports_a_gap_when_the_cursor_left_retention() {
+    let config = config_file("[namespace.tiny]\nhistory_size = 2\n");
+    let node = Herald::start_with(&["--config", config.to_str().unwrap()]);
+    for i in 0..6 {
+        publish(&node, "tiny:t", &format!("t{i}"));
+    }
+    let retained = history(&node, &["tiny:t"]);
+    assert_eq!(retained.len(), 2);
+    let mut other = Herald::start();
+    publish(&other, "x", "y");
+    let foreign = history(&other, &["x"]).remove(0).0;
+    other.signal("KILL");
+    let _ = other.wait_exit(std::time::Duration::from_secs(10));
+
+    let mut consumer = RawConn::connect(node.resp);
+    consumer.command(&[b"HELLO", b"3"]);
+    consumer.read_frame();
+    consumer.command(&[b"HSUBSCRIBE", foreign.as_bytes(), b"tiny:t"]);
+    consumer.read_frame();
+    let gap = String::from_utf8(consumer.read_frame()).unwrap();
+    assert!(
+        gap.starts_with(">5\r\n$4\r\nhgap\r\n$6\r\ntiny:t\r\n_\r\n")
+            && gap.ends_with("$5\r\nepoch\r\n"),
+        "{gap}"
+    );
+    assert_eq!(
+        read_hmessage(&mut consumer).2,
+        "t4",
+        "then what is retained"
+    );
+    assert_eq!(read_hmessage(&mut consumer).2, "t5");
+}
