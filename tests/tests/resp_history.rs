@@ -157,3 +157,36 @@ fn hsubscribe_reports_a_gap_when_the_cursor_left_retention() {
     );
     assert_eq!(read_hmessage(&mut consumer).2, "t5");
 }
+
+#[test]
+fn hpublish_with_a_message_id_commits_once() {
+    let node = Herald::start();
+    let mut connection = redis::Client::open(node.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let first: (String, i64, i64) = redis::cmd("HPUBLISH")
+        .arg(&["payments", "p1", "ID", "pay-1"])
+        .query(&mut connection)
+        .unwrap();
+    let retry: (String, i64, i64) = redis::cmd("HPUBLISH")
+        .arg(&["payments", "p1", "ID", "pay-1"])
+        .query(&mut connection)
+        .unwrap();
+    assert_eq!(first.2, 0);
+    assert_eq!(retry.2, 1, "the retry is recognised");
+    assert_eq!(
+        retry.0, first.0,
+        "and answered with the original event's cursor"
+    );
+    let events = history(&node, &["payments"]);
+    assert_eq!(
+        events,
+        vec![(first.0.clone(), "p1".to_string())],
+        "committed once"
+    );
+    let bad: redis::RedisResult<redis::Value> = redis::cmd("HPUBLISH")
+        .arg(&["payments", "p1", "MSGID", "x"])
+        .query(&mut connection);
+    assert_eq!(bad.unwrap_err().to_string(), "ResponseError: syntax error");
+}

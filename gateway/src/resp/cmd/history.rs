@@ -12,6 +12,11 @@
 //!   gets `[hgap, channel, requested, oldest, reason]`. Replay hands over to live events with
 //!   no gap and no duplicate. One history subscription per connection.
 //! - `HUNSUBSCRIBE`: ends it (`[hunsubscribe, nil, 0]`).
+//! - `HPUBLISH channel payload [ID message-id]`: `PUBLISH` with a message id, replying
+//!   `[cursor, receivers, duplicate]`: the event's cursor (nil for non-durable namespaces), the
+//!   receivers, and 1 when the message id was already committed within the dedup window (the
+//!   cursor is then the original event's). A publisher retries with the same id after a
+//!   failure or a failover, and the event is committed once.
 
 use super::{Args, integer_arg, syntax_error};
 use crate::hub::Format;
@@ -85,6 +90,50 @@ pub(super) fn history(session: &mut Session, args: &Args) {
             session.reply(Frame::Array(items));
         }
         Err(error) => session.reply(Frame::error(format!("ERR cannot read history: {error}"))),
+    }
+}
+
+/// `HPUBLISH channel payload [ID message-id]`.
+pub(super) async fn hpublish(session: &mut Session, args: &Args) {
+    let message_id = match &args[3..] {
+        [] => None,
+        [option, id] if option.eq_ignore_ascii_case(b"id") => Some(id.clone()),
+        _ => {
+            session.reply(syntax_error());
+            return;
+        }
+    };
+    let broker = session.ctx.broker.clone();
+    let outcome = match broker
+        .enqueue(
+            args[1].clone(),
+            args[2].clone(),
+            message_id,
+            &mut session.wakes,
+        )
+        .await
+    {
+        Ok(ticket) => {
+            // The reply needs the outcome, so this command waits for its commit in line.
+            session.flush_replies().await;
+            broker.wait(ticket).await
+        }
+        Err(error) => Err(error),
+    };
+    match outcome {
+        Ok(published) => {
+            let cursor = published.position.map_or(Frame::Null, |position| {
+                let mut cursor = Cursor::new(broker.epoch());
+                cursor.advance(position);
+                Frame::Bulk(Bytes::from(cursor.encode()))
+            });
+            session.reply(Frame::Array(vec![
+                cursor,
+                Frame::Integer(published.receivers as i64),
+                Frame::Integer(published.duplicate as i64),
+            ]));
+        }
+        Err(error) => session.reply(Frame::error(format!("ERR publish failed: {error}"))),
     }
 }
 

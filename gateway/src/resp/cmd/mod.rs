@@ -83,6 +83,7 @@ pub(crate) async fn execute(session: &mut Session, args: Args) {
         "echo" => session.reply(Frame::Bulk(args[1].clone())),
         "hello" => connection::hello(session, &args),
         "history" => history::history(session, &args),
+        "hpublish" => history::hpublish(session, &args).await,
         "hsubscribe" => history::hsubscribe(session, &args).await,
         "hunsubscribe" => history::hunsubscribe(session),
         "info" => server::info(session, &args),

@@ -330,6 +330,15 @@ pub static COMMANDS: &[CommandSpec] = &[
         "herald 0.1.0",
     ),
     spec(
+        "hpublish",
+        -3,
+        &["pubsub", "loading", "stale"],
+        &["@pubsub", "@fast"],
+        PUBSUB,
+        "herald: publishes with an optional message id; replies with the event's cursor.",
+        "herald 0.1.0",
+    ),
+    spec(
         "hsubscribe",
         -3,
         SUB_FLAGS,
