@@ -467,3 +467,92 @@ async fn stats_health_ready_and_metrics() {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_sse_client_is_cut_off_without_slowing_others_and_resumes_without_loss() {
+    use std::io::{Read, Write};
+    let config = config_file("[namespace.firehose]\nhistory_size = 10000\n");
+    let node = Herald::start_with(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--pubsub-output-limit",
+        "1mb 512kb 1",
+    ]);
+    let url = stream_url(&node, "firehose:all");
+
+    // The slow client: a raw socket that reads the response head, then never reads again.
+    // A small receive buffer, so the kernel absorbs little of what the server sends.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    socket.connect(&node.http.into()).unwrap();
+    let mut slow: std::net::TcpStream = socket.into();
+    slow.set_read_timeout(Some(PATIENCE)).unwrap();
+    write!(
+        slow,
+        "GET /api/stream/firehose:all HTTP/1.1\r\nHost: herald\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    while !String::from_utf8_lossy(&head).contains("retry:") {
+        let mut byte = [0u8; 1024];
+        let n = slow.read(&mut byte).unwrap();
+        assert!(n > 0, "stream closed early");
+        head.extend_from_slice(&byte[..n]);
+    }
+
+    let mut fast = connect(&url, None).await;
+    const TOTAL: usize = 2000;
+    let pad = "x".repeat(4000);
+    let client = reqwest::Client::new();
+    let mut received = 0;
+    for batch in 0..TOTAL / 100 {
+        let events: Vec<Value> = (batch * 100..(batch + 1) * 100)
+            .map(|n| json!({ "channel": "firehose:all", "data": { "n": n, "pad": pad } }))
+            .collect();
+        let response = client
+            .post(format!("{}/api/publish", node.http_url()))
+            .json(&events)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        // The fast client keeps up (it reads each batch before the next is published).
+        while received < (batch + 1) * 100 {
+            let data: Value = serde_json::from_str(&next(&mut fast).await.data).unwrap();
+            assert_eq!(data["n"], received);
+            received += 1;
+        }
+    }
+
+    // The slow one was cut off: its stream ends although far less than everything arrived.
+    let mut got = head;
+    let outcome = slow.read_to_end(&mut got);
+    assert!(
+        !matches!(&outcome, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "the server never closed the slow client"
+    );
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let complete_events = text.matches("\n\n").count();
+    assert!(complete_events < TOTAL, "the slow client was never cut off");
+    // Resume from the last complete event it got: nothing still retained is lost.
+    let mut last_id = None;
+    let mut last_n: i64 = -1;
+    for block in text.split("\n\n") {
+        let id = block.lines().find_map(|l| l.strip_prefix("id: "));
+        let data = block.lines().find_map(|l| l.strip_prefix("data: "));
+        if let (Some(id), Some(data)) = (id, data)
+            && let Ok(value) = serde_json::from_str::<Value>(data)
+        {
+            last_id = Some(id.to_string());
+            last_n = value["n"].as_i64().unwrap();
+        }
+    }
+    let mut resumed = connect(&url, last_id.as_deref()).await;
+    for n in (last_n + 1) as usize..TOTAL {
+        let data: Value = serde_json::from_str(&next(&mut resumed).await.data).unwrap();
+        assert_eq!(
+            data["n"], n,
+            "resumed exactly where the cut-off client stopped"
+        );
+    }
+}

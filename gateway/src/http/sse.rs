@@ -257,25 +257,31 @@ fn open(
     state.sse_clients().count_events(sent);
 
     let body = futures::stream::unfold(
-        (
+        Some((
             Some(first.freeze()),
             stream,
             state,
             events_sent,
             guard,
             Vec::new(),
-        ),
-        |(first, mut stream, state, events_sent, guard, mut emits)| async move {
+        )),
+        |open| async move {
+            let (first, mut stream, state, events_sent, guard, mut emits) = open?;
             if let Some(first) = first {
                 return Some((
-                    Ok::<Bytes, std::convert::Infallible>(first),
-                    (None, stream, state, events_sent, guard, emits),
+                    Ok(first),
+                    Some((None, stream, state, events_sent, guard, emits)),
                 ));
             }
             let keep_alive = state.settings().keep_alive;
             let chunk = tokio::select! {
                 next = stream.next(&mut emits) => {
-                    next?;
+                    if next.is_none() {
+                        // Over its output limit: abort the connection (an error, not the end of
+                        // the body, which would wait to flush to a client that does not read).
+                        tracing::info!(id = stream.id(), "SSE client cut off: it passed its output limit");
+                        return Some((Err(std::io::Error::other("output limit passed")), None));
+                    }
                     let mut out = BytesMut::new();
                     let sent = write_emits(&mut out, emits.drain(..));
                     events_sent.fetch_add(sent, Ordering::Relaxed);
@@ -285,7 +291,10 @@ fn open(
                 _ = tokio::time::sleep(keep_alive) => Bytes::from_static(b": keep-alive\n\n"),
                 _ = state.shutdown().cancelled() => return None,
             };
-            Some((Ok(chunk), (None, stream, state, events_sent, guard, emits)))
+            Some((
+                Ok(chunk),
+                Some((None, stream, state, events_sent, guard, emits)),
+            ))
         },
     );
     Response::builder()
