@@ -19,7 +19,30 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node (a single node with its embedded store unless told otherwise).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Create the cluster CA and node certificates for node-to-node mutual TLS.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+/// `herald certs ...`.
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create the cluster CA (ca.pem, ca.key) in a directory; never overwrites one.
+    Init {
+        /// Directory of the cluster's certificates.
+        #[arg(long, env = "HERALD_TLS_DIR", value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Issue node N's certificate (node-N.pem, node-N.key), signed by the CA in the directory.
+    Issue {
+        /// Directory of the cluster's certificates (holding ca.pem and ca.key).
+        #[arg(long, env = "HERALD_TLS_DIR", value_name = "DIR")]
+        dir: PathBuf,
+        /// The node the certificate names.
+        #[arg(long, value_name = "N")]
+        node_id: u64,
+    },
 }
 
 /// Settings of `herald serve`. Unset values fall back to the config file, then to defaults.

@@ -6,6 +6,7 @@
 //!
 //! - `cli`: flags and `HERALD_*` environment variables (clap).
 //! - `config`: the TOML file and the precedence flags > environment > file > defaults.
+//! - `certs`: `herald certs init | issue` (in `main`), the cluster's certificates.
 //! - `serve`: start-up (data directory, listeners), signal handling and graceful shutdown.
 
 mod cli;
@@ -19,8 +20,9 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     match cli.command {
+        cli::Command::Certs(command) => certs(command),
         cli::Command::Serve(args) => {
-            let config = match config::NodeConfig::resolve(args) {
+            let config = match config::NodeConfig::resolve(*args) {
                 Ok(config) => config,
                 Err(error) => {
                     eprintln!("herald: {error:#}");
@@ -42,6 +44,36 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+/// `herald certs init | issue`.
+fn certs(command: cli::CertsCommand) -> ExitCode {
+    use herald_cluster::identity::{init_ca, issue_node};
+    let outcome = match command {
+        cli::CertsCommand::Init { dir } => init_ca(&dir).map(|()| {
+            println!(
+                "created the cluster CA: {} (keep {} private)",
+                dir.join("ca.pem").display(),
+                dir.join("ca.key").display()
+            );
+        }),
+        cli::CertsCommand::Issue { dir, node_id } => {
+            issue_node(&dir, node_id).map(|(cert, key)| {
+                println!(
+                    "issued node {node_id}'s certificate: {} and {}",
+                    cert.display(),
+                    key.display()
+                );
+            })
+        }
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("herald: {error}");
+            ExitCode::from(1)
         }
     }
 }

@@ -199,3 +199,45 @@ fn requirepass_from_the_environment_protects_the_node() {
     conn.command(&[b"PUBLISH", b"a", b"b"]);
     assert_eq!(conn.read_until_suffix(b"\r\n"), b":0\r\n");
 }
+
+#[test]
+fn certs_init_and_issue_create_the_cluster_credentials() {
+    let dir = scratch_dir("certs");
+    let run = |args: &[&str]| {
+        Command::new(herald_binary())
+            .arg("certs")
+            .args(args)
+            .arg("--dir")
+            .arg(&dir)
+            .output()
+            .unwrap()
+    };
+    let init = run(&["init"]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    assert!(dir.join("ca.pem").exists() && dir.join("ca.key").exists());
+    let again = run(&["init"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let issue = run(&["issue", "--node-id", "3"]);
+    assert!(
+        issue.status.success(),
+        "{}",
+        String::from_utf8_lossy(&issue.stderr)
+    );
+    assert!(dir.join("node-3.pem").exists() && dir.join("node-3.key").exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join("node-3.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "private keys are readable by their owner only"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

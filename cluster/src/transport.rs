@@ -1,0 +1,202 @@
+//! Node-to-node transport: one QUIC endpoint per node (quinn), mutual TLS under the cluster CA,
+//! one connection per peer carrying many streams.
+//!
+//! Both sides prove who they are: the dialer checks the server's certificate names the node it
+//! meant to reach, the acceptor reads the dialer's node id from its certificate and refuses ids
+//! that are not (or no longer) members. Refusals are logged with the reason. Keep-alive and idle
+//! timeouts are short so a dead peer is noticed within seconds.
+
+use crate::identity::{IdentityError, NodeId, NodeIdentity, node_id_of};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Timeouts and limits of node-to-node QUIC.
+#[derive(Debug, Clone)]
+pub struct TransportOptions {
+    /// Keep-alive interval: keeps NAT state and detects dead peers.
+    pub keep_alive: Duration,
+    /// A connection silent this long is dead.
+    pub idle_timeout: Duration,
+    /// Streams a peer may have open at once (many Raft groups share a connection).
+    pub max_streams: u32,
+}
+
+impl Default for TransportOptions {
+    fn default() -> Self {
+        TransportOptions {
+            keep_alive: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(3),
+            max_streams: 1024,
+        }
+    }
+}
+
+/// Why a connection failed or was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Certificates or TLS configuration.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The endpoint could not be created.
+    #[error("cannot open the cluster endpoint on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// Dialing or the handshake failed.
+    #[error("connection to node {peer} at {addr} failed: {reason}")]
+    Connect {
+        /// The node dialed.
+        peer: NodeId,
+        /// Its address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// An incoming connection was refused.
+    #[error("refused a connection from {addr}: {reason}")]
+    Refused {
+        /// Where it came from.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// An authenticated connection to another node.
+#[derive(Debug, Clone)]
+pub struct PeerConnection {
+    /// The node at the other end, as its certificate proves.
+    pub peer: NodeId,
+    /// The QUIC connection.
+    pub connection: quinn::Connection,
+}
+
+/// Decides which node ids may connect (the current members).
+pub type PeerFilter = Arc<dyn Fn(NodeId) -> bool + Send + Sync>;
+
+/// This node's QUIC endpoint.
+pub struct Transport {
+    endpoint: quinn::Endpoint,
+    identity: NodeIdentity,
+    allowed: PeerFilter,
+}
+
+impl Transport {
+    /// Opens the endpoint on `addr` (UDP). Must run inside a Tokio runtime.
+    pub fn bind(
+        addr: SocketAddr,
+        identity: NodeIdentity,
+        options: &TransportOptions,
+        allowed: PeerFilter,
+    ) -> Result<Transport, TransportError> {
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .keep_alive_interval(Some(options.keep_alive))
+            .max_idle_timeout(Some(
+                options
+                    .idle_timeout
+                    .try_into()
+                    .map_err(|_| IdentityError::Tls("idle timeout too large".into()))?,
+            ))
+            .max_concurrent_bidi_streams(options.max_streams.into())
+            .max_concurrent_uni_streams(options.max_streams.into());
+        let transport = Arc::new(transport);
+        let server_crypto = QuicServerConfig::try_from(identity.server_config()?)
+            .map_err(|e| IdentityError::Tls(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(transport.clone());
+        let client_crypto = QuicClientConfig::try_from(identity.client_config()?)
+            .map_err(|e| IdentityError::Tls(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+        client.transport_config(transport);
+        let mut endpoint = quinn::Endpoint::server(server, addr)
+            .map_err(|source| TransportError::Bind { addr, source })?;
+        endpoint.set_default_client_config(client);
+        Ok(Transport {
+            endpoint,
+            identity,
+            allowed,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.identity.id
+    }
+
+    /// Dials node `peer` at `addr`; the handshake fails unless its certificate names `peer`
+    /// and comes from the cluster CA.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        peer: NodeId,
+    ) -> Result<PeerConnection, TransportError> {
+        let failed = |reason: String| TransportError::Connect { peer, addr, reason };
+        let server_name = crate::identity::node_name(peer);
+        let connecting = self
+            .endpoint
+            .connect(addr, &server_name)
+            .map_err(|e| failed(e.to_string()))?;
+        let connection = connecting.await.map_err(|e| failed(e.to_string()))?;
+        match peer_id(&connection) {
+            Some(id) if id == peer => Ok(PeerConnection { peer, connection }),
+            other => {
+                connection.close(1u32.into(), b"wrong node");
+                Err(failed(format!("its certificate names node {other:?}")))
+            }
+        }
+    }
+
+    /// Waits for the next authenticated incoming connection. Refused ones are logged and
+    /// returned as errors so the caller's loop can go on; `None` once the endpoint is closed.
+    pub async fn accept(&self) -> Option<Result<PeerConnection, TransportError>> {
+        let incoming = self.endpoint.accept().await?;
+        let addr = incoming.remote_address();
+        let refused = |reason: String| {
+            tracing::warn!(%addr, %reason, "refused a cluster connection");
+            TransportError::Refused { addr, reason }
+        };
+        let connection = match incoming.await {
+            Ok(connection) => connection,
+            Err(error) => return Some(Err(refused(format!("handshake failed: {error}")))),
+        };
+        Some(match peer_id(&connection) {
+            None => {
+                connection.close(2u32.into(), b"no node certificate");
+                Err(refused("its certificate names no node".into()))
+            }
+            Some(peer) if !(self.allowed)(peer) => {
+                connection.close(3u32.into(), b"not a member");
+                Err(refused(format!(
+                    "node {peer} is not a member of this cluster"
+                )))
+            }
+            Some(peer) => Ok(PeerConnection { peer, connection }),
+        })
+    }
+
+    /// Closes every connection and waits for them to finish cleanly.
+    pub async fn shutdown(&self) {
+        self.endpoint.close(0u32.into(), b"shutting down");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// The node id the peer's certificate names.
+fn peer_id(connection: &quinn::Connection) -> Option<NodeId> {
+    let identity = connection.peer_identity()?;
+    let certs = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    node_id_of(certs.first()?)
+}
