@@ -207,12 +207,35 @@ struct ChannelWork {
     new: Vec<(u64, Vec<u8>)>,
 }
 
+/// Opens the sled database, retrying for up to 2 s while its directory lock is held: sled
+/// releases the lock of a dropped database from its flusher thread, a moment after the drop.
+fn open_db(dir: &Path, cache_capacity: u64) -> Result<sled::Db, StorageError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_capacity)
+            .open()
+        {
+            Err(sled::Error::Io(error))
+                if error.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the store in `dir`.
     ///
     /// The first open picks a random epoch and records `options.partitions`; later opens reuse
     /// both and fail with [`StorageError::PartitionsMismatch`] if `options.partitions` differs.
     /// Only one process may have a store open (sled holds an exclusive lock on the directory).
+    /// A lock still held by a store of this process that is being dropped (sled releases it
+    /// from its background thread) is waited for, briefly.
     pub fn open(dir: &Path, options: StoreOptions) -> Result<Store, StorageError> {
         if options.partitions == 0 {
             return Err(StorageError::InvalidOptions(
@@ -220,10 +243,7 @@ impl Store {
             ));
         }
         std::fs::create_dir_all(dir).map_err(|e| StorageError::Sled(sled::Error::Io(e)))?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(options.cache_capacity)
-            .open()?;
+        let db = open_db(dir, options.cache_capacity)?;
         let tree = db.open_tree(codec::TREE)?;
 
         let (epoch, partitions) = match tree.get(codec::KEY_VERSION)? {
