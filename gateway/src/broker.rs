@@ -38,7 +38,7 @@ pub struct Published {
 pub enum Ticket {
     /// Already delivered (non-durable namespace).
     Done(Published),
-    /// Queued in the log; [`Ticket::wait`] resolves once it is flushed.
+    /// Queued in the log; [`Broker::wait`] resolves once it is flushed.
     Queued { pending: Pending, channel: Bytes },
 }
 

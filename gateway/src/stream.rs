@@ -88,9 +88,20 @@ impl EventStream {
         channels: Vec<Bytes>,
         start: Start,
     ) -> Result<(EventStream, Vec<Emit>), StorageError> {
+        Self::open_into(broker, format, channels, start, Arc::new(Outbox::new()))
+    }
+
+    /// [`EventStream::open`], queueing live events into `outbox` (shared by a [`StreamSet`]).
+    fn open_into(
+        broker: Arc<Broker>,
+        format: Format,
+        channels: Vec<Bytes>,
+        start: Start,
+        outbox: Arc<Outbox>,
+    ) -> Result<(EventStream, Vec<Emit>), StorageError> {
         let hub = broker.hub().clone();
         let id = hub.next_client_id();
-        let subscriber = Arc::new(Subscriber::new(id, Arc::new(Outbox::new()), format));
+        let subscriber = Arc::new(Subscriber::new(id, outbox, format));
         let mut stream = EventStream {
             cursor: Cursor::new(broker.epoch()),
             broker,
@@ -104,8 +115,11 @@ impl EventStream {
         Ok((stream, emits))
     }
 
-    /// Adds channels to the stream (a WebSocket `subscribe`), replaying as `start` asks.
-    pub fn add(&mut self, channels: Vec<Bytes>, start: Start) -> Result<Vec<Emit>, StorageError> {
+    /// Subscribes to `channels` and replays as `start` asks. Called once, at open: the
+    /// cursor's per-partition position is exact only when every channel's replay is merged in
+    /// one sequence order, so channels are never added to a running stream (a WebSocket
+    /// connection opens one stream per subscription, see [`StreamSet`]).
+    fn add(&mut self, channels: Vec<Bytes>, start: Start) -> Result<Vec<Emit>, StorageError> {
         let channels: Vec<Bytes> = channels
             .into_iter()
             .filter(|c| !self.channels.contains(c))
@@ -240,24 +254,139 @@ impl EventStream {
         match outbox.next_items(&mut self.items, 256 * 1024).await {
             Batch::Closed(_) => None,
             Batch::Frames => {
-                for item in self.items.drain(..) {
-                    match item.position {
-                        None => out.push(Emit::Transient { frame: item.frame }),
-                        Some((position, channel)) => {
-                            if self
-                                .skip_upto
-                                .get(&channel)
-                                .is_some_and(|&s| position.seq <= s)
-                            {
-                                continue;
-                            }
-                            self.cursor.advance(position);
-                            out.push(Emit::Event {
-                                cursor: self.cursor.encode(),
-                                channel,
-                                frame: item.frame,
-                            });
-                        }
+                let items = std::mem::take(&mut self.items);
+                for item in items {
+                    if let Some(emit) = self.accept(item) {
+                        out.push(emit);
+                    }
+                }
+                Some(())
+            }
+        }
+    }
+
+    /// Turns one queued item into what to emit, skipping what was replayed already and
+    /// advancing the cursor.
+    fn accept(&mut self, item: Item) -> Option<Emit> {
+        match item.position {
+            None => Some(Emit::Transient { frame: item.frame }),
+            Some((position, channel)) => {
+                if self
+                    .skip_upto
+                    .get(&channel)
+                    .is_some_and(|&s| position.seq <= s)
+                {
+                    return None;
+                }
+                self.cursor.advance(position);
+                Some(Emit::Event {
+                    cursor: self.cursor.encode(),
+                    channel,
+                    frame: item.frame,
+                })
+            }
+        }
+    }
+}
+
+/// The streams of one WebSocket connection: one [`EventStream`] per subscription, all queueing
+/// into one outbox (so the connection has one queue, one limit, and events in commit order).
+/// Each event carries the cursor of its own subscription, which is what the client sends back
+/// to resume that subscription.
+pub struct StreamSet {
+    broker: Arc<Broker>,
+    format: Format,
+    outbox: Arc<Outbox>,
+    streams: Vec<EventStream>,
+    items: Vec<Item>,
+}
+
+impl StreamSet {
+    /// An empty set; subscribe to add streams.
+    pub fn new(broker: Arc<Broker>, format: Format) -> StreamSet {
+        StreamSet {
+            broker,
+            format,
+            outbox: Arc::new(Outbox::new()),
+            streams: Vec::new(),
+            items: Vec::new(),
+        }
+    }
+
+    /// Opens a subscription to `channels` (those not subscribed already), returning its backlog.
+    pub fn subscribe(
+        &mut self,
+        channels: Vec<Bytes>,
+        start: Start,
+    ) -> Result<Vec<Emit>, StorageError> {
+        let channels: Vec<Bytes> = channels
+            .into_iter()
+            .filter(|c| !self.channels().contains(c))
+            .collect();
+        if channels.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (stream, backlog) = EventStream::open_into(
+            self.broker.clone(),
+            self.format,
+            channels,
+            start,
+            self.outbox.clone(),
+        )?;
+        self.streams.push(stream);
+        Ok(backlog)
+    }
+
+    /// Ends the subscriptions of `channels`; their events still queued are dropped.
+    pub fn unsubscribe(&mut self, channels: &[Bytes]) {
+        for stream in &mut self.streams {
+            let mine: Vec<Bytes> = stream
+                .channels
+                .iter()
+                .filter(|c| channels.contains(c))
+                .cloned()
+                .collect();
+            if !mine.is_empty() {
+                stream.remove(&mine);
+            }
+        }
+        self.streams.retain(|s| !s.channels.is_empty());
+    }
+
+    /// Every subscribed channel.
+    pub fn channels(&self) -> Vec<Bytes> {
+        self.streams
+            .iter()
+            .flat_map(|s| s.channels.iter().cloned())
+            .collect()
+    }
+
+    /// The connection's queue.
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    /// Waits for live events of any subscription; `None` once the connection's queue is closed.
+    pub async fn next(&mut self, out: &mut Vec<Emit>) -> Option<()> {
+        match self
+            .outbox
+            .clone()
+            .next_items(&mut self.items, 256 * 1024)
+            .await
+        {
+            Batch::Closed(_) => None,
+            Batch::Frames => {
+                for item in std::mem::take(&mut self.items) {
+                    let owner = match &item.position {
+                        Some((_, channel)) => self
+                            .streams
+                            .iter_mut()
+                            .find(|s| s.channels.contains(channel)),
+                        None => self.streams.first_mut(),
+                    };
+                    // No owner: the channel was unsubscribed after the event was queued.
+                    if let Some(emit) = owner.and_then(|stream| stream.accept(item)) {
+                        out.push(emit);
                     }
                 }
                 Some(())

@@ -2,12 +2,14 @@
 //! stats, plus health, readiness and Prometheus metrics.
 //!
 //! - [`sse`]: `GET /api/stream/...`, resumable with `Last-Event-ID`.
+//! - [`ws`]: `/ws` and `/ws/alerts`, the seed's WebSocket protocol with resumable subscriptions.
 //! - [`publish`]: `POST /api/publish`.
 //! - [`ops`]: `/api/realtime/stats`, `/health`, `/ready`, `/metrics`.
 
 pub mod ops;
 pub mod publish;
 pub mod sse;
+pub mod ws;
 
 use crate::broker::Broker;
 use crate::resp::ServerContext;
@@ -222,6 +224,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/stream/council-score", get(sse::council_score))
         .route("/api/stream/evaluate-creative", get(sse::evaluate_creative))
         .route("/api/stream/{channel}", get(sse::stream_channel))
+        .route("/ws", get(ws::connect))
+        .route("/ws/alerts", get(ws::alerts))
         .with_state(state);
     match cors {
         Some(cors) => router.layer(cors),

@@ -34,13 +34,13 @@ pub async fn stats(State(state): State<HttpState>) -> Json<Value> {
     let hub = state.broker().hub();
     let channels = hub.active_names(Kind::Channel, None);
     let (_, subscriptions) = hub.channel_totals();
-    let describe = |clients: &super::StreamClients| {
+    let describe = |clients: &super::StreamClients, prefix: &str| {
         clients.with_clients(|clients| {
             clients
                 .iter()
                 .map(|(id, c)| {
                     json!({
-                        "clientId": format!("{id}"),
+                        "clientId": format!("{prefix}{id}"),
                         "userId": c.user_id,
                         "channels": c.channels.iter().map(|ch| String::from_utf8_lossy(ch).into_owned()).collect::<Vec<_>>(),
                         "connectedAt": c.connected_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
@@ -56,12 +56,12 @@ pub async fn stats(State(state): State<HttpState>) -> Json<Value> {
         "sse": {
             "totalConnections": state.sse_clients().len(),
             "totalEvents": state.sse_clients().total_events.load(Ordering::Relaxed),
-            "clients": describe(state.sse_clients()),
+            "clients": describe(state.sse_clients(), "sse_"),
         },
         "websocket": {
             "totalConnections": state.ws_clients().len(),
             "totalEvents": state.ws_clients().total_events.load(Ordering::Relaxed),
-            "clients": describe(state.ws_clients()),
+            "clients": describe(state.ws_clients(), "ws_"),
         },
         "resp": { "totalConnections": state.resp().clients.len() },
         "channels": {
