@@ -140,6 +140,9 @@ struct Inner {
     shutdown: CancellationToken,
     sse: Arc<StreamClients>,
     ws: Arc<StreamClients>,
+    /// Upgraded connections (WebSocket sessions), which the HTTP server no longer tracks:
+    /// shutdown waits for them to send their close frames.
+    sessions: tokio_util::task::TaskTracker,
 }
 
 impl HttpState {
@@ -160,6 +163,7 @@ impl HttpState {
                 shutdown,
                 sse: Arc::default(),
                 ws: Arc::default(),
+                sessions: tokio_util::task::TaskTracker::new(),
             }),
         }
     }
@@ -192,6 +196,14 @@ impl HttpState {
     /// Connected WebSocket clients.
     pub fn ws_clients(&self) -> &Arc<StreamClients> {
         &self.inner.ws
+    }
+
+    /// Tracks a WebSocket session so shutdown waits for it.
+    pub fn track<F: std::future::Future<Output = ()> + Send + 'static>(
+        &self,
+        session: F,
+    ) -> tokio_util::task::task_tracker::TrackedFuture<F> {
+        self.inner.sessions.track_future(session)
     }
 
     fn render_metrics(&self) -> String {
@@ -256,9 +268,13 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
 /// Serves HTTP on `listener` until the node shuts down; open streams end at shutdown.
 pub async fn serve(listener: TcpListener, state: HttpState) -> std::io::Result<()> {
     let shutdown = state.shutdown().clone();
-    axum::serve(listener, router(state))
+    let sessions = state.inner.sessions.clone();
+    let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+        .await;
+    sessions.close();
+    sessions.wait().await;
+    served
 }
 
 /// A one-line plain-text error response.

@@ -173,7 +173,10 @@ fn open(
     upgrade
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| session(socket, state, streams, backlog, user_id))
+        .on_upgrade(move |socket| {
+            let tracked = state.clone();
+            tracked.track(session(socket, state, streams, backlog, user_id))
+        })
 }
 
 /// What the reader task passes to the session.
