@@ -23,6 +23,12 @@ pub enum Command {
     Pubsub(PubsubArgs),
     /// The same pub/sub scenario against two servers, alternating them round by round.
     Compare(CompareArgs),
+    /// Acknowledged durable publishes (herald PUBLISH vs Redis XADD): throughput and ack
+    /// latency for C connections x K pipelined commands, against one or more servers in turns.
+    Durable(DurableArgs),
+    /// N idle SSE and N idle WebSocket connections to herald: its memory per connection, and
+    /// the time one published event takes to reach all of them.
+    Idle(IdleArgs),
 }
 
 /// Load shape shared by `pubsub` and `compare`.
@@ -111,6 +117,186 @@ pub struct CompareArgs {
     /// Load shape.
     #[command(flatten)]
     pub load: LoadArgs,
+}
+
+/// Arguments of `durable`.
+#[derive(Debug, Clone, Args)]
+pub struct DurableArgs {
+    /// A server, as `LABEL=[publish|xadd@]HOST:PORT` (the command defaults to `publish`);
+    /// repeat to compare several in turns. Ratios are the first target's over each other's.
+    #[arg(long = "target", required = true, value_parser = parse_durable_target, value_name = "LABEL=CMD@HOST:PORT")]
+    pub targets: Vec<DurableTarget>,
+
+    /// A target's process id, as `LABEL=PID`, to report its CPU time and disk writes per
+    /// message (server on this machine only); repeatable.
+    #[arg(long = "pid", value_parser = parse_pid, value_name = "LABEL=PID")]
+    pub pids: Vec<(String, u32)>,
+
+    /// Load shapes to run, as CxK (C connections, each pipelining K commands), comma-separated.
+    #[arg(long, default_value = "1x1,1x32,16x32", value_delimiter = ',', value_parser = parse_shape, value_name = "CxK")]
+    pub shape: Vec<(usize, usize)>,
+
+    /// Payload sizes, comma-separated, e.g. 64,1024.
+    #[arg(long, default_value = "64,1024", value_delimiter = ',', value_parser = parse_size, value_name = "BYTES")]
+    pub payload: Vec<usize>,
+
+    /// `XADD ... MAXLEN ~ N`: trim each stream to about N entries (herald's default namespace
+    /// keeps 100); 0 = no trimming.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub maxlen: u64,
+
+    /// Keys are `<prefix>:<connection>`.
+    #[arg(long, default_value = "bench-durable")]
+    pub prefix: String,
+
+    /// Rounds per (payload, shape); each round runs every target, rotating which goes first.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub rounds: usize,
+
+    /// Measured time per run.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Writing time before the measurement, excluded from the figures.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+
+    /// Pause between runs, to let the servers settle.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub pause: Duration,
+
+    /// Print JSON instead of human-readable text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `idle`. A flag given twice takes its last value (scripts pass defaults first).
+#[derive(Debug, Clone, Args)]
+#[command(args_override_self = true)]
+pub struct IdleArgs {
+    /// herald's HTTP address.
+    #[arg(long, default_value = "127.0.0.1:8000", value_name = "HOST:PORT")]
+    pub http: String,
+
+    /// SSE connections (`GET /api/stream/<channel>`).
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    pub sse: usize,
+
+    /// WebSocket connections (`/ws`, subscribed to the channel).
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    pub ws: usize,
+
+    /// The channel every connection listens on.
+    #[arg(long, default_value = "bench-idle")]
+    pub channel: String,
+
+    /// herald's process id, to read its resident memory (VmRSS) from /proc.
+    #[arg(long)]
+    pub pid: Option<u32>,
+
+    /// Events to publish, one at a time, once everything is connected.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub events: usize,
+
+    /// Size of each event's data.
+    #[arg(long, default_value = "64", value_parser = parse_size, value_name = "BYTES")]
+    pub payload: usize,
+
+    /// Connections being opened at the same time.
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub concurrency: usize,
+
+    /// Wait after opening each group of connections before reading the RSS.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub settle: Duration,
+
+    /// Idle time with everything connected before the first publish.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub hold: Duration,
+
+    /// Most time to wait for one event to reach every connection.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Interval of the client's WebSocket pings (herald closes silent clients); 0 = never.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub ws_ping: Duration,
+
+    /// Print JSON instead of human-readable text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The write command a durable target is measured with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DurableCommand {
+    /// `PUBLISH` (herald).
+    Publish,
+    /// `XADD` (Redis Streams).
+    Xadd,
+}
+
+/// A server to measure durable publishes against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurableTarget {
+    /// Name in reports.
+    pub label: String,
+    /// The write command.
+    pub command: DurableCommand,
+    /// `host:port`.
+    pub addr: String,
+}
+
+/// Parses `LABEL=[publish|xadd@]HOST:PORT`.
+pub fn parse_durable_target(text: &str) -> Result<DurableTarget, String> {
+    let (label, rest) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected LABEL=[publish|xadd@]HOST:PORT, got {text:?}"))?;
+    let (command, addr) = match rest.split_once('@') {
+        Some((command, addr)) => (command.trim(), addr.trim()),
+        None => ("publish", rest.trim()),
+    };
+    let command = match command.to_ascii_lowercase().as_str() {
+        "publish" => DurableCommand::Publish,
+        "xadd" => DurableCommand::Xadd,
+        other => return Err(format!("unknown command {other:?}: use publish or xadd")),
+    };
+    let target = parse_target(&format!("{label}={addr}"))?;
+    Ok(DurableTarget {
+        label: target.label,
+        command,
+        addr: target.addr,
+    })
+}
+
+/// Parses `LABEL=PID`.
+pub fn parse_pid(text: &str) -> Result<(String, u32), String> {
+    let (label, pid) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected LABEL=PID, got {text:?}"))?;
+    let pid = pid
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad pid in {text:?}"))?;
+    Ok((label.trim().to_owned(), pid))
+}
+
+/// Parses a load shape `CxK`.
+pub fn parse_shape(text: &str) -> Result<(usize, usize), String> {
+    let (c, k) = text
+        .trim()
+        .split_once(['x', 'X', '*'])
+        .ok_or_else(|| format!("expected CxK (connections x pipeline), got {text:?}"))?;
+    let c: usize = c
+        .parse()
+        .map_err(|_| format!("bad connections in {text:?}"))?;
+    let k: usize = k.parse().map_err(|_| format!("bad pipeline in {text:?}"))?;
+    if c == 0 || k == 0 {
+        return Err(format!(
+            "connections and pipeline must be positive in {text:?}"
+        ));
+    }
+    Ok((c, k))
 }
 
 /// A server to benchmark: a name for reports and its address.
@@ -239,5 +425,68 @@ mod tests {
         };
         assert_eq!(args.payload, vec![64, 1024]);
         assert_eq!(args.load.duration, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn parses_durable_arguments() {
+        assert_eq!(parse_shape("16x32"), Ok((16, 32)));
+        assert!(parse_shape("0x1").is_err());
+        assert!(parse_shape("16").is_err());
+        assert_eq!(
+            parse_durable_target("ra=xadd@127.0.0.1:16391"),
+            Ok(DurableTarget {
+                label: "ra".into(),
+                command: DurableCommand::Xadd,
+                addr: "127.0.0.1:16391".into()
+            })
+        );
+        assert_eq!(
+            parse_durable_target("herald=127.0.0.1:1").unwrap().command,
+            DurableCommand::Publish
+        );
+        assert!(parse_durable_target("x=del@127.0.0.1:1").is_err());
+        assert!(parse_durable_target("127.0.0.1:1").is_err());
+        assert_eq!(parse_pid("herald=42"), Ok(("herald".into(), 42)));
+        let cli = Cli::try_parse_from([
+            "herald-bench",
+            "durable",
+            "--target",
+            "herald=127.0.0.1:1",
+            "--target",
+            "redis=xadd@127.0.0.1:2",
+            "--shape",
+            "1x1,16x32",
+            "--maxlen",
+            "100",
+        ])
+        .unwrap();
+        let Command::Durable(args) = cli.command else {
+            panic!("not durable")
+        };
+        assert_eq!(args.shape, vec![(1, 1), (16, 32)]);
+        assert_eq!(args.payload, vec![64, 1024]);
+        assert_eq!(args.targets.len(), 2);
+    }
+
+    #[test]
+    fn idle_flags_can_be_overridden() {
+        let cli = Cli::try_parse_from([
+            "herald-bench",
+            "idle",
+            "--sse",
+            "9000",
+            "--ws",
+            "9000",
+            "--sse",
+            "10",
+            "--hold",
+            "1m",
+        ])
+        .unwrap();
+        let Command::Idle(args) = cli.command else {
+            panic!("not idle")
+        };
+        assert_eq!((args.sse, args.ws), (10, 9000));
+        assert_eq!(args.hold, Duration::from_secs(60));
     }
 }

@@ -15,25 +15,47 @@
 //! `compare` runs the same scenario against two servers in turns, alternating which goes first
 //! each round, and prints a table of both sides' delivered msg/s, p50, p99 and their ratio.
 //!
+//! `durable` measures acknowledged writes: C connections each pipelining K commands
+//! (`PUBLISH` for herald, whose durable namespaces acknowledge after the flush to disk;
+//! `XADD [MAXLEN ~ N]` for Redis Streams), against one or more servers in turns, rotating which
+//! goes first; it reports acked msg/s, ack latency percentiles, the first target's throughput
+//! over each other's, and with `--pid` each server's CPU time and disk writes per message.
+//!
+//! `idle` opens N SSE streams and N WebSockets to herald on one channel, reports herald's RSS
+//! growth per connection (`--pid`), then publishes events over HTTP and measures how long each
+//! takes to reach every connection.
+//!
 //! ```text
 //! cargo build --release -p herald-bench
 //! ./target/release/herald-bench pubsub --addr 127.0.0.1:6379 --publishers 1 --subscribers 50 \
 //!     --payload 64 --duration 10s --warmup 2s [--channels 1] [--pipeline 32] [--rate N] [--json]
 //! ./target/release/herald-bench compare --a herald=127.0.0.1:6379 --b redis=127.0.0.1:6390 \
 //!     --publishers 1 --subscribers 50 --payload 64,1024 --duration 10s --rounds 2
+//! ./target/release/herald-bench durable --target herald=publish@127.0.0.1:6379 \
+//!     --target redis=xadd@127.0.0.1:6390 --maxlen 100 --shape 1x1,1x32,16x32 --payload 64,1024
+//! ./target/release/herald-bench idle --http 127.0.0.1:8000 --pid <herald pid> --sse 10000 \
+//!     --ws 10000 --channel bench-idle --events 3
 //! ```
+//!
+//! `scripts/bench-pubsub`, `scripts/bench-durable` and `scripts/bench-idle` start the servers
+//! and run these with the settings of docs/benchmarks.md.
 //!
 //! The client is meant to stay out of the way of the server it measures: no allocation per
 //! message, 256 KiB read buffers, one write per batch of PUBLISH commands, one clock read per
 //! socket read on the subscriber side.
 
 mod cli;
+mod durable;
+mod idle;
+mod procfs;
 mod pubsub;
 mod report;
 mod resp;
 
 use clap::Parser;
-use cli::{Cli, Command, CompareArgs, LoadArgs, PubsubArgs, Target};
+use cli::{
+    Cli, Command, CompareArgs, DurableArgs, DurableCommand, IdleArgs, LoadArgs, PubsubArgs, Target,
+};
 use pubsub::Scenario;
 use report::{CompareRow, RunResult, Side};
 
@@ -49,6 +71,8 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Pubsub(args) => run_pubsub(args).await,
             Command::Compare(args) => run_compare(args).await,
+            Command::Durable(args) => run_durable(args).await,
+            Command::Idle(args) => run_idle(args).await,
         }
     })
 }
@@ -138,6 +162,124 @@ async fn run_compare(args: CompareArgs) -> anyhow::Result<()> {
     } else {
         println!();
         print!("{}", report::compare_table(&args.a, &args.b, &rows));
+    }
+    Ok(())
+}
+
+async fn run_durable(args: DurableArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
+    let labels: Vec<String> = args.targets.iter().map(|t| t.label.clone()).collect();
+    for (label, _) in &args.pids {
+        anyhow::ensure!(
+            labels.contains(label),
+            "--pid {label}=...: no target is labelled {label:?}"
+        );
+    }
+    let n = args.targets.len();
+    // (payload, shape, target index, result)
+    let mut runs: Vec<(usize, (usize, usize), usize, durable::DurableResult)> = Vec::new();
+    let mut first = true;
+    for &payload in &args.payload {
+        for &(connections, pipeline) in &args.shape {
+            for round in 0..args.rounds {
+                // Rotate the order: each target goes first in turn.
+                for k in 0..n {
+                    let index = (k + round) % n;
+                    let target = &args.targets[index];
+                    if !first {
+                        tokio::time::sleep(args.pause).await;
+                    }
+                    first = false;
+                    eprintln!(
+                        "round {}/{}: {} ({}), {connections}x{pipeline}, {payload} B",
+                        round + 1,
+                        args.rounds,
+                        target.label,
+                        target.addr,
+                    );
+                    let scenario = durable::DurableScenario {
+                        label: target.label.clone(),
+                        addr: target.addr.clone(),
+                        mode: match target.command {
+                            DurableCommand::Publish => durable::Mode::Publish,
+                            DurableCommand::Xadd => durable::Mode::Xadd {
+                                maxlen: (args.maxlen > 0).then_some(args.maxlen),
+                            },
+                        },
+                        pid: args
+                            .pids
+                            .iter()
+                            .find(|(label, _)| *label == target.label)
+                            .map(|&(_, pid)| pid),
+                        prefix: args.prefix.clone(),
+                        connections,
+                        pipeline,
+                        payload,
+                        duration: args.duration,
+                        warmup: args.warmup,
+                    };
+                    let result = durable::run(&scenario).await?;
+                    if !args.json {
+                        println!("{}", result.human());
+                    }
+                    runs.push((payload, (connections, pipeline), index, result));
+                }
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for &payload in &args.payload {
+        for &shape in &args.shape {
+            let sides: Option<Vec<durable::Merged>> = (0..n)
+                .map(|index| {
+                    let mine: Vec<&durable::DurableResult> = runs
+                        .iter()
+                        .filter(|(p, s, i, _)| *p == payload && *s == shape && *i == index)
+                        .map(|(_, _, _, r)| r)
+                        .collect();
+                    durable::Merged::of(&mine)
+                })
+                .collect();
+            if let Some(sides) = sides {
+                rows.push(durable::DurableRow {
+                    payload,
+                    connections: shape.0,
+                    pipeline: shape.1,
+                    sides,
+                });
+            }
+        }
+    }
+    if args.json {
+        let runs: Vec<durable::DurableResult> = runs.into_iter().map(|(.., r)| r).collect();
+        println!("{}", durable::compare_json(&labels, &rows, &runs));
+    } else {
+        println!();
+        print!("{}", durable::table(&labels, &rows));
+    }
+    Ok(())
+}
+
+async fn run_idle(args: IdleArgs) -> anyhow::Result<()> {
+    let scenario = idle::IdleScenario {
+        http: args.http,
+        sse: args.sse,
+        ws: args.ws,
+        channel: args.channel,
+        pid: args.pid,
+        events: args.events,
+        payload: args.payload,
+        concurrency: args.concurrency,
+        settle: args.settle,
+        hold: args.hold,
+        timeout: args.timeout,
+        ws_ping: args.ws_ping,
+    };
+    let result = idle::run(&scenario).await?;
+    if args.json {
+        println!("{}", result.json());
+    } else {
+        print!("{}", result.human());
     }
     Ok(())
 }

@@ -225,7 +225,8 @@ impl RunResult {
     }
 }
 
-fn latency_json(l: &Latency) -> String {
+/// Latency percentiles as a JSON object.
+pub fn latency_json(l: &Latency) -> String {
     format!(
         "{{\"p50\":{},\"p90\":{},\"p99\":{},\"p99_9\":{},\"max\":{},\"mean\":{:.1}}}",
         l.p50, l.p90, l.p99, l.p999, l.max, l.mean
@@ -387,7 +388,7 @@ pub fn thousands(value: f64) -> String {
 }
 
 /// A JSON string literal.
-fn json_str(text: &str) -> String {
+pub fn json_str(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('"');
     for c in text.chars() {
@@ -404,7 +405,8 @@ fn json_str(text: &str) -> String {
     out
 }
 
-fn json_list(items: &[String]) -> String {
+/// A JSON array of strings.
+pub fn json_list(items: &[String]) -> String {
     let items: Vec<String> = items.iter().map(|s| json_str(s)).collect();
     format!("[{}]", items.join(","))
 }

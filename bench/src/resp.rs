@@ -1,6 +1,7 @@
 //! The little RESP the benchmark has to read, parsed in place without allocating: push frames
 //! on subscriber connections (`message`, `pmessage`, `subscribe` confirmations, errors) and the
-//! one-line replies (`:N` or `-ERR ...`) publishers get for `PUBLISH`.
+//! one-line replies (`:N` or `-ERR ...`) publishers get for `PUBLISH`, and the acknowledgements
+//! of durable writes (`PUBLISH`, `XADD`).
 //!
 //! Every parser takes the unconsumed part of a read buffer and returns `Ok(None)` when the frame
 //! is not complete yet, so frames split across reads are simply parsed again after the next read.
@@ -266,6 +267,53 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply<'_>, usize)>, ProtocolErr
     }
 }
 
+/// The acknowledgement of a write command (`PUBLISH`'s `:N`, `XADD`'s `$len id`, `+OK`), or the
+/// error that refused it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack<'a> {
+    /// The command succeeded (integer, simple string or non-null bulk string reply).
+    Ok,
+    /// The server refused it: an error reply (without the `-`), or a null bulk string.
+    Error(&'a [u8]),
+}
+
+/// Parses one acknowledgement from the start of `buf`: what it said and how many bytes it took,
+/// or `None` when it is not complete yet.
+#[inline]
+pub fn parse_ack(buf: &[u8]) -> Result<Option<(Ack<'_>, usize)>, ProtocolError> {
+    let Some(&tag) = buf.first() else {
+        return Ok(None);
+    };
+    let Some((text, next)) = line(buf, 1)? else {
+        return Ok(None);
+    };
+    match tag {
+        b':' => {
+            parse_int(text)?;
+            Ok(Some((Ack::Ok, next)))
+        }
+        b'+' => Ok(Some((Ack::Ok, next))),
+        b'-' => Ok(Some((Ack::Error(text), next))),
+        b'$' => {
+            let len = parse_int(text)?;
+            if len < 0 {
+                return Ok(Some((Ack::Error(b"null reply"), next)));
+            }
+            let end = next + len as usize;
+            if buf.len() < end + 2 {
+                return Ok(None);
+            }
+            if &buf[end..end + 2] != b"\r\n" {
+                return Err(ProtocolError("bulk string not terminated by CRLF"));
+            }
+            Ok(Some((Ack::Ok, end + 2)))
+        }
+        _ => Err(ProtocolError(
+            "expected an integer, status or bulk string reply",
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,5 +454,26 @@ mod tests {
         assert_eq!(parse_int(b"-12"), Ok(-12));
         assert!(parse_int(b"").is_err());
         assert!(parse_int(b"1a").is_err());
+    }
+
+    #[test]
+    fn parses_acks() {
+        assert_eq!(parse_ack(b":3\r\n"), Ok(Some((Ack::Ok, 4))));
+        assert_eq!(parse_ack(b"+OK\r\n"), Ok(Some((Ack::Ok, 5))));
+        let xadd = b"$15\r\n1700000000000-0\r\n:1";
+        assert_eq!(parse_ack(xadd), Ok(Some((Ack::Ok, xadd.len() - 2))));
+        for cut in 0..xadd.len() - 2 {
+            assert_eq!(parse_ack(&xadd[..cut]), Ok(None), "cut at {cut}");
+        }
+        assert_eq!(
+            parse_ack(b"-ERR no\r\n"),
+            Ok(Some((Ack::Error(b"ERR no"), 9)))
+        );
+        assert_eq!(
+            parse_ack(b"$-1\r\n"),
+            Ok(Some((Ack::Error(b"null reply"), 5)))
+        );
+        assert!(parse_ack(b"*1\r\n").is_err());
+        assert!(parse_ack(b"$2\r\nabc\r\n").is_err());
     }
 }
