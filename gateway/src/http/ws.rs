@@ -173,6 +173,9 @@ fn open(
     upgrade
         .max_message_size(max)
         .max_frame_size(max)
+        // tungstenite's default 128 KiB read buffer stays resident per connection (and is
+        // zeroed on every read): 4 KiB took an idle WebSocket from 138 to 12 KiB of RSS.
+        .read_buffer_size(4096)
         .on_upgrade(move |socket| {
             let tracked = state.clone();
             tracked.track(session(socket, state, streams, backlog, user_id))
