@@ -221,18 +221,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/realtime/stats", get(ops::stats))
         .route("/api/publish", post(publish::publish))
         .route("/api/stream", get(sse::stream_query))
-        .route(
-            "/api/stream/render-progress/{job_id}",
-            get(sse::render_progress),
-        )
-        .route(
-            "/api/stream/campaign-metrics/{campaign_id}",
-            get(sse::campaign_metrics),
-        )
-        .route(
-            "/api/stream/ab-test-results/{test_id}",
-            get(sse::ab_test_results),
-        )
+        .route("/api/stream/{endpoint}/{id}", get(sse::entity_stream))
         .route("/api/stream/council-score", get(sse::council_score))
         .route("/api/stream/evaluate-creative", get(sse::evaluate_creative))
         .route("/api/stream/{channel}", get(sse::stream_channel))

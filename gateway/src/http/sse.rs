@@ -63,49 +63,34 @@ pub async fn stream_query(
     open(state, channels, &headers, query.as_deref())
 }
 
-/// `GET /api/stream/render-progress/{jobId}`.
-pub async fn render_progress(
-    State(state): State<HttpState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    open(
-        state,
-        vec![Bytes::from(format!("render_progress:{id}"))],
-        &headers,
-        query.as_deref(),
-    )
-}
+/// The seed's per-entity endpoints and the channel namespace each maps to.
+const ENTITY_STREAMS: &[(&str, &str)] = &[
+    ("render-progress", "render_progress"),
+    ("campaign-metrics", "campaign_metrics"),
+    ("ab-test-results", "ab_test_results"),
+];
 
-/// `GET /api/stream/campaign-metrics/{campaignId}`.
-pub async fn campaign_metrics(
+/// `GET /api/stream/{render-progress|campaign-metrics|ab-test-results}/{id}`.
+pub async fn entity_stream(
     State(state): State<HttpState>,
-    Path(id): Path<String>,
+    Path((endpoint, id)): Path<(String, String)>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    open(
-        state,
-        vec![Bytes::from(format!("campaign_metrics:{id}"))],
-        &headers,
-        query.as_deref(),
-    )
-}
-
-/// `GET /api/stream/ab-test-results/{testId}`.
-pub async fn ab_test_results(
-    State(state): State<HttpState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    open(
-        state,
-        vec![Bytes::from(format!("ab_test_results:{id}"))],
-        &headers,
-        query.as_deref(),
-    )
+    match ENTITY_STREAMS.iter().find(|(name, _)| *name == endpoint) {
+        Some((_, namespace)) => open(
+            state,
+            vec![Bytes::from(format!("{namespace}:{id}"))],
+            &headers,
+            query.as_deref(),
+        ),
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no stream endpoint '{endpoint}': use render-progress, campaign-metrics, ab-test-results, or /api/stream/{{channel}}"
+            ),
+        ),
+    }
 }
 
 /// `GET /api/stream/council-score?videoUrl=&transcript=&features=`.
