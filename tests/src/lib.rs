@@ -447,3 +447,16 @@ pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Posts `body` (one event or an array of them) to the node's `POST /api/publish`, requires a
+/// 200 and returns the reply: what every HTTP publisher in the tests does.
+pub async fn publish_http(node: &Herald, body: &serde_json::Value) -> serde_json::Value {
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/publish", node.http_url()))
+        .json(body)
+        .send()
+        .await
+        .expect("publish request");
+    assert_eq!(response.status(), 200, "publish refused");
+    response.json().await.expect("publish reply is JSON")
+}

@@ -84,9 +84,10 @@ async fn slow_subscriber_is_disconnected_and_others_get_everything() {
     // The slow subscriber was closed: after what the kernel buffered, its stream ends.
     let mut rest = Vec::new();
     let read = slow.stream().try_clone().unwrap().read_to_end(&mut rest);
+    // The server closed it (EOF or reset), rather than the read timing out on an open socket.
     assert!(
-        read.is_ok() || rest.len() < COUNT * 1024,
-        "slow subscriber was not disconnected"
+        !matches!(&read, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "the slow subscriber's connection was never closed"
     );
     assert!(
         rest.len() < COUNT * 1024,

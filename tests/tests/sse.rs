@@ -45,14 +45,7 @@ async fn publish(node: &Herald, channel: &str, data: Value, message_id: Option<&
     if let Some(id) = message_id {
         body["messageId"] = json!(id);
     }
-    let response = reqwest::Client::new()
-        .post(format!("{}/api/publish", node.http_url()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.json().await.unwrap()
+    herald_tests::publish_http(node, &body).await
 }
 
 fn stream_url(node: &Herald, channel: &str) -> String {
@@ -503,19 +496,12 @@ async fn a_slow_sse_client_is_cut_off_without_slowing_others_and_resumes_without
     let mut fast = connect(&url, None).await;
     const TOTAL: usize = 2000;
     let pad = "x".repeat(4000);
-    let client = reqwest::Client::new();
     let mut received = 0;
     for batch in 0..TOTAL / 100 {
         let events: Vec<Value> = (batch * 100..(batch + 1) * 100)
             .map(|n| json!({ "channel": "firehose:all", "data": { "n": n, "pad": pad } }))
             .collect();
-        let response = client
-            .post(format!("{}/api/publish", node.http_url()))
-            .json(&events)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
+        herald_tests::publish_http(&node, &Value::Array(events)).await;
         // The fast client keeps up (it reads each batch before the next is published).
         while received < (batch + 1) * 100 {
             let data: Value = serde_json::from_str(&next(&mut fast).await.data).unwrap();

@@ -64,14 +64,7 @@ async fn subscribe(ws: &mut Ws, request: Value, channel: &str) {
 
 /// Publishes over HTTP and returns the reply (position, id...).
 async fn publish(node: &Herald, channel: &str, data: Value) -> Value {
-    let response = reqwest::Client::new()
-        .post(format!("{}/api/publish", node.http_url()))
-        .json(&json!({ "channel": channel, "data": data }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.json().await.unwrap()
+    herald_tests::publish_http(node, &json!({ "channel": channel, "data": data })).await
 }
 
 /// `value` without its `id`, which must be a non-empty string; returns the id too.
@@ -595,19 +588,12 @@ async fn a_client_over_its_output_limit_is_cut_off_and_resumes_without_loss() {
     subscribe(&mut fast, subscribe_all.clone(), "firehose:all").await;
     const TOTAL: usize = 2000;
     let pad = "x".repeat(4000);
-    let client = reqwest::Client::new();
     let mut received = 0;
     for batch in 0..TOTAL / 100 {
         let events: Vec<Value> = (batch * 100..(batch + 1) * 100)
             .map(|n| json!({ "channel": "firehose:all", "data": { "n": n, "pad": pad } }))
             .collect();
-        let response = client
-            .post(format!("{}/api/publish", node.http_url()))
-            .json(&events)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
+        herald_tests::publish_http(&node, &Value::Array(events)).await;
         // The fast client keeps up (it reads each batch before the next is published).
         while received < (batch + 1) * 100 {
             let (_, event) = split_id(next(&mut fast).await);
