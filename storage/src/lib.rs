@@ -31,6 +31,7 @@ pub mod cursor;
 pub mod event;
 pub mod log;
 pub mod namespace;
+pub mod raft;
 pub mod store;
 #[cfg(test)]
 mod testutil;

@@ -92,7 +92,7 @@ impl Default for StoreOptions {
 }
 
 /// One publish as it enters the log.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Publish {
     /// The channel (binary-safe).
     pub channel: Bytes,
@@ -126,7 +126,7 @@ impl Publish {
 }
 
 /// What applying one publish did.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Applied {
     /// A new event got this position (and was stored if its namespace keeps history).
     New(Event),
