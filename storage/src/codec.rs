@@ -16,6 +16,14 @@
 //! | `h` chan u64 BE seq | [`StoredEvent`] | one retained event |
 //! | `d` chan message-id | [`DedupRecord`] | a message id seen in the dedup window |
 //! | `x` u64 BE at_ms chan message-id | empty | dedup expiry index, in time order |
+//! | `m` `k` u16 BE partition | u64 BE | the partition's applied clock: the largest `now_ms` apply used |
+//! | `m` `c` | u64 BE | the cluster's epoch, present once the store joined a cluster |
+//! | `r` u16 BE group `l` u64 BE index | `openraft::Entry` | one Raft log entry of the group |
+//! | `r` group `v` | `openraft::Vote` | the group's vote |
+//! | `r` group `p` | `openraft::LogId` | the group's last purged log id |
+//! | `r` group `c` | `openraft::LogId` | the group's last known committed log id |
+//! | `r` group `a` | `AppliedState` (raft module) | last applied log id and membership of the group's state machine |
+//! | `r` group `s` | `StoredSnapshot` (raft module) | the group's current snapshot (meta and data) |
 //!
 //! Values are bincode 2 (standard config, varint integers) through serde. bincode 3 is a
 //! deliberate `compile_error!`; if the codec ever has to change crate, only this module changes
@@ -42,6 +50,15 @@ pub(crate) const PREFIX_CHANNEL: u8 = b'c';
 pub(crate) const PREFIX_HISTORY: u8 = b'h';
 pub(crate) const PREFIX_DEDUP: u8 = b'd';
 pub(crate) const PREFIX_DEDUP_EXPIRY: u8 = b'x';
+pub(crate) const PREFIX_CLOCK: &[u8] = b"mk";
+pub(crate) const KEY_CLUSTER: &[u8] = b"mc";
+pub(crate) const PREFIX_RAFT: u8 = b'r';
+pub(crate) const RAFT_LOG: u8 = b'l';
+pub(crate) const RAFT_VOTE: u8 = b'v';
+pub(crate) const RAFT_PURGED: u8 = b'p';
+pub(crate) const RAFT_COMMITTED: u8 = b'c';
+pub(crate) const RAFT_APPLIED: u8 = b'a';
+pub(crate) const RAFT_SNAPSHOT: u8 = b's';
 
 /// Per-channel bookkeeping, present while the channel has (or just had) retained history.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +202,45 @@ pub(crate) fn partition_key(prefix: &[u8], p: Partition) -> Vec<u8> {
     let mut k = prefix.to_vec();
     k.extend_from_slice(&p.to_be_bytes());
     k
+}
+
+/// `r ++ group BE ++ tag`: one Raft record of a group, or the prefix of its log (`tag` = `l`).
+pub(crate) fn raft_key(group: u16, tag: u8) -> Vec<u8> {
+    let mut k = Vec::with_capacity(12);
+    k.push(PREFIX_RAFT);
+    k.extend_from_slice(&group.to_be_bytes());
+    k.push(tag);
+    k
+}
+
+/// `r ++ group BE ++ l ++ index BE`: one Raft log entry.
+pub(crate) fn raft_log_key(group: u16, index: u64) -> Vec<u8> {
+    let mut k = raft_key(group, RAFT_LOG);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// The index at the end of a Raft log key.
+pub(crate) fn raft_log_key_index(key: &[u8]) -> Result<u64, StorageError> {
+    key.get(4..12)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StorageError::Corrupt("raft log key malformed".into()))
+}
+
+/// The channel a `c`, `h`, `d` or `x` key belongs to.
+pub(crate) fn record_channel(key: &[u8]) -> Result<&[u8], StorageError> {
+    match key.first() {
+        Some(&PREFIX_DEDUP_EXPIRY) => {
+            // `x ++ at_ms ++ chan ++ id`: the channel starts after the time.
+            let rest = key
+                .get(8..)
+                .ok_or_else(|| StorageError::Corrupt("dedup expiry key too short".into()))?;
+            split_chan(rest).map(|(c, _)| c)
+        }
+        Some(&(PREFIX_CHANNEL | PREFIX_HISTORY | PREFIX_DEDUP)) => split_chan(key).map(|(c, _)| c),
+        _ => Err(StorageError::Corrupt("not a channel record key".into())),
+    }
 }
 
 /// A big-endian u64 value.

@@ -3,9 +3,12 @@
 //! [`Store::apply`] is the state machine: it takes a batch of publishes in log order and, for
 //! each, checks dedup, assigns the partition's next seq, writes history, trims retention and
 //! records the message id, all in ONE atomic `sled::Batch`. The single-node log
-//! ([`crate::log::LocalLog`]) calls it today; the cluster's Raft state machine will call exactly
-//! this later, so it depends only on its inputs (the batch, the namespace config, `now_ms`) and
-//! the store's own state, never on the local clock.
+//! ([`crate::log::LocalLog`]) calls it; the partition groups' Raft state machine
+//! ([`crate::raft::GroupStateMachine`]) runs the same logic with its Raft bookkeeping added to
+//! the batch. It depends only on its inputs (the batch, the namespace config, `now_ms`) and the
+//! store's own state (including the partition's applied clock), never on the local clock.
+//!
+//! The Raft logs and state of every group live in the same tree (see [`crate::raft`]).
 //!
 //! Reads ([`Store::history_after`], [`Store::last`], [`Store::oldest`]) take no lock and see a
 //! consistent view of each applied batch. The on-disk layout is described in the private `codec` module.
@@ -13,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -68,6 +71,10 @@ pub enum StorageError {
     /// The log's committer is gone (the log was shut down or its task died).
     #[error("the log is closed")]
     Closed,
+    /// The cluster could not commit the publish (no leader, no quorum, outcome unknown); the
+    /// text says which, and whether a retry with the same message id is safe.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// How a store is opened. The partition count is fixed at creation.
@@ -159,10 +166,12 @@ pub struct ChannelStats {
     pub events: u64,
 }
 
-/// State that only the writers (apply, expire) touch, under one lock.
+/// State that only the writers (apply, expire, Raft bookkeeping) touch, under one lock.
 struct WriteState {
     last_seq: Vec<u64>,
     forgotten: Vec<u64>,
+    /// Per partition: the largest clock apply used (see [`Store::applied_clock`]).
+    clock: Vec<u64>,
 }
 
 /// One node's durable event history (see the module docs).
@@ -172,21 +181,32 @@ pub struct Store {
     data_file: Arc<std::fs::File>,
     tree: sled::Tree,
     dir: PathBuf,
-    epoch: Epoch,
+    epoch: AtomicU64,
     partitions: u16,
     dedup_window_ms: u64,
     write: Mutex<WriteState>,
     latest: Box<[AtomicU64]>,
     forgotten: Box<[AtomicU64]>,
+    clock: Box<[AtomicU64]>,
     stat_channels: AtomicU64,
     stat_events: AtomicU64,
+    /// The store joined a cluster (a meta group applied `Init`; persisted as `KEY_CLUSTER`).
+    cluster: AtomicBool,
+    /// Dedup records expire by their partition's applied clock, not the local one (set when the
+    /// store joined a cluster or a Raft state machine was opened on it).
+    deterministic_expiry: AtomicBool,
+    /// Flush coalescing: tickets taken by callers of [`Store::flush`], the highest ticket a
+    /// completed flush covered, and the lock one flush at a time holds.
+    flush_tickets: AtomicU64,
+    flushed_ticket: AtomicU64,
+    flush_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
             .field("dir", &self.dir)
-            .field("epoch", &self.epoch)
+            .field("epoch", &self.epoch())
             .field("partitions", &self.partitions)
             .finish_non_exhaustive()
     }
@@ -302,9 +322,11 @@ impl Store {
 
         let mut last_seq = vec![0u64; usize::from(partitions)];
         let mut forgotten = vec![0u64; usize::from(partitions)];
+        let mut clock = vec![0u64; usize::from(partitions)];
         for (prefix, into) in [
             (codec::PREFIX_LAST_SEQ, &mut last_seq),
             (codec::PREFIX_FORGOTTEN, &mut forgotten),
+            (codec::PREFIX_CLOCK, &mut clock),
         ] {
             for kv in tree.scan_prefix(prefix) {
                 let (k, v) = kv?;
@@ -330,29 +352,54 @@ impl Store {
             }
         }
 
+        let cluster = tree.get(codec::KEY_CLUSTER)?.is_some();
+
         let atomics = |v: &[u64]| v.iter().map(|&x| AtomicU64::new(x)).collect::<Box<[_]>>();
         Ok(Store {
             latest: atomics(&last_seq),
             forgotten: atomics(&forgotten),
+            clock: atomics(&clock),
             write: Mutex::new(WriteState {
                 last_seq,
                 forgotten,
+                clock,
             }),
             db,
             data_file,
             tree,
             dir: dir.to_path_buf(),
-            epoch,
+            epoch: AtomicU64::new(epoch.0),
             partitions,
             dedup_window_ms: options.dedup_window.as_millis().min(u128::from(u64::MAX)) as u64,
             stat_channels: AtomicU64::new(channels),
             stat_events: AtomicU64::new(events),
+            cluster: AtomicBool::new(cluster),
+            deterministic_expiry: AtomicBool::new(cluster),
+            flush_tickets: AtomicU64::new(0),
+            flushed_ticket: AtomicU64::new(0),
+            flush_lock: tokio::sync::Mutex::new(()),
         })
     }
 
-    /// The store's epoch, chosen at random when it was created.
+    /// The store's epoch: chosen at random when it was created, replaced by the cluster's epoch
+    /// when the store joins a cluster (the meta group's `Init`, see [`Store::cluster_initialized`]).
     pub fn epoch(&self) -> Epoch {
-        self.epoch
+        Epoch(self.epoch.load(Ordering::Acquire))
+    }
+
+    /// Whether the store joined a cluster: its meta Raft group applied `Init` (or installed a
+    /// snapshot taken after it). From then on [`Store::epoch`] is the cluster's epoch.
+    pub fn cluster_initialized(&self) -> bool {
+        self.cluster.load(Ordering::Acquire)
+    }
+
+    /// The applied clock of `partition` (0 = nothing applied yet, or no such partition): the
+    /// largest clock an apply of the partition used. Apply never uses an older clock (an apply
+    /// with an earlier `now_ms` uses this one), and in a cluster dedup records expire by it.
+    pub fn applied_clock(&self, partition: Partition) -> u64 {
+        self.clock
+            .get(usize::from(partition))
+            .map_or(0, |a| a.load(Ordering::Acquire))
     }
 
     /// The partition count, fixed when the store was created.
@@ -391,8 +438,12 @@ impl Store {
     /// batch or earlier in this one) yields [`Applied::Duplicate`] with the original position.
     /// Otherwise the channel's partition assigns its next seq (contiguous, never reused), the
     /// event is written to history if its namespace keeps any (`history_size > 0`), the channel
-    /// is trimmed to `history_size`, oldest first, and the message id is recorded with time
-    /// `now_ms`. The event's TTL deadline is fixed here as `now_ms + history_ttl`.
+    /// is trimmed to `history_size`, oldest first, and the message id is recorded with the
+    /// apply clock. The event's TTL deadline is fixed here as `clock + history_ttl`.
+    ///
+    /// The apply clock of a partition is `max(now_ms, applied_clock(partition))`
+    /// ([`Store::applied_clock`]), so time never runs backwards within a partition; it becomes
+    /// the partition's new applied clock, in the same batch.
     ///
     /// Does not flush: the caller flushes ([`Store::flush`]) before acknowledging. If this
     /// returns an error nothing of the batch was applied. Callers must not pass publishes of
@@ -403,16 +454,36 @@ impl Store {
         namespaces: &Namespaces,
         now_ms: u64,
     ) -> Result<Vec<Applied>, StorageError> {
+        self.apply_with(batch, namespaces, now_ms, None, sled::Batch::default())
+    }
+
+    /// [`Store::apply`], with the ops already in `sled_batch` (the Raft bookkeeping of the
+    /// entry; keys outside the store's event records) written in the same atomic sled batch. `tick` names a partition whose applied clock advances to `now_ms`
+    /// even if `batch` has none of its publishes (an empty entry still moves its clock).
+    pub(crate) fn apply_with(
+        &self,
+        batch: &[Publish],
+        namespaces: &Namespaces,
+        now_ms: u64,
+        tick: Option<Partition>,
+        mut sled_batch: sled::Batch,
+    ) -> Result<Vec<Applied>, StorageError> {
         let mut state = self.write.lock();
         let mut out = Vec::with_capacity(batch.len());
-        let mut sled_batch = sled::Batch::default();
         let mut next: BTreeMap<Partition, u64> = BTreeMap::new();
+        let mut clocks: BTreeMap<Partition, u64> = BTreeMap::new();
         let mut seen: HashMap<Vec<u8>, Position> = HashMap::new();
         let mut channels: HashMap<Bytes, ChannelWork> = HashMap::new();
+        if let Some(p) = tick.filter(|&p| p < self.partitions) {
+            clocks.insert(p, now_ms.max(state.clock[usize::from(p)]));
+        }
 
         for publish in batch {
             let config = namespaces.for_channel(&publish.channel);
             let partition = partition_of(&publish.channel, self.partitions);
+            let now_ms = *clocks
+                .entry(partition)
+                .or_insert_with(|| now_ms.max(state.clock[usize::from(partition)]));
 
             let dedup_key = match &publish.message_id {
                 Some(id) => {
@@ -546,12 +617,22 @@ impl Store {
                 &seq.to_be_bytes(),
             );
         }
+        for (&p, &clock) in &clocks {
+            sled_batch.insert(
+                codec::partition_key(codec::PREFIX_CLOCK, p),
+                &clock.to_be_bytes(),
+            );
+        }
 
         self.tree.apply_batch(sled_batch)?;
 
         for (p, seq) in next {
             state.last_seq[usize::from(p)] = seq;
             self.latest[usize::from(p)].store(seq, Ordering::Release);
+        }
+        for (p, clock) in clocks {
+            state.clock[usize::from(p)] = clock;
+            self.clock[usize::from(p)].store(clock, Ordering::Release);
         }
         add(&self.stat_channels, d_channels);
         add(&self.stat_events, d_events);
@@ -576,13 +657,26 @@ impl Store {
     /// `fsync`s only from its background flusher, every 500 ms. So the flush is followed by an
     /// `fdatasync` of the data file: an acknowledged event then survives power loss too, the
     /// guarantee of Redis's `appendfsync always`.
+    ///
+    /// Concurrent callers share flushes (every Raft group of the node flushes this one
+    /// database): a caller waiting behind a running flush returns as soon as a flush that
+    /// started after its call completes.
     pub async fn flush(&self) -> Result<(), StorageError> {
+        // Every write of this caller happened before its ticket was taken.
+        let ticket = self.flush_tickets.fetch_add(1, Ordering::AcqRel) + 1;
+        let _one_at_a_time = self.flush_lock.lock().await;
+        if self.flushed_ticket.load(Ordering::Acquire) >= ticket {
+            return Ok(());
+        }
+        // This flush starts after the writes of every ticket taken so far.
+        let covers = self.flush_tickets.load(Ordering::Acquire);
         self.tree.flush_async().await?;
         let file = self.data_file.clone();
         tokio::task::spawn_blocking(move || file.sync_data())
             .await
             .map_err(|e| StorageError::Internal(format!("fdatasync task failed: {e}")))?
             .map_err(|e| StorageError::Sled(sled::Error::Io(e)))?;
+        self.flushed_ticket.fetch_max(covers, Ordering::AcqRel);
         Ok(())
     }
 
@@ -749,7 +843,11 @@ impl Store {
     ///   size or a namespace switched to 0 takes effect here), then its leading TTL-expired
     ///   events are deleted (by the deadline fixed at apply time). A channel left with no event
     ///   loses its bookkeeping; its loss floor moves to its partition's forgotten floor.
-    /// - Dedup: message ids recorded at or before `now_ms - dedup_window` are forgotten.
+    /// - Dedup: message ids recorded at or before `now_ms - dedup_window` are forgotten. Once
+    ///   the store is in a cluster (or a Raft state machine was opened on it), a message id of
+    ///   partition `p` is forgotten only when also `at + dedup_window <= applied_clock(p)`: apply
+    ///   (which runs on every member with the leader's clock) would treat it as new anyway, so
+    ///   members whose local clocks or expire runs differ still agree on every duplicate.
     ///
     /// Work is applied in batches of about 10,000 deletions, each consistent on its own.
     /// Cost: one read per channel with history plus the deleted records.
@@ -812,7 +910,13 @@ impl Store {
             }
         }
 
-        if let Some(cut) = now_ms.checked_sub(self.dedup_window_ms) {
+        let deterministic = self.deterministic_expiry.load(Ordering::Acquire);
+        let limit = if deterministic {
+            now_ms.min(state.clock.iter().copied().max().unwrap_or(0))
+        } else {
+            now_ms
+        };
+        if let Some(cut) = limit.checked_sub(self.dedup_window_ms) {
             let end = match cut.checked_add(1) {
                 Some(c) => {
                     let mut end = vec![codec::PREFIX_DEDUP_EXPIRY];
@@ -828,6 +932,14 @@ impl Store {
             {
                 let k = key?;
                 let (at_ms, dedup_key) = codec::split_dedup_expiry_key(&k)?;
+                if deterministic {
+                    let p = partition_of(codec::record_channel(&k)?, self.partitions);
+                    let limit = now_ms.min(state.clock[usize::from(p)]);
+                    if at_ms.saturating_add(self.dedup_window_ms) > limit {
+                        // Its partition's clock has not passed the window yet: keep it.
+                        continue;
+                    }
+                }
                 chunk.batch.remove(k);
                 chunk.ops += 1;
                 if let Some(v) = self.tree.get(&dedup_key)? {
@@ -882,6 +994,241 @@ impl Store {
         }
         add(&self.stat_channels, d_channels);
         add(&self.stat_events, d_events);
+        Ok(())
+    }
+}
+
+/// A point-in-time copy of everything one partition owns: the state of its Raft group.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct PartitionImage {
+    pub partition: Partition,
+    /// The partition's last assigned seq.
+    pub last_seq: u64,
+    /// The partition's forgotten floor.
+    pub forgotten: u64,
+    /// The partition's applied clock.
+    pub clock: u64,
+    /// The partition's raw `c`, `h`, `d` and `x` records (channel metas, events, live dedup
+    /// records and their index entries).
+    pub records: Vec<(Bytes, Bytes)>,
+}
+
+/// Channels with history and retained events, from channel meta values.
+fn count_meta(value: &[u8], channels: &mut u64, events: &mut u64) -> Result<(), StorageError> {
+    let meta: ChannelMeta = codec::decode(value, "channel meta")?;
+    if meta.retained > 0 {
+        *channels += 1;
+        *events += meta.retained;
+    }
+    Ok(())
+}
+
+/// What the Raft state machines need from the store: atomic batches under the write lock,
+/// partition images for snapshots, and the cluster identity.
+impl Store {
+    /// The store's one sled tree (Raft log records live in it too, under `r` keys).
+    pub(crate) fn tree(&self) -> &sled::Tree {
+        &self.tree
+    }
+
+    /// From now on dedup records expire by their partition's applied clock (see [`Store::expire`]).
+    pub(crate) fn enable_deterministic_expiry(&self) {
+        self.deterministic_expiry.store(true, Ordering::Release);
+    }
+
+    /// Runs `f` under the write lock: no apply, expire, snapshot or install interleaves.
+    pub(crate) fn with_write_lock<T>(
+        &self,
+        f: impl FnOnce(&sled::Tree) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let _state = self.write.lock();
+        f(&self.tree)
+    }
+
+    /// Records that the store joined the cluster of `epoch`, with `batch` (the meta group's
+    /// bookkeeping) in the same atomic sled batch; [`Store::epoch`] returns `epoch` from then on.
+    ///
+    /// An `Init` (`replace` = false) of a store that already joined a cluster with another epoch
+    /// keeps the first epoch (positions stay meaningful) and logs a warning; an installed
+    /// snapshot (`replace` = true) is authoritative. Returns the epoch in force.
+    pub(crate) fn join_cluster(
+        &self,
+        epoch: Epoch,
+        replace: bool,
+        mut batch: sled::Batch,
+    ) -> Result<Epoch, StorageError> {
+        let _state = self.write.lock();
+        let current = self.epoch();
+        let keep = !replace && self.cluster_initialized() && current != epoch;
+        if keep {
+            tracing::warn!(
+                %current, requested = %epoch,
+                "the store already joined a cluster with another epoch; keeping it"
+            );
+        } else {
+            batch.insert(codec::KEY_EPOCH, &epoch.0.to_be_bytes());
+            batch.insert(codec::KEY_CLUSTER, &epoch.0.to_be_bytes());
+        }
+        self.tree.apply_batch(batch)?;
+        if keep {
+            return Ok(current);
+        }
+        self.epoch.store(epoch.0, Ordering::Release);
+        self.cluster.store(true, Ordering::Release);
+        self.deterministic_expiry.store(true, Ordering::Release);
+        if current != epoch {
+            tracing::info!(dir = %self.dir.display(), %epoch, "the store joined a cluster");
+        }
+        Ok(epoch)
+    }
+
+    /// A point-in-time copy of `partition`, and what `read` reads in the same instant (the
+    /// group's applied state), both under the write lock.
+    pub(crate) fn partition_image<T>(
+        &self,
+        partition: Partition,
+        read: impl FnOnce(&sled::Tree) -> Result<T, StorageError>,
+    ) -> Result<(PartitionImage, T), StorageError> {
+        if partition >= self.partitions {
+            return Err(StorageError::Internal(format!(
+                "partition {partition} beyond the partition count {}",
+                self.partitions
+            )));
+        }
+        let state = self.write.lock();
+        let extra = read(&self.tree)?;
+        let p = usize::from(partition);
+        let bytes = |b: &[u8]| Bytes::copy_from_slice(b);
+        let mut records = Vec::new();
+        // Every `h` record has its channel's `c` record (apply writes both; expire drops the
+        // meta only once the channel has no event left).
+        for kv in self.tree.scan_prefix([codec::PREFIX_CHANNEL]) {
+            let (k, v) = kv?;
+            let (channel, _) = codec::split_chan(&k)?;
+            if partition_of(channel, self.partitions) != partition {
+                continue;
+            }
+            records.push((bytes(&k), bytes(&v)));
+            for kv in self
+                .tree
+                .scan_prefix(codec::chan_key(codec::PREFIX_HISTORY, channel))
+            {
+                let (k, v) = kv?;
+                records.push((bytes(&k), bytes(&v)));
+            }
+        }
+        // Live dedup records, with their index entries rebuilt (stale index entries and records
+        // past the window of the partition's clock change nothing and stay behind).
+        for kv in self.tree.scan_prefix([codec::PREFIX_DEDUP]) {
+            let (k, v) = kv?;
+            let (channel, _) = codec::split_chan(&k)?;
+            if partition_of(channel, self.partitions) != partition {
+                continue;
+            }
+            let rec: DedupRecord = codec::decode(&v, "dedup")?;
+            if rec.at_ms.saturating_add(self.dedup_window_ms) <= state.clock[p] {
+                continue;
+            }
+            records.push((
+                Bytes::from(codec::dedup_expiry_key(rec.at_ms, &k)),
+                Bytes::new(),
+            ));
+            records.push((bytes(&k), bytes(&v)));
+        }
+        let image = PartitionImage {
+            partition,
+            last_seq: state.last_seq[p],
+            forgotten: state.forgotten[p],
+            clock: state.clock[p],
+            records,
+        };
+        Ok((image, extra))
+    }
+
+    /// Replaces everything of `image.partition` with the image, and writes `batch` (the
+    /// group's Raft bookkeeping), in ONE atomic sled batch; then updates the in-memory counters
+    /// ([`Store::latest_seq`], the forgotten floor, the applied clock, [`Store::channel_stats`]).
+    pub(crate) fn install_partition_image(
+        &self,
+        image: PartitionImage,
+        batch: sled::Batch,
+    ) -> Result<(), StorageError> {
+        let partition = image.partition;
+        if partition >= self.partitions {
+            return Err(StorageError::Corrupt(format!(
+                "snapshot of partition {partition}, the store has {} partitions",
+                self.partitions
+            )));
+        }
+        let (mut new_channels, mut new_events) = (0u64, 0u64);
+        for (k, v) in &image.records {
+            let channel = codec::record_channel(k)?;
+            if partition_of(channel, self.partitions) != partition {
+                return Err(StorageError::Corrupt(format!(
+                    "snapshot of partition {partition} holds a record of another partition"
+                )));
+            }
+            if k[0] == codec::PREFIX_CHANNEL {
+                count_meta(v, &mut new_channels, &mut new_events)?;
+            }
+        }
+
+        let mut state = self.write.lock();
+        // `batch` holds the group's own (`r`) keys only, which no partition record shares.
+        let mut ops = batch;
+        let (mut old_channels, mut old_events) = (0u64, 0u64);
+        for kv in self.tree.scan_prefix([codec::PREFIX_CHANNEL]) {
+            let (k, v) = kv?;
+            let (channel, _) = codec::split_chan(&k)?;
+            if partition_of(channel, self.partitions) != partition {
+                continue;
+            }
+            count_meta(&v, &mut old_channels, &mut old_events)?;
+            for key in self
+                .tree
+                .scan_prefix(codec::chan_key(codec::PREFIX_HISTORY, channel))
+                .keys()
+            {
+                ops.remove(key?);
+            }
+            ops.remove(k);
+        }
+        for prefix in [codec::PREFIX_DEDUP, codec::PREFIX_DEDUP_EXPIRY] {
+            for key in self.tree.scan_prefix([prefix]).keys() {
+                let key = key?;
+                if partition_of(codec::record_channel(&key)?, self.partitions) == partition {
+                    ops.remove(key);
+                }
+            }
+        }
+        // A batch is a map: the image's records replace the removals of the same keys.
+        for (k, v) in image.records {
+            ops.insert(&k[..], &v[..]);
+        }
+        for (prefix, value) in [
+            (codec::PREFIX_LAST_SEQ, image.last_seq),
+            (codec::PREFIX_FORGOTTEN, image.forgotten),
+            (codec::PREFIX_CLOCK, image.clock),
+        ] {
+            ops.insert(
+                codec::partition_key(prefix, partition),
+                &value.to_be_bytes(),
+            );
+        }
+        self.tree.apply_batch(ops)?;
+
+        let p = usize::from(partition);
+        state.last_seq[p] = image.last_seq;
+        state.forgotten[p] = image.forgotten;
+        state.clock[p] = image.clock;
+        self.latest[p].store(image.last_seq, Ordering::Release);
+        self.forgotten[p].store(image.forgotten, Ordering::Release);
+        self.clock[p].store(image.clock, Ordering::Release);
+        add(
+            &self.stat_channels,
+            new_channels as i64 - old_channels as i64,
+        );
+        add(&self.stat_events, new_events as i64 - old_events as i64);
         Ok(())
     }
 }
@@ -1359,9 +1706,76 @@ mod tests {
         assert!(store.apply(&batch[..1], &namespaces, T0 + 2_000).unwrap()[0].is_duplicate());
         assert_eq!(store.expire(&namespaces, T0 + 60_000).unwrap(), 12_000);
         assert!(!store.apply(&batch[..1], &namespaces, T0 + 60_000).unwrap()[0].is_duplicate());
-        // Left: 3 store meta keys, 4 last seqs, 4 forgotten floors, and the last publish's
-        // history, channel meta, dedup record and dedup index entry.
-        assert_eq!(store.tree.len(), 3 + 4 + 4 + 4);
+        // Left: 3 store meta keys, 4 last seqs, 4 forgotten floors, 4 applied clocks, and the
+        // last publish's history, channel meta, dedup record and dedup index entry.
+        assert_eq!(store.tree.len(), 3 + 4 + 4 + 4 + 4);
+    }
+
+    #[test]
+    fn the_applied_clock_never_runs_backwards_and_survives_reopen() {
+        let dir = TempDir::new("clock");
+        let namespaces = ns(100, None);
+        {
+            let store = Store::open(dir.path(), opts(4)).unwrap();
+            let p = store.partition_of(b"c");
+            assert_eq!(store.applied_clock(p), 0);
+            store
+                .apply(&[publish("c", "a").with_id("m")], &namespaces, T0 + 10)
+                .unwrap();
+            assert_eq!(store.applied_clock(p), T0 + 10);
+            // A clock stepped back: the partition keeps its own, the id is still in its window.
+            let a = store
+                .apply(
+                    &[publish("c", "b").with_id("m"), publish("c", "c")],
+                    &namespaces,
+                    T0,
+                )
+                .unwrap();
+            assert!(a[0].is_duplicate());
+            assert_eq!(new_event(&a[1]).timestamp_ms, T0 + 10);
+            assert_eq!(store.applied_clock(p), T0 + 10);
+            // A tick moves an idle partition's clock.
+            let q = (p + 1) % 4;
+            store
+                .apply_with(&[], &namespaces, T0 + 20, Some(q), sled::Batch::default())
+                .unwrap();
+            assert_eq!(store.applied_clock(q), T0 + 20);
+        }
+        let store = Store::open(dir.path(), opts(4)).unwrap();
+        let p = store.partition_of(b"c");
+        assert_eq!(store.applied_clock(p), T0 + 10);
+        assert_eq!(store.applied_clock((p + 1) % 4), T0 + 20);
+    }
+
+    #[test]
+    fn deterministic_dedup_expiry_waits_for_the_partition_clock() {
+        let dir = TempDir::new("det-expiry");
+        let store = Store::open(dir.path(), opts(4)).unwrap();
+        store.enable_deterministic_expiry();
+        let namespaces = ns(100, None);
+        let p = store.partition_of(b"c");
+        let other = (0..100)
+            .map(|i| format!("o{i}"))
+            .find(|c| store.partition_of(c.as_bytes()) != p)
+            .unwrap();
+        store
+            .apply(&[publish("c", "a").with_id("m")], &namespaces, T0)
+            .unwrap();
+        // Another partition's clock moving on does not expire p's ids.
+        store
+            .apply(&[publish(&other, "x")], &namespaces, T0 + 600_000)
+            .unwrap();
+        assert_eq!(store.expire(&namespaces, T0 + 600_000).unwrap(), 0);
+        store
+            .apply(&[publish("c", "b")], &namespaces, T0 + 59_999)
+            .unwrap();
+        assert_eq!(store.expire(&namespaces, T0 + 600_000).unwrap(), 0);
+        store
+            .apply(&[publish("c", "b")], &namespaces, T0 + 60_000)
+            .unwrap();
+        // Nor does a partition clock ahead of the local one.
+        assert_eq!(store.expire(&namespaces, T0 + 59_999).unwrap(), 0);
+        assert_eq!(store.expire(&namespaces, T0 + 60_000).unwrap(), 1);
     }
 
     #[test]

@@ -9,6 +9,13 @@
 //!
 //! Entries carry the leader's clock (`now_ms`), so apply is deterministic on every member.
 
+mod log_store;
+mod state_machine;
+mod support;
+
+pub use log_store::RaftLogStore;
+pub use state_machine::{GroupSnapshotBuilder, GroupStateMachine};
+
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Epoch, Partition};

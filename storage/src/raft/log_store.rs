@@ -1,0 +1,335 @@
+//! The Raft log of one group, in the node's one [`Store`].
+//!
+//! Records (see the `codec` module): `r` group `l` index -> entry, `r` group `v` -> vote,
+//! `r` group `p` -> last purged log id, `r` group `c` -> committed log id. Entries are bincode.
+//!
+//! Durability: [`RaftLogStorage::save_vote`] and [`RaftLogStorage::append`] (before it calls its
+//! callback) and [`RaftLogStorage::truncate`] flush the store ([`Store::flush`]: sled flush plus
+//! `fdatasync`, shared with concurrent flushes of other groups). A purge is one atomic batch
+//! (the new last purged log id with the deletions) and is not flushed: losing it in a crash only
+//! brings back entries the state machine already applied.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader, Vote};
+use serde::Deserialize;
+
+use super::support::{RaftStorageError, blocking, get, put, raft_err};
+use super::{GroupId, NodeId, TypeConfig};
+use crate::codec;
+use crate::store::{StorageError, Store};
+
+/// Reads of at most this many entries run inline; longer ones go to the blocking pool.
+const INLINE_ENTRIES: u64 = 64;
+/// Appends of at most this many bytes are written inline; bigger ones on the blocking pool.
+const INLINE_APPEND_BYTES: usize = 256 << 10;
+
+/// The first field of a stored entry: bincode decodes it without the payload.
+#[derive(Deserialize)]
+struct EntryHead {
+    log_id: LogId<NodeId>,
+}
+
+/// The Raft log (and vote) of one group, stored in the node's shared [`Store`]. Cheap to clone:
+/// the clone is the same log (it is also its own [`RaftLogStorage::LogReader`]).
+#[derive(Clone)]
+pub struct RaftLogStore {
+    store: Arc<Store>,
+    group: GroupId,
+}
+
+impl Debug for RaftLogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftLogStore")
+            .field("group", &self.group)
+            .field("dir", &self.store.dir())
+            .finish()
+    }
+}
+
+impl RaftLogStore {
+    /// The log of `group` in `store`. Opening it writes nothing; a group that never stored
+    /// anything has an empty log and no vote.
+    pub fn new(store: Arc<Store>, group: GroupId) -> RaftLogStore {
+        RaftLogStore { store, group }
+    }
+
+    /// The group this log belongs to.
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+
+    /// The store the log lives in.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    fn key(&self, tag: u8) -> Vec<u8> {
+        codec::raft_key(self.group, tag)
+    }
+}
+
+/// `[start, end)` of a range of indexes (`end` `None`: to the end of the log); `None` if empty.
+fn index_bounds<RB: RangeBounds<u64>>(range: &RB) -> Option<(u64, Option<u64>)> {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s.checked_add(1)?,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e.checked_add(1),
+        Bound::Excluded(&e) => Some(e),
+        Bound::Unbounded => None,
+    };
+    match end {
+        Some(e) if e <= start => None,
+        _ => Some((start, end)),
+    }
+}
+
+/// The key just past the group's log (the end of its `l` range).
+fn log_end_key(group: GroupId) -> Vec<u8> {
+    codec::raft_key(group, codec::RAFT_LOG + 1)
+}
+
+fn read_entries(
+    tree: &sled::Tree,
+    group: GroupId,
+    start: u64,
+    end: Option<u64>,
+) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+    let from = codec::raft_log_key(group, start);
+    let to = end.map_or_else(|| log_end_key(group), |e| codec::raft_log_key(group, e));
+    let mut out = Vec::new();
+    for kv in tree.range(from..to) {
+        let (k, v) = kv?;
+        let entry: Entry<TypeConfig> = codec::decode(&v, "raft log entry")?;
+        let index = codec::raft_log_key_index(&k)?;
+        if entry.log_id.index != index {
+            return Err(StorageError::Corrupt(format!(
+                "raft log of group {group}: entry {} stored at index {index}",
+                entry.log_id
+            )));
+        }
+        out.push(entry);
+    }
+    Ok(out)
+}
+
+impl RaftLogReader<TypeConfig> for RaftLogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, RaftStorageError> {
+        let Some((start, end)) = index_bounds(&range) else {
+            return Ok(Vec::new());
+        };
+        let group = self.group;
+        let small = end.is_some_and(|e| e - start <= INLINE_ENTRIES);
+        let result = if small {
+            read_entries(self.store.tree(), group, start, end)
+        } else {
+            let store = self.store.clone();
+            blocking(move || read_entries(store.tree(), group, start, end)).await
+        };
+        result.map_err(|e| raft_err(ErrorSubject::Logs, ErrorVerb::Read, e))
+    }
+}
+
+impl RaftLogStore {
+    fn log_state(&self) -> Result<LogState<TypeConfig>, StorageError> {
+        let tree = self.store.tree();
+        let last_purged_log_id: Option<LogId<NodeId>> = get(
+            tree,
+            &self.key(codec::RAFT_PURGED),
+            "raft last purged log id",
+        )?;
+        let last = match tree.scan_prefix(self.key(codec::RAFT_LOG)).next_back() {
+            Some(kv) => {
+                let (_, v) = kv?;
+                let head: EntryHead = codec::decode(&v, "raft log entry")?;
+                Some(head.log_id)
+            }
+            None => None,
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id: last.or(last_purged_log_id),
+        })
+    }
+
+    fn write_entries(
+        store: &Store,
+        group: GroupId,
+        entries: Vec<Entry<TypeConfig>>,
+    ) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        for entry in &entries {
+            batch.insert(
+                codec::raft_log_key(group, entry.log_id.index),
+                codec::encode(entry),
+            );
+        }
+        store.tree().apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Deletes the entries in `[from, to)` (`to` `None`: to the end), with `purged` recorded as
+    /// the last purged log id in the same batch.
+    fn delete_entries(
+        store: &Store,
+        group: GroupId,
+        from: u64,
+        to: Option<u64>,
+        purged: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError> {
+        let tree = store.tree();
+        let start = codec::raft_log_key(group, from);
+        let end = to.map_or_else(|| log_end_key(group), |t| codec::raft_log_key(group, t));
+        let mut batch = sled::Batch::default();
+        if start < end {
+            for key in tree.range(start..end).keys() {
+                batch.remove(key?);
+            }
+        }
+        if let Some(purged) = purged {
+            batch.insert(
+                codec::raft_key(group, codec::RAFT_PURGED),
+                codec::encode(&purged),
+            );
+        }
+        tree.apply_batch(batch)?;
+        Ok(())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for RaftLogStore {
+    type LogReader = RaftLogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftStorageError> {
+        self.log_state()
+            .map_err(|e| raft_err(ErrorSubject::Logs, ErrorVerb::Read, e))
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), RaftStorageError> {
+        let write = |e| raft_err(ErrorSubject::Vote, ErrorVerb::Write, e);
+        put(self.store.tree(), &self.key(codec::RAFT_VOTE), vote).map_err(write)?;
+        self.store.flush().await.map_err(write)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, RaftStorageError> {
+        get(self.store.tree(), &self.key(codec::RAFT_VOTE), "raft vote")
+            .map_err(|e| raft_err(ErrorSubject::Vote, ErrorVerb::Read, e))
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), RaftStorageError> {
+        let key = self.key(codec::RAFT_COMMITTED);
+        let result = match committed {
+            Some(c) => put(self.store.tree(), &key, &c),
+            None => self
+                .store
+                .tree()
+                .remove(&key)
+                .map(|_| ())
+                .map_err(StorageError::from),
+        };
+        result.map_err(|e| raft_err(ErrorSubject::Store, ErrorVerb::Write, e))
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, RaftStorageError> {
+        get(
+            self.store.tree(),
+            &self.key(codec::RAFT_COMMITTED),
+            "raft committed log id",
+        )
+        .map_err(|e| raft_err(ErrorSubject::Store, ErrorVerb::Read, e))
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), RaftStorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let write = |e| raft_err(ErrorSubject::Logs, ErrorVerb::Write, e);
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let bytes: usize = entries
+            .iter()
+            .map(|e| match &e.payload {
+                openraft::EntryPayload::Normal(super::Command::Publish { publishes, .. }) => {
+                    publishes.iter().map(crate::Publish::size).sum()
+                }
+                _ => 64,
+            })
+            .sum();
+        let group = self.group;
+        if bytes <= INLINE_APPEND_BYTES {
+            Self::write_entries(&self.store, group, entries).map_err(write)?;
+        } else {
+            let store = self.store.clone();
+            blocking(move || Self::write_entries(&store, group, entries))
+                .await
+                .map_err(write)?;
+        }
+        // Only a durable append may be reported: the callback tells openraft it can vote and
+        // acknowledge with these entries.
+        self.store.flush().await.map_err(write)?;
+        callback.log_io_completed(Ok(()));
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
+        tracing::debug!(group = self.group, %log_id, "truncate the raft log from here");
+        let write = |e| raft_err(ErrorSubject::Logs, ErrorVerb::Delete, e);
+        let (store, group) = (self.store.clone(), self.group);
+        blocking(move || Self::delete_entries(&store, group, log_id.index, None, None))
+            .await
+            .map_err(write)?;
+        self.store.flush().await.map_err(write)
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
+        tracing::debug!(group = self.group, %log_id, "purge the raft log up to here");
+        let (store, group) = (self.store.clone(), self.group);
+        blocking(move || {
+            Self::delete_entries(&store, group, 0, log_id.index.checked_add(1), Some(log_id))
+        })
+        .await
+        .map_err(|e| raft_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds() {
+        assert_eq!(index_bounds(&(3..3)), None);
+        assert_eq!(index_bounds(&(5..7)), Some((5, Some(7))));
+        assert_eq!(index_bounds(&(5..=7)), Some((5, Some(8))));
+        assert_eq!(index_bounds(&(5..)), Some((5, None)));
+        assert_eq!(index_bounds(&(..=u64::MAX)), Some((0, None)));
+        assert_eq!(
+            index_bounds(&(Bound::Excluded(u64::MAX), Bound::Unbounded)),
+            None
+        );
+        assert_eq!(
+            index_bounds(&(Bound::Included(7), Bound::Excluded(5))),
+            None
+        );
+    }
+}
