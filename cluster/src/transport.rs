@@ -157,20 +157,68 @@ impl Transport {
         }
     }
 
-    /// Waits for the next authenticated incoming connection. Refused ones are logged and
-    /// returned as errors so the caller's loop can go on; `None` once the endpoint is closed.
-    pub async fn accept(&self) -> Option<Result<PeerConnection, TransportError>> {
+    /// Waits for the next incoming connection attempt and returns it at once, before the
+    /// handshake: finish it with [`IncomingPeer::authenticate`], in a task of its own, so one
+    /// slow or hostile handshake cannot hold up the accept loop. `None` once the endpoint is
+    /// closed.
+    pub async fn accept_incoming(&self) -> Option<IncomingPeer> {
         let incoming = self.endpoint.accept().await?;
-        let addr = incoming.remote_address();
+        Some(IncomingPeer {
+            incoming,
+            allowed: self.allowed.clone(),
+        })
+    }
+
+    /// Waits for the next incoming connection and authenticates it (handshake included, so
+    /// this blocks on that one handshake; accept loops should prefer [`Self::accept_incoming`]).
+    /// Refused ones are logged and returned as errors so the caller's loop can go on; `None`
+    /// once the endpoint is closed.
+    pub async fn accept(&self) -> Option<Result<PeerConnection, TransportError>> {
+        let incoming = self.accept_incoming().await?;
+        Some(incoming.authenticate().await)
+    }
+
+    /// Closes every connection and waits for them to finish cleanly.
+    pub async fn shutdown(&self) {
+        self.endpoint.close(0u32.into(), b"shutting down");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// An incoming connection attempt, not yet handshaken nor authenticated.
+pub struct IncomingPeer {
+    incoming: quinn::Incoming,
+    allowed: PeerFilter,
+}
+
+impl std::fmt::Debug for IncomingPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IncomingPeer")
+            .field("remote_address", &self.incoming.remote_address())
+            .finish()
+    }
+}
+
+impl IncomingPeer {
+    /// Where the attempt comes from (not yet authenticated).
+    pub fn remote_address(&self) -> SocketAddr {
+        self.incoming.remote_address()
+    }
+
+    /// Completes the handshake and checks the dialer's certificate names a member node.
+    /// Refusals are logged with the reason and returned as errors. A handshake that stalls
+    /// ends after the transport's idle timeout.
+    pub async fn authenticate(self) -> Result<PeerConnection, TransportError> {
+        let addr = self.incoming.remote_address();
         let refused = |reason: String| {
             tracing::warn!(%addr, %reason, "refused a cluster connection");
             TransportError::Refused { addr, reason }
         };
-        let connection = match incoming.await {
+        let connection = match self.incoming.await {
             Ok(connection) => connection,
-            Err(error) => return Some(Err(refused(format!("handshake failed: {error}")))),
+            Err(error) => return Err(refused(format!("handshake failed: {error}"))),
         };
-        Some(match peer_id(&connection) {
+        match peer_id(&connection) {
             None => {
                 connection.close(2u32.into(), b"no node certificate");
                 Err(refused("its certificate names no node".into()))
@@ -182,13 +230,7 @@ impl Transport {
                 )))
             }
             Some(peer) => Ok(PeerConnection { peer, connection }),
-        })
-    }
-
-    /// Closes every connection and waits for them to finish cleanly.
-    pub async fn shutdown(&self) {
-        self.endpoint.close(0u32.into(), b"shutting down");
-        self.endpoint.wait_idle().await;
+        }
     }
 }
 

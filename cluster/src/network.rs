@@ -1,0 +1,210 @@
+//! openraft's network for one Raft group, over the shared [`Peers`] pool.
+//!
+//! Every group on a node builds its own [`GroupNetworkFactory`] (the group id travels with
+//! each request) around the node's one `Arc<Peers>`, so all groups share one QUIC connection
+//! per peer.
+//!
+//! Errors map to what openraft expects: a peer that cannot be reached (or does not run the
+//! group yet) is [`RPCError::Unreachable`], so openraft backs off; no response in time is
+//! [`RPCError::Timeout`]; a failure after sending is [`RPCError::Network`]; the remote Raft's
+//! own error is [`RPCError::RemoteError`]. An AppendEntries too large for one frame is
+//! [`RPCError::PayloadTooLarge`], so openraft sends fewer entries.
+
+use crate::rpc::{Peers, Request, Response, RpcError};
+use herald_storage::raft::{GroupId, NodeId, TypeConfig};
+use openraft::BasicNode;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout,
+    Unreachable,
+};
+use openraft::network::{Backoff, RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use std::sync::Arc;
+
+/// Builds the per-peer clients of one Raft group (pass it to `openraft::Raft::new`).
+#[derive(Clone)]
+pub struct GroupNetworkFactory {
+    peers: Arc<Peers>,
+    group: GroupId,
+}
+
+impl GroupNetworkFactory {
+    /// The network of `group`, calling through the node's shared `peers`.
+    pub fn new(peers: Arc<Peers>, group: GroupId) -> Self {
+        GroupNetworkFactory { peers, group }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
+    type Network = GroupNetwork;
+
+    /// Records `node.addr` as the peer's address (a `host:port`; host names resolve at each
+    /// dial) and returns a client; connecting happens on the first RPC.
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> GroupNetwork {
+        self.peers.set_addr(target, node.addr.as_str());
+        GroupNetwork {
+            peers: self.peers.clone(),
+            group: self.group,
+            target,
+            node: node.clone(),
+        }
+    }
+}
+
+/// One group's client to one peer.
+pub struct GroupNetwork {
+    peers: Arc<Peers>,
+    group: GroupId,
+    target: NodeId,
+    node: BasicNode,
+}
+
+/// openraft's error for a remote `E`.
+type NetError<E> = RPCError<NodeId, BasicNode, E>;
+
+impl GroupNetwork {
+    /// Calls the peer. The connection wait is bounded by `soft_ttl` so that a peer still being
+    /// dialed comes back as `Unreachable` before openraft cancels the call at `hard_ttl`.
+    async fn call(&self, request: Request, option: &RPCOption) -> Result<Response, RpcError> {
+        self.peers
+            .call_with(self.target, &request, option.soft_ttl(), option.hard_ttl())
+            .await
+    }
+
+    fn rpc_error<E: std::error::Error>(&self, error: RpcError, action: RPCTypes) -> NetError<E> {
+        match error {
+            RpcError::Unreachable { .. } | RpcError::TooLarge { .. } => {
+                RPCError::Unreachable(Unreachable::new(&error))
+            }
+            RpcError::Timeout { timeout, .. } => RPCError::Timeout(Timeout {
+                action,
+                id: self.peers.local_id(),
+                target: self.target,
+                timeout,
+            }),
+            RpcError::Failed { .. } => RPCError::Network(NetworkError::new(&error)),
+        }
+    }
+
+    fn remote<E: std::error::Error>(&self, error: E) -> NetError<E> {
+        RPCError::RemoteError(RemoteError::new_with_node(
+            self.target,
+            self.node.clone(),
+            error,
+        ))
+    }
+
+    /// A response that does not answer the request.
+    fn unexpected<E: std::error::Error>(&self, response: Response) -> NetError<E> {
+        match response {
+            Response::NoSuchGroup(group) => {
+                RPCError::Unreachable(Unreachable::new(&RpcError::Unreachable {
+                    peer: self.target,
+                    reason: format!("node runs no Raft group {group}"),
+                }))
+            }
+            Response::Error(reason) => RPCError::Network(NetworkError::new(&RpcError::Failed {
+                peer: self.target,
+                reason: format!("refused by the peer: {reason}"),
+            })),
+            other => RPCError::Network(NetworkError::new(&RpcError::Failed {
+                peer: self.target,
+                reason: format!("unexpected response: {}", variant(&other)),
+            })),
+        }
+    }
+}
+
+fn variant(response: &Response) -> &'static str {
+    match response {
+        Response::AppendEntries(_) => "AppendEntries",
+        Response::Vote(_) => "Vote",
+        Response::InstallSnapshot(_) => "InstallSnapshot",
+        Response::App(_) => "App",
+        Response::NoSuchGroup(_) => "NoSuchGroup",
+        Response::Error(_) => "Error",
+    }
+}
+
+impl RaftNetwork<TypeConfig> for GroupNetwork {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, NetError<RaftError<NodeId>>> {
+        let entries = rpc.entries.len() as u64;
+        let request = Request::AppendEntries {
+            group: self.group,
+            rpc,
+        };
+        let response = match self.call(request, &option).await {
+            Ok(response) => response,
+            // Nothing was sent: ask openraft for fewer entries per request.
+            Err(RpcError::TooLarge { .. }) if entries > 1 => {
+                return Err(RPCError::PayloadTooLarge(
+                    PayloadTooLarge::new_entries_hint(entries / 2),
+                ));
+            }
+            Err(error) => return Err(self.rpc_error(error, RPCTypes::AppendEntries)),
+        };
+        match response {
+            Response::AppendEntries(Ok(response)) => Ok(response),
+            Response::AppendEntries(Err(error)) => Err(self.remote(error)),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, NetError<RaftError<NodeId, InstallSnapshotError>>>
+    {
+        let request = Request::InstallSnapshot {
+            group: self.group,
+            rpc,
+        };
+        let response = self
+            .call(request, &option)
+            .await
+            .map_err(|error| self.rpc_error(error, RPCTypes::InstallSnapshot))?;
+        match response {
+            Response::InstallSnapshot(Ok(response)) => Ok(response),
+            Response::InstallSnapshot(Err(error)) => Err(self.remote(error)),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, NetError<RaftError<NodeId>>> {
+        let request = Request::Vote {
+            group: self.group,
+            rpc,
+        };
+        let response = self
+            .call(request, &option)
+            .await
+            .map_err(|error| self.rpc_error(error, RPCTypes::Vote))?;
+        match response {
+            Response::Vote(Ok(response)) => Ok(response),
+            Response::Vote(Err(error)) => Err(self.remote(error)),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// The same schedule as the pool's dial backoff (50 ms doubling to 2 s by default).
+    fn backoff(&self) -> Backoff {
+        let options = self.peers.options();
+        let max = options.backoff_max;
+        Backoff::new(std::iter::successors(
+            Some(options.backoff_initial),
+            move |delay| Some((*delay * 2).min(max)),
+        ))
+    }
+}

@@ -1,0 +1,858 @@
+//! Node-to-node request/response RPC over the QUIC [`Transport`].
+//!
+//! One QUIC connection per peer, one bidirectional stream per call. Each side writes one frame
+//! and finishes its send side: a `u32` big-endian length, then that many bytes of the value
+//! encoded with `bincode::serde` in the standard configuration. Frames above [`MAX_FRAME`]
+//! are refused on both sides.
+//!
+//! - Client: [`Peers`], a pool with at most one live connection per peer, dialed lazily, with
+//!   exponential backoff after a failed dial; [`Peers::call`] sends one [`Request`] and waits
+//!   for its [`Response`]. [`RpcError`] tells whether the request may have been delivered.
+//! - Server: [`serve`] accepts connections (one task each, handshake included) and streams
+//!   (one task each), and dispatches Raft RPCs to the group's [`openraft::Raft`] and
+//!   application requests to the [`Handler`].
+
+use crate::transport::{IncomingPeer, Transport};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use herald_storage::raft::{GroupId, NodeId, TypeConfig};
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The largest frame (encoded request or response, without its 4-byte length) either side
+/// sends or accepts: 64 MiB.
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// QUIC application error code a server uses to stop reading an oversized request.
+const FRAME_TOO_LARGE: u32 = 1;
+
+/// A request from one node to another.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// Raft AppendEntries (also the heartbeat) for one group.
+    AppendEntries {
+        /// The Raft group.
+        group: GroupId,
+        /// openraft's request.
+        rpc: AppendEntriesRequest<TypeConfig>,
+    },
+    /// Raft RequestVote for one group.
+    Vote {
+        /// The Raft group.
+        group: GroupId,
+        /// openraft's request.
+        rpc: VoteRequest<NodeId>,
+    },
+    /// One chunk of a Raft snapshot for one group.
+    InstallSnapshot {
+        /// The Raft group.
+        group: GroupId,
+        /// openraft's request.
+        rpc: InstallSnapshotRequest<TypeConfig>,
+    },
+    /// An opaque application request; the node layer defines its encoding.
+    App(Bytes),
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Response {
+    /// What the group's Raft answered to [`Request::AppendEntries`].
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    /// What the group's Raft answered to [`Request::Vote`].
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    /// What the group's Raft answered to [`Request::InstallSnapshot`].
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
+    /// The application's answer to [`Request::App`].
+    App(Bytes),
+    /// The node runs no Raft instance for this group (not yet, or no longer).
+    NoSuchGroup(GroupId),
+    /// The request could not be read (malformed or oversized frame); not processed.
+    Error(String),
+}
+
+/// Why a call failed. [`RpcError::not_sent`] tells whether a retry is known to be safe.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RpcError {
+    /// No connection to the peer (down, in backoff after a failed dial, no address known, or
+    /// the connection broke before the request was sent). The request was not sent.
+    #[error("node {peer} is unreachable: {reason}")]
+    Unreachable {
+        /// The node called.
+        peer: NodeId,
+        /// Why.
+        reason: String,
+    },
+    /// The request exceeds [`MAX_FRAME`] once encoded (or could not be encoded). Not sent.
+    #[error("request to node {peer} not sent: {reason}")]
+    TooLarge {
+        /// The node called.
+        peer: NodeId,
+        /// Why.
+        reason: String,
+    },
+    /// The request was (perhaps) sent but no response came in time: outcome unknown.
+    #[error("no response from node {peer} within {timeout:?}")]
+    Timeout {
+        /// The node called.
+        peer: NodeId,
+        /// The time allowed.
+        timeout: Duration,
+    },
+    /// The exchange failed after the request was (perhaps) sent (stream reset, connection
+    /// lost, malformed response): outcome unknown.
+    #[error("call to node {peer} failed: {reason}")]
+    Failed {
+        /// The node called.
+        peer: NodeId,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl RpcError {
+    /// The request certainly did not reach the peer: retrying cannot apply it twice.
+    pub fn not_sent(&self) -> bool {
+        matches!(
+            self,
+            RpcError::Unreachable { .. } | RpcError::TooLarge { .. }
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The codec: frames and bincode, in one place.
+
+fn codec() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// Encodes `value` as a frame: 4-byte big-endian length, then bincode.
+fn encode_frame<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
+    let mut frame = vec![0u8; 4];
+    bincode::serde::encode_into_std_write(value, &mut frame, codec())
+        .map_err(|e| format!("cannot encode: {e}"))?;
+    let len = frame.len() - 4;
+    if len > MAX_FRAME {
+        return Err(format!(
+            "frame of {len} bytes exceeds the {MAX_FRAME}-byte limit"
+        ));
+    }
+    frame[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(frame)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let (value, used) = bincode::serde::decode_from_slice(bytes, codec())
+        .map_err(|e| format!("malformed frame: {e}"))?;
+    if used != bytes.len() {
+        return Err(format!(
+            "malformed frame: {} trailing bytes",
+            bytes.len() - used
+        ));
+    }
+    Ok(value)
+}
+
+#[derive(Debug)]
+enum FrameError {
+    /// The length prefix announces more than [`MAX_FRAME`].
+    TooLarge(usize),
+    /// The stream ended or failed before a whole frame arrived.
+    Read(String),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::TooLarge(len) => {
+                write!(f, "frame of {len} bytes exceeds the {MAX_FRAME}-byte limit")
+            }
+            FrameError::Read(reason) => f.write_str(reason),
+        }
+    }
+}
+
+/// Reads one frame, growing the buffer as data arrives (a length prefix alone allocates
+/// little).
+async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, FrameError> {
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len)
+        .await
+        .map_err(|e| FrameError::Read(format!("reading the frame length: {e}")))?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut buf = Vec::with_capacity(len.min(1 << 20));
+    while buf.len() < len {
+        match recv.read_chunk(len - buf.len(), true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(FrameError::Read(format!(
+                    "stream ended after {} of {len} bytes",
+                    buf.len()
+                )));
+            }
+            Err(e) => return Err(FrameError::Read(format!("reading the frame: {e}"))),
+        }
+    }
+    Ok(buf)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client side.
+
+/// Dialing and backoff settings of [`Peers`].
+#[derive(Debug, Clone)]
+pub struct PeersOptions {
+    /// A dial (address resolution + QUIC handshake) that takes longer fails. A down peer on
+    /// UDP gives no error, so this is how long finding out takes.
+    pub connect_timeout: Duration,
+    /// Backoff after the first failed dial; doubles on each further failure.
+    pub backoff_initial: Duration,
+    /// Backoff ceiling.
+    pub backoff_max: Duration,
+}
+
+impl Default for PeersOptions {
+    fn default() -> Self {
+        PeersOptions {
+            connect_timeout: Duration::from_secs(2),
+            backoff_initial: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Where a peer listens: a socket address, or a `host:port` resolved at each dial (so DNS
+/// names of containers and pods follow restarts). Converts from a [`SocketAddr`] and from a
+/// `host:port` string (an IP address in it is used as is).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerAddr {
+    /// A socket address.
+    Socket(SocketAddr),
+    /// A `host:port` to resolve at each dial.
+    Host(String),
+}
+
+impl From<SocketAddr> for PeerAddr {
+    fn from(addr: SocketAddr) -> Self {
+        PeerAddr::Socket(addr)
+    }
+}
+
+impl From<&str> for PeerAddr {
+    fn from(addr: &str) -> Self {
+        match addr.parse::<SocketAddr>() {
+            Ok(socket) => PeerAddr::Socket(socket),
+            Err(_) => PeerAddr::Host(addr.to_string()),
+        }
+    }
+}
+
+impl From<String> for PeerAddr {
+    fn from(addr: String) -> Self {
+        match addr.parse::<SocketAddr>() {
+            Ok(socket) => PeerAddr::Socket(socket),
+            Err(_) => PeerAddr::Host(addr),
+        }
+    }
+}
+
+impl From<&String> for PeerAddr {
+    fn from(addr: &String) -> Self {
+        PeerAddr::from(addr.as_str())
+    }
+}
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerAddr::Socket(addr) => addr.fmt(f),
+            PeerAddr::Host(host) => f.write_str(host),
+        }
+    }
+}
+
+type DialResult = Option<Result<quinn::Connection, String>>;
+
+enum Link {
+    /// No connection and no dial under way.
+    Idle,
+    /// A live (as far as we know) connection.
+    Connected(quinn::Connection),
+    /// A dial is under way; its outcome is published here.
+    Dialing(watch::Receiver<DialResult>),
+    /// The last dial failed: no new dial before `until`.
+    Backoff { until: Instant },
+}
+
+struct Slot {
+    addr: Option<PeerAddr>,
+    link: Link,
+    /// Failed dials since the last successful one.
+    failures: u32,
+    /// The next backoff.
+    backoff: Duration,
+    /// Why the last dial failed.
+    last_error: String,
+    /// Bumped by each dial and by address changes: a dial's result is only recorded if the
+    /// generation is still its own.
+    generation: u64,
+}
+
+/// The client side of node-to-node RPC: at most one live connection per peer, shared by all
+/// callers (share the `Peers` itself in an `Arc`).
+///
+/// Dials lazily on the first call; concurrent callers wait for that one dial. After a failed
+/// dial the peer is in backoff (50 ms doubling to 2 s by default, reset on success): calls
+/// fail fast with [`RpcError::Unreachable`] and do not dial. While a retry dial is under way
+/// after failures, other callers fail fast as well. A closed connection (peer gone, idle
+/// timeout) is dropped and redialed on the next call.
+pub struct Peers {
+    transport: Arc<Transport>,
+    options: PeersOptions,
+    slots: Mutex<HashMap<NodeId, Arc<Mutex<Slot>>>>,
+    dials: AtomicU64,
+}
+
+/// A connection handed to a call, and whether it was dialed for it (a pooled one may turn
+/// out stale).
+struct Acquired {
+    connection: quinn::Connection,
+    fresh: bool,
+}
+
+enum ExchangeError {
+    /// Failed before anything was written.
+    NotSent(String),
+    /// Failed after the request was (perhaps) written.
+    Failed(String),
+}
+
+impl Peers {
+    /// A pool dialing through `transport` with the default [`PeersOptions`].
+    pub fn new(transport: Arc<Transport>) -> Arc<Peers> {
+        Peers::with_options(transport, PeersOptions::default())
+    }
+
+    /// A pool dialing through `transport`.
+    pub fn with_options(transport: Arc<Transport>, options: PeersOptions) -> Arc<Peers> {
+        Arc::new(Peers {
+            transport,
+            options,
+            slots: Mutex::new(HashMap::new()),
+            dials: AtomicU64::new(0),
+        })
+    }
+
+    /// This node's id.
+    pub fn local_id(&self) -> NodeId {
+        self.transport.id()
+    }
+
+    /// The dialing and backoff settings.
+    pub fn options(&self) -> &PeersOptions {
+        &self.options
+    }
+
+    /// Dials started since creation (for metrics and tests).
+    pub fn dials(&self) -> u64 {
+        self.dials.load(Ordering::Relaxed)
+    }
+
+    /// Sets where node `id` listens: a [`SocketAddr`], or a `host:port` string such as
+    /// openraft's `BasicNode::addr` (a host name is resolved at each dial). Setting the same
+    /// address again does nothing; a new one ends the peer's backoff.
+    pub fn set_addr(&self, id: NodeId, addr: impl Into<PeerAddr>) {
+        self.set(id, addr.into());
+    }
+
+    fn set(&self, id: NodeId, addr: PeerAddr) {
+        let slot = self.slot(id);
+        let mut slot = slot.lock();
+        if slot.addr.as_ref() == Some(&addr) {
+            return;
+        }
+        tracing::debug!(peer = id, %addr, "peer address set");
+        slot.addr = Some(addr);
+        // A new address may work where the old one failed: forget the backoff. A live
+        // connection stays: its certificate proved it is that node.
+        if !matches!(slot.link, Link::Connected(_)) {
+            slot.link = Link::Idle;
+        }
+        slot.failures = 0;
+        slot.backoff = self.options.backoff_initial;
+        slot.generation += 1;
+    }
+
+    /// Forgets node `id` (removed from the cluster): closes its connection.
+    pub fn remove(&self, id: NodeId) {
+        let removed = self.slots.lock().remove(&id);
+        if let Some(slot) = removed {
+            let mut slot = slot.lock();
+            slot.generation += 1;
+            if let Link::Connected(connection) = &slot.link {
+                connection.close(0u32.into(), b"removed");
+            }
+            slot.link = Link::Idle;
+        }
+    }
+
+    fn slot(&self, id: NodeId) -> Arc<Mutex<Slot>> {
+        self.slots
+            .lock()
+            .entry(id)
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(Slot {
+                    addr: None,
+                    link: Link::Idle,
+                    failures: 0,
+                    backoff: self.options.backoff_initial,
+                    last_error: String::new(),
+                    generation: 0,
+                }))
+            })
+            .clone()
+    }
+
+    /// Sends `request` to node `target` and waits at most `timeout` for the response
+    /// (connecting included).
+    pub async fn call(
+        &self,
+        target: NodeId,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Response, RpcError> {
+        self.call_with(target, request, timeout, timeout).await
+    }
+
+    /// [`Self::call`], waiting at most `connect_wait` for a connection (then
+    /// [`RpcError::Unreachable`]) within the overall `timeout`.
+    pub async fn call_with(
+        &self,
+        target: NodeId,
+        request: &Request,
+        connect_wait: Duration,
+        timeout: Duration,
+    ) -> Result<Response, RpcError> {
+        let frame = encode_frame(request).map_err(|reason| RpcError::TooLarge {
+            peer: target,
+            reason,
+        })?;
+        let deadline = Instant::now() + timeout;
+        let mut retried = false;
+        loop {
+            let wait = connect_wait.min(deadline.saturating_duration_since(Instant::now()));
+            let Acquired { connection, fresh } = self.acquire(target, wait).await?;
+            let exchange = tokio::time::timeout_at(deadline, exchange(&connection, &frame)).await;
+            match exchange {
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(ExchangeError::NotSent(reason))) => {
+                    self.drop_connection(target, &connection, &reason);
+                    // A pooled connection may have died unnoticed: dial once more.
+                    if !fresh && !retried {
+                        retried = true;
+                        continue;
+                    }
+                    return Err(RpcError::Unreachable {
+                        peer: target,
+                        reason,
+                    });
+                }
+                Ok(Err(ExchangeError::Failed(reason))) => {
+                    if connection.close_reason().is_some() {
+                        self.drop_connection(target, &connection, &reason);
+                    }
+                    return Err(RpcError::Failed {
+                        peer: target,
+                        reason,
+                    });
+                }
+                Err(_) => {
+                    return Err(RpcError::Timeout {
+                        peer: target,
+                        timeout,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Removes `connection` from the pool if it is still the pooled one.
+    fn drop_connection(&self, target: NodeId, connection: &quinn::Connection, reason: &str) {
+        let slot = self.slot(target);
+        let mut slot = slot.lock();
+        if let Link::Connected(pooled) = &slot.link
+            && pooled.stable_id() == connection.stable_id()
+        {
+            tracing::debug!(peer = target, %reason, "dropping the connection");
+            slot.link = Link::Idle;
+        }
+    }
+
+    /// A live connection to `target`: the pooled one, or the outcome of a dial (started here
+    /// or already under way), waiting at most `wait`.
+    async fn acquire(&self, target: NodeId, wait: Duration) -> Result<Acquired, RpcError> {
+        let unreachable = |reason: String| RpcError::Unreachable {
+            peer: target,
+            reason,
+        };
+        let slot_ref = self.slot(target);
+        let mut outcome = {
+            let mut slot = slot_ref.lock();
+            if let Link::Connected(connection) = &slot.link {
+                match connection.close_reason() {
+                    None => {
+                        return Ok(Acquired {
+                            connection: connection.clone(),
+                            fresh: false,
+                        });
+                    }
+                    Some(reason) => {
+                        tracing::debug!(peer = target, %reason, "connection closed; redialing");
+                        slot.link = Link::Idle;
+                    }
+                }
+            }
+            match &slot.link {
+                Link::Dialing(outcome) if slot.failures == 0 => outcome.clone(),
+                Link::Dialing(_) => {
+                    return Err(unreachable(format!("{} (reconnecting)", slot.last_error)));
+                }
+                Link::Backoff { until } if Instant::now() < *until => {
+                    return Err(unreachable(format!(
+                        "{} (next attempt in {:?})",
+                        slot.last_error,
+                        until.saturating_duration_since(Instant::now())
+                    )));
+                }
+                _ => {
+                    let Some(addr) = slot.addr.clone() else {
+                        return Err(unreachable("no address known".into()));
+                    };
+                    let (tx, rx) = watch::channel(None);
+                    slot.generation += 1;
+                    slot.link = Link::Dialing(rx.clone());
+                    self.dials.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(dial(
+                        self.transport.clone(),
+                        slot_ref.clone(),
+                        slot.generation,
+                        target,
+                        addr,
+                        self.options.clone(),
+                        tx,
+                    ));
+                    rx
+                }
+            }
+        };
+        let result = match tokio::time::timeout(wait, outcome.wait_for(Option::is_some)).await {
+            Ok(Ok(result)) => result.clone(),
+            Ok(Err(_)) => return Err(unreachable("the dial was abandoned".into())),
+            Err(_) => return Err(unreachable(format!("still connecting after {wait:?}"))),
+        };
+        match result {
+            Some(Ok(connection)) => Ok(Acquired {
+                connection,
+                fresh: true,
+            }),
+            Some(Err(reason)) => Err(unreachable(reason)),
+            None => Err(unreachable("the dial was abandoned".into())),
+        }
+    }
+}
+
+/// Dials `target` and records the outcome in its slot (connection, or backoff).
+async fn dial(
+    transport: Arc<Transport>,
+    slot: Arc<Mutex<Slot>>,
+    generation: u64,
+    target: NodeId,
+    addr: PeerAddr,
+    options: PeersOptions,
+    outcome: watch::Sender<DialResult>,
+) {
+    let attempt = async {
+        let socket = resolve(&transport, &addr).await?;
+        transport
+            .connect(socket, target)
+            .await
+            .map(|peer| peer.connection)
+            .map_err(|e| e.to_string())
+    };
+    let result = match tokio::time::timeout(options.connect_timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "no connection to {addr} within {:?}",
+            options.connect_timeout
+        )),
+    };
+    {
+        let mut slot = slot.lock();
+        if slot.generation == generation {
+            match &result {
+                Ok(connection) => {
+                    if slot.failures > 0 {
+                        tracing::info!(peer = target, "reconnected to node");
+                    } else {
+                        tracing::debug!(peer = target, "connected to node");
+                    }
+                    slot.link = Link::Connected(connection.clone());
+                    slot.failures = 0;
+                    slot.backoff = options.backoff_initial;
+                }
+                Err(reason) => {
+                    slot.failures += 1;
+                    if slot.failures == 1 {
+                        tracing::warn!(peer = target, %reason, "cannot connect to node");
+                    } else {
+                        tracing::debug!(peer = target, %reason, failures = slot.failures, "cannot connect to node");
+                    }
+                    slot.link = Link::Backoff {
+                        until: Instant::now() + slot.backoff,
+                    };
+                    slot.backoff = (slot.backoff * 2).min(options.backoff_max);
+                    slot.last_error = reason.clone();
+                }
+            }
+        } else if let Ok(connection) = &result {
+            // The address changed (or the peer was removed) meanwhile. The connection is to
+            // the right node (its certificate says so): pool it unless another dial runs.
+            tracing::debug!(peer = target, "dial outcome superseded");
+            if matches!(slot.link, Link::Idle) {
+                slot.link = Link::Connected(connection.clone());
+            }
+        }
+    }
+    outcome.send_replace(Some(result));
+}
+
+/// Resolves a peer address, preferring the address family the local endpoint is bound to.
+async fn resolve(transport: &Transport, addr: &PeerAddr) -> Result<SocketAddr, String> {
+    let host = match addr {
+        PeerAddr::Socket(socket) => return Ok(*socket),
+        PeerAddr::Host(host) => host,
+    };
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(host.as_str())
+        .await
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .collect();
+    let ipv6 = transport.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+    addrs
+        .iter()
+        .find(|a| a.is_ipv6() == ipv6)
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{host} resolves to no address"))
+}
+
+/// One call on one stream: write the request frame, finish, read the response frame.
+async fn exchange(connection: &quinn::Connection, frame: &[u8]) -> Result<Response, ExchangeError> {
+    let (mut send, mut recv) = connection
+        .open_bi()
+        .await
+        .map_err(|e| ExchangeError::NotSent(format!("cannot open a stream: {e}")))?;
+    let failed =
+        |what: &str, e: &dyn std::fmt::Display| ExchangeError::Failed(format!("{what}: {e}"));
+    send.write_all(frame)
+        .await
+        .map_err(|e| failed("sending the request", &e))?;
+    send.finish()
+        .map_err(|e| failed("finishing the request", &e))?;
+    let bytes = read_frame(&mut recv)
+        .await
+        .map_err(|e| failed("reading the response", &e))?;
+    decode(&bytes).map_err(|e| failed("decoding the response", &e))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server side.
+
+/// What a node serves: its Raft groups and its application requests.
+pub trait Handler: Send + Sync + 'static {
+    /// The Raft instance of `group` on this node, if it runs one.
+    fn raft(&self, group: GroupId) -> Option<openraft::Raft<TypeConfig>>;
+
+    /// Answers an application request from node `from`.
+    fn app(&self, from: NodeId, request: Bytes) -> BoxFuture<'static, Bytes>;
+}
+
+/// Serves RPCs arriving at `transport` until `shutdown` is cancelled or the endpoint closes:
+/// each connection in its own task (handshake and membership check included), each stream in
+/// its own task. The returned task ends once the accept loop and the connection tasks have
+/// stopped; calls already being answered are not waited for (close the transport with
+/// [`Transport::shutdown`] afterwards).
+pub fn serve(
+    transport: Arc<Transport>,
+    handler: Arc<dyn Handler>,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let connections = TaskTracker::new();
+        loop {
+            let incoming = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                incoming = transport.accept_incoming() => incoming,
+            };
+            let Some(incoming) = incoming else { break };
+            connections.spawn(serve_connection(
+                incoming,
+                handler.clone(),
+                shutdown.clone(),
+            ));
+        }
+        connections.close();
+        connections.wait().await;
+    })
+}
+
+async fn serve_connection(
+    incoming: IncomingPeer,
+    handler: Arc<dyn Handler>,
+    shutdown: CancellationToken,
+) {
+    let peer = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        peer = incoming.authenticate() => match peer {
+            Ok(peer) => peer,
+            Err(_) => return, // logged by authenticate
+        },
+    };
+    tracing::debug!(peer = peer.peer, addr = %peer.connection.remote_address(), "cluster connection accepted");
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            stream = peer.connection.accept_bi() => stream,
+        };
+        match stream {
+            Ok((send, recv)) => {
+                tokio::spawn(serve_stream(peer.peer, send, recv, handler.clone()));
+            }
+            Err(reason) => {
+                tracing::debug!(peer = peer.peer, %reason, "cluster connection ended");
+                break;
+            }
+        }
+    }
+}
+
+async fn serve_stream(
+    from: NodeId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    handler: Arc<dyn Handler>,
+) {
+    let response = match read_frame(&mut recv).await {
+        Ok(bytes) => match decode::<Request>(&bytes) {
+            Ok(request) => dispatch(from, request, handler.as_ref()).await,
+            Err(reason) => {
+                tracing::warn!(peer = from, %reason, "malformed RPC request");
+                Response::Error(reason)
+            }
+        },
+        Err(FrameError::TooLarge(len)) => {
+            let _ = recv.stop(FRAME_TOO_LARGE.into());
+            let reason = FrameError::TooLarge(len).to_string();
+            tracing::warn!(peer = from, %reason, "refused an RPC request");
+            Response::Error(reason)
+        }
+        Err(FrameError::Read(reason)) => {
+            // The caller gave up (timeout, cancellation) or the connection broke.
+            tracing::debug!(peer = from, %reason, "incomplete RPC request");
+            return;
+        }
+    };
+    let frame = match encode_frame(&response) {
+        Ok(frame) => frame,
+        Err(reason) => {
+            tracing::warn!(peer = from, %reason, "cannot send an RPC response");
+            match encode_frame(&Response::Error(format!("response not sent: {reason}"))) {
+                Ok(frame) => frame,
+                Err(_) => return,
+            }
+        }
+    };
+    if let Err(reason) = send.write_all(&frame).await {
+        tracing::debug!(peer = from, %reason, "cannot send an RPC response");
+        return;
+    }
+    let _ = send.finish();
+}
+
+async fn dispatch(from: NodeId, request: Request, handler: &dyn Handler) -> Response {
+    match request {
+        Request::AppendEntries { group, rpc } => match handler.raft(group) {
+            Some(raft) => Response::AppendEntries(raft.append_entries(rpc).await),
+            None => Response::NoSuchGroup(group),
+        },
+        Request::Vote { group, rpc } => match handler.raft(group) {
+            Some(raft) => Response::Vote(raft.vote(rpc).await),
+            None => Response::NoSuchGroup(group),
+        },
+        Request::InstallSnapshot { group, rpc } => match handler.raft(group) {
+            Some(raft) => Response::InstallSnapshot(raft.install_snapshot(rpc).await),
+            None => Response::NoSuchGroup(group),
+        },
+        Request::App(request) => Response::App(handler.app(from, request).await),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_carry_a_big_endian_length() {
+        let frame = encode_frame(&Request::App(Bytes::from_static(b"hi"))).unwrap();
+        let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, frame.len() - 4);
+        match decode::<Request>(&frame[4..]).unwrap() {
+            Request::App(bytes) => assert_eq!(&bytes[..], b"hi"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_and_oversized_frames_are_errors() {
+        assert!(decode::<Request>(&[0xff, 0xff, 0xff]).is_err());
+        let mut frame = encode_frame(&Request::App(Bytes::from_static(b"hi"))).unwrap();
+        frame.push(0);
+        assert!(
+            decode::<Request>(&frame[4..])
+                .unwrap_err()
+                .contains("trailing")
+        );
+        let big = Request::App(Bytes::from(vec![0u8; MAX_FRAME + 1]));
+        assert!(encode_frame(&big).unwrap_err().contains("exceeds"));
+    }
+
+    #[test]
+    fn remote_raft_errors_roundtrip() {
+        let error: RaftError<NodeId> = RaftError::Fatal(openraft::error::Fatal::Stopped);
+        let frame = encode_frame(&Response::Vote(Err(error.clone()))).unwrap();
+        match decode::<Response>(&frame[4..]).unwrap() {
+            Response::Vote(Err(back)) => assert_eq!(back, error),
+            other => panic!("{other:?}"),
+        }
+    }
+}

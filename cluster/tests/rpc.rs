@@ -1,0 +1,686 @@
+//! Node-to-node RPC and openraft's network with real QUIC endpoints on loopback: application
+//! calls, malformed frames, unknown groups, a down peer that comes back, and a 3-node openraft
+//! group (in-memory log and state machine, test-only) electing a leader and replicating a
+//! write.
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use herald_cluster::identity::{init_ca, issue_node};
+use herald_cluster::{
+    GroupNetworkFactory, Handler, NodeIdentity, Peers, PeersOptions, Request, Response, RpcError,
+    Transport, TransportOptions, serve,
+};
+use herald_storage::Publish;
+use herald_storage::raft::{Command, GroupId, NodeId, Reply, TypeConfig};
+use openraft::raft::VoteRequest;
+use openraft::{BasicNode, Raft, Vote};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+fn cert_dir(tag: &str, nodes: &[u64]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("herald-rpc-test-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    init_ca(&dir).unwrap();
+    for &id in nodes {
+        issue_node(&dir, id).unwrap();
+    }
+    dir
+}
+
+fn bind(dir: &Path, id: NodeId, addr: SocketAddr) -> std::io::Result<Arc<Transport>> {
+    bind_with(dir, id, addr, &TransportOptions::default())
+}
+
+fn bind_with(
+    dir: &Path,
+    id: NodeId,
+    addr: SocketAddr,
+    options: &TransportOptions,
+) -> std::io::Result<Arc<Transport>> {
+    let identity = NodeIdentity::load(dir, id).unwrap();
+    match Transport::bind(addr, identity, options, Arc::new(|_| true)) {
+        Ok(transport) => Ok(Arc::new(transport)),
+        Err(error) => Err(std::io::Error::other(error.to_string())),
+    }
+}
+
+/// Serves the Raft groups registered with it; answers application requests with an echo.
+#[derive(Default)]
+struct TestHandler {
+    id: NodeId,
+    groups: Mutex<HashMap<GroupId, Raft<TypeConfig>>>,
+}
+
+impl Handler for TestHandler {
+    fn raft(&self, group: GroupId) -> Option<Raft<TypeConfig>> {
+        self.groups.lock().unwrap().get(&group).cloned()
+    }
+
+    fn app(&self, from: NodeId, request: Bytes) -> BoxFuture<'static, Bytes> {
+        let answer = format!("node {} to node {from}: ", self.id);
+        Box::pin(async move { Bytes::from([answer.as_bytes(), &request].concat()) })
+    }
+}
+
+/// One node: its endpoint, its RPC server, its client pool.
+struct Node {
+    transport: Arc<Transport>,
+    handler: Arc<TestHandler>,
+    peers: Arc<Peers>,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    fn start(transport: Arc<Transport>, options: PeersOptions) -> Node {
+        let handler = Arc::new(TestHandler {
+            id: transport.id(),
+            ..Default::default()
+        });
+        let shutdown = CancellationToken::new();
+        let server = serve(transport.clone(), handler.clone(), shutdown.clone());
+        let peers = Peers::with_options(transport.clone(), options);
+        Node {
+            transport,
+            handler,
+            peers,
+            shutdown,
+            server,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.transport.local_addr().unwrap()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(PATIENCE, self.server)
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::timeout(PATIENCE, self.transport.shutdown())
+            .await
+            .unwrap();
+    }
+}
+
+fn app(bytes: &'static [u8]) -> Request {
+    Request::App(Bytes::from_static(bytes))
+}
+
+#[tokio::test]
+async fn app_requests_roundtrip_and_concurrent_callers_share_one_dial() {
+    init_tracing();
+    let dir = cert_dir("app", &[1, 2]);
+    let localhost = "127.0.0.1:0".parse().unwrap();
+    let a = Node::start(bind(&dir, 1, localhost).unwrap(), PeersOptions::default());
+    let b = Node::start(bind(&dir, 2, localhost).unwrap(), PeersOptions::default());
+    // By host name, as openraft's BasicNode carries it.
+    a.peers
+        .set_addr(2, format!("localhost:{}", b.addr().port()));
+
+    let ping = app(b"ping");
+    let calls = (0..20).map(|_| a.peers.call(2, &ping, PATIENCE));
+    for response in futures::future::join_all(calls).await {
+        match response.unwrap() {
+            Response::App(bytes) => assert_eq!(&bytes[..], b"node 2 to node 1: ping"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(a.peers.dials(), 1, "concurrent callers wait for one dial");
+
+    // The other direction has its own pool; the server learned the caller's id from its
+    // certificate.
+    b.peers.set_addr(1, a.addr());
+    match b.peers.call(1, &app(b"pong"), PATIENCE).await.unwrap() {
+        Response::App(bytes) => assert_eq!(&bytes[..], b"node 1 to node 2: pong"),
+        other => panic!("{other:?}"),
+    }
+
+    // A Raft RPC for a group the node does not run.
+    let vote = Request::Vote {
+        group: 42,
+        rpc: VoteRequest::new(Vote::new(1, 1), None),
+    };
+    assert!(matches!(
+        a.peers.call(2, &vote, PATIENCE).await.unwrap(),
+        Response::NoSuchGroup(42)
+    ));
+
+    // A node nobody gave an address for.
+    let error = a.peers.call(3, &app(b"?"), PATIENCE).await.unwrap_err();
+    assert!(
+        matches!(error, RpcError::Unreachable { peer: 3, .. }) && error.not_sent(),
+        "{error}"
+    );
+    assert_eq!(a.peers.dials(), 1, "still the one connection");
+
+    a.stop().await;
+    b.stop().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Writes a raw frame on a new stream and decodes the server's response.
+async fn raw_call(connection: &quinn::Connection, bytes: &[u8]) -> Response {
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    send.finish().unwrap();
+    let response = recv.read_to_end(1 << 20).await.unwrap();
+    let len = u32::from_be_bytes(response[..4].try_into().unwrap()) as usize;
+    assert_eq!(len, response.len() - 4);
+    let (response, _): (Response, usize) =
+        bincode::serde::decode_from_slice(&response[4..], bincode::config::standard()).unwrap();
+    response
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_frames_get_an_error_response() {
+    init_tracing();
+    let dir = cert_dir("malformed", &[1, 2]);
+    let localhost = "127.0.0.1:0".parse().unwrap();
+    let a = Node::start(bind(&dir, 1, localhost).unwrap(), PeersOptions::default());
+    let b = bind(&dir, 2, localhost).unwrap();
+    let connection = tokio::time::timeout(PATIENCE, b.connect(a.addr(), 1))
+        .await
+        .unwrap()
+        .unwrap()
+        .connection;
+
+    let garbage = [0, 0, 0, 3, 0xff, 0xff, 0xff];
+    match raw_call(&connection, &garbage).await {
+        Response::Error(reason) => assert!(reason.contains("malformed"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let oversized = (u32::MAX).to_be_bytes();
+    match raw_call(&connection, &oversized).await {
+        Response::Error(reason) => assert!(reason.contains("exceeds"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    // The server is still there, on the same connection.
+    let request = bincode::serde::encode_to_vec(app(b"ok"), bincode::config::standard()).unwrap();
+    let frame = [&(request.len() as u32).to_be_bytes()[..], &request].concat();
+    match raw_call(&connection, &frame).await {
+        Response::App(bytes) => assert_eq!(&bytes[..], b"node 1 to node 2: ok"),
+        other => panic!("{other:?}"),
+    }
+
+    connection.close(0u32.into(), b"done");
+    a.stop().await;
+    b.shutdown().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_stalled_handshake_does_not_hold_up_other_connections() {
+    init_tracing();
+    let dir = cert_dir("stalled", &[1, 2, 3]);
+    let localhost = "127.0.0.1:0".parse().unwrap();
+    // A long idle timeout: a stalled handshake would hold an accept loop that waits for it
+    // for this long.
+    let slow = TransportOptions {
+        idle_timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let a = Node::start(
+        bind_with(&dir, 1, localhost, &slow).unwrap(),
+        PeersOptions::default(),
+    );
+
+    // Node 3 dials through a relay that passes its first datagram on and nothing after:
+    // node 1 starts the handshake and never hears back.
+    let relay = tokio::net::UdpSocket::bind(localhost).await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let a_addr = a.addr();
+    let (forwarded, first_forwarded) = tokio::sync::oneshot::channel();
+    let relay_task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        let (n, _) = relay.recv_from(&mut buf).await.unwrap();
+        relay.send_to(&buf[..n], a_addr).await.unwrap();
+        let _ = forwarded.send(());
+        while relay.recv_from(&mut buf).await.is_ok() {}
+    });
+    let c = bind(&dir, 3, localhost).unwrap();
+    let stalled = tokio::spawn({
+        let c = c.clone();
+        async move { c.connect(relay_addr, 1).await.map(|_| ()) }
+    });
+    tokio::time::timeout(PATIENCE, first_forwarded)
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Meanwhile node 2 connects and calls.
+    let b = Node::start(bind(&dir, 2, localhost).unwrap(), PeersOptions::default());
+    b.peers.set_addr(1, a.addr());
+    match b.peers.call(1, &app(b"hi"), PATIENCE).await.unwrap() {
+        Response::App(bytes) => assert_eq!(&bytes[..], b"node 1 to node 2: hi"),
+        other => panic!("{other:?}"),
+    }
+
+    stalled.abort();
+    relay_task.abort();
+    a.stop().await;
+    b.stop().await;
+    c.shutdown().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_down_node_is_unreachable_then_reachable_once_it_is_up() {
+    init_tracing();
+    let dir = cert_dir("down", &[1, 2]);
+    let localhost = "127.0.0.1:0".parse().unwrap();
+    let options = PeersOptions {
+        connect_timeout: Duration::from_millis(300),
+        backoff_initial: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(400),
+    };
+    let a = Node::start(bind(&dir, 1, localhost).unwrap(), options);
+
+    // Node 2's address, with nothing listening there.
+    let b_addr = {
+        let b = bind(&dir, 2, localhost).unwrap();
+        let addr = b.local_addr().unwrap();
+        b.shutdown().await;
+        addr
+    };
+    a.peers.set_addr(2, b_addr);
+
+    let started = Instant::now();
+    let error = a
+        .peers
+        .call(2, &app(b"hello?"), PATIENCE)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, RpcError::Unreachable { .. }), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "bounded by the connect timeout, not the call's: {:?}",
+        started.elapsed()
+    );
+    // In backoff (or redialing after a failure): fails fast, without waiting for a dial.
+    let started = Instant::now();
+    let error = a
+        .peers
+        .call(2, &app(b"hello?"), PATIENCE)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, RpcError::Unreachable { .. }), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // Node 2 comes up on the same address (the old socket may take a moment to go).
+    let deadline = Instant::now() + PATIENCE;
+    let b = loop {
+        match bind(&dir, 2, b_addr) {
+            Ok(transport) => break Node::start(transport, PeersOptions::default()),
+            Err(error) if Instant::now() < deadline => {
+                tracing::debug!(%error, "rebinding");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => panic!("{error}"),
+        }
+    };
+    let deadline = Instant::now() + PATIENCE;
+    let mut unreachable = 0;
+    let response = loop {
+        match a
+            .peers
+            .call(2, &app(b"hello"), Duration::from_secs(5))
+            .await
+        {
+            Ok(response) => break response,
+            Err(RpcError::Unreachable { .. }) if Instant::now() < deadline => {
+                unreachable += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => panic!("{error}"),
+        }
+    };
+    match response {
+        Response::App(bytes) => assert_eq!(&bytes[..], b"node 2 to node 1: hello"),
+        other => panic!("{other:?}"),
+    }
+    tracing::info!(unreachable, dials = a.peers.dials(), "reconnected");
+
+    a.stop().await;
+    b.stop().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_raft_nodes_elect_a_leader_and_replicate_a_write() {
+    init_tracing();
+    const GROUP: GroupId = 7;
+    let ids = [1, 2, 3];
+    let dir = cert_dir("raft", &ids);
+    let config = Arc::new(
+        openraft::Config {
+            cluster_name: "herald-test".into(),
+            heartbeat_interval: 100,
+            election_timeout_min: 800,
+            election_timeout_max: 1600,
+            install_snapshot_timeout: 2000,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap(),
+    );
+
+    let mut nodes = Vec::new();
+    let mut rafts = Vec::new();
+    let mut machines = Vec::new();
+    for id in ids {
+        let node = Node::start(
+            bind(&dir, id, "127.0.0.1:0".parse().unwrap()).unwrap(),
+            PeersOptions::default(),
+        );
+        let machine = mem::StateMachine::default();
+        let raft = Raft::new(
+            id,
+            config.clone(),
+            GroupNetworkFactory::new(node.peers.clone(), GROUP),
+            mem::LogStore::default(),
+            machine.clone(),
+        )
+        .await
+        .unwrap();
+        node.handler
+            .groups
+            .lock()
+            .unwrap()
+            .insert(GROUP, raft.clone());
+        nodes.push(node);
+        rafts.push(raft);
+        machines.push(machine);
+    }
+    let members: BTreeMap<NodeId, BasicNode> = nodes
+        .iter()
+        .map(|node| (node.transport.id(), BasicNode::new(node.addr().to_string())))
+        .collect();
+    rafts[0].initialize(members).await.unwrap();
+
+    let metrics = rafts[0]
+        .wait(Some(PATIENCE))
+        .metrics(|m| m.current_leader.is_some(), "a leader is elected")
+        .await
+        .unwrap();
+    let leader = metrics.current_leader.unwrap();
+    let command = Command::Publish {
+        now_ms: 1,
+        publishes: vec![Publish::new("news", "hello")],
+    };
+    let written = rafts[(leader - 1) as usize]
+        .client_write(command.clone())
+        .await
+        .unwrap();
+    for raft in &rafts {
+        raft.wait(Some(PATIENCE))
+            .applied_index_at_least(Some(written.log_id.index), "the write is applied")
+            .await
+            .unwrap();
+    }
+    for machine in &machines {
+        assert_eq!(machine.commands(), vec![command.clone()]);
+    }
+
+    // A follower goes away: the other two still commit (its peers see it unreachable).
+    let follower = ids.into_iter().find(|&id| id != leader).unwrap();
+    let gone = nodes.remove((follower - 1) as usize);
+    let gone_raft = rafts.remove((follower - 1) as usize);
+    machines.remove((follower - 1) as usize);
+    gone_raft.shutdown().await.unwrap();
+    gone.stop().await;
+    let second = Command::Publish {
+        now_ms: 2,
+        publishes: vec![Publish::new("news", "still here")],
+    };
+    let leader_raft = rafts
+        .iter()
+        .find(|raft| raft.metrics().borrow().id == leader)
+        .unwrap();
+    let written = leader_raft.client_write(second.clone()).await.unwrap();
+    for raft in &rafts {
+        raft.wait(Some(PATIENCE))
+            .applied_index_at_least(Some(written.log_id.index), "the second write is applied")
+            .await
+            .unwrap();
+    }
+    for machine in &machines {
+        assert_eq!(machine.commands(), vec![command.clone(), second.clone()]);
+    }
+
+    for raft in &rafts {
+        raft.shutdown().await.unwrap();
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A minimal in-memory log store and state machine, for this test only.
+mod mem {
+    use super::*;
+    use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+    use openraft::{
+        AnyError, Entry, EntryPayload, LogId, LogState, OptionalSend, RaftLogReader,
+        RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError,
+        StoredMembership,
+    };
+    use std::fmt::Debug;
+    use std::io::Cursor;
+    use std::ops::RangeBounds;
+
+    #[derive(Default)]
+    struct Log {
+        vote: Option<Vote<NodeId>>,
+        committed: Option<LogId<NodeId>>,
+        last_purged: Option<LogId<NodeId>>,
+        entries: BTreeMap<u64, Entry<TypeConfig>>,
+    }
+
+    #[derive(Clone, Default)]
+    pub struct LogStore(Arc<Mutex<Log>>);
+
+    impl RaftLogReader<TypeConfig> for LogStore {
+        async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+            &mut self,
+            range: RB,
+        ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+            let log = self.0.lock().unwrap();
+            Ok(log.entries.range(range).map(|(_, e)| e.clone()).collect())
+        }
+    }
+
+    impl RaftLogStorage<TypeConfig> for LogStore {
+        type LogReader = LogStore;
+
+        async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+            let log = self.0.lock().unwrap();
+            let last = log.entries.values().next_back().map(|e| e.log_id);
+            Ok(LogState {
+                last_purged_log_id: log.last_purged,
+                last_log_id: last.or(log.last_purged),
+            })
+        }
+
+        async fn get_log_reader(&mut self) -> LogStore {
+            self.clone()
+        }
+
+        async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+            self.0.lock().unwrap().vote = Some(*vote);
+            Ok(())
+        }
+
+        async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
+            Ok(self.0.lock().unwrap().vote)
+        }
+
+        async fn save_committed(
+            &mut self,
+            committed: Option<LogId<NodeId>>,
+        ) -> Result<(), StorageError<NodeId>> {
+            self.0.lock().unwrap().committed = committed;
+            Ok(())
+        }
+
+        async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+            Ok(self.0.lock().unwrap().committed)
+        }
+
+        async fn append<I>(
+            &mut self,
+            entries: I,
+            callback: LogFlushed<TypeConfig>,
+        ) -> Result<(), StorageError<NodeId>>
+        where
+            I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+            I::IntoIter: OptionalSend,
+        {
+            {
+                let mut log = self.0.lock().unwrap();
+                for entry in entries {
+                    log.entries.insert(entry.log_id.index, entry);
+                }
+            }
+            callback.log_io_completed(Ok(()));
+            Ok(())
+        }
+
+        async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+            self.0.lock().unwrap().entries.split_off(&log_id.index);
+            Ok(())
+        }
+
+        async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+            let mut log = self.0.lock().unwrap();
+            log.entries = log.entries.split_off(&(log_id.index + 1));
+            log.last_purged = Some(log_id);
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct Machine {
+        last_applied: Option<LogId<NodeId>>,
+        membership: StoredMembership<NodeId, BasicNode>,
+        commands: Vec<Command>,
+        snapshot: Option<(SnapshotMeta<NodeId, BasicNode>, Vec<u8>)>,
+    }
+
+    #[derive(Clone, Default)]
+    pub struct StateMachine(Arc<Mutex<Machine>>);
+
+    impl StateMachine {
+        pub fn commands(&self) -> Vec<Command> {
+            self.0.lock().unwrap().commands.clone()
+        }
+    }
+
+    impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+        async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+            let mut machine = self.0.lock().unwrap();
+            let data =
+                bincode::serde::encode_to_vec(&machine.commands, bincode::config::standard())
+                    .map_err(|e| StorageIOError::write_snapshot(None, AnyError::new(&e)))?;
+            let meta = SnapshotMeta {
+                last_log_id: machine.last_applied,
+                last_membership: machine.membership.clone(),
+                snapshot_id: format!("{:?}", machine.last_applied),
+            };
+            machine.snapshot = Some((meta.clone(), data.clone()));
+            Ok(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            })
+        }
+    }
+
+    impl RaftStateMachine<TypeConfig> for StateMachine {
+        type SnapshotBuilder = StateMachine;
+
+        async fn applied_state(
+            &mut self,
+        ) -> Result<
+            (Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>),
+            StorageError<NodeId>,
+        > {
+            let machine = self.0.lock().unwrap();
+            Ok((machine.last_applied, machine.membership.clone()))
+        }
+
+        async fn apply<I>(&mut self, entries: I) -> Result<Vec<Reply>, StorageError<NodeId>>
+        where
+            I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+            I::IntoIter: OptionalSend,
+        {
+            let mut machine = self.0.lock().unwrap();
+            let mut replies = Vec::new();
+            for entry in entries {
+                machine.last_applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => {}
+                    EntryPayload::Normal(command) => machine.commands.push(command),
+                    EntryPayload::Membership(membership) => {
+                        machine.membership = StoredMembership::new(Some(entry.log_id), membership)
+                    }
+                }
+                replies.push(Reply::None);
+            }
+            Ok(replies)
+        }
+
+        async fn get_snapshot_builder(&mut self) -> StateMachine {
+            self.clone()
+        }
+
+        async fn begin_receiving_snapshot(
+            &mut self,
+        ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+            Ok(Box::new(Cursor::new(Vec::new())))
+        }
+
+        async fn install_snapshot(
+            &mut self,
+            meta: &SnapshotMeta<NodeId, BasicNode>,
+            snapshot: Box<Cursor<Vec<u8>>>,
+        ) -> Result<(), StorageError<NodeId>> {
+            let data = snapshot.into_inner();
+            let (commands, _): (Vec<Command>, usize) =
+                bincode::serde::decode_from_slice(&data, bincode::config::standard()).map_err(
+                    |e| StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e)),
+                )?;
+            let mut machine = self.0.lock().unwrap();
+            machine.commands = commands;
+            machine.last_applied = meta.last_log_id;
+            machine.membership = meta.last_membership.clone();
+            machine.snapshot = Some((meta.clone(), data));
+            Ok(())
+        }
+
+        async fn get_current_snapshot(
+            &mut self,
+        ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+            let machine = self.0.lock().unwrap();
+            Ok(machine.snapshot.as_ref().map(|(meta, data)| Snapshot {
+                meta: meta.clone(),
+                snapshot: Box::new(Cursor::new(data.clone())),
+            }))
+        }
+    }
+}
