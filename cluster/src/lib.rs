@@ -1,17 +1,35 @@
 //! # herald-cluster
 //!
-//! The layer that turns herald nodes into one cluster. Built so far: node identity (a cluster
-//! CA and node certificates that name their node) and the QUIC transport between nodes with
-//! mutual TLS. Raft membership and replicated partitions (openraft) build on this transport.
+//! The layer that turns herald nodes into one cluster: node identity and mutual TLS, the QUIC
+//! transport and RPC between nodes, openraft's network over it, and the cluster node that runs
+//! the meta group and one Raft group per partition, proposes batched publishes to partition
+//! leaders, and keeps group membership in line with the cluster's.
 //!
 //! ## Layout
 //!
 //! - [`identity`]: certificate files (`herald certs init` / `issue`), rustls configurations,
 //!   reading a node id from a certificate.
 //! - [`transport`]: the quinn endpoint: dialing a node by id, accepting only member nodes.
+//! - [`rpc`]: request/response over one bidirectional QUIC stream per call, the peer pool
+//!   (one connection per peer, reconnect with backoff) and the server dispatch ([`Handler`]).
+//! - [`network`]: openraft's `RaftNetworkFactory` per group over [`rpc`].
+//! - [`message`]: the node layer's own requests (forwarded publishes, meta writes, joins).
+//! - [`proposer`]: one task per partition batching publishes into one Raft entry per round,
+//!   forwarding to the leader, retrying only when that is safe.
+//! - [`node`]: [`node::ClusterNode`]: the groups, bootstrap by `--bootstrap-expect`, placement,
+//!   join/remove, status.
 
 pub mod identity;
+pub mod message;
+pub mod network;
+pub mod node;
+pub mod proposer;
+pub mod rpc;
 pub mod transport;
 
 pub use identity::{NodeId, NodeIdentity};
-pub use transport::{PeerConnection, Transport, TransportError, TransportOptions};
+pub use network::{GroupNetwork, GroupNetworkFactory};
+pub use rpc::{Handler, PeerAddr, Peers, PeersOptions, Request, Response, RpcError, serve};
+pub use transport::{
+    IncomingPeer, PeerConnection, PeerFilter, Transport, TransportError, TransportOptions,
+};

@@ -12,14 +12,18 @@
 
 use crate::hub::{Hub, Wakes};
 use bytes::Bytes;
+use herald_cluster::message::ProposeError;
+use herald_cluster::node::{ClusterConfig, ClusterNode};
+use herald_cluster::proposer::ProposeResult;
 use herald_storage::{
-    Applied, Epoch, Event, LocalLog, Namespaces, Partition, Pending, Position, Publish,
+    Applied, Epoch, Event, LocalLog, Namespaces, OnCommit, Partition, Pending, Position, Publish,
     StorageError, Store, StoreOptions,
 };
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 
 /// The outcome of an acknowledged publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,8 +42,48 @@ pub struct Published {
 pub enum Ticket {
     /// Already delivered (non-durable namespace).
     Done(Published),
-    /// Queued in the log; [`Broker::wait`] resolves once it is flushed.
-    Queued { pending: Pending, channel: Bytes },
+    /// Queued in the log; [`Broker::wait`] resolves once it is committed.
+    Queued { pending: Commit, channel: Bytes },
+}
+
+/// A durable publish waiting for its commit: in the node's own log, or in the cluster.
+#[derive(Debug)]
+pub enum Commit {
+    /// Single node: resolves after the group-commit flush.
+    Local(Pending),
+    /// Cluster: resolves after the partition's quorum commit (and local apply on the leader).
+    Cluster(oneshot::Receiver<ProposeResult>),
+}
+
+impl Commit {
+    async fn wait(self) -> Result<Applied, StorageError> {
+        match self {
+            Commit::Local(pending) => pending.wait().await,
+            Commit::Cluster(rx) => {
+                let mut applied = rx
+                    .await
+                    .map_err(|_| StorageError::Closed)?
+                    .map_err(cluster_error)?;
+                applied
+                    .pop()
+                    .ok_or_else(|| StorageError::Internal("the cluster returned no result".into()))
+            }
+        }
+    }
+}
+
+/// A cluster failure as the protocols report it.
+fn cluster_error(error: ProposeError) -> StorageError {
+    match error {
+        ProposeError::Closed => StorageError::Closed,
+        other => StorageError::Unavailable(other.to_string()),
+    }
+}
+
+/// Where durable publishes are committed.
+enum Log {
+    Local(LocalLog),
+    Cluster(ClusterNode),
 }
 
 /// Counters for `/metrics`.
@@ -59,14 +103,14 @@ pub struct BrokerStats {
 pub struct Broker {
     hub: Arc<Hub>,
     store: Arc<Store>,
-    log: LocalLog,
+    log: Log,
     namespaces: Arc<Namespaces>,
     committed: Arc<Vec<AtomicU64>>,
     stats: Arc<BrokerStats>,
 }
 
 impl Broker {
-    /// Opens the store in `dir` and starts the log. Must run inside a Tokio runtime.
+    /// Opens the store in `dir` and starts the single-node log. Must run inside a Tokio runtime.
     pub fn open(
         hub: Arc<Hub>,
         dir: &Path,
@@ -74,26 +118,14 @@ impl Broker {
         namespaces: Namespaces,
     ) -> Result<Arc<Broker>, StorageError> {
         let store = Arc::new(Store::open(dir, options)?);
-        let committed: Arc<Vec<AtomicU64>> = Arc::new(
-            (0..store.partitions())
-                .map(|p| AtomicU64::new(store.latest_seq(p)))
-                .collect(),
-        );
         let namespaces = Arc::new(namespaces);
-        let on_commit = {
-            let hub = hub.clone();
-            let committed = committed.clone();
-            Arc::new(move |events: &[Event]| {
-                // Raise the watermark first: a stream that reads it after subscribing either
-                // finds an event below it in history or receives it live, never neither.
-                for event in events {
-                    committed[event.position.partition as usize]
-                        .fetch_max(event.position.seq, Ordering::SeqCst);
-                }
-                hub.deliver_events(events, &mut Wakes::default());
-            })
-        };
-        let log = LocalLog::start(store.clone(), namespaces.clone(), on_commit);
+        let committed = committed_marks(&store);
+        let on_commit = deliver_on_commit(&hub, &committed);
+        let log = Log::Local(LocalLog::start(
+            store.clone(),
+            namespaces.clone(),
+            on_commit,
+        ));
         Ok(Arc::new(Broker {
             hub,
             store,
@@ -104,6 +136,83 @@ impl Broker {
         }))
     }
 
+    /// Opens the store in `dir` and joins (or forms) the cluster `config` describes: durable
+    /// publishes then commit through the partition Raft groups. Must run inside a Tokio runtime.
+    pub async fn open_cluster(
+        hub: Arc<Hub>,
+        dir: &Path,
+        options: StoreOptions,
+        namespaces: Namespaces,
+        config: ClusterConfig,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<Arc<Broker>, herald_cluster::node::ClusterError> {
+        let store = Arc::new(Store::open(dir, options)?);
+        let namespaces = Arc::new(namespaces);
+        let committed = committed_marks(&store);
+        let on_commit = deliver_on_commit(&hub, &committed);
+        let node = ClusterNode::start(
+            config,
+            store.clone(),
+            namespaces.clone(),
+            on_commit,
+            shutdown,
+        )
+        .await?;
+        Ok(Arc::new(Broker {
+            hub,
+            store,
+            log: Log::Cluster(node),
+            namespaces,
+            committed,
+            stats: Arc::default(),
+        }))
+    }
+
+    /// The cluster node, when this node runs in a cluster.
+    pub fn cluster(&self) -> Option<&ClusterNode> {
+        match &self.log {
+            Log::Cluster(node) => Some(node),
+            Log::Local(_) => None,
+        }
+    }
+
+    /// Whether durable publishes can commit right now: always on a single node; in a cluster,
+    /// once it is formed and while this node is on the majority side.
+    pub fn is_ready(&self) -> bool {
+        match &self.log {
+            Log::Local(_) => true,
+            Log::Cluster(node) => node.has_quorum(),
+        }
+    }
+}
+
+/// Each partition's committed watermark, starting from what the store holds.
+fn committed_marks(store: &Store) -> Arc<Vec<AtomicU64>> {
+    Arc::new(
+        (0..store.partitions())
+            .map(|p| AtomicU64::new(store.latest_seq(p)))
+            .collect(),
+    )
+}
+
+/// What the log calls with committed events: raise the watermarks, then deliver to the hub.
+fn deliver_on_commit(hub: &Arc<Hub>, committed: &Arc<Vec<AtomicU64>>) -> OnCommit {
+    {
+        let hub = hub.clone();
+        let committed = committed.clone();
+        Arc::new(move |events: &[Event]| {
+            // Raise the watermark first: a stream that reads it after subscribing either
+            // finds an event below it in history or receives it live, never neither.
+            for event in events {
+                committed[event.position.partition as usize]
+                    .fetch_max(event.position.seq, Ordering::SeqCst);
+            }
+            hub.deliver_events(events, &mut Wakes::default());
+        })
+    }
+}
+
+impl Broker {
     /// The local hub.
     pub fn hub(&self) -> &Arc<Hub> {
         &self.hub
@@ -140,8 +249,14 @@ impl Broker {
     }
 
     /// The highest sequence number of `partition` that is flushed and delivered to the hub.
+    ///
+    /// In a cluster, apply runs only on committed entries, so what the store holds is the
+    /// watermark (this also covers a partition that jumped ahead by a snapshot install).
     pub fn committed_seq(&self, partition: Partition) -> u64 {
-        self.committed[partition as usize].load(Ordering::SeqCst)
+        match &self.log {
+            Log::Local(_) => self.committed[partition as usize].load(Ordering::SeqCst),
+            Log::Cluster(_) => self.store.latest_seq(partition),
+        }
     }
 
     /// Accepts a publish: a durable one is queued in the log (waiting only if the log's queue
@@ -169,7 +284,17 @@ impl Broker {
             payload,
             message_id,
         };
-        let pending = self.log.enqueue(publish).await?;
+        let pending = match &self.log {
+            Log::Local(log) => Commit::Local(log.enqueue(publish).await?),
+            Log::Cluster(node) => {
+                let partition = self.store.partition_of(&channel);
+                Commit::Cluster(
+                    node.enqueue(partition, vec![publish])
+                        .await
+                        .map_err(cluster_error)?,
+                )
+            }
+        };
         Ok(Ticket::Queued { pending, channel })
     }
 
@@ -227,7 +352,10 @@ impl Broker {
 
     /// Commits what is queued and stops accepting durable publishes (shutdown).
     pub async fn close(&self) {
-        self.log.close().await;
+        match &self.log {
+            Log::Local(log) => log.close().await,
+            Log::Cluster(node) => node.shutdown().await,
+        }
         if let Err(error) = self.store.flush().await {
             tracing::error!(%error, "final flush of the store failed");
         }

@@ -23,6 +23,62 @@ pub enum Command {
     /// Create the cluster CA and node certificates for node-to-node mutual TLS.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Operate a running cluster through one node's HTTP port: status, init, join, remove.
+    Cluster(ClusterArgs),
+}
+
+/// `herald cluster ...`: talks to a node's `/api/cluster/*` endpoints.
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// The HTTP address of any node of the cluster.
+    #[arg(
+        long,
+        env = "HERALD_HTTP_ADDR",
+        value_name = "HOST:PORT",
+        default_value = "127.0.0.1:8000",
+        global = true
+    )]
+    pub http: String,
+    /// The node's password (its --requirepass), if it has one.
+    #[arg(
+        long,
+        env = "HERALD_REQUIREPASS",
+        value_name = "PASSWORD",
+        hide_env_values = true,
+        global = true
+    )]
+    pub password: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: ClusterCommand,
+}
+
+/// `herald cluster` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Members, roles, each partition's leader, commit and apply positions, lag.
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Form the cluster now from the node and its --peers (instead of --bootstrap-expect).
+    Init,
+    /// Add a node (started with --node-id and --peers naming current members) to the cluster.
+    Join {
+        /// The new node's id (its certificate must name it).
+        #[arg(long, value_name = "N")]
+        node_id: u64,
+        /// The new node's cluster address (host:port, UDP).
+        #[arg(long, value_name = "HOST:PORT")]
+        addr: String,
+    },
+    /// Remove a node from the cluster; its data is not trusted again without a new join.
+    Remove {
+        /// The node to remove.
+        #[arg(long, value_name = "N")]
+        node_id: u64,
+    },
 }
 
 /// `herald certs ...`.
@@ -126,6 +182,42 @@ pub struct ServeArgs {
     /// Interval of SSE keep-alive comments, e.g. 15s [default: 15s].
     #[arg(long, env = "HERALD_SSE_KEEP_ALIVE", value_name = "DURATION")]
     pub sse_keep_alive: Option<String>,
+
+    /// This node's id in a cluster; setting it (with --tls-dir) turns clustering on. The node's
+    /// certificate (`herald certs issue --node-id N`) must name it.
+    #[arg(long, env = "HERALD_NODE_ID", value_name = "N")]
+    pub node_id: Option<u64>,
+
+    /// UDP address of the node-to-node QUIC endpoint [default: 127.0.0.1:7000].
+    #[arg(long, env = "HERALD_CLUSTER_ADDR", value_name = "ADDR")]
+    pub cluster_addr: Option<SocketAddr>,
+
+    /// The host:port other nodes reach this node's cluster endpoint at [default: --cluster-addr].
+    #[arg(long, env = "HERALD_ADVERTISE_ADDR", value_name = "HOST:PORT")]
+    pub advertise_addr: Option<String>,
+
+    /// The cluster's nodes as `ID@HOST:PORT`, comma-separated (this node may be included).
+    #[arg(
+        long,
+        env = "HERALD_PEERS",
+        value_name = "PEERS",
+        value_delimiter = ','
+    )]
+    pub peers: Option<Vec<String>>,
+
+    /// Form the cluster automatically once this many nodes (this one included) are up; the
+    /// lowest id of --peers does it. 0 = wait for `herald cluster init` [default: 0].
+    #[arg(long, env = "HERALD_BOOTSTRAP_EXPECT", value_name = "N")]
+    pub bootstrap_expect: Option<usize>,
+
+    /// Directory with the cluster CA certificate and this node's certificate and key.
+    #[arg(long, env = "HERALD_TLS_DIR", value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+
+    /// How long a durable publish may wait for its quorum commit before failing, e.g. 5s
+    /// [default: 5s].
+    #[arg(long, env = "HERALD_PUBLISH_TIMEOUT", value_name = "DURATION")]
+    pub publish_timeout: Option<String>,
 
     /// Log filter, e.g. info or herald_gateway=debug [default: info].
     #[arg(long, env = "HERALD_LOG", value_name = "FILTER")]

@@ -3,12 +3,15 @@
 
 use crate::cli::ServeArgs;
 use anyhow::{Context, Result, anyhow, bail};
+use herald_cluster::node::{ClusterConfig, RaftTimings};
+use herald_cluster::proposer::ProposerOptions;
 use herald_gateway::http::HttpSettings;
 use herald_gateway::hub::outbox::OutputLimit;
 use herald_gateway::resp::RespSettings;
 use herald_gateway::resp::settings::parse_memory;
 use herald_storage::{Namespaces, StoreOptions, parse_duration};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -33,6 +36,13 @@ pub struct FileConfig {
     dedup_window: Option<String>,
     cors_origins: Option<Vec<String>>,
     sse_keep_alive: Option<String>,
+    node_id: Option<u64>,
+    cluster_addr: Option<SocketAddr>,
+    advertise_addr: Option<String>,
+    peers: Option<Vec<String>>,
+    bootstrap_expect: Option<usize>,
+    tls_dir: Option<PathBuf>,
+    publish_timeout: Option<String>,
     /// `[namespace.NAME]` tables.
     #[serde(default)]
     namespace: Option<Namespaces>,
@@ -80,6 +90,32 @@ pub struct NodeConfig {
     pub namespaces: Namespaces,
     /// HTTP settings.
     pub http: HttpSettings,
+    /// Cluster settings; `None` runs a single node.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Parses `ID@HOST:PORT` peer entries.
+pub fn parse_peers(entries: &[String]) -> Result<BTreeMap<u64, String>> {
+    let mut peers = BTreeMap::new();
+    for entry in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+        let (id, addr) = entry.split_once('@').ok_or_else(|| {
+            anyhow!("invalid peer '{entry}': expected ID@HOST:PORT, e.g. 2@10.0.0.2:7000")
+        })?;
+        let id: u64 = id
+            .parse()
+            .map_err(|_| anyhow!("invalid peer '{entry}': '{id}' is not a node id"))?;
+        if addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
+            bail!("invalid peer '{entry}': '{addr}' is not HOST:PORT");
+        }
+        if peers.insert(id, addr.to_string()).is_some() {
+            bail!("invalid peers: node {id} is listed twice");
+        }
+    }
+    Ok(peers)
 }
 
 impl NodeConfig {
@@ -144,7 +180,46 @@ impl NodeConfig {
                 bail!("sse-keep-alive must be above zero");
             }
         }
+        let node_id = args.node_id.or(file.node_id);
+        let tls_dir = args.tls_dir.or(file.tls_dir);
+        let cluster = match (node_id, tls_dir) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                bail!("--tls-dir is set but --node-id is not: a cluster node needs both")
+            }
+            (Some(_), None) => bail!(
+                "--node-id is set but --tls-dir is not: a cluster node needs both (create it with `herald certs init` and `herald certs issue`)"
+            ),
+            (Some(node_id), Some(tls_dir)) => {
+                let bind = args
+                    .cluster_addr
+                    .or(file.cluster_addr)
+                    .unwrap_or(([127, 0, 0, 1], 7000).into());
+                let peers = parse_peers(&args.peers.or(file.peers).unwrap_or_default())?;
+                let advertise = args
+                    .advertise_addr
+                    .or(file.advertise_addr)
+                    .or_else(|| peers.get(&node_id).cloned())
+                    .unwrap_or_else(|| bind.to_string());
+                let mut proposer = ProposerOptions::default();
+                if let Some(timeout) = args.publish_timeout.or(file.publish_timeout) {
+                    proposer.publish_timeout = parse_duration(&timeout)
+                        .map_err(|e| anyhow!("invalid publish-timeout '{timeout}': {e}"))?;
+                }
+                Some(ClusterConfig {
+                    node_id,
+                    bind,
+                    advertise,
+                    peers: peers.into_iter().filter(|(id, _)| *id != node_id).collect(),
+                    bootstrap_expect: args.bootstrap_expect.or(file.bootstrap_expect).unwrap_or(0),
+                    tls_dir,
+                    raft: RaftTimings::default(),
+                    proposer,
+                })
+            }
+        };
         Ok(NodeConfig {
+            cluster,
             resp_addr: AddrSetting {
                 addr: args
                     .resp_addr

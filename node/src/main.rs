@@ -7,9 +7,11 @@
 //! - `cli`: flags and `HERALD_*` environment variables (clap).
 //! - `config`: the TOML file and the precedence flags > environment > file > defaults.
 //! - `certs`: `herald certs init | issue` (in `main`), the cluster's certificates.
+//! - `cluster`: `herald cluster status | init | join | remove`, over a node's HTTP port.
 //! - `serve`: start-up (data directory, listeners), signal handling and graceful shutdown.
 
 mod cli;
+mod cluster;
 mod config;
 mod metrics;
 mod serve;
@@ -21,6 +23,7 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     match cli.command {
         cli::Command::Certs(command) => certs(command),
+        cli::Command::Cluster(args) => cluster::run(args),
         cli::Command::Serve(args) => {
             let config = match config::NodeConfig::resolve(*args) {
                 Ok(config) => config,

@@ -41,13 +41,33 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     let metrics = Metrics::install()?;
     let hub = Arc::new(Hub::new(config.resp.pubsub_output_limit));
     let store_dir = config.data_dir.join("store");
-    let broker = Broker::open(
-        hub.clone(),
-        &store_dir,
-        config.store.clone(),
-        config.namespaces.clone(),
-    )
-    .with_context(|| format!("cannot open the event store in {}", store_dir.display()))?;
+    let broker = match &config.cluster {
+        None => Broker::open(
+            hub.clone(),
+            &store_dir,
+            config.store.clone(),
+            config.namespaces.clone(),
+        )
+        .with_context(|| format!("cannot open the event store in {}", store_dir.display()))?,
+        Some(cluster) => Broker::open_cluster(
+            hub.clone(),
+            &store_dir,
+            config.store.clone(),
+            config.namespaces.clone(),
+            cluster.clone(),
+            // Its own token: the cluster keeps committing while clients drain, and stops in
+            // `broker.close()`.
+            CancellationToken::new(),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "cannot start cluster node {} (store in {})",
+                cluster.node_id,
+                store_dir.display()
+            )
+        })?,
+    };
     broker.spawn_expiry(Duration::from_secs(5), shutdown.clone());
     let resp = RespServer::with_listener(
         resp_listener,

@@ -7,6 +7,8 @@
 //! Nodes bind port 0 and the harness reads the bound addresses from the node's start-up log,
 //! so tests run in parallel without port clashes. Every process is killed when its handle drops.
 
+pub mod cluster;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};

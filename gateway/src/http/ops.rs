@@ -16,12 +16,19 @@ pub async fn health() -> Json<Value> {
     Json(json!({ "status": "healthy" }))
 }
 
-/// `GET /ready`: 200 while the node accepts clients, 503 once it is shutting down.
+/// `GET /ready`: 200 while the node accepts clients and (in a cluster) can commit; 503 once it
+/// is shutting down, before the cluster is formed, or on the minority side of a partition.
 pub async fn ready(State(state): State<HttpState>) -> Response {
     if state.shutdown().is_cancelled() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({ "status": "shutting down" })),
+        )
+            .into_response()
+    } else if !state.broker().is_ready() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "no quorum: durable publishes cannot commit on this node" })),
         )
             .into_response()
     } else {

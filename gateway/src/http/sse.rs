@@ -275,6 +275,10 @@ fn open(
                 }
                 _ = tokio::time::sleep(keep_alive) => Bytes::from_static(b": keep-alive\n\n"),
                 _ = state.shutdown().cancelled() => return None,
+                _ = state.cut_off() => {
+                    tracing::info!(id = stream.id(), "SSE client told to reconnect elsewhere: no quorum here");
+                    return Some((Ok(Bytes::from_static(MOVE_EVENT)), None));
+                }
             };
             Some((
                 Ok(chunk),
@@ -290,6 +294,10 @@ fn open(
         .body(Body::from_stream(body))
         .expect("valid response")
 }
+
+/// Sent before a stream ends because this node lost its cluster quorum: the client should
+/// reconnect (to another node) with its `Last-Event-ID`, which EventSource does by itself.
+const MOVE_EVENT: &[u8] = b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node lost its cluster quorum; reconnect to another node with your Last-Event-ID\"}\n\n";
 
 /// Writes emits as SSE; returns how many were events.
 fn write_emits(out: &mut BytesMut, emits: impl IntoIterator<Item = Emit>) -> u64 {

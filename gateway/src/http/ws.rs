@@ -202,6 +202,8 @@ enum End {
     Gone,
     /// The node is shutting down.
     Shutdown,
+    /// This cluster node lost its quorum: the client should resume on another node.
+    Moved,
     /// Nothing came from the client for `ws_timeout`.
     Idle,
     /// The client passed its output limit.
@@ -218,6 +220,10 @@ impl End {
         let (code, reason) = match self {
             End::Gone => return None,
             End::Shutdown => (1001, "server shutting down".to_string()),
+            End::Moved => (
+                1012,
+                "this node lost its cluster quorum: reconnect to another node and resume from your cursor".to_string(),
+            ),
             End::Idle => (
                 1000,
                 "idle timeout: nothing received from the client".to_string(),
@@ -382,6 +388,7 @@ async fn run(
     loop {
         tokio::select! {
             _ = state.shutdown().cancelled() => return Err(End::Shutdown),
+            _ = state.cut_off() => return Err(End::Moved),
             _ = &mut idle => return Err(End::Idle),
             incoming = rx.recv() => {
                 let Some(incoming) = incoming else { return Err(End::Gone) };

@@ -1,0 +1,114 @@
+//! The node layer's own requests between nodes, carried as `App` RPCs (bincode) beside the
+//! Raft RPCs: forwarded publishes, meta writes, group initialisation, health probes.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use herald_storage::raft::{Command, GroupId, NodeId};
+use herald_storage::{Applied, Partition, Publish};
+use serde::{Deserialize, Serialize};
+
+/// A request from one node's cluster layer to another's.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum AppRequest {
+    /// "Are you there?": answered with [`AppResponse::Pong`]; used to wait for peers at bootstrap.
+    Ping,
+    /// A batch of publishes for `partition`, sent to the node believed to lead it. The receiver
+    /// proposes it if it leads the partition, else answers [`ProposeError::NotLeader`] (it never
+    /// forwards again, so a stale leader view cannot make a loop).
+    Publish {
+        /// The partition all publishes hash to.
+        partition: Partition,
+        /// The publishes, in order.
+        publishes: Vec<Publish>,
+    },
+    /// Write `command` to `group` (the receiver must lead it): meta writes such as `Init`.
+    Write {
+        /// The group to write to.
+        group: GroupId,
+        /// The command.
+        command: Command,
+    },
+    /// Initialise `group` with these voters (node id -> cluster address); sent at bootstrap to
+    /// the group's first voter, which then adds `learners`.
+    InitGroup {
+        /// The group.
+        group: GroupId,
+        /// Its initial voters.
+        voters: BTreeMap<NodeId, String>,
+        /// Members that should follow it as learners.
+        learners: BTreeMap<NodeId, String>,
+    },
+    /// Add a node to the cluster (sent to the meta leader): it becomes a meta member and, via
+    /// the partition leaders, a learner or voter of every partition group.
+    Join {
+        /// The new node.
+        node: NodeId,
+        /// Its cluster address (`host:port`).
+        addr: String,
+    },
+    /// Remove a node from the cluster (sent to the meta leader).
+    Remove {
+        /// The node to remove.
+        node: NodeId,
+    },
+}
+
+/// Why a proposal was not committed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ProposeError {
+    /// This node does not lead the group; `leader` is who it believes does.
+    #[error("not the leader of group {group} (leader: {leader:?})")]
+    NotLeader {
+        /// The group.
+        group: GroupId,
+        /// The leader this node knows of, if any.
+        leader: Option<NodeId>,
+    },
+    /// No leader could be reached before the deadline: the node may be on the minority side of
+    /// a partition, or an election is taking too long. Nothing was committed.
+    #[error("partition {partition} has no reachable leader (no quorum?); nothing was committed")]
+    NoLeader {
+        /// The partition.
+        partition: Partition,
+    },
+    /// The proposal was sent but its outcome is unknown (timeout or connection lost after
+    /// sending): it may or may not commit. Retrying with the same message id is safe.
+    #[error("the outcome of the publish is unknown ({0}); retry with a message id")]
+    Unknown(String),
+    /// The cluster has not been formed yet (bootstrap still waiting for peers).
+    #[error("the cluster is not formed yet")]
+    NotFormed,
+    /// The node is shutting down.
+    #[error("the node is shutting down")]
+    Closed,
+    /// Anything else (storage failure, bad request).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The answer to an [`AppRequest`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum AppResponse {
+    /// Answer to [`AppRequest::Ping`].
+    Pong,
+    /// Answer to [`AppRequest::Publish`]: one [`Applied`] per publish.
+    Published(Result<Vec<Applied>, ProposeError>),
+    /// Answer to the other requests.
+    Done(Result<(), ProposeError>),
+}
+
+const CONFIG: bincode::config::Configuration = bincode::config::standard();
+
+/// Encodes a message for an `App` RPC.
+pub fn encode<T: Serialize>(message: &T) -> Bytes {
+    // Encoding plain serde data into a Vec cannot fail.
+    Bytes::from(bincode::serde::encode_to_vec(message, CONFIG).unwrap_or_default())
+}
+
+/// Decodes a message of an `App` RPC.
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    bincode::serde::decode_from_slice(bytes, CONFIG)
+        .map(|(v, _)| v)
+        .map_err(|e| format!("malformed cluster message: {e}"))
+}

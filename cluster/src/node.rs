@@ -1,0 +1,890 @@
+//! The cluster node: this node's Raft groups (meta + one per partition), its RPC server, its
+//! proposers, bootstrap by `--bootstrap-expect`, and the placement loop that keeps every
+//! partition group's membership in line with the cluster's.
+//!
+//! Placement: partition `p`'s voters are (at most) three members starting at `p mod n` in id
+//! order, so leadership spreads over the nodes; every other member follows as a learner, so every
+//! node applies every partition and can serve any resume from its own store. The leader of each
+//! group converges it on that picture: it adds new members as learners, promotes learners while
+//! the group has fewer than three voters, and drops nodes that left the cluster.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use herald_storage::raft::{
+    Command, GroupId, GroupStateMachine, META_GROUP, NodeId, RaftLogStore, TypeConfig,
+    group_partition, partition_group,
+};
+use herald_storage::{Epoch, Namespaces, OnCommit, Partition, Publish, Store};
+use openraft::error::{InitializeError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
+use parking_lot::RwLock;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::identity::NodeIdentity;
+use crate::message::{AppRequest, AppResponse, ProposeError, decode, encode};
+use crate::network::GroupNetworkFactory;
+use crate::proposer::{self, ProposeRequest, ProposeResult, ProposerContext, ProposerOptions};
+use crate::rpc::{self, Handler, Peers, Request, Response};
+use crate::transport::{Transport, TransportOptions};
+
+/// How a node joins (or forms) a cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// This node's id; its certificate must name it.
+    pub node_id: NodeId,
+    /// The UDP address the QUIC endpoint binds.
+    pub bind: SocketAddr,
+    /// The `host:port` other nodes reach this node at (default: `bind`).
+    pub advertise: String,
+    /// The static peer list (`id -> host:port`), this node included or not.
+    pub peers: BTreeMap<NodeId, String>,
+    /// Form the cluster once this many nodes (this one included) are up; 0 = never bootstrap
+    /// (wait for `herald cluster init` or to be joined).
+    pub bootstrap_expect: usize,
+    /// Directory with `ca.pem` and this node's `node-<id>.pem` / `.key`.
+    pub tls_dir: PathBuf,
+    /// Raft timings.
+    pub raft: RaftTimings,
+    /// Batching and publish deadline.
+    pub proposer: ProposerOptions,
+}
+
+/// Raft timers, in milliseconds. openraft uses the heartbeat interval as the AppendEntries
+/// timeout, so it must exceed a follower's fsync plus the payload's transfer time.
+#[derive(Clone, Copy, Debug)]
+pub struct RaftTimings {
+    /// Leader heartbeat interval; default 100 ms.
+    pub heartbeat_ms: u64,
+    /// Election timeout range; default 400-700 ms (failover well under a second).
+    pub election_min_ms: u64,
+    /// Upper end of the election timeout range.
+    pub election_max_ms: u64,
+}
+
+impl Default for RaftTimings {
+    fn default() -> Self {
+        RaftTimings {
+            heartbeat_ms: 100,
+            election_min_ms: 400,
+            election_max_ms: 700,
+        }
+    }
+}
+
+/// Why the cluster layer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// Certificates could not be loaded.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    /// The QUIC endpoint could not be opened.
+    #[error(transparent)]
+    Transport(#[from] crate::transport::TransportError),
+    /// openraft refused the configuration or failed to start a group.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// The store failed.
+    #[error(transparent)]
+    Storage(#[from] herald_storage::StorageError),
+    /// The configuration makes no sense.
+    #[error("{0}")]
+    Config(String),
+}
+
+struct Inner {
+    id: NodeId,
+    advertise: String,
+    store: Arc<Store>,
+    groups: Vec<Raft<TypeConfig>>,
+    proposers: Vec<mpsc::Sender<ProposeRequest>>,
+    peers: Arc<Peers>,
+    transport: Arc<Transport>,
+    static_peers: BTreeMap<NodeId, String>,
+    /// Node ids allowed to connect: the static peers and every member the meta group knows.
+    allowed: Arc<RwLock<BTreeSet<NodeId>>>,
+    shutdown: CancellationToken,
+}
+
+/// This node's part of the cluster; cheap to clone.
+#[derive(Clone)]
+pub struct ClusterNode {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("id", &self.inner.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The placement of a partition among `members` (sorted ids): up to three voters starting at
+/// `partition mod n`, the rest learners.
+pub fn placement(partition: Partition, members: &[NodeId]) -> (Vec<NodeId>, Vec<NodeId>) {
+    let n = members.len();
+    if n == 0 {
+        return (Vec::new(), Vec::new());
+    }
+    let start = usize::from(partition) % n;
+    let rotated: Vec<NodeId> = (0..n).map(|i| members[(start + i) % n]).collect();
+    let voters = rotated.iter().take(3).copied().collect();
+    let learners = rotated.iter().skip(3).copied().collect();
+    (voters, learners)
+}
+
+impl ClusterNode {
+    /// Starts the groups, the RPC server, the proposers and (with `bootstrap_expect`) cluster
+    /// formation. `on_commit` receives every partition's committed events on this node, in
+    /// commit order per partition. Must run inside a Tokio runtime.
+    pub async fn start(
+        config: ClusterConfig,
+        store: Arc<Store>,
+        namespaces: Arc<Namespaces>,
+        on_commit: OnCommit,
+        shutdown: CancellationToken,
+    ) -> Result<ClusterNode, ClusterError> {
+        let id = config.node_id;
+        if config.bootstrap_expect > 0 {
+            let mut all: BTreeSet<NodeId> = config.peers.keys().copied().collect();
+            all.insert(id);
+            if all.len() < config.bootstrap_expect {
+                return Err(ClusterError::Config(format!(
+                    "--bootstrap-expect {} but --peers names only {} node(s) (this one included)",
+                    config.bootstrap_expect,
+                    all.len()
+                )));
+            }
+        }
+        let identity = NodeIdentity::load(&config.tls_dir, id)?;
+        let allowed: BTreeSet<NodeId> = config.peers.keys().copied().collect();
+        let allowed = Arc::new(RwLock::new(allowed));
+        let filter = {
+            let allowed = allowed.clone();
+            Arc::new(move |peer: NodeId| allowed.read().contains(&peer))
+        };
+        let transport = Arc::new(Transport::bind(
+            config.bind,
+            identity,
+            &TransportOptions::default(),
+            filter,
+        )?);
+        let peers = Peers::new(transport.clone());
+        for (&peer, addr) in &config.peers {
+            peers.set_addr(peer, addr.clone());
+        }
+
+        let raft_config = Arc::new(
+            openraft::Config {
+                cluster_name: "herald".into(),
+                heartbeat_interval: config.raft.heartbeat_ms,
+                election_timeout_min: config.raft.election_min_ms,
+                election_timeout_max: config.raft.election_max_ms,
+                install_snapshot_timeout: 10_000,
+                snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
+                max_in_snapshot_log_to_keep: 2_000,
+                ..Default::default()
+            }
+            .validate()
+            .map_err(|e| ClusterError::Raft(e.to_string()))?,
+        );
+
+        let partitions = store.partitions();
+        let mut groups = Vec::with_capacity(usize::from(partitions) + 1);
+        for group in 0..=partitions {
+            let log = RaftLogStore::new(store.clone(), group);
+            let commit: OnCommit = if group == META_GROUP {
+                Arc::new(|_: &[herald_storage::Event]| {})
+            } else {
+                on_commit.clone()
+            };
+            let sm = GroupStateMachine::new(store.clone(), group, namespaces.clone(), commit)?;
+            let network = GroupNetworkFactory::new(peers.clone(), group);
+            let raft = Raft::new(id, raft_config.clone(), network, log, sm)
+                .await
+                .map_err(|e| ClusterError::Raft(format!("group {group}: {e}")))?;
+            groups.push(raft);
+        }
+
+        // A restarted node lets the members it already knows connect.
+        if let Some(meta) = groups.first() {
+            let m = meta.metrics().borrow().clone();
+            allowed
+                .write()
+                .extend(m.membership_config.membership().nodes().map(|(id, _)| *id));
+        }
+
+        let mut proposers = Vec::with_capacity(usize::from(partitions));
+        let mut receivers = Vec::with_capacity(usize::from(partitions));
+        for _ in 0..partitions {
+            let (tx, rx) = mpsc::channel(config.proposer.queue_capacity.max(1));
+            proposers.push(tx);
+            receivers.push(rx);
+        }
+        let node = ClusterNode {
+            inner: Arc::new(Inner {
+                id,
+                advertise: config.advertise.clone(),
+                store,
+                groups,
+                proposers,
+                peers: peers.clone(),
+                transport: transport.clone(),
+                static_peers: config.peers.clone(),
+                allowed,
+                shutdown: shutdown.clone(),
+            }),
+        };
+        for (partition, rx) in receivers.into_iter().enumerate() {
+            let partition = partition as Partition;
+            let ctx = ProposerContext {
+                id,
+                partition,
+                raft: node.inner.groups[usize::from(partition_group(partition))].clone(),
+                peers: peers.clone(),
+                options: config.proposer.clone(),
+            };
+            tokio::spawn(proposer::run(ctx, rx));
+        }
+        rpc::serve(transport, Arc::new(node.clone()), shutdown.clone());
+        if config.bootstrap_expect > 0 {
+            let node = node.clone();
+            let expect = config.bootstrap_expect;
+            tokio::spawn(async move { node.bootstrap(expect).await });
+        }
+        {
+            let node = node.clone();
+            tokio::spawn(async move { node.placement_loop().await });
+        }
+        tracing::info!(node = id, bind = %config.bind, advertise = %config.advertise, groups = partitions + 1, "cluster node started");
+        Ok(node)
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// Whether the cluster exists (its epoch is applied here): until then durable publishes
+    /// fail with [`ProposeError::NotFormed`] and the node is not ready.
+    pub fn is_formed(&self) -> bool {
+        self.inner.store.cluster_initialized()
+    }
+
+    /// The cluster's epoch (the store's, once formed).
+    pub fn epoch(&self) -> Epoch {
+        self.inner.store.epoch()
+    }
+
+    /// Queues publishes (all of one partition) with that partition's proposer and returns the
+    /// receiver of their outcome; waits only while the queue is full.
+    pub async fn enqueue(
+        &self,
+        partition: Partition,
+        publishes: Vec<Publish>,
+    ) -> Result<oneshot::Receiver<ProposeResult>, ProposeError> {
+        self.enqueue_as(partition, publishes, false).await
+    }
+
+    async fn enqueue_as(
+        &self,
+        partition: Partition,
+        publishes: Vec<Publish>,
+        forwarded: bool,
+    ) -> Result<oneshot::Receiver<ProposeResult>, ProposeError> {
+        if !self.is_formed() {
+            return Err(ProposeError::NotFormed);
+        }
+        let sender = self
+            .inner
+            .proposers
+            .get(usize::from(partition))
+            .ok_or_else(|| ProposeError::Failed(format!("no partition {partition}")))?;
+        let (reply, rx) = oneshot::channel();
+        sender
+            .send(ProposeRequest {
+                publishes,
+                forwarded,
+                reply,
+            })
+            .await
+            .map_err(|_| ProposeError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Whether this node can currently commit: every partition group has a leader it has heard
+    /// from (or leads with a recent quorum acknowledgement). A node cut off on the minority side
+    /// loses this within an election timeout; its streaming clients should move.
+    pub fn has_quorum(&self) -> bool {
+        self.is_formed()
+            && self.inner.groups.iter().all(|raft| {
+                let m = raft.metrics().borrow().clone();
+                match m.state {
+                    ServerState::Leader => m.millis_since_quorum_ack.is_some_and(|ms| ms < 2_000),
+                    _ => m.current_leader.is_some(),
+                }
+            })
+    }
+
+    /// Stops the groups and the endpoint.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        for raft in &self.inner.groups {
+            let _ = raft.shutdown().await;
+        }
+        self.inner.transport.shutdown().await;
+    }
+
+    /// Members, roles, leaders and positions of every group, as `herald cluster status` shows.
+    pub fn status(&self) -> ClusterStatus {
+        let groups = self
+            .inner
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(group, raft)| {
+                let m = raft.metrics().borrow().clone();
+                let membership = m.membership_config.membership();
+                let matched: BTreeMap<NodeId, Option<u64>> = m
+                    .replication
+                    .as_ref()
+                    .map(|r| {
+                        r.iter()
+                            .map(|(id, log)| (*id, log.as_ref().map(|l| l.index)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let last = m.last_log_index.unwrap_or(0);
+                GroupStatus {
+                    group: group as GroupId,
+                    partition: group_partition(group as GroupId),
+                    role: format!("{:?}", m.state).to_lowercase(),
+                    leader: m.current_leader,
+                    term: m.current_term,
+                    last_log_index: m.last_log_index,
+                    applied_index: m.last_applied.map(|l| l.index),
+                    voters: membership.voter_ids().collect(),
+                    learners: membership.learner_ids().collect(),
+                    lag: matched
+                        .into_iter()
+                        .map(|(id, index)| (id, last.saturating_sub(index.unwrap_or(0))))
+                        .collect(),
+                }
+            })
+            .collect();
+        ClusterStatus {
+            node: self.inner.id,
+            formed: self.is_formed(),
+            epoch: self.is_formed().then(|| self.epoch().to_string()),
+            members: self.members(),
+            groups,
+        }
+    }
+
+    /// The cluster's members (`id -> address`) as the meta group knows them.
+    pub fn members(&self) -> BTreeMap<NodeId, String> {
+        let m = self.inner.groups[usize::from(META_GROUP)]
+            .metrics()
+            .borrow()
+            .clone();
+        m.membership_config
+            .membership()
+            .nodes()
+            .map(|(id, node)| (*id, node.addr.clone()))
+            .collect()
+    }
+
+    /// Asks the meta leader to add `node` at `addr` to the cluster.
+    pub async fn join(&self, node: NodeId, addr: String) -> Result<(), ProposeError> {
+        self.meta_request(AppRequest::Join { node, addr }).await
+    }
+
+    /// Asks the meta leader to remove `node` from the cluster.
+    pub async fn remove(&self, node: NodeId) -> Result<(), ProposeError> {
+        self.meta_request(AppRequest::Remove { node }).await
+    }
+
+    /// Forms a cluster of this node and `peers` now (hand operation), without waiting for
+    /// a bootstrap count.
+    pub async fn init(&self) -> Result<(), ProposeError> {
+        let mut members = self.inner.static_peers.clone();
+        members.insert(self.inner.id, self.inner.advertise.clone());
+        self.form(members).await
+    }
+
+    async fn meta_request(&self, request: AppRequest) -> Result<(), ProposeError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let leader = self.inner.groups[usize::from(META_GROUP)]
+                .metrics()
+                .borrow()
+                .current_leader;
+            let result = match leader {
+                Some(l) if l == self.inner.id => self.handle_meta(request.clone()).await,
+                Some(l) => match self.call(l, &request).await {
+                    Ok(AppResponse::Done(r)) => r,
+                    Ok(other) => Err(ProposeError::Failed(format!("unexpected answer {other:?}"))),
+                    Err(e) => Err(e),
+                },
+                None => Err(ProposeError::NotLeader {
+                    group: META_GROUP,
+                    leader: None,
+                }),
+            };
+            match result {
+                Err(ProposeError::NotLeader { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn call(
+        &self,
+        target: NodeId,
+        request: &AppRequest,
+    ) -> Result<AppResponse, ProposeError> {
+        match self
+            .inner
+            .peers
+            .call(
+                target,
+                &Request::App(encode(request)),
+                Duration::from_secs(10),
+            )
+            .await
+        {
+            Ok(Response::App(bytes)) => decode(&bytes).map_err(ProposeError::Failed),
+            Ok(other) => Err(ProposeError::Failed(format!(
+                "node {target} answered {other:?}"
+            ))),
+            Err(error) => Err(ProposeError::Failed(format!("node {target}: {error}"))),
+        }
+    }
+
+    /// Join/Remove on the meta leader.
+    async fn handle_meta(&self, request: AppRequest) -> Result<(), ProposeError> {
+        let meta = &self.inner.groups[usize::from(META_GROUP)];
+        let result = match request {
+            AppRequest::Join { node, addr } => {
+                self.inner.allowed.write().insert(node);
+                self.inner.peers.set_addr(node, addr.clone());
+                meta.add_learner(node, BasicNode::new(addr), true)
+                    .await
+                    .map(|_| ())
+            }
+            AppRequest::Remove { node } => {
+                let m = meta.metrics().borrow().clone();
+                let membership = m.membership_config.membership();
+                let is_voter = membership.voter_ids().any(|v| v == node);
+                let known = membership.nodes().any(|(id, _)| *id == node);
+                if !known {
+                    return Err(ProposeError::Failed(format!("node {node} is not a member")));
+                }
+                let result = if is_voter {
+                    meta.change_membership(
+                        ChangeMembers::RemoveVoters(BTreeSet::from([node])),
+                        false,
+                    )
+                    .await
+                    .map(|_| ())
+                } else {
+                    Ok(())
+                };
+                match result {
+                    Ok(()) => meta
+                        .change_membership(
+                            ChangeMembers::RemoveNodes(BTreeSet::from([node])),
+                            false,
+                        )
+                        .await
+                        .map(|_| ()),
+                    Err(e) => Err(e),
+                }
+            }
+            _ => return Err(ProposeError::Failed("not a meta request".into())),
+        };
+        result.map_err(raft_error)
+    }
+
+    async fn bootstrap(&self, expect: usize) {
+        let mut members = self.inner.static_peers.clone();
+        members.insert(self.inner.id, self.inner.advertise.clone());
+        let lowest = *members.keys().next().expect("members include this node");
+        if lowest != self.inner.id {
+            tracing::info!(
+                bootstrapper = lowest,
+                "waiting for node {lowest} to form the cluster"
+            );
+            return;
+        }
+        let meta = &self.inner.groups[usize::from(META_GROUP)];
+        if !matches!(meta.is_initialized().await, Ok(false)) && self.is_formed() {
+            return;
+        }
+        // Wait for `expect` nodes (this one included) to answer.
+        let mut logged = tokio::time::Instant::now();
+        let reachable = loop {
+            if self.inner.shutdown.is_cancelled() {
+                return;
+            }
+            let mut up: BTreeMap<NodeId, String> = BTreeMap::new();
+            up.insert(self.inner.id, self.inner.advertise.clone());
+            for (&peer, addr) in &members {
+                if peer != self.inner.id
+                    && matches!(
+                        self.call(peer, &AppRequest::Ping).await,
+                        Ok(AppResponse::Pong)
+                    )
+                {
+                    up.insert(peer, addr.clone());
+                }
+            }
+            if up.len() >= expect {
+                break up;
+            }
+            if logged.elapsed() > Duration::from_secs(5) {
+                tracing::info!(
+                    up = up.len(),
+                    expect,
+                    "waiting for peers to form the cluster"
+                );
+                logged = tokio::time::Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        if let Err(error) = self.form(reachable).await {
+            tracing::error!(%error, "forming the cluster failed");
+        }
+    }
+
+    /// Initialises the meta group with `members`, writes the epoch, and initialises every
+    /// partition group on its first voter.
+    async fn form(&self, members: BTreeMap<NodeId, String>) -> Result<(), ProposeError> {
+        let meta = &self.inner.groups[usize::from(META_GROUP)];
+        let nodes: BTreeMap<NodeId, BasicNode> = members
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr.clone())))
+            .collect();
+        match meta.initialize(nodes).await {
+            Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+            Err(error) => return Err(ProposeError::Failed(format!("initialising meta: {error}"))),
+        }
+        tracing::info!(members = ?members.keys().collect::<Vec<_>>(), "formed the meta group");
+        self.inner.allowed.write().extend(members.keys().copied());
+        if !self.is_formed() {
+            let command = Command::Init {
+                epoch: Epoch::random(),
+                partitions: self.inner.store.partitions(),
+            };
+            self.write_via_leader(META_GROUP, command).await?;
+        }
+        let ids: Vec<NodeId> = members.keys().copied().collect();
+        for partition in 0..self.inner.store.partitions() {
+            let (voters, learners) = placement(partition, &ids);
+            let pick = |set: &[NodeId]| -> BTreeMap<NodeId, String> {
+                set.iter().map(|id| (*id, members[id].clone())).collect()
+            };
+            let request = AppRequest::InitGroup {
+                group: partition_group(partition),
+                voters: pick(&voters),
+                learners: pick(&learners),
+            };
+            let first = voters[0];
+            let result = if first == self.inner.id {
+                self.handle_app(self.inner.id, request).await
+            } else {
+                self.call(first, &request)
+                    .await
+                    .unwrap_or_else(|e| AppResponse::Done(Err(e)))
+            };
+            if let AppResponse::Done(Err(error)) = result {
+                tracing::warn!(partition, node = first, %error, "initialising a partition group failed; placement will retry");
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `command` to `group` through its leader (this node or over RPC).
+    async fn write_via_leader(&self, group: GroupId, command: Command) -> Result<(), ProposeError> {
+        let raft = &self.inner.groups[usize::from(group)];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut metrics = raft.metrics();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                metrics.wait_for(|m| m.current_leader.is_some()),
+            )
+            .await;
+            let leader = raft.metrics().borrow().current_leader;
+            let result = match leader {
+                Some(l) if l == self.inner.id => raft
+                    .client_write(command.clone())
+                    .await
+                    .map(|_| ())
+                    .map_err(raft_error),
+                Some(l) => match self
+                    .call(
+                        l,
+                        &AppRequest::Write {
+                            group,
+                            command: command.clone(),
+                        },
+                    )
+                    .await
+                {
+                    Ok(AppResponse::Done(r)) => r,
+                    Ok(other) => Err(ProposeError::Failed(format!("unexpected answer {other:?}"))),
+                    Err(e) => Err(e),
+                },
+                None => Err(ProposeError::NotLeader {
+                    group,
+                    leader: None,
+                }),
+            };
+            match result {
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn handle_app(&self, from: NodeId, request: AppRequest) -> AppResponse {
+        match request {
+            AppRequest::Ping => AppResponse::Pong,
+            AppRequest::Publish {
+                partition,
+                publishes,
+            } => {
+                let rx = match self.enqueue_as(partition, publishes, true).await {
+                    Ok(rx) => rx,
+                    Err(error) => return AppResponse::Published(Err(error)),
+                };
+                AppResponse::Published(rx.await.unwrap_or(Err(ProposeError::Closed)))
+            }
+            AppRequest::Write { group, command } => {
+                let Some(raft) = self.inner.groups.get(usize::from(group)) else {
+                    return AppResponse::Done(Err(ProposeError::Failed(format!(
+                        "no group {group}"
+                    ))));
+                };
+                AppResponse::Done(
+                    raft.client_write(command)
+                        .await
+                        .map(|_| ())
+                        .map_err(raft_error),
+                )
+            }
+            AppRequest::InitGroup {
+                group,
+                voters,
+                learners,
+            } => {
+                let Some(raft) = self.inner.groups.get(usize::from(group)).cloned() else {
+                    return AppResponse::Done(Err(ProposeError::Failed(format!(
+                        "no group {group}"
+                    ))));
+                };
+                for (id, addr) in voters.iter().chain(learners.iter()) {
+                    self.inner.peers.set_addr(*id, addr.clone());
+                }
+                let nodes: BTreeMap<NodeId, BasicNode> = voters
+                    .iter()
+                    .map(|(id, addr)| (*id, BasicNode::new(addr.clone())))
+                    .collect();
+                match raft.initialize(nodes).await {
+                    Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                    Err(error) => {
+                        return AppResponse::Done(Err(ProposeError::Failed(format!(
+                            "initialising group {group}: {error}"
+                        ))));
+                    }
+                }
+                tracing::debug!(group, from, "initialised a partition group");
+                AppResponse::Done(Ok(()))
+            }
+            request @ (AppRequest::Join { .. } | AppRequest::Remove { .. }) => {
+                let meta = &self.inner.groups[usize::from(META_GROUP)];
+                if meta.metrics().borrow().current_leader != Some(self.inner.id) {
+                    return AppResponse::Done(Err(ProposeError::NotLeader {
+                        group: META_GROUP,
+                        leader: meta.metrics().borrow().current_leader,
+                    }));
+                }
+                AppResponse::Done(self.handle_meta(request).await)
+            }
+        }
+    }
+
+    /// Every second: on each group this node leads, add missing members as learners, promote
+    /// learners while voters are short, drop nodes that left; keep the allow-list current.
+    async fn placement_loop(&self) {
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.inner.shutdown.cancelled() => return,
+            }
+            let members = self.members();
+            if members.is_empty() {
+                continue;
+            }
+            {
+                let mut allowed = self.inner.allowed.write();
+                allowed.extend(members.keys().copied());
+            }
+            for (id, addr) in &members {
+                self.inner.peers.set_addr(*id, addr.clone());
+            }
+            let ids: Vec<NodeId> = members.keys().copied().collect();
+            for (group, raft) in self.inner.groups.iter().enumerate() {
+                let m = raft.metrics().borrow().clone();
+                if m.state != ServerState::Leader {
+                    continue;
+                }
+                let membership = m.membership_config.membership().clone();
+                let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+                let in_group: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+                let want_voters = if group == usize::from(META_GROUP) {
+                    5
+                } else {
+                    3
+                };
+                // Members missing from the group join as learners.
+                for id in ids.iter().filter(|id| !in_group.contains(id)) {
+                    let node = BasicNode::new(members[id].clone());
+                    if let Err(error) = raft.add_learner(*id, node, false).await {
+                        tracing::debug!(group, node = id, %error, "adding a learner failed");
+                    }
+                }
+                // Nodes that left the cluster leave the group.
+                let gone: BTreeSet<NodeId> = in_group
+                    .iter()
+                    .filter(|id| !members.contains_key(id))
+                    .copied()
+                    .collect();
+                if group != usize::from(META_GROUP) && !gone.is_empty() {
+                    let gone_voters: BTreeSet<NodeId> =
+                        gone.intersection(&voters).copied().collect();
+                    if !gone_voters.is_empty() && voters.len() > gone_voters.len() {
+                        let _ = raft
+                            .change_membership(ChangeMembers::RemoveVoters(gone_voters), false)
+                            .await;
+                    }
+                    let _ = raft
+                        .change_membership(ChangeMembers::RemoveNodes(gone.clone()), false)
+                        .await;
+                    continue;
+                }
+                // Promote caught-up learners while voters are short.
+                if voters.len() < want_voters.min(ids.len()) {
+                    let last = m.last_log_index.unwrap_or(0);
+                    let ready: BTreeSet<NodeId> = m
+                        .replication
+                        .as_ref()
+                        .map(|r| {
+                            r.iter()
+                                .filter(|(id, matched)| {
+                                    !voters.contains(id)
+                                        && members.contains_key(id)
+                                        && matched.as_ref().map_or(0, |l| l.index) + 100 >= last
+                                })
+                                .map(|(id, _)| *id)
+                                .take(want_voters.min(ids.len()) - voters.len())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if !ready.is_empty() {
+                        match raft
+                            .change_membership(ChangeMembers::AddVoterIds(ready.clone()), true)
+                            .await
+                        {
+                            Ok(_) => {
+                                tracing::info!(group, voters = ?ready, "promoted learners to voters")
+                            }
+                            Err(error) => {
+                                tracing::debug!(group, %error, "promoting learners failed")
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn raft_error<E: std::error::Error>(error: RaftError<NodeId, E>) -> ProposeError {
+    match error {
+        RaftError::APIError(e) => ProposeError::Failed(e.to_string()),
+        RaftError::Fatal(e) => ProposeError::Failed(e.to_string()),
+    }
+}
+
+impl Handler for ClusterNode {
+    fn raft(&self, group: GroupId) -> Option<Raft<TypeConfig>> {
+        self.inner.groups.get(usize::from(group)).cloned()
+    }
+
+    fn app(&self, from: NodeId, request: Bytes) -> BoxFuture<'static, Bytes> {
+        let node = self.clone();
+        Box::pin(async move {
+            let response = match decode::<AppRequest>(&request) {
+                Ok(request) => node.handle_app(from, request).await,
+                Err(error) => AppResponse::Done(Err(ProposeError::Failed(error))),
+            };
+            encode(&response)
+        })
+    }
+}
+
+/// What `herald cluster status` shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterStatus {
+    /// This node.
+    pub node: NodeId,
+    /// Whether the cluster is formed (epoch applied here).
+    pub formed: bool,
+    /// The cluster epoch, once formed.
+    pub epoch: Option<String>,
+    /// Members and their cluster addresses.
+    pub members: BTreeMap<NodeId, String>,
+    /// Every group as this node sees it.
+    pub groups: Vec<GroupStatus>,
+}
+
+/// One group as this node sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupStatus {
+    /// Group id (0 = meta).
+    pub group: GroupId,
+    /// The partition, for partition groups.
+    pub partition: Option<Partition>,
+    /// This node's role: leader, follower, candidate, learner.
+    pub role: String,
+    /// The leader this node knows of.
+    pub leader: Option<NodeId>,
+    /// Current term.
+    pub term: u64,
+    /// Last log index written here.
+    pub last_log_index: Option<u64>,
+    /// Last log index applied here.
+    pub applied_index: Option<u64>,
+    /// Voters.
+    pub voters: Vec<NodeId>,
+    /// Learners.
+    pub learners: Vec<NodeId>,
+    /// On the leader: how many entries each follower is behind.
+    pub lag: BTreeMap<NodeId, u64>,
+}

@@ -1,0 +1,294 @@
+//! The proposer: one task per partition on every node, turning concurrent publishes into one
+//! Raft entry per proposal round and getting it to the partition's leader.
+//!
+//! Publishes queue on a bounded channel. The task takes everything queued (up to the batch
+//! limits) as ONE batch; on the leader it proposes the batch as one `client_write` (openraft 0.9
+//! writes and flushes one entry per call, so batching is ours to do), elsewhere it forwards the
+//! batch over QUIC to the leader, whose own proposer merges it with its local publishes. While
+//! one round is in flight the next batch collects.
+//!
+//! Retries: a batch that was certainly not proposed (no leader yet, `NotLeader`, peer
+//! unreachable, log truncated) is retried until the publish timeout. A batch whose outcome is
+//! unknown (sent, then the connection died or time ran out) is retried only when every publish in
+//! it carries a message id, which makes the retry commit at most once; otherwise the publishers
+//! get [`ProposeError::Unknown`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herald_storage::raft::{Command, Reply, TypeConfig, partition_group};
+use herald_storage::{Applied, Partition, Publish, unix_now_ms};
+use openraft::Raft;
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::NodeId;
+use crate::message::{AppRequest, AppResponse, ProposeError, decode, encode};
+use crate::rpc::{Peers, Request, Response, RpcError};
+
+/// Batch limits and the publish deadline.
+#[derive(Clone, Debug)]
+pub struct ProposerOptions {
+    /// Requests that may wait per partition; default 16,384.
+    pub queue_capacity: usize,
+    /// A batch stops growing at this many publishes; default 10,000.
+    pub max_batch_publishes: usize,
+    /// A batch stops growing at this many bytes; default 8 MiB.
+    pub max_batch_bytes: usize,
+    /// How long a publish may take before it fails (no leader, no quorum); default 5 s.
+    pub publish_timeout: Duration,
+}
+
+impl Default for ProposerOptions {
+    fn default() -> Self {
+        ProposerOptions {
+            queue_capacity: 16_384,
+            max_batch_publishes: 10_000,
+            max_batch_bytes: 8 << 20,
+            publish_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The outcome of a proposal, one [`Applied`] per publish.
+pub type ProposeResult = Result<Vec<Applied>, ProposeError>;
+
+/// One request in a proposer's queue.
+pub(crate) struct ProposeRequest {
+    pub publishes: Vec<Publish>,
+    /// Came from another node: never forwarded again, answered `NotLeader` instead.
+    pub forwarded: bool,
+    pub reply: oneshot::Sender<ProposeResult>,
+}
+
+impl ProposeRequest {
+    fn bytes(&self) -> usize {
+        self.publishes.iter().map(Publish::size).sum()
+    }
+}
+
+/// What a proposer needs of its node.
+pub(crate) struct ProposerContext {
+    pub id: NodeId,
+    pub partition: Partition,
+    pub raft: Raft<TypeConfig>,
+    pub peers: Arc<Peers>,
+    pub options: ProposerOptions,
+}
+
+/// Runs the proposer of one partition until its queue closes.
+pub(crate) async fn run(ctx: ProposerContext, mut rx: mpsc::Receiver<ProposeRequest>) {
+    let mut carry: Option<ProposeRequest> = None;
+    loop {
+        let first = match carry.take() {
+            Some(r) => r,
+            None => match rx.recv().await {
+                Some(r) => r,
+                None => break,
+            },
+        };
+        let mut count = first.publishes.len();
+        let mut bytes = first.bytes();
+        let mut batch = vec![first];
+        while count < ctx.options.max_batch_publishes && bytes < ctx.options.max_batch_bytes {
+            match rx.try_recv() {
+                Ok(r) => {
+                    if count + r.publishes.len() > ctx.options.max_batch_publishes
+                        || bytes + r.bytes() > ctx.options.max_batch_bytes
+                    {
+                        carry = Some(r);
+                        break;
+                    }
+                    count += r.publishes.len();
+                    bytes += r.bytes();
+                    batch.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        ctx.propose(batch).await;
+    }
+    tracing::debug!(partition = ctx.partition, "proposer stopped");
+}
+
+/// Answers every request of a batch from one result covering all their publishes, in order.
+fn distribute(batch: Vec<ProposeRequest>, result: ProposeResult) {
+    match result {
+        Ok(applied) => {
+            let mut rest = applied.into_iter();
+            for r in batch {
+                let mine: Vec<Applied> = rest.by_ref().take(r.publishes.len()).collect();
+                let _ = r.reply.send(Ok(mine));
+            }
+        }
+        Err(error) => {
+            for r in batch {
+                let _ = r.reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+/// Answers forwarded requests with `error` and keeps the local ones.
+fn reject_forwarded(batch: Vec<ProposeRequest>, error: &ProposeError) -> Vec<ProposeRequest> {
+    let (forwarded, local): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| r.forwarded);
+    distribute(forwarded, Err(error.clone()));
+    local
+}
+
+/// How a round ended.
+enum Round {
+    Done(ProposeResult),
+    /// Certainly not committed: try again (after a short pause).
+    Retry,
+    /// Maybe committed: retry only if every publish has a message id.
+    Unknown(String),
+}
+
+impl ProposerContext {
+    async fn propose(&self, mut batch: Vec<ProposeRequest>) {
+        let deadline = Instant::now() + self.options.publish_timeout;
+        let group = partition_group(self.partition);
+        let mut pause = Duration::from_millis(10);
+        loop {
+            if batch.is_empty() {
+                return;
+            }
+            let leader = self.raft.metrics().borrow().current_leader;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let round = match leader {
+                Some(leader) if leader == self.id => self.write_locally(&batch, remaining).await,
+                Some(leader) => {
+                    batch = reject_forwarded(
+                        batch,
+                        &ProposeError::NotLeader {
+                            group,
+                            leader: Some(leader),
+                        },
+                    );
+                    if batch.is_empty() {
+                        return;
+                    }
+                    self.forward(leader, &batch, remaining).await
+                }
+                None => {
+                    batch = reject_forwarded(
+                        batch,
+                        &ProposeError::NotLeader {
+                            group,
+                            leader: None,
+                        },
+                    );
+                    self.wait_for_leader(remaining).await;
+                    if self.raft.metrics().borrow().current_leader.is_some() {
+                        continue;
+                    }
+                    Round::Retry
+                }
+            };
+            match round {
+                Round::Done(result) => return distribute(batch, result),
+                Round::Retry => {}
+                Round::Unknown(why) => {
+                    let all_have_ids = batch
+                        .iter()
+                        .all(|r| r.publishes.iter().all(|p| p.message_id.is_some()));
+                    if !all_have_ids {
+                        return distribute(batch, Err(ProposeError::Unknown(why)));
+                    }
+                    tracing::debug!(partition = self.partition, %why, "retrying a batch with message ids");
+                }
+            }
+            if Instant::now() >= deadline {
+                let error = match leader {
+                    Some(_) => ProposeError::Unknown(format!(
+                        "partition {} did not commit within {:?}; the node may have lost its quorum",
+                        self.partition, self.options.publish_timeout
+                    )),
+                    None => ProposeError::NoLeader {
+                        partition: self.partition,
+                    },
+                };
+                return distribute(batch, Err(error));
+            }
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    async fn write_locally(&self, batch: &[ProposeRequest], remaining: Duration) -> Round {
+        let command = Command::Publish {
+            now_ms: unix_now_ms(),
+            publishes: batch
+                .iter()
+                .flat_map(|r| r.publishes.iter().cloned())
+                .collect(),
+        };
+        match tokio::time::timeout(remaining, self.raft.client_write(command)).await {
+            Ok(Ok(response)) => match response.data {
+                Reply::Applied(applied) => Round::Done(Ok(applied)),
+                Reply::None => Round::Done(Err(ProposeError::Failed(
+                    "the state machine returned no result for a publish batch".into(),
+                ))),
+            },
+            // Not the leader (any more), or the entry was truncated: not committed.
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Round::Retry,
+            Ok(Err(error)) => Round::Done(Err(ProposeError::Failed(error.to_string()))),
+            Err(_) => Round::Unknown(format!(
+                "no commit within {:?}; this node may have lost its quorum",
+                self.options.publish_timeout
+            )),
+        }
+    }
+
+    async fn forward(
+        &self,
+        leader: NodeId,
+        batch: &[ProposeRequest],
+        remaining: Duration,
+    ) -> Round {
+        let request = AppRequest::Publish {
+            partition: self.partition,
+            publishes: batch
+                .iter()
+                .flat_map(|r| r.publishes.iter().cloned())
+                .collect(),
+        };
+        // The leader has its own deadline; give its answer a moment beyond ours.
+        let timeout = remaining + Duration::from_millis(500);
+        match self
+            .peers
+            .call(leader, &Request::App(encode(&request)), timeout)
+            .await
+        {
+            Ok(Response::App(bytes)) => match decode::<AppResponse>(&bytes) {
+                Ok(AppResponse::Published(Ok(applied))) => Round::Done(Ok(applied)),
+                Ok(AppResponse::Published(Err(
+                    ProposeError::NotLeader { .. }
+                    | ProposeError::NoLeader { .. }
+                    | ProposeError::NotFormed,
+                ))) => Round::Retry,
+                Ok(AppResponse::Published(Err(ProposeError::Unknown(why)))) => Round::Unknown(why),
+                Ok(AppResponse::Published(Err(error))) => Round::Done(Err(error)),
+                Ok(other) => Round::Done(Err(ProposeError::Failed(format!(
+                    "node {leader} answered a publish with {other:?}"
+                )))),
+                Err(error) => Round::Done(Err(ProposeError::Failed(error))),
+            },
+            Ok(other) => Round::Done(Err(ProposeError::Failed(format!(
+                "node {leader} answered a publish with {other:?}"
+            )))),
+            Err(error @ RpcError::TooLarge { .. }) => {
+                Round::Done(Err(ProposeError::Failed(error.to_string())))
+            }
+            Err(error) if error.not_sent() => Round::Retry,
+            Err(error) => Round::Unknown(format!("forwarding to node {leader} failed: {error}")),
+        }
+    }
+
+    async fn wait_for_leader(&self, remaining: Duration) {
+        let mut metrics = self.raft.metrics();
+        let _ =
+            tokio::time::timeout(remaining, metrics.wait_for(|m| m.current_leader.is_some())).await;
+    }
+}

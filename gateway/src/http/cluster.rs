@@ -1,0 +1,118 @@
+//! Cluster operations over HTTP, what `herald cluster status | init | join | remove` calls:
+//! `GET /api/cluster/status`, `POST /api/cluster/init`, `POST /api/cluster/join`
+//! (`{"nodeId": N, "addr": "host:port"}`), `POST /api/cluster/remove` (`{"nodeId": N}`).
+//!
+//! When the node has a password (`--requirepass`), these need `Authorization: Bearer <password>`.
+//! On a single node they answer 409 with a one-line reason.
+
+use super::HttpState;
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use herald_cluster::node::ClusterNode;
+use serde::Deserialize;
+use serde_json::json;
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// The cluster node, after checking the password; or the error response.
+fn cluster(state: &HttpState, headers: &HeaderMap) -> Result<ClusterNode, Box<Response>> {
+    let password = state.resp().settings.read().requirepass.clone();
+    if let Some(password) = password {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(password.as_str()) {
+            return Err(Box::new(error(
+                StatusCode::UNAUTHORIZED,
+                "cluster operations need Authorization: Bearer <requirepass>",
+            )));
+        }
+    }
+    state.broker().cluster().cloned().ok_or_else(|| {
+        Box::new(error(
+            StatusCode::CONFLICT,
+            "this node runs alone (start it with --node-id and --tls-dir to cluster it)",
+        ))
+    })
+}
+
+/// `GET /api/cluster/status`.
+pub async fn status(State(state): State<HttpState>, headers: HeaderMap) -> Response {
+    match cluster(&state, &headers) {
+        Ok(node) => Json(node.status()).into_response(),
+        Err(response) => *response,
+    }
+}
+
+/// `POST /api/cluster/init`.
+pub async fn init(State(state): State<HttpState>, headers: HeaderMap) -> Response {
+    let node = match cluster(&state, &headers) {
+        Ok(node) => node,
+        Err(response) => return *response,
+    };
+    match node.init().await {
+        Ok(()) => Json(json!({ "status": "formed", "members": node.members() })).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// Body of join and remove.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberRequest {
+    node_id: u64,
+    #[serde(default)]
+    addr: Option<String>,
+}
+
+/// `POST /api/cluster/join`.
+pub async fn join(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: Result<Json<MemberRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let node = match cluster(&state, &headers) {
+        Ok(node) => node,
+        Err(response) => return *response,
+    };
+    let Ok(Json(request)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "expected {\"nodeId\": N, \"addr\": \"host:port\"}",
+        );
+    };
+    let Some(addr) = request.addr else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "join needs \"addr\": the new node's cluster address",
+        );
+    };
+    match node.join(request.node_id, addr).await {
+        Ok(()) => Json(json!({ "status": "joined", "nodeId": request.node_id })).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// `POST /api/cluster/remove`.
+pub async fn remove(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: Result<Json<MemberRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let node = match cluster(&state, &headers) {
+        Ok(node) => node,
+        Err(response) => return *response,
+    };
+    let Ok(Json(request)) = body else {
+        return error(StatusCode::BAD_REQUEST, "expected {\"nodeId\": N}");
+    };
+    match node.remove(request.node_id).await {
+        Ok(()) => Json(json!({ "status": "removed", "nodeId": request.node_id })).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}

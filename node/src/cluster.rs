@@ -1,0 +1,131 @@
+//! `herald cluster status | init | join | remove`: hand operation of a running cluster through
+//! any node's HTTP port (`/api/cluster/*`).
+
+use crate::cli::{ClusterArgs, ClusterCommand};
+use serde_json::{Value, json};
+use std::process::ExitCode;
+
+/// Runs one `herald cluster` command; prints the outcome, exit code 1 on failure.
+pub fn run(args: ClusterArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("herald: cannot start the async runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(call(&args)) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("herald: {error}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn call(args: &ClusterArgs) -> Result<String, String> {
+    let base = format!("http://{}/api/cluster", args.http);
+    let client = reqwest::Client::new();
+    let request = match &args.command {
+        ClusterCommand::Status { .. } => client.get(format!("{base}/status")),
+        ClusterCommand::Init => client.post(format!("{base}/init")),
+        ClusterCommand::Join { node_id, addr } => client
+            .post(format!("{base}/join"))
+            .json(&json!({ "nodeId": node_id, "addr": addr })),
+        ClusterCommand::Remove { node_id } => client
+            .post(format!("{base}/remove"))
+            .json(&json!({ "nodeId": node_id })),
+    };
+    let request = match &args.password {
+        Some(password) => request.bearer_auth(password),
+        None => request,
+    };
+    let response = request
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {}: {e}", args.http))?;
+    let ok = response.status().is_success();
+    let body: Value = response
+        .json()
+        .await
+        .map_err(|e| format!("unexpected answer from {}: {e}", args.http))?;
+    if !ok {
+        return Err(body["error"]
+            .as_str()
+            .unwrap_or("request failed")
+            .to_string());
+    }
+    Ok(match &args.command {
+        ClusterCommand::Status { json: false } => render_status(&body),
+        _ => serde_json::to_string_pretty(&body).unwrap_or_default(),
+    })
+}
+
+/// The status as a table: members, then one line per group.
+fn render_status(status: &Value) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "node {}  formed: {}  epoch: {}\n",
+        status["node"],
+        status["formed"],
+        status["epoch"].as_str().unwrap_or("-")
+    ));
+    out.push_str("members:\n");
+    if let Some(members) = status["members"].as_object() {
+        for (id, addr) in members {
+            out.push_str(&format!("  {id}  {}\n", addr.as_str().unwrap_or("?")));
+        }
+    }
+    out.push_str("group  partition  role       leader  term  last-log  applied  voters      lag\n");
+    for g in status["groups"].as_array().into_iter().flatten() {
+        let list = |v: &Value| {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|x| x.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default()
+        };
+        let lag = g["lag"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(id, n)| format!("{id}:{n}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        let opt = |v: &Value| {
+            if v.is_null() {
+                "-".to_string()
+            } else {
+                v.to_string()
+            }
+        };
+        out.push_str(&format!(
+            "{:<6} {:<10} {:<10} {:<7} {:<5} {:<9} {:<8} {:<11} {}\n",
+            g["group"],
+            if g["partition"].is_null() {
+                "meta".to_string()
+            } else {
+                g["partition"].to_string()
+            },
+            g["role"].as_str().unwrap_or("?"),
+            opt(&g["leader"]),
+            g["term"],
+            opt(&g["last_log_index"]),
+            opt(&g["applied_index"]),
+            list(&g["voters"]),
+            lag
+        ));
+    }
+    out
+}

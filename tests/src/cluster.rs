@@ -1,0 +1,240 @@
+//! A cluster of real herald processes on loopback: certificates made with `herald certs`,
+//! formation by `--bootstrap-expect`, and the status endpoint to find leaders and wait for
+//! convergence.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::{Herald, PATIENCE, herald_binary, scratch_dir};
+
+/// Partitions of test clusters: few, so formation and status stay quick.
+pub const TEST_PARTITIONS: u16 = 4;
+
+/// A free loopback UDP port (bound and released).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `herald certs ...` and requires success.
+pub fn certs(args: &[&str]) {
+    let output = Command::new(herald_binary())
+        .arg("certs")
+        .args(args)
+        .output()
+        .expect("run herald certs");
+    assert!(
+        output.status.success(),
+        "herald certs {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A blocking `GET` of `path` on `node`'s HTTP port, parsed as JSON (`None` if unreachable).
+pub fn get_json(node: &Herald, path: &str) -> Option<Value> {
+    let mut stream = TcpStream::connect(node.http).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: herald\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let body = text.split_once("\r\n\r\n")?.1;
+    serde_json::from_str(body).ok()
+}
+
+/// One node slot of a [`Cluster`]: its id, addresses, and the running process (if up).
+pub struct Member {
+    /// Node id.
+    pub id: u64,
+    /// Cluster (QUIC) port.
+    pub cluster_port: u16,
+    /// The process, `None` while killed.
+    pub node: Option<Herald>,
+    data_dir: PathBuf,
+}
+
+/// A cluster of herald processes on loopback.
+pub struct Cluster {
+    /// The nodes, `members[i]` has id `i + 1`.
+    pub members: Vec<Member>,
+    tls_dir: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes that form one cluster by `--bootstrap-expect n`, and waits until every
+    /// node sees a leader for every group.
+    pub fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, &[])
+    }
+
+    /// [`Cluster::start`] with extra `herald serve` arguments for every node.
+    pub fn start_with(n: usize, extra: &[&str]) -> Cluster {
+        let tls_dir = scratch_dir("tls");
+        let dir = tls_dir.to_str().unwrap().to_string();
+        certs(&["init", "--dir", &dir]);
+        let mut members = Vec::new();
+        for id in 1..=n as u64 {
+            certs(&["issue", "--dir", &dir, "--node-id", &id.to_string()]);
+            members.push(Member {
+                id,
+                cluster_port: free_udp_port(),
+                node: None,
+                data_dir: scratch_dir(&format!("node{id}")),
+            });
+        }
+        let mut cluster = Cluster {
+            members,
+            tls_dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        let ids: Vec<u64> = cluster.members.iter().map(|m| m.id).collect();
+        // Start them all first: each waits for its RESP port only, formation happens after.
+        for id in ids {
+            cluster.start_node(id, n);
+        }
+        cluster.wait_converged();
+        cluster
+    }
+
+    fn peers(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("{}@127.0.0.1:{}", m.id, m.cluster_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts (or restarts, on its kept data) node `id`.
+    pub fn start_node(&mut self, id: u64, bootstrap_expect: usize) {
+        let peers = self.peers();
+        let tls = self.tls_dir.to_str().unwrap().to_string();
+        let member = &self.members[(id - 1) as usize];
+        let cluster_addr = format!("127.0.0.1:{}", member.cluster_port);
+        let id_text = id.to_string();
+        let expect = bootstrap_expect.to_string();
+        let partitions = TEST_PARTITIONS.to_string();
+        let mut args: Vec<&str> = vec![
+            "--node-id",
+            &id_text,
+            "--cluster-addr",
+            &cluster_addr,
+            "--peers",
+            &peers,
+            "--bootstrap-expect",
+            &expect,
+            "--tls-dir",
+            &tls,
+            "--partitions",
+            &partitions,
+        ];
+        args.extend(self.extra.iter().map(String::as_str));
+        let data_dir = member.data_dir.clone();
+        let node = Herald::start_in(data_dir, &args, &[]);
+        self.members[(id - 1) as usize].node = Some(node);
+    }
+
+    /// Node `id` (running).
+    pub fn node(&self, id: u64) -> &Herald {
+        self.members[(id - 1) as usize]
+            .node
+            .as_ref()
+            .expect("node is running")
+    }
+
+    /// `kill -9`s node `id`, keeping its data for a restart.
+    pub fn kill(&mut self, id: u64) {
+        let member = &mut self.members[(id - 1) as usize];
+        if let Some(node) = member.node.take() {
+            member.data_dir = node.kill_keeping_data();
+        }
+    }
+
+    /// Ids of the running nodes.
+    pub fn running(&self) -> Vec<u64> {
+        self.members
+            .iter()
+            .filter(|m| m.node.is_some())
+            .map(|m| m.id)
+            .collect()
+    }
+
+    /// `GET /api/cluster/status` of node `id`.
+    pub fn status(&self, id: u64) -> Option<Value> {
+        get_json(self.node(id), "/api/cluster/status")
+    }
+
+    /// The leader of `partition` as node `id` sees it.
+    pub fn leader_of(&self, id: u64, partition: u16) -> Option<u64> {
+        let status = self.status(id)?;
+        status["groups"]
+            .as_array()?
+            .iter()
+            .find(|g| g["partition"].as_u64() == Some(u64::from(partition)))?["leader"]
+            .as_u64()
+    }
+
+    /// Waits until every running node is formed and sees a running leader for every group,
+    /// and all running nodes agree on the leaders.
+    pub fn wait_converged(&self) {
+        let deadline = Instant::now() + PATIENCE * 2;
+        loop {
+            if self.converged() {
+                return;
+            }
+            if Instant::now() > deadline {
+                let statuses: Vec<String> = self
+                    .running()
+                    .iter()
+                    .map(|&id| {
+                        format!(
+                            "node {id}: {:?}\nlog:\n{}",
+                            self.status(id),
+                            self.node(id).log()
+                        )
+                    })
+                    .collect();
+                panic!("the cluster did not converge:\n{}", statuses.join("\n\n"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn converged(&self) -> bool {
+        let running = self.running();
+        let mut leaders: Option<Vec<Option<u64>>> = None;
+        for &id in &running {
+            let Some(status) = self.status(id) else {
+                return false;
+            };
+            if status["formed"] != Value::Bool(true) {
+                return false;
+            }
+            let Some(groups) = status["groups"].as_array() else {
+                return false;
+            };
+            let these: Vec<Option<u64>> = groups.iter().map(|g| g["leader"].as_u64()).collect();
+            if these
+                .iter()
+                .any(|l| l.is_none_or(|l| !running.contains(&l)))
+            {
+                return false;
+            }
+            match &leaders {
+                None => leaders = Some(these),
+                Some(first) if *first != these => return false,
+                Some(_) => {}
+            }
+        }
+        true
+    }
+}

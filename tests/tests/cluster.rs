@@ -1,0 +1,309 @@
+//! A 3-node cluster of real processes on loopback, formed by `--bootstrap-expect`: publish on
+//! one node and receive on the others over SSE, WebSocket and RESP; `kill -9` a partition
+//! leader in the middle of a publish stream with message ids and resume on another node with
+//! nothing lost, nothing duplicated, order kept; restart and catch-up; a minority node that
+//! refuses durable publishes.
+
+use eventsource_stream::Eventsource;
+use futures::{SinkExt, Stream, StreamExt};
+use herald_tests::PATIENCE;
+use herald_tests::cluster::Cluster;
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+use std::pin::Pin;
+use std::time::Duration;
+use tokio_tungstenite::connect_async;
+use tokio_tungstenite::tungstenite::Message;
+
+type Events = Pin<Box<dyn Stream<Item = eventsource_stream::Event> + Send>>;
+
+async fn sse(http: std::net::SocketAddr, channel: &str, last_event_id: Option<&str>) -> Events {
+    let mut request = reqwest::Client::new().get(format!("http://{http}/api/stream/{channel}"));
+    if let Some(id) = last_event_id {
+        request = request.header("Last-Event-ID", id);
+    }
+    let response = request.send().await.expect("SSE request");
+    assert_eq!(response.status(), 200);
+    Box::pin(
+        response
+            .bytes_stream()
+            .eventsource()
+            .map(|e| e.expect("well-formed SSE")),
+    )
+}
+
+/// The next `message` event (skipping other kinds such as comments).
+async fn next_message(events: &mut Events) -> eventsource_stream::Event {
+    loop {
+        let event = tokio::time::timeout(PATIENCE, events.next())
+            .await
+            .expect("an event in time")
+            .expect("stream open");
+        if event.event == "message" {
+            return event;
+        }
+    }
+}
+
+/// One HTTP publish attempt: `Ok(reply)` on 200, `Err(text)` otherwise.
+async fn try_publish(http: std::net::SocketAddr, body: &Value) -> Result<Value, String> {
+    let response = reqwest::Client::new()
+        .post(format!("http://{http}/api/publish"))
+        .json(body)
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let text = response.text().await.map_err(|e| e.to_string())?;
+    if status == 200 {
+        serde_json::from_str(&text).map_err(|e| e.to_string())
+    } else {
+        Err(format!("{status}: {text}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_on_one_node_reaches_subscribers_on_the_others() {
+    let cluster = Cluster::start(3);
+    let (a, b, c) = (cluster.node(1), cluster.node(2), cluster.node(3));
+
+    let mut events = sse(b.http, "job_progress:j1", None).await;
+    let (mut ws, _) = connect_async(format!("ws://{}/ws?userId=u1", c.http))
+        .await
+        .expect("WebSocket handshake");
+    ws.send(Message::text(
+        json!({ "type": "subscribe", "channel": "job_progress:j1" }).to_string(),
+    ))
+    .await
+    .unwrap();
+    let mut pubsub = redis::Client::open(c.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    pubsub.subscribe("job_progress:j1").await.unwrap();
+    let mut ws_messages = Vec::new();
+    // Wait for the WebSocket subscription to be confirmed before publishing.
+    while ws_messages.is_empty() {
+        let message = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Text(text) = message {
+            let value: Value = serde_json::from_str(&text).unwrap();
+            if value["type"] == "subscribed" {
+                ws_messages.push(value);
+            }
+        }
+    }
+
+    // Two publishes over HTTP on A, one over RESP on A.
+    for step in 0..2 {
+        let reply = try_publish(
+            a.http,
+            &json!({ "channel": "job_progress:j1", "data": { "step": step } }),
+        )
+        .await
+        .expect("publish on A");
+        assert_eq!(reply["durable"], true);
+    }
+    let mut publisher = redis::Client::open(a.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: i64 = publisher
+        .publish("job_progress:j1", r#"{"step":2}"#)
+        .await
+        .unwrap();
+
+    for step in 0..3 {
+        let event = next_message(&mut events).await;
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        assert_eq!(data, json!({ "step": step }), "SSE on B, in order");
+        assert!(!event.id.is_empty());
+    }
+    let mut stream = pubsub.on_message();
+    for step in 0..3 {
+        let message = tokio::time::timeout(PATIENCE, stream.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let payload: String = message.get_payload().unwrap();
+        let data: Value = serde_json::from_str(&payload).unwrap();
+        assert_eq!(data, json!({ "step": step }), "RESP on C, in order");
+    }
+    let mut step = 0;
+    while step < 3 {
+        let message = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let value: Value = serde_json::from_str(&text).unwrap();
+        if value["channel"] == "job_progress:j1" && value.get("step").is_some() {
+            assert_eq!(value["step"], step, "WebSocket on C, in order: {value}");
+            step += 1;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_partition_leader_loses_and_duplicates_nothing() {
+    // Below the default history size (100), so every event stays retained for the resumes.
+    const TOTAL: usize = 90;
+    let mut cluster = Cluster::start(3);
+    let channel = "orders:failover";
+    let first = try_publish(
+        cluster.node(1).http,
+        &json!({ "channel": channel, "data": { "n": -1 }, "messageId": "start" }),
+    )
+    .await
+    .expect("first publish");
+    let cursor = first["id"].as_str().unwrap().to_string();
+    let partition: u16 = first["position"]
+        .as_str()
+        .unwrap()
+        .split('-')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let leader = cluster.leader_of(1, partition).expect("a leader");
+    let survivors: Vec<u64> = cluster
+        .running()
+        .into_iter()
+        .filter(|&id| id != leader)
+        .collect();
+    let watcher = survivors[0];
+    // A live subscriber on a node that survives, from the first event on.
+    let mut live = sse(cluster.node(watcher).http, channel, Some(&cursor)).await;
+
+    let https: Vec<(u64, std::net::SocketAddr)> = cluster
+        .running()
+        .iter()
+        .map(|&id| (id, cluster.node(id).http))
+        .collect();
+    let publisher = {
+        let survivors = survivors.clone();
+        tokio::spawn(async move {
+            let mut retries = 0usize;
+            let mut duplicates = 0usize;
+            for n in 0..TOTAL {
+                let body =
+                    json!({ "channel": channel, "data": { "n": n }, "messageId": format!("m{n}") });
+                let mut attempt = 0usize;
+                loop {
+                    // Spread publishes over all nodes; after a failure use the survivors only.
+                    let (_, http) = if attempt == 0 {
+                        https[n % https.len()]
+                    } else {
+                        let id = survivors[attempt % survivors.len()];
+                        *https.iter().find(|(i, _)| *i == id).unwrap()
+                    };
+                    match try_publish(http, &body).await {
+                        Ok(reply) => {
+                            if reply["duplicate"] == true {
+                                duplicates += 1;
+                            }
+                            break;
+                        }
+                        Err(_) => {
+                            attempt += 1;
+                            retries += 1;
+                            assert!(attempt < 200, "publish {n} never succeeded");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (retries, duplicates)
+        })
+    };
+    // Kill the leader once the stream is under way.
+    let mut seen = Vec::new();
+    while seen.len() < 30 {
+        let event = next_message(&mut live).await;
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        seen.push(data["n"].as_i64().unwrap());
+    }
+    cluster.kill(leader);
+    let (retries, duplicates) = publisher.await.unwrap();
+    eprintln!(
+        "killed node {leader} (leader of partition {partition}); {retries} retries, {duplicates} duplicate replies"
+    );
+
+    // The live subscriber on a survivor: every event once, in order.
+    while seen.len() < TOTAL {
+        let event = next_message(&mut live).await;
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        seen.push(data["n"].as_i64().unwrap());
+    }
+    assert_eq!(
+        seen,
+        (0..TOTAL as i64).collect::<Vec<_>>(),
+        "live stream on node {watcher}"
+    );
+
+    // A client of the dead node resumes on the other survivor with its cursor.
+    let other = *survivors.last().unwrap();
+    let mut resumed = sse(cluster.node(other).http, channel, Some(&cursor)).await;
+    let mut got = Vec::new();
+    while got.len() < TOTAL {
+        let event = next_message(&mut resumed).await;
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        got.push(data["n"].as_i64().unwrap());
+    }
+    assert_eq!(
+        got,
+        (0..TOTAL as i64).collect::<Vec<_>>(),
+        "resumed on node {other}"
+    );
+
+    // The killed node restarts on its data, catches up, and serves the same history.
+    cluster.start_node(leader, 3);
+    cluster.wait_converged();
+    let mut restarted = sse(cluster.node(leader).http, channel, Some(&cursor)).await;
+    let mut again = Vec::new();
+    while again.len() < TOTAL {
+        let event = next_message(&mut restarted).await;
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        again.push(data["n"].as_i64().unwrap());
+    }
+    assert_eq!(
+        again,
+        (0..TOTAL as i64).collect::<Vec<_>>(),
+        "restarted node {leader}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_the_majority_refuses_durable_publishes() {
+    let mut cluster = Cluster::start_with(3, &["--publish-timeout", "2s"]);
+    cluster.kill(2);
+    cluster.kill(3);
+    let lone = cluster.node(1).http;
+    let error = try_publish(lone, &json!({ "channel": "orders:1", "data": 1 }))
+        .await
+        .expect_err("a minority node must not acknowledge");
+    assert!(error.starts_with("503"), "{error}");
+    assert!(
+        error.contains("quorum") || error.contains("leader"),
+        "the error says why: {error}"
+    );
+    // Not ready: load balancers move clients elsewhere.
+    herald_tests::wait_until("the lone node reports not ready", || {
+        let mut stream = std::net::TcpStream::connect(lone).unwrap();
+        use std::io::{Read, Write};
+        write!(stream, "GET /ready HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text.starts_with("HTTP/1.0 503") || text.starts_with("HTTP/1.1 503")
+    });
+}
