@@ -13,6 +13,8 @@
 //! - [`rpc`]: request/response over one bidirectional QUIC stream per call, the peer pool
 //!   (one connection per peer, reconnect with backoff) and the server dispatch ([`Handler`]).
 //! - [`network`]: openraft's `RaftNetworkFactory` per group over [`rpc`].
+//! - [`interest`]: which channels and patterns each node's clients hold, pushed between nodes;
+//!   routes non-durable events to interested peers and answers `PUBSUB` for the cluster.
 //! - [`message`]: the node layer's own requests (forwarded publishes, meta writes, joins).
 //! - [`proposer`]: one task per partition batching publishes into one Raft entry per round,
 //!   forwarding to the leader, retrying only when that is safe.
@@ -20,6 +22,7 @@
 //!   join/remove, status.
 
 pub mod identity;
+pub mod interest;
 pub mod message;
 pub mod network;
 pub mod node;

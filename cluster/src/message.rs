@@ -8,6 +8,8 @@ use herald_storage::raft::{Command, GroupId, NodeId};
 use herald_storage::{Applied, Partition, Publish};
 use serde::{Deserialize, Serialize};
 
+use crate::interest::{Interest, TransientEvent};
+
 /// A request from one node's cluster layer to another's.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum AppRequest {
@@ -51,6 +53,13 @@ pub enum AppRequest {
     Remove {
         /// The node to remove.
         node: NodeId,
+    },
+    /// The sender's current interest (pushed on change and every few seconds).
+    Interest(Interest),
+    /// Non-durable events for the receiver's local subscribers (never forwarded further).
+    Transient {
+        /// The events, in publish order.
+        events: Vec<TransientEvent>,
     },
 }
 

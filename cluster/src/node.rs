@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::identity::NodeIdentity;
+use crate::interest::{Interest, InterestTable, TransientEvent};
 use crate::message::{AppRequest, AppResponse, ProposeError, decode, encode};
 use crate::network::GroupNetworkFactory;
 use crate::proposer::{self, ProposeRequest, ProposeResult, ProposerContext, ProposerOptions};
@@ -79,6 +80,24 @@ impl Default for RaftTimings {
     }
 }
 
+/// What the cluster layer needs from the node's local hub.
+#[derive(Clone)]
+pub struct LocalHooks {
+    /// This node's current interest (subscriptions and connection counts).
+    pub interest: Arc<dyn Fn() -> Interest + Send + Sync>,
+    /// Delivers a non-durable event from another node to local subscribers.
+    pub deliver: Arc<dyn Fn(&TransientEvent) + Send + Sync>,
+}
+
+impl Default for LocalHooks {
+    fn default() -> Self {
+        LocalHooks {
+            interest: Arc::new(Interest::default),
+            deliver: Arc::new(|_| {}),
+        }
+    }
+}
+
 /// Why the cluster layer could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -111,6 +130,8 @@ struct Inner {
     /// Node ids allowed to connect: the static peers and every member the meta group knows.
     allowed: Arc<RwLock<BTreeSet<NodeId>>>,
     shutdown: CancellationToken,
+    interest: Arc<InterestTable>,
+    hooks: LocalHooks,
 }
 
 /// This node's part of the cluster; cheap to clone.
@@ -150,6 +171,7 @@ impl ClusterNode {
         store: Arc<Store>,
         namespaces: Arc<Namespaces>,
         on_commit: OnCommit,
+        hooks: LocalHooks,
         shutdown: CancellationToken,
     ) -> Result<ClusterNode, ClusterError> {
         let id = config.node_id;
@@ -241,6 +263,8 @@ impl ClusterNode {
                 static_peers: config.peers.clone(),
                 allowed,
                 shutdown: shutdown.clone(),
+                interest: InterestTable::new(id, peers.clone()),
+                hooks,
             }),
         };
         for (partition, rx) in receivers.into_iter().enumerate() {
@@ -264,6 +288,10 @@ impl ClusterNode {
             let node = node.clone();
             tokio::spawn(async move { node.placement_loop().await });
         }
+        {
+            let node = node.clone();
+            tokio::spawn(async move { node.interest_loop().await });
+        }
         tracing::info!(node = id, bind = %config.bind, advertise = %config.advertise, groups = partitions + 1, "cluster node started");
         Ok(node)
     }
@@ -271,6 +299,49 @@ impl ClusterNode {
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.inner.id
+    }
+
+    /// The other nodes' interest, and the way to send them non-durable events.
+    pub fn interest(&self) -> &Arc<InterestTable> {
+        &self.inner.interest
+    }
+
+    /// Pushes this node's interest to every other member when it changed, and at least every
+    /// 3 s (so a restarted peer learns it quickly).
+    async fn interest_loop(&self) {
+        let mut ticker = tokio::time::interval(Duration::from_millis(300));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last: Option<(Interest, tokio::time::Instant)> = None;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.inner.shutdown.cancelled() => return,
+            }
+            let current = (self.inner.hooks.interest)();
+            let due = match &last {
+                None => true,
+                Some((sent, at)) => *sent != current || at.elapsed() >= Duration::from_secs(3),
+            };
+            if !due {
+                continue;
+            }
+            let mut targets: BTreeSet<NodeId> = self.members().into_keys().collect();
+            targets.extend(self.inner.static_peers.keys().copied());
+            targets.remove(&self.inner.id);
+            let request = Request::App(encode(&AppRequest::Interest(current.clone())));
+            let calls = targets.into_iter().map(|peer| {
+                let request = &request;
+                async move {
+                    let _ = self
+                        .inner
+                        .peers
+                        .call(peer, request, Duration::from_secs(1))
+                        .await;
+                }
+            });
+            futures::future::join_all(calls).await;
+            last = Some((current, tokio::time::Instant::now()));
+        }
     }
 
     /// Whether the cluster exists (its epoch is applied here): until then durable publishes
@@ -663,6 +734,16 @@ impl ClusterNode {
     async fn handle_app(&self, from: NodeId, request: AppRequest) -> AppResponse {
         match request {
             AppRequest::Ping => AppResponse::Pong,
+            AppRequest::Interest(interest) => {
+                self.inner.interest.update(from, interest);
+                AppResponse::Done(Ok(()))
+            }
+            AppRequest::Transient { events } => {
+                for event in &events {
+                    (self.inner.hooks.deliver)(event);
+                }
+                AppResponse::Done(Ok(()))
+            }
             AppRequest::Publish {
                 partition,
                 publishes,

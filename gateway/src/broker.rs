@@ -10,17 +10,21 @@
 //! to the watermark it read after subscribing, and takes everything above it live, so the
 //! hand-over has neither a gap nor a duplicate (see `stream`).
 
-use crate::hub::{Hub, Wakes};
+use crate::hub::glob::Glob;
+use crate::hub::{Hub, Kind, Wakes};
 use bytes::Bytes;
+use herald_cluster::interest::{InterestKind, TransientEvent};
 use herald_cluster::message::ProposeError;
-use herald_cluster::node::{ClusterConfig, ClusterNode};
+use herald_cluster::node::{ClusterConfig, ClusterNode, LocalHooks};
 use herald_cluster::proposer::ProposeResult;
 use herald_storage::{
     Applied, Epoch, Event, LocalLog, Namespaces, OnCommit, Partition, Pending, Position, Publish,
     StorageError, Store, StoreOptions,
 };
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -107,6 +111,15 @@ pub struct Broker {
     namespaces: Arc<Namespaces>,
     committed: Arc<Vec<AtomicU64>>,
     stats: Arc<BrokerStats>,
+    connections: Arc<OnceLock<ConnectionCounter>>,
+}
+
+/// Counts this node's open client connections per protocol (`resp`, `sse`, `websocket`).
+pub type ConnectionCounter = Box<dyn Fn() -> BTreeMap<String, u64> + Send + Sync>;
+
+/// Whether glob `pattern` matches `channel` (Redis `PSUBSCRIBE` rules).
+fn glob_matches(pattern: &[u8], channel: &[u8]) -> bool {
+    Glob::new(pattern).matches(channel)
 }
 
 impl Broker {
@@ -133,6 +146,7 @@ impl Broker {
             namespaces,
             committed,
             stats: Arc::default(),
+            connections: Arc::default(),
         }))
     }
 
@@ -150,11 +164,40 @@ impl Broker {
         let namespaces = Arc::new(namespaces);
         let committed = committed_marks(&store);
         let on_commit = deliver_on_commit(&hub, &committed);
+        let connections: Arc<OnceLock<ConnectionCounter>> = Arc::default();
+        let hooks = LocalHooks {
+            interest: {
+                let hub = hub.clone();
+                let connections = connections.clone();
+                Arc::new(move || {
+                    let mut interest = hub.interest();
+                    if let Some(count) = connections.get() {
+                        interest.connections = count();
+                    }
+                    interest
+                })
+            },
+            deliver: {
+                let hub = hub.clone();
+                Arc::new(move |event: &TransientEvent| {
+                    let mut wakes = Wakes::default();
+                    match event.kind {
+                        InterestKind::Channel => {
+                            hub.publish_batched(&event.channel, &event.payload, &mut wakes)
+                        }
+                        InterestKind::Shard => {
+                            hub.spublish(&event.channel, &event.payload, &mut wakes)
+                        }
+                    };
+                })
+            },
+        };
         let node = ClusterNode::start(
             config,
             store.clone(),
             namespaces.clone(),
             on_commit,
+            hooks,
             shutdown,
         )
         .await?;
@@ -165,6 +208,7 @@ impl Broker {
             namespaces,
             committed,
             stats: Arc::default(),
+            connections,
         }))
     }
 
@@ -269,7 +313,8 @@ impl Broker {
         wakes: &mut Wakes,
     ) -> Result<Ticket, StorageError> {
         if !self.is_durable(&channel) {
-            let receivers = self.hub.publish_batched(&channel, &payload, wakes);
+            let receivers = self.hub.publish_batched(&channel, &payload, wakes)
+                + self.send_to_peers(InterestKind::Channel, &channel, &payload);
             self.stats
                 .transient_published
                 .fetch_add(1, Ordering::Relaxed);
@@ -296,6 +341,117 @@ impl Broker {
             }
         };
         Ok(Ticket::Queued { pending, channel })
+    }
+
+    /// Sends a non-durable event to the peers with interest in it; returns their receivers.
+    fn send_to_peers(&self, kind: InterestKind, channel: &Bytes, payload: &Bytes) -> usize {
+        let Log::Cluster(node) = &self.log else {
+            return 0;
+        };
+        let table = node.interest();
+        let mut receivers = 0;
+        for (peer, n) in table.interested(kind, channel, &glob_matches) {
+            receivers += n;
+            table.send(
+                peer,
+                TransientEvent {
+                    kind,
+                    channel: channel.clone(),
+                    payload: payload.clone(),
+                },
+            );
+        }
+        receivers
+    }
+
+    /// Subscribers of `channel` on other nodes (0 on a single node).
+    fn remote_receivers(&self, channel: &[u8]) -> usize {
+        match &self.log {
+            Log::Cluster(node) => node
+                .interest()
+                .interested(InterestKind::Channel, channel, &glob_matches)
+                .iter()
+                .map(|(_, n)| n)
+                .sum(),
+            Log::Local(_) => 0,
+        }
+    }
+
+    /// `SPUBLISH`: shard channels are never durable; delivered here and to interested peers.
+    pub fn spublish(&self, channel: &Bytes, payload: &Bytes, wakes: &mut Wakes) -> usize {
+        self.hub.spublish(channel, payload, wakes)
+            + self.send_to_peers(InterestKind::Shard, channel, payload)
+    }
+
+    /// Lets the cluster report this node's connection counts (set once by the HTTP layer).
+    pub fn set_connection_counter(&self, counter: ConnectionCounter) {
+        let _ = self.connections.set(counter);
+    }
+
+    /// Channels (or shard channels) with subscribers anywhere in the cluster, optionally
+    /// filtered by a glob (`PUBSUB CHANNELS`).
+    pub fn active_names(&self, kind: Kind, filter: Option<&Glob>) -> Vec<Bytes> {
+        let mut names: BTreeSet<Bytes> = self.hub.active_names(kind, filter).into_iter().collect();
+        if let Log::Cluster(node) = &self.log {
+            node.interest().for_each(|_, interest| {
+                let map = match kind {
+                    Kind::Shard => &interest.shards,
+                    Kind::Pattern => &interest.patterns,
+                    Kind::Channel => &interest.channels,
+                };
+                names.extend(
+                    map.keys()
+                        .filter(|n| filter.is_none_or(|g| g.matches(n)))
+                        .cloned(),
+                );
+                None::<()>
+            });
+        }
+        names.into_iter().collect()
+    }
+
+    /// Subscribers of each name anywhere in the cluster (`PUBSUB NUMSUB`).
+    pub fn subscriber_counts(&self, kind: Kind, names: &[Bytes]) -> Vec<usize> {
+        let mut counts = self.hub.subscriber_counts(kind, names);
+        if let Log::Cluster(node) = &self.log {
+            node.interest().for_each(|_, interest| {
+                let map = match kind {
+                    Kind::Shard => &interest.shards,
+                    _ => &interest.channels,
+                };
+                for (count, name) in counts.iter_mut().zip(names) {
+                    *count += map.get(name).copied().unwrap_or(0) as usize;
+                }
+                None::<()>
+            });
+        }
+        counts
+    }
+
+    /// Distinct patterns subscribed anywhere in the cluster (`PUBSUB NUMPAT`).
+    pub fn pattern_count(&self) -> usize {
+        match &self.log {
+            Log::Local(_) => self.hub.pattern_count(),
+            Log::Cluster(_) => self.active_names(Kind::Pattern, None).len(),
+        }
+    }
+
+    /// Open connections per protocol summed over the cluster's nodes (this one included), and
+    /// the number of nodes counted; `None` on a single node.
+    pub fn cluster_connections(&self) -> Option<(usize, BTreeMap<String, u64>)> {
+        let Log::Cluster(node) = &self.log else {
+            return None;
+        };
+        let mut totals = self.connections.get().map(|c| c()).unwrap_or_default();
+        let mut nodes = 1;
+        node.interest().for_each(|_, interest| {
+            nodes += 1;
+            for (protocol, n) in &interest.connections {
+                *totals.entry(protocol.clone()).or_default() += n;
+            }
+            None::<()>
+        });
+        Some((nodes, totals))
     }
 
     /// Publishes and waits for the acknowledgement.
@@ -327,7 +483,7 @@ impl Broker {
                 };
                 metrics::histogram!("herald_publish_commit_seconds")
                     .record(started.elapsed().as_secs_f64());
-                let receivers = self.hub.receiver_count(&channel);
+                let receivers = self.hub.receiver_count(&channel) + self.remote_receivers(&channel);
                 Ok(match applied {
                     Applied::New(event) => {
                         self.stats.durable_published.fetch_add(1, Ordering::Relaxed);

@@ -79,6 +79,13 @@ impl Cluster {
 
     /// [`Cluster::start`] with extra `herald serve` arguments for every node.
     pub fn start_with(n: usize, extra: &[&str]) -> Cluster {
+        Cluster::start_some(n, n, extra)
+    }
+
+    /// Prepares `total` node slots (all named in every node's `--peers`) but starts and forms
+    /// the cluster with the first `started` only; the others can join later.
+    pub fn start_some(total: usize, started: usize, extra: &[&str]) -> Cluster {
+        let n = total;
         let tls_dir = scratch_dir("tls");
         let dir = tls_dir.to_str().unwrap().to_string();
         certs(&["init", "--dir", &dir]);
@@ -97,10 +104,10 @@ impl Cluster {
             tls_dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
-        let ids: Vec<u64> = cluster.members.iter().map(|m| m.id).collect();
+        let ids: Vec<u64> = cluster.members.iter().map(|m| m.id).take(started).collect();
         // Start them all first: each waits for its RESP port only, formation happens after.
         for id in ids {
-            cluster.start_node(id, n);
+            cluster.start_node(id, started);
         }
         cluster.wait_converged();
         cluster
@@ -166,6 +173,23 @@ impl Cluster {
             .filter(|m| m.node.is_some())
             .map(|m| m.id)
             .collect()
+    }
+
+    /// Runs `herald cluster ARGS --http <node id's HTTP address>`; returns (success, stdout+stderr).
+    pub fn cli(&self, via: u64, args: &[&str]) -> (bool, String) {
+        let output = Command::new(herald_binary())
+            .arg("cluster")
+            .args(args)
+            .arg("--http")
+            .arg(self.node(via).http.to_string())
+            .output()
+            .expect("run herald cluster");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
     }
 
     /// `GET /api/cluster/status` of node `id`.

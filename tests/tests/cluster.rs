@@ -307,3 +307,156 @@ async fn a_node_cut_off_from_the_majority_refuses_durable_publishes() {
         text.starts_with("HTTP/1.0 503") || text.starts_with("HTTP/1.1 503")
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_durable_events_and_pubsub_counts_span_the_cluster() {
+    let config =
+        herald_tests::config_file("[namespace.cursor]\nhistory_size = 0\ndurable = false\n");
+    let cluster = Cluster::start_with(3, &["--config", config.to_str().unwrap()]);
+    let (a, b, c) = (cluster.node(1), cluster.node(2), cluster.node(3));
+
+    // Subscribers on B (exact channel) and C (pattern).
+    let mut on_b = redis::Client::open(b.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    on_b.subscribe("cursor:doc1").await.unwrap();
+    let mut on_c = redis::Client::open(c.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    on_c.psubscribe("cursor:*").await.unwrap();
+
+    // Node A learns of them through the interest exchange.
+    let mut conn = redis::Client::open(a.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let numsub: (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("cursor:doc1")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let numpat: i64 = redis::cmd("PUBSUB")
+            .arg("NUMPAT")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if numsub.1 == 1 && numpat == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A never saw the remote subscriptions"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(channels, vec!["cursor:doc1".to_string()]);
+
+    // A non-durable publish on A reaches both remote subscribers; the reply counts them.
+    let receivers: i64 = conn.publish("cursor:doc1", "x=1").await.unwrap();
+    assert_eq!(
+        receivers, 2,
+        "one exact subscriber on B, one pattern subscriber on C"
+    );
+    let message = tokio::time::timeout(PATIENCE, on_b.on_message().next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(message.get_payload::<String>().unwrap(), "x=1");
+    let message = tokio::time::timeout(PATIENCE, on_c.on_message().next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(message.get_channel_name(), "cursor:doc1");
+    assert_eq!(message.get_payload::<String>().unwrap(), "x=1");
+
+    // The stats count the whole cluster.
+    let stats: Value = reqwest::get(format!("{}/api/realtime/stats", a.http_url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["cluster"]["nodes"], 3, "{stats}");
+    assert!(
+        stats["cluster"]["totalConnections"]["resp"]
+            .as_u64()
+            .unwrap()
+            >= 3,
+        "{stats}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_catches_up_and_is_removed() {
+    let mut cluster = Cluster::start_some(4, 3, &[]);
+    let channel = "audit:join";
+    let mut cursor = String::new();
+    for n in 0..20 {
+        let reply = try_publish(
+            cluster.node(1 + n % 3).http,
+            &json!({ "channel": channel, "data": { "n": n } }),
+        )
+        .await
+        .expect("publish");
+        if n == 0 {
+            cursor = reply["id"].as_str().unwrap().to_string();
+        }
+    }
+
+    // Node 4 starts, is joined by hand, and catches up on every partition.
+    cluster.start_node(4, 3);
+    let addr = format!("127.0.0.1:{}", cluster.members[3].cluster_port);
+    let (ok, text) = cluster.cli(2, &["join", "--node-id", "4", "--addr", &addr]);
+    assert!(ok, "join failed: {text}");
+    cluster.wait_converged();
+    let (ok, status) = cluster.cli(4, &["status"]);
+    assert!(ok, "{status}");
+    assert!(status.contains("formed: true"), "{status}");
+    let mut events = sse(cluster.node(4).http, channel, Some(&cursor)).await;
+    for n in 1..20 {
+        let event = next_message(&mut events).await;
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        assert_eq!(data["n"], n, "node 4 serves the history it caught up on");
+    }
+    // ...and live events published elsewhere.
+    try_publish(
+        cluster.node(1).http,
+        &json!({ "channel": channel, "data": { "n": 20 } }),
+    )
+    .await
+    .expect("publish");
+    let event = next_message(&mut events).await;
+    assert_eq!(serde_json::from_str::<Value>(&event.data).unwrap()["n"], 20);
+
+    // Removing it: no group keeps it, the others go on committing.
+    let (ok, text) = cluster.cli(1, &["remove", "--node-id", "4"]);
+    assert!(ok, "remove failed: {text}");
+    herald_tests::wait_until("node 4 leaves every group", || {
+        cluster.status(1).is_some_and(|s| {
+            s["members"].get("4").is_none()
+                && s["groups"].as_array().unwrap().iter().all(|g| {
+                    !g["voters"].as_array().unwrap().contains(&json!(4))
+                        && !g["learners"].as_array().unwrap().contains(&json!(4))
+                })
+        })
+    });
+    try_publish(
+        cluster.node(3).http,
+        &json!({ "channel": channel, "data": { "n": 21 } }),
+    )
+    .await
+    .expect("the remaining three still commit");
+}

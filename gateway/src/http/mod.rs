@@ -200,6 +200,19 @@ impl HttpState {
         shutdown: CancellationToken,
     ) -> HttpState {
         let cut_off = watch_quorum(broker.clone(), shutdown.clone());
+        let (sse, ws): (Arc<StreamClients>, Arc<StreamClients>) = (Arc::default(), Arc::default());
+        {
+            let (sse, ws, resp) = (sse.clone(), ws.clone(), resp.clone());
+            broker.set_connection_counter(Box::new(move || {
+                [
+                    ("resp".to_string(), resp.clients.len() as u64),
+                    ("sse".to_string(), sse.len() as u64),
+                    ("websocket".to_string(), ws.len() as u64),
+                ]
+                .into_iter()
+                .collect()
+            }));
+        }
         HttpState {
             inner: Arc::new(Inner {
                 cut_off,
@@ -208,8 +221,8 @@ impl HttpState {
                 settings,
                 render_metrics,
                 shutdown,
-                sse: Arc::default(),
-                ws: Arc::default(),
+                sse,
+                ws,
                 sessions: tokio_util::task::TaskTracker::new(),
             }),
         }

@@ -39,7 +39,8 @@ pub async fn ready(State(state): State<HttpState>) -> Response {
 /// `GET /api/realtime/stats`.
 pub async fn stats(State(state): State<HttpState>) -> Json<Value> {
     let hub = state.broker().hub();
-    let channels = hub.active_names(Kind::Channel, None);
+    // Channels with subscribers anywhere in the cluster (this node's alone when single).
+    let channels = state.broker().active_names(Kind::Channel, None);
     let (_, subscriptions) = hub.channel_totals();
     let describe = |clients: &super::StreamClients, prefix: &str| {
         clients.with_clients(|clients| {
@@ -80,6 +81,11 @@ pub async fn stats(State(state): State<HttpState>) -> Json<Value> {
         },
         "history": { "channels": history.channels, "events": history.events },
         "node": { "epoch": state.broker().epoch().to_string(), "partitions": state.broker().store().partitions() },
+        "cluster": state.broker().cluster_connections().map(|(nodes, connections)| json!({
+            "nodes": nodes,
+            "totalConnections": connections,
+            "nodeId": state.broker().cluster().map(|c| c.id()),
+        })),
     }))
 }
 

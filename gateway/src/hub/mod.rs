@@ -408,6 +408,31 @@ impl Hub {
             .collect()
     }
 
+    /// Every channel, pattern and shard channel with subscribers, with their counts: what this
+    /// node tells the other cluster members.
+    pub fn interest(&self) -> herald_cluster::interest::Interest {
+        let state = self.state.read();
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        herald_cluster::interest::Interest {
+            channels: state
+                .channels
+                .iter()
+                .map(|(k, v)| (k.clone(), count(v.len())))
+                .collect(),
+            patterns: state
+                .patterns
+                .iter()
+                .map(|(k, e)| (k.clone(), count(e.receivers.len())))
+                .collect(),
+            shards: state
+                .shards
+                .iter()
+                .map(|(k, v)| (k.clone(), count(v.len())))
+                .collect(),
+            connections: Default::default(),
+        }
+    }
+
     /// Number of distinct patterns with subscribers (`PUBSUB NUMPAT`).
     pub fn pattern_count(&self) -> usize {
         self.state.read().patterns.len()

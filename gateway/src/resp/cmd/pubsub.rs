@@ -95,14 +95,15 @@ pub(super) async fn publish(session: &mut Session, args: &Args) {
 pub(super) fn spublish(session: &mut Session, args: &Args) {
     let receivers = session
         .ctx
-        .hub
+        .broker
         .spublish(&args[1], &args[2], &mut session.wakes);
     session.reply(Frame::Integer(receivers as i64));
 }
 
 /// `PUBSUB CHANNELS | NUMSUB | NUMPAT | SHARDCHANNELS | SHARDNUMSUB | HELP`.
 pub(super) fn introspect(session: &mut Session, subcommand: &str, args: &Args) {
-    let hub = session.ctx.hub.clone();
+    // The broker answers for the whole cluster (local hub + the other nodes' interest).
+    let hub = session.ctx.broker.clone();
     let reply = match subcommand {
         "channels" | "shardchannels" => {
             let kind = if subcommand == "channels" {

@@ -1,0 +1,182 @@
+//! Interest exchange: which channels and patterns each node's clients hold.
+//!
+//! Every node pushes its [`Interest`] to the other members when it changes (checked every
+//! 300 ms) and at least every 3 s; entries not refreshed for 10 s are dropped, so a dead node's
+//! subscribers stop counting. The table answers `PUBSUB CHANNELS / NUMSUB / NUMPAT` and the stats
+//! for the whole cluster, and tells a non-durable publish which peers to send the event to:
+//! only nodes with interest in its channel get it.
+//!
+//! Non-durable events travel through a bounded queue per peer, drained in batches of up to
+//! 1,000 events per RPC. A full queue drops (non-durable means at most once) and counts it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use herald_storage::raft::NodeId;
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::message::{AppRequest, encode};
+use crate::rpc::{Peers, Request};
+
+/// How long a node's pushed interest stays valid without a refresh.
+pub const INTEREST_TTL: Duration = Duration::from_secs(10);
+/// Events that may wait for one peer before new ones are dropped.
+const TRANSIENT_QUEUE: usize = 16_384;
+/// Events per transient RPC.
+const TRANSIENT_BATCH: usize = 1_000;
+
+/// The subscription kinds that travel between nodes (as in the hub).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum InterestKind {
+    /// `SUBSCRIBE` channels (and SSE / WebSocket streams).
+    Channel,
+    /// `SSUBSCRIBE` shard channels.
+    Shard,
+}
+
+/// What one node's clients are subscribed to, with subscriber counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interest {
+    /// Channel -> subscribers.
+    pub channels: BTreeMap<Bytes, u32>,
+    /// Pattern -> subscribers.
+    pub patterns: BTreeMap<Bytes, u32>,
+    /// Shard channel -> subscribers.
+    pub shards: BTreeMap<Bytes, u32>,
+    /// Open client connections per protocol (`resp`, `sse`, `websocket`).
+    pub connections: BTreeMap<String, u64>,
+}
+
+/// One non-durable event on its way to a peer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TransientEvent {
+    /// Channel or shard channel.
+    pub kind: InterestKind,
+    /// Its name.
+    pub channel: Bytes,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+/// The other nodes' interest, and the queues that carry non-durable events to them.
+pub struct InterestTable {
+    id: NodeId,
+    peers: Arc<Peers>,
+    remote: RwLock<HashMap<NodeId, (Interest, Instant)>>,
+    queues: Mutex<HashMap<NodeId, mpsc::Sender<TransientEvent>>>,
+    /// Non-durable events dropped because a peer's queue was full.
+    pub dropped: AtomicU64,
+    /// Non-durable events sent to peers.
+    pub sent: AtomicU64,
+}
+
+impl std::fmt::Debug for InterestTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InterestTable")
+            .field("nodes", &self.remote.read().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl InterestTable {
+    /// An empty table for node `id`.
+    pub fn new(id: NodeId, peers: Arc<Peers>) -> Arc<InterestTable> {
+        Arc::new(InterestTable {
+            id,
+            peers,
+            remote: RwLock::default(),
+            queues: Mutex::default(),
+            dropped: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+        })
+    }
+
+    /// Records `node`'s pushed interest.
+    pub fn update(&self, node: NodeId, interest: Interest) {
+        if node != self.id {
+            self.remote.write().insert(node, (interest, Instant::now()));
+        }
+    }
+
+    /// Forgets `node` (it left the cluster).
+    pub fn forget(&self, node: NodeId) {
+        self.remote.write().remove(&node);
+        self.queues.lock().remove(&node);
+    }
+
+    /// Calls `f` with every other node's current (unexpired) interest.
+    pub fn for_each<T>(&self, mut f: impl FnMut(NodeId, &Interest) -> Option<T>) -> Vec<T> {
+        let remote = self.remote.read();
+        remote
+            .iter()
+            .filter(|(_, (_, at))| at.elapsed() < INTEREST_TTL)
+            .filter_map(|(id, (interest, _))| f(*id, interest))
+            .collect()
+    }
+
+    /// Peers with interest in `channel` (exact subscribers, or for channels a pattern that
+    /// `matches(pattern, channel)`), with how many subscribers each has for it.
+    pub fn interested(
+        &self,
+        kind: InterestKind,
+        channel: &[u8],
+        matches: &dyn Fn(&[u8], &[u8]) -> bool,
+    ) -> Vec<(NodeId, usize)> {
+        self.for_each(|id, interest| {
+            let n = match kind {
+                InterestKind::Shard => interest.shards.get(channel).copied().unwrap_or(0) as usize,
+                InterestKind::Channel => {
+                    interest.channels.get(channel).copied().unwrap_or(0) as usize
+                        + interest
+                            .patterns
+                            .iter()
+                            .filter(|(p, _)| matches(p, channel))
+                            .map(|(_, n)| *n as usize)
+                            .sum::<usize>()
+                }
+            };
+            (n > 0).then_some((id, n))
+        })
+    }
+
+    /// Queues a non-durable event for `peer`; drops it (and counts) when the queue is full.
+    pub fn send(&self, peer: NodeId, event: TransientEvent) {
+        let sender = {
+            let mut queues = self.queues.lock();
+            queues
+                .entry(peer)
+                .or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(TRANSIENT_QUEUE);
+                    tokio::spawn(drain(self.peers.clone(), peer, rx));
+                    tx
+                })
+                .clone()
+        };
+        match sender.try_send(event) {
+            Ok(()) => {
+                self.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Sends one peer's queued events, up to [`TRANSIENT_BATCH`] per RPC.
+async fn drain(peers: Arc<Peers>, peer: NodeId, mut rx: mpsc::Receiver<TransientEvent>) {
+    let mut batch = Vec::with_capacity(64);
+    while rx.recv_many(&mut batch, TRANSIENT_BATCH).await > 0 {
+        let request = Request::App(encode(&AppRequest::Transient {
+            events: std::mem::take(&mut batch),
+        }));
+        if let Err(error) = peers.call(peer, &request, Duration::from_secs(2)).await {
+            tracing::debug!(peer, %error, "non-durable events to a peer were lost");
+        }
+    }
+}
