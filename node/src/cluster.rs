@@ -103,26 +103,25 @@ fn render_status(status: &Value) -> String {
                     .join(" ")
             })
             .unwrap_or_default();
-        let opt = |v: &Value| {
-            if v.is_null() {
-                "-".to_string()
-            } else {
-                v.to_string()
-            }
+        let text = |v: &Value| match v {
+            Value::String(s) => s.clone(),
+            Value::Null => "-".to_string(),
+            other => other.to_string(),
+        };
+        let partition = if g["partition"].is_null() {
+            "meta".to_string()
+        } else {
+            text(&g["partition"])
         };
         out.push_str(&format!(
             "{:<6} {:<10} {:<10} {:<7} {:<5} {:<9} {:<8} {:<11} {}\n",
-            g["group"],
-            if g["partition"].is_null() {
-                "meta".to_string()
-            } else {
-                g["partition"].to_string()
-            },
-            g["role"].as_str().unwrap_or("?"),
-            opt(&g["leader"]),
-            g["term"],
-            opt(&g["last_log_index"]),
-            opt(&g["applied_index"]),
+            text(&g["group"]),
+            partition,
+            text(&g["role"]),
+            text(&g["leader"]),
+            text(&g["term"]),
+            text(&g["last_log_index"]),
+            text(&g["applied_index"]),
             list(&g["voters"]),
             lag
         ));
