@@ -98,6 +98,9 @@ impl Default for LocalHooks {
     }
 }
 
+/// Placement rounds (one a second) between two clock ticks of idle partitions.
+const CLOCK_TICK_ROUNDS: u64 = 60;
+
 /// Why the cluster layer could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -808,15 +811,42 @@ impl ClusterNode {
         }
     }
 
+    /// On each partition this node leads, commits an empty batch: it moves the partition's
+    /// applied clock forward, so message ids of an idle partition leave the dedup window (the
+    /// clock only advances through the log, which keeps dedup decisions identical on every
+    /// member).
+    fn tick_idle_partitions(&self) {
+        for (group, raft) in self.inner.groups.iter().enumerate().skip(1) {
+            if raft.metrics().borrow().current_leader != Some(self.inner.id) {
+                continue;
+            }
+            let raft = raft.clone();
+            tokio::spawn(async move {
+                let tick = Command::Publish {
+                    now_ms: herald_storage::unix_now_ms(),
+                    publishes: Vec::new(),
+                };
+                if let Err(error) = raft.client_write(tick).await {
+                    tracing::debug!(group, %error, "clock tick not committed");
+                }
+            });
+        }
+    }
+
     /// Every second: on each group this node leads, add missing members as learners, promote
     /// learners while voters are short, drop nodes that left; keep the allow-list current.
     async fn placement_loop(&self) {
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rounds: u64 = 0;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = self.inner.shutdown.cancelled() => return,
+            }
+            rounds += 1;
+            if rounds % CLOCK_TICK_ROUNDS == 0 {
+                self.tick_idle_partitions();
             }
             let members = self.members();
             if members.is_empty() {
