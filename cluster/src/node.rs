@@ -948,6 +948,21 @@ impl Handler for ClusterNode {
         self.inner.groups.get(usize::from(group)).cloned()
     }
 
+    fn accepts_vote(&self, from: NodeId, group: GroupId) -> bool {
+        let Some(raft) = self.inner.groups.get(usize::from(group)) else {
+            return false;
+        };
+        let metrics = raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        // A group not initialised here yet hears anyone (it is being formed or joined).
+        let empty = membership.nodes().next().is_none();
+        let member = membership.nodes().any(|(id, _)| *id == from);
+        if !empty && !member {
+            tracing::debug!(from, group, "refused a vote from a node outside the group");
+        }
+        empty || member
+    }
+
     fn app(&self, from: NodeId, request: Bytes) -> BoxFuture<'static, Bytes> {
         let node = self.clone();
         Box::pin(async move {

@@ -692,6 +692,14 @@ pub trait Handler: Send + Sync + 'static {
     /// The Raft instance of `group` on this node, if it runs one.
     fn raft(&self, group: GroupId) -> Option<openraft::Raft<TypeConfig>>;
 
+    /// Whether a vote request for `group` from node `from` is heard. A node outside the group
+    /// (removed, then restarted on its old data) must not disturb it with elections; refused
+    /// votes are answered like an unknown group, so the sender backs off.
+    fn accepts_vote(&self, from: NodeId, group: GroupId) -> bool {
+        let _ = (from, group);
+        true
+    }
+
     /// Answers an application request from node `from`.
     fn app(&self, from: NodeId, request: Bytes) -> BoxFuture<'static, Bytes>;
 }
@@ -805,6 +813,9 @@ async fn dispatch(from: NodeId, request: Request, handler: &dyn Handler) -> Resp
             Some(raft) => Response::AppendEntries(raft.append_entries(rpc).await),
             None => Response::NoSuchGroup(group),
         },
+        Request::Vote { group, .. } if !handler.accepts_vote(from, group) => {
+            Response::NoSuchGroup(group)
+        }
         Request::Vote { group, rpc } => match handler.raft(group) {
             Some(raft) => Response::Vote(raft.vote(rpc).await),
             None => Response::NoSuchGroup(group),

@@ -459,4 +459,28 @@ async fn a_node_joins_catches_up_and_is_removed() {
     )
     .await
     .expect("the remaining three still commit");
+
+    // Node 4 still runs and, no longer hearing leaders, calls elections: the members must not
+    // hear them (no term changes while it keeps trying).
+    let terms = |cluster: &Cluster| -> Vec<u64> {
+        cluster.status(1).unwrap()["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["term"].as_u64().unwrap())
+            .collect()
+    };
+    let before = terms(&cluster);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        terms(&cluster),
+        before,
+        "a removed node disturbed the groups"
+    );
+    try_publish(
+        cluster.node(2).http,
+        &json!({ "channel": channel, "data": { "n": 22 } }),
+    )
+    .await
+    .expect("still committing");
 }
