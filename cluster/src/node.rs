@@ -845,7 +845,7 @@ impl ClusterNode {
                 _ = self.inner.shutdown.cancelled() => return,
             }
             rounds += 1;
-            if rounds % CLOCK_TICK_ROUNDS == 0 {
+            if rounds.is_multiple_of(CLOCK_TICK_ROUNDS) {
                 self.tick_idle_partitions();
             }
             let members = self.members();
