@@ -239,21 +239,51 @@ fn committed_marks(store: &Store) -> Arc<Vec<AtomicU64>> {
     )
 }
 
-/// What the log calls with committed events: raise the watermarks, then deliver to the hub.
+/// Committed batches that may wait for the delivery thread before commits wait for it.
+const DELIVERY_QUEUE: usize = 1024;
+
+/// What the log calls with committed events: raise the watermarks, then queue the events for
+/// the delivery thread, which fans them out to local subscribers in commit order.
+///
+/// Fan-out to many subscribers takes time (one event to 20,000 streams is tens of
+/// milliseconds); done on the commit path it would hold back the next commit and every
+/// publisher's acknowledgement. Handing it to one thread keeps the order and frees the commit
+/// path; the bounded queue makes a fan-out that cannot keep up slow commits down instead of
+/// growing memory. The hand-over from history to live stays exact: a stream compares each live
+/// event with the watermark it read after subscribing, and the watermark is raised here, before
+/// the event is queued.
 fn deliver_on_commit(hub: &Arc<Hub>, committed: &Arc<Vec<AtomicU64>>) -> OnCommit {
-    {
-        let hub = hub.clone();
-        let committed = committed.clone();
-        Arc::new(move |events: &[Event]| {
-            // Raise the watermark first: a stream that reads it after subscribing either
-            // finds an event below it in history or receives it live, never neither.
-            for event in events {
-                committed[event.position.partition as usize]
-                    .fetch_max(event.position.seq, Ordering::SeqCst);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Event>>(DELIVERY_QUEUE);
+    let delivery_hub = hub.clone();
+    let spawned = std::thread::Builder::new()
+        .name("herald-deliver".into())
+        .spawn(move || {
+            // Ends when every sender (the log's or state machines' `on_commit`) is dropped.
+            while let Ok(events) = rx.recv() {
+                let mut wakes = Wakes::default();
+                delivery_hub.deliver_events(&events, &mut wakes);
+                wakes.wake_all();
             }
+        });
+    let tx = match spawned {
+        Ok(_) => Some(tx),
+        Err(error) => {
+            tracing::error!(%error, "cannot start the delivery thread; delivering on the commit path");
+            None
+        }
+    };
+    let hub = hub.clone();
+    let committed = committed.clone();
+    Arc::new(move |events: &[Event]| {
+        for event in events {
+            committed[event.position.partition as usize]
+                .fetch_max(event.position.seq, Ordering::SeqCst);
+        }
+        let queued = tx.as_ref().is_some_and(|tx| tx.send(events.to_vec()).is_ok());
+        if !queued {
             hub.deliver_events(events, &mut Wakes::default());
-        })
-    }
+        }
+    })
 }
 
 impl Broker {
