@@ -25,6 +25,30 @@ pub enum Command {
     Certs(CertsCommand),
     /// Operate a running cluster through one node's HTTP port: status, init, join, remove.
     Cluster(ClusterArgs),
+    /// Check a running node over its HTTP port (`/health`, or `/ready` with --ready): exit 0
+    /// when it answers 200, 1 otherwise. Made for container health checks.
+    Health(HealthArgs),
+}
+
+/// `herald health`: a probe for health checks where no curl exists (e.g. a scratch image).
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// The node's HTTP address; an unspecified host (0.0.0.0, [::]) means this machine's
+    /// loopback, so the node's own --http-addr works as is.
+    #[arg(
+        long,
+        env = "HERALD_HTTP_ADDR",
+        value_name = "HOST:PORT",
+        default_value = "127.0.0.1:8000"
+    )]
+    pub http: String,
+    /// Ask `/ready` (the node can commit: cluster formed, quorum reachable) instead of
+    /// `/health` (the process serves HTTP).
+    #[arg(long)]
+    pub ready: bool,
+    /// Give up after this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3)]
+    pub timeout: u64,
 }
 
 /// `herald cluster ...`: talks to a node's `/api/cluster/*` endpoints.
@@ -89,6 +113,14 @@ pub enum CertsCommand {
         /// Directory of the cluster's certificates.
         #[arg(long, env = "HERALD_TLS_DIR", value_name = "DIR")]
         dir: PathBuf,
+        /// Keep an existing CA (and existing node certificates) and succeed, instead of
+        /// failing: makes the command safe to run again, e.g. from a one-shot container.
+        #[arg(long)]
+        if_missing: bool,
+        /// Then issue these nodes' certificates too, as `herald certs issue` does,
+        /// e.g. --issue 1,2,3.
+        #[arg(long, value_name = "N,...", value_delimiter = ',')]
+        issue: Vec<u64>,
     },
     /// Issue node N's certificate (node-N.pem, node-N.key), signed by the CA in the directory.
     Issue {
@@ -98,6 +130,9 @@ pub enum CertsCommand {
         /// The node the certificate names.
         #[arg(long, value_name = "N")]
         node_id: u64,
+        /// Keep an existing certificate and key of that node and succeed, instead of failing.
+        #[arg(long)]
+        if_missing: bool,
     },
 }
 

@@ -6,17 +6,21 @@
 //!
 //! - `cli`: flags and `HERALD_*` environment variables (clap).
 //! - `config`: the TOML file and the precedence flags > environment > file > defaults.
-//! - `certs`: `herald certs init | issue` (in `main`), the cluster's certificates.
+//! - `certs`: `herald certs init | issue [--if-missing]` (in `main`), the cluster's certificates.
 //! - `cluster`: `herald cluster status | init | join | remove`, over a node's HTTP port.
+//! - `health`: `herald health [--ready]`, a probe of a node's `/health` or `/ready` for
+//!   container health checks.
 //! - `serve`: start-up (data directory, listeners), signal handling and graceful shutdown.
 
 mod cli;
 mod cluster;
 mod config;
+mod health;
 mod metrics;
 mod serve;
 
 use clap::Parser;
+use std::path::Path;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -24,6 +28,7 @@ fn main() -> ExitCode {
     match cli.command {
         cli::Command::Certs(command) => certs(command),
         cli::Command::Cluster(args) => cluster::run(args),
+        cli::Command::Health(args) => health::run(args),
         cli::Command::Serve(args) => {
             let config = match config::NodeConfig::resolve(*args) {
                 Ok(config) => config,
@@ -53,24 +58,21 @@ fn main() -> ExitCode {
 
 /// `herald certs init | issue`.
 fn certs(command: cli::CertsCommand) -> ExitCode {
-    use herald_cluster::identity::{init_ca, issue_node};
     let outcome = match command {
-        cli::CertsCommand::Init { dir } => init_ca(&dir).map(|()| {
-            println!(
-                "created the cluster CA: {} (keep {} private)",
-                dir.join("ca.pem").display(),
-                dir.join("ca.key").display()
-            );
+        cli::CertsCommand::Init {
+            dir,
+            if_missing,
+            issue,
+        } => init_ca(&dir, if_missing).and_then(|()| {
+            issue
+                .into_iter()
+                .try_for_each(|node_id| issue_node(&dir, node_id, if_missing))
         }),
-        cli::CertsCommand::Issue { dir, node_id } => {
-            issue_node(&dir, node_id).map(|(cert, key)| {
-                println!(
-                    "issued node {node_id}'s certificate: {} and {}",
-                    cert.display(),
-                    key.display()
-                );
-            })
-        }
+        cli::CertsCommand::Issue {
+            dir,
+            node_id,
+            if_missing,
+        } => issue_node(&dir, node_id, if_missing),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -79,4 +81,58 @@ fn certs(command: cli::CertsCommand) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Creates the cluster CA in `dir`; with `if_missing`, an existing `ca.pem` is kept (its
+/// `ca.key` may have been moved offline once every node had its certificate).
+fn init_ca(dir: &Path, if_missing: bool) -> Result<(), String> {
+    let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    if if_missing && cert.exists() {
+        println!("kept the existing cluster CA: {}", cert.display());
+        return Ok(());
+    }
+    herald_cluster::identity::init_ca(dir).map_err(|e| e.to_string())?;
+    println!(
+        "created the cluster CA: {} (keep {} private)",
+        cert.display(),
+        key.display()
+    );
+    Ok(())
+}
+
+/// Issues node `node_id`'s certificate in `dir`; with `if_missing`, an existing certificate
+/// and key are kept (one without the other is an error: the directory needs a look).
+fn issue_node(dir: &Path, node_id: u64, if_missing: bool) -> Result<(), String> {
+    let cert = dir.join(format!("node-{node_id}.pem"));
+    let key = dir.join(format!("node-{node_id}.key"));
+    if if_missing {
+        let half = |present: &Path, missing: &Path| {
+            Err(format!(
+                "{} exists but {} does not: restore it, or remove both and issue again",
+                present.display(),
+                missing.display()
+            ))
+        };
+        match (cert.exists(), key.exists()) {
+            (true, true) => {
+                println!(
+                    "kept node {node_id}'s existing certificate: {} and {}",
+                    cert.display(),
+                    key.display()
+                );
+                return Ok(());
+            }
+            (true, false) => return half(&cert, &key),
+            (false, true) => return half(&key, &cert),
+            (false, false) => {}
+        }
+    }
+    let (cert, key) =
+        herald_cluster::identity::issue_node(dir, node_id).map_err(|e| e.to_string())?;
+    println!(
+        "issued node {node_id}'s certificate: {} and {}",
+        cert.display(),
+        key.display()
+    );
+    Ok(())
 }
