@@ -286,9 +286,14 @@ async fn killing_a_partition_leader_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_the_majority_refuses_durable_publishes() {
     let mut cluster = Cluster::start_with(3, &["--publish-timeout", "2s"]);
+    let lone = cluster.node(1).http;
+    // Streaming clients of the node that will be cut off.
+    let mut events = sse(lone, "orders:1", None).await;
+    let (mut ws, _) = connect_async(format!("ws://{lone}/ws?userId=u1"))
+        .await
+        .expect("WebSocket handshake");
     cluster.kill(2);
     cluster.kill(3);
-    let lone = cluster.node(1).http;
     let error = try_publish(lone, &json!({ "channel": "orders:1", "data": 1 }))
         .await
         .expect_err("a minority node must not acknowledge");
@@ -306,6 +311,34 @@ async fn a_node_cut_off_from_the_majority_refuses_durable_publishes() {
         stream.read_to_string(&mut text).unwrap();
         text.starts_with("HTTP/1.0 503") || text.starts_with("HTTP/1.1 503")
     });
+    // Its streams are told to resume elsewhere: SSE gets `event: reconnect` and ends, the
+    // WebSocket is closed with 1012.
+    let reconnect = loop {
+        let event = tokio::time::timeout(PATIENCE, events.next())
+            .await
+            .expect("a reconnect event in time")
+            .expect("the stream ends only after the reconnect event");
+        if event.event != "message" {
+            break event;
+        }
+    };
+    assert_eq!(reconnect.event, "reconnect", "{reconnect:?}");
+    assert!(reconnect.data.contains("quorum"), "{}", reconnect.data);
+    let end = tokio::time::timeout(PATIENCE, events.next())
+        .await
+        .expect("the stream ends");
+    assert!(end.is_none(), "nothing after the reconnect event: {end:?}");
+    let close = loop {
+        let message = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("a close frame in time")
+            .expect("connection open until the close frame")
+            .expect("no WebSocket error");
+        if let Message::Close(frame) = message {
+            break frame.expect("a close code");
+        }
+    };
+    assert_eq!(u16::from(close.code), 1012, "{close:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
