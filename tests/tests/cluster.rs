@@ -45,6 +45,17 @@ async fn next_message(events: &mut Events) -> eventsource_stream::Event {
     }
 }
 
+/// The `n` field of the next `count` message events.
+async fn read_n(events: &mut Events, count: usize) -> Vec<i64> {
+    let mut values = Vec::with_capacity(count);
+    while values.len() < count {
+        let event = next_message(events).await;
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        values.push(data["n"].as_i64().expect("an event with an n"));
+    }
+    values
+}
+
 /// One HTTP publish attempt: `Ok(reply)` on 200, `Err(text)` otherwise.
 async fn try_publish(http: std::net::SocketAddr, body: &Value) -> Result<Value, String> {
     let response = reqwest::Client::new()
@@ -227,12 +238,7 @@ async fn killing_a_partition_leader_loses_and_duplicates_nothing() {
         })
     };
     // Kill the leader once the stream is under way.
-    let mut seen = Vec::new();
-    while seen.len() < 30 {
-        let event = next_message(&mut live).await;
-        let data: Value = serde_json::from_str(&event.data).unwrap();
-        seen.push(data["n"].as_i64().unwrap());
-    }
+    let mut seen = read_n(&mut live, 30).await;
     cluster.kill(leader);
     let (retries, duplicates) = publisher.await.unwrap();
     eprintln!(
@@ -240,11 +246,7 @@ async fn killing_a_partition_leader_loses_and_duplicates_nothing() {
     );
 
     // The live subscriber on a survivor: every event once, in order.
-    while seen.len() < TOTAL {
-        let event = next_message(&mut live).await;
-        let data: Value = serde_json::from_str(&event.data).unwrap();
-        seen.push(data["n"].as_i64().unwrap());
-    }
+    seen.extend(read_n(&mut live, TOTAL - seen.len()).await);
     assert_eq!(
         seen,
         (0..TOTAL as i64).collect::<Vec<_>>(),
@@ -254,12 +256,7 @@ async fn killing_a_partition_leader_loses_and_duplicates_nothing() {
     // A client of the dead node resumes on the other survivor with its cursor.
     let other = *survivors.last().unwrap();
     let mut resumed = sse(cluster.node(other).http, channel, Some(&cursor)).await;
-    let mut got = Vec::new();
-    while got.len() < TOTAL {
-        let event = next_message(&mut resumed).await;
-        let data: Value = serde_json::from_str(&event.data).unwrap();
-        got.push(data["n"].as_i64().unwrap());
-    }
+    let got = read_n(&mut resumed, TOTAL).await;
     assert_eq!(
         got,
         (0..TOTAL as i64).collect::<Vec<_>>(),
@@ -270,12 +267,7 @@ async fn killing_a_partition_leader_loses_and_duplicates_nothing() {
     cluster.start_node(leader, 3);
     cluster.wait_converged();
     let mut restarted = sse(cluster.node(leader).http, channel, Some(&cursor)).await;
-    let mut again = Vec::new();
-    while again.len() < TOTAL {
-        let event = next_message(&mut restarted).await;
-        let data: Value = serde_json::from_str(&event.data).unwrap();
-        again.push(data["n"].as_i64().unwrap());
-    }
+    let again = read_n(&mut restarted, TOTAL).await;
     assert_eq!(
         again,
         (0..TOTAL as i64).collect::<Vec<_>>(),

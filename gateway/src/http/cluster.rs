@@ -8,8 +8,10 @@
 use super::HttpState;
 use axum::Json;
 use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use herald_cluster::message::ProposeError;
 use herald_cluster::node::ClusterNode;
 use serde::Deserialize;
 use serde_json::json;
@@ -70,21 +72,41 @@ pub struct MemberRequest {
     addr: Option<String>,
 }
 
+/// A join or remove body, after the password check; or the error response.
+fn member_request(
+    state: &HttpState,
+    headers: &HeaderMap,
+    body: Result<Json<MemberRequest>, JsonRejection>,
+    expected: &str,
+) -> Result<(ClusterNode, MemberRequest), Box<Response>> {
+    let node = cluster(state, headers)?;
+    match body {
+        Ok(Json(request)) => Ok((node, request)),
+        Err(_) => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("expected {expected}"),
+        ))),
+    }
+}
+
+/// The reply to a membership change.
+fn changed(outcome: Result<(), ProposeError>, status: &str, node_id: u64) -> Response {
+    match outcome {
+        Ok(()) => Json(json!({ "status": status, "nodeId": node_id })).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
 /// `POST /api/cluster/join`.
 pub async fn join(
     State(state): State<HttpState>,
     headers: HeaderMap,
-    body: Result<Json<MemberRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<MemberRequest>, JsonRejection>,
 ) -> Response {
-    let node = match cluster(&state, &headers) {
-        Ok(node) => node,
+    let expected = "{\"nodeId\": N, \"addr\": \"host:port\"}";
+    let (node, request) = match member_request(&state, &headers, body, expected) {
+        Ok(parts) => parts,
         Err(response) => return *response,
-    };
-    let Ok(Json(request)) = body else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "expected {\"nodeId\": N, \"addr\": \"host:port\"}",
-        );
     };
     let Some(addr) = request.addr else {
         return error(
@@ -92,27 +114,26 @@ pub async fn join(
             "join needs \"addr\": the new node's cluster address",
         );
     };
-    match node.join(request.node_id, addr).await {
-        Ok(()) => Json(json!({ "status": "joined", "nodeId": request.node_id })).into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    }
+    changed(
+        node.join(request.node_id, addr).await,
+        "joined",
+        request.node_id,
+    )
 }
 
 /// `POST /api/cluster/remove`.
 pub async fn remove(
     State(state): State<HttpState>,
     headers: HeaderMap,
-    body: Result<Json<MemberRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<MemberRequest>, JsonRejection>,
 ) -> Response {
-    let node = match cluster(&state, &headers) {
-        Ok(node) => node,
+    let (node, request) = match member_request(&state, &headers, body, "{\"nodeId\": N}") {
+        Ok(parts) => parts,
         Err(response) => return *response,
     };
-    let Ok(Json(request)) = body else {
-        return error(StatusCode::BAD_REQUEST, "expected {\"nodeId\": N}");
-    };
-    match node.remove(request.node_id).await {
-        Ok(()) => Json(json!({ "status": "removed", "nodeId": request.node_id })).into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    }
+    changed(
+        node.remove(request.node_id).await,
+        "removed",
+        request.node_id,
+    )
 }
