@@ -279,7 +279,9 @@ fn deliver_on_commit(hub: &Arc<Hub>, committed: &Arc<Vec<AtomicU64>>) -> OnCommi
             committed[event.position.partition as usize]
                 .fetch_max(event.position.seq, Ordering::SeqCst);
         }
-        let queued = tx.as_ref().is_some_and(|tx| tx.send(events.to_vec()).is_ok());
+        let queued = tx
+            .as_ref()
+            .is_some_and(|tx| tx.send(events.to_vec()).is_ok());
         if !queued {
             hub.deliver_events(events, &mut Wakes::default());
         }
