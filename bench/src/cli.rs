@@ -1,6 +1,7 @@
 //! Command-line interface of `herald-bench`.
 
 use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Measures publish-to-delivery throughput and latency of herald or any RESP (Redis) server.
@@ -29,6 +30,13 @@ pub enum Command {
     /// N idle SSE and N idle WebSocket connections to herald: its memory per connection, and
     /// the time one published event takes to reach all of them.
     Idle(IdleArgs),
+    /// Replicated durable publishes: a 3-node herald cluster (RESP `PUBLISH`, Raft quorum
+    /// commit) against a 3-server NATS JetStream cluster (R3 file stream, PubAck), both
+    /// started here on loopback; acks/s and ack latency for C connections x K in flight.
+    Cluster(ClusterArgs),
+    /// Failover of a 3-node herald cluster started here: `kill -9` of a partition leader to
+    /// the first acknowledged publish to that partition, over repeated kills and restarts.
+    Failover(FailoverArgs),
 }
 
 /// Load shape shared by `pubsub` and `compare`.
@@ -221,6 +229,165 @@ pub struct IdleArgs {
     /// Interval of the client's WebSocket pings (herald closes silent clients); 0 = never.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     pub ws_ping: Duration,
+
+    /// Print JSON instead of human-readable text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A system measured by `cluster`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClusterSystem {
+    /// herald nodes, RESP `PUBLISH` with the `redis` crate.
+    Herald,
+    /// nats-server with JetStream, publishes with `async-nats`.
+    Nats,
+}
+
+impl ClusterSystem {
+    /// The name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClusterSystem::Herald => "herald",
+            ClusterSystem::Nats => "nats",
+        }
+    }
+}
+
+/// Arguments of `cluster`. A flag given twice takes its last value (scripts pass defaults
+/// first).
+#[derive(Debug, Clone, Args)]
+#[command(args_override_self = true)]
+pub struct ClusterArgs {
+    /// The herald binary to run.
+    #[arg(long, default_value = "target/release/herald", value_name = "PATH")]
+    pub herald_bin: PathBuf,
+
+    /// The nats-server binary to run.
+    #[arg(long, default_value = "nats-server", value_name = "PATH")]
+    pub nats_bin: PathBuf,
+
+    /// Systems to measure, comma-separated, in this order in the table; ratios are the first
+    /// over the second.
+    #[arg(
+        long,
+        default_value = "herald,nats",
+        value_delimiter = ',',
+        value_name = "LIST"
+    )]
+    pub systems: Vec<ClusterSystem>,
+
+    /// Load shapes, as CxK (C connections spread over the three nodes, each keeping K
+    /// publishes in flight), comma-separated.
+    #[arg(long, default_value = "3x1,3x32,12x32,48x32", value_delimiter = ',', value_parser = parse_shape, value_name = "CxK")]
+    pub shape: Vec<(usize, usize)>,
+
+    /// Payload sizes, comma-separated, e.g. 64,1024.
+    #[arg(long, default_value = "64,1024", value_delimiter = ',', value_parser = parse_size, value_name = "BYTES")]
+    pub payload: Vec<usize>,
+
+    /// Channels (herald) / subjects (NATS) the publishes are spread over.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub channels: usize,
+
+    /// Messages the NATS stream keeps per subject (`max_msgs_per_subject`), as herald's
+    /// default namespace keeps 100 events per channel.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub history: u64,
+
+    /// herald partitions (`--partitions` of each node).
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub partitions: u16,
+
+    /// Extra argument for every `herald serve`; repeatable (e.g. `--herald-arg=--publish-timeout
+    /// --herald-arg=10s`).
+    #[arg(long = "herald-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub herald_args: Vec<String>,
+
+    /// Rounds per (payload, shape); each round runs every system, rotating which goes first.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub rounds: usize,
+
+    /// Measured time per run.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Publishing time before the measurement, excluded from the figures.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+
+    /// Pause between runs, to let the servers settle.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub pause: Duration,
+
+    /// Directory for the clusters' data and logs [default: a new one under the temp dir].
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+
+    /// Keep the work directory (data and logs) at the end.
+    #[arg(long)]
+    pub keep: bool,
+
+    /// Print JSON instead of human-readable text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `failover`. A flag given twice takes its last value.
+#[derive(Debug, Clone, Args)]
+#[command(args_override_self = true)]
+pub struct FailoverArgs {
+    /// The herald binary to run.
+    #[arg(long, default_value = "target/release/herald", value_name = "PATH")]
+    pub herald_bin: PathBuf,
+
+    /// Kills (each followed by a restart of the victim on its data).
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub kills: usize,
+
+    /// herald partitions (`--partitions` of each node).
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub partitions: u16,
+
+    /// Extra argument for every `herald serve`; repeatable.
+    #[arg(long = "herald-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub herald_args: Vec<String>,
+
+    /// Client timeout of one publish attempt; a timed-out attempt is retried at once.
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Pause before retrying an attempt that failed fast (refused, 503).
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    pub retry_pause: Duration,
+
+    /// Interval between publishes before the kill.
+    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    pub interval: Duration,
+
+    /// Publishing before each kill.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub steady: Duration,
+
+    /// Pause after the victim is back and caught up, before the next kill.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub settle: Duration,
+
+    /// Give up on one failover after this long (counted as this long).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub give_up: Duration,
+
+    /// Size of each publish's data.
+    #[arg(long, default_value = "64", value_parser = parse_size, value_name = "BYTES")]
+    pub payload: usize,
+
+    /// Directory for the cluster's data and logs [default: a new one under the temp dir].
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+
+    /// Keep the work directory (data and logs) at the end.
+    #[arg(long)]
+    pub keep: bool,
 
     /// Print JSON instead of human-readable text.
     #[arg(long)]
@@ -466,6 +633,42 @@ mod tests {
         assert_eq!(args.shape, vec![(1, 1), (16, 32)]);
         assert_eq!(args.payload, vec![64, 1024]);
         assert_eq!(args.targets.len(), 2);
+    }
+
+    #[test]
+    fn parses_cluster_and_failover_arguments() {
+        let cli = Cli::try_parse_from([
+            "herald-bench",
+            "cluster",
+            "--systems",
+            "nats,herald",
+            "--shape",
+            "3x1,12x32",
+            "--herald-arg=--publish-timeout",
+            "--herald-arg=10s",
+            "--duration",
+            "1s",
+            "--duration",
+            "2s",
+        ])
+        .unwrap();
+        let Command::Cluster(args) = cli.command else {
+            panic!("not cluster")
+        };
+        assert_eq!(
+            args.systems,
+            vec![ClusterSystem::Nats, ClusterSystem::Herald]
+        );
+        assert_eq!(args.shape, vec![(3, 1), (12, 32)]);
+        assert_eq!(args.herald_args, vec!["--publish-timeout", "10s"]);
+        assert_eq!(args.duration, Duration::from_secs(2));
+        assert_eq!(args.payload, vec![64, 1024]);
+        let cli = Cli::try_parse_from(["herald-bench", "failover", "--kills", "3"]).unwrap();
+        let Command::Failover(args) = cli.command else {
+            panic!("not failover")
+        };
+        assert_eq!(args.kills, 3);
+        assert_eq!(args.request_timeout, Duration::from_millis(250));
     }
 
     #[test]

@@ -25,6 +25,15 @@
 //! growth per connection (`--pid`), then publishes events over HTTP and measures how long each
 //! takes to reach every connection.
 //!
+//! `cluster` starts a 3-node herald cluster and a 3-server NATS JetStream cluster on loopback
+//! and compares replicated durable publishes: herald `PUBLISH` over RESP (acknowledged after
+//! the Raft quorum commit) against JetStream publishes awaiting their PubAck (stream with 3
+//! replicas, file storage), C connections spread over the nodes, K in flight each.
+//!
+//! `failover` starts a 3-node herald cluster, then repeatedly `kill -9`s a partition leader and
+//! measures the time to the first acknowledged publish to that partition, restarting the
+//! victim on its data after each kill.
+//!
 //! ```text
 //! cargo build --release -p herald-bench
 //! ./target/release/herald-bench pubsub --addr 127.0.0.1:6379 --publishers 1 --subscribers 50 \
@@ -35,18 +44,26 @@
 //!     --target redis=xadd@127.0.0.1:6390 --maxlen 100 --shape 1x1,1x32,16x32 --payload 64,1024
 //! ./target/release/herald-bench idle --http 127.0.0.1:8000 --pid <herald pid> --sse 10000 \
 //!     --ws 10000 --channel bench-idle --events 3
+//! ./target/release/herald-bench cluster --herald-bin target/release/herald \
+//!     --nats-bin nats-server --shape 3x1,3x32,12x32,48x32 --payload 64,1024 --rounds 2
+//! ./target/release/herald-bench failover --herald-bin target/release/herald --kills 20
 //! ```
 //!
 //! `scripts/bench-pubsub`, `scripts/bench-durable` and `scripts/bench-idle` start the servers
-//! and run these with the settings of docs/benchmarks.md.
+//! and run these with the settings of docs/benchmarks.md; `scripts/bench-cluster` and
+//! `scripts/bench-failover` run `cluster` and `failover`, which start their own servers.
 //!
 //! The client is meant to stay out of the way of the server it measures: no allocation per
 //! message, 256 KiB read buffers, one write per batch of PUBLISH commands, one clock read per
 //! socket read on the subscriber side.
 
 mod cli;
+mod cluster;
 mod durable;
+mod failover;
+mod http;
 mod idle;
+mod launch;
 mod procfs;
 mod pubsub;
 mod report;
@@ -73,6 +90,8 @@ fn main() -> anyhow::Result<()> {
             Command::Compare(args) => run_compare(args).await,
             Command::Durable(args) => run_durable(args).await,
             Command::Idle(args) => run_idle(args).await,
+            Command::Cluster(args) => cluster::compare(&args).await,
+            Command::Failover(args) => failover::run(&args).await,
         }
     })
 }
