@@ -62,9 +62,12 @@ pub struct ClusterConfig {
 /// timeout, so it must exceed a follower's fsync plus the payload's transfer time.
 #[derive(Clone, Copy, Debug)]
 pub struct RaftTimings {
-    /// Leader heartbeat interval; default 100 ms.
+    /// Leader heartbeat interval; default 75 ms.
     pub heartbeat_ms: u64,
-    /// Election timeout range; default 400-700 ms (failover well under a second).
+    /// Election timeout range; default 250-350 ms. openraft 0.9 lets a follower call an
+    /// election only after the leader lease (= the upper bound) plus a random timeout from this
+    /// range, so a dead leader is replaced after 500-700 ms plus one vote and one commit: under
+    /// a second.
     pub election_min_ms: u64,
     /// Upper end of the election timeout range.
     pub election_max_ms: u64,
@@ -73,9 +76,9 @@ pub struct RaftTimings {
 impl Default for RaftTimings {
     fn default() -> Self {
         RaftTimings {
-            heartbeat_ms: 100,
-            election_min_ms: 400,
-            election_max_ms: 700,
+            heartbeat_ms: 75,
+            election_min_ms: 250,
+            election_max_ms: 350,
         }
     }
 }

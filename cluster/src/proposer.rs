@@ -256,11 +256,24 @@ impl ProposerContext {
         };
         // The leader has its own deadline; give its answer a moment beyond ours.
         let timeout = remaining + Duration::from_millis(500);
-        match self
-            .peers
-            .call(leader, &Request::App(encode(&request)), timeout)
-            .await
-        {
+        let request = Request::App(encode(&request));
+        let call = self.peers.call(leader, &request, timeout);
+        // A leader that dies does not answer, and its connection is declared lost only after
+        // the idle timeout (seconds). Once this node sees another leader (or none), the call is
+        // abandoned: its outcome is unknown, so the batch is retried if every publish carries a
+        // message id (the new leader's dedup then answers for one that did commit).
+        let mut metrics = self.raft.metrics();
+        let leader_changed = metrics.wait_for(|m| m.current_leader != Some(leader));
+        let answer = tokio::select! {
+            answer = call => answer,
+            _ = leader_changed => {
+                return Round::Unknown(format!(
+                    "node {leader} stopped leading partition {} before it answered",
+                    self.partition
+                ));
+            }
+        };
+        match answer {
             Ok(Response::App(bytes)) => match decode::<AppResponse>(&bytes) {
                 Ok(AppResponse::Published(Ok(applied))) => Round::Done(Ok(applied)),
                 Ok(AppResponse::Published(Err(

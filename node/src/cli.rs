@@ -249,6 +249,16 @@ pub struct ServeArgs {
     #[arg(long, env = "HERALD_TLS_DIR", value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
 
+    /// Raft leader heartbeat, e.g. 75ms; also the AppendEntries timeout, so it must cover a
+    /// follower's fsync [default: 75ms].
+    #[arg(long, env = "HERALD_RAFT_HEARTBEAT", value_name = "DURATION")]
+    pub raft_heartbeat: Option<String>,
+
+    /// Raft election timeout range MIN-MAX, e.g. 250ms-350ms; a dead leader is replaced after
+    /// about MAX + a random time in the range [default: 250ms-350ms].
+    #[arg(long, env = "HERALD_ELECTION_TIMEOUT", value_name = "MIN-MAX")]
+    pub election_timeout: Option<String>,
+
     /// How long a durable publish may wait for its quorum commit before failing, e.g. 5s
     /// [default: 5s].
     #[arg(long, env = "HERALD_PUBLISH_TIMEOUT", value_name = "DURATION")]

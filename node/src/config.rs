@@ -43,6 +43,8 @@ pub struct FileConfig {
     bootstrap_expect: Option<usize>,
     tls_dir: Option<PathBuf>,
     publish_timeout: Option<String>,
+    raft_heartbeat: Option<String>,
+    election_timeout: Option<String>,
     /// `[namespace.NAME]` tables.
     #[serde(default)]
     namespace: Option<Namespaces>,
@@ -206,6 +208,30 @@ impl NodeConfig {
                     proposer.publish_timeout = parse_duration(&timeout)
                         .map_err(|e| anyhow!("invalid publish-timeout '{timeout}': {e}"))?;
                 }
+                let mut raft = RaftTimings::default();
+                if let Some(value) = args.raft_heartbeat.or(file.raft_heartbeat) {
+                    raft.heartbeat_ms = millis("raft-heartbeat", &value)?;
+                }
+                if let Some(value) = args.election_timeout.or(file.election_timeout) {
+                    let (min, max) = value.split_once('-').ok_or_else(|| {
+                        anyhow!(
+                            "invalid election-timeout '{value}': expected MIN-MAX, e.g. 250ms-350ms"
+                        )
+                    })?;
+                    raft.election_min_ms = millis("election-timeout", min)?;
+                    raft.election_max_ms = millis("election-timeout", max)?;
+                }
+                if raft.heartbeat_ms == 0
+                    || raft.election_min_ms <= raft.heartbeat_ms
+                    || raft.election_max_ms <= raft.election_min_ms
+                {
+                    bail!(
+                        "invalid Raft timers: need 0 < heartbeat ({} ms) < election minimum ({} ms) < election maximum ({} ms)",
+                        raft.heartbeat_ms,
+                        raft.election_min_ms,
+                        raft.election_max_ms
+                    );
+                }
                 Some(ClusterConfig {
                     node_id,
                     bind,
@@ -213,7 +239,7 @@ impl NodeConfig {
                     peers: peers.into_iter().filter(|(id, _)| *id != node_id).collect(),
                     bootstrap_expect: args.bootstrap_expect.or(file.bootstrap_expect).unwrap_or(0),
                     tls_dir,
-                    raft: RaftTimings::default(),
+                    raft,
                     proposer,
                 })
             }
@@ -250,6 +276,12 @@ impl NodeConfig {
             http,
         })
     }
+}
+
+fn millis(name: &str, value: &str) -> Result<u64> {
+    let duration =
+        parse_duration(value.trim()).map_err(|e| anyhow!("invalid {name} '{value}': {e}"))?;
+    Ok(duration.as_millis().min(u128::from(u64::MAX)) as u64)
 }
 
 fn memory(name: &str, value: &str) -> Result<usize> {
