@@ -150,6 +150,9 @@ impl ProposerContext {
         let deadline = Instant::now() + self.options.publish_timeout;
         let group = partition_group(self.partition);
         let mut pause = Duration::from_millis(10);
+        // Why an earlier round's outcome is unknown: once a round may have committed, the
+        // batch can never be reported as "nothing was committed".
+        let mut unknown: Option<String> = None;
         loop {
             if batch.is_empty() {
                 return;
@@ -197,15 +200,20 @@ impl ProposerContext {
                         return distribute(batch, Err(ProposeError::Unknown(why)));
                     }
                     tracing::debug!(partition = self.partition, %why, "retrying a batch with message ids");
+                    unknown = Some(why);
                 }
             }
             if Instant::now() >= deadline {
-                let error = match leader {
-                    Some(_) => ProposeError::Unknown(format!(
+                let error = match (leader, unknown) {
+                    (_, Some(why)) => ProposeError::Unknown(format!(
+                        "partition {} did not confirm within {:?}; an earlier attempt may have committed ({why})",
+                        self.partition, self.options.publish_timeout
+                    )),
+                    (Some(_), None) => ProposeError::Unknown(format!(
                         "partition {} did not commit within {:?}; the node may have lost its quorum",
                         self.partition, self.options.publish_timeout
                     )),
-                    None => ProposeError::NoLeader {
+                    (None, None) => ProposeError::NoLeader {
                         partition: self.partition,
                     },
                 };

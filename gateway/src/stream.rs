@@ -141,6 +141,17 @@ impl EventStream {
                 .entry(p)
                 .or_insert_with(|| broker.committed_seq(p));
         }
+        // A cursor can be ahead of this node (it came from a node further along, e.g. this one
+        // just restarted and is catching up): what it already covers must not come again when
+        // this node applies it, so the cursor raises the point below which live events are
+        // skipped.
+        if let Start::After(cursor) = &start
+            && cursor.epoch == broker.epoch()
+        {
+            for (&p, seq) in watermarks.iter_mut() {
+                *seq = (*seq).max(cursor.get(p).unwrap_or(0));
+            }
+        }
         // 3. History up to the watermarks, and gap notices.
         let store = broker.store();
         let mut emits = Vec::new();

@@ -17,6 +17,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use herald_storage::Cursor;
+use herald_storage::StorageError;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -107,12 +108,14 @@ pub async fn publish(State(state): State<HttpState>, body: Bytes) -> Response {
         match broker.wait(ticket).await {
             Ok(published) => results.push(describe(&state, &channel, published)),
             Err(error) => {
-                return error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
+                // A cluster error says itself whether anything may have committed.
+                let message = match &error {
+                    StorageError::Unavailable(_) => format!("publish failed: {error}"),
+                    _ => format!(
                         "publish failed: {error}; its outcome is unknown: retry with the same messageId"
                     ),
-                );
+                };
+                return error_response(StatusCode::SERVICE_UNAVAILABLE, message);
             }
         }
     }
