@@ -15,7 +15,7 @@
 //! connect. A cursor older than retention, or from another epoch, first gets an `event: gap`
 //! naming the requested and oldest available positions. A malformed cursor is a 400.
 
-use super::{HttpState, StreamClient, error_response};
+use super::{ClientGuard, HttpState, StreamClient, error_response};
 use crate::hub::Format;
 use crate::hub::encode::put_json_string;
 use crate::stream::{Emit, EventStream, Gap, Start, position_text};
@@ -241,51 +241,45 @@ fn open(
     events_sent.fetch_add(sent, Ordering::Relaxed);
     state.sse_clients().count_events(sent);
 
-    let body = futures::stream::unfold(
-        Some((
-            Some(first.freeze()),
-            stream,
-            state,
-            events_sent,
-            guard,
-            Vec::new(),
-        )),
-        |open| async move {
-            let (first, mut stream, state, events_sent, guard, mut emits) = open?;
-            if let Some(first) = first {
-                return Some((
-                    Ok(first),
-                    Some((None, stream, state, events_sent, guard, emits)),
-                ));
+    let open = Open {
+        first: Some(first.freeze()),
+        stream,
+        state,
+        events_sent,
+        _guard: guard,
+        emits: Vec::new(),
+    };
+    // The state is used in place (`as_mut`), not taken apart and put back: the future keeps it
+    // once instead of twice, for as long as the stream is idle.
+    let body = futures::stream::unfold(Some(open), |mut open| async move {
+        let o = open.as_mut()?;
+        if let Some(first) = o.first.take() {
+            return Some((Ok(first), open));
+        }
+        let keep_alive = o.state.settings().keep_alive;
+        let chunk = tokio::select! {
+            next = o.stream.next(&mut o.emits) => {
+                if next.is_none() {
+                    // Over its output limit: abort the connection (an error, not the end of
+                    // the body, which would wait to flush to a client that does not read).
+                    tracing::info!(id = o.stream.id(), "SSE client cut off: it passed its output limit");
+                    return Some((Err(std::io::Error::other("output limit passed")), None));
+                }
+                let mut out = BytesMut::new();
+                let sent = write_emits(&mut out, o.emits.drain(..));
+                o.events_sent.fetch_add(sent, Ordering::Relaxed);
+                o.state.sse_clients().count_events(sent);
+                out.freeze()
             }
-            let keep_alive = state.settings().keep_alive;
-            let chunk = tokio::select! {
-                next = stream.next(&mut emits) => {
-                    if next.is_none() {
-                        // Over its output limit: abort the connection (an error, not the end of
-                        // the body, which would wait to flush to a client that does not read).
-                        tracing::info!(id = stream.id(), "SSE client cut off: it passed its output limit");
-                        return Some((Err(std::io::Error::other("output limit passed")), None));
-                    }
-                    let mut out = BytesMut::new();
-                    let sent = write_emits(&mut out, emits.drain(..));
-                    events_sent.fetch_add(sent, Ordering::Relaxed);
-                    state.sse_clients().count_events(sent);
-                    out.freeze()
-                }
-                _ = tokio::time::sleep(keep_alive) => Bytes::from_static(b": keep-alive\n\n"),
-                _ = state.shutdown().cancelled() => return None,
-                _ = state.cut_off() => {
-                    tracing::info!(id = stream.id(), "SSE client told to reconnect elsewhere: no quorum here");
-                    return Some((Ok(Bytes::from_static(MOVE_EVENT)), None));
-                }
-            };
-            Some((
-                Ok(chunk),
-                Some((None, stream, state, events_sent, guard, emits)),
-            ))
-        },
-    );
+            _ = tokio::time::sleep(keep_alive) => Bytes::from_static(b": keep-alive\n\n"),
+            _ = o.state.shutdown().cancelled() => return None,
+            _ = o.state.cut_off() => {
+                tracing::info!(id = o.stream.id(), "SSE client told to reconnect elsewhere: no quorum here");
+                return Some((Ok(Bytes::from_static(MOVE_EVENT)), None));
+            }
+        };
+        Some((Ok(chunk), open))
+    });
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")
@@ -293,6 +287,19 @@ fn open(
         .header("x-accel-buffering", "no")
         .body(Body::from_stream(body))
         .expect("valid response")
+}
+
+/// An open SSE stream, what its body holds between events.
+struct Open {
+    /// The `retry:` line and the backlog, sent first.
+    first: Option<Bytes>,
+    stream: EventStream,
+    state: HttpState,
+    events_sent: Arc<AtomicU64>,
+    /// Listed in the stats while the stream is open.
+    _guard: ClientGuard,
+    /// Reused between events.
+    emits: Vec<Emit>,
 }
 
 /// Sent before a stream ends because this node lost its cluster quorum: the client should

@@ -66,21 +66,26 @@ use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
-use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Map, Value};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 /// How long a close frame may take to go out, and how long the peer's reply is awaited.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-/// Client messages read ahead of the session loop.
-const READ_AHEAD: usize = 16;
+/// Most bytes read from the socket at once, and the read buffer every connection keeps.
+/// tungstenite's default, 128 KiB, stayed resident per connection (and was zeroed on every
+/// read); client messages are small (a subscribe is about 100 bytes), and a larger one is read
+/// in several pieces.
+const READ_BUFFER: usize = 1024;
+/// Outgoing frames are buffered up to this size before a write while a batch is queued; the
+/// buffer keeps the largest size it ever reached, so this bounds what a connection that once
+/// had a burst (a replay, a slow moment) keeps afterwards. tungstenite's default is 128 KiB.
+const WRITE_BUFFER: usize = 8 * 1024;
 
 /// `GET /ws?userId=U`: a connection that subscribes with messages.
 pub async fn connect(
@@ -173,16 +178,17 @@ fn open(
     upgrade
         .max_message_size(max)
         .max_frame_size(max)
-        // tungstenite's default 128 KiB read buffer stays resident per connection (and is
-        // zeroed on every read): 4 KiB took an idle WebSocket from 138 to 12 KiB of RSS.
-        .read_buffer_size(4096)
+        // Both buffers stay allocated for the connection's life: tungstenite's 128 KiB read
+        // buffer made an idle WebSocket cost 138 KiB of RSS (see the constants).
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         .on_upgrade(move |socket| {
             let tracked = state.clone();
             tracked.track(session(socket, state, streams, backlog, user_id))
         })
 }
 
-/// What the reader task passes to the session.
+/// A client message, as the session sees it.
 #[derive(Debug)]
 enum Incoming {
     /// A text message.
@@ -191,8 +197,24 @@ enum Incoming {
     Binary,
     /// A ping or pong: the client is alive.
     Alive,
-    /// The client broke the protocol: close with this code and reason.
-    Fault(u16, String),
+    /// A close frame: tungstenite answers it, and the next read ends the connection.
+    Closing,
+}
+
+/// What a read from the socket means for the session: a message, or the end (the client went
+/// away, or broke the protocol).
+fn incoming(read: Option<Result<Message, axum::Error>>) -> Result<Incoming, End> {
+    match read {
+        None => Err(End::Gone),
+        Some(Ok(Message::Text(text))) => Ok(Incoming::Text(text)),
+        Some(Ok(Message::Binary(_))) => Ok(Incoming::Binary),
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(Incoming::Alive),
+        Some(Ok(Message::Close(_))) => Ok(Incoming::Closing),
+        Some(Err(error)) => Err(match fault(&error) {
+            Some((code, reason)) => End::Fault(code, reason),
+            None => End::Gone,
+        }),
+    }
 }
 
 /// Why a session ends.
@@ -246,40 +268,71 @@ impl End {
     }
 }
 
-/// The session's write half: every write is abandoned when the client passes its output limit,
-/// the node shuts down, or the socket accepts nothing for `stall`.
-struct Writer {
-    sink: SplitSink<WebSocket, Message>,
+/// The session's socket. One task reads and writes it (no split halves, reader task or
+/// channel between them: each of those stayed allocated for every idle connection). Every
+/// write is abandoned when the client passes its output limit, the node shuts down, or the
+/// socket accepts nothing for `stall`.
+struct Socket {
+    socket: WebSocket,
     outbox: Arc<Outbox>,
     shutdown: CancellationToken,
     stall: Duration,
 }
 
-impl Writer {
-    /// Sends `messages` (queued with `feed`, then one flush).
+impl Socket {
+    /// The next message from the client (cancel-safe: a partly read frame stays buffered).
+    async fn read(&mut self) -> Result<Incoming, End> {
+        incoming(self.socket.next().await)
+    }
+
+    /// Sends `messages` (queued with `feed`, then one flush). The write's state is boxed: held
+    /// while a write is under way instead of in every idle session's future (128 bytes less per
+    /// connection, for one allocation per write).
     async fn send(&mut self, messages: Vec<Message>) -> Result<(), End> {
         if messages.is_empty() {
             return Ok(());
         }
-        let sink = &mut self.sink;
+        let socket = &mut self.socket;
         let write = async move {
             for message in messages {
-                sink.feed(message).await?;
+                socket.feed(message).await?;
             }
-            sink.flush().await
+            socket.flush().await
         };
-        tokio::select! {
-            written = write => written.map_err(|_| End::Gone),
-            _ = self.outbox.wait_aborted() => Err(End::Slow),
-            _ = self.shutdown.cancelled() => Err(End::Shutdown),
-            _ = tokio::time::sleep(self.stall) => Err(End::Stalled),
-        }
+        let (outbox, shutdown, stall) = (&self.outbox, &self.shutdown, self.stall);
+        Box::pin(async move {
+            tokio::select! {
+                written = write => written.map_err(|_| End::Gone),
+                _ = outbox.wait_aborted() => Err(End::Slow),
+                _ = shutdown.cancelled() => Err(End::Shutdown),
+                _ = tokio::time::sleep(stall) => Err(End::Stalled),
+            }
+        })
+        .await
     }
 
     /// Sends a close frame, giving up after [`CLOSE_GRACE`].
     async fn close(&mut self, frame: CloseFrame) {
         let _ =
-            tokio::time::timeout(CLOSE_GRACE, self.sink.send(Message::Close(Some(frame)))).await;
+            tokio::time::timeout(CLOSE_GRACE, self.socket.send(Message::Close(Some(frame)))).await;
+    }
+
+    /// After a close frame: reads on until the connection ends (the client's close reply, then
+    /// the end), for at most [`CLOSE_GRACE`]. A few protocol errors are read past (the rest of
+    /// an offending message); more, or a failed connection, end it.
+    async fn drain(&mut self) {
+        let read = async {
+            let mut faults = 0;
+            while let Some(read) = self.socket.next().await {
+                if let Err(error) = read {
+                    faults += 1;
+                    if fault(&error).is_none() || faults > 4 {
+                        break;
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_GRACE, read).await;
     }
 }
 
@@ -298,16 +351,22 @@ impl Counter {
     }
 }
 
-async fn session(
+/// A connected client's session: set up here, run by the returned future until the client
+/// leaves or is closed.
+///
+/// Not an `async fn`: the future of one keeps its arguments twice (as arguments, and as the
+/// locals they are moved into: about 500 bytes here) for the session's whole life, while the
+/// `async move` block below holds each value once.
+fn session(
     socket: WebSocket,
     state: HttpState,
     mut streams: StreamSet,
     backlog: Vec<Emit>,
     user_id: Option<String>,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
     let id = state.broker().hub().next_client_id();
     let events_sent = Arc::new(AtomicU64::new(0));
-    let _guard = state.ws_clients().register(
+    let guard = state.ws_clients().register(
         id,
         StreamClient {
             channels: streams.channels(),
@@ -322,11 +381,8 @@ async fn session(
         "WebSocket client connected"
     );
     let max_message = state.settings().ws_max_message;
-    let (sink, source) = socket.split();
-    let (tx, mut rx) = mpsc::channel(READ_AHEAD);
-    let reader = tokio::spawn(read_client(source, tx));
-    let mut writer = Writer {
-        sink,
+    let mut socket = Socket {
+        socket,
         outbox: streams.outbox().clone(),
         shutdown: state.shutdown().clone(),
         stall: state.settings().ws_timeout,
@@ -335,24 +391,16 @@ async fn session(
         state: state.clone(),
         events_sent,
     };
-    let Err(end) = run(
-        &state,
-        id,
-        &counter,
-        &mut writer,
-        &mut streams,
-        &mut rx,
-        backlog,
-    )
-    .await;
-    tracing::debug!(id, reason = ?end, "WebSocket client disconnected");
-    if let Some(frame) = end.close_frame(max_message) {
-        writer.close(frame).await;
-        // The reader sees the client's close reply, then the end of the connection.
-        let _ =
-            tokio::time::timeout(CLOSE_GRACE, async { while rx.recv().await.is_some() {} }).await;
+    async move {
+        let Err(end) = run(&state, id, &counter, &mut socket, &mut streams, backlog).await;
+        tracing::debug!(id, reason = ?end, "WebSocket client disconnected");
+        if let Some(frame) = end.close_frame(max_message) {
+            socket.close(frame).await;
+            socket.drain().await;
+        }
+        // Listed in the stats until here.
+        drop(guard);
     }
-    reader.abort();
 }
 
 /// The session loop: live events, client messages, heartbeats, the idle timeout, shutdown.
@@ -360,9 +408,8 @@ async fn run(
     state: &HttpState,
     id: u64,
     counter: &Counter,
-    writer: &mut Writer,
+    socket: &mut Socket,
     stream: &mut StreamSet,
-    rx: &mut mpsc::Receiver<Incoming>,
     backlog: Vec<Emit>,
 ) -> Result<Infallible, End> {
     let settings = state.settings();
@@ -375,7 +422,7 @@ async fn run(
         first.push(control("subscribed", &channel));
     }
     counter.add(push_emits(&mut first, backlog, &stream.channels()));
-    writer.send(first).await?;
+    socket.send(first).await?;
 
     let mut heartbeat = tokio::time::interval_at(
         Instant::now() + settings.ws_heartbeat,
@@ -390,13 +437,15 @@ async fn run(
             _ = state.shutdown().cancelled() => return Err(End::Shutdown),
             _ = state.cut_off() => return Err(End::Moved),
             _ = &mut idle => return Err(End::Idle),
-            incoming = rx.recv() => {
-                let Some(incoming) = incoming else { return Err(End::Gone) };
+            incoming = socket.read() => {
+                let incoming = incoming?;
+                if matches!(incoming, Incoming::Closing) {
+                    continue;
+                }
                 idle.as_mut().reset(Instant::now() + settings.ws_timeout);
                 let mut out = Vec::new();
                 let sent = match incoming {
-                    Incoming::Alive => 0,
-                    Incoming::Fault(code, reason) => return Err(End::Fault(code, reason)),
+                    Incoming::Alive | Incoming::Closing => 0,
                     Incoming::Binary => {
                         out.push(error_message("binary messages are not supported: send JSON text"));
                         0
@@ -404,57 +453,26 @@ async fn run(
                     Incoming::Text(message) => handle(state, id, stream, &message, &mut out),
                 };
                 counter.add(sent);
-                writer.send(out).await?;
+                socket.send(out).await?;
             }
             next = stream.next(&mut emits) => {
                 if next.is_none() {
-                    return Err(match writer.outbox.closed() {
+                    return Err(match socket.outbox.closed() {
                         Some(CloseReason::AfterFlush) => End::Shutdown,
                         _ => End::Slow,
                     });
                 }
                 let mut out = Vec::with_capacity(emits.len());
                 counter.add(push_emits(&mut out, emits.drain(..), &stream.channels()));
-                writer.send(out).await?;
+                socket.send(out).await?;
             }
             _ = heartbeat.tick() => {
                 let beat = text(format!(
                     r#"{{"type":"heartbeat","serverTime":"{}"}}"#,
                     rfc3339(SystemTime::now())
                 ));
-                writer.send(vec![beat, Message::Ping(Bytes::new())]).await?;
+                socket.send(vec![beat, Message::Ping(Bytes::new())]).await?;
             }
-        }
-    }
-}
-
-/// Reads client messages and passes them on, until the connection ends. Keeps reading after
-/// the session starts closing, so the client's close reply is consumed.
-async fn read_client(mut source: SplitStream<WebSocket>, tx: mpsc::Sender<Incoming>) {
-    let mut faults = 0;
-    while let Some(message) = source.next().await {
-        let incoming = match message {
-            Ok(Message::Text(text)) => Incoming::Text(text),
-            Ok(Message::Binary(_)) => Incoming::Binary,
-            Ok(Message::Ping(_) | Message::Pong(_)) => Incoming::Alive,
-            // The close reply is automatic; the next read ends the stream.
-            Ok(Message::Close(_)) => continue,
-            Err(error) => {
-                let Some((code, reason)) = fault(&error) else {
-                    break;
-                };
-                // The first fault closes the session; read on (a little) to consume the rest
-                // of the offending message and see the client's close reply.
-                faults += 1;
-                match faults {
-                    1 => Incoming::Fault(code, reason),
-                    2..=4 => continue,
-                    _ => break,
-                }
-            }
-        };
-        if tx.send(incoming).await.is_err() {
-            break;
         }
     }
 }
