@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 /// The outcome of an acknowledged publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +110,7 @@ pub struct Broker {
     log: Log,
     namespaces: Arc<Namespaces>,
     committed: Arc<Vec<AtomicU64>>,
+    delivered: Arc<Delivered>,
     stats: Arc<BrokerStats>,
     connections: Arc<OnceLock<ConnectionCounter>>,
 }
@@ -133,7 +134,8 @@ impl Broker {
         let store = Arc::new(Store::open(dir, options)?);
         let namespaces = Arc::new(namespaces);
         let committed = committed_marks(&store);
-        let on_commit = deliver_on_commit(&hub, &committed);
+        let delivered = Delivered::new(&store);
+        let on_commit = deliver_on_commit(&hub, &committed, &delivered);
         let log = Log::Local(LocalLog::start(
             store.clone(),
             namespaces.clone(),
@@ -145,6 +147,7 @@ impl Broker {
             log,
             namespaces,
             committed,
+            delivered,
             stats: Arc::default(),
             connections: Arc::default(),
         }))
@@ -163,7 +166,8 @@ impl Broker {
         let store = Arc::new(Store::open(dir, options)?);
         let namespaces = Arc::new(namespaces);
         let committed = committed_marks(&store);
-        let on_commit = deliver_on_commit(&hub, &committed);
+        let delivered = Delivered::new(&store);
+        let on_commit = deliver_on_commit(&hub, &committed, &delivered);
         let connections: Arc<OnceLock<ConnectionCounter>> = Arc::default();
         let hooks = LocalHooks {
             interest: {
@@ -207,6 +211,7 @@ impl Broker {
             log: Log::Cluster(node),
             namespaces,
             committed,
+            delivered,
             stats: Arc::default(),
             connections,
         }))
@@ -239,6 +244,51 @@ fn committed_marks(store: &Store) -> Arc<Vec<AtomicU64>> {
     )
 }
 
+/// Each partition's highest sequence number handed to local subscribers, and a wake-up for
+/// publishers waiting on it.
+///
+/// On one node a durable publish is acknowledged only once its event is in the local
+/// subscribers' queues, as Redis does: a client that sees `PUBLISH` return and then talks to a
+/// subscriber on the same server finds the message already there.
+struct Delivered {
+    marks: Vec<AtomicU64>,
+    changed: Notify,
+}
+
+impl Delivered {
+    fn new(store: &Store) -> Arc<Delivered> {
+        Arc::new(Delivered {
+            marks: (0..store.partitions())
+                .map(|p| AtomicU64::new(store.latest_seq(p)))
+                .collect(),
+            changed: Notify::new(),
+        })
+    }
+
+    /// Records that `events` reached the hub and wakes the waiting publishers.
+    fn advance(&self, events: &[Event]) {
+        for event in events {
+            self.marks[event.position.partition as usize]
+                .fetch_max(event.position.seq, Ordering::SeqCst);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until the event at `position` has reached the hub.
+    async fn wait_for(&self, position: Position) {
+        let mark = &self.marks[position.partition as usize];
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if mark.load(Ordering::SeqCst) >= position.seq {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
 /// Committed batches that may wait for the delivery thread before commits wait for it.
 const DELIVERY_QUEUE: usize = 1024;
 
@@ -252,9 +302,14 @@ const DELIVERY_QUEUE: usize = 1024;
 /// growing memory. The hand-over from history to live stays exact: a stream compares each live
 /// event with the watermark it read after subscribing, and the watermark is raised here, before
 /// the event is queued.
-fn deliver_on_commit(hub: &Arc<Hub>, committed: &Arc<Vec<AtomicU64>>) -> OnCommit {
+fn deliver_on_commit(
+    hub: &Arc<Hub>,
+    committed: &Arc<Vec<AtomicU64>>,
+    delivered: &Arc<Delivered>,
+) -> OnCommit {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Event>>(DELIVERY_QUEUE);
     let delivery_hub = hub.clone();
+    let thread_delivered = delivered.clone();
     let spawned = std::thread::Builder::new()
         .name("herald-deliver".into())
         .spawn(move || {
@@ -263,6 +318,7 @@ fn deliver_on_commit(hub: &Arc<Hub>, committed: &Arc<Vec<AtomicU64>>) -> OnCommi
                 let mut wakes = Wakes::default();
                 delivery_hub.deliver_events(&events, &mut wakes);
                 wakes.wake_all();
+                thread_delivered.advance(&events);
             }
         });
     let tx = match spawned {
@@ -274,6 +330,7 @@ fn deliver_on_commit(hub: &Arc<Hub>, committed: &Arc<Vec<AtomicU64>>) -> OnCommi
     };
     let hub = hub.clone();
     let committed = committed.clone();
+    let delivered = delivered.clone();
     Arc::new(move |events: &[Event]| {
         for event in events {
             committed[event.position.partition as usize]
@@ -284,6 +341,7 @@ fn deliver_on_commit(hub: &Arc<Hub>, committed: &Arc<Vec<AtomicU64>>) -> OnCommi
             .is_some_and(|tx| tx.send(events.to_vec()).is_ok());
         if !queued {
             hub.deliver_events(events, &mut Wakes::default());
+            delivered.advance(events);
         }
     })
 }
@@ -515,6 +573,9 @@ impl Broker {
                 };
                 metrics::histogram!("herald_publish_commit_seconds")
                     .record(started.elapsed().as_secs_f64());
+                if let (Log::Local(_), Applied::New(event)) = (&self.log, &applied) {
+                    self.delivered.wait_for(event.position).await;
+                }
                 let receivers = self.hub.receiver_count(&channel) + self.remote_receivers(&channel);
                 Ok(match applied {
                     Applied::New(event) => {

@@ -265,6 +265,9 @@ async fn a_publish_burst_during_reconnects_is_delivered_once_in_order() {
     let node = Herald::start();
     let url = stream_url(&node, "burst");
     const TOTAL: u64 = 600;
+    // Subscribed before the first publish: a first connect without a cursor takes only what
+    // is published after it.
+    let mut events = Some(connect(&url, None).await);
     let publisher = {
         let base = node.http_url();
         tokio::spawn(async move {
@@ -285,7 +288,10 @@ async fn a_publish_burst_during_reconnects_is_delivered_once_in_order() {
     let mut last_id: Option<String> = None;
     let mut reconnects = 0;
     while received.len() < TOTAL as usize {
-        let mut events = connect(&url, last_id.as_deref()).await;
+        let mut events = match events.take() {
+            Some(events) => events,
+            None => connect(&url, last_id.as_deref()).await,
+        };
         // Take a few events, then drop the connection mid-burst.
         for _ in 0..(37 + reconnects * 11) {
             if received.len() == TOTAL as usize {
