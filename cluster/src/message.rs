@@ -1,5 +1,5 @@
 //! The node layer's own requests between nodes, carried as `App` RPCs (bincode) beside the
-//! Raft RPCs: forwarded publishes, meta writes, group initialisation, health probes.
+//! Raft RPCs: forwarded publishes, meta writes, group initialisation, health probes, failover.
 
 use std::collections::BTreeMap;
 
@@ -8,6 +8,7 @@ use herald_storage::raft::{Command, GroupId, NodeId};
 use herald_storage::{Applied, Partition, Publish};
 use serde::{Deserialize, Serialize};
 
+use crate::failover::Probe;
 use crate::interest::{Interest, TransientEvent};
 
 /// A request from one node's cluster layer to another's.
@@ -61,6 +62,18 @@ pub enum AppRequest {
         /// The events, in publish order.
         events: Vec<TransientEvent>,
     },
+    /// From a group's failover coordinator: how long since you heard the group's leader, and
+    /// your last log id? Answered with [`AppResponse::Probe`] (see `failover`).
+    Probe {
+        /// The group.
+        group: GroupId,
+    },
+    /// From a group's failover coordinator: call an election in `group` now (ignored unless
+    /// the receiver is a voter that has not heard the leader for a lease).
+    Elect {
+        /// The group.
+        group: GroupId,
+    },
 }
 
 /// Why a proposal was not committed.
@@ -103,6 +116,8 @@ pub enum AppResponse {
     Pong,
     /// Answer to [`AppRequest::Publish`]: one [`Applied`] per publish.
     Published(Result<Vec<Applied>, ProposeError>),
+    /// Answer to [`AppRequest::Probe`]; `None` when the receiver does not run the group.
+    Probe(Option<Probe>),
     /// Answer to the other requests.
     Done(Result<(), ProposeError>),
 }

@@ -28,6 +28,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::failover::{self, Decision, LeaderContact, Probe};
 use crate::identity::NodeIdentity;
 use crate::interest::{Interest, InterestTable, TransientEvent};
 use crate::message::{AppRequest, AppResponse, ProposeError, decode, encode};
@@ -138,6 +139,9 @@ struct Inner {
     shutdown: CancellationToken,
     interest: Arc<InterestTable>,
     hooks: LocalHooks,
+    /// When each group's leader was last heard from (failover detection).
+    contact: LeaderContact,
+    raft_timings: RaftTimings,
 }
 
 /// This node's part of the cluster; cheap to clone.
@@ -271,6 +275,8 @@ impl ClusterNode {
                 shutdown: shutdown.clone(),
                 interest: InterestTable::new(id, peers.clone()),
                 hooks,
+                contact: LeaderContact::new(usize::from(partitions) + 1),
+                raft_timings: config.raft,
             }),
         };
         for (partition, rx) in receivers.into_iter().enumerate() {
@@ -297,6 +303,10 @@ impl ClusterNode {
         {
             let node = node.clone();
             tokio::spawn(async move { node.interest_loop().await });
+        }
+        {
+            let node = node.clone();
+            tokio::spawn(async move { node.failover_loop().await });
         }
         tracing::info!(node = id, bind = %config.bind, advertise = %config.advertise, groups = partitions + 1, "cluster node started");
         Ok(node)
@@ -409,6 +419,11 @@ impl ClusterNode {
                     _ => m.current_leader.is_some(),
                 }
             })
+    }
+
+    /// Resolves once the node is shutting down.
+    pub async fn stopped(&self) {
+        self.inner.shutdown.cancelled().await
     }
 
     /// Stops the groups and the endpoint.
@@ -801,6 +816,11 @@ impl ClusterNode {
                 tracing::debug!(group, from, "initialised a partition group");
                 AppResponse::Done(Ok(()))
             }
+            AppRequest::Probe { group } => AppResponse::Probe(self.probe(group).await),
+            AppRequest::Elect { group } => {
+                self.elect_if_leader_silent(group).await;
+                AppResponse::Done(Ok(()))
+            }
             request @ (AppRequest::Join { .. } | AppRequest::Remove { .. }) => {
                 let meta = &self.inner.groups[usize::from(META_GROUP)];
                 if meta.metrics().borrow().current_leader != Some(self.inner.id) {
@@ -811,6 +831,145 @@ impl ClusterNode {
                 }
                 AppResponse::Done(self.handle_meta(request).await)
             }
+        }
+    }
+
+    /// Fast failover (see [`failover`]): on every group whose failover coordinator this node
+    /// is, once the leader has been silent for the lease plus a heartbeat, probes the other
+    /// voters and has the one with the longest log call an election at once.
+    async fn failover_loop(&self) {
+        let timings = self.inner.raft_timings;
+        let tick = Duration::from_millis((timings.heartbeat_ms / 2).max(10));
+        let lease = Duration::from_millis(timings.election_max_ms);
+        let suspect_after = lease + Duration::from_millis(timings.heartbeat_ms);
+        // One attempt per group per lease: a failed one is left to openraft's timers.
+        let mut last_attempt: Vec<Option<tokio::time::Instant>> =
+            vec![None; self.inner.groups.len()];
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.inner.shutdown.cancelled() => return,
+            }
+            for (group, raft) in self.inner.groups.iter().enumerate() {
+                let (leader, voters) = {
+                    let m = raft.metrics();
+                    let m = m.borrow();
+                    if m.state != ServerState::Follower {
+                        continue;
+                    }
+                    let Some(leader) = m.current_leader else {
+                        continue;
+                    };
+                    let voters: Vec<NodeId> =
+                        m.membership_config.membership().voter_ids().collect();
+                    (leader, voters)
+                };
+                if leader == self.inner.id
+                    || failover::coordinator(&voters, leader) != Some(self.inner.id)
+                    || self.inner.contact.silence(group) < suspect_after
+                    || last_attempt[group].is_some_and(|at| at.elapsed() < lease)
+                {
+                    continue;
+                }
+                last_attempt[group] = Some(tokio::time::Instant::now());
+                let node = self.clone();
+                let group = group as GroupId;
+                tokio::spawn(async move { node.coordinate_failover(group, leader, voters).await });
+            }
+        }
+    }
+
+    /// Probes `voters` (but the silent `leader`) about `group` and has the best candidate call
+    /// an election, unless someone still hears the leader.
+    async fn coordinate_failover(&self, group: GroupId, leader: NodeId, voters: Vec<NodeId>) {
+        let timings = self.inner.raft_timings;
+        let lease = Duration::from_millis(timings.election_max_ms);
+        let deadline = Duration::from_millis(timings.heartbeat_ms * 2);
+        let probes = voters
+            .iter()
+            .copied()
+            .filter(|v| *v != leader)
+            .map(|voter| {
+                let node = self.clone();
+                async move {
+                    let probe = if voter == node.inner.id {
+                        node.probe(group).await
+                    } else {
+                        let request = Request::App(encode(&AppRequest::Probe { group }));
+                        match node.inner.peers.call(voter, &request, deadline).await {
+                            Ok(Response::App(bytes)) => match decode::<AppResponse>(&bytes) {
+                                Ok(AppResponse::Probe(probe)) => probe,
+                                _ => None,
+                            },
+                            _ => None,
+                        }
+                    };
+                    probe.map(|probe| (voter, probe))
+                }
+            });
+        let answers: Vec<(NodeId, Probe)> = futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let quorum = voters.len() / 2 + 1;
+        let Decision::Elect(candidate) = failover::decide(&answers, lease, quorum) else {
+            tracing::debug!(
+                group,
+                leader,
+                ?answers,
+                "failover: the leader is still heard"
+            );
+            return;
+        };
+        tracing::info!(
+            group,
+            leader,
+            candidate,
+            ?answers,
+            "failover: the leader is silent, calling an election"
+        );
+        if candidate == self.inner.id {
+            self.elect_if_leader_silent(group).await;
+        } else {
+            let request = Request::App(encode(&AppRequest::Elect { group }));
+            if let Err(error) = self.inner.peers.call(candidate, &request, deadline).await {
+                tracing::debug!(group, candidate, %error, "failover: election request not delivered");
+            }
+        }
+    }
+
+    /// This node's answer to a failover probe for `group`.
+    async fn probe(&self, group: GroupId) -> Option<Probe> {
+        self.inner.groups.get(usize::from(group))?;
+        let silent_ms = self.inner.contact.silence(usize::from(group)).as_millis() as u64;
+        let mut log = RaftLogStore::new(self.inner.store.clone(), group);
+        let last_log = openraft::storage::RaftLogStorage::get_log_state(&mut log)
+            .await
+            .ok()?
+            .last_log_id;
+        Some(Probe {
+            silent_ms,
+            last_log,
+        })
+    }
+
+    /// Calls an election in `group` if this node has not heard its leader for a lease (it may
+    /// have heard a new one since the coordinator decided).
+    async fn elect_if_leader_silent(&self, group: GroupId) {
+        let Some(raft) = self.inner.groups.get(usize::from(group)) else {
+            return;
+        };
+        let lease = Duration::from_millis(self.inner.raft_timings.election_max_ms);
+        if self.inner.contact.silence(usize::from(group)) < lease
+            || raft.metrics().borrow().state == ServerState::Leader
+        {
+            return;
+        }
+        if let Err(error) = raft.trigger().elect().await {
+            tracing::warn!(group, %error, "failover: cannot call an election");
         }
     }
 
@@ -964,6 +1123,10 @@ impl Handler for ClusterNode {
             tracing::debug!(from, group, "refused a vote from a node outside the group");
         }
         empty || member
+    }
+
+    fn heard_from_leader(&self, group: GroupId) {
+        self.inner.contact.heard(usize::from(group));
     }
 
     fn app(&self, from: NodeId, request: Bytes) -> BoxFuture<'static, Bytes> {

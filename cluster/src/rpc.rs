@@ -700,6 +700,12 @@ pub trait Handler: Send + Sync + 'static {
         true
     }
 
+    /// Called when `group`'s Raft accepted AppendEntries (from the leader it follows): the
+    /// leader is alive. Failover detection uses it.
+    fn heard_from_leader(&self, group: GroupId) {
+        let _ = group;
+    }
+
     /// Answers an application request from node `from`.
     fn app(&self, from: NodeId, request: Bytes) -> BoxFuture<'static, Bytes>;
 }
@@ -810,7 +816,18 @@ async fn serve_stream(
 async fn dispatch(from: NodeId, request: Request, handler: &dyn Handler) -> Response {
     match request {
         Request::AppendEntries { group, rpc } => match handler.raft(group) {
-            Some(raft) => Response::AppendEntries(raft.append_entries(rpc).await),
+            Some(raft) => {
+                let response = raft.append_entries(rpc).await;
+                if matches!(
+                    response,
+                    Ok(AppendEntriesResponse::Success
+                        | AppendEntriesResponse::PartialSuccess(_)
+                        | AppendEntriesResponse::Conflict)
+                ) {
+                    handler.heard_from_leader(group);
+                }
+                Response::AppendEntries(response)
+            }
             None => Response::NoSuchGroup(group),
         },
         Request::Vote { group, .. } if !handler.accepts_vote(from, group) => {
