@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, oneshot, watch};
 
 /// The outcome of an acknowledged publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +113,8 @@ pub struct Broker {
     delivered: Arc<Delivered>,
     stats: Arc<BrokerStats>,
     connections: Arc<OnceLock<ConnectionCounter>>,
+    /// True while this cluster node has lost its quorum (see [`Broker::cut_off`]).
+    cut_off: watch::Receiver<bool>,
 }
 
 /// Counts this node's open client connections per protocol (`resp`, `sse`, `websocket`).
@@ -150,6 +152,7 @@ impl Broker {
             delivered,
             stats: Arc::default(),
             connections: Arc::default(),
+            cut_off: watch::channel(false).1,
         }))
     }
 
@@ -205,6 +208,7 @@ impl Broker {
             shutdown,
         )
         .await?;
+        let cut_off = watch_quorum(node.clone());
         Ok(Arc::new(Broker {
             hub,
             store,
@@ -214,6 +218,7 @@ impl Broker {
             delivered,
             stats: Arc::default(),
             connections,
+            cut_off,
         }))
     }
 
@@ -233,6 +238,40 @@ impl Broker {
             Log::Cluster(node) => node.has_quorum(),
         }
     }
+}
+
+/// How long a cluster node must be without quorum before its streaming clients are told to
+/// move: longer than an ordinary leader election, so a failover elsewhere does not bounce them.
+pub const CUT_OFF_AFTER: Duration = Duration::from_secs(3);
+
+/// Watches `node`'s quorum and raises the flag once it has been lost for [`CUT_OFF_AFTER`];
+/// lowers it as soon as the quorum is back. Ends with the node.
+fn watch_quorum(node: ClusterNode) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut since: Option<tokio::time::Instant> = None;
+        let mut ticker = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = node.stopped() => return,
+            }
+            // Before the cluster is formed there is nothing to move to.
+            if !node.is_formed() || node.has_quorum() {
+                since = None;
+                tx.send_if_modified(|v| std::mem::replace(v, false));
+                continue;
+            }
+            let start = *since.get_or_insert_with(tokio::time::Instant::now);
+            if start.elapsed() >= CUT_OFF_AFTER && !*tx.borrow() {
+                tracing::warn!(
+                    "this node has lost its quorum: telling streaming and subscribed clients to reconnect elsewhere"
+                );
+                let _ = tx.send(true);
+            }
+        }
+    });
+    rx
 }
 
 /// Each partition's committed watermark, starting from what the store holds.
@@ -370,6 +409,18 @@ impl Broker {
     /// Counters.
     pub fn stats(&self) -> &BrokerStats {
         &self.stats
+    }
+
+    /// Resolves once this node is (or is already) cut off from its cluster's quorum for
+    /// [`CUT_OFF_AFTER`]: streaming and subscribed clients should then resume on another node.
+    /// Never resolves on a single node.
+    pub async fn cut_off(&self) {
+        let mut rx = self.cut_off.clone();
+        let _ = rx.wait_for(|cut| *cut).await;
+        // The sender lives as long as the watcher; once it is gone, never resolve.
+        if !*rx.borrow() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Whether publishes to `channel` are durable (and kept in history).

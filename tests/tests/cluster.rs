@@ -284,6 +284,9 @@ async fn a_node_cut_off_from_the_majority_refuses_durable_publishes() {
     let (mut ws, _) = connect_async(format!("ws://{lone}/ws?userId=u1"))
         .await
         .expect("WebSocket handshake");
+    let mut subscriber = herald_tests::RawConn::connect(cluster.node(1).resp);
+    subscriber.command(&[b"SUBSCRIBE", b"orders:1"]);
+    subscriber.read_until_suffix(b":1\r\n");
     cluster.kill(2);
     cluster.kill(3);
     let error = try_publish(lone, &json!({ "channel": "orders:1", "data": 1 }))
@@ -331,6 +334,14 @@ async fn a_node_cut_off_from_the_majority_refuses_durable_publishes() {
         }
     };
     assert_eq!(u16::from(close.code), 1012, "{close:?}");
+    // A RESP subscriber is told why and disconnected, so that it resubscribes elsewhere.
+    let rest = tokio::task::spawn_blocking(move || subscriber.read_to_close())
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&rest),
+        "-ERR this node lost its cluster quorum: reconnect to another node (HSUBSCRIBE resumes from your cursor)\r\n"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -149,50 +149,6 @@ struct Inner {
     /// Upgraded connections (WebSocket sessions), which the HTTP server no longer tracks:
     /// shutdown waits for them to send their close frames.
     sessions: tokio_util::task::TaskTracker,
-    /// True while this cluster node has lost its quorum: streams end and tell their clients to
-    /// resume on another node. Always false on a single node.
-    cut_off: tokio::sync::watch::Receiver<bool>,
-}
-
-/// How long a cluster node must be without quorum before its streaming clients are told to
-/// move: longer than an ordinary leader election, so a failover elsewhere does not bounce them.
-const CUT_OFF_AFTER: Duration = Duration::from_secs(3);
-
-/// Watches the broker's readiness and raises `cut_off` once it has been lost for
-/// [`CUT_OFF_AFTER`] (cluster nodes only); lowers it as soon as the quorum is back.
-fn watch_quorum(
-    broker: Arc<Broker>,
-    shutdown: CancellationToken,
-) -> tokio::sync::watch::Receiver<bool> {
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    if broker.cluster().is_none() {
-        return rx;
-    }
-    tokio::spawn(async move {
-        let mut since: Option<tokio::time::Instant> = None;
-        let mut ticker = tokio::time::interval(Duration::from_millis(250));
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = shutdown.cancelled() => return,
-            }
-            // Before the cluster is formed there is nothing to move to.
-            let formed = broker.cluster().is_some_and(|c| c.is_formed());
-            if !formed || broker.is_ready() {
-                since = None;
-                tx.send_if_modified(|v| std::mem::replace(v, false));
-                continue;
-            }
-            let start = *since.get_or_insert_with(tokio::time::Instant::now);
-            if start.elapsed() >= CUT_OFF_AFTER && !*tx.borrow() {
-                tracing::warn!(
-                    "this node has lost its quorum: telling streaming clients to reconnect elsewhere"
-                );
-                let _ = tx.send(true);
-            }
-        }
-    });
-    rx
 }
 
 impl HttpState {
@@ -204,7 +160,6 @@ impl HttpState {
         render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
         shutdown: CancellationToken,
     ) -> HttpState {
-        let cut_off = watch_quorum(broker.clone(), shutdown.clone());
         let (sse, ws): (Arc<StreamClients>, Arc<StreamClients>) = (Arc::default(), Arc::default());
         {
             let (sse, ws, resp) = (sse.clone(), ws.clone(), resp.clone());
@@ -220,7 +175,6 @@ impl HttpState {
         }
         HttpState {
             inner: Arc::new(Inner {
-                cut_off,
                 broker,
                 resp,
                 settings,
@@ -256,12 +210,7 @@ impl HttpState {
     /// Resolves once this node is (or is already) cut off from its cluster's quorum: streaming
     /// clients should then resume on another node. Never resolves on a single node.
     pub async fn cut_off(&self) {
-        let mut rx = self.inner.cut_off.clone();
-        let _ = rx.wait_for(|cut| *cut).await;
-        // The sender lives as long as the watcher task; if it is gone, never resolve.
-        if !*rx.borrow() {
-            std::future::pending::<()>().await;
-        }
+        self.inner.broker.cut_off().await
     }
 
     /// Connected SSE clients.

@@ -167,6 +167,9 @@ impl Session {
     }
 }
 
+/// What a subscriber of a node that lost its cluster quorum gets before the connection closes.
+pub(crate) const MOVE_ELSEWHERE: &str = "ERR this node lost its cluster quorum: reconnect to another node (HSUBSCRIBE resumes from your cursor)";
+
 /// Serves one client until it disconnects, is killed, or the server shuts down.
 pub(crate) async fn serve(ctx: Arc<ServerContext>, stream: TcpStream, client: Arc<ClientInfo>) {
     let (mut reader, writer) = stream.into_split();
@@ -244,6 +247,16 @@ pub(crate) async fn serve(ctx: Arc<ServerContext>, stream: TcpStream, client: Ar
             },
             _ = outbox.wait_closing() => break,
             _ = ctx.shutdown.cancelled() => break,
+            // A subscriber of a node cut off from its cluster would wait for events that cannot
+            // commit here: it is told why and closed, so that it resumes on another node (with
+            // `HSUBSCRIBE` and its cursor, losing nothing).
+            _ = ctx.broker.cut_off(), if session.in_pubsub_context() => {
+                tracing::debug!(id = session.client.id, "closing a subscriber of a node without quorum");
+                session.reply(Frame::error(MOVE_ELSEWHERE));
+                session.flush_replies().await;
+                outbox.close(CloseReason::AfterFlush);
+                break;
+            }
             _ = idle => {
                 tracing::debug!(id = session.client.id, "closing idle client");
                 outbox.close(CloseReason::Killed);
