@@ -21,6 +21,9 @@
 //!   alive and only the coordinator's link is bad: nothing happens. Otherwise it picks the voter
 //!   with the greatest log (ties: lowest id), which every other voter will grant, and has it
 //!   call an election at once.
+//! - A node that restarts keeps openraft's timer elections off in each group until it has heard
+//!   from a leader there (at most [`RESTART_ELECTION_GRACE`]), so that it does not depose the
+//!   leader elected while it was down.
 //! - If anything in that goes wrong (a probe times out, the pick loses anyway), openraft's own
 //!   timers still run and elect someone as before: this only makes the common case fast.
 
@@ -56,6 +59,18 @@ impl LeaderContact {
         }
     }
 
+    /// Whether `group` has heard from a leader since this node started.
+    pub fn ever_heard(&self, group: usize) -> bool {
+        self.heard
+            .get(group)
+            .is_some_and(|slot| slot.load(Ordering::Relaxed) > 0)
+    }
+
+    /// Time since this node started.
+    pub fn uptime(&self) -> Duration {
+        self.start.elapsed()
+    }
+
     /// How long `group`'s leader has been silent.
     pub fn silence(&self, group: usize) -> Duration {
         let heard = self
@@ -67,6 +82,17 @@ impl LeaderContact {
             .saturating_sub(Duration::from_millis(heard))
     }
 }
+
+/// How long a restarted node keeps openraft's timer elections off in a group that has not
+/// heard from a leader yet.
+///
+/// A node coming back from a crash hears nothing until the leaders' connections to it, backed
+/// off while it was down, are re-established; with timer elections on it calls elections
+/// meanwhile, each with a higher term, and the first AppendEntries that reaches it then makes
+/// the new leader step down (openraft 0.9 has no pre-vote). Keeping them off until it has heard
+/// from a leader, or for this long, lets it rejoin without disturbing anyone; a leader that
+/// restarts with its own committed vote resumes leading without an election anyway.
+pub const RESTART_ELECTION_GRACE: Duration = Duration::from_secs(3);
 
 /// A voter's answer to the coordinator's probe.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,7 +203,9 @@ mod tests {
         let contact = LeaderContact::new(2);
         std::thread::sleep(Duration::from_millis(30));
         assert!(contact.silence(1) >= Duration::from_millis(30));
+        assert!(!contact.ever_heard(1));
         contact.heard(1);
+        assert!(contact.ever_heard(1));
         assert!(contact.silence(1) < Duration::from_millis(30));
         assert!(contact.silence(0) >= Duration::from_millis(30));
         // An unknown group is simply always silent; it never panics.

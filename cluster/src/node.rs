@@ -243,6 +243,8 @@ impl ClusterNode {
             let raft = Raft::new(id, raft_config.clone(), network, log, sm)
                 .await
                 .map_err(|e| ClusterError::Raft(format!("group {group}: {e}")))?;
+            // Timer elections start once this node has heard a leader (see `failover`).
+            raft.runtime_config().elect(false);
             groups.push(raft);
         }
 
@@ -845,6 +847,7 @@ impl ClusterNode {
         // One attempt per group per lease: a failed one is left to openraft's timers.
         let mut last_attempt: Vec<Option<tokio::time::Instant>> =
             vec![None; self.inner.groups.len()];
+        let mut elections_on = vec![false; self.inner.groups.len()];
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -852,7 +855,15 @@ impl ClusterNode {
                 _ = ticker.tick() => {}
                 _ = self.inner.shutdown.cancelled() => return,
             }
+            let contact = &self.inner.contact;
             for (group, raft) in self.inner.groups.iter().enumerate() {
+                if !elections_on[group]
+                    && (contact.ever_heard(group)
+                        || contact.uptime() >= failover::RESTART_ELECTION_GRACE)
+                {
+                    raft.runtime_config().elect(true);
+                    elections_on[group] = true;
+                }
                 let (leader, voters) = {
                     let m = raft.metrics();
                     let m = m.borrow();
