@@ -602,74 +602,18 @@ mod tests {
 
     /// A node's HTTP surface in this process and raw HTTP/1.1 clients.
     mod live {
-        use super::super::super::{HttpSettings, HttpState, serve};
-        use crate::broker::Broker;
-        use crate::hub::Hub;
-        use crate::hub::outbox::OutputLimit;
-        use crate::resp::{RespServer, RespSettings};
+        use super::super::super::HttpSettings;
+        use super::super::super::test_node::{self, TestNode};
         use bytes::Bytes;
-        use herald_storage::{Namespaces, StoreOptions};
         use memchr::memmem;
-        use std::net::SocketAddr;
-        use std::path::PathBuf;
-        use std::sync::Arc;
         use std::time::{Duration, Instant};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        use tokio::net::{TcpListener, TcpStream};
-        use tokio::task::JoinHandle;
-        use tokio_util::sync::CancellationToken;
+        use tokio::net::TcpStream;
 
         const PATIENCE: Duration = Duration::from_secs(10);
 
-        struct Node {
-            addr: SocketAddr,
-            state: HttpState,
-            shutdown: CancellationToken,
-            served: Option<JoinHandle<std::io::Result<()>>>,
-            dir: PathBuf,
-        }
-
-        impl Drop for Node {
-            fn drop(&mut self) {
-                self.shutdown.cancel();
-                let _ = std::fs::remove_dir_all(&self.dir);
-            }
-        }
-
-        async fn start() -> Node {
-            let dir = std::env::temp_dir().join(format!(
-                "herald-listener-unit-{}-{:x}",
-                std::process::id(),
-                super::super::super::sse::rand_u64()
-            ));
-            let hub = Arc::new(Hub::new(OutputLimit::PUBSUB_DEFAULT));
-            let broker =
-                Broker::open(hub, &dir, StoreOptions::default(), Namespaces::default()).unwrap();
-            let shutdown = CancellationToken::new();
-            let resp = RespServer::with_listener(
-                TcpListener::bind("127.0.0.1:0").await.unwrap(),
-                broker.clone(),
-                RespSettings::default(),
-                shutdown.clone(),
-            )
-            .unwrap();
-            let state = HttpState::new(
-                broker,
-                resp.context(),
-                HttpSettings::default(),
-                Arc::new(String::new),
-                shutdown.clone(),
-            );
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let served = Some(tokio::spawn(serve(listener, state.clone())));
-            Node {
-                addr,
-                state,
-                shutdown,
-                served,
-                dir,
-            }
+        async fn start() -> TestNode {
+            test_node::start("listener", HttpSettings::default()).await
         }
 
         /// Reads until `buf` contains `needle` (or the connection ends); returns whether it does.

@@ -15,6 +15,8 @@ mod listener;
 pub mod ops;
 pub mod publish;
 pub mod sse;
+#[cfg(test)]
+mod test_node;
 pub mod ws;
 
 use crate::broker::Broker;

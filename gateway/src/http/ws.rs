@@ -910,68 +910,20 @@ mod tests {
     /// A node's HTTP surface in this process, with short WebSocket intervals; a raw client
     /// (the handshake and unmasked server frames are simple enough to read by hand).
     mod live {
-        use super::super::super::{HttpSettings, serve};
+        use super::super::super::HttpSettings;
+        use super::super::super::test_node::{self, TestNode};
         use super::*;
-        use crate::broker::Broker;
-        use crate::hub::Hub;
-        use crate::hub::outbox::OutputLimit;
-        use crate::resp::{RespServer, RespSettings};
-        use herald_storage::{Namespaces, StoreOptions};
         use std::net::SocketAddr;
-        use std::path::PathBuf;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        use tokio::net::{TcpListener, TcpStream};
+        use tokio::net::TcpStream;
 
-        struct Node {
-            addr: SocketAddr,
-            shutdown: CancellationToken,
-            dir: PathBuf,
-        }
-
-        impl Drop for Node {
-            fn drop(&mut self) {
-                self.shutdown.cancel();
-                let _ = std::fs::remove_dir_all(&self.dir);
-            }
-        }
-
-        async fn start(heartbeat: Duration, timeout: Duration) -> Node {
-            let dir = std::env::temp_dir().join(format!(
-                "herald-ws-unit-{}-{:x}",
-                std::process::id(),
-                super::super::super::sse::rand_u64()
-            ));
-            let hub = Arc::new(Hub::new(OutputLimit::PUBSUB_DEFAULT));
-            let broker =
-                Broker::open(hub, &dir, StoreOptions::default(), Namespaces::default()).unwrap();
-            let shutdown = CancellationToken::new();
-            let resp = RespServer::with_listener(
-                TcpListener::bind("127.0.0.1:0").await.unwrap(),
-                broker.clone(),
-                RespSettings::default(),
-                shutdown.clone(),
-            )
-            .unwrap();
+        async fn start(heartbeat: Duration, timeout: Duration) -> TestNode {
             let settings = HttpSettings {
                 ws_heartbeat: heartbeat,
                 ws_timeout: timeout,
                 ..HttpSettings::default()
             };
-            let state = HttpState::new(
-                broker,
-                resp.context(),
-                settings,
-                Arc::new(String::new),
-                shutdown.clone(),
-            );
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            tokio::spawn(serve(listener, state));
-            Node {
-                addr,
-                shutdown,
-                dir,
-            }
+            test_node::start("ws", settings).await
         }
 
         async fn handshake(addr: SocketAddr) -> TcpStream {
