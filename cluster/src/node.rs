@@ -496,6 +496,13 @@ impl ClusterNode {
             .collect()
     }
 
+    /// Whether `node` is a member of the cluster as this node knows it (before the cluster is
+    /// formed, every node counts).
+    fn is_member(&self, node: NodeId) -> bool {
+        let members = self.members();
+        members.is_empty() || members.contains_key(&node)
+    }
+
     /// Asks the meta leader to add `node` at `addr` to the cluster.
     pub async fn join(&self, node: NodeId, addr: String) -> Result<(), ProposeError> {
         self.meta_request(AppRequest::Join { node, addr }).await
@@ -771,6 +778,15 @@ impl ClusterNode {
                 partition,
                 publishes,
             } => {
+                if !self.is_member(from) {
+                    tracing::warn!(
+                        from,
+                        "refused publishes forwarded by a node that is not a member"
+                    );
+                    return AppResponse::Published(Err(ProposeError::Failed(format!(
+                        "node {from} is not a member of this cluster (removed?): its publishes are refused; join it again"
+                    ))));
+                }
                 let rx = match self.enqueue_as(partition, publishes, true).await {
                     Ok(rx) => rx,
                     Err(error) => return AppResponse::Published(Err(error)),

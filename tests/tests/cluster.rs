@@ -496,8 +496,18 @@ async fn a_node_joins_catches_up_and_is_removed() {
     .await
     .expect("the remaining three still commit");
 
-    // Node 4 still runs and, no longer hearing leaders, calls elections: the members must not
-    // hear them (no term changes while it keeps trying).
+    // Node 4 still runs, but nothing it accepts is acknowledged: the members refuse its
+    // forwards, and it cannot lead anything.
+    let refused = try_publish(
+        cluster.node(4).http,
+        &json!({ "channel": channel, "data": { "n": -1 } }),
+    )
+    .await
+    .expect_err("a removed node must not acknowledge publishes");
+    assert!(refused.starts_with("5"), "{refused}");
+
+    // No longer hearing leaders, it calls elections: the members must not hear them (no term
+    // changes while it keeps trying).
     let terms = |cluster: &Cluster| -> Vec<u64> {
         cluster.status(1).unwrap()["groups"]
             .as_array()
