@@ -153,10 +153,33 @@ impl Herald {
 
     fn wait_ready(&self) {
         let deadline = Instant::now() + PATIENCE;
-        while TcpStream::connect(self.resp).is_err() {
-            assert!(Instant::now() < deadline, "herald RESP port never accepted");
+        // A reply to a PING, not just an accepted connect: the probe is then registered as a
+        // client before the test starts, so a test that waits for it to leave (CLIENT LIST,
+        // maxclients) cannot see it arrive later.
+        while !Self::answers_ping(self.resp) {
+            assert!(Instant::now() < deadline, "herald RESP port never answered");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether a RESP server at `addr` answers an inline PING (any reply, `-NOAUTH` included).
+    fn answers_ping(addr: SocketAddr) -> bool {
+        let Ok(mut stream) = TcpStream::connect(addr) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(PATIENCE));
+        if stream.write_all(b"PING\r\n").is_err() {
+            return false;
+        }
+        let mut reply = Vec::new();
+        let mut byte = [0u8; 1];
+        while !reply.ends_with(b"\r\n") {
+            match stream.read(&mut byte) {
+                Ok(1) => reply.push(byte[0]),
+                _ => return false,
+            }
+        }
+        true
     }
 
     /// `redis://` URL of the node (RESP2), for the `redis` crate.
