@@ -115,6 +115,9 @@ pub struct Broker {
     connections: Arc<OnceLock<ConnectionCounter>>,
     /// True while this cluster node has lost its quorum (see [`Broker::cut_off`]).
     cut_off: watch::Receiver<bool>,
+    /// Counts the times this node's history skipped ahead of its live delivery (see
+    /// [`Broker::resync_watch`]).
+    resync: watch::Receiver<u64>,
 }
 
 /// Counts this node's open client connections per protocol (`resp`, `sse`, `websocket`).
@@ -153,6 +156,7 @@ impl Broker {
             stats: Arc::default(),
             connections: Arc::default(),
             cut_off: watch::channel(false).1,
+            resync: watch::channel(0).1,
         }))
     }
 
@@ -209,6 +213,7 @@ impl Broker {
         )
         .await?;
         let cut_off = watch_quorum(node.clone());
+        let resync = watch_skips(store.clone(), committed.clone(), node.clone());
         Ok(Arc::new(Broker {
             hub,
             store,
@@ -219,6 +224,7 @@ impl Broker {
             stats: Arc::default(),
             connections,
             cut_off,
+            resync,
         }))
     }
 
@@ -272,6 +278,79 @@ fn watch_quorum(node: ClusterNode) -> watch::Receiver<bool> {
         }
     });
     rx
+}
+
+/// How often the store's positions are compared with what reached live delivery.
+const SKIP_CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// Watches for history that reached the store without passing live delivery: a node far
+/// behind installs a Raft snapshot, which moves partitions forward without applying (and so
+/// without delivering) the events in between. Live streams on this node would silently miss
+/// them; each time it happens the returned counter goes up, and streams end so that their
+/// clients resume from their cursors (which replays history, the skipped events included).
+fn watch_skips(
+    store: Arc<Store>,
+    committed: Arc<Vec<AtomicU64>>,
+    node: ClusterNode,
+) -> watch::Receiver<u64> {
+    let (tx, rx) = watch::channel(0u64);
+    tokio::spawn(async move {
+        let mut skips = SkipDetector::new(committed.len());
+        let mut ticker = tokio::time::interval(SKIP_CHECK_EVERY);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = node.stopped() => return,
+            }
+            let stored: Vec<u64> = (0..committed.len())
+                .map(|p| store.latest_seq(p as Partition))
+                .collect();
+            let delivered: Vec<u64> = committed.iter().map(|c| c.load(Ordering::SeqCst)).collect();
+            let skipped = skips.check(&stored, &delivered);
+            if skipped.is_empty() {
+                continue;
+            }
+            for &(partition, upto) in &skipped {
+                committed[partition].fetch_max(upto, Ordering::SeqCst);
+            }
+            tracing::warn!(
+                ?skipped,
+                "history skipped ahead of live delivery (snapshot installed): streams resume from their cursors"
+            );
+            tx.send_modify(|n| *n += 1);
+        }
+    });
+    rx
+}
+
+/// Decides, from two successive looks, which partitions' stored history got ahead of delivery
+/// for good: what was stored at the previous look and is still not delivered never went
+/// through delivery (a commit is delivered microseconds after it is stored).
+#[derive(Debug)]
+struct SkipDetector {
+    /// What was stored at the previous look, per partition.
+    previous: Vec<u64>,
+}
+
+impl SkipDetector {
+    fn new(partitions: usize) -> SkipDetector {
+        SkipDetector {
+            previous: vec![0; partitions],
+        }
+    }
+
+    /// Returns `(partition, stored seq)` for every partition whose previous look's stored seq
+    /// is still above what was delivered.
+    fn check(&mut self, stored: &[u64], delivered: &[u64]) -> Vec<(usize, u64)> {
+        let mut skipped = Vec::new();
+        for (p, (&now, &done)) in stored.iter().zip(delivered).enumerate() {
+            if self.previous[p] > done {
+                skipped.push((p, now));
+            }
+            self.previous[p] = now;
+        }
+        skipped
+    }
 }
 
 /// Each partition's committed watermark, starting from what the store holds.
@@ -421,6 +500,15 @@ impl Broker {
         if !*rx.borrow() {
             std::future::pending::<()>().await;
         }
+    }
+
+    /// A watch that changes each time this node's history skips ahead of live delivery (a
+    /// snapshot install): a stream takes one when it starts and ends, telling its client to
+    /// resume from its cursor, when it changes. Never changes on a single node.
+    pub fn resync_watch(&self) -> watch::Receiver<u64> {
+        let mut rx = self.resync.clone();
+        rx.borrow_and_update();
+        rx
     }
 
     /// Whether publishes to `channel` are durable (and kept in history).
@@ -693,5 +781,34 @@ impl Broker {
                 }
             }
         });
+    }
+}
+
+/// Resolves when `watch` (from [`Broker::resync_watch`]) changes; never if it cannot.
+pub async fn resynced(watch: &mut watch::Receiver<u64>) {
+    if watch.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod skip_tests {
+    use super::SkipDetector;
+
+    #[test]
+    fn history_stored_and_delivered_is_no_skip() {
+        let mut skips = SkipDetector::new(2);
+        assert!(skips.check(&[5, 7], &[5, 7]).is_empty());
+        // Stored a moment before delivery: not a skip yet...
+        assert!(skips.check(&[9, 7], &[5, 7]).is_empty());
+        // ...and delivered by the next look.
+        assert!(skips.check(&[12, 7], &[12, 7]).is_empty());
+    }
+
+    #[test]
+    fn history_that_never_reaches_delivery_is_a_skip() {
+        let mut skips = SkipDetector::new(2);
+        assert!(skips.check(&[5, 40], &[5, 7]).is_empty());
+        assert_eq!(skips.check(&[5, 41], &[5, 7]), vec![(1, 41)]);
     }
 }

@@ -228,6 +228,8 @@ enum End {
     Moved,
     /// Nothing came from the client for `ws_timeout`.
     Idle,
+    /// This node's history skipped ahead of live delivery (a snapshot install).
+    Resync,
     /// The client passed its output limit.
     Slow,
     /// A write made no progress for `ws_timeout`.
@@ -245,6 +247,10 @@ impl End {
             End::Moved => (
                 1012,
                 "this node lost its cluster quorum: reconnect to another node and resume from your cursor".to_string(),
+            ),
+            End::Resync => (
+                1012,
+                "this node caught up from a snapshot: reconnect and resume from your cursor".to_string(),
             ),
             End::Idle => (
                 1000,
@@ -413,6 +419,7 @@ async fn run(
     backlog: Vec<Emit>,
 ) -> Result<Infallible, End> {
     let settings = state.settings();
+    let mut resync = state.broker().resync_watch();
     let mut first = vec![text(format!(
         r#"{{"type":"connected","message":"Connected to real-time service","clientId":"ws_{}","timestamp":"{}"}}"#,
         id,
@@ -436,6 +443,7 @@ async fn run(
         tokio::select! {
             _ = state.shutdown().cancelled() => return Err(End::Shutdown),
             _ = state.cut_off() => return Err(End::Moved),
+            _ = crate::broker::resynced(&mut resync) => return Err(End::Resync),
             _ = &mut idle => return Err(End::Idle),
             incoming = socket.read() => {
                 let incoming = incoming?;

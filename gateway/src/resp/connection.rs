@@ -170,6 +170,11 @@ impl Session {
 /// What a subscriber of a node that lost its cluster quorum gets before the connection closes.
 pub(crate) const MOVE_ELSEWHERE: &str = "ERR this node lost its cluster quorum: reconnect to another node (HSUBSCRIBE resumes from your cursor)";
 
+/// What a subscriber gets before the connection closes when this node's live delivery skipped
+/// events (it caught up from a snapshot).
+pub(crate) const RESUME_FROM_CURSOR: &str =
+    "ERR this node caught up from a snapshot: reconnect and resume from your cursor (HSUBSCRIBE)";
+
 /// Serves one client until it disconnects, is killed, or the server shuts down.
 pub(crate) async fn serve(ctx: Arc<ServerContext>, stream: TcpStream, client: Arc<ClientInfo>) {
     let (mut reader, writer) = stream.into_split();
@@ -178,6 +183,7 @@ pub(crate) async fn serve(ctx: Arc<ServerContext>, stream: TcpStream, client: Ar
     let mut session = Session::new(ctx.clone(), client);
     let mut parser = RequestParser::new();
     let mut buffer = BytesMut::new();
+    let mut resync = ctx.broker.resync_watch();
 
     'connection: loop {
         // Run every complete request in the buffer; their replies go out as one batch.
@@ -253,6 +259,15 @@ pub(crate) async fn serve(ctx: Arc<ServerContext>, stream: TcpStream, client: Ar
             _ = ctx.broker.cut_off(), if session.in_pubsub_context() => {
                 tracing::debug!(id = session.client.id, "closing a subscriber of a node without quorum");
                 session.reply(Frame::error(MOVE_ELSEWHERE));
+                session.flush_replies().await;
+                outbox.close(CloseReason::AfterFlush);
+                break;
+            }
+            // Live delivery here skipped events (a snapshot install): a subscriber is told
+            // and closed, so that it resumes from its cursor (`HSUBSCRIBE`).
+            _ = crate::broker::resynced(&mut resync), if session.in_pubsub_context() => {
+                tracing::debug!(id = session.client.id, "closing a subscriber: history skipped ahead here");
+                session.reply(Frame::error(RESUME_FROM_CURSOR));
                 session.flush_replies().await;
                 outbox.close(CloseReason::AfterFlush);
                 break;
