@@ -880,6 +880,12 @@ impl ClusterNode {
                     raft.runtime_config().elect(true);
                     elections_on[group] = true;
                 }
+                // Cheap checks first: most ticks end here, without touching the metrics.
+                if contact.silence(group) < suspect_after
+                    || last_attempt[group].is_some_and(|at| at.elapsed() < lease)
+                {
+                    continue;
+                }
                 let (leader, voters) = {
                     let m = raft.metrics();
                     let m = m.borrow();
@@ -895,8 +901,6 @@ impl ClusterNode {
                 };
                 if leader == self.inner.id
                     || failover::coordinator(&voters, leader) != Some(self.inner.id)
-                    || self.inner.contact.silence(group) < suspect_after
-                    || last_attempt[group].is_some_and(|at| at.elapsed() < lease)
                 {
                     continue;
                 }

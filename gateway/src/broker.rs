@@ -12,6 +12,7 @@
 
 use crate::hub::glob::Glob;
 use crate::hub::{Hub, Kind, Wakes};
+use crate::reconnect::{Reconnect, ReconnectWatch};
 use bytes::Bytes;
 use herald_cluster::interest::{InterestKind, TransientEvent};
 use herald_cluster::message::ProposeError;
@@ -27,7 +28,7 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{Notify, oneshot};
 
 /// The outcome of an acknowledged publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,11 +114,8 @@ pub struct Broker {
     delivered: Arc<Delivered>,
     stats: Arc<BrokerStats>,
     connections: Arc<OnceLock<ConnectionCounter>>,
-    /// True while this cluster node has lost its quorum (see [`Broker::cut_off`]).
-    cut_off: watch::Receiver<bool>,
-    /// Counts the times this node's history skipped ahead of its live delivery (see
-    /// [`Broker::resync_watch`]).
-    resync: watch::Receiver<u64>,
+    /// When streams must end and their clients reconnect (quorum lost, history skipped).
+    reconnect: Reconnect,
 }
 
 /// Counts this node's open client connections per protocol (`resp`, `sse`, `websocket`).
@@ -155,8 +153,7 @@ impl Broker {
             delivered,
             stats: Arc::default(),
             connections: Arc::default(),
-            cut_off: watch::channel(false).1,
-            resync: watch::channel(0).1,
+            reconnect: Reconnect::never(),
         }))
     }
 
@@ -212,8 +209,7 @@ impl Broker {
             shutdown,
         )
         .await?;
-        let cut_off = watch_quorum(node.clone());
-        let resync = watch_skips(store.clone(), committed.clone(), node.clone());
+        let reconnect = Reconnect::watch_cluster(node.clone(), store.clone(), committed.clone());
         Ok(Arc::new(Broker {
             hub,
             store,
@@ -223,8 +219,7 @@ impl Broker {
             delivered,
             stats: Arc::default(),
             connections,
-            cut_off,
-            resync,
+            reconnect,
         }))
     }
 
@@ -243,113 +238,6 @@ impl Broker {
             Log::Local(_) => true,
             Log::Cluster(node) => node.has_quorum(),
         }
-    }
-}
-
-/// How long a cluster node must be without quorum before its streaming clients are told to
-/// move: longer than an ordinary leader election, so a failover elsewhere does not bounce them.
-pub const CUT_OFF_AFTER: Duration = Duration::from_secs(3);
-
-/// Watches `node`'s quorum and raises the flag once it has been lost for [`CUT_OFF_AFTER`];
-/// lowers it as soon as the quorum is back. Ends with the node.
-fn watch_quorum(node: ClusterNode) -> watch::Receiver<bool> {
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        let mut since: Option<tokio::time::Instant> = None;
-        let mut ticker = tokio::time::interval(Duration::from_millis(250));
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = node.stopped() => return,
-            }
-            // Before the cluster is formed there is nothing to move to.
-            if !node.is_formed() || node.has_quorum() {
-                since = None;
-                tx.send_if_modified(|v| std::mem::replace(v, false));
-                continue;
-            }
-            let start = *since.get_or_insert_with(tokio::time::Instant::now);
-            if start.elapsed() >= CUT_OFF_AFTER && !*tx.borrow() {
-                tracing::warn!(
-                    "this node has lost its quorum: telling streaming and subscribed clients to reconnect elsewhere"
-                );
-                let _ = tx.send(true);
-            }
-        }
-    });
-    rx
-}
-
-/// How often the store's positions are compared with what reached live delivery.
-const SKIP_CHECK_EVERY: Duration = Duration::from_millis(250);
-
-/// Watches for history that reached the store without passing live delivery: a node far
-/// behind installs a Raft snapshot, which moves partitions forward without applying (and so
-/// without delivering) the events in between. Live streams on this node would silently miss
-/// them; each time it happens the returned counter goes up, and streams end so that their
-/// clients resume from their cursors (which replays history, the skipped events included).
-fn watch_skips(
-    store: Arc<Store>,
-    committed: Arc<Vec<AtomicU64>>,
-    node: ClusterNode,
-) -> watch::Receiver<u64> {
-    let (tx, rx) = watch::channel(0u64);
-    tokio::spawn(async move {
-        let mut skips = SkipDetector::new(committed.len());
-        let mut ticker = tokio::time::interval(SKIP_CHECK_EVERY);
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = node.stopped() => return,
-            }
-            let stored: Vec<u64> = (0..committed.len())
-                .map(|p| store.latest_seq(p as Partition))
-                .collect();
-            let delivered: Vec<u64> = committed.iter().map(|c| c.load(Ordering::SeqCst)).collect();
-            let skipped = skips.check(&stored, &delivered);
-            if skipped.is_empty() {
-                continue;
-            }
-            for &(partition, upto) in &skipped {
-                committed[partition].fetch_max(upto, Ordering::SeqCst);
-            }
-            tracing::warn!(
-                ?skipped,
-                "history skipped ahead of live delivery (snapshot installed): streams resume from their cursors"
-            );
-            tx.send_modify(|n| *n += 1);
-        }
-    });
-    rx
-}
-
-/// Decides, from two successive looks, which partitions' stored history got ahead of delivery
-/// for good: what was stored at the previous look and is still not delivered never went
-/// through delivery (a commit is delivered microseconds after it is stored).
-#[derive(Debug)]
-struct SkipDetector {
-    /// What was stored at the previous look, per partition.
-    previous: Vec<u64>,
-}
-
-impl SkipDetector {
-    fn new(partitions: usize) -> SkipDetector {
-        SkipDetector {
-            previous: vec![0; partitions],
-        }
-    }
-
-    /// Returns `(partition, stored seq)` for every partition whose previous look's stored seq
-    /// is still above what was delivered.
-    fn check(&mut self, stored: &[u64], delivered: &[u64]) -> Vec<(usize, u64)> {
-        let mut skipped = Vec::new();
-        for (p, (&now, &done)) in stored.iter().zip(delivered).enumerate() {
-            if self.previous[p] > done {
-                skipped.push((p, now));
-            }
-            self.previous[p] = now;
-        }
-        skipped
     }
 }
 
@@ -490,25 +378,10 @@ impl Broker {
         &self.stats
     }
 
-    /// Resolves once this node is (or is already) cut off from its cluster's quorum for
-    /// [`CUT_OFF_AFTER`]: streaming and subscribed clients should then resume on another node.
-    /// Never resolves on a single node.
-    pub async fn cut_off(&self) {
-        let mut rx = self.cut_off.clone();
-        let _ = rx.wait_for(|cut| *cut).await;
-        // The sender lives as long as the watcher; once it is gone, never resolve.
-        if !*rx.borrow() {
-            std::future::pending::<()>().await;
-        }
-    }
-
-    /// A watch that changes each time this node's history skips ahead of live delivery (a
-    /// snapshot install): a stream takes one when it starts and ends, telling its client to
-    /// resume from its cursor, when it changes. Never changes on a single node.
-    pub fn resync_watch(&self) -> watch::Receiver<u64> {
-        let mut rx = self.resync.clone();
-        rx.borrow_and_update();
-        rx
+    /// What a stream watches to learn that its client must reconnect (see [`crate::reconnect`]).
+    /// Take it when the stream starts, before reading history.
+    pub fn reconnect_watch(&self) -> ReconnectWatch {
+        self.reconnect.watch()
     }
 
     /// Whether publishes to `channel` are durable (and kept in history).
@@ -781,34 +654,5 @@ impl Broker {
                 }
             }
         });
-    }
-}
-
-/// Resolves when `watch` (from [`Broker::resync_watch`]) changes; never if it cannot.
-pub async fn resynced(watch: &mut watch::Receiver<u64>) {
-    if watch.changed().await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
-#[cfg(test)]
-mod skip_tests {
-    use super::SkipDetector;
-
-    #[test]
-    fn history_stored_and_delivered_is_no_skip() {
-        let mut skips = SkipDetector::new(2);
-        assert!(skips.check(&[5, 7], &[5, 7]).is_empty());
-        // Stored a moment before delivery: not a skip yet...
-        assert!(skips.check(&[9, 7], &[5, 7]).is_empty());
-        // ...and delivered by the next look.
-        assert!(skips.check(&[12, 7], &[12, 7]).is_empty());
-    }
-
-    #[test]
-    fn history_that_never_reaches_delivery_is_a_skip() {
-        let mut skips = SkipDetector::new(2);
-        assert!(skips.check(&[5, 40], &[5, 7]).is_empty());
-        assert_eq!(skips.check(&[5, 41], &[5, 7]), vec![(1, 41)]);
     }
 }

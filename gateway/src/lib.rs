@@ -9,6 +9,9 @@
 //!   published message to their bounded queues ([`hub::outbox`]) with Redis glob matching
 //!   ([`hub::glob`]). Protocol-neutral: every surface delivers through it.
 //! - [`http`]: the HTTP surface (axum): health and readiness today.
+//! - [`reconnect`]: when a cluster node ends its streams so that clients resume elsewhere or
+//!   from their cursors (quorum lost, history skipped by a snapshot), and what each protocol
+//!   tells them.
 //! - [`resp`]: the RESP2/RESP3 server: request parsing with Redis's limits and error texts,
 //!   reply encoding, one module per command family, connection handling and the listener.
 //!
@@ -22,5 +25,6 @@
 pub mod broker;
 pub mod http;
 pub mod hub;
+pub mod reconnect;
 pub mod resp;
 pub mod stream;

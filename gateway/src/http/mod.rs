@@ -209,12 +209,6 @@ impl HttpState {
         &self.inner.shutdown
     }
 
-    /// Resolves once this node is (or is already) cut off from its cluster's quorum: streaming
-    /// clients should then resume on another node. Never resolves on a single node.
-    pub async fn cut_off(&self) {
-        self.inner.broker.cut_off().await
-    }
-
     /// Connected SSE clients.
     pub fn sse_clients(&self) -> &Arc<StreamClients> {
         &self.inner.sse

@@ -18,6 +18,7 @@
 use super::{ClientGuard, HttpState, StreamClient, error_response};
 use crate::hub::Format;
 use crate::hub::encode::put_json_string;
+use crate::reconnect::ReconnectWatch;
 use crate::stream::{Emit, EventStream, Gap, Start, position_text};
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
@@ -214,7 +215,7 @@ fn open(
         Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
     };
     // Taken before the history is read: a skip after this point ends the stream.
-    let resync = state.broker().resync_watch();
+    let reconnect = state.broker().reconnect_watch();
     let (stream, backlog) =
         match EventStream::open(state.broker().clone(), Format::Sse, channels.clone(), start) {
             Ok(opened) => opened,
@@ -250,7 +251,7 @@ fn open(
         events_sent,
         _guard: guard,
         emits: Vec::new(),
-        resync,
+        reconnect,
     };
     // The state is used in place (`as_mut`), not taken apart and put back: the future keeps it
     // once instead of twice, for as long as the stream is idle.
@@ -276,13 +277,9 @@ fn open(
             }
             _ = tokio::time::sleep(keep_alive) => Bytes::from_static(b": keep-alive\n\n"),
             _ = o.state.shutdown().cancelled() => return None,
-            _ = o.state.cut_off() => {
-                tracing::info!(id = o.stream.id(), "SSE client told to reconnect elsewhere: no quorum here");
-                return Some((Ok(Bytes::from_static(MOVE_EVENT)), None));
-            }
-            _ = crate::broker::resynced(&mut o.resync) => {
-                tracing::info!(id = o.stream.id(), "SSE client told to resume: history skipped ahead here");
-                return Some((Ok(Bytes::from_static(RESYNC_EVENT)), None));
+            reason = o.reconnect.requested() => {
+                tracing::info!(id = o.stream.id(), ?reason, "SSE client told to reconnect");
+                return Some((Ok(Bytes::from_static(reason.sse_event())), None));
             }
         };
         Some((Ok(chunk), open))
@@ -307,17 +304,9 @@ struct Open {
     _guard: ClientGuard,
     /// Reused between events.
     emits: Vec<Emit>,
-    /// Changes when this node's history skips ahead of live delivery.
-    resync: tokio::sync::watch::Receiver<u64>,
+    /// Says when the client must reconnect (cluster quorum lost, history skipped).
+    reconnect: ReconnectWatch,
 }
-
-/// Sent before a stream ends because this node lost its cluster quorum: the client should
-/// reconnect (to another node) with its `Last-Event-ID`, which EventSource does by itself.
-const MOVE_EVENT: &[u8] = b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node lost its cluster quorum; reconnect to another node with your Last-Event-ID\"}\n\n";
-
-/// Sent before a stream ends because this node installed a snapshot: events it skipped were
-/// never delivered live, so the client resumes (here or elsewhere) with its Last-Event-ID.
-const RESYNC_EVENT: &[u8] = b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node caught up from a snapshot; reconnect with your Last-Event-ID to get every event\"}\n\n";
 
 /// Writes emits as SSE; returns how many were events.
 fn write_emits(out: &mut BytesMut, emits: impl IntoIterator<Item = Emit>) -> u64 {

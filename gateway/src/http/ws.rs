@@ -59,6 +59,7 @@ use super::sse::gap_json;
 use super::{HttpState, StreamClient, error_response};
 use crate::hub::Format;
 use crate::hub::outbox::{CloseReason, Outbox};
+use crate::reconnect::Reason;
 use crate::stream::{Emit, Start, StreamSet};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -224,12 +225,10 @@ enum End {
     Gone,
     /// The node is shutting down.
     Shutdown,
-    /// This cluster node lost its quorum: the client should resume on another node.
-    Moved,
+    /// The client must reconnect and resume from its cursor (see `reconnect`).
+    Reconnect(Reason),
     /// Nothing came from the client for `ws_timeout`.
     Idle,
-    /// This node's history skipped ahead of live delivery (a snapshot install).
-    Resync,
     /// The client passed its output limit.
     Slow,
     /// A write made no progress for `ws_timeout`.
@@ -244,14 +243,7 @@ impl End {
         let (code, reason) = match self {
             End::Gone => return None,
             End::Shutdown => (1001, "server shutting down".to_string()),
-            End::Moved => (
-                1012,
-                "this node lost its cluster quorum: reconnect to another node and resume from your cursor".to_string(),
-            ),
-            End::Resync => (
-                1012,
-                "this node caught up from a snapshot: reconnect and resume from your cursor".to_string(),
-            ),
+            End::Reconnect(reason) => (1012, reason.ws_close_reason().to_string()),
             End::Idle => (
                 1000,
                 "idle timeout: nothing received from the client".to_string(),
@@ -419,7 +411,7 @@ async fn run(
     backlog: Vec<Emit>,
 ) -> Result<Infallible, End> {
     let settings = state.settings();
-    let mut resync = state.broker().resync_watch();
+    let mut reconnect = state.broker().reconnect_watch();
     let mut first = vec![text(format!(
         r#"{{"type":"connected","message":"Connected to real-time service","clientId":"ws_{}","timestamp":"{}"}}"#,
         id,
@@ -442,8 +434,7 @@ async fn run(
     loop {
         tokio::select! {
             _ = state.shutdown().cancelled() => return Err(End::Shutdown),
-            _ = state.cut_off() => return Err(End::Moved),
-            _ = crate::broker::resynced(&mut resync) => return Err(End::Resync),
+            reason = reconnect.requested() => return Err(End::Reconnect(reason)),
             _ = &mut idle => return Err(End::Idle),
             incoming = socket.read() => {
                 let incoming = incoming?;

@@ -167,14 +167,6 @@ impl Session {
     }
 }
 
-/// What a subscriber of a node that lost its cluster quorum gets before the connection closes.
-pub(crate) const MOVE_ELSEWHERE: &str = "ERR this node lost its cluster quorum: reconnect to another node (HSUBSCRIBE resumes from your cursor)";
-
-/// What a subscriber gets before the connection closes when this node's live delivery skipped
-/// events (it caught up from a snapshot).
-pub(crate) const RESUME_FROM_CURSOR: &str =
-    "ERR this node caught up from a snapshot: reconnect and resume from your cursor (HSUBSCRIBE)";
-
 /// Serves one client until it disconnects, is killed, or the server shuts down.
 pub(crate) async fn serve(ctx: Arc<ServerContext>, stream: TcpStream, client: Arc<ClientInfo>) {
     let (mut reader, writer) = stream.into_split();
@@ -183,7 +175,7 @@ pub(crate) async fn serve(ctx: Arc<ServerContext>, stream: TcpStream, client: Ar
     let mut session = Session::new(ctx.clone(), client);
     let mut parser = RequestParser::new();
     let mut buffer = BytesMut::new();
-    let mut resync = ctx.broker.resync_watch();
+    let mut reconnect = ctx.broker.reconnect_watch();
 
     'connection: loop {
         // Run every complete request in the buffer; their replies go out as one batch.
@@ -253,21 +245,12 @@ pub(crate) async fn serve(ctx: Arc<ServerContext>, stream: TcpStream, client: Ar
             },
             _ = outbox.wait_closing() => break,
             _ = ctx.shutdown.cancelled() => break,
-            // A subscriber of a node cut off from its cluster would wait for events that cannot
-            // commit here: it is told why and closed, so that it resumes on another node (with
-            // `HSUBSCRIBE` and its cursor, losing nothing).
-            _ = ctx.broker.cut_off(), if session.in_pubsub_context() => {
-                tracing::debug!(id = session.client.id, "closing a subscriber of a node without quorum");
-                session.reply(Frame::error(MOVE_ELSEWHERE));
-                session.flush_replies().await;
-                outbox.close(CloseReason::AfterFlush);
-                break;
-            }
-            // Live delivery here skipped events (a snapshot install): a subscriber is told
-            // and closed, so that it resumes from its cursor (`HSUBSCRIBE`).
-            _ = crate::broker::resynced(&mut resync), if session.in_pubsub_context() => {
-                tracing::debug!(id = session.client.id, "closing a subscriber: history skipped ahead here");
-                session.reply(Frame::error(RESUME_FROM_CURSOR));
+            // A subscriber of a node cut off from its cluster, or whose live delivery skipped
+            // events (a snapshot install), is told why and closed, so that it resumes
+            // elsewhere or from its cursor (`HSUBSCRIBE`), losing nothing.
+            reason = reconnect.requested(), if session.in_pubsub_context() => {
+                tracing::debug!(id = session.client.id, ?reason, "closing a subscriber: it must reconnect");
+                session.reply(Frame::error(reason.resp_error()));
                 session.flush_replies().await;
                 outbox.close(CloseReason::AfterFlush);
                 break;

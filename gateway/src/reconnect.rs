@@ -1,0 +1,254 @@
+//! When a node ends its streams and asks their clients to reconnect and resume from their
+//! cursors, and what each protocol tells them.
+//!
+//! Two cluster situations make a node's live delivery useless to a client, and both are fixed
+//! the same way: the stream ends with an explicit reason and the client resumes from its cursor
+//! (on this node or another), which replays history and loses nothing.
+//!
+//! - **Quorum lost** ([`Reason::NoQuorum`]): the node has been cut off from its cluster for
+//!   [`CUT_OFF_AFTER`]; nothing new commits here. Raised while it lasts, so a client that
+//!   comes back too early is sent away again.
+//! - **History skipped** ([`Reason::Skipped`]): the node caught up from a Raft snapshot, which
+//!   moves partitions forward without applying (so without delivering) the events in between.
+//!   An event: streams open at that moment end; later ones read the history that now has them.
+//!
+//! SSE gets an `event: reconnect` and the end of the stream, WebSocket a 1012 close frame, a
+//! RESP subscriber an error reply and a close. A single node never asks anyone to reconnect.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use herald_cluster::node::ClusterNode;
+use herald_storage::{Partition, Store};
+use tokio::sync::watch;
+
+/// How long a cluster node must be without quorum before its streaming clients are told to
+/// move: longer than an ordinary leader election, so a failover elsewhere does not bounce them.
+pub const CUT_OFF_AFTER: Duration = Duration::from_secs(3);
+
+/// How often the quorum and the store's positions are looked at.
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// Why a stream must end and its client reconnect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// This node lost its cluster quorum.
+    NoQuorum,
+    /// This node's history skipped ahead of its live delivery (a snapshot install).
+    Skipped,
+}
+
+impl Reason {
+    /// The SSE event that ends the stream.
+    pub fn sse_event(self) -> &'static [u8] {
+        match self {
+            Reason::NoQuorum => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node lost its cluster quorum; reconnect to another node with your Last-Event-ID\"}\n\n",
+            Reason::Skipped => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node caught up from a snapshot; reconnect with your Last-Event-ID to get every event\"}\n\n",
+        }
+    }
+
+    /// The reason of the WebSocket close frame (code 1012, "service restart").
+    pub fn ws_close_reason(self) -> &'static str {
+        match self {
+            Reason::NoQuorum => {
+                "this node lost its cluster quorum: reconnect to another node and resume from your cursor"
+            }
+            Reason::Skipped => {
+                "this node caught up from a snapshot: reconnect and resume from your cursor"
+            }
+        }
+    }
+
+    /// The error a RESP subscriber gets before its connection closes.
+    pub fn resp_error(self) -> &'static str {
+        match self {
+            Reason::NoQuorum => {
+                "ERR this node lost its cluster quorum: reconnect to another node (HSUBSCRIBE resumes from your cursor)"
+            }
+            Reason::Skipped => {
+                "ERR this node caught up from a snapshot: reconnect and resume from your cursor (HSUBSCRIBE)"
+            }
+        }
+    }
+}
+
+/// The node's two signals; the broker holds one.
+#[derive(Debug)]
+pub struct Reconnect {
+    /// True while the node has been without quorum for [`CUT_OFF_AFTER`].
+    cut_off: watch::Receiver<bool>,
+    /// Counts history skips.
+    skips: watch::Receiver<u64>,
+}
+
+/// One stream's view of [`Reconnect`]: remembers which skips it has already seen.
+#[derive(Debug)]
+pub struct ReconnectWatch {
+    cut_off: watch::Receiver<bool>,
+    skips: watch::Receiver<u64>,
+}
+
+impl Reconnect {
+    /// A single node: never asks anyone to reconnect.
+    pub fn never() -> Reconnect {
+        Reconnect {
+            cut_off: watch::channel(false).1,
+            skips: watch::channel(0).1,
+        }
+    }
+
+    /// Starts watching a cluster node: its quorum, and its store's positions against
+    /// `delivered` (each partition's highest seq handed to live delivery, which this raises past
+    /// a skip). The watcher ends with the node.
+    pub fn watch_cluster(
+        node: ClusterNode,
+        store: Arc<Store>,
+        delivered: Arc<Vec<AtomicU64>>,
+    ) -> Reconnect {
+        let (cut_off_tx, cut_off) = watch::channel(false);
+        let (skips_tx, skips) = watch::channel(0u64);
+        tokio::spawn(async move {
+            let mut without_quorum: Option<tokio::time::Instant> = None;
+            let mut detector = SkipDetector::new(delivered.len());
+            let mut ticker = tokio::time::interval(CHECK_EVERY);
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = node.stopped() => return,
+                }
+                // Before the cluster is formed there is nothing to move to.
+                if !node.is_formed() || node.has_quorum() {
+                    without_quorum = None;
+                    cut_off_tx.send_if_modified(|v| std::mem::replace(v, false));
+                } else {
+                    let since = *without_quorum.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= CUT_OFF_AFTER && !*cut_off_tx.borrow() {
+                        tracing::warn!(
+                            "this node has lost its quorum: telling streaming and subscribed clients to reconnect elsewhere"
+                        );
+                        let _ = cut_off_tx.send(true);
+                    }
+                }
+                let stored: Vec<u64> = (0..delivered.len())
+                    .map(|p| store.latest_seq(p as Partition))
+                    .collect();
+                let done: Vec<u64> = delivered.iter().map(|d| d.load(Ordering::SeqCst)).collect();
+                let skipped = detector.check(&stored, &done);
+                if !skipped.is_empty() {
+                    for &(partition, upto) in &skipped {
+                        delivered[partition].fetch_max(upto, Ordering::SeqCst);
+                    }
+                    tracing::warn!(
+                        ?skipped,
+                        "history skipped ahead of live delivery (snapshot installed): streams resume from their cursors"
+                    );
+                    skips_tx.send_modify(|n| *n += 1);
+                }
+            }
+        });
+        Reconnect { cut_off, skips }
+    }
+
+    /// A watch for one stream, taken when it starts: skips before this moment are not its
+    /// concern (the history it reads has them).
+    pub fn watch(&self) -> ReconnectWatch {
+        let mut skips = self.skips.clone();
+        skips.borrow_and_update();
+        ReconnectWatch {
+            cut_off: self.cut_off.clone(),
+            skips,
+        }
+    }
+}
+
+impl ReconnectWatch {
+    /// Resolves with the reason once the stream's client must reconnect (at once if the node
+    /// is cut off now); never on a single node.
+    pub async fn requested(&mut self) -> Reason {
+        // Each side ends `false` when its watcher is gone (a single node): never, then.
+        let cut_off = async { self.cut_off.wait_for(|cut| *cut).await.is_ok() };
+        let skipped = async { self.skips.changed().await.is_ok() };
+        tokio::select! {
+            true = cut_off => Reason::NoQuorum,
+            true = skipped => Reason::Skipped,
+            else => std::future::pending().await,
+        }
+    }
+}
+
+/// Decides, from two successive looks, which partitions' stored history got ahead of delivery
+/// for good: what was stored at the previous look and is still not delivered never went
+/// through delivery (a commit is delivered microseconds after it is stored).
+#[derive(Debug)]
+struct SkipDetector {
+    /// What was stored at the previous look, per partition.
+    previous: Vec<u64>,
+}
+
+impl SkipDetector {
+    fn new(partitions: usize) -> SkipDetector {
+        SkipDetector {
+            previous: vec![0; partitions],
+        }
+    }
+
+    /// Returns `(partition, stored seq)` for every partition whose previous look's stored seq
+    /// is still above what was delivered.
+    fn check(&mut self, stored: &[u64], delivered: &[u64]) -> Vec<(usize, u64)> {
+        let mut skipped = Vec::new();
+        for (p, (&now, &done)) in stored.iter().zip(delivered).enumerate() {
+            if self.previous[p] > done {
+                skipped.push((p, now));
+            }
+            self.previous[p] = now;
+        }
+        skipped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_stored_and_delivered_is_no_skip() {
+        let mut skips = SkipDetector::new(2);
+        assert!(skips.check(&[5, 7], &[5, 7]).is_empty());
+        // Stored a moment before delivery: not a skip yet...
+        assert!(skips.check(&[9, 7], &[5, 7]).is_empty());
+        // ...and delivered by the next look.
+        assert!(skips.check(&[12, 7], &[12, 7]).is_empty());
+    }
+
+    #[test]
+    fn history_that_never_reaches_delivery_is_a_skip() {
+        let mut skips = SkipDetector::new(2);
+        assert!(skips.check(&[5, 40], &[5, 7]).is_empty());
+        assert_eq!(skips.check(&[5, 41], &[5, 7]), vec![(1, 41)]);
+    }
+
+    #[tokio::test]
+    async fn a_single_node_never_asks_to_reconnect() {
+        let mut watch = Reconnect::never().watch();
+        let asked = tokio::time::timeout(Duration::from_millis(50), watch.requested()).await;
+        assert!(asked.is_err(), "{asked:?}");
+    }
+
+    #[tokio::test]
+    async fn a_cut_off_node_asks_now_and_a_skip_asks_only_streams_open_at_the_time() {
+        let (cut_tx, cut_off) = watch::channel(false);
+        let (skip_tx, skips) = watch::channel(0u64);
+        let reconnect = Reconnect { cut_off, skips };
+        let mut open = reconnect.watch();
+        skip_tx.send_modify(|n| *n += 1);
+        assert_eq!(open.requested().await, Reason::Skipped);
+        // A stream that starts after the skip reads history that has the events.
+        let mut later = reconnect.watch();
+        let asked = tokio::time::timeout(Duration::from_millis(50), later.requested()).await;
+        assert!(asked.is_err(), "{asked:?}");
+        cut_tx.send(true).unwrap();
+        assert_eq!(later.requested().await, Reason::NoQuorum);
+        assert_eq!(reconnect.watch().requested().await, Reason::NoQuorum);
+    }
+}
