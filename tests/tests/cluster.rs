@@ -529,4 +529,11 @@ async fn a_node_joins_catches_up_and_is_removed() {
     )
     .await
     .expect("still committing");
+    // The members' history has every acknowledged event once, in order, and nothing of what
+    // the removed node was sent.
+    let mut history = sse(cluster.node(1).http, channel, Some(&cursor)).await;
+    assert_eq!(
+        read_n(&mut history, 22).await,
+        (1..=22).collect::<Vec<i64>>()
+    );
 }
