@@ -13,7 +13,7 @@
 //! | `m` `s` u16 BE partition | u64 BE | last assigned seq of the partition |
 //! | `m` `f` u16 BE partition | u64 BE | highest seq dropped with a forgotten channel's meta |
 //! | `c` chan | [`ChannelMeta`] | retained count and loss floor of a channel with history |
-//! | `h` chan u64 BE seq | [`StoredEvent`] | one retained event |
+//! | `h` chan u64 BE seq | [`StoredChunk`] | the events of one channel one apply wrote, keyed by the first one's seq |
 //! | `d` chan message-id | [`DedupRecord`] | a message id seen in the dedup window |
 //! | `x` u64 BE at_ms chan message-id | empty | dedup expiry index, in time order |
 //! | `m` `k` u16 BE partition | u64 BE | the partition's applied clock: the largest `now_ms` apply used |
@@ -39,7 +39,7 @@ use crate::store::StorageError;
 pub(crate) const TREE: &[u8] = b"herald";
 
 /// The version of this layout; a store written with another version is refused.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 
 pub(crate) const KEY_VERSION: &[u8] = b"mv";
 pub(crate) const KEY_EPOCH: &[u8] = b"me";
@@ -63,39 +63,59 @@ pub(crate) const RAFT_SNAPSHOT: u8 = b's';
 /// Per-channel bookkeeping, present while the channel has (or just had) retained history.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct ChannelMeta {
-    /// How many `h` records the channel has (expired-but-not-yet-deleted ones included).
+    /// How many retained events the channel has: events in its `h` chunks above
+    /// `removed_through` (expired-but-not-yet-deleted ones included).
     pub retained: u64,
     /// The highest seq of this channel that left retention (trimmed, expired, or inherited from
     /// the partition's forgotten floor when the meta was created). 0 = nothing lost.
     pub removed_through: u64,
 }
 
-/// The fields every stored event starts with, decodable without copying the payload.
+/// Events of one channel written by one apply, stored under the `h` key of the first one's seq.
 ///
-/// bincode decodes fields in order and ignores what follows, so decoding a [`StoredEvent`]'s
-/// bytes as this struct reads only its head. Keep the two field lists in step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct StoredEventHead {
+/// History is kept in chunks, not one record per event, because every sled write rewrites the
+/// leaf it lands in: one chunk per channel per batch (plus the channel's meta) replaces an
+/// insert and a retention delete per event. All events of a chunk share the batch's apply clock
+/// and the channel's namespace, hence one timestamp and one TTL deadline. Seqs ascend within a
+/// chunk and across a channel's chunks; events at or below the channel's
+/// [`ChannelMeta::removed_through`] have left retention even while their chunk still holds
+/// them (a chunk is deleted once all its events have).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StoredChunk {
     pub partition: Partition,
     pub timestamp_ms: u64,
-    /// When the event stops being retained (`None` = no age limit), fixed at apply time.
+    /// When the chunk's events stop being retained (`None` = no age limit), fixed at apply time.
     pub expires_at_ms: Option<u64>,
+    /// The events' seqs, ascending.
+    pub seqs: Vec<u64>,
+    /// One per seq.
+    pub message_ids: Vec<Option<Bytes>>,
+    /// One per seq.
+    pub payloads: Vec<Bytes>,
 }
 
-impl StoredEventHead {
+/// The fields every [`StoredChunk`] starts with, decodable without copying the payloads.
+///
+/// bincode decodes fields in order and ignores what follows, so decoding a chunk's bytes as
+/// this struct reads only its head. Keep the two field lists in step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ChunkHead {
+    pub partition: Partition,
+    pub timestamp_ms: u64,
+    pub expires_at_ms: Option<u64>,
+    pub seqs: Vec<u64>,
+}
+
+impl ChunkHead {
+    /// Whether the chunk's events are past their TTL at `now_ms`.
     pub fn expired(&self, now_ms: u64) -> bool {
         matches!(self.expires_at_ms, Some(t) if t <= now_ms)
     }
-}
 
-/// One retained event as stored under its `h` key (channel and seq are in the key).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct StoredEvent {
-    pub partition: Partition,
-    pub timestamp_ms: u64,
-    pub expires_at_ms: Option<u64>,
-    pub message_id: Option<Bytes>,
-    pub payload: Bytes,
+    /// Index of the first seq above `floor` (`seqs.len()` if none is).
+    pub fn first_above(&self, floor: u64) -> usize {
+        self.seqs.partition_point(|&s| s <= floor)
+    }
 }
 
 /// A message id seen at `at_ms`, and the position its event got.
@@ -139,20 +159,11 @@ pub(crate) fn chan_key(tag: u8, channel: &[u8]) -> Vec<u8> {
     k
 }
 
-/// `h ++ chan ++ seq BE`.
+/// `h ++ chan ++ seq BE`: the key of the chunk whose first event has `seq`.
 pub(crate) fn history_key(channel: &[u8], seq: u64) -> Vec<u8> {
     let mut k = chan_key(PREFIX_HISTORY, channel);
     k.extend_from_slice(&seq.to_be_bytes());
     k
-}
-
-/// The seq at the end of a history key.
-pub(crate) fn history_key_seq(key: &[u8]) -> Result<u64, StorageError> {
-    key.len()
-        .checked_sub(8)
-        .and_then(|at| key[at..].try_into().ok())
-        .map(u64::from_be_bytes)
-        .ok_or_else(|| StorageError::Corrupt("history key too short".into()))
 }
 
 /// The channel inside a `tag ++ chan ++ ...` key, and what follows it.
@@ -255,34 +266,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn head_decodes_from_a_full_record() {
-        let ev = StoredEvent {
+    fn head_decodes_from_a_full_chunk() {
+        let chunk = StoredChunk {
             partition: 3,
             timestamp_ms: 1_700_000_000_000,
             expires_at_ms: Some(1_700_000_001_000),
-            message_id: Some(Bytes::from_static(b"m-1")),
-            payload: Bytes::from(vec![7u8; 1000]),
+            seqs: vec![4, 9, 12],
+            message_ids: vec![Some(Bytes::from_static(b"m-1")), None, None],
+            payloads: vec![
+                Bytes::from(vec![7u8; 1000]),
+                Bytes::new(),
+                Bytes::from_static(b"x"),
+            ],
         };
-        let bytes = encode(&ev);
-        let head: StoredEventHead = decode(&bytes, "event").unwrap();
+        let bytes = encode(&chunk);
+        let head: ChunkHead = decode(&bytes, "chunk").unwrap();
         assert_eq!(head.partition, 3);
-        assert_eq!(head.timestamp_ms, ev.timestamp_ms);
-        assert_eq!(head.expires_at_ms, ev.expires_at_ms);
+        assert_eq!(head.timestamp_ms, chunk.timestamp_ms);
+        assert_eq!(head.expires_at_ms, chunk.expires_at_ms);
+        assert_eq!(head.seqs, chunk.seqs);
         assert!(!head.expired(1_700_000_000_999));
         assert!(head.expired(1_700_000_001_000));
-        let back: StoredEvent = decode(&bytes, "event").unwrap();
-        assert_eq!(back, ev);
+        assert_eq!(head.first_above(0), 0);
+        assert_eq!(head.first_above(4), 1);
+        assert_eq!(head.first_above(10), 2);
+        assert_eq!(head.first_above(12), 3);
+        let back: StoredChunk = decode(&bytes, "chunk").unwrap();
+        assert_eq!(back, chunk);
     }
 
     #[test]
     fn garbage_is_a_corrupt_error() {
-        let e = decode::<StoredEvent>(&[0xff, 0xff, 0xff], "event").unwrap_err();
-        assert!(e.to_string().contains("undecodable event record"), "{e}");
-        let e = decode::<StoredEvent>(
+        let e = decode::<StoredChunk>(&[0xff, 0xff, 0xff], "chunk").unwrap_err();
+        assert!(e.to_string().contains("undecodable chunk record"), "{e}");
+        let e = decode::<StoredChunk>(
             &[
                 1, 1, 1, 1, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
             ],
-            "event",
+            "chunk",
         );
         assert!(e.is_err());
     }
@@ -295,7 +316,6 @@ mod tests {
         assert!(a < b && b < c);
         assert!(a.starts_with(&chan_key(PREFIX_HISTORY, b"ch")));
         assert!(!history_key(b"chx", 1).starts_with(&chan_key(PREFIX_HISTORY, b"ch")));
-        assert_eq!(history_key_seq(&c).unwrap(), 256);
         let (ch, rest) = split_chan(&c).unwrap();
         assert_eq!(ch, b"ch");
         assert_eq!(rest, 256u64.to_be_bytes());

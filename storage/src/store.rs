@@ -22,7 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::codec::{self, ChannelMeta, DedupRecord, StoredEvent, StoredEventHead};
+use crate::codec::{self, ChannelMeta, ChunkHead, DedupRecord, StoredChunk};
 use crate::event::{Epoch, Event, Partition, Position, partition_of, unix_now_ms};
 use crate::namespace::Namespaces;
 
@@ -222,12 +222,21 @@ struct ExpireChunk {
     d_events: i64,
 }
 
+/// A chunk stops growing at this many events ...
+const CHUNK_EVENTS: usize = 128;
+/// ... or once its payloads reach this many bytes (a bigger event makes a chunk of its own).
+const CHUNK_BYTES: usize = 64 << 10;
+
 /// Per-channel work collected while applying one batch.
 struct ChannelWork {
     partition: Partition,
     history_size: u64,
     meta: ChannelMeta,
-    new: Vec<(u64, Vec<u8>)>,
+    /// The batch's apply clock and the channel's TTL deadline: the same for all its new events.
+    timestamp_ms: u64,
+    expires_at_ms: Option<u64>,
+    /// The batch's new events of the channel: seq, message id, payload.
+    new: Vec<(u64, Option<Bytes>, Bytes)>,
 }
 
 /// Opens the sled database, retrying for up to 2 s while its directory lock is held: sled
@@ -539,20 +548,21 @@ impl Store {
                                 partition,
                                 history_size: config.history_size as u64,
                                 meta,
+                                timestamp_ms: now_ms,
+                                expires_at_ms: config.history_ttl.map(|ttl| {
+                                    now_ms.saturating_add(
+                                        ttl.as_millis().min(u128::from(u64::MAX)) as u64
+                                    )
+                                }),
                                 new: Vec::new(),
                             })
                     }
                 };
-                let stored = StoredEvent {
-                    partition,
-                    timestamp_ms: now_ms,
-                    expires_at_ms: config.history_ttl.map(|ttl| {
-                        now_ms.saturating_add(ttl.as_millis().min(u128::from(u64::MAX)) as u64)
-                    }),
-                    message_id: publish.message_id.clone(),
-                    payload: publish.payload.clone(),
-                };
-                work.new.push((position.seq, codec::encode(&stored)));
+                work.new.push((
+                    position.seq,
+                    publish.message_id.clone(),
+                    publish.payload.clone(),
+                ));
             }
 
             out.push(Applied::New(Event {
@@ -572,6 +582,8 @@ impl Store {
                 partition,
                 history_size,
                 mut meta,
+                timestamp_ms,
+                expires_at_ms,
                 new,
             } = work;
             debug_assert_eq!(partition, partition_of(&channel, self.partitions));
@@ -580,25 +592,36 @@ impl Store {
             let excess = total.saturating_sub(history_size);
             let from_old = excess.min(before);
             if from_old > 0 {
-                let prefix = codec::chan_key(codec::PREFIX_HISTORY, &channel);
-                for key in self
-                    .tree
-                    .scan_prefix(&prefix)
-                    .keys()
-                    .take(from_old as usize)
-                {
-                    let key = key?;
-                    meta.removed_through = meta.removed_through.max(codec::history_key_seq(&key)?);
-                    sled_batch.remove(key);
-                }
+                self.trim_oldest(&channel, &mut meta, from_old, None, &mut sled_batch)?;
             }
             let from_new = (excess - from_old) as usize;
-            for (i, (seq, value)) in new.into_iter().enumerate() {
-                if i < from_new {
-                    meta.removed_through = meta.removed_through.max(seq);
-                } else {
-                    sled_batch.insert(codec::history_key(&channel, seq), value);
+            if from_new > 0 {
+                meta.removed_through = meta.removed_through.max(new[from_new - 1].0);
+            }
+            let mut chunk = StoredChunk {
+                partition,
+                timestamp_ms,
+                expires_at_ms,
+                seqs: Vec::new(),
+                message_ids: Vec::new(),
+                payloads: Vec::new(),
+            };
+            let mut chunk_bytes = 0;
+            for (seq, message_id, payload) in new.into_iter().skip(from_new) {
+                if !chunk.seqs.is_empty()
+                    && (chunk.seqs.len() == CHUNK_EVENTS
+                        || chunk_bytes + payload.len() > CHUNK_BYTES)
+                {
+                    write_chunk(&channel, &mut chunk, &mut sled_batch);
+                    chunk_bytes = 0;
                 }
+                chunk_bytes += payload.len();
+                chunk.seqs.push(seq);
+                chunk.message_ids.push(message_id);
+                chunk.payloads.push(payload);
+            }
+            if !chunk.seqs.is_empty() {
+                write_chunk(&channel, &mut chunk, &mut sled_batch);
             }
             meta.retained = total - excess;
             sled_batch.insert(
@@ -638,6 +661,26 @@ impl Store {
         add(&self.stat_events, d_events);
         Ok(out)
     }
+}
+
+/// Event `i` of `chunk`.
+fn chunk_event(channel: &Bytes, chunk: &StoredChunk, i: usize) -> Event {
+    Event {
+        position: Position::new(chunk.partition, chunk.seqs[i]),
+        channel: channel.clone(),
+        payload: chunk.payloads[i].clone(),
+        message_id: chunk.message_ids[i].clone(),
+        timestamp_ms: chunk.timestamp_ms,
+    }
+}
+
+/// Writes `chunk` under its first seq's key and empties it for the next one.
+fn write_chunk(channel: &[u8], chunk: &mut StoredChunk, batch: &mut sled::Batch) {
+    let key = codec::history_key(channel, chunk.seqs[0]);
+    batch.insert(key, codec::encode(&*chunk));
+    chunk.seqs.clear();
+    chunk.message_ids.clear();
+    chunk.payloads.clear();
 }
 
 fn add(a: &AtomicU64, d: i64) {
@@ -709,14 +752,19 @@ impl Store {
         now_ms: u64,
     ) -> Result<Vec<Event>, StorageError> {
         let mut out = Vec::new();
-        if limit == 0 {
+        if limit == 0 || after_seq == Some(u64::MAX) {
             return Ok(out);
         }
+        let floor = self.removed_through(channel)?.max(after_seq.unwrap_or(0));
         let prefix = codec::chan_key(codec::PREFIX_HISTORY, channel);
-        let start = match after_seq {
+        // Start at the chunk that may hold `floor + 1`: the last one starting at or before it.
+        let start = match self
+            .tree
+            .range(prefix.clone()..=codec::history_key(channel, floor + 1))
+            .next_back()
+        {
+            Some(kv) => kv?.0.to_vec(),
             None => prefix.clone(),
-            Some(u64::MAX) => return Ok(out),
-            Some(s) => codec::history_key(channel, s + 1),
         };
         let channel = Bytes::copy_from_slice(channel);
         for kv in self.tree.range(start..) {
@@ -724,10 +772,16 @@ impl Store {
             if !k.starts_with(&prefix) {
                 break;
             }
-            if let Some(ev) = self.to_event(&channel, &k, &v, now_ms)? {
-                out.push(ev);
+            let head: ChunkHead = codec::decode(&v, "chunk")?;
+            let first = head.first_above(floor);
+            if head.expired(now_ms) || first == head.seqs.len() {
+                continue;
+            }
+            let chunk: StoredChunk = codec::decode(&v, "chunk")?;
+            for i in first..chunk.seqs.len() {
+                out.push(chunk_event(&channel, &chunk, i));
                 if out.len() == limit {
-                    break;
+                    return Ok(out);
                 }
             }
         }
@@ -750,14 +804,21 @@ impl Store {
         if n == 0 {
             return Ok(out);
         }
+        let floor = self.removed_through(channel)?;
         let prefix = codec::chan_key(codec::PREFIX_HISTORY, channel);
         let channel = Bytes::copy_from_slice(channel);
-        for kv in self.tree.scan_prefix(&prefix).rev() {
-            let (k, v) = kv?;
-            if let Some(ev) = self.to_event(&channel, &k, &v, now_ms)? {
-                out.push(ev);
+        'chunks: for kv in self.tree.scan_prefix(&prefix).rev() {
+            let (_, v) = kv?;
+            let head: ChunkHead = codec::decode(&v, "chunk")?;
+            let first = head.first_above(floor);
+            if head.expired(now_ms) || first == head.seqs.len() {
+                continue;
+            }
+            let chunk: StoredChunk = codec::decode(&v, "chunk")?;
+            for i in (first..chunk.seqs.len()).rev() {
+                out.push(chunk_event(&channel, &chunk, i));
                 if out.len() == n {
-                    break;
+                    break 'chunks;
                 }
             }
         }
@@ -772,15 +833,14 @@ impl Store {
 
     /// [`Store::oldest`] with an explicit clock.
     pub fn oldest_at(&self, channel: &[u8], now_ms: u64) -> Result<Option<Position>, StorageError> {
+        let floor = self.removed_through(channel)?;
         let prefix = codec::chan_key(codec::PREFIX_HISTORY, channel);
         for kv in self.tree.scan_prefix(&prefix) {
-            let (k, v) = kv?;
-            let head: StoredEventHead = codec::decode(&v, "event")?;
-            if !head.expired(now_ms) {
-                return Ok(Some(Position::new(
-                    head.partition,
-                    codec::history_key_seq(&k)?,
-                )));
+            let (_, v) = kv?;
+            let head: ChunkHead = codec::decode(&v, "chunk")?;
+            let first = head.first_above(floor);
+            if !head.expired(now_ms) && first < head.seqs.len() {
+                return Ok(Some(Position::new(head.partition, head.seqs[first])));
             }
         }
         Ok(None)
@@ -792,7 +852,7 @@ impl Store {
     /// A client resuming `channel` after seq `c` (its cursor's seq for the channel's partition)
     /// may have missed events iff `c < retention_floor(channel)`: that is the gap test. It can
     /// over-report (a floor inherited from the partition when the channel's bookkeeping was
-    /// dropped), never under-report. Cost: one pass over the channel's retained event heads.
+    /// dropped), never under-report. Cost: one pass over the channel's chunk heads.
     pub fn retention_floor(&self, channel: &[u8]) -> Result<u64, StorageError> {
         self.retention_floor_at(channel, unix_now_ms())
     }
@@ -806,34 +866,60 @@ impl Store {
         };
         let prefix = codec::chan_key(codec::PREFIX_HISTORY, channel);
         for kv in self.tree.scan_prefix(&prefix) {
-            let (k, v) = kv?;
-            let head: StoredEventHead = codec::decode(&v, "event")?;
+            let (_, v) = kv?;
+            let head: ChunkHead = codec::decode(&v, "chunk")?;
             if head.expired(now_ms) {
-                floor = floor.max(codec::history_key_seq(&k)?);
+                floor = floor.max(head.seqs.last().copied().unwrap_or(0));
             }
         }
         Ok(floor)
     }
 
-    fn to_event(
+    /// The channel's `removed_through` (0 without bookkeeping, which means without chunks).
+    fn removed_through(&self, channel: &[u8]) -> Result<u64, StorageError> {
+        let meta_key = codec::chan_key(codec::PREFIX_CHANNEL, channel);
+        Ok(match self.tree.get(&meta_key)? {
+            Some(v) => codec::decode::<ChannelMeta>(&v, "channel meta")?.removed_through,
+            None => 0,
+        })
+    }
+
+    /// Moves the oldest `count` retained events of `channel` out of retention (raising
+    /// `meta.removed_through`, not touching `meta.retained`); then, if `expired_at` is given, also
+    /// every retained event in chunks expired at that time, up to the first live chunk. Queues
+    /// the deletion of every chunk left without a retained event. Returns how many events left
+    /// retention and how many chunks are deleted.
+    fn trim_oldest(
         &self,
-        channel: &Bytes,
-        key: &[u8],
-        value: &[u8],
-        now_ms: u64,
-    ) -> Result<Option<Event>, StorageError> {
-        let head: StoredEventHead = codec::decode(value, "event")?;
-        if head.expired(now_ms) {
-            return Ok(None);
+        channel: &[u8],
+        meta: &mut ChannelMeta,
+        count: u64,
+        expired_at: Option<u64>,
+        batch: &mut sled::Batch,
+    ) -> Result<(u64, usize), StorageError> {
+        let prefix = codec::chan_key(codec::PREFIX_HISTORY, channel);
+        let (mut removed, mut chunks) = (0u64, 0usize);
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (key, value) = kv?;
+            let head: ChunkHead = codec::decode(&value, "chunk")?;
+            let len = head.seqs.len();
+            let start = head.first_above(meta.removed_through);
+            let wanted = usize::try_from(count.saturating_sub(removed)).unwrap_or(usize::MAX);
+            let mut end = start + wanted.min(len - start);
+            if end < len && expired_at.is_some_and(|now| head.expired(now)) {
+                end = len;
+            }
+            if end > start {
+                meta.removed_through = meta.removed_through.max(head.seqs[end - 1]);
+                removed += (end - start) as u64;
+            }
+            if end < len {
+                break;
+            }
+            batch.remove(key);
+            chunks += 1;
         }
-        let stored: StoredEvent = codec::decode(value, "event")?;
-        Ok(Some(Event {
-            position: Position::new(stored.partition, codec::history_key_seq(key)?),
-            channel: channel.clone(),
-            payload: stored.payload,
-            message_id: stored.message_id,
-            timestamp_ms: stored.timestamp_ms,
-        }))
+        Ok((removed, chunks))
     }
 
     /// Deletes what retention no longer covers; returns how many records it deleted (events plus
@@ -866,27 +952,16 @@ impl Store {
             let (channel, _) = codec::split_chan(&meta_key)?;
             let config = namespaces.for_channel(channel);
             let excess = meta.retained.saturating_sub(config.history_size as u64);
-            let mut removed = 0u64;
-            let prefix = codec::chan_key(codec::PREFIX_HISTORY, channel);
-            for kv in self.tree.scan_prefix(&prefix) {
-                let (k, v) = kv?;
-                if removed >= excess {
-                    let head: StoredEventHead = codec::decode(&v, "event")?;
-                    if !head.expired(now_ms) {
-                        break;
-                    }
-                }
-                meta.removed_through = meta.removed_through.max(codec::history_key_seq(&k)?);
-                chunk.batch.remove(k);
-                removed += 1;
-            }
+            let (removed, chunks) =
+                self.trim_oldest(channel, &mut meta, excess, Some(now_ms), &mut chunk.batch)?;
+            let removed = removed.min(meta.retained);
             if removed == 0 && meta.retained > 0 {
                 continue;
             }
             let before = meta.retained;
             meta.retained = meta.retained.saturating_sub(removed);
             chunk.d_events -= (before - meta.retained) as i64;
-            chunk.ops += removed as usize + 1;
+            chunk.ops += chunks + 1;
             deleted += removed as usize;
             if meta.retained == 0 {
                 let p = partition_of(channel, self.partitions);
@@ -1684,6 +1759,97 @@ mod tests {
         assert!(!fresh[0].is_duplicate());
     }
 
+    /// The keys of `channel`'s history chunks, i.e. their first seqs.
+    fn chunk_starts(store: &Store, channel: &str) -> Vec<u64> {
+        store
+            .tree
+            .scan_prefix(codec::chan_key(codec::PREFIX_HISTORY, channel.as_bytes()))
+            .keys()
+            .map(|k| {
+                let k = k.unwrap();
+                u64::from_be_bytes(k[k.len() - 8..].try_into().unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn history_chunks_split_trim_partially_and_go_when_empty() {
+        let dir = TempDir::new("chunks");
+        let store = Store::open(dir.path(), opts(1)).unwrap();
+        let namespaces = ns(200, None);
+        let seqs = |events: &[Event]| events.iter().map(|e| e.position.seq).collect::<Vec<_>>();
+
+        // 300 in one batch: the oldest 100 are never written, the rest fill a full chunk and
+        // part of a second.
+        let batch: Vec<Publish> = (1..=300).map(|i| publish("c", &i.to_string())).collect();
+        store.apply(&batch, &namespaces, T0).unwrap();
+        assert_eq!(
+            chunk_starts(&store, "c"),
+            vec![101, 101 + CHUNK_EVENTS as u64]
+        );
+        let all = store.history_after_at(b"c", None, 1000, T0).unwrap();
+        assert_eq!(seqs(&all), (101..=300).collect::<Vec<_>>());
+        assert_eq!(store.retention_floor_at(b"c", T0).unwrap(), 100);
+
+        // 50 more: the first chunk loses its oldest 50 but stays, hiding them.
+        let batch: Vec<Publish> = (301..=350).map(|i| publish("c", &i.to_string())).collect();
+        store.apply(&batch, &namespaces, T0).unwrap();
+        assert_eq!(chunk_starts(&store, "c"), vec![101, 229, 301]);
+        let all = store.history_after_at(b"c", None, 1000, T0).unwrap();
+        assert_eq!(seqs(&all), (151..=350).collect::<Vec<_>>());
+        assert_eq!(payloads(&all[..1]), vec!["151"]);
+        assert_eq!(
+            seqs(&store.last_at(b"c", 3, T0).unwrap()),
+            vec![348, 349, 350]
+        );
+        assert_eq!(
+            store.oldest_at(b"c", T0).unwrap(),
+            Some(Position::new(0, 151))
+        );
+        assert_eq!(store.retention_floor_at(b"c", T0).unwrap(), 150);
+        assert_eq!(
+            seqs(&store.history_after_at(b"c", Some(120), 2, T0).unwrap()),
+            vec![151, 152]
+        );
+        assert_eq!(
+            seqs(&store.history_after_at(b"c", Some(240), 2, T0).unwrap()),
+            vec![241, 242]
+        );
+
+        // Payloads beyond the chunk byte limit start chunks of their own.
+        let big = "x".repeat(CHUNK_BYTES);
+        let batch = vec![
+            publish("c", "small"),
+            publish("c", &big),
+            publish("c", "after"),
+        ];
+        store.apply(&batch, &namespaces, T0).unwrap();
+        assert_eq!(
+            chunk_starts(&store, "c"),
+            vec![101, 229, 301, 351, 352, 353]
+        );
+        let last = store.last_at(b"c", 3, T0).unwrap();
+        assert_eq!(last[1].payload.len(), CHUNK_BYTES);
+        assert_eq!(payloads(&last[2..]), vec!["after"]);
+
+        // A lowered history size: expire deletes the chunks left without a retained event.
+        let deleted = store.expire(&ns(2, None), T0).unwrap();
+        assert_eq!(deleted, 198);
+        assert_eq!(chunk_starts(&store, "c"), vec![352, 353]);
+        assert_eq!(
+            seqs(&store.history_after_at(b"c", None, 10, T0).unwrap()),
+            vec![352, 353]
+        );
+        assert_eq!(store.retention_floor_at(b"c", T0).unwrap(), 351);
+        assert_eq!(
+            store.channel_stats(),
+            ChannelStats {
+                channels: 1,
+                events: 2
+            }
+        );
+    }
+
     #[test]
     fn expire_works_in_chunks() {
         let dir = TempDir::new("chunks");
@@ -1851,6 +2017,7 @@ mod tests {
             let mut last: BTreeMap<Partition, u64> = BTreeMap::new();
             let mut ids: HashMap<(usize, u8), Position> = HashMap::new();
             let mut history: HashMap<usize, Vec<(Position, String)>> = HashMap::new();
+            let mut dropped: HashMap<usize, u64> = HashMap::new();
             let mut n = 0u32;
             for (b, batch) in batches.iter().enumerate() {
                 let publishes: Vec<Publish> = batch
@@ -1877,7 +2044,10 @@ mod tests {
                     let h = history.entry(c).or_default();
                     h.push((pos, String::from_utf8(p.payload.to_vec()).unwrap()));
                     let keep = namespaces.for_channel(CHANNELS[c].as_bytes()).history_size;
-                    if h.len() > keep { h.remove(0); }
+                    if h.len() > keep {
+                        let (gone, _) = h.remove(0);
+                        dropped.insert(c, gone.seq);
+                    }
                 }
             }
             for (p, seq) in &last {
@@ -1895,6 +2065,30 @@ mod tests {
                     .collect();
                 prop_assert_eq!(&got, &want);
                 total += want.len() as u64;
+
+                // Every other read agrees with the model: the last n, resuming after each
+                // retained event and after the last dropped one, the oldest, the loss floor.
+                let name = name.as_bytes();
+                let events = |got: Vec<Event>| -> Vec<(Position, String)> {
+                    got.iter()
+                        .map(|e| (e.position, String::from_utf8(e.payload.to_vec()).unwrap()))
+                        .collect()
+                };
+                for k in 0..=want.len() + 1 {
+                    let tail = want[want.len().saturating_sub(k)..].to_vec();
+                    prop_assert_eq!(events(store.last_at(name, k, T0).unwrap()), tail);
+                }
+                for (i, (pos, _)) in want.iter().enumerate() {
+                    let rest = events(store.history_after_at(name, Some(pos.seq), 100, T0).unwrap());
+                    prop_assert_eq!(rest, want[i + 1..].to_vec());
+                    let one = events(store.history_after_at(name, Some(pos.seq), 1, T0).unwrap());
+                    prop_assert_eq!(one, want[i + 1..].iter().take(1).cloned().collect::<Vec<_>>());
+                }
+                let floor = dropped.get(&c).copied().unwrap_or(0);
+                prop_assert_eq!(store.retention_floor_at(name, T0).unwrap(), floor);
+                let resumed = events(store.history_after_at(name, Some(floor), 100, T0).unwrap());
+                prop_assert_eq!(resumed, want.clone());
+                prop_assert_eq!(store.oldest_at(name, T0).unwrap(), want.first().map(|(p, _)| *p));
             }
             prop_assert_eq!(store.channel_stats().events, total);
         }
