@@ -74,10 +74,14 @@ pub(super) fn history(session: &mut Session, args: &Args) {
     let after_seq = after
         .filter(|c| c.epoch == broker.epoch())
         .map(|c| c.get(partition).unwrap_or(0));
+    // Only what is committed (flushed) is shown: the store may already hold the next batch
+    // while its flush is in flight, and a cursor must never name an event a crash could undo.
+    let committed = broker.committed_seq(partition);
     match broker.store().history_after(channel, after_seq, count) {
         Ok(events) => {
             let items = events
                 .into_iter()
+                .take_while(|event| event.position.seq <= committed)
                 .map(|event| {
                     let mut cursor = Cursor::new(broker.epoch());
                     cursor.advance(event.position);
