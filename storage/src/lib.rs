@@ -14,8 +14,10 @@
 //!   channel family, parsed with serde (`[namespace.NAME]` tables).
 //! - [`store`]: [`Store`]: open/create, [`Store::apply`] (THE state machine apply, one atomic
 //!   sled batch per call), flush, history reads, TTL and dedup expiry, stats.
-//! - [`log`]: [`LocalLog`]: the log of one member: a committer task that batches concurrent
-//!   publishes into one apply + one flush (group commit) and acknowledges only after the flush.
+//! - [`log`]: [`LocalLog`]: the log of one member: a two-stage pipeline that batches concurrent
+//!   publishes into one apply (group commit), flushes the batches applied meanwhile together
+//!   while it applies the next, and acknowledges a publish only after a flush that followed its
+//!   apply.
 //! - `codec` (private): the on-disk key layout and the bincode value encoding, in one place.
 //!
 //! ## Guarantees

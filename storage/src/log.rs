@@ -1,12 +1,21 @@
-//! The log of one member: group commit on a single node.
+//! The log of one member: group commit on a single node, in a two-stage pipeline.
 //!
-//! Publishers hand their publishes to one committer task through a bounded queue. The committer
-//! takes everything queued (up to [`LogOptions::max_batch_publishes`] publishes or
-//! [`LogOptions::max_batch_bytes`] bytes) as one batch, runs [`Store::apply`] on it, flushes the
-//! store, hands the new events to `on_commit` (this is how the hub gets them, in commit order),
-//! and only then acknowledges every publisher of the batch. While one flush is in flight the next
-//! publishes queue up, so N concurrent publishers share one flush. When the queue is full,
-//! publishers wait: that is the backpressure.
+//! Publishers hand their publishes to the log through a bounded queue; when it is full they
+//! wait: that is the backpressure. Two stages commit them:
+//!
+//! 1. The **applier** takes everything queued (up to [`LogOptions::max_batch_publishes`]
+//!    publishes or [`LogOptions::max_batch_bytes`] bytes) as one batch, runs [`Store::apply`] on
+//!    it, passes the result to the flusher through a short bounded queue (4
+//!    batches; the applier waits when it is full) and goes on with the next batch.
+//! 2. The **flusher** takes every applied batch waiting, runs ONE flush of the store (it starts
+//!    after all their applies returned, so it covers them), then, batch by batch in apply
+//!    order, hands the new events to `on_commit` (this is how the hub gets them, in commit
+//!    order) and only then acknowledges the batch's publishers. A failed flush fails every batch
+//!    it was to cover.
+//!
+//! So applying batch N+1 overlaps flushing batch N, N concurrent publishers share one apply,
+//! and the batches applied during one flush share the next. No publish is acknowledged, nor
+//! handed to `on_commit`, before a flush that started after its apply returned.
 //!
 //! The cluster replaces this with the partition Raft groups; what it calls on commit is the same
 //! [`Store::apply`].
@@ -23,9 +32,13 @@ use crate::store::{Applied, Publish, StorageError, Store};
 
 /// What the log calls with each committed batch's new events (duplicates left out), in commit
 /// order, after the flush and before any publisher of the batch is acknowledged. It runs on the
-/// committer task, so it must be quick and must not block (queue to the hub, don't write to
-/// sockets). A panic in it is caught and logged; the batch is still acknowledged (it is durable).
+/// flusher, so it must be quick and must not block (queue to the hub, don't write to sockets):
+/// the next flush waits for it. A panic in it is caught and logged; the batch is still
+/// acknowledged (it is durable).
 pub type OnCommit = Arc<dyn Fn(&[Event]) + Send + Sync>;
+
+/// Applied batches that may wait for the flusher; when that many wait, the applier waits too.
+const PIPELINE_DEPTH: usize = 4;
 
 /// Limits of the log; [`LogOptions::default`] is what [`LocalLog::start`] uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,7 +65,8 @@ impl Default for LogOptions {
 /// Counters of the log since it started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LogStats {
-    /// Batches committed (each is one apply and one flush).
+    /// Batches committed (each is one apply; one flush covers every batch applied while the
+    /// flush before it ran).
     pub batches: u64,
     /// Publishes committed (duplicates included).
     pub publishes: u64,
@@ -66,15 +80,50 @@ enum Msg {
     Close(oneshot::Sender<()>),
 }
 
+type Reply = oneshot::Sender<Result<Vec<Applied>, StorageError>>;
+
 struct Request {
     publishes: Vec<Publish>,
     bytes: usize,
-    reply: oneshot::Sender<Result<Vec<Applied>, StorageError>>,
+    reply: Reply,
+}
+
+/// A batch the applier has applied (or failed to), on its way to the flusher.
+struct Batch {
+    /// Each request's reply and number of publishes, in queue order.
+    replies: Vec<(Reply, usize)>,
+    /// Publishes of the batch.
+    count: usize,
+    applied: Result<Vec<Applied>, StorageError>,
+    /// Number of the batch, counting from 1 in apply order (for the tests' trace).
+    #[cfg_attr(not(test), allow(dead_code))]
+    id: u64,
+}
+
+/// What the pipeline did, in order, recorded by the tests' builds.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// The apply of batch N returned.
+    Applied(u64),
+    /// A flush started.
+    Flush,
+    /// Batch N is about to go to `on_commit` and be acknowledged.
+    Committed(u64),
 }
 
 struct Counters {
     batches: AtomicU64,
     publishes: AtomicU64,
+    #[cfg(test)]
+    trace: parking_lot::Mutex<Vec<Step>>,
+}
+
+impl Counters {
+    #[cfg(test)]
+    fn trace(&self, step: Step) {
+        self.trace.lock().push(step);
+    }
 }
 
 struct Inner {
@@ -82,8 +131,8 @@ struct Inner {
     counters: Arc<Counters>,
 }
 
-/// A handle to the single-node log; cheap to clone. The committer task stops once every handle
-/// is dropped and the queued publishes are committed.
+/// A handle to the single-node log; cheap to clone. The pipeline stops once every handle is
+/// dropped and the queued publishes are committed.
 #[derive(Clone)]
 pub struct LocalLog {
     inner: Arc<Inner>,
@@ -98,13 +147,12 @@ impl std::fmt::Debug for LocalLog {
 }
 
 impl LocalLog {
-    /// Starts the committer task with [`LogOptions::default`]. Must be called inside a Tokio
-    /// runtime.
+    /// Starts the pipeline with [`LogOptions::default`]. Must be called inside a Tokio runtime.
     pub fn start(store: Arc<Store>, namespaces: Arc<Namespaces>, on_commit: OnCommit) -> LocalLog {
         Self::start_with(store, namespaces, on_commit, LogOptions::default())
     }
 
-    /// Starts the committer task with explicit limits. Must be called inside a Tokio runtime.
+    /// Starts the pipeline with explicit limits. Must be called inside a Tokio runtime.
     pub fn start_with(
         store: Arc<Store>,
         namespaces: Arc<Namespaces>,
@@ -115,15 +163,19 @@ impl LocalLog {
         let counters = Arc::new(Counters {
             batches: AtomicU64::new(0),
             publishes: AtomicU64::new(0),
+            #[cfg(test)]
+            trace: parking_lot::Mutex::default(),
         });
-        let committer = Committer {
+        let committer = Arc::new(Committer {
             store,
             namespaces,
             on_commit,
             options,
             counters: counters.clone(),
-        };
-        tokio::spawn(committer.run(rx));
+        });
+        let (applied_tx, applied_rx) = mpsc::channel(PIPELINE_DEPTH);
+        let flusher = tokio::spawn(committer.clone().run_flusher(applied_rx));
+        tokio::spawn(committer.run_applier(rx, applied_tx, flusher));
         LocalLog {
             inner: Arc::new(Inner { tx, counters }),
         }
@@ -183,8 +235,8 @@ impl LocalLog {
 
     /// Stops the log for every handle: publishes queued before this call are committed and
     /// acknowledged as usual, later ones fail with [`StorageError::Closed`]. Resolves once the
-    /// committer has finished its last batch (its flush included), so the node can close the
-    /// store after it. Calling it again, or after the committer stopped, returns at once.
+    /// pipeline has committed its last batch (its flush included), so the node can close the
+    /// store after it. Calling it again, or after the pipeline stopped, returns at once.
     pub async fn close(&self) {
         let (done, rx) = oneshot::channel();
         if self.inner.tx.send(Msg::Close(done)).await.is_ok() {
@@ -226,49 +278,168 @@ struct Committer {
     counters: Arc<Counters>,
 }
 
+/// What the applier carries from one batch to the next.
+#[derive(Default)]
+struct Intake {
+    /// A request that did not fit in the last batch: it starts the next one.
+    carry: Option<Request>,
+    /// `close()` calls seen; answered once the last batch is committed.
+    closing: Vec<oneshot::Sender<()>>,
+}
+
 impl Committer {
-    async fn run(self, mut rx: mpsc::Receiver<Msg>) {
-        let mut carry: Option<Request> = None;
-        let mut closing: Option<oneshot::Sender<()>> = None;
+    /// Grows a batch from `first` with what is queued right now, within the limits. Stops at a
+    /// `Close` (which it records).
+    fn fill(
+        &self,
+        first: Request,
+        rx: &mut mpsc::Receiver<Msg>,
+        intake: &mut Intake,
+    ) -> (Vec<Request>, usize) {
+        let mut count = first.publishes.len();
+        let mut bytes = first.bytes;
+        let mut requests = vec![first];
+        while count < self.options.max_batch_publishes && bytes < self.options.max_batch_bytes {
+            match rx.try_recv() {
+                Ok(Msg::Close(done)) => {
+                    intake.closing.push(done);
+                    break;
+                }
+                Ok(Msg::Publish(r)) => {
+                    if count + r.publishes.len() > self.options.max_batch_publishes
+                        || bytes + r.bytes > self.options.max_batch_bytes
+                    {
+                        intake.carry = Some(r);
+                        break;
+                    }
+                    count += r.publishes.len();
+                    bytes += r.bytes;
+                    requests.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        (requests, count)
+    }
+
+    /// Stage 1's work on one batch: [`Store::apply`] (blocking). A panic in it fails the batch.
+    fn apply(&self, requests: Vec<Request>, count: usize, id: u64) -> Batch {
+        let mut publishes = Vec::with_capacity(count);
+        let mut replies = Vec::with_capacity(requests.len());
+        for r in requests {
+            replies.push((r.reply, r.publishes.len()));
+            publishes.extend(r.publishes);
+        }
+        let now = unix_now_ms();
+        let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.store.apply(&publishes, &self.namespaces, now)
+        }))
+        .unwrap_or_else(|_| Err(StorageError::Internal("apply panicked".into())));
+        #[cfg(test)]
+        self.counters.trace(Step::Applied(id));
+        Batch {
+            replies,
+            count,
+            applied,
+            id,
+        }
+    }
+
+    /// Stage 2's work after the flush of `group` returned `flushed`: commits each batch in
+    /// apply order (`on_commit`, then its replies), or fails it.
+    fn finish(&self, group: &mut Vec<Batch>, flushed: &Result<(), StorageError>) {
+        for batch in group.drain(..) {
+            let result = match (batch.applied, flushed) {
+                (Ok(applied), Ok(())) => Ok(applied),
+                (Err(e), _) => Err(e),
+                (Ok(_), Err(e)) => Err(e.clone()),
+            };
+            let applied = match result {
+                Ok(applied) => applied,
+                Err(e) => {
+                    tracing::error!(error = %e, publishes = batch.count, "log batch failed");
+                    for (reply, _) in batch.replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                    continue;
+                }
+            };
+            #[cfg(test)]
+            self.counters.trace(Step::Committed(batch.id));
+            self.counters.batches.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .publishes
+                .fetch_add(applied.len() as u64, Ordering::Relaxed);
+            let events: Vec<Event> = applied
+                .iter()
+                .filter_map(|a| match a {
+                    Applied::New(e) => Some(e.clone()),
+                    Applied::Duplicate(_) => None,
+                })
+                .collect();
+            if !events.is_empty() {
+                let on_commit = &self.on_commit;
+                if std::panic::catch_unwind(AssertUnwindSafe(|| on_commit(&events))).is_err() {
+                    tracing::error!(events = events.len(), "on_commit panicked");
+                }
+            }
+            let mut rest = applied.into_iter();
+            for (reply, n) in batch.replies {
+                let mine: Vec<Applied> = rest.by_ref().take(n).collect();
+                let _ = reply.send(Ok(mine));
+            }
+        }
+    }
+}
+
+impl Committer {
+    /// Stage 1: batches, applies, hands over to the flusher. On close (or once every handle is
+    /// dropped) it waits for the flusher to commit the last batch, then refuses what is still
+    /// queued and answers the `close()` calls.
+    async fn run_applier(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<Msg>,
+        to_flusher: mpsc::Sender<Batch>,
+        flusher: tokio::task::JoinHandle<()>,
+    ) {
+        let mut intake = Intake::default();
+        let mut next_id = 0;
         loop {
-            let first = match carry.take() {
+            let first = match intake.carry.take() {
                 Some(r) => r,
                 None => match rx.recv().await {
                     Some(Msg::Publish(r)) => r,
                     Some(Msg::Close(done)) => {
-                        closing = Some(done);
+                        intake.closing.push(done);
                         break;
                     }
                     None => break,
                 },
             };
-            let mut count = first.publishes.len();
-            let mut bytes = first.bytes;
-            let mut requests = vec![first];
-            while count < self.options.max_batch_publishes && bytes < self.options.max_batch_bytes {
-                match rx.try_recv() {
-                    Ok(Msg::Close(done)) => {
-                        closing = Some(done);
-                        break;
-                    }
-                    Ok(Msg::Publish(r)) => {
-                        if count + r.publishes.len() > self.options.max_batch_publishes
-                            || bytes + r.bytes > self.options.max_batch_bytes
-                        {
-                            carry = Some(r);
-                            break;
-                        }
-                        count += r.publishes.len();
-                        bytes += r.bytes;
-                        requests.push(r);
-                    }
+            let (requests, count) = self.fill(first, &mut rx, &mut intake);
+            next_id += 1;
+            let id = next_id;
+            let committer = self.clone();
+            let batch =
+                match tokio::task::spawn_blocking(move || committer.apply(requests, count, id))
+                    .await
+                {
+                    Ok(batch) => batch,
+                    // Only when the runtime shuts down: the replies were dropped (`Closed`).
                     Err(_) => break,
-                }
-            }
-            self.commit(requests, count).await;
-            if closing.is_some() {
+                };
+            // Waits while PIPELINE_DEPTH batches wait for the flusher (backpressure).
+            if to_flusher.send(batch).await.is_err() {
+                // The flusher is gone; the batch's replies were dropped (`Closed`).
                 break;
             }
+            if !intake.closing.is_empty() {
+                break;
+            }
+        }
+        drop(to_flusher);
+        if flusher.await.is_err() {
+            tracing::error!("local log flusher failed");
         }
         // Refuse what is still queued (it was sent after the close) and anything later.
         rx.close();
@@ -277,69 +448,37 @@ impl Committer {
                 Msg::Publish(r) => {
                     let _ = r.reply.send(Err(StorageError::Closed));
                 }
-                Msg::Close(done) => {
-                    let _ = done.send(());
-                }
+                Msg::Close(done) => intake.closing.push(done),
             }
         }
-        if let Some(done) = closing {
+        for done in intake.closing {
             let _ = done.send(());
         }
-        tracing::debug!("local log committer stopped");
+        tracing::debug!("local log stopped");
     }
 
-    async fn commit(&self, mut requests: Vec<Request>, count: usize) {
-        let mut publishes = Vec::with_capacity(count);
-        let mut counts = Vec::with_capacity(requests.len());
-        for r in &mut requests {
-            counts.push(r.publishes.len());
-            publishes.append(&mut r.publishes);
-        }
-        let result = self.apply_and_flush(publishes).await;
-        match result {
-            Ok(applied) => {
-                self.counters.batches.fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .publishes
-                    .fetch_add(applied.len() as u64, Ordering::Relaxed);
-                let events: Vec<Event> = applied
-                    .iter()
-                    .filter_map(|a| match a {
-                        Applied::New(e) => Some(e.clone()),
-                        Applied::Duplicate(_) => None,
-                    })
-                    .collect();
-                if !events.is_empty() {
-                    let on_commit = &self.on_commit;
-                    if std::panic::catch_unwind(AssertUnwindSafe(|| on_commit(&events))).is_err() {
-                        tracing::error!(events = events.len(), "on_commit panicked");
-                    }
-                }
-                let mut rest = applied.into_iter();
-                for (r, n) in requests.into_iter().zip(counts) {
-                    let mine: Vec<Applied> = rest.by_ref().take(n).collect();
-                    let _ = r.reply.send(Ok(mine));
+    /// Stage 2: takes every applied batch waiting, flushes once for all of them, commits them
+    /// in apply order. Ends when the applier is gone and nothing waits.
+    async fn run_flusher(self: Arc<Self>, mut rx: mpsc::Receiver<Batch>) {
+        let mut group = Vec::with_capacity(PIPELINE_DEPTH + 1);
+        while let Some(first) = rx.recv().await {
+            group.push(first);
+            while group.len() <= PIPELINE_DEPTH {
+                match rx.try_recv() {
+                    Ok(batch) => group.push(batch),
+                    Err(_) => break,
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, publishes = count, "log batch failed");
-                for r in requests {
-                    let _ = r.reply.send(Err(e.clone()));
-                }
-            }
+            // Every batch in `group` was applied before it was sent, so this flush covers them.
+            let flushed = if group.iter().any(|b| b.applied.is_ok()) {
+                #[cfg(test)]
+                self.counters.trace(Step::Flush);
+                self.store.flush().await
+            } else {
+                Ok(())
+            };
+            self.finish(&mut group, &flushed);
         }
-    }
-
-    async fn apply_and_flush(&self, publishes: Vec<Publish>) -> Result<Vec<Applied>, StorageError> {
-        let store = self.store.clone();
-        let namespaces = self.namespaces.clone();
-        let now = unix_now_ms();
-        let applied =
-            tokio::task::spawn_blocking(move || store.apply(&publishes, &namespaces, now))
-                .await
-                .map_err(|e| StorageError::Internal(format!("apply task failed: {e}")))??;
-        self.store.flush().await?;
-        Ok(applied)
     }
 }
 
@@ -414,6 +553,115 @@ mod tests {
         }
         assert_eq!(delivered, 200);
         assert_eq!(store.channel_stats().events, 200);
+    }
+
+    /// Many publishers, small batches and a slow `on_commit` (so the applier runs ahead of the
+    /// flusher): batches overlap, yet every event reaches `on_commit` once, in commit order, and
+    /// each batch is committed only after a flush that started once its apply had returned.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn overlapping_batches_commit_in_order_after_a_later_flush() {
+        let dir = TempDir::new("pipeline");
+        let store = open(&dir);
+        let seen = Arc::new(Mutex::new(Vec::<Event>::new()));
+        let s = seen.clone();
+        let on_commit: OnCommit = Arc::new(move |events: &[Event]| {
+            s.lock().extend_from_slice(events);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        });
+        let options = LogOptions {
+            max_batch_publishes: 4,
+            ..LogOptions::default()
+        };
+        let log = LocalLog::start_with(
+            store.clone(),
+            Arc::new(Namespaces::default()),
+            on_commit,
+            options,
+        );
+        const PUBLISHERS: usize = 32;
+        const EACH: usize = 20;
+        let tasks: Vec<_> = (0..PUBLISHERS)
+            .map(|p| {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut acked = Vec::new();
+                    for i in 0..EACH {
+                        let publish = Publish::new(format!("ch{p}"), format!("{i}"));
+                        acked.push(log.publish(publish).await.unwrap().position());
+                    }
+                    acked
+                })
+            })
+            .collect();
+        let mut acked = HashSet::new();
+        for t in tasks {
+            for position in t.await.unwrap() {
+                assert!(acked.insert(position), "position reused");
+            }
+        }
+        let total = PUBLISHERS * EACH;
+        assert_eq!(acked.len(), total);
+
+        // on_commit saw each acknowledged event once, in commit order.
+        let seen = seen.lock().clone();
+        assert_eq!(seen.len(), total);
+        assert_eq!(
+            seen.iter().map(|e| e.position).collect::<HashSet<_>>(),
+            acked
+        );
+        let mut last: BTreeMap<u16, u64> = BTreeMap::new();
+        for e in &seen {
+            let prev = last
+                .insert(e.position.partition, e.position.seq)
+                .unwrap_or(0);
+            assert_eq!(e.position.seq, prev + 1, "out of commit order");
+        }
+
+        // Each batch: applied, then a flush started, then committed; batches in apply order.
+        let trace = log.inner.counters.trace.lock().clone();
+        let mut applied = HashSet::new();
+        let mut flushed = HashSet::new(); // applied before the latest flush started
+        let mut next_commit = 1;
+        let mut overlapped = 0; // batches applied while an earlier one waited for its commit
+        let mut shared = 0; // flushes that covered more than one batch
+        let mut this_flush = 0;
+        for step in &trace {
+            match *step {
+                Step::Applied(id) => {
+                    if id > next_commit {
+                        overlapped += 1;
+                    }
+                    applied.insert(id);
+                }
+                Step::Flush => {
+                    shared += usize::from(this_flush > 1);
+                    this_flush = 0;
+                    flushed.extend(applied.iter().copied());
+                }
+                Step::Committed(id) => {
+                    assert_eq!(id, next_commit, "committed out of apply order");
+                    assert!(
+                        flushed.contains(&id),
+                        "batch {id} committed before a flush after its apply"
+                    );
+                    next_commit += 1;
+                    this_flush += 1;
+                }
+            }
+        }
+        shared += usize::from(this_flush > 1);
+        let stats = log.stats();
+        assert_eq!(stats.batches, next_commit - 1);
+        assert_eq!(stats.batches as usize, applied.len());
+        assert_eq!(stats.publishes as usize, total);
+        let flushes = trace.iter().filter(|s| **s == Step::Flush).count();
+        eprintln!(
+            "{total} publishes: {} batches, {flushes} flushes, {overlapped} applied ahead, {shared} shared flushes",
+            stats.batches
+        );
+        assert!(overlapped > 0, "no apply overlapped a flush");
+        assert!(shared > 0, "no flush covered two batches");
+        assert_eq!(store.channel_stats().events as usize, total);
     }
 
     #[tokio::test]
