@@ -1,12 +1,12 @@
 //! The log of one member: group commit on a single node, in a two-stage pipeline.
 //!
 //! Publishers hand their publishes to the log through a bounded queue; when it is full they
-//! wait: that is the backpressure. Two stages commit them:
+//! wait: that is the backpressure. Two stages, each on its own OS thread, commit them:
 //!
 //! 1. The **applier** takes everything queued (up to [`LogOptions::max_batch_publishes`]
 //!    publishes or [`LogOptions::max_batch_bytes`] bytes) as one batch, runs [`Store::apply`] on
-//!    it, passes the result to the flusher through a short bounded queue (4
-//!    batches; the applier waits when it is full) and goes on with the next batch.
+//!    it, passes the result to the flusher through a short bounded queue (4 batches; the
+//!    applier waits when it is full) and goes on with the next batch.
 //! 2. The **flusher** takes every applied batch waiting, runs ONE flush of the store (it starts
 //!    after all their applies returned, so it covers them), then, batch by batch in apply
 //!    order, hands the new events to `on_commit` (this is how the hub gets them, in commit
@@ -16,6 +16,11 @@
 //! So applying batch N+1 overlaps flushing batch N, N concurrent publishers share one apply,
 //! and the batches applied during one flush share the next. No publish is acknowledged, nor
 //! handed to `on_commit`, before a flush that started after its apply returned.
+//!
+//! The stages are threads that block (on their queues, in `apply`, in
+//! [`Store::flush_blocking`]) rather than Tokio tasks: a task would hand every apply and
+//! flush to another thread (`spawn_blocking`, sled's thread pool) and back, and each hand-off
+//! costs wake-ups. Publishers still await their replies on Tokio `oneshot` channels.
 //!
 //! The cluster replaces this with the partition Raft groups; what it calls on commit is the same
 //! [`Store::apply`].
@@ -147,12 +152,14 @@ impl std::fmt::Debug for LocalLog {
 }
 
 impl LocalLog {
-    /// Starts the pipeline with [`LogOptions::default`]. Must be called inside a Tokio runtime.
+    /// Starts the pipeline (two threads) with [`LogOptions::default`]. Called inside a Tokio
+    /// runtime, `on_commit` runs in its context.
     pub fn start(store: Arc<Store>, namespaces: Arc<Namespaces>, on_commit: OnCommit) -> LocalLog {
         Self::start_with(store, namespaces, on_commit, LogOptions::default())
     }
 
-    /// Starts the pipeline with explicit limits. Must be called inside a Tokio runtime.
+    /// Starts the pipeline (two threads) with explicit limits. Called inside a Tokio runtime,
+    /// `on_commit` runs in its context.
     pub fn start_with(
         store: Arc<Store>,
         namespaces: Arc<Namespaces>,
@@ -173,9 +180,21 @@ impl LocalLog {
             options,
             counters: counters.clone(),
         });
-        let (applied_tx, applied_rx) = mpsc::channel(PIPELINE_DEPTH);
-        let flusher = tokio::spawn(committer.clone().run_flusher(applied_rx));
-        tokio::spawn(committer.run_applier(rx, applied_tx, flusher));
+        let (applied_tx, applied_rx) = std::sync::mpsc::sync_channel(PIPELINE_DEPTH);
+        // `on_commit` runs on the flusher: give it the caller's runtime, as a task would have.
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let flusher = committer.clone();
+        let flusher = std::thread::Builder::new()
+            .name("herald-log-flush".into())
+            .spawn(move || {
+                let _runtime = runtime.as_ref().map(tokio::runtime::Handle::enter);
+                flusher.run_flusher(applied_rx)
+            })
+            .expect("cannot start the local log's flusher thread");
+        std::thread::Builder::new()
+            .name("herald-log-apply".into())
+            .spawn(move || committer.run_applier(rx, applied_tx, flusher))
+            .expect("cannot start the local log's applier thread");
         LocalLog {
             inner: Arc::new(Inner { tx, counters }),
         }
@@ -393,21 +412,21 @@ impl Committer {
 }
 
 impl Committer {
-    /// Stage 1: batches, applies, hands over to the flusher. On close (or once every handle is
-    /// dropped) it waits for the flusher to commit the last batch, then refuses what is still
-    /// queued and answers the `close()` calls.
-    async fn run_applier(
-        self: Arc<Self>,
+    /// Stage 1, on its own thread: batches, applies, hands over to the flusher. On close (or
+    /// once every handle is dropped) it waits for the flusher to commit the last batch, then
+    /// refuses what is still queued and answers the `close()` calls.
+    fn run_applier(
+        &self,
         mut rx: mpsc::Receiver<Msg>,
-        to_flusher: mpsc::Sender<Batch>,
-        flusher: tokio::task::JoinHandle<()>,
+        to_flusher: std::sync::mpsc::SyncSender<Batch>,
+        flusher: std::thread::JoinHandle<()>,
     ) {
         let mut intake = Intake::default();
         let mut next_id = 0;
         loop {
             let first = match intake.carry.take() {
                 Some(r) => r,
-                None => match rx.recv().await {
+                None => match rx.blocking_recv() {
                     Some(Msg::Publish(r)) => r,
                     Some(Msg::Close(done)) => {
                         intake.closing.push(done);
@@ -418,18 +437,9 @@ impl Committer {
             };
             let (requests, count) = self.fill(first, &mut rx, &mut intake);
             next_id += 1;
-            let id = next_id;
-            let committer = self.clone();
-            let batch =
-                match tokio::task::spawn_blocking(move || committer.apply(requests, count, id))
-                    .await
-                {
-                    Ok(batch) => batch,
-                    // Only when the runtime shuts down: the replies were dropped (`Closed`).
-                    Err(_) => break,
-                };
-            // Waits while PIPELINE_DEPTH batches wait for the flusher (backpressure).
-            if to_flusher.send(batch).await.is_err() {
+            let batch = self.apply(requests, count, next_id);
+            // Blocks while PIPELINE_DEPTH batches wait for the flusher (backpressure).
+            if to_flusher.send(batch).is_err() {
                 // The flusher is gone; the batch's replies were dropped (`Closed`).
                 break;
             }
@@ -438,12 +448,12 @@ impl Committer {
             }
         }
         drop(to_flusher);
-        if flusher.await.is_err() {
-            tracing::error!("local log flusher failed");
+        if flusher.join().is_err() {
+            tracing::error!("local log flusher panicked");
         }
         // Refuse what is still queued (it was sent after the close) and anything later.
         rx.close();
-        while let Some(msg) = rx.recv().await {
+        while let Some(msg) = rx.blocking_recv() {
             match msg {
                 Msg::Publish(r) => {
                     let _ = r.reply.send(Err(StorageError::Closed));
@@ -457,11 +467,11 @@ impl Committer {
         tracing::debug!("local log stopped");
     }
 
-    /// Stage 2: takes every applied batch waiting, flushes once for all of them, commits them
-    /// in apply order. Ends when the applier is gone and nothing waits.
-    async fn run_flusher(self: Arc<Self>, mut rx: mpsc::Receiver<Batch>) {
+    /// Stage 2, on its own thread: takes every applied batch waiting, flushes once for all of
+    /// them, commits them in apply order. Ends when the applier is gone and nothing waits.
+    fn run_flusher(&self, rx: std::sync::mpsc::Receiver<Batch>) {
         let mut group = Vec::with_capacity(PIPELINE_DEPTH + 1);
-        while let Some(first) = rx.recv().await {
+        while let Ok(first) = rx.recv() {
             group.push(first);
             while group.len() <= PIPELINE_DEPTH {
                 match rx.try_recv() {
@@ -473,7 +483,8 @@ impl Committer {
             let flushed = if group.iter().any(|b| b.applied.is_ok()) {
                 #[cfg(test)]
                 self.counters.trace(Step::Flush);
-                self.store.flush().await
+                std::panic::catch_unwind(AssertUnwindSafe(|| self.store.flush_blocking()))
+                    .unwrap_or_else(|_| Err(StorageError::Internal("flush panicked".into())))
             } else {
                 Ok(())
             };

@@ -723,7 +723,9 @@ impl Store {
         Ok(())
     }
 
-    /// Blocking form of [`Store::flush`], for shutdown paths and tests outside a runtime.
+    /// Blocking form of [`Store::flush`] (same guarantee, but not shared with concurrent
+    /// callers of [`Store::flush`]): for the local log's flusher thread, shutdown paths and
+    /// tests outside a runtime. Everything applied before the call is covered.
     pub fn flush_blocking(&self) -> Result<(), StorageError> {
         self.db.flush()?;
         self.data_file
