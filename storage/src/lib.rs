@@ -19,6 +19,8 @@
 //!   while it applies the next, and acknowledges a publish only after a flush that followed its
 //!   apply.
 //! - `codec` (private): the on-disk key layout and the bincode value encoding, in one place.
+//! - `disk` (private): what makes a flush survive power loss (`fdatasync` of sled's data file
+//!   and of the blob files sled writes unsynced).
 //!
 //! ## Guarantees
 //!
@@ -30,6 +32,7 @@
 
 mod codec;
 pub mod cursor;
+mod disk;
 pub mod event;
 pub mod log;
 pub mod namespace;

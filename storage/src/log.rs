@@ -389,13 +389,7 @@ impl Committer {
             self.counters
                 .publishes
                 .fetch_add(applied.len() as u64, Ordering::Relaxed);
-            let events: Vec<Event> = applied
-                .iter()
-                .filter_map(|a| match a {
-                    Applied::New(e) => Some(e.clone()),
-                    Applied::Duplicate(_) => None,
-                })
-                .collect();
+            let events = Applied::new_events(&applied);
             if !events.is_empty() {
                 let on_commit = &self.on_commit;
                 if std::panic::catch_unwind(AssertUnwindSafe(|| on_commit(&events))).is_err() {

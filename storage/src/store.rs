@@ -23,6 +23,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::codec::{self, ChannelMeta, ChunkHead, DedupRecord, StoredChunk};
+use crate::disk::DiskSync;
 use crate::event::{Epoch, Event, Partition, Position, partition_of, unix_now_ms};
 use crate::namespace::Namespaces;
 
@@ -155,6 +156,18 @@ impl Applied {
     pub fn is_duplicate(&self) -> bool {
         matches!(self, Applied::Duplicate(_))
     }
+
+    /// The new events among `applied` (duplicates left out), in order: what a commit hands to
+    /// the hub.
+    pub fn new_events(applied: &[Applied]) -> Vec<Event> {
+        applied
+            .iter()
+            .filter_map(|a| match a {
+                Applied::New(e) => Some(e.clone()),
+                Applied::Duplicate(_) => None,
+            })
+            .collect()
+    }
 }
 
 /// Size of the retained history, for `/metrics`.
@@ -228,7 +241,7 @@ const CHUNK_EVENTS: usize = 128;
 ///
 /// sled splits a leaf past 16 records and rewrites the whole leaf every 10 updates, so bigger
 /// chunks mean fewer updates but more bytes per rewrite, and leaves over 128 KiB go to blob
-/// files (synced by [`DiskSync`]). Measured with 1 KiB payloads, 16x32 (docs/benchmarks.md):
+/// files (synced by `DiskSync`). Measured with 1 KiB payloads, 16x32 (docs/benchmarks.md):
 /// 6 KiB chunks gave 27k acks/s at 39-42 us CPU each, 64 KiB chunks 37-41k at 24 us.
 const CHUNK_BYTES: usize = 64 << 10;
 
@@ -281,18 +294,8 @@ impl Store {
         }
         std::fs::create_dir_all(dir).map_err(|e| StorageError::Sled(sled::Error::Io(e)))?;
         let db = open_db(dir, options.cache_capacity)?;
-        let data_path = dir.join("db");
-        let data_file = std::fs::File::open(&data_path).map_err(|e| {
-            StorageError::Sled(sled::Error::Io(std::io::Error::new(
-                e.kind(),
-                format!("{}: {e}", data_path.display()),
-            )))
-        })?;
-        let disk = Arc::new(DiskSync {
-            data_file,
-            blobs_dir: dir.join("blobs"),
-            synced_blobs: Mutex::new(HashMap::new()),
-        });
+        let disk =
+            Arc::new(DiskSync::open(dir).map_err(|e| StorageError::Sled(sled::Error::Io(e)))?);
         let tree = db.open_tree(codec::TREE)?;
 
         let (epoch, partitions) = match tree.get(codec::KEY_VERSION)? {
@@ -673,64 +676,6 @@ impl Store {
     }
 }
 
-/// What makes a sled flush survive power loss: `fdatasync` of sled's data file, and of the
-/// blob files sled wrote since the last sync.
-///
-/// sled 0.34 writes a log record over 128 KiB (a big value, or a leaf page rewritten whole) to
-/// a file of its own under `blobs/`, named by its log sequence number, with no sync; the data
-/// file then holds only a pointer to it. A blob is complete before the log buffer pointing at
-/// it can be written, so after a sled flush every blob it covers is whole: syncing every new
-/// (or grown) blob file and the directory, then the data file, makes the flush durable.
-/// sled deletes blobs as it rewrites their pages, so there are few; each sync lists them.
-struct DiskSync {
-    data_file: std::fs::File,
-    blobs_dir: PathBuf,
-    /// Blob files already synced, by name, with the length they had then.
-    synced_blobs: Mutex<HashMap<std::ffi::OsString, u64>>,
-}
-
-impl DiskSync {
-    fn sync(&self) -> std::io::Result<()> {
-        self.sync_blobs()?;
-        self.data_file.sync_data()
-    }
-
-    fn sync_blobs(&self) -> std::io::Result<()> {
-        let entries = match std::fs::read_dir(&self.blobs_dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        let mut synced = self.synced_blobs.lock();
-        let mut present = HashMap::with_capacity(synced.len());
-        let mut new_names = false;
-        for entry in entries {
-            let entry = entry?;
-            let name = entry.file_name();
-            let len = match entry.metadata() {
-                Ok(m) => m.len(),
-                // Deleted by sled since the listing: nothing to make durable.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
-            };
-            if synced.get(&name) != Some(&len) {
-                match std::fs::File::open(entry.path()) {
-                    Ok(file) => file.sync_data()?,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                }
-                new_names |= !synced.contains_key(&name);
-            }
-            present.insert(name, len);
-        }
-        *synced = present;
-        if new_names {
-            std::fs::File::open(&self.blobs_dir)?.sync_all()?;
-        }
-        Ok(())
-    }
-}
-
 /// Event `i` of `chunk`.
 fn chunk_event(channel: &Bytes, chunk: &StoredChunk, i: usize) -> Event {
     Event {
@@ -766,8 +711,8 @@ impl Store {
     /// sled 0.34 makes a flush stable with `sync_file_range`, which survives a process crash
     /// but neither empties the disk's write cache nor records an append's new file size; it
     /// `fsync`s only from its background flusher, every 500 ms. So the flush is followed by an
-    /// `fdatasync` of the data file (and of the blob files sled wrote meanwhile, see
-    /// [`DiskSync`]): an acknowledged event then survives power loss too, the guarantee of
+    /// `fdatasync` of the data file (and of the blob files sled wrote meanwhile, see the
+    /// private `disk` module): an acknowledged event then survives power loss too, the guarantee of
     /// Redis's `appendfsync always`.
     ///
     /// Concurrent callers share flushes (every Raft group of the node flushes this one
@@ -1935,9 +1880,7 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert!(!on_disk.is_empty(), "sled wrote the 300 KiB record inline");
-        let synced = store.disk.synced_blobs.lock();
-        assert!(on_disk.iter().all(|name| synced.contains_key(name)));
-        drop(synced);
+        assert!(on_disk.iter().all(|name| store.disk.was_synced(name)));
         let h = store.history_after_at(b"c", None, 10, T0).unwrap();
         assert_eq!(h[0].payload.len(), 300 << 10);
     }

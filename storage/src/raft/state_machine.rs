@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::support::{RaftStorageError, blocking, get, raft_err};
 use super::{Command, GroupId, NodeId, Reply, TypeConfig, group_partition};
 use crate::codec;
-use crate::event::{Epoch, Event, Partition, unix_now_ms};
+use crate::event::{Epoch, Partition, unix_now_ms};
 use crate::log::OnCommit;
 use crate::namespace::Namespaces;
 use crate::store::{Applied, PartitionImage, StorageError, Store};
@@ -273,13 +273,7 @@ impl Shared {
 
     /// Hands an entry's new events to `on_commit`.
     fn commit(&self, out: &[Applied]) {
-        let events: Vec<Event> = out
-            .iter()
-            .filter_map(|a| match a {
-                Applied::New(e) => Some(e.clone()),
-                Applied::Duplicate(_) => None,
-            })
-            .collect();
+        let events = Applied::new_events(out);
         if events.is_empty() {
             return;
         }
