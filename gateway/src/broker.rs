@@ -143,7 +143,7 @@ impl Broker {
             store.clone(),
             namespaces.clone(),
             on_commit,
-        ));
+        )?);
         Ok(Arc::new(Broker {
             hub,
             store,

@@ -18,6 +18,7 @@
 //! | `x` u64 BE at_ms chan message-id | empty | dedup expiry index, in time order |
 //! | `m` `k` u16 BE partition | u64 BE | the partition's applied clock: the largest `now_ms` apply used |
 //! | `m` `c` | u64 BE | the cluster's epoch, present once the store joined a cluster |
+//! | `m` `l` | u64 BE | the last record of the local log's write-ahead log applied (see the `wal` module) |
 //! | `r` u16 BE group `l` u64 BE index | `openraft::Entry` | one Raft log entry of the group |
 //! | `r` group `v` | `openraft::Vote` | the group's vote |
 //! | `r` group `p` | `openraft::LogId` | the group's last purged log id |
@@ -52,6 +53,7 @@ pub(crate) const PREFIX_DEDUP: u8 = b'd';
 pub(crate) const PREFIX_DEDUP_EXPIRY: u8 = b'x';
 pub(crate) const PREFIX_CLOCK: &[u8] = b"mk";
 pub(crate) const KEY_CLUSTER: &[u8] = b"mc";
+pub(crate) const KEY_LOCAL_LOG: &[u8] = b"ml";
 pub(crate) const PREFIX_RAFT: u8 = b'r';
 pub(crate) const RAFT_LOG: u8 = b'l';
 pub(crate) const RAFT_VOTE: u8 = b'v';

@@ -21,12 +21,16 @@
 //! - `codec` (private): the on-disk key layout and the bincode value encoding, in one place.
 //! - `disk` (private): what makes a flush survive power loss (`fdatasync` of sled's data file
 //!   and of the blob files sled writes unsynced).
+//! - `wal` (private): the local log's write-ahead log: one append and one `fdatasync` per
+//!   group of batches make them durable; sled is flushed only at checkpoints; recovery replays
+//!   the records sled had not yet covered.
 //!
 //! ## Guarantees
 //!
-//! A publish acknowledged by [`LocalLog`] is flushed to disk and survives `kill -9`; its position
-//! is never reused, even after a crash (the partition counters are written in the same atomic
-//! batch as the events). Cursors and positions are only meaningful within one [`Epoch`].
+//! A publish acknowledged by [`LocalLog`] is on disk (its write-ahead-log record synced) and
+//! survives `kill -9` and power loss. A position, once anyone could see it (delivered, read
+//! from history, acknowledged), is never reused, even after a crash: that happens only after its
+//! record is durable, and recovery replays every durable record. Cursors and positions are only meaningful within one [`Epoch`].
 
 #![warn(missing_docs)]
 
@@ -40,6 +44,7 @@ pub mod raft;
 pub mod store;
 #[cfg(test)]
 mod testutil;
+mod wal;
 
 pub use cursor::{Cursor, CursorError};
 pub use event::{Epoch, Event, Partition, Position, partition_of, unix_now_ms};

@@ -1,26 +1,34 @@
-//! The log of one member: group commit on a single node, in a two-stage pipeline.
+//! The log of one member: group commit on a single node, in a two-stage pipeline over a
+//! write-ahead log.
 //!
 //! Publishers hand their publishes to the log through a bounded queue; when it is full they
 //! wait: that is the backpressure. Two stages, each on its own OS thread, commit them:
 //!
 //! 1. The **applier** takes everything queued (up to [`LogOptions::max_batch_publishes`]
 //!    publishes or [`LogOptions::max_batch_bytes`] bytes) as one batch, runs [`Store::apply`] on
-//!    it, passes the result to the flusher through a short bounded queue (4 batches; the
-//!    applier waits when it is full) and goes on with the next batch.
-//! 2. The **flusher** takes every applied batch waiting, runs ONE flush of the store (it starts
-//!    after all their applies returned, so it covers them), then, batch by batch in apply
-//!    order, hands the new events to `on_commit` (this is how the hub gets them, in commit
-//!    order) and only then acknowledges the batch's publishers. A failed flush fails every batch
-//!    it was to cover.
+//!    it (in memory: sled is not flushed), encodes the batch as the next write-ahead-log record,
+//!    passes both to the flusher through a short bounded queue (4 batches; the applier waits
+//!    when it is full) and goes on with the next batch.
+//! 2. The **flusher** takes every applied batch waiting, appends their records to the
+//!    write-ahead log with ONE write and ONE `fdatasync` (the private `wal` module), then, batch
+//!    by batch in apply order, hands the new events to `on_commit` (this is how the hub gets
+//!    them, in commit order) and only then acknowledges the batch's publishers. A failed sync
+//!    fails every batch it was to cover.
 //!
-//! So applying batch N+1 overlaps flushing batch N, N concurrent publishers share one apply,
-//! and the batches applied during one flush share the next. No publish is acknowledged, nor
-//! handed to `on_commit`, before a flush that started after its apply returned.
+//! So applying batch N+1 overlaps syncing batch N, N concurrent publishers share one apply,
+//! and the batches applied during one sync share the next. No publish is acknowledged, nor
+//! handed to `on_commit`, before its record is durable.
 //!
-//! The stages are threads that block (on their queues, in `apply`, in
-//! [`Store::flush_blocking`]) rather than Tokio tasks: a task would hand every apply and
-//! flush to another thread (`spawn_blocking`, sled's thread pool) and back, and each hand-off
-//! costs wake-ups. Publishers still await their replies on Tokio `oneshot` channels.
+//! sled itself is flushed only at **checkpoints**, on a third thread: each time a log segment
+//! fills up (64 MiB), and when the log closes; a checkpoint deletes the segments it covers.
+//! [`Store::open`] replays the records a crash left uncovered (see `wal`). If the
+//! write-ahead log ever fails (a write or sync error), the log stops using it and flushes sled
+//! for every group instead, the way it worked before the log existed: slower, still durable.
+//!
+//! The stages are threads that block (on their queues, in `apply`, in the sync) rather than
+//! Tokio tasks: a task would hand every apply and sync to another thread (`spawn_blocking`)
+//! and back, and each hand-off costs wake-ups. Publishers still await their replies on Tokio
+//! `oneshot` channels.
 //!
 //! The cluster replaces this with the partition Raft groups; what it calls on commit is the same
 //! [`Store::apply`].
@@ -34,6 +42,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::event::{Event, unix_now_ms};
 use crate::namespace::Namespaces;
 use crate::store::{Applied, Publish, StorageError, Store};
+use crate::wal::{self, Wal};
 
 /// What the log calls with each committed batch's new events (duplicates left out), in commit
 /// order, after the flush and before any publisher of the batch is acknowledged. It runs on the
@@ -55,6 +64,9 @@ pub struct LogOptions {
     pub max_batch_publishes: usize,
     /// A batch stops growing at this many bytes of channels, payloads and ids; default 16 MiB.
     pub max_batch_bytes: usize,
+    /// A write-ahead-log segment is closed (and a checkpoint started) past this many bytes;
+    /// default 64 MiB. It bounds both the disk the log uses and the replay after a crash.
+    pub segment_bytes: u64,
 }
 
 impl Default for LogOptions {
@@ -63,6 +75,7 @@ impl Default for LogOptions {
             queue_capacity: 65_536,
             max_batch_publishes: 10_000,
             max_batch_bytes: 16 << 20,
+            segment_bytes: 64 << 20,
         }
     }
 }
@@ -100,6 +113,10 @@ struct Batch {
     /// Publishes of the batch.
     count: usize,
     applied: Result<Vec<Applied>, StorageError>,
+    /// The batch's write-ahead-log record (when `applied` is `Ok`).
+    record: Vec<u8>,
+    /// The record's number (when `applied` is `Ok`).
+    lsn: u64,
     /// Number of the batch, counting from 1 in apply order (for the tests' trace).
     #[cfg_attr(not(test), allow(dead_code))]
     id: u64,
@@ -111,7 +128,7 @@ struct Batch {
 enum Step {
     /// The apply of batch N returned.
     Applied(u64),
-    /// A flush started.
+    /// A sync of the write-ahead log (or a flush of the store) started.
     Flush,
     /// Batch N is about to go to `on_commit` and be acknowledged.
     Committed(u64),
@@ -152,20 +169,26 @@ impl std::fmt::Debug for LocalLog {
 }
 
 impl LocalLog {
-    /// Starts the pipeline (two threads) with [`LogOptions::default`]. Called inside a Tokio
-    /// runtime, `on_commit` runs in its context.
-    pub fn start(store: Arc<Store>, namespaces: Arc<Namespaces>, on_commit: OnCommit) -> LocalLog {
+    /// Starts the pipeline (three threads) with [`LogOptions::default`]. Called inside a Tokio
+    /// runtime, `on_commit` runs in its context. Fails if the store or the OS fails.
+    pub fn start(
+        store: Arc<Store>,
+        namespaces: Arc<Namespaces>,
+        on_commit: OnCommit,
+    ) -> Result<LocalLog, StorageError> {
         Self::start_with(store, namespaces, on_commit, LogOptions::default())
     }
 
-    /// Starts the pipeline (two threads) with explicit limits. Called inside a Tokio runtime,
-    /// `on_commit` runs in its context.
+    /// [`LocalLog::start`] with explicit limits.
     pub fn start_with(
         store: Arc<Store>,
         namespaces: Arc<Namespaces>,
         on_commit: OnCommit,
         options: LogOptions,
-    ) -> LocalLog {
+    ) -> Result<LocalLog, StorageError> {
+        // Store::open replayed what a crash left in the write-ahead log.
+        let next_lsn = store.local_log_applied()? + 1;
+        let wal = Wal::create(&wal::dir_of(store.dir()), next_lsn, options.segment_bytes)?;
         let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
         let counters = Arc::new(Counters {
             batches: AtomicU64::new(0),
@@ -181,6 +204,8 @@ impl LocalLog {
             counters: counters.clone(),
         });
         let (applied_tx, applied_rx) = std::sync::mpsc::sync_channel(PIPELINE_DEPTH);
+        let thread_error =
+            |e: std::io::Error| StorageError::Internal(format!("cannot start a log thread: {e}"));
         // `on_commit` runs on the flusher: give it the caller's runtime, as a task would have.
         let runtime = tokio::runtime::Handle::try_current().ok();
         let flusher = committer.clone();
@@ -188,16 +213,17 @@ impl LocalLog {
             .name("herald-log-flush".into())
             .spawn(move || {
                 let _runtime = runtime.as_ref().map(tokio::runtime::Handle::enter);
-                flusher.run_flusher(applied_rx)
+                flusher.run_flusher(applied_rx, wal)
             })
-            .expect("cannot start the local log's flusher thread");
+            .map_err(thread_error)?;
+        // If this fails, the flusher sees its queue close and ends.
         std::thread::Builder::new()
             .name("herald-log-apply".into())
-            .spawn(move || committer.run_applier(rx, applied_tx, flusher))
-            .expect("cannot start the local log's applier thread");
-        LocalLog {
+            .spawn(move || committer.run_applier(rx, applied_tx, flusher, next_lsn))
+            .map_err(thread_error)?;
+        Ok(LocalLog {
             inner: Arc::new(Inner { tx, counters }),
-        }
+        })
     }
 
     /// Publishes one event; resolves once it is applied AND flushed (or with the batch's error,
@@ -341,8 +367,9 @@ impl Committer {
         (requests, count)
     }
 
-    /// Stage 1's work on one batch: [`Store::apply`] (blocking). A panic in it fails the batch.
-    fn apply(&self, requests: Vec<Request>, count: usize, id: u64) -> Batch {
+    /// Stage 1's work on one batch: [`Store::apply`] (blocking) as write-ahead-log record
+    /// `lsn`, and the record's encoding. A panic in it fails the batch.
+    fn apply(&self, requests: Vec<Request>, count: usize, id: u64, lsn: u64) -> Batch {
         let mut publishes = Vec::with_capacity(count);
         let mut replies = Vec::with_capacity(requests.len());
         for r in requests {
@@ -350,16 +377,23 @@ impl Committer {
             publishes.extend(r.publishes);
         }
         let now = unix_now_ms();
-        let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            self.store.apply(&publishes, &self.namespaces, now)
+        let (applied, record) = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.store
+                .apply_logged(&publishes, &self.namespaces, now, lsn)
         }))
-        .unwrap_or_else(|_| Err(StorageError::Internal("apply panicked".into())));
+        .unwrap_or_else(|_| Err(StorageError::Internal("apply panicked".into())))
+        {
+            Ok((applied, record)) => (Ok(applied), record),
+            Err(e) => (Err(e), Vec::new()),
+        };
         #[cfg(test)]
         self.counters.trace(Step::Applied(id));
         Batch {
             replies,
             count,
             applied,
+            record,
+            lsn,
             id,
         }
     }
@@ -414,6 +448,7 @@ impl Committer {
         mut rx: mpsc::Receiver<Msg>,
         to_flusher: std::sync::mpsc::SyncSender<Batch>,
         flusher: std::thread::JoinHandle<()>,
+        mut next_lsn: u64,
     ) {
         let mut intake = Intake::default();
         let mut next_id = 0;
@@ -431,7 +466,11 @@ impl Committer {
             };
             let (requests, count) = self.fill(first, &mut rx, &mut intake);
             next_id += 1;
-            let batch = self.apply(requests, count, next_id);
+            let batch = self.apply(requests, count, next_id, next_lsn);
+            if batch.applied.is_ok() {
+                // A failed apply changed nothing: its number goes to the next batch.
+                next_lsn += 1;
+            }
             // Blocks while PIPELINE_DEPTH batches wait for the flusher (backpressure).
             if to_flusher.send(batch).is_err() {
                 // The flusher is gone; the batch's replies were dropped (`Closed`).
@@ -461,9 +500,15 @@ impl Committer {
         tracing::debug!("local log stopped");
     }
 
-    /// Stage 2, on its own thread: takes every applied batch waiting, flushes once for all of
-    /// them, commits them in apply order. Ends when the applier is gone and nothing waits.
-    fn run_flusher(&self, rx: std::sync::mpsc::Receiver<Batch>) {
+    /// Stage 2, on its own thread: takes every applied batch waiting, syncs their records
+    /// once for all of them, commits them in apply order, and starts a checkpoint whenever a
+    /// segment fills up. Ends when the applier is gone and nothing waits, with a last
+    /// checkpoint.
+    fn run_flusher(&self, rx: std::sync::mpsc::Receiver<Batch>, wal: Wal) {
+        let mut durable = Durable {
+            wal: Some(wal),
+            checkpoints: Checkpoints::start(self.store.clone()),
+        };
         let mut group = Vec::with_capacity(PIPELINE_DEPTH + 1);
         while let Ok(first) = rx.recv() {
             group.push(first);
@@ -473,16 +518,143 @@ impl Committer {
                     Err(_) => break,
                 }
             }
-            // Every batch in `group` was applied before it was sent, so this flush covers them.
+            // Every batch in `group` was applied before it was sent, so their records (or a
+            // flush of the store) cover them.
             let flushed = if group.iter().any(|b| b.applied.is_ok()) {
                 #[cfg(test)]
                 self.counters.trace(Step::Flush);
-                std::panic::catch_unwind(AssertUnwindSafe(|| self.store.flush_blocking()))
-                    .unwrap_or_else(|_| Err(StorageError::Internal("flush panicked".into())))
+                std::panic::catch_unwind(AssertUnwindSafe(|| durable.sync(&self.store, &group)))
+                    .unwrap_or_else(|_| Err(StorageError::Internal("sync panicked".into())))
             } else {
                 Ok(())
             };
+            let next_lsn = group
+                .iter()
+                .filter(|b| b.applied.is_ok())
+                .map(|b| b.lsn + 1)
+                .max();
             self.finish(&mut group, &flushed);
+            if let Some(next_lsn) = next_lsn {
+                durable.rotate_if_full(next_lsn);
+            }
+        }
+        durable.close(&self.store);
+    }
+}
+
+/// The flusher's way to make batches durable: the write-ahead log while it works, a flush of
+/// the store once it has failed.
+struct Durable {
+    /// `None` once an append or a rotation failed.
+    wal: Option<Wal>,
+    checkpoints: Checkpoints,
+}
+
+impl Durable {
+    /// Makes the applied batches of `group` durable.
+    fn sync(&mut self, store: &Store, group: &[Batch]) -> Result<(), StorageError> {
+        if let Some(wal) = &mut self.wal {
+            let records: Vec<&[u8]> = group
+                .iter()
+                .filter(|b| b.applied.is_ok())
+                .map(|b| b.record.as_slice())
+                .collect();
+            match wal.append(&records) {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    tracing::error!(%error, "the write-ahead log failed; flushing the store for every batch from now on");
+                    self.wal = None;
+                }
+            }
+        }
+        store.flush_blocking()
+    }
+
+    /// Starts a new segment if the current one is full, and a checkpoint for the full ones.
+    fn rotate_if_full(&mut self, next_lsn: u64) {
+        let Some(wal) = &mut self.wal else { return };
+        if !wal.is_full() {
+            return;
+        }
+        if let Err(error) = wal.rotate(next_lsn) {
+            tracing::error!(%error, "cannot start a new write-ahead log segment; flushing the store for every batch from now on");
+            self.wal = None;
+            return;
+        }
+        let full = wal.take_full();
+        self.checkpoints.request(full);
+    }
+
+    /// The last checkpoint: flushes the store and deletes the whole log.
+    fn close(self, store: &Store) {
+        self.checkpoints.stop();
+        let done = store
+            .flush_blocking()
+            .and_then(|()| wal::delete_all(&wal::dir_of(store.dir())));
+        if let Err(error) = done {
+            tracing::error!(%error, "the local log's last checkpoint failed; the next start replays its write-ahead log");
+        }
+    }
+}
+
+/// The checkpoint thread: flushes the store, then deletes the segments the flush covers.
+struct Checkpoints {
+    tx: Option<std::sync::mpsc::Sender<Vec<std::path::PathBuf>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpoints {
+    fn start(store: Arc<Store>) -> Checkpoints {
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<std::path::PathBuf>>();
+        let spawned = std::thread::Builder::new()
+            .name("herald-log-checkpoint".into())
+            .spawn(move || {
+                let mut pending = Vec::new();
+                while let Ok(full) = rx.recv() {
+                    pending.extend(full);
+                    pending.extend(rx.try_iter().flatten());
+                    // Every record in `pending` was applied before its segment was handed
+                    // over, so a flush starting now covers them all.
+                    let done = store
+                        .flush_blocking()
+                        .and_then(|()| wal::delete(&pending));
+                    match done {
+                        Ok(()) => pending.clear(),
+                        Err(error) => {
+                            tracing::error!(%error, "write-ahead log checkpoint failed; retrying at the next one");
+                        }
+                    }
+                }
+            });
+        match spawned {
+            Ok(thread) => Checkpoints {
+                tx: Some(tx),
+                thread: Some(thread),
+            },
+            Err(error) => {
+                tracing::error!(%error, "cannot start the checkpoint thread; segments stay until the log closes");
+                Checkpoints {
+                    tx: None,
+                    thread: None,
+                }
+            }
+        }
+    }
+
+    /// Asks for a checkpoint covering `full`.
+    fn request(&self, full: Vec<std::path::PathBuf>) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(full);
+        }
+    }
+
+    /// Waits for the running checkpoint, if any, and stops the thread.
+    fn stop(mut self) {
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the checkpoint thread panicked");
         }
     }
 }
@@ -520,7 +692,8 @@ mod tests {
         let dir = TempDir::new("group");
         let store = open(&dir);
         let (on_commit, seen) = recorder();
-        let log = LocalLog::start(store.clone(), Arc::new(Namespaces::default()), on_commit);
+        let log =
+            LocalLog::start(store.clone(), Arc::new(Namespaces::default()), on_commit).unwrap();
         let tasks: Vec<_> = (0..200)
             .map(|i| {
                 let log = log.clone();
@@ -582,7 +755,8 @@ mod tests {
             Arc::new(Namespaces::default()),
             on_commit,
             options,
-        );
+        )
+        .unwrap();
         const PUBLISHERS: usize = 32;
         const EACH: usize = 20;
         let tasks: Vec<_> = (0..PUBLISHERS)
@@ -677,7 +851,7 @@ mod tests {
         let on_commit: OnCommit = Arc::new(move |events: &[Event]| {
             d.lock().extend(events.iter().map(|e| e.position));
         });
-        let log = LocalLog::start(open(&dir), Arc::new(Namespaces::default()), on_commit);
+        let log = LocalLog::start(open(&dir), Arc::new(Namespaces::default()), on_commit).unwrap();
         for i in 0..20 {
             let a = log
                 .publish(Publish::new("c", format!("{i}")))
@@ -692,7 +866,8 @@ mod tests {
         let dir = TempDir::new("many");
         let (on_commit, seen) = recorder();
         let store = open(&dir);
-        let log = LocalLog::start(store.clone(), Arc::new(Namespaces::default()), on_commit);
+        let log =
+            LocalLog::start(store.clone(), Arc::new(Namespaces::default()), on_commit).unwrap();
         assert!(log.publish_many(Vec::new()).await.unwrap().is_empty());
         let batch: Vec<Publish> = (0..50)
             .map(|i| Publish::new("one", format!("{i}")))
@@ -712,7 +887,7 @@ mod tests {
     async fn duplicates_are_acknowledged_but_not_delivered() {
         let dir = TempDir::new("dup");
         let (on_commit, seen) = recorder();
-        let log = LocalLog::start(open(&dir), Arc::new(Namespaces::default()), on_commit);
+        let log = LocalLog::start(open(&dir), Arc::new(Namespaces::default()), on_commit).unwrap();
         let first = log
             .publish(Publish::new("c", "x").with_id("id-1"))
             .await
@@ -735,13 +910,15 @@ mod tests {
             queue_capacity: 4,
             max_batch_publishes: 10,
             max_batch_bytes: 1 << 20,
+            ..LogOptions::default()
         };
         let log = LocalLog::start_with(
             open(&dir),
             Arc::new(Namespaces::default()),
             on_commit,
             options,
-        );
+        )
+        .unwrap();
         let tasks: Vec<_> = (0..100)
             .map(|i| {
                 let log = log.clone();
@@ -761,7 +938,8 @@ mod tests {
         let dir = TempDir::new("close");
         let (on_commit, seen) = recorder();
         let store = open(&dir);
-        let log = LocalLog::start(store.clone(), Arc::new(Namespaces::default()), on_commit);
+        let log =
+            LocalLog::start(store.clone(), Arc::new(Namespaces::default()), on_commit).unwrap();
         let queued: Vec<_> = (0..50)
             .map(|i| {
                 let log = log.clone();
@@ -794,10 +972,154 @@ mod tests {
         let dir = TempDir::new("panic");
         let on_commit: OnCommit = Arc::new(|_: &[Event]| panic!("hub bug"));
         let store = open(&dir);
-        let log = LocalLog::start(store.clone(), Arc::new(Namespaces::default()), on_commit);
+        let log =
+            LocalLog::start(store.clone(), Arc::new(Namespaces::default()), on_commit).unwrap();
         let a = log.publish(Publish::new("c", "x")).await.unwrap();
         let b = log.publish(Publish::new("c", "y")).await.unwrap();
         assert_eq!(b.position().seq, a.position().seq + 1);
         assert_eq!(store.history_after(b"c", None, 10).unwrap().len(), 2);
+    }
+
+    /// Opening a store redoes exactly the write-ahead-log records sled does not hold, so
+    /// positions and dedup answers are those the crashed process acknowledged; a log that
+    /// skips records the store lacks is refused.
+    #[test]
+    fn open_replays_only_what_the_store_lacks() {
+        let batches: Vec<(u64, Vec<Publish>)> = vec![
+            (
+                100,
+                vec![Publish::new("a", "1").with_id("x"), Publish::new("b", "2")],
+            ),
+            (101, vec![Publish::new("a", "3")]),
+            // A retry of message id "x": a duplicate of the first event.
+            (
+                102,
+                vec![Publish::new("a", "1").with_id("x"), Publish::new("a", "4")],
+            ),
+        ];
+        let namespaces = Namespaces::default();
+        let history = |store: &Store, channel: &[u8]| {
+            store
+                .history_after_at(channel, None, 100, 0)
+                .unwrap()
+                .into_iter()
+                .map(|e| (e.position, e.payload, e.timestamp_ms))
+                .collect::<Vec<_>>()
+        };
+
+        // What the crashed process did: the batches applied in order, each a record.
+        let reference_dir = TempDir::new("replay-reference");
+        let reference = open(&reference_dir);
+        let mut records = Vec::new();
+        let mut outcomes = Vec::new();
+        for (lsn, (now, publishes)) in batches.iter().enumerate() {
+            let (applied, record) = reference
+                .apply_logged(publishes, &namespaces, *now, lsn as u64 + 1)
+                .unwrap();
+            outcomes.extend(applied);
+            records.push(record);
+        }
+        assert!(outcomes[3].is_duplicate());
+
+        // A store that holds the first record only, with all three in its log.
+        let dir = TempDir::new("replay");
+        let store = open(&dir);
+        store
+            .apply_logged(&batches[0].1, &namespaces, batches[0].0, 1)
+            .unwrap();
+        let mut wal = Wal::create(&wal::dir_of(store.dir()), 1, 1 << 20).unwrap();
+        wal.append(&records.iter().map(Vec::as_slice).collect::<Vec<_>>())
+            .unwrap();
+        drop(wal);
+        store.flush_blocking().unwrap();
+        drop(store);
+
+        let store = open(&dir);
+        for channel in [&b"a"[..], b"b"] {
+            assert_eq!(history(&store, channel), history(&reference, channel));
+        }
+        assert_eq!(history(&store, b"a").len(), 3, "the retry was stored once");
+        assert_eq!(store.local_log_applied().unwrap(), 3);
+        for p in 0..store.partitions() {
+            assert_eq!(store.latest_seq(p), reference.latest_seq(p));
+        }
+        // The log is gone once replayed.
+        assert!(
+            std::fs::read_dir(wal::dir_of(store.dir()))
+                .unwrap()
+                .next()
+                .is_none()
+        );
+        drop(store);
+
+        // A log that starts after what the store holds lost records: refused.
+        let gap = TempDir::new("replay-gap");
+        drop(open(&gap));
+        let mut wal = Wal::create(&wal::dir_of(gap.path()), 2, 1 << 20).unwrap();
+        wal.append(&[&records[1]]).unwrap();
+        drop(wal);
+        let options = StoreOptions {
+            partitions: 4,
+            ..StoreOptions::default()
+        };
+        let err = Store::open(gap.path(), options).unwrap_err().to_string();
+        assert!(
+            err.contains("resumes at record 2 but the store holds only up to 0"),
+            "{err}"
+        );
+    }
+
+    /// Full segments are deleted by checkpoints while publishing goes on, closing deletes the
+    /// rest, and everything acknowledged is in the store when it is reopened.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn checkpoints_delete_full_segments_and_close_leaves_no_log() {
+        let dir = TempDir::new("checkpoints");
+        let store = open(&dir);
+        let wal_dir = wal::dir_of(store.dir());
+        let segment_files = || std::fs::read_dir(&wal_dir).unwrap().count();
+        let (on_commit, _) = recorder();
+        let options = LogOptions {
+            segment_bytes: 4 << 10,
+            ..LogOptions::default()
+        };
+        let log = LocalLog::start_with(
+            store.clone(),
+            Arc::new(Namespaces::default()),
+            on_commit,
+            options,
+        )
+        .unwrap();
+        let mut most = 0;
+        for i in 0..300 {
+            log.publish(Publish::new(format!("c{}", i % 3), vec![b'x'; 200]))
+                .await
+                .unwrap();
+            most = most.max(segment_files());
+        }
+        // 300 records of ~220 bytes fill ~16 segments of 4 KiB; checkpoints delete them.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while segment_files() > 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} segments stay",
+                segment_files()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(most >= 2, "the log never rotated");
+        log.close().await;
+        assert_eq!(segment_files(), 0, "closing leaves no log behind");
+        drop(log);
+        drop(store);
+        let store = open(&dir);
+        let events: usize = (0..3)
+            .map(|c| {
+                store
+                    .history_after(format!("c{c}").as_bytes(), None, 1000)
+                    .unwrap()
+                    .len()
+            })
+            .sum();
+        assert_eq!(events, 300);
     }
 }

@@ -187,6 +187,40 @@ struct WriteState {
     clock: Vec<u64>,
 }
 
+/// The writes of one apply, like a `sled::Batch` (a later write of a key replaces an earlier
+/// one) but readable: the local log puts them in its write-ahead log (see the `wal` module).
+#[derive(Debug, Default)]
+pub(crate) struct Ops(BTreeMap<sled::IVec, Option<sled::IVec>>);
+
+impl Ops {
+    /// Sets `key` to `value`.
+    pub(crate) fn insert(&mut self, key: impl Into<sled::IVec>, value: impl Into<sled::IVec>) {
+        self.0.insert(key.into(), Some(value.into()));
+    }
+
+    /// Deletes `key`.
+    pub(crate) fn remove(&mut self, key: impl Into<sled::IVec>) {
+        self.0.insert(key.into(), None);
+    }
+
+    /// The same writes as one atomic sled batch.
+    pub(crate) fn into_sled(self) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (k, v) in self.0 {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        batch
+    }
+
+    /// The writes in key order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
+        self.0.iter().map(|(k, v)| (&k[..], v.as_deref()))
+    }
+}
+
 /// One node's durable event history (see the module docs).
 pub struct Store {
     db: sled::Db,
@@ -213,6 +247,9 @@ pub struct Store {
     flush_tickets: AtomicU64,
     flushed_ticket: AtomicU64,
     flush_lock: tokio::sync::Mutex<()>,
+    /// A write of [`Store::apply_logged`] failed half-way: sled's state no longer matches the
+    /// counters, so every later apply is refused (a restart recovers from the log).
+    broken: AtomicBool,
 }
 
 impl std::fmt::Debug for Store {
@@ -228,7 +265,7 @@ impl std::fmt::Debug for Store {
 /// Deletions of `expire` not yet applied, with their effect on memory.
 #[derive(Default)]
 struct ExpireChunk {
-    batch: sled::Batch,
+    batch: Ops,
     ops: usize,
     forgotten: BTreeMap<Partition, u64>,
     d_channels: i64,
@@ -278,11 +315,68 @@ fn open_db(dir: &Path, cache_capacity: u64) -> Result<sled::Db, StorageError> {
     }
 }
 
+/// The last local-log record whose writes are in `tree` (0: none).
+fn read_local_log_applied(tree: &sled::Tree) -> Result<u64, StorageError> {
+    match tree.get(codec::KEY_LOCAL_LOG)? {
+        Some(v) => codec::be_u64(&v, "local log position"),
+        None => Ok(0),
+    }
+}
+
+/// Redoes the writes of the local log's write-ahead-log records that sled does not hold (a
+/// crash came before a checkpoint covered them, see the `wal` module), makes the store durable
+/// and deletes the log.
+fn replay_local_log(
+    db: &sled::Db,
+    tree: &sled::Tree,
+    disk: &DiskSync,
+    dir: &Path,
+) -> Result<(), StorageError> {
+    let wal_dir = crate::wal::dir_of(dir);
+    let mut next = read_local_log_applied(tree)? + 1;
+    let (mut records, mut writes) = (0u64, 0usize);
+    let last = crate::wal::read_all(&wal_dir, |record| {
+        if record.lsn < next {
+            return Ok(());
+        }
+        if record.lsn != next {
+            return Err(StorageError::Corrupt(format!(
+                "write-ahead log in {} resumes at record {} but the store holds only up to {}",
+                wal_dir.display(),
+                record.lsn,
+                next - 1
+            )));
+        }
+        let mut batch = sled::Batch::default();
+        writes += record.ops.len();
+        for (k, v) in record.ops {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        batch.insert(codec::KEY_LOCAL_LOG, &record.lsn.to_be_bytes());
+        tree.apply_batch(batch)?;
+        next += 1;
+        records += 1;
+        Ok(())
+    })?;
+    if last > 0 {
+        // The log goes only once what it held is durable in sled.
+        db.flush()?;
+        disk.sync()
+            .map_err(|e| StorageError::Sled(sled::Error::Io(e)))?;
+        tracing::info!(dir = %wal_dir.display(), records, writes, "replayed the write-ahead log");
+    }
+    crate::wal::delete_all(&wal_dir)
+}
+
 impl Store {
     /// Opens (creating if needed) the store in `dir`.
     ///
     /// The first open picks a random epoch and records `options.partitions`; later opens reuse
     /// both and fail with [`StorageError::PartitionsMismatch`] if `options.partitions` differs.
+    /// A write-ahead log the local log left behind (a crash) is replayed first.
     /// Only one process may have a store open (sled holds an exclusive lock on the directory).
     /// A lock still held by a store of this process that is being dropped (sled releases it
     /// from its background thread) is waited for, briefly.
@@ -342,6 +436,8 @@ impl Store {
             }
         };
 
+        replay_local_log(&db, &tree, &disk, dir)?;
+
         let mut last_seq = vec![0u64; usize::from(partitions)];
         let mut forgotten = vec![0u64; usize::from(partitions)];
         let mut clock = vec![0u64; usize::from(partitions)];
@@ -400,6 +496,7 @@ impl Store {
             flush_tickets: AtomicU64::new(0),
             flushed_ticket: AtomicU64::new(0),
             flush_lock: tokio::sync::Mutex::new(()),
+            broken: AtomicBool::new(false),
         })
     }
 
@@ -476,21 +573,86 @@ impl Store {
         namespaces: &Namespaces,
         now_ms: u64,
     ) -> Result<Vec<Applied>, StorageError> {
-        self.apply_with(batch, namespaces, now_ms, None, sled::Batch::default())
+        self.apply_with(batch, namespaces, now_ms, None, Ops::default())
     }
 
-    /// [`Store::apply`], with the ops already in `sled_batch` (the Raft bookkeeping of the
-    /// entry; keys outside the store's event records) written in the same atomic sled batch. `tick` names a partition whose applied clock advances to `now_ms`
-    /// even if `batch` has none of its publishes (an empty entry still moves its clock).
+    /// [`Store::apply`] for the local log, as its write-ahead-log record `lsn`: returns the
+    /// record (the apply's writes, see the `wal` module) with the outcome. The writes go to
+    /// sled one by one, not as an atomic batch (sled seals and writes its log buffer, with
+    /// thread-pool wake-ups, for every batch), then `lsn` as the last applied record: sled
+    /// recovers a prefix of its writes, so after a crash it holds every record up to the
+    /// one it names, and replaying the later ones restores the rest. Writes go in key order,
+    /// so a channel's meta (its loss floor) changes before its chunks do. A sled error
+    /// half-way leaves the store inconsistent in memory: the caller must stop writing.
+    pub(crate) fn apply_logged(
+        &self,
+        batch: &[Publish],
+        namespaces: &Namespaces,
+        now_ms: u64,
+        lsn: u64,
+    ) -> Result<(Vec<Applied>, Vec<u8>), StorageError> {
+        let mut record = Vec::new();
+        let applied = self.apply_then(batch, namespaces, now_ms, None, Ops::default(), |ops| {
+            record = crate::wal::encode(lsn, &ops);
+            let written = ops
+                .0
+                .into_iter()
+                .try_for_each(|(k, v)| match v {
+                    Some(v) => self.tree.insert(k, v).map(drop),
+                    None => self.tree.remove(k).map(drop),
+                })
+                .and_then(|()| {
+                    self.tree
+                        .insert(codec::KEY_LOCAL_LOG, &lsn.to_be_bytes())
+                        .map(drop)
+                });
+            if written.is_err() {
+                self.broken.store(true, Ordering::Release);
+            }
+            Ok(written?)
+        })?;
+        Ok((applied, record))
+    }
+
+    /// The last write-ahead-log record of the local log whose apply is in the store (0: none).
+    pub(crate) fn local_log_applied(&self) -> Result<u64, StorageError> {
+        read_local_log_applied(&self.tree)
+    }
+
+    /// [`Store::apply`], with the ops already in `ops` (the Raft bookkeeping of the entry; keys
+    /// outside the store's event records) written in the same atomic sled batch. `tick` names
+    /// a partition whose applied clock advances to `now_ms` even if `batch` has none of its
+    /// publishes (an empty entry still moves its clock).
     pub(crate) fn apply_with(
         &self,
         batch: &[Publish],
         namespaces: &Namespaces,
         now_ms: u64,
         tick: Option<Partition>,
-        mut sled_batch: sled::Batch,
+        ops: Ops,
+    ) -> Result<Vec<Applied>, StorageError> {
+        self.apply_then(batch, namespaces, now_ms, tick, ops, |ops| {
+            Ok(self.tree.apply_batch(ops.into_sled())?)
+        })
+    }
+
+    /// The apply: works out the writes of `batch` into `sled_batch`, has `write` write them,
+    /// then updates the in-memory counters. Holds the writer lock throughout.
+    fn apply_then(
+        &self,
+        batch: &[Publish],
+        namespaces: &Namespaces,
+        now_ms: u64,
+        tick: Option<Partition>,
+        mut sled_batch: Ops,
+        write: impl FnOnce(Ops) -> Result<(), StorageError>,
     ) -> Result<Vec<Applied>, StorageError> {
         let mut state = self.write.lock();
+        if self.broken.load(Ordering::Acquire) {
+            return Err(StorageError::Internal(
+                "an earlier write to the store failed half-way; restart the node to recover from its write-ahead log".into(),
+            ));
+        }
         let mut out = Vec::with_capacity(batch.len());
         let mut next: BTreeMap<Partition, u64> = BTreeMap::new();
         let mut clocks: BTreeMap<Partition, u64> = BTreeMap::new();
@@ -660,7 +822,7 @@ impl Store {
             );
         }
 
-        self.tree.apply_batch(sled_batch)?;
+        write(sled_batch)?;
 
         for (p, seq) in next {
             state.last_seq[usize::from(p)] = seq;
@@ -688,7 +850,7 @@ fn chunk_event(channel: &Bytes, chunk: &StoredChunk, i: usize) -> Event {
 }
 
 /// Writes `chunk` under its first seq's key and empties it for the next one.
-fn write_chunk(channel: &[u8], chunk: &mut StoredChunk, batch: &mut sled::Batch) {
+fn write_chunk(channel: &[u8], chunk: &mut StoredChunk, batch: &mut Ops) {
     let key = codec::history_key(channel, chunk.seqs[0]);
     batch.insert(key, codec::encode(&*chunk));
     chunk.seqs.clear();
@@ -911,7 +1073,7 @@ impl Store {
         meta: &mut ChannelMeta,
         count: u64,
         expired_at: Option<u64>,
-        batch: &mut sled::Batch,
+        batch: &mut Ops,
     ) -> Result<(u64, usize), StorageError> {
         let prefix = codec::chan_key(codec::PREFIX_HISTORY, channel);
         let (mut removed, mut chunks) = (0u64, 0usize);
@@ -1078,7 +1240,7 @@ impl Store {
                 &f.to_be_bytes(),
             );
         }
-        self.tree.apply_batch(batch)?;
+        self.tree.apply_batch(batch.into_sled())?;
         for (p, f) in forgotten {
             state.forgotten[usize::from(p)] = f;
             self.forgotten[usize::from(p)].store(f, Ordering::Release);
@@ -1938,7 +2100,7 @@ mod tests {
             // A tick moves an idle partition's clock.
             let q = (p + 1) % 4;
             store
-                .apply_with(&[], &namespaces, T0 + 20, Some(q), sled::Batch::default())
+                .apply_with(&[], &namespaces, T0 + 20, Some(q), Ops::default())
                 .unwrap();
             assert_eq!(store.applied_clock(q), T0 + 20);
         }

@@ -186,7 +186,7 @@ fn writer(dir: &Path) {
         .unwrap();
     rt.block_on(async {
         let store = Arc::new(Store::open(dir, options()).expect("writer opens the store"));
-        let log = LocalLog::start(store, Arc::new(namespaces()), Arc::new(|_: &[_]| {}));
+        let log = LocalLog::start(store, Arc::new(namespaces()), Arc::new(|_: &[_]| {})).unwrap();
         let deadline = Instant::now() + Duration::from_secs(180);
         let tasks: Vec<_> = (0..WRITER_TASKS)
             .map(|t| {
@@ -242,6 +242,7 @@ fn open_after_crash(dir: &Path) -> Store {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match Store::open(dir, options()) {
+            // Store::open replays what the crash left in the write-ahead log.
             Ok(s) => return s,
             Err(e) if Instant::now() < deadline => {
                 eprintln!("reopen failed ({e}), retrying");

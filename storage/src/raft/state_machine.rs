@@ -32,7 +32,7 @@ use crate::codec;
 use crate::event::{Epoch, Partition, unix_now_ms};
 use crate::log::OnCommit;
 use crate::namespace::Namespaces;
-use crate::store::{Applied, PartitionImage, StorageError, Store};
+use crate::store::{Applied, Ops, PartitionImage, StorageError, Store};
 
 /// What the state machine of a group has applied (`r` group `a`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,9 +172,9 @@ impl Shared {
         codec::raft_key(self.group, codec::RAFT_SNAPSHOT)
     }
 
-    /// A sled batch holding the group's applied state `next`.
-    fn bookkeeping(&self, next: &AppliedState) -> sled::Batch {
-        let mut batch = sled::Batch::default();
+    /// The write of the group's applied state `next`.
+    fn bookkeeping(&self, next: &AppliedState) -> Ops {
+        let mut batch = Ops::default();
         batch.insert(self.applied_key(), codec::encode(next));
         batch
     }
@@ -256,7 +256,7 @@ impl Shared {
                         });
                     }
                     self.store
-                        .join_cluster(epoch, false, self.bookkeeping(&next))?;
+                        .join_cluster(epoch, false, self.bookkeeping(&next).into_sled())?;
                     *applied = next;
                     replies.push(Reply::None);
                 }
@@ -265,7 +265,7 @@ impl Shared {
         if let Some(next) = pending {
             let batch = self.bookkeeping(&next);
             self.store
-                .with_write_lock(|tree| Ok(tree.apply_batch(batch)?))?;
+                .with_write_lock(|tree| Ok(tree.apply_batch(batch.into_sled())?))?;
             *applied = next;
         }
         Ok(replies)
@@ -361,7 +361,8 @@ impl Shared {
         batch.insert(self.snapshot_key(), codec::encode(&stored));
         match (self.partition, image) {
             (Some(p), GroupImage::Partition(image)) if image.partition == p => {
-                self.store.install_partition_image(image, batch)?;
+                self.store
+                    .install_partition_image(image, batch.into_sled())?;
             }
             (
                 None,
@@ -385,10 +386,10 @@ impl Shared {
                     });
                 }
                 if initialized {
-                    self.store.join_cluster(epoch, true, batch)?;
+                    self.store.join_cluster(epoch, true, batch.into_sled())?;
                 } else {
                     self.store
-                        .with_write_lock(|tree| Ok(tree.apply_batch(batch)?))?;
+                        .with_write_lock(|tree| Ok(tree.apply_batch(batch.into_sled())?))?;
                 }
             }
             _ => {

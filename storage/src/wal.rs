@@ -1,0 +1,428 @@
+//! The local log's write-ahead log: what makes a publish durable on one node with ONE append
+//! and ONE `fdatasync`.
+//!
+//! A sled flush costs two device round trips (sled's own write + `sync_file_range`, then our
+//! `fdatasync`, see the private `disk` module) and rewrites whole leaves (4-5x the payload bytes
+//! at 1 KiB). So the local log does not flush sled per batch: it appends the writes each
+//! applied batch made to a file of its own, syncs that, and only then acknowledges. sled is
+//! flushed now and then ("checkpoint"), after which the records it covers are deleted.
+//!
+//! ## Files
+//!
+//! `DIR/wal/<first lsn, 20 digits>.log`: segments of records, each
+//! `u32 LE body length ++ u64 LE xxh3 of body ++ body` (body: see [`encode`]).
+//! Records carry consecutive numbers (LSNs) from the segment's first. A new segment starts
+//! once the current one passes `LogOptions::segment_bytes` (64 MiB); a segment is deleted once a sled flush that
+//! started after its last record was applied has completed.
+//!
+//! ## Recovery
+//!
+//! A record is the apply's writes (keys and new values), not its input, so replaying it is
+//! redoing writes: it does not depend on what else sled holds. Each apply writes its LSN last
+//! (`KEY_LOCAL_LOG`) and sled recovers a prefix of its writes, so after a crash sled holds
+//! every record up to the LSN it names, perhaps part of the next, and nothing later;
+//! [`crate::Store::open`] rewrites the records after that LSN, in order, flushes, and deletes
+//! the log: the store is then what the crashed process had acknowledged. A record cut short
+//! (a crash during its append: never acknowledged) ends the log; a bad record followed by
+//! good ones is corruption and the store refuses to open.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::store::{Ops, StorageError};
+
+/// Bytes before a record's body: length and checksum.
+const HEADER: usize = 12;
+
+/// One applied batch as recovery replays it: the writes its apply made, in key order.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Record {
+    /// Its number: one more than the record before it.
+    pub lsn: u64,
+    /// Each write: key, and the new value (`None`: deleted).
+    pub ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+/// Encodes the record `lsn` of an apply's writes, header included. Body: `u64 LE lsn`, then
+/// per write `u32 LE key length ++ key ++ u8 (1 = set, 0 = delete) [++ u32 LE value length
+/// ++ value]`; a hand-written format, as it is all byte strings and this is the hot path.
+pub(crate) fn encode(lsn: u64, ops: &Ops) -> Vec<u8> {
+    let size: usize = ops
+        .iter()
+        .map(|(k, v)| 9 + k.len() + v.map_or(0, <[u8]>::len))
+        .sum();
+    let mut out = Vec::with_capacity(HEADER + 8 + size);
+    out.extend_from_slice(&[0; HEADER]);
+    out.extend_from_slice(&lsn.to_le_bytes());
+    let put = |out: &mut Vec<u8>, bytes: &[u8]| {
+        let len = u32::try_from(bytes.len()).expect("sled keys and values are under 4 GiB");
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(bytes);
+    };
+    for (k, v) in ops.iter() {
+        put(&mut out, k);
+        match v {
+            Some(v) => {
+                out.push(1);
+                put(&mut out, v);
+            }
+            None => out.push(0),
+        }
+    }
+    let body = &out[HEADER..];
+    let len = u32::try_from(body.len()).expect("a batch is far smaller than 4 GiB");
+    let sum = xxhash_rust::xxh3::xxh3_64(body);
+    out[..4].copy_from_slice(&len.to_le_bytes());
+    out[4..HEADER].copy_from_slice(&sum.to_le_bytes());
+    out
+}
+
+/// Decodes a record body (its checksum already verified).
+fn decode(body: &[u8]) -> Option<Record> {
+    fn take<'a>(body: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = body.split_at_checked(n)?;
+        *body = rest;
+        Some(head)
+    }
+    fn bytes(body: &mut &[u8]) -> Option<Vec<u8>> {
+        let len = u32::from_le_bytes(take(body, 4)?.try_into().ok()?) as usize;
+        take(body, len).map(<[u8]>::to_vec)
+    }
+    let mut body = body;
+    let lsn = u64::from_le_bytes(take(&mut body, 8)?.try_into().ok()?);
+    let mut ops = Vec::new();
+    while !body.is_empty() {
+        let key = bytes(&mut body)?;
+        let value = match take(&mut body, 1)?[0] {
+            0 => None,
+            1 => Some(bytes(&mut body)?),
+            _ => return None,
+        };
+        ops.push((key, value));
+    }
+    Some(Record { lsn, ops })
+}
+
+fn io_error(what: &str, path: &Path, e: std::io::Error) -> StorageError {
+    StorageError::Sled(sled::Error::Io(std::io::Error::new(
+        e.kind(),
+        format!("{what} {}: {e}", path.display()),
+    )))
+}
+
+/// The directory of the write-ahead log of the store in `store_dir`.
+pub(crate) fn dir_of(store_dir: &Path) -> PathBuf {
+    store_dir.join("wal")
+}
+
+fn segment_path(dir: &Path, first_lsn: u64) -> PathBuf {
+    dir.join(format!("{first_lsn:020}.log"))
+}
+
+/// The segments in `dir`, by first LSN, ascending. Files of other names are left alone.
+fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StorageError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error("cannot list", dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error("cannot list", dir, e))?;
+        let name = entry.file_name();
+        let Some(first) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".log"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        out.push((first, entry.path()));
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error("cannot sync", dir, e))
+}
+
+/// Reads every whole record of the log in `dir`, in order, and hands each to `replay`.
+/// Returns the LSN of the last record read (0 if none). A record cut short or failing its
+/// checksum at the end of the last segment ends the log; anywhere else it is corruption.
+pub(crate) fn read_all(
+    dir: &Path,
+    mut replay: impl FnMut(Record) -> Result<(), StorageError>,
+) -> Result<u64, StorageError> {
+    let segments = segments(dir)?;
+    let mut last = 0;
+    for (i, (first, path)) in segments.iter().enumerate() {
+        let is_last = i + 1 == segments.len();
+        let mut bytes = Vec::new();
+        File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(|e| io_error("cannot read", path, e))?;
+        let mut at = 0usize;
+        let mut expected = *first;
+        while at < bytes.len() {
+            let bad = |why: &str| {
+                StorageError::Corrupt(format!(
+                    "write-ahead log {} at byte {at}: {why}",
+                    path.display()
+                ))
+            };
+            let whole = bytes.get(at..at + HEADER).and_then(|h| {
+                let len = u32::from_le_bytes(h[..4].try_into().ok()?) as usize;
+                let sum = u64::from_le_bytes(h[4..].try_into().ok()?);
+                let body = bytes.get(at + HEADER..at + HEADER + len)?;
+                (xxhash_rust::xxh3::xxh3_64(body) == sum).then_some(body)
+            });
+            let Some(body) = whole else {
+                if is_last {
+                    tracing::warn!(
+                        file = %path.display(),
+                        at,
+                        dropped = bytes.len() - at,
+                        "write-ahead log ends with an incomplete record (a crash during its append; it was never acknowledged)"
+                    );
+                    break;
+                }
+                return Err(bad("incomplete or damaged record before the last segment"));
+            };
+            let record = decode(body).ok_or_else(|| bad("a record that does not decode"))?;
+            if record.lsn != expected {
+                return Err(bad(&format!(
+                    "record {} where {expected} was expected",
+                    record.lsn
+                )));
+            }
+            at += HEADER + body.len();
+            expected += 1;
+            last = record.lsn;
+            replay(record)?;
+        }
+    }
+    Ok(last)
+}
+
+/// Deletes every segment in `dir`: for after a flush that covers all their records.
+pub(crate) fn delete_all(dir: &Path) -> Result<(), StorageError> {
+    for (_, path) in segments(dir)? {
+        std::fs::remove_file(&path).map_err(|e| io_error("cannot delete", &path, e))?;
+    }
+    Ok(())
+}
+
+/// The segment being appended to, and the ones before it still waiting for a checkpoint.
+pub(crate) struct Wal {
+    dir: PathBuf,
+    file: File,
+    /// The current segment's path.
+    path: PathBuf,
+    /// Bytes in `file` known to be whole records.
+    len: u64,
+    /// The segment is full at this many bytes.
+    segment_bytes: u64,
+    /// Segments before the current one, not yet deleted.
+    full: Vec<PathBuf>,
+    /// A reusable buffer for one group's records.
+    buffer: Vec<u8>,
+}
+
+impl Wal {
+    /// Starts a new segment whose first record will be `next_lsn`, in the log directory `dir`
+    /// (created if needed). Call after recovery.
+    /// Segments are full past `segment_bytes`.
+    pub(crate) fn create(
+        dir: &Path,
+        next_lsn: u64,
+        segment_bytes: u64,
+    ) -> Result<Wal, StorageError> {
+        std::fs::create_dir_all(dir).map_err(|e| io_error("cannot create", dir, e))?;
+        let (file, path) = Self::new_segment(dir, next_lsn)?;
+        Ok(Wal {
+            dir: dir.to_path_buf(),
+            file,
+            path,
+            len: 0,
+            segment_bytes,
+            full: Vec::new(),
+            buffer: Vec::new(),
+        })
+    }
+
+    fn new_segment(dir: &Path, first_lsn: u64) -> Result<(File, PathBuf), StorageError> {
+        let path = segment_path(dir, first_lsn);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_error("cannot create", &path, e))?;
+        // The name must survive a crash before any record in it counts.
+        sync_dir(dir)?;
+        Ok((file, path))
+    }
+
+    /// Appends `records` (encoded by [`encode`], consecutive LSNs) with one write and makes
+    /// them durable with one `fdatasync`. On error the segment is cut back to its last whole
+    /// record where possible; the caller must then stop using the log (see
+    /// `LocalLog`'s fallback), as what the failed sync left on disk is unknown.
+    pub(crate) fn append(&mut self, records: &[&[u8]]) -> std::io::Result<()> {
+        self.buffer.clear();
+        for r in records {
+            self.buffer.extend_from_slice(r);
+        }
+        let written = self
+            .file
+            .write_all(&self.buffer)
+            .and_then(|()| self.file.sync_data());
+        match written {
+            Ok(()) => {
+                self.len += self.buffer.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.file.set_len(self.len);
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether the current segment is full: the caller should [`Wal::rotate`].
+    pub(crate) fn is_full(&self) -> bool {
+        self.len >= self.segment_bytes
+    }
+
+    /// Starts a new segment at `next_lsn` (the LSN the next appended record will carry); the
+    /// current one joins those a checkpoint may delete.
+    pub(crate) fn rotate(&mut self, next_lsn: u64) -> Result<(), StorageError> {
+        let (file, path) = Self::new_segment(&self.dir, next_lsn)?;
+        self.file = file;
+        self.len = 0;
+        self.full.push(std::mem::replace(&mut self.path, path));
+        Ok(())
+    }
+
+    /// The full segments, taken: delete them once a sled flush started after this call has
+    /// completed.
+    pub(crate) fn take_full(&mut self) -> Vec<PathBuf> {
+        std::mem::take(&mut self.full)
+    }
+}
+
+/// Deletes `segments` (their records are covered by a completed sled flush).
+pub(crate) fn delete(segments: &[PathBuf]) -> Result<(), StorageError> {
+    for path in segments {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error("cannot delete", path, e)),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::TempDir;
+
+    fn ops(n: usize) -> Ops {
+        let mut ops = Ops::default();
+        for i in 0..n {
+            ops.insert(format!("k{i}").into_bytes(), vec![i as u8; i]);
+        }
+        ops.remove(&b"gone"[..]);
+        ops
+    }
+
+    fn as_vecs(ops: &Ops) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        ops.iter()
+            .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
+            .collect()
+    }
+
+    fn read(dir: &Path) -> Result<Vec<Record>, StorageError> {
+        let mut out = Vec::new();
+        read_all(dir, |r| {
+            out.push(r);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    #[test]
+    fn records_round_trip_across_segments() {
+        let tmp = TempDir::new("wal-roundtrip");
+        let dir = dir_of(tmp.path());
+        let mut wal = Wal::create(&dir, 1, 1 << 20).unwrap();
+        let a = encode(1, &ops(3));
+        let b = encode(2, &ops(1));
+        wal.append(&[&a, &b]).unwrap();
+        wal.rotate(3).unwrap();
+        let c = encode(3, &ops(2));
+        wal.append(&[&c]).unwrap();
+        let got = read(&dir).unwrap();
+        assert_eq!(got.iter().map(|r| r.lsn).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(got[0].ops, as_vecs(&ops(3)));
+        assert_eq!(got[2].ops, as_vecs(&ops(2)));
+        assert_eq!(got[2].ops.last().unwrap(), &(b"k1".to_vec(), Some(vec![1])));
+        let full = wal.take_full();
+        assert_eq!(full, [segment_path(&dir, 1)]);
+        delete(&full).unwrap();
+        assert_eq!(read(&dir).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_torn_last_record_ends_the_log_but_damage_before_the_end_is_refused() {
+        let tmp = TempDir::new("wal-torn");
+        let dir = dir_of(tmp.path());
+        let mut wal = Wal::create(&dir, 1, 1 << 20).unwrap();
+        let a = encode(1, &ops(2));
+        let b = encode(2, &ops(2));
+        wal.append(&[&a, &b]).unwrap();
+        drop(wal);
+        let path = segment_path(&dir, 1);
+        // Cut the second record short: the first is still read.
+        let len = std::fs::metadata(&path).unwrap().len();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+        assert_eq!(read(&dir).unwrap().len(), 1);
+
+        // The same damage in a segment that has a successor is corruption.
+        let mut wal = Wal::create(&dir, 2, 1 << 20).unwrap();
+        let c = encode(2, &ops(1));
+        wal.append(&[&c]).unwrap();
+        let err = read(&dir).unwrap_err().to_string();
+        assert!(err.contains("incomplete or damaged"), "{err}");
+
+        // A flipped byte in the last record is a torn append too.
+        std::fs::remove_file(&path).unwrap();
+        let second = segment_path(&dir, 2);
+        let mut bytes = std::fs::read(&second).unwrap();
+        let n = bytes.len();
+        bytes[n - 1] ^= 0xff;
+        std::fs::write(&second, &bytes).unwrap();
+        assert_eq!(read(&dir).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_gap_in_the_numbers_is_refused() {
+        let tmp = TempDir::new("wal-gap");
+        let dir = dir_of(tmp.path());
+        let mut wal = Wal::create(&dir, 5, 1 << 20).unwrap();
+        let a = encode(5, &ops(1));
+        let b = encode(7, &ops(1));
+        wal.append(&[&a, &b]).unwrap();
+        let err = read(&dir).unwrap_err().to_string();
+        assert!(err.contains("record 7 where 6 was expected"), "{err}");
+    }
+}
