@@ -677,6 +677,17 @@ mod tests {
         Arc::new(Store::open(dir.path(), options).unwrap())
     }
 
+    /// A log on `store` with the default namespaces and `options`.
+    fn start_with(store: &Arc<Store>, on_commit: OnCommit, options: LogOptions) -> LocalLog {
+        LocalLog::start_with(
+            store.clone(),
+            Arc::new(Namespaces::default()),
+            on_commit,
+            options,
+        )
+        .unwrap()
+    }
+
     /// An on_commit that records every batch it is handed.
     fn recorder() -> (OnCommit, Arc<Mutex<Vec<Vec<Event>>>>) {
         let seen = Arc::new(Mutex::new(Vec::<Vec<Event>>::new()));
@@ -750,13 +761,7 @@ mod tests {
             max_batch_publishes: 4,
             ..LogOptions::default()
         };
-        let log = LocalLog::start_with(
-            store.clone(),
-            Arc::new(Namespaces::default()),
-            on_commit,
-            options,
-        )
-        .unwrap();
+        let log = start_with(&store, on_commit, options);
         const PUBLISHERS: usize = 32;
         const EACH: usize = 20;
         let tasks: Vec<_> = (0..PUBLISHERS)
@@ -1082,13 +1087,7 @@ mod tests {
             segment_bytes: 4 << 10,
             ..LogOptions::default()
         };
-        let log = LocalLog::start_with(
-            store.clone(),
-            Arc::new(Namespaces::default()),
-            on_commit,
-            options,
-        )
-        .unwrap();
+        let log = start_with(&store, on_commit, options);
         let mut most = 0;
         for i in 0..300 {
             log.publish(Publish::new(format!("c{}", i % 3), vec![b'x'; 200]))
