@@ -3,7 +3,7 @@
 //! [`Store::apply`] is the state machine: it takes a batch of publishes in log order and, for
 //! each, checks dedup, assigns the partition's next seq, writes history, trims retention and
 //! records the message id, all in ONE atomic `sled::Batch`. The single-node log
-//! ([`crate::log::LocalLog`]) runs the same logic as [`Store::apply_logged`], which writes
+//! ([`crate::log::LocalLog`]) runs the same logic as `Store::apply_logged`, which writes
 //! the same changes one by one and returns them as a write-ahead-log record; the partition
 //! groups' Raft state machine
 //! ([`crate::raft::GroupStateMachine`]) runs the same logic with its Raft bookkeeping added to
