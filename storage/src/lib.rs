@@ -15,22 +15,24 @@
 //! - [`store`]: [`Store`]: open/create, [`Store::apply`] (THE state machine apply, one atomic
 //!   sled batch per call), flush, history reads, TTL and dedup expiry, stats.
 //! - [`log`]: [`LocalLog`]: the log of one member: a two-stage pipeline that batches concurrent
-//!   publishes into one apply (group commit), flushes the batches applied meanwhile together
-//!   while it applies the next, and acknowledges a publish only after a flush that followed its
-//!   apply.
+//!   publishes into one apply (group commit), syncs the records of the batches applied
+//!   meanwhile together while it applies the next, and acknowledges a publish only once its
+//!   record is durable.
 //! - `codec` (private): the on-disk key layout and the bincode value encoding, in one place.
 //! - `disk` (private): what makes a flush survive power loss (`fdatasync` of sled's data file
 //!   and of the blob files sled writes unsynced).
-//! - `wal` (private): the local log's write-ahead log: one append and one `fdatasync` per
-//!   group of batches make them durable; sled is flushed only at checkpoints; recovery replays
-//!   the records sled had not yet covered.
+//! - `wal` (private): the local log's write-ahead log: the segment files and their record
+//!   format, `WalWriter` (one append + one `fdatasync` per group of batches; a flush of the
+//!   store instead once the log fails) and the checkpoints that flush sled and delete
+//!   segments. [`Store::open`] replays what a crash left in it.
 //!
 //! ## Guarantees
 //!
 //! A publish acknowledged by [`LocalLog`] is on disk (its write-ahead-log record synced) and
 //! survives `kill -9` and power loss. A position, once anyone could see it (delivered, read
-//! from history, acknowledged), is never reused, even after a crash: that happens only after its
-//! record is durable, and recovery replays every durable record. Cursors and positions are only meaningful within one [`Epoch`].
+//! from history, acknowledged), is never reused, even after a crash: that happens only after
+//! its record is durable, and recovery replays every durable record. Cursors and positions are
+//! only meaningful within one [`Epoch`].
 
 #![warn(missing_docs)]
 

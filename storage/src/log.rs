@@ -21,9 +21,9 @@
 //!
 //! sled itself is flushed only at **checkpoints**, on a third thread: each time a log segment
 //! fills up (64 MiB), and when the log closes; a checkpoint deletes the segments it covers.
-//! [`Store::open`] replays the records a crash left uncovered (see `wal`). If the
-//! write-ahead log ever fails (a write or sync error), the log stops using it and flushes sled
-//! for every group instead, the way it worked before the log existed: slower, still durable.
+//! [`Store::open`] replays the records a crash left uncovered. If the write-ahead log ever
+//! fails (a write or sync error), the log stops using it and flushes sled for every group
+//! instead: slower, still durable. All of this is the private `wal` module's `WalWriter`.
 //!
 //! The stages are threads that block (on their queues, in `apply`, in the sync) rather than
 //! Tokio tasks: a task would hand every apply and sync to another thread (`spawn_blocking`)
@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::event::{Event, unix_now_ms};
 use crate::namespace::Namespaces;
 use crate::store::{Applied, Publish, StorageError, Store};
-use crate::wal::{self, Wal};
+use crate::wal::{self, Wal, WalWriter};
 
 /// What the log calls with each committed batch's new events (duplicates left out), in commit
 /// order, after the flush and before any publisher of the batch is acknowledged. It runs on the
@@ -505,10 +505,7 @@ impl Committer {
     /// segment fills up. Ends when the applier is gone and nothing waits, with a last
     /// checkpoint.
     fn run_flusher(&self, rx: std::sync::mpsc::Receiver<Batch>, wal: Wal) {
-        let mut durable = Durable {
-            wal: Some(wal),
-            checkpoints: Checkpoints::start(self.store.clone()),
-        };
+        let mut writer = WalWriter::start(wal, self.store.clone());
         let mut group = Vec::with_capacity(PIPELINE_DEPTH + 1);
         while let Ok(first) = rx.recv() {
             group.push(first);
@@ -523,7 +520,12 @@ impl Committer {
             let flushed = if group.iter().any(|b| b.applied.is_ok()) {
                 #[cfg(test)]
                 self.counters.trace(Step::Flush);
-                std::panic::catch_unwind(AssertUnwindSafe(|| durable.sync(&self.store, &group)))
+                let records: Vec<&[u8]> = group
+                    .iter()
+                    .filter(|b| b.applied.is_ok())
+                    .map(|b| b.record.as_slice())
+                    .collect();
+                std::panic::catch_unwind(AssertUnwindSafe(|| writer.sync(&records)))
                     .unwrap_or_else(|_| Err(StorageError::Internal("sync panicked".into())))
             } else {
                 Ok(())
@@ -535,127 +537,10 @@ impl Committer {
                 .max();
             self.finish(&mut group, &flushed);
             if let Some(next_lsn) = next_lsn {
-                durable.rotate_if_full(next_lsn);
+                writer.rotate_if_full(next_lsn);
             }
         }
-        durable.close(&self.store);
-    }
-}
-
-/// The flusher's way to make batches durable: the write-ahead log while it works, a flush of
-/// the store once it has failed.
-struct Durable {
-    /// `None` once an append or a rotation failed.
-    wal: Option<Wal>,
-    checkpoints: Checkpoints,
-}
-
-impl Durable {
-    /// Makes the applied batches of `group` durable.
-    fn sync(&mut self, store: &Store, group: &[Batch]) -> Result<(), StorageError> {
-        if let Some(wal) = &mut self.wal {
-            let records: Vec<&[u8]> = group
-                .iter()
-                .filter(|b| b.applied.is_ok())
-                .map(|b| b.record.as_slice())
-                .collect();
-            match wal.append(&records) {
-                Ok(()) => return Ok(()),
-                Err(error) => {
-                    tracing::error!(%error, "the write-ahead log failed; flushing the store for every batch from now on");
-                    self.wal = None;
-                }
-            }
-        }
-        store.flush_blocking()
-    }
-
-    /// Starts a new segment if the current one is full, and a checkpoint for the full ones.
-    fn rotate_if_full(&mut self, next_lsn: u64) {
-        let Some(wal) = &mut self.wal else { return };
-        if !wal.is_full() {
-            return;
-        }
-        if let Err(error) = wal.rotate(next_lsn) {
-            tracing::error!(%error, "cannot start a new write-ahead log segment; flushing the store for every batch from now on");
-            self.wal = None;
-            return;
-        }
-        let full = wal.take_full();
-        self.checkpoints.request(full);
-    }
-
-    /// The last checkpoint: flushes the store and deletes the whole log.
-    fn close(self, store: &Store) {
-        self.checkpoints.stop();
-        let done = store
-            .flush_blocking()
-            .and_then(|()| wal::delete_all(&wal::dir_of(store.dir())));
-        if let Err(error) = done {
-            tracing::error!(%error, "the local log's last checkpoint failed; the next start replays its write-ahead log");
-        }
-    }
-}
-
-/// The checkpoint thread: flushes the store, then deletes the segments the flush covers.
-struct Checkpoints {
-    tx: Option<std::sync::mpsc::Sender<Vec<std::path::PathBuf>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Checkpoints {
-    fn start(store: Arc<Store>) -> Checkpoints {
-        let (tx, rx) = std::sync::mpsc::channel::<Vec<std::path::PathBuf>>();
-        let spawned = std::thread::Builder::new()
-            .name("herald-log-checkpoint".into())
-            .spawn(move || {
-                let mut pending = Vec::new();
-                while let Ok(full) = rx.recv() {
-                    pending.extend(full);
-                    pending.extend(rx.try_iter().flatten());
-                    // Every record in `pending` was applied before its segment was handed
-                    // over, so a flush starting now covers them all.
-                    let done = store
-                        .flush_blocking()
-                        .and_then(|()| wal::delete(&pending));
-                    match done {
-                        Ok(()) => pending.clear(),
-                        Err(error) => {
-                            tracing::error!(%error, "write-ahead log checkpoint failed; retrying at the next one");
-                        }
-                    }
-                }
-            });
-        match spawned {
-            Ok(thread) => Checkpoints {
-                tx: Some(tx),
-                thread: Some(thread),
-            },
-            Err(error) => {
-                tracing::error!(%error, "cannot start the checkpoint thread; segments stay until the log closes");
-                Checkpoints {
-                    tx: None,
-                    thread: None,
-                }
-            }
-        }
-    }
-
-    /// Asks for a checkpoint covering `full`.
-    fn request(&self, full: Vec<std::path::PathBuf>) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(full);
-        }
-    }
-
-    /// Waits for the running checkpoint, if any, and stops the thread.
-    fn stop(mut self) {
-        drop(self.tx.take());
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
-            tracing::error!("the checkpoint thread panicked");
-        }
+        writer.close();
     }
 }
 

@@ -12,8 +12,11 @@
 //!
 //! The Raft logs and state of every group live in the same tree (see [`crate::raft`]).
 //!
-//! Reads ([`Store::history_after`], [`Store::last`], [`Store::oldest`]) take no lock and see a
-//! consistent view of each applied batch. The on-disk layout is described in the private `codec` module.
+//! Reads ([`Store::history_after`], [`Store::last`], [`Store::oldest`]) take no lock. They see
+//! each atomic batch whole; the local log's writes land one by one (`Store::apply_logged`),
+//! so a read may see part of a batch: its events are above the committed watermark callers
+//! filter on, and a channel's loss floor is raised before its old chunks go. The on-disk
+//! layout is described in the private `codec` module.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -191,7 +194,7 @@ struct WriteState {
 
 /// The writes of one apply, like a `sled::Batch` (a later write of a key replaces an earlier
 /// one) but readable: the local log puts them in its write-ahead log (see the `wal` module).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Ops(BTreeMap<sled::IVec, Option<sled::IVec>>);
 
 impl Ops {
@@ -205,6 +208,11 @@ impl Ops {
         self.0.insert(key.into(), None);
     }
 
+    /// How many writes.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// The same writes as one atomic sled batch.
     pub(crate) fn into_sled(self) -> sled::Batch {
         let mut batch = sled::Batch::default();
@@ -215,6 +223,17 @@ impl Ops {
             }
         }
         batch
+    }
+
+    /// The same writes one by one, in key order (not atomic: see [`Store::apply_logged`]).
+    fn write_one_by_one(self, tree: &sled::Tree) -> sled::Result<()> {
+        for (k, v) in self.0 {
+            match v {
+                Some(v) => tree.insert(k, v)?,
+                None => tree.remove(k)?,
+            };
+        }
+        Ok(())
     }
 
     /// The writes in key order.
@@ -349,16 +368,10 @@ fn replay_local_log(
                 next - 1
             )));
         }
-        let mut batch = sled::Batch::default();
-        writes += record.ops.len();
-        for (k, v) in record.ops {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
-        }
-        batch.insert(codec::KEY_LOCAL_LOG, &record.lsn.to_be_bytes());
-        tree.apply_batch(batch)?;
+        let mut ops = record.ops;
+        writes += ops.len();
+        ops.insert(codec::KEY_LOCAL_LOG, &record.lsn.to_be_bytes());
+        tree.apply_batch(ops.into_sled())?;
         next += 1;
         records += 1;
         Ok(())
@@ -596,18 +609,11 @@ impl Store {
         let mut record = Vec::new();
         let applied = self.apply_then(batch, namespaces, now_ms, None, Ops::default(), |ops| {
             record = crate::wal::encode(lsn, &ops);
-            let written = ops
-                .0
-                .into_iter()
-                .try_for_each(|(k, v)| match v {
-                    Some(v) => self.tree.insert(k, v).map(drop),
-                    None => self.tree.remove(k).map(drop),
-                })
-                .and_then(|()| {
-                    self.tree
-                        .insert(codec::KEY_LOCAL_LOG, &lsn.to_be_bytes())
-                        .map(drop)
-                });
+            let written = ops.write_one_by_one(&self.tree).and_then(|()| {
+                self.tree
+                    .insert(codec::KEY_LOCAL_LOG, &lsn.to_be_bytes())
+                    .map(drop)
+            });
             if written.is_err() {
                 self.broken.store(true, Ordering::Release);
             }

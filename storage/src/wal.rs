@@ -31,7 +31,9 @@ use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::store::{Ops, StorageError};
+use std::sync::Arc;
+
+use crate::store::{Ops, StorageError, Store};
 
 /// How far ahead of its records a segment is zero-filled (see [`Wal::append`]).
 const PREALLOCATE: u64 = 256 << 10;
@@ -40,12 +42,12 @@ const PREALLOCATE: u64 = 256 << 10;
 const HEADER: usize = 12;
 
 /// One applied batch as recovery replays it: the writes its apply made, in key order.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) struct Record {
     /// Its number: one more than the record before it.
     pub lsn: u64,
-    /// Each write: key, and the new value (`None`: deleted).
-    pub ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// The apply's writes.
+    pub ops: Ops,
 }
 
 /// Encodes the record `lsn` of an apply's writes, header included. Body: `u64 LE lsn`, then
@@ -89,21 +91,20 @@ fn decode(body: &[u8]) -> Option<Record> {
         *body = rest;
         Some(head)
     }
-    fn bytes(body: &mut &[u8]) -> Option<Vec<u8>> {
+    fn bytes<'a>(body: &mut &'a [u8]) -> Option<&'a [u8]> {
         let len = u32::from_le_bytes(take(body, 4)?.try_into().ok()?) as usize;
-        take(body, len).map(<[u8]>::to_vec)
+        take(body, len)
     }
     let mut body = body;
     let lsn = u64::from_le_bytes(take(&mut body, 8)?.try_into().ok()?);
-    let mut ops = Vec::new();
+    let mut ops = Ops::default();
     while !body.is_empty() {
         let key = bytes(&mut body)?;
-        let value = match take(&mut body, 1)?[0] {
-            0 => None,
-            1 => Some(bytes(&mut body)?),
+        match take(&mut body, 1)?[0] {
+            0 => ops.remove(key),
+            1 => ops.insert(key, bytes(&mut body)?),
             _ => return None,
-        };
-        ops.push((key, value));
+        }
     }
     Some(Record { lsn, ops })
 }
@@ -221,10 +222,8 @@ pub(crate) fn read_all(
 
 /// Deletes every segment in `dir`: for after a flush that covers all their records.
 pub(crate) fn delete_all(dir: &Path) -> Result<(), StorageError> {
-    for (_, path) in segments(dir)? {
-        std::fs::remove_file(&path).map_err(|e| io_error("cannot delete", &path, e))?;
-    }
-    Ok(())
+    let paths: Vec<PathBuf> = segments(dir)?.into_iter().map(|(_, p)| p).collect();
+    delete(&paths)
 }
 
 /// The segment being appended to, and the ones before it still waiting for a checkpoint.
@@ -247,8 +246,8 @@ pub(crate) struct Wal {
 
 impl Wal {
     /// Starts a new segment whose first record will be `next_lsn`, in the log directory `dir`
-    /// (created if needed). Call after recovery.
-    /// Segments are full past `segment_bytes`.
+    /// (created if needed); segments are full past `segment_bytes`. Call after recovery
+    /// ([`crate::Store::open`]).
     pub(crate) fn create(
         dir: &Path,
         next_lsn: u64,
@@ -283,8 +282,8 @@ impl Wal {
 
     /// Appends `records` (encoded by [`encode`], consecutive LSNs) with one write and makes
     /// them durable with one `fdatasync`. On error the segment is cut back to its last whole
-    /// record where possible; the caller must then stop using the log (see
-    /// `LocalLog`'s fallback), as what the failed sync left on disk is unknown.
+    /// record where possible; the caller must then stop using the log ([`WalWriter`] does),
+    /// as what the failed sync left on disk is unknown.
     ///
     /// The segment is zero-filled [`PREALLOCATE`] bytes ahead of the records, so that most
     /// appends overwrite blocks the file already has: their `fdatasync` then has no file size
@@ -358,6 +357,142 @@ pub(crate) fn delete(segments: &[PathBuf]) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// What makes the local log's batches durable, on its flusher thread: the write-ahead log
+/// while it works, a flush of the store for every group once it has failed (slower, still
+/// durable); and the checkpoints that flush the store and delete full segments.
+pub(crate) struct WalWriter {
+    /// `None` once an append or a rotation failed.
+    wal: Option<Wal>,
+    store: Arc<Store>,
+    checkpoints: Checkpoints,
+}
+
+impl WalWriter {
+    /// Writes to `wal`, the log of `store`; starts the checkpoint thread.
+    pub(crate) fn start(wal: Wal, store: Arc<Store>) -> WalWriter {
+        WalWriter {
+            wal: Some(wal),
+            checkpoints: Checkpoints::start(store.clone()),
+            store,
+        }
+    }
+
+    /// Makes durable the batches whose `records` these are (consecutive, in order).
+    pub(crate) fn sync(&mut self, records: &[&[u8]]) -> Result<(), StorageError> {
+        if let Some(wal) = &mut self.wal {
+            match wal.append(records) {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    tracing::error!(%error, "the write-ahead log failed; flushing the store for every batch from now on");
+                    self.wal = None;
+                }
+            }
+        }
+        self.store.flush_blocking()
+    }
+
+    /// Starts a new segment at `next_lsn` if the current one is full, and a checkpoint for
+    /// the full ones.
+    pub(crate) fn rotate_if_full(&mut self, next_lsn: u64) {
+        let Some(wal) = &mut self.wal else { return };
+        if !wal.is_full() {
+            return;
+        }
+        if let Err(error) = wal.rotate(next_lsn) {
+            tracing::error!(%error, "cannot start a new write-ahead log segment; flushing the store for every batch from now on");
+            self.wal = None;
+            return;
+        }
+        let full = wal.take_full();
+        self.checkpoints.request(full);
+    }
+
+    /// Whether the write-ahead log is still in use (for tests).
+    #[cfg(test)]
+    pub(crate) fn uses_the_log(&self) -> bool {
+        self.wal.is_some()
+    }
+
+    /// Makes the next append fail, as a dying disk would (for tests).
+    #[cfg(test)]
+    pub(crate) fn break_the_log(&mut self) {
+        if let Some(wal) = &mut self.wal {
+            wal.file = File::open(&wal.path).expect("reopen the segment read-only");
+        }
+    }
+
+    /// The last checkpoint, after the last batch: flushes the store and deletes the whole log.
+    pub(crate) fn close(self) {
+        self.checkpoints.stop();
+        let done = self
+            .store
+            .flush_blocking()
+            .and_then(|()| delete_all(&dir_of(self.store.dir())));
+        if let Err(error) = done {
+            tracing::error!(%error, "the local log's last checkpoint failed; the next start replays its write-ahead log");
+        }
+    }
+}
+
+/// The checkpoint thread: flushes the store, then deletes the segments the flush covers.
+struct Checkpoints {
+    tx: Option<std::sync::mpsc::Sender<Vec<PathBuf>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpoints {
+    fn start(store: Arc<Store>) -> Checkpoints {
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<PathBuf>>();
+        let spawned = std::thread::Builder::new()
+            .name("herald-log-checkpoint".into())
+            .spawn(move || {
+                let mut pending = Vec::new();
+                while let Ok(full) = rx.recv() {
+                    pending.extend(full);
+                    pending.extend(rx.try_iter().flatten());
+                    // Every record in `pending` was applied before its segment was handed
+                    // over, so a flush starting now covers them all.
+                    match store.flush_blocking().and_then(|()| delete(&pending)) {
+                        Ok(()) => pending.clear(),
+                        Err(error) => {
+                            tracing::error!(%error, "write-ahead log checkpoint failed; retrying at the next one");
+                        }
+                    }
+                }
+            });
+        match spawned {
+            Ok(thread) => Checkpoints {
+                tx: Some(tx),
+                thread: Some(thread),
+            },
+            Err(error) => {
+                tracing::error!(%error, "cannot start the checkpoint thread; segments stay until the log closes");
+                Checkpoints {
+                    tx: None,
+                    thread: None,
+                }
+            }
+        }
+    }
+
+    /// Asks for a checkpoint covering `full`.
+    fn request(&self, full: Vec<PathBuf>) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(full);
+        }
+    }
+
+    /// Waits for the running checkpoint, if any, and stops the thread.
+    fn stop(mut self) {
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the checkpoint thread panicked");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,10 +507,11 @@ mod tests {
         ops
     }
 
-    fn as_vecs(ops: &Ops) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
-        ops.iter()
-            .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
-            .collect()
+    /// A new segment at `first` in `dir` holding `records`.
+    fn segment(dir: &Path, first: u64, records: &[&[u8]]) -> Wal {
+        let mut wal = Wal::create(dir, first, 1 << 20).unwrap();
+        wal.append(records).unwrap();
+        wal
     }
 
     fn read(dir: &Path) -> Result<Vec<Record>, StorageError> {
@@ -391,18 +527,18 @@ mod tests {
     fn records_round_trip_across_segments() {
         let tmp = TempDir::new("wal-roundtrip");
         let dir = dir_of(tmp.path());
-        let mut wal = Wal::create(&dir, 1, 1 << 20).unwrap();
-        let a = encode(1, &ops(3));
-        let b = encode(2, &ops(1));
-        wal.append(&[&a, &b]).unwrap();
+        let mut wal = segment(&dir, 1, &[&encode(1, &ops(3)), &encode(2, &ops(1))]);
         wal.rotate(3).unwrap();
         let c = encode(3, &ops(2));
         wal.append(&[&c]).unwrap();
         let got = read(&dir).unwrap();
         assert_eq!(got.iter().map(|r| r.lsn).collect::<Vec<_>>(), [1, 2, 3]);
-        assert_eq!(got[0].ops, as_vecs(&ops(3)));
-        assert_eq!(got[2].ops, as_vecs(&ops(2)));
-        assert_eq!(got[2].ops.last().unwrap(), &(b"k1".to_vec(), Some(vec![1])));
+        assert_eq!(got[0].ops, ops(3));
+        assert_eq!(got[2].ops, ops(2));
+        assert_eq!(
+            got[2].ops.iter().last().unwrap(),
+            (&b"k1"[..], Some(&[1u8][..]))
+        );
         let full = wal.take_full();
         assert_eq!(full, [segment_path(&dir, 1)]);
         delete(&full).unwrap();
@@ -413,11 +549,8 @@ mod tests {
     fn a_torn_last_record_ends_the_log_but_damage_before_the_end_is_refused() {
         let tmp = TempDir::new("wal-torn");
         let dir = dir_of(tmp.path());
-        let mut wal = Wal::create(&dir, 1, 1 << 20).unwrap();
-        let a = encode(1, &ops(2));
-        let b = encode(2, &ops(2));
-        wal.append(&[&a, &b]).unwrap();
-        drop(wal);
+        let (a, b) = (encode(1, &ops(2)), encode(2, &ops(2)));
+        drop(segment(&dir, 1, &[&a, &b]));
         let path = segment_path(&dir, 1);
         // The segment is zero-filled past its records.
         let len = std::fs::metadata(&path).unwrap().len();
@@ -432,9 +565,8 @@ mod tests {
         assert_eq!(read(&dir).unwrap().len(), 1);
 
         // The same damage in a segment that has a successor is corruption.
-        let mut wal = Wal::create(&dir, 2, 1 << 20).unwrap();
         let c = encode(2, &ops(1));
-        wal.append(&[&c]).unwrap();
+        drop(segment(&dir, 2, &[&c]));
         let err = read(&dir).unwrap_err().to_string();
         assert!(err.contains("incomplete or damaged"), "{err}");
 
@@ -451,11 +583,62 @@ mod tests {
     fn a_gap_in_the_numbers_is_refused() {
         let tmp = TempDir::new("wal-gap");
         let dir = dir_of(tmp.path());
-        let mut wal = Wal::create(&dir, 5, 1 << 20).unwrap();
-        let a = encode(5, &ops(1));
-        let b = encode(7, &ops(1));
-        wal.append(&[&a, &b]).unwrap();
+        drop(segment(
+            &dir,
+            5,
+            &[&encode(5, &ops(1)), &encode(7, &ops(1))],
+        ));
         let err = read(&dir).unwrap_err().to_string();
         assert!(err.contains("record 7 where 6 was expected"), "{err}");
+    }
+
+    /// A log whose disk fails does not fail the publishes: the writer flushes the store
+    /// instead, from then on, and the events are there after a restart.
+    #[test]
+    fn a_failing_log_falls_back_to_flushing_the_store() {
+        let tmp = TempDir::new("wal-fallback");
+        let options = crate::StoreOptions {
+            partitions: 2,
+            ..crate::StoreOptions::default()
+        };
+        let store = Arc::new(Store::open(tmp.path(), options.clone()).unwrap());
+        let namespaces = crate::Namespaces::default();
+        let dir = dir_of(tmp.path());
+        let mut writer = WalWriter::start(Wal::create(&dir, 1, 1 << 20).unwrap(), store.clone());
+        let publish = |lsn: u64, payload: &str| {
+            let batch = [crate::Publish::new("c", payload.to_string())];
+            store.apply_logged(&batch, &namespaces, 1, lsn).unwrap().1
+        };
+
+        let first = publish(1, "one");
+        writer.sync(&[&first]).unwrap();
+        assert!(writer.uses_the_log());
+        let logged = std::fs::read(segment_path(&dir, 1)).unwrap();
+
+        writer.break_the_log();
+        let second = publish(2, "two");
+        writer
+            .sync(&[&second])
+            .expect("the store flush stands in for the log");
+        assert!(!writer.uses_the_log());
+        let third = publish(3, "three");
+        writer.sync(&[&third]).unwrap();
+        assert_eq!(
+            std::fs::read(segment_path(&dir, 1)).unwrap()[..logged.len()],
+            logged[..],
+            "the broken log is left as it was"
+        );
+        writer.close();
+        drop(store);
+
+        let store = Store::open(tmp.path(), options).unwrap();
+        let payloads: Vec<_> = store
+            .history_after_at(b"c", None, 10, 1)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.payload)
+            .collect();
+        assert_eq!(payloads, ["one", "two", "three"]);
+        assert_eq!(store.local_log_applied().unwrap(), 3);
     }
 }
