@@ -12,8 +12,9 @@
 //! 2. The **flusher** takes every applied batch waiting, appends their records to the
 //!    write-ahead log with ONE write and ONE `fdatasync` (the private `wal` module), then, batch
 //!    by batch in apply order, hands the new events to `on_commit` (this is how the hub gets
-//!    them, in commit order) and only then acknowledges the batch's publishers. A failed sync
-//!    fails every batch it was to cover.
+//!    them, in commit order) and only then acknowledges the batch's publishers. If the sync
+//!    fails, a flush of the store stands in for it (see below); if that fails too, every
+//!    batch it was to cover fails.
 //!
 //! So applying batch N+1 overlaps syncing batch N, N concurrent publishers share one apply,
 //! and the batches applied during one sync share the next. No publish is acknowledged, nor
