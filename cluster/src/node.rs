@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use herald_storage::raft::{
-    Command, GroupId, GroupStateMachine, META_GROUP, NodeId, RaftLogStore, TypeConfig,
+    Command, GroupId, GroupStateMachine, META_GROUP, NodeId, RaftJournal, RaftLogStore, TypeConfig,
     group_partition, partition_group,
 };
 use herald_storage::{Epoch, Namespaces, OnCommit, Partition, Publish, Store};
@@ -129,6 +129,8 @@ struct Inner {
     id: NodeId,
     advertise: String,
     store: Arc<Store>,
+    /// The write-ahead log of every group's Raft log (closed at shutdown, after the groups).
+    journal: Arc<RaftJournal>,
     groups: Vec<Raft<TypeConfig>>,
     proposers: Vec<mpsc::Sender<ProposeRequest>>,
     peers: Arc<Peers>,
@@ -230,9 +232,10 @@ impl ClusterNode {
         );
 
         let partitions = store.partitions();
+        let journal = RaftJournal::open(store.clone())?;
         let mut groups = Vec::with_capacity(usize::from(partitions) + 1);
         for group in 0..=partitions {
-            let log = RaftLogStore::new(store.clone(), group);
+            let log = RaftLogStore::new(journal.clone(), group);
             let commit: OnCommit = if group == META_GROUP {
                 Arc::new(|_: &[herald_storage::Event]| {})
             } else {
@@ -268,6 +271,7 @@ impl ClusterNode {
                 id,
                 advertise: config.advertise.clone(),
                 store,
+                journal,
                 groups,
                 proposers,
                 peers: peers.clone(),
@@ -434,6 +438,9 @@ impl ClusterNode {
         for raft in &self.inner.groups {
             let _ = raft.shutdown().await;
         }
+        // The groups are stopped: sync the journal, checkpoint, and delete it.
+        let journal = self.inner.journal.clone();
+        let _ = tokio::task::spawn_blocking(move || journal.close()).await;
         self.inner.transport.shutdown().await;
     }
 
@@ -976,7 +983,7 @@ impl ClusterNode {
     async fn probe(&self, group: GroupId) -> Option<Probe> {
         self.inner.groups.get(usize::from(group))?;
         let silent_ms = self.inner.contact.silence(usize::from(group)).as_millis() as u64;
-        let mut log = RaftLogStore::new(self.inner.store.clone(), group);
+        let mut log = RaftLogStore::new(self.inner.journal.clone(), group);
         let last_log = openraft::storage::RaftLogStorage::get_log_state(&mut log)
             .await
             .ok()?

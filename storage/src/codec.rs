@@ -54,6 +54,7 @@ pub(crate) const PREFIX_DEDUP_EXPIRY: u8 = b'x';
 pub(crate) const PREFIX_CLOCK: &[u8] = b"mk";
 pub(crate) const KEY_CLUSTER: &[u8] = b"mc";
 pub(crate) const KEY_LOCAL_LOG: &[u8] = b"ml";
+pub(crate) const KEY_RAFT_LOG: &[u8] = b"mr";
 pub(crate) const PREFIX_RAFT: u8 = b'r';
 pub(crate) const RAFT_LOG: u8 = b'l';
 pub(crate) const RAFT_VOTE: u8 = b'v';

@@ -21,10 +21,14 @@
 //! - `codec` (private): the on-disk key layout and the bincode value encoding, in one place.
 //! - `disk` (private): what makes a flush survive power loss (`fdatasync` of sled's data file
 //!   and of the blob files sled writes unsynced).
-//! - `wal` (private): the local log's write-ahead log: the segment files and their record
-//!   format, `WalWriter` (one append + one `fdatasync` per group of batches; a flush of the
-//!   store instead once the log fails) and the checkpoints that flush sled and delete
-//!   segments. [`Store::open`] replays what a crash left in it.
+//! - `wal` (private): the store's write-ahead logs (the local log's, and the Raft journal all
+//!   the groups of a cluster node share): the segment files and their record format,
+//!   `WalWriter` (one append + one `fdatasync` per group of records; a flush of the store
+//!   instead once the log fails) and the checkpoints that flush sled and delete segments.
+//!   [`Store::open`] replays what a crash left in them.
+//! - [`raft`]: the openraft storage of a cluster node: the types of its groups, the
+//!   [`raft::RaftJournal`], each group's [`raft::RaftLogStore`] and
+//!   [`raft::GroupStateMachine`].
 //!
 //! ## Guarantees
 //!

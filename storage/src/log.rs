@@ -189,7 +189,11 @@ impl LocalLog {
     ) -> Result<LocalLog, StorageError> {
         // Store::open replayed what a crash left in the write-ahead log.
         let next_lsn = store.local_log_applied()? + 1;
-        let wal = Wal::create(&wal::dir_of(store.dir()), next_lsn, options.segment_bytes)?;
+        let wal = Wal::create(
+            &wal::LOCAL.dir(store.dir()),
+            next_lsn,
+            options.segment_bytes,
+        )?;
         let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
         let counters = Arc::new(Counters {
             batches: AtomicU64::new(0),
@@ -918,7 +922,7 @@ mod tests {
         store
             .apply_logged(&batches[0].1, &namespaces, batches[0].0, 1)
             .unwrap();
-        let mut wal = Wal::create(&wal::dir_of(store.dir()), 1, 1 << 20).unwrap();
+        let mut wal = Wal::create(&wal::LOCAL.dir(store.dir()), 1, 1 << 20).unwrap();
         wal.append(&records.iter().map(Vec::as_slice).collect::<Vec<_>>())
             .unwrap();
         drop(wal);
@@ -936,7 +940,7 @@ mod tests {
         }
         // The log is gone once replayed.
         assert!(
-            std::fs::read_dir(wal::dir_of(store.dir()))
+            std::fs::read_dir(wal::LOCAL.dir(store.dir()))
                 .unwrap()
                 .next()
                 .is_none()
@@ -946,7 +950,7 @@ mod tests {
         // A log that starts after what the store holds lost records: refused.
         let gap = TempDir::new("replay-gap");
         drop(open(&gap));
-        let mut wal = Wal::create(&wal::dir_of(gap.path()), 2, 1 << 20).unwrap();
+        let mut wal = Wal::create(&wal::LOCAL.dir(gap.path()), 2, 1 << 20).unwrap();
         wal.append(&[&records[1]]).unwrap();
         drop(wal);
         let options = StoreOptions {
@@ -966,7 +970,7 @@ mod tests {
     async fn checkpoints_delete_full_segments_and_close_leaves_no_log() {
         let dir = TempDir::new("checkpoints");
         let store = open(&dir);
-        let wal_dir = wal::dir_of(store.dir());
+        let wal_dir = wal::LOCAL.dir(store.dir());
         let segment_files = || std::fs::read_dir(&wal_dir).unwrap().count();
         let (on_commit, _) = recorder();
         let options = LogOptions {

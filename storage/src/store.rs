@@ -31,6 +31,7 @@ use crate::codec::{self, ChannelMeta, ChunkHead, DedupRecord, StoredChunk};
 use crate::disk::DiskSync;
 use crate::event::{Epoch, Event, Partition, Position, partition_of, unix_now_ms};
 use crate::namespace::Namespaces;
+use crate::wal::LogName;
 
 /// How many operations `expire` puts in one batch before applying it (between channels).
 const EXPIRE_CHUNK: usize = 10_000;
@@ -226,7 +227,7 @@ impl Ops {
     }
 
     /// The same writes one by one, in key order (not atomic: see [`Store::apply_logged`]).
-    fn write_one_by_one(self, tree: &sled::Tree) -> sled::Result<()> {
+    pub(crate) fn write_one_by_one(self, tree: &sled::Tree) -> sled::Result<()> {
         for (k, v) in self.0 {
             match v {
                 Some(v) => tree.insert(k, v)?,
@@ -271,6 +272,8 @@ pub struct Store {
     /// A write of [`Store::apply_logged`] failed half-way: sled's state no longer matches the
     /// counters, so every later apply is refused (a restart recovers from the log).
     broken: AtomicBool,
+    /// A [`crate::raft::RaftJournal`] is open on the store (there may be only one).
+    raft_journal: AtomicBool,
 }
 
 impl std::fmt::Debug for Store {
@@ -336,25 +339,26 @@ fn open_db(dir: &Path, cache_capacity: u64) -> Result<sled::Db, StorageError> {
     }
 }
 
-/// The last local-log record whose writes are in `tree` (0: none).
-fn read_local_log_applied(tree: &sled::Tree) -> Result<u64, StorageError> {
-    match tree.get(codec::KEY_LOCAL_LOG)? {
-        Some(v) => codec::be_u64(&v, "local log position"),
+/// The last record of the write-ahead log `log` whose writes are in `tree` (0: none).
+fn read_log_applied(tree: &sled::Tree, log: &LogName) -> Result<u64, StorageError> {
+    match tree.get(log.marker)? {
+        Some(v) => codec::be_u64(&v, "write-ahead log position"),
         None => Ok(0),
     }
 }
 
-/// Redoes the writes of the local log's write-ahead-log records that sled does not hold (a
-/// crash came before a checkpoint covered them, see the `wal` module), makes the store durable
-/// and deletes the log.
-fn replay_local_log(
+/// Redoes the writes of the write-ahead-log records of `log` that sled does not hold (a crash
+/// came before a checkpoint covered them, see the `wal` module), makes the store durable and
+/// deletes the log.
+fn replay_log(
     db: &sled::Db,
     tree: &sled::Tree,
     disk: &DiskSync,
     dir: &Path,
+    log: &LogName,
 ) -> Result<(), StorageError> {
-    let wal_dir = crate::wal::dir_of(dir);
-    let mut next = read_local_log_applied(tree)? + 1;
+    let wal_dir = log.dir(dir);
+    let mut next = read_log_applied(tree, log)? + 1;
     let (mut records, mut writes) = (0u64, 0usize);
     let last = crate::wal::read_all(&wal_dir, |record| {
         if record.lsn < next {
@@ -370,7 +374,7 @@ fn replay_local_log(
         }
         let mut ops = record.ops;
         writes += ops.len();
-        ops.insert(codec::KEY_LOCAL_LOG, &record.lsn.to_be_bytes());
+        ops.insert(log.marker, &record.lsn.to_be_bytes());
         tree.apply_batch(ops.into_sled())?;
         next += 1;
         records += 1;
@@ -381,7 +385,7 @@ fn replay_local_log(
         db.flush()?;
         disk.sync()
             .map_err(|e| StorageError::Sled(sled::Error::Io(e)))?;
-        tracing::info!(dir = %wal_dir.display(), records, writes, "replayed the write-ahead log");
+        tracing::info!(dir = %wal_dir.display(), log = log.what, records, writes, "replayed the write-ahead log");
     }
     crate::wal::delete_all(&wal_dir)
 }
@@ -451,7 +455,8 @@ impl Store {
             }
         };
 
-        replay_local_log(&db, &tree, &disk, dir)?;
+        replay_log(&db, &tree, &disk, dir, &crate::wal::LOCAL)?;
+        replay_log(&db, &tree, &disk, dir, &crate::wal::RAFT)?;
 
         let mut last_seq = vec![0u64; usize::from(partitions)];
         let mut forgotten = vec![0u64; usize::from(partitions)];
@@ -512,6 +517,7 @@ impl Store {
             flushed_ticket: AtomicU64::new(0),
             flush_lock: tokio::sync::Mutex::new(()),
             broken: AtomicBool::new(false),
+            raft_journal: AtomicBool::new(false),
         })
     }
 
@@ -624,7 +630,24 @@ impl Store {
 
     /// The last write-ahead-log record of the local log whose apply is in the store (0: none).
     pub(crate) fn local_log_applied(&self) -> Result<u64, StorageError> {
-        read_local_log_applied(&self.tree)
+        read_log_applied(&self.tree, &crate::wal::LOCAL)
+    }
+
+    /// Marks the store's Raft journal open; `false` if one already is.
+    pub(crate) fn claim_raft_journal(&self) -> bool {
+        self.raft_journal
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Marks the store's Raft journal closed.
+    pub(crate) fn release_raft_journal(&self) {
+        self.raft_journal.store(false, Ordering::Release);
+    }
+
+    /// The last write-ahead-log record of the Raft logs whose writes are in the store (0: none).
+    pub(crate) fn raft_log_applied(&self) -> Result<u64, StorageError> {
+        read_log_applied(&self.tree, &crate::wal::RAFT)
     }
 
     /// [`Store::apply`], with the ops already in `ops` (the Raft bookkeeping of the entry; keys

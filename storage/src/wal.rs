@@ -1,5 +1,7 @@
-//! The local log's write-ahead log: what makes a publish durable on one node with ONE append
-//! and ONE `fdatasync`.
+//! The store's write-ahead logs: what makes a publish durable on one node with ONE append and
+//! ONE `fdatasync` (the local log's, [`LOCAL`]), and a Raft append on a cluster node likewise
+//! (the Raft journal's, [`RAFT`], written by `raft::journal`). Both work the same way; the
+//! local log is described here.
 //!
 //! A sled flush costs two device round trips (sled's own write + `sync_file_range`, then our
 //! `fdatasync`, see the private `disk` module) and rewrites whole leaves (4-5x the payload bytes
@@ -9,7 +11,8 @@
 //!
 //! ## Files
 //!
-//! `DIR/wal/<first lsn, 20 digits>.log`: segments of records, each
+//! `DIR/wal/<first lsn, 20 digits>.log` (the Raft journal: `DIR/raft-wal/`): segments of
+//! records, each
 //! `u32 LE body length ++ u64 LE xxh3 of body ++ body` (body: see [`encode`]).
 //! Records carry consecutive numbers (LSNs) from the segment's first; zeros after them are
 //! space written ahead of time (a header of zeros ends the segment's records). A new segment starts
@@ -116,9 +119,37 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> StorageError {
     )))
 }
 
-/// The directory of the write-ahead log of the store in `store_dir`.
-pub(crate) fn dir_of(store_dir: &Path) -> PathBuf {
-    store_dir.join("wal")
+/// One of the store's write-ahead logs: where its segments live and which sled key names the
+/// last of its records whose writes sled holds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LogName {
+    /// The directory under the store's, for its segments.
+    pub subdir: &'static str,
+    /// The key each record's writes end with (the record's LSN, big-endian).
+    pub marker: &'static [u8],
+    /// What the log is, for messages.
+    pub what: &'static str,
+}
+
+/// The single-node local log's write-ahead log (see the `log` module).
+pub(crate) const LOCAL: LogName = LogName {
+    subdir: "wal",
+    marker: crate::codec::KEY_LOCAL_LOG,
+    what: "local log",
+};
+
+/// The write-ahead log every Raft log of the node shares (see `raft::journal`).
+pub(crate) const RAFT: LogName = LogName {
+    subdir: "raft-wal",
+    marker: crate::codec::KEY_RAFT_LOG,
+    what: "raft log",
+};
+
+impl LogName {
+    /// The directory of this log for the store in `store_dir`.
+    pub(crate) fn dir(&self, store_dir: &Path) -> PathBuf {
+        store_dir.join(self.subdir)
+    }
 }
 
 fn segment_path(dir: &Path, first_lsn: u64) -> PathBuf {
@@ -363,6 +394,8 @@ pub(crate) fn delete(segments: &[PathBuf]) -> Result<(), StorageError> {
 pub(crate) struct WalWriter {
     /// `None` once an append or a rotation failed.
     wal: Option<Wal>,
+    /// The log's directory (deleted at [`WalWriter::close`]).
+    dir: PathBuf,
     store: Arc<Store>,
     checkpoints: Checkpoints,
 }
@@ -371,6 +404,7 @@ impl WalWriter {
     /// Writes to `wal`, the log of `store`; starts the checkpoint thread.
     pub(crate) fn start(wal: Wal, store: Arc<Store>) -> WalWriter {
         WalWriter {
+            dir: wal.dir.clone(),
             wal: Some(wal),
             checkpoints: Checkpoints::start(store.clone()),
             store,
@@ -427,9 +461,9 @@ impl WalWriter {
         let done = self
             .store
             .flush_blocking()
-            .and_then(|()| delete_all(&dir_of(self.store.dir())));
+            .and_then(|()| delete_all(&self.dir));
         if let Err(error) = done {
-            tracing::error!(%error, "the local log's last checkpoint failed; the next start replays its write-ahead log");
+            tracing::error!(%error, dir = %self.dir.display(), "the last checkpoint failed; the next start replays the write-ahead log");
         }
     }
 }
@@ -526,7 +560,7 @@ mod tests {
     #[test]
     fn records_round_trip_across_segments() {
         let tmp = TempDir::new("wal-roundtrip");
-        let dir = dir_of(tmp.path());
+        let dir = LOCAL.dir(tmp.path());
         let mut wal = segment(&dir, 1, &[&encode(1, &ops(3)), &encode(2, &ops(1))]);
         wal.rotate(3).unwrap();
         let c = encode(3, &ops(2));
@@ -548,7 +582,7 @@ mod tests {
     #[test]
     fn a_torn_last_record_ends_the_log_but_damage_before_the_end_is_refused() {
         let tmp = TempDir::new("wal-torn");
-        let dir = dir_of(tmp.path());
+        let dir = LOCAL.dir(tmp.path());
         let (a, b) = (encode(1, &ops(2)), encode(2, &ops(2)));
         drop(segment(&dir, 1, &[&a, &b]));
         let path = segment_path(&dir, 1);
@@ -582,7 +616,7 @@ mod tests {
     #[test]
     fn a_gap_in_the_numbers_is_refused() {
         let tmp = TempDir::new("wal-gap");
-        let dir = dir_of(tmp.path());
+        let dir = LOCAL.dir(tmp.path());
         drop(segment(
             &dir,
             5,
@@ -603,7 +637,7 @@ mod tests {
         };
         let store = Arc::new(Store::open(tmp.path(), options.clone()).unwrap());
         let namespaces = crate::Namespaces::default();
-        let dir = dir_of(tmp.path());
+        let dir = LOCAL.dir(tmp.path());
         let mut writer = WalWriter::start(Wal::create(&dir, 1, 1 << 20).unwrap(), store.clone());
         let publish = |lsn: u64, payload: &str| {
             let batch = [crate::Publish::new("c", payload.to_string())];

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald_storage::raft::{
-    Command, GroupId, GroupStateMachine, META_GROUP, NodeId, RaftLogStore, Reply, TypeConfig,
-    partition_group,
+    Command, GroupId, GroupStateMachine, META_GROUP, NodeId, RaftJournal, RaftLogStore, Reply,
+    TypeConfig, partition_group,
 };
 use herald_storage::{
     Applied, Epoch, Event, NamespaceConfig, Namespaces, OnCommit, Partition, Position, Publish,
@@ -64,6 +64,11 @@ fn options() -> StoreOptions {
         dedup_window: Duration::from_millis(WINDOW_MS),
         cache_capacity: 4 << 20,
     }
+}
+
+/// The store's one Raft journal.
+fn journal(store: &Arc<Store>) -> Arc<RaftJournal> {
+    RaftJournal::open(store.clone()).unwrap()
 }
 
 fn open(dir: &TempDir) -> Arc<Store> {
@@ -169,7 +174,7 @@ impl StoreBuilder<TypeConfig, RaftLogStore, GroupStateMachine, TempDir> for Buil
         let dir = TempDir::new("suite");
         let store = open(&dir);
         let group = partition_group(1);
-        let log = RaftLogStore::new(store.clone(), group);
+        let log = RaftLogStore::new(journal(&store), group);
         let sm = GroupStateMachine::new(store, group, namespaces(), ignore()).unwrap();
         Ok((dir, log, sm))
     }
@@ -189,7 +194,7 @@ impl StoreBuilder<TypeConfig, RaftLogStore, GroupStateMachine, TempDir> for Meta
     ) -> Result<(TempDir, RaftLogStore, GroupStateMachine), RaftStorageError<NodeId>> {
         let dir = TempDir::new("suite-meta");
         let store = open(&dir);
-        let log = RaftLogStore::new(store.clone(), META_GROUP);
+        let log = RaftLogStore::new(journal(&store), META_GROUP);
         let sm = GroupStateMachine::new(store, META_GROUP, namespaces(), ignore()).unwrap();
         Ok((dir, log, sm))
     }
@@ -549,7 +554,8 @@ async fn restart_keeps_vote_log_and_applied_state() {
     let ch = {
         let store = open(&dir);
         let ch = channels_of(&store, 0, "c", 1);
-        let mut log = RaftLogStore::new(store.clone(), group);
+        let journal = journal(&store);
+        let mut log = RaftLogStore::new(journal.clone(), group);
         let mut sm = GroupStateMachine::new(store.clone(), group, namespaces(), ignore()).unwrap();
         log.save_vote(&Vote::new_committed(3, 1)).await.unwrap();
         let entries = vec![
@@ -562,14 +568,14 @@ async fn restart_keeps_vote_log_and_applied_state() {
         log.save_committed(Some(log_id(1, 3))).await.unwrap();
         sm.apply(entries[..3].to_vec()).await.unwrap();
         // Another group's log in the same store stays apart.
-        let mut other = RaftLogStore::new(store.clone(), partition_group(1));
+        let mut other = RaftLogStore::new(journal, partition_group(1));
         other.blocking_append([blank(1)]).await.unwrap();
         store.flush().await.unwrap();
         ch
     };
 
     let store = open(&dir);
-    let mut log = RaftLogStore::new(store.clone(), group);
+    let mut log = RaftLogStore::new(journal(&store), group);
     let mut sm = GroupStateMachine::new(store.clone(), group, namespaces(), ignore()).unwrap();
     assert_eq!(
         log.read_vote().await.unwrap(),
@@ -605,11 +611,12 @@ async fn restart_keeps_vote_log_and_applied_state() {
     store.flush().await.unwrap();
     drop((log, reader, sm, store));
     let store = open(&dir);
-    let mut log = RaftLogStore::new(store.clone(), group);
+    let journal = journal(&store);
+    let mut log = RaftLogStore::new(journal.clone(), group);
     let state = log.get_log_state().await.unwrap();
     assert_eq!(state.last_purged_log_id, Some(log_id(1, 4)));
     assert_eq!(state.last_log_id, Some(log_id(1, 4)));
-    let mut other = RaftLogStore::new(store.clone(), partition_group(1));
+    let mut other = RaftLogStore::new(journal, partition_group(1));
     assert_eq!(
         other.get_log_state().await.unwrap().last_log_id,
         Some(log_id(1, 1))

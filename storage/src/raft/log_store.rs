@@ -3,11 +3,15 @@
 //! Records (see the `codec` module): `r` group `l` index -> entry, `r` group `v` -> vote,
 //! `r` group `p` -> last purged log id, `r` group `c` -> committed log id. Entries are bincode.
 //!
-//! Durability: [`RaftLogStorage::save_vote`] and [`RaftLogStorage::append`] (before it calls its
-//! callback) and [`RaftLogStorage::truncate`] flush the store ([`Store::flush`]: sled flush plus
-//! `fdatasync`, shared with concurrent flushes of other groups). A purge is one atomic batch
-//! (the new last purged log id with the deletions) and is not flushed: losing it in a crash only
-//! brings back entries the state machine already applied.
+//! Durability: appends, votes and truncations go through the node's [`RaftJournal`] (one
+//! write-ahead log for every group of the store): written to sled at once, durable once the
+//! journal's next `fdatasync` covers them. [`RaftLogStorage::append`] returns as soon as the
+//! entries are written and readable, and calls its callback when they are durable, so openraft
+//! goes on meanwhile (a leader sends the entries to its followers while its own copy syncs);
+//! [`RaftLogStorage::save_vote`] and [`RaftLogStorage::truncate`] return once durable. A purge
+//! is one atomic sled batch (the new last purged log id with the deletions), not journaled and
+//! not flushed: losing it in a crash only brings back entries the state machine already
+//! applied. The committed log id is not journaled either (openraft may lose it).
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -17,14 +21,16 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader, Vote};
 use serde::Deserialize;
 
+use super::journal::{Done, RaftJournal, Write};
 use super::support::{RaftStorageError, blocking, get, put, raft_err};
 use super::{GroupId, NodeId, TypeConfig};
 use crate::codec;
-use crate::store::{StorageError, Store};
+use crate::store::{Ops, StorageError, Store};
 
 /// Reads of at most this many entries run inline; longer ones go to the blocking pool.
 const INLINE_ENTRIES: u64 = 64;
-/// Appends of at most this many bytes are written inline; bigger ones on the blocking pool.
+/// Appends of at most this many bytes are written to sled inline; bigger ones on the blocking
+/// pool.
 const INLINE_APPEND_BYTES: usize = 256 << 10;
 
 /// The first field of a stored entry: bincode decodes it without the payload.
@@ -33,10 +39,12 @@ struct EntryHead {
     log_id: LogId<NodeId>,
 }
 
-/// The Raft log (and vote) of one group, stored in the node's shared [`Store`]. Cheap to clone:
-/// the clone is the same log (it is also its own [`RaftLogStorage::LogReader`]).
+/// The Raft log (and vote) of one group, stored in the node's shared [`Store`] and made durable
+/// by its [`RaftJournal`]. Cheap to clone: the clone is the same log (it is also its own
+/// [`RaftLogStorage::LogReader`]).
 #[derive(Clone)]
 pub struct RaftLogStore {
+    journal: Arc<RaftJournal>,
     store: Arc<Store>,
     group: GroupId,
 }
@@ -51,10 +59,14 @@ impl Debug for RaftLogStore {
 }
 
 impl RaftLogStore {
-    /// The log of `group` in `store`. Opening it writes nothing; a group that never stored
-    /// anything has an empty log and no vote.
-    pub fn new(store: Arc<Store>, group: GroupId) -> RaftLogStore {
-        RaftLogStore { store, group }
+    /// The log of `group` in the journal's store. Opening it writes nothing; a group that
+    /// never stored anything has an empty log and no vote.
+    pub fn new(journal: Arc<RaftJournal>, group: GroupId) -> RaftLogStore {
+        RaftLogStore {
+            store: journal.store().clone(),
+            journal,
+            group,
+        }
     }
 
     /// The group this log belongs to.
@@ -161,48 +173,40 @@ impl RaftLogStore {
         })
     }
 
+    /// Writes `entries` through the journal; `done` hears when they are durable.
     fn write_entries(
-        store: &Store,
+        journal: &RaftJournal,
         group: GroupId,
         entries: Vec<Entry<TypeConfig>>,
+        done: Done,
     ) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
+        let mut ops = Ops::default();
         for entry in &entries {
-            batch.insert(
+            ops.insert(
                 codec::raft_log_key(group, entry.log_id.index),
                 codec::encode(entry),
             );
         }
-        store.tree().apply_batch(batch)?;
-        Ok(())
+        journal.submit(ops, Write::InOrder, done)
     }
 
-    /// Deletes the entries in `[from, to)` (`to` `None`: to the end), with `purged` recorded as
-    /// the last purged log id in the same batch.
-    fn delete_entries(
+    /// The deletions of the entries in `[from, to)` (`to` `None`: to the end).
+    fn deletions(
         store: &Store,
         group: GroupId,
         from: u64,
         to: Option<u64>,
-        purged: Option<LogId<NodeId>>,
-    ) -> Result<(), StorageError> {
+    ) -> Result<Ops, StorageError> {
         let tree = store.tree();
         let start = codec::raft_log_key(group, from);
         let end = to.map_or_else(|| log_end_key(group), |t| codec::raft_log_key(group, t));
-        let mut batch = sled::Batch::default();
+        let mut ops = Ops::default();
         if start < end {
             for key in tree.range(start..end).keys() {
-                batch.remove(key?);
+                ops.remove(key?);
             }
         }
-        if let Some(purged) = purged {
-            batch.insert(
-                codec::raft_key(group, codec::RAFT_PURGED),
-                codec::encode(&purged),
-            );
-        }
-        tree.apply_batch(batch)?;
-        Ok(())
+        Ok(ops)
     }
 }
 
@@ -219,9 +223,12 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), RaftStorageError> {
-        let write = |e| raft_err(ErrorSubject::Vote, ErrorVerb::Write, e);
-        put(self.store.tree(), &self.key(codec::RAFT_VOTE), vote).map_err(write)?;
-        self.store.flush().await.map_err(write)
+        let mut ops = Ops::default();
+        ops.insert(self.key(codec::RAFT_VOTE), codec::encode(vote));
+        self.journal
+            .write(ops, Write::Atomic)
+            .await
+            .map_err(|e| raft_err(ErrorSubject::Vote, ErrorVerb::Write, e))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, RaftStorageError> {
@@ -276,36 +283,39 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
             })
             .sum();
         let group = self.group;
+        // Only a durable append may be reported: the journal calls the callback (which tells
+        // openraft it can vote and acknowledge with these entries) after its sync.
+        let done = Done::Flushed(callback);
         if bytes <= INLINE_APPEND_BYTES {
-            Self::write_entries(&self.store, group, entries).map_err(write)?;
+            Self::write_entries(&self.journal, group, entries, done).map_err(write)
         } else {
-            let store = self.store.clone();
-            blocking(move || Self::write_entries(&store, group, entries))
+            let journal = self.journal.clone();
+            blocking(move || Self::write_entries(&journal, group, entries, done))
                 .await
-                .map_err(write)?;
+                .map_err(write)
         }
-        // Only a durable append may be reported: the callback tells openraft it can vote and
-        // acknowledge with these entries.
-        self.store.flush().await.map_err(write)?;
-        callback.log_io_completed(Ok(()));
-        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
         tracing::debug!(group = self.group, %log_id, "truncate the raft log from here");
         let write = |e| raft_err(ErrorSubject::Logs, ErrorVerb::Delete, e);
         let (store, group) = (self.store.clone(), self.group);
-        blocking(move || Self::delete_entries(&store, group, log_id.index, None, None))
+        let ops = blocking(move || Self::deletions(&store, group, log_id.index, None))
             .await
             .map_err(write)?;
-        self.store.flush().await.map_err(write)
+        self.journal.write(ops, Write::Atomic).await.map_err(write)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
         tracing::debug!(group = self.group, %log_id, "purge the raft log up to here");
         let (store, group) = (self.store.clone(), self.group);
         blocking(move || {
-            Self::delete_entries(&store, group, 0, log_id.index.checked_add(1), Some(log_id))
+            let mut ops = Self::deletions(&store, group, 0, log_id.index.checked_add(1))?;
+            ops.insert(
+                codec::raft_key(group, codec::RAFT_PURGED),
+                codec::encode(&log_id),
+            );
+            Ok(store.tree().apply_batch(ops.into_sled())?)
         })
         .await
         .map_err(|e| raft_err(ErrorSubject::Logs, ErrorVerb::Delete, e))

@@ -1,5 +1,6 @@
 //! The Raft side of the store: the types every herald Raft group shares, and (in submodules)
-//! the sled-backed log storage and state machine that openraft drives.
+//! the sled-backed log storage and state machine that openraft drives, and the journal (one
+//! write-ahead log for every group's Raft log) that makes appends durable.
 //!
 //! A cluster runs one *meta* group ([`META_GROUP`]: membership, the cluster's epoch and
 //! partition count) and one group per partition ([`partition_group`]): the event logs. All of
@@ -9,10 +10,12 @@
 //!
 //! Entries carry the leader's clock (`now_ms`), so apply is deterministic on every member.
 
+mod journal;
 mod log_store;
 mod state_machine;
 mod support;
 
+pub use journal::RaftJournal;
 pub use log_store::RaftLogStore;
 pub use state_machine::{GroupSnapshotBuilder, GroupStateMachine};
 
