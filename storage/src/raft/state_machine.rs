@@ -62,6 +62,25 @@ enum GroupImage {
     Partition(PartitionImage),
 }
 
+/// Applies of at most this many entries and [`INLINE_BYTES`] of payload run inline; larger
+/// ones (a follower catching up) on the blocking pool.
+const INLINE_ENTRIES: usize = 8;
+/// See [`INLINE_ENTRIES`].
+const INLINE_BYTES: usize = 64 << 10;
+
+/// The payload bytes of the publishes in `entries`.
+fn payload_bytes(entries: &[Entry<TypeConfig>]) -> usize {
+    entries
+        .iter()
+        .map(|e| match &e.payload {
+            EntryPayload::Normal(Command::Publish { publishes, .. }) => {
+                publishes.iter().map(crate::Publish::size).sum()
+            }
+            _ => 0,
+        })
+        .sum()
+}
+
 /// Makes snapshot ids unique within the process.
 static SNAPSHOT_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -444,6 +463,14 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
         if entries.is_empty() {
             return Ok(Vec::new());
+        }
+        if entries.len() <= INLINE_ENTRIES && payload_bytes(&entries) <= INLINE_BYTES {
+            // Small applies (the common case: one proposal round) run on the runtime's thread:
+            // a hand-off to the blocking pool and back costs more than the apply itself.
+            return self
+                .shared
+                .apply_entries(&mut self.applied, entries)
+                .map_err(|e| raft_err(ErrorSubject::StateMachine, ErrorVerb::Write, e));
         }
         let shared = self.shared.clone();
         let mut applied = self.applied.clone();
