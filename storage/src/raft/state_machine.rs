@@ -10,9 +10,10 @@
 //!   (taken under the store's write lock, so no apply interleaves); the meta group's is the
 //!   cluster identity. The current snapshot (meta and data) is kept under `r` group `s`.
 //!
-//! Applying does not flush: the entries are durable in the log already, and a crash before
-//! the next flush (any group's append flushes the whole store) only makes openraft apply them
-//! again, with the same outcome.
+//! Applying does not flush: the entries are durable in the log already (the Raft journal), and
+//! a crash before sled's next flush (a journal checkpoint) only makes openraft apply them
+//! again, with the same outcome. A purge is written after the applies it covers and sled
+//! recovers a prefix of its writes, so the entries to apply again are still in the log.
 
 use std::io::Cursor;
 use std::panic::AssertUnwindSafe;
