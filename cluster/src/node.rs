@@ -241,7 +241,7 @@ impl ClusterNode {
             } else {
                 on_commit.clone()
             };
-            let sm = GroupStateMachine::new(store.clone(), group, namespaces.clone(), commit)?;
+            let sm = GroupStateMachine::new(journal.clone(), group, namespaces.clone(), commit)?;
             let network = GroupNetworkFactory::new(peers.clone(), group);
             let raft = Raft::new(id, raft_config.clone(), network, log, sm)
                 .await

@@ -274,6 +274,8 @@ pub struct Store {
     broken: AtomicBool,
     /// A [`crate::raft::RaftJournal`] is open on the store (there may be only one).
     raft_journal: AtomicBool,
+    /// The open journal, for [`crate::raft::RaftJournal::of`].
+    raft_journal_slot: Mutex<std::sync::Weak<crate::raft::RaftJournal>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -518,6 +520,7 @@ impl Store {
             flush_lock: tokio::sync::Mutex::new(()),
             broken: AtomicBool::new(false),
             raft_journal: AtomicBool::new(false),
+            raft_journal_slot: Mutex::new(std::sync::Weak::new()),
         })
     }
 
@@ -640,6 +643,11 @@ impl Store {
             .is_ok()
     }
 
+    /// Where the store's open Raft journal is kept (a weak reference).
+    pub(crate) fn raft_journal_slot(&self) -> &Mutex<std::sync::Weak<crate::raft::RaftJournal>> {
+        &self.raft_journal_slot
+    }
+
     /// Marks the store's Raft journal closed.
     pub(crate) fn release_raft_journal(&self) {
         self.raft_journal.store(false, Ordering::Release);
@@ -664,6 +672,28 @@ impl Store {
     ) -> Result<Vec<Applied>, StorageError> {
         self.apply_then(batch, namespaces, now_ms, tick, ops, |ops| {
             Ok(self.tree.apply_batch(ops.into_sled())?)
+        })
+    }
+
+    /// [`Store::apply_with`], but `write` writes the ops (the Raft state machine hands them to
+    /// the journal, which writes them one by one after its record). `write` runs under the
+    /// store's write lock; if it fails, sled may hold part of the ops, so every later apply is
+    /// refused (a restart redoes the record).
+    pub(crate) fn apply_writing(
+        &self,
+        batch: &[Publish],
+        namespaces: &Namespaces,
+        now_ms: u64,
+        tick: Option<Partition>,
+        ops: Ops,
+        write: impl FnOnce(Ops) -> Result<(), StorageError>,
+    ) -> Result<Vec<Applied>, StorageError> {
+        self.apply_then(batch, namespaces, now_ms, tick, ops, |ops| {
+            let written = write(ops);
+            if written.is_err() {
+                self.broken.store(true, Ordering::Release);
+            }
+            written
         })
     }
 

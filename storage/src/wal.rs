@@ -260,7 +260,7 @@ pub(crate) fn delete_all(dir: &Path) -> Result<(), StorageError> {
 /// The segment being appended to, and the ones before it still waiting for a checkpoint.
 pub(crate) struct Wal {
     dir: PathBuf,
-    file: File,
+    file: Arc<File>,
     /// The current segment's path.
     path: PathBuf,
     /// Bytes in `file` known to be whole records.
@@ -288,7 +288,7 @@ impl Wal {
         let (file, path) = Self::new_segment(dir, next_lsn)?;
         Ok(Wal {
             dir: dir.to_path_buf(),
-            file,
+            file: Arc::new(file),
             path,
             len: 0,
             zeroed: 0,
@@ -315,12 +315,21 @@ impl Wal {
     /// them durable with one `fdatasync`. On error the segment is cut back to its last whole
     /// record where possible; the caller must then stop using the log ([`WalWriter`] does),
     /// as what the failed sync left on disk is unknown.
+    pub(crate) fn append(&mut self, records: &[&[u8]]) -> std::io::Result<()> {
+        self.write(records)?;
+        self.file.sync_data()
+    }
+
+    /// Writes `records` (encoded by [`encode`], consecutive LSNs) with one write, without
+    /// syncing: they survive the process (the page cache has them), not yet a power loss; see
+    /// [`Wal::sync_handle`]. On error the segment is cut back to its last whole record where
+    /// possible, and the caller must stop using the log.
     ///
     /// The segment is zero-filled [`PREALLOCATE`] bytes ahead of the records, so that most
-    /// appends overwrite blocks the file already has: their `fdatasync` then has no file size
+    /// writes overwrite blocks the file already has: their `fdatasync` then has no file size
     /// or block allocation to commit to the ext4 journal, only the data. Measured with `dd
     /// oflag=dsync` on this machine: 1 KiB writes take 172 us appending, 104 us overwriting.
-    pub(crate) fn append(&mut self, records: &[&[u8]]) -> std::io::Result<()> {
+    pub(crate) fn write(&mut self, records: &[&[u8]]) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
         self.buffer.clear();
         for r in records {
@@ -336,8 +345,7 @@ impl Wal {
         };
         let written = zero_filled.and_then(|zeroed| {
             self.zeroed = zeroed;
-            self.file.write_all_at(&self.buffer, self.len)?;
-            self.file.sync_data()
+            self.file.write_all_at(&self.buffer, self.len)
         });
         match written {
             Ok(()) => {
@@ -353,6 +361,12 @@ impl Wal {
         }
     }
 
+    /// The current segment's file: `sync_data` on it makes every record written to it so far
+    /// durable (another thread may go on writing meanwhile).
+    pub(crate) fn sync_handle(&self) -> Arc<File> {
+        self.file.clone()
+    }
+
     /// Whether the current segment is full: the caller should [`Wal::rotate`].
     pub(crate) fn is_full(&self) -> bool {
         self.len >= self.segment_bytes
@@ -362,7 +376,7 @@ impl Wal {
     /// current one joins those a checkpoint may delete.
     pub(crate) fn rotate(&mut self, next_lsn: u64) -> Result<(), StorageError> {
         let (file, path) = Self::new_segment(&self.dir, next_lsn)?;
-        self.file = file;
+        self.file = Arc::new(file);
         self.len = 0;
         self.zeroed = 0;
         self.full.push(std::mem::replace(&mut self.path, path));
@@ -451,7 +465,7 @@ impl WalWriter {
     #[cfg(test)]
     pub(crate) fn break_the_log(&mut self) {
         if let Some(wal) = &mut self.wal {
-            wal.file = File::open(&wal.path).expect("reopen the segment read-only");
+            wal.file = Arc::new(File::open(&wal.path).expect("reopen the segment read-only"));
         }
     }
 
@@ -469,13 +483,14 @@ impl WalWriter {
 }
 
 /// The checkpoint thread: flushes the store, then deletes the segments the flush covers.
-struct Checkpoints {
+pub(crate) struct Checkpoints {
     tx: Option<std::sync::mpsc::Sender<Vec<PathBuf>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Checkpoints {
-    fn start(store: Arc<Store>) -> Checkpoints {
+    /// Starts the thread; checkpoints flush `store`.
+    pub(crate) fn start(store: Arc<Store>) -> Checkpoints {
         let (tx, rx) = std::sync::mpsc::channel::<Vec<PathBuf>>();
         let spawned = std::thread::Builder::new()
             .name("herald-log-checkpoint".into())
@@ -510,14 +525,14 @@ impl Checkpoints {
     }
 
     /// Asks for a checkpoint covering `full`.
-    fn request(&self, full: Vec<PathBuf>) {
+    pub(crate) fn request(&self, full: Vec<PathBuf>) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(full);
         }
     }
 
     /// Waits for the running checkpoint, if any, and stops the thread.
-    fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         drop(self.tx.take());
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()

@@ -68,7 +68,7 @@ fn options() -> StoreOptions {
 
 /// The store's one Raft journal.
 fn journal(store: &Arc<Store>) -> Arc<RaftJournal> {
-    RaftJournal::open(store.clone()).unwrap()
+    RaftJournal::of(store).unwrap()
 }
 
 fn open(dir: &TempDir) -> Arc<Store> {
@@ -175,7 +175,7 @@ impl StoreBuilder<TypeConfig, RaftLogStore, GroupStateMachine, TempDir> for Buil
         let store = open(&dir);
         let group = partition_group(1);
         let log = RaftLogStore::new(journal(&store), group);
-        let sm = GroupStateMachine::new(store, group, namespaces(), ignore()).unwrap();
+        let sm = GroupStateMachine::new(journal(&store), group, namespaces(), ignore()).unwrap();
         Ok((dir, log, sm))
     }
 }
@@ -195,7 +195,8 @@ impl StoreBuilder<TypeConfig, RaftLogStore, GroupStateMachine, TempDir> for Meta
         let dir = TempDir::new("suite-meta");
         let store = open(&dir);
         let log = RaftLogStore::new(journal(&store), META_GROUP);
-        let sm = GroupStateMachine::new(store, META_GROUP, namespaces(), ignore()).unwrap();
+        let sm =
+            GroupStateMachine::new(journal(&store), META_GROUP, namespaces(), ignore()).unwrap();
         Ok((dir, log, sm))
     }
 }
@@ -215,7 +216,7 @@ async fn publish_entries_assign_seqs_and_call_on_commit() {
     let p: Partition = 2;
     let group = partition_group(p);
     let (on_commit, seen) = recorder();
-    let mut sm = GroupStateMachine::new(store.clone(), group, namespaces(), on_commit).unwrap();
+    let mut sm = GroupStateMachine::new(journal(&store), group, namespaces(), on_commit).unwrap();
     let ch = channels_of(&store, p, "ch", 2);
     let other = channels_of(&store, 0, "ch", 1);
 
@@ -297,7 +298,8 @@ async fn a_panicking_on_commit_does_not_fail_apply() {
     let store = open(&dir);
     let on_commit: OnCommit = Arc::new(|_: &[Event]| panic!("hub bug"));
     let mut sm =
-        GroupStateMachine::new(store.clone(), partition_group(0), namespaces(), on_commit).unwrap();
+        GroupStateMachine::new(journal(&store), partition_group(0), namespaces(), on_commit)
+            .unwrap();
     let ch = channels_of(&store, 0, "c", 1);
     let r = sm
         .apply([publish(1, T0, vec![Publish::new(ch[0].clone(), "x")])])
@@ -311,7 +313,8 @@ async fn meta_group_init_sets_the_epoch_and_checks_partitions() {
     let dir = TempDir::new("meta");
     let store = open(&dir);
     let own = store.epoch();
-    let mut sm = GroupStateMachine::new(store.clone(), META_GROUP, namespaces(), ignore()).unwrap();
+    let mut sm =
+        GroupStateMachine::new(journal(&store), META_GROUP, namespaces(), ignore()).unwrap();
     assert!(!store.cluster_initialized());
     let ch = channels_of(&store, 0, "c", 1);
     let replies = sm
@@ -357,7 +360,7 @@ async fn meta_group_init_sets_the_epoch_and_checks_partitions() {
     let dir2 = TempDir::new("meta2");
     let store2 = open(&dir2);
     let mut sm2 =
-        GroupStateMachine::new(store2.clone(), META_GROUP, namespaces(), ignore()).unwrap();
+        GroupStateMachine::new(journal(&store2), META_GROUP, namespaces(), ignore()).unwrap();
     sm2.install_snapshot(&snap.meta, snap.snapshot)
         .await
         .unwrap();
@@ -402,9 +405,9 @@ async fn a_partition_snapshot_moves_the_whole_partition() {
     let short = channels_of(&a, p, "short:", 1);
     let chq = channels_of(&a, q, "ch", 1);
     let mut sm_a =
-        GroupStateMachine::new(a.clone(), partition_group(p), ns.clone(), ignore()).unwrap();
+        GroupStateMachine::new(journal(&a), partition_group(p), ns.clone(), ignore()).unwrap();
     let mut sm_aq =
-        GroupStateMachine::new(a.clone(), partition_group(q), ns.clone(), ignore()).unwrap();
+        GroupStateMachine::new(journal(&a), partition_group(q), ns.clone(), ignore()).unwrap();
     let mut batch = Vec::new();
     for i in 0..30 {
         let c = &ch[i % ch.len()];
@@ -425,9 +428,9 @@ async fn a_partition_snapshot_moves_the_whole_partition() {
     let dir_b = TempDir::new("snap-b");
     let b = open(&dir_b);
     let mut sm_b =
-        GroupStateMachine::new(b.clone(), partition_group(p), ns.clone(), ignore()).unwrap();
+        GroupStateMachine::new(journal(&b), partition_group(p), ns.clone(), ignore()).unwrap();
     let mut sm_bq =
-        GroupStateMachine::new(b.clone(), partition_group(q), ns.clone(), ignore()).unwrap();
+        GroupStateMachine::new(journal(&b), partition_group(q), ns.clone(), ignore()).unwrap();
     let stale = channels_of(&b, p, "stale", 2);
     sm_b.apply([publish(
         1,
@@ -530,14 +533,14 @@ async fn a_partition_snapshot_moves_the_whole_partition() {
     let b = open(&dir_b);
     assert_eq!(b.latest_seq(p), 37);
     let mut sm_b =
-        GroupStateMachine::new(b.clone(), partition_group(p), ns.clone(), ignore()).unwrap();
+        GroupStateMachine::new(journal(&b), partition_group(p), ns.clone(), ignore()).unwrap();
     assert_eq!(sm_b.applied_state().await.unwrap().0, Some(log_id(1, 3)));
     assert_eq!(
         sm_b.get_current_snapshot().await.unwrap().unwrap().meta,
         snap.meta
     );
     // A snapshot of another group is refused.
-    let mut sm_b0 = GroupStateMachine::new(b.clone(), partition_group(0), ns, ignore()).unwrap();
+    let mut sm_b0 = GroupStateMachine::new(journal(&b), partition_group(0), ns, ignore()).unwrap();
     let other = sm_b.get_current_snapshot().await.unwrap().unwrap();
     assert!(
         sm_b0
@@ -556,7 +559,8 @@ async fn restart_keeps_vote_log_and_applied_state() {
         let ch = channels_of(&store, 0, "c", 1);
         let journal = journal(&store);
         let mut log = RaftLogStore::new(journal.clone(), group);
-        let mut sm = GroupStateMachine::new(store.clone(), group, namespaces(), ignore()).unwrap();
+        let mut sm =
+            GroupStateMachine::new(journal.clone(), group, namespaces(), ignore()).unwrap();
         log.save_vote(&Vote::new_committed(3, 1)).await.unwrap();
         let entries = vec![
             membership(1, &[1]),
@@ -576,7 +580,7 @@ async fn restart_keeps_vote_log_and_applied_state() {
 
     let store = open(&dir);
     let mut log = RaftLogStore::new(journal(&store), group);
-    let mut sm = GroupStateMachine::new(store.clone(), group, namespaces(), ignore()).unwrap();
+    let mut sm = GroupStateMachine::new(journal(&store), group, namespaces(), ignore()).unwrap();
     assert_eq!(
         log.read_vote().await.unwrap(),
         Some(Vote::new_committed(3, 1))
@@ -634,7 +638,7 @@ async fn dedup_decisions_do_not_depend_on_local_expiry() {
     let mut sms: Vec<GroupStateMachine> = stores
         .iter()
         .map(|s| {
-            GroupStateMachine::new(s.clone(), partition_group(p), ns.clone(), ignore()).unwrap()
+            GroupStateMachine::new(journal(s), partition_group(p), ns.clone(), ignore()).unwrap()
         })
         .collect();
     let ch = channels_of(&stores[0], p, "c", 2);

@@ -23,6 +23,7 @@
 //! atomic sled batch after those applies, so a purge sled recovers comes with the applies and
 //! with the number of every record it purged.
 
+use std::fs::File;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -32,7 +33,7 @@ use tokio::sync::oneshot;
 
 use super::TypeConfig;
 use crate::store::{Ops, StorageError, Store};
-use crate::wal::{self, Wal, WalWriter};
+use crate::wal::{self, Checkpoints, Wal};
 
 /// Segment size of the journal: a checkpoint (sled flush) runs each time one fills.
 const SEGMENT_BYTES: u64 = 64 << 20;
@@ -53,6 +54,8 @@ pub(crate) enum Done {
     Flushed(LogFlushed<TypeConfig>),
     /// A caller waiting (a vote, a truncation).
     Waiter(oneshot::Sender<Result<(), String>>),
+    /// Nobody (a state machine's apply: the entry is in the Raft log already).
+    Nobody,
 }
 
 impl Done {
@@ -67,17 +70,22 @@ impl Done {
             Done::Waiter(tx) => {
                 let _ = tx.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
             }
+            Done::Nobody => {}
         }
     }
 }
 
-/// Records written to sled and waiting for the writer thread.
+/// The journal's state, under one lock: records are numbered, written to the log file and
+/// to sled in one order.
 struct Queue {
     /// The number the next record gets.
     next_lsn: u64,
-    records: Vec<Vec<u8>>,
+    /// The log; `None` once a write, sync or rotation failed (then every sync is a flush of
+    /// the store: slower, still durable).
+    wal: Option<Wal>,
+    /// Who waits for the records written since the writer thread last took this.
     done: Vec<Done>,
-    /// No more records: the writer syncs what is queued, checkpoints and stops.
+    /// No more records: the writer syncs what is written, checkpoints and stops.
     closed: bool,
 }
 
@@ -85,10 +93,12 @@ struct Shared {
     store: Arc<Store>,
     queue: Mutex<Queue>,
     wake: Condvar,
+    checkpoints: Mutex<Option<Checkpoints>>,
 }
 
-/// The write-ahead log of the Raft logs in one [`Store`]; see the module docs. One per store:
-/// open it once and share it (every [`super::RaftLogStore`] of the store takes it).
+/// The write-ahead log of the Raft logs (and state machine applies) in one [`Store`]; see
+/// the module docs. One per store: open it once and share it (every
+/// [`super::RaftLogStore`] and [`super::GroupStateMachine`] of the store takes it).
 pub struct RaftJournal {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -103,6 +113,17 @@ impl std::fmt::Debug for RaftJournal {
 }
 
 impl RaftJournal {
+    /// The journal of `store`: the one open already, or a new one (see [`RaftJournal::open`]).
+    pub fn of(store: &Arc<Store>) -> Result<Arc<RaftJournal>, StorageError> {
+        let mut slot = store.raft_journal_slot().lock();
+        if let Some(journal) = slot.upgrade() {
+            return Ok(journal);
+        }
+        let journal = Self::open(store.clone())?;
+        *slot = Arc::downgrade(&journal);
+        Ok(journal)
+    }
+
     /// Starts the journal of `store` (whose [`Store::open`] replayed what a crash left) and its
     /// writer thread. Fails if the store already has an open journal, or the first segment or
     /// the thread cannot be created.
@@ -127,12 +148,12 @@ impl RaftJournal {
     fn start(store: Arc<Store>, segment_bytes: u64) -> Result<Arc<RaftJournal>, StorageError> {
         let next_lsn = store.raft_log_applied()? + 1;
         let wal = Wal::create(&wal::RAFT.dir(store.dir()), next_lsn, segment_bytes)?;
-        let writer = WalWriter::start(wal, store.clone());
         let shared = Arc::new(Shared {
+            checkpoints: Mutex::new(Some(Checkpoints::start(store.clone()))),
             store,
             queue: Mutex::new(Queue {
                 next_lsn,
-                records: Vec::new(),
+                wal: Some(wal),
                 done: Vec::new(),
                 closed: false,
             }),
@@ -142,7 +163,7 @@ impl RaftJournal {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("herald-raft-wal".into())
-                .spawn(move || shared.run(writer))
+                .spawn(move || shared.run())
                 .map_err(|e| {
                     StorageError::Internal(format!("cannot start the raft log writer: {e}"))
                 })?
@@ -158,16 +179,26 @@ impl RaftJournal {
         &self.shared.store
     }
 
-    /// Writes `ops` to sled (readable at once) and queues them as one record; `done` is told
-    /// once the record is durable (or failed to be). An error here means sled refused the
-    /// writes (perhaps after some of them) or the journal is closed; `done` is then dropped.
+    /// Writes `ops` as the next record to the log file (not synced: see [`Wal::write`]), then
+    /// to sled (readable at once); `done` is told once the record is durable (or failed to
+    /// be). Writing the record first means that after `kill -9` no write sled kept lacks its
+    /// record. An error here means sled refused the writes (perhaps after some of them) or the
+    /// journal is closed; `done` is then dropped.
     pub(crate) fn submit(&self, ops: Ops, how: Write, done: Done) -> Result<(), StorageError> {
         let mut queue = self.shared.queue.lock();
         if queue.closed {
             return Err(StorageError::Closed);
         }
         let lsn = queue.next_lsn;
-        let record = wal::encode(lsn, &ops);
+        if let Some(log) = &mut queue.wal
+            && let Err(error) = log.write(&[&wal::encode(lsn, &ops)])
+        {
+            tracing::error!(%error, "the raft journal cannot write; flushing the store for every sync from now on");
+            queue.wal = None;
+        }
+        // The number is used even if sled fails below: the record is in the file, and the
+        // next start redoes it.
+        queue.next_lsn += 1;
         let tree = self.shared.store.tree();
         let marker = lsn.to_be_bytes();
         match how {
@@ -181,9 +212,8 @@ impl RaftJournal {
                 tree.apply_batch(ops.into_sled())?;
             }
         }
-        queue.next_lsn += 1;
-        queue.records.push(record);
         queue.done.push(done);
+        self.shared.rotate_if_full(&mut queue);
         drop(queue);
         self.shared.wake.notify_one();
         Ok(())
@@ -202,7 +232,7 @@ impl RaftJournal {
         }
     }
 
-    /// Syncs what is queued, flushes the store, deletes the log and stops the writer thread.
+    /// Syncs what is written, flushes the store, deletes the log and stops the writer thread.
     /// Later submits fail with [`StorageError::Closed`]. Also done on drop.
     pub fn close(&self) {
         self.shared.queue.lock().closed = true;
@@ -223,40 +253,88 @@ impl Drop for RaftJournal {
 }
 
 impl Shared {
-    /// The writer thread: one append + `fdatasync` for everything queued, then the callbacks.
-    fn run(&self, mut writer: WalWriter) {
+    /// The writer thread: one `fdatasync` for everything written since the last, then the
+    /// callbacks; at close, a last checkpoint.
+    fn run(&self) {
         loop {
-            let (records, done, next_lsn) = {
+            let (done, file) = {
                 let mut queue = self.queue.lock();
-                while queue.records.is_empty() && !queue.closed {
+                while queue.done.is_empty() && !queue.closed {
                     self.wake.wait(&mut queue);
                 }
-                if queue.records.is_empty() {
+                if queue.done.is_empty() {
                     break;
                 }
                 (
-                    std::mem::take(&mut queue.records),
                     std::mem::take(&mut queue.done),
-                    queue.next_lsn,
+                    queue.wal.as_ref().map(Wal::sync_handle),
                 )
             };
-            let slices: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
-            let result = writer.sync(&slices);
+            let result = self.sync(file.as_deref());
             for d in done {
                 d.complete(&result);
             }
-            writer.rotate_if_full(next_lsn);
         }
-        writer.close();
+        if let Some(checkpoints) = self.checkpoints.lock().take() {
+            checkpoints.stop();
+        }
+        let dir = wal::RAFT.dir(self.store.dir());
+        let done = self
+            .store
+            .flush_blocking()
+            .and_then(|()| wal::delete_all(&dir));
+        if let Err(error) = done {
+            tracing::error!(%error, dir = %dir.display(), "the raft journal's last checkpoint failed; the next start replays it");
+        }
+    }
+
+    /// Makes every record written so far durable: a sync of the current segment (earlier
+    /// ones were synced when they filled up), or a flush of the store once the log failed.
+    fn sync(&self, file: Option<&File>) -> Result<(), StorageError> {
+        if let Some(file) = file {
+            match file.sync_data() {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    tracing::error!(%error, "the raft journal cannot sync; flushing the store for every sync from now on");
+                    self.queue.lock().wal = None;
+                }
+            }
+        }
+        self.store.flush_blocking()
+    }
+
+    /// Starts a new segment if the current one is full (syncing the full one first: the
+    /// writer only syncs the current segment), and a checkpoint for the full ones.
+    fn rotate_if_full(&self, queue: &mut Queue) {
+        let next_lsn = queue.next_lsn;
+        let Some(log) = &mut queue.wal else { return };
+        if !log.is_full() {
+            return;
+        }
+        let rotated = log
+            .sync_handle()
+            .sync_data()
+            .map_err(|e| StorageError::Sled(sled::Error::Io(e)))
+            .and_then(|()| log.rotate(next_lsn));
+        if let Err(error) = rotated {
+            tracing::error!(%error, "cannot start a new raft journal segment; flushing the store for every sync from now on");
+            queue.wal = None;
+            return;
+        }
+        let full = log.take_full();
+        if let Some(checkpoints) = &*self.checkpoints.lock() {
+            checkpoints.request(full);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::raft::{RaftLogStore, partition_group};
+    use crate::raft::{Command, GroupStateMachine, RaftLogStore, partition_group};
     use crate::testutil::TempDir;
-    use crate::{StoreOptions, codec};
+    use crate::{NamespaceConfig, Namespaces, Publish, StoreOptions, codec};
+    use openraft::storage::RaftStateMachine;
     use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
 
@@ -312,10 +390,40 @@ mod tests {
             .await
             .unwrap();
         log_a.blocking_append(blanks(2, 4..5)).await.unwrap();
+        // And a state machine's applies: history, dedup, counters, applied state.
+        let channel = (0..)
+            .map(|i| format!("c{i}"))
+            .find(|c| store.partition_of(c.as_bytes()) == 0)
+            .unwrap();
+        let namespaces = Arc::new(Namespaces::new(NamespaceConfig {
+            history_size: 3,
+            history_ttl: None,
+            durable: true,
+        }));
+        let on_commit: crate::OnCommit = Arc::new(|_: &[crate::Event]| {});
+        let mut sm = GroupStateMachine::new(journal.clone(), a, namespaces, on_commit).unwrap();
+        for (index, id) in [(5, "m1"), (6, "m2"), (7, "m1")] {
+            let entry = Entry {
+                log_id: LogId::new(CommittedLeaderId::new(2, 1), index),
+                payload: EntryPayload::Normal(Command::Publish {
+                    now_ms: 1_000 + index,
+                    publishes: (0..2)
+                        .map(|i| {
+                            Publish::new(channel.clone(), format!("{index}-{i}"))
+                                .with_id(format!("{id}-{i}"))
+                        })
+                        .collect(),
+                }),
+            };
+            log_a.blocking_append([entry.clone()]).await.unwrap();
+            sm.apply([entry]).await.unwrap();
+        }
+        let history = store.history_after(channel.as_bytes(), None, 100).unwrap();
+        assert_eq!(history.len(), 3, "retention keeps 3 of the 4 new events");
         let expected = raft_keys(&store);
         assert_eq!(
             log_a.get_log_state().await.unwrap().last_log_id,
-            Some(LogId::new(CommittedLeaderId::new(2, 1), 4))
+            Some(LogId::new(CommittedLeaderId::new(2, 1), 7))
         );
         // What a crash leaves: the journal's files, while sled (here: another store) has none.
         let journal_dir = wal::RAFT.dir(store.dir());
@@ -326,7 +434,7 @@ mod tests {
         for file in segment_files(&journal_dir) {
             std::fs::copy(&file, target.join(file.file_name().unwrap())).unwrap();
         }
-        drop((log_a, log_b, journal));
+        drop((log_a, log_b, sm, journal));
         assert!(
             segment_files(&journal_dir).is_empty(),
             "closing checkpoints and deletes the journal"
@@ -336,12 +444,20 @@ mod tests {
         let mut got = raft_keys(&replayed);
         got.retain(|(k, _)| k.as_slice() != wal::RAFT.marker);
         assert_eq!(got, expected);
+        assert_eq!(
+            replayed
+                .history_after(channel.as_bytes(), None, 100)
+                .unwrap(),
+            history
+        );
+        assert_eq!(replayed.latest_seq(0), 4);
         assert!(segment_files(&target).is_empty(), "replayed and deleted");
         // Numbering goes on after the replayed records.
         let journal = RaftJournal::open(replayed.clone()).unwrap();
         let mut log_b = RaftLogStore::new(journal, b);
         log_b.blocking_append(blanks(1, 3..4)).await.unwrap();
-        assert_eq!(replayed.raft_log_applied().unwrap(), 6);
+        // 1 vote, 2 appends, 1 truncation, 1 append, 3 x (append + apply), then this append.
+        assert_eq!(replayed.raft_log_applied().unwrap(), 12);
     }
 
     /// Full segments go at checkpoints while appends go on; one journal per store.

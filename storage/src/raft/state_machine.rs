@@ -1,10 +1,16 @@
 //! The state machine of one group, applied to the node's one [`Store`].
 //!
-//! - A partition group applies [`Command::Publish`] with [`Store::apply`]'s logic, the group's
-//!   applied state (`r` group `a`: last applied log id and membership) in the SAME sled batch as
-//!   the entry's effects, so a crash never separates them. The apply clock is
-//!   `max(now_ms, applied clock of the partition)`, persisted in that batch too, so every member
-//!   assigns the same seqs and takes the same dedup decisions.
+//! - A partition group applies [`Command::Publish`] with [`Store::apply`]'s logic. The entry's
+//!   writes and the group's applied state (`r` group `a`: last applied log id and membership)
+//!   go to the node's [`RaftJournal`] as ONE record, written to the journal's file before any
+//!   of them reaches sled; sled then gets them one by one (an atomic sled batch would seal and
+//!   write sled's log buffer twice, on sled's thread pool: measured, that was a third of a
+//!   node's CPU). After `kill -9` sled holds every record up to the journal number it names
+//!   and `Store::open` redoes the later ones, so an entry is never left half applied (applying
+//!   it again over half its writes could assign other seqs or find it a duplicate of itself:
+//!   `tests/raft_crash.rs` catches that). The apply clock is `max(now_ms, applied clock of the
+//!   partition)`, written in that record too, so every member assigns the same seqs and takes
+//!   the same dedup decisions.
 //! - The meta group applies [`Command::Init`]: the cluster's epoch becomes the store's.
 //! - Snapshots: a partition group's is a point-in-time copy of everything of its partition
 //!   (taken under the store's write lock, so no apply interleaves); the meta group's is the
@@ -27,6 +33,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::journal::{Done, RaftJournal, Write};
 use super::support::{RaftStorageError, blocking, get, raft_err};
 use super::{Command, GroupId, NodeId, Reply, TypeConfig, group_partition};
 use crate::codec;
@@ -88,6 +95,8 @@ static SNAPSHOT_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// What the state machine and its snapshot builders share.
 struct Shared {
     store: Arc<Store>,
+    /// Where applies write (see the module docs).
+    journal: Arc<RaftJournal>,
     group: GroupId,
     /// `None` for the meta group.
     partition: Option<Partition>,
@@ -144,11 +153,12 @@ impl GroupStateMachine {
     /// partitions' applied clocks (see [`Store::expire`]). Fails if `group` is a partition
     /// group beyond the store's partition count, or the stored state cannot be read.
     pub fn new(
-        store: Arc<Store>,
+        journal: Arc<RaftJournal>,
         group: GroupId,
         namespaces: Arc<Namespaces>,
         on_commit: OnCommit,
     ) -> Result<GroupStateMachine, StorageError> {
+        let store = journal.store().clone();
         let partition = group_partition(group);
         if let Some(p) = partition
             && p >= store.partitions()
@@ -163,6 +173,7 @@ impl GroupStateMachine {
         Ok(GroupStateMachine {
             shared: Arc::new(Shared {
                 store,
+                journal,
                 group,
                 partition,
                 namespaces,
@@ -243,12 +254,13 @@ impl Shared {
                         replies.push(Reply::None);
                         continue;
                     }
-                    let out = self.store.apply_with(
+                    let out = self.store.apply_writing(
                         &publishes,
                         &self.namespaces,
                         now_ms,
                         Some(partition),
                         self.bookkeeping(&next),
+                        |ops| self.journal.submit(ops, Write::InOrder, Done::Nobody),
                     )?;
                     *applied = next;
                     self.commit(&out);
