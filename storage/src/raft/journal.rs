@@ -1,27 +1,31 @@
-//! The write-ahead log every Raft log of a node shares: what makes an append (or a vote)
-//! durable with one write and one `fdatasync` for all the node's groups at once, instead of a
-//! sled flush (two device round trips, whole-leaf rewrites, sled's thread-pool wake-ups) per
-//! append.
+//! The write-ahead log every Raft log and state machine of a node shares: what makes an
+//! append (or a vote) durable with one `fdatasync` for all the node's groups at once, instead
+//! of a sled flush (two device round trips, whole-leaf rewrites, sled's thread-pool wake-ups)
+//! per append, and what keeps an apply whole across a crash without an atomic sled batch.
 //!
 //! A log store hands the journal its writes (entries as keys and values, a truncation as
-//! deletions, a vote). The journal writes them to sled at once, so reads see them, followed by
-//! the record's number under `KEY_RAFT_LOG`; then it queues the record. One thread appends
-//! everything queued while its previous sync ran as one write, `fdatasync`s the segment, and
-//! only then reports the writes durable: an append's [`LogFlushed`] callback (openraft goes on
-//! meanwhile: a leader replicates while its own append syncs) or a vote's or truncation's
-//! waiter. The segment files, their format, the fallback to sled flushes when the log fails
-//! and the checkpoints that flush sled and delete full segments are the `wal` module's, shared
-//! with the single-node log.
+//! deletions, a vote); a state machine the writes of one entry's apply. The journal writes
+//! them as one record to its current segment (`pwrite`, no sync), then to sled, so reads see
+//! them, followed by the record's number under `KEY_RAFT_LOG`. One thread `fdatasync`s the
+//! segment for everything written since its last round, and only then reports the writes
+//! durable: an append's [`LogFlushed`] callback (openraft goes on meanwhile: a leader
+//! replicates while its own append syncs) or a vote's or truncation's waiter; nobody waits for
+//! an apply's record (the entry is in the Raft log). The segment files, their format and the
+//! checkpoints that flush sled and delete full segments are the `wal` module's, shared with the
+//! single-node log; if the log fails, every sync becomes a flush of the store.
 //!
 //! ## Recovery
 //!
 //! sled recovers a prefix of its writes, and every record's writes end with its number, so
 //! after a crash sled holds each record up to the number it names (perhaps part of the next)
-//! and [`crate::Store::open`] redoes the later ones from the log. Entries are written in index
-//! order and a truncation as one atomic batch, so a partly written record never leaves a hole
-//! in a log. Purges are not journaled: they delete entries the state machine applied, in an
-//! atomic sled batch after those applies, so a purge sled recovers comes with the applies and
-//! with the number of every record it purged.
+//! and [`crate::Store::open`] redoes the later ones from the log. A record is in the file
+//! before any of its writes reaches sled, so after `kill -9` no write sled kept lacks its
+//! record: an apply is whole or redone whole (a power loss can still lose a record sled's own
+//! buffer write outran; see `docs/architecture.md`). Entries are written in index order and a
+//! truncation as one atomic batch, so a partly written record never leaves a hole in a log.
+//! Purges are not journaled: they delete entries the state machine applied, in an atomic sled
+//! batch after those applies, so a purge sled recovers comes with the applies and with the
+//! number of every record it purged.
 
 use std::fs::File;
 use std::sync::Arc;
