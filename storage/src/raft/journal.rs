@@ -464,6 +464,53 @@ mod tests {
         assert_eq!(replayed.raft_log_applied().unwrap(), 12);
     }
 
+    /// An apply whose writes the journal refuses (here: it is closed) fails, and the store
+    /// refuses every later apply: sled may hold part of the writes, only a restart (which
+    /// redoes the journal) makes it whole again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_apply_write_stops_the_store_until_restart() {
+        let dir = TempDir::new("journal-broken");
+        let store = open(&dir);
+        let journal = RaftJournal::open(store.clone()).unwrap();
+        let namespaces = Arc::new(Namespaces::new(NamespaceConfig {
+            history_size: 10,
+            history_ttl: None,
+            durable: true,
+        }));
+        let on_commit: crate::OnCommit = Arc::new(|_: &[crate::Event]| {});
+        let group = partition_group(0);
+        let mut sm =
+            GroupStateMachine::new(journal.clone(), group, namespaces.clone(), on_commit).unwrap();
+        let channel = (0..)
+            .map(|i| format!("c{i}"))
+            .find(|c| store.partition_of(c.as_bytes()) == 0)
+            .unwrap();
+        let publish = |index: u64| Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Command::Publish {
+                now_ms: 1_000,
+                publishes: vec![Publish::new(channel.clone(), format!("{index}"))],
+            }),
+        };
+        sm.apply([publish(1)]).await.unwrap();
+        journal.close();
+        assert!(sm.apply([publish(2)]).await.is_err());
+        let refused = store
+            .apply(&[Publish::new(channel.clone(), "x")], &namespaces, 2_000)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("restart the node"), "{refused}");
+        drop((sm, journal, store));
+        let store = open(&dir);
+        assert_eq!(
+            store
+                .history_after(channel.as_bytes(), None, 10)
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
     /// Full segments go at checkpoints while appends go on; one journal per store.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn checkpoints_delete_full_segments_and_a_store_has_one_journal() {
