@@ -5,12 +5,13 @@
 //! position. The parent SIGKILLs it mid-stream, reopens the store and checks every printed ack.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+mod support;
+use support::{TempDir, run_writer_and_kill};
 
 use herald_storage::{
     Applied, LocalLog, NamespaceConfig, Namespaces, Publish, Store, StoreOptions, partition_of,
@@ -48,57 +49,9 @@ fn acknowledged_publishes_survive_kill_9() {
         return;
     }
 
-    let dir = TempDir::new();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
-        .env(WRITER_ENV, dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn the writer");
-
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if line.starts_with("ACK ") && tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-
-    // Wait (a condition, with a generous limit) for enough acks, then kill -9 mid-stream.
+    let dir = TempDir::new("crash");
     let kill_after = ACKS_BEFORE_KILL + (dir.nanos % 2000) as usize;
-    let mut acks = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while acks.len() < kill_after {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) => acks.push(line),
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if let Some(status) = child.try_wait().unwrap() {
-                    panic!(
-                        "writer exited early with {status} after {} acks",
-                        acks.len()
-                    );
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "only {} acks in 120 s",
-                    acks.len()
-                );
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                panic!("writer closed stdout after {} acks", acks.len())
-            }
-        }
-    }
-    child.kill().expect("SIGKILL the writer");
-    let status = child.wait().unwrap();
-    assert!(!status.success(), "writer was killed, got {status}");
-    // Every line printed before the kill is an acknowledged publish: read them all.
-    reader.join().unwrap();
-    acks.extend(rx.try_iter());
+    let acks = run_writer_and_kill(TEST_NAME, WRITER_ENV, dir.path(), kill_after);
 
     let acked: Vec<Ack> = acks.iter().map(|l| Ack::parse(l)).collect();
     assert!(acked.len() >= ACKS_BEFORE_KILL);
@@ -250,35 +203,5 @@ fn open_after_crash(dir: &Path) -> Store {
             }
             Err(e) => panic!("store does not reopen after kill -9: {e}"),
         }
-    }
-}
-
-struct TempDir {
-    path: PathBuf,
-    nanos: u128,
-}
-
-impl TempDir {
-    fn new() -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "herald-storage-crash-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir { path: dir, nanos }
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
     }
 }

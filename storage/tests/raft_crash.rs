@@ -9,12 +9,11 @@
 //! append is durable, then applying it. The parent SIGKILLs it mid-stream and checks.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command as Process, Stdio};
+use std::path::Path;
 use std::sync::Arc;
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+
+mod support;
+use support::{TempDir, run_writer_and_kill};
 
 use herald_storage::raft::{
     Command, GroupId, GroupStateMachine, RaftJournal, RaftLogStore, TypeConfig, partition_group,
@@ -96,53 +95,9 @@ fn acknowledged_appends_survive_kill_9_and_applies_are_never_half_done() {
         return;
     }
 
-    let dir = TempDir::new();
-    let mut child = Process::new(std::env::current_exe().unwrap())
-        .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
-        .env(WRITER_ENV, dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn the writer");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if line.starts_with("ACK ") && tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-
+    let dir = TempDir::new("raft-crash");
     let kill_after = ACKS_BEFORE_KILL + (dir.nanos % 1000) as usize;
-    let mut acks = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while acks.len() < kill_after {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) => acks.push(line),
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if let Some(status) = child.try_wait().unwrap() {
-                    panic!(
-                        "writer exited early with {status} after {} acks",
-                        acks.len()
-                    );
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "only {} acks in 120 s",
-                    acks.len()
-                );
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                panic!("writer closed stdout after {} acks", acks.len())
-            }
-        }
-    }
-    child.kill().expect("SIGKILL the writer");
-    assert!(!child.wait().unwrap().success());
-    reader.join().unwrap();
-    acks.extend(rx.try_iter());
+    let acks = run_writer_and_kill(TEST_NAME, WRITER_ENV, dir.path(), kill_after);
     let mut acked: BTreeMap<GroupId, u64> = BTreeMap::new();
     for line in &acks {
         let mut parts = line.split_whitespace().skip(1);
@@ -152,15 +107,10 @@ fn acknowledged_appends_survive_kill_9_and_applies_are_never_half_done() {
         *m = (*m).max(index);
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    runtime().block_on(async {
         let store = Arc::new(Store::open(dir.path(), options()).expect("reopen after kill -9"));
         let journal = RaftJournal::of(&store).unwrap();
-        let reference_dir = TempDir::new();
+        let reference_dir = TempDir::new("raft-crash-reference");
         let reference = Arc::new(Store::open(reference_dir.path(), options()).unwrap());
         let reference_journal = RaftJournal::of(&reference).unwrap();
         for p in 0..PARTITIONS {
@@ -234,14 +184,17 @@ fn acknowledged_appends_survive_kill_9_and_applies_are_never_half_done() {
     });
 }
 
-/// The child: one task per partition group, appending and applying until killed.
-fn writer(dir: &Path) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
-    runtime.block_on(async {
+        .unwrap()
+}
+
+/// The child: one task per partition group, appending and applying until killed.
+fn writer(dir: &Path) {
+    runtime().block_on(async {
         let store = Arc::new(Store::open(dir, options()).unwrap());
         let journal = RaftJournal::of(&store).unwrap();
         let mut tasks = Vec::new();
@@ -265,34 +218,4 @@ fn writer(dir: &Path) {
             t.await.unwrap();
         }
     });
-}
-
-struct TempDir {
-    path: PathBuf,
-    nanos: u128,
-}
-
-impl TempDir {
-    fn new() -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let path = std::env::temp_dir().join(format!(
-            "herald-storage-raft-crash-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir { path, nanos }
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
 }
