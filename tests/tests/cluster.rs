@@ -537,3 +537,70 @@ async fn a_node_joins_catches_up_and_is_removed() {
         (1..=22).collect::<Vec<i64>>()
     );
 }
+
+/// (group, leader, term) of every group, as node `id` sees it.
+fn leaders_and_terms(cluster: &Cluster, id: u64) -> Vec<(u64, Option<u64>, u64)> {
+    let status = cluster.status(id).expect("status");
+    status["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .map(|g| {
+            (
+                g["group"].as_u64().unwrap(),
+                g["leader"].as_u64(),
+                g["term"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A node restarted after `kill -9` rejoins as a follower: it calls no election before it has
+/// heard the current leaders, so no group changes leader or term, and it catches up with what
+/// was committed while it was down (its write-ahead logs replayed first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_catches_up_without_deposing_anyone() {
+    let mut cluster = Cluster::start(3);
+    cluster.wait_converged();
+    cluster.kill(1);
+    cluster.wait_converged();
+    // Commit something in every partition while node 1 is down.
+    for i in 0..64 {
+        try_publish(
+            cluster.node(2).http,
+            &json!({ "channel": format!("orders:{i}"), "data": i }),
+        )
+        .await
+        .expect("publish with node 1 down");
+    }
+    let before = leaders_and_terms(&cluster, 2);
+    let committed: Vec<Option<u64>> = cluster.status(2).unwrap()["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["applied_index"].as_u64())
+        .collect();
+
+    cluster.start_node(1, 3);
+    cluster.wait_converged();
+    herald_tests::wait_until(
+        "node 1 applies what was committed while it was down",
+        || {
+            let Some(status) = cluster.status(1) else {
+                return false;
+            };
+            status["groups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(&committed)
+                .all(|(g, &c)| g["applied_index"].as_u64() >= c)
+        },
+    );
+    assert_eq!(leaders_and_terms(&cluster, 2), before, "seen by node 2");
+    assert_eq!(
+        leaders_and_terms(&cluster, 1),
+        before,
+        "seen by the restarted node"
+    );
+}
