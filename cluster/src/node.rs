@@ -232,7 +232,7 @@ impl ClusterNode {
         );
 
         let partitions = store.partitions();
-        let journal = RaftJournal::open(store.clone())?;
+        let journal = RaftJournal::of(&store)?;
         let mut groups = Vec::with_capacity(usize::from(partitions) + 1);
         for group in 0..=partitions {
             let log = RaftLogStore::new(journal.clone(), group);

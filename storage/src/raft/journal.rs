@@ -37,7 +37,7 @@ use tokio::sync::oneshot;
 
 use super::TypeConfig;
 use crate::store::{Ops, StorageError, Store};
-use crate::wal::{self, Checkpoints, Wal};
+use crate::wal::{self, Wal, WalWriter};
 
 /// Segment size of the journal: a checkpoint (sled flush) runs each time one fills.
 const SEGMENT_BYTES: u64 = 64 << 20;
@@ -84,9 +84,9 @@ impl Done {
 struct Queue {
     /// The number the next record gets.
     next_lsn: u64,
-    /// The log; `None` once a write, sync or rotation failed (then every sync is a flush of
-    /// the store: slower, still durable).
-    wal: Option<Wal>,
+    /// The log (its fallback to store flushes and its checkpoints included); taken by the
+    /// writer thread when it stops.
+    writer: Option<WalWriter>,
     /// Who waits for the records written since the writer thread last took this.
     done: Vec<Done>,
     /// No more records: the writer syncs what is written, checkpoints and stops.
@@ -97,7 +97,6 @@ struct Shared {
     store: Arc<Store>,
     queue: Mutex<Queue>,
     wake: Condvar,
-    checkpoints: Mutex<Option<Checkpoints>>,
 }
 
 /// The write-ahead log of the Raft logs (and state machine applies) in one [`Store`]; see
@@ -117,7 +116,10 @@ impl std::fmt::Debug for RaftJournal {
 }
 
 impl RaftJournal {
-    /// The journal of `store`: the one open already, or a new one (see [`RaftJournal::open`]).
+    /// The journal of `store`: the one open already, or a new one, started on a store whose
+    /// [`Store::open`] replayed what a crash left, with its writer thread. Fails if the first
+    /// segment or the thread cannot be created, or if the store's previous journal is still
+    /// closing.
     pub fn of(store: &Arc<Store>) -> Result<Arc<RaftJournal>, StorageError> {
         let mut slot = store.raft_journal_slot().lock();
         if let Some(journal) = slot.upgrade() {
@@ -128,10 +130,8 @@ impl RaftJournal {
         Ok(journal)
     }
 
-    /// Starts the journal of `store` (whose [`Store::open`] replayed what a crash left) and its
-    /// writer thread. Fails if the store already has an open journal, or the first segment or
-    /// the thread cannot be created.
-    pub fn open(store: Arc<Store>) -> Result<Arc<RaftJournal>, StorageError> {
+    /// A new journal of `store`; refused if the store has one open (use [`RaftJournal::of`]).
+    fn open(store: Arc<Store>) -> Result<Arc<RaftJournal>, StorageError> {
         Self::open_with(store, SEGMENT_BYTES)
     }
 
@@ -153,15 +153,14 @@ impl RaftJournal {
         let next_lsn = store.raft_log_applied()? + 1;
         let wal = Wal::create(&wal::RAFT.dir(store.dir()), next_lsn, segment_bytes)?;
         let shared = Arc::new(Shared {
-            checkpoints: Mutex::new(Some(Checkpoints::start(store.clone()))),
-            store,
             queue: Mutex::new(Queue {
                 next_lsn,
-                wal: Some(wal),
+                writer: Some(WalWriter::start(wal, store.clone())),
                 done: Vec::new(),
                 closed: false,
             }),
             wake: Condvar::new(),
+            store,
         });
         let thread = {
             let shared = shared.clone();
@@ -194,11 +193,8 @@ impl RaftJournal {
             return Err(StorageError::Closed);
         }
         let lsn = queue.next_lsn;
-        if let Some(log) = &mut queue.wal
-            && let Err(error) = log.write(&[&wal::encode(lsn, &ops)])
-        {
-            tracing::error!(%error, "the raft journal cannot write; flushing the store for every sync from now on");
-            queue.wal = None;
+        if let Some(writer) = &mut queue.writer {
+            writer.write(&[&wal::encode(lsn, &ops)]);
         }
         // The number is used even if sled fails below: the record is in the file, and the
         // next start redoes it.
@@ -217,7 +213,10 @@ impl RaftJournal {
             }
         }
         queue.done.push(done);
-        self.shared.rotate_if_full(&mut queue);
+        let next_lsn = queue.next_lsn;
+        if let Some(writer) = &mut queue.writer {
+            writer.rotate_if_full(next_lsn);
+        }
         drop(queue);
         self.shared.wake.notify_one();
         Ok(())
@@ -258,7 +257,7 @@ impl Drop for RaftJournal {
 
 impl Shared {
     /// The writer thread: one `fdatasync` for everything written since the last, then the
-    /// callbacks; at close, a last checkpoint.
+    /// callbacks; at close, the log's last checkpoint.
     fn run(&self) {
         loop {
             let (done, file) = {
@@ -271,7 +270,7 @@ impl Shared {
                 }
                 (
                     std::mem::take(&mut queue.done),
-                    queue.wal.as_ref().map(Wal::sync_handle),
+                    queue.writer.as_ref().and_then(WalWriter::sync_handle),
                 )
             };
             let result = self.sync(file.as_deref());
@@ -279,56 +278,26 @@ impl Shared {
                 d.complete(&result);
             }
         }
-        if let Some(checkpoints) = self.checkpoints.lock().take() {
-            checkpoints.stop();
-        }
-        let dir = wal::RAFT.dir(self.store.dir());
-        let done = self
-            .store
-            .flush_blocking()
-            .and_then(|()| wal::delete_all(&dir));
-        if let Err(error) = done {
-            tracing::error!(%error, dir = %dir.display(), "the raft journal's last checkpoint failed; the next start replays it");
+        let writer = self.queue.lock().writer.take();
+        if let Some(writer) = writer {
+            writer.close();
         }
     }
 
-    /// Makes every record written so far durable: a sync of the current segment (earlier
-    /// ones were synced when they filled up), or a flush of the store once the log failed.
+    /// Makes every record written so far durable: a sync of the current segment, or a flush
+    /// of the store once the log was given up (or fails now).
     fn sync(&self, file: Option<&File>) -> Result<(), StorageError> {
         if let Some(file) = file {
             match file.sync_data() {
                 Ok(()) => return Ok(()),
                 Err(error) => {
-                    tracing::error!(%error, "the raft journal cannot sync; flushing the store for every sync from now on");
-                    self.queue.lock().wal = None;
+                    if let Some(writer) = &mut self.queue.lock().writer {
+                        writer.fail(&error);
+                    }
                 }
             }
         }
         self.store.flush_blocking()
-    }
-
-    /// Starts a new segment if the current one is full (syncing the full one first: the
-    /// writer only syncs the current segment), and a checkpoint for the full ones.
-    fn rotate_if_full(&self, queue: &mut Queue) {
-        let next_lsn = queue.next_lsn;
-        let Some(log) = &mut queue.wal else { return };
-        if !log.is_full() {
-            return;
-        }
-        let rotated = log
-            .sync_handle()
-            .sync_data()
-            .map_err(|e| StorageError::Sled(sled::Error::Io(e)))
-            .and_then(|()| log.rotate(next_lsn));
-        if let Err(error) = rotated {
-            tracing::error!(%error, "cannot start a new raft journal segment; flushing the store for every sync from now on");
-            queue.wal = None;
-            return;
-        }
-        let full = log.take_full();
-        if let Some(checkpoints) = &*self.checkpoints.lock() {
-            checkpoints.request(full);
-        }
     }
 }
 
@@ -542,8 +511,9 @@ mod tests {
             "a closed journal refuses writes"
         );
         drop((log, journal));
-        // Closed, the store can have a journal again, and everything is there.
-        let journal = RaftJournal::open(store.clone()).unwrap();
+        // Closed, the store can have a journal again (one, shared), and everything is there.
+        let journal = RaftJournal::of(&store).unwrap();
+        assert!(Arc::ptr_eq(&journal, &RaftJournal::of(&store).unwrap()));
         let mut log = RaftLogStore::new(journal, partition_group(0));
         assert_eq!(
             log.get_log_state()
