@@ -79,11 +79,23 @@ pub(crate) struct ProposerContext {
 /// Runs the proposer of one partition until its queue closes.
 pub(crate) async fn run(ctx: ProposerContext, mut rx: mpsc::Receiver<ProposeRequest>) {
     let mut carry: Option<ProposeRequest> = None;
+    // How many requests the last round carried.
+    let mut last_requests = 0usize;
     loop {
         let first = match carry.take() {
             Some(r) => r,
             None => match rx.recv().await {
-                Some(r) => r,
+                Some(r) => {
+                    // Woken by one request after a round that batched several: let the tasks
+                    // that are ready to queue theirs (other connections, forwarded batches) run
+                    // first, so they share this round. Measured (docs/benchmarks.md): 15-20%
+                    // more publishes per entry and acks/s at 12x32 and 48x32; when rounds carry
+                    // one request (one publisher per partition) the extra hop only costs.
+                    if last_requests > 1 {
+                        tokio::task::yield_now().await;
+                    }
+                    r
+                }
                 None => break,
             },
         };
@@ -106,6 +118,7 @@ pub(crate) async fn run(ctx: ProposerContext, mut rx: mpsc::Receiver<ProposeRequ
                 Err(_) => break,
             }
         }
+        last_requests = batch.len();
         ctx.propose(batch).await;
     }
     tracing::debug!(partition = ctx.partition, "proposer stopped");
