@@ -72,6 +72,9 @@ pub struct RaftTimings {
     pub election_min_ms: u64,
     /// Upper end of the election timeout range.
     pub election_max_ms: u64,
+    /// A group snapshots after this many entries and keeps the last tenth of them in its log;
+    /// default 20,000 (tests lower it to make a member catch up from a snapshot).
+    pub snapshot_logs: u64,
 }
 
 impl Default for RaftTimings {
@@ -80,6 +83,7 @@ impl Default for RaftTimings {
             heartbeat_ms: 75,
             election_min_ms: 250,
             election_max_ms: 350,
+            snapshot_logs: 20_000,
         }
     }
 }
@@ -223,8 +227,8 @@ impl ClusterNode {
                 election_timeout_min: config.raft.election_min_ms,
                 election_timeout_max: config.raft.election_max_ms,
                 install_snapshot_timeout: 10_000,
-                snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
-                max_in_snapshot_log_to_keep: 2_000,
+                snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.raft.snapshot_logs),
+                max_in_snapshot_log_to_keep: config.raft.snapshot_logs / 10,
                 ..Default::default()
             }
             .validate()
@@ -472,6 +476,8 @@ impl ClusterNode {
                     term: m.current_term,
                     last_log_index: m.last_log_index,
                     applied_index: m.last_applied.map(|l| l.index),
+                    snapshot_index: m.snapshot.map(|l| l.index),
+                    purged_index: m.purged.map(|l| l.index),
                     voters: membership.voter_ids().collect(),
                     learners: membership.learner_ids().collect(),
                     lag: matched
@@ -1211,6 +1217,11 @@ pub struct GroupStatus {
     pub last_log_index: Option<u64>,
     /// Last log index applied here.
     pub applied_index: Option<u64>,
+    /// Last log index covered by this node's current snapshot of the group.
+    pub snapshot_index: Option<u64>,
+    /// Last log index dropped from this node's log (after a snapshot): a member behind it
+    /// catches up from a snapshot.
+    pub purged_index: Option<u64>,
     /// Voters.
     pub voters: Vec<NodeId>,
     /// Learners.

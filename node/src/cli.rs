@@ -259,6 +259,12 @@ pub struct ServeArgs {
     #[arg(long, env = "HERALD_ELECTION_TIMEOUT", value_name = "MIN-MAX")]
     pub election_timeout: Option<String>,
 
+    /// A Raft group snapshots its state after this many log entries, and then drops all but
+    /// the last tenth of them; a member further behind catches up from the snapshot
+    /// [default: 20000].
+    #[arg(long, env = "HERALD_RAFT_SNAPSHOT_LOGS", value_name = "N")]
+    pub raft_snapshot_logs: Option<u64>,
+
     /// How long a durable publish may wait for its quorum commit before failing, e.g. 5s
     /// [default: 5s].
     #[arg(long, env = "HERALD_PUBLISH_TIMEOUT", value_name = "DURATION")]

@@ -45,6 +45,7 @@ pub struct FileConfig {
     publish_timeout: Option<String>,
     raft_heartbeat: Option<String>,
     election_timeout: Option<String>,
+    raft_snapshot_logs: Option<u64>,
     /// `[namespace.NAME]` tables.
     #[serde(default)]
     namespace: Option<Namespaces>,
@@ -220,6 +221,12 @@ impl NodeConfig {
                     })?;
                     raft.election_min_ms = millis("election-timeout", min)?;
                     raft.election_max_ms = millis("election-timeout", max)?;
+                }
+                if let Some(n) = args.raft_snapshot_logs.or(file.raft_snapshot_logs) {
+                    if n == 0 {
+                        bail!("invalid raft-snapshot-logs 0: a snapshot needs at least one entry");
+                    }
+                    raft.snapshot_logs = n;
                 }
                 if raft.heartbeat_ms == 0
                     || raft.election_min_ms <= raft.heartbeat_ms
