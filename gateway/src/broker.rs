@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, oneshot, watch};
 
 /// The outcome of an acknowledged publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,7 +138,9 @@ impl Broker {
         let namespaces = Arc::new(namespaces);
         let committed = committed_marks(&store);
         let delivered = Delivered::new(&store);
-        let on_commit = deliver_on_commit(&hub, &committed, &delivered);
+        // On one node seqs reach on_commit without holes: nobody watches this.
+        let skips = Arc::new(watch::channel(0u64).0);
+        let on_commit = deliver_on_commit(&hub, &committed, &skips, &delivered);
         let log = Log::Local(LocalLog::start(
             store.clone(),
             namespaces.clone(),
@@ -171,7 +173,8 @@ impl Broker {
         let namespaces = Arc::new(namespaces);
         let committed = committed_marks(&store);
         let delivered = Delivered::new(&store);
-        let on_commit = deliver_on_commit(&hub, &committed, &delivered);
+        let skips = Arc::new(watch::channel(0u64).0);
+        let on_commit = deliver_on_commit(&hub, &committed, &skips, &delivered);
         let connections: Arc<OnceLock<ConnectionCounter>> = Arc::default();
         let hooks = LocalHooks {
             interest: {
@@ -209,7 +212,8 @@ impl Broker {
             shutdown,
         )
         .await?;
-        let reconnect = Reconnect::watch_cluster(node.clone(), store.clone(), committed.clone());
+        let reconnect =
+            Reconnect::watch_cluster(node.clone(), store.clone(), committed.clone(), skips);
         Ok(Arc::new(Broker {
             hub,
             store,
@@ -308,9 +312,15 @@ const DELIVERY_QUEUE: usize = 1024;
 /// growing memory. The hand-over from history to live stays exact: a stream compares each live
 /// event with the watermark it read after subscribing, and the watermark is raised here, before
 /// the event is queued.
+///
+/// An event whose seq is not the one after its partition's last means the events in between
+/// never came through here (a snapshot install moved the partition past them): open streams
+/// missed them. `skips` is raised then, BEFORE the event goes to the hub, so every open stream
+/// is told to reconnect before it could send anything past the hole (see [`crate::reconnect`]).
 fn deliver_on_commit(
     hub: &Arc<Hub>,
     committed: &Arc<Vec<AtomicU64>>,
+    skips: &Arc<watch::Sender<u64>>,
     delivered: &Arc<Delivered>,
 ) -> OnCommit {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Event>>(DELIVERY_QUEUE);
@@ -336,11 +346,21 @@ fn deliver_on_commit(
     };
     let hub = hub.clone();
     let committed = committed.clone();
+    let skips = skips.clone();
     let delivered = delivered.clone();
     Arc::new(move |events: &[Event]| {
         for event in events {
-            committed[event.position.partition as usize]
-                .fetch_max(event.position.seq, Ordering::SeqCst);
+            let (partition, seq) = (event.position.partition, event.position.seq);
+            let before = committed[usize::from(partition)].fetch_max(seq, Ordering::SeqCst);
+            if seq > before.saturating_add(1) {
+                tracing::warn!(
+                    partition,
+                    after = before,
+                    next = seq,
+                    "live delivery skipped events (snapshot installed): streams resume from their cursors"
+                );
+                skips.send_modify(|n| *n += 1);
+            }
         }
         let queued = tx
             .as_ref()

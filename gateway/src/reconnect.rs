@@ -100,14 +100,18 @@ impl Reconnect {
 
     /// Starts watching a cluster node: its quorum, and its store's positions against
     /// `delivered` (each partition's highest seq handed to live delivery, which this raises past
-    /// a skip). The watcher ends with the node.
+    /// a skip). `skips` counts history skips: live delivery raises it itself when an event's seq
+    /// is not the one after its partition's last (before the event reaches any stream); this
+    /// watcher raises it when the store moved ahead and no commit followed. The watcher ends
+    /// with the node.
     pub fn watch_cluster(
         node: ClusterNode,
         store: Arc<Store>,
         delivered: Arc<Vec<AtomicU64>>,
+        skips_tx: Arc<watch::Sender<u64>>,
     ) -> Reconnect {
         let (cut_off_tx, cut_off) = watch::channel(false);
-        let (skips_tx, skips) = watch::channel(0u64);
+        let skips = skips_tx.subscribe();
         tokio::spawn(async move {
             let mut without_quorum: Option<tokio::time::Instant> = None;
             let mut detector = SkipDetector::new(delivered.len());

@@ -604,3 +604,123 @@ async fn a_restarted_node_catches_up_without_deposing_anyone() {
         "seen by the restarted node"
     );
 }
+
+/// The `n` and SSE id of each `message` event until `count` of them arrived or the stream sent
+/// another kind of event (returned with them) or ended.
+async fn read_until_other(
+    what: &str,
+    events: &mut Events,
+    count: usize,
+) -> (Vec<(i64, String)>, Option<eventsource_stream::Event>) {
+    let mut got = Vec::new();
+    while got.len() < count {
+        let next = tokio::time::timeout(PATIENCE, events.next()).await;
+        let Ok(next) = next else {
+            panic!("{what}: no event in time after {got:?}");
+        };
+        let Some(event) = next else {
+            return (got, None);
+        };
+        if event.event != "message" {
+            return (got, Some(event));
+        }
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        got.push((data["n"].as_i64().expect("an event with an n"), event.id));
+    }
+    (got, None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_catches_up_from_a_snapshot_sends_its_streams_to_resume() {
+    // Snapshots every 20 entries, keeping 2: a member stopped for 60 entries can only catch up
+    // from a snapshot, which moves its store forward without delivering the events between.
+    const TOTAL: i64 = 60;
+    let cluster = Cluster::start_with(3, &["--raft-snapshot-logs", "20"]);
+    cluster.wait_converged();
+    let channel = "orders:snapshot";
+    let first = try_publish(
+        cluster.node(1).http,
+        &json!({ "channel": channel, "data": { "n": 0 } }),
+    )
+    .await
+    .expect("first publish");
+    let partition: u16 = first["position"]
+        .as_str()
+        .unwrap()
+        .split('-')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let leader = cluster.leader_of(1, partition).expect("a leader");
+    let lagger = cluster
+        .running()
+        .into_iter()
+        .find(|&id| id != leader)
+        .unwrap();
+    let group = |status: &Value| -> Value {
+        status["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["partition"].as_u64() == Some(u64::from(partition)))
+            .cloned()
+            .unwrap()
+    };
+
+    // A subscriber of the member that will fall behind, from the first event on.
+    let cursor = first["id"].as_str().unwrap().to_string();
+    let mut events = sse(cluster.node(lagger).http, channel, Some(&cursor)).await;
+    let behind_at = group(&cluster.status(lagger).unwrap())["last_log_index"]
+        .as_u64()
+        .unwrap();
+
+    cluster.node(lagger).signal("STOP");
+    for n in 1..=TOTAL {
+        try_publish(
+            cluster.node(leader).http,
+            &json!({ "channel": channel, "data": { "n": n } }),
+        )
+        .await
+        .expect("publish while one member is stopped");
+    }
+    herald_tests::wait_until(
+        "the leader drops the entries the stopped member lacks",
+        || {
+            cluster.status(leader).is_some_and(|s| {
+                group(&s)["purged_index"]
+                    .as_u64()
+                    .is_some_and(|p| p > behind_at)
+            })
+        },
+    );
+    cluster.node(lagger).signal("CONT");
+
+    // The member catches up from the snapshot. Its subscriber either gets every event live or
+    // is told to reconnect; resuming from its last id on the same member must then give the
+    // rest: every event once, in order.
+    let (mut got, other) = read_until_other("the open stream", &mut events, TOTAL as usize).await;
+    assert!(
+        got.iter().map(|(n, _)| *n).eq(1..=got.len() as i64),
+        "nothing past the hole before the reconnect: {got:?}"
+    );
+    let other = other.expect("the stream is told to reconnect: the snapshot skipped live delivery");
+    assert_eq!(other.event, "reconnect", "{other:?}");
+    let last_id = got.last().map(|(_, id)| id.clone());
+    herald_tests::wait_until("the member applied the snapshot", || {
+        cluster.status(lagger).is_some_and(|s| {
+            group(&s)["applied_index"]
+                .as_u64()
+                .is_some_and(|a| a > behind_at)
+        })
+    });
+    // Nothing may have arrived before the reconnect: then resume from the first event.
+    let resume_from = last_id.unwrap_or(cursor);
+    let mut resumed = sse(cluster.node(lagger).http, channel, Some(&resume_from)).await;
+    let want = TOTAL as usize - got.len();
+    let (rest, other) = read_until_other("the resumed stream", &mut resumed, want).await;
+    assert!(other.is_none(), "unexpected {other:?}");
+    got.extend(rest);
+    let ns: Vec<i64> = got.iter().map(|(n, _)| *n).collect();
+    assert_eq!(ns, (1..=TOTAL).collect::<Vec<_>>());
+}

@@ -262,6 +262,13 @@ fn open(
         }
         let keep_alive = o.state.settings().keep_alive;
         let chunk = tokio::select! {
+            // A reconnect request wins over a ready event: after a history skip, the events
+            // past the hole must not reach the client before it is told to resume.
+            biased;
+            reason = o.reconnect.requested() => {
+                tracing::info!(id = o.stream.id(), ?reason, "SSE client told to reconnect");
+                return Some((Ok(Bytes::from_static(reason.sse_event())), None));
+            }
             next = o.stream.next(&mut o.emits) => {
                 if next.is_none() {
                     // Over its output limit: abort the connection (an error, not the end of
@@ -277,10 +284,6 @@ fn open(
             }
             _ = tokio::time::sleep(keep_alive) => Bytes::from_static(b": keep-alive\n\n"),
             _ = o.state.shutdown().cancelled() => return None,
-            reason = o.reconnect.requested() => {
-                tracing::info!(id = o.stream.id(), ?reason, "SSE client told to reconnect");
-                return Some((Ok(Bytes::from_static(reason.sse_event())), None));
-            }
         };
         Some((Ok(chunk), open))
     });

@@ -433,6 +433,9 @@ async fn run(
     let mut emits = Vec::new();
     loop {
         tokio::select! {
+            // In this order: a reconnect request wins over a ready event, so that after a
+            // history skip no event past the hole reaches the client before it must resume.
+            biased;
             _ = state.shutdown().cancelled() => return Err(End::Shutdown),
             reason = reconnect.requested() => return Err(End::Reconnect(reason)),
             _ = &mut idle => return Err(End::Idle),
