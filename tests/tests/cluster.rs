@@ -56,6 +56,13 @@ async fn read_n(events: &mut Events, count: usize) -> Vec<i64> {
     values
 }
 
+/// The partition of a publish reply's `position` (`PARTITION-SEQ`).
+fn partition_of_reply(reply: &Value) -> u16 {
+    let position = reply["position"].as_str().expect("a position");
+    let (partition, _) = position.split_once('-').expect("PARTITION-SEQ");
+    partition.parse().expect("a partition number")
+}
+
 /// One HTTP publish attempt: `Ok(reply)` on 200, `Err(text)` otherwise.
 async fn try_publish(http: std::net::SocketAddr, body: &Value) -> Result<Value, String> {
     let response = reqwest::Client::new()
@@ -177,14 +184,7 @@ async fn killing_a_partition_leader_loses_and_duplicates_nothing() {
     .await
     .expect("first publish");
     let cursor = first["id"].as_str().unwrap().to_string();
-    let partition: u16 = first["position"]
-        .as_str()
-        .unwrap()
-        .split('-')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let partition = partition_of_reply(&first);
     let leader = cluster.leader_of(1, partition).expect("a leader");
     let survivors: Vec<u64> = cluster
         .running()
@@ -644,14 +644,7 @@ async fn a_member_that_catches_up_from_a_snapshot_sends_its_streams_to_resume() 
     )
     .await
     .expect("first publish");
-    let partition: u16 = first["position"]
-        .as_str()
-        .unwrap()
-        .split('-')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let partition = partition_of_reply(&first);
     let leader = cluster.leader_of(1, partition).expect("a leader");
     let lagger = cluster
         .running()
