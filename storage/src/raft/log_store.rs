@@ -68,7 +68,7 @@ impl RecentEntries {
 
     /// Adds entries just written to the log; they replace any kept entry at or after their
     /// first index (openraft truncates before it overwrites, but this keeps the tail true).
-    fn appended(&mut self, entries: &[Entry<TypeConfig>]) {
+    fn appended(&mut self, entries: Vec<Entry<TypeConfig>>) {
         let Some(first) = entries.first().map(|e| e.log_id.index) else {
             return;
         };
@@ -81,9 +81,9 @@ impl RecentEntries {
             self.clear();
         }
         for entry in entries {
-            let bytes = entry_bytes(entry);
+            let bytes = entry_bytes(&entry);
             self.bytes += bytes;
-            self.entries.push_back((entry.clone(), bytes));
+            self.entries.push_back((entry, bytes));
         }
         while self.entries.len() > RECENT_ENTRIES
             || (self.bytes > RECENT_BYTES && self.entries.len() > 1)
@@ -425,7 +425,7 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
                 .map_err(write)?
         };
         // In memory once in sled: a read in between finds them there.
-        self.recent.lock().appended(&entries);
+        self.recent.lock().appended(entries);
         Ok(())
     }
 
@@ -481,27 +481,27 @@ mod tests {
     fn recent_entries_follow_appends_truncations_and_purges() {
         let mut recent = RecentEntries::default();
         assert_eq!(ids(recent.get(0, None)), None);
-        recent.appended(&(5..10).map(|i| blank(1, i)).collect::<Vec<_>>());
+        recent.appended((5..10).map(|i| blank(1, i)).collect());
         assert_eq!(ids(recent.get(6, Some(8))), Some(vec![(1, 6), (1, 7)]));
         assert_eq!(ids(recent.get(8, None)), Some(vec![(1, 8), (1, 9)]));
         assert_eq!(ids(recent.get(4, Some(6))), None, "not all kept");
         assert_eq!(ids(recent.get(9, Some(11))), None, "past the end");
         // An append over the tail replaces it (a new leader's entries).
-        recent.appended(&[blank(2, 8)]);
+        recent.appended(vec![blank(2, 8)]);
         assert_eq!(ids(recent.get(7, None)), Some(vec![(1, 7), (2, 8)]));
         recent.remove_from(8);
         assert_eq!(ids(recent.get(5, None)).map(|v| v.len()), Some(3));
         recent.remove_through(6);
         assert_eq!(ids(recent.get(7, None)), Some(vec![(1, 7)]));
         // A hole restarts the tail.
-        recent.appended(&[blank(3, 20)]);
+        recent.appended(vec![blank(3, 20)]);
         assert_eq!(ids(recent.get(7, Some(8))), None);
         assert_eq!(ids(recent.get(20, None)), Some(vec![(3, 20)]));
         // Bounded by count.
         recent.appended(
-            &(21..21 + RECENT_ENTRIES as u64)
+            (21..21 + RECENT_ENTRIES as u64)
                 .map(|i| blank(3, i))
-                .collect::<Vec<_>>(),
+                .collect(),
         );
         assert_eq!(recent.entries.len(), RECENT_ENTRIES);
         assert_eq!(recent.first_index(), Some(21));

@@ -1,9 +1,13 @@
-//! What the crash tests share: a temporary directory, and running the test's own binary as a
-//! writer child process that is `kill -9`ed mid-stream.
+//! What the storage tests share: a temporary directory, and (for the crash tests) running the
+//! test's own binary as a writer child process that is `kill -9`ed mid-stream.
+
+// Each test binary includes this module and uses only part of it.
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -16,13 +20,15 @@ pub struct TempDir {
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos();
         let path = std::env::temp_dir().join(format!(
-            "herald-storage-{tag}-{}-{nanos}",
-            std::process::id()
+            "herald-storage-{tag}-{}-{}-{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&path).unwrap();
         TempDir { path, nanos }
