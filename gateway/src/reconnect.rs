@@ -140,14 +140,17 @@ impl Reconnect {
                 let done: Vec<u64> = delivered.iter().map(|d| d.load(Ordering::SeqCst)).collect();
                 let skipped = detector.check(&stored, &done);
                 if !skipped.is_empty() {
-                    for &(partition, upto) in &skipped {
-                        delivered[partition].fetch_max(upto, Ordering::SeqCst);
-                    }
                     tracing::warn!(
                         ?skipped,
                         "history skipped ahead of live delivery (snapshot installed): streams resume from their cursors"
                     );
+                    // Signal first, then move delivery's mark: a commit racing this sees either
+                    // the old mark (and signals the skip again) or the signal already raised,
+                    // so no stream forwards an event past the hole unwarned.
                     skips_tx.send_modify(|n| *n += 1);
+                    for &(partition, upto) in &skipped {
+                        delivered[partition].fetch_max(upto, Ordering::SeqCst);
+                    }
                 }
             }
         });

@@ -630,6 +630,48 @@ async fn read_until_other(
     (got, None)
 }
 
+/// An `HSUBSCRIBE` consumer on `resp`, from `cursor` on `channel`, its confirmation read.
+fn hsubscribe(resp: std::net::SocketAddr, cursor: &str, channel: &str) -> herald_tests::RawConn {
+    let mut conn = herald_tests::RawConn::connect(resp);
+    conn.command(&[b"HSUBSCRIBE", cursor.as_bytes(), channel.as_bytes()]);
+    let confirmation = conn.read_frame();
+    assert!(
+        confirmation.starts_with(b"*3\r\n$10\r\nhsubscribe\r\n"),
+        "{}",
+        String::from_utf8_lossy(&confirmation)
+    );
+    conn
+}
+
+/// The `n` and cursor of each `hmessage` until `count` of them arrived or an error reply came
+/// (returned with them).
+fn read_hmessages_until_error(
+    conn: &mut herald_tests::RawConn,
+    count: usize,
+) -> (Vec<(i64, String)>, Option<String>) {
+    let mut got = Vec::new();
+    while got.len() < count {
+        let frame = conn.read_frame();
+        if frame.starts_with(b"-") {
+            return (got, Some(String::from_utf8_lossy(&frame).into_owned()));
+        }
+        let items: Vec<String> = match redis::parse_redis_value(&frame) {
+            Ok(redis::Value::Array(items)) => items
+                .into_iter()
+                .map(|v| redis::from_redis_value(v).unwrap())
+                .collect(),
+            other => panic!("not an hmessage: {other:?}"),
+        };
+        assert_eq!(items[0], "hmessage", "{items:?}");
+        let data: Value = serde_json::from_str(&items[3]).unwrap();
+        got.push((
+            data["n"].as_i64().expect("an event with an n"),
+            items[2].clone(),
+        ));
+    }
+    (got, None)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_catches_up_from_a_snapshot_sends_its_streams_to_resume() {
     // Snapshots every 20 entries, keeping 2: a member stopped for 60 entries can only catch up
@@ -664,6 +706,9 @@ async fn a_member_that_catches_up_from_a_snapshot_sends_its_streams_to_resume() 
     // A subscriber of the member that will fall behind, from the first event on.
     let cursor = first["id"].as_str().unwrap().to_string();
     let mut events = sse(cluster.node(lagger).http, channel, Some(&cursor)).await;
+    // And a RESP consumer of its history (`HSUBSCRIBE`), whose messages the delivery thread
+    // queues itself.
+    let mut consumer = hsubscribe(cluster.node(lagger).resp, &cursor, channel);
     let behind_at = group(&cluster.status(lagger).unwrap())["last_log_index"]
         .as_u64()
         .unwrap();
@@ -708,7 +753,7 @@ async fn a_member_that_catches_up_from_a_snapshot_sends_its_streams_to_resume() 
         })
     });
     // Nothing may have arrived before the reconnect: then resume from the first event.
-    let resume_from = last_id.unwrap_or(cursor);
+    let resume_from = last_id.unwrap_or_else(|| cursor.clone());
     let mut resumed = sse(cluster.node(lagger).http, channel, Some(&resume_from)).await;
     let want = TOTAL as usize - got.len();
     let (rest, other) = read_until_other("the resumed stream", &mut resumed, want).await;
@@ -716,4 +761,38 @@ async fn a_member_that_catches_up_from_a_snapshot_sends_its_streams_to_resume() 
     got.extend(rest);
     let ns: Vec<i64> = got.iter().map(|(n, _)| *n).collect();
     assert_eq!(ns, (1..=TOTAL).collect::<Vec<_>>());
+
+    // The RESP consumer likewise: nothing past the hole, then the reason and a close; resuming
+    // from its last cursor gives the rest.
+    let (mut got, error) = tokio::task::spawn_blocking(move || {
+        let read = read_hmessages_until_error(&mut consumer, TOTAL as usize);
+        let after = consumer.read_to_close();
+        assert!(after.is_empty(), "nothing after the error: {after:?}");
+        read
+    })
+    .await
+    .unwrap();
+    assert!(
+        got.iter().map(|(n, _)| *n).eq(1..=got.len() as i64),
+        "nothing past the hole before the error: {got:?}"
+    );
+    assert_eq!(
+        error.as_deref(),
+        Some(
+            "-ERR this node caught up from a snapshot: reconnect and resume from your cursor (HSUBSCRIBE)\r\n"
+        ),
+        "the consumer is told why it is closed"
+    );
+    let resume_from = got.last().map_or(cursor, |(_, c)| c.clone());
+    let resp = cluster.node(lagger).resp;
+    let want = TOTAL as usize - got.len();
+    let (rest, error) = tokio::task::spawn_blocking(move || {
+        read_hmessages_until_error(&mut hsubscribe(resp, &resume_from, channel), want)
+    })
+    .await
+    .unwrap();
+    assert_eq!(error, None);
+    got.extend(rest);
+    let ns: Vec<i64> = got.iter().map(|(n, _)| *n).collect();
+    assert_eq!(ns, (1..=TOTAL).collect::<Vec<_>>(), "over RESP");
 }

@@ -247,8 +247,10 @@ pub(crate) async fn serve(ctx: Arc<ServerContext>, stream: TcpStream, client: Ar
             _ = ctx.shutdown.cancelled() => break,
             // A subscriber of a node cut off from its cluster, or whose live delivery skipped
             // events (a snapshot install), is told why and closed, so that it resumes
-            // elsewhere or from its cursor (`HSUBSCRIBE`), losing nothing.
-            reason = reconnect.requested(), if session.in_pubsub_context() => {
+            // elsewhere. A history subscription's forwarder does this itself (see
+            // `cmd::history`), ahead of its events, so that nothing past a hole goes out.
+            reason = reconnect.requested(),
+                if session.in_pubsub_context() && session.history.is_none() => {
                 tracing::debug!(id = session.client.id, ?reason, "closing a subscriber: it must reconnect");
                 session.reply(Frame::error(reason.resp_error()));
                 session.flush_replies().await;

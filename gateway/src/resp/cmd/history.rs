@@ -167,6 +167,8 @@ pub(super) async fn hsubscribe(session: &mut Session, args: &Args) {
     } else {
         Format::RespStream2
     };
+    // Taken before the history is read: a skip after this moment may concern this stream.
+    let mut reconnect = session.ctx.broker.reconnect_watch();
     let (mut stream, backlog) =
         match EventStream::open(session.ctx.broker.clone(), format, channels.clone(), start) {
             Ok(opened) => opened,
@@ -192,6 +194,18 @@ pub(super) async fn hsubscribe(session: &mut Session, args: &Args) {
         let mut emits = Vec::new();
         loop {
             tokio::select! {
+                // Checked first: once live delivery skipped events (a snapshot install) or the
+                // node lost its quorum, nothing more may go out; the client is told why and
+                // resumes from its last cursor. Live delivery raises a skip before it hands
+                // over any event past the hole, so no such event is forwarded.
+                biased;
+                reason = reconnect.requested() => {
+                    let mut out = BytesMut::new();
+                    Frame::error(reason.resp_error()).encode(protocol, &mut out);
+                    outbox.push_reply(out.freeze());
+                    outbox.close(crate::hub::outbox::CloseReason::AfterFlush);
+                    return;
+                }
                 next = stream.next(&mut emits) => {
                     if next.is_none() {
                         // The stream passed its output limit: close the client so it resumes.
