@@ -388,14 +388,14 @@ impl ClusterNode {
         partition: Partition,
         publishes: Vec<Publish>,
     ) -> Result<oneshot::Receiver<ProposeResult>, ProposeError> {
-        self.enqueue_as(partition, publishes, false).await
+        self.enqueue_as(partition, publishes, None).await
     }
 
     async fn enqueue_as(
         &self,
         partition: Partition,
         publishes: Vec<Publish>,
-        forwarded: bool,
+        origin: Option<NodeId>,
     ) -> Result<oneshot::Receiver<ProposeResult>, ProposeError> {
         if !self.is_formed() {
             return Err(ProposeError::NotFormed);
@@ -409,7 +409,7 @@ impl ClusterNode {
         sender
             .send(ProposeRequest {
                 publishes,
-                forwarded,
+                origin,
                 reply,
             })
             .await
@@ -800,7 +800,7 @@ impl ClusterNode {
                         "node {from} is not a member of this cluster (removed?): its publishes are refused; join it again"
                     ))));
                 }
-                let rx = match self.enqueue_as(partition, publishes, true).await {
+                let rx = match self.enqueue_as(partition, publishes, Some(from)).await {
                     Ok(rx) => rx,
                     Err(error) => return AppResponse::Published(Err(error)),
                 };

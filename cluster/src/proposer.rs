@@ -5,7 +5,9 @@
 //! limits) as ONE batch; on the leader it proposes the batch as one `client_write` (openraft 0.9
 //! writes and flushes one entry per call, so batching is ours to do), elsewhere it forwards the
 //! batch over QUIC to the leader, whose own proposer merges it with its local publishes. While
-//! one round is in flight the next batch collects.
+//! one round is in flight the next batch collects. A leader whose last round carried a
+//! several-publish batch from a forwarder waits a little (at most half a round, 5 ms) for that
+//! forwarder's next batch before it proposes (see `gather`).
 //!
 //! Retries: a batch that was certainly not proposed (no leader yet, `NotLeader`, peer
 //! unreachable, log truncated) is retried until the publish timeout. A batch whose outcome is
@@ -56,8 +58,9 @@ pub type ProposeResult = Result<Vec<Applied>, ProposeError>;
 /// One request in a proposer's queue.
 pub(crate) struct ProposeRequest {
     pub publishes: Vec<Publish>,
-    /// Came from another node: never forwarded again, answered `NotLeader` instead.
-    pub forwarded: bool,
+    /// The node that forwarded it (`None`: from this node's own clients). A forwarded request
+    /// is never forwarded again: it is answered `NotLeader` instead.
+    pub origin: Option<NodeId>,
     pub reply: oneshot::Sender<ProposeResult>,
 }
 
@@ -65,7 +68,14 @@ impl ProposeRequest {
     fn bytes(&self) -> usize {
         self.publishes.iter().map(Publish::size).sum()
     }
+
+    fn forwarded(&self) -> bool {
+        self.origin.is_some()
+    }
 }
+
+/// The longest a leader's round waits for the next batch of a busy forwarder.
+const GATHER_MAX: Duration = Duration::from_millis(5);
 
 /// What a proposer needs of its node.
 pub(crate) struct ProposerContext {
@@ -79,8 +89,10 @@ pub(crate) struct ProposerContext {
 /// Runs the proposer of one partition until its queue closes.
 pub(crate) async fn run(ctx: ProposerContext, mut rx: mpsc::Receiver<ProposeRequest>) {
     let mut carry: Option<ProposeRequest> = None;
-    // How many requests the last round carried.
+    // How many requests the last round carried, how long it took, and the busy forwarders in it.
     let mut last_requests = 0usize;
+    let mut last_round = Duration::ZERO;
+    let mut expected: Vec<NodeId> = Vec::new();
     loop {
         let first = match carry.take() {
             Some(r) => r,
@@ -118,10 +130,65 @@ pub(crate) async fn run(ctx: ProposerContext, mut rx: mpsc::Receiver<ProposeRequ
                 Err(_) => break,
             }
         }
+        if !expected.is_empty() && ctx.is_leader() {
+            let wait = (last_round / 2).min(GATHER_MAX);
+            gather(&ctx, &mut rx, &mut batch, &mut carry, &expected, wait).await;
+        }
         last_requests = batch.len();
+        // Forwarders that sent several publishes at once have more queued behind them by the
+        // time this round answers: the next round waits a little for their next batch.
+        expected = batch
+            .iter()
+            .filter(|r| r.publishes.len() > 1)
+            .filter_map(|r| r.origin)
+            .collect();
+        expected.sort_unstable();
+        expected.dedup();
+        let started = Instant::now();
         ctx.propose(batch).await;
+        last_round = started.elapsed();
     }
     tracing::debug!(partition = ctx.partition, "proposer stopped");
+}
+
+/// On the leader, holds a round until every busy forwarder of the last round (`expected`) has
+/// a request in `batch`, for at most `wait`, adding what arrives meanwhile (within the batch
+/// limits; the first request past them is left in `carry`).
+///
+/// A forwarder keeps one batch in flight per partition and collects the next meanwhile; it can
+/// send that batch only after the leader's round answered the previous one. Without waiting,
+/// the leader's next round has already started with its local publishes by then, so each
+/// forwarder's batches join every other round, and every round is a Raft entry with its fixed
+/// cost on every member.
+async fn gather(
+    ctx: &ProposerContext,
+    rx: &mut mpsc::Receiver<ProposeRequest>,
+    batch: &mut Vec<ProposeRequest>,
+    carry: &mut Option<ProposeRequest>,
+    expected: &[NodeId],
+    wait: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut count: usize = batch.iter().map(|r| r.publishes.len()).sum();
+    let mut bytes: usize = batch.iter().map(ProposeRequest::bytes).sum();
+    while carry.is_none()
+        && expected
+            .iter()
+            .any(|node| !batch.iter().any(|r| r.origin == Some(*node)))
+    {
+        let Ok(Some(r)) = tokio::time::timeout_at(deadline, rx.recv()).await else {
+            return;
+        };
+        if count + r.publishes.len() > ctx.options.max_batch_publishes
+            || bytes + r.bytes() > ctx.options.max_batch_bytes
+        {
+            *carry = Some(r);
+            return;
+        }
+        count += r.publishes.len();
+        bytes += r.bytes();
+        batch.push(r);
+    }
 }
 
 /// Answers every request of a batch from one result covering all their publishes, in order.
@@ -144,7 +211,8 @@ fn distribute(batch: Vec<ProposeRequest>, result: ProposeResult) {
 
 /// Answers forwarded requests with `error` and keeps the local ones.
 fn reject_forwarded(batch: Vec<ProposeRequest>, error: &ProposeError) -> Vec<ProposeRequest> {
-    let (forwarded, local): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| r.forwarded);
+    let (forwarded, local): (Vec<_>, Vec<_>) =
+        batch.into_iter().partition(ProposeRequest::forwarded);
     distribute(forwarded, Err(error.clone()));
     local
 }
@@ -159,6 +227,10 @@ enum Round {
 }
 
 impl ProposerContext {
+    fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
     async fn propose(&self, mut batch: Vec<ProposeRequest>) {
         let deadline = Instant::now() + self.options.publish_timeout;
         let group = partition_group(self.partition);
