@@ -34,7 +34,7 @@ pub mod rpc;
 pub mod transport;
 
 pub use identity::{NodeId, NodeIdentity};
-pub use network::{GroupNetwork, GroupNetworkFactory};
+pub use network::{Elections, GroupNetwork, GroupNetworkFactory};
 pub use rpc::{Handler, PeerAddr, Peers, PeersOptions, Request, Response, RpcError, serve};
 pub use transport::{
     IncomingPeer, PeerConnection, PeerFilter, Transport, TransportError, TransportOptions,

@@ -23,18 +23,52 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The elections this node called in one group: each term it asked votes for counts once.
+/// `herald cluster status` shows it; an operator (or a test) tells from it which node keeps
+/// disturbing a group.
+#[derive(Debug, Default)]
+pub struct Elections {
+    last_term: AtomicU64,
+    called: AtomicU64,
+}
+
+impl Elections {
+    /// How many elections this node called since it started.
+    pub fn called(&self) -> u64 {
+        self.called.load(Ordering::Relaxed)
+    }
+
+    /// Notes a vote request for `term` (one per peer per election).
+    fn asked_for(&self, term: u64) {
+        if self.last_term.fetch_max(term, Ordering::Relaxed) < term {
+            self.called.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
 
 /// Builds the per-peer clients of one Raft group (pass it to `openraft::Raft::new`).
 #[derive(Clone)]
 pub struct GroupNetworkFactory {
     peers: Arc<Peers>,
     group: GroupId,
+    elections: Arc<Elections>,
 }
 
 impl GroupNetworkFactory {
     /// The network of `group`, calling through the node's shared `peers`.
     pub fn new(peers: Arc<Peers>, group: GroupId) -> Self {
-        GroupNetworkFactory { peers, group }
+        GroupNetworkFactory {
+            peers,
+            group,
+            elections: Arc::default(),
+        }
+    }
+
+    /// The count of elections this node calls in the group.
+    pub fn elections(&self) -> Arc<Elections> {
+        self.elections.clone()
     }
 }
 
@@ -50,6 +84,7 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
             group: self.group,
             target,
             node: node.clone(),
+            elections: self.elections.clone(),
         }
     }
 }
@@ -60,6 +95,7 @@ pub struct GroupNetwork {
     group: GroupId,
     target: NodeId,
     node: BasicNode,
+    elections: Arc<Elections>,
 }
 
 /// openraft's error for a remote `E`.
@@ -183,6 +219,7 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, NetError<RaftError<NodeId>>> {
+        self.elections.asked_for(rpc.vote.leader_id.term);
         let request = Request::Vote {
             group: self.group,
             rpc,

@@ -32,7 +32,7 @@ use crate::failover::{self, Decision, LeaderContact, Probe};
 use crate::identity::NodeIdentity;
 use crate::interest::{Interest, InterestTable, TransientEvent};
 use crate::message::{AppRequest, AppResponse, ProposeError, decode, encode};
-use crate::network::GroupNetworkFactory;
+use crate::network::{Elections, GroupNetworkFactory};
 use crate::proposer::{self, ProposeRequest, ProposeResult, ProposerContext, ProposerOptions};
 use crate::rpc::{self, Handler, Peers, Request, Response};
 use crate::transport::{Transport, TransportOptions};
@@ -136,6 +136,8 @@ struct Inner {
     /// The write-ahead log of every group's Raft log (closed at shutdown, after the groups).
     journal: Arc<RaftJournal>,
     groups: Vec<Raft<TypeConfig>>,
+    /// The elections this node called, per group (index = group id).
+    elections: Vec<Arc<Elections>>,
     proposers: Vec<mpsc::Sender<ProposeRequest>>,
     peers: Arc<Peers>,
     transport: Arc<Transport>,
@@ -238,6 +240,7 @@ impl ClusterNode {
         let partitions = store.partitions();
         let journal = RaftJournal::of(&store)?;
         let mut groups = Vec::with_capacity(usize::from(partitions) + 1);
+        let mut elections = Vec::with_capacity(usize::from(partitions) + 1);
         for group in 0..=partitions {
             let log = RaftLogStore::new(journal.clone(), group);
             let commit: OnCommit = if group == META_GROUP {
@@ -247,6 +250,7 @@ impl ClusterNode {
             };
             let sm = GroupStateMachine::new(journal.clone(), group, namespaces.clone(), commit)?;
             let network = GroupNetworkFactory::new(peers.clone(), group);
+            elections.push(network.elections());
             let raft = Raft::new(id, raft_config.clone(), network, log, sm)
                 .await
                 .map_err(|e| ClusterError::Raft(format!("group {group}: {e}")))?;
@@ -277,6 +281,7 @@ impl ClusterNode {
                 store,
                 journal,
                 groups,
+                elections,
                 proposers,
                 peers: peers.clone(),
                 transport: transport.clone(),
@@ -478,6 +483,7 @@ impl ClusterNode {
                     applied_index: m.last_applied.map(|l| l.index),
                     snapshot_index: m.snapshot.map(|l| l.index),
                     purged_index: m.purged.map(|l| l.index),
+                    elections_called: self.inner.elections[group].called(),
                     voters: membership.voter_ids().collect(),
                     learners: membership.learner_ids().collect(),
                     lag: matched
@@ -890,7 +896,7 @@ impl ClusterNode {
                     && (contact.ever_heard(group)
                         || contact.uptime() >= failover::RESTART_ELECTION_GRACE)
                 {
-                    raft.runtime_config().elect(true);
+                    raft.runtime_config().elect(false);
                     elections_on[group] = true;
                 }
                 // Cheap checks first: most ticks end here, without touching the metrics.
@@ -1222,6 +1228,9 @@ pub struct GroupStatus {
     /// Last log index dropped from this node's log (after a snapshot): a member behind it
     /// catches up from a snapshot.
     pub purged_index: Option<u64>,
+    /// Elections this node called in the group since it started (one per term it asked votes
+    /// for): a node that keeps calling them disturbs the group.
+    pub elections_called: u64,
     /// Voters.
     pub voters: Vec<NodeId>,
     /// Learners.

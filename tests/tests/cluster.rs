@@ -539,25 +539,14 @@ async fn a_node_joins_catches_up_and_is_removed() {
 }
 
 /// (group, leader, term) of every group, as node `id` sees it.
-fn leaders_and_terms(cluster: &Cluster, id: u64) -> Vec<(u64, Option<u64>, u64)> {
-    let status = cluster.status(id).expect("status");
-    status["groups"]
-        .as_array()
-        .expect("groups")
-        .iter()
-        .map(|g| {
-            (
-                g["group"].as_u64().unwrap(),
-                g["leader"].as_u64(),
-                g["term"].as_u64().unwrap(),
-            )
-        })
-        .collect()
-}
-
 /// A node restarted after `kill -9` rejoins as a follower: it calls no election before it has
-/// heard the current leaders, so no group changes leader or term, and it catches up with what
-/// was committed while it was down (its write-ahead logs replayed first).
+/// heard the current leaders (so it deposes nobody), and it catches up with what was committed
+/// while it was down (its write-ahead logs replayed first).
+///
+/// The assertion is on what the restarted node itself did (`elections_called`, counted per
+/// group from the vote requests it sent), not on the leaders' terms: on a starved machine a
+/// leader's heartbeat can be late enough for another member to call an election, and that is
+/// not this test's concern.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_catches_up_without_deposing_anyone() {
     let mut cluster = Cluster::start(3);
@@ -573,7 +562,6 @@ async fn a_restarted_node_catches_up_without_deposing_anyone() {
         .await
         .expect("publish with node 1 down");
     }
-    let before = leaders_and_terms(&cluster, 2);
     let committed: Vec<Option<u64>> = cluster.status(2).unwrap()["groups"]
         .as_array()
         .unwrap()
@@ -597,11 +585,22 @@ async fn a_restarted_node_catches_up_without_deposing_anyone() {
                 .all(|(g, &c)| g["applied_index"].as_u64() >= c)
         },
     );
-    assert_eq!(leaders_and_terms(&cluster, 2), before, "seen by node 2");
+    let elections: Vec<(u64, u64)> = cluster.status(1).unwrap()["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["group"].as_u64().unwrap(),
+                g["elections_called"].as_u64().expect("elections_called"),
+            )
+        })
+        .filter(|&(_, called)| called > 0)
+        .collect();
     assert_eq!(
-        leaders_and_terms(&cluster, 1),
-        before,
-        "seen by the restarted node"
+        elections,
+        [],
+        "(group, elections) the restarted node called"
     );
 }
 
