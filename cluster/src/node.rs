@@ -896,7 +896,7 @@ impl ClusterNode {
                     && (contact.ever_heard(group)
                         || contact.uptime() >= failover::RESTART_ELECTION_GRACE)
                 {
-                    raft.runtime_config().elect(false);
+                    raft.runtime_config().elect(true);
                     elections_on[group] = true;
                 }
                 // Cheap checks first: most ticks end here, without touching the metrics.

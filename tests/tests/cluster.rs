@@ -538,7 +538,6 @@ async fn a_node_joins_catches_up_and_is_removed() {
     );
 }
 
-/// (group, leader, term) of every group, as node `id` sees it.
 /// A node restarted after `kill -9` rejoins as a follower: it calls no election before it has
 /// heard the current leaders (so it deposes nobody), and it catches up with what was committed
 /// while it was down (its write-ahead logs replayed first).
