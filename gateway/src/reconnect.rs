@@ -170,6 +170,21 @@ impl Reconnect {
 }
 
 impl ReconnectWatch {
+    /// The reason the client must reconnect, if it must now (without waiting). A stream calls
+    /// it after it took events and before it sends them: `biased;` only orders the branches
+    /// within one poll, so a skip raised between the poll of [`Self::requested`] and the take
+    /// would otherwise let events past the hole out first. Live delivery raises a skip before
+    /// it queues any event past the hole, so a stream holding such an event sees the skip here.
+    pub fn now(&mut self) -> Option<Reason> {
+        if *self.cut_off.borrow() {
+            Some(Reason::NoQuorum)
+        } else if self.skips.has_changed().unwrap_or(false) {
+            Some(Reason::Skipped)
+        } else {
+            None
+        }
+    }
+
     /// Resolves with the reason once the stream's client must reconnect (at once if the node
     /// is cut off now); never on a single node.
     pub async fn requested(&mut self) -> Reason {

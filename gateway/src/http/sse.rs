@@ -276,6 +276,10 @@ fn open(
                     tracing::info!(id = o.stream.id(), "SSE client cut off: it passed its output limit");
                     return Some((Err(std::io::Error::other("output limit passed")), None));
                 }
+                if let Some(reason) = o.reconnect.now() {
+                    tracing::info!(id = o.stream.id(), ?reason, "SSE client told to reconnect");
+                    return Some((Ok(Bytes::from_static(reason.sse_event())), None));
+                }
                 let mut out = BytesMut::new();
                 let sent = write_emits(&mut out, o.emits.drain(..));
                 o.events_sent.fetch_add(sent, Ordering::Relaxed);

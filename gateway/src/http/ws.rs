@@ -464,6 +464,9 @@ async fn run(
                         _ => End::Slow,
                     });
                 }
+                if let Some(reason) = reconnect.now() {
+                    return Err(End::Reconnect(reason));
+                }
                 let mut out = Vec::with_capacity(emits.len());
                 counter.add(push_emits(&mut out, emits.drain(..), &stream.channels()));
                 socket.send(out).await?;

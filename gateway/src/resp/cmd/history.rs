@@ -21,6 +21,8 @@
 use super::{Args, integer_arg, syntax_error};
 use crate::hub::Format;
 use crate::hub::encode::hmessage_head;
+use crate::hub::outbox::Outbox;
+use crate::reconnect::Reason;
 use crate::resp::connection::Session;
 use crate::resp::frame::{Frame, Protocol};
 use crate::resp::server::REPLY_BACKPRESSURE_BYTES;
@@ -199,18 +201,17 @@ pub(super) async fn hsubscribe(session: &mut Session, args: &Args) {
                 // resumes from its last cursor. Live delivery raises a skip before it hands
                 // over any event past the hole, so no such event is forwarded.
                 biased;
-                reason = reconnect.requested() => {
-                    let mut out = BytesMut::new();
-                    Frame::error(reason.resp_error()).encode(protocol, &mut out);
-                    outbox.push_reply(out.freeze());
-                    outbox.close(crate::hub::outbox::CloseReason::AfterFlush);
-                    return;
-                }
+                reason = reconnect.requested() => return end_with(&outbox, protocol, reason),
                 next = stream.next(&mut emits) => {
                     if next.is_none() {
                         // The stream passed its output limit: close the client so it resumes.
                         outbox.close(crate::hub::outbox::CloseReason::OutputLimit);
                         return;
+                    }
+                    // Raised between the poll above and this take: these events may be past
+                    // a hole (see `ReconnectWatch::now`).
+                    if let Some(reason) = reconnect.now() {
+                        return end_with(&outbox, protocol, reason);
                     }
                     let mut out = BytesMut::new();
                     write_emits(&mut out, protocol, emits.drain(..));
@@ -222,6 +223,15 @@ pub(super) async fn hsubscribe(session: &mut Session, args: &Args) {
         }
     });
     session.history = Some(forwarder);
+}
+
+/// Ends a history subscription's connection with why it must reconnect, after what it already
+/// has queued.
+fn end_with(outbox: &Outbox, protocol: Protocol, reason: Reason) {
+    let mut out = BytesMut::new();
+    Frame::error(reason.resp_error()).encode(protocol, &mut out);
+    outbox.push_reply(out.freeze());
+    outbox.close(crate::hub::outbox::CloseReason::AfterFlush);
 }
 
 /// `HUNSUBSCRIBE`.
