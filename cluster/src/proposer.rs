@@ -168,13 +168,18 @@ async fn gather(
     expected: &[NodeId],
     wait: Duration,
 ) {
-    let deadline = tokio::time::Instant::now() + wait;
     let mut count: usize = batch.iter().map(|r| r.publishes.len()).sum();
     let mut bytes: usize = batch.iter().map(ProposeRequest::bytes).sum();
+    let mut missing: Vec<NodeId> = expected
+        .iter()
+        .copied()
+        .filter(|node| !batch.iter().any(|r| r.origin == Some(*node)))
+        .collect();
+    let deadline = tokio::time::Instant::now() + wait;
     while carry.is_none()
-        && expected
-            .iter()
-            .any(|node| !batch.iter().any(|r| r.origin == Some(*node)))
+        && !missing.is_empty()
+        && count < ctx.options.max_batch_publishes
+        && bytes < ctx.options.max_batch_bytes
     {
         let Ok(Some(r)) = tokio::time::timeout_at(deadline, rx.recv()).await else {
             return;
@@ -184,6 +189,9 @@ async fn gather(
         {
             *carry = Some(r);
             return;
+        }
+        if let Some(origin) = r.origin {
+            missing.retain(|node| *node != origin);
         }
         count += r.publishes.len();
         bytes += r.bytes();
