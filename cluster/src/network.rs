@@ -27,7 +27,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The elections this node called in one group: each term it asked votes for counts once.
 /// `herald cluster status` shows it; an operator (or a test) tells from it which node keeps
-/// disturbing a group.
+/// disturbing a group. A group whose only voter is this node elects without asking anyone,
+/// so counts none.
 #[derive(Debug, Default)]
 pub struct Elections {
     last_term: AtomicU64,
