@@ -137,11 +137,13 @@ pub(crate) async fn run(ctx: ProposerContext, mut rx: mpsc::Receiver<ProposeRequ
         last_requests = batch.len();
         // Forwarders that sent several publishes at once have more queued behind them by the
         // time this round answers: the next round waits a little for their next batch.
-        expected = batch
-            .iter()
-            .filter(|r| r.publishes.len() > 1)
-            .filter_map(|r| r.origin)
-            .collect();
+        expected.clear();
+        expected.extend(
+            batch
+                .iter()
+                .filter(|r| r.publishes.len() > 1)
+                .filter_map(|r| r.origin),
+        );
         expected.sort_unstable();
         expected.dedup();
         let started = Instant::now();

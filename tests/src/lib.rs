@@ -453,6 +453,27 @@ impl RawConn {
     }
 }
 
+/// Parses one `hmessage` frame (`HSUBSCRIBE`'s messages, RESP2 array or RESP3 push) into
+/// (channel, cursor, payload).
+pub fn parse_hmessage(frame: &[u8]) -> (String, String, String) {
+    let value = redis::parse_redis_value(frame).expect("a RESP value");
+    // The redis crate splits a RESP3 push into its kind and the rest.
+    let items: Vec<redis::Value> = match value {
+        redis::Value::Array(items) => items,
+        redis::Value::Push { kind, data } => {
+            assert_eq!(kind, redis::PushKind::Other("hmessage".into()));
+            [vec![redis::Value::BulkString(b"hmessage".to_vec())], data].concat()
+        }
+        other => panic!("not an hmessage: {other:?}"),
+    };
+    let items: Vec<String> = items
+        .into_iter()
+        .map(|v| redis::from_redis_value(v).unwrap())
+        .collect();
+    assert_eq!(items[0], "hmessage", "{items:?}");
+    (items[1].clone(), items[2].clone(), items[3].clone())
+}
+
 /// Encodes a command as a RESP multibulk request.
 pub fn encode_command(args: &[&[u8]]) -> Vec<u8> {
     let mut out = format!("*{}\r\n", args.len()).into_bytes();

@@ -653,19 +653,9 @@ fn read_hmessages_until_error(
         if frame.starts_with(b"-") {
             return (got, Some(String::from_utf8_lossy(&frame).into_owned()));
         }
-        let items: Vec<String> = match redis::parse_redis_value(&frame) {
-            Ok(redis::Value::Array(items)) => items
-                .into_iter()
-                .map(|v| redis::from_redis_value(v).unwrap())
-                .collect(),
-            other => panic!("not an hmessage: {other:?}"),
-        };
-        assert_eq!(items[0], "hmessage", "{items:?}");
-        let data: Value = serde_json::from_str(&items[3]).unwrap();
-        got.push((
-            data["n"].as_i64().expect("an event with an n"),
-            items[2].clone(),
-        ));
+        let (_, cursor, payload) = herald_tests::parse_hmessage(&frame);
+        let data: Value = serde_json::from_str(&payload).unwrap();
+        got.push((data["n"].as_i64().expect("an event with an n"), cursor));
     }
     (got, None)
 }

@@ -28,23 +28,7 @@ fn history(node: &Herald, args: &[&str]) -> Vec<(String, String)> {
 
 /// Reads one `hmessage` frame and returns (channel, cursor, payload).
 fn read_hmessage(conn: &mut RawConn) -> (String, String, String) {
-    let frame = conn.read_frame();
-    let value = redis::parse_redis_value(&frame).expect("a RESP value");
-    // The redis crate splits a RESP3 push into its kind and the rest.
-    let items: Vec<redis::Value> = match value {
-        redis::Value::Array(items) => items,
-        redis::Value::Push { kind, data } => {
-            assert_eq!(kind, redis::PushKind::Other("hmessage".into()));
-            [vec![redis::Value::BulkString(b"hmessage".to_vec())], data].concat()
-        }
-        other => panic!("not an hmessage: {other:?}"),
-    };
-    let items: Vec<String> = items
-        .into_iter()
-        .map(|v| redis::from_redis_value(v).unwrap())
-        .collect();
-    assert_eq!(items[0], "hmessage");
-    (items[1].clone(), items[2].clone(), items[3].clone())
+    herald_tests::parse_hmessage(&conn.read_frame())
 }
 
 #[test]
