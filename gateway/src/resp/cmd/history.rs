@@ -28,7 +28,9 @@ use crate::resp::frame::{Frame, Protocol};
 use crate::resp::server::REPLY_BACKPRESSURE_BYTES;
 use crate::stream::{Emit, EventStream, Start, position_text};
 use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
 use herald_storage::Cursor;
+use std::panic::AssertUnwindSafe;
 
 /// Default and largest `COUNT` of `HISTORY`.
 const HISTORY_COUNT: usize = 1000;
@@ -192,34 +194,55 @@ pub(super) async fn hsubscribe(session: &mut Session, args: &Args) {
     session.flush_replies().await;
     let outbox = session.outbox().clone();
     outbox.push_reply(out.freeze());
-    let forwarder = tokio::spawn(async move {
-        let mut emits = Vec::new();
-        loop {
-            tokio::select! {
-                // Checked first: once live delivery skipped events (a snapshot install) or the
-                // node lost its quorum, nothing more may go out; the client is told why and
-                // resumes from its last cursor. Live delivery raises a skip before it hands
-                // over any event past the hole, so no such event is forwarded.
-                biased;
-                reason = reconnect.requested() => return end_with(&outbox, protocol, reason),
-                next = stream.next(&mut emits) => {
-                    if next.is_none() {
-                        // The stream passed its output limit: close the client so it resumes.
-                        outbox.close(crate::hub::outbox::CloseReason::OutputLimit);
-                        return;
+    let forward = {
+        let outbox = outbox.clone();
+        async move {
+            let mut emits = Vec::new();
+            loop {
+                tokio::select! {
+                    // Checked first: once live delivery skipped events (a snapshot install) or the
+                    // node lost its quorum, nothing more may go out; the client is told why and
+                    // resumes from its last cursor. Live delivery raises a skip before it hands
+                    // over any event past the hole, so no such event is forwarded.
+                    biased;
+                    reason = reconnect.requested() => return end_with(&outbox, protocol, reason),
+                    next = stream.next(&mut emits) => {
+                        if next.is_none() {
+                            // The stream passed its output limit: close the client so it resumes.
+                            outbox.close(crate::hub::outbox::CloseReason::OutputLimit);
+                            return;
+                        }
+                        // Raised between the poll above and this take: these events may be past
+                        // a hole (see `ReconnectWatch::now`).
+                        if let Some(reason) = reconnect.now() {
+                            return end_with(&outbox, protocol, reason);
+                        }
+                        let mut out = BytesMut::new();
+                        write_emits(&mut out, protocol, emits.drain(..));
+                        outbox.push_reply(out.freeze());
+                        // A slow reader holds the stream here; a skip or a lost quorum is still
+                        // told at once (after what is queued), not once the client caught up.
+                        tokio::select! {
+                            biased;
+                            reason = reconnect.requested() => return end_with(&outbox, protocol, reason),
+                            () = outbox.wait_below(REPLY_BACKPRESSURE_BYTES) => {}
+                        }
                     }
-                    // Raised between the poll above and this take: these events may be past
-                    // a hole (see `ReconnectWatch::now`).
-                    if let Some(reason) = reconnect.now() {
-                        return end_with(&outbox, protocol, reason);
-                    }
-                    let mut out = BytesMut::new();
-                    write_emits(&mut out, protocol, emits.drain(..));
-                    outbox.push_reply(out.freeze());
-                    outbox.wait_below(REPLY_BACKPRESSURE_BYTES).await;
+                    _ = outbox.wait_closing() => return,
                 }
-                _ = outbox.wait_closing() => return,
             }
+        }
+    };
+    // A forwarder that panicked would leave its client waiting forever for events that no
+    // longer come: the client is told, and closed, so that it resumes from its cursor.
+    let forwarder = tokio::spawn(async move {
+        if AssertUnwindSafe(forward).catch_unwind().await.is_err() {
+            tracing::error!("a history subscription's forwarder panicked; closing its client");
+            let mut out = BytesMut::new();
+            Frame::error("ERR internal error in this history subscription: reconnect and resume from your cursor (HSUBSCRIBE)")
+                .encode(protocol, &mut out);
+            outbox.push_reply(out.freeze());
+            outbox.close(crate::hub::outbox::CloseReason::AfterFlush);
         }
     });
     session.history = Some(forwarder);
