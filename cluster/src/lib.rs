@@ -24,6 +24,7 @@
 //!   join/remove, status.
 
 pub mod failover;
+pub mod handoff;
 pub mod identity;
 pub mod interest;
 pub mod message;

@@ -74,6 +74,15 @@ pub enum AppRequest {
         /// The group.
         group: GroupId,
     },
+    /// From a group's leader handing it back (see `handoff`): take over `group`, whose log
+    /// ends at `last_log_index`. The receiver checks it holds that much, answers at once, and
+    /// calls an election once it has not heard the leader for a lease.
+    TakeOver {
+        /// The group.
+        group: GroupId,
+        /// The last index of the leader's log, now silent.
+        last_log_index: Option<u64>,
+    },
 }
 
 /// Why a proposal was not committed.

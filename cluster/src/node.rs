@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::failover::{self, Decision, LeaderContact, Probe};
+use crate::handoff::{self, HandBacks, RoundGate};
 use crate::identity::NodeIdentity;
 use crate::interest::{Interest, InterestTable, TransientEvent};
 use crate::message::{AppRequest, AppResponse, ProposeError, decode, encode};
@@ -150,6 +152,10 @@ struct Inner {
     /// When each group's leader was last heard from (failover detection).
     contact: LeaderContact,
     raft_timings: RaftTimings,
+    /// Per partition: held by its proposer's rounds here, exclusively by a hand-back.
+    gates: Vec<RoundGate>,
+    /// Per group: elections this node called because the leader handed it the group.
+    takeovers: Vec<AtomicU64>,
 }
 
 /// This node's part of the cluster; cheap to clone.
@@ -292,6 +298,8 @@ impl ClusterNode {
                 hooks,
                 contact: LeaderContact::new(usize::from(partitions) + 1),
                 raft_timings: config.raft,
+                gates: (0..partitions).map(|_| RoundGate::default()).collect(),
+                takeovers: (0..=partitions).map(|_| AtomicU64::new(0)).collect(),
             }),
         };
         for (partition, rx) in receivers.into_iter().enumerate() {
@@ -302,6 +310,7 @@ impl ClusterNode {
                 raft: node.inner.groups[usize::from(partition_group(partition))].clone(),
                 peers: peers.clone(),
                 options: config.proposer.clone(),
+                gate: node.inner.gates[usize::from(partition)].clone(),
             };
             tokio::spawn(proposer::run(ctx, rx));
         }
@@ -484,6 +493,7 @@ impl ClusterNode {
                     snapshot_index: m.snapshot.map(|l| l.index),
                     purged_index: m.purged.map(|l| l.index),
                     elections_called: self.inner.elections[group].called(),
+                    takeovers: self.inner.takeovers[group].load(Ordering::Relaxed),
                     voters: membership.voter_ids().collect(),
                     learners: membership.learner_ids().collect(),
                     lag: matched
@@ -858,6 +868,10 @@ impl ClusterNode {
                 self.elect_if_leader_silent(group).await;
                 AppResponse::Done(Ok(()))
             }
+            AppRequest::TakeOver {
+                group,
+                last_log_index,
+            } => AppResponse::Done(self.take_over(from, group, last_log_index)),
             request @ (AppRequest::Join { .. } | AppRequest::Remove { .. }) => {
                 let meta = &self.inner.groups[usize::from(META_GROUP)];
                 if meta.metrics().borrow().current_leader != Some(self.inner.id) {
@@ -1023,6 +1037,159 @@ impl ClusterNode {
         }
     }
 
+    /// The round gate of `group`'s partition (`None` for the meta group).
+    fn gate(&self, group: GroupId) -> Option<&RoundGate> {
+        self.inner.gates.get(usize::from(group_partition(group)?))
+    }
+
+    /// Hands `group`, which this node leads, to `to`, its preferred node (see [`handoff`]):
+    /// closes the partition's gate, waits until `to` holds every entry, goes silent, asks `to`
+    /// to take over and waits for another leader (at most [`handoff::HANDOFF_LIMIT`] leases);
+    /// then opens up again, whatever happened.
+    async fn hand_back(&self, group: GroupId, to: NodeId) {
+        let (Some(raft), Some(gate)) =
+            (self.inner.groups.get(usize::from(group)), self.gate(group))
+        else {
+            return;
+        };
+        let id = self.inner.id;
+        let lease = Duration::from_millis(self.inner.raft_timings.election_max_ms);
+        // No new round here; the one in flight finishes.
+        let Ok(_closed) = tokio::time::timeout(lease, gate.write()).await else {
+            tracing::debug!(group, to, "hand-back: a round did not finish in time");
+            return;
+        };
+        let mut metrics = raft.metrics();
+        let caught_up = tokio::time::timeout(
+            lease,
+            metrics.wait_for(|m| {
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&to).cloned())
+                    .flatten()
+                    .map(|l| l.index);
+                m.current_leader == Some(id)
+                    && m.last_log_index.is_some()
+                    && m.last_applied.map(|l| l.index) == m.last_log_index
+                    && matched == m.last_log_index
+            }),
+        )
+        .await
+        .map(|r| r.map(|m| m.last_log_index));
+        let last_log_index = match caught_up {
+            Ok(Ok(last)) => last,
+            _ => {
+                tracing::debug!(group, to, "hand-back: the node did not catch up in time");
+                return;
+            }
+        };
+        let _silent = Silent::start(raft);
+        let request = Request::App(encode(&AppRequest::TakeOver {
+            group,
+            last_log_index,
+        }));
+        let answer = match self.inner.peers.call(to, &request, lease).await {
+            Ok(Response::App(bytes)) => match decode::<AppResponse>(&bytes) {
+                Ok(AppResponse::Done(result)) => result,
+                other => Err(ProposeError::Failed(format!("unexpected answer {other:?}"))),
+            },
+            Ok(other) => Err(ProposeError::Failed(format!("unexpected answer {other:?}"))),
+            Err(error) => Err(ProposeError::Failed(error.to_string())),
+        };
+        if let Err(error) = answer {
+            tracing::info!(group, to, %error, "hand-back refused; this node goes on leading");
+            return;
+        }
+        let moved = tokio::time::timeout(
+            lease * handoff::HANDOFF_LIMIT,
+            metrics.wait_for(|m| m.current_leader != Some(id)),
+        )
+        .await
+        .map(|r| r.map(|m| m.current_leader));
+        match moved {
+            Ok(Ok(leader)) => {
+                tracing::info!(
+                    group,
+                    to,
+                    ?leader,
+                    "handed the partition back to its preferred node"
+                )
+            }
+            _ => tracing::info!(
+                group,
+                to,
+                "hand-back: no new leader in time; this node goes on leading"
+            ),
+        }
+    }
+
+    /// This node's answer to [`AppRequest::TakeOver`] from `from`, the leader of `group`:
+    /// accepted if this node is a voter that follows `from` and holds its whole log; then an
+    /// election is called once `from` has been silent for the lease plus
+    /// [`handoff::TAKEOVER_MARGIN`] (unless another leader turned up meanwhile).
+    fn take_over(
+        &self,
+        from: NodeId,
+        group: GroupId,
+        last_log_index: Option<u64>,
+    ) -> Result<(), ProposeError> {
+        let refuse = |why: &str| {
+            Err(ProposeError::Failed(format!(
+                "node {} cannot take over group {group}: {why}",
+                self.inner.id
+            )))
+        };
+        let Some(raft) = self.inner.groups.get(usize::from(group)).cloned() else {
+            return refuse("no such group");
+        };
+        let m = raft.metrics().borrow().clone();
+        if !m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == self.inner.id)
+        {
+            return refuse("not a voter");
+        }
+        if m.current_leader != Some(from) {
+            return refuse("it follows another leader");
+        }
+        if m.last_log_index < last_log_index {
+            return refuse("its log is behind");
+        }
+        let node = self.clone();
+        tokio::spawn(async move {
+            let lease = Duration::from_millis(node.inner.raft_timings.election_max_ms);
+            let quiet = lease + handoff::TAKEOVER_MARGIN;
+            let give_up = tokio::time::Instant::now() + lease * handoff::HANDOFF_LIMIT;
+            loop {
+                let silence = node.inner.contact.silence(usize::from(group));
+                if silence >= quiet {
+                    break;
+                }
+                if tokio::time::Instant::now() >= give_up {
+                    return;
+                }
+                tokio::time::sleep(quiet - silence).await;
+            }
+            let m = raft.metrics().borrow().clone();
+            if m.current_leader != Some(from) || m.state == ServerState::Leader {
+                return;
+            }
+            node.inner.takeovers[usize::from(group)].fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                group,
+                from,
+                "taking over the partition its leader hands back"
+            );
+            if let Err(error) = raft.trigger().elect().await {
+                tracing::warn!(group, %error, "cannot call the election to take over");
+            }
+        });
+        Ok(())
+    }
+
     /// On each partition this node leads, commits an empty batch: it moves the partition's
     /// applied clock forward, so message ids of an idle partition leave the dedup window (the
     /// clock only advances through the log, which keeps dedup decisions identical on every
@@ -1032,8 +1199,16 @@ impl ClusterNode {
             if raft.metrics().borrow().current_leader != Some(self.inner.id) {
                 continue;
             }
+            // A partition being handed back stays silent.
+            let Some(Ok(round)) = self
+                .gate(group as GroupId)
+                .map(|gate| gate.clone().try_read_owned())
+            else {
+                continue;
+            };
             let raft = raft.clone();
             tokio::spawn(async move {
+                let _round = round;
                 let tick = Command::Publish {
                     now_ms: herald_storage::unix_now_ms(),
                     publishes: Vec::new(),
@@ -1051,6 +1226,9 @@ impl ClusterNode {
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rounds: u64 = 0;
+        let mut hand_backs = HandBacks::new(self.inner.groups.len());
+        // One hand-back at a time from this node.
+        let handing = Arc::new(AtomicBool::new(false));
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -1075,10 +1253,44 @@ impl ClusterNode {
             for (group, raft) in self.inner.groups.iter().enumerate() {
                 let m = raft.metrics().borrow().clone();
                 if m.state != ServerState::Leader {
+                    hand_backs.reset(group);
+                    continue;
+                }
+                // Being handed back: no membership change may break its silence.
+                if self
+                    .gate(group as GroupId)
+                    .is_some_and(|gate| gate.try_read().is_err())
+                {
                     continue;
                 }
                 let membership = m.membership_config.membership().clone();
                 let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+                if let Some(partition) = group_partition(group as GroupId) {
+                    let preferred = placement(partition, &ids).0.first().copied();
+                    let matched = preferred
+                        .and_then(|p| m.replication.as_ref()?.get(&p).cloned())
+                        .flatten()
+                        .map(|l| l.index);
+                    let target = handoff::hand_back_target(
+                        self.inner.id,
+                        preferred,
+                        &voters.iter().copied().collect::<Vec<_>>(),
+                        m.last_log_index,
+                        matched,
+                    );
+                    if let Some(to) = hand_backs.observe(group, target)
+                        && !handing.swap(true, Ordering::AcqRel)
+                    {
+                        hand_backs.reset(group);
+                        let node = self.clone();
+                        let handing = handing.clone();
+                        tokio::spawn(async move {
+                            node.hand_back(group as GroupId, to).await;
+                            handing.store(false, Ordering::Release);
+                        });
+                        continue;
+                    }
+                }
                 let in_group: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
                 let want_voters = if group == usize::from(META_GROUP) {
                     5
@@ -1191,6 +1403,23 @@ impl Handler for ClusterNode {
     }
 }
 
+/// A group leader's heartbeats turned off for a hand-back; back on when dropped (also if the
+/// hand-back task ends early or panics).
+struct Silent<'a>(&'a Raft<TypeConfig>);
+
+impl<'a> Silent<'a> {
+    fn start(raft: &'a Raft<TypeConfig>) -> Silent<'a> {
+        raft.runtime_config().heartbeat(false);
+        Silent(raft)
+    }
+}
+
+impl Drop for Silent<'_> {
+    fn drop(&mut self) {
+        self.0.runtime_config().heartbeat(true);
+    }
+}
+
 /// What `herald cluster status` shows.
 #[derive(Clone, Debug, Serialize)]
 pub struct ClusterStatus {
@@ -1231,6 +1460,9 @@ pub struct GroupStatus {
     /// Elections this node called in the group since it started (one per term it asked votes
     /// for): a node that keeps calling them disturbs the group.
     pub elections_called: u64,
+    /// Of those, the elections the group's leader asked for, handing the group back to this
+    /// node (see `handoff`).
+    pub takeovers: u64,
     /// Voters.
     pub voters: Vec<NodeId>,
     /// Learners.

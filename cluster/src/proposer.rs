@@ -25,6 +25,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::NodeId;
+use crate::handoff::RoundGate;
 use crate::message::{AppRequest, AppResponse, ProposeError, decode, encode};
 use crate::rpc::{Peers, Request, Response, RpcError};
 
@@ -84,6 +85,8 @@ pub(crate) struct ProposerContext {
     pub raft: Raft<TypeConfig>,
     pub peers: Arc<Peers>,
     pub options: ProposerOptions,
+    /// Held for each round proposed here as leader; a hand-back holds it exclusively.
+    pub gate: RoundGate,
 }
 
 /// Runs the proposer of one partition until its queue closes.
@@ -255,7 +258,19 @@ impl ProposerContext {
             let leader = self.raft.metrics().borrow().current_leader;
             let remaining = deadline.saturating_duration_since(Instant::now());
             let round = match leader {
-                Some(leader) if leader == self.id => self.write_locally(&batch, remaining).await,
+                Some(leader) if leader == self.id => {
+                    // A hand-back in progress holds the gate: the batch waits for it, then is
+                    // proposed here or, once another node leads, sent there.
+                    // (Past the deadline, the check below answers the batch.)
+                    match tokio::time::timeout(remaining, self.gate.read()).await {
+                        Ok(_round) if !self.is_leader() => continue,
+                        Ok(_round) => {
+                            let remaining = deadline.saturating_duration_since(Instant::now());
+                            self.write_locally(&batch, remaining).await
+                        }
+                        Err(_) => Round::Retry,
+                    }
+                }
                 Some(leader) => {
                     batch = reject_forwarded(
                         batch,

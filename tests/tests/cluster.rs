@@ -546,8 +546,40 @@ async fn a_node_joins_catches_up_and_is_removed() {
 /// group from the vote requests it sent), not on the leaders' terms: on a starved machine a
 /// leader's heartbeat can be late enough for another member to call an election, and that is
 /// not this test's concern.
+/// A partition group as one node sees it.
+#[derive(Debug)]
+struct PartitionView {
+    partition: u64,
+    leader: Option<u64>,
+    /// Elections the node called in it ...
+    elections: u64,
+    /// ... and how many of them its leader asked for (a hand-back).
+    takeovers: u64,
+}
+
+/// Node `id`'s view of every partition group.
+fn partition_views(cluster: &Cluster, id: u64) -> Option<Vec<PartitionView>> {
+    let status = cluster.status(id)?;
+    Some(
+        status["groups"]
+            .as_array()?
+            .iter()
+            .filter_map(|g| {
+                Some(PartitionView {
+                    partition: g["partition"].as_u64()?,
+                    leader: g["leader"].as_u64(),
+                    elections: g["elections_called"].as_u64().expect("elections_called"),
+                    takeovers: g["takeovers"].as_u64().expect("takeovers"),
+                })
+            })
+            .collect(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_node_catches_up_without_deposing_anyone() {
+async fn a_restarted_node_catches_up_and_takes_its_partitions_back() {
+    // Per channel, below the default history size (100), so every event stays retained.
+    const MAX_PER_CHANNEL: usize = 90;
     let mut cluster = Cluster::start(3);
     cluster.wait_converged();
     cluster.kill(1);
@@ -567,6 +599,52 @@ async fn a_restarted_node_catches_up_without_deposing_anyone() {
         .iter()
         .map(|g| g["applied_index"].as_u64())
         .collect();
+    let after_kill = partition_views(&cluster, 2).unwrap();
+    assert!(
+        after_kill.iter().all(|v| v.leader != Some(1)),
+        "node 1 leads nothing while down: {after_kill:?}"
+    );
+
+    // Publishers with message ids run through the restart and the hand-backs.
+    let channels: Vec<String> = (0..8).map(|i| format!("orders:back{i}")).collect();
+    let mut cursors = Vec::new();
+    for channel in &channels {
+        let reply = try_publish(
+            cluster.node(2).http,
+            &json!({ "channel": channel, "data": { "n": -1 }, "messageId": format!("{channel}-start") }),
+        )
+        .await
+        .expect("first publish");
+        cursors.push(reply["id"].as_str().unwrap().to_string());
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let https = [cluster.node(2).http, cluster.node(3).http];
+        let channels = channels.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut sent = vec![0usize; channels.len()];
+            let mut n = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < MAX_PER_CHANNEL {
+                for (c, channel) in channels.iter().enumerate() {
+                    let body = json!({ "channel": channel, "data": { "n": n }, "messageId": format!("{channel}-{n}") });
+                    let mut attempt = 0usize;
+                    while let Err(error) = try_publish(https[attempt % 2], &body).await {
+                        attempt += 1;
+                        assert!(
+                            attempt < 200,
+                            "publish {n} to {channel} never succeeded: {error}"
+                        );
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    sent[c] += 1;
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            sent
+        })
+    };
 
     cluster.start_node(1, 3);
     cluster.wait_converged();
@@ -584,23 +662,54 @@ async fn a_restarted_node_catches_up_without_deposing_anyone() {
                 .all(|(g, &c)| g["applied_index"].as_u64() >= c)
         },
     );
-    let elections: Vec<(u64, u64)> = cluster.status(1).unwrap()["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| {
-            (
-                g["group"].as_u64().unwrap(),
-                g["elections_called"].as_u64().expect("elections_called"),
-            )
-        })
-        .filter(|&(_, called)| called > 0)
+    // The partitions placed first on node 1 (members 1, 2, 3: partition p starts at p mod 3)
+    // come back to it, handed over by their leaders.
+    let preferred_by_1: Vec<u64> = (0..u64::from(herald_tests::cluster::TEST_PARTITIONS))
+        .filter(|p| p % 3 == 0)
         .collect();
-    assert_eq!(
-        elections,
-        [],
-        "(group, elections) the restarted node called"
+    herald_tests::wait_until("node 1 leads its partitions again", || {
+        partition_views(&cluster, 1).is_some_and(|views| {
+            views
+                .iter()
+                .filter(|v| preferred_by_1.contains(&v.partition))
+                .all(|v| v.leader == Some(1))
+        })
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = publisher.await.unwrap();
+    eprintln!("acknowledged per channel: {sent:?}");
+
+    // Every election node 1 called was a take-over its leader asked for: it deposed nobody
+    // on its own.
+    let views = partition_views(&cluster, 1).unwrap();
+    for v in &views {
+        assert!(
+            v.elections <= v.takeovers,
+            "partition {}: node 1 called {} elections, {} asked for: {views:?}",
+            v.partition,
+            v.elections,
+            v.takeovers
+        );
+    }
+    assert!(
+        views.iter().any(|v| v.takeovers > 0),
+        "no partition was handed back: {views:?}"
     );
+
+    // Every acknowledged publish is there once, in order, on the node that took over.
+    for ((channel, cursor), &count) in channels.iter().zip(&cursors).zip(&sent) {
+        try_publish(
+            cluster.node(1).http,
+            &json!({ "channel": channel, "data": { "n": -2 }, "messageId": format!("{channel}-end") }),
+        )
+        .await
+        .expect("end marker");
+        let mut events = sse(cluster.node(1).http, channel, Some(cursor)).await;
+        let got = read_n(&mut events, count + 1).await;
+        let mut expected: Vec<i64> = (0..count as i64).collect();
+        expected.push(-2);
+        assert_eq!(got, expected, "{channel} on node 1");
+    }
 }
 
 /// The `n` and SSE id of each `message` event until `count` of them arrived or the stream sent
