@@ -1055,6 +1055,7 @@ impl ClusterNode {
         let id = self.inner.id;
         let lease = Duration::from_millis(self.inner.raft_timings.election_max_ms);
         // No new round here; the one in flight finishes.
+        let closed_at = tokio::time::Instant::now();
         let Ok(_closed) = tokio::time::timeout(lease, gate.write()).await else {
             tracing::debug!(group, to, "hand-back: a round did not finish in time");
             return;
@@ -1113,6 +1114,7 @@ impl ClusterNode {
                     group,
                     to,
                     ?leader,
+                    held_ms = closed_at.elapsed().as_millis() as u64,
                     "handed the partition back to its preferred node"
                 )
             }
