@@ -77,6 +77,9 @@ pub struct RaftTimings {
     /// A group snapshots after this many entries and keeps the last tenth of them in its log;
     /// default 20,000 (tests lower it to make a member catch up from a snapshot).
     pub snapshot_logs: u64,
+    /// Whether the surviving voters start an election as soon as a silent leader's lease
+    /// runs out (see [`failover`]); default on. Off, only openraft's timers elect.
+    pub fast_failover: bool,
 }
 
 impl Default for RaftTimings {
@@ -86,6 +89,7 @@ impl Default for RaftTimings {
             election_min_ms: 250,
             election_max_ms: 350,
             snapshot_logs: 20_000,
+            fast_failover: true,
         }
     }
 }
@@ -912,6 +916,9 @@ impl ClusterNode {
                 {
                     raft.runtime_config().elect(true);
                     elections_on[group] = true;
+                }
+                if !timings.fast_failover {
+                    continue;
                 }
                 // Cheap checks first: most ticks end here, without touching the metrics.
                 if contact.silence(group) < suspect_after

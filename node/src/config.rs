@@ -46,6 +46,7 @@ pub struct FileConfig {
     raft_heartbeat: Option<String>,
     election_timeout: Option<String>,
     raft_snapshot_logs: Option<u64>,
+    raft_fast_failover: Option<bool>,
     /// `[namespace.NAME]` tables.
     #[serde(default)]
     namespace: Option<Namespaces>,
@@ -227,6 +228,9 @@ impl NodeConfig {
                         bail!("invalid raft-snapshot-logs 0: a snapshot needs at least one entry");
                     }
                     raft.snapshot_logs = n;
+                }
+                if let Some(fast) = args.raft_fast_failover.or(file.raft_fast_failover) {
+                    raft.fast_failover = fast;
                 }
                 if raft.heartbeat_ms == 0
                     || raft.election_min_ms <= raft.heartbeat_ms

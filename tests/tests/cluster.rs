@@ -712,6 +712,43 @@ async fn a_restarted_node_catches_up_and_takes_its_partitions_back() {
     }
 }
 
+/// With fast failover off, only openraft's own timers can replace a dead leader: they must
+/// have been switched on (a node starts with them off, see `failover`) once each group heard
+/// its leader, on the restarted node too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_timers_alone_replace_a_dead_leader() {
+    let mut cluster = Cluster::start_with(3, &["--raft-fast-failover", "false"]);
+    let channel = "orders:timers";
+    let first = try_publish(
+        cluster.node(1).http,
+        &json!({ "channel": channel, "data": 1 }),
+    )
+    .await
+    .expect("first publish");
+    let partition = partition_of_reply(&first);
+    // Two leaders die in turn, the first one restarted in between, so the second election
+    // also counts on the restarted node's timers.
+    for round in 0..2 {
+        let leader = cluster.leader_of(1, partition).expect("a leader");
+        let observer = *cluster.running().iter().find(|&&id| id != leader).unwrap();
+        cluster.kill(leader);
+        herald_tests::wait_until("the survivors elect a leader by their timers", || {
+            cluster
+                .leader_of(observer, partition)
+                .is_some_and(|l| l != leader)
+        });
+        let reply = try_publish(
+            cluster.node(observer).http,
+            &json!({ "channel": channel, "data": round + 2 }),
+        )
+        .await
+        .expect("publish after the election");
+        assert_eq!(partition_of_reply(&reply), partition);
+        cluster.start_node(leader, 3);
+        cluster.wait_converged();
+    }
+}
+
 /// The `n` and SSE id of each `message` event until `count` of them arrived or the stream sent
 /// another kind of event (returned with them) or ended.
 async fn read_until_other(
