@@ -4,50 +4,90 @@
 //! where the failovers put them (after a rolling restart, one node would lead every
 //! partition and do the work of all of them).
 //!
-//! openraft 0.9 has no leadership transfer, and a voter refuses every vote while the lease of
-//! the leader it last heard runs (`election_timeout_max`). So the leader makes itself silent:
+//! openraft 0.9 has no leadership transfer, but its rules make one easy to build: a voter
+//! refuses votes while the lease of the leader it follows runs, yet a *leader* grants a
+//! higher-term vote to any candidate whose log is at least as long as its own once it has led
+//! for a lease (its own vote's timestamp is set when it is elected and never refreshed), and
+//! steps down. With the leader's vote, the candidate has a quorum of two. So:
 //!
-//! 1. It closes the partition's [`RoundGate`]: its proposer starts no round, and the round in
-//!    flight finishes (publishes meanwhile wait in the proposer's queue: nothing is lost).
-//! 2. It checks that the preferred node holds its whole log, turns its heartbeats off and asks
-//!    that node to take over ([`crate::message::AppRequest::TakeOver`]).
-//! 3. The preferred node waits until it has not heard the leader for the lease plus
-//!    [`TAKEOVER_MARGIN`] (so the third voter's lease has run out too) and calls an election.
-//!    It wins it: no log is longer than its own, and it asks before any other voter's timer
-//!    fires (those wait the lease plus at least `election_timeout_min`).
-//! 4. The old leader turns its heartbeats back on and opens the gate once it sees another
-//!    leader, or after [`HANDOFF_LIMIT`] leases; then it simply goes on leading. Its queued
-//!    publishes go to the new leader like any publish to a follower.
+//! 1. The leader closes the partition's [`PartitionGate`]: its proposer starts no round, the
+//!    round in flight finishes, and publishes other nodes forward to it are turned away at
+//!    once as "not the leader" (retried, as certainly not proposed). Its own clients'
+//!    publishes wait in the proposer's queue: nothing is lost.
+//! 2. It waits until the preferred node holds its whole log, everything applied, and asks it
+//!    to take over ([`crate::message::AppRequest::TakeOver`]).
+//! 3. The preferred node checks it is a voter that follows this leader and holds as much log,
+//!    answers, and calls an election at once. The leader grants it; the node wins.
+//! 4. The leader opens the gate once it sees it no longer leads (at most [`HANDOFF_LIMIT`]
+//!    leases; an explicit refusal opens it at once). Its queued publishes then go to the new
+//!    leader like any publish to a follower.
 //!
-//! A partition is unavailable for about a lease (~0.4 s) while it moves. A node moves one
-//! partition at a time, and only to a node that has been caught up for [`READY_ROUNDS`]
-//! placement rounds in a row, so a node that flaps gets nothing back.
+//! Only a leader that has led for [`READY_ROUNDS`] placement rounds (seconds, more than a
+//! lease) hands back, and only to a node that has been nearly caught up for as many rounds in
+//! a row, so a node that flaps gets nothing. A node hands back one partition at a time; after
+//! a hand-back that did not move the leadership, that partition waits twice as long (up to
+//! [`MAX_BACKOFF_ROUNDS`]) before the next try.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use herald_storage::raft::NodeId;
 
-/// Held shared by a proposer for each round it proposes as leader; held exclusively by a
-/// hand-back while the partition is silent.
-pub(crate) type RoundGate = Arc<tokio::sync::RwLock<()>>;
+/// A partition's gate on this node: held shared by its proposer for each round it proposes as
+/// leader, exclusively by a hand-back, which also sets `closing` for its whole duration.
+#[derive(Debug, Default)]
+pub struct PartitionGate {
+    /// Rounds hold it shared, a hand-back exclusively.
+    pub(crate) rounds: tokio::sync::RwLock<()>,
+    closing: AtomicBool,
+}
 
-/// How long after the lease the taking node waits before its election, so that the third
-/// voter (which may have heard the leader a moment later) is past its lease too.
-pub const TAKEOVER_MARGIN: Duration = Duration::from_millis(50);
+impl PartitionGate {
+    /// Whether a hand-back of the partition is under way here: forwarded publishes are turned
+    /// away meanwhile.
+    pub fn closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
 
-/// A hand-back gives up after this many leases without a new leader.
+    /// Marks a hand-back under way until the returned guard drops.
+    pub(crate) fn start_closing(&self) -> Closing<'_> {
+        self.closing.store(true, Ordering::Release);
+        Closing(self)
+    }
+}
+
+/// See [`PartitionGate::start_closing`].
+pub(crate) struct Closing<'a>(&'a PartitionGate);
+
+impl Drop for Closing<'_> {
+    fn drop(&mut self) {
+        self.0.closing.store(false, Ordering::Release);
+    }
+}
+
+/// A hand-back gives up waiting for another leader after this many leases.
 pub const HANDOFF_LIMIT: u32 = 3;
 
-/// Placement rounds (one a second) the preferred node must have been caught up in, in a row,
-/// before it gets its partition back.
+/// Placement rounds (one a second) the preferred node must have been nearly caught up in, in
+/// a row (and this node the leader), before it gets its partition back.
 pub const READY_ROUNDS: u32 = 3;
+
+/// The most placement rounds a partition waits between two failed hand-backs.
+pub const MAX_BACKOFF_ROUNDS: u32 = 300;
+
+/// "Nearly caught up": the preferred node is at most this many entries behind. (The hand-back
+/// itself waits, with the gate closed, until it holds every entry; under steady load the
+/// leader always has a few entries not acknowledged yet.)
+pub const READY_LAG: u64 = 100;
 
 /// Which partitions this node should hand back, from what it sees as their leader.
 #[derive(Debug)]
 pub struct HandBacks {
     /// Per group: placement rounds in a row in which the preferred node was ready.
     ready: Vec<u32>,
+    /// Per group: rounds needed (grows after failed hand-backs).
+    needed: Vec<u32>,
+    /// The group being handed back now, if any.
+    running: Option<usize>,
 }
 
 impl HandBacks {
@@ -55,37 +95,56 @@ impl HandBacks {
     pub fn new(groups: usize) -> HandBacks {
         HandBacks {
             ready: vec![0; groups],
+            needed: vec![READY_ROUNDS; groups],
+            running: None,
         }
     }
 
-    /// Records one placement round's look at `group` (which this node leads): whether its
-    /// preferred node is another voter holding the whole log. Returns that node once it has
-    /// been so for [`READY_ROUNDS`] rounds in a row.
+    /// Records one placement round's look at `group` (which this node leads): the node it
+    /// would hand `group` to, if any (see [`hand_back_target`]). Returns that node once it has
+    /// been ready for long enough and no other hand-back runs; the caller then starts the
+    /// hand-back and reports with [`HandBacks::finished`].
     pub fn observe(&mut self, group: usize, ready: Option<NodeId>) -> Option<NodeId> {
         let slot = self.ready.get_mut(group)?;
-        match ready {
-            Some(node) => {
-                *slot = slot.saturating_add(1);
-                (*slot >= READY_ROUNDS).then_some(node)
-            }
-            None => {
-                *slot = 0;
-                None
-            }
+        let Some(node) = ready else {
+            *slot = 0;
+            return None;
+        };
+        *slot = slot.saturating_add(1);
+        if *slot < self.needed[group] || self.running.is_some() {
+            return None;
         }
+        *slot = 0;
+        self.running = Some(group);
+        Some(node)
     }
 
-    /// Starts over for `group` (after a hand-back was tried, or this node stopped leading it).
+    /// Starts over for `group` (this node does not lead it).
     pub fn reset(&mut self, group: usize) {
         if let Some(slot) = self.ready.get_mut(group) {
             *slot = 0;
+        }
+    }
+
+    /// The hand-back of `group` ended: `moved` if the leadership left this node. A failed one
+    /// doubles the rounds the group waits before the next.
+    pub fn finished(&mut self, group: usize, moved: bool) {
+        if self.running == Some(group) {
+            self.running = None;
+        }
+        if let Some(needed) = self.needed.get_mut(group) {
+            *needed = if moved {
+                READY_ROUNDS
+            } else {
+                needed.saturating_mul(2).min(MAX_BACKOFF_ROUNDS)
+            };
         }
     }
 }
 
 /// The node `group` should be handed to, if any: its `preferred` node when that is not this
 /// node (`me`), is one of the group's `voters`, and has replicated up to `last_log_index`
-/// (`matched`: the leader's replication progress of that node).
+/// within [`READY_LAG`] entries (`matched`: the leader's replication progress of that node).
 pub fn hand_back_target(
     me: NodeId,
     preferred: Option<NodeId>,
@@ -94,11 +153,9 @@ pub fn hand_back_target(
     matched: Option<u64>,
 ) -> Option<NodeId> {
     let preferred = preferred?;
-    (preferred != me
-        && voters.contains(&preferred)
-        && matched >= last_log_index
-        && matched.is_some())
-    .then_some(preferred)
+    let caught_up =
+        matched.is_some_and(|m| m.saturating_add(READY_LAG) >= last_log_index.unwrap_or(0));
+    (preferred != me && voters.contains(&preferred) && caught_up).then_some(preferred)
 }
 
 #[cfg(test)]
@@ -106,37 +163,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_caught_up_preferred_voter_other_than_the_leader() {
+    fn only_a_nearly_caught_up_preferred_voter_other_than_the_leader() {
         let voters = [1, 2, 3];
+        let target =
+            |me, preferred, matched| hand_back_target(me, preferred, &voters, Some(1_000), matched);
+        assert_eq!(target(2, Some(1), Some(1_000)), Some(1));
         assert_eq!(
-            hand_back_target(2, Some(1), &voters, Some(10), Some(10)),
-            Some(1)
+            target(2, Some(1), Some(900)),
+            Some(1),
+            "a few entries in flight"
         );
-        assert_eq!(
-            hand_back_target(1, Some(1), &voters, Some(10), Some(10)),
-            None,
-            "leads it already"
-        );
-        assert_eq!(
-            hand_back_target(2, Some(1), &voters, Some(10), Some(9)),
-            None,
-            "behind"
-        );
-        assert_eq!(
-            hand_back_target(2, Some(1), &voters, Some(10), None),
-            None,
-            "unknown"
-        );
-        assert_eq!(
-            hand_back_target(2, Some(4), &voters, Some(10), Some(10)),
-            None,
-            "a learner"
-        );
-        assert_eq!(hand_back_target(2, None, &voters, Some(10), Some(10)), None);
+        assert_eq!(target(2, Some(1), Some(899)), None, "behind");
+        assert_eq!(target(2, Some(1), None), None, "unknown");
+        assert_eq!(target(1, Some(1), Some(1_000)), None, "leads it already");
+        assert_eq!(target(2, Some(4), Some(1_000)), None, "a learner");
+        assert_eq!(target(2, None, Some(1_000)), None);
     }
 
     #[test]
-    fn a_target_must_stay_ready_for_some_rounds_in_a_row() {
+    fn one_at_a_time_after_enough_rounds_with_backoff_after_failures() {
         let mut hand_backs = HandBacks::new(3);
         for _ in 1..READY_ROUNDS {
             assert_eq!(hand_backs.observe(1, Some(7)), None);
@@ -148,10 +193,36 @@ mod tests {
         );
         for _ in 1..READY_ROUNDS {
             assert_eq!(hand_backs.observe(1, Some(7)), None);
+            assert_eq!(hand_backs.observe(2, Some(8)), None);
         }
         assert_eq!(hand_backs.observe(1, Some(7)), Some(7));
-        hand_backs.reset(1);
-        assert_eq!(hand_backs.observe(1, Some(7)), None);
+        assert_eq!(hand_backs.observe(2, Some(8)), None, "one at a time");
+        hand_backs.finished(1, false);
+        assert_eq!(hand_backs.observe(2, Some(8)), Some(8));
+        hand_backs.finished(2, true);
+        // Group 1 failed once: it now needs twice the rounds.
+        for _ in 1..2 * READY_ROUNDS {
+            assert_eq!(hand_backs.observe(1, Some(7)), None);
+        }
+        assert_eq!(hand_backs.observe(1, Some(7)), Some(7));
+        hand_backs.finished(1, true);
+        for _ in 1..READY_ROUNDS {
+            assert_eq!(hand_backs.observe(1, Some(7)), None);
+        }
+        assert_eq!(
+            hand_backs.observe(1, Some(7)),
+            Some(7),
+            "success resets the wait"
+        );
         assert_eq!(hand_backs.observe(9, Some(7)), None, "no such group");
+    }
+
+    #[test]
+    fn backoff_is_bounded() {
+        let mut hand_backs = HandBacks::new(1);
+        for _ in 0..20 {
+            hand_backs.finished(0, false);
+        }
+        assert_eq!(hand_backs.needed[0], MAX_BACKOFF_ROUNDS);
     }
 }

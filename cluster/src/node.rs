@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::failover::{self, Decision, LeaderContact, Probe};
-use crate::handoff::{self, HandBacks, RoundGate};
+use crate::handoff::{self, HandBacks, PartitionGate};
 use crate::identity::NodeIdentity;
 use crate::interest::{Interest, InterestTable, TransientEvent};
 use crate::message::{AppRequest, AppResponse, ProposeError, decode, encode};
@@ -157,7 +157,7 @@ struct Inner {
     contact: LeaderContact,
     raft_timings: RaftTimings,
     /// Per partition: held by its proposer's rounds here, exclusively by a hand-back.
-    gates: Vec<RoundGate>,
+    gates: Vec<Arc<PartitionGate>>,
     /// Per group: elections this node called because the leader handed it the group.
     takeovers: Vec<AtomicU64>,
 }
@@ -302,7 +302,7 @@ impl ClusterNode {
                 hooks,
                 contact: LeaderContact::new(usize::from(partitions) + 1),
                 raft_timings: config.raft,
-                gates: (0..partitions).map(|_| RoundGate::default()).collect(),
+                gates: (0..partitions).map(|_| Arc::default()).collect(),
                 takeovers: (0..=partitions).map(|_| AtomicU64::new(0)).collect(),
             }),
         };
@@ -820,6 +820,19 @@ impl ClusterNode {
                         "node {from} is not a member of this cluster (removed?): its publishes are refused; join it again"
                     ))));
                 }
+                // A hand-back of the partition is under way here: not proposed, so the
+                // sender retries (and finds the new leader) whether or not it has ids.
+                if self
+                    .inner
+                    .gates
+                    .get(usize::from(partition))
+                    .is_some_and(|gate| gate.closing())
+                {
+                    return AppResponse::Published(Err(ProposeError::NotLeader {
+                        group: partition_group(partition),
+                        leader: None,
+                    }));
+                }
                 let rx = match self.enqueue_as(partition, publishes, Some(from)).await {
                     Ok(rx) => rx,
                     Err(error) => return AppResponse::Published(Err(error)),
@@ -1044,28 +1057,30 @@ impl ClusterNode {
         }
     }
 
-    /// The round gate of `group`'s partition (`None` for the meta group).
-    fn gate(&self, group: GroupId) -> Option<&RoundGate> {
+    /// The gate of `group`'s partition (`None` for the meta group).
+    fn gate(&self, group: GroupId) -> Option<&Arc<PartitionGate>> {
         self.inner.gates.get(usize::from(group_partition(group)?))
     }
 
     /// Hands `group`, which this node leads, to `to`, its preferred node (see [`handoff`]):
-    /// closes the partition's gate, waits until `to` holds every entry, goes silent, asks `to`
-    /// to take over and waits for another leader (at most [`handoff::HANDOFF_LIMIT`] leases);
-    /// then opens up again, whatever happened.
-    async fn hand_back(&self, group: GroupId, to: NodeId) {
+    /// closes the partition's gate, waits until `to` holds every entry, asks it to take over
+    /// and waits until this node no longer leads (at most [`handoff::HANDOFF_LIMIT`] leases);
+    /// then opens the gate again, whatever happened. Returns whether the leadership moved.
+    async fn hand_back(&self, group: GroupId, to: NodeId) -> bool {
         let (Some(raft), Some(gate)) =
             (self.inner.groups.get(usize::from(group)), self.gate(group))
         else {
-            return;
+            return false;
         };
         let id = self.inner.id;
         let lease = Duration::from_millis(self.inner.raft_timings.election_max_ms);
-        // No new round here; the one in flight finishes.
-        let closed_at = tokio::time::Instant::now();
-        let Ok(_closed) = tokio::time::timeout(lease, gate.write()).await else {
+        let started = tokio::time::Instant::now();
+        // Forwarded publishes are turned away from now on; no new round starts here, and the
+        // one in flight finishes.
+        let _closing = gate.start_closing();
+        let Ok(_closed) = tokio::time::timeout(lease, gate.rounds.write()).await else {
             tracing::debug!(group, to, "hand-back: a round did not finish in time");
-            return;
+            return false;
         };
         let mut metrics = raft.metrics();
         let caught_up = tokio::time::timeout(
@@ -1089,54 +1104,51 @@ impl ClusterNode {
             Ok(Ok(last)) => last,
             _ => {
                 tracing::debug!(group, to, "hand-back: the node did not catch up in time");
-                return;
+                return false;
             }
         };
-        let _silent = Silent::start(raft);
         let request = Request::App(encode(&AppRequest::TakeOver {
             group,
             last_log_index,
         }));
-        let answer = match self.inner.peers.call(to, &request, lease).await {
+        // Only an explicit refusal means `to` will not call the election; after a lost answer
+        // it may still, so the gate stays closed for the wait below either way.
+        let wait = match self.inner.peers.call(to, &request, lease).await {
             Ok(Response::App(bytes)) => match decode::<AppResponse>(&bytes) {
-                Ok(AppResponse::Done(result)) => result,
-                other => Err(ProposeError::Failed(format!("unexpected answer {other:?}"))),
+                Ok(AppResponse::Done(Ok(()))) => lease * handoff::HANDOFF_LIMIT,
+                Ok(AppResponse::Done(Err(error))) => {
+                    tracing::info!(group, to, %error, "hand-back refused; this node goes on leading");
+                    return false;
+                }
+                _ => lease,
             },
-            Ok(other) => Err(ProposeError::Failed(format!("unexpected answer {other:?}"))),
-            Err(error) => Err(ProposeError::Failed(error.to_string())),
+            _ => lease,
         };
-        if let Err(error) = answer {
-            tracing::info!(group, to, %error, "hand-back refused; this node goes on leading");
-            return;
-        }
-        let moved = tokio::time::timeout(
-            lease * handoff::HANDOFF_LIMIT,
-            metrics.wait_for(|m| m.current_leader != Some(id)),
-        )
-        .await
-        .map(|r| r.map(|m| m.current_leader));
-        match moved {
-            Ok(Ok(leader)) => {
-                tracing::info!(
-                    group,
-                    to,
-                    ?leader,
-                    held_ms = closed_at.elapsed().as_millis() as u64,
-                    "handed the partition back to its preferred node"
-                )
-            }
-            _ => tracing::info!(
+        let moved = tokio::time::timeout(wait, metrics.wait_for(|m| m.current_leader != Some(id)))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        let held_ms = started.elapsed().as_millis() as u64;
+        if moved {
+            tracing::info!(
                 group,
                 to,
-                "hand-back: no new leader in time; this node goes on leading"
-            ),
+                held_ms,
+                "handed the partition back to its preferred node"
+            );
+        } else {
+            tracing::info!(
+                group,
+                to,
+                held_ms,
+                "hand-back: still the leader; this node goes on leading"
+            );
         }
+        moved
     }
 
     /// This node's answer to [`AppRequest::TakeOver`] from `from`, the leader of `group`:
-    /// accepted if this node is a voter that follows `from` and holds its whole log; then an
-    /// election is called once `from` has been silent for the lease plus
-    /// [`handoff::TAKEOVER_MARGIN`] (unless another leader turned up meanwhile).
+    /// accepted if this node is a voter that follows `from` and holds its whole log; the
+    /// election is then called at once (`from` grants its vote, see [`handoff`]).
     fn take_over(
         &self,
         from: NodeId,
@@ -1167,31 +1179,13 @@ impl ClusterNode {
         if m.last_log_index < last_log_index {
             return refuse("its log is behind");
         }
-        let node = self.clone();
+        self.inner.takeovers[usize::from(group)].fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            group,
+            from,
+            "taking over the partition its leader hands back"
+        );
         tokio::spawn(async move {
-            let lease = Duration::from_millis(node.inner.raft_timings.election_max_ms);
-            let quiet = lease + handoff::TAKEOVER_MARGIN;
-            let give_up = tokio::time::Instant::now() + lease * handoff::HANDOFF_LIMIT;
-            loop {
-                let silence = node.inner.contact.silence(usize::from(group));
-                if silence >= quiet {
-                    break;
-                }
-                if tokio::time::Instant::now() >= give_up {
-                    return;
-                }
-                tokio::time::sleep(quiet - silence).await;
-            }
-            let m = raft.metrics().borrow().clone();
-            if m.current_leader != Some(from) || m.state == ServerState::Leader {
-                return;
-            }
-            node.inner.takeovers[usize::from(group)].fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                group,
-                from,
-                "taking over the partition its leader hands back"
-            );
             if let Err(error) = raft.trigger().elect().await {
                 tracing::warn!(group, %error, "cannot call the election to take over");
             }
@@ -1209,15 +1203,17 @@ impl ClusterNode {
                 continue;
             }
             // A partition being handed back stays silent.
-            let Some(Ok(round)) = self
-                .gate(group as GroupId)
-                .map(|gate| gate.clone().try_read_owned())
-            else {
+            let Some(gate) = self.gate(group as GroupId).cloned() else {
                 continue;
             };
+            if gate.closing() {
+                continue;
+            }
             let raft = raft.clone();
             tokio::spawn(async move {
-                let _round = round;
+                let Ok(_round) = gate.rounds.try_read() else {
+                    return;
+                };
                 let tick = Command::Publish {
                     now_ms: herald_storage::unix_now_ms(),
                     publishes: Vec::new(),
@@ -1236,12 +1232,15 @@ impl ClusterNode {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rounds: u64 = 0;
         let mut hand_backs = HandBacks::new(self.inner.groups.len());
-        // One hand-back at a time from this node.
-        let handing = Arc::new(AtomicBool::new(false));
+        // How each hand-back ended: (group, whether the leadership moved).
+        let (handed_tx, mut handed_rx) = mpsc::channel::<(usize, bool)>(4);
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = self.inner.shutdown.cancelled() => return,
+            }
+            while let Ok((group, moved)) = handed_rx.try_recv() {
+                hand_backs.finished(group, moved);
             }
             rounds += 1;
             if rounds.is_multiple_of(CLOCK_TICK_ROUNDS) {
@@ -1265,10 +1264,10 @@ impl ClusterNode {
                     hand_backs.reset(group);
                     continue;
                 }
-                // Being handed back: no membership change may break its silence.
+                // Being handed back: no membership change meanwhile.
                 if self
                     .gate(group as GroupId)
-                    .is_some_and(|gate| gate.try_read().is_err())
+                    .is_some_and(|gate| gate.closing())
                 {
                     continue;
                 }
@@ -1287,15 +1286,16 @@ impl ClusterNode {
                         m.last_log_index,
                         matched,
                     );
-                    if let Some(to) = hand_backs.observe(group, target)
-                        && !handing.swap(true, Ordering::AcqRel)
-                    {
-                        hand_backs.reset(group);
+                    if let Some(to) = hand_backs.observe(group, target) {
                         let node = self.clone();
-                        let handing = handing.clone();
+                        let outcome = Outcome {
+                            group,
+                            moved: false,
+                            tx: handed_tx.clone(),
+                        };
                         tokio::spawn(async move {
-                            node.hand_back(group as GroupId, to).await;
-                            handing.store(false, Ordering::Release);
+                            let mut outcome = outcome;
+                            outcome.moved = node.hand_back(group as GroupId, to).await;
                         });
                         continue;
                     }
@@ -1412,20 +1412,18 @@ impl Handler for ClusterNode {
     }
 }
 
-/// A group leader's heartbeats turned off for a hand-back; back on when dropped (also if the
-/// hand-back task ends early or panics).
-struct Silent<'a>(&'a Raft<TypeConfig>);
-
-impl<'a> Silent<'a> {
-    fn start(raft: &'a Raft<TypeConfig>) -> Silent<'a> {
-        raft.runtime_config().heartbeat(false);
-        Silent(raft)
-    }
+/// How a hand-back ended, reported to the placement loop when dropped: also when the task
+/// ends early or panics (as not moved), so that the loop never waits for it forever.
+struct Outcome {
+    group: usize,
+    moved: bool,
+    tx: mpsc::Sender<(usize, bool)>,
 }
 
-impl Drop for Silent<'_> {
+impl Drop for Outcome {
     fn drop(&mut self) {
-        self.0.runtime_config().heartbeat(true);
+        // The loop takes one outcome per hand-back and runs one at a time: never full.
+        let _ = self.tx.try_send((self.group, self.moved));
     }
 }
 

@@ -25,7 +25,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::NodeId;
-use crate::handoff::RoundGate;
+use crate::handoff::PartitionGate;
 use crate::message::{AppRequest, AppResponse, ProposeError, decode, encode};
 use crate::rpc::{Peers, Request, Response, RpcError};
 
@@ -75,6 +75,11 @@ impl ProposeRequest {
     }
 }
 
+/// How long a call forwarded to a leader may still answer once this node sees another
+/// leader: a live old leader answers at once (with the outcome, or "not the leader", which is
+/// retried even without message ids); a dead one never does.
+const LEADER_CHANGE_GRACE: Duration = Duration::from_millis(200);
+
 /// The longest a leader's round waits for the next batch of a busy forwarder.
 const GATHER_MAX: Duration = Duration::from_millis(5);
 
@@ -85,8 +90,8 @@ pub(crate) struct ProposerContext {
     pub raft: Raft<TypeConfig>,
     pub peers: Arc<Peers>,
     pub options: ProposerOptions,
-    /// Held for each round proposed here as leader; a hand-back holds it exclusively.
-    pub gate: RoundGate,
+    /// Held for each round proposed here as leader; a hand-back closes it.
+    pub gate: Arc<PartitionGate>,
 }
 
 /// Runs the proposer of one partition until its queue closes.
@@ -259,10 +264,23 @@ impl ProposerContext {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let round = match leader {
                 Some(leader) if leader == self.id => {
-                    // A hand-back in progress holds the gate: the batch waits for it, then is
-                    // proposed here or, once another node leads, sent there.
-                    // (Past the deadline, the check below answers the batch.)
-                    match tokio::time::timeout(remaining, self.gate.read()).await {
+                    // A hand-back in progress holds the gate: forwarded publishes go back to
+                    // their nodes (not proposed: they retry); this node's own wait for it,
+                    // then are proposed here or, once another node leads, sent there. (Past
+                    // the deadline, the check below answers the batch.)
+                    if self.gate.closing() {
+                        batch = reject_forwarded(
+                            batch,
+                            &ProposeError::NotLeader {
+                                group,
+                                leader: None,
+                            },
+                        );
+                        if batch.is_empty() {
+                            return;
+                        }
+                    }
+                    match tokio::time::timeout(remaining, self.gate.rounds.read()).await {
                         Ok(_round) if !self.is_leader() => continue,
                         Ok(_round) => {
                             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -376,19 +394,33 @@ impl ProposerContext {
         let timeout = remaining + Duration::from_millis(500);
         let request = Request::App(encode(&request));
         let call = self.peers.call(leader, &request, timeout);
+        tokio::pin!(call);
         // A leader that dies does not answer, and its connection is declared lost only after
         // the idle timeout (seconds). Once this node sees another leader (or none), the call is
-        // abandoned: its outcome is unknown, so the batch is retried if every publish carries a
-        // message id (the new leader's dedup then answers for one that did commit).
+        // given a moment more (a live leader that stepped down or handed the partition over
+        // answers at once), then abandoned: its outcome is unknown, so the batch is retried if
+        // every publish carries a message id (the new leader's dedup then answers for one that
+        // did commit).
         let mut metrics = self.raft.metrics();
-        let leader_changed = metrics.wait_for(|m| m.current_leader != Some(leader));
+        let leader_changed = async move {
+            let _ = metrics
+                .wait_for(|m| m.current_leader != Some(leader))
+                .await
+                .map(|_| ());
+        };
         let answer = tokio::select! {
-            answer = call => answer,
+            biased;
+            answer = &mut call => answer,
             _ = leader_changed => {
-                return Round::Unknown(format!(
-                    "node {leader} stopped leading partition {} before it answered",
-                    self.partition
-                ));
+                match tokio::time::timeout(LEADER_CHANGE_GRACE, &mut call).await {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        return Round::Unknown(format!(
+                            "node {leader} stopped leading partition {} before it answered",
+                            self.partition
+                        ));
+                    }
+                }
             }
         };
         match answer {
