@@ -82,7 +82,9 @@ fn render_status(status: &Value) -> String {
             out.push_str(&format!("  {id}  {}\n", addr.as_str().unwrap_or("?")));
         }
     }
-    out.push_str("group  partition  role       leader  term  last-log  applied  voters      lag\n");
+    out.push_str(
+        "group  partition  role       leader  term  last-log  applied  voters      elections  lag\n",
+    );
     for g in status["groups"].as_array().into_iter().flatten() {
         let list = |v: &Value| {
             v.as_array()
@@ -113,8 +115,14 @@ fn render_status(status: &Value) -> String {
         } else {
             text(&g["partition"])
         };
+        // Elections this node called, and how many of them were hand-backs it took.
+        let elections = match (g["elections_called"].as_u64(), g["takeovers"].as_u64()) {
+            (Some(called), Some(taken)) if taken > 0 => format!("{called} ({taken} h-b)"),
+            (Some(called), _) => called.to_string(),
+            _ => "-".to_string(),
+        };
         out.push_str(&format!(
-            "{:<6} {:<10} {:<10} {:<7} {:<5} {:<9} {:<8} {:<11} {}\n",
+            "{:<6} {:<10} {:<10} {:<7} {:<5} {:<9} {:<8} {:<11} {:<10} {}\n",
             text(&g["group"]),
             partition,
             text(&g["role"]),
@@ -123,8 +131,39 @@ fn render_status(status: &Value) -> String {
             text(&g["last_log_index"]),
             text(&g["applied_index"]),
             list(&g["voters"]),
+            elections,
             lag
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_table_shows_elections_and_hand_backs() {
+        let status = serde_json::json!({
+            "node": 1, "formed": true, "epoch": "e1",
+            "members": { "1": "127.0.0.1:7001", "2": "127.0.0.1:7002" },
+            "groups": [
+                { "group": 0, "partition": null, "role": "leader", "leader": 1, "term": 3,
+                  "last_log_index": 9, "applied_index": 9, "voters": [1, 2],
+                  "elections_called": 2, "takeovers": 0, "lag": { "2": 0 } },
+                { "group": 1, "partition": 0, "role": "leader", "leader": 1, "term": 4,
+                  "last_log_index": 20, "applied_index": 20, "voters": [1, 2],
+                  "elections_called": 1, "takeovers": 1, "lag": {} }
+            ]
+        });
+        let table = render_status(&status);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[4].contains("elections"), "{table}");
+        assert!(lines[5].starts_with("0      meta"), "{table}");
+        assert!(
+            lines[5].contains(" 2 ") && lines[5].ends_with("2:0"),
+            "{table}"
+        );
+        assert!(lines[6].contains("1 (1 h-b)"), "{table}");
+    }
 }
