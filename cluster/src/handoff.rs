@@ -74,6 +74,10 @@ pub const READY_ROUNDS: u32 = 3;
 /// The most placement rounds a partition waits between two failed hand-backs.
 pub const MAX_BACKOFF_ROUNDS: u32 = 300;
 
+/// A partition this node leads again within this many rounds of handing it back counts as a
+/// failed hand-back (the node that took it could not keep it), for the backoff.
+pub const KEPT_ROUNDS: u64 = 60;
+
 /// "Nearly caught up": the preferred node is at most this many entries behind. (The hand-back
 /// itself waits, with the gate closed, until it holds every entry; under steady load the
 /// leader always has a few entries not acknowledged yet.)
@@ -82,10 +86,18 @@ pub const READY_LAG: u64 = 100;
 /// Which partitions this node should hand back, from what it sees as their leader.
 #[derive(Debug)]
 pub struct HandBacks {
-    /// Per group: placement rounds in a row in which the preferred node was ready.
+    /// Per group: placement rounds in a row, all in one term, in which the preferred node was
+    /// ready.
     ready: Vec<u32>,
+    /// Per group: the term of those rounds.
+    term: Vec<u64>,
     /// Per group: rounds needed (grows after failed hand-backs).
     needed: Vec<u32>,
+    /// Per group: the round of its last successful hand-back, while it may still count as
+    /// failed (see [`KEPT_ROUNDS`]).
+    handed_at: Vec<Option<u64>>,
+    /// Placement rounds seen.
+    round: u64,
     /// The group being handed back now, if any.
     running: Option<usize>,
 }
@@ -95,17 +107,39 @@ impl HandBacks {
     pub fn new(groups: usize) -> HandBacks {
         HandBacks {
             ready: vec![0; groups],
+            term: vec![0; groups],
             needed: vec![READY_ROUNDS; groups],
+            handed_at: vec![None; groups],
+            round: 0,
             running: None,
         }
     }
 
-    /// Records one placement round's look at `group` (which this node leads): the node it
-    /// would hand `group` to, if any (see [`hand_back_target`]). Returns that node once it has
-    /// been ready for long enough and no other hand-back runs; the caller then starts the
-    /// hand-back and reports with [`HandBacks::finished`].
-    pub fn observe(&mut self, group: usize, ready: Option<NodeId>) -> Option<NodeId> {
-        let slot = self.ready.get_mut(group)?;
+    /// Starts a placement round.
+    pub fn next_round(&mut self) {
+        self.round += 1;
+    }
+
+    /// Records one placement round's look at `group`, which this node leads in `term`: the
+    /// node it would hand `group` to, if any (see [`hand_back_target`]). Returns that node
+    /// once it has been ready for long enough in this term (so this node has led for more
+    /// than a lease) and no other hand-back runs; the caller then starts the hand-back and
+    /// reports with [`HandBacks::finished`].
+    pub fn observe(&mut self, group: usize, term: u64, ready: Option<NodeId>) -> Option<NodeId> {
+        if group >= self.ready.len() {
+            return None;
+        }
+        if let Some(at) = self.handed_at[group].take()
+            && self.round.saturating_sub(at) < KEPT_ROUNDS
+        {
+            // Handed back, and leading it again already: the other node could not keep it.
+            self.needed[group] = self.needed[group].saturating_mul(2).min(MAX_BACKOFF_ROUNDS);
+        }
+        if self.term[group] != term {
+            self.term[group] = term;
+            self.ready[group] = 0;
+        }
+        let slot = &mut self.ready[group];
         let Some(node) = ready else {
             *slot = 0;
             return None;
@@ -119,10 +153,15 @@ impl HandBacks {
         Some(node)
     }
 
-    /// Starts over for `group` (this node does not lead it).
+    /// Starts over for `group` (this node does not lead it); a backoff ends once the
+    /// hand-back it follows is past [`KEPT_ROUNDS`].
     pub fn reset(&mut self, group: usize) {
         if let Some(slot) = self.ready.get_mut(group) {
             *slot = 0;
+            if self.handed_at[group].is_none_or(|at| self.round.saturating_sub(at) >= KEPT_ROUNDS) {
+                self.handed_at[group] = None;
+                self.needed[group] = READY_ROUNDS;
+            }
         }
     }
 
@@ -133,11 +172,11 @@ impl HandBacks {
             self.running = None;
         }
         if let Some(needed) = self.needed.get_mut(group) {
-            *needed = if moved {
-                READY_ROUNDS
+            if moved {
+                self.handed_at[group] = Some(self.round);
             } else {
-                needed.saturating_mul(2).min(MAX_BACKOFF_ROUNDS)
-            };
+                *needed = needed.saturating_mul(2).min(MAX_BACKOFF_ROUNDS);
+            }
         }
     }
 }
@@ -180,49 +219,78 @@ mod tests {
         assert_eq!(target(2, None, Some(1_000)), None);
     }
 
+    /// One placement round in which `group` (led in `term`) has `ready` as its target.
+    fn round(h: &mut HandBacks, group: usize, term: u64, ready: Option<NodeId>) -> Option<NodeId> {
+        h.next_round();
+        h.observe(group, term, ready)
+    }
+
     #[test]
-    fn one_at_a_time_after_enough_rounds_with_backoff_after_failures() {
-        let mut hand_backs = HandBacks::new(3);
+    fn one_at_a_time_after_enough_rounds_in_one_term_with_backoff_after_failures() {
+        let mut h = HandBacks::new(3);
         for _ in 1..READY_ROUNDS {
-            assert_eq!(hand_backs.observe(1, Some(7)), None);
+            assert_eq!(round(&mut h, 1, 5, Some(7)), None);
         }
         assert_eq!(
-            hand_backs.observe(1, None),
+            round(&mut h, 1, 5, None),
             None,
             "a round behind starts over"
         );
         for _ in 1..READY_ROUNDS {
-            assert_eq!(hand_backs.observe(1, Some(7)), None);
-            assert_eq!(hand_backs.observe(2, Some(8)), None);
+            assert_eq!(round(&mut h, 1, 5, Some(7)), None);
         }
-        assert_eq!(hand_backs.observe(1, Some(7)), Some(7));
-        assert_eq!(hand_backs.observe(2, Some(8)), None, "one at a time");
-        hand_backs.finished(1, false);
-        assert_eq!(hand_backs.observe(2, Some(8)), Some(8));
-        hand_backs.finished(2, true);
+        assert_eq!(round(&mut h, 1, 6, Some(7)), None, "a new term starts over");
+        for _ in 2..READY_ROUNDS {
+            assert_eq!(round(&mut h, 1, 6, Some(7)), None);
+            assert_eq!(h.observe(2, 6, Some(8)), None);
+        }
+        assert_eq!(round(&mut h, 1, 6, Some(7)), Some(7));
+        assert_eq!(h.observe(2, 6, Some(8)), None, "one at a time");
+        h.finished(1, false);
+        assert_eq!(round(&mut h, 2, 6, Some(8)), Some(8));
+        h.finished(2, true);
         // Group 1 failed once: it now needs twice the rounds.
         for _ in 1..2 * READY_ROUNDS {
-            assert_eq!(hand_backs.observe(1, Some(7)), None);
+            assert_eq!(round(&mut h, 1, 6, Some(7)), None);
         }
-        assert_eq!(hand_backs.observe(1, Some(7)), Some(7));
-        hand_backs.finished(1, true);
+        assert_eq!(round(&mut h, 1, 6, Some(7)), Some(7));
+        assert_eq!(h.observe(9, 6, Some(7)), None, "no such group");
+    }
+
+    #[test]
+    fn a_partition_back_soon_after_its_hand_back_counts_as_failed_and_backoff_ends() {
+        let mut h = HandBacks::new(2);
         for _ in 1..READY_ROUNDS {
-            assert_eq!(hand_backs.observe(1, Some(7)), None);
+            round(&mut h, 1, 1, Some(7));
+        }
+        assert_eq!(round(&mut h, 1, 1, Some(7)), Some(7));
+        h.finished(1, true);
+        // The other node loses it at once; this node leads it again.
+        h.next_round();
+        h.reset(1);
+        for _ in 1..2 * READY_ROUNDS {
+            assert_eq!(round(&mut h, 1, 3, Some(7)), None);
         }
         assert_eq!(
-            hand_backs.observe(1, Some(7)),
+            round(&mut h, 1, 3, Some(7)),
             Some(7),
-            "success resets the wait"
+            "after twice the rounds"
         );
-        assert_eq!(hand_backs.observe(9, Some(7)), None, "no such group");
+        h.finished(1, false);
+        assert_eq!(h.needed[1], 4 * READY_ROUNDS);
+        // Once this node no longer leads the group (and no hand-back is recent), the backoff
+        // is over.
+        h.next_round();
+        h.reset(1);
+        assert_eq!(h.needed[1], READY_ROUNDS);
     }
 
     #[test]
     fn backoff_is_bounded() {
-        let mut hand_backs = HandBacks::new(1);
+        let mut h = HandBacks::new(1);
         for _ in 0..20 {
-            hand_backs.finished(0, false);
+            h.finished(0, false);
         }
-        assert_eq!(hand_backs.needed[0], MAX_BACKOFF_ROUNDS);
+        assert_eq!(h.needed[0], MAX_BACKOFF_ROUNDS);
     }
 }

@@ -154,7 +154,7 @@ struct Inner {
     interest: Arc<InterestTable>,
     hooks: LocalHooks,
     /// When each group's leader was last heard from (failover detection).
-    contact: LeaderContact,
+    contact: Arc<LeaderContact>,
     raft_timings: RaftTimings,
     /// Per partition: held by its proposer's rounds here, exclusively by a hand-back.
     gates: Vec<Arc<PartitionGate>>,
@@ -300,7 +300,7 @@ impl ClusterNode {
                 shutdown: shutdown.clone(),
                 interest: InterestTable::new(id, peers.clone()),
                 hooks,
-                contact: LeaderContact::new(usize::from(partitions) + 1),
+                contact: Arc::new(LeaderContact::new(usize::from(partitions) + 1)),
                 raft_timings: config.raft,
                 gates: (0..partitions).map(|_| Arc::default()).collect(),
                 takeovers: (0..=partitions).map(|_| AtomicU64::new(0)).collect(),
@@ -315,6 +315,8 @@ impl ClusterNode {
                 peers: peers.clone(),
                 options: config.proposer.clone(),
                 gate: node.inner.gates[usize::from(partition)].clone(),
+                contact: node.inner.contact.clone(),
+                lease: Duration::from_millis(config.raft.election_max_ms),
             };
             tokio::spawn(proposer::run(ctx, rx));
         }
@@ -1066,7 +1068,7 @@ impl ClusterNode {
     /// closes the partition's gate, waits until `to` holds every entry, asks it to take over
     /// and waits until this node no longer leads (at most [`handoff::HANDOFF_LIMIT`] leases);
     /// then opens the gate again, whatever happened. Returns whether the leadership moved.
-    async fn hand_back(&self, group: GroupId, to: NodeId) -> bool {
+    async fn hand_back(&self, group: GroupId, to: NodeId, term: u64) -> bool {
         let (Some(raft), Some(gate)) =
             (self.inner.groups.get(usize::from(group)), self.gate(group))
         else {
@@ -1093,6 +1095,7 @@ impl ClusterNode {
                     .flatten()
                     .map(|l| l.index);
                 m.current_leader == Some(id)
+                    && m.current_term == term
                     && m.last_log_index.is_some()
                     && m.last_applied.map(|l| l.index) == m.last_log_index
                     && matched == m.last_log_index
@@ -1122,11 +1125,20 @@ impl ClusterNode {
                 }
                 _ => lease,
             },
+            Err(error) if error.not_sent() => {
+                tracing::debug!(group, to, %error, "hand-back: the request was not delivered");
+                return false;
+            }
             _ => lease,
         };
-        let moved = tokio::time::timeout(wait, metrics.wait_for(|m| m.current_leader != Some(id)))
-            .await
-            .is_ok_and(|r| r.is_ok());
+        // Moved once another node leads (this node steps down as it grants the vote, and
+        // knows no leader until the new one's first message).
+        let moved = tokio::time::timeout(
+            wait,
+            metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != id)),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
         let held_ms = started.elapsed().as_millis() as u64;
         if moved {
             tracing::info!(
@@ -1178,6 +1190,10 @@ impl ClusterNode {
         }
         if m.last_log_index < last_log_index {
             return refuse("its log is behind");
+        }
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        if applied.saturating_add(handoff::READY_LAG) < m.last_log_index.unwrap_or(0) {
+            return refuse("it is still applying its log");
         }
         self.inner.takeovers[usize::from(group)].fetch_add(1, Ordering::Relaxed);
         tracing::info!(
@@ -1242,6 +1258,7 @@ impl ClusterNode {
             while let Ok((group, moved)) = handed_rx.try_recv() {
                 hand_backs.finished(group, moved);
             }
+            hand_backs.next_round();
             rounds += 1;
             if rounds.is_multiple_of(CLOCK_TICK_ROUNDS) {
                 self.tick_idle_partitions();
@@ -1279,14 +1296,19 @@ impl ClusterNode {
                         .and_then(|p| m.replication.as_ref()?.get(&p).cloned())
                         .flatten()
                         .map(|l| l.index);
+                    // Two votes (this node's and the target's) make a quorum only in a plain
+                    // group of at most three voters.
+                    let plain = membership.get_joint_config().len() == 1 && voters.len() <= 3;
                     let target = handoff::hand_back_target(
                         self.inner.id,
                         preferred,
                         &voters.iter().copied().collect::<Vec<_>>(),
                         m.last_log_index,
                         matched,
-                    );
-                    if let Some(to) = hand_backs.observe(group, target) {
+                    )
+                    .filter(|_| plain);
+                    let term = m.current_term;
+                    if let Some(to) = hand_backs.observe(group, term, target) {
                         let node = self.clone();
                         let outcome = Outcome {
                             group,
@@ -1295,7 +1317,7 @@ impl ClusterNode {
                         };
                         tokio::spawn(async move {
                             let mut outcome = outcome;
-                            outcome.moved = node.hand_back(group as GroupId, to).await;
+                            outcome.moved = node.hand_back(group as GroupId, to, term).await;
                         });
                         continue;
                     }

@@ -25,6 +25,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::NodeId;
+use crate::failover::LeaderContact;
 use crate::handoff::PartitionGate;
 use crate::message::{AppRequest, AppResponse, ProposeError, decode, encode};
 use crate::rpc::{Peers, Request, Response, RpcError};
@@ -75,11 +76,6 @@ impl ProposeRequest {
     }
 }
 
-/// How long a call forwarded to a leader may still answer once this node sees another
-/// leader: a live old leader answers at once (with the outcome, or "not the leader", which is
-/// retried even without message ids); a dead one never does.
-const LEADER_CHANGE_GRACE: Duration = Duration::from_millis(200);
-
 /// The longest a leader's round waits for the next batch of a busy forwarder.
 const GATHER_MAX: Duration = Duration::from_millis(5);
 
@@ -92,6 +88,10 @@ pub(crate) struct ProposerContext {
     pub options: ProposerOptions,
     /// Held for each round proposed here as leader; a hand-back closes it.
     pub gate: Arc<PartitionGate>,
+    /// When this node last heard each group's leader: tells a dead old leader from a live one.
+    pub contact: Arc<LeaderContact>,
+    /// The leader lease (the election timeout's maximum).
+    pub lease: Duration,
 }
 
 /// Runs the proposer of one partition until its queue closes.
@@ -262,6 +262,9 @@ impl ProposerContext {
             }
             let leader = self.raft.metrics().borrow().current_leader;
             let remaining = deadline.saturating_duration_since(Instant::now());
+            // Held from proposing a round here until its publishers have their answers, so
+            // that a hand-back starts only after them.
+            let mut round_guard = None;
             let round = match leader {
                 Some(leader) if leader == self.id => {
                     // A hand-back in progress holds the gate: forwarded publishes go back to
@@ -281,8 +284,9 @@ impl ProposerContext {
                         }
                     }
                     match tokio::time::timeout(remaining, self.gate.rounds.read()).await {
-                        Ok(_round) if !self.is_leader() => continue,
-                        Ok(_round) => {
+                        Ok(_) if !self.is_leader() => continue,
+                        Ok(guard) => {
+                            round_guard = Some(guard);
                             let remaining = deadline.saturating_duration_since(Instant::now());
                             self.write_locally(&batch, remaining).await
                         }
@@ -347,6 +351,7 @@ impl ProposerContext {
                 };
                 return distribute(batch, Err(error));
             }
+            drop(round_guard);
             tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
             pause = (pause * 2).min(Duration::from_millis(200));
         }
@@ -396,11 +401,13 @@ impl ProposerContext {
         let call = self.peers.call(leader, &request, timeout);
         tokio::pin!(call);
         // A leader that dies does not answer, and its connection is declared lost only after
-        // the idle timeout (seconds). Once this node sees another leader (or none), the call is
-        // given a moment more (a live leader that stepped down or handed the partition over
-        // answers at once), then abandoned: its outcome is unknown, so the batch is retried if
-        // every publish carries a message id (the new leader's dedup then answers for one that
-        // did commit).
+        // the idle timeout (seconds). So once this node sees another leader (or none), the call
+        // is abandoned if the old leader has been silent for a lease (dead, or cut off): its
+        // outcome is unknown, so the batch is retried if every publish carries a message id
+        // (the new leader's dedup then answers for one that did commit). An old leader heard
+        // recently is alive (it stepped down, or handed the partition over) and answers: with
+        // the outcome, or "not the leader", which is retried even without message ids. It gets
+        // a lease for that.
         let mut metrics = self.raft.metrics();
         let leader_changed = async move {
             let _ = metrics
@@ -412,7 +419,10 @@ impl ProposerContext {
             biased;
             answer = &mut call => answer,
             _ = leader_changed => {
-                match tokio::time::timeout(LEADER_CHANGE_GRACE, &mut call).await {
+                let group = partition_group(self.partition);
+                let alive = self.contact.silence(usize::from(group)) < self.lease;
+                let grace = if alive { self.lease } else { Duration::ZERO };
+                match tokio::time::timeout(grace, &mut call).await {
                     Ok(answer) => answer,
                     Err(_) => {
                         return Round::Unknown(format!(

@@ -206,24 +206,30 @@ impl ReconnectWatch {
 struct SkipDetector {
     /// What was stored at the previous look, per partition.
     previous: Vec<u64>,
+    /// What was delivered at the previous look, per partition.
+    previous_done: Vec<u64>,
 }
 
 impl SkipDetector {
     fn new(partitions: usize) -> SkipDetector {
         SkipDetector {
             previous: vec![0; partitions],
+            previous_done: vec![0; partitions],
         }
     }
 
     /// Returns `(partition, stored seq)` for every partition whose previous look's stored seq
-    /// is still above what was delivered.
+    /// is still above what was delivered, and whose delivery made no progress since: delivery
+    /// that is only slow (a loaded machine, a burst) still moves, while events skipped by a
+    /// snapshot never come. (Events after a skip make live delivery raise it itself.)
     fn check(&mut self, stored: &[u64], delivered: &[u64]) -> Vec<(usize, u64)> {
         let mut skipped = Vec::new();
         for (p, (&now, &done)) in stored.iter().zip(delivered).enumerate() {
-            if self.previous[p] > done {
+            if self.previous[p] > done && done == self.previous_done[p] {
                 skipped.push((p, now));
             }
             self.previous[p] = now;
+            self.previous_done[p] = done;
         }
         skipped
     }
@@ -241,6 +247,17 @@ mod tests {
         assert!(skips.check(&[9, 7], &[5, 7]).is_empty());
         // ...and delivered by the next look.
         assert!(skips.check(&[12, 7], &[12, 7]).is_empty());
+    }
+
+    #[test]
+    fn delivery_that_is_slow_but_moving_is_no_skip() {
+        let mut skips = SkipDetector::new(1);
+        assert!(skips.check(&[50], &[10]).is_empty());
+        assert!(skips.check(&[50], &[30]).is_empty(), "still delivering");
+        assert!(skips.check(&[50], &[50]).is_empty());
+        // Stuck below what was stored: skipped.
+        assert!(skips.check(&[60], &[50]).is_empty());
+        assert_eq!(skips.check(&[60], &[50]), vec![(0, 60)]);
     }
 
     #[test]
