@@ -22,11 +22,17 @@
 //!    leases; an explicit refusal opens it at once). Its queued publishes then go to the new
 //!    leader like any publish to a follower.
 //!
-//! Only a leader that has led for [`READY_ROUNDS`] placement rounds (seconds, more than a
-//! lease) hands back, and only to a node that has been nearly caught up for as many rounds in
-//! a row, so a node that flaps gets nothing. A node hands back one partition at a time; after
-//! a hand-back that did not move the leadership, that partition waits twice as long (up to
+//! Only a leader that has led for [`READY_ROUNDS`] placement rounds in one term (seconds,
+//! more than a lease) hands back, only in a plain group of at most three voters (where its
+//! vote and the taker's are a quorum), and only to a node that has been nearly caught up for
+//! as many rounds in a row, so a node that flaps gets nothing. A node hands back one
+//! partition at a time; after a hand-back that did not move the leadership, or one whose
+//! partition came back within [`KEPT_ROUNDS`], that partition waits twice as long (up to
 //! [`MAX_BACKOFF_ROUNDS`]) before the next try.
+//!
+//! While a hand-back runs, a node that forwarded a publish to the old leader and sees the new
+//! one still waits for the old leader's answer (it is alive: see `proposer`), so even
+//! publishes without message ids do not fail.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
