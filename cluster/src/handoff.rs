@@ -16,8 +16,10 @@
 //!    publishes wait in the proposer's queue: nothing is lost.
 //! 2. It waits until the preferred node holds its whole log, everything applied, and asks it
 //!    to take over ([`crate::message::AppRequest::TakeOver`]).
-//! 3. The preferred node checks it is a voter that follows this leader and holds as much log,
-//!    answers, and calls an election at once. The leader grants it; the node wins.
+//! 3. The preferred node checks it is a voter that follows this leader, holds as much log
+//!    (applied) and reaches the group's other voters (a ping each: leading while cut off from
+//!    them would leave them without a leader), answers, and calls an election at once. The
+//!    leader grants it; the node wins.
 //! 4. The leader opens the gate once it sees it no longer leads (at most [`HANDOFF_LIMIT`]
 //!    leases; an explicit refusal opens it at once). Its queued publishes then go to the new
 //!    leader like any publish to a follower.

@@ -890,7 +890,7 @@ impl ClusterNode {
             AppRequest::TakeOver {
                 group,
                 last_log_index,
-            } => AppResponse::Done(self.take_over(from, group, last_log_index)),
+            } => AppResponse::Done(self.take_over(from, group, last_log_index).await),
             request @ (AppRequest::Join { .. } | AppRequest::Remove { .. }) => {
                 let meta = &self.inner.groups[usize::from(META_GROUP)];
                 if meta.metrics().borrow().current_leader != Some(self.inner.id) {
@@ -1159,9 +1159,10 @@ impl ClusterNode {
     }
 
     /// This node's answer to [`AppRequest::TakeOver`] from `from`, the leader of `group`:
-    /// accepted if this node is a voter that follows `from` and holds its whole log; the
-    /// election is then called at once (`from` grants its vote, see [`handoff`]).
-    fn take_over(
+    /// accepted if this node is a voter that follows `from`, holds its whole log (applied) and
+    /// reaches the group's other voters (else leading would cut them off); the election is
+    /// then called at once (`from` grants its vote, see [`handoff`]).
+    async fn take_over(
         &self,
         from: NodeId,
         group: GroupId,
@@ -1194,6 +1195,30 @@ impl ClusterNode {
         let applied = m.last_applied.map_or(0, |l| l.index);
         if applied.saturating_add(handoff::READY_LAG) < m.last_log_index.unwrap_or(0) {
             return refuse("it is still applying its log");
+        }
+        let others: Vec<NodeId> = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|&v| v != self.inner.id && v != from)
+            .collect();
+        let deadline = Duration::from_millis(self.inner.raft_timings.heartbeat_ms);
+        let pings = others.iter().map(|&voter| {
+            let request = Request::App(encode(&AppRequest::Ping));
+            let peers = self.inner.peers.clone();
+            async move {
+                matches!(
+                    peers.call(voter, &request, deadline).await,
+                    Ok(Response::App(_))
+                )
+            }
+        });
+        if !futures::future::join_all(pings)
+            .await
+            .into_iter()
+            .all(|up| up)
+        {
+            return refuse("it cannot reach every other voter");
         }
         self.inner.takeovers[usize::from(group)].fetch_add(1, Ordering::Relaxed);
         tracing::info!(
