@@ -35,10 +35,20 @@
 //! While a hand-back runs, a node that forwarded a publish to the old leader and sees the new
 //! one still waits for the old leader's answer (it is alive: see `proposer`), so even
 //! publishes without message ids do not fail.
+//!
+//! This module holds the policy ([`HandBacks`], [`hand_back_target`]) and both sides of the
+//! procedure (`HandBack::run` on the leader, `Taker::take_over` on the preferred node);
+//! `node` runs the policy in its placement loop and answers `TakeOver`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
-use herald_storage::raft::NodeId;
+use herald_storage::raft::{GroupId, NodeId, TypeConfig};
+use openraft::{BasicNode, Raft, RaftMetrics};
+use tokio::sync::mpsc;
+
+use crate::message::{AppRequest, AppResponse, ProposeError, decode, encode};
+use crate::rpc::{Peers, Request, Response};
 
 /// A partition's gate on this node: held shared by its proposer for each round it proposes as
 /// leader, exclusively by a hand-back, which also sets `closing` for its whole duration.
@@ -90,6 +100,227 @@ pub const KEPT_ROUNDS: u64 = 60;
 /// itself waits, with the gate closed, until it holds every entry; under steady load the
 /// leader always has a few entries not acknowledged yet.)
 pub const READY_LAG: u64 = 100;
+
+/// How far `node` has replicated, as a leader's metrics `m` see it.
+pub(crate) fn matched_index(m: &RaftMetrics<NodeId, BasicNode>, node: NodeId) -> Option<u64> {
+    m.replication
+        .as_ref()?
+        .get(&node)
+        .cloned()
+        .flatten()
+        .map(|l| l.index)
+}
+
+/// One hand-back: `group`, which `me` leads in `term`, to `to` (steps 1, 2 and 4 above).
+pub(crate) struct HandBack {
+    pub me: NodeId,
+    pub group: GroupId,
+    pub to: NodeId,
+    pub term: u64,
+    /// The leader lease (the election timeout's maximum).
+    pub lease: Duration,
+}
+
+impl HandBack {
+    /// Closes `gate`, waits until `to` holds every entry, asks it to take over and waits until
+    /// this node no longer leads (at most [`HANDOFF_LIMIT`] leases); then opens the gate again,
+    /// whatever happened. Returns whether another node leads now.
+    pub(crate) async fn run(
+        &self,
+        raft: &Raft<TypeConfig>,
+        gate: &PartitionGate,
+        peers: &Peers,
+    ) -> bool {
+        let HandBack {
+            me,
+            group,
+            to,
+            term,
+            lease,
+        } = *self;
+        let started = tokio::time::Instant::now();
+        // Forwarded publishes are turned away from now on; no new round starts here, and the
+        // one in flight finishes.
+        let _closing = gate.start_closing();
+        let Ok(_closed) = tokio::time::timeout(lease, gate.rounds.write()).await else {
+            tracing::debug!(group, to, "hand-back: a round did not finish in time");
+            return false;
+        };
+        let mut metrics = raft.metrics();
+        let caught_up = tokio::time::timeout(
+            lease,
+            metrics.wait_for(|m| {
+                m.current_leader == Some(me)
+                    && m.current_term == term
+                    && m.last_log_index.is_some()
+                    && m.last_applied.map(|l| l.index) == m.last_log_index
+                    && matched_index(m, to) == m.last_log_index
+            }),
+        )
+        .await
+        .map(|r| r.map(|m| m.last_log_index));
+        let Ok(Ok(last_log_index)) = caught_up else {
+            tracing::debug!(group, to, "hand-back: the node did not catch up in time");
+            return false;
+        };
+        let request = Request::App(encode(&AppRequest::TakeOver {
+            group,
+            last_log_index,
+        }));
+        // Only an explicit refusal means `to` will not call the election; after a lost answer
+        // it may still, so the gate stays closed for the wait below either way.
+        let wait = match peers.call(to, &request, lease).await {
+            Ok(Response::App(bytes)) => match decode::<AppResponse>(&bytes) {
+                Ok(AppResponse::Done(Ok(()))) => lease * HANDOFF_LIMIT,
+                Ok(AppResponse::Done(Err(error))) => {
+                    tracing::info!(group, to, %error, "hand-back refused; this node goes on leading");
+                    return false;
+                }
+                _ => lease,
+            },
+            Err(error) if error.not_sent() => {
+                tracing::debug!(group, to, %error, "hand-back: the request was not delivered");
+                return false;
+            }
+            _ => lease,
+        };
+        // Moved once another node leads (this node steps down as it grants the vote, and
+        // knows no leader until the new one's first message).
+        let moved = tokio::time::timeout(
+            wait,
+            metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != me)),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        let held_ms = started.elapsed().as_millis() as u64;
+        if moved {
+            tracing::info!(
+                group,
+                to,
+                held_ms,
+                "handed the partition back to its preferred node"
+            );
+        } else {
+            tracing::info!(
+                group,
+                to,
+                held_ms,
+                "hand-back: still the leader; this node goes on leading"
+            );
+        }
+        moved
+    }
+}
+
+/// The preferred node's side (step 3 above): what it needs of its node.
+pub(crate) struct Taker<'a> {
+    pub me: NodeId,
+    pub raft: &'a Raft<TypeConfig>,
+    pub peers: &'a Peers,
+    /// How long each other voter may take to answer a ping.
+    pub ping_deadline: Duration,
+    /// The group's count of take-overs this node accepted (shown in the cluster status).
+    pub takeovers: &'a AtomicU64,
+}
+
+impl Taker<'_> {
+    /// The answer to [`AppRequest::TakeOver`] from `from`, the leader of `group`: accepted if
+    /// this node is a voter that follows `from`, holds its whole log (applied) and reaches the
+    /// group's other voters (else leading would cut them off); the election is then called at
+    /// once (`from` grants its vote).
+    pub(crate) async fn take_over(
+        &self,
+        from: NodeId,
+        group: GroupId,
+        last_log_index: Option<u64>,
+    ) -> Result<(), ProposeError> {
+        let refuse = |why: &str| {
+            Err(ProposeError::Failed(format!(
+                "node {} cannot take over group {group}: {why}",
+                self.me
+            )))
+        };
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        if !membership.voter_ids().any(|v| v == self.me) {
+            return refuse("not a voter");
+        }
+        if m.current_leader != Some(from) {
+            return refuse("it follows another leader");
+        }
+        if m.last_log_index < last_log_index {
+            return refuse("its log is behind");
+        }
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        if applied.saturating_add(READY_LAG) < m.last_log_index.unwrap_or(0) {
+            return refuse("it is still applying its log");
+        }
+        let pings = membership
+            .voter_ids()
+            .filter(|&v| v != self.me && v != from)
+            .map(|voter| async move {
+                let request = Request::App(encode(&AppRequest::Ping));
+                matches!(
+                    self.peers.call(voter, &request, self.ping_deadline).await,
+                    Ok(Response::App(_))
+                )
+            });
+        if !futures::future::join_all(pings)
+            .await
+            .into_iter()
+            .all(|up| up)
+        {
+            return refuse("it cannot reach every other voter");
+        }
+        self.takeovers.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            group,
+            from,
+            "taking over the partition its leader hands back"
+        );
+        let raft = self.raft.clone();
+        tokio::spawn(async move {
+            if let Err(error) = raft.trigger().elect().await {
+                tracing::warn!(group, %error, "cannot call the election to take over");
+            }
+        });
+        Ok(())
+    }
+}
+
+/// How a hand-back ended, reported to the placement loop when dropped: also when the task
+/// ends early or panics (as not moved), so that the loop never waits for it forever.
+pub(crate) struct Outcome {
+    group: usize,
+    moved: bool,
+    tx: mpsc::Sender<(usize, bool)>,
+}
+
+impl Outcome {
+    /// The outcome of `group`'s hand-back, to be sent on `tx` (not moved unless set).
+    pub(crate) fn new(group: usize, tx: mpsc::Sender<(usize, bool)>) -> Outcome {
+        Outcome {
+            group,
+            moved: false,
+            tx,
+        }
+    }
+}
+
+impl Outcome {
+    /// Records whether the leadership moved. (A method, so that a task that calls it takes
+    /// the whole outcome, and reports when it ends.)
+    pub(crate) fn record(&mut self, moved: bool) {
+        self.moved = moved;
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        // The loop takes one outcome per hand-back and runs one at a time: never full.
+        let _ = self.tx.try_send((self.group, self.moved));
+    }
+}
 
 /// Which partitions this node should hand back, from what it sees as their leader.
 #[derive(Debug)]
@@ -291,6 +522,27 @@ mod tests {
         h.next_round();
         h.reset(1);
         assert_eq!(h.needed[1], READY_ROUNDS);
+    }
+
+    #[tokio::test]
+    async fn an_outcome_is_reported_when_its_task_ends_even_without_a_result() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let mut outcome = Outcome::new(2, tx.clone());
+        tokio::spawn(async move { outcome.record(true) })
+            .await
+            .unwrap();
+        assert_eq!(rx.recv().await, Some((2, true)));
+        let outcome = Outcome::new(3, tx);
+        let task = tokio::spawn(async move {
+            let _outcome = outcome;
+            panic!("a hand-back that fails");
+        });
+        assert!(task.await.is_err());
+        assert_eq!(
+            rx.recv().await,
+            Some((3, false)),
+            "a panicked one counts as not moved"
+        );
     }
 
     #[test]

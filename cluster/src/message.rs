@@ -75,12 +75,12 @@ pub enum AppRequest {
         group: GroupId,
     },
     /// From a group's leader handing it back (see `handoff`): take over `group`, whose log
-    /// ends at `last_log_index`. The receiver checks it holds that much, answers at once, and
-    /// calls an election once it has not heard the leader for a lease.
+    /// ends at `last_log_index`. The receiver checks it can (a voter following the sender,
+    /// with that much log, reaching the other voters), answers, and calls an election at once.
     TakeOver {
         /// The group.
         group: GroupId,
-        /// The last index of the leader's log, now silent.
+        /// The last index of the leader's log (its gate is closed: it does not grow).
         last_log_index: Option<u64>,
     },
 }

@@ -890,7 +890,21 @@ impl ClusterNode {
             AppRequest::TakeOver {
                 group,
                 last_log_index,
-            } => AppResponse::Done(self.take_over(from, group, last_log_index).await),
+            } => {
+                let Some(raft) = self.inner.groups.get(usize::from(group)) else {
+                    return AppResponse::Done(Err(ProposeError::Failed(format!(
+                        "no group {group}"
+                    ))));
+                };
+                let taker = handoff::Taker {
+                    me: self.inner.id,
+                    raft,
+                    peers: &self.inner.peers,
+                    ping_deadline: Duration::from_millis(self.inner.raft_timings.heartbeat_ms),
+                    takeovers: &self.inner.takeovers[usize::from(group)],
+                };
+                AppResponse::Done(taker.take_over(from, group, last_log_index).await)
+            }
             request @ (AppRequest::Join { .. } | AppRequest::Remove { .. }) => {
                 let meta = &self.inner.groups[usize::from(META_GROUP)];
                 if meta.metrics().borrow().current_leader != Some(self.inner.id) {
@@ -1064,176 +1078,6 @@ impl ClusterNode {
         self.inner.gates.get(usize::from(group_partition(group)?))
     }
 
-    /// Hands `group`, which this node leads, to `to`, its preferred node (see [`handoff`]):
-    /// closes the partition's gate, waits until `to` holds every entry, asks it to take over
-    /// and waits until this node no longer leads (at most [`handoff::HANDOFF_LIMIT`] leases);
-    /// then opens the gate again, whatever happened. Returns whether the leadership moved.
-    async fn hand_back(&self, group: GroupId, to: NodeId, term: u64) -> bool {
-        let (Some(raft), Some(gate)) =
-            (self.inner.groups.get(usize::from(group)), self.gate(group))
-        else {
-            return false;
-        };
-        let id = self.inner.id;
-        let lease = Duration::from_millis(self.inner.raft_timings.election_max_ms);
-        let started = tokio::time::Instant::now();
-        // Forwarded publishes are turned away from now on; no new round starts here, and the
-        // one in flight finishes.
-        let _closing = gate.start_closing();
-        let Ok(_closed) = tokio::time::timeout(lease, gate.rounds.write()).await else {
-            tracing::debug!(group, to, "hand-back: a round did not finish in time");
-            return false;
-        };
-        let mut metrics = raft.metrics();
-        let caught_up = tokio::time::timeout(
-            lease,
-            metrics.wait_for(|m| {
-                let matched = m
-                    .replication
-                    .as_ref()
-                    .and_then(|r| r.get(&to).cloned())
-                    .flatten()
-                    .map(|l| l.index);
-                m.current_leader == Some(id)
-                    && m.current_term == term
-                    && m.last_log_index.is_some()
-                    && m.last_applied.map(|l| l.index) == m.last_log_index
-                    && matched == m.last_log_index
-            }),
-        )
-        .await
-        .map(|r| r.map(|m| m.last_log_index));
-        let last_log_index = match caught_up {
-            Ok(Ok(last)) => last,
-            _ => {
-                tracing::debug!(group, to, "hand-back: the node did not catch up in time");
-                return false;
-            }
-        };
-        let request = Request::App(encode(&AppRequest::TakeOver {
-            group,
-            last_log_index,
-        }));
-        // Only an explicit refusal means `to` will not call the election; after a lost answer
-        // it may still, so the gate stays closed for the wait below either way.
-        let wait = match self.inner.peers.call(to, &request, lease).await {
-            Ok(Response::App(bytes)) => match decode::<AppResponse>(&bytes) {
-                Ok(AppResponse::Done(Ok(()))) => lease * handoff::HANDOFF_LIMIT,
-                Ok(AppResponse::Done(Err(error))) => {
-                    tracing::info!(group, to, %error, "hand-back refused; this node goes on leading");
-                    return false;
-                }
-                _ => lease,
-            },
-            Err(error) if error.not_sent() => {
-                tracing::debug!(group, to, %error, "hand-back: the request was not delivered");
-                return false;
-            }
-            _ => lease,
-        };
-        // Moved once another node leads (this node steps down as it grants the vote, and
-        // knows no leader until the new one's first message).
-        let moved = tokio::time::timeout(
-            wait,
-            metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != id)),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok());
-        let held_ms = started.elapsed().as_millis() as u64;
-        if moved {
-            tracing::info!(
-                group,
-                to,
-                held_ms,
-                "handed the partition back to its preferred node"
-            );
-        } else {
-            tracing::info!(
-                group,
-                to,
-                held_ms,
-                "hand-back: still the leader; this node goes on leading"
-            );
-        }
-        moved
-    }
-
-    /// This node's answer to [`AppRequest::TakeOver`] from `from`, the leader of `group`:
-    /// accepted if this node is a voter that follows `from`, holds its whole log (applied) and
-    /// reaches the group's other voters (else leading would cut them off); the election is
-    /// then called at once (`from` grants its vote, see [`handoff`]).
-    async fn take_over(
-        &self,
-        from: NodeId,
-        group: GroupId,
-        last_log_index: Option<u64>,
-    ) -> Result<(), ProposeError> {
-        let refuse = |why: &str| {
-            Err(ProposeError::Failed(format!(
-                "node {} cannot take over group {group}: {why}",
-                self.inner.id
-            )))
-        };
-        let Some(raft) = self.inner.groups.get(usize::from(group)).cloned() else {
-            return refuse("no such group");
-        };
-        let m = raft.metrics().borrow().clone();
-        if !m
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v == self.inner.id)
-        {
-            return refuse("not a voter");
-        }
-        if m.current_leader != Some(from) {
-            return refuse("it follows another leader");
-        }
-        if m.last_log_index < last_log_index {
-            return refuse("its log is behind");
-        }
-        let applied = m.last_applied.map_or(0, |l| l.index);
-        if applied.saturating_add(handoff::READY_LAG) < m.last_log_index.unwrap_or(0) {
-            return refuse("it is still applying its log");
-        }
-        let others: Vec<NodeId> = m
-            .membership_config
-            .membership()
-            .voter_ids()
-            .filter(|&v| v != self.inner.id && v != from)
-            .collect();
-        let deadline = Duration::from_millis(self.inner.raft_timings.heartbeat_ms);
-        let pings = others.iter().map(|&voter| {
-            let request = Request::App(encode(&AppRequest::Ping));
-            let peers = self.inner.peers.clone();
-            async move {
-                matches!(
-                    peers.call(voter, &request, deadline).await,
-                    Ok(Response::App(_))
-                )
-            }
-        });
-        if !futures::future::join_all(pings)
-            .await
-            .into_iter()
-            .all(|up| up)
-        {
-            return refuse("it cannot reach every other voter");
-        }
-        self.inner.takeovers[usize::from(group)].fetch_add(1, Ordering::Relaxed);
-        tracing::info!(
-            group,
-            from,
-            "taking over the partition its leader hands back"
-        );
-        tokio::spawn(async move {
-            if let Err(error) = raft.trigger().elect().await {
-                tracing::warn!(group, %error, "cannot call the election to take over");
-            }
-        });
-        Ok(())
-    }
-
     /// On each partition this node leads, commits an empty batch: it moves the partition's
     /// applied clock forward, so message ids of an idle partition leave the dedup window (the
     /// clock only advances through the log, which keeps dedup decisions identical on every
@@ -1317,10 +1161,7 @@ impl ClusterNode {
                 let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
                 if let Some(partition) = group_partition(group as GroupId) {
                     let preferred = placement(partition, &ids).0.first().copied();
-                    let matched = preferred
-                        .and_then(|p| m.replication.as_ref()?.get(&p).cloned())
-                        .flatten()
-                        .map(|l| l.index);
+                    let matched = preferred.and_then(|p| handoff::matched_index(&m, p));
                     // Two votes (this node's and the target's) make a quorum only in a plain
                     // group of at most three voters.
                     let plain = membership.get_joint_config().len() == 1 && voters.len() <= 3;
@@ -1334,15 +1175,20 @@ impl ClusterNode {
                     .filter(|_| plain);
                     let term = m.current_term;
                     if let Some(to) = hand_backs.observe(group, term, target) {
-                        let node = self.clone();
-                        let outcome = Outcome {
-                            group,
-                            moved: false,
-                            tx: handed_tx.clone(),
+                        let hand_back = handoff::HandBack {
+                            me: self.inner.id,
+                            group: group as GroupId,
+                            to,
+                            term,
+                            lease: Duration::from_millis(self.inner.raft_timings.election_max_ms),
                         };
+                        let (raft, gate) = (raft.clone(), self.gate(group as GroupId).cloned());
+                        let peers = self.inner.peers.clone();
+                        let mut outcome = handoff::Outcome::new(group, handed_tx.clone());
                         tokio::spawn(async move {
-                            let mut outcome = outcome;
-                            outcome.moved = node.hand_back(group as GroupId, to, term).await;
+                            if let Some(gate) = gate {
+                                outcome.record(hand_back.run(&raft, &gate, &peers).await);
+                            }
                         });
                         continue;
                     }
@@ -1456,21 +1302,6 @@ impl Handler for ClusterNode {
             };
             encode(&response)
         })
-    }
-}
-
-/// How a hand-back ended, reported to the placement loop when dropped: also when the task
-/// ends early or panics (as not moved), so that the loop never waits for it forever.
-struct Outcome {
-    group: usize,
-    moved: bool,
-    tx: mpsc::Sender<(usize, bool)>,
-}
-
-impl Drop for Outcome {
-    fn drop(&mut self) {
-        // The loop takes one outcome per hand-back and runs one at a time: never full.
-        let _ = self.tx.try_send((self.group, self.moved));
     }
 }
 

@@ -410,10 +410,7 @@ impl ProposerContext {
         // a lease for that.
         let mut metrics = self.raft.metrics();
         let leader_changed = async move {
-            let _ = metrics
-                .wait_for(|m| m.current_leader != Some(leader))
-                .await
-                .map(|_| ());
+            let _ = metrics.wait_for(|m| m.current_leader != Some(leader)).await;
         };
         let answer = tokio::select! {
             biased;
