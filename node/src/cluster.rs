@@ -83,7 +83,7 @@ fn render_status(status: &Value) -> String {
         }
     }
     out.push_str(
-        "group  partition  role       leader  term  last-log  applied  voters      elections  lag\n",
+        "group  partition  role       leader  term  last-log  applied  voters      elections (taken over)  lag\n",
     );
     for g in status["groups"].as_array().into_iter().flatten() {
         let list = |v: &Value| {
@@ -115,14 +115,15 @@ fn render_status(status: &Value) -> String {
         } else {
             text(&g["partition"])
         };
-        // Elections this node called, and how many of them were hand-backs it took.
-        let elections = match (g["elections_called"].as_u64(), g["takeovers"].as_u64()) {
-            (Some(called), Some(taken)) if taken > 0 => format!("{called} ({taken} h-b)"),
-            (Some(called), _) => called.to_string(),
-            _ => "-".to_string(),
-        };
+        // Elections this node called, and how many of them took over a partition its leader
+        // handed back.
+        let elections = format!(
+            "{} ({})",
+            text(&g["elections_called"]),
+            text(&g["takeovers"])
+        );
         out.push_str(&format!(
-            "{:<6} {:<10} {:<10} {:<7} {:<5} {:<9} {:<8} {:<11} {:<10} {}\n",
+            "{:<6} {:<10} {:<10} {:<7} {:<5} {:<9} {:<8} {:<11} {:<23} {}\n",
             text(&g["group"]),
             partition,
             text(&g["role"]),
@@ -161,9 +162,9 @@ mod tests {
         assert!(lines[4].contains("elections"), "{table}");
         assert!(lines[5].starts_with("0      meta"), "{table}");
         assert!(
-            lines[5].contains(" 2 ") && lines[5].ends_with("2:0"),
+            lines[5].contains(" 2 (0) ") && lines[5].ends_with("2:0"),
             "{table}"
         );
-        assert!(lines[6].contains("1 (1 h-b)"), "{table}");
+        assert!(lines[6].contains(" 1 (1) "), "{table}");
     }
 }

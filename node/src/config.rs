@@ -348,6 +348,45 @@ mod tests {
     }
 
     #[test]
+    fn fast_failover_is_on_unless_the_file_or_a_flag_turns_it_off() {
+        let mut file = tempfile_in_target("herald-config-failover.toml");
+        writeln!(
+            file.1,
+            "node_id = 1\ntls_dir = \"tls\"\nraft_fast_failover = false"
+        )
+        .unwrap();
+        let from_file = |flag: Option<bool>| {
+            let args = ServeArgs {
+                config: Some(file.0.clone()),
+                raft_fast_failover: flag,
+                ..ServeArgs::default()
+            };
+            NodeConfig::resolve(args)
+                .unwrap()
+                .cluster
+                .unwrap()
+                .raft
+                .fast_failover
+        };
+        assert!(!from_file(None), "the file turns it off");
+        assert!(from_file(Some(true)), "a flag beats the file");
+        let args = ServeArgs {
+            node_id: Some(1),
+            tls_dir: Some(PathBuf::from("tls")),
+            ..ServeArgs::default()
+        };
+        assert!(
+            NodeConfig::resolve(args)
+                .unwrap()
+                .cluster
+                .unwrap()
+                .raft
+                .fast_failover
+        );
+        std::fs::remove_file(&file.0).unwrap();
+    }
+
+    #[test]
     fn unknown_file_keys_are_named() {
         let mut file = tempfile_in_target("herald-config-typo.toml");
         writeln!(file.1, "resp_adr = \"127.0.0.1:7777\"").unwrap();
