@@ -570,8 +570,9 @@ fn group_views(cluster: &Cluster, id: u64) -> Option<Vec<GroupView>> {
 /// A node restarted after `kill -9` rejoins as a follower: it calls no election of its own
 /// before it has heard the current leaders (so it deposes nobody), and it catches up with what
 /// was committed while it was down (its write-ahead logs replayed first). Then the partitions
-/// placed first on it are handed back to it by their leaders, while publishers with message
-/// ids run: every acknowledged publish is there once, in order.
+/// placed first on it are handed back to it by their leaders while publishers run, with and
+/// without message ids: none of the latter fails, and every acknowledged publish is there
+/// once, in order.
 ///
 /// The assertion on elections is on what the restarted node itself did (`elections_called`,
 /// counted per group from the vote requests it sent), not on the leaders' terms: on a starved
