@@ -355,12 +355,7 @@ mod tests {
             "node_id = 1\ntls_dir = \"tls\"\nraft_fast_failover = false"
         )
         .unwrap();
-        let from_file = |flag: Option<bool>| {
-            let args = ServeArgs {
-                config: Some(file.0.clone()),
-                raft_fast_failover: flag,
-                ..ServeArgs::default()
-            };
+        let fast_failover = |args: ServeArgs| {
             NodeConfig::resolve(args)
                 .unwrap()
                 .cluster
@@ -368,21 +363,21 @@ mod tests {
                 .raft
                 .fast_failover
         };
-        assert!(!from_file(None), "the file turns it off");
-        assert!(from_file(Some(true)), "a flag beats the file");
-        let args = ServeArgs {
+        let from_file = |flag: Option<bool>| ServeArgs {
+            config: Some(file.0.clone()),
+            raft_fast_failover: flag,
+            ..ServeArgs::default()
+        };
+        assert!(!fast_failover(from_file(None)), "the file turns it off");
+        assert!(
+            fast_failover(from_file(Some(true))),
+            "a flag beats the file"
+        );
+        assert!(fast_failover(ServeArgs {
             node_id: Some(1),
             tls_dir: Some(PathBuf::from("tls")),
             ..ServeArgs::default()
-        };
-        assert!(
-            NodeConfig::resolve(args)
-                .unwrap()
-                .cluster
-                .unwrap()
-                .raft
-                .fast_failover
-        );
+        }));
         std::fs::remove_file(&file.0).unwrap();
     }
 
