@@ -465,6 +465,57 @@ impl Broker {
         Ok(Ticket::Queued { pending, channel })
     }
 
+    /// [`Broker::enqueue`] for several publishes, in order, a ticket (or the error that
+    /// refused it) each. On a single node the durable ones are ONE request to the log, so they
+    /// share a batch and its sync, as Redis's AOF covers every command of one read with one
+    /// `fsync`; queued one by one, the log would commit the first alone while the others arrive.
+    pub async fn enqueue_many(
+        &self,
+        publishes: Vec<Publish>,
+        wakes: &mut Wakes,
+    ) -> Vec<Result<Ticket, StorageError>> {
+        let mut tickets: Vec<Option<Result<Ticket, StorageError>>> = Vec::new();
+        let mut durable = Vec::new();
+        for publish in publishes {
+            if matches!(self.log, Log::Local(_)) && self.is_durable(&publish.channel) {
+                durable.push((tickets.len(), publish));
+                tickets.push(None);
+            } else {
+                let Publish {
+                    channel,
+                    payload,
+                    message_id,
+                } = publish;
+                tickets.push(Some(
+                    self.enqueue(channel, payload, message_id, wakes).await,
+                ));
+            }
+        }
+        if let (Log::Local(log), false) = (&self.log, durable.is_empty()) {
+            let (slots, publishes): (Vec<usize>, Vec<Publish>) = durable.into_iter().unzip();
+            let channels: Vec<Bytes> = publishes.iter().map(|p| p.channel.clone()).collect();
+            match log.enqueue_many(publishes).await {
+                Ok(pending) => {
+                    for ((slot, pending), channel) in slots.into_iter().zip(pending).zip(channels) {
+                        tickets[slot] = Some(Ok(Ticket::Queued {
+                            pending: Commit::Local(pending),
+                            channel,
+                        }));
+                    }
+                }
+                Err(error) => {
+                    for slot in slots {
+                        tickets[slot] = Some(Err(error.clone()));
+                    }
+                }
+            }
+        }
+        tickets
+            .into_iter()
+            .map(|t| t.expect("every publish has its ticket"))
+            .collect()
+    }
+
     /// Sends a non-durable event to the peers with interest in it; returns their receivers.
     fn send_to_peers(&self, kind: InterestKind, channel: &Bytes, payload: &Bytes) -> usize {
         let Log::Cluster(node) = &self.log else {

@@ -105,15 +105,18 @@ enum Msg {
 
 type Reply = oneshot::Sender<Result<Vec<Applied>, StorageError>>;
 
+/// Publishes queued together, and who waits for them: one reply for all of them (a
+/// `publish_many`), or one per publish ([`LocalLog::enqueue_many`]), each with how many of the
+/// publishes (in order) it answers for.
 struct Request {
     publishes: Vec<Publish>,
     bytes: usize,
-    reply: Reply,
+    replies: Vec<(Reply, usize)>,
 }
 
 /// A batch the applier has applied (or failed to), on its way to the flusher.
 struct Batch {
-    /// Each request's reply and number of publishes, in queue order.
+    /// Each reply and the number of publishes it answers for, in queue order.
     replies: Vec<(Reply, usize)>,
     /// Publishes of the batch.
     count: usize,
@@ -265,18 +268,41 @@ impl LocalLog {
     /// await its outcome later. Queue order is commit order, so a connection that pipelines
     /// publishes enqueues them one after another and awaits them together: they share a flush.
     pub async fn enqueue(&self, publish: Publish) -> Result<Pending, StorageError> {
-        let (reply, rx) = oneshot::channel();
-        let bytes = publish.size();
+        let mut pending = self.enqueue_many(vec![publish]).await?;
+        pending
+            .pop()
+            .ok_or_else(|| StorageError::Internal("the log returned no handle".into()))
+    }
+
+    /// Queues several publishes as ONE request (so they go into the same batch, in order) and
+    /// returns a handle per publish, to be awaited separately. A connection that read several
+    /// pipelined publishes at once hands them over this way: queued one by one, the applier
+    /// would wake on the first, commit it alone, and the rest would wait for a second sync.
+    pub async fn enqueue_many(
+        &self,
+        publishes: Vec<Publish>,
+    ) -> Result<Vec<Pending>, StorageError> {
+        if publishes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let bytes = publishes.iter().map(Publish::size).sum();
+        let (replies, pending): (Vec<_>, Vec<_>) = publishes
+            .iter()
+            .map(|_| {
+                let (reply, rx) = oneshot::channel();
+                ((reply, 1), Pending(rx))
+            })
+            .unzip();
         self.inner
             .tx
             .send(Msg::Publish(Request {
-                publishes: vec![publish],
+                publishes,
                 bytes,
-                reply,
+                replies,
             }))
             .await
             .map_err(|_| StorageError::Closed)?;
-        Ok(Pending(rx))
+        Ok(pending)
     }
 
     async fn submit(&self, publishes: Vec<Publish>) -> Result<Vec<Applied>, StorageError> {
@@ -285,9 +311,9 @@ impl LocalLog {
         self.inner
             .tx
             .send(Msg::Publish(Request {
+                replies: vec![(reply, publishes.len())],
                 publishes,
                 bytes,
-                reply,
             }))
             .await
             .map_err(|_| StorageError::Closed)?;
@@ -393,7 +419,7 @@ impl Committer {
         let mut publishes = Vec::with_capacity(count);
         let mut replies = Vec::with_capacity(requests.len());
         for r in requests {
-            replies.push((r.reply, r.publishes.len()));
+            replies.extend(r.replies);
             publishes.extend(r.publishes);
         }
         let now = unix_now_ms();
@@ -526,7 +552,9 @@ impl Committer {
         while let Some(msg) = rx.blocking_recv() {
             match msg {
                 Msg::Publish(r) => {
-                    let _ = r.reply.send(Err(StorageError::Closed));
+                    for (reply, _) in r.replies {
+                        let _ = reply.send(Err(StorageError::Closed));
+                    }
                 }
                 Msg::Close(done) => intake.closing.push(done),
             }
@@ -818,6 +846,48 @@ mod tests {
         let h = store.history_after(b"one", Some(45), 10).unwrap();
         assert_eq!(h.len(), 5);
         assert_eq!(h[0].payload, "45");
+    }
+
+    #[tokio::test]
+    async fn enqueue_many_is_one_batch_with_a_result_per_publish() {
+        let dir = TempDir::new("enqueue-many");
+        let (on_commit, seen) = recorder();
+        let log = LocalLog::start(open(&dir), Arc::new(Namespaces::default()), on_commit).unwrap();
+        assert!(log.enqueue_many(Vec::new()).await.unwrap().is_empty());
+        // A duplicate inside the request answers its own handle with the original position.
+        let batch: Vec<Publish> = (0..40)
+            .map(|i| Publish::new(if i % 2 == 0 { "a" } else { "b" }, format!("{i}")))
+            .chain([Publish::new("a", "again").with_id("x")])
+            .chain([Publish::new("a", "again").with_id("x")])
+            .collect();
+        let pending = log.enqueue_many(batch).await.unwrap();
+        assert_eq!(pending.len(), 42);
+        let mut results = Vec::new();
+        for p in pending {
+            results.push(p.wait().await.unwrap());
+        }
+        let seqs: Vec<(bool, u64)> = results[..40]
+            .iter()
+            .map(|a| (matches!(a, Applied::New(_)), a.position().seq))
+            .collect();
+        // "a" and "b" hash to their partitions; within each, sequence numbers follow the
+        // request's order.
+        for parity in 0..2 {
+            let mine: Vec<u64> = seqs
+                .iter()
+                .skip(parity)
+                .step_by(2)
+                .map(|(new, seq)| {
+                    assert!(new);
+                    *seq
+                })
+                .collect();
+            assert!(mine.windows(2).all(|w| w[0] < w[1]), "{mine:?}");
+        }
+        assert!(matches!(results[40], Applied::New(_)));
+        assert_eq!(results[41], Applied::Duplicate(results[40].position()));
+        assert_eq!(log.stats().batches, 1);
+        assert_eq!(seen.lock().len(), 1);
     }
 
     #[tokio::test]

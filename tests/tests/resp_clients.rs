@@ -133,6 +133,61 @@ async fn pipelined_commands_are_answered_in_order() {
     }
 }
 
+/// A long pipeline of durable publishes is staged and handed to the log in groups (past 1,024
+/// publishes or 1 MiB at once): every publish is answered, in order, delivered once in order,
+/// and in the history in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_pipeline_of_durable_publishes_commits_everything_in_order() {
+    let node = Herald::start();
+    let client = redis::Client::open(node.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("stage:0").await.unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+
+    let total = 3_000;
+    let mut pipe = redis::pipe();
+    for i in 0..total {
+        // Some publishes are large, so the 1 MiB limit splits the staging too.
+        let payload = if i % 500 == 7 {
+            format!("{i}:{}", "x".repeat(300_000))
+        } else {
+            i.to_string()
+        };
+        pipe.publish(format!("stage:{}", i % 3), payload);
+    }
+    let replies: Vec<i64> = pipe.query_async(&mut connection).await.unwrap();
+    let expected: Vec<i64> = (0..total).map(|i| i64::from(i % 3 == 0)).collect();
+    assert_eq!(replies, expected);
+
+    let mut messages = pubsub.on_message();
+    for i in (0..total).step_by(3) {
+        let message = tokio::time::timeout(PATIENCE, messages.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let payload: String = message.get_payload().unwrap();
+        assert_eq!(payload.split(':').next().unwrap(), i.to_string());
+    }
+    for channel in 0..3 {
+        // Everything retained (the default namespace keeps 100 events per channel).
+        let history: Vec<(String, String)> = redis::cmd("HISTORY")
+            .arg(format!("stage:{channel}"))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        let seen: Vec<String> = history
+            .into_iter()
+            .map(|(_, payload)| payload.split(':').next().unwrap().to_string())
+            .collect();
+        let want: Vec<String> = (0..total)
+            .filter(|i| i % 3 == channel)
+            .skip(1_000 - 100)
+            .map(|i| i.to_string())
+            .collect();
+        assert_eq!(seen, want, "history of stage:{channel}");
+    }
+}
+
 fn redis_cli(node: &Herald, args: &[&str]) -> String {
     let output = Command::new("redis-cli")
         .args(["-h", "127.0.0.1", "-p", &node.resp.port().to_string()])

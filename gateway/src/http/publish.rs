@@ -16,8 +16,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use herald_storage::Cursor;
 use herald_storage::StorageError;
+use herald_storage::{Cursor, Publish};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -75,24 +75,27 @@ pub async fn publish(State(state): State<HttpState>, body: Bytes) -> Response {
         );
     }
     let broker = state.broker().clone();
-    // Queue every event first (in order), then wait: the batch shares one commit.
-    let mut tickets = Vec::with_capacity(events.len());
+    // Queue every event first (in order, as one request), then wait: the batch shares one
+    // commit.
     let mut wakes = Wakes::default();
-    for event in events {
-        let channel = Bytes::from(event.channel);
-        let payload = match event.data {
-            Value::String(text) => Bytes::from(text),
-            other => Bytes::from(other.to_string()),
-        };
-        match broker
-            .enqueue(
-                channel.clone(),
-                payload,
-                event.message_id.map(Bytes::from),
-                &mut wakes,
-            )
-            .await
-        {
+    let publishes: Vec<Publish> = events
+        .into_iter()
+        .map(|event| Publish {
+            channel: Bytes::from(event.channel),
+            payload: match event.data {
+                Value::String(text) => Bytes::from(text),
+                other => Bytes::from(other.to_string()),
+            },
+            message_id: event.message_id.map(Bytes::from),
+        })
+        .collect();
+    let channels: Vec<Bytes> = publishes.iter().map(|p| p.channel.clone()).collect();
+    let mut tickets = Vec::with_capacity(publishes.len());
+    for (channel, ticket) in channels
+        .into_iter()
+        .zip(broker.enqueue_many(publishes, &mut wakes).await)
+    {
+        match ticket {
             Ok(ticket) => tickets.push((channel, ticket)),
             Err(error) => {
                 return error_response(

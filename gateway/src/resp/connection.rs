@@ -14,6 +14,7 @@ use crate::resp::frame::{Frame, Protocol};
 use crate::resp::parse::RequestParser;
 use crate::resp::server::{REPLY_BACKPRESSURE_BYTES, ServerContext};
 use bytes::{Bytes, BytesMut};
+use herald_storage::Publish;
 use indexmap::IndexSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,10 +29,17 @@ const IDLE_BUFFER_BYTES: usize = 16 * 1024;
 /// How much room to make before each read.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
-/// A reply in waiting: encoded, or a publish still being committed.
+/// Durable publishes staged by one connection are handed to the log once this many wait...
+const STAGE_MAX_PUBLISHES: usize = 1024;
+/// ...or once they hold this many bytes, whichever comes first.
+const STAGE_MAX_BYTES: usize = 1 << 20;
+
+/// A reply in waiting: encoded, a publish still being committed, or a publish staged (not yet
+/// handed to the log).
 enum Slot {
     Ready(BytesMut),
     Publish(Ticket),
+    Staged,
 }
 
 /// The per-connection state commands work on.
@@ -49,6 +57,11 @@ pub(crate) struct Session {
     /// Replies not yet queued, in command order; durable publishes wait in their slot for
     /// their commit while later commands run.
     slots: Vec<Slot>,
+    /// Durable publishes read but not yet handed to the log, and their slots: they go to the
+    /// log together ([`Session::submit_staged`]) so that they share one batch and one sync.
+    staged: Vec<Publish>,
+    staged_slots: Vec<usize>,
+    staged_bytes: usize,
     /// Receivers of this batch's publishes, woken when the batch's replies are queued.
     pub wakes: Wakes,
     /// Set by `QUIT` and protocol errors: stop after queued output is written.
@@ -67,6 +80,9 @@ impl Session {
             authenticated,
             subscriptions: Default::default(),
             slots: Vec::new(),
+            staged: Vec::new(),
+            staged_slots: Vec::new(),
+            staged_bytes: 0,
             wakes: Wakes::default(),
             closing: false,
             history: None,
@@ -99,9 +115,52 @@ impl Session {
         self.slots.push(Slot::Publish(ticket));
     }
 
+    /// Stages a publish to a durable namespace: its reply slot is reserved now, and it goes to
+    /// the log with the other publishes of the same read ([`Session::submit_staged`]), or
+    /// at once past the staging limits.
+    pub async fn stage_publish(&mut self, publish: Publish) {
+        self.staged_bytes += publish.size();
+        self.staged.push(publish);
+        self.staged_slots.push(self.slots.len());
+        self.slots.push(Slot::Staged);
+        if self.staged.len() >= STAGE_MAX_PUBLISHES || self.staged_bytes >= STAGE_MAX_BYTES {
+            self.submit_staged().await;
+        }
+    }
+
+    /// Hands the staged publishes to the log as one request. Runs before any other command
+    /// (so a command never overtakes a publish read before it) and before replies are queued.
+    pub async fn submit_staged(&mut self) {
+        if self.staged.is_empty() {
+            return;
+        }
+        self.staged_bytes = 0;
+        let publishes = std::mem::take(&mut self.staged);
+        let tickets = self
+            .ctx
+            .broker
+            .enqueue_many(publishes, &mut self.wakes)
+            .await;
+        for (index, ticket) in std::mem::take(&mut self.staged_slots)
+            .into_iter()
+            .zip(tickets)
+        {
+            self.slots[index] = match ticket {
+                Ok(ticket) => Slot::Publish(ticket),
+                Err(error) => {
+                    let mut buffer = BytesMut::new();
+                    Frame::error(format!("ERR publish failed: {error}"))
+                        .encode(self.protocol, &mut buffer);
+                    Slot::Ready(buffer)
+                }
+            };
+        }
+    }
+
     /// Queues the replies encoded so far. Must run before anything else is queued directly
     /// (hub subscription confirmations), to keep replies in command order.
     pub async fn flush_replies(&mut self) {
+        self.submit_staged().await;
         self.wakes.wake_all();
         let mut out = BytesMut::new();
         for slot in std::mem::take(&mut self.slots) {
@@ -115,6 +174,7 @@ impl Session {
                     };
                     frame.encode(self.protocol, &mut out);
                 }
+                Slot::Staged => unreachable!("staged publishes are submitted first"),
             }
         }
         if !out.is_empty() {

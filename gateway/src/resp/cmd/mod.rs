@@ -75,6 +75,10 @@ pub(crate) async fn execute(session: &mut Session, args: Args) {
         meta.last_command = (command.name, subcommand);
         meta.last_active = Instant::now();
     }
+    // Publishes staged from this read go to the log before any other command runs.
+    if command.name != "publish" {
+        session.submit_staged().await;
+    }
     match command.name {
         "auth" => connection::auth(session, &args),
         "client" => client::client(session, subcommand, &args),

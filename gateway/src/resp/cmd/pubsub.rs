@@ -7,6 +7,7 @@ use crate::hub::glob::{Glob, MAX_PATTERN_LEN};
 use crate::resp::connection::Session;
 use crate::resp::frame::Frame;
 use bytes::Bytes;
+use herald_storage::Publish;
 
 fn slot(kind: Kind) -> usize {
     match kind {
@@ -78,9 +79,19 @@ pub(super) async fn unsubscribe(session: &mut Session, kind: Kind, args: &Args) 
 }
 
 /// `PUBLISH channel message`: the number of receivers. To a durable namespace the reply comes
-/// once the message is committed; pipelined publishes share one commit.
+/// once the message is committed; pipelined publishes share one commit (they are staged and
+/// go to the log together).
 pub(super) async fn publish(session: &mut Session, args: &Args) {
     let broker = session.ctx.broker.clone();
+    if broker.is_durable(&args[1]) {
+        let publish = Publish {
+            channel: args[1].clone(),
+            payload: args[2].clone(),
+            message_id: None,
+        };
+        session.stage_publish(publish).await;
+        return;
+    }
     let ticket = broker
         .enqueue(args[1].clone(), args[2].clone(), None, &mut session.wakes)
         .await;
