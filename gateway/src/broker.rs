@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, oneshot, watch};
 
@@ -302,6 +302,12 @@ impl Delivered {
 /// Committed batches that may wait for the delivery thread before commits wait for it.
 const DELIVERY_QUEUE: usize = 1024;
 
+/// A committed batch whose events reach at most this many local receivers in all is delivered
+/// on the commit path when the delivery thread has nothing queued: handing it over would cost
+/// two thread wake-ups (the delivery thread's, then the publisher's, which waits for its
+/// event's delivery), more than the fan-out itself.
+const INLINE_FAN_OUT: usize = 64;
+
 /// What the log calls with committed events: raise the watermarks, then queue the events for
 /// the delivery thread, which fans them out to local subscribers in commit order.
 ///
@@ -317,6 +323,10 @@ const DELIVERY_QUEUE: usize = 1024;
 /// never came through here (a snapshot install moved the partition past them): open streams
 /// missed them. `skips` is raised then, BEFORE the event goes to the hub, so every open stream
 /// is told to reconnect before it could send anything past the hole (see [`crate::reconnect`]).
+///
+/// Small fan-outs ([`INLINE_FAN_OUT`]) are delivered on the commit path itself when nothing
+/// waits for the delivery thread: every batch handed to it earlier is delivered by then, so
+/// the order holds.
 fn deliver_on_commit(
     hub: &Arc<Hub>,
     committed: &Arc<Vec<AtomicU64>>,
@@ -324,8 +334,11 @@ fn deliver_on_commit(
     delivered: &Arc<Delivered>,
 ) -> OnCommit {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Event>>(DELIVERY_QUEUE);
+    // Batches handed to the delivery thread and not yet delivered.
+    let in_flight = Arc::new(AtomicUsize::new(0));
     let delivery_hub = hub.clone();
     let thread_delivered = delivered.clone();
+    let thread_in_flight = in_flight.clone();
     let spawned = std::thread::Builder::new()
         .name("herald-deliver".into())
         .spawn(move || {
@@ -335,6 +348,7 @@ fn deliver_on_commit(
                 delivery_hub.deliver_events(&events, &mut wakes);
                 wakes.wake_all();
                 thread_delivered.advance(&events);
+                thread_in_flight.fetch_sub(1, Ordering::AcqRel);
             }
         });
     let tx = match spawned {
@@ -362,11 +376,23 @@ fn deliver_on_commit(
                 skips.send_modify(|n| *n += 1);
             }
         }
-        let queued = tx
-            .as_ref()
-            .is_some_and(|tx| tx.send(events.to_vec()).is_ok());
+        // Calls for one partition never overlap (its log or state machine makes them in
+        // commit order), so seeing nothing in flight means its earlier batches are delivered.
+        let inline =
+            in_flight.load(Ordering::Acquire) == 0 && hub.fan_out_at_most(events, INLINE_FAN_OUT);
+        let queued = !inline
+            && tx.as_ref().is_some_and(|tx| {
+                in_flight.fetch_add(1, Ordering::AcqRel);
+                let sent = tx.send(events.to_vec()).is_ok();
+                if !sent {
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
+                }
+                sent
+            });
         if !queued {
-            hub.deliver_events(events, &mut Wakes::default());
+            let mut wakes = Wakes::default();
+            hub.deliver_events(events, &mut wakes);
+            wakes.wake_all();
             delivered.advance(events);
         }
     })
@@ -725,5 +751,87 @@ impl Broker {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::outbox::Outbox;
+    use crate::hub::{Format, Subscriber};
+    use crate::resp::frame::Protocol;
+
+    fn event(channel: &'static str, partition: u16, seq: u64) -> Event {
+        Event {
+            position: Position { partition, seq },
+            channel: Bytes::from_static(channel.as_bytes()),
+            payload: Bytes::from(seq.to_string()),
+            message_id: None,
+            timestamp_ms: 0,
+        }
+    }
+
+    /// A small commit is delivered on the commit path only when the delivery thread has
+    /// nothing left: a subscriber of a wide channel and a narrow one sees commit order.
+    #[tokio::test]
+    async fn a_small_commit_waits_for_a_wide_fan_out_in_progress() {
+        let hub = Arc::new(Hub::default());
+        let subscribe = |id, channels: &[&'static str]| {
+            let subscriber = Arc::new(Subscriber::new(
+                id,
+                Arc::new(Outbox::new()),
+                Format::resp(Protocol::Resp2),
+            ));
+            let names: Vec<Bytes> = channels
+                .iter()
+                .map(|c| Bytes::from_static(c.as_bytes()))
+                .collect();
+            let replies = names.iter().map(|_| Bytes::new()).collect();
+            hub.subscribe(Kind::Channel, &subscriber, &names, replies);
+            subscriber
+        };
+        let watcher = subscribe(0, &["wide", "narrow"]);
+        let _crowd: Vec<_> = (1..=100).map(|id| subscribe(id, &["wide"])).collect();
+        let committed = Arc::new((0..2).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
+        let delivered = Arc::new(Delivered {
+            marks: (0..2).map(|_| AtomicU64::new(0)).collect(),
+            changed: Notify::new(),
+        });
+        let skips = Arc::new(watch::channel(0).0);
+        let on_commit = deliver_on_commit(&hub, &committed, &skips, &delivered);
+
+        let wide: Vec<Event> = (1..=2_000).map(|seq| event("wide", 0, seq)).collect();
+        on_commit(&wide);
+        on_commit(&[event("narrow", 1, 1)]);
+        tokio::time::timeout(Duration::from_secs(30), async {
+            delivered
+                .wait_for(Position {
+                    partition: 0,
+                    seq: 2_000,
+                })
+                .await;
+            delivered
+                .wait_for(Position {
+                    partition: 1,
+                    seq: 1,
+                })
+                .await;
+        })
+        .await
+        .unwrap();
+
+        let mut out = bytes::BytesMut::new();
+        watcher.outbox().next_batch(&mut out, usize::MAX).await;
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        let channels: Vec<&str> = text
+            .split("\r\n")
+            .filter(|line| *line == "wide" || *line == "narrow")
+            .collect();
+        assert_eq!(channels.len(), 2_001);
+        assert_eq!(
+            channels.last(),
+            Some(&"narrow"),
+            "the narrow event overtook the wide ones"
+        );
     }
 }

@@ -133,6 +133,17 @@ async fn pipelined_commands_are_answered_in_order() {
     }
 }
 
+/// A connection that waits for replies as long as the tests do: a long pipeline of durable
+/// publishes can take longer than redis-rs's default 500 ms on a loaded machine.
+async fn patient_connection(client: &redis::Client) -> redis::aio::MultiplexedConnection {
+    client
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_response_timeout(Some(PATIENCE)),
+        )
+        .await
+        .unwrap()
+}
+
 /// A long pipeline of durable publishes is staged and handed to the log in groups (past 1,024
 /// publishes or 1 MiB at once): every publish is answered, in order, delivered once in order,
 /// and in the history in order.
@@ -142,7 +153,7 @@ async fn a_long_pipeline_of_durable_publishes_commits_everything_in_order() {
     let client = redis::Client::open(node.url()).unwrap();
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub.subscribe("stage:0").await.unwrap();
-    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let mut connection = patient_connection(&client).await;
 
     let total = 3_000;
     let mut pipe = redis::pipe();

@@ -333,6 +333,26 @@ impl Hub {
                 .sum::<usize>()
     }
 
+    /// Whether delivering `events` reaches at most `limit` receivers in all (channel
+    /// subscribers plus matching patterns), counted under one read of the subscriptions: the
+    /// commit path delivers such small fan-outs itself instead of handing them to a thread.
+    pub fn fan_out_at_most(&self, events: &[Event], limit: usize) -> bool {
+        let state = self.state.read();
+        let mut receivers = 0;
+        for event in events {
+            receivers += state.channels.get(&event.channel).map_or(0, IndexMap::len);
+            for entry in state.patterns.values() {
+                if entry.glob.matches(&event.channel) {
+                    receivers += entry.receivers.len();
+                }
+            }
+            if receivers > limit {
+                return false;
+            }
+        }
+        true
+    }
+
     /// `SPUBLISH`: queues the message to every subscriber of shard channel `channel`.
     pub fn spublish(&self, channel: &[u8], payload: &[u8], wakes: &mut Wakes) -> usize {
         let limit = self.output_limit();
