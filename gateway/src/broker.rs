@@ -302,11 +302,12 @@ impl Delivered {
 /// Committed batches that may wait for the delivery thread before commits wait for it.
 const DELIVERY_QUEUE: usize = 1024;
 
-/// A committed batch whose events reach at most this many local receivers in all is delivered
-/// on the commit path when the delivery thread has nothing queued: handing it over would cost
-/// two thread wake-ups (the delivery thread's, then the publisher's, which waits for its
-/// event's delivery), more than the fan-out itself.
-const INLINE_FAN_OUT: usize = 64;
+/// A committed batch whose delivery costs at most this much work (events, patterns matched,
+/// receivers: [`Hub::fan_out_at_most`]) is delivered on the commit path when the delivery
+/// thread has nothing queued: handing it over would cost two thread wake-ups (the delivery
+/// thread's, then the publisher's, which waits for its event's delivery), more than the
+/// fan-out itself.
+const INLINE_FAN_OUT: usize = 256;
 
 /// What the log calls with committed events: raise the watermarks, then queue the events for
 /// the delivery thread, which fans them out to local subscribers in commit order.

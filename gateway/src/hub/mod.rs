@@ -333,20 +333,26 @@ impl Hub {
                 .sum::<usize>()
     }
 
-    /// Whether delivering `events` reaches at most `limit` receivers in all (channel
-    /// subscribers plus matching patterns), counted under one read of the subscriptions: the
-    /// commit path delivers such small fan-outs itself instead of handing them to a thread.
+    /// Whether delivering `events` costs at most `limit` units of work: one per event, one per
+    /// pattern it is matched against, one per receiver. Counted under one read of the
+    /// subscriptions, giving up as soon as the limit is passed (so a node with many patterns
+    /// answers at once): the commit path delivers such small fan-outs itself instead of
+    /// handing them to a thread.
     pub fn fan_out_at_most(&self, events: &[Event], limit: usize) -> bool {
         let state = self.state.read();
-        let mut receivers = 0;
+        let per_event = 1 + state.patterns.len();
+        if events.len().saturating_mul(per_event) > limit {
+            return false;
+        }
+        let mut work = events.len() * per_event;
         for event in events {
-            receivers += state.channels.get(&event.channel).map_or(0, IndexMap::len);
+            work += state.channels.get(&event.channel).map_or(0, IndexMap::len);
             for entry in state.patterns.values() {
                 if entry.glob.matches(&event.channel) {
-                    receivers += entry.receivers.len();
+                    work += entry.receivers.len();
                 }
             }
-            if receivers > limit {
+            if work > limit {
                 return false;
             }
         }
@@ -503,6 +509,38 @@ mod tests {
             );
         }
         String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn fan_out_at_most_counts_events_patterns_and_receivers() {
+        let hub = Hub::default();
+        let event = |channel: &'static str| Event {
+            position: Position::new(0, 1),
+            channel: Bytes::from_static(channel.as_bytes()),
+            payload: Bytes::new(),
+            message_id: None,
+            timestamp_ms: 0,
+        };
+        let quiet: Vec<Event> = (0..10).map(|_| event("quiet")).collect();
+        assert!(hub.fan_out_at_most(&quiet, 10));
+        assert!(!hub.fan_out_at_most(&quiet, 9));
+        let a = subscriber(1, Protocol::Resp2);
+        let ch = Bytes::from_static(b"busy");
+        hub.subscribe(
+            Kind::Channel,
+            &a,
+            std::slice::from_ref(&ch),
+            vec![Bytes::new()],
+        );
+        // One event plus one receiver.
+        assert!(hub.fan_out_at_most(&[event("busy")], 2));
+        assert!(!hub.fan_out_at_most(&[event("busy")], 1));
+        // Patterns that match nothing still cost their matching, per event.
+        let patterns: Vec<Bytes> = (0..5).map(|i| Bytes::from(format!("user:{i}:*"))).collect();
+        let replies = patterns.iter().map(|_| Bytes::new()).collect();
+        hub.subscribe(Kind::Pattern, &a, &patterns, replies);
+        assert!(hub.fan_out_at_most(&quiet, 60));
+        assert!(!hub.fan_out_at_most(&quiet, 59));
     }
 
     #[tokio::test]
