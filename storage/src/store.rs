@@ -18,7 +18,7 @@
 //! filter on, and a channel's loss floor is raised before its old chunks go. The on-disk
 //! layout is described in the private `codec` module.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -191,6 +191,40 @@ struct WriteState {
     forgotten: Vec<u64>,
     /// Per partition: the largest clock apply used (see [`Store::applied_clock`]).
     clock: Vec<u64>,
+    /// The history chunks of recently trimmed channels, so that retention needs no scan.
+    chunks: ChunkIndex,
+}
+
+/// Most chunks [`ChunkIndex`] remembers (over all channels) before it starts over.
+const CHUNK_INDEX_ENTRIES: usize = 1 << 20;
+
+/// Per channel, the seqs of each stored history chunk, oldest first: what retention by count
+/// needs to trim a channel without reading sled. A sled scan copies the whole leaf it starts
+/// in, and apply trimmed every channel it wrote with one: 9% of a cluster node's CPU in a
+/// profile of 64 B publishes. A channel is indexed by one scan the first time apply trims it;
+/// apply then keeps its entry in step (chunks written, chunks deleted). Everything else that
+/// changes history (expiry, a snapshot install) empties the index, and so does a failed apply
+/// (its changes to the index may describe writes that never happened). It starts over when it
+/// holds [`CHUNK_INDEX_ENTRIES`] chunks.
+#[derive(Default)]
+struct ChunkIndex {
+    channels: HashMap<Bytes, VecDeque<Box<[u64]>>>,
+    entries: usize,
+}
+
+impl ChunkIndex {
+    fn clear(&mut self) {
+        self.channels.clear();
+        self.entries = 0;
+    }
+
+    /// Records a chunk apply writes, if its channel is indexed.
+    fn written(&mut self, channel: &Bytes, seqs: &[u64]) {
+        if let Some(chunks) = self.channels.get_mut(channel) {
+            chunks.push_back(seqs.into());
+            self.entries += 1;
+        }
+    }
 }
 
 /// The writes of one apply, like a `sled::Batch` (a later write of a key replaces an earlier
@@ -503,6 +537,7 @@ impl Store {
                 last_seq,
                 forgotten,
                 clock,
+                chunks: ChunkIndex::default(),
             }),
             db,
             disk,
@@ -705,7 +740,7 @@ impl Store {
         namespaces: &Namespaces,
         now_ms: u64,
         tick: Option<Partition>,
-        mut sled_batch: Ops,
+        sled_batch: Ops,
         write: impl FnOnce(Ops) -> Result<(), StorageError>,
     ) -> Result<Vec<Applied>, StorageError> {
         let mut state = self.write.lock();
@@ -714,6 +749,27 @@ impl Store {
                 "an earlier write to the store failed half-way; restart the node to recover from its write-ahead log".into(),
             ));
         }
+        let applied = self.apply_locked(
+            &mut state, batch, namespaces, now_ms, tick, sled_batch, write,
+        );
+        if applied.is_err() {
+            state.chunks.clear();
+        }
+        applied
+    }
+
+    /// [`Store::apply_then`]'s work, under the writer lock.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_locked(
+        &self,
+        state: &mut WriteState,
+        batch: &[Publish],
+        namespaces: &Namespaces,
+        now_ms: u64,
+        tick: Option<Partition>,
+        mut sled_batch: Ops,
+        write: impl FnOnce(Ops) -> Result<(), StorageError>,
+    ) -> Result<Vec<Applied>, StorageError> {
         let mut out = Vec::with_capacity(batch.len());
         let mut next: BTreeMap<Partition, u64> = BTreeMap::new();
         let mut clocks: BTreeMap<Partition, u64> = BTreeMap::new();
@@ -828,7 +884,13 @@ impl Store {
             let excess = total.saturating_sub(history_size);
             let from_old = excess.min(before);
             if from_old > 0 {
-                self.trim_oldest(&channel, &mut meta, from_old, None, &mut sled_batch)?;
+                self.trim_indexed(
+                    &channel,
+                    &mut meta,
+                    from_old,
+                    &mut state.chunks,
+                    &mut sled_batch,
+                )?;
             }
             let from_new = (excess - from_old) as usize;
             if from_new > 0 {
@@ -848,6 +910,7 @@ impl Store {
                     && (chunk.seqs.len() == CHUNK_EVENTS
                         || chunk_bytes + payload.len() > CHUNK_BYTES)
                 {
+                    state.chunks.written(&channel, &chunk.seqs);
                     write_chunk(&channel, &mut chunk, &mut sled_batch);
                     chunk_bytes = 0;
                 }
@@ -857,6 +920,7 @@ impl Store {
                 chunk.payloads.push(payload);
             }
             if !chunk.seqs.is_empty() {
+                state.chunks.written(&channel, &chunk.seqs);
                 write_chunk(&channel, &mut chunk, &mut sled_batch);
             }
             meta.retained = total - excess;
@@ -1123,6 +1187,58 @@ impl Store {
         })
     }
 
+    /// [`Store::trim_oldest`] without a TTL, through `index` (apply's trim): the channel's
+    /// chunks come from the index (indexed by one scan if they are not yet), and the index
+    /// forgets the chunks it deletes.
+    fn trim_indexed(
+        &self,
+        channel: &Bytes,
+        meta: &mut ChannelMeta,
+        count: u64,
+        index: &mut ChunkIndex,
+        batch: &mut Ops,
+    ) -> Result<(u64, usize), StorageError> {
+        if !index.channels.contains_key(channel) {
+            let mut chunks = VecDeque::new();
+            for value in self
+                .tree
+                .scan_prefix(codec::chan_key(codec::PREFIX_HISTORY, channel))
+                .values()
+            {
+                let head: ChunkHead = codec::decode(&value?, "chunk")?;
+                chunks.push_back(head.seqs.into_boxed_slice());
+            }
+            if index.entries + chunks.len() > CHUNK_INDEX_ENTRIES {
+                index.clear();
+            }
+            index.entries += chunks.len();
+            index.channels.insert(channel.clone(), chunks);
+        }
+        let chunks = index
+            .channels
+            .get_mut(channel)
+            .expect("the channel was just indexed");
+        let (mut removed, mut deleted) = (0u64, 0usize);
+        while let Some(seqs) = chunks.front() {
+            let len = seqs.len();
+            let start = seqs.partition_point(|&s| s <= meta.removed_through);
+            let wanted = usize::try_from(count.saturating_sub(removed)).unwrap_or(usize::MAX);
+            let end = start + wanted.min(len - start);
+            if end > start {
+                meta.removed_through = meta.removed_through.max(seqs[end - 1]);
+                removed += (end - start) as u64;
+            }
+            if end < len {
+                break;
+            }
+            batch.remove(codec::history_key(channel, seqs[0]));
+            chunks.pop_front();
+            index.entries -= 1;
+            deleted += 1;
+        }
+        Ok((removed, deleted))
+    }
+
     /// Moves the oldest `count` retained events of `channel` out of retention (raising
     /// `meta.removed_through`, not touching `meta.retained`); then, if `expired_at` is given, also
     /// every retained event in chunks expired at that time, up to the first live chunk. Queues
@@ -1295,6 +1411,8 @@ impl Store {
         if ops == 0 && forgotten.is_empty() {
             return Ok(());
         }
+        // Expiry deleted chunks and channels behind the index's back.
+        state.chunks.clear();
         for (&p, &f) in &forgotten {
             batch.insert(
                 codec::partition_key(codec::PREFIX_FORGOTTEN, p),
@@ -1488,6 +1606,8 @@ impl Store {
         }
 
         let mut state = self.write.lock();
+        // The partition's history is replaced wholesale.
+        state.chunks.clear();
         // `batch` holds the group's own (`r`) keys only, which no partition record shares.
         let mut ops = batch;
         let (mut old_channels, mut old_events) = (0u64, 0u64);
@@ -1934,6 +2054,104 @@ mod tests {
         );
     }
 
+    /// The seqs of every stored chunk of `channel`, oldest first.
+    fn stored_chunks(store: &Store, channel: &[u8]) -> Vec<Vec<u64>> {
+        store
+            .tree
+            .scan_prefix(codec::chan_key(codec::PREFIX_HISTORY, channel))
+            .values()
+            .map(|v| {
+                codec::decode::<ChunkHead>(&v.unwrap(), "chunk")
+                    .unwrap()
+                    .seqs
+            })
+            .collect()
+    }
+
+    /// Apply trims through its chunk index. Expiry deletes chunks behind it (entries the index
+    /// still has are skipped: all their events are below the floor); the next trims are right.
+    #[test]
+    fn apply_trims_correctly_after_expiry_deleted_chunks() {
+        let dir = TempDir::new("index");
+        let store = Store::open(dir.path(), opts(1)).unwrap();
+        let three = ns(3, None);
+        let mut n = 0;
+        let mut apply = |count: usize, namespaces: &Namespaces| {
+            let batch: Vec<Publish> = (0..count)
+                .map(|_| {
+                    n += 1;
+                    publish("job:1", &n.to_string())
+                })
+                .collect();
+            store.apply(&batch, namespaces, T0).unwrap();
+        };
+        // One chunk per batch; the trims from the fourth on index the channel.
+        for _ in 0..5 {
+            apply(1, &three);
+        }
+        assert_eq!(
+            stored_chunks(&store, b"job:1"),
+            vec![vec![3], vec![4], vec![5]]
+        );
+        let one = ns(3, None).with(
+            "job",
+            NamespaceConfig {
+                history_size: 1,
+                history_ttl: None,
+                durable: true,
+            },
+        );
+        assert_eq!(store.expire(&one, T0).unwrap(), 2);
+        assert_eq!(stored_chunks(&store, b"job:1"), vec![vec![5]]);
+        apply(2, &three);
+        apply(1, &three);
+        assert_eq!(
+            payloads(&store.history_after_at(b"job:1", None, 100, T0).unwrap()),
+            vec!["6", "7", "8"]
+        );
+        assert_eq!(store.retention_floor_at(b"job:1", T0).unwrap(), 5);
+        // Every stored chunk holds a retained event: none leaked.
+        assert_eq!(stored_chunks(&store, b"job:1"), vec![vec![6, 7], vec![8]]);
+        assert_eq!(store.channel_stats().events, 3);
+    }
+
+    /// A snapshot install replaces a partition's chunks: the index must start over, or the
+    /// next trim would go by the chunks the store had before.
+    #[test]
+    fn apply_trims_correctly_after_a_snapshot_install() {
+        let two = ns(2, None);
+        let apply = |store: &Store, payloads: &[&str]| {
+            let batch: Vec<Publish> = payloads.iter().map(|p| publish("job:1", p)).collect();
+            store.apply(&batch, &two, T0).unwrap();
+        };
+        // The source: chunks [1, 2] and [3, 4]. The target: one chunk per event, indexed.
+        let (dir_a, dir_b) = (TempDir::new("install-a"), TempDir::new("install-b"));
+        let (source, target) = (
+            Store::open(dir_a.path(), opts(1)).unwrap(),
+            Store::open(dir_b.path(), opts(1)).unwrap(),
+        );
+        apply(&source, &["s1", "s2"]);
+        apply(&source, &["s3", "s4"]);
+        for p in ["t1", "t2", "t3", "t4"] {
+            apply(&target, &[p]);
+        }
+        assert_eq!(stored_chunks(&target, b"job:1"), vec![vec![3], vec![4]]);
+        let (image, ()) = source.partition_image(0, |_| Ok(())).unwrap();
+        target
+            .install_partition_image(image, sled::Batch::default())
+            .unwrap();
+        assert_eq!(stored_chunks(&target, b"job:1"), vec![vec![3, 4]]);
+        apply(&source, &["5"]);
+        apply(&target, &["5"]);
+        for store in [&source, &target] {
+            assert_eq!(
+                payloads(&store.history_after_at(b"job:1", None, 100, T0).unwrap()),
+                vec!["s4", "5"]
+            );
+            assert_eq!(stored_chunks(store, b"job:1"), vec![vec![3, 4], vec![5]]);
+        }
+    }
+
     #[test]
     fn dedup_within_the_window() {
         let dir = TempDir::new("dedup");
@@ -2347,6 +2565,10 @@ mod tests {
                 let resumed = events(store.history_after_at(name, Some(floor), 100, T0).unwrap());
                 prop_assert_eq!(resumed, want.clone());
                 prop_assert_eq!(store.oldest_at(name, T0).unwrap(), want.first().map(|(p, _)| *p));
+                // No chunk outlives its events.
+                for seqs in stored_chunks(&store, name) {
+                    prop_assert!(seqs.last().is_some_and(|&s| s > floor), "{:?} floor {}", seqs, floor);
+                }
             }
             prop_assert_eq!(store.channel_stats().events, total);
         }
