@@ -195,34 +195,57 @@ struct WriteState {
     chunks: ChunkIndex,
 }
 
-/// Most chunks [`ChunkIndex`] remembers (over all channels) before it starts over.
-const CHUNK_INDEX_ENTRIES: usize = 1 << 20;
+/// How much [`ChunkIndex`] remembers (a unit per chunk plus one per seq it knows) before it
+/// starts over: about 16 MiB at most.
+const CHUNK_INDEX_UNITS: usize = 1 << 20;
 
-/// Per channel, the seqs of each stored history chunk, oldest first: what retention by count
-/// needs to trim a channel without reading sled. A sled scan copies the whole leaf it starts
-/// in, and apply trimmed every channel it wrote with one: 9% of a cluster node's CPU in a
-/// profile of 64 B publishes. A channel is indexed by one scan the first time apply trims it;
-/// apply then keeps its entry in step (chunks written, chunks deleted). Everything else that
-/// changes history (expiry, a snapshot install) empties the index, and so does a failed apply
-/// (its changes to the index may describe writes that never happened). It starts over when it
-/// holds [`CHUNK_INDEX_ENTRIES`] chunks.
+/// Per channel, the stored history chunks, oldest first: what retention by count needs to trim
+/// a channel without scanning sled. A sled scan copies the whole leaf it starts in, and apply
+/// trimmed every channel it wrote with one: 9% of a cluster node's CPU in a profile of 64 B
+/// publishes. A channel is indexed by one scan of its chunk KEYS the first time apply trims it
+/// (a chunk's seqs are read when a trim reaches it); apply then keeps its entry in step (chunks
+/// written, with their seqs; chunks deleted). Expiry forgets the channels it changes, a snapshot
+/// install empties the index, and an apply that fails or panics leaves it empty (its changes to
+/// the index may describe writes that never happened: apply takes the index out of the writer
+/// state and puts it back only on success). It starts over past [`CHUNK_INDEX_UNITS`].
 #[derive(Default)]
 struct ChunkIndex {
-    channels: HashMap<Bytes, VecDeque<Box<[u64]>>>,
-    entries: usize,
+    channels: HashMap<Bytes, VecDeque<IndexedChunk>>,
+    units: usize,
+}
+
+/// A stored chunk: its key's first seq, and its seqs once known.
+struct IndexedChunk {
+    first: u64,
+    seqs: Option<Box<[u64]>>,
+}
+
+impl IndexedChunk {
+    fn units(&self) -> usize {
+        1 + self.seqs.as_ref().map_or(0, |s| s.len())
+    }
 }
 
 impl ChunkIndex {
-    fn clear(&mut self) {
-        self.channels.clear();
-        self.entries = 0;
-    }
-
     /// Records a chunk apply writes, if its channel is indexed.
     fn written(&mut self, channel: &Bytes, seqs: &[u64]) {
         if let Some(chunks) = self.channels.get_mut(channel) {
-            chunks.push_back(seqs.into());
-            self.entries += 1;
+            let chunk = IndexedChunk {
+                first: seqs[0],
+                seqs: Some(seqs.into()),
+            };
+            self.units += chunk.units();
+            chunks.push_back(chunk);
+        }
+        if self.units > CHUNK_INDEX_UNITS {
+            *self = ChunkIndex::default();
+        }
+    }
+
+    /// Forgets `channel` (something else changed its history).
+    fn forget(&mut self, channel: &[u8]) {
+        if let Some(chunks) = self.channels.remove(channel) {
+            self.units -= chunks.iter().map(IndexedChunk::units).sum::<usize>();
         }
     }
 }
@@ -749,11 +772,13 @@ impl Store {
                 "an earlier write to the store failed half-way; restart the node to recover from its write-ahead log".into(),
             ));
         }
+        // Put back only after a successful apply: a failed or panicking one leaves it empty.
+        let mut index = std::mem::take(&mut state.chunks);
         let applied = self.apply_locked(
-            &mut state, batch, namespaces, now_ms, tick, sled_batch, write,
+            &mut state, &mut index, batch, namespaces, now_ms, tick, sled_batch, write,
         );
-        if applied.is_err() {
-            state.chunks.clear();
+        if applied.is_ok() {
+            state.chunks = index;
         }
         applied
     }
@@ -763,6 +788,7 @@ impl Store {
     fn apply_locked(
         &self,
         state: &mut WriteState,
+        index: &mut ChunkIndex,
         batch: &[Publish],
         namespaces: &Namespaces,
         now_ms: u64,
@@ -884,13 +910,7 @@ impl Store {
             let excess = total.saturating_sub(history_size);
             let from_old = excess.min(before);
             if from_old > 0 {
-                self.trim_indexed(
-                    &channel,
-                    &mut meta,
-                    from_old,
-                    &mut state.chunks,
-                    &mut sled_batch,
-                )?;
+                self.trim_indexed(&channel, &mut meta, from_old, index, &mut sled_batch)?;
             }
             let from_new = (excess - from_old) as usize;
             if from_new > 0 {
@@ -910,7 +930,7 @@ impl Store {
                     && (chunk.seqs.len() == CHUNK_EVENTS
                         || chunk_bytes + payload.len() > CHUNK_BYTES)
                 {
-                    state.chunks.written(&channel, &chunk.seqs);
+                    index.written(&channel, &chunk.seqs);
                     write_chunk(&channel, &mut chunk, &mut sled_batch);
                     chunk_bytes = 0;
                 }
@@ -920,7 +940,7 @@ impl Store {
                 chunk.payloads.push(payload);
             }
             if !chunk.seqs.is_empty() {
-                state.chunks.written(&channel, &chunk.seqs);
+                index.written(&channel, &chunk.seqs);
                 write_chunk(&channel, &mut chunk, &mut sled_batch);
             }
             meta.retained = total - excess;
@@ -1188,8 +1208,9 @@ impl Store {
     }
 
     /// [`Store::trim_oldest`] without a TTL, through `index` (apply's trim): the channel's
-    /// chunks come from the index (indexed by one scan if they are not yet), and the index
-    /// forgets the chunks it deletes.
+    /// chunks come from the index (indexed by one scan of their keys if they are not yet; a
+    /// chunk's seqs are read when the trim reaches it), and the index forgets the chunks it
+    /// deletes.
     fn trim_indexed(
         &self,
         channel: &Bytes,
@@ -1199,27 +1220,45 @@ impl Store {
         batch: &mut Ops,
     ) -> Result<(u64, usize), StorageError> {
         if !index.channels.contains_key(channel) {
+            let prefix = codec::chan_key(codec::PREFIX_HISTORY, channel);
             let mut chunks = VecDeque::new();
-            for value in self
-                .tree
-                .scan_prefix(codec::chan_key(codec::PREFIX_HISTORY, channel))
-                .values()
-            {
-                let head: ChunkHead = codec::decode(&value?, "chunk")?;
-                chunks.push_back(head.seqs.into_boxed_slice());
+            for key in self.tree.scan_prefix(&prefix).keys() {
+                let key = key?;
+                let first = key
+                    .get(prefix.len()..)
+                    .and_then(|seq| <[u8; 8]>::try_from(seq).ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| StorageError::Corrupt("malformed history chunk key".into()))?;
+                chunks.push_back(IndexedChunk { first, seqs: None });
             }
-            if index.entries + chunks.len() > CHUNK_INDEX_ENTRIES {
-                index.clear();
+            if index.units + chunks.len() > CHUNK_INDEX_UNITS {
+                *index = ChunkIndex::default();
             }
-            index.entries += chunks.len();
-            index.channels.insert(channel.clone(), chunks);
+            index.units += chunks.len();
+            // A copy: the caller's bytes may be a view into a connection's read buffer.
+            index
+                .channels
+                .insert(Bytes::copy_from_slice(channel), chunks);
         }
         let chunks = index
             .channels
             .get_mut(channel)
             .expect("the channel was just indexed");
         let (mut removed, mut deleted) = (0u64, 0usize);
-        while let Some(seqs) = chunks.front() {
+        while let Some(chunk) = chunks.front_mut() {
+            let key = codec::history_key(channel, chunk.first);
+            if chunk.seqs.is_none() {
+                let Some(value) = self.tree.get(&key)? else {
+                    // Deleted behind the index's back (nothing should do that): it is gone.
+                    index.units -= chunk.units();
+                    chunks.pop_front();
+                    continue;
+                };
+                let head: ChunkHead = codec::decode(&value, "chunk")?;
+                index.units += head.seqs.len();
+                chunk.seqs = Some(head.seqs.into_boxed_slice());
+            }
+            let seqs = chunk.seqs.as_deref().unwrap_or_default();
             let len = seqs.len();
             let start = seqs.partition_point(|&s| s <= meta.removed_through);
             let wanted = usize::try_from(count.saturating_sub(removed)).unwrap_or(usize::MAX);
@@ -1231,9 +1270,9 @@ impl Store {
             if end < len {
                 break;
             }
-            batch.remove(codec::history_key(channel, seqs[0]));
+            batch.remove(key);
+            index.units -= chunk.units();
             chunks.pop_front();
-            index.entries -= 1;
             deleted += 1;
         }
         Ok((removed, deleted))
@@ -1309,6 +1348,10 @@ impl Store {
             let excess = meta.retained.saturating_sub(config.history_size as u64);
             let (removed, chunks) =
                 self.trim_oldest(channel, &mut meta, excess, Some(now_ms), &mut chunk.batch)?;
+            if removed > 0 || chunks > 0 || meta.retained == 0 {
+                // Its chunks change behind the index's back: apply indexes it again if it must.
+                state.chunks.forget(channel);
+            }
             let removed = removed.min(meta.retained);
             if removed == 0 && meta.retained > 0 {
                 continue;
@@ -1411,8 +1454,6 @@ impl Store {
         if ops == 0 && forgotten.is_empty() {
             return Ok(());
         }
-        // Expiry deleted chunks and channels behind the index's back.
-        state.chunks.clear();
         for (&p, &f) in &forgotten {
             batch.insert(
                 codec::partition_key(codec::PREFIX_FORGOTTEN, p),
@@ -1607,7 +1648,7 @@ impl Store {
 
         let mut state = self.write.lock();
         // The partition's history is replaced wholesale.
-        state.chunks.clear();
+        state.chunks = ChunkIndex::default();
         // `batch` holds the group's own (`r`) keys only, which no partition record shares.
         let mut ops = batch;
         let (mut old_channels, mut old_events) = (0u64, 0u64);
