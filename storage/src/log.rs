@@ -62,7 +62,10 @@ const PIPELINE_DEPTH: usize = 4;
 /// Limits of the log; [`LogOptions::default`] is what [`LocalLog::start`] uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogOptions {
-    /// Requests (a `publish` or a whole `publish_many`) that may wait in the queue; default 65,536.
+    /// Requests (a `publish`, a whole `publish_many` or `enqueue_many`: one RESP read's staged
+    /// publishes, up to 1,024 or 1 MiB) that may wait in the queue; default 65,536. Memory is
+    /// bounded by the connections' read buffers as well: a connection waits here before it
+    /// reads on.
     pub queue_capacity: usize,
     /// A batch stops growing at this many publishes; default 10,000. One `publish_many` is never
     /// split, so a bigger one makes a bigger batch.
