@@ -5,7 +5,8 @@
 //! |---|---|---|
 //! | `acked-lost-prefix` / `-middle` / `-postfix` | 1, 3 | an acknowledged value a subscriber never received, before its first / between / after its last received value |
 //! | `committed-not-delivered` | 2, 3 | a value committed (in the nodes' history) but not acknowledged, which a subscriber skipped |
-//! | `history-missing` | 1, 3 | a node's history after the heal lacks committed events the others have |
+//! | `history-missing` | 1, 3 | a node's history after the heal lacks committed events the others have (of the newest `history_size` per channel: retention drops the rest) |
+//! | `history-beyond-retention` | - | a node's history of a channel holds events older than its newest `history_size` |
 //! | `history-order` | 2 | a node's history of a channel is not in position order |
 //! | `history-unreadable` | 3 | a node's history could not be read after the heal |
 //! | `position-conflict` | 2, 3 | two different values seen at one position (by nodes, acknowledgements or subscribers) |
@@ -545,11 +546,28 @@ pub fn check(record: &Record, histories: &[NodeHistory], history_size: u64) -> C
                     }),
                 }
             }
+            // Retention keeps the newest `history_size` events of a channel: those must all
+            // be there (a channel's events are in one partition, so position order is commit
+            // order), and nothing older may be.
+            let kept = usize::try_from(history_size).unwrap_or(usize::MAX);
+            let dropped = truth[channel].len().saturating_sub(kept);
             let missing: Vec<(Position, ValueId)> = truth[channel]
                 .iter()
+                .skip(dropped)
                 .filter(|(p, _)| !have.contains(p))
                 .map(|(p, (value, _))| (*p, *value))
                 .collect();
+            if let Some((oldest_kept, _)) = truth[channel].iter().nth(dropped) {
+                let beyond = have.iter().filter(|p| *p < oldest_kept).count();
+                if beyond > 0 {
+                    v.add("history-beyond-retention", "-", || {
+                        format!(
+                            "node {} channel {}: {beyond} events older than the newest {history_size} are still in its history",
+                            history.node, record.channels[channel]
+                        )
+                    });
+                }
+            }
             if !missing.is_empty() {
                 let acked = missing
                     .iter()
@@ -951,6 +969,38 @@ mod tests {
         let checked = check(&record(&[1, 2, 2, 3, 4, 5]), &[], 1000);
         assert_eq!(checked.violation_counts.get("redelivery"), Some(&1));
         assert_eq!(checked.metrics.redeliveries.get(&0), Some(&1));
+    }
+
+    fn node_history(seqs: &[u64]) -> NodeHistory {
+        NodeHistory {
+            node: 1,
+            channels: vec![
+                seqs.iter()
+                    .map(|&seq| HistoryEntry {
+                        position: Some(Position { partition: 1, seq }),
+                        value: Some(ValueId { w: 0, s: seq - 1 }),
+                        raw: None,
+                    })
+                    .collect(),
+            ],
+            error: None,
+        }
+    }
+
+    #[test]
+    fn histories_are_held_to_the_newest_history_size_events() {
+        let record = record(&[1, 2, 3, 4, 5]);
+        let kept = check(&record, &[node_history(&[3, 4, 5])], 3);
+        assert!(kept.valid, "{:?}", kept.violations);
+        let short = check(&record, &[node_history(&[4, 5])], 3);
+        assert_eq!(short.violation_counts.get("history-missing"), Some(&1));
+        let long = check(&record, &[node_history(&[2, 3, 4, 5])], 3);
+        assert_eq!(
+            long.violation_counts.get("history-beyond-retention"),
+            Some(&1)
+        );
+        let all = check(&record, &[node_history(&[1, 2, 3, 4, 5])], 1000);
+        assert!(all.valid, "{:?}", all.violations);
     }
 
     #[test]
