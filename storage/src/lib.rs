@@ -18,6 +18,8 @@
 //!   publishes into one apply (group commit), syncs the records of the batches applied
 //!   meanwhile together while it applies the next, and acknowledges a publish only once its
 //!   record is durable.
+//! - `chunk_index` (private): retention by count over history chunks, and the in-memory index
+//!   of each channel's chunks that apply trims through instead of scanning sled.
 //! - `codec` (private): the on-disk key layout and the bincode value encoding, in one place.
 //! - `disk` (private): what makes a flush survive power loss (`fdatasync` of sled's data file
 //!   and of the blob files sled writes unsynced).
@@ -40,6 +42,7 @@
 
 #![warn(missing_docs)]
 
+mod chunk_index;
 mod codec;
 pub mod cursor;
 mod disk;

@@ -18,7 +18,7 @@
 //! filter on, and a channel's loss floor is raised before its old chunks go. The on-disk
 //! layout is described in the private `codec` module.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,6 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::{Mutex, MutexGuard};
 
+use crate::chunk_index::{ChunkIndex, take_oldest};
 use crate::codec::{self, ChannelMeta, ChunkHead, DedupRecord, StoredChunk};
 use crate::disk::DiskSync;
 use crate::event::{Epoch, Event, Partition, Position, partition_of, unix_now_ms};
@@ -193,61 +194,6 @@ struct WriteState {
     clock: Vec<u64>,
     /// The history chunks of recently trimmed channels, so that retention needs no scan.
     chunks: ChunkIndex,
-}
-
-/// How much [`ChunkIndex`] remembers (a unit per chunk plus one per seq it knows) before it
-/// starts over: about 16 MiB at most.
-const CHUNK_INDEX_UNITS: usize = 1 << 20;
-
-/// Per channel, the stored history chunks, oldest first: what retention by count needs to trim
-/// a channel without scanning sled. A sled scan copies the whole leaf it starts in, and apply
-/// trimmed every channel it wrote with one: 9% of a cluster node's CPU in a profile of 64 B
-/// publishes. A channel is indexed by one scan of its chunk KEYS the first time apply trims it
-/// (a chunk's seqs are read when a trim reaches it); apply then keeps its entry in step (chunks
-/// written, with their seqs; chunks deleted). Expiry forgets the channels it changes, a snapshot
-/// install empties the index, and an apply that fails or panics leaves it empty (its changes to
-/// the index may describe writes that never happened: apply takes the index out of the writer
-/// state and puts it back only on success). It starts over past [`CHUNK_INDEX_UNITS`].
-#[derive(Default)]
-struct ChunkIndex {
-    channels: HashMap<Bytes, VecDeque<IndexedChunk>>,
-    units: usize,
-}
-
-/// A stored chunk: its key's first seq, and its seqs once known.
-struct IndexedChunk {
-    first: u64,
-    seqs: Option<Box<[u64]>>,
-}
-
-impl IndexedChunk {
-    fn units(&self) -> usize {
-        1 + self.seqs.as_ref().map_or(0, |s| s.len())
-    }
-}
-
-impl ChunkIndex {
-    /// Records a chunk apply writes, if its channel is indexed.
-    fn written(&mut self, channel: &Bytes, seqs: &[u64]) {
-        if let Some(chunks) = self.channels.get_mut(channel) {
-            let chunk = IndexedChunk {
-                first: seqs[0],
-                seqs: Some(seqs.into()),
-            };
-            self.units += chunk.units();
-            chunks.push_back(chunk);
-        }
-        if self.units > CHUNK_INDEX_UNITS {
-            *self = ChunkIndex::default();
-        }
-    }
-
-    /// Forgets `channel` (something else changed its history).
-    fn forget(&mut self, channel: &[u8]) {
-        if let Some(chunks) = self.channels.remove(channel) {
-            self.units -= chunks.iter().map(IndexedChunk::units).sum::<usize>();
-        }
-    }
 }
 
 /// The writes of one apply, like a `sled::Batch` (a later write of a key replaces an earlier
@@ -910,7 +856,7 @@ impl Store {
             let excess = total.saturating_sub(history_size);
             let from_old = excess.min(before);
             if from_old > 0 {
-                self.trim_indexed(&channel, &mut meta, from_old, index, &mut sled_batch)?;
+                index.trim(&self.tree, &channel, &mut meta, from_old, &mut sled_batch)?;
             }
             let from_new = (excess - from_old) as usize;
             if from_new > 0 {
@@ -1207,77 +1153,6 @@ impl Store {
         })
     }
 
-    /// [`Store::trim_oldest`] without a TTL, through `index` (apply's trim): the channel's
-    /// chunks come from the index (indexed by one scan of their keys if they are not yet; a
-    /// chunk's seqs are read when the trim reaches it), and the index forgets the chunks it
-    /// deletes.
-    fn trim_indexed(
-        &self,
-        channel: &Bytes,
-        meta: &mut ChannelMeta,
-        count: u64,
-        index: &mut ChunkIndex,
-        batch: &mut Ops,
-    ) -> Result<(u64, usize), StorageError> {
-        if !index.channels.contains_key(channel) {
-            let prefix = codec::chan_key(codec::PREFIX_HISTORY, channel);
-            let mut chunks = VecDeque::new();
-            for key in self.tree.scan_prefix(&prefix).keys() {
-                let key = key?;
-                let first = key
-                    .get(prefix.len()..)
-                    .and_then(|seq| <[u8; 8]>::try_from(seq).ok())
-                    .map(u64::from_be_bytes)
-                    .ok_or_else(|| StorageError::Corrupt("malformed history chunk key".into()))?;
-                chunks.push_back(IndexedChunk { first, seqs: None });
-            }
-            if index.units + chunks.len() > CHUNK_INDEX_UNITS {
-                *index = ChunkIndex::default();
-            }
-            index.units += chunks.len();
-            // A copy: the caller's bytes may be a view into a connection's read buffer.
-            index
-                .channels
-                .insert(Bytes::copy_from_slice(channel), chunks);
-        }
-        let chunks = index
-            .channels
-            .get_mut(channel)
-            .expect("the channel was just indexed");
-        let (mut removed, mut deleted) = (0u64, 0usize);
-        while let Some(chunk) = chunks.front_mut() {
-            let key = codec::history_key(channel, chunk.first);
-            if chunk.seqs.is_none() {
-                let Some(value) = self.tree.get(&key)? else {
-                    // Deleted behind the index's back (nothing should do that): it is gone.
-                    index.units -= chunk.units();
-                    chunks.pop_front();
-                    continue;
-                };
-                let head: ChunkHead = codec::decode(&value, "chunk")?;
-                index.units += head.seqs.len();
-                chunk.seqs = Some(head.seqs.into_boxed_slice());
-            }
-            let seqs = chunk.seqs.as_deref().unwrap_or_default();
-            let len = seqs.len();
-            let start = seqs.partition_point(|&s| s <= meta.removed_through);
-            let wanted = usize::try_from(count.saturating_sub(removed)).unwrap_or(usize::MAX);
-            let end = start + wanted.min(len - start);
-            if end > start {
-                meta.removed_through = meta.removed_through.max(seqs[end - 1]);
-                removed += (end - start) as u64;
-            }
-            if end < len {
-                break;
-            }
-            batch.remove(key);
-            index.units -= chunk.units();
-            chunks.pop_front();
-            deleted += 1;
-        }
-        Ok((removed, deleted))
-    }
-
     /// Moves the oldest `count` retained events of `channel` out of retention (raising
     /// `meta.removed_through`, not touching `meta.retained`); then, if `expired_at` is given, also
     /// every retained event in chunks expired at that time, up to the first live chunk. Queues
@@ -1296,18 +1171,11 @@ impl Store {
         for kv in self.tree.scan_prefix(&prefix) {
             let (key, value) = kv?;
             let head: ChunkHead = codec::decode(&value, "chunk")?;
-            let len = head.seqs.len();
-            let start = head.first_above(meta.removed_through);
-            let wanted = usize::try_from(count.saturating_sub(removed)).unwrap_or(usize::MAX);
-            let mut end = start + wanted.min(len - start);
-            if end < len && expired_at.is_some_and(|now| head.expired(now)) {
-                end = len;
-            }
-            if end > start {
-                meta.removed_through = meta.removed_through.max(head.seqs[end - 1]);
-                removed += (end - start) as u64;
-            }
-            if end < len {
+            let expired = expired_at.is_some_and(|now| head.expired(now));
+            let (taken, emptied) =
+                take_oldest(&head.seqs, meta, count.saturating_sub(removed), expired);
+            removed += taken;
+            if !emptied {
                 break;
             }
             batch.remove(key);
