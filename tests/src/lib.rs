@@ -20,6 +20,18 @@ use std::time::{Duration, Instant};
 /// How long the harness waits for anything (start-up, a reply, an exit) before failing.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// A `redis` crate connection that waits for replies as long as the tests do: a pipeline of
+/// durable publishes waits for the log's `fdatasync`, which on a loaded machine can take
+/// longer than redis-rs's default 500 ms response timeout.
+pub async fn patient_connection(client: &redis::Client) -> redis::aio::MultiplexedConnection {
+    client
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_response_timeout(Some(PATIENCE)),
+        )
+        .await
+        .unwrap()
+}
+
 /// The `herald` binary under test: `HERALD_BIN` when set (as `scripts/test` does), otherwise
 /// this workspace's, built once per test process with the profile the tests were built with.
 pub fn herald_binary() -> PathBuf {

@@ -32,15 +32,8 @@ async fn slow_subscriber_is_disconnected_and_others_get_everything() {
     let client = redis::Client::open(node.url()).unwrap();
     let mut fast = client.get_async_pubsub().await.unwrap();
     fast.subscribe("firehose").await.unwrap();
-    // `firehose` is durable (default namespace): each pipelined batch waits for the log's
-    // fdatasync, which on a loaded machine can take longer than redis-rs's default 500 ms
-    // response timeout.
-    let mut publisher = client
-        .get_multiplexed_async_connection_with_config(
-            &redis::AsyncConnectionConfig::new().set_response_timeout(Some(PATIENCE)),
-        )
-        .await
-        .unwrap();
+    // `firehose` is durable (default namespace): each pipelined batch waits for the log's sync.
+    let mut publisher = herald_tests::patient_connection(&client).await;
 
     // Far more than the kernel's socket buffers plus the output limit can hold.
     const COUNT: usize = 40_000;

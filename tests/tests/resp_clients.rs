@@ -2,7 +2,7 @@
 //! `redis-cli`.
 
 use futures::StreamExt;
-use herald_tests::{Herald, PATIENCE};
+use herald_tests::{Herald, PATIENCE, patient_connection};
 use redis::AsyncCommands;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -131,17 +131,6 @@ async fn pipelined_commands_are_answered_in_order() {
             .unwrap();
         assert_eq!(message.get_payload::<i64>().unwrap(), i);
     }
-}
-
-/// A connection that waits for replies as long as the tests do: a long pipeline of durable
-/// publishes can take longer than redis-rs's default 500 ms on a loaded machine.
-async fn patient_connection(client: &redis::Client) -> redis::aio::MultiplexedConnection {
-    client
-        .get_multiplexed_async_connection_with_config(
-            &redis::AsyncConnectionConfig::new().set_response_timeout(Some(PATIENCE)),
-        )
-        .await
-        .unwrap()
 }
 
 /// A long pipeline of durable publishes is staged and handed to the log in groups (past 1,024
