@@ -116,6 +116,12 @@ pub enum ProposeError {
     /// Anything else (storage failure, bad request).
     #[error("{0}")]
     Failed(String),
+    /// The deadline passed while every attempt was certainly not committed (the leader this
+    /// node knows could not be reached, refused the batch as no longer leading, or was
+    /// handing the partition over): a retry, with or without a message id, cannot duplicate
+    /// it. Last, so that older nodes still decode the variants before it.
+    #[error("{0}; nothing was committed, retry")]
+    NotCommitted(String),
 }
 
 /// The answer to an [`AppRequest`].

@@ -13,7 +13,9 @@
 //! unreachable, log truncated) is retried until the publish timeout. A batch whose outcome is
 //! unknown (sent, then the connection died or time ran out) is retried only when every publish in
 //! it carries a message id, which makes the retry commit at most once; otherwise the publishers
-//! get [`ProposeError::Unknown`].
+//! get [`ProposeError::Unknown`]. A batch whose every attempt was certainly not committed gets,
+//! at the deadline, [`ProposeError::NotCommitted`] (or [`ProposeError::NoLeader`]): clients may
+//! retry it without a message id.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -341,8 +343,10 @@ impl ProposerContext {
                         "partition {} did not confirm within {:?}; an earlier attempt may have committed ({why})",
                         self.partition, self.options.publish_timeout
                     )),
-                    (Some(_), None) => ProposeError::Unknown(format!(
-                        "partition {} did not commit within {:?}; the node may have lost its quorum",
+                    // Every round was refused or never sent: nothing can commit later.
+                    (Some(leader), None) => ProposeError::NotCommitted(format!(
+                        "partition {} could not commit within {:?}: its leader (node {leader}) \
+                         was unreachable or handing over; this node may be cut off from the majority",
                         self.partition, self.options.publish_timeout
                     )),
                     (None, None) => ProposeError::NoLeader {
@@ -436,6 +440,7 @@ impl ProposerContext {
                 Ok(AppResponse::Published(Err(
                     ProposeError::NotLeader { .. }
                     | ProposeError::NoLeader { .. }
+                    | ProposeError::NotCommitted(_)
                     | ProposeError::NotFormed,
                 ))) => Round::Retry,
                 Ok(AppResponse::Published(Err(ProposeError::Unknown(why)))) => Round::Unknown(why),

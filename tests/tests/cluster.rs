@@ -287,6 +287,19 @@ async fn a_node_cut_off_from_the_majority_refuses_durable_publishes() {
     let mut subscriber = herald_tests::RawConn::connect(cluster.node(1).resp);
     subscriber.command(&[b"SUBSCRIBE", b"orders:1"]);
     subscriber.read_until_suffix(b":1\r\n");
+    // A channel whose partition another node leads: node 1 only forwards its publishes.
+    let mut forwarded = None;
+    for k in 0..64 {
+        let channel = format!("orders:f{k}");
+        let reply = try_publish(lone, &json!({ "channel": channel, "data": 0 }))
+            .await
+            .expect("publish while the cluster is whole");
+        if cluster.leader_of(1, partition_of_reply(&reply)) != Some(1) {
+            forwarded = Some(channel);
+            break;
+        }
+    }
+    let forwarded = forwarded.expect("node 1 does not lead every partition");
     cluster.kill(2);
     cluster.kill(3);
     let error = try_publish(lone, &json!({ "channel": "orders:1", "data": 1 }))
@@ -297,6 +310,12 @@ async fn a_node_cut_off_from_the_majority_refuses_durable_publishes() {
         error.contains("quorum") || error.contains("leader"),
         "the error says why: {error}"
     );
+    // Where node 1 never proposed, the failure is certain: safe to retry without a message id.
+    let error = try_publish(lone, &json!({ "channel": forwarded, "data": 1 }))
+        .await
+        .expect_err("a minority node must not acknowledge");
+    assert!(error.starts_with("503"), "{error}");
+    assert!(error.contains("nothing was committed"), "{error}");
     // Not ready: load balancers move clients elsewhere.
     herald_tests::wait_until("the lone node reports not ready", || {
         let mut stream = std::net::TcpStream::connect(lone).unwrap();
