@@ -277,7 +277,17 @@ async fn killing_a_partition_leader_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_the_majority_refuses_durable_publishes() {
-    let mut cluster = Cluster::start_with(3, &["--publish-timeout", "2s"]);
+    let config =
+        herald_tests::config_file("[namespace.cursor]\nhistory_size = 0\ndurable = false\n");
+    let mut cluster = Cluster::start_with(
+        3,
+        &[
+            "--publish-timeout",
+            "2s",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
     let lone = cluster.node(1).http;
     // Streaming clients of the node that will be cut off.
     let mut events = sse(lone, "orders:1", None).await;
@@ -316,6 +326,38 @@ async fn a_node_cut_off_from_the_majority_refuses_durable_publishes() {
         .expect_err("a minority node must not acknowledge");
     assert!(error.starts_with("503"), "{error}");
     assert!(error.contains("nothing was committed"), "{error}");
+    // A batch that fails in part says which events went out (a non-durable one is delivered
+    // on this node), so that a retry resends only the failed ones.
+    let batch = json!([
+        { "channel": "cursor:doc", "data": 1 },
+        { "channel": forwarded, "data": 2 },
+    ]);
+    let error = try_publish(lone, &batch)
+        .await
+        .expect_err("the durable half cannot commit");
+    let body = error
+        .strip_prefix("503 Service Unavailable: ")
+        .unwrap_or_else(|| panic!("a 503 with a body: {error}"));
+    let body: Value = serde_json::from_str(body).expect("a JSON body");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("1 of 2 events failed"),
+        "{body}"
+    );
+    let results = body["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2, "{body}");
+    assert_eq!(results[0]["durable"], json!(false), "{body}");
+    assert!(results[0].get("error").is_none(), "{body}");
+    assert_eq!(results[1]["channel"], json!(forwarded), "{body}");
+    assert!(
+        results[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was committed"),
+        "{body}"
+    );
     // Not ready: load balancers move clients elsewhere.
     herald_tests::wait_until("the lone node reports not ready", || {
         let mut stream = std::net::TcpStream::connect(lone).unwrap();

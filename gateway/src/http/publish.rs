@@ -2,6 +2,11 @@
 //! (a JSON array of those, or `{"events": [...]}`), acknowledged after commit for durable
 //! namespaces.
 //!
+//! A batch in which some events failed is answered 503 with a JSON body: `error` (how many
+//! failed, and the first reason) and `results`, one per event in order, each either the
+//! success fields or `{"channel", "error"}`: the others may be committed or delivered, so a
+//! retry should send only the failed ones. A single event that fails gets a one-line 503.
+//!
 //! `data` that is a JSON string is published as its text; any other JSON value as its compact
 //! JSON. The reply names the event's position and its `id`: a cursor that resumes a stream
 //! right after this event. A `messageId` makes a retry safe: within the dedup window it returns
@@ -90,42 +95,55 @@ pub async fn publish(State(state): State<HttpState>, body: Bytes) -> Response {
         })
         .collect();
     let channels: Vec<Bytes> = publishes.iter().map(|p| p.channel.clone()).collect();
-    let mut tickets = Vec::with_capacity(publishes.len());
-    for (channel, ticket) in channels
-        .into_iter()
-        .zip(broker.enqueue_many(publishes, &mut wakes).await)
-    {
-        match ticket {
-            Ok(ticket) => tickets.push((channel, ticket)),
-            Err(error) => {
-                return error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("publish failed: {error}"),
-                );
-            }
-        }
-    }
+    let tickets = broker.enqueue_many(publishes, &mut wakes).await;
     wakes.wake_all();
     let mut results = Vec::with_capacity(tickets.len());
-    for (channel, ticket) in tickets {
-        match broker.wait(ticket).await {
+    let mut failed: Option<(usize, String)> = None;
+    for (channel, ticket) in channels.into_iter().zip(tickets) {
+        let outcome = match ticket {
+            Ok(ticket) => broker.wait(ticket).await,
+            Err(error) => Err(error),
+        };
+        match outcome {
             Ok(published) => results.push(describe(&state, &channel, published)),
             Err(error) => {
-                // A cluster error says itself whether anything may have committed.
-                let message = match &error {
-                    StorageError::Unavailable(_) => format!("publish failed: {error}"),
-                    _ => format!(
-                        "publish failed: {error}; its outcome is unknown: retry with the same messageId"
-                    ),
-                };
-                return error_response(StatusCode::SERVICE_UNAVAILABLE, message);
+                let message = failure(&error);
+                failed = Some(match failed {
+                    Some((n, first)) => (n + 1, first),
+                    None => (1, message.clone()),
+                });
+                results.push(json!({
+                    "channel": String::from_utf8_lossy(&channel),
+                    "error": message,
+                }));
             }
         }
     }
-    if batch {
-        Json(json!({ "results": results })).into_response()
-    } else {
-        Json(results.pop().expect("one result")).into_response()
+    match (failed, batch) {
+        (None, true) => Json(json!({ "results": results })).into_response(),
+        (None, false) => Json(results.pop().expect("one result")).into_response(),
+        (Some((_, message)), false) => error_response(StatusCode::SERVICE_UNAVAILABLE, message),
+        // The others of the batch may be committed or delivered: say which, so that a retry
+        // sends only the failed ones.
+        (Some((n, first)), true) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "error": format!("{n} of {} events failed; the first: {first}", results.len()),
+                "results": results,
+            })),
+        )
+            .into_response(),
+    }
+}
+
+/// What a client is told about a publish that failed.
+fn failure(error: &StorageError) -> String {
+    match error {
+        // A cluster error says itself whether anything may have committed.
+        StorageError::Unavailable(_) => format!("publish failed: {error}"),
+        _ => format!(
+            "publish failed: {error}; its outcome is unknown: retry with the same messageId"
+        ),
     }
 }
 
