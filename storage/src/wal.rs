@@ -41,6 +41,26 @@ use crate::store::{Ops, StorageError, Store};
 /// How far ahead of its records a segment is zero-filled (see [`Wal::append`]).
 const PREALLOCATE: u64 = 256 << 10;
 
+/// The zero-fill's write size: one page per write keeps the page cache's folios for the
+/// segment at one page. Zeroed with one 256 KiB write, the segment sat in 256 KiB folios, and
+/// every `fdatasync` wrote back (and `/proc/<pid>/io` counted as written) a whole folio for the
+/// few hundred bytes a record dirtied: 262,406 `write_bytes` per 340-byte write + sync instead
+/// of 4,434 (the device itself wrote ~4.6 KiB either way; measured on this machine).
+const PAGE: u64 = 4096;
+
+/// Zero-fills `[from, to)` of `file`, a page per write (see [`PAGE`]).
+fn zero_fill(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const ZEROS: [u8; PAGE as usize] = [0; PAGE as usize];
+    let mut at = from;
+    while at < to {
+        let n = (PAGE - at % PAGE).min(to - at);
+        file.write_all_at(&ZEROS[..n as usize], at)?;
+        at += n;
+    }
+    Ok(())
+}
+
 /// Bytes before a record's body: length and checksum.
 const HEADER: usize = 12;
 
@@ -344,9 +364,8 @@ impl Wal {
         };
         let end = self.len + bytes.len() as u64;
         let zero_filled = if end > self.zeroed {
-            let to = end.max(self.zeroed + PREALLOCATE);
-            let zeros = vec![0u8; (to - self.zeroed) as usize];
-            self.file.write_all_at(&zeros, self.zeroed).map(|()| to)
+            let to = end.max(self.zeroed + PREALLOCATE).next_multiple_of(PAGE);
+            zero_fill(&self.file, self.zeroed, to).map(|()| to)
         } else {
             Ok(self.zeroed)
         };
@@ -724,5 +743,30 @@ mod tests {
             .collect();
         assert_eq!(payloads, ["one", "two", "three"]);
         assert_eq!(store.local_log_applied().unwrap(), 3);
+    }
+
+    /// The zero-fill covers exactly its range, from and to any offset, a page per write.
+    #[test]
+    fn zero_fill_covers_unaligned_ranges() {
+        use std::os::unix::fs::FileExt;
+        let dir = TempDir::new("wal-zero-fill");
+        let path = dir.path().join("f");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        file.write_all_at(&[7u8; 10_000], 0).unwrap();
+        zero_fill(&file, 100, 9_000).unwrap();
+        zero_fill(&file, 12_000, 12_000).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), 10_000);
+        assert!(bytes[..100].iter().all(|&b| b == 7));
+        assert!(bytes[100..9_000].iter().all(|&b| b == 0));
+        assert!(bytes[9_000..].iter().all(|&b| b == 7));
+        zero_fill(&file, 10_000, 3 * PAGE + 5).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 3 * PAGE + 5);
     }
 }
