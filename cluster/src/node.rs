@@ -839,7 +839,16 @@ impl ClusterNode {
                     Ok(rx) => rx,
                     Err(error) => return AppResponse::Published(Err(error)),
                 };
-                AppResponse::Published(rx.await.unwrap_or(Err(ProposeError::Closed)))
+                AppResponse::Published(match rx.await {
+                    // Said as `NoLeader` (also "not committed", retried by the forwarder, which
+                    // answers its client at its own deadline): a node older than
+                    // `NotCommitted` could not decode it during a rolling upgrade.
+                    Ok(Err(ProposeError::NotCommitted(_))) => {
+                        Err(ProposeError::NoLeader { partition })
+                    }
+                    Ok(result) => result,
+                    Err(_) => Err(ProposeError::Closed),
+                })
             }
             AppRequest::Write { group, command } => {
                 let Some(raft) = self.inner.groups.get(usize::from(group)) else {

@@ -344,6 +344,13 @@ impl ProposerContext {
                         self.partition, self.options.publish_timeout
                     )),
                     // Every round was refused or never sent: nothing can commit later.
+                    (Some(leader), None) if leader == self.id => {
+                        ProposeError::NotCommitted(format!(
+                            "partition {} could not commit within {:?}: this node, its leader, \
+                             was handing it over or losing its leadership",
+                            self.partition, self.options.publish_timeout
+                        ))
+                    }
                     (Some(leader), None) => ProposeError::NotCommitted(format!(
                         "partition {} could not commit within {:?}: its leader (node {leader}) \
                          was unreachable or handing over; this node may be cut off from the majority",

@@ -100,14 +100,14 @@ pub async fn publish(State(state): State<HttpState>, body: Bytes) -> Response {
     let mut results = Vec::with_capacity(tickets.len());
     let mut failed: Option<(usize, String)> = None;
     for (channel, ticket) in channels.into_iter().zip(tickets) {
+        // A refusal at enqueue is certain (never queued); a failure after it may not be.
         let outcome = match ticket {
-            Ok(ticket) => broker.wait(ticket).await,
-            Err(error) => Err(error),
+            Ok(ticket) => broker.wait(ticket).await.map_err(|e| failure(&e)),
+            Err(error) => Err(format!("publish failed: {error}")),
         };
         match outcome {
             Ok(published) => results.push(describe(&state, &channel, published)),
-            Err(error) => {
-                let message = failure(&error);
+            Err(message) => {
                 failed = Some(match failed {
                     Some((n, first)) => (n + 1, first),
                     None => (1, message.clone()),
@@ -136,7 +136,7 @@ pub async fn publish(State(state): State<HttpState>, body: Bytes) -> Response {
     }
 }
 
-/// What a client is told about a publish that failed.
+/// What a client is told about a publish that failed after it was queued.
 fn failure(error: &StorageError) -> String {
     match error {
         // A cluster error says itself whether anything may have committed.
