@@ -30,6 +30,7 @@
 
 use std::fs::File;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -111,6 +112,8 @@ struct Shared {
     store: Arc<Store>,
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// Sync rounds completed (what the tests watch).
+    rounds: AtomicU64,
 }
 
 /// The write-ahead log of the Raft logs (and state machine applies) in one [`Store`]; see
@@ -175,6 +178,7 @@ impl RaftJournal {
                 closed: false,
             }),
             wake: Condvar::new(),
+            rounds: AtomicU64::new(0),
             store,
         });
         let thread = {
@@ -319,6 +323,7 @@ impl Shared {
                 )
             };
             let result = self.sync(file.as_deref());
+            self.rounds.fetch_add(1, Ordering::Release);
             for d in done {
                 d.complete(&result);
             }
@@ -577,19 +582,21 @@ mod tests {
         let dir = TempDir::new("journal-unwaited");
         let store = open(&dir);
         let journal = RaftJournal::open(store.clone()).unwrap();
-        let unwaited = || journal.shared.queue.lock().unwaited_since.is_some();
+        let rounds = || journal.shared.rounds.load(Ordering::Acquire);
         for round in 0..3 {
+            let before = rounds();
             let mut ops = Ops::default();
             ops.insert(format!("unwaited-{round}").into_bytes(), &b"x"[..]);
             journal.submit(ops, Write::InOrder, Done::Nobody).unwrap();
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while unwaited() {
+            while rounds() == before {
                 assert!(
                     std::time::Instant::now() < deadline,
                     "round {round}: the record was never synced"
                 );
                 std::thread::sleep(Duration::from_millis(1));
             }
+            assert!(journal.shared.queue.lock().unwaited_since.is_none());
         }
     }
 }
