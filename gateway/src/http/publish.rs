@@ -98,7 +98,7 @@ pub async fn publish(State(state): State<HttpState>, body: Bytes) -> Response {
     let tickets = broker.enqueue_many(publishes, &mut wakes).await;
     wakes.wake_all();
     let mut results = Vec::with_capacity(tickets.len());
-    let mut failed: Option<(usize, String)> = None;
+    let (mut failures, mut first_failure) = (0usize, None);
     for (channel, ticket) in channels.into_iter().zip(tickets) {
         // A refusal at enqueue is certain (never queued); a failure after it may not be.
         let outcome = match ticket {
@@ -108,10 +108,8 @@ pub async fn publish(State(state): State<HttpState>, body: Bytes) -> Response {
         match outcome {
             Ok(published) => results.push(describe(&state, &channel, published)),
             Err(message) => {
-                failed = Some(match failed {
-                    Some((n, first)) => (n + 1, first),
-                    None => (1, message.clone()),
-                });
+                failures += 1;
+                first_failure.get_or_insert_with(|| message.clone());
                 results.push(json!({
                     "channel": String::from_utf8_lossy(&channel),
                     "error": message,
@@ -119,16 +117,16 @@ pub async fn publish(State(state): State<HttpState>, body: Bytes) -> Response {
             }
         }
     }
-    match (failed, batch) {
+    match (first_failure, batch) {
         (None, true) => Json(json!({ "results": results })).into_response(),
         (None, false) => Json(results.pop().expect("one result")).into_response(),
-        (Some((_, message)), false) => error_response(StatusCode::SERVICE_UNAVAILABLE, message),
+        (Some(message), false) => error_response(StatusCode::SERVICE_UNAVAILABLE, message),
         // The others of the batch may be committed or delivered: say which, so that a retry
         // sends only the failed ones.
-        (Some((n, first)), true) => (
+        (Some(first), true) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({
-                "error": format!("{n} of {} events failed; the first: {first}", results.len()),
+                "error": format!("{failures} of {} events failed; the first: {first}", results.len()),
                 "results": results,
             })),
         )

@@ -11,9 +11,10 @@
 //! durable: an append's [`LogFlushed`] callback (openraft goes on meanwhile: a leader
 //! replicates while its own append syncs) or a vote's or truncation's waiter; nobody waits for
 //! an apply's record (the entry is in the Raft log), so it shares the next append's sync, or
-//! gets one of its own at most [`UNWAITED_SYNC_DELAY`] after it was written. The segment files, their format and the
-//! checkpoints that flush sled and delete full segments are the `wal` module's, shared with the
-//! single-node log; if the log fails, every sync becomes a flush of the store.
+//! gets one of its own at most [`UNWAITED_SYNC_DELAY`] after it was written. The segment
+//! files, their format and the checkpoints that flush sled and delete full segments are the
+//! `wal` module's, shared with the single-node log; if the log fails, every sync becomes a
+//! flush of the store.
 //!
 //! ## Recovery
 //!
