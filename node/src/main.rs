@@ -23,6 +23,15 @@ use clap::Parser;
 use std::path::Path;
 use std::process::ExitCode;
 
+/// jemalloc instead of glibc's malloc. sled allocates and frees several buffers per write, and
+/// glibc's `_int_malloc` alone was 10% of a cluster node's CPU at 12x32. In alternating runs
+/// (docs/benchmarks.md, session 12) jemalloc and mimalloc both gave the cluster 20-35% more
+/// acknowledged publishes per second at 12x32 for less CPU each; jemalloc started with the
+/// smaller RSS (35 MiB against 39-52 MiB; glibc 11 MiB) and the same ~5.5 KiB per idle
+/// connection.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     match cli.command {
