@@ -43,7 +43,7 @@ const EXPIRE_CHUNK: usize = 10_000;
 pub enum StorageError {
     /// sled failed (I/O, corruption it detected, ...). The outcome of a batch that failed in
     /// flush is unknown: it may or may not be on disk.
-    #[error("storage failed: {0}")]
+    #[error("storage failed: {}", describe_sled(.0))]
     Sled(#[from] sled::Error),
     /// The store was created with another partition count, which can never change.
     #[error(
@@ -83,6 +83,15 @@ pub enum StorageError {
     /// text says which, and whether a retry with the same message id is safe.
     #[error("{0}")]
     Unavailable(String),
+}
+
+/// sled's error as a sentence: its I/O errors display as Rust's debug form (`Os { code: 28,
+/// kind: StorageFull, .. }`), which says less to an operator than the system's message.
+fn describe_sled(error: &sled::Error) -> String {
+    match error {
+        sled::Error::Io(io) => format!("I/O error: {io}"),
+        other => other.to_string(),
+    }
 }
 
 /// How a store is opened. The partition count is fixed at creation.
@@ -526,6 +535,13 @@ impl Store {
             raft_journal: AtomicBool::new(false),
             raft_journal_slot: Mutex::new(std::sync::Weak::new()),
         })
+    }
+
+    /// Whether a write failed half-way (a full disk, an I/O error): the store then refuses
+    /// every apply until the node restarts and recovers from its write-ahead log, so the node
+    /// should not be sent publishes (`/ready` says 503).
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
     }
 
     /// The store's epoch: chosen at random when it was created, replaced by the cluster's epoch
@@ -2327,6 +2343,44 @@ mod tests {
         // Nor does a partition clock ahead of the local one.
         assert_eq!(store.expire(&namespaces, T0 + 59_999).unwrap(), 0);
         assert_eq!(store.expire(&namespaces, T0 + 60_000).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_write_that_fails_half_way_breaks_the_store_until_it_reopens() {
+        let dir = TempDir::new("broken");
+        let namespaces = ns(100, None);
+        let store = Store::open(dir.path(), opts(4)).unwrap();
+        assert!(!store.is_broken());
+        let failed = store.apply_writing(
+            &[publish("c", "a")],
+            &namespaces,
+            T0,
+            None,
+            Ops::default(),
+            |_| Err(StorageError::Internal("disk full".into())),
+        );
+        assert!(failed.is_err());
+        assert!(store.is_broken());
+        let refused = store
+            .apply(&[publish("c", "b")], &namespaces, T0)
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("restart the node"),
+            "{refused}"
+        );
+        drop(store);
+        let store = Store::open(dir.path(), opts(4)).unwrap();
+        assert!(!store.is_broken());
+        store.apply(&[publish("c", "b")], &namespaces, T0).unwrap();
+    }
+
+    #[test]
+    fn sled_io_errors_read_as_the_system_message() {
+        let error = StorageError::from(sled::Error::Io(std::io::Error::from_raw_os_error(28)));
+        assert_eq!(
+            error.to_string(),
+            "storage failed: I/O error: No space left on device (os error 28)"
+        );
     }
 
     #[test]

@@ -17,12 +17,21 @@ pub async fn health() -> Json<Value> {
 }
 
 /// `GET /ready`: 200 while the node accepts clients and (in a cluster) can commit; 503 once it
-/// is shutting down, before the cluster is formed, or on the minority side of a partition.
+/// is shutting down, before the cluster is formed, on the minority side of a partition, or
+/// after a write to its store failed (a full disk: only a restart recovers it).
 pub async fn ready(State(state): State<HttpState>) -> Response {
     if state.shutdown().is_cancelled() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({ "status": "shutting down" })),
+        )
+            .into_response()
+    } else if state.broker().store().is_broken() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "storage failed: a write to the store failed; restart the node to recover from its write-ahead log"
+            })),
         )
             .into_response()
     } else if !state.broker().is_ready() {
@@ -60,7 +69,13 @@ pub async fn stats(State(state): State<HttpState>) -> Json<Value> {
     };
     let history = state.broker().store().channel_stats();
     Json(json!({
-        "status": if state.shutdown().is_cancelled() { "shutting down" } else { "healthy" },
+        "status": if state.shutdown().is_cancelled() {
+            "shutting down"
+        } else if state.broker().store().is_broken() {
+            "storage failed"
+        } else {
+            "healthy"
+        },
         "sse": {
             "totalConnections": state.sse_clients().len(),
             "totalEvents": state.sse_clients().total_events.load(Ordering::Relaxed),
