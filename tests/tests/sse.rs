@@ -378,7 +378,8 @@ async fn council_score_publishes_a_request_and_streams_the_workers_answer() {
     worker.subscribe("council_score_requests").await.unwrap();
     let mut events = connect(
         &format!(
-            "{}/api/stream/council-score?videoUrl=https://v/1.mp4&transcript=hello",
+            "{}/api/stream/council-score?videoUrl=https://v/1.mp4&transcript=hello\
+             &requestId=forged&replyChannel=alerts:someone",
             node.http_url()
         ),
         None,
@@ -391,8 +392,14 @@ async fn council_score_publishes_a_request_and_streams_the_workers_answer() {
     let request: Value = serde_json::from_slice(request.get_payload_bytes()).unwrap();
     assert_eq!(request["videoUrl"], "https://v/1.mp4");
     assert_eq!(request["transcript"], "hello");
+    // The query cannot choose where the workers answer: the server's request id and reply
+    // channel win over parameters of the same name.
     let reply_channel = request["replyChannel"].as_str().unwrap().to_string();
     assert!(reply_channel.starts_with("council_score:req_"));
+    assert_eq!(
+        reply_channel,
+        format!("council_score:{}", request["requestId"].as_str().unwrap())
+    );
     publish(
         &node,
         &reply_channel,
@@ -547,4 +554,30 @@ async fn a_slow_sse_client_is_cut_off_without_slowing_others_and_resumes_without
             "resumed exactly where the cut-off client stopped"
         );
     }
+}
+
+/// `data` is published as the client wrote it: a parsed-and-printed value would round big
+/// numbers and sort keys. A malformed body is told by the field at fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_publish_keeps_data_as_written() {
+    let node = Herald::start();
+    let mut events = connect(&stream_url(&node, "exact"), None).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/api/publish", node.http_url());
+    let body = r#"{"channel": "exact", "data": {"z": 12345678901234567890123, "a": [1.10, 1E2]}}"#;
+    let reply = client.post(&url).body(body).send().await.unwrap();
+    assert_eq!(reply.status(), 200);
+    assert_eq!(
+        next(&mut events).await.data,
+        r#"{"z":12345678901234567890123,"a":[1.10,1E2]}"#
+    );
+    let reply = client
+        .post(&url)
+        .body(r#"{"channel": "exact", "data": 1, "messageID": "m"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 400);
+    let text = reply.text().await.unwrap();
+    assert!(text.contains("unknown field `messageID`"), "{text}");
 }

@@ -7,8 +7,9 @@
 //! success fields or `{"channel", "error"}`: the others may be committed or delivered, so a
 //! retry should send only the failed ones. A single event that fails gets a one-line 503.
 //!
-//! `data` that is a JSON string is published as its text; any other JSON value as its compact
-//! JSON. The reply names the event's position and its `id`: a cursor that resumes a stream
+//! `data` that is a JSON string is published as its text; any other JSON value as its JSON text,
+//! byte for byte except for whitespace between tokens (numbers keep every digit, objects their
+//! key order). The reply names the event's position and its `id`: a cursor that resumes a stream
 //! right after this event. A `messageId` makes a retry safe: within the dedup window it returns
 //! the original position with `"duplicate": true` and commits nothing.
 
@@ -24,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use herald_storage::StorageError;
 use herald_storage::{Cursor, Publish};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 /// One event to publish.
@@ -32,19 +34,76 @@ use serde_json::{Value, json};
 pub struct PublishRequest {
     /// The channel.
     pub channel: String,
-    /// The payload.
-    pub data: Value,
+    /// The payload, as the client wrote it (see [`payload_of`]).
+    pub data: Box<RawValue>,
     /// Makes retries idempotent within the dedup window.
     #[serde(rename = "messageId")]
     pub message_id: Option<String>,
 }
 
+/// `{"events": [...]}`, the wrapped batch form.
 #[derive(Deserialize)]
-#[serde(untagged)]
-enum Body {
-    One(PublishRequest),
-    Many(Vec<PublishRequest>),
-    Wrapped { events: Vec<PublishRequest> },
+#[serde(deny_unknown_fields)]
+struct Wrapped {
+    events: Vec<PublishRequest>,
+}
+
+/// The events of a request body and whether it was a batch, or why it is not a publish
+/// request. Each form is parsed on its own (not as an untagged enum): the error then names
+/// the field at fault, and `data` can stay raw (serde's untagged enums cannot hold a
+/// [`RawValue`]).
+fn parse_body(body: &[u8]) -> Result<(Vec<PublishRequest>, bool), String> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => serde_json::from_slice(body)
+            .map(|events| (events, true))
+            .map_err(|e| e.to_string()),
+        Some(b'{') => match serde_json::from_slice::<PublishRequest>(body) {
+            Ok(one) => Ok((vec![one], false)),
+            Err(one_error) => {
+                let wrapped = serde_json::from_slice::<
+                    std::collections::HashMap<String, serde::de::IgnoredAny>,
+                >(body)
+                .is_ok_and(|fields| fields.contains_key("events"));
+                if !wrapped {
+                    return Err(one_error.to_string());
+                }
+                serde_json::from_slice::<Wrapped>(body)
+                    .map(|w| (w.events, true))
+                    .map_err(|e| e.to_string())
+            }
+        },
+        _ => Err("the body is not a JSON object or array".into()),
+    }
+}
+
+/// The bytes an event's `data` publishes: a JSON string's text, else the JSON text as sent
+/// without the whitespace between tokens. Re-serializing a parsed value instead would round
+/// big numbers (`12345678901234567890123` became `1.2345678901234568e22`) and sort keys.
+fn payload_of(data: &RawValue) -> Result<Bytes, String> {
+    let raw = data.get();
+    if raw.starts_with('"') {
+        return serde_json::from_str::<String>(raw)
+            .map(Bytes::from)
+            .map_err(|e| e.to_string());
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for &byte in raw.as_bytes() {
+        if in_string {
+            out.push(byte);
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+            }
+        } else if !matches!(byte, b' ' | b'\t' | b'\n' | b'\r') {
+            in_string = byte == b'"';
+            out.push(byte);
+        }
+    }
+    Ok(Bytes::from(out))
 }
 
 /// Most events in one batch request.
@@ -52,20 +111,16 @@ const MAX_BATCH: usize = 10_000;
 
 /// `POST /api/publish`.
 pub async fn publish(State(state): State<HttpState>, body: Bytes) -> Response {
-    let parsed: Body = match serde_json::from_slice(&body) {
-        Ok(body) => body,
+    let (events, batch) = match parse_body(&body) {
+        Ok(parsed) => parsed,
         Err(error) => {
             return error_response(
                 StatusCode::BAD_REQUEST,
                 format!(
-                    "invalid publish request: {error}; expected {{\"channel\": \"...\", \"data\": ..., \"messageId\"?: \"...\"}} or an array of them"
+                    "invalid publish request: {error}; expected {{\"channel\": \"...\", \"data\": ..., \"messageId\"?: \"...\"}}, an array of them, or {{\"events\": [...]}}"
                 ),
             );
         }
-    };
-    let (events, batch) = match parsed {
-        Body::One(one) => (vec![one], false),
-        Body::Many(many) | Body::Wrapped { events: many } => (many, true),
     };
     if events.len() > MAX_BATCH {
         return error_response(
@@ -83,17 +138,23 @@ pub async fn publish(State(state): State<HttpState>, body: Bytes) -> Response {
     // Queue every event first (in order, as one request), then wait: the batch shares one
     // commit.
     let mut wakes = Wakes::default();
-    let publishes: Vec<Publish> = events
-        .into_iter()
-        .map(|event| Publish {
+    let mut publishes = Vec::with_capacity(events.len());
+    for (i, event) in events.into_iter().enumerate() {
+        let payload = match payload_of(&event.data) {
+            Ok(payload) => payload,
+            Err(error) => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    format!("event {i} has invalid data: {error}"),
+                );
+            }
+        };
+        publishes.push(Publish {
             channel: Bytes::from(event.channel),
-            payload: match event.data {
-                Value::String(text) => Bytes::from(text),
-                other => Bytes::from(other.to_string()),
-            },
+            payload,
             message_id: event.message_id.map(Bytes::from),
-        })
-        .collect();
+        });
+    }
     let channels: Vec<Bytes> = publishes.iter().map(|p| p.channel.clone()).collect();
     let tickets = broker.enqueue_many(publishes, &mut wakes).await;
     wakes.wake_all();
@@ -159,4 +220,46 @@ fn describe(state: &HttpState, channel: &[u8], published: Published) -> Value {
         "duplicate": published.duplicate,
         "receivers": published.receivers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(json: &str) -> String {
+        let raw: Box<RawValue> = serde_json::from_str(json).unwrap();
+        String::from_utf8(payload_of(&raw).unwrap().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn data_keeps_its_digits_and_key_order_and_loses_only_whitespace() {
+        assert_eq!(
+            payload(r#" { "z" : 12345678901234567890123 , "a" : [ 1.10 , 1E2 ] } "#),
+            r#"{"z":12345678901234567890123,"a":[1.10,1E2]}"#
+        );
+        // Whitespace and escapes inside strings are the client's.
+        assert_eq!(
+            payload(r#"{"s": "a b\t\" \\ \"c d"}"#),
+            r#"{"s":"a b\t\" \\ \"c d"}"#
+        );
+        // A string is published as its text.
+        assert_eq!(payload(r#""line 1\nline 2 \u00e9""#), "line 1\nline 2 é");
+        assert_eq!(payload("null"), "null");
+    }
+
+    #[test]
+    fn a_bad_body_is_told_by_the_field_at_fault() {
+        let error = |body: &str| parse_body(body.as_bytes()).err().unwrap();
+        assert!(error(r#"{"data": 1}"#).contains("missing field `channel`"));
+        assert!(error(r#"{"channel": "a", "data": 1, "id": 2}"#).contains("unknown field `id`"));
+        assert!(error(r#"{"channel": 5, "data": 1}"#).contains("invalid type: integer `5`"));
+        assert!(error(r#"{"events": [{"channel": "a"}]}"#).contains("missing field `data`"));
+        assert!(error(r#"[{"channel": "a", "data": 1}, {}]"#).contains("missing field"));
+        assert_eq!(error("42"), "the body is not a JSON object or array");
+        let (events, batch) = parse_body(br#"{"events": [{"channel": "a", "data": 1}]}"#).unwrap();
+        assert_eq!((events.len(), batch), (1, true));
+        let (events, batch) = parse_body(br#"{"channel": "a", "data": {"x": 1}}"#).unwrap();
+        assert_eq!((events.len(), batch), (1, false));
+        assert_eq!(events[0].data.get(), r#"{"x": 1}"#);
+    }
 }

@@ -147,13 +147,15 @@ async fn request_stream(
         return response;
     }
     let mut request = serde_json::Map::new();
-    request.insert("requestId".into(), request_id.clone().into());
-    request.insert("replyChannel".into(), reply_channel.into());
     for (key, value) in params(query) {
         if key != "lastEventId" && key != "last" {
             request.insert(key, value.into());
         }
     }
+    // Set after the parameters, so a `requestId` or `replyChannel` in the query can never
+    // redirect the workers' answers away from this stream (or into another client's channel).
+    request.insert("requestId".into(), request_id.clone().into());
+    request.insert("replyChannel".into(), reply_channel.into());
     let payload = Bytes::from(serde_json::Value::Object(request).to_string());
     if let Err(error) = state
         .broker()

@@ -19,7 +19,7 @@
 //! An event whose payload is a JSON object is that object with `id` and `channel` added, so the
 //! seed's messages (`{"type":"job_progress","jobId":..,"progress":..}`,
 //! `{"type":"alert","alertId":..,"severity":..}`) arrive as the seed sent them. Any other payload
-//! arrives as `{"id":..,"channel":..,"type":"message","data":<the payload>}`: `data` is the
+//! (an object with an `id` or `channel` field of its own included, which would clash) arrives as `{"id":..,"channel":..,"type":"message","data":<the payload>}`: `data` is the
 //! payload itself when it is JSON, else the payload as a JSON string. Events of non-durable
 //! namespaces have no `id` (they cannot be resumed).
 //!

@@ -11,6 +11,8 @@
 
 use crate::resp::frame::{Protocol, encode_bulk, encode_header};
 use bytes::{BufMut, Bytes, BytesMut};
+use serde::de::IgnoredAny;
+use std::collections::HashMap;
 
 /// The wire format a receiver takes its frames in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -193,7 +195,7 @@ pub fn websocket_tail(channel: &[u8], payload: &[u8]) -> Bytes {
         }
         None => {
             out.put_slice(b",\"type\":\"message\",\"data\":");
-            if serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok() {
+            if serde_json::from_slice::<IgnoredAny>(payload).is_ok() {
                 out.put_slice(payload);
             } else {
                 put_json_string(&mut out, payload);
@@ -204,14 +206,17 @@ pub fn websocket_tail(channel: &[u8], payload: &[u8]) -> Bytes {
     out.freeze()
 }
 
-/// For a payload that is one JSON object, everything after its opening brace.
+/// For a payload that is one JSON object without fields of its own named `id` or `channel`,
+/// everything after its opening brace. An object with such a field is sent wrapped in `data`:
+/// merged, the message would carry the key twice, and a client's JSON parser would keep the
+/// payload's value, losing the event's cursor or channel.
 fn json_object_body(payload: &[u8]) -> Option<&[u8]> {
     let start = payload.iter().position(|b| !b.is_ascii_whitespace())?;
     if payload[start] != b'{' {
         return None;
     }
-    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
-    value.is_object().then(|| &payload[start + 1..])
+    let fields: HashMap<String, IgnoredAny> = serde_json::from_slice(payload).ok()?;
+    (!fields.contains_key("id") && !fields.contains_key("channel")).then(|| &payload[start + 1..])
 }
 
 /// Writes `bytes` as a JSON string (invalid UTF-8 replaced by U+FFFD).
@@ -276,5 +281,14 @@ mod tests {
         let full = format!("{{{}", text(websocket_tail(b"c", br#" {"k":[1,2]} "#)));
         let value: serde_json::Value = serde_json::from_str(&full).unwrap();
         assert_eq!(value["k"][1], 2);
+        // A payload with its own `id` or `channel` is wrapped, so neither key appears twice.
+        assert_eq!(
+            text(websocket_tail(b"c", br#"{"type":"t","id":"mine"}"#)),
+            r#""channel":"c","type":"message","data":{"type":"t","id":"mine"}}"#
+        );
+        assert_eq!(
+            text(websocket_tail(b"c", br#"{"channel":"other"}"#)),
+            r#""channel":"c","type":"message","data":{"channel":"other"}}"#
+        );
     }
 }
