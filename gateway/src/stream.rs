@@ -7,16 +7,17 @@
 //! meanwhile. Each event the stream emits carries the stream's full cursor (the last delivered
 //! sequence number of every partition it touches), which is what `Last-Event-ID` sends back.
 //!
-//! When the requested cursor is older than what is retained, or comes from another epoch, the
-//! stream first emits a [`Gap`] notice naming what was asked for and the oldest position
-//! available: loss is never silent.
+//! When the requested cursor is older than what is retained, comes from another epoch, or (on a
+//! single node) is ahead of everything the node committed, the stream first emits a [`Gap`]
+//! notice naming what was asked for and the oldest position available, then replays what is
+//! retained: loss is never silent.
 
 use crate::broker::Broker;
 use crate::hub::outbox::{Batch, Item, Outbox};
 use crate::hub::{ClientId, Format, Kind, Subscriber};
 use bytes::Bytes;
 use herald_storage::{Cursor, CursorError, Event, Partition, Position, StorageError};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// Where a new stream starts.
@@ -47,7 +48,8 @@ pub struct Gap {
     pub requested: Option<Position>,
     /// The oldest position still retained for the channel, if any.
     pub oldest: Option<Position>,
-    /// `"retention"` or `"epoch"`.
+    /// `"retention"`, `"epoch"`, or `"ahead"` (a single node was asked to resume after
+    /// events it does not have: its data directory was restored from an older copy).
     pub reason: &'static str,
 }
 
@@ -141,15 +143,33 @@ impl EventStream {
                 .entry(p)
                 .or_insert_with(|| broker.committed_seq(p));
         }
-        // A cursor can be ahead of this node (it came from a node further along, e.g. this one
-        // just restarted and is catching up): what it already covers must not come again when
-        // this node applies it, so the cursor raises the point below which live events are
-        // skipped.
+        // On a single node a cursor is never ahead of what the node committed (events reach
+        // clients after commit): one that is names events this node no longer has, its data
+        // directory restored from an older copy, and the positions past its head are being
+        // given to other events. Those partitions are resumed like another epoch's.
+        let ahead: BTreeSet<Partition> = match &start {
+            Start::After(cursor)
+                if cursor.epoch == broker.epoch() && broker.cluster().is_none() =>
+            {
+                cursor
+                    .positions()
+                    .filter(|pos| pos.seq > broker.committed_seq(pos.partition))
+                    .map(|pos| pos.partition)
+                    .collect()
+            }
+            _ => BTreeSet::new(),
+        };
+        // In a cluster a cursor can be ahead of this node (it came from a node further along,
+        // e.g. this one just restarted and is catching up): what it already covers must not
+        // come again when this node applies it, so the cursor raises the point below which
+        // live events are skipped.
         if let Start::After(cursor) = &start
             && cursor.epoch == broker.epoch()
         {
             for (&p, seq) in watermarks.iter_mut() {
-                *seq = (*seq).max(cursor.get(p).unwrap_or(0));
+                if !ahead.contains(&p) {
+                    *seq = (*seq).max(cursor.get(p).unwrap_or(0));
+                }
             }
         }
         // 3. History up to the watermarks, and gap notices.
@@ -168,6 +188,18 @@ impl EventStream {
                         requested: None,
                         oldest: store.oldest(channel)?,
                         reason: "epoch",
+                    }));
+                    store.history_after(channel, None, usize::MAX)?
+                }
+                Start::After(cursor) if ahead.contains(&p) => {
+                    emits.push(Emit::Gap(Gap {
+                        channel: channel.clone(),
+                        requested: Some(Position {
+                            partition: p,
+                            seq: cursor.get(p).unwrap_or(0),
+                        }),
+                        oldest: store.oldest(channel)?,
+                        reason: "ahead",
                     }));
                     store.history_after(channel, None, usize::MAX)?
                 }
@@ -192,7 +224,10 @@ impl EventStream {
         if let Start::After(cursor) = &start
             && cursor.epoch == broker.epoch()
         {
-            for position in cursor.positions() {
+            for position in cursor
+                .positions()
+                .filter(|pos| !ahead.contains(&pos.partition))
+            {
                 self.cursor.advance(position);
             }
         }

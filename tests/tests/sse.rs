@@ -581,3 +581,56 @@ async fn http_publish_keeps_data_as_written() {
     let text = reply.text().await.unwrap();
     assert!(text.contains("unknown field `messageID`"), "{text}");
 }
+
+/// A single node whose data directory was restored from an older copy hands out again the
+/// positions a client already saw. That client's cursor is ahead of the node: it gets a gap
+/// notice (`ahead`) and everything retained, not a stream that silently skips the new events
+/// reusing those positions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_ahead_of_a_restored_node_gets_a_gap_and_everything_retained() {
+    let node = Herald::start();
+    for i in 1..=2 {
+        publish(&node, "restored", json!(format!("old {i}")), None).await;
+    }
+    let data_dir = node.kill_keeping_data();
+    let backup = herald_tests::scratch_dir("backup");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", data_dir.display()))
+        .arg(&backup)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+
+    let node = Herald::start_in(data_dir, &[], &[]);
+    let mut lost = Value::Null;
+    for i in 3..=4 {
+        lost = publish(&node, "restored", json!(format!("lost {i}")), None).await;
+    }
+    let cursor = lost["id"].as_str().unwrap().to_string();
+    let data_dir = node.kill_keeping_data();
+    std::fs::remove_dir_all(&data_dir).unwrap();
+
+    // The restored copy gives the next event the position "lost 3" had.
+    let node = Herald::start_in(backup, &[], &[]);
+    publish(&node, "restored", json!("new 3"), None).await;
+    let mut events = connect(&stream_url(&node, "restored"), Some(&cursor)).await;
+    let gap = next(&mut events).await;
+    assert_eq!(gap.event, "gap");
+    let gap: Value = serde_json::from_str(&gap.data).unwrap();
+    assert_eq!(gap["reason"], "ahead");
+    assert_eq!(gap["requested"], lost["position"]);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(next(&mut events).await.data);
+    }
+    assert_eq!(seen, ["old 1", "old 2", "new 3"]);
+    // Live events follow, and the ids handed out now resume on this node without a gap.
+    publish(&node, "restored", json!("new 4"), None).await;
+    let live = next(&mut events).await;
+    assert_eq!(live.data, "new 4");
+    drop(events);
+    publish(&node, "restored", json!("new 5"), None).await;
+    let mut resumed = connect(&stream_url(&node, "restored"), Some(&live.id)).await;
+    assert_eq!(next(&mut resumed).await.data, "new 5");
+}

@@ -12,8 +12,8 @@
 //! Every event of a durable channel carries `id: <cursor>`. A client that reconnects with
 //! `Last-Event-ID` (or `?lastEventId=` for polyfills) gets everything retained after it, then
 //! live events, with no gap and no duplicate; `?last=N` replays the last N events on a first
-//! connect. A cursor older than retention, or from another epoch, first gets an `event: gap`
-//! naming the requested and oldest available positions. A malformed cursor is a 400.
+//! connect. A cursor older than retention, from another epoch, or ahead of what a single node
+//! has, first gets an `event: gap` naming the requested and oldest available positions. A malformed cursor is a 400.
 
 use super::{ClientGuard, HttpState, StreamClient, error_response};
 use crate::hub::Format;

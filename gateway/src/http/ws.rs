@@ -13,7 +13,7 @@
 //! | `{"type":"unsubscribed","channel":"<name>"}` | nothing more of the channel will be sent |
 //! | `{"type":"pong","timestamp":"<RFC 3339>"}` | the reply to `ping` |
 //! | `{"id":"<cursor>","channel":"<name>",...}` | an event (see below) |
-//! | `{"type":"gap","channel":..,"requested":"p-seq"\|null,"oldest":"p-seq"\|null,"reason":"retention"\|"epoch"}` | a resume asked for history no longer retained (or from another store); what is retained follows |
+//! | `{"type":"gap","channel":..,"requested":"p-seq"\|null,"oldest":"p-seq"\|null,"reason":"retention"\|"epoch"\|"ahead"}` | a resume asked for history no longer retained (or from another store, or ahead of a single node's); what is retained follows |
 //! | `{"type":"error","message":"<one-line reason>"}` | a client message was refused; the connection stays open |
 //!
 //! An event whose payload is a JSON object is that object with `id` and `channel` added, so the

@@ -8,8 +8,8 @@
 //!   (live only), `0` (everything retained first) or a cursor (everything after it first).
 //!   Confirmations are `[hsubscribe, channel, count]`; events arrive as
 //!   `[hmessage, channel, cursor, payload]` (push frames in RESP3), where `cursor` is the
-//!   stream's cursor after the event; a cursor older than retention or from another epoch first
-//!   gets `[hgap, channel, requested, oldest, reason]`. Replay hands over to live events with
+//!   stream's cursor after the event; a cursor older than retention, from another epoch, or
+//!   ahead of what a single node has first gets `[hgap, channel, requested, oldest, reason]`. Replay hands over to live events with
 //!   no gap and no duplicate. One history subscription per connection.
 //! - `HUNSUBSCRIBE`: ends it (`[hunsubscribe, nil, 0]`).
 //! - `HPUBLISH channel payload [ID message-id]`: `PUBLISH` with a message id, replying
