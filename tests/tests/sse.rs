@@ -379,7 +379,7 @@ async fn council_score_publishes_a_request_and_streams_the_workers_answer() {
     let mut events = connect(
         &format!(
             "{}/api/stream/council-score?videoUrl=https://v/1.mp4&transcript=hello\
-             &requestId=forged&replyChannel=alerts:someone",
+             &replyChannel=alerts:someone",
             node.http_url()
         ),
         None,
@@ -392,8 +392,8 @@ async fn council_score_publishes_a_request_and_streams_the_workers_answer() {
     let request: Value = serde_json::from_slice(request.get_payload_bytes()).unwrap();
     assert_eq!(request["videoUrl"], "https://v/1.mp4");
     assert_eq!(request["transcript"], "hello");
-    // The query cannot choose where the workers answer: the server's request id and reply
-    // channel win over parameters of the same name.
+    // The query cannot choose where the workers answer: the server's reply channel wins over
+    // a parameter of the same name.
     let reply_channel = request["replyChannel"].as_str().unwrap().to_string();
     assert!(reply_channel.starts_with("council_score:req_"));
     assert_eq!(
@@ -633,4 +633,64 @@ async fn a_cursor_ahead_of_a_restored_node_gets_a_gap_and_everything_retained() 
     publish(&node, "restored", json!("new 5"), None).await;
     let mut resumed = connect(&stream_url(&node, "restored"), Some(&live.id)).await;
     assert_eq!(next(&mut resumed).await.data, "new 5");
+}
+
+/// With a `requestId` of the client's, the request's stream survives a reconnect: the same URL
+/// with `Last-Event-ID` (what `EventSource` does after a network blip) resumes the request's
+/// answers instead of publishing a second request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_council_score_request_with_its_own_id_resumes_instead_of_starting_again() {
+    let node = Herald::start();
+    let client = redis::Client::open(node.url()).unwrap();
+    let mut worker = client.get_async_pubsub().await.unwrap();
+    worker.subscribe("council_score_requests").await.unwrap();
+    let url = format!(
+        "{}/api/stream/council-score?videoUrl=v1&requestId=job-7",
+        node.http_url()
+    );
+    let mut events = connect(&url, None).await;
+    let mut requests = worker.on_message();
+    let request = tokio::time::timeout(PATIENCE, requests.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let request: Value = serde_json::from_slice(request.get_payload_bytes()).unwrap();
+    assert_eq!(request["requestId"], "job-7");
+    assert_eq!(request["replyChannel"], "council_score:job-7");
+    publish(
+        &node,
+        "council_score:job-7",
+        json!({ "stage": "gemini" }),
+        None,
+    )
+    .await;
+    let first = next(&mut events).await;
+    drop(events);
+
+    // The blip: one stage is published while the client is away.
+    publish(
+        &node,
+        "council_score:job-7",
+        json!({ "stage": "claude" }),
+        None,
+    )
+    .await;
+    let mut resumed = connect(&url, Some(&first.id)).await;
+    let data: Value = serde_json::from_str(&next(&mut resumed).await.data).unwrap();
+    assert_eq!(data["stage"], "claude");
+    // No second request went to the workers: the next one they see is this marker.
+    publish(&node, "council_score_requests", json!("marker"), None).await;
+    let next_request = tokio::time::timeout(PATIENCE, requests.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next_request.get_payload_bytes(), b"marker");
+
+    let bad = reqwest::get(format!(
+        "{}/api/stream/council-score?requestId=a%20b",
+        node.http_url()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(bad.status(), 400);
 }

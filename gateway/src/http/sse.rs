@@ -13,7 +13,14 @@
 //! `Last-Event-ID` (or `?lastEventId=` for polyfills) gets everything retained after it, then
 //! live events, with no gap and no duplicate; `?last=N` replays the last N events on a first
 //! connect. A cursor older than retention, from another epoch, or ahead of what a single node
-//! has, first gets an `event: gap` naming the requested and oldest available positions. A malformed cursor is a 400.
+//! has, first gets an `event: gap` naming the requested and oldest available positions. A
+//! malformed cursor is a 400.
+//!
+//! `council-score` and `evaluate-creative` take an optional `requestId` of the client's
+//! (1-64 of `A-Z a-z 0-9 _ -`): the stream is then `{replies}:{requestId}`, and a reconnect to
+//! the same URL with `Last-Event-ID` (what `EventSource` does after a network blip) resumes
+//! that request instead of publishing another. Without one, herald picks a fresh id on every
+//! connect, so a reconnect starts a new request.
 
 use super::{ClientGuard, HttpState, StreamClient, error_response};
 use crate::hub::Format;
@@ -135,7 +142,29 @@ async fn request_stream(
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Response {
-    let request_id = format!("req_{:016x}", rand_u64());
+    let params = params(query);
+    let (request_id, resuming) = match params.iter().find(|(k, _)| k == "requestId") {
+        Some((_, id)) => {
+            if id.is_empty()
+                || id.len() > 64
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "invalid requestId: use 1 to 64 of A-Z, a-z, 0-9, _ and -",
+                );
+            }
+            // A cursor means the request was published on an earlier connect: resume it.
+            let cursor = headers.contains_key("last-event-id")
+                || params
+                    .iter()
+                    .any(|(k, v)| k == "lastEventId" && !v.trim().is_empty());
+            (id.clone(), cursor)
+        }
+        None => (format!("req_{:016x}", rand_u64()), false),
+    };
     let reply_channel = format!("{replies}:{request_id}");
     let response = open(
         state.clone(),
@@ -143,17 +172,17 @@ async fn request_stream(
         headers,
         query,
     );
-    if response.status() != StatusCode::OK {
+    if response.status() != StatusCode::OK || resuming {
         return response;
     }
     let mut request = serde_json::Map::new();
-    for (key, value) in params(query) {
+    for (key, value) in params {
         if key != "lastEventId" && key != "last" {
             request.insert(key, value.into());
         }
     }
-    // Set after the parameters, so a `requestId` or `replyChannel` in the query can never
-    // redirect the workers' answers away from this stream (or into another client's channel).
+    // Set after the parameters, so a `replyChannel` in the query can never redirect the
+    // workers' answers away from this stream (or into another client's channel).
     request.insert("requestId".into(), request_id.clone().into());
     request.insert("replyChannel".into(), reply_channel.into());
     let payload = Bytes::from(serde_json::Value::Object(request).to_string());
