@@ -174,3 +174,46 @@ fn hpublish_with_a_message_id_commits_once() {
         .query(&mut connection);
     assert_eq!(bad.unwrap_err().to_string(), "ResponseError: syntax error");
 }
+
+/// A history subscription's channels count with the connection's channels and patterns, as
+/// Redis counts subscriptions: a client that leaves pub/sub mode when a count reaches zero
+/// must not leave while history events still come. A channel named twice counts once.
+#[test]
+fn history_channels_count_in_every_subscription_count() {
+    let node = Herald::start();
+    let mut consumer = RawConn::connect(node.resp);
+    consumer.command(&[b"HSUBSCRIBE", b"$", b"h1", b"h1", b"h2"]);
+    assert_eq!(
+        consumer.read_frame(),
+        b"*3\r\n$10\r\nhsubscribe\r\n$2\r\nh1\r\n:1\r\n"
+    );
+    assert_eq!(
+        consumer.read_frame(),
+        b"*3\r\n$10\r\nhsubscribe\r\n$2\r\nh2\r\n:2\r\n"
+    );
+    consumer.command(&[b"SUBSCRIBE", b"r5"]);
+    assert_eq!(
+        consumer.read_frame(),
+        b"*3\r\n$9\r\nsubscribe\r\n$2\r\nr5\r\n:3\r\n"
+    );
+    consumer.command(&[b"UNSUBSCRIBE", b"r5"]);
+    assert_eq!(
+        consumer.read_frame(),
+        b"*3\r\n$11\r\nunsubscribe\r\n$2\r\nr5\r\n:2\r\n"
+    );
+    // h1 named twice is delivered once.
+    publish(&node, "h1", "once");
+    publish(&node, "h2", "two");
+    assert_eq!(read_hmessage(&mut consumer).2, "once");
+    assert_eq!(read_hmessage(&mut consumer).2, "two");
+    consumer.command(&[b"PSUBSCRIBE", b"p*"]);
+    assert_eq!(
+        consumer.read_frame(),
+        b"*3\r\n$10\r\npsubscribe\r\n$2\r\np*\r\n:3\r\n"
+    );
+    consumer.command(&[b"HUNSUBSCRIBE"]);
+    assert_eq!(
+        consumer.read_frame(),
+        b"*3\r\n$12\r\nhunsubscribe\r\n$-1\r\n:1\r\n"
+    );
+}

@@ -68,6 +68,10 @@ pub(crate) struct Session {
     pub closing: bool,
     /// The task forwarding this connection's history subscription (`HSUBSCRIBE`), if any.
     pub history: Option<tokio::task::JoinHandle<()>>,
+    /// How many channels the history subscription holds: they count in every subscription
+    /// count the client is told, so a client that leaves pub/sub mode at a count of zero does
+    /// not leave while history events still come.
+    pub history_channels: usize,
 }
 
 impl Session {
@@ -86,6 +90,7 @@ impl Session {
             wakes: Wakes::default(),
             closing: false,
             history: None,
+            history_channels: 0,
         }
     }
 
@@ -183,11 +188,11 @@ impl Session {
     }
 
     /// Total subscriptions counted the way Redis counts them for `kind`'s replies: channels
-    /// plus patterns, or shard channels alone.
+    /// plus patterns (plus the history subscription's channels), or shard channels alone.
     pub fn subscription_count(&self, kind: Kind) -> usize {
         match kind {
             Kind::Shard => self.subscriptions[2].len(),
-            _ => self.subscriptions[0].len() + self.subscriptions[1].len(),
+            _ => self.subscriptions[0].len() + self.subscriptions[1].len() + self.history_channels,
         }
     }
 
@@ -211,6 +216,7 @@ impl Session {
         if let Some(history) = self.history.take() {
             history.abort();
         }
+        self.history_channels = 0;
         let [channels, patterns, shards] = std::mem::take(&mut self.subscriptions);
         let channels: Vec<Bytes> = channels.into_iter().collect();
         let patterns: Vec<Bytes> = patterns.into_iter().collect();

@@ -11,7 +11,9 @@
 //!   stream's cursor after the event; a cursor older than retention, from another epoch, or
 //!   ahead of what a single node has first gets `[hgap, channel, requested, oldest, reason]`. Replay hands over to live events with
 //!   no gap and no duplicate. One history subscription per connection.
-//! - `HUNSUBSCRIBE`: ends it (`[hunsubscribe, nil, 0]`).
+//! - `HUNSUBSCRIBE`: ends it (`[hunsubscribe, nil, count]`, the channels and patterns the
+//!   connection still holds). The history subscription's channels count in every
+//!   subscription count (`SUBSCRIBE`, `UNSUBSCRIBE`, ...), as channels and patterns do.
 //! - `HPUBLISH channel payload [ID message-id]`: `PUBLISH` with a message id, replying
 //!   `[cursor, receivers, duplicate]`: the event's cursor (nil for non-durable namespaces), the
 //!   receivers, and 1 when the message id was already committed within the dedup window (the
@@ -164,13 +166,20 @@ pub(super) async fn hsubscribe(session: &mut Session, args: &Args) {
             }
         },
     };
-    let channels: Vec<Bytes> = args[2..].to_vec();
+    // A channel named twice is one subscription (its events come once).
+    let mut channels: Vec<Bytes> = Vec::with_capacity(args.len() - 2);
+    for channel in &args[2..] {
+        if !channels.contains(channel) {
+            channels.push(channel.clone());
+        }
+    }
     let protocol = session.protocol;
     let format = if protocol == Protocol::Resp3 {
         Format::RespStream3
     } else {
         Format::RespStream2
     };
+    let channels_count = channels.len();
     // Taken before the history is read: a skip after this moment may concern this stream.
     let mut reconnect = session.ctx.broker.reconnect_watch();
     let (mut stream, backlog) =
@@ -182,11 +191,13 @@ pub(super) async fn hsubscribe(session: &mut Session, args: &Args) {
             }
         };
     let mut out = BytesMut::new();
+    // Counted with the connection's other subscriptions, as Redis counts channels and patterns.
+    let others = session.subscription_count(crate::hub::Kind::Channel);
     for (i, channel) in channels.iter().enumerate() {
         Frame::Push(vec![
             Frame::text("hsubscribe"),
             Frame::Bulk(channel.clone()),
-            Frame::Integer(i as i64 + 1),
+            Frame::Integer((others + i + 1) as i64),
         ])
         .encode(protocol, &mut out);
     }
@@ -246,6 +257,7 @@ pub(super) async fn hsubscribe(session: &mut Session, args: &Args) {
         }
     });
     session.history = Some(forwarder);
+    session.history_channels = channels_count;
 }
 
 /// Ends a history subscription's connection with why it must reconnect, after what it already
@@ -262,10 +274,13 @@ pub(super) fn hunsubscribe(session: &mut Session) {
     if let Some(forwarder) = session.history.take() {
         forwarder.abort();
     }
+    session.history_channels = 0;
+    // What the connection still holds (channels and patterns), as Redis's UNSUBSCRIBE counts.
+    let count = session.subscription_count(crate::hub::Kind::Channel);
     session.reply(Frame::Push(vec![
         Frame::text("hunsubscribe"),
         Frame::Null,
-        Frame::Integer(0),
+        Frame::Integer(count as i64),
     ]));
 }
 
