@@ -217,3 +217,15 @@ fn history_channels_count_in_every_subscription_count() {
         b"*3\r\n$12\r\nhunsubscribe\r\n$-1\r\n:1\r\n"
     );
 }
+
+/// `HISTORY ... AFTER 0` is the beginning, as `0` is for `HSUBSCRIBE`.
+#[test]
+fn history_after_zero_reads_from_the_beginning() {
+    let node = Herald::start();
+    for i in 0..2 {
+        publish(&node, "from-zero", &format!("z{i}"));
+    }
+    let all = history(&node, &["from-zero"]);
+    assert_eq!(history(&node, &["from-zero", "AFTER", "0"]), all);
+    assert_eq!(all.len(), 2);
+}

@@ -693,4 +693,8 @@ async fn a_council_score_request_with_its_own_id_resumes_instead_of_starting_aga
     .await
     .unwrap();
     assert_eq!(bad.status(), 400);
+    let empty = reqwest::get(format!("{}/api/stream?channel=a&channel=", node.http_url()))
+        .await
+        .unwrap();
+    assert_eq!(empty.status(), 400);
 }

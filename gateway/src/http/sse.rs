@@ -68,6 +68,12 @@ pub async fn stream_query(
             "no channel given: use /api/stream/{channel} or ?channel=a&channel=b",
         );
     }
+    if channels.iter().any(|c| c.is_empty()) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "empty channel name: every ?channel= needs a name",
+        );
+    }
     open(state, channels, &headers, query.as_deref())
 }
 

@@ -1,8 +1,8 @@
 //! herald's RESP extension for the durable history, so Redis-protocol consumers get the same
 //! resume guarantee as SSE and WebSocket clients:
 //!
-//! - `HISTORY channel [AFTER cursor] [COUNT n]`: retained events after `cursor` (default: all
-//!   retained), oldest first, at most `n` (default 1000), as `[cursor, payload]` pairs. Each
+//! - `HISTORY channel [AFTER cursor|0] [COUNT n]`: retained events after `cursor` (`0` or none:
+//!   all retained), oldest first, at most `n` (default 1000), as `[cursor, payload]` pairs. Each
 //!   cursor resumes right after its event.
 //! - `HSUBSCRIBE from channel [channel ...]`: like `SUBSCRIBE`, with history. `from` is `$`
 //!   (live only), `0` (everything retained first) or a cursor (everything after it first).
@@ -49,6 +49,12 @@ pub(super) fn history(session: &mut Session, args: &Args) {
         }
         let value = &args[i + 1];
         if args[i].eq_ignore_ascii_case(b"after") {
+            // `0` is the beginning, as in HSUBSCRIBE.
+            if &value[..] == b"0" {
+                after = None;
+                i += 2;
+                continue;
+            }
             match Cursor::decode(&String::from_utf8_lossy(value)) {
                 Ok(cursor) => after = Some(cursor),
                 Err(error) => {
