@@ -10,7 +10,9 @@
 //! When the requested cursor is older than what is retained, comes from another epoch, or (on a
 //! single node) is ahead of everything the node committed, the stream first emits a [`Gap`]
 //! notice naming what was asked for and the oldest position available, then replays what is
-//! retained: loss is never silent.
+//! retained. The `ahead` check is a heuristic for a data directory restored from an older
+//! copy: it catches a client that comes back before the restored node has committed past its
+//! cursor, not one that comes back later (positions alone cannot tell the reused ones apart).
 
 use crate::broker::Broker;
 use crate::hub::outbox::{Batch, Item, Outbox};
@@ -265,7 +267,9 @@ impl EventStream {
 
     fn encode(&self, event: &Event) -> Bytes {
         match self.format {
-            Format::WebSocket => crate::hub::encode::websocket_tail(&event.channel, &event.payload),
+            Format::WebSocket => {
+                crate::hub::encode::websocket_tail(&event.channel, &event.payload, true)
+            }
             Format::RespStream2 | Format::RespStream3 => {
                 crate::hub::encode::resp_payload(&event.payload)
             }

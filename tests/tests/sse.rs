@@ -686,6 +686,26 @@ async fn a_council_score_request_with_its_own_id_resumes_instead_of_starting_aga
         .unwrap();
     assert_eq!(next_request.get_payload_bytes(), b"marker");
 
+    // A reconnect without a cursor (the connection dropped before the first answer, or a
+    // blank Last-Event-ID) replays the request's whole reply channel: nothing is lost, and the
+    // request (same message id) is not sent to the workers twice.
+    drop(resumed);
+    for cursor in [None, Some(" ")] {
+        let mut again = connect(&url, cursor).await;
+        let stages: Vec<Value> = [next(&mut again).await, next(&mut again).await]
+            .iter()
+            .map(|e| serde_json::from_str(&e.data).unwrap())
+            .collect();
+        assert_eq!(stages[0]["stage"], "gemini");
+        assert_eq!(stages[1]["stage"], "claude");
+    }
+    publish(&node, "council_score_requests", json!("marker 2"), None).await;
+    let next_request = tokio::time::timeout(PATIENCE, requests.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next_request.get_payload_bytes(), b"marker 2");
+
     let bad = reqwest::get(format!(
         "{}/api/stream/council-score?requestId=a%20b",
         node.http_url()

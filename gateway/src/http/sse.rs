@@ -19,8 +19,10 @@
 //! `council-score` and `evaluate-creative` take an optional `requestId` of the client's
 //! (1-64 of `A-Z a-z 0-9 _ -`): the stream is then `{replies}:{requestId}`, and a reconnect to
 //! the same URL with `Last-Event-ID` (what `EventSource` does after a network blip) resumes
-//! that request instead of publishing another. Without one, herald picks a fresh id on every
-//! connect, so a reconnect starts a new request.
+//! that request instead of publishing another. A connect without a cursor replays the whole
+//! reply channel (a reconnect before the first answer loses nothing) and publishes the request
+//! with its id as message id, so a repeat within the dedup window commits once. Without a
+//! `requestId`, herald picks a fresh id on every connect, so a reconnect starts a new request.
 
 use super::{ClientGuard, HttpState, StreamClient, error_response};
 use crate::hub::Format;
@@ -149,7 +151,11 @@ async fn request_stream(
     query: Option<&str>,
 ) -> Response {
     let params = params(query);
-    let (request_id, resuming) = match params.iter().find(|(k, _)| k == "requestId") {
+    let start = match start_of(headers, query) {
+        Ok(start) => start,
+        Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
+    };
+    let (request_id, start, resuming) = match params.iter().find(|(k, _)| k == "requestId") {
         Some((_, id)) => {
             if id.is_empty()
                 || id.len() > 64
@@ -162,21 +168,23 @@ async fn request_stream(
                     "invalid requestId: use 1 to 64 of A-Z, a-z, 0-9, _ and -",
                 );
             }
-            // A cursor means the request was published on an earlier connect: resume it.
-            let cursor = headers.contains_key("last-event-id")
-                || params
-                    .iter()
-                    .any(|(k, v)| k == "lastEventId" && !v.trim().is_empty());
-            (id.clone(), cursor)
+            match start {
+                // A cursor: the request was published on an earlier connect; resume it.
+                Start::After(_) => (id.clone(), start, true),
+                // No cursor: perhaps a first connect, perhaps a reconnect before the first
+                // answer (`EventSource` sends `Last-Event-ID` only once it got an id). The
+                // channel is this request's alone, so replaying all of it loses nothing; the
+                // request is published again, and its message id makes a repeat commit once.
+                _ => (id.clone(), Start::Last(usize::MAX), false),
+            }
         }
-        None => (format!("req_{:016x}", rand_u64()), false),
+        None => (format!("req_{:016x}", rand_u64()), start, false),
     };
     let reply_channel = format!("{replies}:{request_id}");
-    let response = open(
+    let response = open_from(
         state.clone(),
         vec![Bytes::from(reply_channel.clone())],
-        headers,
-        query,
+        start,
     );
     if response.status() != StatusCode::OK || resuming {
         return response;
@@ -247,10 +255,14 @@ fn open(
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Response {
-    let start = match start_of(headers, query) {
-        Ok(start) => start,
-        Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
-    };
+    match start_of(headers, query) {
+        Ok(start) => open_from(state, channels, start),
+        Err(reason) => error_response(StatusCode::BAD_REQUEST, reason),
+    }
+}
+
+/// Opens an SSE stream of `channels` starting at `start`.
+fn open_from(state: HttpState, channels: Vec<Bytes>, start: Start) -> Response {
     // Taken before the history is read: a skip after this point ends the stream.
     let reconnect = state.broker().reconnect_watch();
     let (stream, backlog) =

@@ -18,10 +18,12 @@
 //!
 //! An event whose payload is a JSON object is that object with `id` and `channel` added, so the
 //! seed's messages (`{"type":"job_progress","jobId":..,"progress":..}`,
-//! `{"type":"alert","alertId":..,"severity":..}`) arrive as the seed sent them. Any other payload
-//! (an object with an `id` or `channel` field of its own included, which would clash) arrives as `{"id":..,"channel":..,"type":"message","data":<the payload>}`: `data` is the
-//! payload itself when it is JSON, else the payload as a JSON string. Events of non-durable
-//! namespaces have no `id` (they cannot be resumed).
+//! `{"type":"alert","alertId":..,"severity":..}`) arrive as the seed sent them. Any other
+//! payload (an object with a `channel` field of its own included, or with an `id` when the
+//! event has a cursor: either would clash) arrives as
+//! `{"id":..,"channel":..,"type":"message","data":<the payload>}`: `data` is the payload itself
+//! when it is JSON, else the payload as a JSON string. Events of non-durable namespaces have no
+//! `id` (they cannot be resumed).
 //!
 //! # Client messages
 //!
@@ -891,7 +893,7 @@ mod tests {
 
     #[test]
     fn transient_frames_name_their_channel() {
-        let frame = crate::hub::encode::websocket_tail(b"a \"b\" \xc3\xa9", b"{\"x\":1}");
+        let frame = crate::hub::encode::websocket_tail(b"a \"b\" \xc3\xa9", b"{\"x\":1}", true);
         assert_eq!(frame_channel(&frame).as_deref(), Some("a \"b\" é"));
         assert_eq!(frame_channel(b"nothing"), None);
     }

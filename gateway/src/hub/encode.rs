@@ -7,12 +7,12 @@
 //! - WebSocket: a JSON object missing its opening: the writer puts `{"id":"<cursor>",` (or `{`) in
 //!   front. A payload that is a JSON object is merged into the message, so the seed's messages
 //!   (`{"type":"job_progress",...}`) reach browsers unchanged, plus `id` and `channel`; any other
-//!   payload is carried as `{"type":"message","channel":...,"data":...}`.
+//!   payload (an object whose own `channel`, or `id` next to a cursor, would clash included) is
+//!   carried as `{"type":"message","channel":...,"data":...}`.
 
 use crate::resp::frame::{Protocol, encode_bulk, encode_header};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::IgnoredAny;
-use std::collections::HashMap;
 
 /// The wire format a receiver takes its frames in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -93,7 +93,7 @@ impl<'a> Encoded<'a> {
             Format::Resp2 => self.resp(b'*'),
             Format::Resp3 => self.resp(b'>'),
             Format::Sse => sse_data(self.payload),
-            Format::WebSocket => websocket_tail(self.channel, self.payload),
+            Format::WebSocket => websocket_tail(self.channel, self.payload, self.positioned),
             Format::RespStream2 | Format::RespStream3 if self.positioned => {
                 resp_payload(self.payload)
             }
@@ -180,12 +180,13 @@ pub fn sse_data(payload: &[u8]) -> Bytes {
     out.freeze()
 }
 
-/// The WebSocket message for `payload` on `channel`, without its opening `{`.
-pub fn websocket_tail(channel: &[u8], payload: &[u8]) -> Bytes {
+/// The WebSocket message for `payload` on `channel`, without its opening `{`. `positioned`:
+/// the writer puts an `id` (the cursor) in front, so a payload's own `id` would clash.
+pub fn websocket_tail(channel: &[u8], payload: &[u8], positioned: bool) -> Bytes {
     let mut out = BytesMut::with_capacity(payload.len() + channel.len() + 48);
     out.put_slice(b"\"channel\":");
     put_json_string(&mut out, channel);
-    match json_object_body(payload) {
+    match json_object_body(payload, positioned) {
         Some(body) if body.iter().filter(|b| !b.is_ascii_whitespace()).eq([&b'}']) => {
             out.put_u8(b'}')
         }
@@ -206,17 +207,25 @@ pub fn websocket_tail(channel: &[u8], payload: &[u8]) -> Bytes {
     out.freeze()
 }
 
-/// For a payload that is one JSON object without fields of its own named `id` or `channel`,
-/// everything after its opening brace. An object with such a field is sent wrapped in `data`:
-/// merged, the message would carry the key twice, and a client's JSON parser would keep the
-/// payload's value, losing the event's cursor or channel.
-fn json_object_body(payload: &[u8]) -> Option<&[u8]> {
+/// For a payload that is one JSON object without a field of its own named `channel` (nor
+/// `id`, when the message gets a cursor), everything after its opening brace. An object with
+/// such a field is sent wrapped in `data`: merged, the message would carry the key twice, and
+/// a client's JSON parser would keep the payload's value, losing the event's cursor or channel.
+fn json_object_body(payload: &[u8], positioned: bool) -> Option<&[u8]> {
+    /// The fields that can clash; the rest are skipped without being built.
+    #[derive(serde::Deserialize)]
+    struct Clashing {
+        id: Option<IgnoredAny>,
+        channel: Option<IgnoredAny>,
+    }
     let start = payload.iter().position(|b| !b.is_ascii_whitespace())?;
     if payload[start] != b'{' {
         return None;
     }
-    let fields: HashMap<String, IgnoredAny> = serde_json::from_slice(payload).ok()?;
-    (!fields.contains_key("id") && !fields.contains_key("channel")).then(|| &payload[start + 1..])
+    // A duplicate `id` or `channel` in the payload fails here too, and is wrapped.
+    let fields: Clashing = serde_json::from_slice(payload).ok()?;
+    let clash = fields.channel.is_some() || (positioned && fields.id.is_some());
+    (!clash).then(|| &payload[start + 1..])
 }
 
 /// Writes `bytes` as a JSON string (invalid UTF-8 replaced by U+FFFD).
@@ -264,30 +273,39 @@ mod tests {
         let merged = text(websocket_tail(
             b"job_progress:j1",
             br#"{"type":"job_progress","progress":0.5}"#,
+            true,
         ));
         assert_eq!(
             merged,
             r#""channel":"job_progress:j1","type":"job_progress","progress":0.5}"#
         );
-        assert_eq!(text(websocket_tail(b"c", b"{}")), r#""channel":"c"}"#);
+        assert_eq!(text(websocket_tail(b"c", b"{}", true)), r#""channel":"c"}"#);
         assert_eq!(
-            text(websocket_tail(b"c", b"42")),
+            text(websocket_tail(b"c", b"42", true)),
             r#""channel":"c","type":"message","data":42}"#
         );
         assert_eq!(
-            text(websocket_tail(b"c", b"hi\n\"x\"")),
+            text(websocket_tail(b"c", b"hi\n\"x\"", true)),
             r#""channel":"c","type":"message","data":"hi\n\"x\""}"#
         );
-        let full = format!("{{{}", text(websocket_tail(b"c", br#" {"k":[1,2]} "#)));
+        let full = format!(
+            "{{{}",
+            text(websocket_tail(b"c", br#" {"k":[1,2]} "#, true))
+        );
         let value: serde_json::Value = serde_json::from_str(&full).unwrap();
         assert_eq!(value["k"][1], 2);
         // A payload with its own `id` or `channel` is wrapped, so neither key appears twice.
         assert_eq!(
-            text(websocket_tail(b"c", br#"{"type":"t","id":"mine"}"#)),
+            text(websocket_tail(b"c", br#"{"type":"t","id":"mine"}"#, true)),
             r#""channel":"c","type":"message","data":{"type":"t","id":"mine"}}"#
         );
+        // Without a cursor (a non-durable event) the payload's `id` clashes with nothing.
         assert_eq!(
-            text(websocket_tail(b"c", br#"{"channel":"other"}"#)),
+            text(websocket_tail(b"c", br#"{"type":"t","id":"mine"}"#, false)),
+            r#""channel":"c","type":"t","id":"mine"}"#
+        );
+        assert_eq!(
+            text(websocket_tail(b"c", br#"{"channel":"other"}"#, false)),
             r#""channel":"c","type":"message","data":{"channel":"other"}}"#
         );
     }

@@ -201,10 +201,11 @@ impl Session {
         self.subscriptions.iter().any(|s| !s.is_empty()) || self.history.is_some()
     }
 
-    /// Publishes the subscription counts to the registry (for `CLIENT LIST`).
+    /// Publishes the subscription counts to the registry (for `CLIENT LIST`; history channels
+    /// count as channels, as in the replies).
     pub fn record_subscription_counts(&self) {
         let counts = [
-            self.subscriptions[0].len(),
+            self.subscriptions[0].len() + self.history_channels,
             self.subscriptions[1].len(),
             self.subscriptions[2].len(),
         ];

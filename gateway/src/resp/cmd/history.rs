@@ -173,12 +173,12 @@ pub(super) async fn hsubscribe(session: &mut Session, args: &Args) {
         },
     };
     // A channel named twice is one subscription (its events come once).
-    let mut channels: Vec<Bytes> = Vec::with_capacity(args.len() - 2);
-    for channel in &args[2..] {
-        if !channels.contains(channel) {
-            channels.push(channel.clone());
-        }
-    }
+    let channels: Vec<Bytes> = args[2..]
+        .iter()
+        .cloned()
+        .collect::<indexmap::IndexSet<Bytes>>()
+        .into_iter()
+        .collect();
     let protocol = session.protocol;
     let format = if protocol == Protocol::Resp3 {
         Format::RespStream3
@@ -264,6 +264,7 @@ pub(super) async fn hsubscribe(session: &mut Session, args: &Args) {
     });
     session.history = Some(forwarder);
     session.history_channels = channels_count;
+    session.record_subscription_counts();
 }
 
 /// Ends a history subscription's connection with why it must reconnect, after what it already
@@ -281,6 +282,7 @@ pub(super) fn hunsubscribe(session: &mut Session) {
         forwarder.abort();
     }
     session.history_channels = 0;
+    session.record_subscription_counts();
     // What the connection still holds (channels and patterns), as Redis's UNSUBSCRIBE counts.
     let count = session.subscription_count(crate::hub::Kind::Channel);
     session.reply(Frame::Push(vec![
