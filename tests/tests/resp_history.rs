@@ -229,3 +229,27 @@ fn history_after_zero_reads_from_the_beginning() {
     assert_eq!(history(&node, &["from-zero", "AFTER", "0"]), all);
     assert_eq!(all.len(), 2);
 }
+
+/// `HISTORY channel LAST n`: the newest n, oldest first, with cursors that resume after each.
+#[test]
+fn history_last_reads_the_newest_events() {
+    let node = Herald::start();
+    for i in 0..5 {
+        publish(&node, "latest", &format!("l{i}"));
+    }
+    let all = history(&node, &["latest"]);
+    let newest = history(&node, &["latest", "LAST", "2"]);
+    assert_eq!(newest, all[3..].to_vec());
+    let mut connection = redis::Client::open(node.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let error = redis::cmd("HISTORY")
+        .arg(&["latest", "LAST", "2", "COUNT", "1"])
+        .query::<redis::Value>(&mut connection)
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("LAST cannot be combined"),
+        "{error}"
+    );
+}

@@ -3,7 +3,8 @@
 //!
 //! - `HISTORY channel [AFTER cursor|0] [COUNT n]`: retained events after `cursor` (`0` or none:
 //!   all retained), oldest first, at most `n` (default 1000), as `[cursor, payload]` pairs. Each
-//!   cursor resumes right after its event.
+//!   cursor resumes right after its event. `HISTORY channel LAST n`: the newest `n` (at most
+//!   1000), oldest first.
 //! - `HSUBSCRIBE from channel [channel ...]`: like `SUBSCRIBE`, with history. `from` is `$`
 //!   (live only), `0` (everything retained first) or a cursor (everything after it first).
 //!   Confirmations are `[hsubscribe, channel, count]`; events arrive as
@@ -37,10 +38,11 @@ use std::panic::AssertUnwindSafe;
 /// Default and largest `COUNT` of `HISTORY`.
 const HISTORY_COUNT: usize = 1000;
 
-/// `HISTORY channel [AFTER cursor] [COUNT n]`.
+/// `HISTORY channel [AFTER cursor|0] [COUNT n]` or `HISTORY channel LAST n`.
 pub(super) fn history(session: &mut Session, args: &Args) {
     let mut after = None;
     let mut count = HISTORY_COUNT;
+    let mut last = None;
     let mut i = 2;
     while i < args.len() {
         if i + 1 >= args.len() {
@@ -62,6 +64,14 @@ pub(super) fn history(session: &mut Session, args: &Args) {
                     return;
                 }
             }
+        } else if args[i].eq_ignore_ascii_case(b"last") {
+            match integer_arg(value) {
+                Ok(n) if n > 0 => last = Some((n as usize).min(HISTORY_COUNT)),
+                _ => {
+                    session.reply(Frame::error("ERR LAST must be a positive integer"));
+                    return;
+                }
+            }
         } else if args[i].eq_ignore_ascii_case(b"count") {
             match integer_arg(value) {
                 Ok(n) if n > 0 => count = (n as usize).min(HISTORY_COUNT),
@@ -76,6 +86,12 @@ pub(super) fn history(session: &mut Session, args: &Args) {
         }
         i += 2;
     }
+    if last.is_some() && args.len() > 4 {
+        session.reply(Frame::error(
+            "ERR LAST cannot be combined with AFTER or COUNT: use LAST n alone",
+        ));
+        return;
+    }
     let broker = session.ctx.broker.clone();
     let channel = &args[1];
     if !broker.is_durable(channel) {
@@ -89,7 +105,11 @@ pub(super) fn history(session: &mut Session, args: &Args) {
     // Only what is committed (flushed) is shown: the store may already hold the next batch
     // while its flush is in flight, and a cursor must never name an event a crash could undo.
     let committed = broker.committed_seq(partition);
-    match broker.store().history_after(channel, after_seq, count) {
+    let events = match last {
+        Some(n) => broker.store().last(channel, n),
+        None => broker.store().history_after(channel, after_seq, count),
+    };
+    match events {
         Ok(events) => {
             let items = events
                 .into_iter()
