@@ -299,6 +299,12 @@ impl Delivered {
     }
 }
 
+/// The longest message id a publish may carry. Ids are kept (with their channel) in the dedup
+/// table for the whole dedup window, so an unbounded one costs every node memory and disk for
+/// nothing a UUID or a hash would not do; the RESP and HTTP publish commands refuse longer
+/// ones.
+pub const MAX_MESSAGE_ID_BYTES: usize = 1024;
+
 /// Committed batches that may wait for the delivery thread before commits wait for it.
 const DELIVERY_QUEUE: usize = 1024;
 

@@ -173,6 +173,17 @@ fn hpublish_with_a_message_id_commits_once() {
         .arg(&["payments", "p1", "MSGID", "x"])
         .query(&mut connection);
     assert_eq!(bad.unwrap_err().to_string(), "ResponseError: syntax error");
+    let long_id = "i".repeat(1025);
+    let too_long: redis::RedisResult<redis::Value> = redis::cmd("HPUBLISH")
+        .arg(&["payments", "p2", "ID", long_id.as_str()])
+        .query(&mut connection);
+    assert!(
+        too_long
+            .unwrap_err()
+            .to_string()
+            .contains("message id longer than 1024 bytes")
+    );
+    assert_eq!(history(&node, &["payments"]).len(), 1, "nothing committed");
 }
 
 /// A history subscription's channels count with the connection's channels and patterns, as

@@ -580,6 +580,16 @@ async fn http_publish_keeps_data_as_written() {
     assert_eq!(reply.status(), 400);
     let text = reply.text().await.unwrap();
     assert!(text.contains("unknown field `messageID`"), "{text}");
+    let long_id = "i".repeat(1025);
+    let reply = client
+        .post(&url)
+        .body(json!({ "channel": "exact", "data": 1, "messageId": long_id }).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 400);
+    let text = reply.text().await.unwrap();
+    assert!(text.contains("messageId longer than 1024 bytes"), "{text}");
 }
 
 /// A single node whose data directory was restored from an older copy hands out again the

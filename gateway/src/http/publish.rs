@@ -14,7 +14,7 @@
 //! the original position with `"duplicate": true` and commits nothing.
 
 use super::{HttpState, error_response};
-use crate::broker::Published;
+use crate::broker::{MAX_MESSAGE_ID_BYTES, Published};
 use crate::hub::Wakes;
 use crate::stream::position_text;
 use axum::Json;
@@ -126,6 +126,16 @@ pub async fn publish(State(state): State<HttpState>, body: Bytes) -> Response {
         return error_response(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("at most {MAX_BATCH} events per request"),
+        );
+    }
+    if let Some(long) = events.iter().position(|e| {
+        e.message_id
+            .as_ref()
+            .is_some_and(|id| id.len() > MAX_MESSAGE_ID_BYTES)
+    }) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            format!("event {long} has a messageId longer than {MAX_MESSAGE_ID_BYTES} bytes"),
         );
     }
     if let Some(empty) = events.iter().position(|e| e.channel.is_empty()) {

@@ -139,6 +139,16 @@ pub(super) async fn hpublish(session: &mut Session, args: &Args) {
             return;
         }
     };
+    if message_id
+        .as_ref()
+        .is_some_and(|id| id.len() > crate::broker::MAX_MESSAGE_ID_BYTES)
+    {
+        session.reply(Frame::error(format!(
+            "ERR message id longer than {} bytes",
+            crate::broker::MAX_MESSAGE_ID_BYTES
+        )));
+        return;
+    }
     let broker = session.ctx.broker.clone();
     let outcome = match broker
         .enqueue(
