@@ -148,15 +148,16 @@ impl EventStream {
         // On a single node a cursor is never ahead of what the node committed (events reach
         // clients after commit): one that is names events this node no longer has, its data
         // directory restored from an older copy, and the positions past its head are being
-        // given to other events. Those partitions are resumed like another epoch's.
+        // given to other events. Those partitions are resumed like another epoch's. Only the
+        // stream's own partitions are checked: a cursor may name any partition number.
         let ahead: BTreeSet<Partition> = match &start {
             Start::After(cursor)
                 if cursor.epoch == broker.epoch() && broker.cluster().is_none() =>
             {
-                cursor
-                    .positions()
-                    .filter(|pos| pos.seq > broker.committed_seq(pos.partition))
-                    .map(|pos| pos.partition)
+                watermarks
+                    .iter()
+                    .filter(|&(&p, &committed)| cursor.get(p).unwrap_or(0) > committed)
+                    .map(|(&p, _)| p)
                     .collect()
             }
             _ => BTreeSet::new(),

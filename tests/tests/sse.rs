@@ -728,3 +728,18 @@ async fn a_council_score_request_with_its_own_id_resumes_instead_of_starting_aga
         .unwrap();
     assert_eq!(empty.status(), 400);
 }
+
+/// A cursor may name partitions the store does not have (a hand-made or corrupted one): the
+/// stream resumes its own partitions from it, and nothing fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_naming_a_partition_out_of_range_still_resumes() {
+    let node = Herald::start();
+    let first = publish(&node, "wide", json!("w1"), None).await;
+    publish(&node, "wide", json!("w2"), None).await;
+    let mut cursor = herald_storage::Cursor::decode(first["id"].as_str().unwrap()).unwrap();
+    cursor.advance(herald_storage::Position::new(9_999, 7));
+    let mut events = connect(&stream_url(&node, "wide"), Some(&cursor.encode())).await;
+    assert_eq!(next(&mut events).await.data, "w2");
+    publish(&node, "wide", json!("w3"), None).await;
+    assert_eq!(next(&mut events).await.data, "w3");
+}
