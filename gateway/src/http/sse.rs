@@ -157,12 +157,7 @@ async fn request_stream(
     };
     let (request_id, start, resuming) = match params.iter().find(|(k, _)| k == "requestId") {
         Some((_, id)) => {
-            if id.is_empty()
-                || id.len() > 64
-                || !id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            {
+            if !valid_request_id(id) {
                 return error_response(
                     StatusCode::BAD_REQUEST,
                     "invalid requestId: use 1 to 64 of A-Z, a-z, 0-9, _ and -",
@@ -215,6 +210,15 @@ async fn request_stream(
         );
     }
     response
+}
+
+/// A client's own `requestId`: 1-64 of `A-Z a-z 0-9 _ -`, so that it names one channel and
+/// nothing else (no `:` to reach another namespace).
+fn valid_request_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn params(query: Option<&str>) -> Vec<(String, String)> {

@@ -10,8 +10,9 @@
 //!   Confirmations are `[hsubscribe, channel, count]`; events arrive as
 //!   `[hmessage, channel, cursor, payload]` (push frames in RESP3), where `cursor` is the
 //!   stream's cursor after the event; a cursor older than retention, from another epoch, or
-//!   ahead of what a single node has first gets `[hgap, channel, requested, oldest, reason]`. Replay hands over to live events with
-//!   no gap and no duplicate. One history subscription per connection.
+//!   ahead of what a single node has first gets `[hgap, channel, requested, oldest, reason]`.
+//!   Replay hands over to live events with no gap and no duplicate. One history subscription
+//!   per connection.
 //! - `HUNSUBSCRIBE`: ends it (`[hunsubscribe, nil, count]`, the channels and patterns the
 //!   connection still holds). The history subscription's channels count in every
 //!   subscription count (`SUBSCRIBE`, `UNSUBSCRIBE`, ...), as channels and patterns do.
@@ -43,6 +44,7 @@ pub(super) fn history(session: &mut Session, args: &Args) {
     let mut after = None;
     let mut count = HISTORY_COUNT;
     let mut last = None;
+    let mut after_or_count = false;
     let mut i = 2;
     while i < args.len() {
         if i + 1 >= args.len() {
@@ -51,6 +53,7 @@ pub(super) fn history(session: &mut Session, args: &Args) {
         }
         let value = &args[i + 1];
         if args[i].eq_ignore_ascii_case(b"after") {
+            after_or_count = true;
             // `0` is the beginning, as in HSUBSCRIBE.
             if &value[..] == b"0" {
                 after = None;
@@ -73,6 +76,7 @@ pub(super) fn history(session: &mut Session, args: &Args) {
                 }
             }
         } else if args[i].eq_ignore_ascii_case(b"count") {
+            after_or_count = true;
             match integer_arg(value) {
                 Ok(n) if n > 0 => count = (n as usize).min(HISTORY_COUNT),
                 _ => {
@@ -86,7 +90,7 @@ pub(super) fn history(session: &mut Session, args: &Args) {
         }
         i += 2;
     }
-    if last.is_some() && args.len() > 4 {
+    if last.is_some() && after_or_count {
         session.reply(Frame::error(
             "ERR LAST cannot be combined with AFTER or COUNT: use LAST n alone",
         ));
