@@ -47,7 +47,8 @@
 //!   (a `subscribed` message follows `connected`); `?cursor=<id>` or `?last=N` replay its
 //!   history first, a malformed cursor is a 400. Otherwise the protocol is the same.
 //! - Each heartbeat goes with a WebSocket ping, which browsers answer on their own. A client from
-//!   which nothing (message, ping or pong) arrived for 60 s is closed with code 1000.
+//!   which nothing (message, ping or pong) arrived for 60 s is closed with code 1000; time the
+//!   session spent writing to a slow reader (and so not reading) does not count.
 //! - Client messages above 64 KiB close the connection with code 1009.
 //! - A client that does not keep up with its events passes the output limit
 //!   (`pubsub-output-limit`) and is closed with code 1008; one whose socket accepts nothing for
@@ -72,6 +73,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Map, Value};
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -80,6 +82,10 @@ use tokio_util::sync::CancellationToken;
 
 /// How long a close frame may take to go out, and how long the peer's reply is awaited.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// A write that held the session up at least this long moves the idle deadline on by its
+/// length (shorter ones are not worth a timer update per write).
+const READING_PAUSE_COUNTED: Duration = Duration::from_millis(50);
 /// Most bytes read from the socket at once, and the read buffer every connection keeps.
 /// tungstenite's default, 128 KiB, stayed resident per connection (and was zeroed on every
 /// read); client messages are small (a subscribe is about 100 bytes), and a larger one is read
@@ -311,6 +317,24 @@ impl Socket {
         .await
     }
 
+    /// [`send`](Self::send), with the idle deadline moved on by the time the write took: while
+    /// a write to a slow reader is under way nothing is read (not even the pong to a heartbeat
+    /// ping that waits behind it), so that time is not the client's silence.
+    async fn send_reading_paused(
+        &mut self,
+        messages: Vec<Message>,
+        idle: Pin<&mut tokio::time::Sleep>,
+    ) -> Result<(), End> {
+        let started = Instant::now();
+        self.send(messages).await?;
+        let paused = started.elapsed();
+        if paused >= READING_PAUSE_COUNTED {
+            let deadline = idle.deadline() + paused;
+            idle.reset(deadline);
+        }
+        Ok(())
+    }
+
     /// Sends a close frame, giving up after [`CLOSE_GRACE`].
     async fn close(&mut self, frame: CloseFrame) {
         let _ =
@@ -440,7 +464,6 @@ async fn run(
             biased;
             _ = state.shutdown().cancelled() => return Err(End::Shutdown),
             reason = reconnect.requested() => return Err(End::Reconnect(reason)),
-            _ = &mut idle => return Err(End::Idle),
             incoming = socket.read() => {
                 let incoming = incoming?;
                 if matches!(incoming, Incoming::Closing) {
@@ -457,7 +480,7 @@ async fn run(
                     Incoming::Text(message) => handle(state, id, stream, &message, &mut out),
                 };
                 counter.add(sent);
-                socket.send(out).await?;
+                socket.send_reading_paused(out, idle.as_mut()).await?;
             }
             next = stream.next(&mut emits) => {
                 if next.is_none() {
@@ -471,15 +494,18 @@ async fn run(
                 }
                 let mut out = Vec::with_capacity(emits.len());
                 counter.add(push_emits(&mut out, emits.drain(..), &stream.channels()));
-                socket.send(out).await?;
+                socket.send_reading_paused(out, idle.as_mut()).await?;
             }
             _ = heartbeat.tick() => {
                 let beat = text(format!(
                     r#"{{"type":"heartbeat","serverTime":"{}"}}"#,
                     rfc3339(SystemTime::now())
                 ));
-                socket.send(vec![beat, Message::Ping(Bytes::new())]).await?;
+                socket.send_reading_paused(vec![beat, Message::Ping(Bytes::new())], idle.as_mut()).await?;
             }
+            // After the client's messages: one that came while a write held the session up
+            // counts as activity, not as silence.
+            _ = &mut idle => return Err(End::Idle),
         }
     }
 }
