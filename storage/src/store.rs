@@ -73,6 +73,13 @@ pub enum StorageError {
     /// Stored bytes could not be decoded.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// An earlier write to the store failed half-way (a full disk, an I/O error), so it takes
+    /// no more writes until the node restarts and recovers from its write-ahead log. The
+    /// publish refused with this was not written.
+    #[error(
+        "the store stopped taking writes after an earlier write failed; restart the node to recover from its write-ahead log (this publish was not written)"
+    )]
+    Broken,
     /// A bug: a task of the store or log failed unexpectedly (e.g. panicked).
     #[error("internal storage error: {0}")]
     Internal(String),
@@ -89,8 +96,29 @@ pub enum StorageError {
 /// kind: StorageFull, .. }`), which says less to an operator than the system's message.
 fn describe_sled(error: &sled::Error) -> String {
     match error {
-        sled::Error::Io(io) => format!("I/O error: {io}"),
+        sled::Error::Io(io) => format!("I/O error: {}", describe_io(io)),
         other => other.to_string(),
+    }
+}
+
+/// The system's message for `io`. sled hands a failed flush's error to every later caller as a
+/// clone, which it makes as a new error carrying the original's debug text (`Os { code: 27,
+/// kind: FileTooLarge, message: "File too large" }`, nested once more per further clone): the
+/// error number is read back from that text and turned into the system's message again.
+fn describe_io(io: &std::io::Error) -> String {
+    let text = io.to_string();
+    if io.raw_os_error().is_some() {
+        return text;
+    }
+    const MARK: &str = "Os { code: ";
+    let code = text.find(MARK).and_then(|at| {
+        let digits = &text[at + MARK.len()..];
+        let end = digits.find(|c: char| !c.is_ascii_digit())?;
+        digits[..end].parse::<i32>().ok()
+    });
+    match code {
+        Some(code) => std::io::Error::from_raw_os_error(code).to_string(),
+        None => text,
     }
 }
 
@@ -730,9 +758,7 @@ impl Store {
     ) -> Result<Vec<Applied>, StorageError> {
         let mut state = self.write.lock();
         if self.broken.load(Ordering::Acquire) {
-            return Err(StorageError::Internal(
-                "an earlier write to the store failed half-way; restart the node to recover from its write-ahead log".into(),
-            ));
+            return Err(StorageError::Broken);
         }
         // Put back only after a successful apply: a failed or panicking one leaves it empty.
         let mut index = std::mem::take(&mut state.chunks);
@@ -2380,6 +2406,24 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "storage failed: I/O error: No space left on device (os error 28)"
+        );
+        // sled's clone of a stored flush error, as every caller after the first gets it.
+        let original = std::io::Error::from_raw_os_error(27);
+        let cloned = std::io::Error::new(original.kind(), format!("{original:?}"));
+        assert_eq!(
+            StorageError::from(sled::Error::Io(cloned)).to_string(),
+            "storage failed: I/O error: File too large (os error 27)"
+        );
+        let once = std::io::Error::new(original.kind(), format!("{original:?}"));
+        let twice = std::io::Error::new(once.kind(), format!("{once:?}"));
+        assert_eq!(
+            StorageError::from(sled::Error::Io(twice)).to_string(),
+            "storage failed: I/O error: File too large (os error 27)"
+        );
+        let other = std::io::Error::other("disk on fire");
+        assert_eq!(
+            StorageError::from(sled::Error::Io(other)).to_string(),
+            "storage failed: I/O error: disk on fire"
         );
     }
 

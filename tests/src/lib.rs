@@ -103,7 +103,27 @@ impl Herald {
 
     /// Starts a node on an existing data directory (a restart after [`Herald::kill_keeping_data`]).
     pub fn start_in(data_dir: PathBuf, args: &[&str], envs: &[(&str, &str)]) -> Herald {
-        let mut command = Command::new(herald_binary());
+        Herald::launch(Command::new(herald_binary()), data_dir, args, envs)
+    }
+
+    /// Starts a node whose process may not write any file past `kib` KiB (`ulimit -f`, with
+    /// `SIGXFSZ` ignored so that such a write fails with `EFBIG` instead of killing it): a
+    /// full disk, as far as the node can tell, without privileges or a real disk to fill.
+    pub fn start_with_file_size_limit(data_dir: PathBuf, kib: u64, args: &[&str]) -> Herald {
+        let mut bash = Command::new("bash");
+        bash.args(["-c", r#"trap '' XFSZ; ulimit -f "$0"; exec "$@""#])
+            .arg(kib.to_string())
+            .arg(herald_binary());
+        Herald::launch(bash, data_dir, args, &[])
+    }
+
+    /// Runs `command` followed by `serve` and the node's arguments, and waits until it serves.
+    fn launch(
+        mut command: Command,
+        data_dir: PathBuf,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Herald {
         command
             .arg("serve")
             .args([

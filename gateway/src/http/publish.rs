@@ -208,8 +208,9 @@ pub async fn publish(State(state): State<HttpState>, body: Bytes) -> Response {
 /// What a client is told about a publish that failed after it was queued.
 fn failure(error: &StorageError) -> String {
     match error {
-        // A cluster error says itself whether anything may have committed.
-        StorageError::Unavailable(_) => format!("publish failed: {error}"),
+        // A cluster error says itself whether anything may have committed; a broken store
+        // refuses before it writes.
+        StorageError::Unavailable(_) | StorageError::Broken => format!("publish failed: {error}"),
         _ => format!(
             "publish failed: {error}; its outcome is unknown: retry with the same messageId"
         ),
