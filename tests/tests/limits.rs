@@ -258,3 +258,23 @@ fn idle_clients_are_closed_after_the_timeout_but_subscribers_are_not() {
     assert_eq!(publisher.read_until_suffix(b"\r\n"), b":1\r\n");
     subscriber.read_until_suffix(b"still subscribed\r\n");
 }
+
+#[test]
+fn a_malformed_request_leaves_no_client_behind() {
+    let node = Herald::start();
+    let mut watcher = RawConn::connect(node.resp);
+    for _ in 0..20 {
+        let mut bad = RawConn::connect(node.resp);
+        bad.send(b"*1\r\n\r\n");
+        assert_eq!(
+            bad.read_to_close(),
+            b"-ERR Protocol error: expected '$', got ' '\r\n"
+        );
+    }
+    // Only the watcher is left in the client list (the bad connections are gone, not leaked).
+    herald_tests::wait_until("the refused clients leave the client list", || {
+        watcher.command(&[b"CLIENT", b"LIST"]);
+        let list = watcher.read_frame();
+        String::from_utf8_lossy(&list).matches("id=").count() == 1
+    });
+}

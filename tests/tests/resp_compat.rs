@@ -301,6 +301,9 @@ fn malformed_requests_close_the_connection_with_redis_errors() {
         b"*3\r\n$3\r\nSET\r\n$1\r\nx\r\n$2000000000\r\n",
         b"*3\r\n$3\r\nSET\r\n$1\r\nx\r\n$blabla\r\n",
         b"*1\r\nfoo\r\n",
+        // An empty line where a bulk header belongs (this used to panic the connection).
+        b"*1\r\n\r\n",
+        b"*2\r\n$4\r\nECHO\r\n\r\n",
         b"set \"\"\"test-key\"\"\" test-value\r\nping\r\n",
         b"ECHO 'unterminated\r\n",
         b"PING\r\n*1\r\nfoo\r\n",

@@ -234,6 +234,17 @@ impl Session {
     }
 }
 
+impl Drop for Session {
+    /// Normally the subscriptions are gone already. After a panic in a command (a bug) this is
+    /// what takes the client out of the hub and ends its writer, instead of leaving both behind.
+    fn drop(&mut self) {
+        self.drop_subscriptions();
+        if std::thread::panicking() {
+            self.client.subscriber.outbox().close(CloseReason::Killed);
+        }
+    }
+}
+
 /// Serves one client until it disconnects, is killed, or the server shuts down.
 pub(crate) async fn serve(ctx: Arc<ServerContext>, stream: TcpStream, client: Arc<ClientInfo>) {
     let (mut reader, writer) = stream.into_split();

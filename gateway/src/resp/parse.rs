@@ -62,6 +62,8 @@ impl fmt::Display for ProtocolError {
         match self {
             ProtocolError::InvalidMultibulkLength => f.write_str("invalid multibulk length"),
             ProtocolError::InvalidBulkLength => f.write_str("invalid bulk length"),
+            // As Redis prints it: a CR or LF (an error line cannot hold one) shows as a space.
+            ProtocolError::ExpectedDollar(b'\r' | b'\n') => f.write_str("expected '$', got ' '"),
             ProtocolError::ExpectedDollar(got) => write!(f, "expected '$', got '{}'", *got as char),
             ProtocolError::UnbalancedQuotes => f.write_str("unbalanced quotes in request"),
             ProtocolError::TooBigInlineRequest => f.write_str("too big inline request"),
@@ -148,8 +150,10 @@ impl RequestParser {
                         let Some(line) = take_line(buf, ProtocolError::TooBigBulkCount)? else {
                             return Ok(None);
                         };
-                        if line[0] != b'$' {
-                            return Err(ProtocolError::ExpectedDollar(line[0]));
+                        // An empty line is a CR where the `$` belongs.
+                        let first = line.first().copied().unwrap_or(b'\r');
+                        if first != b'$' {
+                            return Err(ProtocolError::ExpectedDollar(first));
                         }
                         let len = parse_strict_i64(&line[1..])
                             .filter(|&n| n >= 0 && n as u64 <= limits.max_bulk_len as u64)
@@ -396,6 +400,8 @@ mod tests {
                 InvalidBulkLength,
             ),
             (b"*1\r\nfoo\r\n", ExpectedDollar(b'f')),
+            (b"*1\r\n\r\n", ExpectedDollar(b'\r')),
+            (b"*2\r\n$1\r\na\r\n\r\n", ExpectedDollar(b'\r')),
             (b"set \"\"\"test-key\"\"\" test-value\r\n", UnbalancedQuotes),
             (b"echo \"abc\r\n", UnbalancedQuotes),
         ];
@@ -410,6 +416,10 @@ mod tests {
         assert_eq!(
             ProtocolError::ExpectedDollar(b'f').to_string(),
             "Protocol error: expected '$', got 'f'"
+        );
+        assert_eq!(
+            ProtocolError::ExpectedDollar(b'\r').to_string(),
+            "Protocol error: expected '$', got ' '"
         );
     }
 

@@ -195,9 +195,25 @@ async fn admit(context: Arc<ServerContext>, mut stream: TcpStream, addr: SocketA
         return;
     }
     tracing::debug!(id, %addr, "RESP client connected");
+    let _listed = Listed {
+        context: &context,
+        id,
+    };
     connection::serve(context.clone(), stream, client).await;
-    context.clients.remove(id);
     tracing::debug!(id, %addr, "RESP client disconnected");
+}
+
+/// Takes a client out of the client list when its connection ends, however it ends: a panic
+/// in a command (a bug) must not leave it counted against `maxclients`.
+struct Listed<'a> {
+    context: &'a ServerContext,
+    id: crate::hub::ClientId,
+}
+
+impl Drop for Listed<'_> {
+    fn drop(&mut self) {
+        self.context.clients.remove(self.id);
+    }
 }
 
 const PROTECTED_MODE_DENIED: &str = "-DENIED herald is running in protected mode because protected \
