@@ -209,6 +209,20 @@ fn crafted_patterns_cannot_hang_the_server() {
         subscriber.read_until_suffix(b"\r\n"),
         b"-ERR pattern too long (herald accepts up to 1024 bytes)\r\n"
     );
+    // Every command that takes a glob: a compiled pattern costs tens of bytes per byte.
+    let mut other = RawConn::connect(node.resp);
+    for command in [
+        &[&b"PUBSUB"[..], b"CHANNELS", too_long.as_bytes()][..],
+        &[b"PUBSUB", b"SHARDCHANNELS", too_long.as_bytes()],
+        &[b"CONFIG", b"GET", b"maxclients", too_long.as_bytes()],
+        &[b"COMMAND", b"LIST", b"FILTERBY", b"PATTERN", too_long.as_bytes()],
+    ] {
+        other.command(command);
+        assert_eq!(
+            other.read_until_suffix(b"\r\n"),
+            b"-ERR pattern too long (herald accepts up to 1024 bytes)\r\n"
+        );
+    }
 
     let mut publisher = RawConn::connect(node.resp);
     let channel = "a".repeat(100_000);

@@ -132,6 +132,21 @@ pub(crate) fn syntax_error() -> Frame {
 }
 
 /// Redis's error for an unknown command, quoting the first arguments.
+/// Replies with an error and returns true when a glob pattern among `patterns` is longer than
+/// [`MAX_PATTERN_LEN`](crate::hub::glob::MAX_PATTERN_LEN): a compiled pattern takes tens of
+/// bytes per pattern byte, so an unbounded one (up to `proto-max-bulk-len`) could take
+/// gigabytes.
+pub(super) fn refuse_long_pattern(session: &mut Session, patterns: &[Bytes]) -> bool {
+    use crate::hub::glob::MAX_PATTERN_LEN;
+    if patterns.iter().any(|p| p.len() > MAX_PATTERN_LEN) {
+        session.reply(Frame::error(format!(
+            "ERR pattern too long (herald accepts up to {MAX_PATTERN_LEN} bytes)"
+        )));
+        return true;
+    }
+    false
+}
+
 fn unknown_command(args: &Args) -> Frame {
     let mut quoted = String::new();
     for arg in &args[1..] {

@@ -3,7 +3,7 @@
 use super::{Args, help};
 use crate::broker::Ticket;
 use crate::hub::Kind;
-use crate::hub::glob::{Glob, MAX_PATTERN_LEN};
+use crate::hub::glob::Glob;
 use crate::resp::connection::Session;
 use crate::resp::frame::Frame;
 use bytes::Bytes;
@@ -33,10 +33,7 @@ fn confirmation(session: &Session, word: &'static str, name: Frame, kind: Kind) 
 /// `SUBSCRIBE` / `PSUBSCRIBE` / `SSUBSCRIBE name [name ...]`: one confirmation per name.
 pub(super) async fn subscribe(session: &mut Session, kind: Kind, args: &Args) {
     let names = &args[1..];
-    if kind == Kind::Pattern && names.iter().any(|p| p.len() > MAX_PATTERN_LEN) {
-        session.reply(Frame::error(format!(
-            "ERR pattern too long (herald accepts up to {MAX_PATTERN_LEN} bytes)"
-        )));
+    if kind == Kind::Pattern && super::refuse_long_pattern(session, names) {
         return;
     }
     let (word, _) = words(kind);
@@ -115,6 +112,11 @@ pub(super) fn spublish(session: &mut Session, args: &Args) {
 pub(super) fn introspect(session: &mut Session, subcommand: &str, args: &Args) {
     // The broker answers for the whole cluster (local hub + the other nodes' interest).
     let hub = session.ctx.broker.clone();
+    if matches!(subcommand, "channels" | "shardchannels")
+        && super::refuse_long_pattern(session, &args[2.min(args.len())..])
+    {
+        return;
+    }
     let reply = match subcommand {
         "channels" | "shardchannels" => {
             let kind = if subcommand == "channels" {

@@ -179,6 +179,9 @@ fn command_docs(spec: &CommandSpec, parent: Option<&str>) -> Frame {
 
 /// `COMMAND [COUNT | DOCS | INFO | LIST | HELP]`.
 pub(super) fn command(session: &mut Session, subcommand: &str, args: &Args) {
+    if subcommand == "list" && args.len() == 5 && super::refuse_long_pattern(session, &args[4..]) {
+        return;
+    }
     let reply = match subcommand {
         "count" => Frame::Integer(COMMANDS.len() as i64),
         "info" if args.len() > 2 => Frame::Array(
@@ -257,6 +260,9 @@ pub(super) fn command(session: &mut Session, subcommand: &str, args: &Args) {
 /// `CONFIG GET pattern [pattern ...]`, `CONFIG SET name value [name value ...]`,
 /// `CONFIG RESETSTAT`.
 pub(super) fn config(session: &mut Session, subcommand: &str, args: &Args) {
+    if subcommand == "get" && super::refuse_long_pattern(session, &args[2.min(args.len())..]) {
+        return;
+    }
     let reply = match subcommand {
         "get" => {
             let settings = session.ctx.settings.read().clone();
