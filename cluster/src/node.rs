@@ -112,6 +112,11 @@ impl Default for LocalHooks {
     }
 }
 
+/// The largest event (channel, payload and message id) a cluster commits: half a node-to-node
+/// message ([`crate::rpc::MAX_FRAME`]), so that the Raft entry carrying it always fits one
+/// AppendEntries. A larger one could never be replicated, and its partition would stall.
+pub const MAX_PUBLISH_BYTES: usize = crate::rpc::MAX_FRAME / 2;
+
 /// Placement rounds (one a second) between two clock ticks of idle partitions.
 const CLOCK_TICK_ROUNDS: u64 = 60;
 
@@ -419,6 +424,12 @@ impl ClusterNode {
     ) -> Result<oneshot::Receiver<ProposeResult>, ProposeError> {
         if !self.is_formed() {
             return Err(ProposeError::NotFormed);
+        }
+        if let Some(big) = publishes.iter().find(|p| p.size() > MAX_PUBLISH_BYTES) {
+            return Err(ProposeError::Failed(format!(
+                "an event of {} bytes is over a cluster's limit of {MAX_PUBLISH_BYTES} bytes per event (a Raft entry must fit in one node-to-node message); nothing was committed",
+                big.size()
+            )));
         }
         let sender = self
             .inner

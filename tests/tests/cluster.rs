@@ -169,6 +169,30 @@ async fn a_publish_on_one_node_reaches_subscribers_on_the_others() {
             step += 1;
         }
     }
+
+    // An event too big for one node-to-node message is refused before it is proposed, on
+    // every node (a leader that appended it could never replicate it, and its partition would
+    // stall); the channel keeps working.
+    for node in [a, b, c] {
+        let mut conn = redis::Client::open(node.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let refused: redis::RedisResult<i64> =
+            conn.publish("job_progress:j1", vec![b'x'; 33 << 20]).await;
+        let error = refused.unwrap_err().to_string();
+        assert!(
+            error.contains("over a cluster's limit of 33554432 bytes per event"),
+            "{error}"
+        );
+    }
+    let _: i64 = publisher
+        .publish("job_progress:j1", r#"{"step":3}"#)
+        .await
+        .unwrap();
+    let event = next_message(&mut events).await;
+    assert_eq!(event.data, r#"{"step":3}"#);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
