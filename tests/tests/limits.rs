@@ -215,7 +215,13 @@ fn crafted_patterns_cannot_hang_the_server() {
         &[&b"PUBSUB"[..], b"CHANNELS", too_long.as_bytes()][..],
         &[b"PUBSUB", b"SHARDCHANNELS", too_long.as_bytes()],
         &[b"CONFIG", b"GET", b"maxclients", too_long.as_bytes()],
-        &[b"COMMAND", b"LIST", b"FILTERBY", b"PATTERN", too_long.as_bytes()],
+        &[
+            b"COMMAND",
+            b"LIST",
+            b"FILTERBY",
+            b"PATTERN",
+            too_long.as_bytes(),
+        ],
     ] {
         other.command(command);
         assert_eq!(
