@@ -462,6 +462,34 @@ impl ClusterNode {
             })
     }
 
+    /// Why this node can no longer take part in a group, if it cannot: a group whose Raft
+    /// stopped on a fatal error (its log or state machine failed to write: a full disk, an I/O
+    /// error) while the node runs. Such a group neither commits nor applies here until the node
+    /// restarts; its peers carry on without this node.
+    pub fn failure(&self) -> Option<String> {
+        if self.inner.shutdown.is_cancelled() {
+            return None;
+        }
+        self.inner
+            .groups
+            .iter()
+            .enumerate()
+            .find_map(|(group, raft)| {
+                let m = raft.metrics().borrow().clone();
+                let what = match group_partition(group as GroupId) {
+                    Some(partition) => format!("partition {partition}'s group"),
+                    None => "the meta group".to_string(),
+                };
+                match m.running_state {
+                    Err(fatal) => Some(format!("{what} stopped on this node: {fatal}")),
+                    Ok(()) if m.state == ServerState::Shutdown => {
+                        Some(format!("{what} stopped on this node"))
+                    }
+                    Ok(()) => None,
+                }
+            })
+    }
+
     /// Resolves once the node is shutting down.
     pub async fn stopped(&self) {
         self.inner.shutdown.cancelled().await

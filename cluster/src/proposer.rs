@@ -385,6 +385,12 @@ impl ProposerContext {
             },
             // Not the leader (any more), or the entry was truncated: not committed.
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Round::Retry,
+            // The group stopped here (its log failed to write: a full disk). The entry may
+            // have reached the followers before, and commit under the next leader.
+            Ok(Err(RaftError::Fatal(fatal))) => Round::Unknown(format!(
+                "partition {}'s group stopped on this node: {fatal}",
+                self.partition
+            )),
             Ok(Err(error)) => Round::Done(Err(ProposeError::Failed(error.to_string()))),
             Err(_) => Round::Unknown(format!(
                 "no commit within {:?}; this node may have lost its quorum",

@@ -235,6 +235,24 @@ impl Broker {
         }
     }
 
+    /// Why this node cannot store new events, if it cannot: a write to its store failed (a full
+    /// disk), or, in a cluster, one of its Raft groups stopped on such a failure. Only a
+    /// restart recovers it; in a cluster the other nodes carry on.
+    pub fn failure(&self) -> Option<String> {
+        if self.store.is_broken() {
+            let cause = self.store.broken_by().unwrap_or_default();
+            return Some(format!(
+                "a write to the store failed ({cause}); restart the node to recover from its write-ahead log"
+            ));
+        }
+        match &self.log {
+            Log::Local(_) => None,
+            Log::Cluster(node) => node
+                .failure()
+                .map(|why| format!("{why}; restart the node (the other nodes carry on)")),
+        }
+    }
+
     /// Whether durable publishes can commit right now: always on a single node; in a cluster,
     /// once it is formed and while this node is on the majority side.
     pub fn is_ready(&self) -> bool {

@@ -8,6 +8,9 @@
 //! - **Quorum lost** ([`Reason::NoQuorum`]): the node has been cut off from its cluster for
 //!   [`CUT_OFF_AFTER`]; nothing new commits here. Raised while it lasts, so a client that
 //!   comes back too early is sent away again.
+//! - **Stopped** ([`Reason::Stopped`]): one of the node's Raft groups stopped on a storage
+//!   failure (a full disk), so that partition's events no longer reach this node. Raised at
+//!   once and while it lasts (until a restart).
 //! - **History skipped** ([`Reason::Skipped`]): the node caught up from a Raft snapshot, which
 //!   moves partitions forward without applying (so without delivering) the events in between.
 //!   An event: streams open at that moment end; later ones read the history that now has them.
@@ -37,6 +40,8 @@ pub enum Reason {
     NoQuorum,
     /// This node's history skipped ahead of its live delivery (a snapshot install).
     Skipped,
+    /// One of this node's Raft groups stopped on a storage failure.
+    Stopped,
 }
 
 impl Reason {
@@ -45,6 +50,7 @@ impl Reason {
         match self {
             Reason::NoQuorum => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node lost its cluster quorum; reconnect to another node with your Last-Event-ID\"}\n\n",
             Reason::Skipped => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node caught up from a snapshot; reconnect with your Last-Event-ID to get every event\"}\n\n",
+            Reason::Stopped => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node's storage failed; reconnect to another node with your Last-Event-ID\"}\n\n",
         }
     }
 
@@ -56,6 +62,9 @@ impl Reason {
             }
             Reason::Skipped => {
                 "this node caught up from a snapshot: reconnect and resume from your cursor"
+            }
+            Reason::Stopped => {
+                "this node's storage failed: reconnect to another node and resume from your cursor"
             }
         }
     }
@@ -69,6 +78,9 @@ impl Reason {
             Reason::Skipped => {
                 "ERR this node caught up from a snapshot: reconnect and resume from your cursor (HSUBSCRIBE)"
             }
+            Reason::Stopped => {
+                "ERR this node's storage failed: reconnect to another node (HSUBSCRIBE resumes from your cursor)"
+            }
         }
     }
 }
@@ -76,8 +88,9 @@ impl Reason {
 /// The node's two signals; the broker holds one.
 #[derive(Debug)]
 pub struct Reconnect {
-    /// True while the node has been without quorum for [`CUT_OFF_AFTER`].
-    cut_off: watch::Receiver<bool>,
+    /// Set while clients must stay away from this node: [`Reason::NoQuorum`] once it has been
+    /// without quorum for [`CUT_OFF_AFTER`], [`Reason::Stopped`] once a group stopped.
+    cut_off: watch::Receiver<Option<Reason>>,
     /// Counts history skips.
     skips: watch::Receiver<u64>,
 }
@@ -85,7 +98,7 @@ pub struct Reconnect {
 /// One stream's view of [`Reconnect`]: remembers which skips it has already seen.
 #[derive(Debug)]
 pub struct ReconnectWatch {
-    cut_off: watch::Receiver<bool>,
+    cut_off: watch::Receiver<Option<Reason>>,
     skips: watch::Receiver<u64>,
 }
 
@@ -93,7 +106,7 @@ impl Reconnect {
     /// A single node: never asks anyone to reconnect.
     pub fn never() -> Reconnect {
         Reconnect {
-            cut_off: watch::channel(false).1,
+            cut_off: watch::channel(None).1,
             skips: watch::channel(0).1,
         }
     }
@@ -110,7 +123,7 @@ impl Reconnect {
         delivered: Arc<Vec<AtomicU64>>,
         skips_tx: Arc<watch::Sender<u64>>,
     ) -> Reconnect {
-        let (cut_off_tx, cut_off) = watch::channel(false);
+        let (cut_off_tx, cut_off) = watch::channel(None);
         let skips = skips_tx.subscribe();
         tokio::spawn(async move {
             let mut without_quorum: Option<tokio::time::Instant> = None;
@@ -122,16 +135,23 @@ impl Reconnect {
                     _ = node.stopped() => return,
                 }
                 // Before the cluster is formed there is nothing to move to.
-                if !node.is_formed() || node.has_quorum() {
+                if let Some(why) = node.failure() {
+                    if *cut_off_tx.borrow() != Some(Reason::Stopped) {
+                        tracing::error!(
+                            "{why}: telling streaming and subscribed clients to reconnect elsewhere; restart the node"
+                        );
+                        let _ = cut_off_tx.send(Some(Reason::Stopped));
+                    }
+                } else if !node.is_formed() || node.has_quorum() {
                     without_quorum = None;
-                    cut_off_tx.send_if_modified(|v| std::mem::replace(v, false));
+                    cut_off_tx.send_if_modified(|v| v.take().is_some());
                 } else {
                     let since = *without_quorum.get_or_insert_with(tokio::time::Instant::now);
-                    if since.elapsed() >= CUT_OFF_AFTER && !*cut_off_tx.borrow() {
+                    if since.elapsed() >= CUT_OFF_AFTER && cut_off_tx.borrow().is_none() {
                         tracing::warn!(
                             "this node has lost its quorum: telling streaming and subscribed clients to reconnect elsewhere"
                         );
-                        let _ = cut_off_tx.send(true);
+                        let _ = cut_off_tx.send(Some(Reason::NoQuorum));
                     }
                 }
                 let stored: Vec<u64> = (0..delivered.len())
@@ -176,8 +196,8 @@ impl ReconnectWatch {
     /// would otherwise let events past the hole out first. Live delivery raises a skip before
     /// it queues any event past the hole, so a stream holding such an event sees the skip here.
     pub fn now(&mut self) -> Option<Reason> {
-        if *self.cut_off.borrow() {
-            Some(Reason::NoQuorum)
+        if let Some(reason) = *self.cut_off.borrow() {
+            Some(reason)
         } else if self.skips.has_changed().unwrap_or(false) {
             Some(Reason::Skipped)
         } else {
@@ -189,10 +209,15 @@ impl ReconnectWatch {
     /// is cut off now); never on a single node.
     pub async fn requested(&mut self) -> Reason {
         // Each side ends `false` when its watcher is gone (a single node): never, then.
-        let cut_off = async { self.cut_off.wait_for(|cut| *cut).await.is_ok() };
+        let cut_off = async {
+            match self.cut_off.wait_for(Option::is_some).await {
+                Ok(reason) => *reason,
+                Err(_) => None,
+            }
+        };
         let skipped = async { self.skips.changed().await.is_ok() };
         tokio::select! {
-            true = cut_off => Reason::NoQuorum,
+            Some(reason) = cut_off => reason,
             true = skipped => Reason::Skipped,
             else => std::future::pending().await,
         }
@@ -276,7 +301,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cut_off_node_asks_now_and_a_skip_asks_only_streams_open_at_the_time() {
-        let (cut_tx, cut_off) = watch::channel(false);
+        let (cut_tx, cut_off) = watch::channel(None);
         let (skip_tx, skips) = watch::channel(0u64);
         let reconnect = Reconnect { cut_off, skips };
         let mut open = reconnect.watch();
@@ -286,7 +311,7 @@ mod tests {
         let mut later = reconnect.watch();
         let asked = tokio::time::timeout(Duration::from_millis(50), later.requested()).await;
         assert!(asked.is_err(), "{asked:?}");
-        cut_tx.send(true).unwrap();
+        cut_tx.send(Some(Reason::NoQuorum)).unwrap();
         assert_eq!(later.requested().await, Reason::NoQuorum);
         assert_eq!(reconnect.watch().requested().await, Reason::NoQuorum);
     }

@@ -312,6 +312,8 @@ pub struct Store {
     /// A write of [`Store::apply_logged`] failed half-way: sled's state no longer matches the
     /// counters, so every later apply is refused (a restart recovers from the log).
     broken: AtomicBool,
+    /// What failed, once `broken` is set (for `/ready` and stats).
+    broken_by: Mutex<Option<String>>,
     /// A [`crate::raft::RaftJournal`] is open on the store (there may be only one).
     raft_journal: AtomicBool,
     /// The open journal, for [`crate::raft::RaftJournal::of`].
@@ -560,6 +562,7 @@ impl Store {
             flushed_ticket: AtomicU64::new(0),
             flush_lock: tokio::sync::Mutex::new(()),
             broken: AtomicBool::new(false),
+            broken_by: Mutex::new(None),
             raft_journal: AtomicBool::new(false),
             raft_journal_slot: Mutex::new(std::sync::Weak::new()),
         })
@@ -570,6 +573,19 @@ impl Store {
     /// should not be sent publishes (`/ready` says 503).
     pub fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Acquire)
+    }
+
+    /// The error that broke the store (see [`Store::is_broken`]), if one did.
+    pub fn broken_by(&self) -> Option<String> {
+        self.broken_by.lock().clone()
+    }
+
+    /// Marks the store broken by `error` (the first error is kept).
+    fn break_by(&self, error: &StorageError) {
+        self.broken_by
+            .lock()
+            .get_or_insert_with(|| error.to_string());
+        self.broken.store(true, Ordering::Release);
     }
 
     /// The store's epoch: chosen at random when it was created, replaced by the cluster's epoch
@@ -671,8 +687,8 @@ impl Store {
                     .insert(codec::KEY_LOCAL_LOG, &lsn.to_be_bytes())
                     .map(drop)
             });
-            if written.is_err() {
-                self.broken.store(true, Ordering::Release);
+            if let Err(error) = &written {
+                self.break_by(&StorageError::Sled(error.clone()));
             }
             Ok(written?)
         })?;
@@ -738,8 +754,8 @@ impl Store {
     ) -> Result<Vec<Applied>, StorageError> {
         self.apply_then(batch, namespaces, now_ms, tick, ops, |ops| {
             let written = write(ops);
-            if written.is_err() {
-                self.broken.store(true, Ordering::Release);
+            if let Err(error) = &written {
+                self.break_by(error);
             }
             written
         })

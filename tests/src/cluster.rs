@@ -123,6 +123,16 @@ impl Cluster {
 
     /// Starts (or restarts, on its kept data) node `id`.
     pub fn start_node(&mut self, id: u64, bootstrap_expect: usize) {
+        self.launch(id, bootstrap_expect, None);
+    }
+
+    /// [`Cluster::start_node`] with no file of the node allowed past `kib` KiB: its disk fills
+    /// (see [`Herald::start_with_file_size_limit`]).
+    pub fn start_node_with_file_size_limit(&mut self, id: u64, bootstrap_expect: usize, kib: u64) {
+        self.launch(id, bootstrap_expect, Some(kib));
+    }
+
+    fn launch(&mut self, id: u64, bootstrap_expect: usize, file_size_limit: Option<u64>) {
         let peers = self.peers();
         let tls = self.tls_dir.to_str().unwrap().to_string();
         let member = &self.members[(id - 1) as usize];
@@ -146,7 +156,10 @@ impl Cluster {
         ];
         args.extend(self.extra.iter().map(String::as_str));
         let data_dir = member.data_dir.clone();
-        let node = Herald::start_in(data_dir, &args, &[]);
+        let node = match file_size_limit {
+            Some(kib) => Herald::start_with_file_size_limit(data_dir, kib, &args),
+            None => Herald::start_in(data_dir, &args, &[]),
+        };
         self.members[(id - 1) as usize].node = Some(node);
     }
 

@@ -1038,3 +1038,133 @@ async fn a_member_that_catches_up_from_a_snapshot_sends_its_streams_to_resume() 
     let ns: Vec<i64> = got.iter().map(|(n, _)| *n).collect();
     assert_eq!(ns, (1..=TOTAL).collect::<Vec<_>>(), "over RESP");
 }
+
+/// The size of the largest file under `dir`, in KiB.
+fn largest_file_kib(dir: &std::path::Path) -> u64 {
+    let mut largest = 0;
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let meta = entry.metadata().unwrap();
+        largest = largest.max(if meta.is_dir() {
+            largest_file_kib(&entry.path()) * 1024
+        } else {
+            meta.len()
+        });
+    }
+    largest / 1024
+}
+
+/// A channel's retained payloads on node `node`, oldest first.
+async fn history_payloads(node: &herald_tests::Herald, channel: &str) -> Vec<String> {
+    let mut conn = redis::Client::open(node.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let events: Vec<(String, String)> = redis::cmd("HISTORY")
+        .arg(channel)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    events.into_iter().map(|(_, payload)| payload).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_disk_fills_sends_its_clients_away_and_catches_up_after_a_restart() {
+    const CHANNELS: usize = 50;
+    let mut cluster = Cluster::start(3);
+    // Node 3 comes back allowed 2 MiB more than its largest file: its disk fills first.
+    let dir3 = cluster.node(3).data_dir.clone();
+    cluster.kill(3);
+    let limit = largest_file_kib(&dir3) + 2048;
+    cluster.start_node_with_file_size_limit(3, 3, limit);
+    cluster.wait_converged();
+    let mut watcher = sse(cluster.node(3).http, "fill:0", None).await;
+    let told = tokio::spawn(async move {
+        loop {
+            match tokio::time::timeout(PATIENCE * 4, watcher.next()).await {
+                Ok(Some(event)) if event.event == "reconnect" => return Some(event.data),
+                Ok(Some(_)) => continue,
+                _ => return None,
+            }
+        }
+    });
+
+    // Publishers on nodes 1 and 2, with message ids, retried until acknowledged, until node 3
+    // says its storage failed (and somewhat beyond, to see the cluster carry on).
+    let mut acked = vec![Vec::new(); CHANNELS];
+    let mut failed_at = None;
+    let mut i = 0usize;
+    while failed_at.is_none_or(|at| i < at + 200) {
+        assert!(i < 30_000, "node 3's files never filled up");
+        let channel = i % CHANNELS;
+        let body = json!({
+            "channel": format!("fill:{channel}"),
+            "data": { "n": i, "pad": "x".repeat(1000) },
+            "messageId": format!("fill-{i}"),
+        });
+        let mut attempt = 0;
+        while let Err(error) =
+            try_publish(cluster.node(1 + (attempt + i) as u64 % 2).http, &body).await
+        {
+            attempt += 1;
+            assert!(attempt < 20, "publish {i} kept failing: {error}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        acked[channel].push(i as i64);
+        if failed_at.is_none() && i % 50 == 0 {
+            let ready = herald_tests::cluster::get_json(cluster.node(3), "/ready");
+            let status = ready
+                .as_ref()
+                .and_then(|r| r["status"].as_str())
+                .unwrap_or("");
+            if status.starts_with("storage failed") {
+                assert!(status.contains("File too large (os error 27)"), "{status}");
+                assert!(status.contains("restart the node"), "{status}");
+                failed_at = Some(i);
+            }
+        }
+        i += 1;
+    }
+    let told = told
+        .await
+        .unwrap()
+        .expect("node 3's SSE client is told to reconnect");
+    assert!(told.contains("storage failed"), "{told}");
+    let stats = herald_tests::cluster::get_json(cluster.node(3), "/api/realtime/stats").unwrap();
+    assert_eq!(stats["status"], "storage failed", "{stats}");
+
+    // Restarted without the limit, node 3 catches up: every acknowledged event, in order, once.
+    cluster.kill(3);
+    cluster.start_node(3, 3);
+    cluster.wait_converged();
+    for channel in [0, 1, CHANNELS - 1] {
+        let name = format!("fill:{channel}");
+        let want: Vec<i64> = acked[channel]
+            .iter()
+            .rev()
+            .take(100)
+            .rev()
+            .copied()
+            .collect();
+        let deadline = tokio::time::Instant::now() + PATIENCE * 2;
+        loop {
+            let got: Vec<i64> = history_payloads(cluster.node(3), &name)
+                .await
+                .iter()
+                .map(|p| {
+                    serde_json::from_str::<Value>(p).unwrap()["n"]
+                        .as_i64()
+                        .unwrap()
+                })
+                .collect();
+            if got == want {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node 3 did not catch up on {name}: {got:?}, want {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

@@ -26,12 +26,10 @@ pub async fn ready(State(state): State<HttpState>) -> Response {
             Json(json!({ "status": "shutting down" })),
         )
             .into_response()
-    } else if state.broker().store().is_broken() {
+    } else if let Some(why) = state.broker().failure() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({
-                "status": "storage failed: a write to the store failed; restart the node to recover from its write-ahead log"
-            })),
+            Json(json!({ "status": format!("storage failed: {why}") })),
         )
             .into_response()
     } else if !state.broker().is_ready() {
@@ -71,7 +69,7 @@ pub async fn stats(State(state): State<HttpState>) -> Json<Value> {
     Json(json!({
         "status": if state.shutdown().is_cancelled() {
             "shutting down"
-        } else if state.broker().store().is_broken() {
+        } else if state.broker().failure().is_some() {
             "storage failed"
         } else {
             "healthy"
