@@ -1111,7 +1111,7 @@ async fn a_member_whose_disk_fills_sends_its_clients_away_and_catches_up_after_a
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         acked[channel].push(i as i64);
-        if failed_at.is_none() && i % 50 == 0 {
+        if failed_at.is_none() && i.is_multiple_of(50) {
             let ready = herald_tests::cluster::get_json(cluster.node(3), "/ready");
             let status = ready
                 .as_ref()
