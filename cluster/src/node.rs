@@ -1284,7 +1284,10 @@ impl ClusterNode {
                                 .filter(|(id, matched)| {
                                     !voters.contains(id)
                                         && members.contains_key(id)
-                                        && matched.as_ref().map_or(0, |l| l.index) + 100 >= last
+                                        // Only a learner that has answered: one that
+                                        // never did (a wrong address, a node that cannot
+                                        // start) has no match and must not become a voter.
+                                        && matched.as_ref().is_some_and(|l| l.index + 100 >= last)
                                 })
                                 .map(|(id, _)| *id)
                                 .take(want_voters.min(ids.len()) - voters.len())
@@ -1326,6 +1329,9 @@ impl Handler for ClusterNode {
         let Some(raft) = self.inner.groups.get(usize::from(group)) else {
             return false;
         };
+        if !self.accepts_leader(from, group) {
+            return false;
+        }
         let metrics = raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership();
         // A group not initialised here yet hears anyone (it is being formed or joined).
@@ -1335,6 +1341,27 @@ impl Handler for ClusterNode {
             tracing::debug!(from, group, "refused a vote from a node outside the group");
         }
         empty || member
+    }
+
+    fn accepts_leader(&self, from: NodeId, group: GroupId) -> bool {
+        if group == META_GROUP {
+            return true;
+        }
+        // A partition group hears only members of the cluster (the meta group's nodes); before
+        // this node knows the membership (formation, a join) it hears anyone.
+        let metrics = self.inner.groups[usize::from(META_GROUP)].metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        let known = membership.nodes().next().is_some();
+        let member = membership.nodes().any(|(id, _)| *id == from);
+        if known && !member {
+            tracing::debug!(
+                from,
+                group,
+                "refused Raft traffic from a node that is not a member of the cluster"
+            );
+        }
+        !known || member
     }
 
     fn heard_from_leader(&self, group: GroupId) {

@@ -700,6 +700,14 @@ pub trait Handler: Send + Sync + 'static {
         true
     }
 
+    /// Whether AppendEntries and InstallSnapshot for `group` from node `from` are heard. A
+    /// node removed from the cluster while it led a group must not go on committing there:
+    /// refused, it loses its quorum, and the members elect a leader among themselves.
+    fn accepts_leader(&self, from: NodeId, group: GroupId) -> bool {
+        let _ = (from, group);
+        true
+    }
+
     /// Called when `group`'s Raft accepted AppendEntries (from the leader it follows): the
     /// leader is alive. Failover detection uses it.
     fn heard_from_leader(&self, group: GroupId) {
@@ -815,6 +823,11 @@ async fn serve_stream(
 
 async fn dispatch(from: NodeId, request: Request, handler: &dyn Handler) -> Response {
     match request {
+        Request::AppendEntries { group, .. } | Request::InstallSnapshot { group, .. }
+            if !handler.accepts_leader(from, group) =>
+        {
+            Response::NoSuchGroup(group)
+        }
         Request::AppendEntries { group, rpc } => match handler.raft(group) {
             Some(raft) => {
                 let response = raft.append_entries(rpc).await;

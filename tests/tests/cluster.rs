@@ -537,6 +537,13 @@ async fn a_node_joins_catches_up_and_is_removed() {
         }
     }
 
+    // A join naming a node that never answers (a wrong address) makes it a member, but never
+    // a voter of any group: a voter that cannot vote would cost the groups their tolerance
+    // of one failure.
+    let nowhere = format!("127.0.0.1:{}", herald_tests::cluster::free_udp_port());
+    let (ok, text) = cluster.cli(1, &["join", "--node-id", "9", "--addr", &nowhere]);
+    assert!(ok, "join failed: {text}");
+
     // Node 4 starts, is joined by hand, and catches up on every partition.
     cluster.start_node(4, 3);
     let addr = format!("127.0.0.1:{}", cluster.members[3].cluster_port);
@@ -561,30 +568,50 @@ async fn a_node_joins_catches_up_and_is_removed() {
     .expect("publish");
     let event = next_message(&mut events).await;
     assert_eq!(serde_json::from_str::<Value>(&event.data).unwrap()["n"], 20);
+    let status = cluster.status(1).unwrap();
+    for group in status["groups"].as_array().unwrap() {
+        assert!(
+            !group["voters"].as_array().unwrap().contains(&json!(9)),
+            "node 9 never answered, yet votes: {group}"
+        );
+    }
+    let (ok, text) = cluster.cli(1, &["remove", "--node-id", "9"]);
+    assert!(ok, "remove of the node that never answered failed: {text}");
 
-    // Removing it: no group keeps it, the others go on committing.
-    let (ok, text) = cluster.cli(1, &["remove", "--node-id", "4"]);
+    // Removing node 3, which leads partitions and keeps running: the members stop hearing it,
+    // elect leaders among themselves, and no group keeps it; the others go on committing.
+    let status = cluster.status(3).unwrap();
+    assert!(
+        status["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["leader"] == 3 && g["partition"].is_u64()),
+        "node 3 leads a partition: {status}"
+    );
+    let (ok, text) = cluster.cli(1, &["remove", "--node-id", "3"]);
     assert!(ok, "remove failed: {text}");
-    herald_tests::wait_until("node 4 leaves every group", || {
+    herald_tests::wait_until("node 3 leaves every group", || {
         cluster.status(1).is_some_and(|s| {
-            s["members"].get("4").is_none()
+            s["members"].get("3").is_none()
                 && s["groups"].as_array().unwrap().iter().all(|g| {
-                    !g["voters"].as_array().unwrap().contains(&json!(4))
-                        && !g["learners"].as_array().unwrap().contains(&json!(4))
+                    !g["voters"].as_array().unwrap().contains(&json!(3))
+                        && !g["learners"].as_array().unwrap().contains(&json!(3))
+                        && g["leader"] != 3
                 })
         })
     });
     try_publish(
-        cluster.node(3).http,
+        cluster.node(4).http,
         &json!({ "channel": channel, "data": { "n": 21 } }),
     )
     .await
     .expect("the remaining three still commit");
 
-    // Node 4 still runs, but nothing it accepts is acknowledged: the members refuse its
-    // forwards, and it cannot lead anything.
+    // Node 3 still runs, but nothing it accepts is acknowledged: the members refuse its
+    // forwards and its appends, so it cannot commit anything.
     let refused = try_publish(
-        cluster.node(4).http,
+        cluster.node(3).http,
         &json!({ "channel": channel, "data": { "n": -1 } }),
     )
     .await
