@@ -35,6 +35,7 @@ use crate::identity::NodeIdentity;
 use crate::interest::{Interest, InterestTable, TransientEvent};
 use crate::message::{AppRequest, AppResponse, ProposeError, decode, encode};
 use crate::network::{Elections, GroupNetworkFactory};
+use crate::peer_stores::PeerStores;
 use crate::proposer::{self, ProposeRequest, ProposeResult, ProposerContext, ProposerOptions};
 use crate::rpc::{self, Handler, Peers, Request, Response};
 use crate::transport::{Transport, TransportOptions};
@@ -151,6 +152,8 @@ struct Inner {
     elections: Vec<Arc<Elections>>,
     proposers: Vec<mpsc::Sender<ProposeRequest>>,
     peers: Arc<Peers>,
+    /// Which store each member runs on (see [`crate::peer_stores`]).
+    peer_stores: Arc<PeerStores>,
     transport: Arc<Transport>,
     static_peers: BTreeMap<NodeId, String>,
     /// Node ids allowed to connect: the static peers and every member the meta group knows.
@@ -233,6 +236,8 @@ impl ClusterNode {
             filter,
         )?);
         let peers = Peers::new(transport.clone());
+        let peer_stores = PeerStores::new(store.clone());
+        peers.set_store_ids(peer_stores.clone());
         for (&peer, addr) in &config.peers {
             peers.set_addr(peer, addr.clone());
         }
@@ -274,6 +279,9 @@ impl ClusterNode {
             groups.push(raft);
         }
 
+        if let Some(meta) = groups.first() {
+            peer_stores.watch(meta.clone());
+        }
         // A restarted node lets the members it already knows connect.
         if let Some(meta) = groups.first() {
             let m = meta.metrics().borrow().clone();
@@ -299,6 +307,7 @@ impl ClusterNode {
                 elections,
                 proposers,
                 peers: peers.clone(),
+                peer_stores,
                 transport: transport.clone(),
                 static_peers: config.peers.clone(),
                 allowed,
@@ -1321,6 +1330,10 @@ fn raft_error<E: std::error::Error>(error: RaftError<NodeId, E>) -> ProposeError
 }
 
 impl Handler for ClusterNode {
+    fn store_ids(&self) -> Option<&dyn crate::rpc::StoreIds> {
+        Some(self.inner.peer_stores.as_ref())
+    }
+
     fn raft(&self, group: GroupId) -> Option<Raft<TypeConfig>> {
         self.inner.groups.get(usize::from(group)).cloned()
     }

@@ -329,6 +329,8 @@ struct Slot {
 pub struct Peers {
     transport: Arc<Transport>,
     options: PeersOptions,
+    /// Tells the peers' stores apart; until set, every store is accepted (store id 0 sent).
+    store_ids: std::sync::OnceLock<Arc<dyn StoreIds>>,
     slots: Mutex<HashMap<NodeId, Arc<Mutex<Slot>>>>,
     dials: AtomicU64,
 }
@@ -358,9 +360,17 @@ impl Peers {
         Arc::new(Peers {
             transport,
             options,
+            store_ids: std::sync::OnceLock::new(),
             slots: Mutex::new(HashMap::new()),
             dials: AtomicU64::new(0),
         })
+    }
+
+    /// Sets how this node's and its peers' stores are told apart (once; later calls are
+    /// ignored). Every request then carries this node's store id, and a response from a peer
+    /// whose store `store_ids` refuses is an error.
+    pub fn set_store_ids(&self, store_ids: Arc<dyn StoreIds>) {
+        let _ = self.store_ids.set(store_ids);
     }
 
     /// This node's id.
@@ -453,7 +463,9 @@ impl Peers {
         connect_wait: Duration,
         timeout: Duration,
     ) -> Result<Response, RpcError> {
-        let frame = encode_frame(request).map_err(|reason| RpcError::TooLarge {
+        let store_ids = self.store_ids.get();
+        let local_store = store_ids.map_or(0, |s| s.local());
+        let frame = encode_frame(&(local_store, request)).map_err(|reason| RpcError::TooLarge {
             peer: target,
             reason,
         })?;
@@ -464,7 +476,17 @@ impl Peers {
             let Acquired { connection, fresh } = self.acquire(target, wait).await?;
             let exchange = tokio::time::timeout_at(deadline, exchange(&connection, &frame)).await;
             match exchange {
-                Ok(Ok(response)) => return Ok(response),
+                Ok(Ok((store, response))) => {
+                    if store_ids.is_some_and(|s| !s.accepts(target, store)) {
+                        return Err(RpcError::Failed {
+                            peer: target,
+                            reason: format!(
+                                "node {target} answered from another store than the one it was a member with: {STORE_CHANGED}"
+                            ),
+                        });
+                    }
+                    return Ok(response);
+                }
                 Ok(Err(ExchangeError::NotSent(reason))) => {
                     self.drop_connection(target, &connection, &reason);
                     // A pooled connection may have died unnoticed: dial once more.
@@ -666,7 +688,10 @@ async fn resolve(transport: &Transport, addr: &PeerAddr) -> Result<SocketAddr, S
 }
 
 /// One call on one stream: write the request frame, finish, read the response frame.
-async fn exchange(connection: &quinn::Connection, frame: &[u8]) -> Result<Response, ExchangeError> {
+async fn exchange(
+    connection: &quinn::Connection,
+    frame: &[u8],
+) -> Result<(u64, Response), ExchangeError> {
     let (mut send, mut recv) = connection
         .open_bi()
         .await
@@ -687,8 +712,27 @@ async fn exchange(connection: &quinn::Connection, frame: &[u8]) -> Result<Respon
 // ---------------------------------------------------------------------------------------------
 // Server side.
 
+/// What an operator is told about a member that came back with another store.
+pub const STORE_CHANGED: &str = "its data directory was lost or replaced, so it may lack events it acknowledged and must not vote; remove it (`herald cluster remove --node-id N`) and join it again (`herald cluster join`)";
+
+/// Tells the stores of a cluster's members apart: each store has a random id for its life
+/// (see `Store::store_id`), and a member must keep the one it had. A node restarted under the
+/// same node id on an empty data directory would otherwise vote as if it still held what it
+/// had acknowledged, and could elect a leader that lacks it.
+pub trait StoreIds: Send + Sync {
+    /// This node's store id, sent with every request and response.
+    fn local(&self) -> u64;
+    /// Whether node `peer`, seen with store id `store`, is heard.
+    fn accepts(&self, peer: NodeId, store: u64) -> bool;
+}
+
 /// What a node serves: its Raft groups and its application requests.
 pub trait Handler: Send + Sync + 'static {
+    /// How this node's and its peers' stores are told apart; `None` accepts every store.
+    fn store_ids(&self) -> Option<&dyn StoreIds> {
+        None
+    }
+
     /// The Raft instance of `group` on this node, if it runs one.
     fn raft(&self, group: GroupId) -> Option<openraft::Raft<TypeConfig>>;
 
@@ -784,9 +828,15 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     handler: Arc<dyn Handler>,
 ) {
+    let store_ids = handler.store_ids();
     let response = match read_frame(&mut recv).await {
-        Ok(bytes) => match decode::<Request>(&bytes) {
-            Ok(request) => dispatch(from, request, handler.as_ref()).await,
+        Ok(bytes) => match decode::<(u64, Request)>(&bytes) {
+            Ok((store, _)) if store_ids.is_some_and(|s| !s.accepts(from, store)) => {
+                Response::Error(format!(
+                    "refused: node {from} runs on another store than the one it was a member with: {STORE_CHANGED}"
+                ))
+            }
+            Ok((_, request)) => dispatch(from, request, handler.as_ref()).await,
             Err(reason) => {
                 tracing::warn!(peer = from, %reason, "malformed RPC request");
                 Response::Error(reason)
@@ -804,11 +854,13 @@ async fn serve_stream(
             return;
         }
     };
-    let frame = match encode_frame(&response) {
+    let local_store = handler.store_ids().map_or(0, |s| s.local());
+    let frame = match encode_frame(&(local_store, &response)) {
         Ok(frame) => frame,
         Err(reason) => {
             tracing::warn!(peer = from, %reason, "cannot send an RPC response");
-            match encode_frame(&Response::Error(format!("response not sent: {reason}"))) {
+            let error = Response::Error(format!("response not sent: {reason}"));
+            match encode_frame(&(local_store, &error)) {
                 Ok(frame) => frame,
                 Err(_) => return,
             }

@@ -55,6 +55,10 @@ pub(crate) const PREFIX_CLOCK: &[u8] = b"mk";
 pub(crate) const KEY_CLUSTER: &[u8] = b"mc";
 pub(crate) const KEY_LOCAL_LOG: &[u8] = b"ml";
 pub(crate) const KEY_RAFT_LOG: &[u8] = b"mr";
+/// The store's own random id (see `Store::store_id`).
+pub(crate) const KEY_STORE_ID: &[u8] = b"mi";
+/// Followed by a node id (8 bytes, big-endian): the store id that peer was last seen using.
+pub(crate) const PREFIX_PEER_STORE: &[u8] = b"mn";
 pub(crate) const PREFIX_RAFT: u8 = b'r';
 pub(crate) const RAFT_LOG: u8 = b'l';
 pub(crate) const RAFT_VOTE: u8 = b'v';

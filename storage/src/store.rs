@@ -291,6 +291,8 @@ pub struct Store {
     tree: sled::Tree,
     dir: PathBuf,
     epoch: AtomicU64,
+    /// See [`Store::store_id`].
+    store_id: u64,
     partitions: u16,
     dedup_window_ms: u64,
     write: Mutex<WriteState>,
@@ -499,6 +501,16 @@ impl Store {
             }
         };
 
+        let store_id = match tree.get(codec::KEY_STORE_ID)? {
+            Some(v) => codec::be_u64(&v, "store id")?,
+            None => {
+                let id = Epoch::random().0;
+                tree.insert(codec::KEY_STORE_ID, &id.to_be_bytes())?;
+                db.flush()?;
+                id
+            }
+        };
+
         replay_log(&db, &tree, &disk, dir, &crate::wal::LOCAL)?;
         replay_log(&db, &tree, &disk, dir, &crate::wal::RAFT)?;
 
@@ -538,6 +550,7 @@ impl Store {
 
         let atomics = |v: &[u64]| v.iter().map(|&x| AtomicU64::new(x)).collect::<Box<[_]>>();
         Ok(Store {
+            store_id,
             latest: atomics(&last_seq),
             forgotten: atomics(&forgotten),
             clock: atomics(&clock),
@@ -592,6 +605,43 @@ impl Store {
     /// when the store joins a cluster (the meta group's `Init`, see [`Store::cluster_initialized`]).
     pub fn epoch(&self) -> Epoch {
         Epoch(self.epoch.load(Ordering::Acquire))
+    }
+
+    /// A random id the store got when it was created, kept for its life (unlike the epoch,
+    /// which becomes the cluster's). A cluster's members remember each other's: a node that
+    /// comes back under its id with another store (its data directory lost or replaced) is
+    /// told apart from the one they knew, and not trusted with a vote.
+    pub fn store_id(&self) -> u64 {
+        self.store_id
+    }
+
+    /// The store id node `peer` was last seen with, as recorded by [`Store::set_peer_store_id`].
+    pub fn peer_store_id(&self, peer: u64) -> Result<Option<u64>, StorageError> {
+        match self.tree.get(peer_store_key(peer))? {
+            Some(v) => Ok(Some(codec::be_u64(&v, "peer store id")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every recorded `(peer, store id)`.
+    pub fn peer_store_ids(&self) -> Result<Vec<(u64, u64)>, StorageError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(codec::PREFIX_PEER_STORE) {
+            let (key, value) = kv?;
+            let peer = codec::be_u64(&key[codec::PREFIX_PEER_STORE.len()..], "peer id")?;
+            out.push((peer, codec::be_u64(&value, "peer store id")?));
+        }
+        Ok(out)
+    }
+
+    /// Records (or, with `None`, forgets) the store id of node `peer`, and flushes.
+    pub fn set_peer_store_id(&self, peer: u64, id: Option<u64>) -> Result<(), StorageError> {
+        match id {
+            Some(id) => self.tree.insert(peer_store_key(peer), &id.to_be_bytes())?,
+            None => self.tree.remove(peer_store_key(peer))?,
+        };
+        self.tree.flush()?;
+        Ok(())
     }
 
     /// Whether the store joined a cluster: its meta Raft group applied `Init` (or installed a
@@ -1005,6 +1055,12 @@ fn write_chunk(channel: &[u8], chunk: &mut StoredChunk, batch: &mut Ops) {
     chunk.seqs.clear();
     chunk.message_ids.clear();
     chunk.payloads.clear();
+}
+
+fn peer_store_key(peer: u64) -> Vec<u8> {
+    let mut key = codec::PREFIX_PEER_STORE.to_vec();
+    key.extend_from_slice(&peer.to_be_bytes());
+    key
 }
 
 fn add(a: &AtomicU64, d: i64) {
@@ -2294,6 +2350,25 @@ mod tests {
     }
 
     #[test]
+    fn the_store_id_lasts_and_peer_store_ids_are_kept_until_forgotten() {
+        let dir = TempDir::new("store-id");
+        let (id, other) = {
+            let store = Store::open(dir.path(), opts(4)).unwrap();
+            store.set_peer_store_id(2, Some(22)).unwrap();
+            store.set_peer_store_id(3, Some(33)).unwrap();
+            store.set_peer_store_id(3, None).unwrap();
+            let other = Store::open(TempDir::new("store-id-other").path(), opts(4)).unwrap();
+            (store.store_id(), other.store_id())
+        };
+        assert_ne!(id, other, "every store gets its own id");
+        let store = Store::open(dir.path(), opts(4)).unwrap();
+        assert_eq!(store.store_id(), id, "kept across restarts");
+        assert_eq!(store.peer_store_id(2).unwrap(), Some(22));
+        assert_eq!(store.peer_store_id(3).unwrap(), None);
+        assert_eq!(store.peer_store_ids().unwrap(), vec![(2, 22)]);
+    }
+
+    #[test]
     fn expire_works_in_chunks() {
         let dir = TempDir::new("chunks");
         let store = Store::open(dir.path(), opts(4)).unwrap();
@@ -2315,9 +2390,10 @@ mod tests {
         assert!(store.apply(&batch[..1], &namespaces, T0 + 2_000).unwrap()[0].is_duplicate());
         assert_eq!(store.expire(&namespaces, T0 + 60_000).unwrap(), 12_000);
         assert!(!store.apply(&batch[..1], &namespaces, T0 + 60_000).unwrap()[0].is_duplicate());
-        // Left: 3 store meta keys, 4 last seqs, 4 forgotten floors, 4 applied clocks, and the
-        // last publish's history, channel meta, dedup record and dedup index entry.
-        assert_eq!(store.tree.len(), 3 + 4 + 4 + 4 + 4);
+        // Left: 4 store meta keys (version, epoch, partitions, store id), 4 last seqs, 4
+        // forgotten floors, 4 applied clocks, and the last publish's history, channel meta,
+        // dedup record and dedup index entry.
+        assert_eq!(store.tree.len(), 4 + 4 + 4 + 4 + 4);
     }
 
     #[test]

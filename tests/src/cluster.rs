@@ -179,6 +179,15 @@ impl Cluster {
         }
     }
 
+    /// `kill -9`s node `id` and deletes its data directory: its next start is on an empty one
+    /// (a lost disk).
+    pub fn wipe(&mut self, id: u64) {
+        self.kill(id);
+        let member = &mut self.members[(id - 1) as usize];
+        let _ = std::fs::remove_dir_all(&member.data_dir);
+        member.data_dir = scratch_dir(&format!("node{id}-wiped"));
+    }
+
     /// Ids of the running nodes.
     pub fn running(&self) -> Vec<u64> {
         self.members

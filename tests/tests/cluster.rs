@@ -1195,3 +1195,92 @@ async fn a_member_whose_disk_fills_sends_its_clients_away_and_catches_up_after_a
         }
     }
 }
+
+/// Publishes `data` on `channel` through node `via` until it is acknowledged (retrying with
+/// the same message id), and returns the reply.
+async fn publish_until_acked(cluster: &Cluster, via: u64, channel: &str, data: &str) -> Value {
+    let body =
+        json!({ "channel": channel, "data": data, "messageId": format!("{channel}-{data}") });
+    let deadline = tokio::time::Instant::now() + PATIENCE * 2;
+    loop {
+        match try_publish(cluster.node(via).http, &body).await {
+            Ok(reply) => return reply,
+            Err(error) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{data} never acknowledged: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_back_on_an_empty_data_directory_cannot_vote_away_acknowledged_events() {
+    let mut cluster = Cluster::start(3);
+    // A channel whose partition node 1 leads.
+    let mut channel = String::new();
+    for i in 0.. {
+        let name = format!("wiped:{i}");
+        let reply = publish_until_acked(&cluster, 1, &name, "probe").await;
+        if cluster.leader_of(1, partition_of_reply(&reply)) == Some(1) {
+            channel = name;
+            break;
+        }
+    }
+    // With node 2 paused, an event commits on nodes 1 and 3 only.
+    cluster.node(2).signal("STOP");
+    publish_until_acked(&cluster, 1, &channel, "acknowledged").await;
+    // Node 1 dies; node 3 dies and loses its disk; node 2 resumes; node 3 comes back empty.
+    cluster.kill(1);
+    cluster.wipe(3);
+    cluster.node(2).signal("CONT");
+    cluster.start_node(3, 3);
+
+    // Node 2 lacks the event, and node 3 must not help it lead: nothing commits until node 1
+    // (which has the event) is back.
+    // (Many election timeouts: without the check, nodes 2 and 3 elect node 2 within one.)
+    let until = tokio::time::Instant::now() + Duration::from_secs(8);
+    while tokio::time::Instant::now() < until {
+        let refused = try_publish(
+            cluster.node(2).http,
+            &json!({ "channel": channel, "data": "too early" }),
+        )
+        .await
+        .expect_err("nodes 2 and 3 must not form a quorum: 3 forgot what it acknowledged");
+        assert!(refused.starts_with("503"), "{refused}");
+    }
+    herald_tests::wait_until("node 2 says why it refuses node 3", || {
+        cluster.node(2).log().contains("refusing node 3")
+    });
+
+    cluster.start_node(1, 3);
+    publish_until_acked(&cluster, 2, &channel, "after").await;
+    for id in [1, 2] {
+        let history = history_payloads(cluster.node(id), &channel).await;
+        assert_eq!(history, ["probe", "acknowledged", "after"], "node {id}");
+    }
+
+    // The operator's way back: remove node 3 and join it again; it then catches up.
+    let (ok, text) = cluster.cli(1, &["remove", "--node-id", "3"]);
+    assert!(ok, "remove failed: {text}");
+    let addr = format!("127.0.0.1:{}", cluster.members[2].cluster_port);
+    herald_tests::wait_until("node 3 can be joined again", || {
+        cluster
+            .cli(1, &["join", "--node-id", "3", "--addr", &addr])
+            .0
+    });
+    let deadline = tokio::time::Instant::now() + PATIENCE * 2;
+    loop {
+        let history = history_payloads(cluster.node(3), &channel).await;
+        if history == ["probe", "acknowledged", "after"] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node 3 did not catch up: {history:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,167 @@
+//! Which store each cluster member runs on: a member restarted on an empty (or another) data
+//! directory is refused until it is removed and joined again.
+//!
+//! Raft assumes a voter never forgets what it wrote. A node whose data directory is lost and
+//! that comes back under its node id starts with an empty log, grants its vote to any
+//! candidate, and can so make a quorum with a node that lacks acknowledged events: they are
+//! then lost, and the positions they had are given to other events. So every store has a
+//! random id for its life (`Store::store_id`), sent with each node-to-node request and
+//! response; each node records, trust on first use, the store id every member first showed,
+//! and refuses a member that shows another. A node that leaves the cluster is forgotten, so a
+//! removed node can be joined again on a new store.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use herald_storage::Store;
+use herald_storage::raft::TypeConfig;
+use openraft::Raft;
+use parking_lot::Mutex;
+
+use crate::NodeId;
+use crate::rpc::{STORE_CHANGED, StoreIds};
+
+/// How often a refused member is logged.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// This node's record of its peers' store ids (see the module doc).
+pub struct PeerStores {
+    store: Arc<Store>,
+    /// The meta group, whose membership says who the members are; until set, every peer is
+    /// heard (formation).
+    meta: OnceLock<Raft<TypeConfig>>,
+    /// Store ids read from or written to the store, per peer.
+    known: Mutex<HashMap<NodeId, u64>>,
+    /// When each refused peer was last logged.
+    warned: Mutex<HashMap<NodeId, Instant>>,
+}
+
+impl PeerStores {
+    /// Records kept in `store`.
+    pub fn new(store: Arc<Store>) -> Arc<PeerStores> {
+        Arc::new(PeerStores {
+            store,
+            meta: OnceLock::new(),
+            known: Mutex::new(HashMap::new()),
+            warned: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Starts judging peers by the meta group's membership, and forgets the records of nodes
+    /// that leave it (so that one removed can join again on a new store). The watcher ends
+    /// with the group.
+    pub fn watch(self: &Arc<Self>, meta: Raft<TypeConfig>) {
+        let _ = self.meta.set(meta.clone());
+        let this = Arc::downgrade(self);
+        let mut metrics = meta.metrics();
+        tokio::spawn(async move {
+            let mut last: Option<BTreeSet<NodeId>> = None;
+            while metrics.changed().await.is_ok() {
+                let members: BTreeSet<NodeId> = {
+                    let m = metrics.borrow_and_update();
+                    m.membership_config
+                        .membership()
+                        .nodes()
+                        .map(|(id, _)| *id)
+                        .collect()
+                };
+                if members.is_empty() || last.as_ref() == Some(&members) {
+                    continue;
+                }
+                let Some(this) = this.upgrade() else { return };
+                match &last {
+                    Some(before) => {
+                        for gone in before.difference(&members) {
+                            this.forget(*gone);
+                        }
+                    }
+                    // The first look: nodes removed while this one was down.
+                    None => match this.store.peer_store_ids() {
+                        Ok(recorded) => {
+                            for (peer, _) in recorded {
+                                if !members.contains(&peer) {
+                                    this.forget(peer);
+                                }
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot read the members' store ids")
+                        }
+                    },
+                }
+                last = Some(members);
+            }
+        });
+    }
+
+    fn forget(&self, peer: NodeId) {
+        self.known.lock().remove(&peer);
+        if let Err(error) = self.store.set_peer_store_id(peer, None) {
+            tracing::warn!(peer, %error, "cannot forget a removed node's store id");
+        }
+    }
+
+    /// Whether `peer` is a member, as far as this node knows (`true` before it knows any).
+    fn is_member(&self, peer: NodeId) -> bool {
+        let Some(meta) = self.meta.get() else {
+            return true;
+        };
+        let metrics = meta.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        membership.nodes().next().is_none() || membership.nodes().any(|(id, _)| *id == peer)
+    }
+
+    fn refuse(&self, peer: NodeId, known: u64, shown: u64) -> bool {
+        let mut warned = self.warned.lock();
+        let now = Instant::now();
+        if warned
+            .get(&peer)
+            .is_none_or(|at| now.duration_since(*at) >= WARN_EVERY)
+        {
+            warned.insert(peer, now);
+            tracing::error!(
+                peer,
+                known = format_args!("{known:016x}"),
+                shown = format_args!("{shown:016x}"),
+                "refusing node {peer}: it runs on another store than the one it was a member with; {STORE_CHANGED}"
+            );
+        }
+        false
+    }
+}
+
+impl StoreIds for PeerStores {
+    fn local(&self) -> u64 {
+        self.store.store_id()
+    }
+
+    fn accepts(&self, peer: NodeId, store: u64) -> bool {
+        // Not a member (yet, or any more): other rules decide what it may do.
+        if !self.is_member(peer) {
+            return true;
+        }
+        let mut known = self.known.lock();
+        if let Some(&first) = known.get(&peer) {
+            return first == store || self.refuse(peer, first, store);
+        }
+        match self.store.peer_store_id(peer) {
+            Ok(Some(first)) => {
+                known.insert(peer, first);
+                first == store || self.refuse(peer, first, store)
+            }
+            Ok(None) => {
+                if let Err(error) = self.store.set_peer_store_id(peer, Some(store)) {
+                    tracing::warn!(peer, %error, "cannot record a member's store id");
+                }
+                known.insert(peer, store);
+                true
+            }
+            Err(error) => {
+                tracing::warn!(peer, %error, "cannot read a member's store id");
+                true
+            }
+        }
+    }
+}
