@@ -163,6 +163,7 @@ fn variant(response: &Response) -> &'static str {
         Response::App(_) => "App",
         Response::NoSuchGroup(_) => "NoSuchGroup",
         Response::Error(_) => "Error",
+        Response::StoreId(_) => "StoreId",
     }
 }
 

@@ -5,10 +5,11 @@
 //! that comes back under its node id starts with an empty log, grants its vote to any
 //! candidate, and can so make a quorum with a node that lacks acknowledged events: they are
 //! then lost, and the positions they had are given to other events. So every store has a
-//! random id for its life (`Store::store_id`), sent with each node-to-node request and
-//! response; each node records, trust on first use, the store id every member first showed,
-//! and refuses a member that shows another. A node that leaves the cluster is forgotten, so a
-//! removed node can be joined again on a new store.
+//! random id for its life (`Store::store_id`); two nodes exchange theirs at the start of every
+//! connection (see [`crate::rpc::StoreIds`]). Each node records, trust on first use, the store
+//! id every member first showed, and refuses Raft messages to and from a member that shows
+//! another. A node that leaves the cluster is forgotten, so a removed node can be joined again
+//! on a new store.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock};
@@ -33,8 +34,8 @@ pub struct PeerStores {
     meta: OnceLock<Raft<TypeConfig>>,
     /// Store ids read from or written to the store, per peer.
     known: Mutex<HashMap<NodeId, u64>>,
-    /// When each refused peer was last logged.
-    warned: Mutex<HashMap<NodeId, Instant>>,
+    /// Peers refused at their last exchange, and when each was last logged.
+    refused: Mutex<HashMap<NodeId, Instant>>,
 }
 
 impl PeerStores {
@@ -44,7 +45,7 @@ impl PeerStores {
             store,
             meta: OnceLock::new(),
             known: Mutex::new(HashMap::new()),
-            warned: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
         })
     }
 
@@ -97,6 +98,7 @@ impl PeerStores {
 
     fn forget(&self, peer: NodeId) {
         self.known.lock().remove(&peer);
+        self.refused.lock().remove(&peer);
         if let Err(error) = self.store.set_peer_store_id(peer, None) {
             tracing::warn!(peer, %error, "cannot forget a removed node's store id");
         }
@@ -113,14 +115,20 @@ impl PeerStores {
         membership.nodes().next().is_none() || membership.nodes().any(|(id, _)| *id == peer)
     }
 
-    fn refuse(&self, peer: NodeId, known: u64, shown: u64) -> bool {
-        let mut warned = self.warned.lock();
+    /// Records the verdict on `peer` and returns it.
+    fn judge(&self, peer: NodeId, known: u64, shown: u64) -> bool {
+        let mut refused = self.refused.lock();
+        if known == shown {
+            refused.remove(&peer);
+            return true;
+        }
         let now = Instant::now();
-        if warned
-            .get(&peer)
-            .is_none_or(|at| now.duration_since(*at) >= WARN_EVERY)
+        let last = refused.insert(peer, now);
+        if let Some(at) = last
+            && now.duration_since(at) < WARN_EVERY
         {
-            warned.insert(peer, now);
+            refused.insert(peer, at);
+        } else {
             tracing::error!(
                 peer,
                 known = format_args!("{known:016x}"),
@@ -137,19 +145,24 @@ impl StoreIds for PeerStores {
         self.store.store_id()
     }
 
+    fn refused(&self, peer: NodeId) -> bool {
+        self.refused.lock().contains_key(&peer)
+    }
+
     fn accepts(&self, peer: NodeId, store: u64) -> bool {
         // Not a member (yet, or any more): other rules decide what it may do.
         if !self.is_member(peer) {
+            self.refused.lock().remove(&peer);
             return true;
         }
         let mut known = self.known.lock();
         if let Some(&first) = known.get(&peer) {
-            return first == store || self.refuse(peer, first, store);
+            return self.judge(peer, first, store);
         }
         match self.store.peer_store_id(peer) {
             Ok(Some(first)) => {
                 known.insert(peer, first);
-                first == store || self.refuse(peer, first, store)
+                self.judge(peer, first, store)
             }
             Ok(None) => {
                 if let Err(error) = self.store.set_peer_store_id(peer, Some(store)) {

@@ -66,6 +66,19 @@ pub enum Request {
     },
     /// An opaque application request; the node layer defines its encoding.
     App(Bytes),
+    /// The dialing node's store id, its first request on a new connection; answered with
+    /// [`Response::StoreId`] (see [`StoreIds`]). Last, so that older nodes decode the others.
+    StoreId(u64),
+}
+
+impl Request {
+    /// Whether this is a Raft message (refused to and from a member on another store).
+    pub fn is_raft(&self) -> bool {
+        matches!(
+            self,
+            Request::AppendEntries { .. } | Request::Vote { .. } | Request::InstallSnapshot { .. }
+        )
+    }
 }
 
 /// The answer to a [`Request`].
@@ -85,6 +98,8 @@ pub enum Response {
     NoSuchGroup(GroupId),
     /// The request could not be read (malformed or oversized frame); not processed.
     Error(String),
+    /// Answer to [`Request::StoreId`]: the receiver's store id. Last, like the request.
+    StoreId(u64),
 }
 
 /// Why a call failed. [`RpcError::not_sent`] tells whether a retry is known to be safe.
@@ -367,8 +382,8 @@ impl Peers {
     }
 
     /// Sets how this node's and its peers' stores are told apart (once; later calls are
-    /// ignored). Every request then carries this node's store id, and a response from a peer
-    /// whose store `store_ids` refuses is an error.
+    /// ignored): each new connection then starts with an exchange of store ids, and Raft
+    /// messages to a peer `store_ids` refuses are not sent.
     pub fn set_store_ids(&self, store_ids: Arc<dyn StoreIds>) {
         let _ = self.store_ids.set(store_ids);
     }
@@ -463,9 +478,15 @@ impl Peers {
         connect_wait: Duration,
         timeout: Duration,
     ) -> Result<Response, RpcError> {
-        let store_ids = self.store_ids.get();
-        let local_store = store_ids.map_or(0, |s| s.local());
-        let frame = encode_frame(&(local_store, request)).map_err(|reason| RpcError::TooLarge {
+        // Raft traffic with a member that came back on another store is refused both ways:
+        // its vote (or its acknowledgement of entries) would count what it no longer holds.
+        if request.is_raft() && self.store_ids.get().is_some_and(|s| s.refused(target)) {
+            return Err(RpcError::Unreachable {
+                peer: target,
+                reason: format!("node {target} runs on another store: {STORE_CHANGED}"),
+            });
+        }
+        let frame = encode_frame(request).map_err(|reason| RpcError::TooLarge {
             peer: target,
             reason,
         })?;
@@ -476,17 +497,7 @@ impl Peers {
             let Acquired { connection, fresh } = self.acquire(target, wait).await?;
             let exchange = tokio::time::timeout_at(deadline, exchange(&connection, &frame)).await;
             match exchange {
-                Ok(Ok((store, response))) => {
-                    if store_ids.is_some_and(|s| !s.accepts(target, store)) {
-                        return Err(RpcError::Failed {
-                            peer: target,
-                            reason: format!(
-                                "node {target} answered from another store than the one it was a member with: {STORE_CHANGED}"
-                            ),
-                        });
-                    }
-                    return Ok(response);
-                }
+                Ok(Ok(response)) => return Ok(response),
                 Ok(Err(ExchangeError::NotSent(reason))) => {
                     self.drop_connection(target, &connection, &reason);
                     // A pooled connection may have died unnoticed: dial once more.
@@ -581,6 +592,7 @@ impl Peers {
                         target,
                         addr,
                         self.options.clone(),
+                        self.store_ids.get().cloned(),
                         tx,
                     ));
                     rx
@@ -604,6 +616,7 @@ impl Peers {
 }
 
 /// Dials `target` and records the outcome in its slot (connection, or backoff).
+#[allow(clippy::too_many_arguments)] // a spawned task's inputs, each used once
 async fn dial(
     transport: Arc<Transport>,
     slot: Arc<Mutex<Slot>>,
@@ -611,15 +624,20 @@ async fn dial(
     target: NodeId,
     addr: PeerAddr,
     options: PeersOptions,
+    store_ids: Option<Arc<dyn StoreIds>>,
     outcome: watch::Sender<DialResult>,
 ) {
     let attempt = async {
         let socket = resolve(&transport, &addr).await?;
-        transport
+        let connection = transport
             .connect(socket, target)
             .await
             .map(|peer| peer.connection)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        if let Some(store_ids) = &store_ids {
+            exchange_store_ids(&connection, target, store_ids.as_ref()).await?;
+        }
+        Ok(connection)
     };
     let result = match tokio::time::timeout(options.connect_timeout, attempt).await {
         Ok(result) => result,
@@ -668,6 +686,26 @@ async fn dial(
     outcome.send_replace(Some(result));
 }
 
+/// A new connection's first exchange: this node's store id for the peer's, which `store_ids`
+/// judges. A node from before the exchange answers with an error: it is not checked.
+async fn exchange_store_ids(
+    connection: &quinn::Connection,
+    target: NodeId,
+    store_ids: &dyn StoreIds,
+) -> Result<(), String> {
+    let frame = encode_frame(&Request::StoreId(store_ids.local()))?;
+    match exchange(connection, &frame).await {
+        Ok(Response::StoreId(theirs)) => {
+            store_ids.accepts(target, theirs);
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+        Err(ExchangeError::NotSent(reason) | ExchangeError::Failed(reason)) => {
+            Err(format!("exchanging store ids: {reason}"))
+        }
+    }
+}
+
 /// Resolves a peer address, preferring the address family the local endpoint is bound to.
 async fn resolve(transport: &Transport, addr: &PeerAddr) -> Result<SocketAddr, String> {
     let host = match addr {
@@ -688,10 +726,7 @@ async fn resolve(transport: &Transport, addr: &PeerAddr) -> Result<SocketAddr, S
 }
 
 /// One call on one stream: write the request frame, finish, read the response frame.
-async fn exchange(
-    connection: &quinn::Connection,
-    frame: &[u8],
-) -> Result<(u64, Response), ExchangeError> {
+async fn exchange(connection: &quinn::Connection, frame: &[u8]) -> Result<Response, ExchangeError> {
     let (mut send, mut recv) = connection
         .open_bi()
         .await
@@ -719,11 +754,20 @@ pub const STORE_CHANGED: &str = "its data directory was lost or replaced, so it 
 /// (see `Store::store_id`), and a member must keep the one it had. A node restarted under the
 /// same node id on an empty data directory would otherwise vote as if it still held what it
 /// had acknowledged, and could elect a leader that lacks it.
+///
+/// The ids are exchanged once per connection, by the dialing node's first request (an
+/// `AppRequest::StoreId`, answered with the receiver's), so the Raft messages themselves are
+/// unchanged and a node from before the exchange still talks to newer ones during a rolling
+/// upgrade (it is simply not checked).
 pub trait StoreIds: Send + Sync {
-    /// This node's store id, sent with every request and response.
+    /// This node's store id.
     fn local(&self) -> u64;
-    /// Whether node `peer`, seen with store id `store`, is heard.
+    /// Judges node `peer`, seen with store id `store`: whether it is heard. The verdict
+    /// stands (see [`StoreIds::refused`]) until the peer is seen again.
     fn accepts(&self, peer: NodeId, store: u64) -> bool;
+    /// Whether the last verdict on `peer` was a refusal: then no Raft message goes to it or is
+    /// taken from it.
+    fn refused(&self, peer: NodeId) -> bool;
 }
 
 /// What a node serves: its Raft groups and its application requests.
@@ -828,15 +872,16 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     handler: Arc<dyn Handler>,
 ) {
-    let store_ids = handler.store_ids();
     let response = match read_frame(&mut recv).await {
-        Ok(bytes) => match decode::<(u64, Request)>(&bytes) {
-            Ok((store, _)) if store_ids.is_some_and(|s| !s.accepts(from, store)) => {
+        Ok(bytes) => match decode::<Request>(&bytes) {
+            Ok(request)
+                if request.is_raft() && handler.store_ids().is_some_and(|s| s.refused(from)) =>
+            {
                 Response::Error(format!(
                     "refused: node {from} runs on another store than the one it was a member with: {STORE_CHANGED}"
                 ))
             }
-            Ok((_, request)) => dispatch(from, request, handler.as_ref()).await,
+            Ok(request) => dispatch(from, request, handler.as_ref()).await,
             Err(reason) => {
                 tracing::warn!(peer = from, %reason, "malformed RPC request");
                 Response::Error(reason)
@@ -854,13 +899,11 @@ async fn serve_stream(
             return;
         }
     };
-    let local_store = handler.store_ids().map_or(0, |s| s.local());
-    let frame = match encode_frame(&(local_store, &response)) {
+    let frame = match encode_frame(&response) {
         Ok(frame) => frame,
         Err(reason) => {
             tracing::warn!(peer = from, %reason, "cannot send an RPC response");
-            let error = Response::Error(format!("response not sent: {reason}"));
-            match encode_frame(&(local_store, &error)) {
+            match encode_frame(&Response::Error(format!("response not sent: {reason}"))) {
                 Ok(frame) => frame,
                 Err(_) => return,
             }
@@ -907,6 +950,13 @@ async fn dispatch(from: NodeId, request: Request, handler: &dyn Handler) -> Resp
             None => Response::NoSuchGroup(group),
         },
         Request::App(request) => Response::App(handler.app(from, request).await),
+        Request::StoreId(store) => match handler.store_ids() {
+            Some(store_ids) => {
+                store_ids.accepts(from, store);
+                Response::StoreId(store_ids.local())
+            }
+            None => Response::Error("this node does not check store ids".into()),
+        },
     }
 }
 

@@ -182,10 +182,8 @@ async fn raw_call(connection: &quinn::Connection, bytes: &[u8]) -> Response {
     let response = recv.read_to_end(1 << 20).await.unwrap();
     let len = u32::from_be_bytes(response[..4].try_into().unwrap()) as usize;
     assert_eq!(len, response.len() - 4);
-    // Every frame carries the sender's store id first (0: none set).
-    let ((store, response), _): ((u64, Response), usize) =
+    let (response, _): (Response, usize) =
         bincode::serde::decode_from_slice(&response[4..], bincode::config::standard()).unwrap();
-    assert_eq!(store, 0);
     response
 }
 
@@ -213,8 +211,7 @@ async fn malformed_and_oversized_frames_get_an_error_response() {
         other => panic!("{other:?}"),
     }
     // The server is still there, on the same connection.
-    let request =
-        bincode::serde::encode_to_vec((0u64, app(b"ok")), bincode::config::standard()).unwrap();
+    let request = bincode::serde::encode_to_vec(app(b"ok"), bincode::config::standard()).unwrap();
     let frame = [&(request.len() as u32).to_be_bytes()[..], &request].concat();
     match raw_call(&connection, &frame).await {
         Response::App(bytes) => assert_eq!(&bytes[..], b"node 1 to node 2: ok"),
