@@ -19,7 +19,7 @@ pub fn run(args: ClusterArgs) -> ExitCode {
     };
     match runtime.block_on(call(&args)) {
         Ok(text) => {
-            println!("{text}");
+            say!("{text}");
             ExitCode::SUCCESS
         }
         Err(error) => {

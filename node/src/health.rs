@@ -16,7 +16,7 @@ pub fn run(args: HealthArgs) -> ExitCode {
     let timeout = Duration::from_secs(args.timeout.max(1));
     match probe(&args.http, path, timeout) {
         Ok((200, body)) => {
-            println!("{body}");
+            say!("{body}");
             ExitCode::SUCCESS
         }
         Ok((status, body)) => {

@@ -12,6 +12,15 @@
 //!   container health checks.
 //! - `serve`: start-up (data directory, listeners), signal handling and graceful shutdown.
 
+/// `println!` that does not panic when stdout is closed: `herald cluster status | head` closes
+/// the pipe once it has what it wants, which is not the command's failure.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 mod cli;
 mod cluster;
 mod config;
@@ -97,11 +106,11 @@ fn certs(command: cli::CertsCommand) -> ExitCode {
 fn init_ca(dir: &Path, if_missing: bool) -> Result<(), String> {
     let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
     if if_missing && cert.exists() {
-        println!("kept the existing cluster CA: {}", cert.display());
+        say!("kept the existing cluster CA: {}", cert.display());
         return Ok(());
     }
     herald_cluster::identity::init_ca(dir).map_err(|e| e.to_string())?;
-    println!(
+    say!(
         "created the cluster CA: {} (keep {} private)",
         cert.display(),
         key.display()
@@ -124,7 +133,7 @@ fn issue_node(dir: &Path, node_id: u64, if_missing: bool) -> Result<(), String> 
         };
         match (cert.exists(), key.exists()) {
             (true, true) => {
-                println!(
+                say!(
                     "kept node {node_id}'s existing certificate: {} and {}",
                     cert.display(),
                     key.display()
@@ -138,7 +147,7 @@ fn issue_node(dir: &Path, node_id: u64, if_missing: bool) -> Result<(), String> 
     }
     let (cert, key) =
         herald_cluster::identity::issue_node(dir, node_id).map_err(|e| e.to_string())?;
-    println!(
+    say!(
         "issued node {node_id}'s certificate: {} and {}",
         cert.display(),
         key.display()

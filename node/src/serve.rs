@@ -103,10 +103,15 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     signal.await;
     tracing::info!("shutting down: no new clients, draining the connected ones");
     shutdown.cancel();
-    let drained = tokio::time::timeout(config.shutdown_timeout + Duration::from_secs(1), async {
-        let _ = resp_task.await;
-        let _ = http_task.await;
-    })
+    let drained = tokio::time::timeout(
+        config
+            .shutdown_timeout
+            .saturating_add(Duration::from_secs(1)),
+        async {
+            let _ = resp_task.await;
+            let _ = http_task.await;
+        },
+    )
     .await;
     if drained.is_err() {
         tracing::warn!("some connections did not close in time; exiting anyway");

@@ -241,3 +241,20 @@ fn certs_init_and_issue_create_the_cluster_credentials() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_closed_stdout_is_not_a_crash() {
+    // `herald ... | head` closes the pipe early; `println!` would panic (exit 101).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let dir = scratch_dir("closed-stdout");
+    let status = Command::new(herald_binary())
+        .args(["certs", "init", "--dir"])
+        .arg(&dir)
+        .stdout(writer)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(dir.join("ca.pem").exists());
+    let _ = std::fs::remove_dir_all(dir);
+}
