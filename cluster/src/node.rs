@@ -783,16 +783,33 @@ impl ClusterNode {
                 voters: pick(&voters),
                 learners: pick(&learners),
             };
-            let first = voters[0];
-            let result = if first == self.inner.id {
-                self.handle_app(self.inner.id, request).await
-            } else {
-                self.call(first, &request)
-                    .await
-                    .unwrap_or_else(|e| AppResponse::Done(Err(e)))
-            };
-            if let AppResponse::Done(Err(error)) = result {
-                tracing::warn!(partition, node = first, %error, "initialising a partition group failed; placement will retry");
+            // On its first voter; if that one is down (an init by hand while a node is away),
+            // on the next: any voter can start the group, and two of three can elect.
+            let mut failures = Vec::new();
+            for &voter in &voters {
+                let result = if voter == self.inner.id {
+                    self.handle_app(self.inner.id, request.clone()).await
+                } else {
+                    self.call(voter, &request)
+                        .await
+                        .unwrap_or_else(|e| AppResponse::Done(Err(e)))
+                };
+                match result {
+                    AppResponse::Done(Err(error)) => {
+                        failures.push(format!("node {voter}: {error}"))
+                    }
+                    _ => {
+                        failures.clear();
+                        break;
+                    }
+                }
+            }
+            if !failures.is_empty() {
+                tracing::warn!(
+                    partition,
+                    errors = failures.join("; "),
+                    "no voter could initialise a partition group; run `herald cluster init` again once they are up"
+                );
             }
         }
         Ok(())

@@ -1284,3 +1284,21 @@ async fn a_member_back_on_an_empty_data_directory_cannot_vote_away_acknowledged_
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_init_by_hand_while_a_node_is_down_creates_every_partition() {
+    // No --bootstrap-expect: the cluster is formed by `herald cluster init`, with node 1 away.
+    let mut cluster = Cluster::start_some(3, 0, &[]);
+    cluster.start_node(2, 0);
+    cluster.start_node(3, 0);
+    let (ok, text) = cluster.cli(2, &["init"]);
+    assert!(ok, "init failed: {text}");
+    // Every partition (node 1 is the first voter of some) gets a leader among nodes 2 and 3.
+    cluster.wait_converged();
+    for i in 0..32 {
+        publish_until_acked(&cluster, 2 + i % 2, &format!("init:{i}"), "x").await;
+    }
+    cluster.start_node(1, 0);
+    cluster.wait_converged();
+    publish_until_acked(&cluster, 1, "init:after", "y").await;
+}
