@@ -59,6 +59,11 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tower::util::Oneshot;
 
+/// How long a connection may take to send its request head (and, with keep-alive, each next
+/// one) before it is closed: otherwise a client that connects and sends nothing, or a byte now
+/// and then, holds a socket and a task for ever.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Bytes looked at before deciding who serves a connection. A request head that does not fit
 /// goes to hyper (which allows larger ones).
 const PEEK_BYTES: usize = 8 * 1024;
@@ -118,7 +123,7 @@ async fn connection(stream: TcpStream, router: Router, shutdown: CancellationTok
     // The first look is boxed too, and freed before the connection's long life.
     let first = Box::pin(async {
         tokio::select! {
-            first = first_look(&stream) => Some(first),
+            first = tokio::time::timeout(HEAD_TIMEOUT, first_look(&stream)) => first.ok(),
             _ = shutdown.cancelled() => None,
         }
     })
@@ -235,7 +240,11 @@ fn sse_request(bytes: &[u8]) -> Option<(Request<Body>, usize)> {
 /// Serves a connection with hyper (HTTP/1.1 with upgrades), as `axum::serve` does: graceful
 /// shutdown lets an in-flight response finish and closes idle keep-alive connections.
 async fn serve_hyper(stream: TcpStream, router: Router, shutdown: CancellationToken) {
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT);
     let connection = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(router));
     tokio::pin!(connection);
