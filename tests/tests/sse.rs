@@ -244,6 +244,23 @@ async fn malformed_cursors_and_parameters_are_a_400_with_the_reason() {
             None,
             "no channel given",
         ),
+        (
+            stream_url(&node, &"n".repeat(1025)),
+            None,
+            "channel name of 1025 bytes: the limit is 1024",
+        ),
+        (
+            format!(
+                "{}/api/stream?{}",
+                node.http_url(),
+                (0..1025)
+                    .map(|i| format!("channel=c{i}"))
+                    .collect::<Vec<_>>()
+                    .join("&")
+            ),
+            None,
+            "too many channels: one stream or connection holds at most 1024",
+        ),
     ];
     for (url, cursor, reason) in cases {
         let mut request = client.get(&url);

@@ -404,6 +404,7 @@ async fn bad_messages_get_errors_and_the_connection_stays_open() {
         json!({ "type": "subscribe", "channel": { "id": "x" } }).to_string(),
         json!({ "type": "subscribe", "channel": "a", "cursor": "not a cursor!" }).to_string(),
         json!({ "type": "subscribe", "channel": "a", "last": "many" }).to_string(),
+        json!({ "type": "subscribe", "channel": "n".repeat(1025) }).to_string(),
     ];
     for message in &bad {
         ws.send(Message::text(message.clone())).await.unwrap();
@@ -426,6 +427,36 @@ async fn bad_messages_get_errors_and_the_connection_stays_open() {
         is_rfc3339_utc(pong["timestamp"].as_str().unwrap()),
         "{pong}"
     );
+
+    // At most 1,024 channels per connection (a repeated one does not count twice).
+    for i in 0..1024 {
+        send(
+            &mut ws,
+            json!({ "type": "subscribe", "channel": format!("many:{i}") }),
+        )
+        .await;
+        assert_eq!(next(&mut ws).await["type"], "subscribed");
+    }
+    send(&mut ws, json!({ "type": "subscribe", "channel": "many:0" })).await;
+    assert_eq!(next(&mut ws).await["type"], "subscribed");
+    send(
+        &mut ws,
+        json!({ "type": "subscribe", "channel": "many:1024" }),
+    )
+    .await;
+    let refused = next(&mut ws).await;
+    assert_eq!(
+        refused["message"],
+        "cannot subscribe to many:1024: too many channels: one stream or connection holds at most 1024"
+    );
+    send(
+        &mut ws,
+        json!({ "type": "unsubscribe", "channel": { "type": "many" } }),
+    )
+    .await;
+    for _ in 0..1024 {
+        assert_eq!(next(&mut ws).await["type"], "unsubscribed");
+    }
 
     // The refused subscribe with a bad cursor subscribed nothing; a good one works.
     publish(&node, "a", json!({ "n": 0 })).await;

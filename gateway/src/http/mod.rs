@@ -33,6 +33,40 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+/// The longest channel name an SSE stream or a WebSocket subscription takes. Every name a
+/// node's clients hold is sent to the other nodes of a cluster (interest), and kept per stream.
+pub const MAX_CHANNEL_NAME_BYTES: usize = 1024;
+
+/// The most channels one SSE stream or one WebSocket connection holds. Opening a stream reads
+/// each channel's history, and every event batch walks the list.
+pub const MAX_STREAM_CHANNELS: usize = 1024;
+
+/// Why a stream's channels are refused, if they are: an empty or too long name, or too many.
+pub(crate) fn check_channels<'a>(
+    names: impl IntoIterator<Item = &'a [u8]>,
+    already: usize,
+) -> Result<(), String> {
+    let mut count = already;
+    for name in names {
+        if name.is_empty() {
+            return Err("empty channel name".to_string());
+        }
+        if name.len() > MAX_CHANNEL_NAME_BYTES {
+            return Err(format!(
+                "channel name of {} bytes: the limit is {MAX_CHANNEL_NAME_BYTES}",
+                name.len()
+            ));
+        }
+        count += 1;
+    }
+    if count > MAX_STREAM_CHANNELS {
+        return Err(format!(
+            "too many channels: one stream or connection holds at most {MAX_STREAM_CHANNELS}"
+        ));
+    }
+    Ok(())
+}
+
 /// HTTP settings.
 #[derive(Debug, Clone)]
 pub struct HttpSettings {

@@ -267,6 +267,9 @@ fn open(
 
 /// Opens an SSE stream of `channels` starting at `start`.
 fn open_from(state: HttpState, channels: Vec<Bytes>, start: Start) -> Response {
+    if let Err(reason) = super::check_channels(channels.iter().map(|c| &c[..]), 0) {
+        return error_response(StatusCode::BAD_REQUEST, reason);
+    }
     // Taken before the history is read: a skip after this point ends the stream.
     let reconnect = state.broker().reconnect_watch();
     let (stream, backlog) =

@@ -550,6 +550,16 @@ fn handle(
             0
         }
         Request::Subscribe { channel, start } => {
+            // Limits (a repeated subscribe does not add a channel).
+            let held = stream.channels();
+            let others = held.len() - usize::from(held.contains(&channel));
+            if let Err(reason) = super::check_channels([&channel[..]], others) {
+                out.push(error_message(&format!(
+                    "cannot subscribe to {}: {reason}",
+                    truncate(&String::from_utf8_lossy(&channel), 64)
+                )));
+                return 0;
+            }
             match stream.subscribe(vec![channel.clone()], start) {
                 Ok(backlog) => {
                     state.ws_clients().set_channels(id, stream.channels());
