@@ -32,13 +32,14 @@ pub const ALPN: &[u8] = b"herald/1";
 /// What can go wrong with certificates.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    /// A file could not be read or written. (The OS error is in the message, not chained as a
+    /// source: printed with its chain, it appeared twice.)
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// What the OS said.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Refusing to overwrite an existing CA or certificate.
     #[error("{0} already exists; remove it first if you really want a new one")]
@@ -52,9 +53,9 @@ pub enum IdentityError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
-    move |source| IdentityError::Io {
+    move |error| IdentityError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -205,16 +206,33 @@ impl NodeIdentity {
     /// certificate names that node.
     pub fn load(dir: &Path, id: NodeId) -> Result<NodeIdentity, IdentityError> {
         use rustls::pki_types::pem::PemObject;
-        let ca = read_pem_certs(&dir.join("ca.pem"))?;
-        let chain = read_pem_certs(&dir.join(format!("node-{id}.pem")))?;
+        // A missing file: say how to make it.
+        let hint = |error: IdentityError| match error {
+            IdentityError::Io { path, error } if error.kind() == std::io::ErrorKind::NotFound => {
+                cert_error(format!(
+                    "{} not found: create the cluster CA with `herald certs init --dir {}` (once) and this node's certificate with `herald certs issue --dir {} --node-id {id}`",
+                    path.display(),
+                    dir.display(),
+                    dir.display()
+                ))
+            }
+            other => other,
+        };
+        let ca = read_pem_certs(&dir.join("ca.pem")).map_err(hint)?;
+        let chain = read_pem_certs(&dir.join(format!("node-{id}.pem"))).map_err(hint)?;
         let key_path = dir.join(format!("node-{id}.key"));
-        let key_pem = std::fs::read(&key_path).map_err(io(&key_path))?;
+        let key_pem = std::fs::read(&key_path)
+            .map_err(io(&key_path))
+            .map_err(hint)?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem)
             .map_err(|e| cert_error(format!("{}: {e}", key_path.display())))?;
         match node_id_of(&chain[0]) {
             Some(named) if named == id => Ok(NodeIdentity { id, ca, chain, key }),
-            other => Err(cert_error(format!(
-                "node-{id}.pem names node {other:?}, not node {id}"
+            Some(other) => Err(cert_error(format!(
+                "node-{id}.pem names node {other}, not node {id}"
+            ))),
+            None => Err(cert_error(format!(
+                "node-{id}.pem names no herald node (not issued by `herald certs issue`?)"
             ))),
         }
     }

@@ -258,3 +258,39 @@ fn a_closed_stdout_is_not_a_crash() {
     assert!(dir.join("ca.pem").exists());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn missing_certificates_say_how_to_make_them() {
+    let data_dir = scratch_dir("no-certs");
+    let tls_dir = scratch_dir("no-certs-tls");
+    let output = Command::new(herald_binary())
+        .args([
+            "serve",
+            "--node-id",
+            "1",
+            "--cluster-addr",
+            "127.0.0.1:0",
+            "--resp-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--tls-dir",
+        ])
+        .arg(&tls_dir)
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("ca.pem not found")
+            && last.contains("herald certs init --dir")
+            && last.contains("herald certs issue --dir")
+            && last.matches("No such file").count() == 0,
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(data_dir);
+    let _ = std::fs::remove_dir_all(tls_dir);
+}
