@@ -16,13 +16,25 @@ use tokio_util::sync::CancellationToken;
 /// Sets up `tracing` output to stderr with `filter` (overridden by `RUST_LOG` when set).
 pub fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(quiet_openraft(filter)));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// `info` as `info,openraft=warn`: at info, openraft logs every election, vote and
+/// membership step of every group (hundreds of lines a second during a network split, some
+/// 340 per node at start-up), which drowned herald's own lines. herald logs what an operator
+/// needs of those itself. A filter with directives (`openraft=info`, `herald_cluster=debug`)
+/// and the levels below info are taken as given.
+fn quiet_openraft(filter: &str) -> String {
+    match filter.trim() {
+        "info" => "info,openraft=warn".to_string(),
+        other => other.to_string(),
+    }
 }
 
 /// Runs the node until SIGTERM or SIGINT, then drains clients and returns.
