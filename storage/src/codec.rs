@@ -101,6 +101,21 @@ pub(crate) struct StoredChunk {
     pub payloads: Vec<Bytes>,
 }
 
+/// Decodes a [`StoredChunk`] and checks that its three lists are as long as each other: a
+/// corrupt one would otherwise panic every read of its channel's history.
+pub(crate) fn decode_chunk(bytes: &[u8]) -> Result<StoredChunk, StorageError> {
+    let chunk: StoredChunk = decode(bytes, "chunk")?;
+    if chunk.message_ids.len() != chunk.seqs.len() || chunk.payloads.len() != chunk.seqs.len() {
+        return Err(StorageError::Corrupt(format!(
+            "chunk with {} seqs, {} message ids and {} payloads",
+            chunk.seqs.len(),
+            chunk.message_ids.len(),
+            chunk.payloads.len()
+        )));
+    }
+    Ok(chunk)
+}
+
 /// The fields every [`StoredChunk`] starts with, decodable without copying the payloads.
 ///
 /// bincode decodes fields in order and ignores what follows, so decoding a chunk's bytes as
@@ -300,6 +315,16 @@ mod tests {
         assert_eq!(head.first_above(12), 3);
         let back: StoredChunk = decode(&bytes, "chunk").unwrap();
         assert_eq!(back, chunk);
+        assert_eq!(decode_chunk(&bytes).unwrap(), chunk);
+        // Lists of different lengths are corrupt, not a panic later.
+        let mut uneven = chunk.clone();
+        uneven.payloads.pop();
+        let e = decode_chunk(&encode(&uneven)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("3 seqs, 3 message ids and 2 payloads"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1160,7 +1160,7 @@ impl Store {
             if head.expired(now_ms) || first == head.seqs.len() {
                 continue;
             }
-            let chunk: StoredChunk = codec::decode(&v, "chunk")?;
+            let chunk = codec::decode_chunk(&v)?;
             for i in first..chunk.seqs.len() {
                 out.push(chunk_event(&channel, &chunk, i));
                 if out.len() == limit {
@@ -1197,7 +1197,7 @@ impl Store {
             if head.expired(now_ms) || first == head.seqs.len() {
                 continue;
             }
-            let chunk: StoredChunk = codec::decode(&v, "chunk")?;
+            let chunk = codec::decode_chunk(&v)?;
             for i in (first..chunk.seqs.len()).rev() {
                 out.push(chunk_event(&channel, &chunk, i));
                 if out.len() == n {
