@@ -37,6 +37,10 @@ use tokio_util::task::TaskTracker;
 /// sends or accepts: 64 MiB.
 pub const MAX_FRAME: usize = 64 << 20;
 
+/// The largest Raft snapshot a node takes: the store decodes no record above 1 GiB, and a
+/// snapshot is one record.
+pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
+
 /// QUIC application error code a server uses to stop reading an oversized request.
 const FRAME_TOO_LARGE: u32 = 1;
 
@@ -945,6 +949,17 @@ async fn dispatch(from: NodeId, request: Request, handler: &dyn Handler) -> Resp
             Some(raft) => Response::Vote(raft.vote(rpc).await),
             None => Response::NoSuchGroup(group),
         },
+        // A snapshot's chunks go into memory at their offset: an offset or size past what any
+        // snapshot can be (the store decodes none above 1 GiB) is refused, not allocated.
+        Request::InstallSnapshot { rpc, .. }
+            if rpc.offset.saturating_add(rpc.data.len() as u64) > MAX_SNAPSHOT_BYTES =>
+        {
+            Response::Error(format!(
+                "snapshot chunk at offset {} of {} bytes passes the {MAX_SNAPSHOT_BYTES}-byte limit",
+                rpc.offset,
+                rpc.data.len()
+            ))
+        }
         Request::InstallSnapshot { group, rpc } => match handler.raft(group) {
             Some(raft) => Response::InstallSnapshot(raft.install_snapshot(rpc).await),
             None => Response::NoSuchGroup(group),

@@ -160,6 +160,21 @@ async fn app_requests_roundtrip_and_concurrent_callers_share_one_dial() {
         a.peers.call(2, &vote, PATIENCE).await.unwrap(),
         Response::NoSuchGroup(42)
     ));
+    // A snapshot chunk placed past any snapshot's size is refused, not allocated.
+    let far = Request::InstallSnapshot {
+        group: 42,
+        rpc: openraft::raft::InstallSnapshotRequest {
+            vote: Vote::new(1, 1),
+            meta: Default::default(),
+            offset: 1 << 40,
+            data: vec![1],
+            done: false,
+        },
+    };
+    match a.peers.call(2, &far, PATIENCE).await.unwrap() {
+        Response::Error(reason) => assert!(reason.contains("passes the"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
 
     // A node nobody gave an address for.
     let error = a.peers.call(3, &app(b"?"), PATIENCE).await.unwrap_err();
