@@ -21,7 +21,7 @@ use openraft::Raft;
 use parking_lot::Mutex;
 
 use crate::NodeId;
-use crate::rpc::{STORE_CHANGED, StoreIds};
+use crate::rpc::{StoreIds, store_changed};
 
 /// How often a refused member is logged.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -32,8 +32,12 @@ pub struct PeerStores {
     /// The meta group, whose membership says who the members are; until set, every peer is
     /// heard (formation).
     meta: OnceLock<Raft<TypeConfig>>,
-    /// Store ids read from or written to the store, per peer.
+    /// Store ids read from or written to the store, per peer. Its lock is held while a
+    /// record is judged, written or forgotten.
     known: Mutex<HashMap<NodeId, u64>>,
+    /// The store id each peer showed at its last exchange, member or not: recorded when a
+    /// node joins, even if no new connection (so no exchange) comes after the join.
+    shown: Mutex<HashMap<NodeId, u64>>,
     /// Peers refused at their last exchange, and when each was last logged.
     refused: Mutex<HashMap<NodeId, Instant>>,
 }
@@ -45,6 +49,7 @@ impl PeerStores {
             store,
             meta: OnceLock::new(),
             known: Mutex::new(HashMap::new()),
+            shown: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashMap::new()),
         })
     }
@@ -76,6 +81,9 @@ impl PeerStores {
                         for gone in before.difference(&members) {
                             this.forget(*gone);
                         }
+                        for joined in members.difference(before) {
+                            this.record_shown(*joined);
+                        }
                     }
                     // The first look: nodes removed while this one was down.
                     None => match this.store.peer_store_ids() {
@@ -97,11 +105,27 @@ impl PeerStores {
     }
 
     fn forget(&self, peer: NodeId) {
-        self.known.lock().remove(&peer);
+        let mut known = self.known.lock();
+        known.remove(&peer);
         self.refused.lock().remove(&peer);
         if let Err(error) = self.store.set_peer_store_id(peer, None) {
             tracing::warn!(peer, %error, "cannot forget a removed node's store id");
         }
+    }
+
+    /// A node just joined: records the store id it last showed, if it has no record yet.
+    fn record_shown(&self, peer: NodeId) {
+        let Some(shown) = self.shown.lock().get(&peer).copied() else {
+            return;
+        };
+        let mut known = self.known.lock();
+        if known.contains_key(&peer) || matches!(self.store.peer_store_id(peer), Ok(Some(_))) {
+            return;
+        }
+        if let Err(error) = self.store.set_peer_store_id(peer, Some(shown)) {
+            tracing::warn!(peer, %error, "cannot record a member's store id");
+        }
+        known.insert(peer, shown);
     }
 
     /// Whether `peer` is a member, as far as this node knows (`true` before it knows any).
@@ -133,7 +157,8 @@ impl PeerStores {
                 peer,
                 known = format_args!("{known:016x}"),
                 shown = format_args!("{shown:016x}"),
-                "refusing node {peer}: it runs on another store than the one it was a member with; {STORE_CHANGED}"
+                "refusing node {peer}: it runs on another store than the one it was a member with; {}",
+                store_changed(peer)
             );
         }
         false
@@ -150,12 +175,15 @@ impl StoreIds for PeerStores {
     }
 
     fn accepts(&self, peer: NodeId, store: u64) -> bool {
-        // Not a member (yet, or any more): other rules decide what it may do.
+        self.shown.lock().insert(peer, store);
+        let mut known = self.known.lock();
+        // Not a member (yet, or any more): other rules decide what it may do. Looked at under
+        // `known`'s lock, which `forget` takes too: no record is written for a node just
+        // removed.
         if !self.is_member(peer) {
             self.refused.lock().remove(&peer);
             return true;
         }
-        let mut known = self.known.lock();
         if let Some(&first) = known.get(&peer) {
             return self.judge(peer, first, store);
         }

@@ -369,6 +369,14 @@ impl ProposerContext {
     }
 
     async fn write_locally(&self, batch: &[ProposeRequest], remaining: Duration) -> Round {
+        // A group that stopped here (a storage failure) keeps its last metrics, this node as
+        // leader among them: nothing can be appended, say so at once.
+        if self.raft.metrics().borrow().running_state.is_err() {
+            return Round::Done(Err(ProposeError::NotCommitted(format!(
+                "partition {}'s group stopped on this node (a storage failure); restart the node",
+                self.partition
+            ))));
+        }
         let command = Command::Publish {
             now_ms: unix_now_ms(),
             publishes: batch

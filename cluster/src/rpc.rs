@@ -348,7 +348,7 @@ struct Slot {
 pub struct Peers {
     transport: Arc<Transport>,
     options: PeersOptions,
-    /// Tells the peers' stores apart; until set, every store is accepted (store id 0 sent).
+    /// Tells the peers' stores apart; until set, no store ids are exchanged or checked.
     store_ids: std::sync::OnceLock<Arc<dyn StoreIds>>,
     slots: Mutex<HashMap<NodeId, Arc<Mutex<Slot>>>>,
     dials: AtomicU64,
@@ -487,7 +487,10 @@ impl Peers {
         if request.is_raft() && self.store_ids.get().is_some_and(|s| s.refused(target)) {
             return Err(RpcError::Unreachable {
                 peer: target,
-                reason: format!("node {target} runs on another store: {STORE_CHANGED}"),
+                reason: format!(
+                    "node {target} runs on another store: {}",
+                    store_changed(target)
+                ),
             });
         }
         let frame = encode_frame(request).map_err(|reason| RpcError::TooLarge {
@@ -499,6 +502,16 @@ impl Peers {
         loop {
             let wait = connect_wait.min(deadline.saturating_duration_since(Instant::now()));
             let Acquired { connection, fresh } = self.acquire(target, wait).await?;
+            // Again: the dial that made this connection may just have judged the peer.
+            if request.is_raft() && self.store_ids.get().is_some_and(|s| s.refused(target)) {
+                return Err(RpcError::Unreachable {
+                    peer: target,
+                    reason: format!(
+                        "node {target} runs on another store: {}",
+                        store_changed(target)
+                    ),
+                });
+            }
             let exchange = tokio::time::timeout_at(deadline, exchange(&connection, &frame)).await;
             match exchange {
                 Ok(Ok(response)) => return Ok(response),
@@ -751,16 +764,20 @@ async fn exchange(connection: &quinn::Connection, frame: &[u8]) -> Result<Respon
 // ---------------------------------------------------------------------------------------------
 // Server side.
 
-/// What an operator is told about a member that came back with another store.
-pub const STORE_CHANGED: &str = "its data directory was lost or replaced, so it may lack events it acknowledged and must not vote; remove it (`herald cluster remove --node-id N`) and join it again (`herald cluster join`)";
+/// What an operator is told about member `peer`, back with another store.
+pub fn store_changed(peer: NodeId) -> String {
+    format!(
+        "its data directory was lost or replaced, so it may lack events it acknowledged and must not vote; remove it (`herald cluster remove --node-id {peer}`) and join it again (`herald cluster join --node-id {peer} --addr ...`)"
+    )
+}
 
 /// Tells the stores of a cluster's members apart: each store has a random id for its life
 /// (see `Store::store_id`), and a member must keep the one it had. A node restarted under the
 /// same node id on an empty data directory would otherwise vote as if it still held what it
 /// had acknowledged, and could elect a leader that lacks it.
 ///
-/// The ids are exchanged once per connection, by the dialing node's first request (an
-/// `AppRequest::StoreId`, answered with the receiver's), so the Raft messages themselves are
+/// The ids are exchanged once per connection, by the dialing node's first request (a
+/// [`Request::StoreId`], answered with the receiver's), so the Raft messages themselves are
 /// unchanged and a node from before the exchange still talks to newer ones during a rolling
 /// upgrade (it is simply not checked).
 pub trait StoreIds: Send + Sync {
@@ -882,7 +899,8 @@ async fn serve_stream(
                 if request.is_raft() && handler.store_ids().is_some_and(|s| s.refused(from)) =>
             {
                 Response::Error(format!(
-                    "refused: node {from} runs on another store than the one it was a member with: {STORE_CHANGED}"
+                    "refused: node {from} runs on another store than the one it was a member with: {}",
+                    store_changed(from)
                 ))
             }
             Ok(request) => dispatch(from, request, handler.as_ref()).await,

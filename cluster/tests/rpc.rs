@@ -6,6 +6,7 @@
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use herald_cluster::identity::{init_ca, issue_node};
+use herald_cluster::rpc::StoreIds;
 use herald_cluster::{
     GroupNetworkFactory, Handler, NodeIdentity, Peers, PeersOptions, Request, Response, RpcError,
     Transport, TransportOptions, serve,
@@ -62,9 +63,52 @@ fn bind_with(
 struct TestHandler {
     id: NodeId,
     groups: Mutex<HashMap<GroupId, Raft<TypeConfig>>>,
+    stores: Option<Arc<FixedStores>>,
+}
+
+/// Store ids as a test fixes them: this node's, and the one each peer must show.
+struct FixedStores {
+    local: u64,
+    expected: HashMap<NodeId, u64>,
+    refused: Mutex<std::collections::HashSet<NodeId>>,
+}
+
+impl FixedStores {
+    fn new(local: u64, expected: &[(NodeId, u64)]) -> Arc<FixedStores> {
+        Arc::new(FixedStores {
+            local,
+            expected: expected.iter().copied().collect(),
+            refused: Mutex::default(),
+        })
+    }
+}
+
+impl StoreIds for FixedStores {
+    fn local(&self) -> u64 {
+        self.local
+    }
+
+    fn accepts(&self, peer: NodeId, store: u64) -> bool {
+        let ok = self.expected.get(&peer).is_none_or(|&e| e == store);
+        let mut refused = self.refused.lock().unwrap();
+        if ok {
+            refused.remove(&peer);
+        } else {
+            refused.insert(peer);
+        }
+        ok
+    }
+
+    fn refused(&self, peer: NodeId) -> bool {
+        self.refused.lock().unwrap().contains(&peer)
+    }
 }
 
 impl Handler for TestHandler {
+    fn store_ids(&self) -> Option<&dyn StoreIds> {
+        self.stores.as_deref().map(|s| s as &dyn StoreIds)
+    }
+
     fn raft(&self, group: GroupId) -> Option<Raft<TypeConfig>> {
         self.groups.lock().unwrap().get(&group).cloned()
     }
@@ -86,13 +130,25 @@ struct Node {
 
 impl Node {
     fn start(transport: Arc<Transport>, options: PeersOptions) -> Node {
+        Node::start_with(transport, options, None)
+    }
+
+    fn start_with(
+        transport: Arc<Transport>,
+        options: PeersOptions,
+        stores: Option<Arc<FixedStores>>,
+    ) -> Node {
         let handler = Arc::new(TestHandler {
             id: transport.id(),
+            stores: stores.clone(),
             ..Default::default()
         });
         let shutdown = CancellationToken::new();
         let server = serve(transport.clone(), handler.clone(), shutdown.clone());
         let peers = Peers::with_options(transport.clone(), options);
+        if let Some(stores) = stores {
+            peers.set_store_ids(stores);
+        }
         Node {
             transport,
             handler,
@@ -698,4 +754,45 @@ mod mem {
             }))
         }
     }
+}
+
+#[tokio::test]
+async fn raft_messages_are_refused_both_ways_with_a_member_on_another_store() {
+    init_tracing();
+    let dir = cert_dir("stores", &[1, 2]);
+    let localhost = "127.0.0.1:0".parse().unwrap();
+    // Node 1 knew node 2 on store 22; node 2 is back on store 99 (its disk was replaced).
+    let a = Node::start_with(
+        bind(&dir, 1, localhost).unwrap(),
+        PeersOptions::default(),
+        Some(FixedStores::new(11, &[(2, 22)])),
+    );
+    let b = Node::start_with(
+        bind(&dir, 2, localhost).unwrap(),
+        PeersOptions::default(),
+        Some(FixedStores::new(99, &[(1, 11)])),
+    );
+    a.peers.set_addr(2, b.addr());
+    b.peers.set_addr(1, a.addr());
+    let vote = Request::Vote {
+        group: 42,
+        rpc: VoteRequest::new(Vote::new(1, 1), None),
+    };
+    // The first call on a new connection is a vote: the dial judges node 2, and the vote
+    // does not go out.
+    let error = a.peers.call(2, &vote, PATIENCE).await.unwrap_err();
+    assert!(error.to_string().contains("another store"), "{error}");
+    // Application requests (forwarded publishes, interest) still go through.
+    assert!(matches!(
+        a.peers.call(2, &app(b"hi"), PATIENCE).await.unwrap(),
+        Response::App(_)
+    ));
+    // Node 2's own vote request reaches node 1, which judged it when it dialed: refused.
+    match b.peers.call(1, &vote, PATIENCE).await.unwrap() {
+        Response::Error(reason) => assert!(reason.contains("another store"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    a.stop().await;
+    b.stop().await;
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -634,13 +634,14 @@ impl Store {
         Ok(out)
     }
 
-    /// Records (or, with `None`, forgets) the store id of node `peer`, and flushes.
+    /// Records (or, with `None`, forgets) the store id of node `peer`. Not flushed here (sled
+    /// writes it out within half a second): a record lost in a crash is made again at the next
+    /// contact.
     pub fn set_peer_store_id(&self, peer: u64, id: Option<u64>) -> Result<(), StorageError> {
         match id {
             Some(id) => self.tree.insert(peer_store_key(peer), &id.to_be_bytes())?,
             None => self.tree.remove(peer_store_key(peer))?,
         };
-        self.tree.flush()?;
         Ok(())
     }
 

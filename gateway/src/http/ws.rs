@@ -130,6 +130,9 @@ pub async fn alerts(
     match upgrade {
         Ok(upgrade) => {
             let channel = Bytes::from(format!("alerts:{user_id}"));
+            if let Err(reason) = super::check_channels([&channel[..]], 0) {
+                return error_response(StatusCode::BAD_REQUEST, reason);
+            }
             open(state, upgrade, Some(user_id), vec![channel], start)
         }
         Err(rejection) => rejection.into_response(),
@@ -483,6 +486,11 @@ async fn run(
                 socket.send_reading_paused(out, idle.as_mut()).await?;
             }
             next = stream.next(&mut emits) => {
+                // Events ready at every pass would keep the idle branch (last) from ever being
+                // polled: nothing came from the client (its branch comes first), so judge here.
+                if Instant::now() >= idle.deadline() {
+                    return Err(End::Idle);
+                }
                 if next.is_none() {
                     return Err(match socket.outbox.closed() {
                         Some(CloseReason::AfterFlush) => End::Shutdown,

@@ -238,7 +238,9 @@ impl Drop for Session {
     /// Normally the subscriptions are gone already. After a panic in a command (a bug) this is
     /// what takes the client out of the hub and ends its writer, instead of leaving both behind.
     fn drop(&mut self) {
-        self.drop_subscriptions();
+        if self.history.is_some() || self.subscriptions.iter().any(|s| !s.is_empty()) {
+            self.drop_subscriptions();
+        }
         if std::thread::panicking() {
             self.client.subscriber.outbox().close(CloseReason::Killed);
         }

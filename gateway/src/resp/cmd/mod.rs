@@ -131,7 +131,6 @@ pub(crate) fn syntax_error() -> Frame {
     Frame::error("ERR syntax error")
 }
 
-/// Redis's error for an unknown command, quoting the first arguments.
 /// Replies with an error and returns true when a glob pattern among `patterns` is longer than
 /// [`MAX_PATTERN_LEN`](crate::hub::glob::MAX_PATTERN_LEN): a compiled pattern takes tens of
 /// bytes per pattern byte, so an unbounded one (up to `proto-max-bulk-len`) could take
@@ -147,6 +146,7 @@ pub(super) fn refuse_long_pattern(session: &mut Session, patterns: &[Bytes]) -> 
     false
 }
 
+/// Redis's error for an unknown command, quoting the first arguments.
 fn unknown_command(args: &Args) -> Frame {
     let mut quoted = String::new();
     for arg in &args[1..] {
