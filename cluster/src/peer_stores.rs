@@ -8,10 +8,17 @@
 //! random id for its life (`Store::store_id`); two nodes exchange theirs at the start of every
 //! connection (see [`crate::rpc::StoreIds`]). Each node records, trust on first use, the store
 //! id every member first showed, and refuses Raft messages to and from a member that shows
-//! another. A node that leaves the cluster is forgotten, so a removed node can be joined again
-//! on a new store.
+//! another.
+//!
+//! A node that leaves the cluster is forgotten, so that a removed node can be joined again on
+//! a new store: the meta group's state machine forgets the records of nodes outside each
+//! membership it applies, in log order (`Store::forget_peer_store_ids_except`), so a node that
+//! catches up on "removed, then joined again" in one batch forgets it too. A node that joins
+//! gets the store id it showed at its last exchange recorded, even when no new connection (so
+//! no new exchange) follows the join.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -32,11 +39,12 @@ pub struct PeerStores {
     /// The meta group, whose membership says who the members are; until set, every peer is
     /// heard (formation).
     meta: OnceLock<Raft<TypeConfig>>,
-    /// Store ids read from or written to the store, per peer. Its lock is held while a
-    /// record is judged, written or forgotten.
+    /// The records, as read from or written to the store. Its lock is held while a record is
+    /// judged or written.
     known: Mutex<HashMap<NodeId, u64>>,
-    /// The store id each peer showed at its last exchange, member or not: recorded when a
-    /// node joins, even if no new connection (so no exchange) comes after the join.
+    /// The store's [`Store::peer_store_generation`] that `known` and `refused` reflect.
+    generation: AtomicU64,
+    /// The store id each peer showed at its last exchange, member or not.
     shown: Mutex<HashMap<NodeId, u64>>,
     /// Peers refused at their last exchange, and when each was last logged.
     refused: Mutex<HashMap<NodeId, Instant>>,
@@ -45,18 +53,19 @@ pub struct PeerStores {
 impl PeerStores {
     /// Records kept in `store`.
     pub fn new(store: Arc<Store>) -> Arc<PeerStores> {
+        let generation = AtomicU64::new(store.peer_store_generation());
         Arc::new(PeerStores {
             store,
             meta: OnceLock::new(),
             known: Mutex::new(HashMap::new()),
+            generation,
             shown: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Starts judging peers by the meta group's membership, and forgets the records of nodes
-    /// that leave it (so that one removed can join again on a new store). The watcher ends
-    /// with the group.
+    /// Starts judging peers by the meta group's membership, and records the store id of each
+    /// node that joins it. The watcher ends with the group.
     pub fn watch(self: &Arc<Self>, meta: Raft<TypeConfig>) {
         let _ = self.meta.set(meta.clone());
         let this = Arc::downgrade(self);
@@ -76,41 +85,27 @@ impl PeerStores {
                     continue;
                 }
                 let Some(this) = this.upgrade() else { return };
-                match &last {
-                    Some(before) => {
-                        for gone in before.difference(&members) {
-                            this.forget(*gone);
-                        }
-                        for joined in members.difference(before) {
-                            this.record_shown(*joined);
-                        }
+                if let Some(before) = &last {
+                    for joined in members.difference(before) {
+                        this.record_shown(*joined);
                     }
-                    // The first look: nodes removed while this one was down.
-                    None => match this.store.peer_store_ids() {
-                        Ok(recorded) => {
-                            for (peer, _) in recorded {
-                                if !members.contains(&peer) {
-                                    this.forget(peer);
-                                }
-                            }
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, "cannot read the members' store ids")
-                        }
-                    },
                 }
                 last = Some(members);
             }
         });
     }
 
-    fn forget(&self, peer: NodeId) {
-        let mut known = self.known.lock();
-        known.remove(&peer);
-        self.refused.lock().remove(&peer);
-        if let Err(error) = self.store.set_peer_store_id(peer, None) {
-            tracing::warn!(peer, %error, "cannot forget a removed node's store id");
+    /// Drops what the store forgot since the last look (a node left the cluster): its cached
+    /// record, and a refusal that rested on it.
+    fn sync(&self, known: &mut HashMap<NodeId, u64>) {
+        let now = self.store.peer_store_generation();
+        if self.generation.swap(now, Ordering::AcqRel) == now {
+            return;
         }
+        known.retain(|peer, _| matches!(self.store.peer_store_id(*peer), Ok(Some(_))));
+        self.refused
+            .lock()
+            .retain(|peer, _| matches!(self.store.peer_store_id(*peer), Ok(Some(_))));
     }
 
     /// A node just joined: records the store id it last showed, if it has no record yet.
@@ -119,6 +114,7 @@ impl PeerStores {
             return;
         };
         let mut known = self.known.lock();
+        self.sync(&mut known);
         if known.contains_key(&peer) || matches!(self.store.peer_store_id(peer), Ok(Some(_))) {
             return;
         }
@@ -171,15 +167,17 @@ impl StoreIds for PeerStores {
     }
 
     fn refused(&self, peer: NodeId) -> bool {
+        if self.generation.load(Ordering::Acquire) != self.store.peer_store_generation() {
+            self.sync(&mut self.known.lock());
+        }
         self.refused.lock().contains_key(&peer)
     }
 
     fn accepts(&self, peer: NodeId, store: u64) -> bool {
         self.shown.lock().insert(peer, store);
         let mut known = self.known.lock();
-        // Not a member (yet, or any more): other rules decide what it may do. Looked at under
-        // `known`'s lock, which `forget` takes too: no record is written for a node just
-        // removed.
+        self.sync(&mut known);
+        // Not a member (yet, or any more): other rules decide what it may do.
         if !self.is_member(peer) {
             self.refused.lock().remove(&peer);
             return true;
@@ -197,6 +195,7 @@ impl StoreIds for PeerStores {
                     tracing::warn!(peer, %error, "cannot record a member's store id");
                 }
                 known.insert(peer, store);
+                self.refused.lock().remove(&peer);
                 true
             }
             Err(error) => {

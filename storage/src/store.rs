@@ -293,6 +293,8 @@ pub struct Store {
     epoch: AtomicU64,
     /// See [`Store::store_id`].
     store_id: u64,
+    /// See [`Store::peer_store_generation`].
+    peer_store_generation: AtomicU64,
     partitions: u16,
     dedup_window_ms: u64,
     write: Mutex<WriteState>,
@@ -551,6 +553,7 @@ impl Store {
         let atomics = |v: &[u64]| v.iter().map(|&x| AtomicU64::new(x)).collect::<Box<[_]>>();
         Ok(Store {
             store_id,
+            peer_store_generation: AtomicU64::new(0),
             latest: atomics(&last_seq),
             forgotten: atomics(&forgotten),
             clock: atomics(&clock),
@@ -621,6 +624,32 @@ impl Store {
             Some(v) => Ok(Some(codec::be_u64(&v, "peer store id")?)),
             None => Ok(None),
         }
+    }
+
+    /// Forgets the store ids of every peer not in `members`. The meta group's state machine
+    /// calls it with each membership it applies (and a snapshot's), in log order, so a node
+    /// removed and joined again is forgotten in between even when both come in one batch.
+    pub fn forget_peer_store_ids_except(
+        &self,
+        members: &std::collections::BTreeSet<u64>,
+    ) -> Result<(), StorageError> {
+        let mut forgot = false;
+        for (peer, _) in self.peer_store_ids()? {
+            if !members.contains(&peer) {
+                self.tree.remove(peer_store_key(peer))?;
+                forgot = true;
+            }
+        }
+        if forgot {
+            self.peer_store_generation.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    /// Counts [`Store::forget_peer_store_ids_except`] calls that forgot something: a cache of
+    /// the records is stale once it moved.
+    pub fn peer_store_generation(&self) -> u64 {
+        self.peer_store_generation.load(Ordering::Acquire)
     }
 
     /// Every recorded `(peer, store id)`.
@@ -2367,6 +2396,18 @@ mod tests {
         assert_eq!(store.peer_store_id(2).unwrap(), Some(22));
         assert_eq!(store.peer_store_id(3).unwrap(), None);
         assert_eq!(store.peer_store_ids().unwrap(), vec![(2, 22)]);
+        // A membership without node 2 forgets it, and says so through the generation.
+        store.set_peer_store_id(4, Some(44)).unwrap();
+        let before = store.peer_store_generation();
+        store
+            .forget_peer_store_ids_except(&[1, 2, 4].into_iter().collect())
+            .unwrap();
+        assert_eq!(store.peer_store_generation(), before, "nothing to forget");
+        store
+            .forget_peer_store_ids_except(&[1, 4].into_iter().collect())
+            .unwrap();
+        assert_eq!(store.peer_store_ids().unwrap(), vec![(4, 44)]);
+        assert_eq!(store.peer_store_generation(), before + 1);
     }
 
     #[test]

@@ -210,6 +210,17 @@ impl Shared {
         batch
     }
 
+    /// The meta group's membership changed: the store ids recorded for nodes outside it are
+    /// forgotten (a node removed, then joined again on a new store, is not refused for the
+    /// store it had).
+    fn forget_peers_outside(
+        &self,
+        membership: &openraft::Membership<NodeId, BasicNode>,
+    ) -> Result<(), StorageError> {
+        let members = membership.nodes().map(|(id, _)| *id).collect();
+        self.store.forget_peer_store_ids_except(&members)
+    }
+
     /// Applies `entries` in order; `applied` follows what is persisted. One sled batch per
     /// `Publish` or `Init` entry (with its bookkeeping); the bookkeeping of other entries rides
     /// along with the next such batch or one final batch.
@@ -230,6 +241,9 @@ impl Shared {
                     replies.push(Reply::None);
                 }
                 EntryPayload::Membership(membership) => {
+                    if self.partition.is_none() {
+                        self.forget_peers_outside(&membership)?;
+                    }
                     next.membership = StoredMembership::new(Some(log_id), membership);
                     pending = Some(next);
                     replies.push(Reply::None);
@@ -384,6 +398,9 @@ impl Shared {
         next: &AppliedState,
     ) -> Result<(), StorageError> {
         let image: GroupImage = codec::decode(&data, "raft snapshot")?;
+        if self.partition.is_none() {
+            self.forget_peers_outside(meta.last_membership.membership())?;
+        }
         let mut batch = self.bookkeeping(next);
         let snapshot_id = meta.snapshot_id.clone();
         let stored = StoredSnapshot {
