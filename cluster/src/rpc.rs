@@ -482,17 +482,7 @@ impl Peers {
         connect_wait: Duration,
         timeout: Duration,
     ) -> Result<Response, RpcError> {
-        // Raft traffic with a member that came back on another store is refused both ways:
-        // its vote (or its acknowledgement of entries) would count what it no longer holds.
-        if request.is_raft() && self.store_ids.get().is_some_and(|s| s.refused(target)) {
-            return Err(RpcError::Unreachable {
-                peer: target,
-                reason: format!(
-                    "node {target} runs on another store: {}",
-                    store_changed(target)
-                ),
-            });
-        }
+        self.refuse_raft_to_changed_store(target, request)?;
         let frame = encode_frame(request).map_err(|reason| RpcError::TooLarge {
             peer: target,
             reason,
@@ -503,15 +493,7 @@ impl Peers {
             let wait = connect_wait.min(deadline.saturating_duration_since(Instant::now()));
             let Acquired { connection, fresh } = self.acquire(target, wait).await?;
             // Again: the dial that made this connection may just have judged the peer.
-            if request.is_raft() && self.store_ids.get().is_some_and(|s| s.refused(target)) {
-                return Err(RpcError::Unreachable {
-                    peer: target,
-                    reason: format!(
-                        "node {target} runs on another store: {}",
-                        store_changed(target)
-                    ),
-                });
-            }
+            self.refuse_raft_to_changed_store(target, request)?;
             let exchange = tokio::time::timeout_at(deadline, exchange(&connection, &frame)).await;
             match exchange {
                 Ok(Ok(response)) => return Ok(response),
@@ -544,6 +526,25 @@ impl Peers {
                 }
             }
         }
+    }
+
+    /// Raft traffic with a member that came back on another store is refused both ways: its
+    /// vote (or its acknowledgement of entries) would count what it no longer holds.
+    fn refuse_raft_to_changed_store(
+        &self,
+        target: NodeId,
+        request: &Request,
+    ) -> Result<(), RpcError> {
+        if request.is_raft() && self.store_ids.get().is_some_and(|s| s.refused(target)) {
+            return Err(RpcError::Unreachable {
+                peer: target,
+                reason: format!(
+                    "node {target} runs on another store: {}",
+                    store_changed(target)
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Removes `connection` from the pool if it is still the pooled one.
@@ -716,6 +717,11 @@ async fn exchange_store_ids(
             store_ids.accepts(target, theirs);
             Ok(())
         }
+        Ok(Response::Error(reason)) if reason.starts_with("refused:") => {
+            tracing::error!(peer = target, "node {target} {reason}");
+            Ok(())
+        }
+        // A node from before the exchange: not checked.
         Ok(_) => Ok(()),
         Err(ExchangeError::NotSent(reason) | ExchangeError::Failed(reason)) => {
             Err(format!("exchanging store ids: {reason}"))
@@ -984,10 +990,12 @@ async fn dispatch(from: NodeId, request: Request, handler: &dyn Handler) -> Resp
         },
         Request::App(request) => Response::App(handler.app(from, request).await),
         Request::StoreId(store) => match handler.store_ids() {
-            Some(store_ids) => {
-                store_ids.accepts(from, store);
-                Response::StoreId(store_ids.local())
-            }
+            // Refused: the peer is told why, so that its own log says what to do.
+            Some(store_ids) if !store_ids.accepts(from, store) => Response::Error(format!(
+                "refused: node {from} runs on another store than the one it was a member with: {}",
+                store_changed(from)
+            )),
+            Some(store_ids) => Response::StoreId(store_ids.local()),
             None => Response::Error("this node does not check store ids".into()),
         },
     }

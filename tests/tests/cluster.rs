@@ -1254,6 +1254,12 @@ async fn a_member_back_on_an_empty_data_directory_cannot_vote_away_acknowledged_
     herald_tests::wait_until("node 2 says why it refuses node 3", || {
         cluster.node(2).log().contains("refusing node 3")
     });
+    herald_tests::wait_until("node 3 is told why it is refused", || {
+        cluster
+            .node(3)
+            .log()
+            .contains("runs on another store than the one it was a member with")
+    });
 
     cluster.start_node(1, 3);
     publish_until_acked(&cluster, 2, &channel, "after").await;
