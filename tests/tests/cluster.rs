@@ -193,6 +193,24 @@ async fn a_publish_on_one_node_reaches_subscribers_on_the_others() {
         .unwrap();
     let event = next_message(&mut events).await;
     assert_eq!(event.data, r#"{"step":3}"#);
+
+    // Prometheus sees the cluster: quorum, and each group's term and leader.
+    let metrics = reqwest::get(format!("http://{}/metrics", b.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "herald_ready 1",
+        "herald_cluster_has_quorum 1",
+        "herald_cluster_members 3",
+        "herald_raft_term{group=\"0\"}",
+        "herald_raft_leader{group=\"1\"}",
+        "herald_raft_elections_called_total{group=\"0\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -127,9 +127,47 @@ pub async fn metrics(State(state): State<HttpState>) -> Response {
     let history = state.broker().store().channel_stats();
     metrics::gauge!("herald_history_events").set(history.events as f64);
     metrics::gauge!("herald_history_channels").set(history.channels as f64);
+    let ready = !state.shutdown().is_cancelled()
+        && state.broker().failure().is_none()
+        && state.broker().is_ready();
+    metrics::gauge!("herald_ready").set(f64::from(u8::from(ready)));
+    metrics::gauge!("herald_storage_failed")
+        .set(f64::from(u8::from(state.broker().failure().is_some())));
+    if let Some(node) = state.broker().cluster() {
+        cluster_metrics(node);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.render_metrics(),
     )
         .into_response()
+}
+
+/// The cluster as Prometheus sees it, from this node's view (`herald cluster status` in
+/// numbers): quorum, and per Raft group (`group` 0 is the meta group, `group` p+1 partition
+/// p) its term, leader, log and apply positions, elections this node called, and (on the
+/// leader) each follower's lag in entries.
+fn cluster_metrics(node: &herald_cluster::node::ClusterNode) {
+    metrics::gauge!("herald_cluster_formed").set(f64::from(u8::from(node.is_formed())));
+    metrics::gauge!("herald_cluster_has_quorum").set(f64::from(u8::from(node.has_quorum())));
+    let status = node.status();
+    metrics::gauge!("herald_cluster_members").set(status.members.len() as f64);
+    for g in &status.groups {
+        let group = g.group.to_string();
+        let leader = g.leader.map_or(-1.0, |l| l as f64);
+        metrics::gauge!("herald_raft_term", "group" => group.clone()).set(g.term as f64);
+        metrics::gauge!("herald_raft_leader", "group" => group.clone()).set(leader);
+        metrics::gauge!("herald_raft_is_leader", "group" => group.clone())
+            .set(f64::from(u8::from(g.leader == Some(status.node))));
+        metrics::gauge!("herald_raft_last_log_index", "group" => group.clone())
+            .set(g.last_log_index.unwrap_or(0) as f64);
+        metrics::gauge!("herald_raft_applied_index", "group" => group.clone())
+            .set(g.applied_index.unwrap_or(0) as f64);
+        metrics::counter!("herald_raft_elections_called_total", "group" => group.clone())
+            .absolute(g.elections_called);
+        for (peer, lag) in &g.lag {
+            metrics::gauge!("herald_raft_follower_lag_entries", "group" => group.clone(), "peer" => peer.to_string())
+                .set(*lag as f64);
+        }
+    }
 }
