@@ -118,6 +118,9 @@ impl Default for LocalHooks {
 /// AppendEntries. A larger one could never be replicated, and its partition would stall.
 pub const MAX_PUBLISH_BYTES: usize = crate::rpc::MAX_FRAME / 2;
 
+/// How long a shutting-down node spends handing its partitions over before it stops.
+const HAND_OVER_LIMIT: Duration = Duration::from_secs(3);
+
 /// Placement rounds (one a second) between two clock ticks of idle partitions.
 const CLOCK_TICK_ROUNDS: u64 = 60;
 
@@ -504,8 +507,13 @@ impl ClusterNode {
         self.inner.shutdown.cancelled().await
     }
 
-    /// Stops the groups and the endpoint.
+    /// Stops the groups and the endpoint, after handing the partitions this node leads to
+    /// other voters (at most [`HAND_OVER_LIMIT`]): a rolling restart then moves leadership
+    /// in milliseconds instead of leaving each partition without a leader for a failover.
     pub async fn shutdown(&self) {
+        if self.is_formed() {
+            let _ = tokio::time::timeout(HAND_OVER_LIMIT, self.hand_over_partitions()).await;
+        }
         self.inner.shutdown.cancel();
         for raft in &self.inner.groups {
             let _ = raft.shutdown().await;
@@ -514,6 +522,52 @@ impl ClusterNode {
         let journal = self.inner.journal.clone();
         let _ = tokio::task::spawn_blocking(move || journal.close()).await;
         self.inner.transport.shutdown().await;
+    }
+
+    /// Hands every partition group this node leads to its most caught-up other voter (the
+    /// hand-back procedure of [`crate::handoff`], all partitions at once). A partition that
+    /// cannot be handed over (led for less than a lease, no voter caught up) fails over as
+    /// after a crash.
+    async fn hand_over_partitions(&self) {
+        let me = self.inner.id;
+        let lease = Duration::from_millis(self.inner.raft_timings.election_max_ms);
+        let mut runs = Vec::new();
+        for (partition, gate) in self.inner.gates.iter().enumerate() {
+            let group = partition_group(partition as Partition);
+            let raft = &self.inner.groups[usize::from(group)];
+            let m = raft.metrics().borrow().clone();
+            if m.current_leader != Some(me) {
+                continue;
+            }
+            let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+            // The procedure needs the leader's vote and the taker's to be a quorum.
+            if voters.len() > 3 {
+                continue;
+            }
+            let Some(to) = voters
+                .iter()
+                .filter(|&&v| v != me)
+                .max_by_key(|&&v| handoff::matched_index(&m, v))
+                .copied()
+            else {
+                continue;
+            };
+            let hand_over = handoff::HandBack {
+                me,
+                group,
+                to,
+                term: m.current_term,
+                lease,
+            };
+            let peers = self.inner.peers.clone();
+            runs.push(async move {
+                let moved = hand_over.run(raft, gate, &peers).await;
+                tracing::info!(group, to, moved, "shutting down: handed the partition over");
+            });
+        }
+        if !runs.is_empty() {
+            futures::future::join_all(runs).await;
+        }
     }
 
     /// Members, roles, leaders and positions of every group, as `herald cluster status` shows.

@@ -1326,3 +1326,35 @@ async fn an_init_by_hand_while_a_node_is_down_creates_every_partition() {
     cluster.wait_converged();
     publish_until_acked(&cluster, 1, "init:after", "y").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_with_sigterm_hands_its_partitions_over_first() {
+    let mut cluster = Cluster::start(3);
+    let views = group_views(&cluster, 2).unwrap();
+    assert!(
+        views
+            .iter()
+            .any(|v| v.partition.is_some() && v.leader == Some(1)),
+        "node 1 leads a partition: {views:?}"
+    );
+    cluster.node(1).signal("TERM");
+    let status = cluster.members[0]
+        .node
+        .as_mut()
+        .unwrap()
+        .wait_exit(PATIENCE)
+        .expect("node 1 exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
+    // Right as it has exited, the others already follow new leaders: no partition waited for
+    // a failover (which takes an election timeout to even start).
+    let views = group_views(&cluster, 2).unwrap();
+    for view in views.iter().filter(|v| v.partition.is_some()) {
+        assert!(
+            view.leader.is_some_and(|l| l != 1),
+            "partition {:?} was not handed over: {views:?}",
+            view.partition
+        );
+    }
+    // And they commit at once.
+    publish_until_acked(&cluster, 2, "after-term", "x").await;
+}
