@@ -758,6 +758,12 @@ impl ClusterNode {
         let mut members = self.inner.static_peers.clone();
         members.insert(self.inner.id, self.inner.advertise.clone());
         let lowest = *members.keys().next().expect("members include this node");
+        if self.is_formed() {
+            // A restart: the store already belongs to the cluster (if the members removed this
+            // node meanwhile, they refuse it and say so in their logs; join it again).
+            tracing::info!(epoch = %self.epoch(), "the store belongs to a formed cluster: rejoining its members");
+            return;
+        }
         if lowest != self.inner.id {
             tracing::info!(
                 bootstrapper = lowest,
