@@ -127,7 +127,7 @@ pub enum RpcError {
         reason: String,
     },
     /// The request was (perhaps) sent but no response came in time: outcome unknown.
-    #[error("no response from node {peer} within {timeout:?}")]
+    #[error("no response from node {peer} within {timeout:?}; the request may still take effect")]
     Timeout {
         /// The node called.
         peer: NodeId,
