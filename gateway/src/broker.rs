@@ -634,6 +634,23 @@ impl Broker {
         names.into_iter().collect()
     }
 
+    /// Channel subscriptions anywhere in the cluster (this node's alone when single): the
+    /// stats' `totalSubscriptions`, counted like `activeChannels`.
+    pub fn total_channel_subscriptions(&self) -> usize {
+        let (_, mut total) = self.hub.channel_totals();
+        if let Log::Cluster(node) = &self.log {
+            node.interest().for_each(|_, interest| {
+                total += interest
+                    .channels
+                    .values()
+                    .map(|&n| n as usize)
+                    .sum::<usize>();
+                None::<()>
+            });
+        }
+        total
+    }
+
     /// Subscribers of each name anywhere in the cluster (`PUBSUB NUMSUB`).
     pub fn subscriber_counts(&self, kind: Kind, names: &[Bytes]) -> Vec<usize> {
         let mut counts = self.hub.subscriber_counts(kind, names);

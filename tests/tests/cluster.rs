@@ -529,6 +529,9 @@ async fn non_durable_events_and_pubsub_counts_span_the_cluster() {
         .await
         .unwrap();
     assert_eq!(stats["cluster"]["nodes"], 3, "{stats}");
+    // Node A has no subscriber of its own: the channel and its one exact subscription are B's.
+    assert_eq!(stats["channels"]["activeChannels"], 1, "{stats}");
+    assert_eq!(stats["channels"]["totalSubscriptions"], 1, "{stats}");
     assert!(
         stats["cluster"]["totalConnections"]["resp"]
             .as_u64()

@@ -45,10 +45,9 @@ pub async fn ready(State(state): State<HttpState>) -> Response {
 
 /// `GET /api/realtime/stats`.
 pub async fn stats(State(state): State<HttpState>) -> Json<Value> {
-    let hub = state.broker().hub();
     // Channels with subscribers anywhere in the cluster (this node's alone when single).
     let channels = state.broker().active_names(Kind::Channel, None);
-    let (_, subscriptions) = hub.channel_totals();
+    let subscriptions = state.broker().total_channel_subscriptions();
     let describe = |clients: &super::StreamClients, prefix: &str| {
         clients.with_clients(|clients| {
             clients
