@@ -764,6 +764,13 @@ impl ClusterNode {
             tracing::info!(epoch = %self.epoch(), "the store belongs to a formed cluster: rejoining its members");
             return;
         }
+        if expect < members.len() {
+            tracing::warn!(
+                bootstrap_expect = expect,
+                peers = members.len(),
+                "--bootstrap-expect is below the number of nodes --peers names: the cluster forms with the first {expect} that answer, and the others stay out until `herald cluster join` adds them (give every node the same --bootstrap-expect, normally the number of --peers)"
+            );
+        }
         if lowest != self.inner.id {
             tracing::info!(
                 bootstrapper = lowest,
