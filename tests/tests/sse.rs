@@ -768,3 +768,17 @@ async fn a_cursor_naming_a_partition_out_of_range_still_resumes() {
         assert!(cursor.positions().all(|p| p.partition < 16), "{id}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_shutting_down_tells_its_streams_to_reconnect() {
+    let node = Herald::start();
+    let mut events = connect(&stream_url(&node, "bye"), None).await;
+    publish(&node, "bye", json!("last"), None).await;
+    assert_eq!(next(&mut events).await.data, "last");
+    node.signal("TERM");
+    let event = next(&mut events).await;
+    assert_eq!(event.event, "reconnect");
+    assert!(event.data.contains("shutting down"), "{}", event.data);
+    let end = tokio::time::timeout(PATIENCE, events.next()).await.unwrap();
+    assert!(end.is_none(), "the stream ends after it: {end:?}");
+}

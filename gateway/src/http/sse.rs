@@ -53,6 +53,9 @@ pub async fn stream_channel(
     )
 }
 
+/// The last event of every stream when the node shuts down.
+const SHUTDOWN_EVENT: &[u8] = b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node is shutting down; reconnect with your Last-Event-ID\"}\n\n";
+
 /// `GET /api/stream?channel=a&channel=b`.
 pub async fn stream_query(
     State(state): State<HttpState>,
@@ -343,7 +346,11 @@ fn open_from(state: HttpState, channels: Vec<Bytes>, start: Start) -> Response {
                 out.freeze()
             }
             _ = tokio::time::sleep(keep_alive) => Bytes::from_static(b": keep-alive\n\n"),
-            _ = o.state.shutdown().cancelled() => return None,
+            // Said, so that a client moves at once (to another node behind the same address)
+            // instead of taking the end for a network failure.
+            _ = o.state.shutdown().cancelled() => {
+                return Some((Ok(Bytes::from_static(SHUTDOWN_EVENT)), None));
+            }
         };
         Some((Ok(chunk), open))
     });
