@@ -538,3 +538,38 @@ pub async fn publish_http(node: &Herald, body: &serde_json::Value) -> serde_json
     assert_eq!(response.status(), 200, "publish refused");
     response.json().await.expect("publish reply is JSON")
 }
+
+/// A channel's retained payloads on `node`, oldest first (`HISTORY` over RESP, which returns
+/// `[cursor, payload]` pairs).
+pub async fn history_payloads(node: &Herald, channel: &str) -> Vec<String> {
+    let client = redis::Client::open(node.url()).unwrap();
+    let mut conn = patient_connection(&client).await;
+    let events: Vec<(String, String)> = redis::cmd("HISTORY")
+        .arg(channel)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    events.into_iter().map(|(_, payload)| payload).collect()
+}
+
+/// Awaits `read` until it returns `want`, for at most twice [`PATIENCE`]; panics naming `what`
+/// and the last value read. For conditions that need async reads (a node catching up).
+pub async fn eventually_equal<T, F, Fut>(what: &str, want: &T, mut read: F)
+where
+    T: PartialEq + std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = Instant::now() + PATIENCE * 2;
+    loop {
+        let got = read().await;
+        if got == *want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting until {what}: {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

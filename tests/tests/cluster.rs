@@ -6,8 +6,8 @@
 
 use eventsource_stream::Eventsource;
 use futures::{SinkExt, Stream, StreamExt};
-use herald_tests::PATIENCE;
 use herald_tests::cluster::Cluster;
+use herald_tests::{PATIENCE, eventually_equal, history_payloads};
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 use std::pin::Pin;
@@ -1101,21 +1101,6 @@ fn largest_file_kib(dir: &std::path::Path) -> u64 {
     largest / 1024
 }
 
-/// A channel's retained payloads on node `node`, oldest first.
-async fn history_payloads(node: &herald_tests::Herald, channel: &str) -> Vec<String> {
-    let mut conn = redis::Client::open(node.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let events: Vec<(String, String)> = redis::cmd("HISTORY")
-        .arg(channel)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    events.into_iter().map(|(_, payload)| payload).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_whose_disk_fills_sends_its_clients_away_and_catches_up_after_a_restart() {
     const CHANNELS: usize = 50;
@@ -1194,9 +1179,8 @@ async fn a_member_whose_disk_fills_sends_its_clients_away_and_catches_up_after_a
             .rev()
             .copied()
             .collect();
-        let deadline = tokio::time::Instant::now() + PATIENCE * 2;
-        loop {
-            let got: Vec<i64> = history_payloads(cluster.node(3), &name)
+        eventually_equal(&format!("node 3 has all of {name}"), &want, || async {
+            history_payloads(cluster.node(3), &name)
                 .await
                 .iter()
                 .map(|p| {
@@ -1204,16 +1188,9 @@ async fn a_member_whose_disk_fills_sends_its_clients_away_and_catches_up_after_a
                         .as_i64()
                         .unwrap()
                 })
-                .collect();
-            if got == want {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "node 3 did not catch up on {name}: {got:?}, want {want:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+                .collect::<Vec<i64>>()
+        })
+        .await;
     }
 }
 
@@ -1298,18 +1275,14 @@ async fn a_member_back_on_an_empty_data_directory_cannot_vote_away_acknowledged_
             .cli(1, &["join", "--node-id", "3", "--addr", &addr])
             .0
     });
-    let deadline = tokio::time::Instant::now() + PATIENCE * 2;
-    loop {
-        let history = history_payloads(cluster.node(3), &channel).await;
-        if history == ["probe", "acknowledged", "after"] {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "node 3 did not catch up: {history:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually_equal(
+        "node 3 catches up",
+        &["probe", "acknowledged", "after"]
+            .map(String::from)
+            .to_vec(),
+        || async { history_payloads(cluster.node(3), &channel).await },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

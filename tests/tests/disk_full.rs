@@ -3,25 +3,17 @@
 //! without being written, `/ready` turns 503 while `/health` stays 200, and a restart recovers
 //! every acknowledged event, in order, and nothing that was refused.
 
-use herald_tests::{Herald, patient_connection, scratch_dir};
+use herald_tests::{Herald, history_payloads, patient_connection, scratch_dir};
 
 /// Channels the publishes rotate over: enough that no channel passes the default namespace's
 /// 100 retained events before 4 MiB of files fill up (about 1 KiB per event).
 const CHANNELS: usize = 64;
 
-/// Each channel's retained payloads, oldest first (`HISTORY`, which returns `[cursor, payload]`
-/// pairs).
+/// Each channel's retained payloads, oldest first.
 async fn histories(node: &Herald) -> Vec<Vec<String>> {
-    let client = redis::Client::open(node.url()).unwrap();
-    let mut conn = patient_connection(&client).await;
     let mut all = Vec::new();
     for channel in 0..CHANNELS {
-        let events: Vec<(String, String)> = redis::cmd("HISTORY")
-            .arg(format!("disk:{channel}"))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        all.push(events.into_iter().map(|(_, payload)| payload).collect());
+        all.push(history_payloads(node, &format!("disk:{channel}")).await);
     }
     all
 }
