@@ -39,10 +39,10 @@ pub struct PeerStores {
     /// The meta group, whose membership says who the members are; until set, every peer is
     /// heard (formation).
     meta: OnceLock<Raft<TypeConfig>>,
-    /// The records, as read from or written to the store. Its lock is held while a record is
-    /// judged or written.
-    known: Mutex<HashMap<NodeId, u64>>,
-    /// The store's [`Store::peer_store_generation`] that `known` and `refused` reflect.
+    /// Held while a record is read and judged, or written (the records themselves are in the
+    /// store: they are read once per connection, no cache is worth its invalidation).
+    judging: Mutex<()>,
+    /// The store's [`Store::peer_store_generation`] that `refused` reflects.
     generation: AtomicU64,
     /// The store id each peer showed at its last exchange, member or not.
     shown: Mutex<HashMap<NodeId, u64>>,
@@ -57,7 +57,7 @@ impl PeerStores {
         Arc::new(PeerStores {
             store,
             meta: OnceLock::new(),
-            known: Mutex::new(HashMap::new()),
+            judging: Mutex::new(()),
             generation,
             shown: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashMap::new()),
@@ -95,14 +95,13 @@ impl PeerStores {
         });
     }
 
-    /// Drops what the store forgot since the last look (a node left the cluster): its cached
-    /// record, and a refusal that rested on it.
-    fn sync(&self, known: &mut HashMap<NodeId, u64>) {
+    /// Drops the refusals whose record the store forgot since the last look (the node left
+    /// the cluster).
+    fn sync(&self) {
         let now = self.store.peer_store_generation();
         if self.generation.swap(now, Ordering::AcqRel) == now {
             return;
         }
-        known.retain(|peer, _| matches!(self.store.peer_store_id(*peer), Ok(Some(_))));
         self.refused
             .lock()
             .retain(|peer, _| matches!(self.store.peer_store_id(*peer), Ok(Some(_))));
@@ -113,15 +112,13 @@ impl PeerStores {
         let Some(shown) = self.shown.lock().get(&peer).copied() else {
             return;
         };
-        let mut known = self.known.lock();
-        self.sync(&mut known);
-        if known.contains_key(&peer) || matches!(self.store.peer_store_id(peer), Ok(Some(_))) {
+        let _judging = self.judging.lock();
+        if matches!(self.store.peer_store_id(peer), Ok(Some(_))) {
             return;
         }
         if let Err(error) = self.store.set_peer_store_id(peer, Some(shown)) {
             tracing::warn!(peer, %error, "cannot record a member's store id");
         }
-        known.insert(peer, shown);
     }
 
     /// Whether `peer` is a member, as far as this node knows (`true` before it knows any).
@@ -168,33 +165,26 @@ impl StoreIds for PeerStores {
 
     fn refused(&self, peer: NodeId) -> bool {
         if self.generation.load(Ordering::Acquire) != self.store.peer_store_generation() {
-            self.sync(&mut self.known.lock());
+            self.sync();
         }
         self.refused.lock().contains_key(&peer)
     }
 
     fn accepts(&self, peer: NodeId, store: u64) -> bool {
         self.shown.lock().insert(peer, store);
-        let mut known = self.known.lock();
-        self.sync(&mut known);
+        let _judging = self.judging.lock();
+        self.sync();
         // Not a member (yet, or any more): other rules decide what it may do.
         if !self.is_member(peer) {
             self.refused.lock().remove(&peer);
             return true;
         }
-        if let Some(&first) = known.get(&peer) {
-            return self.judge(peer, first, store);
-        }
         match self.store.peer_store_id(peer) {
-            Ok(Some(first)) => {
-                known.insert(peer, first);
-                self.judge(peer, first, store)
-            }
+            Ok(Some(first)) => self.judge(peer, first, store),
             Ok(None) => {
                 if let Err(error) = self.store.set_peer_store_id(peer, Some(store)) {
                     tracing::warn!(peer, %error, "cannot record a member's store id");
                 }
-                known.insert(peer, store);
                 self.refused.lock().remove(&peer);
                 true
             }
