@@ -21,7 +21,7 @@ use herald_storage::raft::{
     Command, GroupId, GroupStateMachine, META_GROUP, NodeId, RaftJournal, RaftLogStore, TypeConfig,
     group_partition, partition_group,
 };
-use herald_storage::{Epoch, Namespaces, OnCommit, Partition, Publish, Store};
+use herald_storage::{Epoch, LiveNamespaces, Namespaces, OnCommit, Partition, Publish, Store};
 use openraft::error::{InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
 use parking_lot::RwLock;
@@ -171,6 +171,8 @@ struct Inner {
     gates: Vec<Arc<PartitionGate>>,
     /// Per group: elections this node called because the leader handed it the group.
     takeovers: Vec<AtomicU64>,
+    /// The namespace config in force; the meta group sets the cluster's.
+    namespaces: Arc<LiveNamespaces>,
 }
 
 /// This node's part of the cluster; cheap to clone.
@@ -208,7 +210,7 @@ impl ClusterNode {
     pub async fn start(
         config: ClusterConfig,
         store: Arc<Store>,
-        namespaces: Arc<Namespaces>,
+        namespaces: Arc<LiveNamespaces>,
         on_commit: OnCommit,
         hooks: LocalHooks,
         shutdown: CancellationToken,
@@ -321,6 +323,7 @@ impl ClusterNode {
                 raft_timings: config.raft,
                 gates: (0..partitions).map(|_| Arc::default()).collect(),
                 takeovers: (0..=partitions).map(|_| AtomicU64::new(0)).collect(),
+                namespaces,
             }),
         };
         for (partition, rx) in receivers.into_iter().enumerate() {
@@ -640,6 +643,20 @@ impl ClusterNode {
         members.is_empty() || members.contains_key(&node)
     }
 
+    /// The namespace config in force on this node (the cluster's, once it holds one).
+    pub fn namespaces(&self) -> &Arc<LiveNamespaces> {
+        &self.inner.namespaces
+    }
+
+    /// Makes `namespaces` the cluster's namespace config: written to the meta group, so every
+    /// member applies it from its next publish batch on (and a member that was down, once it
+    /// catches up). Returns once the meta group committed it.
+    pub async fn set_namespaces(&self, namespaces: &Namespaces) -> Result<(), ProposeError> {
+        let spec = namespaces.to_spec();
+        self.write_via_leader(META_GROUP, Command::Namespaces { spec })
+            .await
+    }
+
     /// Asks the meta leader to add `node` at `addr` to the cluster.
     pub async fn join(&self, node: NodeId, addr: String) -> Result<(), ProposeError> {
         self.meta_request(AppRequest::Join { node, addr }).await
@@ -838,6 +855,12 @@ impl ClusterNode {
                 partitions: self.inner.store.partitions(),
             };
             self.write_via_leader(META_GROUP, command).await?;
+            // The forming node's file becomes the cluster's namespace config.
+            if self.inner.namespaces.cluster().is_none() {
+                let spec = self.inner.namespaces.local().to_spec();
+                self.write_via_leader(META_GROUP, Command::Namespaces { spec })
+                    .await?;
+            }
         }
         let ids: Vec<NodeId> = members.keys().copied().collect();
         for partition in 0..self.inner.store.partitions() {

@@ -19,8 +19,8 @@ use herald_cluster::message::ProposeError;
 use herald_cluster::node::{ClusterConfig, ClusterNode, LocalHooks};
 use herald_cluster::proposer::ProposeResult;
 use herald_storage::{
-    Applied, Epoch, Event, LocalLog, Namespaces, OnCommit, Partition, Pending, Position, Publish,
-    StorageError, Store, StoreOptions,
+    Applied, Epoch, Event, LiveNamespaces, LocalLog, Namespaces, OnCommit, Partition, Pending,
+    Position, Publish, StorageError, Store, StoreOptions,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -109,7 +109,8 @@ pub struct Broker {
     hub: Arc<Hub>,
     store: Arc<Store>,
     log: Log,
-    namespaces: Arc<Namespaces>,
+    /// The namespace config in force (this node's file, or the cluster's).
+    namespaces: Arc<LiveNamespaces>,
     committed: Arc<Vec<AtomicU64>>,
     delivered: Arc<Delivered>,
     stats: Arc<BrokerStats>,
@@ -135,7 +136,7 @@ impl Broker {
         namespaces: Namespaces,
     ) -> Result<Arc<Broker>, StorageError> {
         let store = Arc::new(Store::open(dir, options)?);
-        let namespaces = Arc::new(namespaces);
+        let namespaces = LiveNamespaces::new(namespaces);
         let committed = committed_marks(&store);
         let delivered = Delivered::new(&store);
         // On one node seqs reach on_commit without holes: nobody watches this.
@@ -143,7 +144,7 @@ impl Broker {
         let on_commit = deliver_on_commit(&hub, &committed, &skips, &delivered);
         let log = Log::Local(LocalLog::start(
             store.clone(),
-            namespaces.clone(),
+            namespaces.local().clone(),
             on_commit,
         )?);
         Ok(Arc::new(Broker {
@@ -170,7 +171,7 @@ impl Broker {
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<Arc<Broker>, herald_cluster::node::ClusterError> {
         let store = Arc::new(Store::open(dir, options)?);
-        let namespaces = Arc::new(namespaces);
+        let namespaces = LiveNamespaces::new(namespaces);
         let committed = committed_marks(&store);
         let delivered = Delivered::new(&store);
         let skips = Arc::new(watch::channel(0u64).0);
@@ -434,9 +435,10 @@ impl Broker {
         &self.store
     }
 
-    /// The namespace configuration.
-    pub fn namespaces(&self) -> &Namespaces {
-        &self.namespaces
+    /// The namespace configuration in force: the cluster's once its meta group holds one,
+    /// else this node's file's.
+    pub fn namespaces(&self) -> Arc<Namespaces> {
+        self.namespaces.current()
     }
 
     /// The epoch cursors must carry.
@@ -457,7 +459,7 @@ impl Broker {
 
     /// Whether publishes to `channel` are durable (and kept in history).
     pub fn is_durable(&self, channel: &[u8]) -> bool {
-        self.namespaces.for_channel(channel).durable
+        self.namespaces.with(|ns| ns.for_channel(channel).durable)
     }
 
     /// The partition of `channel`.
@@ -780,7 +782,7 @@ impl Broker {
                 let result = tokio::task::spawn_blocking(move || {
                     worker
                         .store
-                        .expire(&worker.namespaces, herald_storage::unix_now_ms())
+                        .expire(&worker.namespaces.current(), herald_storage::unix_now_ms())
                 })
                 .await;
                 match result {

@@ -103,6 +103,16 @@ pub enum ClusterCommand {
         #[arg(long, value_name = "N")]
         node_id: u64,
     },
+    /// Show the cluster's namespace config (the one every member applies); with --set, replace
+    /// it with the [namespace.NAME] tables of a file (e.g. a node's config file).
+    Namespaces {
+        /// The file whose [namespace.NAME] tables become the cluster's config.
+        #[arg(long, value_name = "FILE")]
+        set: Option<PathBuf>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `herald certs ...`.

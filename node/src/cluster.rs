@@ -1,4 +1,4 @@
-//! `herald cluster status | init | join | remove`: hand operation of a running cluster through
+//! `herald cluster status | init | join | remove | namespaces`: hand operation of a running cluster through
 //! any node's HTTP port (`/api/cluster/*`).
 
 use crate::cli::{ClusterArgs, ClusterCommand};
@@ -41,6 +41,14 @@ async fn call(args: &ClusterArgs) -> Result<String, String> {
         ClusterCommand::Remove { node_id } => client
             .post(format!("{base}/remove"))
             .json(&json!({ "nodeId": node_id })),
+        ClusterCommand::Namespaces { set: None, .. } => client.get(format!("{base}/namespaces")),
+        ClusterCommand::Namespaces {
+            set: Some(file), ..
+        } => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            client.post(format!("{base}/namespaces")).body(text)
+        }
     };
     let request = match &args.password {
         Some(password) => request.bearer_auth(password),
@@ -63,8 +71,28 @@ async fn call(args: &ClusterArgs) -> Result<String, String> {
     }
     Ok(match &args.command {
         ClusterCommand::Status { json: false } => render_status(&body),
+        ClusterCommand::Namespaces { json: false, .. } => render_namespaces(&body),
         _ => serde_json::to_string_pretty(&body).unwrap_or_default(),
     })
+}
+
+/// The namespace config as TOML, with where it comes from as comments.
+fn render_namespaces(body: &Value) -> String {
+    let config = body["config"].as_str().unwrap_or_default();
+    let mut out = match (body["status"].as_str(), body["source"].as_str()) {
+        (Some(_), _) => "# the cluster's namespace config is now:\n".to_string(),
+        (None, Some("cluster")) => "# the cluster's namespace config (every member applies it):\n".to_string(),
+        _ => "# the cluster holds no namespace config: each node applies its own file's (this node's below); `herald cluster namespaces --set FILE` gives it one\n".to_string(),
+    };
+    out.push_str(config);
+    if body["nodeFileDiffers"].as_bool() == Some(true) {
+        out.push_str("\n\n# this node's config file differs (not in force):\n");
+        for line in body["nodeFile"].as_str().unwrap_or_default().lines() {
+            out.push_str(&format!("# {line}\n"));
+        }
+        out.pop();
+    }
+    out
 }
 
 /// The status as a table: members, then one line per group.

@@ -7,7 +7,7 @@
 //! - `cli`: flags and `HERALD_*` environment variables (clap).
 //! - `config`: the TOML file and the precedence flags > environment > file > defaults.
 //! - `certs`: `herald certs init | issue [--if-missing]` (in `main`), the cluster's certificates.
-//! - `cluster`: `herald cluster status | init | join | remove`, over a node's HTTP port.
+//! - `cluster`: `herald cluster status | init | join | remove | namespaces`, over a node's HTTP port.
 //! - `health`: `herald health [--ready]`, a probe of a node's `/health` or `/ready` for
 //!   container health checks.
 //! - `serve`: start-up (data directory, listeners), signal handling and graceful shutdown.

@@ -59,6 +59,8 @@ pub(crate) const KEY_RAFT_LOG: &[u8] = b"mr";
 pub(crate) const KEY_STORE_ID: &[u8] = b"mi";
 /// Followed by a node id (8 bytes, big-endian): the store id that peer was last seen using.
 pub(crate) const PREFIX_PEER_STORE: &[u8] = b"mn";
+/// The cluster's namespace config, as its meta group last applied it (a `NamespacesSpec`).
+pub(crate) const KEY_CLUSTER_NAMESPACES: &[u8] = b"mx";
 pub(crate) const PREFIX_RAFT: u8 = b'r';
 pub(crate) const RAFT_LOG: u8 = b'l';
 pub(crate) const RAFT_VOTE: u8 = b'v';
@@ -286,6 +288,36 @@ pub(crate) fn be_u64(v: &[u8], what: &str) -> Result<u64, StorageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// No meta key is a prefix of another: scans of a prefix (per-partition counters, peer
+    /// store ids) would read the other key's records as theirs.
+    #[test]
+    fn meta_keys_are_prefix_free() {
+        let keys: [&[u8]; 12] = [
+            KEY_VERSION,
+            KEY_EPOCH,
+            KEY_PARTITIONS,
+            PREFIX_LAST_SEQ,
+            PREFIX_FORGOTTEN,
+            PREFIX_CLOCK,
+            KEY_CLUSTER,
+            KEY_LOCAL_LOG,
+            KEY_RAFT_LOG,
+            KEY_STORE_ID,
+            PREFIX_PEER_STORE,
+            KEY_CLUSTER_NAMESPACES,
+        ];
+        for (i, a) in keys.iter().enumerate() {
+            for (j, b) in keys.iter().enumerate() {
+                assert!(
+                    i == j || !b.starts_with(a),
+                    "{:?} is a prefix of {:?}",
+                    String::from_utf8_lossy(a),
+                    String::from_utf8_lossy(b)
+                );
+            }
+        }
+    }
 
     #[test]
     fn head_decodes_from_a_full_chunk() {

@@ -58,5 +58,5 @@ mod wal;
 pub use cursor::{Cursor, CursorError};
 pub use event::{Epoch, Event, Partition, Position, partition_of, unix_now_ms};
 pub use log::{LocalLog, LogOptions, LogStats, OnCommit, Pending};
-pub use namespace::{NamespaceConfig, Namespaces, parse_duration};
+pub use namespace::{LiveNamespaces, NamespaceConfig, Namespaces, NamespacesSpec, parse_duration};
 pub use store::{Applied, ChannelStats, Publish, StorageError, Store, StoreOptions};

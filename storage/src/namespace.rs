@@ -20,9 +20,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use parking_lot::RwLock;
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// The name of the namespace that applies where no other matches.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -116,6 +118,187 @@ impl Namespaces {
             .collect();
         v.sort();
         v
+    }
+}
+
+/// A [`Namespaces`] as the cluster's meta group stores it: every namespace resolved (nothing
+/// inherited), the default one first, the others sorted by name. Two nodes with the same
+/// effective config produce the same spec.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespacesSpec {
+    /// `(name, config)`, `"default"` first.
+    pub namespaces: Vec<(String, NamespaceSpec)>,
+}
+
+/// One namespace of a [`NamespacesSpec`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceSpec {
+    /// [`NamespaceConfig::history_size`].
+    pub history_size: u64,
+    /// [`NamespaceConfig::history_ttl`] in milliseconds (`None`: no age limit).
+    pub history_ttl_ms: Option<u64>,
+    /// [`NamespaceConfig::durable`].
+    pub durable: bool,
+}
+
+impl NamespaceSpec {
+    fn of(c: &NamespaceConfig) -> NamespaceSpec {
+        NamespaceSpec {
+            history_size: c.history_size as u64,
+            history_ttl_ms: c
+                .history_ttl
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            durable: c.durable,
+        }
+    }
+
+    fn config(&self) -> NamespaceConfig {
+        NamespaceConfig {
+            history_size: usize::try_from(self.history_size).unwrap_or(usize::MAX),
+            history_ttl: self.history_ttl_ms.map(Duration::from_millis),
+            durable: self.durable,
+        }
+    }
+}
+
+impl Namespaces {
+    /// Parses the `[namespace.NAME]` tables of a TOML document, e.g. a node's config file
+    /// (its other keys are not looked at): what `herald cluster namespaces --set FILE` sends.
+    /// A document without a `namespace` table is refused, so that a wrong file does not reset
+    /// every namespace to the defaults.
+    pub fn from_toml(text: &str) -> Result<Namespaces, String> {
+        let doc: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| format!("not valid TOML: {}", e.message()))?;
+        let Some(tables) = doc.get("namespace") else {
+            return Err(
+                "no [namespace.NAME] table (write [namespace.default] for the defaults)".into(),
+            );
+        };
+        Namespaces::deserialize(tables.clone()).map_err(|e| format!("[namespace]: {}", e.message()))
+    }
+
+    /// The resolved form the cluster stores (see [`NamespacesSpec`]).
+    pub fn to_spec(&self) -> NamespacesSpec {
+        let mut namespaces = vec![(
+            DEFAULT_NAMESPACE.to_string(),
+            NamespaceSpec::of(&self.default),
+        )];
+        for name in self.names() {
+            if let Some(c) = self.get(&name) {
+                namespaces.push((name, NamespaceSpec::of(c)));
+            }
+        }
+        NamespacesSpec { namespaces }
+    }
+
+    /// The namespaces a spec describes.
+    pub fn from_spec(spec: &NamespacesSpec) -> Namespaces {
+        let mut ns = Namespaces::default();
+        for (name, config) in &spec.namespaces {
+            ns.insert(name, config.config());
+        }
+        ns
+    }
+
+    /// The config as TOML tables, every key written out, the default namespace first: what
+    /// `herald cluster namespaces` shows, and what `--set` reads back unchanged.
+    pub fn to_toml(&self) -> String {
+        let mut out = String::new();
+        for (name, c) in self.to_spec().namespaces {
+            let ttl = match c.history_ttl_ms {
+                None => "none".to_string(),
+                Some(ms) if ms % 86_400_000 == 0 => format!("{}d", ms / 86_400_000),
+                Some(ms) if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+                Some(ms) if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+                Some(ms) if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+                Some(ms) => format!("{ms}ms"),
+            };
+            let key = if name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                name
+            } else {
+                format!("{name:?}")
+            };
+            out.push_str(&format!(
+                "[namespace.{key}]\nhistory_size = {}\nhistory_ttl = \"{ttl}\"\ndurable = {}\n\n",
+                c.history_size, c.durable
+            ));
+        }
+        out.pop();
+        out
+    }
+}
+
+/// The namespace config in force on this node: the cluster's, once its meta group holds one
+/// (every member then applies the same retention and routes the same namespaces through Raft),
+/// otherwise this node's own file's (a single node, or a cluster formed before the cluster kept
+/// one). Read once per publish batch, so a change applies from the next batch on.
+#[derive(Debug)]
+pub struct LiveNamespaces {
+    local: Arc<Namespaces>,
+    cluster: RwLock<Option<Arc<Namespaces>>>,
+}
+
+impl LiveNamespaces {
+    /// This node's file config, no cluster config yet.
+    pub fn new(local: Namespaces) -> Arc<LiveNamespaces> {
+        Arc::new(LiveNamespaces {
+            local: Arc::new(local),
+            cluster: RwLock::new(None),
+        })
+    }
+
+    /// The config in force.
+    pub fn current(&self) -> Arc<Namespaces> {
+        self.cluster
+            .read()
+            .clone()
+            .unwrap_or_else(|| self.local.clone())
+    }
+
+    /// Runs `f` on the config in force (no reference count taken: for per-publish lookups).
+    pub fn with<R>(&self, f: impl FnOnce(&Namespaces) -> R) -> R {
+        match &*self.cluster.read() {
+            Some(cluster) => f(cluster),
+            None => f(&self.local),
+        }
+    }
+
+    /// This node's own (file) config.
+    pub fn local(&self) -> &Arc<Namespaces> {
+        &self.local
+    }
+
+    /// The cluster's config, if its meta group holds one.
+    pub fn cluster(&self) -> Option<Arc<Namespaces>> {
+        self.cluster.read().clone()
+    }
+
+    /// Replaces the cluster's config (the meta group applied one, or a snapshot); says so in
+    /// the log when it changes, and warns when it differs from this node's file.
+    pub(crate) fn set_cluster(&self, spec: Option<&NamespacesSpec>) {
+        let next = spec.map(|s| Arc::new(Namespaces::from_spec(s)));
+        let mut cluster = self.cluster.write();
+        if *cluster == next {
+            return;
+        }
+        match &next {
+            Some(ns) if **ns != *self.local => tracing::warn!(
+                cluster = %ns.to_toml().replace('\n', " "),
+                file = %self.local.to_toml().replace('\n', " "),
+                "the cluster's namespace config differs from this node's config file; the cluster's applies (`herald cluster namespaces --set FILE` changes it for every node)"
+            ),
+            Some(_) => tracing::info!(
+                "the cluster's namespace config is in force (the same as this node's file)"
+            ),
+            None => {
+                tracing::info!("the cluster holds no namespace config; this node's file applies")
+            }
+        }
+        *cluster = next;
     }
 }
 
@@ -224,6 +407,40 @@ pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cluster_form_round_trips_and_reads_back() {
+        let ns = parse(
+            "[namespace.default]\nhistory_size = 7\nhistory_ttl = \"90s\"\n\
+             [namespace.cursor]\nhistory_size = 0\ndurable = false\n\
+             [namespace.jobs]\nhistory_ttl = \"none\"\n",
+        )
+        .unwrap();
+        assert_eq!(Namespaces::from_spec(&ns.to_spec()), ns);
+        let text = ns.to_toml();
+        assert_eq!(
+            text,
+            "[namespace.default]\nhistory_size = 7\nhistory_ttl = \"90s\"\ndurable = true\n\n\
+             [namespace.cursor]\nhistory_size = 0\nhistory_ttl = \"90s\"\ndurable = false\n\n\
+             [namespace.jobs]\nhistory_size = 7\nhistory_ttl = \"none\"\ndurable = true\n"
+        );
+        assert_eq!(Namespaces::from_toml(&text).unwrap(), ns);
+        // A node's whole config file: only its namespace tables count.
+        let file = format!("resp_addr = \"127.0.0.1:6379\"\n{text}");
+        assert_eq!(Namespaces::from_toml(&file).unwrap(), ns);
+    }
+
+    #[test]
+    fn a_document_without_namespaces_or_with_bad_ones_is_refused() {
+        assert_eq!(
+            Namespaces::from_toml("resp_addr = \"x\"\n").unwrap_err(),
+            "no [namespace.NAME] table (write [namespace.default] for the defaults)"
+        );
+        let e = Namespaces::from_toml("[namespace.x]\nhistory_size = \"many\"\n").unwrap_err();
+        assert!(e.starts_with("[namespace]: "), "{e}");
+        let e = Namespaces::from_toml("[namespace.x\n").unwrap_err();
+        assert!(e.starts_with("not valid TOML: "), "{e}");
+    }
 
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]

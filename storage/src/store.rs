@@ -674,6 +674,17 @@ impl Store {
         Ok(())
     }
 
+    /// The cluster's namespace config as this node's meta group last applied it (`None`: the
+    /// cluster holds none, or this store is not in a cluster).
+    pub fn cluster_namespaces(
+        &self,
+    ) -> Result<Option<crate::namespace::NamespacesSpec>, StorageError> {
+        match self.tree.get(codec::KEY_CLUSTER_NAMESPACES)? {
+            Some(v) => Ok(Some(codec::decode(&v, "cluster namespace config")?)),
+            None => Ok(None),
+        }
+    }
+
     /// Whether the store joined a cluster: its meta Raft group applied `Init` (or installed a
     /// snapshot taken after it). From then on [`Store::epoch`] is the cluster's epoch.
     pub fn cluster_initialized(&self) -> bool {

@@ -18,7 +18,9 @@ use support::{TempDir, run_writer_and_kill};
 use herald_storage::raft::{
     Command, GroupId, GroupStateMachine, RaftJournal, RaftLogStore, TypeConfig, partition_group,
 };
-use herald_storage::{Event, NamespaceConfig, Namespaces, OnCommit, Publish, Store, StoreOptions};
+use herald_storage::{
+    Event, LiveNamespaces, NamespaceConfig, Namespaces, OnCommit, Publish, Store, StoreOptions,
+};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftLogReader};
 
@@ -39,9 +41,9 @@ fn options() -> StoreOptions {
     }
 }
 
-fn namespaces() -> Arc<Namespaces> {
+fn namespaces() -> Arc<LiveNamespaces> {
     // A short history, so that applies also trim.
-    Arc::new(Namespaces::new(NamespaceConfig {
+    LiveNamespaces::new(Namespaces::new(NamespaceConfig {
         history_size: 50,
         history_ttl: None,
         durable: true,

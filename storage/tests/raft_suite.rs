@@ -12,8 +12,8 @@ use herald_storage::raft::{
     TypeConfig, partition_group,
 };
 use herald_storage::{
-    Applied, Epoch, Event, NamespaceConfig, Namespaces, OnCommit, Partition, Position, Publish,
-    Store, StoreOptions,
+    Applied, Epoch, Event, LiveNamespaces, NamespaceConfig, Namespaces, OnCommit, Partition,
+    Position, Publish, Store, StoreOptions,
 };
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
@@ -46,8 +46,8 @@ fn open(dir: &TempDir) -> Arc<Store> {
     Arc::new(Store::open(dir.path(), options()).unwrap())
 }
 
-fn namespaces() -> Arc<Namespaces> {
-    Arc::new(
+fn namespaces() -> Arc<LiveNamespaces> {
+    LiveNamespaces::new(
         Namespaces::new(NamespaceConfig {
             history_size: 100,
             history_ttl: None,
@@ -363,6 +363,102 @@ async fn meta_group_init_sets_the_epoch_and_checks_partitions() {
     assert!(store.cluster_initialized());
 }
 
+/// The meta group's `Namespaces` entry puts the cluster's config in force (partition groups
+/// then retain by it), survives a restart of the state machine, and travels in the meta
+/// snapshot to a node that never applied the entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meta_group_namespaces_are_applied_kept_and_carried_by_snapshots() {
+    let dir = TempDir::new("meta-ns");
+    let store = open(&dir);
+    let live = namespaces();
+    let mut meta =
+        GroupStateMachine::new(journal(&store), META_GROUP, live.clone(), ignore()).unwrap();
+    let mut part =
+        GroupStateMachine::new(journal(&store), partition_group(0), live.clone(), ignore())
+            .unwrap();
+    assert!(live.cluster().is_none());
+    assert!(store.cluster_namespaces().unwrap().is_none());
+    let cluster = Namespaces::new(NamespaceConfig {
+        history_size: 1,
+        history_ttl: None,
+        durable: true,
+    });
+    let replies = meta
+        .apply([
+            membership(1, &[1]),
+            entry(
+                2,
+                Command::Namespaces {
+                    spec: cluster.to_spec(),
+                },
+            ),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(replies, vec![Reply::None; 2]);
+    assert_eq!(live.cluster().as_deref(), Some(&cluster));
+    assert_eq!(store.cluster_namespaces().unwrap(), Some(cluster.to_spec()));
+    // Partition groups apply with it: history_size 1, not the node's 100.
+    let ch = channels_of(&store, 0, "c", 1);
+    part.apply([
+        membership(1, &[1]),
+        publish(2, T0, vec![Publish::new(ch[0].clone(), "a")]),
+        publish(3, T0, vec![Publish::new(ch[0].clone(), "b")]),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(
+        payloads(&store.history_after(ch[0].as_bytes(), None, 10).unwrap()),
+        ["b"]
+    );
+
+    // A new state machine on the same store (a restart) puts it in force again.
+    let again = namespaces();
+    let _meta2 =
+        GroupStateMachine::new(journal(&store), META_GROUP, again.clone(), ignore()).unwrap();
+    assert_eq!(again.cluster().as_deref(), Some(&cluster));
+
+    // The snapshot carries it; one without it (an older leader's) takes it away again.
+    let snap = meta
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    let dir2 = TempDir::new("meta-ns2");
+    let store2 = open(&dir2);
+    let live2 = namespaces();
+    let mut meta2 =
+        GroupStateMachine::new(journal(&store2), META_GROUP, live2.clone(), ignore()).unwrap();
+    meta2
+        .install_snapshot(&snap.meta, snap.snapshot)
+        .await
+        .unwrap();
+    assert_eq!(live2.cluster().as_deref(), Some(&cluster));
+    assert_eq!(
+        store2.cluster_namespaces().unwrap(),
+        Some(cluster.to_spec())
+    );
+
+    let dir3 = TempDir::new("meta-ns3");
+    let store3 = open(&dir3);
+    let mut meta3 =
+        GroupStateMachine::new(journal(&store3), META_GROUP, namespaces(), ignore()).unwrap();
+    meta3.apply([membership(1, &[1])]).await.unwrap();
+    let plain = meta3
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    meta2
+        .install_snapshot(&plain.meta, plain.snapshot)
+        .await
+        .unwrap();
+    assert!(live2.cluster().is_none());
+    assert!(store2.cluster_namespaces().unwrap().is_none());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_snapshot_moves_the_whole_partition() {
     let p: Partition = 1;
@@ -631,7 +727,7 @@ async fn dedup_decisions_do_not_depend_on_local_expiry() {
         for (m, sm) in sms.iter_mut().enumerate() {
             // Member 0's clock is an hour ahead and it expires before every entry.
             if m == 0 {
-                stores[0].expire(&ns, now + 3_600_000).unwrap();
+                stores[0].expire(ns.local(), now + 3_600_000).unwrap();
             }
             let r = sm
                 .apply([publish(i as u64 + 1, now, batch.clone())])
@@ -653,11 +749,14 @@ async fn dedup_decisions_do_not_depend_on_local_expiry() {
     assert_eq!(stores[0].latest_seq(p), stores[1].latest_seq(p));
 
     // Expire does forget ids once the partition's applied clock passed their window.
-    let before = stores[0].expire(&ns, T0 + 10 * WINDOW_MS).unwrap();
+    let before = stores[0].expire(ns.local(), T0 + 10 * WINDOW_MS).unwrap();
     assert_eq!(before, 0, "everything already expired what it could");
     sms[0]
         .apply([publish(6, T0 + 10 * WINDOW_MS, Vec::new())])
         .await
         .unwrap();
-    assert_eq!(stores[0].expire(&ns, T0 + 10 * WINDOW_MS).unwrap(), 3);
+    assert_eq!(
+        stores[0].expire(ns.local(), T0 + 10 * WINDOW_MS).unwrap(),
+        3
+    );
 }

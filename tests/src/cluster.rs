@@ -68,6 +68,8 @@ pub struct Cluster {
     pub members: Vec<Member>,
     tls_dir: PathBuf,
     extra: Vec<String>,
+    /// Extra `herald serve` arguments of single nodes, after `extra`.
+    node_extra: std::collections::BTreeMap<u64, Vec<String>>,
 }
 
 impl Cluster {
@@ -85,6 +87,16 @@ impl Cluster {
     /// Prepares `total` node slots (all named in every node's `--peers`) but starts and forms
     /// the cluster with the first `started` only; the others can join later.
     pub fn start_some(total: usize, started: usize, extra: &[&str]) -> Cluster {
+        Cluster::start_each(total, started, extra, &[])
+    }
+
+    /// [`Cluster::start_some`] with extra arguments for single nodes too: `(id, args)`.
+    pub fn start_each(
+        total: usize,
+        started: usize,
+        extra: &[&str],
+        node_extra: &[(u64, &[&str])],
+    ) -> Cluster {
         let n = total;
         let tls_dir = scratch_dir("tls");
         let dir = tls_dir.to_str().unwrap().to_string();
@@ -103,6 +115,10 @@ impl Cluster {
             members,
             tls_dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            node_extra: node_extra
+                .iter()
+                .map(|(id, args)| (*id, args.iter().map(|s| s.to_string()).collect()))
+                .collect(),
         };
         let ids: Vec<u64> = cluster.members.iter().map(|m| m.id).take(started).collect();
         // Start them all first: each waits for its RESP port only, formation happens after.
@@ -155,6 +171,9 @@ impl Cluster {
             &partitions,
         ];
         args.extend(self.extra.iter().map(String::as_str));
+        if let Some(own) = self.node_extra.get(&id) {
+            args.extend(own.iter().map(String::as_str));
+        }
         let data_dir = member.data_dir.clone();
         let node = match file_size_limit {
             Some(kib) => Herald::start_with_file_size_limit(data_dir, kib, &args),

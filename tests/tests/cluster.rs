@@ -1334,3 +1334,90 @@ async fn a_node_stopped_with_sigterm_hands_its_partitions_over_first() {
     // And they commit at once.
     publish_until_acked(&cluster, 2, "after-term", "x").await;
 }
+
+/// The meta group holds the namespace config: the forming node's file becomes the cluster's,
+/// every member applies it whatever its own file says, and `herald cluster namespaces --set`
+/// changes it for all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_member_applies_the_clusters_namespace_config() {
+    let forming = herald_tests::config_file("[namespace.small]\nhistory_size = 3\n");
+    let other = herald_tests::config_file("[namespace.small]\nhistory_size = 50\n");
+    let (forming, other) = (forming.to_str().unwrap(), other.to_str().unwrap());
+    let cluster = Cluster::start_each(
+        3,
+        3,
+        &[],
+        &[
+            (1, &["--config", forming]),
+            (2, &["--config", other]),
+            (3, &["--config", other]),
+        ],
+    );
+    for id in 1..=3 {
+        herald_tests::eventually_equal(
+            &format!("node {id} applies the cluster's namespace config"),
+            &Some("cluster".to_string()),
+            || async {
+                herald_tests::cluster::get_json(cluster.node(id), "/api/cluster/namespaces")
+                    .and_then(|v| v["source"].as_str().map(str::to_string))
+            },
+        )
+        .await;
+    }
+    for i in 0..6 {
+        try_publish(
+            cluster.node(2).http,
+            &json!({ "channel": "small:a", "data": i.to_string() }),
+        )
+        .await
+        .expect("publish");
+    }
+    let kept: Vec<String> = ["3", "4", "5"].map(String::from).to_vec();
+    for id in 1..=3 {
+        herald_tests::eventually_equal(
+            &format!("node {id} keeps the cluster's history_size"),
+            &kept,
+            || herald_tests::history_payloads(cluster.node(id), "small:a"),
+        )
+        .await;
+    }
+
+    let (ok, shown) = cluster.cli(3, &["namespaces"]);
+    assert!(ok, "{shown}");
+    assert!(
+        shown.contains("# the cluster's namespace config (every member applies it):")
+            && shown.contains("[namespace.small]\nhistory_size = 3\n")
+            && shown.contains("# this node's config file differs (not in force):")
+            && shown.contains("# history_size = 50"),
+        "{shown}"
+    );
+
+    let smaller = herald_tests::config_file("[namespace.small]\nhistory_size = 2\n");
+    let (ok, set) = cluster.cli(2, &["namespaces", "--set", smaller.to_str().unwrap()]);
+    assert!(ok, "{set}");
+    try_publish(
+        cluster.node(3).http,
+        &json!({ "channel": "small:a", "data": "6" }),
+    )
+    .await
+    .expect("publish");
+    let kept: Vec<String> = ["5", "6"].map(String::from).to_vec();
+    for id in 1..=3 {
+        herald_tests::eventually_equal(
+            &format!("node {id} applies the new history_size"),
+            &kept,
+            || herald_tests::history_payloads(cluster.node(id), "small:a"),
+        )
+        .await;
+    }
+
+    let wrong = herald_tests::config_file("resp_addr = \"127.0.0.1:6379\"\n");
+    let (ok, refused) = cluster.cli(1, &["namespaces", "--set", wrong.to_str().unwrap()]);
+    assert!(!ok, "{refused}");
+    assert!(
+        refused.contains("no [namespace.NAME] table (write [namespace.default] for the defaults)"),
+        "{refused}"
+    );
+    let (ok, shown) = cluster.cli(1, &["namespaces"]);
+    assert!(ok && shown.contains("history_size = 2"), "{shown}");
+}

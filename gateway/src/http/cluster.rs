@@ -1,6 +1,9 @@
-//! Cluster operations over HTTP, what `herald cluster status | init | join | remove` calls:
-//! `GET /api/cluster/status`, `POST /api/cluster/init`, `POST /api/cluster/join`
-//! (`{"nodeId": N, "addr": "host:port"}`), `POST /api/cluster/remove` (`{"nodeId": N}`).
+//! Cluster operations over HTTP, what `herald cluster status | init | join | remove |
+//! namespaces` calls: `GET /api/cluster/status`, `POST /api/cluster/init`,
+//! `POST /api/cluster/join` (`{"nodeId": N, "addr": "host:port"}`), `POST /api/cluster/remove`
+//! (`{"nodeId": N}`), `GET /api/cluster/namespaces` (the namespace config in force) and
+//! `POST /api/cluster/namespaces` (a TOML body with `[namespace.NAME]` tables: the cluster's
+//! new namespace config).
 //!
 //! When the node has a password (`--requirepass`), these need `Authorization: Bearer <password>`.
 //! On a single node they answer 409 with a one-line reason.
@@ -136,4 +139,52 @@ pub async fn remove(
         "removed",
         request.node_id,
     )
+}
+
+/// `GET /api/cluster/namespaces`: the namespace config in force on this node, where it comes
+/// from (`cluster`: the meta group's; `node`: this node's file, the cluster holding none), and
+/// this node's file config when it differs.
+pub async fn namespaces(State(state): State<HttpState>, headers: HeaderMap) -> Response {
+    let node = match cluster(&state, &headers) {
+        Ok(node) => node,
+        Err(response) => return *response,
+    };
+    let live = node.namespaces();
+    let local = live.local();
+    let body = match live.cluster() {
+        Some(cluster) => json!({
+            "source": "cluster",
+            "config": cluster.to_toml(),
+            "nodeFileDiffers": *cluster != **local,
+            "nodeFile": local.to_toml(),
+        }),
+        None => json!({
+            "source": "node",
+            "config": local.to_toml(),
+            "nodeFileDiffers": false,
+            "nodeFile": local.to_toml(),
+        }),
+    };
+    Json(body).into_response()
+}
+
+/// `POST /api/cluster/namespaces`: makes the body's `[namespace.NAME]` tables the cluster's
+/// namespace config (400 with the reason if they do not parse).
+pub async fn set_namespaces(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let node = match cluster(&state, &headers) {
+        Ok(node) => node,
+        Err(response) => return *response,
+    };
+    let namespaces = match herald_storage::Namespaces::from_toml(&body) {
+        Ok(namespaces) => namespaces,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
+    };
+    match node.set_namespaces(&namespaces).await {
+        Ok(()) => Json(json!({ "status": "set", "config": namespaces.to_toml() })).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
 }

@@ -278,6 +278,10 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/cluster/init", post(cluster::init))
         .route("/api/cluster/join", post(cluster::join))
         .route("/api/cluster/remove", post(cluster::remove))
+        .route(
+            "/api/cluster/namespaces",
+            get(cluster::namespaces).post(cluster::set_namespaces),
+        )
         .route("/api/publish", post(publish::publish))
         .route("/api/stream", get(sse::stream_query))
         .route("/api/stream/{endpoint}/{id}", get(sse::entity_stream))

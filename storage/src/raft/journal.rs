@@ -357,7 +357,7 @@ mod tests {
     use super::*;
     use crate::raft::{Command, GroupStateMachine, RaftLogStore, partition_group};
     use crate::testutil::TempDir;
-    use crate::{NamespaceConfig, Namespaces, Publish, StoreOptions, codec};
+    use crate::{LiveNamespaces, NamespaceConfig, Namespaces, Publish, StoreOptions, codec};
     use openraft::storage::RaftStateMachine;
     use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
@@ -419,7 +419,7 @@ mod tests {
             .map(|i| format!("c{i}"))
             .find(|c| store.partition_of(c.as_bytes()) == 0)
             .unwrap();
-        let namespaces = Arc::new(Namespaces::new(NamespaceConfig {
+        let namespaces = LiveNamespaces::new(Namespaces::new(NamespaceConfig {
             history_size: 3,
             history_ttl: None,
             durable: true,
@@ -492,7 +492,7 @@ mod tests {
         let dir = TempDir::new("journal-broken");
         let store = open(&dir);
         let journal = RaftJournal::open(store.clone()).unwrap();
-        let namespaces = Arc::new(Namespaces::new(NamespaceConfig {
+        let namespaces = LiveNamespaces::new(Namespaces::new(NamespaceConfig {
             history_size: 10,
             history_ttl: None,
             durable: true,
@@ -516,7 +516,11 @@ mod tests {
         journal.close();
         assert!(sm.apply([publish(2)]).await.is_err());
         let refused = store
-            .apply(&[Publish::new(channel.clone(), "x")], &namespaces, 2_000)
+            .apply(
+                &[Publish::new(channel.clone(), "x")],
+                namespaces.local(),
+                2_000,
+            )
             .unwrap_err()
             .to_string();
         assert!(refused.contains("restart the node"), "{refused}");

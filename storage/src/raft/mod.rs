@@ -79,6 +79,13 @@ pub enum Command {
         /// The partition count, fixed for the cluster's life.
         partitions: u16,
     },
+    /// Meta group: the namespace config every member applies from now on (written when the
+    /// cluster forms, from the forming node's file, and by `herald cluster namespaces --set`).
+    /// Last, so that entries of the other variants decode as before.
+    Namespaces {
+        /// The config, resolved.
+        spec: crate::namespace::NamespacesSpec,
+    },
 }
 
 /// What applying one entry produced; exactly one per entry, blank and membership entries included.

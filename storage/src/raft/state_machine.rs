@@ -11,10 +11,12 @@
 //!   `tests/raft_crash.rs` catches that). The apply clock is `max(now_ms, applied clock of the
 //!   partition)`, written in that record too, so every member assigns the same seqs and takes
 //!   the same dedup decisions.
-//! - The meta group applies [`Command::Init`]: the cluster's epoch becomes the store's.
+//! - The meta group applies [`Command::Init`]: the cluster's epoch becomes the store's; and
+//!   [`Command::Namespaces`]: the cluster's namespace config, stored and put in force on this
+//!   node ([`LiveNamespaces`]).
 //! - Snapshots: a partition group's is a point-in-time copy of everything of its partition
 //!   (taken under the store's write lock, so no apply interleaves); the meta group's is the
-//!   cluster identity. The current snapshot (meta and data) is kept under `r` group `s`.
+//!   cluster identity and namespace config. The current snapshot (meta and data) is kept under `r` group `s`.
 //!
 //! Applying does not flush: the entries are durable in the log already (the Raft journal), and
 //! a crash before sled's next flush (a journal checkpoint) only makes openraft apply them
@@ -39,7 +41,7 @@ use super::{Command, GroupId, NodeId, Reply, TypeConfig, group_partition};
 use crate::codec;
 use crate::event::{Epoch, Partition, unix_now_ms};
 use crate::log::OnCommit;
-use crate::namespace::Namespaces;
+use crate::namespace::{LiveNamespaces, NamespacesSpec};
 use crate::store::{Applied, Ops, PartitionImage, StorageError, Store};
 
 /// What the state machine of a group has applied (`r` group `a`).
@@ -68,6 +70,18 @@ enum GroupImage {
     },
     /// A partition group: everything of the partition.
     Partition(PartitionImage),
+    /// The meta group once it holds a namespace config (built only then, so that a snapshot
+    /// without one still decodes on nodes that predate the variant).
+    MetaWithNamespaces {
+        /// As in [`GroupImage::Meta`].
+        epoch: Epoch,
+        /// As in [`GroupImage::Meta`].
+        partitions: u16,
+        /// As in [`GroupImage::Meta`].
+        initialized: bool,
+        /// The cluster's namespace config.
+        namespaces: NamespacesSpec,
+    },
 }
 
 /// Applies of at most this many entries and [`INLINE_BYTES`] of payload run inline; larger
@@ -100,7 +114,8 @@ struct Shared {
     group: GroupId,
     /// `None` for the meta group.
     partition: Option<Partition>,
-    namespaces: Arc<Namespaces>,
+    /// Partition groups apply with its current config; the meta group sets the cluster's.
+    namespaces: Arc<LiveNamespaces>,
     on_commit: OnCommit,
 }
 
@@ -150,12 +165,14 @@ impl GroupStateMachine {
     /// `on_commit` receives each applied `Publish` entry's new events (duplicates left out), in
     /// log order, right after the entry's sled batch is applied; a panic in it is caught and
     /// logged. Opening any group's state machine switches the store's dedup expiry to the
-    /// partitions' applied clocks (see [`Store::expire`]). Fails if `group` is a partition
-    /// group beyond the store's partition count, or the stored state cannot be read.
+    /// partitions' applied clocks (see [`Store::expire`]). The meta group's puts the namespace
+    /// config the store holds for the cluster (if any) in force in `namespaces`. Fails if
+    /// `group` is a partition group beyond the store's partition count, or the stored state
+    /// cannot be read.
     pub fn new(
         journal: Arc<RaftJournal>,
         group: GroupId,
-        namespaces: Arc<Namespaces>,
+        namespaces: Arc<LiveNamespaces>,
         on_commit: OnCommit,
     ) -> Result<GroupStateMachine, StorageError> {
         let store = journal.store().clone();
@@ -170,6 +187,9 @@ impl GroupStateMachine {
         }
         store.enable_deterministic_expiry();
         let applied = read_applied(store.tree(), group)?;
+        if partition.is_none() {
+            namespaces.set_cluster(store.cluster_namespaces()?.as_ref());
+        }
         Ok(GroupStateMachine {
             shared: Arc::new(Shared {
                 store,
@@ -270,7 +290,7 @@ impl Shared {
                     }
                     let out = self.store.apply_writing(
                         &publishes,
-                        &self.namespaces,
+                        &self.namespaces.current(),
                         now_ms,
                         Some(partition),
                         self.bookkeeping(&next),
@@ -303,6 +323,21 @@ impl Shared {
                     }
                     self.store
                         .join_cluster(epoch, false, self.bookkeeping(&next).into_sled())?;
+                    *applied = next;
+                    replies.push(Reply::None);
+                }
+                EntryPayload::Normal(Command::Namespaces { spec }) => {
+                    if self.partition.is_some() {
+                        tracing::warn!(%log_id, group = self.group, "a Namespaces entry in a partition group; ignored");
+                        pending = Some(next);
+                        replies.push(Reply::None);
+                        continue;
+                    }
+                    let mut batch = self.bookkeeping(&next);
+                    batch.insert(codec::KEY_CLUSTER_NAMESPACES, codec::encode(&spec));
+                    self.store
+                        .with_write_lock(|tree| Ok(tree.apply_batch(batch.into_sled())?))?;
+                    self.namespaces.set_cluster(Some(&spec));
                     *applied = next;
                     replies.push(Reply::None);
                 }
@@ -343,10 +378,27 @@ impl Shared {
                 (GroupImage::Partition(image), applied)
             }
             None => store.with_write_lock(|tree| {
-                let image = GroupImage::Meta {
-                    epoch: store.epoch(),
-                    partitions: store.partitions(),
-                    initialized: store.cluster_initialized(),
+                let (epoch, partitions, initialized) = (
+                    store.epoch(),
+                    store.partitions(),
+                    store.cluster_initialized(),
+                );
+                let image = match get::<NamespacesSpec>(
+                    tree,
+                    codec::KEY_CLUSTER_NAMESPACES,
+                    "cluster namespace config",
+                )? {
+                    Some(namespaces) => GroupImage::MetaWithNamespaces {
+                        epoch,
+                        partitions,
+                        initialized,
+                        namespaces,
+                    },
+                    None => GroupImage::Meta {
+                        epoch,
+                        partitions,
+                        initialized,
+                    },
                 };
                 Ok((image, read_applied(tree, self.group)?))
             })?,
@@ -408,19 +460,29 @@ impl Shared {
             data: bytes::Bytes::from(data),
         };
         batch.insert(self.snapshot_key(), codec::encode(&stored));
-        match (self.partition, image) {
-            (Some(p), GroupImage::Partition(image)) if image.partition == p => {
+        let (partition_image, meta_image) = match image {
+            GroupImage::Partition(image) => (Some(image), None),
+            GroupImage::Meta {
+                epoch,
+                partitions,
+                initialized,
+            } => (None, Some((epoch, partitions, initialized, None))),
+            GroupImage::MetaWithNamespaces {
+                epoch,
+                partitions,
+                initialized,
+                namespaces,
+            } => (
+                None,
+                Some((epoch, partitions, initialized, Some(namespaces))),
+            ),
+        };
+        match (self.partition, partition_image, meta_image) {
+            (Some(p), Some(image), None) if image.partition == p => {
                 self.store
                     .install_partition_image(image, batch.into_sled())?;
             }
-            (
-                None,
-                GroupImage::Meta {
-                    epoch,
-                    partitions,
-                    initialized,
-                },
-            ) => {
+            (None, None, Some((epoch, partitions, initialized, namespaces))) => {
                 let ours = self.store.partitions();
                 if partitions != ours {
                     tracing::error!(
@@ -434,12 +496,17 @@ impl Shared {
                         requested: partitions,
                     });
                 }
+                match &namespaces {
+                    Some(spec) => batch.insert(codec::KEY_CLUSTER_NAMESPACES, codec::encode(spec)),
+                    None => batch.remove(codec::KEY_CLUSTER_NAMESPACES),
+                }
                 if initialized {
                     self.store.join_cluster(epoch, true, batch.into_sled())?;
                 } else {
                     self.store
                         .with_write_lock(|tree| Ok(tree.apply_batch(batch.into_sled())?))?;
                 }
+                self.namespaces.set_cluster(namespaces.as_ref());
             }
             _ => {
                 return Err(StorageError::Corrupt(format!(
