@@ -619,6 +619,7 @@ impl ClusterNode {
             formed: self.is_formed(),
             epoch: self.is_formed().then(|| self.epoch().to_string()),
             members: self.members(),
+            links: self.inner.peers.links(),
             groups,
         }
     }
@@ -1511,6 +1512,8 @@ pub struct ClusterStatus {
     pub epoch: Option<String>,
     /// Members and their cluster addresses.
     pub members: BTreeMap<NodeId, String>,
+    /// This node's link to each peer it has an address for.
+    pub links: BTreeMap<NodeId, crate::rpc::PeerLink>,
     /// Every group as this node sees it.
     pub groups: Vec<GroupStatus>,
 }

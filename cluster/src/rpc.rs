@@ -23,7 +23,7 @@ use openraft::raft::{
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -354,6 +354,22 @@ pub struct Peers {
     dials: AtomicU64,
 }
 
+/// How this node's link to one peer stands, for `herald cluster status`: what an operator
+/// looks at first when a node seems cut off.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerLink {
+    /// `connected`, `connecting`, `unreachable` (dials fail; retried with backoff) or `idle`
+    /// (no connection needed yet, or the last one closed).
+    pub state: &'static str,
+    /// The connection's current round-trip estimate (QUIC's), while connected.
+    pub rtt_us: Option<u64>,
+    /// Failed dials since the last successful one.
+    pub failed_dials: u32,
+    /// Why the last dial failed, while the peer is unreachable.
+    pub last_error: Option<String>,
+}
+
 /// A connection handed to a call, and whether it was dialed for it (a pooled one may turn
 /// out stale).
 struct Acquired {
@@ -369,6 +385,41 @@ enum ExchangeError {
 }
 
 impl Peers {
+    /// The link to every peer this node has an address for (see [`PeerLink`]).
+    pub fn links(&self) -> BTreeMap<NodeId, PeerLink> {
+        let slots: Vec<(NodeId, Arc<Mutex<Slot>>)> = self
+            .slots
+            .lock()
+            .iter()
+            .map(|(id, slot)| (*id, slot.clone()))
+            .collect();
+        slots
+            .into_iter()
+            .filter_map(|(id, slot)| {
+                let slot = slot.lock();
+                slot.addr.as_ref()?;
+                let unreachable = slot.failures > 0;
+                let (state, rtt_us) = match &slot.link {
+                    Link::Connected(c) if c.close_reason().is_none() => {
+                        ("connected", Some(c.rtt().as_micros() as u64))
+                    }
+                    _ if unreachable => ("unreachable", None),
+                    Link::Dialing(_) => ("connecting", None),
+                    _ => ("idle", None),
+                };
+                Some((
+                    id,
+                    PeerLink {
+                        state,
+                        rtt_us,
+                        failed_dials: slot.failures,
+                        last_error: unreachable.then(|| slot.last_error.clone()),
+                    },
+                ))
+            })
+            .collect()
+    }
+
     /// A pool dialing through `transport` with the default [`PeersOptions`].
     pub fn new(transport: Arc<Transport>) -> Arc<Peers> {
         Peers::with_options(transport, PeersOptions::default())

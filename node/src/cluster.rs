@@ -107,7 +107,28 @@ fn render_status(status: &Value) -> String {
     out.push_str("members:\n");
     if let Some(members) = status["members"].as_object() {
         for (id, addr) in members {
-            out.push_str(&format!("  {id}  {}\n", addr.as_str().unwrap_or("?")));
+            let link = &status["links"][id.as_str()];
+            let seen = if id == &status["node"].to_string() {
+                "this node".to_string()
+            } else {
+                match link["state"].as_str() {
+                    Some("connected") => match link["rttUs"].as_u64() {
+                        Some(us) => format!("connected, rtt {:.1} ms", us as f64 / 1000.0),
+                        None => "connected".to_string(),
+                    },
+                    Some("unreachable") => format!(
+                        "UNREACHABLE ({} failed dials): {}",
+                        link["failedDials"],
+                        link["lastError"].as_str().unwrap_or("?")
+                    ),
+                    Some(state) => state.to_string(),
+                    None => "no link".to_string(),
+                }
+            };
+            out.push_str(&format!(
+                "  {id}  {}  {seen}\n",
+                addr.as_str().unwrap_or("?")
+            ));
         }
     }
     out.push_str(
@@ -175,7 +196,12 @@ mod tests {
     fn the_status_table_shows_elections_and_hand_backs() {
         let status = serde_json::json!({
             "node": 1, "formed": true, "epoch": "e1",
-            "members": { "1": "127.0.0.1:7001", "2": "127.0.0.1:7002" },
+            "members": { "1": "127.0.0.1:7001", "2": "127.0.0.1:7002", "3": "127.0.0.1:7003" },
+            "links": {
+                "2": { "state": "connected", "rttUs": 420, "failedDials": 0, "lastError": null },
+                "3": { "state": "unreachable", "rttUs": null, "failedDials": 4,
+                       "lastError": "no connection to 127.0.0.1:7003 within 1s" }
+            },
             "groups": [
                 { "group": 0, "partition": null, "role": "leader", "leader": 1, "term": 3,
                   "last_log_index": 9, "applied_index": 9, "voters": [1, 2],
@@ -187,12 +213,22 @@ mod tests {
         });
         let table = render_status(&status);
         let lines: Vec<&str> = table.lines().collect();
-        assert!(lines[4].contains("elections"), "{table}");
-        assert!(lines[5].starts_with("0      meta"), "{table}");
-        assert!(
-            lines[5].contains(" 2 (0) ") && lines[5].ends_with("2:0"),
+        assert_eq!(lines[2], "  1  127.0.0.1:7001  this node", "{table}");
+        assert_eq!(
+            lines[3], "  2  127.0.0.1:7002  connected, rtt 0.4 ms",
             "{table}"
         );
-        assert!(lines[6].contains(" 1 (1) "), "{table}");
+        assert_eq!(
+            lines[4],
+            "  3  127.0.0.1:7003  UNREACHABLE (4 failed dials): no connection to 127.0.0.1:7003 within 1s",
+            "{table}"
+        );
+        assert!(lines[5].contains("elections"), "{table}");
+        assert!(lines[6].starts_with("0      meta"), "{table}");
+        assert!(
+            lines[6].contains(" 2 (0) ") && lines[6].ends_with("2:0"),
+            "{table}"
+        );
+        assert!(lines[7].contains(" 1 (1) "), "{table}");
     }
 }

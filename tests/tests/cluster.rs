@@ -400,6 +400,19 @@ async fn a_node_cut_off_from_the_majority_refuses_durable_publishes() {
             .contains("nothing was committed"),
         "{body}"
     );
+    // Its status says why: the other two cannot be reached.
+    herald_tests::wait_until(
+        "the lone node's status shows both peers unreachable",
+        || {
+            let (ok, table) = cluster.cli(1, &["status"]);
+            ok && table
+                .lines()
+                .any(|l| l.starts_with("  2  ") && l.contains("UNREACHABLE ("))
+                && table
+                    .lines()
+                    .any(|l| l.starts_with("  3  ") && l.contains("UNREACHABLE ("))
+        },
+    );
     // Not ready: load balancers move clients elsewhere.
     herald_tests::wait_until("the lone node reports not ready", || {
         let mut stream = std::net::TcpStream::connect(lone).unwrap();
