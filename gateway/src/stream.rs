@@ -4,7 +4,10 @@
 //! watermark, then replays history up to that watermark; live events at or below the watermark
 //! are skipped (they were replayed or predate the stream), everything above arrives live. So the
 //! hand-over from history to live has no gap and no duplicate, whatever is being published
-//! meanwhile. Each event the stream emits carries the stream's full cursor (the last delivered
+//! meanwhile. The replay is read a page at a time (at most [`REPLAY_PAGE_EVENTS`] events or
+//! [`REPLAY_PAGE_BYTES`] of payload) as the client takes it, so a resume over a long history
+//! holds one page in memory, not the history; should retention drop events the replay has not
+//! reached yet (a client slower than the publishers), a gap notice says so where they were. Each event the stream emits carries the stream's full cursor (the last delivered
 //! sequence number of every partition it touches), which is what `Last-Event-ID` sends back.
 //!
 //! When the requested cursor is older than what is retained, comes from another epoch, or (on a
@@ -55,6 +58,149 @@ pub struct Gap {
     pub reason: &'static str,
 }
 
+/// Events a replay page holds at most (see the module docs).
+pub const REPLAY_PAGE_EVENTS: usize = 512;
+/// Payload bytes a replay page holds at most, past its first event.
+pub const REPLAY_PAGE_BYTES: usize = 256 * 1024;
+/// Events read from one channel at a time while merging several channels' histories.
+const CHANNEL_READ: usize = 64;
+
+/// History still to replay: per partition (ascending), each channel's events after its read
+/// position up to the partition's watermark, merged in sequence order.
+struct Replay {
+    parts: std::collections::VecDeque<PartReplay>,
+}
+
+struct PartReplay {
+    /// Replay up to this seq; later events arrive live.
+    limit: u64,
+    channels: Vec<ChannelReplay>,
+    /// (next seq, channel index) of every channel with a read event: the merge order.
+    heads: std::collections::BinaryHeap<std::cmp::Reverse<(u64, usize)>>,
+    started: bool,
+}
+
+struct ChannelReplay {
+    channel: Bytes,
+    /// Read after this seq next (`None`: from the oldest retained).
+    after: Option<u64>,
+    /// Events read and not yet replayed.
+    read: std::collections::VecDeque<Event>,
+    /// Nothing more to read up to the limit.
+    done: bool,
+    /// Retention's floor for the channel that a gap notice already told the client about.
+    floor_told: u64,
+}
+
+impl ChannelReplay {
+    /// Reads the channel's next events up to `limit`; a gap notice if retention dropped events
+    /// after the read position since the last read.
+    fn refill(
+        &mut self,
+        store: &herald_storage::Store,
+        limit: u64,
+    ) -> Result<Option<Gap>, StorageError> {
+        if self.done || !self.read.is_empty() {
+            return Ok(None);
+        }
+        let mut gap = None;
+        if let Some(after) = self.after
+            && after < limit
+        {
+            let floor = store.removal_floor(&self.channel)?;
+            if floor <= after.max(self.floor_told) {
+                return self.read_more(store, limit).map(|()| None);
+            }
+            self.floor_told = floor;
+            let partition = store.partition_of(&self.channel);
+            gap = Some(Gap {
+                channel: self.channel.clone(),
+                requested: Some(Position {
+                    partition,
+                    seq: after,
+                }),
+                oldest: store.oldest(&self.channel)?,
+                reason: "retention",
+            });
+        }
+        self.read_more(store, limit)?;
+        Ok(gap)
+    }
+
+    fn read_more(&mut self, store: &herald_storage::Store, limit: u64) -> Result<(), StorageError> {
+        let events = store.history_after(&self.channel, self.after, CHANNEL_READ)?;
+        if events.len() < CHANNEL_READ {
+            self.done = true;
+        }
+        for event in events {
+            if event.position.seq > limit {
+                self.done = true;
+                break;
+            }
+            self.read.push_back(event);
+        }
+        Ok(())
+    }
+}
+
+impl Replay {
+    /// The next page of the replay (gap notices and events), in order; empty once done.
+    fn page(
+        &mut self,
+        store: &herald_storage::Store,
+        mut emit: impl FnMut(ReplayItem),
+    ) -> Result<(), StorageError> {
+        let (mut events, mut bytes) = (0usize, 0usize);
+        while let Some(part) = self.parts.front_mut() {
+            if !part.started {
+                part.started = true;
+                for (i, channel) in part.channels.iter_mut().enumerate() {
+                    if let Some(gap) = channel.refill(store, part.limit)? {
+                        emit(ReplayItem::Gap(gap));
+                    }
+                    if let Some(first) = channel.read.front() {
+                        part.heads.push(std::cmp::Reverse((first.position.seq, i)));
+                    }
+                }
+            }
+            let Some(std::cmp::Reverse((_, i))) = part.heads.pop() else {
+                self.parts.pop_front();
+                continue;
+            };
+            let channel = &mut part.channels[i];
+            let Some(event) = channel.read.pop_front() else {
+                continue;
+            };
+            channel.after = Some(event.position.seq);
+            bytes += event.payload.len();
+            events += 1;
+            emit(ReplayItem::Event(event));
+            // A drop behind this event is told after it, before what follows it.
+            if channel.read.is_empty()
+                && let Some(gap) = channel.refill(store, part.limit)?
+            {
+                emit(ReplayItem::Gap(gap));
+            }
+            if let Some(next) = channel.read.front() {
+                part.heads.push(std::cmp::Reverse((next.position.seq, i)));
+            }
+            if events >= REPLAY_PAGE_EVENTS || bytes >= REPLAY_PAGE_BYTES {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn is_done(&self) -> bool {
+        self.parts.is_empty()
+    }
+}
+
+enum ReplayItem {
+    Event(Event),
+    Gap(Gap),
+}
+
 /// One thing the stream emits.
 #[derive(Debug, Clone)]
 pub enum Emit {
@@ -81,11 +227,16 @@ pub struct EventStream {
     /// the channel's subscription.
     skip_upto: HashMap<Bytes, u64>,
     items: Vec<Item>,
+    /// History not yet replayed; live events wait behind it.
+    replay: Option<Replay>,
+    /// Where the cursor goes once the replay is done (every partition's watermark).
+    watermarks: BTreeMap<Partition, u64>,
 }
 
 impl EventStream {
-    /// Subscribes to `channels` and returns the stream with what must be sent before live
-    /// events: gap notices, then the replay, in order.
+    /// Subscribes to `channels` and returns the stream with the gap notices that must be sent
+    /// first; the replay then comes from [`EventStream::next`], a page at a time, before any
+    /// live event.
     pub fn open(
         broker: Arc<Broker>,
         format: Format,
@@ -114,6 +265,8 @@ impl EventStream {
             format,
             skip_upto: HashMap::new(),
             items: Vec::new(),
+            replay: None,
+            watermarks: BTreeMap::new(),
         };
         let emits = stream.add(channels, start)?;
         Ok((stream, emits))
@@ -175,16 +328,16 @@ impl EventStream {
                 }
             }
         }
-        // 3. History up to the watermarks, and gap notices.
+        // 3. Gap notices, and where each channel's replay starts (read later, by pages).
         let store = broker.store();
         let mut emits = Vec::new();
-        let mut replay: Vec<Event> = Vec::new();
+        let mut parts: BTreeMap<Partition, Vec<ChannelReplay>> = BTreeMap::new();
         for channel in channels.iter().filter(|c| broker.is_durable(c)) {
             let p = broker.partition_of(channel);
-            let limit = watermarks[&p];
-            let events = match &start {
-                Start::Live => Vec::new(),
-                Start::Last(n) => store.last(channel, *n)?,
+            let mut floor_told = 0;
+            let after = match &start {
+                Start::Live => continue,
+                Start::Last(n) => store.seq_before_last(channel, *n)?,
                 Start::After(cursor) if cursor.epoch != broker.epoch() => {
                     emits.push(Emit::Gap(Gap {
                         channel: channel.clone(),
@@ -192,7 +345,7 @@ impl EventStream {
                         oldest: store.oldest(channel)?,
                         reason: "epoch",
                     }));
-                    store.history_after(channel, None, usize::MAX)?
+                    None
                 }
                 Start::After(cursor) if ahead.contains(&p) => {
                     emits.push(Emit::Gap(Gap {
@@ -204,11 +357,13 @@ impl EventStream {
                         oldest: store.oldest(channel)?,
                         reason: "ahead",
                     }));
-                    store.history_after(channel, None, usize::MAX)?
+                    None
                 }
                 Start::After(cursor) => {
                     let after = cursor.get(p).unwrap_or(0);
-                    if after < store.retention_floor(channel)? {
+                    let floor = store.retention_floor(channel)?;
+                    if after < floor {
+                        floor_told = floor;
                         emits.push(Emit::Gap(Gap {
                             channel: channel.clone(),
                             requested: Some(Position {
@@ -219,10 +374,18 @@ impl EventStream {
                             reason: "retention",
                         }));
                     }
-                    store.history_after(channel, Some(after), usize::MAX)?
+                    Some(after)
                 }
             };
-            replay.extend(events.into_iter().filter(|e| e.position.seq <= limit));
+            parts.entry(p).or_default().push(ChannelReplay {
+                channel: channel.clone(),
+                after,
+                read: std::collections::VecDeque::new(),
+                done: false,
+                // The notice above told of what retention dropped so far; the replay reports
+                // only what it drops while the replay runs.
+                floor_told,
+            });
         }
         if let Start::After(cursor) = &start
             && cursor.epoch == broker.epoch()
@@ -238,22 +401,26 @@ impl EventStream {
             }
         }
         // Per partition in sequence order, so the cursor is exact after every event.
-        replay.sort_by_key(|e| (e.position.partition, e.position.seq));
-        replay.dedup_by_key(|e| e.position);
-        for event in &replay {
-            self.cursor.advance(event.position);
-            emits.push(Emit::Event {
-                cursor: self.cursor.encode(),
-                channel: event.channel.clone(),
-                frame: self.encode(event),
-            });
-        }
-        for (&p, &seq) in &watermarks {
-            self.cursor.advance(Position { partition: p, seq });
-        }
+        let parts: std::collections::VecDeque<PartReplay> = parts
+            .into_iter()
+            .map(|(partition, channels)| PartReplay {
+                limit: watermarks[&partition],
+                channels,
+                heads: std::collections::BinaryHeap::new(),
+                started: false,
+            })
+            .collect();
+        self.replay = (!parts.is_empty()).then_some(Replay { parts });
         for channel in channels.iter().filter(|c| broker.is_durable(c)) {
             self.skip_upto
                 .insert(channel.clone(), watermarks[&broker.partition_of(channel)]);
+        }
+        for (p, seq) in watermarks {
+            let mark = self.watermarks.entry(p).or_insert(0);
+            *mark = (*mark).max(seq);
+        }
+        if self.replay.is_none() {
+            self.finish_replay();
         }
         Ok(emits)
     }
@@ -301,9 +468,61 @@ impl EventStream {
         &self.cursor
     }
 
-    /// Waits for live events and appends them to `out`; `None` once the stream is closed
-    /// (output limit passed, or closed by the server).
+    /// Whether history is still to be replayed (live events wait behind it).
+    fn replaying(&self) -> bool {
+        self.replay.is_some()
+    }
+
+    /// The replay is over: the cursor moves to the watermarks (what live delivery starts
+    /// after).
+    fn finish_replay(&mut self) {
+        self.replay = None;
+        for (&partition, &seq) in &self.watermarks {
+            self.cursor.advance(Position { partition, seq });
+        }
+    }
+
+    /// Appends the next page of the replay to `out`; `None` if the history cannot be read
+    /// (the stream must end: its client resumes from its cursor).
+    fn replay_page(&mut self, out: &mut Vec<Emit>) -> Option<()> {
+        let mut replay = self.replay.take()?;
+        let store = self.broker.store().clone();
+        let mut items = Vec::new();
+        if let Err(error) = replay.page(&store, |item| items.push(item)) {
+            tracing::warn!(id = self.id(), %error, "cannot read history for a replay; ending the stream");
+            return None;
+        }
+        for item in items {
+            match item {
+                ReplayItem::Gap(gap) => out.push(Emit::Gap(gap)),
+                ReplayItem::Event(event) => {
+                    self.cursor.advance(event.position);
+                    out.push(Emit::Event {
+                        cursor: self.cursor.encode(),
+                        channel: event.channel.clone(),
+                        frame: self.encode(&event),
+                    });
+                }
+            }
+        }
+        if replay.is_done() {
+            self.finish_replay();
+        } else {
+            self.replay = Some(replay);
+        }
+        Some(())
+    }
+
+    /// Appends the next page of the replay, or waits for live events and appends them, to
+    /// `out`; `None` once the stream is closed (output limit passed, closed by the server, or
+    /// its history unreadable).
     pub async fn next(&mut self, out: &mut Vec<Emit>) -> Option<()> {
+        if self.replaying() {
+            if self.subscriber.outbox().closed().is_some() {
+                return None;
+            }
+            return self.replay_page(out);
+        }
         let outbox = self.subscriber.outbox().clone();
         match outbox.next_items(&mut self.items, 256 * 1024).await {
             Batch::Closed(_) => None,
@@ -420,8 +639,16 @@ impl StreamSet {
         &self.outbox
     }
 
-    /// Waits for live events of any subscription; `None` once the connection's queue is closed.
+    /// Appends the next replay page of a subscription still replaying, or waits for live
+    /// events of any subscription; `None` once the connection's queue is closed (or a
+    /// subscription's history cannot be read).
     pub async fn next(&mut self, out: &mut Vec<Emit>) -> Option<()> {
+        if let Some(stream) = self.streams.iter_mut().find(|s| s.replaying()) {
+            if self.outbox.closed().is_some() {
+                return None;
+            }
+            return stream.replay_page(out);
+        }
         match self
             .outbox
             .clone()
@@ -460,4 +687,189 @@ impl Drop for EventStream {
 /// `p-seq`, how positions are shown in gap notices and the publish API.
 pub fn position_text(position: Option<Position>) -> Option<String> {
     position.map(|p| format!("{}-{}", p.partition, p.seq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::Hub;
+    use herald_storage::{NamespaceConfig, Namespaces, StoreOptions};
+
+    fn broker(name: &str, history_size: usize) -> (Arc<Broker>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "herald-stream-{name}-{}-{:x}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        let namespaces = Namespaces::new(NamespaceConfig {
+            history_size,
+            history_ttl: None,
+            durable: true,
+        });
+        let hub = Arc::new(Hub::new(crate::hub::outbox::OutputLimit::PUBSUB_DEFAULT));
+        let broker = Broker::open(hub, &dir, StoreOptions::default(), namespaces).unwrap();
+        (broker, dir)
+    }
+
+    fn rand_suffix() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    }
+
+    async fn publish(broker: &Broker, channel: &str, range: std::ops::Range<u32>) {
+        for i in range {
+            broker
+                .publish(
+                    Bytes::from(channel.to_string()),
+                    Bytes::from(i.to_string()),
+                    None,
+                )
+                .await
+                .unwrap();
+        }
+    }
+
+    /// What `next` gives until the replay is over: (channel, payload) per event, and gaps.
+    async fn drain_replay(stream: &mut EventStream) -> (Vec<(String, String)>, Vec<Gap>, usize) {
+        let (mut events, mut gaps, mut pages) = (Vec::new(), Vec::new(), 0);
+        while stream.replaying() {
+            let mut out = Vec::new();
+            stream.next(&mut out).await.expect("open");
+            pages += 1;
+            for emit in out {
+                match emit {
+                    Emit::Event { channel, frame, .. } => events.push((
+                        String::from_utf8_lossy(&channel).into_owned(),
+                        String::from_utf8_lossy(&frame).into_owned(),
+                    )),
+                    Emit::Gap(gap) => gaps.push(gap),
+                    Emit::Transient { .. } => panic!("no transient events here"),
+                }
+            }
+        }
+        (events, gaps, pages)
+    }
+
+    /// A resume over more history than a page holds comes in several pages, merged across
+    /// channels in sequence order, each event once; the cursor ends at the watermark.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_replay_comes_in_pages_in_order() {
+        let (broker, dir) = broker("pages", 5_000);
+        // Three channels of one partition, interleaved.
+        let store = broker.store().clone();
+        let mut names: Vec<String> = Vec::new();
+        for i in 0.. {
+            let name = format!("ch{i}");
+            if store.partition_of(name.as_bytes()) == 0 {
+                names.push(name);
+            }
+            if names.len() == 3 {
+                break;
+            }
+        }
+        let mut want = Vec::new();
+        for round in 0..500u32 {
+            for name in &names {
+                publish(&broker, name, round..round + 1).await;
+                want.push((name.clone(), format!("data: {round}\n\n")));
+            }
+        }
+        let channels = names.iter().map(|n| Bytes::from(n.clone())).collect();
+        let (mut stream, backlog) = EventStream::open(
+            broker.clone(),
+            Format::Sse,
+            channels,
+            Start::Last(usize::MAX),
+        )
+        .unwrap();
+        assert!(backlog.is_empty());
+        let (events, gaps, pages) = drain_replay(&mut stream).await;
+        assert!(gaps.is_empty(), "{gaps:?}");
+        assert_eq!(events.len(), want.len());
+        assert_eq!(events, want);
+        assert_eq!(pages, 3, "1,500 events in pages of {REPLAY_PAGE_EVENTS}");
+        assert_eq!(stream.cursor().get(0), Some(1_500));
+        // `last=N` starts N events back in each channel.
+        let (mut last, _) = EventStream::open(
+            broker.clone(),
+            Format::Sse,
+            vec![Bytes::from(names[0].clone())],
+            Start::Last(2),
+        )
+        .unwrap();
+        let (events, _, _) = drain_replay(&mut last).await;
+        assert_eq!(
+            events,
+            [498, 499].map(|r| (names[0].clone(), format!("data: {r}\n\n")))
+        );
+        drop((stream, last));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Events retention drops while a replay has not reached them yet are told as a gap where
+    /// they were, then the replay and live delivery go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_dropped_during_a_replay_become_a_gap_notice() {
+        let (broker, dir) = broker("drop", 600);
+        publish(&broker, "c", 0..600).await;
+        let (mut stream, _) = EventStream::open(
+            broker.clone(),
+            Format::Sse,
+            vec![Bytes::from_static(b"c")],
+            Start::Last(600),
+        )
+        .unwrap();
+        let mut first = Vec::new();
+        stream.next(&mut first).await.unwrap();
+        assert_eq!(first.len(), REPLAY_PAGE_EVENTS);
+        // 600 more: retention (600) drops everything the replay had not sent yet.
+        publish(&broker, "c", 600..1_200).await;
+        let mut rest = Vec::new();
+        while stream.replaying() {
+            stream.next(&mut rest).await.unwrap();
+        }
+        // What was read before the drop still comes (read ahead: it was retained then), then
+        // one gap notice from the last event sent to the oldest retained one.
+        let (gap, sent) = rest.split_last().expect("a gap notice");
+        let sent: Vec<&[u8]> = sent
+            .iter()
+            .map(|e| match e {
+                Emit::Event { frame, .. } => &frame[..],
+                other => panic!("want events before the gap, got {other:?}"),
+            })
+            .collect();
+        let want: Vec<String> = (REPLAY_PAGE_EVENTS..REPLAY_PAGE_EVENTS + sent.len())
+            .map(|i| format!("data: {i}\n\n"))
+            .collect();
+        assert_eq!(sent, want.iter().map(|w| w.as_bytes()).collect::<Vec<_>>());
+        match gap {
+            Emit::Gap(gap) => {
+                assert_eq!(gap.reason, "retention");
+                let requested = gap.requested.expect("a position");
+                assert_eq!(
+                    requested.seq,
+                    (REPLAY_PAGE_EVENTS + sent.len()) as u64,
+                    "{gap:?}"
+                );
+                assert_eq!(gap.oldest.map(|p| p.seq), Some(601), "{gap:?}");
+            }
+            other => panic!("want a gap notice last, got {other:?}"),
+        }
+        // Live delivery follows with the events published after the open.
+        let mut live = Vec::new();
+        while live.len() < 600 {
+            stream.next(&mut live).await.unwrap();
+        }
+        match (&live[0], &live[599]) {
+            (Emit::Event { frame: a, .. }, Emit::Event { frame: b, .. }) => {
+                assert_eq!(&a[..], b"data: 600\n\n");
+                assert_eq!(&b[..], b"data: 1199\n\n");
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(stream);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -1250,6 +1250,45 @@ impl Store {
         Ok(out)
     }
 
+    /// Where to read from for the last `n` retained (unexpired, by the system clock) events
+    /// of `channel`: the seq just before the n-th newest (give it to
+    /// [`Store::history_after`]), or `None` when `channel` retains `n` events or fewer (read
+    /// from the start). Reads chunk heads only, so a client's `last=N` can be replayed a page
+    /// at a time.
+    pub fn seq_before_last(&self, channel: &[u8], n: usize) -> Result<Option<u64>, StorageError> {
+        self.seq_before_last_at(channel, n, unix_now_ms())
+    }
+
+    /// [`Store::seq_before_last`] with an explicit clock.
+    pub fn seq_before_last_at(
+        &self,
+        channel: &[u8],
+        n: usize,
+        now_ms: u64,
+    ) -> Result<Option<u64>, StorageError> {
+        if n == 0 {
+            return Ok(Some(u64::MAX));
+        }
+        let floor = self.removed_through(channel)?;
+        let prefix = codec::chan_key(codec::PREFIX_HISTORY, channel);
+        let mut left = n;
+        for kv in self.tree.scan_prefix(&prefix).rev() {
+            let (_, v) = kv?;
+            let head: ChunkHead = codec::decode(&v, "chunk")?;
+            let first = head.first_above(floor);
+            if head.expired(now_ms) || first == head.seqs.len() {
+                continue;
+            }
+            let retained = &head.seqs[first..];
+            if retained.len() >= left {
+                // The n-th newest is retained[len - left]: read after the seq before it.
+                return Ok(Some(retained[retained.len() - left].saturating_sub(1)));
+            }
+            left -= retained.len();
+        }
+        Ok(None)
+    }
+
     /// The position of the oldest retained (unexpired, by the system clock) event of `channel`.
     pub fn oldest(&self, channel: &[u8]) -> Result<Option<Position>, StorageError> {
         self.oldest_at(channel, unix_now_ms())
@@ -1300,6 +1339,18 @@ impl Store {
     }
 
     /// The channel's `removed_through` (0 without bookkeeping, which means without chunks).
+    /// The seq through which retention has removed `channel`'s events: one read, without
+    /// looking for expired chunks not yet removed (see [`Store::retention_floor`] for that).
+    /// A replay in progress compares it with its position to learn that events it had not
+    /// reached were dropped.
+    pub fn removal_floor(&self, channel: &[u8]) -> Result<u64, StorageError> {
+        let meta_key = codec::chan_key(codec::PREFIX_CHANNEL, channel);
+        Ok(match self.tree.get(&meta_key)? {
+            Some(v) => codec::decode::<ChannelMeta>(&v, "channel meta")?.removed_through,
+            None => self.forgotten[usize::from(self.partition_of(channel))].load(Ordering::Acquire),
+        })
+    }
+
     fn removed_through(&self, channel: &[u8]) -> Result<u64, StorageError> {
         let meta_key = codec::chan_key(codec::PREFIX_CHANNEL, channel);
         Ok(match self.tree.get(&meta_key)? {
@@ -2704,7 +2755,13 @@ mod tests {
                 };
                 for k in 0..=want.len() + 1 {
                     let tail = want[want.len().saturating_sub(k)..].to_vec();
-                    prop_assert_eq!(events(store.last_at(name, k, T0).unwrap()), tail);
+                    prop_assert_eq!(events(store.last_at(name, k, T0).unwrap()), tail.clone());
+                    // The same events, read from where seq_before_last says to start.
+                    let after = store.seq_before_last_at(name, k, T0).unwrap();
+                    prop_assert_eq!(
+                        events(store.history_after_at(name, after, usize::MAX, T0).unwrap()),
+                        tail
+                    );
                 }
                 for (i, (pos, _)) in want.iter().enumerate() {
                     let rest = events(store.history_after_at(name, Some(pos.seq), 100, T0).unwrap());
