@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::failover::{self, Decision, LeaderContact, Probe};
+use crate::failure::GroupFailure;
 use crate::handoff::{self, HandBacks, PartitionGate};
 use crate::identity::NodeIdentity;
 use crate::interest::{Interest, InterestTable, TransientEvent};
@@ -475,10 +476,11 @@ impl ClusterNode {
     }
 
     /// Why this node can no longer take part in a group, if it cannot: a group whose Raft
-    /// stopped on a fatal error (its log or state machine failed to write: a full disk, an I/O
-    /// error) while the node runs. Such a group neither commits nor applies here until the node
-    /// restarts; its peers carry on without this node.
-    pub fn failure(&self) -> Option<String> {
+    /// stopped on a fatal error while the node runs: its log or state machine failed (a full
+    /// disk, an I/O error: [`GroupFailure::storage`]), or its Raft task panicked or stopped.
+    /// Such a group neither commits nor applies here until the node restarts; its peers carry
+    /// on without this node. The first such group, by id.
+    pub fn failure(&self) -> Option<GroupFailure> {
         if self.inner.shutdown.is_cancelled() {
             return None;
         }
@@ -486,20 +488,7 @@ impl ClusterNode {
             .groups
             .iter()
             .enumerate()
-            .find_map(|(group, raft)| {
-                let m = raft.metrics().borrow().clone();
-                let what = match group_partition(group as GroupId) {
-                    Some(partition) => format!("partition {partition}'s group"),
-                    None => "the meta group".to_string(),
-                };
-                match m.running_state {
-                    Err(fatal) => Some(format!("{what} stopped on this node: {fatal}")),
-                    Ok(()) if m.state == ServerState::Shutdown => {
-                        Some(format!("{what} stopped on this node"))
-                    }
-                    Ok(()) => None,
-                }
-            })
+            .find_map(|(group, raft)| GroupFailure::of(group as GroupId, raft))
     }
 
     /// Resolves once the node is shutting down.

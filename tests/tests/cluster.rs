@@ -203,6 +203,8 @@ async fn a_publish_on_one_node_reaches_subscribers_on_the_others() {
         .unwrap();
     for line in [
         "herald_ready 1",
+        "herald_storage_failed 0",
+        "herald_raft_group_stopped 0",
         "herald_cluster_has_quorum 1",
         "herald_cluster_members 3",
         "herald_raft_term{group=\"0\"}",
@@ -1165,6 +1167,15 @@ async fn a_member_whose_disk_fills_sends_its_clients_away_and_catches_up_after_a
     assert!(told.contains("storage failed"), "{told}");
     let stats = herald_tests::cluster::get_json(cluster.node(3), "/api/realtime/stats").unwrap();
     assert_eq!(stats["status"], "storage failed", "{stats}");
+    let metrics = reqwest::get(format!("http://{}/metrics", cluster.node(3).http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in ["herald_storage_failed 1", "herald_raft_group_stopped 0"] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
 
     // Restarted without the limit, node 3 catches up: every acknowledged event, in order, once.
     cluster.kill(3);
