@@ -39,6 +39,11 @@
 //! This module holds the policy ([`HandBacks`], [`hand_back_target`]) and both sides of the
 //! procedure (`HandBack::run` on the leader, `Taker::take_over` on the preferred node);
 //! `node` runs the policy in its placement loop and answers `TakeOver`.
+//!
+//! A node shutting down (SIGTERM) hands over every partition it leads with the same procedure,
+//! asking the group's other voters in turn ([`hand_over_order`], `hand_over`) until one takes
+//! it or the time runs out: the voter asked first may refuse (it cannot yet reach a node that
+//! has just restarted) where another can take over.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -124,13 +129,13 @@ pub(crate) struct HandBack {
 impl HandBack {
     /// Closes `gate`, waits until `to` holds every entry, asks it to take over and waits until
     /// this node no longer leads (at most [`HANDOFF_LIMIT`] leases); then opens the gate again,
-    /// whatever happened. Returns whether another node leads now.
+    /// whatever happened. Returns how it ended (the caller logs it).
     pub(crate) async fn run(
         &self,
         raft: &Raft<TypeConfig>,
         gate: &PartitionGate,
         peers: &Peers,
-    ) -> bool {
+    ) -> Attempt {
         let HandBack {
             me,
             group,
@@ -138,13 +143,11 @@ impl HandBack {
             term,
             lease,
         } = *self;
-        let started = tokio::time::Instant::now();
         // Forwarded publishes are turned away from now on; no new round starts here, and the
         // one in flight finishes.
         let _closing = gate.start_closing();
         let Ok(_closed) = tokio::time::timeout(lease, gate.rounds.write()).await else {
-            tracing::debug!(group, to, "hand-back: a round did not finish in time");
-            return false;
+            return Attempt::Failed("a publish round on this node did not finish in time".into());
         };
         let mut metrics = raft.metrics();
         let caught_up = tokio::time::timeout(
@@ -160,8 +163,9 @@ impl HandBack {
         .await
         .map(|r| r.map(|m| m.last_log_index));
         let Ok(Ok(last_log_index)) = caught_up else {
-            tracing::debug!(group, to, "hand-back: the node did not catch up in time");
-            return false;
+            return Attempt::Failed(format!(
+                "node {to} did not hold this node's whole log within {lease:?}"
+            ));
         };
         let request = Request::App(encode(&AppRequest::TakeOver {
             group,
@@ -169,20 +173,17 @@ impl HandBack {
         }));
         // Only an explicit refusal means `to` will not call the election; after a lost answer
         // it may still, so the gate stays closed for the wait below either way.
-        let wait = match peers.call(to, &request, lease).await {
+        let (wait, answer) = match peers.call(to, &request, lease).await {
             Ok(Response::App(bytes)) => match decode::<AppResponse>(&bytes) {
-                Ok(AppResponse::Done(Ok(()))) => lease * HANDOFF_LIMIT,
-                Ok(AppResponse::Done(Err(error))) => {
-                    tracing::info!(group, to, %error, "hand-back refused; this node goes on leading");
-                    return false;
-                }
-                _ => lease,
+                Ok(AppResponse::Done(Ok(()))) => (lease * HANDOFF_LIMIT, "it accepted".to_string()),
+                Ok(AppResponse::Done(Err(error))) => return Attempt::Refused(error.to_string()),
+                other => (lease, format!("unexpected answer {other:?}")),
             },
             Err(error) if error.not_sent() => {
-                tracing::debug!(group, to, %error, "hand-back: the request was not delivered");
-                return false;
+                return Attempt::Failed(format!("the request was not delivered: {error}"));
             }
-            _ => lease,
+            Err(error) => (lease, error.to_string()),
+            Ok(other) => (lease, format!("unexpected answer {other:?}")),
         };
         // Moved once another node leads (this node steps down as it grants the vote, and
         // knows no leader until the new one's first message).
@@ -191,24 +192,137 @@ impl HandBack {
             metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != me)),
         )
         .await
-        .is_ok_and(|r| r.is_ok());
-        let held_ms = started.elapsed().as_millis() as u64;
-        if moved {
-            tracing::info!(
-                group,
-                to,
-                held_ms,
-                "handed the partition back to its preferred node"
-            );
-        } else {
-            tracing::info!(
-                group,
-                to,
-                held_ms,
-                "hand-back: still the leader; this node goes on leading"
-            );
+        .ok()
+        .and_then(|r| r.ok())
+        .and_then(|m| m.current_leader);
+        match moved {
+            Some(leader) => Attempt::Moved(leader),
+            None => Attempt::Failed(format!(
+                "asked node {to} ({answer}), but this node still led after {wait:?}"
+            )),
         }
-        moved
+    }
+}
+
+/// How one attempt to hand a group over ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Attempt {
+    /// Another node leads the group now (normally the one asked).
+    Moved(NodeId),
+    /// The node asked refused; its reason.
+    Refused(String),
+    /// The leadership did not move for another reason (the node did not catch up in time, the
+    /// request did not reach it, the election it called did not end in time): what happened.
+    Failed(String),
+    /// Nothing more to try: this node no longer leads the group, and no other node is known to.
+    GaveUp(String),
+}
+
+impl Attempt {
+    /// Whether the leadership moved.
+    pub(crate) fn moved(&self) -> bool {
+        matches!(self, Attempt::Moved(_))
+    }
+}
+
+/// How a shutting-down leader's hand-over of one group ended (see [`hand_over`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct HandOver {
+    /// The node that leads the group now, if the leadership moved.
+    pub took: Option<NodeId>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Per node asked without success, in the order first asked: why it did not take over
+    /// (its last attempt's reason).
+    pub failed: Vec<(NodeId, String)>,
+    /// Why the attempts stopped before the time ran out without a new leader, if they did.
+    pub gave_up: Option<String>,
+}
+
+impl HandOver {
+    fn record(&mut self, node: NodeId, why: String) {
+        match self.failed.iter_mut().find(|(n, _)| *n == node) {
+            Some(slot) => slot.1 = why,
+            None => self.failed.push((node, why)),
+        }
+    }
+
+    /// Why no voter took over, for the log: each voter asked and its last reason.
+    pub(crate) fn why_not(&self) -> String {
+        let mut parts: Vec<String> = self
+            .failed
+            .iter()
+            .map(|(node, why)| format!("node {node}: {why}"))
+            .collect();
+        parts.extend(self.gave_up.clone());
+        if parts.is_empty() {
+            "no voter to ask".into()
+        } else {
+            parts.join("; ")
+        }
+    }
+}
+
+/// The order in which a leader that is shutting down asks its group's other `voters` to take
+/// over: those that answered its ping (`reachable`) first, then the most caught up (`matched`:
+/// the leader's replication progress of each); on a tie the higher id first, which keeps the
+/// first choice of the earlier single-voter version when all answer and are caught up.
+pub fn hand_over_order(
+    me: NodeId,
+    voters: &[NodeId],
+    matched: impl Fn(NodeId) -> Option<u64>,
+    reachable: impl Fn(NodeId) -> bool,
+) -> Vec<NodeId> {
+    let mut order: Vec<NodeId> = voters.iter().copied().filter(|&v| v != me).collect();
+    order.sort_by_key(|&v| std::cmp::Reverse((reachable(v), matched(v), v)));
+    order
+}
+
+/// Asks `candidates`, in turn, to take a group over (`attempt` asks one) until one does or an
+/// attempt gives up; once every candidate has failed, waits `pause` and goes round again (a
+/// voter that could not reach a just-restarted node a moment ago often can now). Stops at
+/// `deadline` whatever happens (the attempt under way is dropped, which opens the gate).
+pub(crate) async fn hand_over<F, Fut>(
+    candidates: &[NodeId],
+    deadline: tokio::time::Instant,
+    pause: Duration,
+    mut attempt: F,
+) -> HandOver
+where
+    F: FnMut(NodeId) -> Fut,
+    Fut: std::future::Future<Output = Attempt>,
+{
+    let mut outcome = HandOver::default();
+    if candidates.is_empty() {
+        return outcome;
+    }
+    loop {
+        for &to in candidates {
+            outcome.attempts += 1;
+            let Ok(result) = tokio::time::timeout_at(deadline, attempt(to)).await else {
+                // An earlier round's reason says more than this one's cut-off.
+                if !outcome.failed.iter().any(|(n, _)| *n == to) {
+                    outcome.record(to, "still under way when the time ran out".into());
+                }
+                return outcome;
+            };
+            match result {
+                Attempt::Moved(node) => {
+                    outcome.took = Some(node);
+                    return outcome;
+                }
+                Attempt::Refused(why) => outcome.record(to, format!("refused: {why}")),
+                Attempt::Failed(why) => outcome.record(to, why),
+                Attempt::GaveUp(why) => {
+                    outcome.gave_up = Some(why);
+                    return outcome;
+                }
+            }
+        }
+        if tokio::time::Instant::now() + pause >= deadline {
+            return outcome;
+        }
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -542,6 +656,139 @@ mod tests {
             rx.recv().await,
             Some((3, false)),
             "a panicked one counts as not moved"
+        );
+    }
+
+    #[test]
+    fn hand_over_order_prefers_reachable_then_caught_up_voters() {
+        let matched = |v: NodeId| match v {
+            1 => Some(5),
+            2 => Some(90),
+            3 => Some(100),
+            4 => Some(100),
+            _ => None,
+        };
+        let all = |_| true;
+        assert_eq!(hand_over_order(1, &[1, 2, 3], matched, all), [3, 2]);
+        assert_eq!(
+            hand_over_order(1, &[1, 2, 3], matched, |v| v != 3),
+            [2, 3],
+            "a voter that did not answer the ping goes last"
+        );
+        assert_eq!(
+            hand_over_order(1, &[1, 3, 4], matched, all),
+            [4, 3],
+            "a tie goes to the higher id, the earlier version's only choice"
+        );
+        assert_eq!(
+            hand_over_order(2, &[1, 2, 5], matched, all),
+            [1, 5],
+            "never matched comes after matched"
+        );
+        assert_eq!(hand_over_order(1, &[1], matched, all), Vec::<NodeId>::new());
+    }
+
+    /// Runs [`hand_over`] over `candidates` with `answers` as the attempts' outcomes, in
+    /// order (then `Failed`), and returns the outcome and the nodes asked.
+    async fn run_hand_over(
+        candidates: &[NodeId],
+        limit: Duration,
+        answers: Vec<Attempt>,
+    ) -> (HandOver, Vec<NodeId>) {
+        let answers = std::sync::Mutex::new(answers.into_iter());
+        let asked = std::sync::Mutex::new(Vec::new());
+        let deadline = tokio::time::Instant::now() + limit;
+        let outcome = hand_over(candidates, deadline, Duration::from_millis(20), |to| {
+            asked.lock().unwrap().push(to);
+            let next = answers.lock().unwrap().next();
+            async move { next.unwrap_or_else(|| Attempt::Failed("no".into())) }
+        })
+        .await;
+        (outcome, asked.into_inner().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_refused_hand_over_goes_to_the_next_voter() {
+        let (outcome, asked) = run_hand_over(
+            &[3, 2],
+            Duration::from_secs(5),
+            vec![
+                Attempt::Refused(
+                    "node 3 cannot take over group 1: it cannot reach every other voter".into(),
+                ),
+                Attempt::Moved(2),
+            ],
+        )
+        .await;
+        assert_eq!(asked, [3, 2]);
+        assert_eq!(outcome.took, Some(2));
+        assert_eq!(outcome.attempts, 2);
+        assert_eq!(outcome.failed.len(), 1);
+        assert!(
+            outcome.failed[0].1.starts_with("refused: node 3 cannot"),
+            "{outcome:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn every_voter_is_asked_again_while_time_remains() {
+        let (outcome, asked) = run_hand_over(
+            &[3, 2],
+            Duration::from_secs(5),
+            vec![
+                Attempt::Refused("busy".into()),
+                Attempt::Failed("not caught up".into()),
+                Attempt::Moved(3),
+            ],
+        )
+        .await;
+        assert_eq!(asked, [3, 2, 3]);
+        assert_eq!(outcome.took, Some(3));
+    }
+
+    #[tokio::test]
+    async fn without_a_taker_it_says_why_each_voter_did_not_take_over() {
+        let (outcome, asked) = run_hand_over(
+            &[3, 2],
+            Duration::from_millis(100),
+            vec![Attempt::Refused(
+                "node 3 cannot take over group 1: it cannot reach every other voter".into(),
+            )],
+        )
+        .await;
+        assert_eq!(outcome.took, None);
+        assert!(asked.len() >= 2, "{asked:?}");
+        let why = outcome.why_not();
+        assert!(why.contains("node 3: "), "{why}");
+        assert!(why.contains("node 2: no"), "{why}");
+        // An attempt that gives up ends it at once.
+        let (outcome, asked) = run_hand_over(
+            &[3, 2],
+            Duration::from_secs(5),
+            vec![Attempt::GaveUp("this node no longer leads it".into())],
+        )
+        .await;
+        assert_eq!(asked, [3]);
+        assert_eq!(outcome.took, None);
+        assert_eq!(outcome.why_not(), "this node no longer leads it");
+        // And one still under way at the deadline is dropped there.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+        let outcome = hand_over(&[2], deadline, Duration::from_millis(10), |_| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Attempt::Moved(2)
+        })
+        .await;
+        assert_eq!(outcome.took, None);
+        assert_eq!(
+            outcome.why_not(),
+            "node 2: still under way when the time ran out"
+        );
+        assert_eq!(
+            run_hand_over(&[], Duration::from_secs(1), vec![])
+                .await
+                .0
+                .attempts,
+            0
         );
     }
 

@@ -20,12 +20,15 @@
 //! - [`message`]: the node layer's own requests (forwarded publishes, meta writes, joins).
 //! - [`proposer`]: one task per partition batching publishes into one Raft entry per round,
 //!   forwarding to the leader, retrying only when that is safe.
+//! - [`failure`]: why a group stopped on this node: its storage failed, or its Raft task
+//!   panicked or stopped.
 //! - [`failover`]: when a leader goes silent, the surviving voters pick the candidate with the
 //!   longest log and start its election as soon as the lease allows.
 //! - [`node`]: [`node::ClusterNode`]: the groups, bootstrap by `--bootstrap-expect`, placement,
 //!   join/remove, status.
 
 pub mod failover;
+pub mod failure;
 pub mod handoff;
 pub mod identity;
 pub mod interest;

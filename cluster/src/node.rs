@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::failover::{self, Decision, LeaderContact, Probe};
+use crate::failure::GroupFailure;
 use crate::handoff::{self, HandBacks, PartitionGate};
 use crate::identity::NodeIdentity;
 use crate::interest::{Interest, InterestTable, TransientEvent};
@@ -478,10 +479,11 @@ impl ClusterNode {
     }
 
     /// Why this node can no longer take part in a group, if it cannot: a group whose Raft
-    /// stopped on a fatal error (its log or state machine failed to write: a full disk, an I/O
-    /// error) while the node runs. Such a group neither commits nor applies here until the node
-    /// restarts; its peers carry on without this node.
-    pub fn failure(&self) -> Option<String> {
+    /// stopped on a fatal error while the node runs: its log or state machine failed (a full
+    /// disk, an I/O error: [`GroupFailure::storage`]), or its Raft task panicked or stopped.
+    /// Such a group neither commits nor applies here until the node restarts; its peers carry
+    /// on without this node. The first such group, by id.
+    pub fn failure(&self) -> Option<GroupFailure> {
         if self.inner.shutdown.is_cancelled() {
             return None;
         }
@@ -489,20 +491,7 @@ impl ClusterNode {
             .groups
             .iter()
             .enumerate()
-            .find_map(|(group, raft)| {
-                let m = raft.metrics().borrow().clone();
-                let what = match group_partition(group as GroupId) {
-                    Some(partition) => format!("partition {partition}'s group"),
-                    None => "the meta group".to_string(),
-                };
-                match m.running_state {
-                    Err(fatal) => Some(format!("{what} stopped on this node: {fatal}")),
-                    Ok(()) if m.state == ServerState::Shutdown => {
-                        Some(format!("{what} stopped on this node"))
-                    }
-                    Ok(()) => None,
-                }
-            })
+            .find_map(|(group, raft)| GroupFailure::of(group as GroupId, raft))
     }
 
     /// Resolves once the node is shutting down.
@@ -515,7 +504,18 @@ impl ClusterNode {
     /// in milliseconds instead of leaving each partition without a leader for a failover.
     pub async fn shutdown(&self) {
         if self.is_formed() {
-            let _ = tokio::time::timeout(HAND_OVER_LIMIT, self.hand_over_partitions()).await;
+            // The hand-over keeps to its deadline; the timeout is a backstop, so that no
+            // attempt stuck past it can hold the shutdown up.
+            let deadline = tokio::time::Instant::now() + HAND_OVER_LIMIT;
+            let backstop = HAND_OVER_LIMIT + Duration::from_secs(1);
+            if tokio::time::timeout(backstop, self.hand_over_partitions(deadline))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "shutting down: the partition hand-over overran its limit; stopping anyway"
+                );
+            }
         }
         self.inner.shutdown.cancel();
         for raft in &self.inner.groups {
@@ -527,50 +527,147 @@ impl ClusterNode {
         self.inner.transport.shutdown().await;
     }
 
-    /// Hands every partition group this node leads to its most caught-up other voter (the
-    /// hand-back procedure of [`crate::handoff`], all partitions at once). A partition that
-    /// cannot be handed over (led for less than a lease, no voter caught up) fails over as
-    /// after a crash.
-    async fn hand_over_partitions(&self) {
+    /// Hands every partition group this node leads to another voter (the hand-back procedure
+    /// of [`crate::handoff`], all partitions at once), by `deadline`. Each group's other
+    /// voters are asked in turn ([`handoff::hand_over_order`]: those that answer a ping, then
+    /// the most caught up), and again while time remains: a voter refuses when it cannot
+    /// reach the group's third voter (one restarted a moment ago, say), and another may not
+    /// need to. A partition no voter takes (led for less than a lease, no voter caught up or
+    /// able to lead) fails over as after a crash. Each outcome is logged.
+    async fn hand_over_partitions(&self, deadline: tokio::time::Instant) {
         let me = self.inner.id;
         let lease = Duration::from_millis(self.inner.raft_timings.election_max_ms);
-        let mut runs = Vec::new();
-        for (partition, gate) in self.inner.gates.iter().enumerate() {
-            let group = partition_group(partition as Partition);
-            let raft = &self.inner.groups[usize::from(group)];
-            let m = raft.metrics().borrow().clone();
-            if m.current_leader != Some(me) {
-                continue;
-            }
-            let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-            // The procedure needs the leader's vote and the taker's to be a quorum.
-            if voters.len() > 3 {
-                continue;
-            }
-            let Some(to) = voters
-                .iter()
-                .filter(|&&v| v != me)
-                .max_by_key(|&&v| handoff::matched_index(&m, v))
-                .copied()
-            else {
-                continue;
-            };
-            let hand_over = handoff::HandBack {
-                me,
-                group,
-                to,
-                term: m.current_term,
-                lease,
-            };
-            let peers = self.inner.peers.clone();
-            runs.push(async move {
-                let moved = hand_over.run(raft, gate, &peers).await;
-                tracing::info!(group, to, moved, "shutting down: handed the partition over");
-            });
+        let led: Vec<(Partition, GroupId)> = (0..self.inner.gates.len())
+            .map(|partition| partition as Partition)
+            .map(|partition| (partition, partition_group(partition)))
+            .filter(|&(_, group)| {
+                let m = self.inner.groups[usize::from(group)].metrics();
+                let m = m.borrow();
+                m.current_leader == Some(me) && m.state == ServerState::Leader
+            })
+            .collect();
+        if led.is_empty() {
+            return;
         }
-        if !runs.is_empty() {
-            futures::future::join_all(runs).await;
+        // Which other voters answer at all (one ping each): they are asked first.
+        let mut others = BTreeSet::new();
+        for &(_, group) in &led {
+            let m = self.inner.groups[usize::from(group)].metrics();
+            others.extend(
+                m.borrow()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .filter(|&v| v != me),
+            );
         }
+        let ping_deadline = Duration::from_millis(self.inner.raft_timings.heartbeat_ms);
+        let pings = others.into_iter().map(|voter| async move {
+            let request = Request::App(encode(&AppRequest::Ping));
+            let answered = matches!(
+                self.inner.peers.call(voter, &request, ping_deadline).await,
+                Ok(Response::App(_))
+            );
+            (voter, answered)
+        });
+        let reachable: BTreeSet<NodeId> = futures::future::join_all(pings)
+            .await
+            .into_iter()
+            .filter_map(|(voter, answered)| answered.then_some(voter))
+            .collect();
+        let runs = led.into_iter().map(|(partition, group)| {
+            let reachable = &reachable;
+            async move {
+                let raft = &self.inner.groups[usize::from(group)];
+                let gate = &self.inner.gates[usize::from(partition)];
+                let peers = &self.inner.peers;
+                let m = raft.metrics().borrow().clone();
+                let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+                // The procedure needs the leader's vote and the taker's to be a quorum.
+                if voters.len() > 3 {
+                    tracing::info!(
+                        group,
+                        partition,
+                        "shutting down: partition {partition} is not handed over (more than three voters); it fails over once this node stops"
+                    );
+                    return;
+                }
+                let candidates = handoff::hand_over_order(
+                    me,
+                    &voters,
+                    |v| handoff::matched_index(&m, v),
+                    |v| reachable.contains(&v),
+                );
+                if candidates.is_empty() {
+                    tracing::info!(
+                        group,
+                        partition,
+                        "shutting down: partition {partition} has no other voter to hand it to"
+                    );
+                    return;
+                }
+                let started = tokio::time::Instant::now();
+                let outcome = handoff::hand_over(&candidates, deadline, lease, |to| async move {
+                    let m = raft.metrics().borrow().clone();
+                    if m.current_leader != Some(me) || m.state != ServerState::Leader {
+                        // An earlier attempt's election (whose answer was lost) or a failover
+                        // moved it: whoever leads now has it.
+                        let mut metrics = raft.metrics();
+                        let leader = tokio::time::timeout(
+                            lease,
+                            metrics.wait_for(|m| m.current_leader.is_some()),
+                        )
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok())
+                        .and_then(|m| m.current_leader);
+                        return match leader {
+                            Some(leader) if leader != me => handoff::Attempt::Moved(leader),
+                            _ => handoff::Attempt::GaveUp(
+                                "this node no longer leads it, and no other node does yet".into(),
+                            ),
+                        };
+                    }
+                    let hand_over = handoff::HandBack {
+                        me,
+                        group,
+                        to,
+                        term: m.current_term,
+                        lease,
+                    };
+                    hand_over.run(raft, gate, peers).await
+                })
+                .await;
+                let held_ms = started.elapsed().as_millis() as u64;
+                match outcome.took {
+                    Some(node) if outcome.failed.is_empty() => tracing::info!(
+                        group,
+                        partition,
+                        node,
+                        held_ms,
+                        "shutting down: node {node} took over partition {partition}"
+                    ),
+                    Some(node) => tracing::info!(
+                        group,
+                        partition,
+                        node,
+                        attempts = outcome.attempts,
+                        held_ms,
+                        "shutting down: node {node} took over partition {partition}, after {}",
+                        outcome.why_not()
+                    ),
+                    None => tracing::info!(
+                        group,
+                        partition,
+                        attempts = outcome.attempts,
+                        held_ms,
+                        "shutting down: no voter took over partition {partition} ({}); it fails over once this node stops",
+                        outcome.why_not()
+                    ),
+                }
+            }
+        });
+        futures::future::join_all(runs).await;
     }
 
     /// Members, roles, leaders and positions of every group, as `herald cluster status` shows.
@@ -1351,9 +1448,33 @@ impl ClusterNode {
                         let peers = self.inner.peers.clone();
                         let mut outcome = handoff::Outcome::new(group, handed_tx.clone());
                         tokio::spawn(async move {
-                            if let Some(gate) = gate {
-                                outcome.record(hand_back.run(&raft, &gate, &peers).await);
+                            let Some(gate) = gate else { return };
+                            let started = tokio::time::Instant::now();
+                            let attempt = hand_back.run(&raft, &gate, &peers).await;
+                            let held_ms = started.elapsed().as_millis() as u64;
+                            match &attempt {
+                                handoff::Attempt::Moved(_) => tracing::info!(
+                                    group,
+                                    to,
+                                    held_ms,
+                                    "handed the partition back to its preferred node"
+                                ),
+                                handoff::Attempt::Refused(error) => tracing::info!(
+                                    group,
+                                    to,
+                                    %error,
+                                    "hand-back refused; this node goes on leading"
+                                ),
+                                handoff::Attempt::Failed(why) | handoff::Attempt::GaveUp(why) => {
+                                    tracing::info!(
+                                        group,
+                                        to,
+                                        held_ms,
+                                        "hand-back: still the leader ({why}); this node goes on leading"
+                                    )
+                                }
                             }
+                            outcome.record(attempt.moved());
                         });
                         continue;
                     }

@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::NodeId;
 use crate::failover::LeaderContact;
+use crate::failure::GroupFailure;
 use crate::handoff::PartitionGate;
 use crate::message::{AppRequest, AppResponse, ProposeError, decode, encode};
 use crate::rpc::{Peers, Request, Response, RpcError};
@@ -369,13 +370,18 @@ impl ProposerContext {
     }
 
     async fn write_locally(&self, batch: &[ProposeRequest], remaining: Duration) -> Round {
-        // A group that stopped here (a storage failure) keeps its last metrics, this node as
-        // leader among them: nothing can be appended, say so at once.
-        if self.raft.metrics().borrow().running_state.is_err() {
-            return Round::Done(Err(ProposeError::NotCommitted(format!(
-                "partition {}'s group stopped on this node (a storage failure); restart the node",
-                self.partition
-            ))));
+        // A group that stopped here (a storage failure, a panic) keeps its last metrics, this
+        // node as leader among them: nothing can be appended, say so at once.
+        let group = partition_group(self.partition);
+        if let Some(failure) = GroupFailure::of(group, &self.raft) {
+            return Round::Done(Err(ProposeError::NotCommitted(if failure.storage {
+                format!(
+                    "partition {}'s group stopped on this node (a storage failure); restart the node",
+                    self.partition
+                )
+            } else {
+                format!("{failure}; restart the node")
+            })));
         }
         let command = Command::Publish {
             now_ms: unix_now_ms(),
@@ -393,12 +399,20 @@ impl ProposerContext {
             },
             // Not the leader (any more), or the entry was truncated: not committed.
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Round::Retry,
-            // The group stopped here (its log failed to write: a full disk). The entry may
-            // have reached the followers before, and commit under the next leader.
-            Ok(Err(RaftError::Fatal(fatal))) => Round::Unknown(format!(
-                "partition {}'s group stopped on this node: {fatal}",
-                self.partition
-            )),
+            // The group stopped here (its log failed to write: a full disk; or it panicked).
+            // The entry may have reached the followers before, and commit under the next
+            // leader.
+            Ok(Err(RaftError::Fatal(fatal))) => {
+                let failure = GroupFailure::from_fatal(partition_group(self.partition), &fatal);
+                Round::Unknown(if failure.storage {
+                    format!(
+                        "partition {}'s group stopped on this node: {fatal}",
+                        self.partition
+                    )
+                } else {
+                    failure.to_string()
+                })
+            }
             Ok(Err(error)) => Round::Done(Err(ProposeError::Failed(error.to_string()))),
             Err(_) => Round::Unknown(format!(
                 "no commit within {:?}; this node may have lost its quorum",

@@ -543,6 +543,82 @@ async fn three_raft_nodes_elect_a_leader_and_replicate_a_write() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// What a group that stopped reports: a failed log write is a storage failure; a panic in its
+/// Raft task (which ends the task before it can record anything) is a stopped group, not a
+/// storage failure.
+#[tokio::test]
+async fn a_stopped_group_says_whether_its_storage_failed_or_it_panicked() {
+    use herald_cluster::failure::GroupFailure;
+    init_tracing();
+    const GROUP: GroupId = 3;
+    let dir = cert_dir("stopped", &[1]);
+    let config = Arc::new(
+        openraft::Config {
+            cluster_name: "herald-test".into(),
+            heartbeat_interval: 50,
+            election_timeout_min: 150,
+            election_timeout_max: 300,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap(),
+    );
+    let node = Node::start(
+        bind(&dir, 1, "127.0.0.1:0".parse().unwrap()).unwrap(),
+        PeersOptions::default(),
+    );
+    for how in [mem::Fail::Error, mem::Fail::Panic] {
+        let log = mem::LogStore::default();
+        let raft = Raft::new(
+            1,
+            config.clone(),
+            GroupNetworkFactory::new(node.peers.clone(), GROUP),
+            log.clone(),
+            mem::StateMachine::default(),
+        )
+        .await
+        .unwrap();
+        raft.initialize(BTreeMap::from([(
+            1,
+            BasicNode::new(node.addr().to_string()),
+        )]))
+        .await
+        .unwrap();
+        raft.wait(Some(PATIENCE))
+            .metrics(|m| m.current_leader == Some(1), "node 1 leads")
+            .await
+            .unwrap();
+        assert_eq!(GroupFailure::of(GROUP, &raft), None);
+        log.fail_appends(how);
+        let command = Command::Publish {
+            now_ms: 1,
+            publishes: vec![Publish::new("news", "lost")],
+        };
+        raft.client_write(command).await.unwrap_err();
+        let failure = GroupFailure::of(GROUP, &raft).expect("the group stopped");
+        match how {
+            mem::Fail::Error => {
+                assert!(failure.storage, "{failure:?}");
+                assert!(
+                    failure.to_string().starts_with(
+                        "storage failed: partition 2's group stopped on this node: when Write Logs:"
+                    ),
+                    "{failure}"
+                );
+            }
+            mem::Fail::Panic => {
+                assert!(!failure.storage, "{failure:?}");
+                assert_eq!(
+                    failure.to_string(),
+                    "raft group 3 (partition 2) stopped on this node: its Raft task panicked"
+                );
+            }
+        }
+    }
+    node.stop().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// A minimal in-memory log store and state machine, for this test only.
 mod mem {
     use super::*;
@@ -562,10 +638,27 @@ mod mem {
         committed: Option<LogId<NodeId>>,
         last_purged: Option<LogId<NodeId>>,
         entries: BTreeMap<u64, Entry<TypeConfig>>,
+        fail: Option<Fail>,
+    }
+
+    /// How appends fail once [`LogStore::fail_appends`] is called.
+    #[derive(Clone, Copy, Debug)]
+    pub enum Fail {
+        /// With a storage error, as a full disk would.
+        Error,
+        /// With a panic (in openraft's core task, which calls `append`).
+        Panic,
     }
 
     #[derive(Clone, Default)]
     pub struct LogStore(Arc<Mutex<Log>>);
+
+    impl LogStore {
+        /// Later appends fail, as `how` says.
+        pub fn fail_appends(&self, how: Fail) {
+            self.0.lock().unwrap().fail = Some(how);
+        }
+    }
 
     impl RaftLogReader<TypeConfig> for LogStore {
         async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
@@ -625,6 +718,19 @@ mod mem {
         {
             {
                 let mut log = self.0.lock().unwrap();
+                match log.fail {
+                    Some(Fail::Error) => {
+                        return Err(StorageIOError::write_logs(AnyError::error(
+                            "storage failed: I/O error: No space left on device (os error 28)",
+                        ))
+                        .into());
+                    }
+                    Some(Fail::Panic) => {
+                        drop(log);
+                        panic!("a bug in the log store");
+                    }
+                    None => {}
+                }
                 for entry in entries {
                     log.entries.insert(entry.log_id.index, entry);
                 }

@@ -237,20 +237,25 @@ impl Broker {
     }
 
     /// Why this node cannot store new events, if it cannot: a write to its store failed (a full
-    /// disk), or, in a cluster, one of its Raft groups stopped on such a failure. Only a
-    /// restart recovers it; in a cluster the other nodes carry on.
-    pub fn failure(&self) -> Option<String> {
+    /// disk), or, in a cluster, one of its Raft groups stopped (its storage failed, or its Raft
+    /// task panicked or stopped). Only a restart recovers it; in a cluster the other nodes
+    /// carry on.
+    pub fn failure(&self) -> Option<Failure> {
         if self.store.is_broken() {
             let cause = self.store.broken_by().unwrap_or_default();
-            return Some(format!(
-                "a write to the store failed ({cause}); restart the node to recover from its write-ahead log"
-            ));
+            return Some(Failure {
+                storage: true,
+                message: format!(
+                    "storage failed: a write to the store failed ({cause}); restart the node to recover from its write-ahead log"
+                ),
+            });
         }
         match &self.log {
             Log::Local(_) => None,
-            Log::Cluster(node) => node
-                .failure()
-                .map(|why| format!("{why}; restart the node (the other nodes carry on)")),
+            Log::Cluster(node) => node.failure().map(|failure| Failure {
+                storage: failure.storage,
+                message: format!("{failure}; restart the node (the other nodes carry on)"),
+            }),
         }
     }
 
@@ -261,6 +266,36 @@ impl Broker {
             Log::Local(_) => true,
             Log::Cluster(node) => node.has_quorum(),
         }
+    }
+}
+
+/// Why a node cannot store new events (see [`Broker::failure`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// Its storage failed (a write to the store, or a Raft group's log or state machine: a
+    /// full disk, an I/O error); otherwise a Raft group stopped for another reason (its Raft
+    /// task panicked or stopped).
+    pub storage: bool,
+    /// What failed and what to do: `storage failed: ...`, or `raft group N (...) stopped on
+    /// this node: ...`, then `; restart the node ...`.
+    pub message: String,
+}
+
+impl Failure {
+    /// The status in a phrase, as `/api/realtime/stats` gives it: `storage failed` or
+    /// `raft group stopped`.
+    pub fn status(&self) -> &'static str {
+        if self.storage {
+            "storage failed"
+        } else {
+            "raft group stopped"
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
 }
 

@@ -8,9 +8,10 @@
 //! - **Quorum lost** ([`Reason::NoQuorum`]): the node has been cut off from its cluster for
 //!   [`CUT_OFF_AFTER`]; nothing new commits here. Raised while it lasts, so a client that
 //!   comes back too early is sent away again.
-//! - **Stopped** ([`Reason::Stopped`]): one of the node's Raft groups stopped on a storage
-//!   failure (a full disk), so that partition's events no longer reach this node. Raised at
-//!   once and while it lasts (until a restart).
+//! - **Stopped** ([`Reason::StorageFailed`], [`Reason::GroupStopped`]): one of the node's Raft
+//!   groups stopped, on a storage failure (a full disk) or for another reason (its Raft task
+//!   panicked), so that partition's events no longer reach this node. Raised at once and while
+//!   it lasts (until a restart).
 //! - **History skipped** ([`Reason::Skipped`]): the node caught up from a Raft snapshot, which
 //!   moves partitions forward without applying (so without delivering) the events in between.
 //!   An event: streams open at that moment end; later ones read the history that now has them.
@@ -41,7 +42,9 @@ pub enum Reason {
     /// This node's history skipped ahead of its live delivery (a snapshot install).
     Skipped,
     /// One of this node's Raft groups stopped on a storage failure.
-    Stopped,
+    StorageFailed,
+    /// One of this node's Raft groups stopped for another reason (its Raft task panicked).
+    GroupStopped,
 }
 
 impl Reason {
@@ -50,7 +53,8 @@ impl Reason {
         match self {
             Reason::NoQuorum => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node lost its cluster quorum; reconnect to another node with your Last-Event-ID\"}\n\n",
             Reason::Skipped => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node caught up from a snapshot; reconnect with your Last-Event-ID to get every event\"}\n\n",
-            Reason::Stopped => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node's storage failed; reconnect to another node with your Last-Event-ID\"}\n\n",
+            Reason::StorageFailed => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node's storage failed; reconnect to another node with your Last-Event-ID\"}\n\n",
+            Reason::GroupStopped => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"a Raft group stopped on this node; reconnect to another node with your Last-Event-ID\"}\n\n",
         }
     }
 
@@ -63,8 +67,11 @@ impl Reason {
             Reason::Skipped => {
                 "this node caught up from a snapshot: reconnect and resume from your cursor"
             }
-            Reason::Stopped => {
+            Reason::StorageFailed => {
                 "this node's storage failed: reconnect to another node and resume from your cursor"
+            }
+            Reason::GroupStopped => {
+                "a Raft group stopped on this node: reconnect to another node and resume from your cursor"
             }
         }
     }
@@ -78,8 +85,11 @@ impl Reason {
             Reason::Skipped => {
                 "ERR this node caught up from a snapshot: reconnect and resume from your cursor (HSUBSCRIBE)"
             }
-            Reason::Stopped => {
+            Reason::StorageFailed => {
                 "ERR this node's storage failed: reconnect to another node (HSUBSCRIBE resumes from your cursor)"
+            }
+            Reason::GroupStopped => {
+                "ERR a Raft group stopped on this node: reconnect to another node (HSUBSCRIBE resumes from your cursor)"
             }
         }
     }
@@ -89,7 +99,8 @@ impl Reason {
 #[derive(Debug)]
 pub struct Reconnect {
     /// Set while clients must stay away from this node: [`Reason::NoQuorum`] once it has been
-    /// without quorum for [`CUT_OFF_AFTER`], [`Reason::Stopped`] once a group stopped.
+    /// without quorum for [`CUT_OFF_AFTER`], [`Reason::StorageFailed`] or
+    /// [`Reason::GroupStopped`] once a group stopped.
     cut_off: watch::Receiver<Option<Reason>>,
     /// Counts history skips.
     skips: watch::Receiver<u64>,
@@ -135,12 +146,17 @@ impl Reconnect {
                     _ = node.stopped() => return,
                 }
                 // Before the cluster is formed there is nothing to move to.
-                if let Some(why) = node.failure() {
-                    if *cut_off_tx.borrow() != Some(Reason::Stopped) {
+                if let Some(failure) = node.failure() {
+                    let reason = if failure.storage {
+                        Reason::StorageFailed
+                    } else {
+                        Reason::GroupStopped
+                    };
+                    if *cut_off_tx.borrow() != Some(reason) {
                         tracing::error!(
-                            "{why}: telling streaming and subscribed clients to reconnect elsewhere; restart the node"
+                            "{failure}: telling streaming and subscribed clients to reconnect elsewhere; restart the node"
                         );
-                        let _ = cut_off_tx.send(Some(Reason::Stopped));
+                        let _ = cut_off_tx.send(Some(reason));
                     }
                 } else if !node.is_formed() || node.has_quorum() {
                     without_quorum = None;
@@ -263,6 +279,43 @@ impl SkipDetector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reason_is_told_in_each_protocol_and_a_stopped_group_by_its_kind() {
+        let all = [
+            Reason::NoQuorum,
+            Reason::Skipped,
+            Reason::StorageFailed,
+            Reason::GroupStopped,
+        ];
+        for reason in all {
+            let sse = std::str::from_utf8(reason.sse_event()).unwrap();
+            let data = sse
+                .strip_prefix("event: reconnect\ndata: ")
+                .and_then(|rest| rest.strip_suffix("\n\n"))
+                .unwrap_or_else(|| panic!("{sse:?}"));
+            let data: serde_json::Value = serde_json::from_str(data).unwrap();
+            assert_eq!(data["type"], "reconnect");
+            // A WebSocket close frame's reason holds at most 123 bytes.
+            assert!(reason.ws_close_reason().len() <= 123, "{reason:?}");
+            assert!(reason.resp_error().starts_with("ERR "), "{reason:?}");
+        }
+        for text in [
+            std::str::from_utf8(Reason::StorageFailed.sse_event()).unwrap(),
+            Reason::StorageFailed.ws_close_reason(),
+            Reason::StorageFailed.resp_error(),
+        ] {
+            assert!(text.contains("this node's storage failed"), "{text}");
+        }
+        for text in [
+            std::str::from_utf8(Reason::GroupStopped.sse_event()).unwrap(),
+            Reason::GroupStopped.ws_close_reason(),
+            Reason::GroupStopped.resp_error(),
+        ] {
+            assert!(text.contains("a Raft group stopped on this node"), "{text}");
+            assert!(!text.contains("storage"), "{text}");
+        }
+    }
 
     #[test]
     fn history_stored_and_delivered_is_no_skip() {

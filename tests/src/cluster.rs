@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::relay::Relay;
 use crate::{Herald, PATIENCE, herald_binary, scratch_dir};
 
 /// Partitions of test clusters: few, so formation and status stay quick.
@@ -60,6 +61,8 @@ pub struct Member {
     /// The process, `None` while killed.
     pub node: Option<Herald>,
     data_dir: PathBuf,
+    /// The relay the other nodes reach it through, if the cluster has relays.
+    relay: Option<Relay>,
 }
 
 /// A cluster of herald processes on loopback.
@@ -87,7 +90,7 @@ impl Cluster {
     /// Prepares `total` node slots (all named in every node's `--peers`) but starts and forms
     /// the cluster with the first `started` only; the others can join later.
     pub fn start_some(total: usize, started: usize, extra: &[&str]) -> Cluster {
-        Cluster::start_each(total, started, extra, &[])
+        Cluster::launch_all(total, started, extra, &[], false)
     }
 
     /// [`Cluster::start_some`] with extra arguments for single nodes too: `(id, args)`.
@@ -97,6 +100,23 @@ impl Cluster {
         extra: &[&str],
         node_extra: &[(u64, &[&str])],
     ) -> Cluster {
+        Cluster::launch_all(total, started, extra, node_extra, false)
+    }
+
+    /// [`Cluster::start`] with every node reached through a [`Relay`] of its own (its
+    /// `--peers` entry, hence its member address, is the relay's), so that a test can cut one
+    /// direction between two nodes with [`Cluster::block`].
+    pub fn start_relayed(n: usize) -> Cluster {
+        Cluster::launch_all(n, n, &[], &[], true)
+    }
+
+    fn launch_all(
+        total: usize,
+        started: usize,
+        extra: &[&str],
+        node_extra: &[(u64, &[&str])],
+        relayed: bool,
+    ) -> Cluster {
         let n = total;
         let tls_dir = scratch_dir("tls");
         let dir = tls_dir.to_str().unwrap().to_string();
@@ -104,11 +124,13 @@ impl Cluster {
         let mut members = Vec::new();
         for id in 1..=n as u64 {
             certs(&["issue", "--dir", &dir, "--node-id", &id.to_string()]);
+            let cluster_port = free_udp_port();
             members.push(Member {
                 id,
-                cluster_port: free_udp_port(),
+                cluster_port,
                 node: None,
                 data_dir: scratch_dir(&format!("node{id}")),
+                relay: relayed.then(|| Relay::start(cluster_port)),
             });
         }
         let mut cluster = Cluster {
@@ -132,7 +154,10 @@ impl Cluster {
     fn peers(&self) -> String {
         self.members
             .iter()
-            .map(|m| format!("{}@127.0.0.1:{}", m.id, m.cluster_port))
+            .map(|m| {
+                let port = m.relay.as_ref().map_or(m.cluster_port, |r| r.port);
+                format!("{}@127.0.0.1:{port}", m.id)
+            })
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -205,6 +230,26 @@ impl Cluster {
         let member = &mut self.members[(id - 1) as usize];
         let _ = std::fs::remove_dir_all(&member.data_dir);
         member.data_dir = scratch_dir(&format!("node{id}-wiped"));
+    }
+
+    /// Node `from` can no longer reach node `to` (its packets to `to`'s relay are dropped);
+    /// `to` still reaches `from`. Needs [`Cluster::start_relayed`].
+    pub fn block(&self, from: u64, to: u64) {
+        let from_port = self.members[(from - 1) as usize].cluster_port;
+        self.relay(to).block(from_port);
+    }
+
+    /// Undoes [`Cluster::block`].
+    pub fn unblock(&self, from: u64, to: u64) {
+        let from_port = self.members[(from - 1) as usize].cluster_port;
+        self.relay(to).unblock(from_port);
+    }
+
+    fn relay(&self, id: u64) -> &Relay {
+        self.members[(id - 1) as usize]
+            .relay
+            .as_ref()
+            .expect("a cluster started with relays")
     }
 
     /// Ids of the running nodes.

@@ -8,6 +8,7 @@
 //! so tests run in parallel without port clashes. Every process is killed when its handle drops.
 
 pub mod cluster;
+pub mod relay;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

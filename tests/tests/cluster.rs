@@ -203,6 +203,8 @@ async fn a_publish_on_one_node_reaches_subscribers_on_the_others() {
         .unwrap();
     for line in [
         "herald_ready 1",
+        "herald_storage_failed 0",
+        "herald_raft_group_stopped 0",
         "herald_cluster_has_quorum 1",
         "herald_cluster_members 3",
         "herald_raft_term{group=\"0\"}",
@@ -1178,6 +1180,15 @@ async fn a_member_whose_disk_fills_sends_its_clients_away_and_catches_up_after_a
     assert!(told.contains("storage failed"), "{told}");
     let stats = herald_tests::cluster::get_json(cluster.node(3), "/api/realtime/stats").unwrap();
     assert_eq!(stats["status"], "storage failed", "{stats}");
+    let metrics = reqwest::get(format!("http://{}/metrics", cluster.node(3).http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in ["herald_storage_failed 1", "herald_raft_group_stopped 0"] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
 
     // Restarted without the limit, node 3 catches up: every acknowledged event, in order, once.
     cluster.kill(3);
@@ -1433,4 +1444,68 @@ async fn every_member_applies_the_clusters_namespace_config() {
     );
     let (ok, shown) = cluster.cli(1, &["namespaces"]);
     assert!(ok && shown.contains("history_size = 2"), "{shown}");
+}
+
+/// The SIGTERM hand-over asks another voter when the first one refuses. Node 3 is cut off
+/// from node 2 in one direction (node 2 and node 1 still reach it), so it refuses to take
+/// over node 1's partitions (it could not lead node 2); node 2 can. With both followers
+/// caught up, node 3 is asked first (a tie goes to the higher id, as it did when only one
+/// voter was asked, and then no partition was handed over: each waited for a failover).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_hand_over_asks_another_voter_when_the_first_refuses() {
+    let mut cluster = Cluster::start_relayed(3);
+    let led: Vec<u64> = group_views(&cluster, 1)
+        .unwrap()
+        .iter()
+        .filter(|v| v.leader == Some(1))
+        .filter_map(|v| v.partition)
+        .collect();
+    assert!(!led.is_empty(), "node 1 leads a partition");
+    herald_tests::wait_until("nodes 2 and 3 hold node 1's whole log", || {
+        let Some(status) = cluster.status(1) else {
+            return false;
+        };
+        status["groups"].as_array().unwrap().iter().all(|g| {
+            g["leader"].as_u64() != Some(1)
+                || g["lag"].as_object().is_some_and(|lag| {
+                    ["2", "3"].iter().all(|id| lag.contains_key(*id))
+                        && lag.values().all(|l| l == 0)
+                })
+        })
+    });
+    cluster.block(3, 2);
+    cluster.node(1).signal("TERM");
+    let status = cluster.members[0]
+        .node
+        .as_mut()
+        .unwrap()
+        .wait_exit(PATIENCE)
+        .expect("node 1 exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
+    let log = cluster.members[0].node.as_ref().unwrap().log();
+    // Right as node 1 has exited, node 2 leads its partitions: none waited for a failover.
+    let views = group_views(&cluster, 2).unwrap();
+    for partition in &led {
+        let view = views
+            .iter()
+            .find(|v| v.partition == Some(*partition))
+            .unwrap();
+        assert_eq!(
+            view.leader,
+            Some(2),
+            "partition {partition} was not handed over to node 2: {views:?}\nnode 1's log:\n{log}"
+        );
+        assert!(
+            log.contains(&format!(
+                "shutting down: node 2 took over partition {partition}"
+            )),
+            "{log}"
+        );
+    }
+    assert!(
+        log.contains("cannot take over") && log.contains("it cannot reach every other voter"),
+        "node 3 was asked first and refused: {log}"
+    );
+    cluster.unblock(3, 2);
+    publish_until_acked(&cluster, 2, "after-term", "x").await;
 }

@@ -82,6 +82,14 @@ async fn a_full_disk_refuses_publishes_clearly_and_a_restart_keeps_every_acknowl
     assert_eq!(get(&node, "/health").await.0, 200);
     let (_, stats) = get(&node, "/api/realtime/stats").await;
     assert!(stats.contains("storage failed"), "{stats}");
+    let (_, metrics) = get(&node, "/metrics").await;
+    for line in [
+        "herald_ready 0",
+        "herald_storage_failed 1",
+        "herald_raft_group_stopped 0",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
 
     // A restart (without the limit) recovers from the write-ahead log: every acknowledged
     // event, in order; the one that failed may or may not be there (its outcome was unknown);

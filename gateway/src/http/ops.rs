@@ -17,8 +17,9 @@ pub async fn health() -> Json<Value> {
 }
 
 /// `GET /ready`: 200 while the node accepts clients and (in a cluster) can commit; 503 once it
-/// is shutting down, before the cluster is formed, on the minority side of a partition, or
-/// after a write to its store failed (a full disk: only a restart recovers it).
+/// is shutting down, before the cluster is formed, on the minority side of a partition, after
+/// a write to its store failed (a full disk), or once one of its Raft groups stopped (only a
+/// restart recovers these two; the body says which).
 pub async fn ready(State(state): State<HttpState>) -> Response {
     if state.shutdown().is_cancelled() {
         (
@@ -26,10 +27,10 @@ pub async fn ready(State(state): State<HttpState>) -> Response {
             Json(json!({ "status": "shutting down" })),
         )
             .into_response()
-    } else if let Some(why) = state.broker().failure() {
+    } else if let Some(failure) = state.broker().failure() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": format!("storage failed: {why}") })),
+            Json(json!({ "status": failure.message })),
         )
             .into_response()
     } else if !state.broker().is_ready() {
@@ -68,8 +69,8 @@ pub async fn stats(State(state): State<HttpState>) -> Json<Value> {
     Json(json!({
         "status": if state.shutdown().is_cancelled() {
             "shutting down"
-        } else if state.broker().failure().is_some() {
-            "storage failed"
+        } else if let Some(failure) = state.broker().failure() {
+            failure.status()
         } else {
             "healthy"
         },
@@ -126,12 +127,16 @@ pub async fn metrics(State(state): State<HttpState>) -> Response {
     let history = state.broker().store().channel_stats();
     metrics::gauge!("herald_history_events").set(history.events as f64);
     metrics::gauge!("herald_history_channels").set(history.channels as f64);
-    let ready = !state.shutdown().is_cancelled()
-        && state.broker().failure().is_none()
-        && state.broker().is_ready();
+    let failure = state.broker().failure();
+    let ready = !state.shutdown().is_cancelled() && failure.is_none() && state.broker().is_ready();
     metrics::gauge!("herald_ready").set(f64::from(u8::from(ready)));
-    metrics::gauge!("herald_storage_failed")
-        .set(f64::from(u8::from(state.broker().failure().is_some())));
+    metrics::gauge!("herald_storage_failed").set(f64::from(u8::from(
+        failure.as_ref().is_some_and(|f| f.storage),
+    )));
+    // A Raft group stopped for another cause than its storage (its Raft task panicked).
+    metrics::gauge!("herald_raft_group_stopped").set(f64::from(u8::from(
+        failure.as_ref().is_some_and(|f| !f.storage),
+    )));
     if let Some(node) = state.broker().cluster() {
         cluster_metrics(node);
     }
