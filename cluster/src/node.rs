@@ -1422,7 +1422,11 @@ impl ClusterNode {
                 let membership = m.membership_config.membership().clone();
                 let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
                 if let Some(partition) = group_partition(group as GroupId) {
-                    let preferred = placement(partition, &ids).0.first().copied();
+                    // The first of its placed voters that votes already: while a joined node is
+                    // not yet one (see `rebalance_swap`), leadership goes to a placed voter
+                    // that is, which can then swap in the new one.
+                    let desired = placement(partition, &ids).0;
+                    let preferred = desired.iter().copied().find(|d| voters.contains(d));
                     let matched = preferred.and_then(|p| handoff::matched_index(&m, p));
                     // Two votes (this node's and the target's) make a quorum only in a plain
                     // group of at most three voters.
@@ -1545,10 +1549,81 @@ impl ClusterNode {
                             }
                         }
                     }
+                    continue;
+                }
+                // A full partition group whose voters are not its placement (a node joined,
+                // or learners were promoted after a removal): one voter swapped per round,
+                // so that a joined node takes its share of voting and (by the hand-back)
+                // leading.
+                let Some(partition) = group_partition(group as GroupId) else {
+                    continue;
+                };
+                if membership.get_joint_config().len() != 1 {
+                    continue;
+                }
+                let desired = placement(partition, &ids).0;
+                let last = m.last_log_index.unwrap_or(0);
+                let caught_up = |id: NodeId| {
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(&id))
+                        .is_some_and(|matched| {
+                            matched.as_ref().is_some_and(|l| l.index + 100 >= last)
+                        })
+                };
+                if let Some((out, into)) =
+                    rebalance_swap(self.inner.id, &desired, &voters, caught_up)
+                {
+                    let next: BTreeSet<NodeId> = voters
+                        .iter()
+                        .copied()
+                        .filter(|&v| v != out)
+                        .chain([into])
+                        .collect();
+                    match raft
+                        .change_membership(ChangeMembers::ReplaceAllVoters(next), true)
+                        .await
+                    {
+                        Ok(_) => tracing::info!(
+                            group,
+                            partition,
+                            added = into,
+                            removed = out,
+                            "moved a voter to where the placement puts it (the removed one stays a learner)"
+                        ),
+                        Err(error) => {
+                            tracing::debug!(group, %error, "moving a voter failed")
+                        }
+                    }
                 }
             }
         }
     }
+}
+
+/// The voter swap that brings a full group's voters closer to `desired` (its placement):
+/// `(out, into)`, the first voter not placed there (never `me`, its leader: the hand-back moves
+/// leadership to a placed voter first) for the first placed node that is not a voter and is
+/// `caught_up`. `None` when the voters are the placement, the group is not full, or no such
+/// pair exists yet.
+fn rebalance_swap(
+    me: NodeId,
+    desired: &[NodeId],
+    voters: &BTreeSet<NodeId>,
+    caught_up: impl Fn(NodeId) -> bool,
+) -> Option<(NodeId, NodeId)> {
+    if voters.len() != desired.len() {
+        return None;
+    }
+    let into = desired
+        .iter()
+        .copied()
+        .find(|d| !voters.contains(d) && caught_up(*d))?;
+    let out = voters
+        .iter()
+        .copied()
+        .find(|v| *v != me && !desired.contains(v))?;
+    Some((out, into))
 }
 
 fn raft_error<E: std::error::Error>(error: RaftError<NodeId, E>) -> ProposeError {
@@ -1673,4 +1748,41 @@ pub struct GroupStatus {
     pub learners: Vec<NodeId>,
     /// On the leader: how many entries each follower is behind.
     pub lag: BTreeMap<NodeId, u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_joined_node_is_swapped_in_for_a_voter_outside_the_placement() {
+        let all_caught_up = |_: NodeId| true;
+        let voters = |v: &[NodeId]| v.iter().copied().collect::<BTreeSet<NodeId>>();
+        // Node 4 joined a cluster of 1, 2, 3: partition 1's placement is 2, 3, 4.
+        let desired = placement(1, &[1, 2, 3, 4]).0;
+        assert_eq!(desired, [2, 3, 4]);
+        assert_eq!(
+            rebalance_swap(2, &desired, &voters(&[1, 2, 3]), all_caught_up),
+            Some((1, 4))
+        );
+        // Not while node 4 lags, nor taking out the leader itself (the hand-back first moves
+        // leadership to a placed voter, which then swaps).
+        assert_eq!(
+            rebalance_swap(2, &desired, &voters(&[1, 2, 3]), |n| n != 4),
+            None
+        );
+        assert_eq!(
+            rebalance_swap(1, &desired, &voters(&[1, 2, 3]), all_caught_up),
+            None
+        );
+        // Nothing to do once the voters are the placement, or while the group is short.
+        assert_eq!(
+            rebalance_swap(2, &desired, &voters(&[2, 3, 4]), all_caught_up),
+            None
+        );
+        assert_eq!(
+            rebalance_swap(2, &desired, &voters(&[2, 3]), all_caught_up),
+            None
+        );
+    }
 }

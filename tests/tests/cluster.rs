@@ -604,6 +604,27 @@ async fn a_node_joins_catches_up_and_is_removed() {
     .expect("publish");
     let event = next_message(&mut events).await;
     assert_eq!(serde_json::from_str::<Value>(&event.data).unwrap()["n"], 20);
+    // Node 4 takes its share: it becomes a voter where the placement over the members (1, 2,
+    // 3, 4, 9) puts it (partitions 1, 2, 3), and leads partition 3, which it heads.
+    herald_tests::wait_until(
+        "node 4 votes in partitions 1-3 and leads partition 3",
+        || {
+            cluster.status(1).is_some_and(|s| {
+                let groups = s["groups"].as_array().unwrap();
+                let votes = |p: u64| {
+                    groups.iter().any(|g| {
+                        g["partition"] == p && g["voters"].as_array().unwrap().contains(&json!(4))
+                    })
+                };
+                votes(1)
+                    && votes(2)
+                    && votes(3)
+                    && groups
+                        .iter()
+                        .any(|g| g["partition"] == 3 && g["leader"] == 4)
+            })
+        },
+    );
     let status = cluster.status(1).unwrap();
     for group in status["groups"].as_array().unwrap() {
         assert!(
@@ -664,6 +685,18 @@ async fn a_node_joins_catches_up_and_is_removed() {
             .map(|g| g["term"].as_u64().unwrap())
             .collect()
     };
+    // First the members settle: every partition led by its first placed node among 1, 2, 4
+    // (hand-backs and voter moves change terms; they must be over before terms are compared).
+    herald_tests::wait_until("leadership settles on the placement", || {
+        cluster.status(1).is_some_and(|s| {
+            let groups = s["groups"].as_array().unwrap();
+            [(0, 1), (1, 2), (2, 4), (3, 1)].iter().all(|&(p, leader)| {
+                groups
+                    .iter()
+                    .any(|g| g["partition"] == p && g["leader"] == leader)
+            })
+        })
+    });
     let before = terms(&cluster);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
