@@ -57,6 +57,19 @@ async fn read_n(events: &mut Events, count: usize) -> Vec<i64> {
 }
 
 /// The partition of a publish reply's `position` (`PARTITION-SEQ`).
+/// Sends node `id` SIGTERM and waits for it to exit with success (its process is kept, with
+/// its log).
+fn stop_with_sigterm(cluster: &mut Cluster, id: u64) {
+    cluster.node(id).signal("TERM");
+    let status = cluster.members[(id - 1) as usize]
+        .node
+        .as_mut()
+        .unwrap()
+        .wait_exit(PATIENCE)
+        .unwrap_or_else(|| panic!("node {id} exits after SIGTERM"));
+    assert!(status.success(), "{status:?}");
+}
+
 fn partition_of_reply(reply: &Value) -> u16 {
     let position = reply["position"].as_str().expect("a position");
     let (partition, _) = position.split_once('-').expect("PARTITION-SEQ");
@@ -1370,14 +1383,7 @@ async fn a_node_stopped_with_sigterm_hands_its_partitions_over_first() {
             .any(|v| v.partition.is_some() && v.leader == Some(1)),
         "node 1 leads a partition: {views:?}"
     );
-    cluster.node(1).signal("TERM");
-    let status = cluster.members[0]
-        .node
-        .as_mut()
-        .unwrap()
-        .wait_exit(PATIENCE)
-        .expect("node 1 exits after SIGTERM");
-    assert!(status.success(), "{status:?}");
+    stop_with_sigterm(&mut cluster, 1);
     // Right as it has exited, the others already follow new leaders: no partition waited for
     // a failover (which takes an election timeout to even start).
     let views = group_views(&cluster, 2).unwrap();
@@ -1507,14 +1513,7 @@ async fn a_sigterm_hand_over_asks_another_voter_when_the_first_refuses() {
         })
     });
     cluster.block(3, 2);
-    cluster.node(1).signal("TERM");
-    let status = cluster.members[0]
-        .node
-        .as_mut()
-        .unwrap()
-        .wait_exit(PATIENCE)
-        .expect("node 1 exits after SIGTERM");
-    assert!(status.success(), "{status:?}");
+    stop_with_sigterm(&mut cluster, 1);
     let log = cluster.members[0].node.as_ref().unwrap().log();
     // Right as node 1 has exited, node 2 leads its partitions: none waited for a failover.
     let views = group_views(&cluster, 2).unwrap();
