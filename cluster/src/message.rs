@@ -105,7 +105,9 @@ pub enum ProposeError {
     },
     /// The proposal was sent but its outcome is unknown (timeout or connection lost after
     /// sending): it may or may not commit. Retrying with the same message id is safe.
-    #[error("the outcome of the publish is unknown ({0}); retry with a message id")]
+    #[error(
+        "the outcome of the publish is unknown ({0}); retry with a message id (messageId over HTTP, HPUBLISH channel payload ID id over RESP), so that it commits once"
+    )]
     Unknown(String),
     /// The cluster has not been formed yet (bootstrap still waiting for peers).
     #[error("the cluster is not formed yet")]

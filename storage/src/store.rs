@@ -47,7 +47,7 @@ pub enum StorageError {
     Sled(#[from] sled::Error),
     /// The store was created with another partition count, which can never change.
     #[error(
-        "store in {dir} was created with {stored} partitions but {requested} were requested; the partition count is fixed when a store is created"
+        "store in {dir} was created with {stored} partitions but {requested} were requested; the partition count is fixed when a store is created (use --partitions {stored}, or an empty data directory; a cluster member on a store of another count must be removed, started on an empty data directory and joined again)"
     )]
     PartitionsMismatch {
         /// The store's directory.

@@ -235,6 +235,11 @@ async fn malformed_cursors_and_parameters_are_a_400_with_the_reason() {
             "invalid Last-Event-ID: cursor is truncated",
         ),
         (
+            format!("{}?lastEventId=AA", stream_url(&node, "news")),
+            None,
+            "invalid lastEventId: cursor is truncated",
+        ),
+        (
             format!("{}?last=many", stream_url(&node, "news")),
             None,
             "invalid last 'many': expected a whole number",

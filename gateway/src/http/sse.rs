@@ -236,16 +236,19 @@ fn start_of(headers: &HeaderMap, query: Option<&str>) -> Result<Start, String> {
     let header = headers
         .get("last-event-id")
         .map(|v| v.to_str().map(str::to_string));
-    let cursor = match header {
-        Some(Ok(value)) => Some(value),
+    let (cursor, source) = match header {
+        Some(Ok(value)) => (Some(value), "Last-Event-ID"),
         Some(Err(_)) => return Err("invalid Last-Event-ID: not ASCII".into()),
-        None => params
-            .iter()
-            .find(|(k, _)| k == "lastEventId")
-            .map(|(_, v)| v.clone()),
+        None => (
+            params
+                .iter()
+                .find(|(k, _)| k == "lastEventId")
+                .map(|(_, v)| v.clone()),
+            "lastEventId",
+        ),
     };
     if let Some(cursor) = cursor.filter(|c| !c.trim().is_empty()) {
-        return Start::from_cursor(&cursor).map_err(|e| format!("invalid Last-Event-ID: {e}"));
+        return Start::from_cursor(&cursor).map_err(|e| format!("invalid {source}: {e}"));
     }
     match params.iter().find(|(k, _)| k == "last") {
         Some((_, n)) => n
