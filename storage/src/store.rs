@@ -943,7 +943,9 @@ impl Store {
                 seen.insert(key, position);
             }
 
-            if config.history_size > 0 {
+            // A channel that keeps no history still gets its meta: its loss floor moves past
+            // each event, so a client resuming from before one is told of the gap.
+            {
                 let work = match channels.get_mut(&publish.channel) {
                     Some(w) => w,
                     None => {
@@ -2034,6 +2036,9 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+        // Nothing is kept, and the loss floor says so: a cursor before seq 3 missed events.
+        assert_eq!(store.retention_floor_at(b"live:1", T0).unwrap(), 3);
+        assert_eq!(store.oldest_at(b"live:1", T0).unwrap(), None);
         assert_eq!(
             store.channel_stats(),
             ChannelStats {
