@@ -745,3 +745,41 @@ async fn resuming_a_channel_that_shares_a_partition_loses_nothing() {
     }
     assert_eq!(replayed, [json!(1), json!(2)], "the rest of b");
 }
+
+/// A subscribe with a cursor on a channel the connection already holds restarts that channel
+/// from the cursor: the client gets what follows it again (it asked for it), then live events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_again_with_a_cursor_replays_from_it() {
+    let node = Herald::start();
+    let (mut ws, _) = connect(&node, "/ws").await;
+    subscribe(
+        &mut ws,
+        json!({ "type": "subscribe", "channel": "again" }),
+        "again",
+    )
+    .await;
+    for i in 0..3 {
+        publish(&node, "again", json!({ "n": i })).await;
+    }
+    let (first, _) = split_id(next(&mut ws).await);
+    for n in 1..3 {
+        assert_eq!(split_id(next(&mut ws).await).1["n"], n);
+    }
+    subscribe(
+        &mut ws,
+        json!({ "type": "subscribe", "channel": "again", "cursor": first }),
+        "again",
+    )
+    .await;
+    for n in 1..3 {
+        assert_eq!(
+            split_id(next(&mut ws).await).1["n"],
+            n,
+            "replayed after the cursor"
+        );
+    }
+    publish(&node, "again", json!({ "n": 3 })).await;
+    assert_eq!(split_id(next(&mut ws).await).1["n"], 3, "then live, once");
+    send(&mut ws, json!({ "type": "ping" })).await;
+    assert_eq!(next(&mut ws).await["type"], "pong", "nothing more");
+}

@@ -568,6 +568,11 @@ fn handle(
                 )));
                 return 0;
             }
+            // Subscribing again with a cursor or `last` restarts that channel from there (its
+            // queued live events are dropped: the replay covers them).
+            if held.contains(&channel) && !matches!(start, Start::Live) {
+                stream.unsubscribe(std::slice::from_ref(&channel));
+            }
             match stream.subscribe(vec![channel.clone()], start) {
                 Ok(backlog) => {
                     state.ws_clients().set_channels(id, stream.channels());
