@@ -400,6 +400,20 @@ impl EventStream {
                 self.cursor.advance(position);
             }
         }
+        // `last=N` starts each partition's replay after a known seq: the cursor starts there
+        // too (the lowest of its channels'), so that a client that drops before any event of
+        // a partition resumes at its window, not at the start of what is retained.
+        if let Start::Last(_) = &start {
+            for (&p, channels) in &parts {
+                let starts: Option<Vec<u64>> = channels.iter().map(|c| c.after).collect();
+                if let Some(from) = starts.and_then(|s| s.into_iter().min()) {
+                    let seq = from.min(watermarks[&p]);
+                    if seq > 0 {
+                        self.cursor.advance(Position { partition: p, seq });
+                    }
+                }
+            }
+        }
         // Per partition in sequence order, so the cursor is exact after every event.
         let parts: std::collections::VecDeque<PartReplay> = parts
             .into_iter()
@@ -799,10 +813,20 @@ mod tests {
             Start::Last(2),
         )
         .unwrap();
+        // Before any event, its cursor already starts at the window: a client that drops
+        // now resumes with the last 2, not all 500.
+        let window_start = last.cursor().get(0).expect("partition 0 in the cursor");
         let (events, _, _) = drain_replay(&mut last).await;
         assert_eq!(
             events,
             [498, 499].map(|r| (names[0].clone(), format!("data: {r}\n\n")))
+        );
+        assert_eq!(
+            store
+                .history_after(names[0].as_bytes(), Some(window_start), 10)
+                .unwrap()
+                .len(),
+            2
         );
         drop((stream, last));
         let _ = std::fs::remove_dir_all(dir);
