@@ -38,7 +38,8 @@ pub struct Published {
     /// True when the message id was already committed: nothing new was written and `position`
     /// is the original event's.
     pub duplicate: bool,
-    /// Local receivers of the message (for durable events, counted at acknowledgement).
+    /// Local receivers of the message (for durable events, counted at acknowledgement; 0 for
+    /// a duplicate, which delivers nothing).
     pub receivers: usize,
 }
 
@@ -764,22 +765,23 @@ impl Broker {
                 if let (Log::Local(_), Applied::New(event)) = (&self.log, &applied) {
                     self.delivered.wait_for(event.position).await;
                 }
-                let receivers = self.hub.receiver_count(&channel) + self.remote_receivers(&channel);
                 Ok(match applied {
                     Applied::New(event) => {
                         self.stats.durable_published.fetch_add(1, Ordering::Relaxed);
                         Published {
                             position: Some(event.position),
                             duplicate: false,
-                            receivers,
+                            receivers: self.hub.receiver_count(&channel)
+                                + self.remote_receivers(&channel),
                         }
                     }
                     Applied::Duplicate(position) => {
                         self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        // Nothing was delivered this time (the original was, when it committed).
                         Published {
                             position: Some(position),
                             duplicate: true,
-                            receivers,
+                            receivers: 0,
                         }
                     }
                 })

@@ -380,6 +380,8 @@ async fn message_ids_make_retries_commit_once() {
     assert_eq!(first["duplicate"], false);
     assert_eq!(retry["duplicate"], true);
     assert_eq!(retry["position"], first["position"]);
+    assert_eq!(first["receivers"], 1, "the stream got the original");
+    assert_eq!(retry["receivers"], 0, "the retry delivered nothing");
     publish(&node, "orders", json!({ "order": 2 }), Some("order-2")).await;
     assert_eq!(
         serde_json::from_str::<Value>(&next(&mut events).await.data).unwrap()["order"],
