@@ -57,8 +57,23 @@ impl FileConfig {
     pub fn load(path: &Path) -> Result<FileConfig> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text)
-            .map_err(|e| anyhow!("invalid config file {}: {}", path.display(), e.message()))
+        toml::from_str(&text).map_err(|e| {
+            // The line at fault, as written: a type error's message names no key.
+            let place = e
+                .span()
+                .and_then(|span| {
+                    let line = text[..span.start.min(text.len())].matches('\n').count();
+                    text.lines()
+                        .nth(line)
+                        .map(|l| format!(", line {} (`{}`)", line + 1, l.trim()))
+                })
+                .unwrap_or_default();
+            anyhow!(
+                "invalid config file {}{place}: {}",
+                path.display(),
+                e.message()
+            )
+        })
     }
 }
 
@@ -392,6 +407,21 @@ mod tests {
         let error = NodeConfig::resolve(args).unwrap_err().to_string();
         assert!(error.contains("resp_adr"), "{error}");
         std::fs::remove_file(&file.0).unwrap();
+    }
+
+    #[test]
+    fn a_bad_value_is_reported_with_its_line() {
+        let (path, mut file) = tempfile_in_target("herald-config-bad.toml");
+        write!(file, "[namespace.x]\nhistory_size = 5\ndurable = \"yes\"\n").unwrap();
+        let error = FileConfig::load(&path).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            format!(
+                "invalid config file {}, line 3 (`durable = \"yes\"`): invalid type: string \"yes\", expected a boolean",
+                path.display()
+            )
+        );
+        let _ = std::fs::remove_file(path);
     }
 
     fn tempfile_in_target(name: &str) -> (PathBuf, std::fs::File) {
