@@ -109,12 +109,14 @@ impl InterestTable {
         self.queues.lock().remove(&node);
     }
 
-    /// Calls `f` with every other node's current (unexpired) interest.
+    /// Calls `f` with every other node's current interest: pushed within [`INTEREST_TTL`], by a
+    /// node this one can still reach (a node that died stops counting as soon as its connection
+    /// is found dead, not 10 s later: PUBSUB NUMSUB and receiver counts drop its subscribers).
     pub fn for_each<T>(&self, mut f: impl FnMut(NodeId, &Interest) -> Option<T>) -> Vec<T> {
         let remote = self.remote.read();
         remote
             .iter()
-            .filter(|(_, (_, at))| at.elapsed() < INTEREST_TTL)
+            .filter(|(id, (_, at))| at.elapsed() < INTEREST_TTL && !self.peers.is_unreachable(**id))
             .filter_map(|(id, (interest, _))| f(*id, interest))
             .collect()
     }

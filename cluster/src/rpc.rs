@@ -385,6 +385,16 @@ enum ExchangeError {
 }
 
 impl Peers {
+    /// Whether `id` is known to be out of reach: its last dial failed, or its connection
+    /// closed (a dead peer's, at the QUIC idle timeout). A peer never dialed is not.
+    pub fn is_unreachable(&self, id: NodeId) -> bool {
+        let Some(slot) = self.slots.lock().get(&id).cloned() else {
+            return false;
+        };
+        let slot = slot.lock();
+        slot.failures > 0 || matches!(&slot.link, Link::Connected(c) if c.close_reason().is_some())
+    }
+
     /// The link to every peer this node has an address for (see [`PeerLink`]).
     pub fn links(&self) -> BTreeMap<NodeId, PeerLink> {
         let slots: Vec<(NodeId, Arc<Mutex<Slot>>)> = self
