@@ -24,7 +24,8 @@
 //! | `r` group `p` | `openraft::LogId` | the group's last purged log id |
 //! | `r` group `c` | `openraft::LogId` | the group's last known committed log id |
 //! | `r` group `a` | `AppliedState` (raft module) | last applied log id and membership of the group's state machine |
-//! | `r` group `s` | `StoredSnapshot` (raft module) | the group's current snapshot (meta and data) |
+//! | `r` group `f` | `SnapshotFile` (raft module) | the group's current snapshot: its meta, and the file under `snapshots/` with its data |
+//! | `r` group `s` | `StoredSnapshot` (raft module) | stores written before snapshot files: the group's current snapshot, data inline (removed when `r` group `f` is written) |
 //!
 //! Values are bincode 2 (standard config, varint integers) through serde. bincode 3 is a
 //! deliberate `compile_error!`; if the codec ever has to change crate, only this module changes
@@ -68,6 +69,7 @@ pub(crate) const RAFT_PURGED: u8 = b'p';
 pub(crate) const RAFT_COMMITTED: u8 = b'c';
 pub(crate) const RAFT_APPLIED: u8 = b'a';
 pub(crate) const RAFT_SNAPSHOT: u8 = b's';
+pub(crate) const RAFT_SNAPSHOT_FILE: u8 = b'f';
 
 /// Per-channel bookkeeping, present while the channel has (or just had) retained history.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -132,7 +132,7 @@ fn decode(body: &[u8]) -> Option<Record> {
     Some(Record { lsn, ops })
 }
 
-fn io_error(what: &str, path: &Path, e: std::io::Error) -> StorageError {
+pub(crate) fn io_error(what: &str, path: &Path, e: std::io::Error) -> StorageError {
     StorageError::Sled(sled::Error::Io(std::io::Error::new(
         e.kind(),
         format!("{what} {}: {e}", path.display()),
@@ -200,7 +200,7 @@ fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StorageError> {
     Ok(out)
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StorageError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io_error("cannot sync", dir, e))

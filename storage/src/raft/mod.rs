@@ -12,6 +12,7 @@
 
 mod journal;
 mod log_store;
+mod snapshot_file;
 mod state_machine;
 mod support;
 

@@ -16,7 +16,10 @@
 //!   node ([`LiveNamespaces`]).
 //! - Snapshots: a partition group's is a point-in-time copy of everything of its partition
 //!   (taken under the store's write lock, so no apply interleaves); the meta group's is the
-//!   cluster identity and namespace config. The current snapshot (meta and data) is kept under `r` group `s`.
+//!   cluster identity and namespace config. The current snapshot's data is a file of its own
+//!   under `<store dir>/snapshots/`, its meta and file name are under `r` group `f` (see the
+//!   `snapshot_file` module); a store written before keeps its snapshot inline under `r` group
+//!   `s` until the next snapshot of the group replaces it.
 //!
 //! Applying does not flush: the entries are durable in the log already (the Raft journal), and
 //! a crash before sled's next flush (a journal checkpoint) only makes openraft apply them
@@ -36,6 +39,7 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 
 use super::journal::{Done, RaftJournal, Write};
+use super::snapshot_file::{self, SnapshotFile};
 use super::support::{RaftStorageError, blocking, get, raft_err};
 use super::{Command, GroupId, NodeId, Reply, TypeConfig, group_partition};
 use crate::codec;
@@ -51,11 +55,19 @@ pub(crate) struct AppliedState {
     pub membership: StoredMembership<NodeId, BasicNode>,
 }
 
-/// The current snapshot of a group (`r` group `s`).
+/// The current snapshot of a group as stores written before snapshot files kept it, data
+/// inline (`r` group `s`). Read, never written: the next snapshot of the group replaces it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, BasicNode>,
     data: bytes::Bytes,
+}
+
+/// The head of a [`StoredSnapshot`]: its meta, decoded without copying the data (bincode
+/// decodes fields in order and ignores what follows).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct StoredSnapshotHead {
+    meta: SnapshotMeta<NodeId, BasicNode>,
 }
 
 /// The data of a snapshot (membership and last applied are in its [`SnapshotMeta`]).
@@ -117,6 +129,11 @@ struct Shared {
     /// Partition groups apply with its current config; the meta group sets the cluster's.
     namespaces: Arc<LiveNamespaces>,
     on_commit: OnCommit,
+    /// Where the group's snapshot files are.
+    snapshot_dir: std::path::PathBuf,
+    /// Held while the group's snapshot files or record change, or a file is read: a build and
+    /// an install do not delete each other's files.
+    snapshot_lock: parking_lot::Mutex<()>,
 }
 
 /// The state machine of one group (meta or partition) on the node's shared [`Store`]; see the
@@ -190,15 +207,25 @@ impl GroupStateMachine {
         if partition.is_none() {
             namespaces.set_cluster(store.cluster_namespaces()?.as_ref());
         }
+        let shared = Shared {
+            snapshot_dir: snapshot_file::dir(store.dir()),
+            snapshot_lock: parking_lot::Mutex::new(()),
+            store,
+            journal,
+            group,
+            partition,
+            namespaces,
+            on_commit,
+        };
+        // Files of the group no record names: what a crash left behind.
+        let named = shared.snapshot_file_record(shared.store.tree())?;
+        snapshot_file::remove_others(
+            &shared.snapshot_dir,
+            group,
+            named.as_ref().map(|r| r.file.as_str()),
+        )?;
         Ok(GroupStateMachine {
-            shared: Arc::new(Shared {
-                store,
-                journal,
-                group,
-                partition,
-                namespaces,
-                on_commit,
-            }),
+            shared: Arc::new(shared),
             applied,
         })
     }
@@ -219,8 +246,40 @@ impl Shared {
         codec::raft_key(self.group, codec::RAFT_APPLIED)
     }
 
-    fn snapshot_key(&self) -> Vec<u8> {
+    /// The key of a snapshot kept inline (stores written before snapshot files).
+    fn inline_snapshot_key(&self) -> Vec<u8> {
         codec::raft_key(self.group, codec::RAFT_SNAPSHOT)
+    }
+
+    fn snapshot_file_key(&self) -> Vec<u8> {
+        codec::raft_key(self.group, codec::RAFT_SNAPSHOT_FILE)
+    }
+
+    /// The record of the group's current snapshot file, if it has one.
+    fn snapshot_file_record(
+        &self,
+        tree: &sled::Tree,
+    ) -> Result<Option<SnapshotFile>, StorageError> {
+        get(tree, &self.snapshot_file_key(), "raft snapshot file")
+    }
+
+    /// The meta of the group's current snapshot (in a file or inline), if it has one.
+    fn current_snapshot_meta(
+        &self,
+        tree: &sled::Tree,
+    ) -> Result<Option<SnapshotMeta<NodeId, BasicNode>>, StorageError> {
+        if let Some(record) = self.snapshot_file_record(tree)? {
+            return Ok(Some(record.meta));
+        }
+        let head: Option<StoredSnapshotHead> =
+            get(tree, &self.inline_snapshot_key(), "raft snapshot")?;
+        Ok(head.map(|h| h.meta))
+    }
+
+    /// Writes that make `record` the group's current snapshot (and drop an inline one).
+    fn name_snapshot_file(&self, batch: &mut Ops, record: &SnapshotFile) {
+        batch.insert(self.snapshot_file_key(), codec::encode(record));
+        batch.remove(self.inline_snapshot_key());
     }
 
     /// The write of the group's applied state `next`.
@@ -421,18 +480,32 @@ impl Shared {
             last_membership: applied.membership,
             snapshot_id,
         };
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: bytes::Bytes::from(data.clone()),
-        };
-        let key = self.snapshot_key();
-        store.with_write_lock(|tree| {
-            let current: Option<StoredSnapshot> = get(tree, &key, "raft snapshot")?;
-            if current.is_none_or(|c| c.meta.last_log_id <= stored.meta.last_log_id) {
-                tree.insert(key.as_slice(), codec::encode(&stored))?;
+        let _files = self.snapshot_lock.lock();
+        // The file is durable before sled names it.
+        let record = snapshot_file::write(&self.snapshot_dir, self.group, &meta, &data)?;
+        let named = store.with_write_lock(|tree| {
+            let current = self.current_snapshot_meta(tree)?;
+            if current.is_none_or(|c| c.last_log_id <= meta.last_log_id) {
+                let mut batch = Ops::default();
+                self.name_snapshot_file(&mut batch, &record);
+                tree.apply_batch(batch.into_sled())?;
+                Ok(true)
+            } else {
+                Ok(false)
             }
-            Ok(())
-        })?;
+        });
+        match named {
+            Ok(true) => {
+                // The record is durable before the files it replaces are deleted.
+                store.flush_blocking()?;
+                snapshot_file::remove_others(&self.snapshot_dir, self.group, Some(&record.file))?;
+            }
+            Ok(false) => snapshot_file::remove(&self.snapshot_dir, &record),
+            Err(e) => {
+                snapshot_file::remove(&self.snapshot_dir, &record);
+                return Err(e);
+            }
+        }
         tracing::info!(
             group = self.group,
             snapshot = %meta.snapshot_id,
@@ -442,7 +515,8 @@ impl Shared {
         Ok((meta, data))
     }
 
-    /// Replaces the group's state with a snapshot, atomically, and makes it the current one.
+    /// Replaces the group's state with a snapshot, atomically, and makes it the current one
+    /// (its data written to a file first); durable on return.
     fn install(
         &self,
         meta: SnapshotMeta<NodeId, BasicNode>,
@@ -450,16 +524,35 @@ impl Shared {
         next: &AppliedState,
     ) -> Result<(), StorageError> {
         let image: GroupImage = codec::decode(&data, "raft snapshot")?;
+        let _files = self.snapshot_lock.lock();
+        // The file is durable before sled names it.
+        let record = snapshot_file::write(&self.snapshot_dir, self.group, &meta, &data)?;
+        drop(data);
+        if let Err(e) = self.install_image(&meta, image, &record, next) {
+            snapshot_file::remove(&self.snapshot_dir, &record);
+            return Err(e);
+        }
+        // The record is durable before the files it replaces are deleted.
+        self.store.flush_blocking()?;
+        snapshot_file::remove_others(&self.snapshot_dir, self.group, Some(&record.file))?;
+        tracing::info!(group = self.group, snapshot = %meta.snapshot_id, "installed a snapshot");
+        Ok(())
+    }
+
+    /// The sled part of [`Shared::install`]: the image, `next` and `record`, in one batch.
+    fn install_image(
+        &self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        image: GroupImage,
+        record: &SnapshotFile,
+        next: &AppliedState,
+    ) -> Result<(), StorageError> {
         if self.partition.is_none() {
             self.forget_peers_outside(meta.last_membership.membership())?;
         }
         let mut batch = self.bookkeeping(next);
-        let snapshot_id = meta.snapshot_id.clone();
-        let stored = StoredSnapshot {
-            meta,
-            data: bytes::Bytes::from(data),
-        };
-        batch.insert(self.snapshot_key(), codec::encode(&stored));
+        let snapshot_id = &meta.snapshot_id;
+        self.name_snapshot_file(&mut batch, record);
         let (partition_image, meta_image) = match image {
             GroupImage::Partition(image) => (Some(image), None),
             GroupImage::Meta {
@@ -515,13 +608,21 @@ impl Shared {
                 )));
             }
         }
-        tracing::info!(group = self.group, snapshot = %snapshot_id, "installed a snapshot");
         Ok(())
     }
 
     fn current_snapshot(&self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let _files = self.snapshot_lock.lock();
+        let tree = self.store.tree();
+        if let Some(record) = self.snapshot_file_record(tree)? {
+            let data = snapshot_file::read(&self.snapshot_dir, &record)?;
+            return Ok(Some(Snapshot {
+                meta: record.meta,
+                snapshot: Box::new(Cursor::new(data)),
+            }));
+        }
         let stored: Option<StoredSnapshot> =
-            get(self.store.tree(), &self.snapshot_key(), "raft snapshot")?;
+            get(tree, &self.inline_snapshot_key(), "raft snapshot")?;
         Ok(stored.map(|s| Snapshot {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data.to_vec())),
@@ -618,7 +719,6 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         blocking(move || shared.install(meta_owned, data, &state))
             .await
             .map_err(error)?;
-        self.shared.store.flush().await.map_err(error)?;
         self.applied = next;
         Ok(())
     }
@@ -630,5 +730,221 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         blocking(move || shared.current_snapshot())
             .await
             .map_err(|e| raft_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use openraft::{CommittedLeaderId, Membership};
+
+    use super::*;
+    use crate::namespace::{NamespaceConfig, Namespaces};
+    use crate::raft::{META_GROUP, partition_group};
+    use crate::store::{Publish, StoreOptions};
+    use crate::testutil::TempDir;
+
+    const T0: u64 = 1_700_000_000_000;
+
+    fn open(dir: &TempDir) -> Arc<Store> {
+        let options = StoreOptions {
+            partitions: 2,
+            dedup_window: Duration::from_secs(60),
+            cache_capacity: 4 << 20,
+        };
+        Arc::new(Store::open(dir.path(), options).unwrap())
+    }
+
+    fn machine(store: &Arc<Store>, group: GroupId) -> GroupStateMachine {
+        let namespaces = LiveNamespaces::new(Namespaces::new(NamespaceConfig {
+            history_size: 100_000,
+            history_ttl: None,
+            durable: true,
+        }));
+        let journal = RaftJournal::of(store).unwrap();
+        GroupStateMachine::new(journal, group, namespaces, Arc::new(|_: &[_]| {})).unwrap()
+    }
+
+    fn entry(index: u64, payload: EntryPayload<TypeConfig>) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload,
+        }
+    }
+
+    /// Entry `index`: 50 publishes of 4 KiB to channels of `partition`.
+    fn publishes(store: &Store, partition: Partition, index: u64) -> Entry<TypeConfig> {
+        let publishes = (0..)
+            .map(|i| format!("ch{i}"))
+            .filter(|c| store.partition_of(c.as_bytes()) == partition)
+            .take(50)
+            .map(|c| Publish::new(c, vec![b'x'; 4096]))
+            .collect();
+        entry(
+            index,
+            EntryPayload::Normal(Command::Publish {
+                now_ms: T0 + index,
+                publishes,
+            }),
+        )
+    }
+
+    fn files(dir: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(snapshot_file::dir(dir))
+            .map(|entries| {
+                entries
+                    .map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    fn raw(store: &Store, group: GroupId, tag: u8) -> Option<sled::IVec> {
+        store.tree().get(codec::raft_key(group, tag)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_one_file_and_sled_keeps_only_its_name() {
+        let tmp = TempDir::new("snapfiles");
+        let store = open(&tmp);
+        let (p, group) = (1, partition_group(1));
+        let mut sm = machine(&store, group);
+        let voters = Membership::new(vec![BTreeSet::from([1])], None);
+        sm.apply([entry(1, EntryPayload::Membership(voters))])
+            .await
+            .unwrap();
+        let mut last = None;
+        for round in 0..4u64 {
+            sm.apply([publishes(&store, p, 2 + round)]).await.unwrap();
+            let snap = sm
+                .get_snapshot_builder()
+                .await
+                .build_snapshot()
+                .await
+                .unwrap();
+            assert!(snap.snapshot.get_ref().len() as u64 > (round + 1) * 200 * 1024);
+            let names = files(tmp.path());
+            assert_eq!(names.len(), 1, "{names:?}");
+            last = Some(snap);
+        }
+        let last = last.unwrap();
+        // sled holds the name, not the data.
+        let record = raw(&store, group, codec::RAFT_SNAPSHOT_FILE).unwrap();
+        assert!(record.len() < 1024, "{} bytes", record.len());
+        assert!(raw(&store, group, codec::RAFT_SNAPSHOT).is_none());
+
+        // After a restart: the same snapshot; leftovers of the group are deleted, not others'.
+        drop(sm);
+        drop(store);
+        let kept = files(tmp.path());
+        let dir = snapshot_file::dir(tmp.path());
+        for name in [
+            format!("g{group}-orphan-7.snap"),
+            format!("g{group}-orphan-8.snap.tmp"),
+            format!("g{}-other-1.snap", group + 1),
+            "unrelated".to_string(),
+        ] {
+            std::fs::write(dir.join(name), b"left over").unwrap();
+        }
+        let store = open(&tmp);
+        let mut sm = machine(&store, group);
+        let mut want = kept.clone();
+        want.push(format!("g{}-other-1.snap", group + 1));
+        want.push("unrelated".into());
+        want.sort();
+        assert_eq!(files(tmp.path()), want);
+        let current = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, last.meta);
+        assert_eq!(current.snapshot.get_ref(), last.snapshot.get_ref());
+
+        // A snapshot installed on a fresh store is readable after a restart.
+        let tmp2 = TempDir::new("snapfiles-install");
+        let store2 = open(&tmp2);
+        let mut sm2 = machine(&store2, group);
+        sm2.install_snapshot(
+            &last.meta,
+            Box::new(Cursor::new(last.snapshot.get_ref().clone())),
+        )
+        .await
+        .unwrap();
+        assert_eq!(files(tmp2.path()).len(), 1);
+        drop(sm2);
+        drop(store2);
+        let store2 = open(&tmp2);
+        let mut sm2 = machine(&store2, group);
+        let installed = sm2.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(installed.meta, last.meta);
+        assert_eq!(installed.snapshot.get_ref(), last.snapshot.get_ref());
+        assert_eq!(store2.latest_seq(p), store.latest_seq(p));
+
+        // A snapshot of another group is refused, and leaves no file.
+        let mut sm2_other = machine(&store2, META_GROUP);
+        assert!(
+            sm2_other
+                .install_snapshot(
+                    &last.meta,
+                    Box::new(Cursor::new(last.snapshot.get_ref().clone()))
+                )
+                .await
+                .is_err()
+        );
+        assert_eq!(files(tmp2.path()).len(), 1);
+
+        // A missing file is an error naming it, not a panic.
+        let name = files(tmp2.path()).pop().unwrap();
+        std::fs::remove_file(snapshot_file::dir(tmp2.path()).join(&name)).unwrap();
+        let err = sm2.get_current_snapshot().await.unwrap_err().to_string();
+        assert!(err.contains(&name), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_inline_snapshot_of_an_older_store_is_read_then_replaced() {
+        let tmp = TempDir::new("snapfiles-inline");
+        let store = open(&tmp);
+        let group = META_GROUP;
+        let mut sm = machine(&store, group);
+        let built = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        // As a store written before snapshot files kept it.
+        let old = StoredSnapshot {
+            meta: built.meta.clone(),
+            data: bytes::Bytes::from(built.snapshot.get_ref().clone()),
+        };
+        let mut batch = sled::Batch::default();
+        batch.remove(codec::raft_key(group, codec::RAFT_SNAPSHOT_FILE));
+        batch.insert(
+            codec::raft_key(group, codec::RAFT_SNAPSHOT),
+            codec::encode(&old),
+        );
+        store.tree().apply_batch(batch).unwrap();
+        drop(sm);
+        drop(store);
+
+        let store = open(&tmp);
+        let mut sm = machine(&store, group);
+        // The file no record names any more is gone; the inline snapshot is current.
+        assert!(files(tmp.path()).is_empty());
+        let current = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, built.meta);
+        assert_eq!(current.snapshot.get_ref(), built.snapshot.get_ref());
+
+        let next = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        assert!(raw(&store, group, codec::RAFT_SNAPSHOT).is_none());
+        assert_eq!(files(tmp.path()).len(), 1);
+        let current = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, next.meta);
     }
 }
