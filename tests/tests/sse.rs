@@ -789,3 +789,28 @@ async fn a_node_shutting_down_tells_its_streams_to_reconnect() {
     let end = tokio::time::timeout(PATIENCE, events.next()).await.unwrap();
     assert!(end.is_none(), "the stream ends after it: {end:?}");
 }
+
+/// A durable namespace that keeps no history (history_size 0): a client resuming from before an
+/// event it missed is told so by a gap notice (nothing to replay), then gets live events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_without_history_tells_a_resuming_client_what_it_missed() {
+    let config = config_file("[namespace.h0]\nhistory_size = 0\n");
+    let node = Herald::start_with(&["--config", config.to_str().unwrap()]);
+    let first = publish(&node, "h0:a", json!({ "n": 0 }), None).await;
+    let missed = publish(&node, "h0:a", json!({ "n": 1 }), None).await;
+    let mut events = connect(
+        &stream_url(&node, "h0:a"),
+        Some(first["id"].as_str().unwrap()),
+    )
+    .await;
+    let gap = next(&mut events).await;
+    assert_eq!(gap.event, "gap", "{gap:?}");
+    let gap: Value = serde_json::from_str(&gap.data).unwrap();
+    assert_eq!(gap["reason"], "retention");
+    assert_eq!(gap["requested"], first["position"]);
+    assert_eq!(gap["oldest"], Value::Null, "nothing is kept");
+    assert_ne!(missed["position"], first["position"]);
+    publish(&node, "h0:a", json!({ "n": 2 }), None).await;
+    let live: Value = serde_json::from_str(&next(&mut events).await.data).unwrap();
+    assert_eq!(live["n"], 2);
+}
