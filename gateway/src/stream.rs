@@ -4,7 +4,7 @@
 //! watermark, then replays history up to that watermark; live events at or below the watermark
 //! are skipped (they were replayed or predate the stream), everything above arrives live. So the
 //! hand-over from history to live has no gap and no duplicate, whatever is being published
-//! meanwhile. The replay is read a page at a time (at most [`REPLAY_PAGE_EVENTS`] events or
+//! meanwhile. The replay is read a page at a time ([`replay`]: at most [`REPLAY_PAGE_EVENTS`] events or
 //! [`REPLAY_PAGE_BYTES`] of payload) as the client takes it, so a resume over a long history
 //! holds one page in memory, not the history; should retention drop events the replay has not
 //! reached yet (a client slower than the publishers), a gap notice says so where they were. Each event the stream emits carries the stream's full cursor (the last delivered
@@ -16,6 +16,11 @@
 //! retained. The `ahead` check is a heuristic for a data directory restored from an older
 //! copy: it catches a client that comes back before the restored node has committed past its
 //! cursor, not one that comes back later (positions alone cannot tell the reused ones apart).
+
+mod replay;
+
+use replay::{ChannelReplay, Replay, ReplayItem};
+pub use replay::{REPLAY_PAGE_BYTES, REPLAY_PAGE_EVENTS};
 
 use crate::broker::Broker;
 use crate::hub::outbox::{Batch, Item, Outbox};
@@ -56,149 +61,6 @@ pub struct Gap {
     /// `"retention"`, `"epoch"`, or `"ahead"` (a single node was asked to resume after
     /// events it does not have: its data directory was restored from an older copy).
     pub reason: &'static str,
-}
-
-/// Events a replay page holds at most (see the module docs).
-pub const REPLAY_PAGE_EVENTS: usize = 512;
-/// Payload bytes a replay page holds at most, past its first event.
-pub const REPLAY_PAGE_BYTES: usize = 256 * 1024;
-/// Events read from one channel at a time while merging several channels' histories.
-const CHANNEL_READ: usize = 64;
-
-/// History still to replay: per partition (ascending), each channel's events after its read
-/// position up to the partition's watermark, merged in sequence order.
-struct Replay {
-    parts: std::collections::VecDeque<PartReplay>,
-}
-
-struct PartReplay {
-    /// Replay up to this seq; later events arrive live.
-    limit: u64,
-    channels: Vec<ChannelReplay>,
-    /// (next seq, channel index) of every channel with a read event: the merge order.
-    heads: std::collections::BinaryHeap<std::cmp::Reverse<(u64, usize)>>,
-    started: bool,
-}
-
-struct ChannelReplay {
-    channel: Bytes,
-    /// Read after this seq next (`None`: from the oldest retained).
-    after: Option<u64>,
-    /// Events read and not yet replayed.
-    read: std::collections::VecDeque<Event>,
-    /// Nothing more to read up to the limit.
-    done: bool,
-    /// Retention's floor for the channel that a gap notice already told the client about.
-    floor_told: u64,
-}
-
-impl ChannelReplay {
-    /// Reads the channel's next events up to `limit`; a gap notice if retention dropped events
-    /// after the read position since the last read.
-    fn refill(
-        &mut self,
-        store: &herald_storage::Store,
-        limit: u64,
-    ) -> Result<Option<Gap>, StorageError> {
-        if self.done || !self.read.is_empty() {
-            return Ok(None);
-        }
-        let mut gap = None;
-        if let Some(after) = self.after
-            && after < limit
-        {
-            let floor = store.removal_floor(&self.channel)?;
-            if floor <= after.max(self.floor_told) {
-                return self.read_more(store, limit).map(|()| None);
-            }
-            self.floor_told = floor;
-            let partition = store.partition_of(&self.channel);
-            gap = Some(Gap {
-                channel: self.channel.clone(),
-                requested: Some(Position {
-                    partition,
-                    seq: after,
-                }),
-                oldest: store.oldest(&self.channel)?,
-                reason: "retention",
-            });
-        }
-        self.read_more(store, limit)?;
-        Ok(gap)
-    }
-
-    fn read_more(&mut self, store: &herald_storage::Store, limit: u64) -> Result<(), StorageError> {
-        let events = store.history_after(&self.channel, self.after, CHANNEL_READ)?;
-        if events.len() < CHANNEL_READ {
-            self.done = true;
-        }
-        for event in events {
-            if event.position.seq > limit {
-                self.done = true;
-                break;
-            }
-            self.read.push_back(event);
-        }
-        Ok(())
-    }
-}
-
-impl Replay {
-    /// The next page of the replay (gap notices and events), in order; empty once done.
-    fn page(
-        &mut self,
-        store: &herald_storage::Store,
-        mut emit: impl FnMut(ReplayItem),
-    ) -> Result<(), StorageError> {
-        let (mut events, mut bytes) = (0usize, 0usize);
-        while let Some(part) = self.parts.front_mut() {
-            if !part.started {
-                part.started = true;
-                for (i, channel) in part.channels.iter_mut().enumerate() {
-                    if let Some(gap) = channel.refill(store, part.limit)? {
-                        emit(ReplayItem::Gap(gap));
-                    }
-                    if let Some(first) = channel.read.front() {
-                        part.heads.push(std::cmp::Reverse((first.position.seq, i)));
-                    }
-                }
-            }
-            let Some(std::cmp::Reverse((_, i))) = part.heads.pop() else {
-                self.parts.pop_front();
-                continue;
-            };
-            let channel = &mut part.channels[i];
-            let Some(event) = channel.read.pop_front() else {
-                continue;
-            };
-            channel.after = Some(event.position.seq);
-            bytes += event.payload.len();
-            events += 1;
-            emit(ReplayItem::Event(event));
-            // A drop behind this event is told after it, before what follows it.
-            if channel.read.is_empty()
-                && let Some(gap) = channel.refill(store, part.limit)?
-            {
-                emit(ReplayItem::Gap(gap));
-            }
-            if let Some(next) = channel.read.front() {
-                part.heads.push(std::cmp::Reverse((next.position.seq, i)));
-            }
-            if events >= REPLAY_PAGE_EVENTS || bytes >= REPLAY_PAGE_BYTES {
-                break;
-            }
-        }
-        Ok(())
-    }
-
-    fn is_done(&self) -> bool {
-        self.parts.is_empty()
-    }
-}
-
-enum ReplayItem {
-    Event(Event),
-    Gap(Gap),
 }
 
 /// One thing the stream emits.
@@ -377,15 +239,13 @@ impl EventStream {
                     Some(after)
                 }
             };
-            parts.entry(p).or_default().push(ChannelReplay {
-                channel: channel.clone(),
+            // The notice above told of what retention dropped so far; the replay reports only
+            // what it drops while it runs.
+            parts.entry(p).or_default().push(ChannelReplay::new(
+                channel.clone(),
                 after,
-                read: std::collections::VecDeque::new(),
-                done: false,
-                // The notice above told of what retention dropped so far; the replay reports
-                // only what it drops while the replay runs.
                 floor_told,
-            });
+            ));
         }
         if let Start::After(cursor) = &start
             && cursor.epoch == broker.epoch()
@@ -405,7 +265,7 @@ impl EventStream {
         // a partition resumes at its window, not at the start of what is retained.
         if let Start::Last(_) = &start {
             for (&p, channels) in &parts {
-                let starts: Option<Vec<u64>> = channels.iter().map(|c| c.after).collect();
+                let starts: Option<Vec<u64>> = channels.iter().map(ChannelReplay::after).collect();
                 if let Some(from) = starts.and_then(|s| s.into_iter().min()) {
                     let seq = from.min(watermarks[&p]);
                     if seq > 0 {
@@ -415,16 +275,11 @@ impl EventStream {
             }
         }
         // Per partition in sequence order, so the cursor is exact after every event.
-        let parts: std::collections::VecDeque<PartReplay> = parts
-            .into_iter()
-            .map(|(partition, channels)| PartReplay {
-                limit: watermarks[&partition],
-                channels,
-                heads: std::collections::BinaryHeap::new(),
-                started: false,
-            })
-            .collect();
-        self.replay = (!parts.is_empty()).then_some(Replay { parts });
+        self.replay = Replay::new(
+            parts
+                .into_iter()
+                .map(|(partition, channels)| (watermarks[&partition], channels)),
+        );
         for channel in channels.iter().filter(|c| broker.is_durable(c)) {
             self.skip_upto
                 .insert(channel.clone(), watermarks[&broker.partition_of(channel)]);
@@ -501,11 +356,13 @@ impl EventStream {
     fn replay_page(&mut self, out: &mut Vec<Emit>) -> Option<()> {
         let mut replay = self.replay.take()?;
         let store = self.broker.store().clone();
-        let mut items = Vec::new();
-        if let Err(error) = replay.page(&store, |item| items.push(item)) {
-            tracing::warn!(id = self.id(), %error, "cannot read history for a replay; ending the stream");
-            return None;
-        }
+        let items = match replay.page(&store) {
+            Ok(items) => items,
+            Err(error) => {
+                tracing::warn!(id = self.id(), %error, "cannot read history for a replay; ending the stream");
+                return None;
+            }
+        };
         for item in items {
             match item {
                 ReplayItem::Gap(gap) => out.push(Emit::Gap(gap)),
