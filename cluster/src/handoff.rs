@@ -1,5 +1,5 @@
 //! Leadership hand-back: a partition's leadership returns to its preferred node (the first
-//! voter of its [`crate::node::placement`]) once that node is back and caught up, so that
+//! voter of its [`crate::placement::placement`]) once that node is back and caught up, so that
 //! after a failover and a restart the leaders spread over the nodes again instead of staying
 //! where the failovers put them (after a rolling restart, one node would lead every
 //! partition and do the work of all of them).

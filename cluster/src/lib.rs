@@ -24,8 +24,10 @@
 //!   panicked or stopped.
 //! - [`failover`]: when a leader goes silent, the surviving voters pick the candidate with the
 //!   longest log and start its election as soon as the lease allows.
-//! - [`node`]: [`node::ClusterNode`]: the groups, bootstrap by `--bootstrap-expect`, placement,
-//!   join/remove, status.
+//! - [`placement`]: which members a partition's voters are, and the voter swap that moves a
+//!   full group towards that after a join or a removal.
+//! - [`node`]: [`node::ClusterNode`]: the groups, bootstrap by `--bootstrap-expect`, the
+//!   placement round, join/remove, status.
 
 pub mod failover;
 pub mod failure;
@@ -36,6 +38,7 @@ pub mod message;
 pub mod network;
 pub mod node;
 pub mod peer_stores;
+pub mod placement;
 pub mod proposer;
 pub mod rpc;
 pub mod transport;
