@@ -21,11 +21,17 @@
 //!   alive and only the coordinator's link is bad: nothing happens. Otherwise it picks the voter
 //!   with the greatest log (ties: lowest id), which every other voter will grant, and has it
 //!   call an election at once.
-//! - A node that restarts keeps openraft's timer elections off in each group until it has heard
-//!   from a leader there (at most [`RESTART_ELECTION_GRACE`]), so that it does not depose the
-//!   leader elected while it was down.
-//! - If anything in that goes wrong (a probe times out, the pick loses anyway), openraft's own
-//!   timers still run and elect someone as before: this only makes the common case fast.
+//! - **Pre-vote.** openraft 0.9 has none: a follower whose timer fires calls an election with a
+//!   higher term even when only its own link to the leader is cut, keeps calling them (about
+//!   three a second) while nobody grants them, and the first message it then exchanges with
+//!   the leader makes the leader step down for an election nobody needed. So openraft's timer
+//!   elections are off while a leader is heard; a voter that has not heard one for the lease
+//!   plus a heartbeat asks the other voters (the leader included) the same probe, and turns its
+//!   timers on only if a quorum answered and none hears a leader. A node cut off from the
+//!   leader alone, from everyone, or restarting while the others carry on, calls no election.
+//! - If the coordinator's pick goes wrong (a probe times out, the pick loses anyway), the
+//!   timers that pre-vote turned on elect someone as before: this only makes the common case
+//!   fast.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -59,18 +65,6 @@ impl LeaderContact {
         }
     }
 
-    /// Whether `group` has heard from a leader since this node started.
-    pub fn ever_heard(&self, group: usize) -> bool {
-        self.heard
-            .get(group)
-            .is_some_and(|slot| slot.load(Ordering::Relaxed) > 0)
-    }
-
-    /// Time since this node started.
-    pub fn uptime(&self) -> Duration {
-        self.start.elapsed()
-    }
-
     /// How long `group`'s leader has been silent.
     pub fn silence(&self, group: usize) -> Duration {
         let heard = self
@@ -83,18 +77,7 @@ impl LeaderContact {
     }
 }
 
-/// How long a restarted node keeps openraft's timer elections off in a group that has not
-/// heard from a leader yet.
-///
-/// A node coming back from a crash hears nothing until the leaders' connections to it, backed
-/// off while it was down, are re-established; with timer elections on it calls elections
-/// meanwhile, each with a higher term, and the first AppendEntries that reaches it then makes
-/// the new leader step down (openraft 0.9 has no pre-vote). Keeping them off until it has heard
-/// from a leader, or for this long, lets it rejoin without disturbing anyone; a leader that
-/// restarts with its own committed vote resumes leading without an election anyway.
-pub const RESTART_ELECTION_GRACE: Duration = Duration::from_secs(3);
-
-/// A voter's answer to the coordinator's probe.
+/// A voter's answer to a probe: the coordinator's, pre-vote's, or a relaying node's.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Probe {
     /// How long the voter has not heard from the group's leader, in milliseconds.
@@ -203,9 +186,7 @@ mod tests {
         let contact = LeaderContact::new(2);
         std::thread::sleep(Duration::from_millis(30));
         assert!(contact.silence(1) >= Duration::from_millis(30));
-        assert!(!contact.ever_heard(1));
         contact.heard(1);
-        assert!(contact.ever_heard(1));
         assert!(contact.silence(1) < Duration::from_millis(30));
         assert!(contact.silence(0) >= Duration::from_millis(30));
         // An unknown group is simply always silent; it never panics.

@@ -83,6 +83,16 @@ pub enum AppRequest {
         /// The last index of the leader's log (its gate is closed: it does not grow).
         last_log_index: Option<u64>,
     },
+    /// A batch of publishes for `partition` from a node that cannot reach its leader: the
+    /// receiver proposes it if it leads, or forwards it once (as [`AppRequest::Publish`]) to
+    /// a leader it reaches, or answers [`ProposeError::NotLeader`]. Last, so that older nodes
+    /// decode the variants before it.
+    Relay {
+        /// The partition all publishes hash to.
+        partition: Partition,
+        /// The publishes, in order.
+        publishes: Vec<Publish>,
+    },
 }
 
 /// Why a proposal was not committed.

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -317,6 +317,8 @@ impl ClusterNode {
         for (partition, rx) in receivers.into_iter().enumerate() {
             let partition = partition as Partition;
             let ctx = ProposerContext {
+                relay_turn: Default::default(),
+                relay_via: Default::default(),
                 id,
                 partition,
                 raft: node.inner.groups[usize::from(partition_group(partition))].clone(),
@@ -416,7 +418,7 @@ impl ClusterNode {
         partition: Partition,
         publishes: Vec<Publish>,
     ) -> Result<oneshot::Receiver<ProposeResult>, ProposeError> {
-        self.enqueue_as(partition, publishes, None).await
+        self.enqueue_as(partition, publishes, None, false).await
     }
 
     async fn enqueue_as(
@@ -424,6 +426,7 @@ impl ClusterNode {
         partition: Partition,
         publishes: Vec<Publish>,
         origin: Option<NodeId>,
+        relayed: bool,
     ) -> Result<oneshot::Receiver<ProposeResult>, ProposeError> {
         if !self.is_formed() {
             return Err(ProposeError::NotFormed);
@@ -444,6 +447,7 @@ impl ClusterNode {
             .send(ProposeRequest {
                 publishes,
                 origin,
+                relayed,
                 reply,
             })
             .await
@@ -455,12 +459,16 @@ impl ClusterNode {
     /// from (or leads with a recent quorum acknowledgement). A node cut off on the minority side
     /// loses this within an election timeout; its streaming clients should move.
     pub fn has_quorum(&self) -> bool {
+        // A follower that has not heard its leader for two leases is cut off from it: with
+        // herald's pre-vote it keeps following (it calls no election nobody would grant).
+        let silent = Duration::from_millis(self.inner.raft_timings.election_max_ms * 2);
         self.is_formed()
-            && self.inner.groups.iter().all(|raft| {
-                let m = raft.metrics().borrow().clone();
+            && self.inner.groups.iter().enumerate().all(|(group, raft)| {
+                let m = raft.metrics();
+                let m = m.borrow();
                 match m.state {
                     ServerState::Leader => m.millis_since_quorum_ack.is_some_and(|ms| ms < 2_000),
-                    _ => m.current_leader.is_some(),
+                    _ => m.current_leader.is_some() && self.inner.contact.silence(group) < silent,
                 }
             })
     }
@@ -1036,6 +1044,54 @@ impl ClusterNode {
         }
     }
 
+    /// Publishes another node sent for `partition`: to propose here as its leader, or, when
+    /// `relayed`, to pass on to the leader if this node reaches it.
+    async fn handle_forwarded(
+        &self,
+        from: NodeId,
+        partition: Partition,
+        publishes: Vec<Publish>,
+        relayed: bool,
+    ) -> AppResponse {
+        if !self.is_member(from) {
+            tracing::warn!(
+                from,
+                "refused publishes forwarded by a node that is not a member"
+            );
+            return AppResponse::Published(Err(ProposeError::Failed(format!(
+                "node {from} is not a member of this cluster (removed?): its publishes are refused; join it again"
+            ))));
+        }
+        // A hand-back of the partition is under way here: not proposed, so the
+        // sender retries (and finds the new leader) whether or not it has ids.
+        if self
+            .inner
+            .gates
+            .get(usize::from(partition))
+            .is_some_and(|gate| gate.closing())
+        {
+            return AppResponse::Published(Err(ProposeError::NotLeader {
+                group: partition_group(partition),
+                leader: None,
+            }));
+        }
+        let rx = match self
+            .enqueue_as(partition, publishes, Some(from), relayed)
+            .await
+        {
+            Ok(rx) => rx,
+            Err(error) => return AppResponse::Published(Err(error)),
+        };
+        AppResponse::Published(match rx.await {
+            // Said as `NoLeader` (also "not committed", retried by the forwarder, which
+            // answers its client at its own deadline): a node older than
+            // `NotCommitted` could not decode it during a rolling upgrade.
+            Ok(Err(ProposeError::NotCommitted(_))) => Err(ProposeError::NoLeader { partition }),
+            Ok(result) => result,
+            Err(_) => Err(ProposeError::Closed),
+        })
+    }
+
     async fn handle_app(&self, from: NodeId, request: AppRequest) -> AppResponse {
         match request {
             AppRequest::Ping => AppResponse::Pong,
@@ -1053,42 +1109,15 @@ impl ClusterNode {
                 partition,
                 publishes,
             } => {
-                if !self.is_member(from) {
-                    tracing::warn!(
-                        from,
-                        "refused publishes forwarded by a node that is not a member"
-                    );
-                    return AppResponse::Published(Err(ProposeError::Failed(format!(
-                        "node {from} is not a member of this cluster (removed?): its publishes are refused; join it again"
-                    ))));
-                }
-                // A hand-back of the partition is under way here: not proposed, so the
-                // sender retries (and finds the new leader) whether or not it has ids.
-                if self
-                    .inner
-                    .gates
-                    .get(usize::from(partition))
-                    .is_some_and(|gate| gate.closing())
-                {
-                    return AppResponse::Published(Err(ProposeError::NotLeader {
-                        group: partition_group(partition),
-                        leader: None,
-                    }));
-                }
-                let rx = match self.enqueue_as(partition, publishes, Some(from)).await {
-                    Ok(rx) => rx,
-                    Err(error) => return AppResponse::Published(Err(error)),
-                };
-                AppResponse::Published(match rx.await {
-                    // Said as `NoLeader` (also "not committed", retried by the forwarder, which
-                    // answers its client at its own deadline): a node older than
-                    // `NotCommitted` could not decode it during a rolling upgrade.
-                    Ok(Err(ProposeError::NotCommitted(_))) => {
-                        Err(ProposeError::NoLeader { partition })
-                    }
-                    Ok(result) => result,
-                    Err(_) => Err(ProposeError::Closed),
-                })
+                self.handle_forwarded(from, partition, publishes, false)
+                    .await
+            }
+            AppRequest::Relay {
+                partition,
+                publishes,
+            } => {
+                self.handle_forwarded(from, partition, publishes, true)
+                    .await
             }
             AppRequest::Write { group, command } => {
                 let Some(raft) = self.inner.groups.get(usize::from(group)) else {
@@ -1167,9 +1196,11 @@ impl ClusterNode {
         }
     }
 
-    /// Fast failover (see [`failover`]): on every group whose failover coordinator this node
-    /// is, once the leader has been silent for the lease plus a heartbeat, probes the other
-    /// voters and has the one with the longest log call an election at once.
+    /// Fast failover and pre-vote (see [`failover`]): on every group whose failover
+    /// coordinator this node is, once the leader has been silent for the lease plus a
+    /// heartbeat, probes the other voters and has the one with the longest log call an
+    /// election at once; and on every group it votes in, keeps openraft's timer elections off
+    /// unless a quorum of voters confirms that nobody hears a leader.
     async fn failover_loop(&self) {
         let timings = self.inner.raft_timings;
         let tick = Duration::from_millis((timings.heartbeat_ms / 2).max(10));
@@ -1178,7 +1209,13 @@ impl ClusterNode {
         // One attempt per group per lease: a failed one is left to openraft's timers.
         let mut last_attempt: Vec<Option<tokio::time::Instant>> =
             vec![None; self.inner.groups.len()];
-        let mut elections_on = vec![false; self.inner.groups.len()];
+        // The same for the pre-vote probes, and whether each group's timer elections are on.
+        let mut last_check: Vec<Option<tokio::time::Instant>> = vec![None; self.inner.groups.len()];
+        let elections_on: Arc<Vec<AtomicBool>> = Arc::new(
+            (0..self.inner.groups.len())
+                .map(|_| AtomicBool::new(false))
+                .collect(),
+        );
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -1188,12 +1225,21 @@ impl ClusterNode {
             }
             let contact = &self.inner.contact;
             for (group, raft) in self.inner.groups.iter().enumerate() {
-                if !elections_on[group]
-                    && (contact.ever_heard(group)
-                        || contact.uptime() >= failover::RESTART_ELECTION_GRACE)
+                let silence = contact.silence(group);
+                if silence < lease {
+                    // A leader is heard: no election is needed, so none may start by timer.
+                    if elections_on[group].swap(false, Ordering::Relaxed) {
+                        raft.runtime_config().elect(false);
+                    }
+                } else if silence >= suspect_after
+                    && last_check[group].is_none_or(|at| at.elapsed() >= lease)
                 {
-                    raft.runtime_config().elect(true);
-                    elections_on[group] = true;
+                    last_check[group] = Some(tokio::time::Instant::now());
+                    let node = self.clone();
+                    let elections_on = elections_on.clone();
+                    tokio::spawn(async move {
+                        node.pre_vote(group as GroupId, &elections_on[group]).await
+                    });
                 }
                 if !timings.fast_failover {
                     continue;
@@ -1230,16 +1276,73 @@ impl ClusterNode {
         }
     }
 
-    /// Probes `voters` (but the silent `leader`) about `group` and has the best candidate call
-    /// an election, unless someone still hears the leader.
-    async fn coordinate_failover(&self, group: GroupId, leader: NodeId, voters: Vec<NodeId>) {
-        let timings = self.inner.raft_timings;
-        let lease = Duration::from_millis(timings.election_max_ms);
-        let deadline = Duration::from_millis(timings.heartbeat_ms * 2);
+    /// herald's pre-vote for `group` (openraft 0.9 has none): asks the other voters whether
+    /// they hear a leader, and turns openraft's timer elections on only if a quorum answered
+    /// and none does. A node cut off from the leader alone (or from everyone) thus calls no
+    /// elections: each would raise its term, and the first message it then exchanged with the
+    /// leader would make it step down, after the heal, for an election nobody needed.
+    async fn pre_vote(&self, group: GroupId, elections_on: &AtomicBool) {
+        let Some(raft) = self.inner.groups.get(usize::from(group)) else {
+            return;
+        };
+        let voters: Vec<NodeId> = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            if m.state == ServerState::Leader {
+                return;
+            }
+            m.membership_config.membership().voter_ids().collect()
+        };
+        if !voters.contains(&self.inner.id) {
+            return;
+        }
+        let lease = Duration::from_millis(self.inner.raft_timings.election_max_ms);
+        let answers = self.probe_voters(group, &voters, None, lease).await;
+        let heard = answers
+            .iter()
+            .any(|(_, probe)| Duration::from_millis(probe.silent_ms) < lease);
+        let quorum = voters.len() / 2 + 1;
+        let elect = !heard && answers.len() >= quorum;
+        // Heard from the leader meanwhile: the loop has the last word.
+        if self.inner.contact.silence(usize::from(group)) < lease {
+            return;
+        }
+        if elections_on.swap(elect, Ordering::Relaxed) != elect {
+            raft.runtime_config().elect(elect);
+            if elect {
+                tracing::debug!(
+                    group,
+                    ?answers,
+                    "pre-vote: no voter hears a leader, elections on"
+                );
+            } else {
+                tracing::debug!(
+                    group,
+                    ?answers,
+                    "pre-vote: this node hears no leader, but {}; it calls no election",
+                    if heard {
+                        "another voter does (a link of this node is cut)"
+                    } else {
+                        "too few voters answered (this node is cut off)"
+                    }
+                );
+            }
+        }
+    }
+
+    /// The probes of `voters` but `except` about `group`, this node's own included, each
+    /// waited for at most `deadline`.
+    async fn probe_voters(
+        &self,
+        group: GroupId,
+        voters: &[NodeId],
+        except: Option<NodeId>,
+        deadline: Duration,
+    ) -> Vec<(NodeId, Probe)> {
         let probes = voters
             .iter()
             .copied()
-            .filter(|v| *v != leader)
+            .filter(|v| Some(*v) != except)
             .map(|voter| {
                 let node = self.clone();
                 async move {
@@ -1258,11 +1361,22 @@ impl ClusterNode {
                     probe.map(|probe| (voter, probe))
                 }
             });
-        let answers: Vec<(NodeId, Probe)> = futures::future::join_all(probes)
+        futures::future::join_all(probes)
             .await
             .into_iter()
             .flatten()
-            .collect();
+            .collect()
+    }
+
+    /// Probes `voters` (but the silent `leader`) about `group` and has the best candidate call
+    /// an election, unless someone still hears the leader.
+    async fn coordinate_failover(&self, group: GroupId, leader: NodeId, voters: Vec<NodeId>) {
+        let timings = self.inner.raft_timings;
+        let lease = Duration::from_millis(timings.election_max_ms);
+        let deadline = Duration::from_millis(timings.heartbeat_ms * 2);
+        let answers = self
+            .probe_voters(group, &voters, Some(leader), deadline)
+            .await;
         let quorum = voters.len() / 2 + 1;
         let Decision::Elect(candidate) = failover::decide(&answers, lease, quorum) else {
             tracing::debug!(
@@ -1290,10 +1404,17 @@ impl ClusterNode {
         }
     }
 
-    /// This node's answer to a failover probe for `group`.
+    /// This node's answer to a failover probe for `group` (also asked before a publish is
+    /// relayed through this node).
     async fn probe(&self, group: GroupId) -> Option<Probe> {
-        self.inner.groups.get(usize::from(group))?;
-        let silent_ms = self.inner.contact.silence(usize::from(group)).as_millis() as u64;
+        let raft = self.inner.groups.get(usize::from(group))?;
+        // A leader hears itself: a member that leads the group is no silent follower.
+        let leads = raft.metrics().borrow().current_leader == Some(self.inner.id);
+        let silent_ms = if leads {
+            0
+        } else {
+            self.inner.contact.silence(usize::from(group)).as_millis() as u64
+        };
         let mut log = RaftLogStore::new(self.inner.journal.clone(), group);
         let last_log = openraft::storage::RaftLogStorage::get_log_state(&mut log)
             .await

@@ -64,8 +64,11 @@ pub type ProposeResult = Result<Vec<Applied>, ProposeError>;
 pub(crate) struct ProposeRequest {
     pub publishes: Vec<Publish>,
     /// The node that forwarded it (`None`: from this node's own clients). A forwarded request
-    /// is never forwarded again: it is answered `NotLeader` instead.
+    /// is never forwarded again: it is answered `NotLeader` instead, unless it was relayed.
     pub origin: Option<NodeId>,
+    /// Sent by `origin` to be passed on to the leader (see [`relay_peers`]): this node may
+    /// forward it once, as an ordinary forward that goes no further.
+    pub relayed: bool,
     pub reply: oneshot::Sender<ProposeResult>,
 }
 
@@ -76,6 +79,11 @@ impl ProposeRequest {
 
     fn forwarded(&self) -> bool {
         self.origin.is_some()
+    }
+
+    /// Forwarded here, and not to be passed on to another node.
+    fn final_hop(&self) -> bool {
+        self.origin.is_some() && !self.relayed
     }
 }
 
@@ -95,7 +103,14 @@ pub(crate) struct ProposerContext {
     pub contact: Arc<LeaderContact>,
     /// The leader lease (the election timeout's maximum).
     pub lease: Duration,
+    /// Where relaying starts looking for a member that reaches the leader.
+    pub relay_turn: std::sync::atomic::AtomicUsize,
+    /// The member that last said it hears this partition's leader, and when.
+    pub relay_via: parking_lot::Mutex<Option<(NodeId, Instant)>>,
 }
+
+/// How long a member's "I hear the leader" is trusted before it is asked again.
+const RELAY_TRUST: Duration = Duration::from_secs(1);
 
 /// Runs the proposer of one partition until its queue closes.
 pub(crate) async fn run(ctx: ProposerContext, mut rx: mpsc::Receiver<ProposeRequest>) {
@@ -232,10 +247,18 @@ fn distribute(batch: Vec<ProposeRequest>, result: ProposeResult) {
 
 /// Answers forwarded requests with `error` and keeps the local ones.
 fn reject_forwarded(batch: Vec<ProposeRequest>, error: &ProposeError) -> Vec<ProposeRequest> {
-    let (forwarded, local): (Vec<_>, Vec<_>) =
-        batch.into_iter().partition(ProposeRequest::forwarded);
-    distribute(forwarded, Err(error.clone()));
-    local
+    reject(batch, ProposeRequest::forwarded, error)
+}
+
+/// Answers the requests `which` selects with `error` and keeps the others.
+fn reject(
+    batch: Vec<ProposeRequest>,
+    which: impl Fn(&ProposeRequest) -> bool,
+    error: &ProposeError,
+) -> Vec<ProposeRequest> {
+    let (rejected, kept): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| which(r));
+    distribute(rejected, Err(error.clone()));
+    kept
 }
 
 /// How a round ended.
@@ -297,8 +320,15 @@ impl ProposerContext {
                     }
                 }
                 Some(leader) => {
-                    batch = reject_forwarded(
+                    // A leader this node cannot reach (not heard for a lease, its link
+                    // closed, or dials fail) is reached through another member; relayed
+                    // requests are passed on only over a link that works, else their origin
+                    // tries another member.
+                    let direct = self.contact.silence(usize::from(group)) < self.lease
+                        && !self.peers.is_unreachable(leader);
+                    batch = reject(
                         batch,
+                        |r| r.final_hop() || (r.relayed && !direct),
                         &ProposeError::NotLeader {
                             group,
                             leader: Some(leader),
@@ -307,7 +337,11 @@ impl ProposerContext {
                     if batch.is_empty() {
                         return;
                     }
-                    self.forward(leader, &batch, remaining).await
+                    if direct {
+                        self.forward(leader, &batch, remaining).await
+                    } else {
+                        self.relay(Some(leader), &batch, remaining).await
+                    }
                 }
                 None => {
                     batch = reject_forwarded(
@@ -317,11 +351,21 @@ impl ProposerContext {
                             leader: None,
                         },
                     );
-                    self.wait_for_leader(remaining).await;
-                    if self.raft.metrics().borrow().current_leader.is_some() {
-                        continue;
+                    if batch.is_empty() {
+                        return;
                     }
-                    Round::Retry
+                    // An election usually ends within a lease. A node that still knows no
+                    // leader after that may be the one cut off from it (openraft 0.9 has no
+                    // pre-vote: such a node calls elections nobody grants, and knows no
+                    // leader meanwhile): another member may reach the leader.
+                    if self.contact.silence(usize::from(group)) < self.lease * 3 {
+                        self.wait_for_leader(remaining.min(self.lease)).await;
+                        if self.raft.metrics().borrow().current_leader.is_some() {
+                            continue;
+                        }
+                    }
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    self.relay(None, &batch, remaining).await
                 }
             };
             match round {
@@ -496,9 +540,134 @@ impl ProposerContext {
         }
     }
 
+    /// Sends the batch to another member to pass on to the partition's leader: for a node
+    /// that cannot reach the leader (`leader`, or none known) while others can. The member
+    /// proposes it if it leads, forwards it once if it reaches the leader, and otherwise answers
+    /// "not the leader" (certainly not proposed), and the next round tries the next member.
+    async fn relay(
+        &self,
+        leader: Option<NodeId>,
+        batch: &[ProposeRequest],
+        remaining: Duration,
+    ) -> Round {
+        let members: Vec<NodeId> = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            metrics
+                .membership_config
+                .membership()
+                .nodes()
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let candidates = relay_peers(&members, self.id, leader, |id| {
+            self.peers.is_unreachable(id)
+        });
+        let Some(via) = self.relay_member(&candidates).await else {
+            return Round::Retry;
+        };
+        let request = AppRequest::Relay {
+            partition: self.partition,
+            publishes: batch
+                .iter()
+                .flat_map(|r| r.publishes.iter().cloned())
+                .collect(),
+        };
+        let timeout = remaining + Duration::from_millis(500);
+        let answer = self
+            .peers
+            .call(via, &Request::App(encode(&request)), timeout)
+            .await;
+        match answer {
+            Ok(Response::App(bytes)) => match decode::<AppResponse>(&bytes) {
+                Ok(AppResponse::Published(Ok(applied))) => Round::Done(Ok(applied)),
+                Ok(AppResponse::Published(Err(
+                    ProposeError::NotLeader { .. }
+                    | ProposeError::NoLeader { .. }
+                    | ProposeError::NotCommitted(_)
+                    | ProposeError::NotFormed
+                    | ProposeError::Closed,
+                ))) => Round::Retry,
+                Ok(AppResponse::Published(Err(ProposeError::Unknown(why)))) => Round::Unknown(why),
+                Ok(AppResponse::Published(Err(error))) => Round::Done(Err(error)),
+                // A node older than relaying cannot decode the request: it proposed nothing.
+                Ok(_) | Err(_) => Round::Retry,
+            },
+            Ok(_) => Round::Retry,
+            Err(error @ RpcError::TooLarge { .. }) => {
+                Round::Done(Err(ProposeError::Failed(error.to_string())))
+            }
+            Err(error) if error.not_sent() => Round::Retry,
+            Err(error) => Round::Unknown(format!("relaying through node {via} failed: {error}")),
+        }
+    }
+
+    /// A member among `candidates` that hears the partition's leader: the one that said so
+    /// last (within [`RELAY_TRUST`]), or the first to say so when asked (the failover probe).
+    /// Asking first keeps a dead or cut-off member from turning a certain failure into an
+    /// unknown outcome: nothing is sent until a member is known to pass it on.
+    async fn relay_member(&self, candidates: &[NodeId]) -> Option<NodeId> {
+        if let Some((via, at)) = *self.relay_via.lock()
+            && at.elapsed() < RELAY_TRUST
+            && candidates.contains(&via)
+        {
+            return Some(via);
+        }
+        let group = partition_group(self.partition);
+        let request = Request::App(encode(&AppRequest::Probe { group }));
+        let start = self
+            .relay_turn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for i in 0..candidates.len() {
+            let via = candidates[(start + i) % candidates.len()];
+            let Ok(Response::App(bytes)) = self.peers.call(via, &request, self.lease).await else {
+                continue;
+            };
+            if let Ok(AppResponse::Probe(Some(probe))) = decode::<AppResponse>(&bytes)
+                && Duration::from_millis(probe.silent_ms) < self.lease
+            {
+                *self.relay_via.lock() = Some((via, Instant::now()));
+                return Some(via);
+            }
+        }
+        None
+    }
+
     async fn wait_for_leader(&self, remaining: Duration) {
         let mut metrics = self.raft.metrics();
         let _ =
             tokio::time::timeout(remaining, metrics.wait_for(|m| m.current_leader.is_some())).await;
+    }
+}
+
+/// The members a batch may be relayed through: every member but this node, the leader it
+/// cannot reach and those it cannot reach either, in id order.
+fn relay_peers(
+    members: &[NodeId],
+    me: NodeId,
+    leader: Option<NodeId>,
+    unreachable: impl Fn(NodeId) -> bool,
+) -> Vec<NodeId> {
+    let mut peers: Vec<NodeId> = members
+        .iter()
+        .copied()
+        .filter(|id| *id != me && Some(*id) != leader && !unreachable(*id))
+        .collect();
+    peers.sort_unstable();
+    peers.dedup();
+    peers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_relayed_through_reachable_members_only() {
+        let members = [3, 1, 2, 4];
+        assert_eq!(relay_peers(&members, 2, Some(1), |_| false), vec![3, 4]);
+        assert_eq!(relay_peers(&members, 2, Some(1), |id| id == 3), vec![4]);
+        assert_eq!(relay_peers(&members, 2, None, |_| false), vec![1, 3, 4]);
+        assert!(relay_peers(&[1, 2], 2, Some(1), |_| false).is_empty());
     }
 }
