@@ -137,6 +137,12 @@ impl Broker {
         namespaces: Namespaces,
     ) -> Result<Arc<Broker>, StorageError> {
         let store = Arc::new(Store::open(dir, options)?);
+        if store.cluster_initialized() {
+            return Err(StorageError::ClusterMember {
+                dir: dir.to_path_buf(),
+                epoch: store.epoch().to_string(),
+            });
+        }
         let namespaces = LiveNamespaces::new(namespaces);
         let committed = committed_marks(&store);
         let delivered = Delivered::new(&store);

@@ -90,6 +90,17 @@ pub enum StorageError {
     /// text says which, and whether a retry with the same message id is safe.
     #[error("{0}")]
     Unavailable(String),
+    /// A cluster member's store opened as a single node (its cluster settings forgotten):
+    /// refused, as a write there would give positions the other members give other events.
+    #[error(
+        "store in {dir} belongs to a cluster member (cluster epoch {epoch}): start it with its cluster settings (--node-id, --cluster-addr, --peers, --tls-dir, or their config-file and environment forms); written to as a single node, its history would part from the other members' (for a single node, use another data directory)"
+    )]
+    ClusterMember {
+        /// The store's directory.
+        dir: PathBuf,
+        /// The cluster's epoch.
+        epoch: String,
+    },
 }
 
 /// sled's error as a sentence: its I/O errors display as Rust's debug form (`Os { code: 28,

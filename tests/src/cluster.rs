@@ -223,6 +223,11 @@ impl Cluster {
         }
     }
 
+    /// Node `id`'s data directory (`--data-dir`).
+    pub fn data_dir(&self, id: u64) -> &std::path::Path {
+        &self.members[(id - 1) as usize].data_dir
+    }
+
     /// `kill -9`s node `id` and deletes its data directory: its next start is on an empty one
     /// (a lost disk).
     pub fn wipe(&mut self, id: u64) {

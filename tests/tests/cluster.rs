@@ -925,9 +925,9 @@ async fn a_restarted_node_catches_up_and_takes_its_partitions_back() {
     }
 }
 
-/// With fast failover off, only openraft's own timers can replace a dead leader: they must
-/// have been switched on (a node starts with them off, see `failover`) once each group heard
-/// its leader, on the restarted node too.
+/// With fast failover off, only openraft's own timers can replace a dead leader: herald's
+/// pre-vote must switch them on (they are off while a leader is heard, see `failover`) once
+/// the surviving voters agree that nobody hears it, on the restarted node too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raft_timers_alone_replace_a_dead_leader() {
     let mut cluster = Cluster::start_with(3, &["--raft-fast-failover", "false"]);
@@ -1620,4 +1620,62 @@ async fn a_node_cut_off_from_a_leader_publishes_through_another_member() {
         Some(1),
         "node 1 still leads"
     );
+}
+
+/// A member restarted without its cluster settings (a config file not picked up) must not
+/// open its store as a single node: a publish there would take a position the other members
+/// give another event, and after a restart with the right settings the node's history would
+/// differ from theirs for good. It refuses to start, and says what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_store_refuses_to_open_as_a_single_node() {
+    let mut cluster = Cluster::start(3);
+    publish_until_acked(&cluster, 1, "member:1", "before").await;
+    cluster.kill(3);
+    let mut single = std::process::Command::new(herald_tests::herald_binary())
+        .args([
+            "serve",
+            "--resp-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        // The cluster's count: a store of another count is refused for that already.
+        .args(["--partitions", "4"])
+        .arg("--data-dir")
+        .arg(cluster.data_dir(3))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run herald serve");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = single.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = single.kill();
+            let _ = single.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut single.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "a member's store was served as a single node ({status:?}): {stderr}"
+    );
+    assert!(
+        stderr.contains("belongs to a cluster member") && stderr.contains("--node-id"),
+        "{stderr}"
+    );
+    // With its settings it rejoins, and has what the others have.
+    cluster.start_node(3, 3);
+    publish_until_acked(&cluster, 1, "member:1", "after").await;
+    eventually_equal(
+        "node 3's history",
+        &vec!["before".to_string(), "after".to_string()],
+        || history_payloads(cluster.node(3), "member:1"),
+    )
+    .await;
 }
