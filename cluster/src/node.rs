@@ -711,9 +711,25 @@ impl ClusterNode {
             formed: self.is_formed(),
             epoch: self.is_formed().then(|| self.epoch().to_string()),
             members: self.members(),
-            links: self.inner.peers.links(),
+            links: self.links(),
             groups,
         }
+    }
+
+    /// The link to each peer, a peer refused for its store shown as `refused`: it may be
+    /// connected, but no Raft message goes to it or is taken from it.
+    fn links(&self) -> BTreeMap<NodeId, crate::rpc::PeerLink> {
+        let mut links = self.inner.peers.links();
+        for (peer, link) in links.iter_mut() {
+            if self.inner.peer_stores.is_refused(*peer) {
+                link.state = "refused";
+                link.last_error = Some(format!(
+                    "runs on another store than the one it was a member with: {}",
+                    crate::rpc::store_changed(*peer)
+                ));
+            }
+        }
+        links
     }
 
     /// The cluster's members (`id -> address`) as the meta group knows them.

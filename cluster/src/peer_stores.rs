@@ -14,8 +14,10 @@
 //! a new store: the meta group's state machine forgets the records of nodes outside each
 //! membership it applies, in log order (`Store::forget_peer_store_ids_except`), so a node that
 //! catches up on "removed, then joined again" in one batch forgets it too. A node that joins
-//! gets the store id it showed at its last exchange recorded, even when no new connection (so
-//! no new exchange) follows the join.
+//! gets the store id it showed at its last exchange since it left (if any) recorded, even when
+//! no new connection (so no new exchange) follows the join; one that has not shown one since
+//! (the usual "lost disk: remove it, join it again" before it is back) is recorded at its first
+//! exchange after the join.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,6 +88,11 @@ impl PeerStores {
                 }
                 let Some(this) = this.upgrade() else { return };
                 if let Some(before) = &last {
+                    // What a node that left showed is of its old store: a node joined again
+                    // after a lost disk must not be judged by it (it would be refused for good).
+                    for left in before.difference(&members) {
+                        this.shown.lock().remove(left);
+                    }
                     for joined in members.difference(before) {
                         this.record_shown(*joined);
                     }
@@ -119,6 +126,11 @@ impl PeerStores {
         if let Err(error) = self.store.set_peer_store_id(peer, Some(shown)) {
             tracing::warn!(peer, %error, "cannot record a member's store id");
         }
+    }
+
+    /// Whether the last verdict on `peer` was a refusal (for `herald cluster status`).
+    pub fn is_refused(&self, peer: NodeId) -> bool {
+        StoreIds::refused(self, peer)
     }
 
     /// Whether `peer` is a member, as far as this node knows (`true` before it knows any).

@@ -360,7 +360,8 @@ pub struct Peers {
 #[serde(rename_all = "camelCase")]
 pub struct PeerLink {
     /// `connected`, `connecting`, `unreachable` (dials fail; retried with backoff) or `idle`
-    /// (no connection needed yet, or the last one closed).
+    /// (no connection needed yet, or the last one closed); `refused` in `herald cluster status`
+    /// when the peer shows another store than the one it was a member with.
     pub state: &'static str,
     /// The connection's current round-trip estimate (QUIC's), while connected.
     pub rtt_us: Option<u64>,

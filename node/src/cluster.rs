@@ -121,6 +121,9 @@ fn render_status(status: &Value) -> String {
                         link["failedDials"],
                         link["lastError"].as_str().unwrap_or("?")
                     ),
+                    Some("refused") => {
+                        format!("REFUSED: {}", link["lastError"].as_str().unwrap_or("?"))
+                    }
                     Some(state) => state.to_string(),
                     None => "no link".to_string(),
                 }

@@ -1679,3 +1679,33 @@ async fn a_members_store_refuses_to_open_as_a_single_node() {
     )
     .await;
 }
+
+/// The documented way back for a member that lost its disk, in the order an operator
+/// rebuilding its machine takes: remove it and join it again while it is still down, then
+/// start it on its empty data directory. The members must judge it by the store it shows
+/// after the join, not by the one it had before (they recorded that old store at the join,
+/// and refused the node for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_lost_its_disk_is_joined_again_before_it_is_back() {
+    let mut cluster = Cluster::start(3);
+    publish_until_acked(&cluster, 1, "rebuilt:1", "before").await;
+    cluster.wipe(3);
+    let (ok, text) = cluster.cli(1, &["remove", "--node-id", "3"]);
+    assert!(ok, "remove failed: {text}");
+    let addr = format!("127.0.0.1:{}", cluster.members[2].cluster_port);
+    herald_tests::wait_until("node 3 can be joined again", || {
+        cluster
+            .cli(1, &["join", "--node-id", "3", "--addr", &addr])
+            .0
+    });
+    cluster.start_node(3, 3);
+    publish_until_acked(&cluster, 3, "rebuilt:1", "after").await;
+    eventually_equal(
+        "node 3 catches up",
+        &vec!["before".to_string(), "after".to_string()],
+        || history_payloads(cluster.node(3), "rebuilt:1"),
+    )
+    .await;
+    let (_, status) = cluster.cli(1, &["status"]);
+    assert!(!status.contains("REFUSED"), "{status}");
+}
