@@ -1424,12 +1424,18 @@ impl ClusterNode {
     /// relayed through this node).
     async fn probe(&self, group: GroupId) -> Option<Probe> {
         let raft = self.inner.groups.get(usize::from(group))?;
-        // A leader hears itself: a member that leads the group is no silent follower.
-        let leads = raft.metrics().borrow().current_leader == Some(self.inner.id);
-        let silent_ms = if leads {
-            0
-        } else {
-            self.inner.contact.silence(usize::from(group)).as_millis() as u64
+        // A leader answers for itself by how long ago a quorum acknowledged it: one whose
+        // followers no longer take its messages (cut off, or refused) must not keep the others
+        // from electing a new leader.
+        let quorum_ack = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            (m.current_leader == Some(self.inner.id))
+                .then(|| m.millis_since_quorum_ack.unwrap_or(u64::MAX))
+        };
+        let silent_ms = match quorum_ack {
+            Some(ms) => ms,
+            None => self.inner.contact.silence(usize::from(group)).as_millis() as u64,
         };
         let mut log = RaftLogStore::new(self.inner.journal.clone(), group);
         let last_log = openraft::storage::RaftLogStorage::get_log_state(&mut log)

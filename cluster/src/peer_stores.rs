@@ -50,6 +50,12 @@ pub struct PeerStores {
     shown: Mutex<HashMap<NodeId, u64>>,
     /// Peers refused at their last exchange, and when each was last logged.
     refused: Mutex<HashMap<NodeId, Instant>>,
+    /// The store id each peer showed on the last connection this node dialed to it (at the
+    /// address the membership gives it: the member itself, not a process claiming its id).
+    dialed: Mutex<HashMap<NodeId, u64>>,
+    /// The recorded store ids as last read from the store (`None`: no record), for the
+    /// per-message checks; cleared when the store's generation moves.
+    records: Mutex<(u64, HashMap<NodeId, Option<u64>>)>,
 }
 
 impl PeerStores {
@@ -63,6 +69,8 @@ impl PeerStores {
             generation,
             shown: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashMap::new()),
+            dialed: Mutex::new(HashMap::new()),
+            records: Mutex::new((0, HashMap::new())),
         })
     }
 
@@ -123,14 +131,36 @@ impl PeerStores {
         if matches!(self.store.peer_store_id(peer), Ok(Some(_))) {
             return;
         }
-        if let Err(error) = self.store.set_peer_store_id(peer, Some(shown)) {
-            tracing::warn!(peer, %error, "cannot record a member's store id");
-        }
+        self.set_record(peer, shown);
     }
 
-    /// Whether the last verdict on `peer` was a refusal (for `herald cluster status`).
+    /// Whether `peer` is refused over the connections this node dials to it (for `herald
+    /// cluster status`).
     pub fn is_refused(&self, peer: NodeId) -> bool {
-        StoreIds::refused(self, peer)
+        StoreIds::refused_dialed(self, peer)
+    }
+
+    /// The store id recorded for `peer`, through a cache kept in step with the store.
+    fn record(&self, peer: NodeId) -> Option<u64> {
+        let generation = self.store.peer_store_generation();
+        let mut records = self.records.lock();
+        if records.0 != generation {
+            *records = (generation, HashMap::new());
+        }
+        if let Some(record) = records.1.get(&peer) {
+            return *record;
+        }
+        let record = self.store.peer_store_id(peer).ok().flatten();
+        records.1.insert(peer, record);
+        record
+    }
+
+    /// Records `store` for `peer` in the store and the cache.
+    fn set_record(&self, peer: NodeId, store: u64) {
+        if let Err(error) = self.store.set_peer_store_id(peer, Some(store)) {
+            tracing::warn!(peer, %error, "cannot record a member's store id");
+        }
+        self.records.lock().1.remove(&peer);
     }
 
     /// Whether `peer` is a member, as far as this node knows (`true` before it knows any).
@@ -162,7 +192,7 @@ impl PeerStores {
                 peer,
                 known = format_args!("{known:016x}"),
                 shown = format_args!("{shown:016x}"),
-                "refusing node {peer}: it runs on another store than the one it was a member with; {}",
+                "refusing node {peer}: it runs on another store than the one it was a member with; {} (or a second process was started with node id {peer}, e.g. from a copied config: stop that one; the member itself keeps working)",
                 store_changed(peer)
             );
         }
@@ -182,6 +212,24 @@ impl StoreIds for PeerStores {
         self.refused.lock().contains_key(&peer)
     }
 
+    fn accepts_dialed(&self, peer: NodeId, store: u64) -> bool {
+        self.dialed.lock().insert(peer, store);
+        self.accepts(peer, store)
+    }
+
+    fn refused_store(&self, peer: NodeId, store: u64) -> bool {
+        // Members only have records (a node that leaves is forgotten).
+        self.record(peer).is_some_and(|known| known != store)
+    }
+
+    fn refused_dialed(&self, peer: NodeId) -> bool {
+        let dialed = self.dialed.lock().get(&peer).copied();
+        match dialed {
+            Some(store) => self.refused_store(peer, store),
+            None => self.refused(peer),
+        }
+    }
+
     fn accepts(&self, peer: NodeId, store: u64) -> bool {
         self.shown.lock().insert(peer, store);
         let _judging = self.judging.lock();
@@ -194,9 +242,7 @@ impl StoreIds for PeerStores {
         match self.store.peer_store_id(peer) {
             Ok(Some(first)) => self.judge(peer, first, store),
             Ok(None) => {
-                if let Err(error) = self.store.set_peer_store_id(peer, Some(store)) {
-                    tracing::warn!(peer, %error, "cannot record a member's store id");
-                }
+                self.set_record(peer, store);
                 self.refused.lock().remove(&peer);
                 true
             }

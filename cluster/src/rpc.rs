@@ -597,7 +597,12 @@ impl Peers {
         target: NodeId,
         request: &Request,
     ) -> Result<(), RpcError> {
-        if request.is_raft() && self.store_ids.get().is_some_and(|s| s.refused(target)) {
+        if request.is_raft()
+            && self
+                .store_ids
+                .get()
+                .is_some_and(|s| s.refused_dialed(target))
+        {
             return Err(RpcError::Unreachable {
                 peer: target,
                 reason: format!(
@@ -776,7 +781,7 @@ async fn exchange_store_ids(
     let frame = encode_frame(&Request::StoreId(store_ids.local()))?;
     match exchange(connection, &frame).await {
         Ok(Response::StoreId(theirs)) => {
-            store_ids.accepts(target, theirs);
+            store_ids.accepts_dialed(target, theirs);
             Ok(())
         }
         Ok(Response::Error(reason)) if reason.starts_with("refused:") => {
@@ -854,9 +859,25 @@ pub trait StoreIds: Send + Sync {
     /// Judges node `peer`, seen with store id `store`: whether it is heard. The verdict
     /// stands (see [`StoreIds::refused`]) until the peer is seen again.
     fn accepts(&self, peer: NodeId, store: u64) -> bool;
+    /// [`StoreIds::accepts`] for the answer of a connection this node dialed, at the address
+    /// the membership gives `peer`.
+    fn accepts_dialed(&self, peer: NodeId, store: u64) -> bool {
+        self.accepts(peer, store)
+    }
     /// Whether the last verdict on `peer` was a refusal: then no Raft message goes to it or is
     /// taken from it.
     fn refused(&self, peer: NodeId) -> bool;
+    /// Whether Raft messages on a connection on which `peer` showed store id `store` are
+    /// refused: judged by the connection, so that a second process claiming `peer`'s id does
+    /// not get the member itself refused.
+    fn refused_store(&self, peer: NodeId, store: u64) -> bool {
+        let _ = store;
+        self.refused(peer)
+    }
+    /// Whether Raft messages to `peer` over the connections this node dials are refused.
+    fn refused_dialed(&self, peer: NodeId) -> bool {
+        self.refused(peer)
+    }
 }
 
 /// What a node serves: its Raft groups and its application requests.
@@ -938,6 +959,9 @@ async fn serve_connection(
         },
     };
     tracing::debug!(peer = peer.peer, addr = %peer.connection.remote_address(), "cluster connection accepted");
+    // The store id the peer shows on this connection (its first request): Raft messages are
+    // judged by it, per connection.
+    let shown: Arc<std::sync::OnceLock<u64>> = Arc::default();
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -945,7 +969,13 @@ async fn serve_connection(
         };
         match stream {
             Ok((send, recv)) => {
-                tokio::spawn(serve_stream(peer.peer, send, recv, handler.clone()));
+                tokio::spawn(serve_stream(
+                    peer.peer,
+                    shown.clone(),
+                    send,
+                    recv,
+                    handler.clone(),
+                ));
             }
             Err(reason) => {
                 tracing::debug!(peer = peer.peer, %reason, "cluster connection ended");
@@ -957,15 +987,23 @@ async fn serve_connection(
 
 async fn serve_stream(
     from: NodeId,
+    shown: Arc<std::sync::OnceLock<u64>>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     handler: Arc<dyn Handler>,
 ) {
+    let refused = |store_ids: &dyn StoreIds| match shown.get() {
+        Some(store) => store_ids.refused_store(from, *store),
+        // A node from before the exchange: judged by the last verdict on its id.
+        None => store_ids.refused(from),
+    };
     let response = match read_frame(&mut recv).await {
         Ok(bytes) => match decode::<Request>(&bytes) {
-            Ok(request)
-                if request.is_raft() && handler.store_ids().is_some_and(|s| s.refused(from)) =>
-            {
+            Ok(Request::StoreId(store)) => {
+                let _ = shown.set(store);
+                dispatch(from, Request::StoreId(store), handler.as_ref()).await
+            }
+            Ok(request) if request.is_raft() && handler.store_ids().is_some_and(refused) => {
                 Response::Error(format!(
                     "refused: node {from} runs on another store than the one it was a member with: {}",
                     store_changed(from)

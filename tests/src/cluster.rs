@@ -207,6 +207,32 @@ impl Cluster {
         self.members[(id - 1) as usize].node = Some(node);
     }
 
+    /// Starts a second process under node `id`'s id (a copied config, a stale pod): its own
+    /// data directory and cluster port, the cluster's peers and certificates.
+    pub fn start_impostor(&self, id: u64) -> Herald {
+        let peers = self.peers();
+        let tls = self.tls_dir.to_str().unwrap().to_string();
+        let cluster_addr = format!("127.0.0.1:{}", free_udp_port());
+        let id_text = id.to_string();
+        let expect = self.members.len().to_string();
+        let partitions = TEST_PARTITIONS.to_string();
+        let args = [
+            "--node-id",
+            &id_text,
+            "--cluster-addr",
+            &cluster_addr,
+            "--peers",
+            &peers,
+            "--bootstrap-expect",
+            &expect,
+            "--tls-dir",
+            &tls,
+            "--partitions",
+            &partitions,
+        ];
+        Herald::start_in(scratch_dir(&format!("impostor{id}")), &args, &[])
+    }
+
     /// Node `id` (running).
     pub fn node(&self, id: u64) -> &Herald {
         self.members[(id - 1) as usize]

@@ -1709,3 +1709,50 @@ async fn a_member_that_lost_its_disk_is_joined_again_before_it_is_back() {
     let (_, status) = cluster.cli(1, &["status"]);
     assert!(!status.contains("REFUSED"), "{status}");
 }
+
+/// A second process started under a member's node id (a copied config, a stale pod) is
+/// refused, and the member itself keeps working: refusals are judged per connection, by the
+/// store each shows, not per node id (the member used to be refused too, for as long as its
+/// connections lasted, and the partitions it led stalled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_with_a_members_id_does_not_cut_the_member_off() {
+    let cluster = Cluster::start(3);
+    // A channel whose partition node 2 leads: its publishes need node 2's Raft messages to be
+    // taken by the others.
+    let mut channel = String::new();
+    for i in 0.. {
+        let name = format!("impostor:{i}");
+        let reply = publish_until_acked(&cluster, 1, &name, "probe").await;
+        if cluster.leader_of(1, partition_of_reply(&reply)) == Some(2) {
+            channel = name;
+            break;
+        }
+    }
+    let impostor = cluster.start_impostor(2);
+    for id in [1, 3] {
+        herald_tests::wait_until(&format!("node {id} refuses the impostor"), || {
+            cluster.node(id).log().contains("refusing node 2")
+        });
+    }
+    let mut sent = vec!["probe".to_string()];
+    for i in 0..5 {
+        let data = format!("with-impostor-{i}");
+        let body = json!({ "channel": channel, "data": data, "messageId": data });
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match try_publish(cluster.node(1).http, &body).await {
+                Ok(_) => break,
+                Err(error) => assert!(attempts < 3, "{data} not acknowledged: {error}"),
+            }
+        }
+        sent.push(data);
+    }
+    let (_, status) = cluster.cli(1, &["status"]);
+    assert!(!status.contains("REFUSED"), "{status}");
+    drop(impostor);
+    eventually_equal("node 2's history", &sent, || {
+        history_payloads(cluster.node(2), &channel)
+    })
+    .await;
+}
