@@ -191,6 +191,10 @@ impl std::fmt::Debug for ClusterNode {
     }
 }
 
+/// Placement rounds (one a second) the meta leader waits, seeing partition groups without a
+/// membership, before it initialises them (a formation cut short).
+const FORMATION_REPAIR_ROUNDS: u32 = 10;
+
 impl ClusterNode {
     /// Starts the groups, the RPC server, the proposers and (with `bootstrap_expect`) cluster
     /// formation. `on_commit` receives every partition's committed events on this node, in
@@ -971,8 +975,26 @@ impl ClusterNode {
                     .await?;
             }
         }
+        // A fault for tests only: the forming node "dies" between the cluster's Init and the
+        // partitions' InitGroup (see `finish_interrupted_formation`).
+        if std::env::var_os("HERALD_TEST_FORMATION_STOPS_AFTER_INIT").is_some() {
+            tracing::warn!("HERALD_TEST_FORMATION_STOPS_AFTER_INIT: partitions left uninitialised");
+            return Ok(());
+        }
+        self.init_partitions(&members, 0..self.inner.store.partitions())
+            .await;
+        Ok(())
+    }
+
+    /// Initialises the groups of `partitions` over `members`, each on its first voter (or the
+    /// next, if that one is down); a group already initialised there stays as it is.
+    async fn init_partitions(
+        &self,
+        members: &BTreeMap<NodeId, String>,
+        partitions: impl Iterator<Item = Partition>,
+    ) {
         let ids: Vec<NodeId> = members.keys().copied().collect();
-        for partition in 0..self.inner.store.partitions() {
+        for partition in partitions {
             let (voters, learners) = placement(partition, &ids);
             let pick = |set: &[NodeId]| -> BTreeMap<NodeId, String> {
                 set.iter().map(|id| (*id, members[id].clone())).collect()
@@ -1011,7 +1033,6 @@ impl ClusterNode {
                 );
             }
         }
-        Ok(())
     }
 
     /// Writes `command` to `group` through its leader (this node or over RPC).
@@ -1504,6 +1525,64 @@ impl ClusterNode {
 
     /// Every second: on each group this node leads, add missing members as learners, promote
     /// learners while voters are short, drop nodes that left; keep the allow-list current.
+    /// A formation cut short (the forming node killed between the meta group's `Init` and the
+    /// partition groups' `InitGroup`) leaves a cluster that is formed but whose partitions have
+    /// no voters anywhere: nothing ever commits there. Every member is at least a learner of
+    /// every partition, so the meta leader seeing partition groups without a membership for
+    /// [`FORMATION_REPAIR_ROUNDS`] rounds in a row initialises them, as `herald cluster init`
+    /// does (which initialises only what is not yet). Returns the new count of such rounds.
+    async fn finish_interrupted_formation(&self, rounds: u32) -> u32 {
+        let meta = &self.inner.groups[usize::from(META_GROUP)];
+        if !self.is_formed() || meta.metrics().borrow().current_leader != Some(self.inner.id) {
+            return 0;
+        }
+        let missing: Vec<Partition> = self
+            .inner
+            .groups
+            .iter()
+            .enumerate()
+            .filter(|(_, raft)| {
+                raft.metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .nodes()
+                    .next()
+                    .is_none()
+            })
+            .filter_map(|(group, _)| group_partition(group as GroupId))
+            .collect();
+        if missing.is_empty() {
+            return 0;
+        }
+        if rounds + 1 < FORMATION_REPAIR_ROUNDS {
+            return rounds + 1;
+        }
+        // Only groups that no member has a log for were never initialised: elsewhere this
+        // node may simply not have been added yet (a join under way).
+        let members = self.members();
+        let ids: Vec<NodeId> = members.keys().copied().collect();
+        let mut never = Vec::new();
+        for partition in missing {
+            let group = partition_group(partition);
+            let answers = self
+                .probe_voters(group, &ids, None, Duration::from_secs(1))
+                .await;
+            if answers.len() == ids.len() && answers.iter().all(|(_, p)| p.last_log.is_none()) {
+                never.push(partition);
+            }
+        }
+        if never.is_empty() {
+            return 0;
+        }
+        tracing::warn!(
+            partitions = ?never,
+            "partitions no member has a log for: the cluster's formation was cut short; initialising them"
+        );
+        self.init_partitions(&members, never.into_iter()).await;
+        0
+    }
+
     async fn placement_loop(&self) {
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1511,11 +1590,17 @@ impl ClusterNode {
         let mut hand_backs = HandBacks::new(self.inner.groups.len());
         // How each hand-back ended: (group, whether the leadership moved).
         let (handed_tx, mut handed_rx) = mpsc::channel::<(usize, bool)>(4);
+        // Rounds in a row in which this node led the meta group of a formed cluster while some
+        // of its partition groups had no membership (see `finish_interrupted_formation`).
+        let mut uninitialised_rounds: u32 = 0;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = self.inner.shutdown.cancelled() => return,
             }
+            uninitialised_rounds = self
+                .finish_interrupted_formation(uninitialised_rounds)
+                .await;
             while let Ok((group, moved)) = handed_rx.try_recv() {
                 hand_backs.finished(group, moved);
             }

@@ -1756,3 +1756,34 @@ async fn a_second_process_with_a_members_id_does_not_cut_the_member_off() {
     })
     .await;
 }
+
+/// A formation cut short between the cluster's Init and the partitions' initialisation (the
+/// forming node killed in those milliseconds; here a test-only fault stops it there) left a
+/// cluster that said it was formed but whose partitions never had a voter: not ready, for
+/// good, whatever was restarted. The meta leader finishes the formation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_formation_cut_short_is_finished_by_the_meta_leader() {
+    // Inherited by the nodes; only the forming node acts on it. Each test is a process.
+    unsafe { std::env::set_var("HERALD_TEST_FORMATION_STOPS_AFTER_INIT", "1") };
+    let cluster = Cluster::start_some(3, 0, &[]);
+    let mut cluster = cluster;
+    for id in [2, 3, 1] {
+        cluster.start_node(id, 3);
+    }
+    herald_tests::wait_until("the forming node stopped after Init", || {
+        cluster
+            .node(1)
+            .log()
+            .contains("partitions left uninitialised")
+    });
+    // Converged: every group has a leader every node agrees on.
+    cluster.wait_converged();
+    for i in 0..8 {
+        publish_until_acked(&cluster, 1 + i % 3, &format!("formed:{i}"), "x").await;
+    }
+    let log = cluster.node(1).log();
+    assert!(
+        log.contains("formation was cut short"),
+        "the meta leader (node 1) said what it did: {log}"
+    );
+}
