@@ -392,6 +392,93 @@ async fn payloads_arrive_intact() {
     assert_eq!(event["big"].as_str().unwrap().len(), 200_000);
 }
 
+/// A payload object with an `id` or `channel` of its own is wrapped in `data`, whatever the
+/// field's value: with `null` too, merged, the message had the key twice, and `JSON.parse`
+/// kept the payload's null instead of the cursor (or the channel).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_id_and_channel_fields_are_wrapped_even_when_null() {
+    let node = Herald::start();
+    let (mut ws, _) = connect(&node, "/ws").await;
+    subscribe(
+        &mut ws,
+        json!({ "type": "subscribe", "channel": "own" }),
+        "own",
+    )
+    .await;
+    let payloads = [
+        json!({ "id": null }),
+        json!({ "channel": null }),
+        json!({ "type": "job", "id": null, "channel": null, "n": 1 }),
+    ];
+    for payload in payloads {
+        let reply = publish(&node, "own", payload.clone()).await;
+        // serde_json, like JSON.parse, keeps the last of two equal keys: a key sent twice
+        // would show here as the payload's null in place of the cursor or the channel.
+        assert_eq!(
+            next(&mut ws).await,
+            json!({ "id": reply["id"], "channel": "own", "type": "message", "data": payload }),
+            "the cursor, the channel and the payload whole"
+        );
+    }
+}
+
+/// `data` is the payload's text unless the payload is a JSON object or array: a scalar is never
+/// re-read as JSON, so its type does not change with its content, a big number is not rounded
+/// by the browser, and two different payloads never look alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_is_the_payload_text_unless_it_is_an_object_or_array() {
+    let node = Herald::start();
+    let (mut ws, _) = connect(&node, "/ws").await;
+    subscribe(
+        &mut ws,
+        json!({ "type": "subscribe", "channel": "kinds" }),
+        "kinds",
+    )
+    .await;
+    let client = redis::Client::open(node.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let cases = [
+        ("7", json!("7")),
+        ("007", json!("007")),
+        ("12345678901234567890", json!("12345678901234567890")),
+        ("1e400", json!("1e400")),
+        ("true", json!("true")),
+        ("True", json!("True")),
+        ("null", json!("null")),
+        ("quoted", json!("quoted")),
+        ("\"quoted\"", json!("\"quoted\"")),
+        ("[1, \"a\"]", json!([1, "a"])),
+        ("{\"id\": 5}", json!({ "id": 5 })),
+    ];
+    for (payload, data) in &cases {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("kinds")
+            .arg(*payload)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let (_, event) = split_id(next(&mut ws).await);
+        assert_eq!(
+            event,
+            json!({ "channel": "kinds", "type": "message", "data": data }),
+            "PUBLISH kinds {payload}"
+        );
+    }
+    // Over HTTP, a JSON number is published as its digits and arrives as that text too.
+    let body = r#"{"channel": "kinds", "data": 12345678901234567890}"#;
+    let reply = reqwest::Client::new()
+        .post(format!("{}/api/publish", node.http_url()))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    assert_eq!(
+        split_id(next(&mut ws).await).1["data"],
+        "12345678901234567890"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_messages_get_errors_and_the_connection_stays_open() {
     let node = Herald::start();

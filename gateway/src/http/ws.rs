@@ -22,7 +22,9 @@
 //! payload (an object with a `channel` field of its own included, or with an `id` when the
 //! event has a cursor: either would clash) arrives as
 //! `{"id":..,"channel":..,"type":"message","data":<the payload>}`: `data` is the payload itself
-//! when it is JSON, else the payload as a JSON string. Events of non-durable namespaces have no
+//! when it is a JSON object or array, else the payload's text as a JSON string (`7`, `true`
+//! and `"x"` arrive as the strings `"7"`, `"true"` and `"\"x\""`: never re-read as JSON, so no
+//! number is rounded and no two payloads look alike). Events of non-durable namespaces have no
 //! `id` (they cannot be resumed).
 //!
 //! # Client messages

@@ -8,7 +8,9 @@
 //!   front. A payload that is a JSON object is merged into the message, so the seed's messages
 //!   (`{"type":"job_progress",...}`) reach browsers unchanged, plus `id` and `channel`; any other
 //!   payload (an object whose own `channel`, or `id` next to a cursor, would clash included) is
-//!   carried as `{"type":"message","channel":...,"data":...}`.
+//!   carried as `{"type":"message","channel":...,"data":...}`, where `data` is the payload itself
+//!   when it is a JSON object or array, and otherwise its text as a JSON string (see
+//!   [`websocket_tail`]).
 
 use crate::resp::frame::{Protocol, encode_bulk, encode_header};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -182,11 +184,22 @@ pub fn sse_data(payload: &[u8]) -> Bytes {
 
 /// The WebSocket message for `payload` on `channel`, without its opening `{`. `positioned`:
 /// the writer puts an `id` (the cursor) in front, so a payload's own `id` would clash.
+///
+/// A payload that is not merged (see [`json_object_body`]) goes in `data`: as itself when it is
+/// a JSON object or array (structured data, as `JSON.stringify` writes it), otherwise as its
+/// text in a JSON string. Scalars are never re-read as JSON: `7` and `"7"`, `true` and `True`,
+/// `quoted` and `"quoted"` stay the distinct texts they were published as (what SSE's
+/// `event.data` gives too), and an id such as `12345678901234567890` cannot become a number
+/// that JavaScript rounds. A payload that is not UTF-8 is always a string, its invalid bytes
+/// replaced by U+FFFD.
 pub fn websocket_tail(channel: &[u8], payload: &[u8], positioned: bool) -> Bytes {
     let mut out = BytesMut::with_capacity(payload.len() + channel.len() + 48);
     out.put_slice(b"\"channel\":");
     put_json_string(&mut out, channel);
-    match json_object_body(payload, positioned) {
+    // Invalid UTF-8 inside a JSON string passes serde's syntax checks (it skips strings it
+    // does not build): copied raw, it would make the message invalid.
+    let utf8 = std::str::from_utf8(payload).is_ok();
+    match json_object_body(payload, positioned).filter(|_| utf8) {
         Some(body) if body.iter().filter(|b| !b.is_ascii_whitespace()).eq([&b'}']) => {
             out.put_u8(b'}')
         }
@@ -196,7 +209,7 @@ pub fn websocket_tail(channel: &[u8], payload: &[u8], positioned: bool) -> Bytes
         }
         None => {
             out.put_slice(b",\"type\":\"message\",\"data\":");
-            if serde_json::from_slice::<IgnoredAny>(payload).is_ok() {
+            if utf8 && is_json_structure(payload) {
                 out.put_slice(payload);
             } else {
                 put_json_string(&mut out, payload);
@@ -207,16 +220,31 @@ pub fn websocket_tail(channel: &[u8], payload: &[u8], positioned: bool) -> Bytes
     out.freeze()
 }
 
+/// Whether `payload` is one JSON object or array (surrounding whitespace allowed).
+fn is_json_structure(payload: &[u8]) -> bool {
+    matches!(
+        payload.iter().find(|b| !b.is_ascii_whitespace()),
+        Some(b'{' | b'[')
+    ) && serde_json::from_slice::<IgnoredAny>(payload).is_ok()
+}
+
 /// For a payload that is one JSON object without a field of its own named `channel` (nor
 /// `id`, when the message gets a cursor), everything after its opening brace. An object with
 /// such a field is sent wrapped in `data`: merged, the message would carry the key twice, and
 /// a client's JSON parser would keep the payload's value, losing the event's cursor or channel.
+/// A field counts whatever its value, `null` included.
 fn json_object_body(payload: &[u8], positioned: bool) -> Option<&[u8]> {
-    /// The fields that can clash; the rest are skipped without being built.
+    /// The fields that can clash (present or not: an `Option` would take `null` for absent);
+    /// the rest are skipped without being built.
     #[derive(serde::Deserialize)]
     struct Clashing {
-        id: Option<IgnoredAny>,
-        channel: Option<IgnoredAny>,
+        #[serde(default, deserialize_with = "present")]
+        id: bool,
+        #[serde(default, deserialize_with = "present")]
+        channel: bool,
+    }
+    fn present<'de, D: serde::Deserializer<'de>>(field: D) -> Result<bool, D::Error> {
+        serde::Deserialize::deserialize(field).map(|IgnoredAny| true)
     }
     let start = payload.iter().position(|b| !b.is_ascii_whitespace())?;
     if payload[start] != b'{' {
@@ -224,7 +252,7 @@ fn json_object_body(payload: &[u8], positioned: bool) -> Option<&[u8]> {
     }
     // A duplicate `id` or `channel` in the payload fails here too, and is wrapped.
     let fields: Clashing = serde_json::from_slice(payload).ok()?;
-    let clash = fields.channel.is_some() || (positioned && fields.id.is_some());
+    let clash = fields.channel || (positioned && fields.id);
     (!clash).then(|| &payload[start + 1..])
 }
 
@@ -280,9 +308,27 @@ mod tests {
             r#""channel":"job_progress:j1","type":"job_progress","progress":0.5}"#
         );
         assert_eq!(text(websocket_tail(b"c", b"{}", true)), r#""channel":"c"}"#);
+        // Scalars are their text, never re-read as JSON.
         assert_eq!(
             text(websocket_tail(b"c", b"42", true)),
-            r#""channel":"c","type":"message","data":42}"#
+            r#""channel":"c","type":"message","data":"42"}"#
+        );
+        assert_eq!(
+            text(websocket_tail(b"c", b"12345678901234567890", true)),
+            r#""channel":"c","type":"message","data":"12345678901234567890"}"#
+        );
+        assert_eq!(
+            text(websocket_tail(b"c", br#""quoted""#, true)),
+            r#""channel":"c","type":"message","data":"\"quoted\""}"#
+        );
+        assert_eq!(
+            text(websocket_tail(b"c", b"null", true)),
+            r#""channel":"c","type":"message","data":"null"}"#
+        );
+        // Arrays are structured data, embedded as they are.
+        assert_eq!(
+            text(websocket_tail(b"c", b" [1,\"a\"]", true)),
+            r#""channel":"c","type":"message","data": [1,"a"]}"#
         );
         assert_eq!(
             text(websocket_tail(b"c", b"hi\n\"x\"", true)),
@@ -308,5 +354,24 @@ mod tests {
             text(websocket_tail(b"c", br#"{"channel":"other"}"#, false)),
             r#""channel":"c","type":"message","data":{"channel":"other"}}"#
         );
+        // A null of its own is a field of its own.
+        assert_eq!(
+            text(websocket_tail(b"c", br#"{"id":null}"#, true)),
+            r#""channel":"c","type":"message","data":{"id":null}}"#
+        );
+        assert_eq!(
+            text(websocket_tail(b"c", br#"{"channel":null,"x":1}"#, false)),
+            r#""channel":"c","type":"message","data":{"channel":null,"x":1}}"#
+        );
+        // Invalid UTF-8, inside a JSON string or not, still makes a valid message.
+        for payload in [&b"{\"a\":\"\xff\"}"[..], b"[\"\xff\"]", b"bad\xff"] {
+            let tail = websocket_tail(b"c", payload, true);
+            let message = format!("{{{}", std::str::from_utf8(&tail).unwrap());
+            let value: serde_json::Value = serde_json::from_str(&message).unwrap();
+            assert!(
+                value["data"].as_str().unwrap().contains('\u{FFFD}'),
+                "{message}"
+            );
+        }
     }
 }
