@@ -489,6 +489,10 @@ async fn bad_messages_get_errors_and_the_connection_stays_open() {
         json!({ "channel": "a" }).to_string(),
         json!({ "type": "subscribe" }).to_string(),
         json!({ "type": "subscribe", "channel": { "id": "x" } }).to_string(),
+        // A job id not set yet: not a subscription to the bare type's channel.
+        json!({ "type": "subscribe", "channel": { "type": "job_progress", "id": null } })
+            .to_string(),
+        json!({ "type": "subscribe", "channel": { "type": "job_progress", "id": "" } }).to_string(),
         json!({ "type": "subscribe", "channel": "a", "cursor": "not a cursor!" }).to_string(),
         json!({ "type": "subscribe", "channel": "a", "last": "many" }).to_string(),
         json!({ "type": "subscribe", "channel": "n".repeat(1025) }).to_string(),

@@ -31,7 +31,8 @@
 //!
 //! - `{"type":"subscribe","channel":{"type":"job_progress","id":"job_123"}}` subscribes to
 //!   `job_progress:job_123`; `{"type":"job_progress"}` without `id` is the channel
-//!   `job_progress`; `"channel":"any:name"` names a channel directly. herald adds
+//!   `job_progress` (an `id` that is there must be a non-empty string or a number: `null`
+//!   and `""` are refused); `"channel":"any:name"` names a channel directly. herald adds
 //!   `"cursor":"<id>"`, to receive everything retained after that event first (the `id` of the
 //!   last event received on the channel), or `"last":N`, the last N retained events first.
 //!   Subscribing to a channel already subscribed changes nothing and replays nothing.
@@ -683,7 +684,9 @@ fn target(map: &Map<String, Value>, verb: &str) -> Result<Target, String> {
                 _ => return Err("a channel object needs a non-empty string \"type\"".to_string()),
             };
             match channel.get("id") {
-                None | Some(Value::Null) => Ok(Target::Type(kind.clone())),
+                // `"id": null` is refused like `""`: it is what a client whose id is not set
+                // yet sends, and it must not quietly get the bare type's channel.
+                None => Ok(Target::Type(kind.clone())),
                 Some(Value::String(id)) if !id.is_empty() => {
                     Ok(Target::Channel(Bytes::from(format!("{kind}:{id}"))))
                 }
@@ -927,6 +930,9 @@ mod tests {
             r#"{"type":"subscribe","channel":5}"#,
             r#"{"type":"subscribe","channel":{"id":"x"}}"#,
             r#"{"type":"subscribe","channel":{"type":"a","id":[]}}"#,
+            r#"{"type":"subscribe","channel":{"type":"a","id":null}}"#,
+            r#"{"type":"subscribe","channel":{"type":"a","id":""}}"#,
+            r#"{"type":"unsubscribe","channel":{"type":"a","id":null}}"#,
             r#"{"type":"subscribe","channel":"a","cursor":"!!"}"#,
             r#"{"type":"subscribe","channel":"a","cursor":5}"#,
             r#"{"type":"subscribe","channel":"a","last":-1}"#,
