@@ -46,6 +46,33 @@ impl Start {
     pub fn from_cursor(text: &str) -> Result<Start, CursorError> {
         Cursor::decode(text.trim()).map(Start::After)
     }
+
+    /// Why this start is malformed for `broker`'s store, if it is: see [`check_cursor`].
+    pub fn check(&self, broker: &Broker) -> Result<(), String> {
+        match self {
+            Start::After(cursor) => check_cursor(cursor, broker),
+            Start::Live | Start::Last(_) => Ok(()),
+        }
+    }
+}
+
+/// Why `cursor` is malformed for `broker`'s store, if it is: a cursor of the store's epoch
+/// that names a partition the store does not have was never handed out (the partition count
+/// is fixed for a store's, and a cluster's, life), so it is hand-made or corrupted. A cursor of
+/// another epoch may name any partition: it gets an `epoch` gap instead.
+pub fn check_cursor(cursor: &Cursor, broker: &Broker) -> Result<(), String> {
+    if cursor.epoch != broker.epoch() {
+        return Ok(());
+    }
+    let partitions = broker.store().partitions();
+    match cursor.positions().find(|p| p.partition >= partitions) {
+        Some(position) => Err(format!(
+            "cursor names partition {}, but this store has {partitions} (0 to {})",
+            position.partition,
+            partitions - 1
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Why history the client asked for cannot be replayed in full.
@@ -250,8 +277,9 @@ impl EventStream {
         if let Start::After(cursor) = &start
             && cursor.epoch == broker.epoch()
         {
-            // Partitions the store lacks are dropped: the cursor goes out with every event,
-            // and a hand-made one naming thousands of partitions would make each event huge.
+            // Partitions the store lacks are dropped (callers refuse such cursors first, see
+            // `check_cursor`): the cursor goes out with every event, and a hand-made one naming
+            // thousands of partitions would make each event huge.
             let partitions = broker.store().partitions();
             for position in cursor
                 .positions()

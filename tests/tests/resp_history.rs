@@ -55,6 +55,31 @@ fn history_reads_after_a_cursor() {
     );
 }
 
+/// A cursor naming a partition the store does not have was never handed out: `HISTORY` and
+/// `HSUBSCRIBE` refuse it as malformed.
+#[test]
+fn a_cursor_naming_a_partition_the_store_lacks_is_refused() {
+    let node = Herald::start();
+    publish(&node, "news", "n0");
+    let (id, _) = history(&node, &["news"]).remove(0);
+    let mut cursor = herald_storage::Cursor::decode(&id).unwrap();
+    cursor.advance(herald_storage::Position::new(99, 1));
+    let cursor = cursor.encode();
+    let refusal: &[u8] =
+        b"-ERR invalid cursor: cursor names partition 99, but this store has 16 (0 to 15)\r\n";
+    let mut conn = RawConn::connect(node.resp);
+    conn.command(&[b"HISTORY", b"news", b"AFTER", cursor.as_bytes()]);
+    assert_eq!(conn.read_until_suffix(b"\r\n"), refusal);
+    conn.command(&[b"HSUBSCRIBE", cursor.as_bytes(), b"news"]);
+    assert_eq!(conn.read_until_suffix(b"\r\n"), refusal);
+    // The connection is still usable, and holds no history subscription.
+    conn.command(&[b"HSUBSCRIBE", id.as_bytes(), b"news"]);
+    assert_eq!(
+        conn.read_frame(),
+        b"*3\r\n$10\r\nhsubscribe\r\n$4\r\nnews\r\n:1\r\n"
+    );
+}
+
 #[test]
 fn hsubscribe_replays_then_goes_live_and_resumes_after_kill_9() {
     let node = Herald::start();

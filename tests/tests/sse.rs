@@ -753,26 +753,80 @@ async fn a_council_score_request_with_its_own_id_resumes_instead_of_starting_aga
     assert_eq!(empty.status(), 400);
 }
 
-/// A cursor may name partitions the store does not have (a hand-made or corrupted one): the
-/// stream resumes its own partitions from it, and nothing fails.
+/// A cursor naming a partition the store does not have (16 by default) was never handed out:
+/// it is malformed, a 400 with the reason, not a resume with a `retention` gap (nothing left
+/// retention). One from another store may name any partition: that is an `epoch` gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cursor_naming_a_partition_out_of_range_still_resumes() {
+async fn a_cursor_naming_a_partition_the_store_lacks_is_a_400() {
     let node = Herald::start();
     let first = publish(&node, "wide", json!("w1"), None).await;
-    publish(&node, "wide", json!("w2"), None).await;
     let mut cursor = herald_storage::Cursor::decode(first["id"].as_str().unwrap()).unwrap();
-    cursor.advance(herald_storage::Position::new(9_999, 7));
-    let mut events = connect(&stream_url(&node, "wide"), Some(&cursor.encode())).await;
-    let w2 = next(&mut events).await;
-    assert_eq!(w2.data, "w2");
-    publish(&node, "wide", json!("w3"), None).await;
-    let w3 = next(&mut events).await;
-    assert_eq!(w3.data, "w3");
-    // The partition the store lacks is not carried on: each event's id holds a cursor, and a
-    // cursor naming thousands of made-up partitions would make every event huge.
-    for id in [&w2.id, &w3.id] {
-        let cursor = herald_storage::Cursor::decode(id).unwrap();
-        assert!(cursor.positions().all(|p| p.partition < 16), "{id}");
+    cursor.advance(herald_storage::Position::new(99, 7));
+    let cursor = cursor.encode();
+    let reason = "cursor names partition 99, but this store has 16 (0 to 15)";
+    let client = reqwest::Client::new();
+    let url = stream_url(&node, "wide");
+    let cases = [
+        (
+            client.get(&url).header("Last-Event-ID", &cursor),
+            "Last-Event-ID",
+        ),
+        (
+            client.get(format!("{url}?lastEventId={cursor}")),
+            "lastEventId",
+        ),
+        (
+            client.get(format!(
+                "{}/api/stream/council-score?requestId=r1&lastEventId={cursor}",
+                node.http_url()
+            )),
+            "lastEventId",
+        ),
+    ];
+    for (request, source) in cases {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 400);
+        assert_eq!(
+            response.text().await.unwrap(),
+            format!("invalid {source}: {reason}\n")
+        );
+    }
+    // A whole cursor still resumes.
+    publish(&node, "wide", json!("w2"), None).await;
+    let mut events = connect(&url, first["id"].as_str()).await;
+    assert_eq!(next(&mut events).await.data, "w2");
+}
+
+/// Channel names in URLs: a query value that is not UTF-8 once decoded is a 400, as the same
+/// name in the path is (it was decoded to U+FFFD and streamed that channel); a raw `/` in the
+/// path is a 404 that says to send it as `%2F`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_names_in_urls_are_utf8_and_slashes_are_percent_encoded() {
+    let node = Herald::start();
+    for path in ["/api/stream?channel=%FF", "/api/stream/%FF"] {
+        let response = reqwest::get(format!("{}{path}", node.http_url()))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{path}");
+        let body = response.text().await.unwrap();
+        assert!(body.contains("UTF-8"), "{path}: {body}");
+    }
+    for path in ["/api/stream/a/b", "/api/stream/a/b/c"] {
+        let response = reqwest::get(format!("{}{path}", node.http_url()))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+        let body = response.text().await.unwrap();
+        assert!(
+            body.contains("%2F") && body.lines().count() == 1,
+            "{path}: {body:?}"
+        );
+    }
+    // Sent as %2F, the name works in the path and in the query.
+    for path in ["/api/stream/a%2Fb", "/api/stream?channel=a%2Fb"] {
+        let mut events = connect(&format!("{}{path}", node.http_url()), None).await;
+        publish(&node, "a/b", json!(path), None).await;
+        assert_eq!(next(&mut events).await.data, path);
     }
 }
 

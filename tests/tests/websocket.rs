@@ -479,6 +479,43 @@ async fn data_is_the_payload_text_unless_it_is_an_object_or_array() {
     );
 }
 
+/// A cursor naming a partition the store does not have (16 by default) was never handed out:
+/// it is malformed, refused with an `error` (or a 400 on `/ws/alerts`), not taken for a
+/// resume from before retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_naming_a_partition_the_store_lacks_is_refused() {
+    let node = Herald::start();
+    let reply = publish(&node, "alerts:p", json!({ "n": 0 })).await;
+    let mut cursor = herald_storage::Cursor::decode(reply["id"].as_str().unwrap()).unwrap();
+    cursor.advance(herald_storage::Position::new(99, 3));
+    let cursor = cursor.encode();
+    let (mut ws, _) = connect(&node, "/ws").await;
+    send(
+        &mut ws,
+        json!({ "type": "subscribe", "channel": "alerts:p", "cursor": cursor }),
+    )
+    .await;
+    let refused = next(&mut ws).await;
+    assert_eq!(
+        refused,
+        json!({
+            "type": "error",
+            "message": "invalid cursor: cursor names partition 99, but this store has 16 (0 to 15)",
+        })
+    );
+    let alerts = reqwest::get(format!(
+        "{}/ws/alerts?userId=p&lastEventId={cursor}",
+        node.http_url()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(alerts.status(), 400);
+    assert_eq!(
+        alerts.text().await.unwrap(),
+        "invalid cursor: cursor names partition 99, but this store has 16 (0 to 15)\n"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_messages_get_errors_and_the_connection_stays_open() {
     let node = Herald::start();

@@ -67,6 +67,57 @@ pub(crate) fn check_channels<'a>(
     Ok(())
 }
 
+/// A query string's `name=value` pairs, decoded as an HTML form's are (`+` is a space, `%XX`
+/// a byte), or why it cannot be: a name or value that is not UTF-8 once decoded. (The usual
+/// decoders replace such bytes with U+FFFD, which turned `?channel=%FF` into a stream of the
+/// channel U+FFFD instead of the 400 `/api/stream/%FF` gets.)
+pub(crate) fn query_params(query: Option<&str>) -> Result<Vec<(String, String)>, String> {
+    let Some(query) = query else {
+        return Ok(Vec::new());
+    };
+    let mut pairs = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = String::from_utf8(percent_decode(name)).map_err(|e| {
+            format!(
+                "invalid query: a parameter name is not UTF-8 once percent-decoded ({})",
+                String::from_utf8_lossy(e.as_bytes())
+            )
+        })?;
+        let value = String::from_utf8(percent_decode(value))
+            .map_err(|_| format!("invalid query: {name}= is not UTF-8 once percent-decoded"))?;
+        pairs.push((name, value));
+    }
+    Ok(pairs)
+}
+
+/// `text` with `+` as a space and each `%XX` as its byte (a `%` not followed by two hex digits
+/// stays as it is, as browsers and `form_urlencoded` do).
+fn percent_decode(text: &str) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => match (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            ) {
+                (Some(high), Some(low)) => {
+                    out.push(high << 4 | low);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            other => out.push(other),
+        }
+        i += 1;
+    }
+    out
+}
+
 /// HTTP settings.
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
@@ -290,11 +341,26 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/stream/{channel}", get(sse::stream_channel))
         .route("/ws", get(ws::connect))
         .route("/ws/alerts", get(ws::alerts))
+        .fallback(not_found)
         .with_state(state);
     match cors {
         Some(cors) => router.layer(cors),
         None => router,
     }
+}
+
+/// A path no route takes: a 404, with a hint under `/api/stream/` (a channel name's `/` must
+/// be sent as `%2F`: `/api/stream/a/b` is not the channel `a/b`), empty elsewhere as before.
+async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if uri.path().starts_with("/api/stream/") {
+        return error_response(
+            axum::http::StatusCode::NOT_FOUND,
+            "no such stream: a channel name is one path segment, so send its '/' as %2F \
+             (/api/stream/a%2Fb streams the channel a/b), or use /api/stream?channel=a%2Fb",
+        );
+    }
+    axum::http::StatusCode::NOT_FOUND.into_response()
 }
 
 fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
@@ -352,4 +418,32 @@ pub(crate) fn error_response(
         text,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_decode_as_forms_and_refuse_what_is_not_utf8() {
+        let pairs = query_params(Some(
+            "channel=a%2Fb&channel=x+y&&last=3&flag&pct=100%&e=%C3%A9",
+        ))
+        .unwrap();
+        let expected = [
+            ("channel", "a/b"),
+            ("channel", "x y"),
+            ("last", "3"),
+            ("flag", ""),
+            ("pct", "100%"),
+            ("e", "é"),
+        ];
+        assert_eq!(pairs, expected.map(|(k, v)| (k.to_string(), v.to_string())));
+        assert_eq!(query_params(None).unwrap(), Vec::new());
+        assert_eq!(
+            query_params(Some("channel=%FF")).unwrap_err(),
+            "invalid query: channel= is not UTF-8 once percent-decoded"
+        );
+        assert!(query_params(Some("%FF=1")).is_err());
+    }
 }

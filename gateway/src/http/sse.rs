@@ -25,6 +25,7 @@
 //! `requestId`, herald picks a fresh id on every connect, so a reconnect starts a new request.
 
 use super::{ClientGuard, HttpState, StreamClient, error_response};
+use crate::broker::Broker;
 use crate::hub::Format;
 use crate::hub::encode::put_json_string;
 use crate::reconnect::ReconnectWatch;
@@ -62,7 +63,11 @@ pub async fn stream_query(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let channels: Vec<Bytes> = params(query.as_deref())
+    let params = match params(query.as_deref()) {
+        Ok(params) => params,
+        Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
+    };
+    let channels: Vec<Bytes> = params
         .into_iter()
         .filter(|(k, _)| k == "channel")
         .map(|(_, v)| Bytes::from(v))
@@ -106,7 +111,7 @@ pub async fn entity_stream(
         None => error_response(
             StatusCode::NOT_FOUND,
             format!(
-                "no stream endpoint '{endpoint}': use render-progress, campaign-metrics, ab-test-results, or /api/stream/{{channel}}"
+                "no stream endpoint '{endpoint}': use render-progress, campaign-metrics, ab-test-results, or /api/stream/{{channel}} (a '/' in a channel name is sent as %2F)"
             ),
         ),
     }
@@ -153,8 +158,11 @@ async fn request_stream(
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Response {
-    let params = params(query);
-    let start = match start_of(headers, query) {
+    let params = match params(query) {
+        Ok(params) => params,
+        Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
+    };
+    let start = match start_of(headers, query, state.broker()) {
         Ok(start) => start,
         Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
     };
@@ -224,15 +232,14 @@ fn valid_request_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn params(query: Option<&str>) -> Vec<(String, String)> {
-    query
-        .and_then(|q| serde_urlencoded::from_str(q).ok())
-        .unwrap_or_default()
+fn params(query: Option<&str>) -> Result<Vec<(String, String)>, String> {
+    super::query_params(query)
 }
 
 /// Where the client wants to start: `Last-Event-ID` header, else `lastEventId`, else `last=N`.
-fn start_of(headers: &HeaderMap, query: Option<&str>) -> Result<Start, String> {
-    let params = params(query);
+/// A cursor naming a partition `broker`'s store does not have is malformed.
+fn start_of(headers: &HeaderMap, query: Option<&str>, broker: &Broker) -> Result<Start, String> {
+    let params = params(query)?;
     let header = headers
         .get("last-event-id")
         .map(|v| v.to_str().map(str::to_string));
@@ -248,7 +255,11 @@ fn start_of(headers: &HeaderMap, query: Option<&str>) -> Result<Start, String> {
         ),
     };
     if let Some(cursor) = cursor.filter(|c| !c.trim().is_empty()) {
-        return Start::from_cursor(&cursor).map_err(|e| format!("invalid {source}: {e}"));
+        let start = Start::from_cursor(&cursor).map_err(|e| format!("invalid {source}: {e}"))?;
+        start
+            .check(broker)
+            .map_err(|e| format!("invalid {source}: {e}"))?;
+        return Ok(start);
     }
     match params.iter().find(|(k, _)| k == "last") {
         Some((_, n)) => n
@@ -265,7 +276,7 @@ fn open(
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Response {
-    match start_of(headers, query) {
+    match start_of(headers, query, state.broker()) {
         Ok(start) => open_from(state, channels, start),
         Err(reason) => error_response(StatusCode::BAD_REQUEST, reason),
     }

@@ -105,7 +105,10 @@ pub async fn connect(
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let params = params(query.as_deref());
+    let params = match params(query.as_deref()) {
+        Ok(params) => params,
+        Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
+    };
     let user_id = param(&params, "userId").filter(|u| !u.is_empty());
     match upgrade {
         Ok(upgrade) => open(state, upgrade, user_id, Vec::new(), Start::Live),
@@ -119,14 +122,22 @@ pub async fn alerts(
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let params = params(query.as_deref());
+    let params = match params(query.as_deref()) {
+        Ok(params) => params,
+        Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
+    };
     let Some(user_id) = param(&params, "userId").filter(|u| !u.is_empty()) else {
         return error_response(
             StatusCode::BAD_REQUEST,
             "missing userId: connect to /ws/alerts?userId=<user>",
         );
     };
-    let start = match start_param(&params) {
+    let start = match start_param(&params).and_then(|start| {
+        start
+            .check(state.broker())
+            .map(|()| start)
+            .map_err(|e| format!("invalid cursor: {e}"))
+    }) {
         Ok(start) => start,
         Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
     };
@@ -142,10 +153,8 @@ pub async fn alerts(
     }
 }
 
-fn params(query: Option<&str>) -> Vec<(String, String)> {
-    query
-        .and_then(|q| serde_urlencoded::from_str(q).ok())
-        .unwrap_or_default()
+fn params(query: Option<&str>) -> Result<Vec<(String, String)>, String> {
+    super::query_params(query)
 }
 
 fn param(params: &[(String, String)], name: &str) -> Option<String> {
@@ -561,6 +570,10 @@ fn handle(
             0
         }
         Request::Subscribe { channel, start } => {
+            if let Err(reason) = start.check(state.broker()) {
+                out.push(error_message(&format!("invalid cursor: {reason}")));
+                return 0;
+            }
             // Limits (a repeated subscribe does not add a channel).
             let held = stream.channels();
             let others = held.len() - usize::from(held.contains(&channel));

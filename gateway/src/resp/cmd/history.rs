@@ -30,7 +30,7 @@ use crate::reconnect::Reason;
 use crate::resp::connection::Session;
 use crate::resp::frame::{Frame, Protocol};
 use crate::resp::server::REPLY_BACKPRESSURE_BYTES;
-use crate::stream::{Emit, EventStream, Start, position_text};
+use crate::stream::{Emit, EventStream, Start, check_cursor, position_text};
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use herald_storage::Cursor;
@@ -60,7 +60,10 @@ pub(super) fn history(session: &mut Session, args: &Args) {
                 i += 2;
                 continue;
             }
-            match Cursor::decode(&String::from_utf8_lossy(value)) {
+            let decoded = Cursor::decode(&String::from_utf8_lossy(value))
+                .map_err(|e| e.to_string())
+                .and_then(|cursor| check_cursor(&cursor, &session.ctx.broker).map(|()| cursor));
+            match decoded {
                 Ok(cursor) => after = Some(cursor),
                 Err(error) => {
                     session.reply(Frame::error(format!("ERR invalid cursor: {error}")));
@@ -198,7 +201,10 @@ pub(super) async fn hsubscribe(session: &mut Session, args: &Args) {
     let start = match &args[1][..] {
         b"$" => Start::Live,
         b"0" => Start::Last(usize::MAX),
-        cursor => match Start::from_cursor(&String::from_utf8_lossy(cursor)) {
+        cursor => match Start::from_cursor(&String::from_utf8_lossy(cursor))
+            .map_err(|e| e.to_string())
+            .and_then(|start| start.check(&session.ctx.broker).map(|()| start))
+        {
             Ok(start) => start,
             Err(error) => {
                 session.reply(Frame::error(format!("ERR invalid cursor: {error}")));
