@@ -366,6 +366,26 @@ impl Delivered {
 /// ones.
 pub const MAX_MESSAGE_ID_BYTES: usize = 1024;
 
+/// The longest channel name herald's own interfaces take: an SSE stream, a WebSocket
+/// subscription, `HSUBSCRIBE`, and a publish over HTTP or `HPUBLISH`, or a `PUBLISH` to a
+/// durable namespace (whose history only those streams can read). Every name a node's clients
+/// hold is sent to the other nodes of a cluster (interest) and kept per stream, and a durable
+/// event's channel is stored with it. Redis's own `SUBSCRIBE`, `PSUBSCRIBE`, `SPUBLISH` and
+/// non-durable `PUBLISH` take any name, as in Redis.
+pub const MAX_CHANNEL_NAME_BYTES: usize = 1024;
+
+/// Why a publish to `channel` is refused for its name, if it is: longer than
+/// [`MAX_CHANNEL_NAME_BYTES`].
+pub fn check_publish_channel(channel: &[u8]) -> Result<(), String> {
+    if channel.len() > MAX_CHANNEL_NAME_BYTES {
+        return Err(format!(
+            "channel name of {} bytes: the limit is {MAX_CHANNEL_NAME_BYTES}",
+            channel.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Committed batches that may wait for the delivery thread before commits wait for it.
 const DELIVERY_QUEUE: usize = 1024;
 

@@ -830,6 +830,65 @@ async fn channel_names_in_urls_are_utf8_and_slashes_are_percent_encoded() {
     }
 }
 
+/// One limit for channel names: what no stream could subscribe to cannot be published over
+/// HTTP (single or batch), nor over RESP to a durable channel (`PUBLISH`) or with `HPUBLISH`.
+/// A non-durable `PUBLISH` keeps Redis's unlimited names: RESP subscribers take any name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_names_over_the_limit_cannot_be_published() {
+    let config = config_file("[namespace.live]\nhistory_size = 0\ndurable = false\n");
+    let node = Herald::start_with(&["--config", config.to_str().unwrap()]);
+    let client = reqwest::Client::new();
+    let url = format!("{}/api/publish", node.http_url());
+    let long = "n".repeat(1025);
+    let bodies = [
+        json!({ "channel": long, "data": 1 }),
+        json!([{ "channel": "ok", "data": 1 }, { "channel": long, "data": 2 }]),
+        json!({ "channel": format!("live:{long}"), "data": 1 }),
+    ];
+    for body in bodies {
+        let reply = client.post(&url).json(&body).send().await.unwrap();
+        assert_eq!(reply.status(), 400);
+        let text = reply.text().await.unwrap();
+        assert!(
+            text.contains("bytes: the limit is 1024") && text.starts_with("event "),
+            "{text}"
+        );
+    }
+    // Nothing of the refused batch was published.
+    assert!(herald_tests::history_payloads(&node, "ok").await.is_empty());
+    let at_limit = "n".repeat(1024);
+    let mut events = connect(&stream_url(&node, &at_limit), None).await;
+    publish(&node, &at_limit, json!("fits"), None).await;
+    assert_eq!(next(&mut events).await.data, "fits");
+
+    let redis = redis::Client::open(node.url()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    for command in ["PUBLISH", "HPUBLISH"] {
+        let error = redis::cmd(command)
+            .arg(&long)
+            .arg("x")
+            .query_async::<redis::Value>(&mut conn)
+            .await
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("channel name of 1025 bytes: the limit is 1024"),
+            "{command}: {error}"
+        );
+    }
+    let receivers: i64 = redis::cmd("PUBLISH")
+        .arg(format!("live:{long}"))
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        receivers, 0,
+        "a non-durable channel takes any name, as in Redis"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_shutting_down_tells_its_streams_to_reconnect() {
     let node = Herald::start();

@@ -33,9 +33,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-/// The longest channel name an SSE stream or a WebSocket subscription takes. Every name a
-/// node's clients hold is sent to the other nodes of a cluster (interest), and kept per stream.
-pub const MAX_CHANNEL_NAME_BYTES: usize = 1024;
+pub use crate::broker::MAX_CHANNEL_NAME_BYTES;
 
 /// The most channels one SSE stream or one WebSocket connection holds. Opening a stream reads
 /// each channel's history, and every event batch walks the list.

@@ -14,7 +14,7 @@
 //! the original position with `"duplicate": true` and commits nothing.
 
 use super::{HttpState, error_response};
-use crate::broker::{MAX_MESSAGE_ID_BYTES, Published};
+use crate::broker::{MAX_MESSAGE_ID_BYTES, Published, check_publish_channel};
 use crate::hub::Wakes;
 use crate::stream::position_text;
 use axum::Json;
@@ -143,6 +143,11 @@ pub async fn publish(State(state): State<HttpState>, body: Bytes) -> Response {
             StatusCode::BAD_REQUEST,
             format!("event {empty} has an empty channel"),
         );
+    }
+    for (i, event) in events.iter().enumerate() {
+        if let Err(reason) = check_publish_channel(event.channel.as_bytes()) {
+            return error_response(StatusCode::BAD_REQUEST, format!("event {i}: {reason}"));
+        }
     }
     let broker = state.broker().clone();
     // Queue every event first (in order, as one request), then wait: the batch shares one

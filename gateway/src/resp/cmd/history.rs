@@ -156,6 +156,10 @@ pub(super) async fn hpublish(session: &mut Session, args: &Args) {
         )));
         return;
     }
+    if let Err(reason) = crate::broker::check_publish_channel(&args[1]) {
+        session.reply(Frame::error(format!("ERR {reason}")));
+        return;
+    }
     let broker = session.ctx.broker.clone();
     let outcome = match broker
         .enqueue(
@@ -212,6 +216,17 @@ pub(super) async fn hsubscribe(session: &mut Session, args: &Args) {
             }
         },
     };
+    if let Some(long) = args[2..]
+        .iter()
+        .find(|c| c.len() > crate::broker::MAX_CHANNEL_NAME_BYTES)
+    {
+        session.reply(Frame::error(format!(
+            "ERR channel name of {} bytes: the limit is {}",
+            long.len(),
+            crate::broker::MAX_CHANNEL_NAME_BYTES
+        )));
+        return;
+    }
     // A channel named twice is one subscription (its events come once).
     let channels: Vec<Bytes> = args[2..]
         .iter()

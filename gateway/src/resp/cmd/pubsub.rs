@@ -78,9 +78,19 @@ pub(super) async fn unsubscribe(session: &mut Session, kind: Kind, args: &Args) 
 /// `PUBLISH channel message`: the number of receivers. To a durable namespace the reply comes
 /// once the message is committed; pipelined publishes share one commit (they are staged and
 /// go to the log together).
+///
+/// A durable channel's name is limited to [`MAX_CHANNEL_NAME_BYTES`](crate::broker::MAX_CHANNEL_NAME_BYTES)
+/// (its history is read by streams, which take no longer name); a non-durable one's is not,
+/// as in Redis.
 pub(super) async fn publish(session: &mut Session, args: &Args) {
     let broker = session.ctx.broker.clone();
     if broker.is_durable(&args[1]) {
+        if let Err(reason) = crate::broker::check_publish_channel(&args[1]) {
+            session.reply(Frame::error(format!(
+                "ERR {reason} for a durable channel (streams read its history, and take no longer name)"
+            )));
+            return;
+        }
         let publish = Publish {
             channel: args[1].clone(),
             payload: args[2].clone(),
