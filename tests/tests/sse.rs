@@ -889,6 +889,29 @@ async fn channel_names_over_the_limit_cannot_be_published() {
     );
 }
 
+/// `data` that is a JSON string holding half a surrogate pair has no UTF-8 text: the error
+/// names the event and the escape, with no position inside the string taken for one in the
+/// body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_surrogate_in_string_data_is_named_as_such() {
+    let node = Herald::start();
+    let reply = reqwest::Client::new()
+        .post(format!("{}/api/publish", node.http_url()))
+        .body(r#"[{"channel": "x", "data": "fine"}, {"channel": "x", "data": "\ud800"}]"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 400);
+    let text = reply.text().await.unwrap();
+    assert!(
+        text.starts_with(
+            "event 1 has invalid data: the string holds an unpaired UTF-16 surrogate (\\ud800)"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("line 1"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_shutting_down_tells_its_streams_to_reconnect() {
     let node = Herald::start();

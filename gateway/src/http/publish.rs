@@ -79,12 +79,30 @@ fn parse_body(body: &[u8]) -> Result<(Vec<PublishRequest>, bool), String> {
 /// The bytes an event's `data` publishes: a JSON string's text, else the JSON text as sent
 /// without the whitespace between tokens. Re-serializing a parsed value instead would round
 /// big numbers (`12345678901234567890123` became `1.2345678901234568e22`) and sort keys.
+///
+/// A string holding half of a UTF-16 surrogate pair (`"\ud800"`) is refused: its text has no
+/// UTF-8 form. (Inside an object or array the escape is kept as written, valid JSON text.)
 fn payload_of(data: &RawValue) -> Result<Bytes, String> {
     let raw = data.get();
     if raw.starts_with('"') {
+        if let Some(escape) = unpaired_surrogate(raw) {
+            return Err(format!(
+                "the string holds an unpaired UTF-16 surrogate ({escape}), which no UTF-8 text \
+                 can carry; send the whole character (a high and a low surrogate in a row), or \
+                 the data as an object or array"
+            ));
+        }
+        // The raw value passed the body's parse, so only a surrogate can fail here; the
+        // position serde would give is inside the string, not the body, and is left out.
         return serde_json::from_str::<String>(raw)
             .map(Bytes::from)
-            .map_err(|e| e.to_string());
+            .map_err(|e| {
+                let text = e.to_string();
+                match text.find(" at line ") {
+                    Some(at) => text[..at].to_string(),
+                    None => text,
+                }
+            });
     }
     let mut out = Vec::with_capacity(raw.len());
     let (mut in_string, mut escaped) = (false, false);
@@ -104,6 +122,35 @@ fn payload_of(data: &RawValue) -> Result<Bytes, String> {
         }
     }
     Ok(Bytes::from(out))
+}
+
+/// The first `\uXXXX` escape of the JSON string `raw` that is half of a surrogate pair without
+/// its other half, as written.
+fn unpaired_surrogate(raw: &str) -> Option<&str> {
+    let bytes = raw.as_bytes();
+    // The code unit of the `\uXXXX` escape at `i`, if there is one.
+    let unit = |i: usize| -> Option<u16> {
+        if bytes.get(i..i + 2)? != b"\\u" {
+            return None;
+        }
+        u16::from_str_radix(raw.get(i + 2..i + 6)?, 16).ok()
+    };
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        match unit(i) {
+            Some(0xD800..=0xDBFF) if matches!(unit(i + 6), Some(0xDC00..=0xDFFF)) => i += 12,
+            Some(0xD800..=0xDFFF) => return raw.get(i..i + 6),
+            Some(_) => i += 6,
+            // Any other escape is two bytes (`\\` included, so its second `\` is not read as
+            // the start of another).
+            None => i += 2,
+        }
+    }
+    None
 }
 
 /// Most events in one batch request.
@@ -261,6 +308,35 @@ mod tests {
         // A string is published as its text.
         assert_eq!(payload(r#""line 1\nline 2 \u00e9""#), "line 1\nline 2 é");
         assert_eq!(payload("null"), "null");
+    }
+
+    #[test]
+    fn a_string_with_half_a_surrogate_pair_is_refused_without_a_misleading_position() {
+        let error = |json: &str| {
+            let raw: Box<RawValue> = serde_json::from_str(json).unwrap();
+            payload_of(&raw).unwrap_err()
+        };
+        for (json, escape) in [
+            (r#""\ud800""#, r"\ud800"),
+            (r#""ok \uDC00 then""#, r"\uDC00"),
+            (r#""\ud83d\u0041""#, r"\ud83d"),
+            (r#""\\ud800 \ud800""#, r"\ud800"),
+        ] {
+            let reason = error(json);
+            assert!(
+                reason.contains("unpaired UTF-16 surrogate") && reason.contains(escape),
+                "{json}: {reason}"
+            );
+            assert!(
+                !reason.contains("line") && !reason.contains('\n'),
+                "{reason}"
+            );
+        }
+        // A whole pair is a character; an escaped backslash before `u` is no escape.
+        assert_eq!(payload(r#""\ud83d\ude00""#), "\u{1F600}");
+        assert_eq!(payload(r#""\\ud800""#), r"\ud800");
+        // Inside an object the escape is kept as written.
+        assert_eq!(payload(r#"{"a":"\ud800"}"#), r#"{"a":"\ud800"}"#);
     }
 
     #[test]
