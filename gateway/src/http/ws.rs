@@ -47,8 +47,9 @@
 //! # Connections
 //!
 //! - `/ws/alerts` requires `userId` (400 without it) and starts subscribed to `alerts:<userId>`
-//!   (a `subscribed` message follows `connected`); `?cursor=<id>` or `?last=N` replay its
-//!   history first, a malformed cursor is a 400. Otherwise the protocol is the same.
+//!   (a `subscribed` message follows `connected`); `?cursor=<id>` (or `?lastEventId=<id>`) or
+//!   `?last=N` replay its history first, a malformed cursor is a 400. Otherwise the protocol is
+//!   the same.
 //! - Each heartbeat goes with a WebSocket ping, which browsers answer on their own. A client from
 //!   which nothing (message, ping or pong) arrived for 60 s is closed with code 1000; time the
 //!   session spent writing to a slow reader (and so not reading) does not count.
