@@ -25,6 +25,38 @@ use openraft::raft::{
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The most bytes of entries one AppendEntries carries (always at least one entry). openraft
+/// 0.9 gives an AppendEntries the heartbeat interval (75 ms by default) to be answered, and
+/// sends up to `max_payload_entries` (300) entries at once: a follower catching up on big
+/// events (300 x 64 KiB = 19 MiB per request) never got an answer back in time, retried the
+/// same request forever, and the leader's other traffic suffered with it. 1 MiB is written and
+/// synced by a follower well within the interval.
+pub const APPEND_BUDGET_BYTES: usize = 1 << 20;
+
+/// How many of `entries`, from the first, fit in `budget` bytes (at least one, if any).
+fn entries_within(entries: &[openraft::Entry<TypeConfig>], budget: usize) -> usize {
+    let mut bytes = 0;
+    for (i, entry) in entries.iter().enumerate() {
+        bytes += entry_bytes(entry);
+        if bytes > budget && i > 0 {
+            return i;
+        }
+    }
+    entries.len()
+}
+
+/// About how many bytes `entry` takes on the wire.
+fn entry_bytes(entry: &openraft::Entry<TypeConfig>) -> usize {
+    const OVERHEAD: usize = 64;
+    match &entry.payload {
+        openraft::EntryPayload::Normal(herald_storage::raft::Command::Publish {
+            publishes,
+            ..
+        }) => OVERHEAD + publishes.iter().map(|p| p.size() + OVERHEAD).sum::<usize>(),
+        _ => OVERHEAD * 4,
+    }
+}
+
 /// The elections this node called in one group: each term it asked votes for counts once.
 /// `herald cluster status` shows it; an operator (or a test) tells from it which node keeps
 /// disturbing a group. A group whose only voter is this node elects without asking anyone,
@@ -170,9 +202,14 @@ fn variant(response: &Response) -> &'static str {
 impl RaftNetwork<TypeConfig> for GroupNetwork {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, NetError<RaftError<NodeId>>> {
+        // Entries past the byte budget stay for the next request; the follower's success then
+        // covers those sent (a partial success, which openraft continues from at once).
+        let within = entries_within(&rpc.entries, APPEND_BUDGET_BYTES);
+        let sent_up_to = (within < rpc.entries.len()).then(|| rpc.entries[within - 1].log_id);
+        rpc.entries.truncate(within);
         let entries = rpc.entries.len() as u64;
         let request = Request::AppendEntries {
             group: self.group,
@@ -189,6 +226,9 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
             Err(error) => return Err(self.rpc_error(error, RPCTypes::AppendEntries)),
         };
         match response {
+            Response::AppendEntries(Ok(AppendEntriesResponse::Success)) if sent_up_to.is_some() => {
+                Ok(AppendEntriesResponse::PartialSuccess(sent_up_to))
+            }
             Response::AppendEntries(Ok(response)) => Ok(response),
             Response::AppendEntries(Err(error)) => Err(self.remote(error)),
             other => Err(self.unexpected(other)),
@@ -245,5 +285,40 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
             Some(options.backoff_initial),
             move |delay| Some((*delay * 2).min(max)),
         ))
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+    use bytes::Bytes;
+    use herald_storage::Publish;
+    use herald_storage::raft::Command;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+
+    fn entry(index: u64, payload_bytes: usize) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Command::Publish {
+                now_ms: 0,
+                publishes: vec![Publish {
+                    channel: Bytes::from_static(b"c"),
+                    payload: Bytes::from(vec![0u8; payload_bytes]),
+                    message_id: None,
+                }],
+            }),
+        }
+    }
+
+    #[test]
+    fn an_append_carries_entries_up_to_the_budget_and_at_least_one() {
+        let entries: Vec<_> = (0..300).map(|i| entry(i, 64 << 10)).collect();
+        let within = entries_within(&entries, APPEND_BUDGET_BYTES);
+        assert_eq!(within, 15, "15 x 64 KiB (and overhead) fit in 1 MiB");
+        let huge = vec![entry(0, 4 << 20), entry(1, 10)];
+        assert_eq!(entries_within(&huge, APPEND_BUDGET_BYTES), 1);
+        let small: Vec<_> = (0..300).map(|i| entry(i, 64)).collect();
+        assert_eq!(entries_within(&small, APPEND_BUDGET_BYTES), 300);
+        assert_eq!(entries_within(&[], APPEND_BUDGET_BYTES), 0);
     }
 }

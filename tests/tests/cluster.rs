@@ -1787,3 +1787,39 @@ async fn a_formation_cut_short_is_finished_by_the_meta_leader() {
         "the meta leader (node 1) said what it did: {log}"
     );
 }
+
+/// A member that was down while big events were published catches up: AppendEntries carry
+/// at most about 1 MiB of entries each. openraft sent up to 300 entries at once (19 MiB of
+/// 64 KiB events) and gave each request the heartbeat interval to be answered: the request
+/// never made it in time, was sent again and again, and the member never caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_catches_up_on_big_events() {
+    let mut cluster = Cluster::start(3);
+    cluster.kill(3);
+    let big = "x".repeat(64 << 10);
+    let client = reqwest::Client::new();
+    for i in 0..300 {
+        let body = json!({ "channel": "big:1", "data": format!("{i:03}{big}"), "messageId": format!("big-{i}") });
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let sent = client
+                .post(format!("http://{}/api/publish", cluster.node(1).http))
+                .json(&body)
+                .timeout(Duration::from_secs(20))
+                .send()
+                .await;
+            match sent {
+                Ok(response) if response.status() == 200 => break,
+                other => assert!(attempts < 20, "publish {i}: {other:?}"),
+            }
+        }
+    }
+    let want = history_payloads(cluster.node(1), "big:1").await;
+    assert_eq!(want.len(), 100, "the default namespace keeps 100");
+    cluster.start_node(3, 3);
+    eventually_equal("node 3's history", &want, || {
+        history_payloads(cluster.node(3), "big:1")
+    })
+    .await;
+}
