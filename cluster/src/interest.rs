@@ -2,7 +2,10 @@
 //!
 //! Every node pushes its [`Interest`] to the other members when it changes (checked every
 //! 300 ms) and at least every 3 s; entries not refreshed for 10 s are dropped, so a dead node's
-//! subscribers stop counting. The table answers `PUBSUB CHANNELS / NUMSUB / NUMPAT` and the stats
+//! subscribers stop counting. A subscription that adds interest does not wait for the next
+//! check: the gateway asks for a push at once ([`InterestSync`]) and confirms the subscription
+//! only once every reachable member has acknowledged it, so that a publish started anywhere
+//! after the confirmation reaches the subscriber and counts it. The table answers `PUBSUB CHANNELS / NUMSUB / NUMPAT` and the stats
 //! for the whole cluster, and tells a non-durable publish which peers to send the event to:
 //! only nodes with interest in its channel get it.
 //!
@@ -18,13 +21,22 @@ use bytes::Bytes;
 use herald_storage::raft::NodeId;
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::message::{AppRequest, encode};
 use crate::rpc::{Peers, Request};
 
 /// How long a node's pushed interest stays valid without a refresh.
 pub const INTEREST_TTL: Duration = Duration::from_secs(10);
+/// How long a subscription's confirmation waits at most for the other members to acknowledge
+/// the interest it adds: a member that does not answer must not hold subscribes up for long
+/// (an unreachable one fails at once; this bounds a slow or silently dead one).
+pub const INTEREST_SYNC_LIMIT: Duration = Duration::from_secs(1);
+/// The least time between the starts of two pushes when subscribes asked for the second while
+/// the first was under way: in a reconnect storm of clients on distinct channels, each push
+/// (the node's whole interest) then serves every subscribe that arrived meanwhile, instead of
+/// pushes going out back to back for as long as the storm lasts.
+pub const INTEREST_PUSH_SPACING: Duration = Duration::from_millis(20);
 /// Events that may wait for one peer before new ones are dropped.
 const TRANSIENT_QUEUE: usize = 16_384;
 /// Events per transient RPC.
@@ -170,6 +182,94 @@ impl InterestTable {
     }
 }
 
+/// Pushes asked for now (by a subscription that adds interest) rather than at the next
+/// periodic check, and the wait for them.
+///
+/// Pushes are numbered as they start. A waiter needs the first push that starts after it
+/// asked: that push reads this node's interest after the caller registered its subscription
+/// (or reserved it, see the gateway's hub), so once every reachable member has acknowledged
+/// it, they all know. Waiters that arrive while a push is being prepared or sent share the
+/// next one.
+#[derive(Debug)]
+pub struct InterestSync {
+    wake: Notify,
+    /// Number of the last push started.
+    started: AtomicU64,
+    /// Highest push number a waiter needs.
+    wanted: AtomicU64,
+    /// Number of the last push completed (every call answered, failed or timed out).
+    done: watch::Sender<u64>,
+    /// Pushes asked for by waiters (counted when the wait starts).
+    pub requests: AtomicU64,
+    /// Waits that gave up at [`INTEREST_SYNC_LIMIT`].
+    pub timeouts: AtomicU64,
+    /// Pushes sent (periodic or asked for).
+    pub pushes: AtomicU64,
+}
+
+impl Default for InterestSync {
+    fn default() -> Self {
+        InterestSync {
+            wake: Notify::new(),
+            started: AtomicU64::new(0),
+            wanted: AtomicU64::new(0),
+            done: watch::Sender::new(0),
+            requests: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            pushes: AtomicU64::new(0),
+        }
+    }
+}
+
+impl InterestSync {
+    /// Asks for a push and waits until one that started after this call has completed, at
+    /// most `limit`. Returns whether it did (false: timed out).
+    pub async fn wait(&self, limit: Duration) -> bool {
+        let mut done = self.done.subscribe();
+        // SeqCst: the caller's subscription (made before this call) is seen by whatever push
+        // takes a number above the one read here.
+        let target = self.started.load(Ordering::SeqCst) + 1;
+        self.wanted.fetch_max(target, Ordering::SeqCst);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.wake.notify_one();
+        let reached = tokio::time::timeout(limit, done.wait_for(|n| *n >= target)).await;
+        let ok = matches!(reached, Ok(Ok(_)));
+        if !ok {
+            self.timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Resolves when a waiter asked for a push (may be spurious: check [`Self::wanted`]).
+    pub async fn asked(&self) {
+        self.wake.notified().await;
+    }
+
+    /// Whether a waiter needs a push that has not completed yet.
+    pub fn wanted(&self) -> bool {
+        self.wanted.load(Ordering::SeqCst) > *self.done.borrow()
+    }
+
+    /// Numbers a push that is about to read the interest.
+    pub fn begin(&self) -> u64 {
+        self.started.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Push `n` completed (pushes complete in order); its waiters go on.
+    pub fn finish(&self, n: u64) {
+        self.done.send_if_modified(|done| {
+            let advanced = n > *done;
+            *done = (*done).max(n);
+            advanced
+        });
+    }
+
+    /// No push comes any more (the node is shutting down): nobody waits.
+    pub fn close(&self) {
+        self.finish(u64::MAX);
+    }
+}
+
 /// Sends one peer's queued events, up to [`TRANSIENT_BATCH`] per RPC.
 async fn drain(peers: Arc<Peers>, peer: NodeId, mut rx: mpsc::Receiver<TransientEvent>) {
     let mut batch = Vec::with_capacity(64);
@@ -180,5 +280,53 @@ async fn drain(peers: Arc<Peers>, peer: NodeId, mut rx: mpsc::Receiver<Transient
         if let Err(error) = peers.call(peer, &request, Duration::from_secs(2)).await {
             tracing::debug!(peer, %error, "non-durable events to a peer were lost");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A waiter is served by the first push that starts after it asked, not by one already
+    /// under way; waiters that arrive together share one push.
+    #[tokio::test]
+    async fn a_waiter_needs_a_push_that_started_after_it_asked() {
+        let sync = Arc::new(InterestSync::default());
+        // A push under way before anyone asks.
+        let early = sync.begin();
+        assert!(!sync.wanted());
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let sync = sync.clone();
+                tokio::spawn(async move { sync.wait(Duration::from_secs(5)).await })
+            })
+            .collect();
+        while sync.requests.load(Ordering::Relaxed) < 3 {
+            tokio::task::yield_now().await;
+        }
+        assert!(sync.wanted());
+        sync.finish(early);
+        assert!(sync.wanted(), "the push under way did not serve them");
+        tokio::time::timeout(Duration::from_secs(1), sync.asked())
+            .await
+            .expect("the loop is woken");
+        let next = sync.begin();
+        sync.finish(next);
+        assert!(!sync.wanted());
+        for waiter in waiters {
+            assert!(waiter.await.unwrap());
+        }
+        assert_eq!(sync.timeouts.load(Ordering::Relaxed), 0);
+    }
+
+    /// A wait gives up at its limit when no push comes, and nobody waits once the node closes.
+    #[tokio::test]
+    async fn a_wait_is_bounded_and_ends_at_close() {
+        let sync = InterestSync::default();
+        assert!(!sync.wait(Duration::from_millis(20)).await);
+        assert_eq!(sync.timeouts.load(Ordering::Relaxed), 1);
+        sync.close();
+        assert!(sync.wait(Duration::from_secs(5)).await);
+        assert!(!sync.wanted());
     }
 }

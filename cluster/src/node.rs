@@ -33,7 +33,10 @@ use crate::failover::{self, Decision, LeaderContact, Probe};
 use crate::failure::GroupFailure;
 use crate::handoff::{self, HandBacks, PartitionGate};
 use crate::identity::NodeIdentity;
-use crate::interest::{Interest, InterestTable, TransientEvent};
+use crate::interest::{
+    INTEREST_PUSH_SPACING, INTEREST_SYNC_LIMIT, Interest, InterestSync, InterestTable,
+    TransientEvent,
+};
 use crate::message::{AppRequest, AppResponse, ProposeError, decode, encode};
 use crate::network::{Elections, GroupNetworkFactory};
 use crate::peer_stores::PeerStores;
@@ -165,6 +168,8 @@ struct Inner {
     allowed: Arc<RwLock<BTreeSet<NodeId>>>,
     shutdown: CancellationToken,
     interest: Arc<InterestTable>,
+    /// Interest pushes asked for by subscriptions, and the wait for them.
+    interest_sync: InterestSync,
     hooks: LocalHooks,
     /// When each group's leader was last heard from (failover detection).
     contact: Arc<LeaderContact>,
@@ -310,6 +315,7 @@ impl ClusterNode {
                 allowed,
                 shutdown: shutdown.clone(),
                 interest: InterestTable::new(id, peers.clone()),
+                interest_sync: InterestSync::default(),
                 hooks,
                 contact: Arc::new(LeaderContact::new(usize::from(partitions) + 1)),
                 raft_timings: config.raft,
@@ -366,25 +372,68 @@ impl ClusterNode {
         &self.inner.interest
     }
 
-    /// Pushes this node's interest to every other member when it changed, and at least every
-    /// 3 s (so a restarted peer learns it quickly).
+    /// Pushes this node's interest to the other members now, and waits until the push that
+    /// includes every subscription registered before this call has been acknowledged by every
+    /// reachable member (at most [`INTEREST_SYNC_LIMIT`]; a member found unreachable does not
+    /// hold it up). A subscription is confirmed after this, so that a publish started on any
+    /// node after the confirmation counts the subscriber and, for a non-durable channel, is
+    /// sent to this node. Concurrent callers share one push. Returns false when it gave up.
+    pub async fn sync_interest(&self) -> bool {
+        self.inner.interest_sync.wait(INTEREST_SYNC_LIMIT).await
+    }
+
+    /// The interest pushes' counters (for `/metrics`).
+    pub fn interest_sync(&self) -> &InterestSync {
+        &self.inner.interest_sync
+    }
+
+    /// Pushes this node's interest to every other member when it changed (checked every
+    /// 300 ms, or at once when [`Self::sync_interest`] asks), and at least every 3 s (so a
+    /// restarted peer learns it quickly). A push asked for while the previous one was under
+    /// way (a burst of subscribes: a reconnect storm) starts [`INTEREST_PUSH_SPACING`] after
+    /// the previous one started, so that it serves every subscribe that comes meanwhile; one
+    /// asked for while none was under way (a client subscribing to one channel after another)
+    /// starts at once.
     async fn interest_loop(&self) {
+        let sync = &self.inner.interest_sync;
         let mut ticker = tokio::time::interval(Duration::from_millis(300));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last: Option<(Interest, tokio::time::Instant)> = None;
+        // When the last push started, if subscribes asked for another while it was under way.
+        let mut crowded: Option<tokio::time::Instant> = None;
         loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = self.inner.shutdown.cancelled() => return,
+            let asked = tokio::select! {
+                _ = ticker.tick() => false,
+                () = sync.asked() => true,
+                () = self.inner.shutdown.cancelled() => break,
+            };
+            if asked {
+                if !sync.wanted() {
+                    // Served by a push that started after it asked.
+                    continue;
+                }
+                if let Some(at) = crowded.take() {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at + INTEREST_PUSH_SPACING) => {}
+                        () = self.inner.shutdown.cancelled() => break,
+                    }
+                }
             }
+            // Numbered before the interest is read: a waiter that saw an earlier number
+            // registered its subscription before this read.
+            let number = sync.begin();
             let current = (self.inner.hooks.interest)();
             let due = match &last {
                 None => true,
                 Some((sent, at)) => *sent != current || at.elapsed() >= Duration::from_secs(3),
             };
             if !due {
+                // The same as the last push, which completed: its waiters are served.
+                sync.finish(number);
                 continue;
             }
+            let start = tokio::time::Instant::now();
+            sync.pushes.fetch_add(1, Ordering::Relaxed);
             let mut targets: BTreeSet<NodeId> = self.members().into_keys().collect();
             targets.extend(self.inner.static_peers.keys().copied());
             targets.remove(&self.inner.id);
@@ -395,13 +444,16 @@ impl ClusterNode {
                     let _ = self
                         .inner
                         .peers
-                        .call(peer, request, Duration::from_secs(1))
+                        .call(peer, request, INTEREST_SYNC_LIMIT)
                         .await;
                 }
             });
             futures::future::join_all(calls).await;
-            last = Some((current, tokio::time::Instant::now()));
+            last = Some((current, start));
+            sync.finish(number);
+            crowded = sync.wanted().then_some(start);
         }
+        sync.close();
     }
 
     /// Whether the cluster exists (its epoch is applied here): until then durable publishes
