@@ -11,7 +11,7 @@
 //! hand-over has neither a gap nor a duplicate (see `stream`).
 
 use crate::hub::glob::Glob;
-use crate::hub::{Hub, Kind, Wakes};
+use crate::hub::{Hub, Kind, Reservation, Wakes};
 use crate::reconnect::{Reconnect, ReconnectWatch};
 use bytes::Bytes;
 use herald_cluster::interest::{InterestKind, TransientEvent};
@@ -241,6 +241,28 @@ impl Broker {
             Log::Cluster(node) => Some(node),
             Log::Local(_) => None,
         }
+    }
+
+    /// To call before a subscription to `names` is added to the hub and confirmed: in a
+    /// cluster, when some of them are new to this node (its first subscriber of a channel,
+    /// pattern or shard channel), reserves them and waits until every reachable member has
+    /// acknowledged the interest (see [`ClusterNode::sync_interest`]), so that any publish
+    /// started after the confirmation, on any node, reaches the subscriber and counts it, as
+    /// in Redis. Keep the returned reservation until the subscription is in the hub. On a
+    /// single node, or when this node holds every name already, returns at once.
+    pub async fn announce(&self, kind: Kind, names: &[Bytes]) -> Option<Reservation> {
+        let Log::Cluster(node) = &self.log else {
+            return None;
+        };
+        let reservation = self.hub.reserve(kind, names)?;
+        if !node.sync_interest().await {
+            tracing::debug!(
+                ?kind,
+                names = names.len(),
+                "a subscription is confirmed before every member acknowledged its interest"
+            );
+        }
+        Some(reservation)
     }
 
     /// Why this node cannot store new events, if it cannot: a write to its store failed (a full

@@ -125,24 +125,27 @@ pub struct EventStream {
 impl EventStream {
     /// Subscribes to `channels` and returns the stream with the gap notices that must be sent
     /// first; the replay then comes from [`EventStream::next`], a page at a time, before any
-    /// live event.
-    pub fn open(
+    /// live event. In a cluster it returns once the other members know of the channels this
+    /// node had no subscriber of (see [`Broker::announce`]): what confirms the subscription
+    /// to the client (a response head, a `subscribed` message) comes after this.
+    pub async fn open(
         broker: Arc<Broker>,
         format: Format,
         channels: Vec<Bytes>,
         start: Start,
     ) -> Result<(EventStream, Vec<Emit>), StorageError> {
-        Self::open_into(broker, format, channels, start, Arc::new(Outbox::new()))
+        Self::open_into(broker, format, channels, start, Arc::new(Outbox::new())).await
     }
 
     /// [`EventStream::open`], queueing live events into `outbox` (shared by a [`StreamSet`]).
-    fn open_into(
+    async fn open_into(
         broker: Arc<Broker>,
         format: Format,
         channels: Vec<Bytes>,
         start: Start,
         outbox: Arc<Outbox>,
     ) -> Result<(EventStream, Vec<Emit>), StorageError> {
+        let _reserved = broker.announce(Kind::Channel, &channels).await;
         let hub = broker.hub().clone();
         let id = hub.next_client_id();
         let subscriber = Arc::new(Subscriber::new(id, outbox, format));
@@ -485,8 +488,9 @@ impl StreamSet {
         }
     }
 
-    /// Opens a subscription to `channels` (those not subscribed already), returning its backlog.
-    pub fn subscribe(
+    /// Opens a subscription to `channels` (those not subscribed already), returning its backlog
+    /// (in a cluster, once the other members know of it: see [`EventStream::open`]).
+    pub async fn subscribe(
         &mut self,
         channels: Vec<Bytes>,
         start: Start,
@@ -504,7 +508,8 @@ impl StreamSet {
             channels,
             start,
             self.outbox.clone(),
-        )?;
+        )
+        .await?;
         self.streams.push(stream);
         Ok(backlog)
     }
@@ -682,6 +687,7 @@ mod tests {
             channels,
             Start::Last(usize::MAX),
         )
+        .await
         .unwrap();
         assert!(backlog.is_empty());
         let (events, gaps, pages) = drain_replay(&mut stream).await;
@@ -697,6 +703,7 @@ mod tests {
             vec![Bytes::from(names[0].clone())],
             Start::Last(2),
         )
+        .await
         .unwrap();
         // Before any event, its cursor already starts at the window: a client that drops
         // now resumes with the last 2, not all 500.
@@ -729,6 +736,7 @@ mod tests {
             vec![Bytes::from_static(b"c")],
             Start::Last(600),
         )
+        .await
         .unwrap();
         let mut first = Vec::new();
         stream.next(&mut first).await.unwrap();

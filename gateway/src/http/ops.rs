@@ -154,6 +154,14 @@ pub async fn metrics(State(state): State<HttpState>) -> Response {
 fn cluster_metrics(node: &herald_cluster::node::ClusterNode) {
     metrics::gauge!("herald_cluster_formed").set(f64::from(u8::from(node.is_formed())));
     metrics::gauge!("herald_cluster_has_quorum").set(f64::from(u8::from(node.has_quorum())));
+    // Subscriptions that waited for the other members to learn their interest, the waits
+    // that gave up (a member did not answer in time), and interest pushes sent.
+    let sync = node.interest_sync();
+    metrics::counter!("herald_interest_syncs_total")
+        .absolute(sync.requests.load(Ordering::Relaxed));
+    metrics::counter!("herald_interest_sync_timeouts_total")
+        .absolute(sync.timeouts.load(Ordering::Relaxed));
+    metrics::counter!("herald_interest_pushes_total").absolute(sync.pushes.load(Ordering::Relaxed));
     let status = node.status();
     metrics::gauge!("herald_cluster_members").set(status.members.len() as f64);
     for g in &status.groups {

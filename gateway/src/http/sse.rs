@@ -52,6 +52,7 @@ pub async fn stream_channel(
         &headers,
         query.as_deref(),
     )
+    .await
 }
 
 /// The last event of every stream when the node shuts down.
@@ -84,7 +85,7 @@ pub async fn stream_query(
             "empty channel name: every ?channel= needs a name",
         );
     }
-    open(state, channels, &headers, query.as_deref())
+    open(state, channels, &headers, query.as_deref()).await
 }
 
 /// The seed's per-entity endpoints and the channel namespace each maps to.
@@ -102,12 +103,15 @@ pub async fn entity_stream(
     RawQuery(query): RawQuery,
 ) -> Response {
     match ENTITY_STREAMS.iter().find(|(name, _)| *name == endpoint) {
-        Some((_, namespace)) => open(
-            state,
-            vec![Bytes::from(format!("{namespace}:{id}"))],
-            &headers,
-            query.as_deref(),
-        ),
+        Some((_, namespace)) => {
+            open(
+                state,
+                vec![Bytes::from(format!("{namespace}:{id}"))],
+                &headers,
+                query.as_deref(),
+            )
+            .await
+        }
         None => error_response(
             StatusCode::NOT_FOUND,
             format!(
@@ -191,7 +195,8 @@ async fn request_stream(
         state.clone(),
         vec![Bytes::from(reply_channel.clone())],
         start,
-    );
+    )
+    .await;
     if response.status() != StatusCode::OK || resuming {
         return response;
     }
@@ -270,27 +275,30 @@ fn start_of(headers: &HeaderMap, query: Option<&str>, broker: &Broker) -> Result
     }
 }
 
-fn open(
+async fn open(
     state: HttpState,
     channels: Vec<Bytes>,
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Response {
     match start_of(headers, query, state.broker()) {
-        Ok(start) => open_from(state, channels, start),
+        Ok(start) => open_from(state, channels, start).await,
         Err(reason) => error_response(StatusCode::BAD_REQUEST, reason),
     }
 }
 
-/// Opens an SSE stream of `channels` starting at `start`.
-fn open_from(state: HttpState, channels: Vec<Bytes>, start: Start) -> Response {
+/// Opens an SSE stream of `channels` starting at `start`. The response head goes out once the
+/// subscription is in place, in a cluster once the other members know of it (so a client's
+/// `EventSource.onopen` means it is subscribed).
+async fn open_from(state: HttpState, channels: Vec<Bytes>, start: Start) -> Response {
     if let Err(reason) = super::check_channels(channels.iter().map(|c| &c[..]), 0) {
         return error_response(StatusCode::BAD_REQUEST, reason);
     }
     // Taken before the history is read: a skip after this point ends the stream.
     let reconnect = state.broker().reconnect_watch();
     let (stream, backlog) =
-        match EventStream::open(state.broker().clone(), Format::Sse, channels.clone(), start) {
+        match EventStream::open(state.broker().clone(), Format::Sse, channels.clone(), start).await
+        {
             Ok(opened) => opened,
             Err(error) => {
                 return error_response(

@@ -112,7 +112,7 @@ pub async fn connect(
     };
     let user_id = param(&params, "userId").filter(|u| !u.is_empty());
     match upgrade {
-        Ok(upgrade) => open(state, upgrade, user_id, Vec::new(), Start::Live),
+        Ok(upgrade) => open(state, upgrade, user_id, Vec::new(), Start::Live).await,
         Err(rejection) => rejection.into_response(),
     }
 }
@@ -148,7 +148,7 @@ pub async fn alerts(
             if let Err(reason) = super::check_channels([&channel[..]], 0) {
                 return error_response(StatusCode::BAD_REQUEST, reason);
             }
-            open(state, upgrade, Some(user_id), vec![channel], start)
+            open(state, upgrade, Some(user_id), vec![channel], start).await
         }
         Err(rejection) => rejection.into_response(),
     }
@@ -181,8 +181,9 @@ fn start_param(params: &[(String, String)]) -> Result<Start, String> {
 }
 
 /// Opens the stream before upgrading (so a storage failure is an HTTP error and nothing
-/// published meanwhile is missed), then hands it to the session.
-fn open(
+/// published meanwhile is missed; in a cluster, once the other members know of it), then hands
+/// it to the session.
+async fn open(
     state: HttpState,
     upgrade: WebSocketUpgrade,
     user_id: Option<String>,
@@ -190,7 +191,7 @@ fn open(
     start: Start,
 ) -> Response {
     let mut streams = StreamSet::new(state.broker().clone(), Format::WebSocket);
-    let backlog = match streams.subscribe(channels, start) {
+    let backlog = match streams.subscribe(channels, start).await {
         Ok(backlog) => backlog,
         Err(error) => {
             return error_response(
@@ -493,7 +494,11 @@ async fn run(
                         out.push(error_message("binary messages are not supported: send JSON text"));
                         0
                     }
-                    Incoming::Text(message) => handle(state, id, stream, &message, &mut out),
+                    // Boxed: a subscribe may wait for the cluster, and that state is not kept
+                    // in every idle session's future.
+                    Incoming::Text(message) => {
+                        Box::pin(handle(state, id, stream, &message, &mut out)).await
+                    }
                 };
                 counter.add(sent);
                 socket.send_reading_paused(out, idle.as_mut()).await?;
@@ -547,8 +552,9 @@ fn fault(error: &axum::Error) -> Option<(u16, String)> {
 }
 
 /// Handles one client message, appending the replies (and any backlog) to `out`; returns how
-/// many events were appended.
-fn handle(
+/// many events were appended. A subscribe's `subscribed` comes once the subscription is in
+/// place (in a cluster, once the other members know of it).
+async fn handle(
     state: &HttpState,
     id: u64,
     stream: &mut StreamSet,
@@ -590,7 +596,7 @@ fn handle(
             if held.contains(&channel) && !matches!(start, Start::Live) {
                 stream.unsubscribe(std::slice::from_ref(&channel));
             }
-            match stream.subscribe(vec![channel.clone()], start) {
+            match stream.subscribe(vec![channel.clone()], start).await {
                 Ok(backlog) => {
                     state.ws_clients().set_channels(id, stream.channels());
                     out.push(control("subscribed", &channel));

@@ -7,6 +7,9 @@
 //! shared by reference count among all receivers. Events of the durable history carry their
 //! position, so SSE and WebSocket streams can put their cursor on each event. Publishing takes a read lock; subscribing a write lock, under which the
 //! subscription's confirmation is queued, so no message can overtake the confirmation.
+//! In a cluster, names new to this node are [reserved](Hub::reserve) first: they count in the
+//! node's interest while the other members learn of them, before the subscription (and its
+//! confirmation) enters the hub.
 
 pub mod encode;
 pub mod glob;
@@ -121,6 +124,44 @@ struct HubState {
     channels: HashMap<Bytes, Receivers>,
     patterns: IndexMap<Bytes, PatternEntry>,
     shards: HashMap<Bytes, Receivers>,
+    /// Names subscriptions are about to add (see [`Reservation`]), with how many reserved each.
+    pending: HashMap<(Kind, Bytes), u32>,
+}
+
+impl HubState {
+    /// Whether this node has a subscriber of `name`.
+    fn holds(&self, kind: Kind, name: &[u8]) -> bool {
+        match kind {
+            Kind::Channel => self.channels.contains_key(name),
+            Kind::Shard => self.shards.contains_key(name),
+            Kind::Pattern => self.patterns.contains_key(name),
+        }
+    }
+}
+
+/// Names a subscription is about to add that this node had no subscriber of: counted in
+/// [`Hub::interest`] until the reservation is dropped (once the subscription is in the hub),
+/// so that the other cluster members can learn of them before the subscription is confirmed.
+#[must_use = "the names stay reserved until it is dropped"]
+pub struct Reservation {
+    hub: Arc<Hub>,
+    kind: Kind,
+    names: Vec<Bytes>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut state = self.hub.state.write();
+        for name in self.names.drain(..) {
+            let key = (self.kind, name);
+            if let Some(n) = state.pending.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    state.pending.remove(&key);
+                }
+            }
+        }
+    }
 }
 
 /// Counters the stats and metrics endpoints report.
@@ -177,6 +218,36 @@ impl Hub {
     /// Changes the output limit (`CONFIG SET`).
     pub fn set_output_limit(&self, limit: OutputLimit) {
         *self.limit.write() = limit;
+    }
+
+    /// Reserves those of `names` this node has no subscriber of yet (see [`Reservation`]);
+    /// `None` when it holds them all, so that a subscription that adds no interest costs
+    /// nothing more.
+    pub fn reserve(self: &Arc<Self>, kind: Kind, names: &[Bytes]) -> Option<Reservation> {
+        {
+            // The common case (every name held here already) under the read lock only.
+            let state = self.state.read();
+            if names.iter().all(|name| state.holds(kind, name)) {
+                return None;
+            }
+        }
+        let mut state = self.state.write();
+        let new: Vec<Bytes> = names
+            .iter()
+            .filter(|name| !state.holds(kind, name))
+            .cloned()
+            .collect();
+        if new.is_empty() {
+            return None;
+        }
+        for name in &new {
+            *state.pending.entry((kind, name.clone())).or_default() += 1;
+        }
+        Some(Reservation {
+            hub: self.clone(),
+            kind,
+            names: new,
+        })
     }
 
     /// Adds `subscriber` to each name, queueing `replies[i]` (if given) right after adding
@@ -435,11 +506,12 @@ impl Hub {
     }
 
     /// Every channel, pattern and shard channel with subscribers, with their counts: what this
-    /// node tells the other cluster members.
+    /// node tells the other cluster members. A reserved name without subscribers yet counts
+    /// its reservations.
     pub fn interest(&self) -> herald_cluster::interest::Interest {
         let state = self.state.read();
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-        herald_cluster::interest::Interest {
+        let mut interest = herald_cluster::interest::Interest {
             channels: state
                 .channels
                 .iter()
@@ -456,7 +528,16 @@ impl Hub {
                 .map(|(k, v)| (k.clone(), count(v.len())))
                 .collect(),
             connections: Default::default(),
+        };
+        for ((kind, name), &n) in &state.pending {
+            let map = match kind {
+                Kind::Channel => &mut interest.channels,
+                Kind::Pattern => &mut interest.patterns,
+                Kind::Shard => &mut interest.shards,
+            };
+            map.entry(name.clone()).or_insert(n);
         }
+        interest
     }
 
     /// Number of distinct patterns with subscribers (`PUBSUB NUMPAT`).
@@ -541,6 +622,54 @@ mod tests {
         hub.subscribe(Kind::Pattern, &a, &patterns, replies);
         assert!(hub.fan_out_at_most(&quiet, 60));
         assert!(!hub.fan_out_at_most(&quiet, 59));
+    }
+
+    #[test]
+    fn a_reservation_counts_new_names_until_dropped() {
+        let hub = Arc::new(Hub::default());
+        let a = subscriber(1, Protocol::Resp2);
+        let held = Bytes::from_static(b"held");
+        let new = Bytes::from_static(b"new");
+        hub.subscribe(
+            Kind::Channel,
+            &a,
+            std::slice::from_ref(&held),
+            vec![Bytes::new()],
+        );
+        // A subscription that adds nothing this node lacks reserves nothing (and waits for
+        // nothing).
+        assert!(
+            hub.reserve(Kind::Channel, std::slice::from_ref(&held))
+                .is_none()
+        );
+        // A shard channel of the same name is another space.
+        let shard = hub.reserve(Kind::Shard, std::slice::from_ref(&held));
+        assert!(shard.is_some());
+        let first = hub.reserve(Kind::Channel, &[held.clone(), new.clone()]);
+        let second = hub.reserve(Kind::Channel, std::slice::from_ref(&new));
+        assert!(first.is_some() && second.is_some());
+        let interest = hub.interest();
+        assert_eq!(interest.channels.get(&held), Some(&1));
+        assert_eq!(interest.channels.get(&new), Some(&2), "two reservations");
+        assert_eq!(interest.shards.get(&held), Some(&1));
+        drop((first, shard));
+        assert_eq!(hub.interest().channels.get(&new), Some(&1));
+        // Once subscribed, the subscribers count, not the reservation.
+        hub.subscribe(
+            Kind::Channel,
+            &a,
+            std::slice::from_ref(&new),
+            vec![Bytes::new()],
+        );
+        assert_eq!(hub.interest().channels.get(&new), Some(&1));
+        drop(second);
+        assert_eq!(hub.interest().channels.get(&new), Some(&1));
+        assert!(hub.interest().shards.is_empty());
+        hub.remove_client(1, &[(Kind::Channel, &[held, new])]);
+        assert_eq!(
+            hub.interest(),
+            herald_cluster::interest::Interest::default()
+        );
     }
 
     #[tokio::test]

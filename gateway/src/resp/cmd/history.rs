@@ -243,14 +243,20 @@ pub(super) async fn hsubscribe(session: &mut Session, args: &Args) {
     let channels_count = channels.len();
     // Taken before the history is read: a skip after this moment may concern this stream.
     let mut reconnect = session.ctx.broker.reconnect_watch();
-    let (mut stream, backlog) =
-        match EventStream::open(session.ctx.broker.clone(), format, channels.clone(), start) {
-            Ok(opened) => opened,
-            Err(error) => {
-                session.reply(Frame::error(format!("ERR cannot read history: {error}")));
-                return;
-            }
-        };
+    let (mut stream, backlog) = match EventStream::open(
+        session.ctx.broker.clone(),
+        format,
+        channels.clone(),
+        start,
+    )
+    .await
+    {
+        Ok(opened) => opened,
+        Err(error) => {
+            session.reply(Frame::error(format!("ERR cannot read history: {error}")));
+            return;
+        }
+    };
     let mut out = BytesMut::new();
     // Counted with the connection's other subscriptions, as Redis counts channels and patterns.
     let others = session.subscription_count(crate::hub::Kind::Channel);

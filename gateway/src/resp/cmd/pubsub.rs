@@ -43,6 +43,8 @@ pub(super) async fn subscribe(session: &mut Session, kind: Kind, args: &Args) {
         replies.push(confirmation(session, word, Frame::Bulk(name.clone()), kind));
     }
     session.flush_replies().await;
+    // In a cluster, the confirmations go out once the other members know of new interest.
+    let _reserved = session.ctx.broker.announce(kind, names).await;
     session
         .ctx
         .hub
