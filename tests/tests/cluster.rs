@@ -569,6 +569,207 @@ async fn non_durable_events_and_pubsub_counts_span_the_cluster() {
     );
 }
 
+/// The next WebSocket text message, as JSON.
+async fn next_ws_json(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> Value {
+    loop {
+        let message = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("a WebSocket message in time")
+            .expect("WebSocket open")
+            .expect("WebSocket message");
+        if let Message::Text(text) = message {
+            return serde_json::from_str(&text).expect("JSON");
+        }
+    }
+}
+
+/// Rounds per way of subscribing in the tests below: every one must hold, not most.
+const RACE_ROUNDS: usize = 20;
+
+/// A 3-node cluster where `cursor:*` and `alerts:*` are non-durable, with a RESP connection
+/// to node 1 to publish through.
+async fn race_cluster() -> (Cluster, redis::aio::MultiplexedConnection) {
+    let config = herald_tests::config_file(
+        "[namespace.cursor]\nhistory_size = 0\ndurable = false\n\n[namespace.alerts]\nhistory_size = 0\ndurable = false\n",
+    );
+    let cluster = Cluster::start_with(3, &["--config", config.to_str().unwrap()]);
+    let client = redis::Client::open(cluster.node(1).url()).unwrap();
+    let publisher = herald_tests::patient_connection(&client).await;
+    (cluster, publisher)
+}
+
+/// Redis's promise: once a subscription is confirmed, every later publish reaches it and counts
+/// it. In a cluster the confirmation comes once the other nodes know of the subscription, so a
+/// publish on another node right after it is neither lost (non-durable namespace) nor counted
+/// as reaching nobody (durable or not). Here over RESP: `SUBSCRIBE` (non-durable and durable
+/// channels), `PSUBSCRIBE`, `SSUBSCRIBE` on node 2, publishes on node 1. Every round on a fresh
+/// channel, so each one adds interest node 2 did not have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_right_after_a_confirmed_resp_subscribe_on_another_node_reaches_it() {
+    let (cluster, mut publisher) = race_cluster().await;
+    let b = cluster.node(2);
+    // RESP SUBSCRIBE on B, PUBLISH on A: non-durable, then durable channels.
+    let mut on_b = redis::Client::open(b.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    for (namespace, rounds) in [("cursor", RACE_ROUNDS), ("orders", RACE_ROUNDS / 2)] {
+        for round in 0..rounds {
+            let channel = format!("{namespace}:resp-race-{round}");
+            on_b.subscribe(&channel).await.unwrap();
+            let receivers: i64 = publisher.publish(&channel, round).await.unwrap();
+            assert_eq!(
+                receivers, 1,
+                "PUBLISH {channel} right after B confirmed SUBSCRIBE"
+            );
+            let message = tokio::time::timeout(PATIENCE, on_b.on_message().next())
+                .await
+                .unwrap_or_else(|_| panic!("{channel}: the publish never reached B"))
+                .unwrap();
+            assert_eq!(message.get_channel_name(), channel);
+            assert_eq!(message.get_payload::<usize>().unwrap(), round);
+        }
+    }
+
+    // PSUBSCRIBE on B.
+    for round in 0..RACE_ROUNDS / 4 {
+        let pattern = format!("cursor:pattern-race-{round}:*");
+        let channel = format!("cursor:pattern-race-{round}:x");
+        on_b.psubscribe(&pattern).await.unwrap();
+        let receivers: i64 = publisher.publish(&channel, round).await.unwrap();
+        assert_eq!(
+            receivers, 1,
+            "PUBLISH {channel} right after B confirmed PSUBSCRIBE"
+        );
+        let message = tokio::time::timeout(PATIENCE, on_b.on_message().next())
+            .await
+            .unwrap_or_else(|_| panic!("{channel}: the publish never reached B"))
+            .unwrap();
+        assert_eq!(message.get_channel_name(), channel);
+    }
+    drop(on_b);
+
+    // SSUBSCRIBE on B (raw: the redis crate has no async SSUBSCRIBE), SPUBLISH on A.
+    let mut raw = herald_tests::RawConn::connect(b.resp);
+    for round in 0..RACE_ROUNDS / 4 {
+        let channel = format!("shard-race-{round}");
+        raw.command(&[b"SSUBSCRIBE", channel.as_bytes()]);
+        let confirmation = raw.read_frame();
+        assert!(
+            confirmation.windows(10).any(|w| w == b"ssubscribe"),
+            "{}",
+            String::from_utf8_lossy(&confirmation)
+        );
+        let receivers: i64 = redis::cmd("SPUBLISH")
+            .arg(&channel)
+            .arg(round)
+            .query_async(&mut publisher)
+            .await
+            .unwrap();
+        assert_eq!(
+            receivers, 1,
+            "SPUBLISH {channel} right after B confirmed SSUBSCRIBE"
+        );
+        let message = raw.read_frame();
+        assert!(
+            message.windows(8).any(|w| w == b"smessage"),
+            "{}",
+            String::from_utf8_lossy(&message)
+        );
+    }
+    drop(raw);
+}
+
+/// As above, for an SSE stream on node 3: once its response head arrived (what
+/// `EventSource.onopen` tells), an HTTP publish on node 1 reaches it and counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_right_after_an_sse_stream_opened_on_another_node_reaches_it() {
+    let (cluster, _) = race_cluster().await;
+    let (a, c) = (cluster.node(1), cluster.node(3));
+    // An SSE stream on C: once its response head arrived, an HTTP publish on A.
+    for round in 0..RACE_ROUNDS {
+        let channel = format!("cursor:sse-race-{round}");
+        let mut events = sse(c.http, &channel, None).await;
+        let reply = try_publish(
+            a.http,
+            &json!({ "channel": channel, "data": { "n": round } }),
+        )
+        .await
+        .expect("publish on A");
+        assert_eq!(reply["receivers"], 1, "{channel}: {reply}");
+        let got = read_n(&mut events, 1).await;
+        assert_eq!(got, vec![round as i64], "{channel}");
+    }
+}
+
+/// As above, for a WebSocket `subscribe` on node 3 (once `subscribed` arrived) and
+/// `/ws/alerts` on node 2 (once the handshake is done).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_right_after_a_websocket_subscribe_on_another_node_reaches_it() {
+    let (cluster, mut publisher) = race_cluster().await;
+    let (b, c) = (cluster.node(2), cluster.node(3));
+    // A WebSocket `subscribe` on C: once `subscribed` arrived, PUBLISH on A.
+    let (mut ws, _) = connect_async(format!("ws://{}/ws?userId=racer", c.http))
+        .await
+        .expect("WebSocket handshake");
+    assert_eq!(next_ws_json(&mut ws).await["type"], "connected");
+    for round in 0..RACE_ROUNDS {
+        let channel = format!("cursor:ws-race-{round}");
+        ws.send(Message::text(
+            json!({ "type": "subscribe", "channel": channel }).to_string(),
+        ))
+        .await
+        .unwrap();
+        loop {
+            let confirmation = next_ws_json(&mut ws).await;
+            match confirmation["type"].as_str() {
+                Some("heartbeat") => continue,
+                Some("subscribed") => break,
+                _ => panic!("{channel}: {confirmation}"),
+            }
+        }
+        let payload = json!({ "n": round }).to_string();
+        let receivers: i64 = publisher.publish(&channel, &payload).await.unwrap();
+        assert_eq!(
+            receivers, 1,
+            "PUBLISH {channel} right after `subscribed` on C"
+        );
+        loop {
+            let message = next_ws_json(&mut ws).await;
+            if message["type"] != "heartbeat" {
+                assert_eq!(message["channel"], channel.as_str(), "{message}");
+                break;
+            }
+        }
+    }
+    drop(ws);
+
+    // `/ws/alerts` on B: subscribed once the handshake is done.
+    for round in 0..RACE_ROUNDS / 4 {
+        let user = format!("alert-racer-{round}");
+        let (mut ws, _) = connect_async(format!("ws://{}/ws/alerts?userId={user}", b.http))
+            .await
+            .expect("WebSocket handshake");
+        let channel = format!("alerts:{user}");
+        let receivers: i64 = publisher.publish(&channel, "{\"n\":1}").await.unwrap();
+        assert_eq!(
+            receivers, 1,
+            "PUBLISH {channel} right after the /ws/alerts handshake"
+        );
+        loop {
+            let message = next_ws_json(&mut ws).await;
+            if message["channel"] == channel.as_str() {
+                break;
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_joins_catches_up_and_is_removed() {
     let mut cluster = Cluster::start_some(4, 3, &[]);
