@@ -32,6 +32,12 @@ pub const INTEREST_TTL: Duration = Duration::from_secs(10);
 /// the interest it adds: a member that does not answer must not hold subscribes up for long
 /// (an unreachable one fails at once; this bounds a slow or silently dead one).
 pub const INTEREST_SYNC_LIMIT: Duration = Duration::from_secs(1);
+/// How long a push waits for a member that did not answer the previous one (within
+/// [`INTEREST_SYNC_LIMIT`], or at all): a node killed without a goodbye is found unreachable
+/// only at its connection's idle timeout (seconds), and until then every subscription that
+/// adds interest would wait the whole limit for it. It is still sent every push, and waited
+/// for in full again once it answers.
+pub const INTEREST_SILENT_PEER_WAIT: Duration = Duration::from_millis(50);
 /// The least time between the starts of two pushes when subscribes asked for the second while
 /// the first was under way: in a reconnect storm of clients on distinct channels, each push
 /// (the node's whole interest) then serves every subscribe that arrived meanwhile, instead of

@@ -34,8 +34,8 @@ use crate::failure::GroupFailure;
 use crate::handoff::{self, HandBacks, PartitionGate};
 use crate::identity::NodeIdentity;
 use crate::interest::{
-    INTEREST_PUSH_SPACING, INTEREST_SYNC_LIMIT, Interest, InterestSync, InterestTable,
-    TransientEvent,
+    INTEREST_PUSH_SPACING, INTEREST_SILENT_PEER_WAIT, INTEREST_SYNC_LIMIT, Interest, InterestSync,
+    InterestTable, TransientEvent,
 };
 use crate::message::{AppRequest, AppResponse, ProposeError, decode, encode};
 use crate::network::{Elections, GroupNetworkFactory};
@@ -393,7 +393,8 @@ impl ClusterNode {
     /// way (a burst of subscribes: a reconnect storm) starts [`INTEREST_PUSH_SPACING`] after
     /// the previous one started, so that it serves every subscribe that comes meanwhile; one
     /// asked for while none was under way (a client subscribing to one channel after another)
-    /// starts at once.
+    /// starts at once. A member that did not answer the last push is waited for at most
+    /// [`INTEREST_SILENT_PEER_WAIT`] until it answers again.
     async fn interest_loop(&self) {
         let sync = &self.inner.interest_sync;
         let mut ticker = tokio::time::interval(Duration::from_millis(300));
@@ -401,6 +402,8 @@ impl ClusterNode {
         let mut last: Option<(Interest, tokio::time::Instant)> = None;
         // When the last push started, if subscribes asked for another while it was under way.
         let mut crowded: Option<tokio::time::Instant> = None;
+        // Members that did not answer the last push (see `INTEREST_SILENT_PEER_WAIT`).
+        let mut silent: BTreeSet<NodeId> = BTreeSet::new();
         loop {
             let asked = tokio::select! {
                 _ = ticker.tick() => false,
@@ -440,15 +443,23 @@ impl ClusterNode {
             let request = Request::App(encode(&AppRequest::Interest(current.clone())));
             let calls = targets.into_iter().map(|peer| {
                 let request = &request;
+                let wait = if silent.contains(&peer) {
+                    INTEREST_SILENT_PEER_WAIT
+                } else {
+                    INTEREST_SYNC_LIMIT
+                };
                 async move {
-                    let _ = self
-                        .inner
-                        .peers
-                        .call(peer, request, INTEREST_SYNC_LIMIT)
-                        .await;
+                    let answered = self.inner.peers.call(peer, request, wait).await.is_ok();
+                    (peer, answered)
                 }
             });
-            futures::future::join_all(calls).await;
+            for (peer, answered) in futures::future::join_all(calls).await {
+                if answered {
+                    silent.remove(&peer);
+                } else {
+                    silent.insert(peer);
+                }
+            }
             last = Some((current, start));
             sync.finish(number);
             crowded = sync.wanted().then_some(start);
