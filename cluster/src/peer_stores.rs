@@ -95,6 +95,13 @@ impl PeerStores {
                     continue;
                 }
                 let Some(this) = this.upgrade() else { return };
+                // Nothing is recorded before the cluster has members (see `accepts`): its
+                // first membership records what each member showed last.
+                if last.is_none() {
+                    for member in &members {
+                        this.record_shown(*member);
+                    }
+                }
                 if let Some(before) = &last {
                     // What a node that left showed is of its old store: a node joined again
                     // after a lost disk must not be judged by it (it would be refused for good).
@@ -161,6 +168,19 @@ impl PeerStores {
             tracing::warn!(peer, %error, "cannot record a member's store id");
         }
         self.records.lock().1.remove(&peer);
+    }
+
+    /// Whether this node knows the cluster's membership (the meta group has one).
+    fn membership_known(&self) -> bool {
+        self.meta.get().is_some_and(|meta| {
+            meta.metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .nodes()
+                .next()
+                .is_some()
+        })
     }
 
     /// Whether `peer` is a member, as far as this node knows (`true` before it knows any).
@@ -234,6 +254,13 @@ impl StoreIds for PeerStores {
         self.shown.lock().insert(peer, store);
         let _judging = self.judging.lock();
         self.sync();
+        // Before the cluster has members there is nothing to protect, and a node seen then
+        // may yet be replaced (wiped, restarted with other settings) before it is let in: it
+        // is recorded when the first membership names it (see `watch`).
+        if !self.membership_known() {
+            self.refused.lock().remove(&peer);
+            return true;
+        }
         // Not a member (yet, or any more): other rules decide what it may do.
         if !self.is_member(peer) {
             self.refused.lock().remove(&peer);
