@@ -909,6 +909,16 @@ impl ClusterNode {
             AppRequest::Join { node, addr } => {
                 self.inner.allowed.write().insert(node);
                 self.inner.peers.set_addr(node, addr.clone());
+                // A node already up on a store of another partition count could never apply
+                // the cluster's Init: refused now rather than voting and leading partitions
+                // it cannot serve. (One not up yet is checked when its meta group applies Init.)
+                if let Some(theirs) = self.other_partition_count(node).await {
+                    return Err(ProposeError::Failed(format!(
+                        "node {node} runs {theirs} partitions than the cluster ({}): the count is fixed when a store is created; start it with --partitions {} on an empty data directory, then join it",
+                        self.inner.store.partitions(),
+                        self.inner.store.partitions()
+                    )));
+                }
                 meta.add_learner(node, BasicNode::new(addr), true)
                     .await
                     .map(|_| ())
@@ -977,6 +987,7 @@ impl ClusterNode {
         }
         // Wait for `expect` nodes (this one included) to answer.
         let mut logged = tokio::time::Instant::now();
+        let mut logged_mismatch = BTreeSet::new();
         let reachable = loop {
             if self.inner.shutdown.is_cancelled() {
                 return;
@@ -990,6 +1001,16 @@ impl ClusterNode {
                         Ok(AppResponse::Pong)
                     )
                 {
+                    if let Some(theirs) = self.other_partition_count(peer).await {
+                        if logged_mismatch.insert(peer) {
+                            tracing::error!(
+                                peer,
+                                "node {peer} runs {theirs} partitions than this node ({ours}): it cannot be a member of the cluster this node forms (the count is fixed when a store is created); start it with --partitions {ours} on an empty data directory. Waiting for nodes with {ours}",
+                                ours = self.inner.store.partitions()
+                            );
+                        }
+                        continue;
+                    }
                     up.insert(peer, addr.clone());
                 }
             }
@@ -1008,6 +1029,29 @@ impl ClusterNode {
         };
         if let Err(error) = self.form(reachable).await {
             tracing::error!(%error, "forming the cluster failed");
+        }
+    }
+
+    /// Whether `peer` runs another partition count than this node: `Some(described)` if so
+    /// ("fewer" or "more"), `None` if it runs the same or cannot tell. Asked with the
+    /// failover probe, which a node answers only for groups it runs: it must run this node's
+    /// last partition group and not the one after. (No message of its own, so that nodes
+    /// from before it need no upgrade.)
+    async fn other_partition_count(&self, peer: NodeId) -> Option<&'static str> {
+        let ours = self.inner.store.partitions();
+        let runs = |group: GroupId| async move {
+            match self.call(peer, &AppRequest::Probe { group }).await {
+                Ok(AppResponse::Probe(probe)) => Some(probe.is_some()),
+                _ => None,
+            }
+        };
+        match (
+            runs(partition_group(ours - 1)).await?,
+            runs(partition_group(ours)).await?,
+        ) {
+            (false, _) => Some("fewer"),
+            (true, true) => Some("more"),
+            (true, false) => None,
         }
     }
 

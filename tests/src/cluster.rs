@@ -164,23 +164,39 @@ impl Cluster {
 
     /// Starts (or restarts, on its kept data) node `id`.
     pub fn start_node(&mut self, id: u64, bootstrap_expect: usize) {
-        self.launch(id, bootstrap_expect, None);
+        self.launch(id, bootstrap_expect, None, TEST_PARTITIONS);
+    }
+
+    /// [`Cluster::start_node`] with another partition count than the cluster's (a mistake).
+    pub fn start_node_with_partitions(
+        &mut self,
+        id: u64,
+        bootstrap_expect: usize,
+        partitions: u16,
+    ) {
+        self.launch(id, bootstrap_expect, None, partitions);
     }
 
     /// [`Cluster::start_node`] with no file of the node allowed past `kib` KiB: its disk fills
     /// (see [`Herald::start_with_file_size_limit`]).
     pub fn start_node_with_file_size_limit(&mut self, id: u64, bootstrap_expect: usize, kib: u64) {
-        self.launch(id, bootstrap_expect, Some(kib));
+        self.launch(id, bootstrap_expect, Some(kib), TEST_PARTITIONS);
     }
 
-    fn launch(&mut self, id: u64, bootstrap_expect: usize, file_size_limit: Option<u64>) {
+    fn launch(
+        &mut self,
+        id: u64,
+        bootstrap_expect: usize,
+        file_size_limit: Option<u64>,
+        partitions: u16,
+    ) {
         let peers = self.peers();
         let tls = self.tls_dir.to_str().unwrap().to_string();
         let member = &self.members[(id - 1) as usize];
         let cluster_addr = format!("127.0.0.1:{}", member.cluster_port);
         let id_text = id.to_string();
         let expect = bootstrap_expect.to_string();
-        let partitions = TEST_PARTITIONS.to_string();
+        let partitions = partitions.to_string();
         let mut args: Vec<&str> = vec![
             "--node-id",
             &id_text,

@@ -2024,3 +2024,33 @@ async fn a_member_catches_up_on_big_events() {
     })
     .await;
 }
+
+/// A node started with another partition count than the others (a mistake in one node's
+/// flags) is not let into the cluster at formation: it used to become a voter and the leader
+/// of a partition it could not serve (its meta group stopped on the cluster's Init), and
+/// publishes to that partition failed through every node. The forming node says why it waits;
+/// restarted with the right count on an empty data directory, the node completes the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_partition_count_is_not_let_in_at_formation() {
+    let mut cluster = Cluster::start_some(3, 0, &[]);
+    cluster.start_node_with_partitions(3, 3, 8);
+    cluster.start_node(2, 3);
+    cluster.start_node(1, 3);
+    herald_tests::wait_until("the forming node names the mismatch", || {
+        cluster
+            .node(1)
+            .log()
+            .contains("node 3 runs more partitions than this node (4)")
+    });
+    let status = cluster.status(1).expect("status");
+    assert_eq!(
+        status["formed"], false,
+        "formed without a third good node: {status}"
+    );
+    cluster.wipe(3);
+    cluster.start_node(3, 3);
+    cluster.wait_converged();
+    for i in 0..8 {
+        publish_until_acked(&cluster, 1 + i % 3, &format!("counted:{i}"), "x").await;
+    }
+}
