@@ -42,6 +42,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     // Handlers first: a signal that arrives during start-up still means a clean stop.
     let signal = shutdown_signal()?;
     let _data_lock = lock_data_dir(&config)?;
+    check_free_space(&config.data_dir, MIN_FREE_BYTES_AT_START)?;
     let shutdown = CancellationToken::new();
     // Bind before touching the store: a port in use is a one-line error and nothing else.
     let resp_listener = TcpListener::bind(config.resp_addr.addr)
@@ -161,6 +162,40 @@ fn lock_data_dir(config: &NodeConfig) -> Result<File> {
     Ok(file)
 }
 
+/// The free space a node needs on its data directory's disk to start: sled writes as it opens
+/// (a snapshot of its page table, its log's next segment) and the write-ahead logs are
+/// replayed into it. Started on a full disk, sled was seen to leave a snapshot file cut short
+/// that no later start could read ("Read corrupted data"), so the node refuses to start instead.
+const MIN_FREE_BYTES_AT_START: u64 = 64 << 20;
+
+/// Refuses to start when the disk holding `dir` has less than `needed` bytes free.
+fn check_free_space(dir: &std::path::Path, needed: u64) -> Result<()> {
+    let Some(free) = free_bytes(dir) else {
+        return Ok(()); // cannot tell: start, as before
+    };
+    if free < needed {
+        return Err(anyhow!(
+            "only {} MiB free on the disk holding {}: starting now could leave the store unreadable; free space (at least {} MiB) and start again",
+            free >> 20,
+            dir.display(),
+            needed >> 20
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes available to this process on the file system holding `dir` (`statvfs`).
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid C string and `stat` a valid out-parameter for the call.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
 /// Installs the SIGTERM and SIGINT handlers; the returned future completes on either.
 fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -172,4 +207,24 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
             _ = interrupt.recv() => tracing::info!("SIGINT received"),
         }
     })
+}
+
+#[cfg(test)]
+mod free_space_tests {
+    use super::*;
+
+    #[test]
+    fn a_start_needs_free_space_on_the_data_disk() {
+        let dir = std::env::temp_dir();
+        let free = free_bytes(&dir).expect("statvfs works on the temp dir");
+        assert!(free > 0);
+        assert!(check_free_space(&dir, 1).is_ok());
+        let error = check_free_space(&dir, free + (1 << 40))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("free on the disk holding") && error.contains("free space"),
+            "{error}"
+        );
+    }
 }
