@@ -139,6 +139,30 @@ pub(crate) fn io_error(what: &str, path: &Path, e: std::io::Error) -> StorageErr
     )))
 }
 
+/// `ENOSPC` or `EFBIG` (a file size limit) somewhere in `error`'s chain: the disk is full, as
+/// far as this process can tell.
+fn disk_full_kind(error: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        let io = error.downcast_ref::<std::io::Error>().or_else(|| {
+            match error.downcast_ref::<StorageError>() {
+                Some(StorageError::Sled(sled::Error::Io(io))) => Some(io),
+                _ => None,
+            }
+        });
+        if let Some(io) = io
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::FileTooLarge
+            )
+        {
+            return Some(io.kind());
+        }
+        current = error.source();
+    }
+    None
+}
+
 /// One of the store's write-ahead logs: where its segments live and which sled key names the
 /// last of its records whose writes sled holds.
 #[derive(Clone, Copy, Debug)]
@@ -434,6 +458,10 @@ pub(crate) fn delete(segments: &[PathBuf]) -> Result<(), StorageError> {
 pub(crate) struct WalWriter {
     /// `None` once an append or a rotation failed.
     wal: Option<Wal>,
+    /// The log failed because the disk is full: a flush of the store cannot succeed either
+    /// (and sled's was seen to wait forever after its own writes failed so), so every sync
+    /// fails instead.
+    disk_full: Option<std::io::ErrorKind>,
     /// The log's directory (deleted at [`WalWriter::close`]).
     dir: PathBuf,
     store: Arc<Store>,
@@ -446,6 +474,7 @@ impl WalWriter {
         WalWriter {
             dir: wal.dir.clone(),
             wal: Some(wal),
+            disk_full: None,
             checkpoints: Checkpoints::start(store.clone()),
             store,
         }
@@ -460,7 +489,28 @@ impl WalWriter {
                 Err(error) => self.fail(&error),
             }
         }
-        self.store.flush_blocking()
+        self.flush_store()
+    }
+
+    /// The fallback sync once the log was given up: a flush of the store, unless the disk is
+    /// full (then the failure, at once).
+    pub(crate) fn flush_store(&self) -> Result<(), StorageError> {
+        match self.flush_store_error() {
+            Some(error) => Err(error),
+            None => self.store.flush_blocking(),
+        }
+    }
+
+    /// Why a flush of the store must not be tried: the log failed for lack of space.
+    pub(crate) fn flush_store_error(&self) -> Option<StorageError> {
+        let kind = self.disk_full?;
+        Some(StorageError::Sled(sled::Error::Io(std::io::Error::new(
+            kind,
+            format!(
+                "the write-ahead log in {} failed for lack of space; nothing more can be made durable until the node restarts with space freed",
+                self.dir.display()
+            ),
+        ))))
     }
 
     /// Writes `records` without syncing them (the Raft journal: it writes under its lock and
@@ -482,7 +532,10 @@ impl WalWriter {
 
     /// Gives the log up after `error`: from now on every sync is a flush of the store
     /// (slower, still durable).
-    pub(crate) fn fail(&mut self, error: &dyn std::fmt::Display) {
+    pub(crate) fn fail(&mut self, error: &(dyn std::error::Error + 'static)) {
+        if self.disk_full.is_none() {
+            self.disk_full = disk_full_kind(error);
+        }
         if self.wal.take().is_some() {
             tracing::error!(%error, dir = %self.dir.display(), "the write-ahead log failed; flushing the store for every sync from now on");
         }
@@ -598,6 +651,25 @@ impl Checkpoints {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_full_disk_is_told_apart_from_other_failures() {
+        use std::io::{Error, ErrorKind};
+        let full = Error::from(ErrorKind::StorageFull);
+        assert_eq!(disk_full_kind(&full), Some(ErrorKind::StorageFull));
+        let limit = io_error(
+            "cannot write",
+            Path::new("/x"),
+            Error::from(ErrorKind::FileTooLarge),
+        );
+        assert_eq!(disk_full_kind(&limit), Some(ErrorKind::FileTooLarge));
+        let other = io_error(
+            "cannot write",
+            Path::new("/x"),
+            Error::from(ErrorKind::Other),
+        );
+        assert_eq!(disk_full_kind(&other), None);
+    }
     use super::*;
     use crate::testutil::TempDir;
 

@@ -348,7 +348,17 @@ impl Shared {
                 }
             }
         }
-        self.store.flush_blocking()
+        // Not under the queue's lock: a flush of the store takes long.
+        let disk_full = self
+            .queue
+            .lock()
+            .writer
+            .as_ref()
+            .map(|writer| writer.flush_store_error());
+        match disk_full {
+            Some(Some(error)) => Err(error),
+            _ => self.store.flush_blocking(),
+        }
     }
 }
 
