@@ -513,31 +513,7 @@ impl ProposerContext {
                 }
             }
         };
-        match answer {
-            Ok(Response::App(bytes)) => match decode::<AppResponse>(&bytes) {
-                Ok(AppResponse::Published(Ok(applied))) => Round::Done(Ok(applied)),
-                Ok(AppResponse::Published(Err(
-                    ProposeError::NotLeader { .. }
-                    | ProposeError::NoLeader { .. }
-                    | ProposeError::NotCommitted(_)
-                    | ProposeError::NotFormed,
-                ))) => Round::Retry,
-                Ok(AppResponse::Published(Err(ProposeError::Unknown(why)))) => Round::Unknown(why),
-                Ok(AppResponse::Published(Err(error))) => Round::Done(Err(error)),
-                Ok(other) => Round::Done(Err(ProposeError::Failed(format!(
-                    "node {leader} answered a publish with {other:?}"
-                )))),
-                Err(error) => Round::Done(Err(ProposeError::Failed(error))),
-            },
-            Ok(other) => Round::Done(Err(ProposeError::Failed(format!(
-                "node {leader} answered a publish with {other:?}"
-            )))),
-            Err(error @ RpcError::TooLarge { .. }) => {
-                Round::Done(Err(ProposeError::Failed(error.to_string())))
-            }
-            Err(error) if error.not_sent() => Round::Retry,
-            Err(error) => Round::Unknown(format!("forwarding to node {leader} failed: {error}")),
-        }
+        round_of(answer, leader, Hop::Forward)
     }
 
     /// Sends the batch to another member to pass on to the partition's leader: for a node
@@ -578,28 +554,7 @@ impl ProposerContext {
             .peers
             .call(via, &Request::App(encode(&request)), timeout)
             .await;
-        match answer {
-            Ok(Response::App(bytes)) => match decode::<AppResponse>(&bytes) {
-                Ok(AppResponse::Published(Ok(applied))) => Round::Done(Ok(applied)),
-                Ok(AppResponse::Published(Err(
-                    ProposeError::NotLeader { .. }
-                    | ProposeError::NoLeader { .. }
-                    | ProposeError::NotCommitted(_)
-                    | ProposeError::NotFormed
-                    | ProposeError::Closed,
-                ))) => Round::Retry,
-                Ok(AppResponse::Published(Err(ProposeError::Unknown(why)))) => Round::Unknown(why),
-                Ok(AppResponse::Published(Err(error))) => Round::Done(Err(error)),
-                // A node older than relaying cannot decode the request: it proposed nothing.
-                Ok(_) | Err(_) => Round::Retry,
-            },
-            Ok(_) => Round::Retry,
-            Err(error @ RpcError::TooLarge { .. }) => {
-                Round::Done(Err(ProposeError::Failed(error.to_string())))
-            }
-            Err(error) if error.not_sent() => Round::Retry,
-            Err(error) => Round::Unknown(format!("relaying through node {via} failed: {error}")),
-        }
+        round_of(answer, via, Hop::Relay)
     }
 
     /// A member among `candidates` that hears the partition's leader: the one that said so
@@ -637,6 +592,52 @@ impl ProposerContext {
         let mut metrics = self.raft.metrics();
         let _ =
             tokio::time::timeout(remaining, metrics.wait_for(|m| m.current_leader.is_some())).await;
+    }
+}
+
+/// How a batch was sent to another node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hop {
+    /// To the leader.
+    Forward,
+    /// To a member, to pass on to the leader (see [`ProposerContext::relay`]).
+    Relay,
+}
+
+/// How a round that sent the batch to node `to` ended, from its answer. A member asked to
+/// relay that answers anything but an outcome (a node older than relaying cannot decode the
+/// request, one shutting down) proposed nothing: the round is retried.
+fn round_of(answer: Result<Response, RpcError>, to: NodeId, hop: Hop) -> Round {
+    let not_an_answer = |what: String| match hop {
+        Hop::Forward => Round::Done(Err(ProposeError::Failed(what))),
+        Hop::Relay => Round::Retry,
+    };
+    match answer {
+        Ok(Response::App(bytes)) => match decode::<AppResponse>(&bytes) {
+            Ok(AppResponse::Published(Ok(applied))) => Round::Done(Ok(applied)),
+            Ok(AppResponse::Published(Err(
+                ProposeError::NotLeader { .. }
+                | ProposeError::NoLeader { .. }
+                | ProposeError::NotCommitted(_)
+                | ProposeError::NotFormed,
+            ))) => Round::Retry,
+            Ok(AppResponse::Published(Err(ProposeError::Closed))) if hop == Hop::Relay => {
+                Round::Retry
+            }
+            Ok(AppResponse::Published(Err(ProposeError::Unknown(why)))) => Round::Unknown(why),
+            Ok(AppResponse::Published(Err(error))) => Round::Done(Err(error)),
+            Ok(other) => not_an_answer(format!("node {to} answered a publish with {other:?}")),
+            Err(error) => not_an_answer(error),
+        },
+        Ok(other) => not_an_answer(format!("node {to} answered a publish with {other:?}")),
+        Err(error @ RpcError::TooLarge { .. }) => {
+            Round::Done(Err(ProposeError::Failed(error.to_string())))
+        }
+        Err(error) if error.not_sent() => Round::Retry,
+        Err(error) => Round::Unknown(match hop {
+            Hop::Forward => format!("forwarding to node {to} failed: {error}"),
+            Hop::Relay => format!("relaying through node {to} failed: {error}"),
+        }),
     }
 }
 

@@ -190,27 +190,10 @@ impl Cluster {
         file_size_limit: Option<u64>,
         partitions: u16,
     ) {
-        let peers = self.peers();
-        let tls = self.tls_dir.to_str().unwrap().to_string();
         let member = &self.members[(id - 1) as usize];
         let cluster_addr = format!("127.0.0.1:{}", member.cluster_port);
-        let id_text = id.to_string();
-        let expect = bootstrap_expect.to_string();
-        let partitions = partitions.to_string();
-        let mut args: Vec<&str> = vec![
-            "--node-id",
-            &id_text,
-            "--cluster-addr",
-            &cluster_addr,
-            "--peers",
-            &peers,
-            "--bootstrap-expect",
-            &expect,
-            "--tls-dir",
-            &tls,
-            "--partitions",
-            &partitions,
-        ];
+        let own = self.node_args(id, &cluster_addr, bootstrap_expect, partitions);
+        let mut args: Vec<&str> = own.iter().map(String::as_str).collect();
         args.extend(self.extra.iter().map(String::as_str));
         if let Some(own) = self.node_extra.get(&id) {
             args.extend(own.iter().map(String::as_str));
@@ -226,27 +209,36 @@ impl Cluster {
     /// Starts a second process under node `id`'s id (a copied config, a stale pod): its own
     /// data directory and cluster port, the cluster's peers and certificates.
     pub fn start_impostor(&self, id: u64) -> Herald {
-        let peers = self.peers();
-        let tls = self.tls_dir.to_str().unwrap().to_string();
         let cluster_addr = format!("127.0.0.1:{}", free_udp_port());
-        let id_text = id.to_string();
-        let expect = self.members.len().to_string();
-        let partitions = TEST_PARTITIONS.to_string();
-        let args = [
-            "--node-id",
-            &id_text,
-            "--cluster-addr",
-            &cluster_addr,
-            "--peers",
-            &peers,
-            "--bootstrap-expect",
-            &expect,
-            "--tls-dir",
-            &tls,
-            "--partitions",
-            &partitions,
-        ];
+        let args = self.node_args(id, &cluster_addr, self.members.len(), TEST_PARTITIONS);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Herald::start_in(scratch_dir(&format!("impostor{id}")), &args, &[])
+    }
+
+    /// The cluster flags of node `id`: its address, the peers, the certificates.
+    fn node_args(
+        &self,
+        id: u64,
+        cluster_addr: &str,
+        bootstrap_expect: usize,
+        partitions: u16,
+    ) -> Vec<String> {
+        [
+            "--node-id",
+            &id.to_string(),
+            "--cluster-addr",
+            cluster_addr,
+            "--peers",
+            &self.peers(),
+            "--bootstrap-expect",
+            &bootstrap_expect.to_string(),
+            "--tls-dir",
+            self.tls_dir.to_str().unwrap(),
+            "--partitions",
+            &partitions.to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     /// Node `id` (running).
