@@ -429,10 +429,7 @@ impl ProposerContext {
         }
         let command = Command::Publish {
             now_ms: unix_now_ms(),
-            publishes: batch
-                .iter()
-                .flat_map(|r| r.publishes.iter().cloned())
-                .collect(),
+            publishes: all_publishes(batch),
         };
         match tokio::time::timeout(remaining, self.raft.client_write(command)).await {
             Ok(Ok(response)) => match response.data {
@@ -473,10 +470,7 @@ impl ProposerContext {
     ) -> Round {
         let request = AppRequest::Publish {
             partition: self.partition,
-            publishes: batch
-                .iter()
-                .flat_map(|r| r.publishes.iter().cloned())
-                .collect(),
+            publishes: all_publishes(batch),
         };
         // The leader has its own deadline; give its answer a moment beyond ours.
         let timeout = remaining + Duration::from_millis(500);
@@ -544,10 +538,7 @@ impl ProposerContext {
         };
         let request = AppRequest::Relay {
             partition: self.partition,
-            publishes: batch
-                .iter()
-                .flat_map(|r| r.publishes.iter().cloned())
-                .collect(),
+            publishes: all_publishes(batch),
         };
         let timeout = remaining + Duration::from_millis(500);
         let answer = self
@@ -593,6 +584,14 @@ impl ProposerContext {
         let _ =
             tokio::time::timeout(remaining, metrics.wait_for(|m| m.current_leader.is_some())).await;
     }
+}
+
+/// The publishes of every request in `batch`, in order.
+fn all_publishes(batch: &[ProposeRequest]) -> Vec<Publish> {
+    batch
+        .iter()
+        .flat_map(|r| r.publishes.iter().cloned())
+        .collect()
 }
 
 /// How a batch was sent to another node.
