@@ -196,6 +196,24 @@ impl std::fmt::Debug for ClusterNode {
     }
 }
 
+/// What is wrong with `addr` as a member's cluster address (`host:port`), if anything: it is
+/// dialed as given, so a typo would make a member that never answers.
+fn join_address_problem(addr: &str) -> Option<&'static str> {
+    if addr.parse::<std::net::SocketAddr>().is_ok() {
+        return None;
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Some("the address must be HOST:PORT");
+    };
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Some("the address must be HOST:PORT, with a host name or IP address");
+    }
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => Some("the port must be a number from 1 to 65535"),
+        Ok(_) => None,
+    }
+}
+
 /// Placement rounds (one a second) the meta leader waits, seeing partition groups without a
 /// membership, before it initialises them (a formation cut short).
 const FORMATION_REPAIR_ROUNDS: u32 = 10;
@@ -907,6 +925,18 @@ impl ClusterNode {
         let meta = &self.inner.groups[usize::from(META_GROUP)];
         let result = match request {
             AppRequest::Join { node, addr } => {
+                if let Some(problem) = join_address_problem(&addr) {
+                    return Err(ProposeError::Failed(format!(
+                        "cannot join node {node} at {addr:?}: {problem}"
+                    )));
+                }
+                if let Some(known) = self.members().get(&node)
+                    && *known != addr
+                {
+                    return Err(ProposeError::Failed(format!(
+                        "node {node} is already a member, at {known}; to change its address, remove it (`herald cluster remove --node-id {node}`) and join it again at the new one"
+                    )));
+                }
                 self.inner.allowed.write().insert(node);
                 self.inner.peers.set_addr(node, addr.clone());
                 // A node already up on a store of another partition count could never apply

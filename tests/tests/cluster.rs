@@ -793,6 +793,11 @@ async fn a_node_joins_catches_up_and_is_removed() {
     let nowhere = format!("127.0.0.1:{}", herald_tests::cluster::free_udp_port());
     let (ok, text) = cluster.cli(1, &["join", "--node-id", "9", "--addr", &nowhere]);
     assert!(ok, "join failed: {text}");
+    // An address that cannot be one, and a member's address changed by a join, are refused.
+    let (ok, text) = cluster.cli(1, &["join", "--node-id", "8", "--addr", "nonsense"]);
+    assert!(!ok && text.contains("HOST:PORT"), "{text}");
+    let (ok, text) = cluster.cli(1, &["join", "--node-id", "2", "--addr", "127.0.0.1:1"]);
+    assert!(!ok && text.contains("already a member"), "{text}");
 
     // Node 4 starts, is joined by hand, and catches up on every partition.
     cluster.start_node(4, 3);
