@@ -1730,6 +1730,8 @@ impl ClusterNode {
         // Rounds in a row in which this node led the meta group of a formed cluster while some
         // of its partition groups had no membership (see `finish_interrupted_formation`).
         let mut uninitialised_rounds: u32 = 0;
+        // The membership's address of this node that was last warned about.
+        let mut warned_address: Option<String> = None;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -1749,6 +1751,19 @@ impl ClusterNode {
             let members = self.members();
             if members.is_empty() {
                 continue;
+            }
+            // The others dial the address the membership holds: a node restarted on another
+            // one (without a remove and a join) is reachable one way only.
+            if let Some(known) = members.get(&self.inner.id)
+                && *known != self.inner.advertise
+                && warned_address.as_ref() != Some(known)
+            {
+                tracing::warn!(
+                    advertised = %self.inner.advertise,
+                    known = %known,
+                    "this node advertises another cluster address than the one the cluster knows it by, which the other members dial; to move it, remove it and join it again at the new address on an empty data directory (docs/deploy.md)"
+                );
+                warned_address = Some(known.clone());
             }
             {
                 let mut allowed = self.inner.allowed.write();
