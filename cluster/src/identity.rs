@@ -50,6 +50,11 @@ pub enum IdentityError {
     /// TLS configuration failed.
     #[error("TLS configuration error: {0}")]
     Tls(String),
+    /// Issuing a certificate where the CA's private key is not (kept offline, as advised).
+    #[error(
+        "{0} not found: issuing a node certificate needs the cluster CA's private key (made by `herald certs init`); if it is kept offline, issue the certificate where it is, or bring it back for the issue"
+    )]
+    NoCaKey(PathBuf),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
@@ -120,7 +125,13 @@ pub fn init_ca(dir: &Path) -> Result<(), IdentityError> {
 pub fn issue_node(dir: &Path, id: NodeId) -> Result<(PathBuf, PathBuf), IdentityError> {
     let (ca_cert_path, ca_key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
     let ca_pem = std::fs::read_to_string(&ca_cert_path).map_err(io(&ca_cert_path))?;
-    let ca_key_pem = std::fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
+    let ca_key_pem = std::fs::read_to_string(&ca_key_path).map_err(|error| {
+        if error.kind() == std::io::ErrorKind::NotFound {
+            IdentityError::NoCaKey(ca_key_path.clone())
+        } else {
+            io(&ca_key_path)(error)
+        }
+    })?;
     let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(cert_error)?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(cert_error)?;
     let (cert_path, key_path) = (

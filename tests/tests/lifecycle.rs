@@ -239,6 +239,15 @@ fn certs_init_and_issue_create_the_cluster_credentials() {
         0,
         "private keys are readable by their owner only"
     );
+    // With the CA's key kept offline, issuing says what it needs.
+    std::fs::remove_file(dir.join("ca.key")).unwrap();
+    let without_key = run(&["issue", "--node-id", "4"]);
+    assert_eq!(without_key.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&without_key.stderr);
+    assert!(
+        stderr.contains("needs the cluster CA's private key"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
