@@ -39,13 +39,14 @@ pub enum TransportError {
     /// Certificates or TLS configuration.
     #[error(transparent)]
     Identity(#[from] IdentityError),
-    /// The endpoint could not be created.
-    #[error("cannot open the cluster endpoint on {addr}: {source}")]
+    /// The endpoint could not be created. (The OS error is in the message, not chained as a
+    /// source: printed with its chain, it appeared twice.)
+    #[error("cannot open the cluster endpoint on {addr}: {error}")]
     Bind {
         /// The address.
         addr: SocketAddr,
         /// What failed.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Dialing or the handshake failed.
     #[error("connection to node {peer} at {addr} failed: {reason}")]
@@ -115,7 +116,7 @@ impl Transport {
         let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport);
         let mut endpoint = quinn::Endpoint::server(server, addr)
-            .map_err(|source| TransportError::Bind { addr, source })?;
+            .map_err(|error| TransportError::Bind { addr, error })?;
         endpoint.set_default_client_config(client);
         Ok(Transport {
             endpoint,
