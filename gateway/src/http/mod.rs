@@ -90,30 +90,10 @@ pub(crate) fn query_params(query: Option<&str>) -> Result<Vec<(String, String)>,
 }
 
 /// `text` with `+` as a space and each `%XX` as its byte (a `%` not followed by two hex digits
-/// stays as it is, as browsers and `form_urlencoded` do).
+/// stays as it is, as browsers do), with the `percent-encoding` crate; its UTF-8 is checked by
+/// the caller.
 fn percent_decode(text: &str) -> Vec<u8> {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => match (
-                bytes.get(i + 1).copied().and_then(hex),
-                bytes.get(i + 2).copied().and_then(hex),
-            ) {
-                (Some(high), Some(low)) => {
-                    out.push(high << 4 | low);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            other => out.push(other),
-        }
-        i += 1;
-    }
-    out
+    percent_encoding::percent_decode_str(&text.replace('+', " ")).collect()
 }
 
 /// HTTP settings.
