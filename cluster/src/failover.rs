@@ -115,6 +115,27 @@ pub fn decide(answers: &[(NodeId, Probe)], lease: Duration, quorum: usize) -> De
         .map_or(Decision::Wait, |(id, _)| Decision::Elect(*id))
 }
 
+/// herald's pre-vote on a group, from the voters' probe answers (this node's own included).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PreVote {
+    /// Turn openraft's timer elections on: a quorum answered and none hears a leader.
+    pub elect: bool,
+    /// Some voter still hears a leader (silent for less than the lease).
+    pub heard: bool,
+}
+
+/// Decides herald's pre-vote (see the module doc): elections only when at least `quorum`
+/// voters answered and none has heard a leader within `lease`.
+pub fn pre_vote(answers: &[(NodeId, Probe)], lease: Duration, quorum: usize) -> PreVote {
+    let heard = answers
+        .iter()
+        .any(|(_, probe)| Duration::from_millis(probe.silent_ms) < lease);
+    PreVote {
+        elect: !heard && answers.len() >= quorum,
+        heard,
+    }
+}
+
 /// The coordinator of a group among `voters` when `leader` goes silent: the lowest-id voter
 /// that is not the leader.
 pub fn coordinator(voters: &[NodeId], leader: NodeId) -> Option<NodeId> {
@@ -172,6 +193,20 @@ mod tests {
     fn nothing_happens_without_a_quorum_of_answers() {
         let answers = [(2, probe(900, log(3, 1, 41)))];
         assert_eq!(decide(&answers, LEASE, 2), Decision::Wait);
+    }
+
+    #[test]
+    fn pre_vote_elects_only_when_a_quorum_answers_and_nobody_hears_a_leader() {
+        let silent = [(1, probe(900, None)), (2, probe(800, None))];
+        assert!(pre_vote(&silent, LEASE, 2).elect);
+        // Cut off from the leader alone: another voter still hears it.
+        let bridged = [(2, probe(900, None)), (3, probe(40, None))];
+        let decision = pre_vote(&bridged, LEASE, 2);
+        assert!(!decision.elect && decision.heard);
+        // Cut off from everyone: only its own answer.
+        let alone = [(2, probe(900, None))];
+        let decision = pre_vote(&alone, LEASE, 2);
+        assert!(!decision.elect && !decision.heard);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::failover::{self, Decision, LeaderContact, Probe};
+use crate::failover::{self, Decision, LeaderContact, PreVote, Probe};
 use crate::failure::GroupFailure;
 use crate::handoff::{self, HandBacks, PartitionGate};
 use crate::identity::NodeIdentity;
@@ -1472,11 +1472,8 @@ impl ClusterNode {
         }
         let lease = Duration::from_millis(self.inner.raft_timings.election_max_ms);
         let answers = self.probe_voters(group, &voters, None, lease).await;
-        let heard = answers
-            .iter()
-            .any(|(_, probe)| Duration::from_millis(probe.silent_ms) < lease);
         let quorum = voters.len() / 2 + 1;
-        let elect = !heard && answers.len() >= quorum;
+        let PreVote { elect, heard } = failover::pre_vote(&answers, lease, quorum);
         // Heard from the leader meanwhile: the loop has the last word.
         if self.inner.contact.silence(usize::from(group)) < lease {
             return;
