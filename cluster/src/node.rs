@@ -1657,8 +1657,6 @@ impl ClusterNode {
         }
     }
 
-    /// Every second: on each group this node leads, add missing members as learners, promote
-    /// learners while voters are short, drop nodes that left; keep the allow-list current.
     /// A formation cut short (the forming node killed between the meta group's `Init` and the
     /// partition groups' `InitGroup`) leaves a cluster that is formed but whose partitions have
     /// no voters anywhere: nothing ever commits there. Every member is at least a learner of
@@ -1717,6 +1715,8 @@ impl ClusterNode {
         0
     }
 
+    /// Every second: on each group this node leads, add missing members as learners, promote
+    /// learners while voters are short, drop nodes that left; keep the allow-list current.
     async fn placement_loop(&self) {
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
