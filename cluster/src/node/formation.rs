@@ -1,0 +1,268 @@
+//! Forming the cluster: bootstrap by `--bootstrap-expect` (the node with the lowest id forms
+//! it once enough nodes of its partition count answer), the formation itself (meta group, epoch,
+//! every partition group on its first voter), and the meta leader finishing a formation that
+//! was cut short. Apart from the rest of the node because it runs once in a cluster's life,
+//! while everything else runs all the time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use herald_storage::raft::{
+    Command, GroupId, META_GROUP, NodeId, group_partition, partition_group,
+};
+use herald_storage::{Epoch, Partition};
+use openraft::BasicNode;
+use openraft::error::{InitializeError, RaftError};
+
+use super::ClusterNode;
+use crate::message::{AppRequest, AppResponse, ProposeError};
+use crate::placement::placement;
+
+/// Placement rounds (one a second) the meta leader waits, seeing partition groups without a
+/// membership, before it initialises them (a formation cut short).
+const FORMATION_REPAIR_ROUNDS: u32 = 10;
+
+impl ClusterNode {
+    pub(super) async fn bootstrap(&self, expect: usize) {
+        let mut members = self.inner.static_peers.clone();
+        members.insert(self.inner.id, self.inner.advertise.clone());
+        let lowest = *members.keys().next().expect("members include this node");
+        if self.is_formed() {
+            // A restart: the store already belongs to the cluster (if the members removed this
+            // node meanwhile, they refuse it and say so in their logs; join it again).
+            tracing::info!(epoch = %self.epoch(), "the store belongs to a formed cluster: rejoining its members");
+            return;
+        }
+        if expect < members.len() {
+            tracing::warn!(
+                bootstrap_expect = expect,
+                peers = members.len(),
+                "--bootstrap-expect is below the number of nodes --peers names: the cluster forms with the first {expect} that answer, and the others stay out until `herald cluster join` adds them (give every node the same --bootstrap-expect, normally the number of --peers)"
+            );
+        }
+        if lowest != self.inner.id {
+            tracing::info!(
+                bootstrapper = lowest,
+                "waiting for node {lowest} to form the cluster"
+            );
+            return;
+        }
+        let meta = &self.inner.groups[usize::from(META_GROUP)];
+        if !matches!(meta.is_initialized().await, Ok(false)) && self.is_formed() {
+            return;
+        }
+        // Wait for `expect` nodes (this one included) to answer.
+        let mut logged = tokio::time::Instant::now();
+        let mut logged_mismatch = BTreeSet::new();
+        let reachable = loop {
+            if self.inner.shutdown.is_cancelled() {
+                return;
+            }
+            let mut up: BTreeMap<NodeId, String> = BTreeMap::new();
+            up.insert(self.inner.id, self.inner.advertise.clone());
+            for (&peer, addr) in &members {
+                if peer != self.inner.id
+                    && matches!(
+                        self.call(peer, &AppRequest::Ping).await,
+                        Ok(AppResponse::Pong)
+                    )
+                {
+                    if let Some(theirs) = self.other_partition_count(peer).await {
+                        if logged_mismatch.insert(peer) {
+                            tracing::error!(
+                                peer,
+                                "node {peer} runs {theirs} partitions than this node ({ours}): it cannot be a member of the cluster this node forms (the count is fixed when a store is created); start it with --partitions {ours} on an empty data directory. Waiting for nodes with {ours}",
+                                ours = self.inner.store.partitions()
+                            );
+                        }
+                        continue;
+                    }
+                    up.insert(peer, addr.clone());
+                }
+            }
+            if up.len() >= expect {
+                break up;
+            }
+            if logged.elapsed() > Duration::from_secs(5) {
+                tracing::info!(
+                    up = up.len(),
+                    expect,
+                    "waiting for peers to form the cluster"
+                );
+                logged = tokio::time::Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        if let Err(error) = self.form(reachable).await {
+            tracing::error!(%error, "forming the cluster failed");
+        }
+    }
+
+    /// Whether `peer` runs another partition count than this node: `Some(described)` if so
+    /// ("fewer" or "more"), `None` if it runs the same or cannot tell. Asked with the
+    /// failover probe, which a node answers only for groups it runs: it must run this node's
+    /// last partition group and not the one after. (No message of its own, so that nodes
+    /// from before it need no upgrade.)
+    pub(super) async fn other_partition_count(&self, peer: NodeId) -> Option<&'static str> {
+        let ours = self.inner.store.partitions();
+        let runs = |group: GroupId| async move {
+            match self.call(peer, &AppRequest::Probe { group }).await {
+                Ok(AppResponse::Probe(probe)) => Some(probe.is_some()),
+                _ => None,
+            }
+        };
+        match (
+            runs(partition_group(ours - 1)).await?,
+            runs(partition_group(ours)).await?,
+        ) {
+            (false, _) => Some("fewer"),
+            (true, true) => Some("more"),
+            (true, false) => None,
+        }
+    }
+
+    /// Initialises the meta group with `members`, writes the epoch, and initialises every
+    /// partition group on its first voter.
+    pub(super) async fn form(&self, members: BTreeMap<NodeId, String>) -> Result<(), ProposeError> {
+        let meta = &self.inner.groups[usize::from(META_GROUP)];
+        let nodes: BTreeMap<NodeId, BasicNode> = members
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr.clone())))
+            .collect();
+        match meta.initialize(nodes).await {
+            Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+            Err(error) => return Err(ProposeError::Failed(format!("initialising meta: {error}"))),
+        }
+        tracing::info!(members = ?members.keys().collect::<Vec<_>>(), "formed the meta group");
+        self.inner.allowed.write().extend(members.keys().copied());
+        if !self.is_formed() {
+            let command = Command::Init {
+                epoch: Epoch::random(),
+                partitions: self.inner.store.partitions(),
+            };
+            self.write_via_leader(META_GROUP, command).await?;
+            // The forming node's file becomes the cluster's namespace config.
+            if self.inner.namespaces.cluster().is_none() {
+                let spec = self.inner.namespaces.local().to_spec();
+                self.write_via_leader(META_GROUP, Command::Namespaces { spec })
+                    .await?;
+            }
+        }
+        // A fault for tests only: the forming node "dies" between the cluster's Init and the
+        // partitions' InitGroup (see `finish_interrupted_formation`).
+        if std::env::var_os("HERALD_TEST_FORMATION_STOPS_AFTER_INIT").is_some() {
+            tracing::warn!("HERALD_TEST_FORMATION_STOPS_AFTER_INIT: partitions left uninitialised");
+            return Ok(());
+        }
+        self.init_partitions(&members, 0..self.inner.store.partitions())
+            .await;
+        Ok(())
+    }
+
+    /// Initialises the groups of `partitions` over `members`, each on its first voter (or the
+    /// next, if that one is down); a group already initialised there stays as it is.
+    async fn init_partitions(
+        &self,
+        members: &BTreeMap<NodeId, String>,
+        partitions: impl Iterator<Item = Partition>,
+    ) {
+        let ids: Vec<NodeId> = members.keys().copied().collect();
+        for partition in partitions {
+            let (voters, learners) = placement(partition, &ids);
+            let pick = |set: &[NodeId]| -> BTreeMap<NodeId, String> {
+                set.iter().map(|id| (*id, members[id].clone())).collect()
+            };
+            let request = AppRequest::InitGroup {
+                group: partition_group(partition),
+                voters: pick(&voters),
+                learners: pick(&learners),
+            };
+            // On its first voter; if that one is down (an init by hand while a node is away),
+            // on the next: any voter can start the group, and two of three can elect.
+            let mut failures = Vec::new();
+            for &voter in &voters {
+                let result = if voter == self.inner.id {
+                    self.handle_app(self.inner.id, request.clone()).await
+                } else {
+                    self.call(voter, &request)
+                        .await
+                        .unwrap_or_else(|e| AppResponse::Done(Err(e)))
+                };
+                match result {
+                    AppResponse::Done(Err(error)) => {
+                        failures.push(format!("node {voter}: {error}"))
+                    }
+                    _ => {
+                        failures.clear();
+                        break;
+                    }
+                }
+            }
+            if !failures.is_empty() {
+                tracing::warn!(
+                    partition,
+                    errors = failures.join("; "),
+                    "no voter could initialise a partition group; run `herald cluster init` again once they are up"
+                );
+            }
+        }
+    }
+
+    /// A formation cut short (the forming node killed between the meta group's `Init` and the
+    /// partition groups' `InitGroup`) leaves a cluster that is formed but whose partitions have
+    /// no voters anywhere: nothing ever commits there. Every member is at least a learner of
+    /// every partition, so the meta leader seeing partition groups without a membership for
+    /// [`FORMATION_REPAIR_ROUNDS`] rounds in a row initialises them, as `herald cluster init`
+    /// does (which initialises only what is not yet). Returns the new count of such rounds.
+    pub(super) async fn finish_interrupted_formation(&self, rounds: u32) -> u32 {
+        let meta = &self.inner.groups[usize::from(META_GROUP)];
+        if !self.is_formed() || meta.metrics().borrow().current_leader != Some(self.inner.id) {
+            return 0;
+        }
+        let missing: Vec<Partition> = self
+            .inner
+            .groups
+            .iter()
+            .enumerate()
+            .filter(|(_, raft)| {
+                raft.metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .nodes()
+                    .next()
+                    .is_none()
+            })
+            .filter_map(|(group, _)| group_partition(group as GroupId))
+            .collect();
+        if missing.is_empty() {
+            return 0;
+        }
+        if rounds + 1 < FORMATION_REPAIR_ROUNDS {
+            return rounds + 1;
+        }
+        // Only groups that no member has a log for were never initialised: elsewhere this
+        // node may simply not have been added yet (a join under way).
+        let members = self.members();
+        let ids: Vec<NodeId> = members.keys().copied().collect();
+        let mut never = Vec::new();
+        for partition in missing {
+            let group = partition_group(partition);
+            let answers = self
+                .probe_voters(group, &ids, None, Duration::from_secs(1))
+                .await;
+            if answers.len() == ids.len() && answers.iter().all(|(_, p)| p.last_log.is_none()) {
+                never.push(partition);
+            }
+        }
+        if never.is_empty() {
+            return 0;
+        }
+        tracing::warn!(
+            partitions = ?never,
+            "partitions no member has a log for: the cluster's formation was cut short; initialising them"
+        );
+        self.init_partitions(&members, never.into_iter()).await;
+        0
+    }
+}
