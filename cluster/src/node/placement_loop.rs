@@ -1,0 +1,306 @@
+//! The placement loop: once a second, the leader of each group converges the group's
+//! membership on the cluster's, hands a partition back to its preferred node, and ticks the
+//! clocks of idle partitions; the meta leader also finishes a formation cut short.
+//!
+//! Placement: partition `p`'s voters are (at most) three members starting at `p mod n` in id
+//! order, so leadership spreads over the nodes; every other member follows as a learner, so every
+//! node applies every partition and can serve any resume from its own store. The leader of each
+//! group converges it on that picture: it adds new members as learners, promotes learners while
+//! the group has fewer than three voters, and drops nodes that left the cluster.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use herald_storage::raft::{Command, GroupId, META_GROUP, NodeId, group_partition};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use tokio::sync::mpsc;
+
+use super::ClusterNode;
+use crate::handoff::{self, HandBacks};
+use crate::placement::{placement, rebalance_swap};
+
+/// Placement rounds (one a second) between two clock ticks of idle partitions.
+const CLOCK_TICK_ROUNDS: u64 = 60;
+
+impl ClusterNode {
+    /// On each partition this node leads, commits an empty batch: it moves the partition's
+    /// applied clock forward, so message ids of an idle partition leave the dedup window (the
+    /// clock only advances through the log, which keeps dedup decisions identical on every
+    /// member).
+    fn tick_idle_partitions(&self) {
+        for (group, raft) in self.inner.groups.iter().enumerate().skip(1) {
+            if raft.metrics().borrow().current_leader != Some(self.inner.id) {
+                continue;
+            }
+            // A partition being handed back stays silent.
+            let Some(gate) = self.gate(group as GroupId).cloned() else {
+                continue;
+            };
+            if gate.closing() {
+                continue;
+            }
+            let raft = raft.clone();
+            tokio::spawn(async move {
+                let Ok(_round) = gate.rounds.try_read() else {
+                    return;
+                };
+                let tick = Command::Publish {
+                    now_ms: herald_storage::unix_now_ms(),
+                    publishes: Vec::new(),
+                };
+                if let Err(error) = raft.client_write(tick).await {
+                    tracing::debug!(group, %error, "clock tick not committed");
+                }
+            });
+        }
+    }
+
+    /// Every second: on each group this node leads, add missing members as learners, promote
+    /// learners while voters are short, drop nodes that left; keep the allow-list current.
+    pub(super) async fn placement_loop(&self) {
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rounds: u64 = 0;
+        let mut hand_backs = HandBacks::new(self.inner.groups.len());
+        // How each hand-back ended: (group, whether the leadership moved).
+        let (handed_tx, mut handed_rx) = mpsc::channel::<(usize, bool)>(4);
+        // Rounds in a row in which this node led the meta group of a formed cluster while some
+        // of its partition groups had no membership (see `finish_interrupted_formation`).
+        let mut uninitialised_rounds: u32 = 0;
+        // The membership's address of this node that was last warned about.
+        let mut warned_address: Option<String> = None;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.inner.shutdown.cancelled() => return,
+            }
+            uninitialised_rounds = self
+                .finish_interrupted_formation(uninitialised_rounds)
+                .await;
+            while let Ok((group, moved)) = handed_rx.try_recv() {
+                hand_backs.finished(group, moved);
+            }
+            hand_backs.next_round();
+            rounds += 1;
+            if rounds.is_multiple_of(CLOCK_TICK_ROUNDS) {
+                self.tick_idle_partitions();
+            }
+            let members = self.members();
+            if members.is_empty() {
+                continue;
+            }
+            // The others dial the address the membership holds: a node restarted on another
+            // one (without a remove and a join) is reachable one way only.
+            if let Some(known) = members.get(&self.inner.id)
+                && *known != self.inner.advertise
+                && warned_address.as_ref() != Some(known)
+            {
+                tracing::warn!(
+                    advertised = %self.inner.advertise,
+                    known = %known,
+                    "this node advertises another cluster address than the one the cluster knows it by, which the other members dial; to move it, remove it and join it again at the new address on an empty data directory (docs/deploy.md)"
+                );
+                warned_address = Some(known.clone());
+            }
+            {
+                let mut allowed = self.inner.allowed.write();
+                allowed.extend(members.keys().copied());
+            }
+            for (id, addr) in &members {
+                self.inner.peers.set_addr(*id, addr.clone());
+            }
+            let ids: Vec<NodeId> = members.keys().copied().collect();
+            for (group, raft) in self.inner.groups.iter().enumerate() {
+                let m = raft.metrics().borrow().clone();
+                if m.state != ServerState::Leader {
+                    hand_backs.reset(group);
+                    continue;
+                }
+                // Being handed back: no membership change meanwhile.
+                if self
+                    .gate(group as GroupId)
+                    .is_some_and(|gate| gate.closing())
+                {
+                    continue;
+                }
+                let membership = m.membership_config.membership().clone();
+                let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+                if let Some(partition) = group_partition(group as GroupId) {
+                    // The first of its placed voters that votes already: while a joined node is
+                    // not yet one (see `rebalance_swap`), leadership goes to a placed voter
+                    // that is, which can then swap in the new one.
+                    let desired = placement(partition, &ids).0;
+                    let preferred = desired.iter().copied().find(|d| voters.contains(d));
+                    let matched = preferred.and_then(|p| handoff::matched_index(&m, p));
+                    // Two votes (this node's and the target's) make a quorum only in a plain
+                    // group of at most three voters.
+                    let plain = membership.get_joint_config().len() == 1 && voters.len() <= 3;
+                    let target = handoff::hand_back_target(
+                        self.inner.id,
+                        preferred,
+                        &voters.iter().copied().collect::<Vec<_>>(),
+                        m.last_log_index,
+                        matched,
+                    )
+                    .filter(|_| plain);
+                    let term = m.current_term;
+                    if let Some(to) = hand_backs.observe(group, term, target) {
+                        let hand_back = handoff::HandBack {
+                            me: self.inner.id,
+                            group: group as GroupId,
+                            to,
+                            term,
+                            lease: Duration::from_millis(self.inner.raft_timings.election_max_ms),
+                        };
+                        let (raft, gate) = (raft.clone(), self.gate(group as GroupId).cloned());
+                        let peers = self.inner.peers.clone();
+                        let mut outcome = handoff::Outcome::new(group, handed_tx.clone());
+                        tokio::spawn(async move {
+                            let Some(gate) = gate else { return };
+                            let started = tokio::time::Instant::now();
+                            let attempt = hand_back.run(&raft, &gate, &peers).await;
+                            let held_ms = started.elapsed().as_millis() as u64;
+                            match &attempt {
+                                handoff::Attempt::Moved(_) => tracing::info!(
+                                    group,
+                                    to,
+                                    held_ms,
+                                    "handed the partition back to its preferred node"
+                                ),
+                                handoff::Attempt::Refused(error) => tracing::info!(
+                                    group,
+                                    to,
+                                    %error,
+                                    "hand-back refused; this node goes on leading"
+                                ),
+                                handoff::Attempt::Failed(why) | handoff::Attempt::GaveUp(why) => {
+                                    tracing::info!(
+                                        group,
+                                        to,
+                                        held_ms,
+                                        "hand-back: still the leader ({why}); this node goes on leading"
+                                    )
+                                }
+                            }
+                            outcome.record(attempt.moved());
+                        });
+                        continue;
+                    }
+                }
+                let in_group: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+                let want_voters = if group == usize::from(META_GROUP) {
+                    5
+                } else {
+                    3
+                };
+                // Members missing from the group join as learners.
+                for id in ids.iter().filter(|id| !in_group.contains(id)) {
+                    let node = BasicNode::new(members[id].clone());
+                    if let Err(error) = raft.add_learner(*id, node, false).await {
+                        tracing::debug!(group, node = id, %error, "adding a learner failed");
+                    }
+                }
+                // Nodes that left the cluster leave the group.
+                let gone: BTreeSet<NodeId> = in_group
+                    .iter()
+                    .filter(|id| !members.contains_key(id))
+                    .copied()
+                    .collect();
+                if group != usize::from(META_GROUP) && !gone.is_empty() {
+                    let gone_voters: BTreeSet<NodeId> =
+                        gone.intersection(&voters).copied().collect();
+                    if !gone_voters.is_empty() && voters.len() > gone_voters.len() {
+                        let _ = raft
+                            .change_membership(ChangeMembers::RemoveVoters(gone_voters), false)
+                            .await;
+                    }
+                    let _ = raft
+                        .change_membership(ChangeMembers::RemoveNodes(gone.clone()), false)
+                        .await;
+                    continue;
+                }
+                // Promote caught-up learners while voters are short.
+                if voters.len() < want_voters.min(ids.len()) {
+                    let last = m.last_log_index.unwrap_or(0);
+                    let ready: BTreeSet<NodeId> = m
+                        .replication
+                        .as_ref()
+                        .map(|r| {
+                            r.iter()
+                                .filter(|(id, matched)| {
+                                    !voters.contains(id)
+                                        && members.contains_key(id)
+                                        // Only a learner that has answered: one that
+                                        // never did (a wrong address, a node that cannot
+                                        // start) has no match and must not become a voter.
+                                        && matched.as_ref().is_some_and(|l| l.index + 100 >= last)
+                                })
+                                .map(|(id, _)| *id)
+                                .take(want_voters.min(ids.len()) - voters.len())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if !ready.is_empty() {
+                        match raft
+                            .change_membership(ChangeMembers::AddVoterIds(ready.clone()), true)
+                            .await
+                        {
+                            Ok(_) => {
+                                tracing::info!(group, voters = ?ready, "promoted learners to voters")
+                            }
+                            Err(error) => {
+                                tracing::debug!(group, %error, "promoting learners failed")
+                            }
+                        }
+                    }
+                    continue;
+                }
+                // A full partition group whose voters are not its placement (a node joined,
+                // or learners were promoted after a removal): one voter swapped per round,
+                // so that a joined node takes its share of voting and (by the hand-back)
+                // leading.
+                let Some(partition) = group_partition(group as GroupId) else {
+                    continue;
+                };
+                if membership.get_joint_config().len() != 1 {
+                    continue;
+                }
+                let desired = placement(partition, &ids).0;
+                let last = m.last_log_index.unwrap_or(0);
+                let caught_up = |id: NodeId| {
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(&id))
+                        .is_some_and(|matched| {
+                            matched.as_ref().is_some_and(|l| l.index + 100 >= last)
+                        })
+                };
+                if let Some((out, into)) =
+                    rebalance_swap(self.inner.id, &desired, &voters, caught_up)
+                {
+                    let next: BTreeSet<NodeId> = voters
+                        .iter()
+                        .copied()
+                        .filter(|&v| v != out)
+                        .chain([into])
+                        .collect();
+                    match raft
+                        .change_membership(ChangeMembers::ReplaceAllVoters(next), true)
+                        .await
+                    {
+                        Ok(_) => tracing::info!(
+                            group,
+                            partition,
+                            added = into,
+                            removed = out,
+                            "moved a voter to where the placement puts it (the removed one stays a learner)"
+                        ),
+                        Err(error) => {
+                            tracing::debug!(group, %error, "moving a voter failed")
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
