@@ -17,7 +17,7 @@ use herald_storage::raft::{
 };
 use herald_storage::{Epoch, LiveNamespaces, Namespaces, OnCommit, Partition, Publish, Store};
 use openraft::error::{InitializeError, RaftError};
-use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
+use openraft::{BasicNode, Raft, ServerState};
 use parking_lot::RwLock;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -40,6 +40,7 @@ use crate::transport::{Transport, TransportOptions};
 
 mod elections;
 mod formation;
+mod meta;
 mod placement_loop;
 
 /// How a node joins (or forms) a cluster.
@@ -187,24 +188,6 @@ impl std::fmt::Debug for ClusterNode {
         f.debug_struct("ClusterNode")
             .field("id", &self.inner.id)
             .finish_non_exhaustive()
-    }
-}
-
-/// What is wrong with `addr` as a member's cluster address (`host:port`), if anything: it is
-/// dialed as given, so a typo would make a member that never answers.
-fn join_address_problem(addr: &str) -> Option<&'static str> {
-    if addr.parse::<std::net::SocketAddr>().is_ok() {
-        return None;
-    }
-    let Some((host, port)) = addr.rsplit_once(':') else {
-        return Some("the address must be HOST:PORT");
-    };
-    if host.is_empty() || host.contains(char::is_whitespace) {
-        return Some("the address must be HOST:PORT, with a host name or IP address");
-    }
-    match port.parse::<u16>() {
-        Ok(0) | Err(_) => Some("the port must be a number from 1 to 65535"),
-        Ok(_) => None,
     }
 }
 
@@ -859,34 +842,6 @@ impl ClusterNode {
         self.form(members).await
     }
 
-    async fn meta_request(&self, request: AppRequest) -> Result<(), ProposeError> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let leader = self.inner.groups[usize::from(META_GROUP)]
-                .metrics()
-                .borrow()
-                .current_leader;
-            let result = match leader {
-                Some(l) if l == self.inner.id => self.handle_meta(request.clone()).await,
-                Some(l) => match self.call(l, &request).await {
-                    Ok(AppResponse::Done(r)) => r,
-                    Ok(other) => Err(ProposeError::Failed(format!("unexpected answer {other:?}"))),
-                    Err(e) => Err(e),
-                },
-                None => Err(ProposeError::NotLeader {
-                    group: META_GROUP,
-                    leader: None,
-                }),
-            };
-            match result {
-                Err(ProposeError::NotLeader { .. }) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                other => return other,
-            }
-        }
-    }
-
     async fn call(
         &self,
         target: NodeId,
@@ -907,119 +862,6 @@ impl ClusterNode {
                 "node {target} answered {other:?}"
             ))),
             Err(error) => Err(ProposeError::Failed(format!("node {target}: {error}"))),
-        }
-    }
-
-    /// Join/Remove on the meta leader.
-    async fn handle_meta(&self, request: AppRequest) -> Result<(), ProposeError> {
-        let meta = &self.inner.groups[usize::from(META_GROUP)];
-        let result = match request {
-            AppRequest::Join { node, addr } => {
-                if let Some(problem) = join_address_problem(&addr) {
-                    return Err(ProposeError::Failed(format!(
-                        "cannot join node {node} at {addr:?}: {problem}"
-                    )));
-                }
-                if let Some(known) = self.members().get(&node)
-                    && *known != addr
-                {
-                    return Err(ProposeError::Failed(format!(
-                        "node {node} is already a member, at {known}; to change its address, remove it (`herald cluster remove --node-id {node}`) and join it again at the new one"
-                    )));
-                }
-                self.inner.allowed.write().insert(node);
-                self.inner.peers.set_addr(node, addr.clone());
-                // A node already up on a store of another partition count could never apply
-                // the cluster's Init: refused now rather than voting and leading partitions
-                // it cannot serve. (One not up yet is checked when its meta group applies Init.)
-                if let Some(theirs) = self.other_partition_count(node).await {
-                    return Err(ProposeError::Failed(format!(
-                        "node {node} runs {theirs} partitions than the cluster ({}): the count is fixed when a store is created; start it with --partitions {} on an empty data directory, then join it",
-                        self.inner.store.partitions(),
-                        self.inner.store.partitions()
-                    )));
-                }
-                meta.add_learner(node, BasicNode::new(addr), true)
-                    .await
-                    .map(|_| ())
-            }
-            AppRequest::Remove { node } => {
-                let m = meta.metrics().borrow().clone();
-                let membership = m.membership_config.membership();
-                let is_voter = membership.voter_ids().any(|v| v == node);
-                let known = membership.nodes().any(|(id, _)| *id == node);
-                if !known {
-                    return Err(ProposeError::Failed(format!("node {node} is not a member")));
-                }
-                let result = if is_voter {
-                    meta.change_membership(
-                        ChangeMembers::RemoveVoters(BTreeSet::from([node])),
-                        false,
-                    )
-                    .await
-                    .map(|_| ())
-                } else {
-                    Ok(())
-                };
-                match result {
-                    Ok(()) => meta
-                        .change_membership(
-                            ChangeMembers::RemoveNodes(BTreeSet::from([node])),
-                            false,
-                        )
-                        .await
-                        .map(|_| ()),
-                    Err(e) => Err(e),
-                }
-            }
-            _ => return Err(ProposeError::Failed("not a meta request".into())),
-        };
-        result.map_err(raft_error)
-    }
-
-    /// Writes `command` to `group` through its leader (this node or over RPC).
-    async fn write_via_leader(&self, group: GroupId, command: Command) -> Result<(), ProposeError> {
-        let raft = &self.inner.groups[usize::from(group)];
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let mut metrics = raft.metrics();
-            let _ = tokio::time::timeout(
-                Duration::from_secs(5),
-                metrics.wait_for(|m| m.current_leader.is_some()),
-            )
-            .await;
-            let leader = raft.metrics().borrow().current_leader;
-            let result = match leader {
-                Some(l) if l == self.inner.id => raft
-                    .client_write(command.clone())
-                    .await
-                    .map(|_| ())
-                    .map_err(raft_error),
-                Some(l) => match self
-                    .call(
-                        l,
-                        &AppRequest::Write {
-                            group,
-                            command: command.clone(),
-                        },
-                    )
-                    .await
-                {
-                    Ok(AppResponse::Done(r)) => r,
-                    Ok(other) => Err(ProposeError::Failed(format!("unexpected answer {other:?}"))),
-                    Err(e) => Err(e),
-                },
-                None => Err(ProposeError::NotLeader {
-                    group,
-                    leader: None,
-                }),
-            };
-            match result {
-                Err(_) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                other => return other,
-            }
         }
     }
 
