@@ -25,10 +25,7 @@ use crate::failover::LeaderContact;
 use crate::failure::GroupFailure;
 use crate::handoff::{self, PartitionGate};
 use crate::identity::NodeIdentity;
-use crate::interest::{
-    INTEREST_PUSH_SPACING, INTEREST_SILENT_PEER_WAIT, INTEREST_SYNC_LIMIT, Interest, InterestSync,
-    InterestTable, TransientEvent,
-};
+use crate::interest::{INTEREST_SYNC_LIMIT, Interest, InterestSync, InterestTable, TransientEvent};
 use crate::message::{AppRequest, AppResponse, ProposeError, decode, encode};
 use crate::network::{Elections, GroupNetworkFactory};
 use crate::peer_stores::PeerStores;
@@ -39,6 +36,7 @@ use crate::transport::{Transport, TransportOptions};
 mod elections;
 mod formation;
 mod handler;
+mod interest_loop;
 mod meta;
 mod placement_loop;
 
@@ -375,86 +373,6 @@ impl ClusterNode {
     /// The interest pushes' counters (for `/metrics`).
     pub fn interest_sync(&self) -> &InterestSync {
         &self.inner.interest_sync
-    }
-
-    /// Pushes this node's interest to every other member when it changed (checked every
-    /// 300 ms, or at once when [`Self::sync_interest`] asks), and at least every 3 s (so a
-    /// restarted peer learns it quickly). A push asked for while the previous one was under
-    /// way (a burst of subscribes: a reconnect storm) starts [`INTEREST_PUSH_SPACING`] after
-    /// the previous one started, so that it serves every subscribe that comes meanwhile; one
-    /// asked for while none was under way (a client subscribing to one channel after another)
-    /// starts at once. A member that did not answer the last push is waited for at most
-    /// [`INTEREST_SILENT_PEER_WAIT`] until it answers again.
-    async fn interest_loop(&self) {
-        let sync = &self.inner.interest_sync;
-        let mut ticker = tokio::time::interval(Duration::from_millis(300));
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last: Option<(Interest, tokio::time::Instant)> = None;
-        // When the last push started, if subscribes asked for another while it was under way.
-        let mut crowded: Option<tokio::time::Instant> = None;
-        // Members that did not answer the last push (see `INTEREST_SILENT_PEER_WAIT`).
-        let mut silent: BTreeSet<NodeId> = BTreeSet::new();
-        loop {
-            let asked = tokio::select! {
-                _ = ticker.tick() => false,
-                () = sync.asked() => true,
-                () = self.inner.shutdown.cancelled() => break,
-            };
-            if asked {
-                if !sync.wanted() {
-                    // Served by a push that started after it asked.
-                    continue;
-                }
-                if let Some(at) = crowded.take() {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(at + INTEREST_PUSH_SPACING) => {}
-                        () = self.inner.shutdown.cancelled() => break,
-                    }
-                }
-            }
-            // Numbered before the interest is read: a waiter that saw an earlier number
-            // registered its subscription before this read.
-            let number = sync.begin();
-            let current = (self.inner.hooks.interest)();
-            let due = match &last {
-                None => true,
-                Some((sent, at)) => *sent != current || at.elapsed() >= Duration::from_secs(3),
-            };
-            if !due {
-                // The same as the last push, which completed: its waiters are served.
-                sync.finish(number);
-                continue;
-            }
-            let start = tokio::time::Instant::now();
-            sync.pushes.fetch_add(1, Ordering::Relaxed);
-            let mut targets: BTreeSet<NodeId> = self.members().into_keys().collect();
-            targets.extend(self.inner.static_peers.keys().copied());
-            targets.remove(&self.inner.id);
-            let request = Request::App(encode(&AppRequest::Interest(current.clone())));
-            let calls = targets.into_iter().map(|peer| {
-                let request = &request;
-                let wait = if silent.contains(&peer) {
-                    INTEREST_SILENT_PEER_WAIT
-                } else {
-                    INTEREST_SYNC_LIMIT
-                };
-                async move {
-                    let answered = self.inner.peers.call(peer, request, wait).await.is_ok();
-                    (peer, answered)
-                }
-            });
-            for (peer, answered) in futures::future::join_all(calls).await {
-                if answered {
-                    silent.remove(&peer);
-                } else {
-                    silent.insert(peer);
-                }
-            }
-            last = Some((current, start));
-            sync.finish(number);
-            crowded = sync.wanted().then_some(start);
-        }
-        sync.close();
     }
 
     /// Whether the cluster exists (its epoch is applied here): until then durable publishes
