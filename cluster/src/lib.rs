@@ -26,8 +26,17 @@
 //!   longest log and start its election as soon as the lease allows.
 //! - [`placement`]: which members a partition's voters are, and the voter swap that moves a
 //!   full group towards that after a join or a removal.
-//! - [`node`]: [`node::ClusterNode`]: the groups, bootstrap by `--bootstrap-expect`, the
-//!   placement round, join/remove, status.
+//! - [`node`]: [`node::ClusterNode`]: its configuration, starting its groups and tasks,
+//!   publishing, join/remove, status, shutdown; each other concern of the node in a submodule:
+//!   - `node/formation.rs`: bootstrap by `--bootstrap-expect`, forming the cluster, finishing
+//!     a formation cut short.
+//!   - `node/placement_loop.rs`: the placement round (memberships, hand-backs, voter swaps,
+//!     idle partitions' clock ticks).
+//!   - `node/elections.rs`: the node's side of fast failover and pre-vote.
+//!   - `node/interest_loop.rs`: pushing this node's interest to the other members.
+//!   - `node/handler.rs`: what a node answers other nodes ([`Handler`], the node's requests).
+//!   - `node/meta.rs`: writes through the meta leader (join, remove, namespaces, `Init`).
+//!   - `node/hand_over.rs`: handing the partitions a node leads over at shutdown.
 
 pub mod failover;
 pub mod failure;

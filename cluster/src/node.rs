@@ -1,6 +1,22 @@
 //! The cluster node: this node's Raft groups (meta + one per partition), its RPC server, its
 //! proposers, bootstrap by `--bootstrap-expect`, and the placement loop that keeps every
 //! partition group's membership in line with the cluster's.
+//!
+//! This file holds [`ClusterNode`] itself: its configuration, starting it (groups, proposers,
+//! the RPC server and the tasks below), its public API (publishing, quorum and failure,
+//! status, join/remove, shutdown) and the few helpers its submodules share. Every other
+//! concern is a submodule with an `impl ClusterNode` block of its own:
+//!
+//! - `formation`: bootstrap by `--bootstrap-expect`, forming the cluster, finishing a
+//!   formation cut short.
+//! - `placement_loop`: the once-a-second round that converges each group's membership on the
+//!   cluster's (placement, hand-backs, voter swaps) and ticks idle partitions' clocks.
+//! - `elections`: the node's side of fast failover and pre-vote.
+//! - `interest_loop`: pushing this node's interest to the other members.
+//! - `handler`: what this node answers other nodes (the RPC [`Handler`](crate::rpc::Handler)
+//!   and the node layer's own requests).
+//! - `meta`: writes through the meta group's leader (join, remove, namespaces, `Init`).
+//! - `hand_over`: handing the partitions this node leads to other voters at shutdown.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
