@@ -200,9 +200,10 @@ pub struct ServeArgs {
     #[arg(long, env = "HERALD_TIMEOUT", value_name = "SECONDS")]
     pub timeout: Option<u64>,
 
-    /// How long shutdown waits for clients to drain, in seconds [default: 5].
-    #[arg(long, env = "HERALD_SHUTDOWN_TIMEOUT", value_name = "SECONDS")]
-    pub shutdown_timeout: Option<u64>,
+    /// How long shutdown waits for clients to drain, e.g. 10s or 500ms; a bare number is
+    /// seconds [default: 5s].
+    #[arg(long, env = "HERALD_SHUTDOWN_TIMEOUT", value_name = "DURATION")]
+    pub shutdown_timeout: Option<String>,
 
     /// Partitions (independent event sequences) of a new store; fixed once the store exists
     /// [default: 16].

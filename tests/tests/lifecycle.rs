@@ -185,6 +185,58 @@ fn a_bad_config_file_names_the_problem() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `shutdown_timeout` takes a duration with units, as the other duration settings do, from a
+/// flag, the environment or the file; a bare number is still seconds; anything else is refused
+/// with what it expects.
+#[test]
+fn shutdown_timeout_takes_a_duration() {
+    let file = herald_tests::config_file("shutdown_timeout = 3\n");
+    let mut node = Herald::start_configured(
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "--shutdown-timeout",
+            "1500ms",
+        ],
+        &[],
+    );
+    node.signal("TERM");
+    let status = node.wait_exit(Duration::from_secs(10)).expect("it stops");
+    assert!(status.success(), "{status:?}: {}", node.log());
+    drop(Herald::start_configured(
+        &[],
+        &[("HERALD_SHUTDOWN_TIMEOUT", "2s")],
+    ));
+    drop(Herald::start_with(&["--config", file.to_str().unwrap()]));
+
+    let data_dir = scratch_dir("bad-shutdown-timeout");
+    for bad in ["10x", "1.5s", "-1"] {
+        let output = Command::new(herald_binary())
+            .args([
+                "serve",
+                "--resp-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg(format!("--shutdown-timeout={bad}"))
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{bad}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(
+            stderr,
+            format!(
+                "herald: invalid shutdown-timeout '{bad}': expected a duration such as 10s, 500ms or 2m (a bare number is seconds)\n"
+            )
+        );
+    }
+    let _ = std::fs::remove_dir_all(data_dir);
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
+}
+
 #[test]
 fn requirepass_from_the_environment_protects_the_node() {
     let node = Herald::start_configured(&[], &[("HERALD_REQUIREPASS", "env-secret")]);
