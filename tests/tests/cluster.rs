@@ -2059,3 +2059,39 @@ async fn a_node_with_another_partition_count_is_not_let_in_at_formation() {
         publish_until_acked(&cluster, 1 + i % 3, &format!("counted:{i}"), "x").await;
     }
 }
+
+/// `herald cluster status --help` says what the table shows: every column of the groups'
+/// header, and nothing the table does not show (it has no commit positions).
+#[test]
+fn the_status_help_names_what_the_table_shows() {
+    let cluster = Cluster::start(1);
+    let (ok, table) = cluster.cli(1, &["status"]);
+    assert!(ok, "{table}");
+    let header = table
+        .lines()
+        .find(|l| l.starts_with("group "))
+        .unwrap_or_else(|| panic!("no groups header: {table}"));
+    let output = std::process::Command::new(herald_tests::herald_binary())
+        .args(["cluster", "status", "--help"])
+        .output()
+        .expect("run herald cluster status --help");
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap().to_lowercase();
+    for column in header.split_whitespace() {
+        let column = column.trim_matches(|c| c == '(' || c == ')');
+        assert!(
+            help.contains(column),
+            "help does not name `{column}`:\n{help}"
+        );
+    }
+    for shown in ["members", "connected", "unreachable", "refused"] {
+        assert!(
+            help.contains(shown),
+            "help does not name `{shown}`:\n{help}"
+        );
+    }
+    assert!(
+        !help.contains("commit"),
+        "the table shows no commit positions:\n{help}"
+    );
+}
