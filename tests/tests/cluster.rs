@@ -867,6 +867,10 @@ async fn a_node_joins_catches_up_and_is_removed() {
     );
     let (ok, text) = cluster.cli(1, &["remove", "--node-id", "3"]);
     assert!(ok, "remove failed: {text}");
+    assert!(
+        !text.contains("warning"),
+        "three members left survive a failure: {text}"
+    );
     herald_tests::wait_until("node 3 leaves every group", || {
         cluster.status(1).is_some_and(|s| {
             s["members"].get("3").is_none()
@@ -2093,5 +2097,46 @@ fn the_status_help_names_what_the_table_shows() {
     assert!(
         !help.contains("commit"),
         "the table shows no commit positions:\n{help}"
+    );
+}
+
+/// A removal that leaves the cluster unable to survive a failure (fewer than three members)
+/// succeeds, and says on stderr what the operator lost.
+#[test]
+fn a_removal_down_to_fewer_than_three_members_warns_that_no_failure_is_survived() {
+    let cluster = Cluster::start(3);
+    let remove = |id: &str| {
+        let output = std::process::Command::new(herald_tests::herald_binary())
+            .args(["cluster", "remove", "--node-id", id, "--http"])
+            .arg(cluster.node(1).http.to_string())
+            .output()
+            .expect("run herald cluster remove");
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(output.status.success(), "{stdout}{stderr}");
+        assert!(stdout.contains("\"removed\""), "{stdout}");
+        assert!(
+            !stdout.contains("warning"),
+            "the warning goes to stderr: {stdout}"
+        );
+        stderr
+    };
+    let stderr = remove("3");
+    assert!(
+        stderr.starts_with("herald: warning: the cluster has 2 members left (nodes 1 and 2)")
+            && stderr.contains("no failure tolerance")
+            && stderr.contains("herald cluster join"),
+        "{stderr}"
+    );
+    herald_tests::wait_until("node 3 is no longer a member", || {
+        cluster
+            .status(1)
+            .is_some_and(|s| s["members"].get("3").is_none())
+    });
+    let stderr = remove("2");
+    assert!(
+        stderr.starts_with("herald: warning: the cluster has 1 member left (node 1)")
+            && stderr.contains("no failure tolerance"),
+        "{stderr}"
     );
 }
