@@ -11,7 +11,7 @@ use herald_gateway::resp::RespSettings;
 use herald_gateway::resp::settings::parse_memory;
 use herald_storage::{Namespaces, StoreOptions, parse_duration};
 use serde::{Deserialize, Deserializer};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -260,12 +260,23 @@ impl NodeConfig {
                         raft.election_max_ms
                     );
                 }
+                let bootstrap_expect = args.bootstrap_expect.or(file.bootstrap_expect).unwrap_or(0);
+                let forming = peers
+                    .keys()
+                    .chain([&node_id])
+                    .collect::<BTreeSet<_>>()
+                    .len();
+                if bootstrap_expect > forming {
+                    bail!(
+                        "--bootstrap-expect {bootstrap_expect} but --peers names only {forming} node(s) (this one included): name every node that forms the cluster in --peers, or lower --bootstrap-expect"
+                    );
+                }
                 Some(ClusterConfig {
                     node_id,
                     bind,
                     advertise,
                     peers: peers.into_iter().filter(|(id, _)| *id != node_id).collect(),
-                    bootstrap_expect: args.bootstrap_expect.or(file.bootstrap_expect).unwrap_or(0),
+                    bootstrap_expect,
                     tls_dir,
                     raft,
                     proposer,

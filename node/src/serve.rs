@@ -3,11 +3,14 @@
 use crate::config::{AddrSetting, NodeConfig};
 use crate::metrics::Metrics;
 use anyhow::{Context, Result, anyhow};
+use herald_cluster::identity::NodeIdentity;
+use herald_cluster::node::ClusterConfig;
 use herald_gateway::broker::Broker;
 use herald_gateway::http::HttpState;
 use herald_gateway::hub::Hub;
 use herald_gateway::resp::RespServer;
 use std::fs::File;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -41,16 +44,31 @@ fn quiet_openraft(filter: &str) -> String {
 pub async fn run(config: NodeConfig) -> Result<()> {
     // Handlers first: a signal that arrives during start-up still means a clean stop.
     let signal = shutdown_signal()?;
-    let _data_lock = lock_data_dir(&config)?;
+    // Every check that needs no store comes before the store, and a data directory that does
+    // not exist yet is created only once they all passed: a refused start (no certificates,
+    // a port in use) leaves no data directory or store behind. One that exists is locked
+    // first, so a second process on it is told that, not that its ports are taken.
+    let existing_lock = if config.data_dir.exists() {
+        Some(lock_data_dir(&config)?)
+    } else {
+        None
+    };
     check_free_space(&config.data_dir, MIN_FREE_BYTES_AT_START)?;
+    if let Some(cluster) = &config.cluster {
+        check_cluster_endpoint(cluster)?;
+    }
     let shutdown = CancellationToken::new();
-    // Bind before touching the store: a port in use is a one-line error and nothing else.
+    // A port in use is a one-line error and nothing else.
     let resp_listener = TcpListener::bind(config.resp_addr.addr)
         .await
-        .map_err(|e| bind_error(&config.resp_addr, "Redis-protocol", e))?;
+        .map_err(|e| bind_error(&config.resp_addr, "Redis-protocol clients", e))?;
     let http = TcpListener::bind(config.http_addr.addr)
         .await
-        .map_err(|e| bind_error(&config.http_addr, "HTTP", e))?;
+        .map_err(|e| bind_error(&config.http_addr, "HTTP clients", e))?;
+    let _data_lock = match existing_lock {
+        Some(lock) => lock,
+        None => lock_data_dir(&config)?,
+    };
     let metrics = Metrics::install()?;
     let hub = Arc::new(Hub::new(config.resp.pubsub_output_limit));
     let store_dir = config.data_dir.join("store");
@@ -134,7 +152,28 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     Ok(())
 }
 
-/// A one-line bind error naming the address and the setting that changes it.
+/// What a cluster node checks before its store is opened: that its certificates load and make
+/// a TLS configuration, and that its cluster address can be bound (the endpoint binds it again
+/// once the store is open).
+fn check_cluster_endpoint(cluster: &ClusterConfig) -> Result<()> {
+    NodeIdentity::load(&cluster.tls_dir, cluster.node_id)
+        .and_then(|identity| {
+            identity.server_config()?;
+            identity.client_config().map(drop)
+        })
+        .with_context(|| format!("cannot start cluster node {}", cluster.node_id))?;
+    let setting = AddrSetting {
+        addr: cluster.bind,
+        flag: "--cluster-addr",
+        env: "HERALD_CLUSTER_ADDR",
+    };
+    std::net::UdpSocket::bind(cluster.bind)
+        .map(drop)
+        .map_err(|e| bind_error(&setting, "the other cluster nodes (UDP)", e))
+}
+
+/// A one-line bind error naming the address, who it is for (`what`) and the setting that
+/// changes it.
 fn bind_error(setting: &AddrSetting, what: &str, error: std::io::Error) -> anyhow::Error {
     let reason = match error.kind() {
         std::io::ErrorKind::AddrInUse => "address already in use".to_string(),
@@ -142,7 +181,7 @@ fn bind_error(setting: &AddrSetting, what: &str, error: std::io::Error) -> anyho
         _ => error.to_string(),
     };
     anyhow!(
-        "cannot listen on {} for {what} clients: {reason}; choose another address with {} (or {})",
+        "cannot listen on {} for {what}: {reason}; choose another address with {} (or {})",
         setting.addr,
         setting.flag,
         setting.env
@@ -168,9 +207,14 @@ fn lock_data_dir(config: &NodeConfig) -> Result<File> {
 /// that no later start could read ("Read corrupted data"), so the node refuses to start instead.
 const MIN_FREE_BYTES_AT_START: u64 = 64 << 20;
 
-/// Refuses to start when the disk holding `dir` has less than `needed` bytes free.
-fn check_free_space(dir: &std::path::Path, needed: u64) -> Result<()> {
-    let Some(free) = free_bytes(dir) else {
+/// Refuses to start when the disk holding `dir` has less than `needed` bytes free. A directory
+/// not created yet is measured on its nearest existing parent's disk, where it will be.
+fn check_free_space(dir: &Path, needed: u64) -> Result<()> {
+    let on_disk = dir
+        .ancestors()
+        .find(|d| !d.as_os_str().is_empty() && d.exists())
+        .unwrap_or(Path::new("."));
+    let Some(free) = free_bytes(on_disk) else {
         return Ok(()); // cannot tell: start, as before
     };
     if free < needed {
@@ -185,7 +229,7 @@ fn check_free_space(dir: &std::path::Path, needed: u64) -> Result<()> {
 }
 
 /// Bytes available to this process on the file system holding `dir` (`statvfs`).
-fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+fn free_bytes(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -226,5 +270,15 @@ mod free_space_tests {
             error.contains("free on the disk holding") && error.contains("free space"),
             "{error}"
         );
+        // A data directory not created yet: measured where it will be, named as given.
+        let new = dir
+            .join(format!("herald-not-yet-{}", std::process::id()))
+            .join("data");
+        assert!(check_free_space(&new, 1).is_ok());
+        let error = check_free_space(&new, free + (1 << 40))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(&new.display().to_string()), "{error}");
+        assert!(!new.exists());
     }
 }
