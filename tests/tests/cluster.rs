@@ -2140,3 +2140,78 @@ fn a_removal_down_to_fewer_than_three_members_warns_that_no_failure_is_survived(
         "{stderr}"
     );
 }
+
+/// A node of another cluster (its own certificates, peers and addresses) started on a
+/// member's data directory is refused, saying whose directory it is and what to do, instead
+/// of serving that cluster's history as its own; the member then starts on it as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_another_cluster_is_refused_a_members_data_directory() {
+    use herald_tests::cluster::{certs, free_udp_port};
+    let mut cluster = Cluster::start(1);
+    publish_until_acked(&cluster, 1, "theirs:1", "kept").await;
+    cluster.kill(1);
+
+    let tls = herald_tests::scratch_dir("other-cluster-tls");
+    let tls = tls.to_str().unwrap();
+    certs(&["init", "--dir", tls, "--issue", "1,2,3"]);
+    let ports: Vec<u16> = (0..3).map(|_| free_udp_port()).collect();
+    let peers = (1..=3)
+        .map(|id| format!("{id}@127.0.0.1:{}", ports[id - 1]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut other = std::process::Command::new(herald_tests::herald_binary())
+        .args([
+            "serve",
+            "--resp-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--node-id", "1", "--tls-dir", tls, "--peers", &peers])
+        .args(["--cluster-addr", &format!("127.0.0.1:{}", ports[0])])
+        .args(["--bootstrap-expect", "3", "--partitions", "4"])
+        .arg("--data-dir")
+        .arg(cluster.data_dir(1))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run herald serve");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = other.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = other.kill();
+            let _ = other.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut other.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "a node of another cluster ran on a member's data directory ({status:?}): {stderr}"
+    );
+    let last = stderr.lines().last().unwrap_or_default();
+    let member = format!("1 at 127.0.0.1:{}", cluster.members[0].cluster_port);
+    assert!(
+        last.contains(&format!(
+            "data directory {} holds the store of another cluster",
+            cluster.data_dir(1).display()
+        )) && last.contains(&member)
+            && last.contains("start this node on its own data directory"),
+        "{stderr}"
+    );
+
+    cluster.start_node(1, 1);
+    cluster.wait_converged();
+    eventually_equal(
+        "the member's history, as it was",
+        &vec!["kept".to_string()],
+        || history_payloads(cluster.node(1), "theirs:1"),
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(tls);
+}
