@@ -80,7 +80,16 @@ pub struct ClusterArgs {
 /// `herald cluster` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
-    /// Members, roles, each partition's leader, commit and apply positions, lag.
+    /// Members and this node's link to each, then each Raft group's role, leader, term, log
+    /// indexes, voters, elections and lag.
+    ///
+    /// The table: the members, each with how this node reaches it (connected and the round
+    /// trip, UNREACHABLE and the last error, or REFUSED and why); then one line per Raft group
+    /// (group 0 is the meta group, the others the partitions): this node's role in it, the
+    /// leader, the term, this node's last-log and applied indexes, the voters, the elections
+    /// this node called (in parentheses, those taken over: elections the group's leader asked
+    /// for, handing the group to this node), and, on a group this node leads, each member's
+    /// lag in log entries.
     Status {
         /// Print the raw JSON.
         #[arg(long)]
@@ -200,9 +209,10 @@ pub struct ServeArgs {
     #[arg(long, env = "HERALD_TIMEOUT", value_name = "SECONDS")]
     pub timeout: Option<u64>,
 
-    /// How long shutdown waits for clients to drain, in seconds [default: 5].
-    #[arg(long, env = "HERALD_SHUTDOWN_TIMEOUT", value_name = "SECONDS")]
-    pub shutdown_timeout: Option<u64>,
+    /// How long shutdown waits for clients to drain, e.g. 10s or 500ms; a bare number is
+    /// seconds [default: 5s].
+    #[arg(long, env = "HERALD_SHUTDOWN_TIMEOUT", value_name = "DURATION")]
+    pub shutdown_timeout: Option<String>,
 
     /// Partitions (independent event sequences) of a new store; fixed once the store exists
     /// [default: 16].

@@ -20,6 +20,11 @@ pub fn run(args: ClusterArgs) -> ExitCode {
     match runtime.block_on(call(&args)) {
         Ok(text) => {
             say!("{text}");
+            if let ClusterCommand::Remove { node_id } = args.command
+                && let Some(warning) = runtime.block_on(after_remove(&args, node_id))
+            {
+                eprintln!("herald: warning: {warning}");
+            }
             ExitCode::SUCCESS
         }
         Err(error) => {
@@ -50,6 +55,16 @@ async fn call(args: &ClusterArgs) -> Result<String, String> {
             client.post(format!("{base}/namespaces")).body(text)
         }
     };
+    let body = send(args, request).await?;
+    Ok(match &args.command {
+        ClusterCommand::Status { json: false } => render_status(&body),
+        ClusterCommand::Namespaces { json: false, .. } => render_namespaces(&body),
+        _ => serde_json::to_string_pretty(&body).unwrap_or_default(),
+    })
+}
+
+/// Sends `request` with the password, if any; the answer's JSON body, or its error.
+async fn send(args: &ClusterArgs, request: reqwest::RequestBuilder) -> Result<Value, String> {
     let request = match &args.password {
         Some(password) => request.bearer_auth(password),
         None => request,
@@ -69,11 +84,59 @@ async fn call(args: &ClusterArgs) -> Result<String, String> {
             .unwrap_or("request failed")
             .to_string());
     }
-    Ok(match &args.command {
-        ClusterCommand::Status { json: false } => render_status(&body),
-        ClusterCommand::Namespaces { json: false, .. } => render_namespaces(&body),
-        _ => serde_json::to_string_pretty(&body).unwrap_or_default(),
-    })
+    Ok(body)
+}
+
+/// After `herald cluster remove`: the warning to print if the members left cannot survive a
+/// failure, read from the node's status (without the removed node, which a node that has not
+/// applied the removal yet may still list).
+async fn after_remove(args: &ClusterArgs, removed: u64) -> Option<String> {
+    let status = reqwest::Client::new().get(format!("http://{}/api/cluster/status", args.http));
+    match send(args, status).await {
+        Ok(status) => {
+            let left: Vec<u64> = status["members"]
+                .as_object()
+                .into_iter()
+                .flat_map(|members| members.keys())
+                .filter_map(|id| id.parse().ok())
+                .filter(|&id| id != removed)
+                .collect();
+            failure_tolerance_warning(&left)
+        }
+        Err(error) => Some(format!(
+            "node {removed} is removed, but the members left could not be read ({error}): check with `herald cluster status` that at least {SURVIVES_A_FAILURE} are left, the fewest that survive a failure"
+        )),
+    }
+}
+
+/// The fewest members with which the cluster survives the loss of one: each partition has up
+/// to three voters and commits with a majority of them, so with two members it needs both,
+/// and with one, that one.
+const SURVIVES_A_FAILURE: usize = 3;
+
+/// What an operator lost when a removal left `left` members: with fewer than
+/// [`SURVIVES_A_FAILURE`], the loss of any one of them stops durable publishes. `None` when
+/// enough are left (or none, which no removal leaves).
+fn failure_tolerance_warning(left: &[u64]) -> Option<String> {
+    let names = left
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(" and ");
+    let (members, consequence) = match left.len() {
+        1 => (
+            format!("1 member left (node {names})"),
+            "losing that node stops the cluster",
+        ),
+        2 => (
+            format!("2 members left (nodes {names})"),
+            "each partition needs both to commit, so losing either one stops durable publishes",
+        ),
+        _ => return None,
+    };
+    Some(format!(
+        "the cluster has {members}, fewer than the {SURVIVES_A_FAILURE} needed to survive a failure: it has no failure tolerance now ({consequence}); join nodes with `herald cluster join` until it has {SURVIVES_A_FAILURE} members again"
+    ))
 }
 
 /// The namespace config as TOML, with where it comes from as comments.
@@ -194,6 +257,22 @@ fn render_status(status: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_removal_that_leaves_fewer_than_three_members_warns() {
+        assert_eq!(failure_tolerance_warning(&[1, 2, 4]), None);
+        assert_eq!(failure_tolerance_warning(&[1, 2, 3, 4]), None);
+        assert_eq!(
+            failure_tolerance_warning(&[1, 2]).unwrap(),
+            "the cluster has 2 members left (nodes 1 and 2), fewer than the 3 needed to survive a failure: it has no failure tolerance now (each partition needs both to commit, so losing either one stops durable publishes); join nodes with `herald cluster join` until it has 3 members again"
+        );
+        let one = failure_tolerance_warning(&[5]).unwrap();
+        assert!(
+            one.starts_with("the cluster has 1 member left (node 5), ")
+                && one.contains("no failure tolerance"),
+            "{one}"
+        );
+    }
 
     #[test]
     fn the_status_table_shows_elections_and_hand_backs() {

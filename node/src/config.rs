@@ -10,8 +10,8 @@ use herald_gateway::hub::outbox::OutputLimit;
 use herald_gateway::resp::RespSettings;
 use herald_gateway::resp::settings::parse_memory;
 use herald_storage::{Namespaces, StoreOptions, parse_duration};
-use serde::Deserialize;
-use std::collections::BTreeMap;
+use serde::{Deserialize, Deserializer};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -30,7 +30,9 @@ pub struct FileConfig {
     client_query_buffer_limit: Option<String>,
     pubsub_output_limit: Option<String>,
     timeout: Option<u64>,
-    shutdown_timeout: Option<u64>,
+    /// A duration, or whole seconds (a TOML integer or a string of digits) as it took before.
+    #[serde(default, deserialize_with = "seconds_or_duration_text")]
+    shutdown_timeout: Option<String>,
     log: Option<String>,
     partitions: Option<u16>,
     dedup_window: Option<String>,
@@ -258,12 +260,23 @@ impl NodeConfig {
                         raft.election_max_ms
                     );
                 }
+                let bootstrap_expect = args.bootstrap_expect.or(file.bootstrap_expect).unwrap_or(0);
+                let forming = peers
+                    .keys()
+                    .chain([&node_id])
+                    .collect::<BTreeSet<_>>()
+                    .len();
+                if bootstrap_expect > forming {
+                    bail!(
+                        "--bootstrap-expect {bootstrap_expect} but --peers names only {forming} node(s) (this one included): name every node that forms the cluster in --peers, or lower --bootstrap-expect"
+                    );
+                }
                 Some(ClusterConfig {
                     node_id,
                     bind,
                     advertise,
                     peers: peers.into_iter().filter(|(id, _)| *id != node_id).collect(),
-                    bootstrap_expect: args.bootstrap_expect.or(file.bootstrap_expect).unwrap_or(0),
+                    bootstrap_expect,
                     tls_dir,
                     raft,
                     proposer,
@@ -293,15 +306,57 @@ impl NodeConfig {
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("herald-data")),
             resp,
-            shutdown_timeout: Duration::from_secs(
-                args.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(5),
-            ),
+            shutdown_timeout: match args.shutdown_timeout.or(file.shutdown_timeout) {
+                Some(value) => seconds_or_duration("shutdown-timeout", &value)?,
+                None => Duration::from_secs(5),
+            },
             log: args.log.or(file.log).unwrap_or_else(|| "info".to_string()),
             store,
             namespaces: file.namespace.unwrap_or_default(),
             http,
         })
     }
+}
+
+/// A setting that took whole seconds before it took units: a duration (`10s`, `500ms`, `2m`),
+/// or a bare number of seconds, as before.
+fn seconds_or_duration(name: &str, value: &str) -> Result<Duration> {
+    let text = value.trim();
+    let seconds = (!text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| text.parse::<u64>().ok())
+        .flatten();
+    seconds
+        .map(Duration::from_secs)
+        .or_else(|| parse_duration(text).ok())
+        .ok_or_else(|| {
+            anyhow!(
+                "invalid {name} '{value}': expected a duration such as 10s, 500ms or 2m (a bare number is seconds)"
+            )
+        })
+}
+
+/// The file form of [`seconds_or_duration`]: a TOML integer (seconds) or a string, kept as
+/// text for [`NodeConfig::resolve`] to parse as it parses the flag.
+fn seconds_or_duration_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct Text;
+    impl serde::de::Visitor<'_> for Text {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a duration such as \"10s\" or \"500ms\", or whole seconds")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+            u64::try_from(v)
+                .map(|v| v.to_string())
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+    d.deserialize_any(Text).map(Some)
 }
 
 fn millis(name: &str, value: &str) -> Result<u64> {
@@ -422,6 +477,55 @@ mod tests {
             )
         );
         let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn shutdown_timeout_takes_units_and_bare_seconds() {
+        let timeout = |flag: &str| {
+            NodeConfig::resolve(ServeArgs {
+                shutdown_timeout: Some(flag.to_string()),
+                ..ServeArgs::default()
+            })
+            .map(|c| c.shutdown_timeout)
+        };
+        assert_eq!(timeout("1500ms").unwrap(), Duration::from_millis(1500));
+        assert_eq!(timeout("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(timeout("7").unwrap(), Duration::from_secs(7), "as before");
+        let error = timeout("10x").unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "invalid shutdown-timeout '10x': expected a duration such as 10s, 500ms or 2m (a bare number is seconds)"
+        );
+        let default = NodeConfig::resolve(ServeArgs::default()).unwrap();
+        assert_eq!(default.shutdown_timeout, Duration::from_secs(5));
+        for (line, want) in [
+            ("shutdown_timeout = 3", Some(Duration::from_secs(3))),
+            (
+                "shutdown_timeout = \"250ms\"",
+                Some(Duration::from_millis(250)),
+            ),
+            ("shutdown_timeout = \"4\"", Some(Duration::from_secs(4))),
+            ("shutdown_timeout = -1", None),
+            ("shutdown_timeout = 2.5", None),
+        ] {
+            let (path, mut file) = tempfile_in_target("herald-config-shutdown.toml");
+            writeln!(file, "{line}").unwrap();
+            let got = NodeConfig::resolve(ServeArgs {
+                config: Some(path.clone()),
+                ..ServeArgs::default()
+            });
+            match want {
+                Some(want) => assert_eq!(got.unwrap().shutdown_timeout, want, "{line}"),
+                None => {
+                    let error = got.unwrap_err().to_string();
+                    assert!(
+                        error.contains("line 1") && error.contains("whole seconds"),
+                        "{line}: {error}"
+                    );
+                }
+            }
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     fn tempfile_in_target(name: &str) -> (PathBuf, std::fs::File) {

@@ -3,11 +3,16 @@
 use crate::config::{AddrSetting, NodeConfig};
 use crate::metrics::Metrics;
 use anyhow::{Context, Result, anyhow};
+use herald_cluster::identity::NodeIdentity;
+use herald_cluster::node::{ClusterConfig, ClusterNode};
 use herald_gateway::broker::Broker;
 use herald_gateway::http::HttpState;
 use herald_gateway::hub::Hub;
 use herald_gateway::resp::RespServer;
+use std::collections::BTreeSet;
 use std::fs::File;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -41,16 +46,31 @@ fn quiet_openraft(filter: &str) -> String {
 pub async fn run(config: NodeConfig) -> Result<()> {
     // Handlers first: a signal that arrives during start-up still means a clean stop.
     let signal = shutdown_signal()?;
-    let _data_lock = lock_data_dir(&config)?;
+    // Every check that needs no store comes before the store, and a data directory that does
+    // not exist yet is created only once they all passed: a refused start (no certificates,
+    // a port in use) leaves no data directory or store behind. One that exists is locked
+    // first, so a second process on it is told that, not that its ports are taken.
+    let existing_lock = if config.data_dir.exists() {
+        Some(lock_data_dir(&config)?)
+    } else {
+        None
+    };
     check_free_space(&config.data_dir, MIN_FREE_BYTES_AT_START)?;
+    if let Some(cluster) = &config.cluster {
+        check_cluster_endpoint(cluster)?;
+    }
     let shutdown = CancellationToken::new();
-    // Bind before touching the store: a port in use is a one-line error and nothing else.
+    // A port in use is a one-line error and nothing else.
     let resp_listener = TcpListener::bind(config.resp_addr.addr)
         .await
-        .map_err(|e| bind_error(&config.resp_addr, "Redis-protocol", e))?;
+        .map_err(|e| bind_error(&config.resp_addr, "Redis-protocol clients", e))?;
     let http = TcpListener::bind(config.http_addr.addr)
         .await
-        .map_err(|e| bind_error(&config.http_addr, "HTTP", e))?;
+        .map_err(|e| bind_error(&config.http_addr, "HTTP clients", e))?;
+    let _data_lock = match existing_lock {
+        Some(lock) => lock,
+        None => lock_data_dir(&config)?,
+    };
     let metrics = Metrics::install()?;
     let hub = Arc::new(Hub::new(config.resp.pubsub_output_limit));
     let store_dir = config.data_dir.join("store");
@@ -81,6 +101,12 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             )
         })?,
     };
+    if let (Some(node), Some(cluster)) = (broker.cluster(), &config.cluster)
+        && let Err(error) = check_store_is_this_clusters(node, cluster, &config.data_dir).await
+    {
+        broker.close().await;
+        return Err(error);
+    }
     broker.spawn_expiry(Duration::from_secs(5), shutdown.clone());
     let resp = RespServer::with_listener(
         resp_listener,
@@ -134,7 +160,100 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     Ok(())
 }
 
-/// A one-line bind error naming the address and the setting that changes it.
+/// What a cluster node checks before its store is opened: that its certificates load and make
+/// a TLS configuration, and that its cluster address can be bound (the endpoint binds it again
+/// once the store is open).
+fn check_cluster_endpoint(cluster: &ClusterConfig) -> Result<()> {
+    NodeIdentity::load(&cluster.tls_dir, cluster.node_id)
+        .and_then(|identity| {
+            identity.server_config()?;
+            identity.client_config().map(drop)
+        })
+        .with_context(|| format!("cannot start cluster node {}", cluster.node_id))?;
+    let setting = AddrSetting {
+        addr: cluster.bind,
+        flag: "--cluster-addr",
+        env: "HERALD_CLUSTER_ADDR",
+    };
+    std::net::UdpSocket::bind(cluster.bind)
+        .map(drop)
+        .map_err(|e| bind_error(&setting, "the other cluster nodes (UDP)", e))
+}
+
+/// Refuses to run a cluster node on the store of another cluster: a formed store whose
+/// members are at none of the addresses this node is configured with (its advertised address
+/// and its --peers), as when --data-dir names another cluster's directory. Such a node would
+/// serve that cluster's history as its own, and answer its own cluster's formation with
+/// another cluster's log. Addresses that differ as written are compared once resolved (a
+/// host name and its IP address are the same member); when some cannot be resolved, the node
+/// starts and warns instead. A store with a member at one of these addresses passes: it is
+/// this cluster's, whichever node's it is (the members judge that by its store id).
+async fn check_store_is_this_clusters(
+    node: &ClusterNode,
+    config: &ClusterConfig,
+    data_dir: &Path,
+) -> Result<()> {
+    if !node.is_formed() {
+        return Ok(());
+    }
+    // The meta group reports the membership it loaded once its task has run.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut members = node.members();
+    while members.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        members = node.members();
+    }
+    let ours: BTreeSet<&str> = config
+        .peers
+        .values()
+        .chain([&config.advertise])
+        .map(String::as_str)
+        .collect();
+    if members.is_empty() || members.values().any(|addr| ours.contains(addr.as_str())) {
+        return Ok(());
+    }
+    let theirs: BTreeSet<&str> = members.values().map(String::as_str).collect();
+    let (ours_resolved, theirs_resolved) = tokio::join!(resolve(&ours), resolve(&theirs));
+    let listed = members
+        .iter()
+        .map(|(id, addr)| format!("{id} at {addr}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    match (ours_resolved, theirs_resolved) {
+        (Some(ours), Some(theirs)) if ours.is_disjoint(&theirs) => Err(anyhow!(
+            "data directory {} holds the store of another cluster (cluster epoch {}, members {listed}): none of its members is at this node's address ({}) or among its --peers, so start this node on its own data directory (an empty one for a node new to its cluster)",
+            data_dir.display(),
+            node.epoch(),
+            config.advertise
+        )),
+        (Some(_), Some(_)) => Ok(()),
+        _ => {
+            tracing::warn!(
+                members = %listed,
+                "the store's cluster has no member at this node's address or at one of its --peers as written, and some of these addresses cannot be resolved to compare them: if {} is another cluster's data directory, stop this node and start it on its own",
+                data_dir.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The socket addresses of `hosts` (`host:port`), or `None` if one of them cannot be resolved
+/// within a second.
+async fn resolve(hosts: &BTreeSet<&str>) -> Option<BTreeSet<SocketAddr>> {
+    let mut all = BTreeSet::new();
+    for host in hosts {
+        let found = tokio::time::timeout(Duration::from_secs(1), tokio::net::lookup_host(*host))
+            .await
+            .ok()?
+            .ok()?;
+        all.extend(found);
+    }
+    Some(all)
+}
+
+/// A one-line bind error naming the address, who it is for (`what`) and the setting that
+/// changes it.
 fn bind_error(setting: &AddrSetting, what: &str, error: std::io::Error) -> anyhow::Error {
     let reason = match error.kind() {
         std::io::ErrorKind::AddrInUse => "address already in use".to_string(),
@@ -142,7 +261,7 @@ fn bind_error(setting: &AddrSetting, what: &str, error: std::io::Error) -> anyho
         _ => error.to_string(),
     };
     anyhow!(
-        "cannot listen on {} for {what} clients: {reason}; choose another address with {} (or {})",
+        "cannot listen on {} for {what}: {reason}; choose another address with {} (or {})",
         setting.addr,
         setting.flag,
         setting.env
@@ -168,9 +287,14 @@ fn lock_data_dir(config: &NodeConfig) -> Result<File> {
 /// that no later start could read ("Read corrupted data"), so the node refuses to start instead.
 const MIN_FREE_BYTES_AT_START: u64 = 64 << 20;
 
-/// Refuses to start when the disk holding `dir` has less than `needed` bytes free.
-fn check_free_space(dir: &std::path::Path, needed: u64) -> Result<()> {
-    let Some(free) = free_bytes(dir) else {
+/// Refuses to start when the disk holding `dir` has less than `needed` bytes free. A directory
+/// not created yet is measured on its nearest existing parent's disk, where it will be.
+fn check_free_space(dir: &Path, needed: u64) -> Result<()> {
+    let on_disk = dir
+        .ancestors()
+        .find(|d| !d.as_os_str().is_empty() && d.exists())
+        .unwrap_or(Path::new("."));
+    let Some(free) = free_bytes(on_disk) else {
         return Ok(()); // cannot tell: start, as before
     };
     if free < needed {
@@ -185,7 +309,7 @@ fn check_free_space(dir: &std::path::Path, needed: u64) -> Result<()> {
 }
 
 /// Bytes available to this process on the file system holding `dir` (`statvfs`).
-fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+fn free_bytes(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -226,5 +350,15 @@ mod free_space_tests {
             error.contains("free on the disk holding") && error.contains("free space"),
             "{error}"
         );
+        // A data directory not created yet: measured where it will be, named as given.
+        let new = dir
+            .join(format!("herald-not-yet-{}", std::process::id()))
+            .join("data");
+        assert!(check_free_space(&new, 1).is_ok());
+        let error = check_free_space(&new, free + (1 << 40))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(&new.display().to_string()), "{error}");
+        assert!(!new.exists());
     }
 }

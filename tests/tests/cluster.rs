@@ -867,6 +867,10 @@ async fn a_node_joins_catches_up_and_is_removed() {
     );
     let (ok, text) = cluster.cli(1, &["remove", "--node-id", "3"]);
     assert!(ok, "remove failed: {text}");
+    assert!(
+        !text.contains("warning"),
+        "three members left survive a failure: {text}"
+    );
     herald_tests::wait_until("node 3 leaves every group", || {
         cluster.status(1).is_some_and(|s| {
             s["members"].get("3").is_none()
@@ -2058,4 +2062,156 @@ async fn a_node_with_another_partition_count_is_not_let_in_at_formation() {
     for i in 0..8 {
         publish_until_acked(&cluster, 1 + i % 3, &format!("counted:{i}"), "x").await;
     }
+}
+
+/// `herald cluster status --help` says what the table shows: every column of the groups'
+/// header, and nothing the table does not show (it has no commit positions).
+#[test]
+fn the_status_help_names_what_the_table_shows() {
+    let cluster = Cluster::start(1);
+    let (ok, table) = cluster.cli(1, &["status"]);
+    assert!(ok, "{table}");
+    let header = table
+        .lines()
+        .find(|l| l.starts_with("group "))
+        .unwrap_or_else(|| panic!("no groups header: {table}"));
+    let output = std::process::Command::new(herald_tests::herald_binary())
+        .args(["cluster", "status", "--help"])
+        .output()
+        .expect("run herald cluster status --help");
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap().to_lowercase();
+    for column in header.split_whitespace() {
+        let column = column.trim_matches(|c| c == '(' || c == ')');
+        assert!(
+            help.contains(column),
+            "help does not name `{column}`:\n{help}"
+        );
+    }
+    for shown in ["members", "connected", "unreachable", "refused"] {
+        assert!(
+            help.contains(shown),
+            "help does not name `{shown}`:\n{help}"
+        );
+    }
+    assert!(
+        !help.contains("commit"),
+        "the table shows no commit positions:\n{help}"
+    );
+}
+
+/// A removal that leaves the cluster unable to survive a failure (fewer than three members)
+/// succeeds, and says on stderr what the operator lost.
+#[test]
+fn a_removal_down_to_fewer_than_three_members_warns_that_no_failure_is_survived() {
+    let cluster = Cluster::start(3);
+    let remove = |id: &str| {
+        let output = std::process::Command::new(herald_tests::herald_binary())
+            .args(["cluster", "remove", "--node-id", id, "--http"])
+            .arg(cluster.node(1).http.to_string())
+            .output()
+            .expect("run herald cluster remove");
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(output.status.success(), "{stdout}{stderr}");
+        assert!(stdout.contains("\"removed\""), "{stdout}");
+        assert!(
+            !stdout.contains("warning"),
+            "the warning goes to stderr: {stdout}"
+        );
+        stderr
+    };
+    let stderr = remove("3");
+    assert!(
+        stderr.starts_with("herald: warning: the cluster has 2 members left (nodes 1 and 2)")
+            && stderr.contains("no failure tolerance")
+            && stderr.contains("herald cluster join"),
+        "{stderr}"
+    );
+    herald_tests::wait_until("node 3 is no longer a member", || {
+        cluster
+            .status(1)
+            .is_some_and(|s| s["members"].get("3").is_none())
+    });
+    let stderr = remove("2");
+    assert!(
+        stderr.starts_with("herald: warning: the cluster has 1 member left (node 1)")
+            && stderr.contains("no failure tolerance"),
+        "{stderr}"
+    );
+}
+
+/// A node of another cluster (its own certificates, peers and addresses) started on a
+/// member's data directory is refused, saying whose directory it is and what to do, instead
+/// of serving that cluster's history as its own; the member then starts on it as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_another_cluster_is_refused_a_members_data_directory() {
+    use herald_tests::cluster::{certs, free_udp_port};
+    let mut cluster = Cluster::start(1);
+    publish_until_acked(&cluster, 1, "theirs:1", "kept").await;
+    cluster.kill(1);
+
+    let tls = herald_tests::scratch_dir("other-cluster-tls");
+    let tls = tls.to_str().unwrap();
+    certs(&["init", "--dir", tls, "--issue", "1,2,3"]);
+    let ports: Vec<u16> = (0..3).map(|_| free_udp_port()).collect();
+    let peers = (1..=3)
+        .map(|id| format!("{id}@127.0.0.1:{}", ports[id - 1]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut other = std::process::Command::new(herald_tests::herald_binary())
+        .args([
+            "serve",
+            "--resp-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--node-id", "1", "--tls-dir", tls, "--peers", &peers])
+        .args(["--cluster-addr", &format!("127.0.0.1:{}", ports[0])])
+        .args(["--bootstrap-expect", "3", "--partitions", "4"])
+        .arg("--data-dir")
+        .arg(cluster.data_dir(1))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run herald serve");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = other.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = other.kill();
+            let _ = other.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut other.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "a node of another cluster ran on a member's data directory ({status:?}): {stderr}"
+    );
+    let last = stderr.lines().last().unwrap_or_default();
+    let member = format!("1 at 127.0.0.1:{}", cluster.members[0].cluster_port);
+    assert!(
+        last.contains(&format!(
+            "data directory {} holds the store of another cluster",
+            cluster.data_dir(1).display()
+        )) && last.contains(&member)
+            && last.contains("start this node on its own data directory"),
+        "{stderr}"
+    );
+
+    cluster.start_node(1, 1);
+    cluster.wait_converged();
+    eventually_equal(
+        "the member's history, as it was",
+        &vec!["kept".to_string()],
+        || history_payloads(cluster.node(1), "theirs:1"),
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(tls);
 }

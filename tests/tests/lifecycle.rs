@@ -185,6 +185,58 @@ fn a_bad_config_file_names_the_problem() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `shutdown_timeout` takes a duration with units, as the other duration settings do, from a
+/// flag, the environment or the file; a bare number is still seconds; anything else is refused
+/// with what it expects.
+#[test]
+fn shutdown_timeout_takes_a_duration() {
+    let file = herald_tests::config_file("shutdown_timeout = 3\n");
+    let mut node = Herald::start_configured(
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "--shutdown-timeout",
+            "1500ms",
+        ],
+        &[],
+    );
+    node.signal("TERM");
+    let status = node.wait_exit(Duration::from_secs(10)).expect("it stops");
+    assert!(status.success(), "{status:?}: {}", node.log());
+    drop(Herald::start_configured(
+        &[],
+        &[("HERALD_SHUTDOWN_TIMEOUT", "2s")],
+    ));
+    drop(Herald::start_with(&["--config", file.to_str().unwrap()]));
+
+    let data_dir = scratch_dir("bad-shutdown-timeout");
+    for bad in ["10x", "1.5s", "-1"] {
+        let output = Command::new(herald_binary())
+            .args([
+                "serve",
+                "--resp-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg(format!("--shutdown-timeout={bad}"))
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{bad}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(
+            stderr,
+            format!(
+                "herald: invalid shutdown-timeout '{bad}': expected a duration such as 10s, 500ms or 2m (a bare number is seconds)\n"
+            )
+        );
+    }
+    let _ = std::fs::remove_dir_all(data_dir);
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
+}
+
 #[test]
 fn requirepass_from_the_environment_protects_the_node() {
     let node = Herald::start_configured(&[], &[("HERALD_REQUIREPASS", "env-secret")]);
@@ -302,4 +354,89 @@ fn missing_certificates_say_how_to_make_them() {
     );
     let _ = std::fs::remove_dir_all(data_dir);
     let _ = std::fs::remove_dir_all(tls_dir);
+}
+
+/// A start refused for what needs no store (certificates missing, the cluster, Redis or HTTP
+/// address taken, a --bootstrap-expect its --peers cannot meet) leaves no data directory
+/// behind, and no store in a data directory that existed.
+#[test]
+fn a_refused_start_leaves_no_store_behind() {
+    let root = scratch_dir("refused-start");
+    let tls = root.join("tls");
+    let tls = tls.to_str().unwrap();
+    herald_tests::cluster::certs(&["init", "--dir", tls, "--issue", "1"]);
+    let missing_tls = root.join("no-tls");
+    let missing_tls = missing_tls.to_str().unwrap();
+    let udp_taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp = udp_taken.local_addr().unwrap().to_string();
+    let tcp_taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp = tcp_taken.local_addr().unwrap().to_string();
+    let free = "127.0.0.1:0";
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        (
+            "no certificates",
+            vec![
+                "--node-id",
+                "1",
+                "--cluster-addr",
+                free,
+                "--tls-dir",
+                missing_tls,
+            ],
+            "ca.pem not found",
+        ),
+        (
+            "cluster address taken",
+            vec!["--node-id", "1", "--cluster-addr", &udp, "--tls-dir", tls],
+            "--cluster-addr",
+        ),
+        (
+            "bootstrap-expect beyond the peers",
+            vec!["--node-id", "1", "--cluster-addr", free, "--tls-dir", tls]
+                .into_iter()
+                .chain(["--bootstrap-expect", "3"])
+                .collect(),
+            "--bootstrap-expect 3",
+        ),
+        (
+            "Redis address taken",
+            vec!["--resp-addr", &tcp],
+            "--resp-addr",
+        ),
+        (
+            "HTTP address taken",
+            vec!["--http-addr", &tcp],
+            "--http-addr",
+        ),
+    ];
+    for (n, (what, args, says)) in cases.into_iter().enumerate() {
+        let new = root.join(format!("new-{n}")).join("data");
+        let existing = root.join(format!("existing-{n}"));
+        std::fs::create_dir_all(&existing).unwrap();
+        for data_dir in [&new, &existing] {
+            let mut command = Command::new(herald_binary());
+            command.arg("serve").args(&args);
+            for flag in ["--resp-addr", "--http-addr"] {
+                if !args.contains(&flag) {
+                    command.args([flag, free]);
+                }
+            }
+            let output = command.arg("--data-dir").arg(data_dir).output().unwrap();
+            let stderr = String::from_utf8(output.stderr).unwrap();
+            assert_eq!(output.status.code(), Some(1), "{what}: {stderr}");
+            let last = stderr.lines().last().unwrap_or_default();
+            assert!(last.contains(says), "{what}: {stderr}");
+        }
+        assert!(
+            !new.exists() && !new.parent().unwrap().exists(),
+            "{what}: a refused start left {} behind",
+            new.display()
+        );
+        assert!(
+            !existing.join("store").exists(),
+            "{what}: a refused start left a store in {}",
+            existing.display()
+        );
+    }
+    let _ = std::fs::remove_dir_all(root);
 }
