@@ -14,6 +14,7 @@
 //! apply and puts it back only on success: the index's changes may describe writes that never
 //! happened). It starts over past [`CHUNK_INDEX_UNITS`].
 
+use crate::memtable::Tree;
 use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
@@ -97,7 +98,7 @@ impl ChunkIndex {
     /// many chunks are deleted.
     pub(crate) fn trim(
         &mut self,
-        tree: &sled::Tree,
+        tree: &Tree,
         channel: &Bytes,
         meta: &mut ChannelMeta,
         count: u64,
@@ -139,7 +140,7 @@ impl ChunkIndex {
     }
 
     /// Indexes `channel` by one scan of its chunk keys.
-    fn index(&mut self, tree: &sled::Tree, channel: &[u8]) -> Result<(), StorageError> {
+    fn index(&mut self, tree: &Tree, channel: &[u8]) -> Result<(), StorageError> {
         let prefix = codec::chan_key(codec::PREFIX_HISTORY, channel);
         let mut chunks = VecDeque::new();
         for key in tree.scan_prefix(&prefix).keys() {

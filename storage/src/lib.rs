@@ -21,6 +21,9 @@
 //! - `chunk_index` (private): retention by count over history chunks, and the in-memory index
 //!   of each channel's chunks that apply trims through instead of scanning sled.
 //! - `codec` (private): the on-disk key layout and the bincode value encoding, in one place.
+//! - `memtable` (private): the store's tree: every write since the last checkpoint in memory
+//!   in front of sled, merged into reads, written to sled as one atomic batch per checkpoint
+//!   (most history chunks and Raft entries die before one and never reach sled).
 //! - `disk` (private): what makes a flush survive power loss (`fdatasync` of sled's data file
 //!   and of the blob files sled writes unsynced).
 //! - `wal` (private): the store's write-ahead logs (the local log's, and the Raft journal all
@@ -48,6 +51,7 @@ pub mod cursor;
 mod disk;
 pub mod event;
 pub mod log;
+mod memtable;
 pub mod namespace;
 pub mod raft;
 pub mod store;

@@ -2,9 +2,9 @@
 //!
 //! [`Store::apply`] is the state machine: it takes a batch of publishes in log order and, for
 //! each, checks dedup, assigns the partition's next seq, writes history, trims retention and
-//! records the message id, all in ONE atomic `sled::Batch`. The single-node log
-//! ([`crate::log::LocalLog`]) runs the same logic as `Store::apply_logged`, which writes
-//! the same changes one by one and returns them as a write-ahead-log record; the partition
+//! records the message id, all in ONE atomic write. The single-node log
+//! ([`crate::log::LocalLog`]) runs the same logic as `Store::apply_logged`, which also
+//! returns the changes as a write-ahead-log record; the partition
 //! groups' Raft state machine
 //! ([`crate::raft::GroupStateMachine`]) runs the same logic with its Raft bookkeeping added to
 //! the batch. It depends only on its inputs (the batch, the namespace config, `now_ms`) and the
@@ -12,10 +12,10 @@
 //!
 //! The Raft logs and state of every group live in the same tree (see [`crate::raft`]).
 //!
-//! Reads ([`Store::history_after`], [`Store::last`], [`Store::oldest`]) take no lock. They see
-//! each atomic batch whole; the local log's writes land one by one (`Store::apply_logged`),
-//! so a read may see part of a batch: its events are above the committed watermark callers
-//! filter on, and a channel's loss floor is raised before its old chunks go. The on-disk
+//! Every read and write goes through the store's `memtable::Tree`: writes land in memory and
+//! reach sled at checkpoints ([`Store::flush`]), whole. Reads ([`Store::history_after`],
+//! [`Store::last`], [`Store::oldest`]) take no store lock and see each apply whole; a batch's
+//! events stay above the committed watermark callers filter on until it commits. The on-disk
 //! layout is described in the private `codec` module.
 
 use std::collections::{BTreeMap, HashMap};
@@ -31,6 +31,7 @@ use crate::chunk_index::{ChunkIndex, take_oldest};
 use crate::codec::{self, ChannelMeta, ChunkHead, DedupRecord, StoredChunk};
 use crate::disk::DiskSync;
 use crate::event::{Epoch, Event, Partition, Position, partition_of, unix_now_ms};
+use crate::memtable::Tree;
 use crate::namespace::Namespaces;
 use crate::wal::LogName;
 
@@ -117,9 +118,19 @@ fn describe_sled(error: &sled::Error) -> String {
 /// kind: FileTooLarge, message: "File too large" }`, nested once more per further clone): the
 /// error number is read back from that text and turned into the system's message again.
 fn describe_io(io: &std::io::Error) -> String {
-    let text = io.to_string();
+    let mut text = io.to_string();
     if io.raw_os_error().is_some() {
         return text;
+    }
+    // A clone of an error of our own (`Custom { kind: .., error: "<message>" }`, escaped, as
+    // deep as it was cloned): its message.
+    const CUSTOM: &str = "error: \"";
+    while text.starts_with("Custom { kind: ")
+        && let Some(at) = text.find(CUSTOM)
+        && text.ends_with("\" }")
+    {
+        let inner = &text[at + CUSTOM.len()..text.len() - 3];
+        text = inner.replace("\\\"", "\"").replace("\\\\", "\\");
     }
     const MARK: &str = "Os { code: ";
     let code = text.find(MARK).and_then(|at| {
@@ -265,27 +276,9 @@ impl Ops {
         self.0.len()
     }
 
-    /// The same writes as one atomic sled batch.
-    pub(crate) fn into_sled(self) -> sled::Batch {
-        let mut batch = sled::Batch::default();
-        for (k, v) in self.0 {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
-        }
-        batch
-    }
-
-    /// The same writes one by one, in key order (not atomic: see [`Store::apply_logged`]).
-    pub(crate) fn write_one_by_one(self, tree: &sled::Tree) -> sled::Result<()> {
-        for (k, v) in self.0 {
-            match v {
-                Some(v) => tree.insert(k, v)?,
-                None => tree.remove(k)?,
-            };
-        }
-        Ok(())
+    /// The writes in key order, by value (`None`: a removal).
+    pub(crate) fn into_entries(self) -> impl Iterator<Item = (sled::IVec, Option<sled::IVec>)> {
+        self.0.into_iter()
     }
 
     /// The writes in key order.
@@ -296,10 +289,11 @@ impl Ops {
 
 /// One node's durable event history (see the module docs).
 pub struct Store {
-    db: sled::Db,
+    /// The database `tree` lives in, open for the store's life.
+    _db: sled::Db,
     /// What makes a sled flush survive power loss (see [`Store::flush`]).
     disk: Arc<DiskSync>,
-    tree: sled::Tree,
+    tree: Arc<Tree>,
     dir: PathBuf,
     epoch: AtomicU64,
     /// See [`Store::store_id`].
@@ -399,7 +393,7 @@ fn open_db(dir: &Path, cache_capacity: u64) -> Result<sled::Db, StorageError> {
 }
 
 /// The last record of the write-ahead log `log` whose writes are in `tree` (0: none).
-fn read_log_applied(tree: &sled::Tree, log: &LogName) -> Result<u64, StorageError> {
+fn read_log_applied(tree: &Tree, log: &LogName) -> Result<u64, StorageError> {
     match tree.get(log.marker)? {
         Some(v) => codec::be_u64(&v, "write-ahead log position"),
         None => Ok(0),
@@ -409,13 +403,7 @@ fn read_log_applied(tree: &sled::Tree, log: &LogName) -> Result<u64, StorageErro
 /// Redoes the writes of the write-ahead-log records of `log` that sled does not hold (a crash
 /// came before a checkpoint covered them, see the `wal` module), makes the store durable and
 /// deletes the log.
-fn replay_log(
-    db: &sled::Db,
-    tree: &sled::Tree,
-    disk: &DiskSync,
-    dir: &Path,
-    log: &LogName,
-) -> Result<(), StorageError> {
+fn replay_log(tree: &Tree, disk: &DiskSync, dir: &Path, log: &LogName) -> Result<(), StorageError> {
     let wal_dir = log.dir(dir);
     let mut next = read_log_applied(tree, log)? + 1;
     let (mut records, mut writes) = (0u64, 0usize);
@@ -434,14 +422,14 @@ fn replay_log(
         let mut ops = record.ops;
         writes += ops.len();
         ops.insert(log.marker, &record.lsn.to_be_bytes());
-        tree.apply_batch(ops.into_sled())?;
+        tree.apply(ops)?;
         next += 1;
         records += 1;
         Ok(())
     })?;
     if last > 0 {
         // The log goes only once what it held is durable in sled.
-        db.flush()?;
+        tree.flush()?;
         disk.sync()
             .map_err(|e| StorageError::Sled(sled::Error::Io(e)))?;
         tracing::info!(dir = %wal_dir.display(), log = log.what, records, writes, "replayed the write-ahead log");
@@ -468,17 +456,17 @@ impl Store {
         let db = open_db(dir, options.cache_capacity)?;
         let disk =
             Arc::new(DiskSync::open(dir).map_err(|e| StorageError::Sled(sled::Error::Io(e)))?);
-        let tree = db.open_tree(codec::TREE)?;
+        let tree = Arc::new(Tree::new(db.open_tree(codec::TREE)?));
 
         let (epoch, partitions) = match tree.get(codec::KEY_VERSION)? {
             None => {
                 let epoch = Epoch::random();
-                let mut b = sled::Batch::default();
+                let mut b = Ops::default();
                 b.insert(codec::KEY_VERSION, &codec::FORMAT_VERSION.to_be_bytes());
                 b.insert(codec::KEY_EPOCH, &epoch.0.to_be_bytes());
                 b.insert(codec::KEY_PARTITIONS, &options.partitions.to_be_bytes());
-                tree.apply_batch(b)?;
-                db.flush()?;
+                tree.apply(b)?;
+                tree.flush()?;
                 tracing::info!(dir = %dir.display(), %epoch, partitions = options.partitions, "created store");
                 (epoch, options.partitions)
             }
@@ -519,13 +507,13 @@ impl Store {
             None => {
                 let id = Epoch::random().0;
                 tree.insert(codec::KEY_STORE_ID, &id.to_be_bytes())?;
-                db.flush()?;
+                tree.flush()?;
                 id
             }
         };
 
-        replay_log(&db, &tree, &disk, dir, &crate::wal::LOCAL)?;
-        replay_log(&db, &tree, &disk, dir, &crate::wal::RAFT)?;
+        replay_log(&tree, &disk, dir, &crate::wal::LOCAL)?;
+        replay_log(&tree, &disk, dir, &crate::wal::RAFT)?;
 
         let mut last_seq = vec![0u64; usize::from(partitions)];
         let mut forgotten = vec![0u64; usize::from(partitions)];
@@ -574,7 +562,7 @@ impl Store {
                 clock,
                 chunks: ChunkIndex::default(),
             }),
-            db,
+            _db: db,
             disk,
             tree,
             dir: dir.to_path_buf(),
@@ -608,7 +596,7 @@ impl Store {
     }
 
     /// Marks the store broken by `error` (the first error is kept).
-    fn break_by(&self, error: &StorageError) {
+    pub(crate) fn break_by(&self, error: &StorageError) {
         self.broken_by
             .lock()
             .get_or_insert_with(|| error.to_string());
@@ -674,12 +662,16 @@ impl Store {
         Ok(out)
     }
 
-    /// Records (or, with `None`, forgets) the store id of node `peer`. Not flushed here (sled
-    /// writes it out within half a second): a record lost in a crash is made again at the next
-    /// contact.
+    /// Records (or, with `None`, forgets) the store id of node `peer`. A record is written to
+    /// sled at once (a checkpoint of the store's recent writes, see the `memtable` module): it
+    /// is what keeps a member whose disk was lost from coming back with a vote, and it is
+    /// rare (a peer's first contact with a store).
     pub fn set_peer_store_id(&self, peer: u64, id: Option<u64>) -> Result<(), StorageError> {
         match id {
-            Some(id) => self.tree.insert(peer_store_key(peer), &id.to_be_bytes())?,
+            Some(id) => {
+                self.tree.insert(peer_store_key(peer), &id.to_be_bytes())?;
+                self.tree.flush()?;
+            }
             None => self.tree.remove(peer_store_key(peer))?,
         };
         Ok(())
@@ -768,12 +760,9 @@ impl Store {
 
     /// [`Store::apply`] for the local log, as its write-ahead-log record `lsn`: returns the
     /// record (the apply's writes, see the `wal` module) with the outcome. The writes go to
-    /// sled one by one, not as an atomic batch (sled seals and writes its log buffer, with
-    /// thread-pool wake-ups, for every batch), then `lsn` as the last applied record: sled
-    /// recovers a prefix of its writes, so after a crash it holds every record up to the
-    /// one it names, and replaying the later ones restores the rest. Writes go in key order,
-    /// so a channel's meta (its loss floor) changes before its chunks do. A sled error
-    /// half-way leaves the store inconsistent in memory: the caller must stop writing.
+    /// the store's table of recent writes with `lsn` as the last applied record (see the
+    /// `memtable` module): a checkpoint puts them in sled whole, so after a crash sled holds
+    /// every record up to the one it names, and replaying the later ones restores the rest.
     pub(crate) fn apply_logged(
         &self,
         batch: &[Publish],
@@ -784,11 +773,9 @@ impl Store {
         let mut record = Vec::new();
         let applied = self.apply_then(batch, namespaces, now_ms, None, Ops::default(), |ops| {
             record = crate::wal::encode(lsn, &ops);
-            let written = ops.write_one_by_one(&self.tree).and_then(|()| {
-                self.tree
-                    .insert(codec::KEY_LOCAL_LOG, &lsn.to_be_bytes())
-                    .map(drop)
-            });
+            let mut ops = ops;
+            ops.insert(codec::KEY_LOCAL_LOG, &lsn.to_be_bytes());
+            let written = self.tree.apply(ops);
             if let Err(error) = &written {
                 self.break_by(&StorageError::Sled(error.clone()));
             }
@@ -837,14 +824,14 @@ impl Store {
         ops: Ops,
     ) -> Result<Vec<Applied>, StorageError> {
         self.apply_then(batch, namespaces, now_ms, tick, ops, |ops| {
-            Ok(self.tree.apply_batch(ops.into_sled())?)
+            Ok(self.tree.apply(ops)?)
         })
     }
 
     /// [`Store::apply_with`], but `write` writes the ops (the Raft state machine hands them to
-    /// the journal, which writes them one by one after its record). `write` runs under the
-    /// store's write lock; if it fails, sled may hold part of the ops, so every later apply is
-    /// refused (a restart redoes the record).
+    /// the journal, which writes them to the store after its record). `write` runs under the
+    /// store's write lock; if it fails, every later apply is refused (a restart redoes the
+    /// record).
     pub(crate) fn apply_writing(
         &self,
         batch: &[Publish],
@@ -1162,7 +1149,7 @@ impl Store {
     /// callers of [`Store::flush`]): for the local log's flusher thread, shutdown paths and
     /// tests outside a runtime. Everything applied before the call is covered.
     pub fn flush_blocking(&self) -> Result<(), StorageError> {
-        self.db.flush()?;
+        self.tree.flush()?;
         self.disk
             .sync()
             .map_err(|e| StorageError::Sled(sled::Error::Io(e)))?;
@@ -1547,7 +1534,7 @@ impl Store {
                 &f.to_be_bytes(),
             );
         }
-        self.tree.apply_batch(batch.into_sled())?;
+        self.tree.apply(batch)?;
         for (p, f) in forgotten {
             state.forgotten[usize::from(p)] = f;
             self.forgotten[usize::from(p)].store(f, Ordering::Release);
@@ -1587,7 +1574,7 @@ fn count_meta(value: &[u8], channels: &mut u64, events: &mut u64) -> Result<(), 
 /// partition images for snapshots, and the cluster identity.
 impl Store {
     /// The store's one sled tree (Raft log records live in it too, under `r` keys).
-    pub(crate) fn tree(&self) -> &sled::Tree {
+    pub(crate) fn tree(&self) -> &Tree {
         &self.tree
     }
 
@@ -1599,7 +1586,7 @@ impl Store {
     /// Runs `f` under the write lock: no apply, expire, snapshot or install interleaves.
     pub(crate) fn with_write_lock<T>(
         &self,
-        f: impl FnOnce(&sled::Tree) -> Result<T, StorageError>,
+        f: impl FnOnce(&Tree) -> Result<T, StorageError>,
     ) -> Result<T, StorageError> {
         let _state = self.write.lock();
         f(&self.tree)
@@ -1615,7 +1602,7 @@ impl Store {
         &self,
         epoch: Epoch,
         replace: bool,
-        mut batch: sled::Batch,
+        mut batch: Ops,
     ) -> Result<Epoch, StorageError> {
         let _state = self.write.lock();
         let current = self.epoch();
@@ -1629,10 +1616,13 @@ impl Store {
             batch.insert(codec::KEY_EPOCH, &epoch.0.to_be_bytes());
             batch.insert(codec::KEY_CLUSTER, &epoch.0.to_be_bytes());
         }
-        self.tree.apply_batch(batch)?;
+        self.tree.apply(batch)?;
         if keep {
             return Ok(current);
         }
+        // Durable at once, not at the next checkpoint: a restart must know it is a member's
+        // store (see `StorageError::ClusterMember`).
+        self.flush_blocking()?;
         self.epoch.store(epoch.0, Ordering::Release);
         self.cluster.store(true, Ordering::Release);
         self.deterministic_expiry.store(true, Ordering::Release);
@@ -1647,7 +1637,7 @@ impl Store {
     pub(crate) fn partition_image<T>(
         &self,
         partition: Partition,
-        read: impl FnOnce(&sled::Tree) -> Result<T, StorageError>,
+        read: impl FnOnce(&Tree) -> Result<T, StorageError>,
     ) -> Result<(PartitionImage, T), StorageError> {
         if partition >= self.partitions {
             return Err(StorageError::Internal(format!(
@@ -1711,7 +1701,7 @@ impl Store {
     pub(crate) fn install_partition_image(
         &self,
         image: PartitionImage,
-        batch: sled::Batch,
+        batch: Ops,
     ) -> Result<(), StorageError> {
         let partition = image.partition;
         if partition >= self.partitions {
@@ -1777,7 +1767,7 @@ impl Store {
                 &value.to_be_bytes(),
             );
         }
-        self.tree.apply_batch(ops)?;
+        self.tree.apply(ops)?;
 
         let p = usize::from(partition);
         state.last_seq[p] = image.last_seq;
@@ -2269,7 +2259,7 @@ mod tests {
         assert_eq!(stored_chunks(&target, b"job:1"), vec![vec![3], vec![4]]);
         let (image, ()) = source.partition_image(0, |_| Ok(())).unwrap();
         target
-            .install_partition_image(image, sled::Batch::default())
+            .install_partition_image(image, Ops::default())
             .unwrap();
         assert_eq!(stored_chunks(&target, b"job:1"), vec![vec![3, 4]]);
         apply(&source, &["5"]);
@@ -2636,6 +2626,14 @@ mod tests {
         assert_eq!(
             StorageError::from(sled::Error::Io(other)).to_string(),
             "storage failed: I/O error: disk on fire"
+        );
+        // A clone of an error of our own, twice: its message, quotes and all.
+        let ours = std::io::Error::new(original.kind(), "the log \"wal\" is full");
+        let once = std::io::Error::new(ours.kind(), format!("{ours:?}"));
+        let twice = std::io::Error::new(once.kind(), format!("{once:?}"));
+        assert_eq!(
+            StorageError::from(sled::Error::Io(twice)).to_string(),
+            "storage failed: I/O error: the log \"wal\" is full"
         );
     }
 

@@ -7,7 +7,8 @@
 //! `fdatasync`, see the private `disk` module) and rewrites whole leaves (4-5x the payload bytes
 //! at 1 KiB). So the local log does not flush sled per batch: it appends the writes each
 //! applied batch made to a file of its own, syncs that, and only then acknowledges. sled is
-//! flushed now and then ("checkpoint"), after which the records it covers are deleted.
+//! written and flushed now and then ("checkpoint"), after which the records it covers are
+//! deleted.
 //!
 //! ## Files
 //!
@@ -22,9 +23,10 @@
 //! ## Recovery
 //!
 //! A record is the apply's writes (keys and new values), not its input, so replaying it is
-//! redoing writes: it does not depend on what else sled holds. Each apply writes its LSN last
-//! (`KEY_LOCAL_LOG`) and sled recovers a prefix of its writes, so after a crash sled holds
-//! every record up to the LSN it names, perhaps part of the next, and nothing later;
+//! redoing writes: it does not depend on what else sled holds. Each apply writes its LSN
+//! (`KEY_LOCAL_LOG`) with its writes, and sled receives them only at checkpoints, as one atomic
+//! batch (see the `memtable` module), so after a crash sled holds every record up to the LSN
+//! it names, perhaps part of the next, and nothing later;
 //! [`crate::Store::open`] rewrites the records after that LSN, in order, flushes, and deletes
 //! the log: the store is then what the crashed process had acknowledged. A record cut short
 //! (a crash during its append: never acknowledged) ends the log; a bad record followed by
@@ -140,8 +142,10 @@ pub(crate) fn io_error(what: &str, path: &Path, e: std::io::Error) -> StorageErr
 }
 
 /// `ENOSPC` or `EFBIG` (a file size limit) somewhere in `error`'s chain: the disk is full, as
-/// far as this process can tell.
-fn disk_full_kind(error: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+/// far as this process can tell. Returns its kind and the system's message for it.
+fn disk_full_kind(
+    error: &(dyn std::error::Error + 'static),
+) -> Option<(std::io::ErrorKind, String)> {
     let mut current = Some(error);
     while let Some(error) = current {
         let io = error.downcast_ref::<std::io::Error>().or_else(|| {
@@ -156,7 +160,7 @@ fn disk_full_kind(error: &(dyn std::error::Error + 'static)) -> Option<std::io::
                 std::io::ErrorKind::StorageFull | std::io::ErrorKind::FileTooLarge
             )
         {
-            return Some(io.kind());
+            return Some((io.kind(), io.to_string()));
         }
         current = error.source();
     }
@@ -461,7 +465,7 @@ pub(crate) struct WalWriter {
     /// The log failed because the disk is full: a flush of the store cannot succeed either
     /// (and sled's was seen to wait forever after its own writes failed so), so every sync
     /// fails instead.
-    disk_full: Option<std::io::ErrorKind>,
+    disk_full: Option<(std::io::ErrorKind, String)>,
     /// The log's directory (deleted at [`WalWriter::close`]).
     dir: PathBuf,
     store: Arc<Store>,
@@ -503,11 +507,11 @@ impl WalWriter {
 
     /// Why a flush of the store must not be tried: the log failed for lack of space.
     pub(crate) fn flush_store_error(&self) -> Option<StorageError> {
-        let kind = self.disk_full?;
+        let (kind, cause) = self.disk_full.as_ref()?;
         Some(StorageError::Sled(sled::Error::Io(std::io::Error::new(
-            kind,
+            *kind,
             format!(
-                "the write-ahead log in {} failed for lack of space; nothing more can be made durable until the node restarts with space freed",
+                "the write-ahead log in {} failed for lack of space ({cause}); nothing more can be made durable until the node restarts with space freed",
                 self.dir.display()
             ),
         ))))
@@ -535,6 +539,12 @@ impl WalWriter {
     pub(crate) fn fail(&mut self, error: &(dyn std::error::Error + 'static)) {
         if self.disk_full.is_none() {
             self.disk_full = disk_full_kind(error);
+            // Writes land in the store's memory first (see the `memtable` module), so nothing
+            // else would stop the next apply: the store takes no more, each refused publish
+            // is known not to be written, and a restart recovers from the log.
+            if let Some(full) = self.flush_store_error() {
+                self.store.break_by(&full);
+            }
         }
         if self.wal.take().is_some() {
             tracing::error!(%error, dir = %self.dir.display(), "the write-ahead log failed; flushing the store for every sync from now on");
@@ -656,13 +666,18 @@ mod tests {
     fn a_full_disk_is_told_apart_from_other_failures() {
         use std::io::{Error, ErrorKind};
         let full = Error::from(ErrorKind::StorageFull);
-        assert_eq!(disk_full_kind(&full), Some(ErrorKind::StorageFull));
+        assert_eq!(
+            disk_full_kind(&full).map(|(kind, _)| kind),
+            Some(ErrorKind::StorageFull)
+        );
         let limit = io_error(
             "cannot write",
             Path::new("/x"),
             Error::from(ErrorKind::FileTooLarge),
         );
-        assert_eq!(disk_full_kind(&limit), Some(ErrorKind::FileTooLarge));
+        let (kind, cause) = disk_full_kind(&limit).unwrap();
+        assert_eq!(kind, ErrorKind::FileTooLarge);
+        assert!(cause.contains("too large"), "{cause}");
         let other = io_error(
             "cannot write",
             Path::new("/x"),

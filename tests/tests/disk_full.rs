@@ -52,7 +52,8 @@ async fn a_full_disk_refuses_publishes_clearly_and_a_restart_keeps_every_acknowl
     let (failed_channel, failed_payload, error) =
         failed.expect("4 MiB of files fill up before 6,400 events of 1 KiB");
     assert!(
-        error.contains("publish failed: storage failed: I/O error: File too large (os error 27)"),
+        error.contains("publish failed: storage failed: I/O error: ")
+            && error.contains("File too large (os error 27)"),
         "{error}"
     );
 

@@ -50,19 +50,9 @@ const SEGMENT_BYTES: u64 = 64 << 20;
 /// waited-for record comes along to share a sync with. Under load the next append's sync
 /// covers it; syncing applies on their own made 0.87 `fdatasync`s (each ~100 us of CPU) per
 /// acknowledged publish on a cluster node at 3x1, against 0.49 without. Kept short so that
-/// sled's own flush (every 500 ms) rarely writes an apply whose record is not yet durable
-/// (see `docs/architecture.md` on power loss).
+/// a checkpoint rarely writes an apply to sled whose record is not yet durable (see
+/// `docs/architecture.md` on power loss).
 const UNWAITED_SYNC_DELAY: Duration = Duration::from_millis(5);
-
-/// How a record's writes go to sled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Write {
-    /// One by one, in key order (entries: a prefix of them is a log without holes). Cheaper:
-    /// sled seals and writes its buffer, waking its thread pool, for every atomic batch.
-    InOrder,
-    /// As one atomic sled batch (a truncation: its deletions must not happen in part).
-    Atomic,
-}
 
 /// Who is told that a record is durable.
 pub(crate) enum Done {
@@ -207,7 +197,7 @@ impl RaftJournal {
     /// be). Writing the record first means that after `kill -9` no write sled kept lacks its
     /// record. An error here means sled refused the writes (perhaps after some of them) or the
     /// journal is closed; `done` is then dropped.
-    pub(crate) fn submit(&self, ops: Ops, how: Write, done: Done) -> Result<(), StorageError> {
+    pub(crate) fn submit(&self, ops: Ops, done: Done) -> Result<(), StorageError> {
         let mut queue = self.shared.queue.lock();
         if queue.closed {
             return Err(StorageError::Closed);
@@ -221,17 +211,9 @@ impl RaftJournal {
         queue.next_lsn += 1;
         let tree = self.shared.store.tree();
         let marker = lsn.to_be_bytes();
-        match how {
-            Write::InOrder => {
-                ops.write_one_by_one(tree)?;
-                tree.insert(wal::RAFT.marker, &marker)?;
-            }
-            Write::Atomic => {
-                let mut ops = ops;
-                ops.insert(wal::RAFT.marker, &marker);
-                tree.apply_batch(ops.into_sled())?;
-            }
-        }
+        let mut ops = ops;
+        ops.insert(wal::RAFT.marker, &marker);
+        tree.apply(ops)?;
         // A record nobody waits for wakes the writer only to start the deadline of its sync.
         let wake = match done {
             Done::Nobody => {
@@ -258,9 +240,9 @@ impl RaftJournal {
     }
 
     /// [`RaftJournal::submit`], then waits until the record is durable.
-    pub(crate) async fn write(&self, ops: Ops, how: Write) -> Result<(), StorageError> {
+    pub(crate) async fn write(&self, ops: Ops) -> Result<(), StorageError> {
         let (tx, rx) = oneshot::channel();
-        self.submit(ops, how, Done::Waiter(tx))?;
+        self.submit(ops, Done::Waiter(tx))?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(StorageError::Internal(format!(
@@ -602,7 +584,7 @@ mod tests {
             let before = rounds();
             let mut ops = Ops::default();
             ops.insert(format!("unwaited-{round}").into_bytes(), &b"x"[..]);
-            journal.submit(ops, Write::InOrder, Done::Nobody).unwrap();
+            journal.submit(ops, Done::Nobody).unwrap();
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
             while rounds() == before {
                 assert!(

@@ -21,6 +21,7 @@
 //! older committed id applies less of its log before a leader tells it the rest; never more
 //! than was committed, as the id only grows.
 
+use crate::memtable::Tree;
 use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -32,7 +33,7 @@ use openraft::{Entry, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReade
 use parking_lot::Mutex;
 use serde::Deserialize;
 
-use super::journal::{Done, RaftJournal, Write};
+use super::journal::{Done, RaftJournal};
 use super::support::{RaftStorageError, blocking, get, put, raft_err};
 use super::{GroupId, NodeId, TypeConfig};
 use crate::codec;
@@ -233,7 +234,7 @@ fn log_end_key(group: GroupId) -> Vec<u8> {
 }
 
 fn read_entries(
-    tree: &sled::Tree,
+    tree: &Tree,
     group: GroupId,
     start: u64,
     end: Option<u64>,
@@ -315,7 +316,7 @@ impl RaftLogStore {
                 codec::encode(entry),
             );
         }
-        journal.submit(ops, Write::InOrder, done)
+        journal.submit(ops, done)
     }
 
     /// The deletions of the entries in `[from, to)` (`to` `None`: to the end).
@@ -354,7 +355,7 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
         let mut ops = Ops::default();
         ops.insert(self.key(codec::RAFT_VOTE), codec::encode(vote));
         self.journal
-            .write(ops, Write::Atomic)
+            .write(ops)
             .await
             .map_err(|e| raft_err(ErrorSubject::Vote, ErrorVerb::Write, e))
     }
@@ -438,7 +439,7 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
         let ops = blocking(move || Self::deletions(&store, group, log_id.index, None))
             .await
             .map_err(write)?;
-        self.journal.write(ops, Write::Atomic).await.map_err(write)
+        self.journal.write(ops).await.map_err(write)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
@@ -451,7 +452,7 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
                 codec::raft_key(group, codec::RAFT_PURGED),
                 codec::encode(&log_id),
             );
-            Ok(store.tree().apply_batch(ops.into_sled())?)
+            Ok(store.tree().apply(ops)?)
         })
         .await
         .map_err(|e| raft_err(ErrorSubject::Logs, ErrorVerb::Delete, e))

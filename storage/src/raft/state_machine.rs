@@ -3,9 +3,9 @@
 //! - A partition group applies [`Command::Publish`] with [`Store::apply`]'s logic. The entry's
 //!   writes and the group's applied state (`r` group `a`: last applied log id and membership)
 //!   go to the node's [`RaftJournal`] as ONE record, written to the journal's file before any
-//!   of them reaches sled; sled then gets them one by one (an atomic sled batch would seal and
-//!   write sled's log buffer twice, on sled's thread pool: measured, that was a third of a
-//!   node's CPU). After `kill -9` sled holds every record up to the journal number it names
+//!   of them reaches the store, whose table of recent writes takes them in one step (sled
+//!   gets them at the next checkpoint, see the `memtable` module). After `kill -9` sled holds
+//!   every record up to the journal number it names
 //!   and `Store::open` redoes the later ones, so an entry is never left half applied (applying
 //!   it again over half its writes could assign other seqs or find it a duplicate of itself:
 //!   `tests/raft_crash.rs` catches that). The apply clock is `max(now_ms, applied clock of the
@@ -26,6 +26,7 @@
 //! again, with the same outcome. A purge is written after the applies it covers and sled
 //! recovers a prefix of its writes, so the entries to apply again are still in the log.
 
+use crate::memtable::Tree;
 use std::io::Cursor;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -38,7 +39,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::journal::{Done, RaftJournal, Write};
+use super::journal::{Done, RaftJournal};
 use super::snapshot_file::{self, SnapshotFile};
 use super::support::{RaftStorageError, blocking, get, raft_err};
 use super::{Command, GroupId, NodeId, Reply, TypeConfig, group_partition};
@@ -167,7 +168,7 @@ impl std::fmt::Debug for GroupSnapshotBuilder {
     }
 }
 
-fn read_applied(tree: &sled::Tree, group: GroupId) -> Result<AppliedState, StorageError> {
+fn read_applied(tree: &Tree, group: GroupId) -> Result<AppliedState, StorageError> {
     Ok(get(
         tree,
         &codec::raft_key(group, codec::RAFT_APPLIED),
@@ -256,17 +257,14 @@ impl Shared {
     }
 
     /// The record of the group's current snapshot file, if it has one.
-    fn snapshot_file_record(
-        &self,
-        tree: &sled::Tree,
-    ) -> Result<Option<SnapshotFile>, StorageError> {
+    fn snapshot_file_record(&self, tree: &Tree) -> Result<Option<SnapshotFile>, StorageError> {
         get(tree, &self.snapshot_file_key(), "raft snapshot file")
     }
 
     /// The meta of the group's current snapshot (in a file or inline), if it has one.
     fn current_snapshot_meta(
         &self,
-        tree: &sled::Tree,
+        tree: &Tree,
     ) -> Result<Option<SnapshotMeta<NodeId, BasicNode>>, StorageError> {
         if let Some(record) = self.snapshot_file_record(tree)? {
             return Ok(Some(record.meta));
@@ -353,7 +351,7 @@ impl Shared {
                         now_ms,
                         Some(partition),
                         self.bookkeeping(&next),
-                        |ops| self.journal.submit(ops, Write::InOrder, Done::Nobody),
+                        |ops| self.journal.submit(ops, Done::Nobody),
                     )?;
                     *applied = next;
                     self.commit(&out);
@@ -381,7 +379,7 @@ impl Shared {
                         });
                     }
                     self.store
-                        .join_cluster(epoch, false, self.bookkeeping(&next).into_sled())?;
+                        .join_cluster(epoch, false, self.bookkeeping(&next))?;
                     *applied = next;
                     replies.push(Reply::None);
                 }
@@ -394,8 +392,9 @@ impl Shared {
                     }
                     let mut batch = self.bookkeeping(&next);
                     batch.insert(codec::KEY_CLUSTER_NAMESPACES, codec::encode(&spec));
-                    self.store
-                        .with_write_lock(|tree| Ok(tree.apply_batch(batch.into_sled())?))?;
+                    self.store.with_write_lock(|tree| Ok(tree.apply(batch)?))?;
+                    // Rare, and what a node restarted alone serves by: durable at once.
+                    self.store.flush_blocking()?;
                     self.namespaces.set_cluster(Some(&spec));
                     *applied = next;
                     replies.push(Reply::None);
@@ -404,8 +403,7 @@ impl Shared {
         }
         if let Some(next) = pending {
             let batch = self.bookkeeping(&next);
-            self.store
-                .with_write_lock(|tree| Ok(tree.apply_batch(batch.into_sled())?))?;
+            self.store.with_write_lock(|tree| Ok(tree.apply(batch)?))?;
             *applied = next;
         }
         Ok(replies)
@@ -488,7 +486,7 @@ impl Shared {
             if current.is_none_or(|c| c.last_log_id <= meta.last_log_id) {
                 let mut batch = Ops::default();
                 self.name_snapshot_file(&mut batch, &record);
-                tree.apply_batch(batch.into_sled())?;
+                tree.apply(batch)?;
                 Ok(true)
             } else {
                 Ok(false)
@@ -572,8 +570,7 @@ impl Shared {
         };
         match (self.partition, partition_image, meta_image) {
             (Some(p), Some(image), None) if image.partition == p => {
-                self.store
-                    .install_partition_image(image, batch.into_sled())?;
+                self.store.install_partition_image(image, batch)?;
             }
             (None, None, Some((epoch, partitions, initialized, namespaces))) => {
                 let ours = self.store.partitions();
@@ -594,10 +591,9 @@ impl Shared {
                     None => batch.remove(codec::KEY_CLUSTER_NAMESPACES),
                 }
                 if initialized {
-                    self.store.join_cluster(epoch, true, batch.into_sled())?;
+                    self.store.join_cluster(epoch, true, batch)?;
                 } else {
-                    self.store
-                        .with_write_lock(|tree| Ok(tree.apply_batch(batch.into_sled())?))?;
+                    self.store.with_write_lock(|tree| Ok(tree.apply(batch)?))?;
                 }
                 self.namespaces.set_cluster(namespaces.as_ref());
             }
@@ -918,13 +914,13 @@ mod tests {
             meta: built.meta.clone(),
             data: bytes::Bytes::from(built.snapshot.get_ref().clone()),
         };
-        let mut batch = sled::Batch::default();
+        let mut batch = Ops::default();
         batch.remove(codec::raft_key(group, codec::RAFT_SNAPSHOT_FILE));
         batch.insert(
             codec::raft_key(group, codec::RAFT_SNAPSHOT),
             codec::encode(&old),
         );
-        store.tree().apply_batch(batch).unwrap();
+        store.tree().apply(batch).unwrap();
         drop(sm);
         drop(store);
 

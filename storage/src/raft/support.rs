@@ -1,6 +1,7 @@
 //! Helpers shared by the Raft log store and state machine: error conversion, blocking work off
 //! the async runtime, and bincode records of the group's `r` keys.
 
+use crate::memtable::Tree;
 use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageIOError};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -35,7 +36,7 @@ where
 
 /// Reads and decodes one record.
 pub(crate) fn get<T: DeserializeOwned>(
-    tree: &sled::Tree,
+    tree: &Tree,
     key: &[u8],
     what: &str,
 ) -> Result<Option<T>, StorageError> {
@@ -46,11 +47,7 @@ pub(crate) fn get<T: DeserializeOwned>(
 }
 
 /// Encodes and writes one record (not flushed).
-pub(crate) fn put<T: Serialize>(
-    tree: &sled::Tree,
-    key: &[u8],
-    value: &T,
-) -> Result<(), StorageError> {
+pub(crate) fn put<T: Serialize>(tree: &Tree, key: &[u8], value: &T) -> Result<(), StorageError> {
     tree.insert(key, codec::encode(value))?;
     Ok(())
 }
