@@ -523,4 +523,26 @@ mod tests {
         tree.flush().unwrap();
         assert_eq!(tree.sled.len(), 0);
     }
+
+    /// A checkpoint of a table as big as a full log segment (64 MiB) is one sled batch: sled
+    /// takes it, and a reopened database has all of it.
+    #[test]
+    fn a_segment_sized_table_checkpoints_whole() {
+        let dir = crate::testutil::TempDir::new("memtable-big");
+        let value = vec![7u8; 256 << 10];
+        {
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            let tree = Tree::new(db.open_tree("t").unwrap());
+            for i in 0u32..256 {
+                tree.insert(i.to_be_bytes(), value.clone()).unwrap();
+            }
+            assert_eq!(tree.sled.len(), 0);
+            tree.flush().unwrap();
+            assert_eq!(tree.sled.len(), 256);
+        }
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let tree = db.open_tree("t").unwrap();
+        assert_eq!(tree.len(), 256);
+        assert!(tree.iter().values().all(|v| v.unwrap()[..] == value[..]));
+    }
 }
