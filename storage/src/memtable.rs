@@ -46,6 +46,20 @@ struct Tables {
     active: Table,
     /// The writes a running checkpoint is putting into sled (readers still need them).
     frozen: Option<Arc<Table>>,
+    /// Key and value bytes in `active`, and in `frozen`.
+    active_bytes: usize,
+    frozen_bytes: usize,
+}
+
+impl Slot {
+    /// The bytes a slot of `key` holds (key and value).
+    fn bytes(&self, key: &[u8]) -> usize {
+        key.len()
+            + match self {
+                Slot::Value(value, _) => value.len(),
+                Slot::Removed => 0,
+            }
+    }
 }
 
 /// sled's tree behind the table of recent writes (see the module docs). Every read and write
@@ -113,8 +127,16 @@ impl Tree {
             }
         }
         let mut tables = parking_lot::RwLockUpgradableReadGuard::upgrade(tables);
-        let Tables { active, frozen } = &mut *tables;
+        let Tables {
+            active,
+            frozen,
+            active_bytes,
+            ..
+        } = &mut *tables;
         for (key, value) in ops.into_entries() {
+            if let Some(old) = active.get(&key) {
+                *active_bytes -= old.bytes(&key);
+            }
             // Whether sled will hold the key once the frozen table is written.
             let sled_holds = || match frozen.as_ref().and_then(|f| f.get(&key)) {
                 Some(Slot::Value(..)) => true,
@@ -128,21 +150,23 @@ impl Tree {
                         Some(Slot::Removed) => false,
                         None => !sled_holds(),
                     };
-                    active.insert(key, Slot::Value(value, fresh));
+                    let slot = Slot::Value(value, fresh);
+                    *active_bytes += slot.bytes(&key);
+                    active.insert(key, slot);
                 }
-                None => match active.get(&key) {
-                    Some(Slot::Value(_, true)) => {
+                None => {
+                    let removal = match active.get(&key) {
+                        Some(Slot::Value(_, true)) => false,
+                        Some(Slot::Value(_, false)) | Some(Slot::Removed) => true,
+                        None => sled_holds(),
+                    };
+                    if removal {
+                        *active_bytes += key.len();
+                        active.insert(key, Slot::Removed);
+                    } else {
                         active.remove(&key);
                     }
-                    Some(Slot::Value(_, false)) | Some(Slot::Removed) => {
-                        active.insert(key, Slot::Removed);
-                    }
-                    None => {
-                        if sled_holds() {
-                            active.insert(key, Slot::Removed);
-                        }
-                    }
-                },
+                }
             }
         }
         Ok(())
@@ -249,6 +273,7 @@ impl Tree {
         debug_assert!(tables.frozen.is_none());
         let frozen = Arc::new(std::mem::take(&mut tables.active));
         tables.frozen = Some(frozen.clone());
+        tables.frozen_bytes = std::mem::take(&mut tables.active_bytes);
         frozen
     }
 
@@ -273,6 +298,7 @@ impl Tree {
         let Some(frozen) = tables.frozen.take() else {
             return;
         };
+        tables.frozen_bytes = 0;
         if !written {
             let newer = std::mem::take(&mut tables.active);
             let mut table = Arc::try_unwrap(frozen).unwrap_or_else(|shared| (*shared).clone());
@@ -295,8 +321,16 @@ impl Tree {
                     }
                 }
             }
+            tables.active_bytes = table.iter().map(|(k, slot)| slot.bytes(k)).sum();
             tables.active = table;
         }
+    }
+
+    /// Bytes (keys and values) of writes held in memory that sled does not have yet: what the
+    /// table costs, for `/metrics`.
+    pub(crate) fn unwritten_bytes(&self) -> usize {
+        let tables = self.tables.read();
+        tables.active_bytes + tables.frozen_bytes
     }
 }
 
@@ -500,6 +534,12 @@ mod tests {
                 for k in 0..24 {
                     prop_assert_eq!(tree.get(key(k)).unwrap().map(|v| v.to_vec()), model.get(&key(k)).cloned());
                 }
+                let (counted, kept) = {
+                    let tables = tree.tables.read();
+                    (tables.active.iter().map(|(k, slot)| slot.bytes(k)).sum::<usize>(), tables.active_bytes)
+                };
+                prop_assert_eq!(kept, counted);
+                prop_assert_eq!(tree.unwritten_bytes(), counted);
             }
             tree.flush().unwrap();
             let in_sled: Vec<_> = tree.sled.iter().map(|kv| { let (k, v) = kv.unwrap(); (k.to_vec(), v.to_vec()) }).collect();

@@ -1145,6 +1145,12 @@ impl Store {
         Ok(())
     }
 
+    /// Bytes of recent writes held in memory that sled does not have yet (they are durable in
+    /// the write-ahead log; a checkpoint writes them to sled): the memory that costs.
+    pub fn unwritten_bytes(&self) -> u64 {
+        self.tree.unwritten_bytes() as u64
+    }
+
     /// Blocking form of [`Store::flush`] (same guarantee, but not shared with concurrent
     /// callers of [`Store::flush`]): for the local log's flusher thread, shutdown paths and
     /// tests outside a runtime. Everything applied before the call is covered.

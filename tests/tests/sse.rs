@@ -493,6 +493,7 @@ async fn stats_health_ready_and_metrics() {
         "herald_publish_commit_seconds_bucket",
         "herald_published_total",
         "herald_history_events",
+        "herald_store_unwritten_bytes",
     ] {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");
     }

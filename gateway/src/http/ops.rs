@@ -127,6 +127,8 @@ pub async fn metrics(State(state): State<HttpState>) -> Response {
     let history = state.broker().store().channel_stats();
     metrics::gauge!("herald_history_events").set(history.events as f64);
     metrics::gauge!("herald_history_channels").set(history.channels as f64);
+    metrics::gauge!("herald_store_unwritten_bytes")
+        .set(state.broker().store().unwritten_bytes() as f64);
     let failure = state.broker().failure();
     let ready = !state.shutdown().is_cancelled() && failure.is_none() && state.broker().is_ready();
     metrics::gauge!("herald_ready").set(f64::from(u8::from(ready)));
