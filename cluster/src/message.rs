@@ -147,6 +147,10 @@ pub enum AppResponse {
     Probe(Option<Probe>),
     /// Answer to the other requests.
     Done(Result<(), ProposeError>),
+    /// Answer to [`AppRequest::Probe`] from a node the receiver's membership does not hold
+    /// (it was removed): the sender learns it is no longer a member. Last, so that older
+    /// nodes decode the variants before it.
+    NotMember,
 }
 
 const CONFIG: bincode::config::Configuration = bincode::config::standard();

@@ -138,6 +138,11 @@ pub const MAX_PUBLISH_BYTES: usize = crate::rpc::MAX_FRAME / 2;
 /// How long a shutting-down node spends handing its partitions over before it stops.
 const HAND_OVER_LIMIT: Duration = Duration::from_secs(3);
 
+/// How long a "not a member" answer counts (see [`ClusterNode::is_removed`]): a removed node
+/// keeps probing while it hears no leader, so the answer is renewed; a node joined again stops
+/// getting it.
+const NOT_MEMBER_MEMORY: Duration = Duration::from_secs(10);
+
 /// Why the cluster layer could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -189,6 +194,9 @@ struct Inner {
     takeovers: Vec<AtomicU64>,
     /// The namespace config in force; the meta group sets the cluster's.
     namespaces: Arc<LiveNamespaces>,
+    /// When a quorum of the voters probed last answered that this node is not a member (it
+    /// was removed, and the removal never reached it: see [`ClusterNode::is_removed`]).
+    told_not_member: parking_lot::Mutex<Option<std::time::Instant>>,
 }
 
 /// This node's part of the cluster; cheap to clone.
@@ -327,6 +335,7 @@ impl ClusterNode {
                 gates: (0..partitions).map(|_| Arc::default()).collect(),
                 takeovers: (0..=partitions).map(|_| AtomicU64::new(0)).collect(),
                 namespaces,
+                told_not_member: parking_lot::Mutex::new(None),
             }),
         };
         for (partition, rx) in receivers.into_iter().enumerate() {
@@ -596,6 +605,27 @@ impl ClusterNode {
 
     /// Whether `node` is a member of the cluster as this node knows it (before the cluster is
     /// formed, every node counts).
+    /// Whether this node was removed from the cluster it formed with: the membership it
+    /// knows lists other members but not this one, or (as the members stop replicating to a
+    /// node once its removal commits, it rarely learns of it itself) a quorum of the voters it
+    /// probed while hearing no leader answered, within [`NOT_MEMBER_MEMORY`], that it is not a
+    /// member. It then commits nothing; its clients are moved elsewhere like a node without
+    /// quorum, and `/ready` says why.
+    pub fn is_removed(&self) -> bool {
+        self.is_formed()
+            && (!self.is_member(self.id())
+                || self
+                    .inner
+                    .told_not_member
+                    .lock()
+                    .is_some_and(|at| at.elapsed() < NOT_MEMBER_MEMORY))
+    }
+
+    /// Records that a quorum of the voters probed answered that this node is not a member.
+    fn told_not_member(&self) {
+        *self.inner.told_not_member.lock() = Some(std::time::Instant::now());
+    }
+
     fn is_member(&self, node: NodeId) -> bool {
         let members = self.members();
         members.is_empty() || members.contains_key(&node)

@@ -897,6 +897,14 @@ async fn a_node_joins_catches_up_and_is_removed() {
     .await
     .expect_err("a removed node must not acknowledge publishes");
     assert!(refused.starts_with("5"), "{refused}");
+    // ...and it says so to its probes and operators.
+    herald_tests::wait_until("node 3's /ready says it was removed", || {
+        herald_tests::cluster::get_json(cluster.node(3), "/ready").is_some_and(|r| {
+            r["status"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("removed from the cluster"))
+        })
+    });
 
     // No longer hearing leaders, it calls elections: the members must not hear them (no term
     // changes while it keeps trying).

@@ -156,12 +156,14 @@ impl ClusterNode {
         except: Option<NodeId>,
         deadline: Duration,
     ) -> Vec<(NodeId, Probe)> {
+        let not_member = std::sync::atomic::AtomicUsize::new(0);
         let probes = voters
             .iter()
             .copied()
             .filter(|v| Some(*v) != except)
             .map(|voter| {
                 let node = self.clone();
+                let not_member = &not_member;
                 async move {
                     let probe = if voter == node.inner.id {
                         node.probe(group).await
@@ -170,6 +172,10 @@ impl ClusterNode {
                         match node.inner.peers.call(voter, &request, deadline).await {
                             Ok(Response::App(bytes)) => match decode::<AppResponse>(&bytes) {
                                 Ok(AppResponse::Probe(probe)) => probe,
+                                Ok(AppResponse::NotMember) => {
+                                    not_member.fetch_add(1, Ordering::Relaxed);
+                                    None
+                                }
                                 _ => None,
                             },
                             _ => None,
@@ -178,11 +184,23 @@ impl ClusterNode {
                     probe.map(|probe| (voter, probe))
                 }
             });
-        futures::future::join_all(probes)
+        let answers: Vec<(NodeId, Probe)> = futures::future::join_all(probes)
             .await
             .into_iter()
             .flatten()
-            .collect()
+            .collect();
+        // A member that has not applied a join yet may answer so to a new node: only a
+        // quorum of the voters counts.
+        if not_member.load(Ordering::Relaxed) > voters.len() / 2 {
+            if !self.is_removed() {
+                tracing::warn!(
+                    group,
+                    "the cluster's members say this node is not a member (it was removed): it commits nothing; stop it and delete its data directory, or join it again"
+                );
+            }
+            self.told_not_member();
+        }
+        answers
     }
 
     /// Probes `voters` (but the silent `leader`) about `group` and has the best candidate call

@@ -135,6 +135,7 @@ impl ClusterNode {
                 tracing::debug!(group, from, "initialised a partition group");
                 AppResponse::Done(Ok(()))
             }
+            AppRequest::Probe { .. } if !self.is_member(from) => AppResponse::NotMember,
             AppRequest::Probe { group } => AppResponse::Probe(self.probe(group).await),
             AppRequest::Elect { group } => {
                 self.elect_if_leader_silent(group).await;

@@ -17,8 +17,9 @@ pub async fn health() -> Json<Value> {
 }
 
 /// `GET /ready`: 200 while the node accepts clients and (in a cluster) can commit; 503 once it
-/// is shutting down, before the cluster is formed, on the minority side of a partition, after
-/// a write to its store failed (a full disk), or once one of its Raft groups stopped (only a
+/// is shutting down, before the cluster is formed, on the minority side of a partition, once
+/// removed from its cluster, after a write to its store failed (a full disk), or once one of
+/// its Raft groups stopped (only a
 /// restart recovers these two; the body says which).
 pub async fn ready(State(state): State<HttpState>) -> Response {
     if state.shutdown().is_cancelled() {
@@ -31,6 +32,16 @@ pub async fn ready(State(state): State<HttpState>) -> Response {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({ "status": failure.message })),
+        )
+            .into_response()
+    } else if state
+        .broker()
+        .cluster()
+        .is_some_and(|node| node.is_removed())
+    {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "removed from the cluster: this node is no longer a member and commits nothing; stop it and delete its data directory, or join it again with `herald cluster join`" })),
         )
             .into_response()
     } else if !state.broker().is_ready() {
