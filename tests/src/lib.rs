@@ -519,6 +519,44 @@ pub fn encode_command(args: &[&[u8]]) -> Vec<u8> {
 }
 
 /// Polls `condition` until it holds or [`PATIENCE`] runs out; panics with `what` then.
+/// Runs `herald serve` with `args` (the listeners on ephemeral ports added), expecting it to
+/// refuse to start: waits for it to exit (killing it after the patience), and returns its exit
+/// status (`None`: it kept running) and what it wrote on stderr.
+pub async fn serve_expecting_refusal<I, S>(args: I) -> (Option<std::process::ExitStatus>, String)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut child = std::process::Command::new(herald_binary())
+        .args([
+            "serve",
+            "--resp-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run herald serve");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status, stderr)
+}
+
 pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + PATIENCE;
     while !condition() {

@@ -1849,36 +1849,15 @@ async fn a_members_store_refuses_to_open_as_a_single_node() {
     let mut cluster = Cluster::start(3);
     publish_until_acked(&cluster, 1, "member:1", "before").await;
     cluster.kill(3);
-    let mut single = std::process::Command::new(herald_tests::herald_binary())
-        .args([
-            "serve",
-            "--resp-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ])
-        // The cluster's count: a store of another count is refused for that already.
-        .args(["--partitions", "4"])
-        .arg("--data-dir")
-        .arg(cluster.data_dir(3))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run herald serve");
-    let deadline = std::time::Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = single.try_wait().unwrap() {
-            break Some(status);
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = single.kill();
-            let _ = single.wait();
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut single.stderr.take().unwrap(), &mut stderr).unwrap();
+    // The cluster's count: a store of another count is refused for that already.
+    let data_dir = cluster.data_dir(3).to_path_buf();
+    let (status, stderr) = herald_tests::serve_expecting_refusal([
+        "--partitions",
+        "4",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ])
+    .await;
     assert!(
         status.is_some_and(|s| !s.success()),
         "a member's store was served as a single node ({status:?}): {stderr}"
@@ -2167,37 +2146,25 @@ async fn a_node_of_another_cluster_is_refused_a_members_data_directory() {
         .map(|id| format!("{id}@127.0.0.1:{}", ports[id - 1]))
         .collect::<Vec<_>>()
         .join(",");
-    let mut other = std::process::Command::new(herald_tests::herald_binary())
-        .args([
-            "serve",
-            "--resp-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ])
-        .args(["--node-id", "1", "--tls-dir", tls, "--peers", &peers])
-        .args(["--cluster-addr", &format!("127.0.0.1:{}", ports[0])])
-        .args(["--bootstrap-expect", "3", "--partitions", "4"])
-        .arg("--data-dir")
-        .arg(cluster.data_dir(1))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run herald serve");
-    let deadline = std::time::Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = other.try_wait().unwrap() {
-            break Some(status);
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = other.kill();
-            let _ = other.wait();
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut other.stderr.take().unwrap(), &mut stderr).unwrap();
+    let cluster_addr = format!("127.0.0.1:{}", ports[0]);
+    let data_dir = cluster.data_dir(1).to_path_buf();
+    let (status, stderr) = herald_tests::serve_expecting_refusal([
+        "--node-id",
+        "1",
+        "--tls-dir",
+        tls,
+        "--peers",
+        &peers,
+        "--cluster-addr",
+        &cluster_addr,
+        "--bootstrap-expect",
+        "3",
+        "--partitions",
+        "4",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ])
+    .await;
     assert!(
         status.is_some_and(|s| s.code() == Some(1)),
         "a node of another cluster ran on a member's data directory ({status:?}): {stderr}"
