@@ -146,12 +146,23 @@ impl Reconnect {
                     _ = node.stopped() => return,
                 }
                 // Before the cluster is formed there is nothing to move to.
-                if let Some(failure) = node.failure() {
-                    let reason = if failure.storage {
-                        Reason::StorageFailed
-                    } else {
-                        Reason::GroupStopped
-                    };
+                // A broken store (a write-ahead log that failed for lack of space breaks it at
+                // once) is told before its groups stop on it, and before a quorum lost meanwhile.
+                let failed = match store.broken_by() {
+                    Some(cause) if store.is_broken() => Some((
+                        Reason::StorageFailed,
+                        format!("storage failed: a write to the store failed ({cause})"),
+                    )),
+                    _ => node.failure().map(|failure| {
+                        let reason = if failure.storage {
+                            Reason::StorageFailed
+                        } else {
+                            Reason::GroupStopped
+                        };
+                        (reason, failure.to_string())
+                    }),
+                };
+                if let Some((reason, failure)) = failed {
                     if *cut_off_tx.borrow() != Some(reason) {
                         tracing::error!(
                             "{failure}: telling streaming and subscribed clients to reconnect elsewhere; restart the node"
