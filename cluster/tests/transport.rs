@@ -8,7 +8,23 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-fn cert_dir(tag: &str, nodes: &[u64]) -> PathBuf {
+/// A directory of certificates, removed (with them) when the test ends, passed or failed.
+struct CertDir(PathBuf);
+
+impl std::ops::Deref for CertDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for CertDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn cert_dir(tag: &str, nodes: &[u64]) -> CertDir {
     let dir =
         std::env::temp_dir().join(format!("herald-cluster-test-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -16,7 +32,7 @@ fn cert_dir(tag: &str, nodes: &[u64]) -> PathBuf {
     for &id in nodes {
         issue_node(&dir, id).unwrap();
     }
-    dir
+    CertDir(dir)
 }
 
 fn endpoint(dir: &std::path::Path, id: u64, members: &'static [u64]) -> Transport {
@@ -66,7 +82,6 @@ async fn members_of_one_cluster_connect_and_exchange_streams() {
         .await
         .unwrap()
         .unwrap();
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[tokio::test]
