@@ -65,6 +65,18 @@ pub struct Member {
     relay: Option<Relay>,
 }
 
+impl Drop for Cluster {
+    /// Stops every node, then removes the data directories and the certificates: a test leaves
+    /// nothing in the temp directory, passed or failed.
+    fn drop(&mut self) {
+        for member in &mut self.members {
+            drop(member.node.take());
+            let _ = std::fs::remove_dir_all(&member.data_dir);
+        }
+        let _ = std::fs::remove_dir_all(&self.tls_dir);
+    }
+}
+
 /// A cluster of herald processes on loopback.
 pub struct Cluster {
     /// The nodes, `members[i]` has id `i + 1`.
