@@ -19,6 +19,7 @@
 //! log bounds (a checkpoint runs once a 64 MiB segment is full), twice during a checkpoint
 //! (the frozen table and the new one).
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
@@ -116,15 +117,14 @@ impl Tree {
     /// Applies `ops`: readers see all of them or none.
     pub(crate) fn apply(&self, ops: Ops) -> sled::Result<()> {
         // Readers go on while sled is asked about the keys new to the tables; a checkpoint
-        // (which moves keys between the tables and sled) waits.
+        // (which moves keys between the tables and sled) waits. One lookup per key here and
+        // one (an entry) below: an apply is on every publish's path.
         let tables = self.tables.upgradable_read();
-        let mut held = std::collections::HashSet::new();
+        let mut held = Vec::with_capacity(ops.len());
         for (key, _) in ops.iter() {
             let known = tables.active.contains_key(key)
                 || tables.frozen.as_ref().is_some_and(|f| f.contains_key(key));
-            if !known && self.sled.contains_key(key)? {
-                held.insert(key.to_vec());
-            }
+            held.push(!known && self.sled.contains_key(key)?);
         }
         let mut tables = parking_lot::RwLockUpgradableReadGuard::upgrade(tables);
         let Tables {
@@ -133,38 +133,45 @@ impl Tree {
             active_bytes,
             ..
         } = &mut *tables;
-        for (key, value) in ops.into_entries() {
-            if let Some(old) = active.get(&key) {
-                *active_bytes -= old.bytes(&key);
-            }
-            // Whether sled will hold the key once the frozen table is written.
-            let sled_holds = || match frozen.as_ref().and_then(|f| f.get(&key)) {
-                Some(Slot::Value(..)) => true,
-                Some(Slot::Removed) => false,
-                None => held.contains(&key[..]),
-            };
-            match value {
-                Some(value) => {
-                    let fresh = match active.get(&key) {
-                        Some(Slot::Value(_, fresh)) => *fresh,
-                        Some(Slot::Removed) => false,
-                        None => !sled_holds(),
-                    };
-                    let slot = Slot::Value(value, fresh);
-                    *active_bytes += slot.bytes(&key);
-                    active.insert(key, slot);
+        for ((key, value), held) in ops.into_entries().zip(held) {
+            match active.entry(key) {
+                Entry::Occupied(mut slot) => {
+                    *active_bytes -= slot.get().bytes(slot.key());
+                    match value {
+                        Some(value) => {
+                            let fresh = matches!(slot.get(), Slot::Value(_, true));
+                            let new = Slot::Value(value, fresh);
+                            *active_bytes += new.bytes(slot.key());
+                            slot.insert(new);
+                        }
+                        // Written since sled last held the key: forgetting it is enough.
+                        None if matches!(slot.get(), Slot::Value(_, true)) => {
+                            slot.remove();
+                        }
+                        None => {
+                            *active_bytes += slot.key().len();
+                            slot.insert(Slot::Removed);
+                        }
+                    }
                 }
-                None => {
-                    let removal = match active.get(&key) {
-                        Some(Slot::Value(_, true)) => false,
-                        Some(Slot::Value(_, false)) | Some(Slot::Removed) => true,
-                        None => sled_holds(),
+                Entry::Vacant(slot) => {
+                    // Whether sled will hold the key once the frozen table is written.
+                    let sled_holds = match frozen.as_ref().and_then(|f| f.get(slot.key())) {
+                        Some(Slot::Value(..)) => true,
+                        Some(Slot::Removed) => false,
+                        None => held,
                     };
-                    if removal {
-                        *active_bytes += key.len();
-                        active.insert(key, Slot::Removed);
-                    } else {
-                        active.remove(&key);
+                    match value {
+                        Some(value) => {
+                            let new = Slot::Value(value, !sled_holds);
+                            *active_bytes += new.bytes(slot.key());
+                            slot.insert(new);
+                        }
+                        None if sled_holds => {
+                            *active_bytes += slot.key().len();
+                            slot.insert(Slot::Removed);
+                        }
+                        None => {}
                     }
                 }
             }
