@@ -9,6 +9,10 @@
 //! [`RPCError::Timeout`]; a failure after sending is [`RPCError::Network`]; the remote Raft's
 //! own error is [`RPCError::RemoteError`]. An AppendEntries too large for one frame is
 //! [`RPCError::PayloadTooLarge`], so openraft sends fewer entries.
+//!
+//! An AppendEntries that only tells a follower a newer commit index waits [`COMMIT_LINGER`]
+//! for the next AppendEntries with entries to carry it instead (see
+//! [`GroupNetwork::append_entries`]).
 
 use crate::rpc::{Peers, Request, Response, RpcError};
 use herald_storage::raft::{GroupId, NodeId, TypeConfig};
@@ -22,8 +26,11 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::{LogId, Vote};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// The most bytes of entries one AppendEntries carries (always at least one entry). openraft
 /// 0.9 gives an AppendEntries the heartbeat interval (75 ms by default) to be answered, and
@@ -32,6 +39,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// same request forever, and the leader's other traffic suffered with it. 1 MiB is written and
 /// synced by a follower well within the interval.
 pub const APPEND_BUDGET_BYTES: usize = 1 << 20;
+
+/// How long an AppendEntries that only advances the follower's commit index is held back, so
+/// that the next AppendEntries with entries carries the index instead (Raft's own way).
+///
+/// openraft 0.9 sends every follower such a request on each commit, and the next entries wait
+/// for its answer: on a busy partition they were half of all node-to-node calls, and each
+/// delayed the next round by a round trip. Held back, openraft is answered at once as the
+/// follower would answer (it accepted everything up to the same entry from the same leader);
+/// the request itself is sent when the time is up and no other request went to the follower
+/// meanwhile. A follower thus learns a commit at most this late when a partition falls idle,
+/// and on time while it is busy.
+pub const COMMIT_LINGER: Duration = Duration::from_millis(2);
+
+/// A commit-only AppendEntries is held back only while the follower's last answer is this
+/// recent: openraft reads the leader's quorum acknowledgements from the answers, and this
+/// bounds how old the one taken from a held-back request can be.
+const COMMIT_LINGER_FRESH: Duration = Duration::from_millis(50);
 
 /// How many of `entries`, from the first, fit in `budget` bytes (at least one, if any).
 fn entries_within(entries: &[openraft::Entry<TypeConfig>], budget: usize) -> usize {
@@ -118,6 +142,8 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
             target,
             node: node.clone(),
             elections: self.elections.clone(),
+            accepted: None,
+            sends: Arc::default(),
         }
     }
 }
@@ -129,6 +155,23 @@ pub struct GroupNetwork {
     target: NodeId,
     node: BasicNode,
     elections: Arc<Elections>,
+    /// What the follower last accepted in full, while nothing failed since.
+    accepted: Option<Accepted>,
+    /// Counts AppendEntries sent or held back: a held-back one goes out only if it is still
+    /// the latest when its time is up.
+    sends: Arc<AtomicU64>,
+}
+
+/// A follower's last full success.
+struct Accepted {
+    /// The leader's vote the request carried.
+    vote: Vote<NodeId>,
+    /// The follower's log matches the leader's up to here.
+    matched: Option<LogId<NodeId>>,
+    /// The commit index the request told it.
+    commit: Option<LogId<NodeId>>,
+    /// When the answer came.
+    at: Instant,
 }
 
 /// openraft's error for a remote `E`.
@@ -141,6 +184,45 @@ impl GroupNetwork {
         self.peers
             .call_with(self.target, &request, option.soft_ttl(), option.hard_ttl())
             .await
+    }
+
+    /// Whether `rpc` only tells the follower a newer commit index, and its answer is known: the
+    /// follower just accepted everything up to the same entry from the same leader.
+    fn commit_can_wait(&self, rpc: &AppendEntriesRequest<TypeConfig>) -> bool {
+        let Some(accepted) = &self.accepted else {
+            return false;
+        };
+        rpc.entries.is_empty()
+            && rpc.vote == accepted.vote
+            && rpc.prev_log_id == accepted.matched
+            && rpc.leader_commit > accepted.commit
+            && accepted.at.elapsed() < COMMIT_LINGER_FRESH
+    }
+
+    /// Sends `rpc` after [`COMMIT_LINGER`] unless another AppendEntries (`generation` counts
+    /// them) goes to the follower first. Its answer is not needed: an empty request from the
+    /// same leader only moves the follower's commit index forward, to no more than it has
+    /// accepted from that leader, whenever it arrives.
+    fn send_later(
+        &self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        generation: u64,
+        option: &RPCOption,
+    ) {
+        let (peers, sends, target) = (self.peers.clone(), self.sends.clone(), self.target);
+        let (connect_wait, timeout) = (option.soft_ttl(), option.hard_ttl());
+        let request = Request::AppendEntries {
+            group: self.group,
+            rpc,
+        };
+        tokio::spawn(async move {
+            tokio::time::sleep(COMMIT_LINGER).await;
+            if sends.load(Ordering::Relaxed) == generation {
+                let _ = peers
+                    .call_with(target, &request, connect_wait, timeout)
+                    .await;
+            }
+        });
     }
 
     fn rpc_error<E: std::error::Error>(&self, error: RpcError, action: RPCTypes) -> NetError<E> {
@@ -205,12 +287,21 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
         mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, NetError<RaftError<NodeId>>> {
+        let generation = self.sends.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.commit_can_wait(&rpc) {
+            self.send_later(rpc, generation, &option);
+            return Ok(AppendEntriesResponse::Success);
+        }
         // Entries past the byte budget stay for the next request; the follower's success then
         // covers those sent (a partial success, which openraft continues from at once).
         let within = entries_within(&rpc.entries, APPEND_BUDGET_BYTES);
         let sent_up_to = (within < rpc.entries.len()).then(|| rpc.entries[within - 1].log_id);
         rpc.entries.truncate(within);
         let entries = rpc.entries.len() as u64;
+        let vote = rpc.vote;
+        let matched = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
+        let commit = rpc.leader_commit;
+        self.accepted = None;
         let request = Request::AppendEntries {
             group: self.group,
             rpc,
@@ -228,6 +319,15 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
         match response {
             Response::AppendEntries(Ok(AppendEntriesResponse::Success)) if sent_up_to.is_some() => {
                 Ok(AppendEntriesResponse::PartialSuccess(sent_up_to))
+            }
+            Response::AppendEntries(Ok(AppendEntriesResponse::Success)) => {
+                self.accepted = Some(Accepted {
+                    vote,
+                    matched,
+                    commit,
+                    at: Instant::now(),
+                });
+                Ok(AppendEntriesResponse::Success)
             }
             Response::AppendEntries(Ok(response)) => Ok(response),
             Response::AppendEntries(Err(error)) => Err(self.remote(error)),

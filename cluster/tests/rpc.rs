@@ -432,6 +432,49 @@ async fn a_down_node_is_unreachable_then_reachable_once_it_is_up() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// One Raft group on nodes `ids` over real QUIC endpoints (in-memory log and state machine),
+/// initialized by the first node, which therefore calls the first election at once.
+async fn start_group(
+    group: GroupId,
+    ids: &[NodeId],
+    dir: &Path,
+    config: Arc<openraft::Config>,
+) -> (Vec<Node>, Vec<Raft<TypeConfig>>, Vec<mem::StateMachine>) {
+    let mut nodes = Vec::new();
+    let mut rafts = Vec::new();
+    let mut machines = Vec::new();
+    for &id in ids {
+        let node = Node::start(
+            bind(dir, id, "127.0.0.1:0".parse().unwrap()).unwrap(),
+            PeersOptions::default(),
+        );
+        let machine = mem::StateMachine::default();
+        let raft = Raft::new(
+            id,
+            config.clone(),
+            GroupNetworkFactory::new(node.peers.clone(), group),
+            mem::LogStore::default(),
+            machine.clone(),
+        )
+        .await
+        .unwrap();
+        node.handler
+            .groups
+            .lock()
+            .unwrap()
+            .insert(group, raft.clone());
+        nodes.push(node);
+        rafts.push(raft);
+        machines.push(machine);
+    }
+    let members: BTreeMap<NodeId, BasicNode> = nodes
+        .iter()
+        .map(|node| (node.transport.id(), BasicNode::new(node.addr().to_string())))
+        .collect();
+    rafts[0].initialize(members).await.unwrap();
+    (nodes, rafts, machines)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_raft_nodes_elect_a_leader_and_replicate_a_write() {
     init_tracing();
@@ -451,38 +494,7 @@ async fn three_raft_nodes_elect_a_leader_and_replicate_a_write() {
         .unwrap(),
     );
 
-    let mut nodes = Vec::new();
-    let mut rafts = Vec::new();
-    let mut machines = Vec::new();
-    for id in ids {
-        let node = Node::start(
-            bind(&dir, id, "127.0.0.1:0".parse().unwrap()).unwrap(),
-            PeersOptions::default(),
-        );
-        let machine = mem::StateMachine::default();
-        let raft = Raft::new(
-            id,
-            config.clone(),
-            GroupNetworkFactory::new(node.peers.clone(), GROUP),
-            mem::LogStore::default(),
-            machine.clone(),
-        )
-        .await
-        .unwrap();
-        node.handler
-            .groups
-            .lock()
-            .unwrap()
-            .insert(GROUP, raft.clone());
-        nodes.push(node);
-        rafts.push(raft);
-        machines.push(machine);
-    }
-    let members: BTreeMap<NodeId, BasicNode> = nodes
-        .iter()
-        .map(|node| (node.transport.id(), BasicNode::new(node.addr().to_string())))
-        .collect();
-    rafts[0].initialize(members).await.unwrap();
+    let (mut nodes, mut rafts, mut machines) = start_group(GROUP, &ids, &dir, config).await;
 
     let metrics = rafts[0]
         .wait(Some(PATIENCE))
@@ -532,6 +544,84 @@ async fn three_raft_nodes_elect_a_leader_and_replicate_a_write() {
     }
     for machine in &machines {
         assert_eq!(machine.commands(), vec![command.clone(), second.clone()]);
+    }
+
+    for raft in &rafts {
+        raft.shutdown().await.unwrap();
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A commit index is held back for the next AppendEntries to carry, and sent on its own when
+/// none follows. With the periodic heartbeat a minute away, only that keeps followers applying:
+/// after a single write, and after a burst of concurrent ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_learn_every_commit_without_heartbeats() {
+    init_tracing();
+    const GROUP: GroupId = 8;
+    let ids = [1, 2, 3];
+    let dir = cert_dir("commit-linger", &ids);
+    let config = Arc::new(
+        openraft::Config {
+            cluster_name: "herald-test".into(),
+            heartbeat_interval: 60_000,
+            election_timeout_min: 120_000,
+            election_timeout_max: 180_000,
+            install_snapshot_timeout: 2000,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap(),
+    );
+    let (nodes, rafts, machines) = start_group(GROUP, &ids, &dir, config).await;
+    rafts[0]
+        .wait(Some(PATIENCE))
+        .metrics(|m| m.current_leader == Some(1), "node 1 leads")
+        .await
+        .unwrap();
+
+    let one = Command::Publish {
+        now_ms: 1,
+        publishes: vec![Publish::new("news", "alone")],
+    };
+    let mut expected = vec![one.clone()];
+    let mut last = rafts[0].client_write(one).await.unwrap().log_id.index;
+    for raft in &rafts {
+        raft.wait(Some(PATIENCE))
+            .applied_index_at_least(Some(last), "a single write is applied")
+            .await
+            .unwrap();
+    }
+
+    let burst: Vec<Command> = (0..50)
+        .map(|i| Command::Publish {
+            now_ms: 2 + i,
+            publishes: vec![Publish::new("news", format!("burst {i}"))],
+        })
+        .collect();
+    let writes = burst
+        .iter()
+        .map(|command| rafts[0].client_write(command.clone()));
+    for written in futures::future::join_all(writes).await {
+        last = last.max(written.unwrap().log_id.index);
+    }
+    expected.extend(burst);
+    for raft in &rafts {
+        raft.wait(Some(PATIENCE))
+            .applied_index_at_least(Some(last), "a burst is applied")
+            .await
+            .unwrap();
+    }
+    for machine in &machines {
+        let mut applied = machine.commands();
+        applied.sort_by_key(|command| match command {
+            Command::Publish { now_ms, .. } => *now_ms,
+            _ => 0,
+        });
+        assert_eq!(applied, expected);
     }
 
     for raft in &rafts {
