@@ -107,15 +107,26 @@ pub struct FailoverSample {
     pub kind: String,
     /// The partition (publishes) or subscriber (resumes).
     pub of: String,
-    /// Milliseconds from the fault's start, `None` if it never happened before the fault ended.
+    /// Milliseconds from the fault's start, `None` if it never happened before the fault ended
+    /// or could not be measured.
     pub ms: Option<f64>,
+    /// Why a publish failover was not measured: no publish went to a surviving node soon after
+    /// the fault (every writer of the partition waited on a victim), so the first
+    /// acknowledgement tells only when someone asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unmeasured: Option<String>,
 }
+
+/// A publish failover is measured only if some publish went to a surviving node within this
+/// many milliseconds of the fault.
+const FAILOVER_UNASKED_MS: f64 = 1_000.0;
 
 /// The measured figures.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Metrics {
     /// From a fault that took away a partition's leader to that partition's first acknowledged
-    /// publish sent after the fault started.
+    /// publish sent, after the fault started, to a node the fault spared. (An attempt sent to
+    /// a paused node waits for the client's timeout, however soon the others elect.)
     pub failover_publish: Summary,
     /// The same, per fault kind.
     pub failover_publish_by_kind: BTreeMap<String, Summary>,
@@ -780,20 +791,36 @@ fn measure(record: &Record, metrics: &mut Metrics) {
             if !fault.nodes.contains(leader) {
                 continue;
             }
-            let first = record
+            let spared: Vec<&crate::history::Attempt> = record
                 .publishes
                 .iter()
                 .filter(|p| channel_partition.get(&p.channel) == Some(&partition))
                 .flat_map(|p| p.attempts.iter())
-                .filter(|a| a.start >= t0 && matches!(a.result, AttemptResult::Ok { .. }))
+                .filter(|a| a.start >= t0 && !fault.nodes.contains(&a.node))
+                .collect();
+            let first_ack = spared
+                .iter()
+                .filter(|a| matches!(a.result, AttemptResult::Ok { .. }))
                 .map(|a| a.end)
                 .fold(f64::INFINITY, f64::min);
-            let ms = first.is_finite().then_some(first - t0);
+            let first_sent = spared.iter().map(|a| a.start).fold(f64::INFINITY, f64::min);
+            let (ms, unmeasured) = if !first_ack.is_finite() {
+                (None, None)
+            } else if first_sent - t0 > FAILOVER_UNASKED_MS {
+                let reason = format!(
+                    "no publish went to a surviving node until {:.0} ms after the fault",
+                    first_sent - t0
+                );
+                (None, Some(reason))
+            } else {
+                (Some(first_ack - t0), None)
+            };
             metrics.failover_samples.push(FailoverSample {
                 fault: fault.index,
                 kind: fault.kind.clone(),
                 of: format!("partition {partition}"),
                 ms,
+                unmeasured,
             });
             if let Some(ms) = ms {
                 by_kind.entry(fault.kind.clone()).or_default().push(ms);
@@ -819,6 +846,7 @@ fn measure(record: &Record, metrics: &mut Metrics) {
                 kind: fault.kind.clone(),
                 of: format!("subscriber {} ({})", sub.id, sub.protocol.name()),
                 ms: resumed,
+                unmeasured: None,
             });
             if let Some(ms) = resumed {
                 resume_by_kind
@@ -898,7 +926,7 @@ fn measure(record: &Record, metrics: &mut Metrics) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::{Attempt, Delivery, Protocol, SubscriberInfo};
+    use crate::history::{Attempt, Delivery, Fault, Protocol, SubscriberInfo};
 
     fn publish(w: u32, s: u64, seq: u64, at: f64) -> Publish {
         let position = Position { partition: 1, seq };
@@ -948,6 +976,61 @@ mod tests {
             });
         }
         record
+    }
+
+    #[test]
+    fn failover_counts_only_publishes_sent_to_nodes_the_fault_spared() {
+        let mut record = record(&[1, 2, 3, 4, 5]);
+        // Node 1 (the partition's leader) is paused at 100 ms. Writer 1 waits on it until
+        // 8,100 ms; writer 2 tries node 2 at 300 ms, fails, and is acknowledged there at 700 ms.
+        let mut stuck = publish(1, 0, 6, 110.0);
+        stuck.attempts[0].end = 8_100.0;
+        let mut moved = publish(2, 0, 7, 300.0);
+        moved.attempts[0].node = 2;
+        let acked = std::mem::replace(
+            &mut moved.attempts[0].result,
+            AttemptResult::Failed {
+                error: "CLUSTERDOWN no leader".into(),
+            },
+        );
+        moved.attempts.push(Attempt {
+            node: 2,
+            start: 650.0,
+            end: 700.0,
+            result: acked,
+        });
+        record.publishes.extend([stuck, moved]);
+        record.faults.push(Fault {
+            index: 0,
+            kind: "pause-leader".into(),
+            nodes: vec![1],
+            detail: String::new(),
+            start: 100.0,
+            start_utc: String::new(),
+            injected: 100.0,
+            end: Some(9_000.0),
+            leaders_before: HashMap::from([("1".to_string(), 1)]),
+        });
+        let mut metrics = Metrics::default();
+        measure(&record, &mut metrics);
+        let samples: Vec<_> = metrics.failover_samples.iter().map(|s| s.ms).collect();
+        assert_eq!(samples, vec![Some(600.0)]);
+
+        // Had writer 2 also waited on node 1, the first publish to a surviving node would come
+        // only after the client's timeout: that measures the client, not the failover.
+        let moved = record.publishes.last_mut().unwrap();
+        moved.attempts.remove(0);
+        moved.attempts[0].start = 8_150.0;
+        moved.attempts[0].end = 8_160.0;
+        let mut metrics = Metrics::default();
+        measure(&record, &mut metrics);
+        let sample = &metrics.failover_samples[0];
+        assert_eq!(sample.ms, None);
+        assert_eq!(
+            sample.unmeasured.as_deref(),
+            Some("no publish went to a surviving node until 8050 ms after the fault")
+        );
+        assert_eq!(metrics.failover_publish.count, 0);
     }
 
     #[test]

@@ -542,7 +542,7 @@ pub fn html(result: &RunResult, record: &Record) -> String {
     let _ = write!(
         page,
         r#"<h2>Figures</h2><table><tr><th>ms</th><th>n</th><th>p50</th><th>p99</th><th>max</th></tr>
-<tr><th>failover: fault to first acknowledged publish on a partition that lost its leader</th>{}</tr>
+<tr><th>failover: fault to first acknowledged publish on a partition that lost its leader, sent to a surviving node</th>{}</tr>
 <tr><th>resume: fault to first event on a subscriber's next connection</th>{}</tr>
 <tr><th>publish latency, all</th>{}</tr><tr><th>publish latency, sent during faults</th>{}</tr>
 <tr><th>publish latency, sent outside faults</th>{}</tr></table>
