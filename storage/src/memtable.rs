@@ -15,6 +15,12 @@
 //! the write-ahead logs hold everything after it (their records are deleted only once a
 //! checkpoint that started after them completed): recovery is unchanged.
 //!
+//! sled applies a batch under its own lock, which every sled read waits for: a checkpoint's
+//! batch of a whole segment holds sled's readers for a few hundred milliseconds. An apply
+//! therefore does not ask sled whether it holds a key while a checkpoint runs; it assumes so
+//! (a later removal then writes a removal sled may not need), and publishes go on. Reads that
+//! fall through the table to sled (older history, a message id older than the table) wait.
+//!
 //! Memory: the table holds the live writes since the last checkpoint, which the write-ahead
 //! log bounds (a checkpoint runs once a 64 MiB segment is full), twice during a checkpoint
 //! (the frozen table and the new one).
@@ -120,11 +126,13 @@ impl Tree {
         // (which moves keys between the tables and sled) waits. One lookup per key here and
         // one (an entry) below: an apply is on every publish's path.
         let tables = self.tables.upgradable_read();
+        // While a checkpoint runs, sled's readers wait for its batch: assume sled holds the key.
+        let checkpointing = tables.frozen.is_some();
         let mut held = Vec::with_capacity(ops.len());
         for (key, _) in ops.iter() {
             let known = tables.active.contains_key(key)
                 || tables.frozen.as_ref().is_some_and(|f| f.contains_key(key));
-            held.push(!known && self.sled.contains_key(key)?);
+            held.push(!known && (checkpointing || self.sled.contains_key(key)?));
         }
         let mut tables = parking_lot::RwLockUpgradableReadGuard::upgrade(tables);
         let Tables {
@@ -313,7 +321,11 @@ impl Tree {
             return;
         };
         tables.frozen_bytes = 0;
-        if !written {
+        if written {
+            // Freeing a segment's worth of keys takes a while: not while applies wait.
+            drop(tables);
+            drop(frozen);
+        } else {
             let newer = std::mem::take(&mut tables.active);
             let mut table = Arc::try_unwrap(frozen).unwrap_or_else(|shared| (*shared).clone());
             for (key, slot) in newer {
