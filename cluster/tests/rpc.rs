@@ -432,6 +432,19 @@ async fn a_down_node_is_unreachable_then_reachable_once_it_is_up() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// openraft's configuration for a test group: heartbeat and election timeouts in ms.
+fn raft_config(heartbeat: u64, election_min: u64, election_max: u64) -> Arc<openraft::Config> {
+    let config = openraft::Config {
+        cluster_name: "herald-test".into(),
+        heartbeat_interval: heartbeat,
+        election_timeout_min: election_min,
+        election_timeout_max: election_max,
+        install_snapshot_timeout: 2000,
+        ..Default::default()
+    };
+    Arc::new(config.validate().unwrap())
+}
+
 /// One Raft group on nodes `ids` over real QUIC endpoints (in-memory log and state machine),
 /// initialized by the first node, which therefore calls the first election at once.
 async fn start_group(
@@ -481,18 +494,7 @@ async fn three_raft_nodes_elect_a_leader_and_replicate_a_write() {
     const GROUP: GroupId = 7;
     let ids = [1, 2, 3];
     let dir = cert_dir("raft", &ids);
-    let config = Arc::new(
-        openraft::Config {
-            cluster_name: "herald-test".into(),
-            heartbeat_interval: 100,
-            election_timeout_min: 800,
-            election_timeout_max: 1600,
-            install_snapshot_timeout: 2000,
-            ..Default::default()
-        }
-        .validate()
-        .unwrap(),
-    );
+    let config = raft_config(100, 800, 1600);
 
     let (mut nodes, mut rafts, mut machines) = start_group(GROUP, &ids, &dir, config).await;
 
@@ -564,18 +566,7 @@ async fn followers_learn_every_commit_without_heartbeats() {
     const GROUP: GroupId = 8;
     let ids = [1, 2, 3];
     let dir = cert_dir("commit-linger", &ids);
-    let config = Arc::new(
-        openraft::Config {
-            cluster_name: "herald-test".into(),
-            heartbeat_interval: 60_000,
-            election_timeout_min: 120_000,
-            election_timeout_max: 180_000,
-            install_snapshot_timeout: 2000,
-            ..Default::default()
-        }
-        .validate()
-        .unwrap(),
-    );
+    let config = raft_config(60_000, 120_000, 180_000);
     let (nodes, rafts, machines) = start_group(GROUP, &ids, &dir, config).await;
     rafts[0]
         .wait(Some(PATIENCE))
@@ -642,17 +633,7 @@ async fn a_stopped_group_says_whether_its_storage_failed_or_it_panicked() {
     init_tracing();
     const GROUP: GroupId = 3;
     let dir = cert_dir("stopped", &[1]);
-    let config = Arc::new(
-        openraft::Config {
-            cluster_name: "herald-test".into(),
-            heartbeat_interval: 50,
-            election_timeout_min: 150,
-            election_timeout_max: 300,
-            ..Default::default()
-        }
-        .validate()
-        .unwrap(),
-    );
+    let config = raft_config(50, 150, 300);
     let node = Node::start(
         bind(&dir, 1, "127.0.0.1:0".parse().unwrap()).unwrap(),
         PeersOptions::default(),
