@@ -505,6 +505,10 @@ mod tests {
         Insert(u8, u8),
         Remove(u8),
         Checkpoint,
+        /// A checkpoint's first step: applies that follow run while it is under way.
+        Freeze,
+        /// Its end, with its batch written to sled or failed.
+        Thaw(bool),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -512,18 +516,21 @@ mod tests {
             4 => (0u8..24, any::<u8>()).prop_map(|(k, v)| Step::Insert(k, v)),
             3 => (0u8..24).prop_map(Step::Remove),
             1 => Just(Step::Checkpoint),
+            1 => Just(Step::Freeze),
+            1 => any::<bool>().prop_map(Step::Thaw),
         ]
     }
 
     proptest! {
-        /// Whatever the mix of writes and checkpoints, the tree reads like a plain map (forward,
-        /// backward, by prefix, by range, from both ends at once), and sled alone holds that
-        /// map after a checkpoint.
+        /// Whatever the mix of writes and checkpoints (writes during one included, and ones
+        /// whose batch failed), the tree reads like a plain map (forward, backward, by prefix,
+        /// by range, from both ends at once), and sled alone holds that map after a checkpoint.
         #[test]
         fn reads_like_a_map(steps in proptest::collection::vec(step(), 1..80), lo in 0u8..24, hi in 0u8..24) {
             let (_dir, tree) = tree();
             let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
             let key = |k: u8| vec![b'k', k / 8, k];
+            let mut frozen = None;
             for step in steps {
                 match step {
                     Step::Insert(k, v) => {
@@ -534,7 +541,15 @@ mod tests {
                         tree.remove(key(k)).unwrap();
                         model.remove(&key(k));
                     }
-                    Step::Checkpoint => tree.flush().unwrap(),
+                    Step::Checkpoint if frozen.is_none() => tree.flush().unwrap(),
+                    Step::Freeze if frozen.is_none() => frozen = Some(tree.freeze()),
+                    Step::Thaw(written) => if let Some(table) = frozen.take() {
+                        if written {
+                            tree.write_frozen(&table).unwrap();
+                        }
+                        tree.thaw(written);
+                    },
+                    Step::Checkpoint | Step::Freeze => {}
                 }
                 let want: Vec<_> = model.clone().into_iter().collect();
                 prop_assert_eq!(&all(tree.iter()), &want);
@@ -560,12 +575,17 @@ mod tests {
                 for k in 0..24 {
                     prop_assert_eq!(tree.get(key(k)).unwrap().map(|v| v.to_vec()), model.get(&key(k)).cloned());
                 }
-                let (counted, kept) = {
+                let (counted, kept, frozen_bytes) = {
                     let tables = tree.tables.read();
-                    (tables.active.iter().map(|(k, slot)| slot.bytes(k)).sum::<usize>(), tables.active_bytes)
+                    let frozen_bytes = tables.frozen.as_ref().map_or(0, |f| f.iter().map(|(k, slot)| slot.bytes(k)).sum::<usize>());
+                    (tables.active.iter().map(|(k, slot)| slot.bytes(k)).sum::<usize>(), tables.active_bytes, frozen_bytes)
                 };
                 prop_assert_eq!(kept, counted);
-                prop_assert_eq!(tree.unwritten_bytes(), counted);
+                prop_assert_eq!(tree.unwritten_bytes(), counted + frozen_bytes);
+            }
+            if let Some(table) = frozen.take() {
+                tree.write_frozen(&table).unwrap();
+                tree.thaw(true);
             }
             tree.flush().unwrap();
             let in_sled: Vec<_> = tree.sled.iter().map(|kv| { let (k, v) = kv.unwrap(); (k.to_vec(), v.to_vec()) }).collect();
