@@ -405,80 +405,87 @@ impl Iter {
         self.map(|kv| kv.map(|(_, v)| v))
     }
 
-    fn sled_front(&mut self) -> sled::Result<Option<&(IVec, IVec)>> {
-        if self.front.is_none() {
-            self.front = match self.sled.next() {
+    /// sled's next key from `end` (read ahead and kept until taken). The two ends share one
+    /// sled iterator: once it is spent, the last record read ahead at the other end is next.
+    fn sled_key(&mut self, end: End) -> sled::Result<Option<IVec>> {
+        let (slot, other) = match end {
+            End::Front => (&mut self.front, &mut self.back),
+            End::Back => (&mut self.back, &mut self.front),
+        };
+        if slot.is_none() {
+            let next = match end {
+                End::Front => self.sled.next(),
+                End::Back => self.sled.next_back(),
+            };
+            *slot = match next {
                 Some(kv) => Some(kv?),
-                None => self.back.take(),
+                None => other.take(),
             };
         }
-        Ok(self.front.as_ref())
+        Ok(slot.as_ref().map(|(k, _)| k.clone()))
     }
 
-    fn sled_back(&mut self) -> sled::Result<Option<&(IVec, IVec)>> {
-        if self.back.is_none() {
-            self.back = match self.sled.next_back() {
-                Some(kv) => Some(kv?),
-                None => self.front.take(),
+    /// The next record from `end`: the table's or sled's, whichever key comes first from that
+    /// end; on equal keys the table's slot wins and sled's record is dropped.
+    fn step(&mut self, end: End) -> Option<sled::Result<(IVec, IVec)>> {
+        loop {
+            let sled_key = match self.sled_key(end) {
+                Ok(key) => key,
+                Err(e) => return Some(Err(e)),
             };
+            let mem_key = match end {
+                End::Front => self.mem.front(),
+                End::Back => self.mem.back(),
+            }
+            .map(|(k, _)| k);
+            let mem_first = match (mem_key, &sled_key) {
+                (None, None) => return None,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some(mk), Some(sk)) => match end {
+                    End::Front => mk <= sk,
+                    End::Back => mk >= sk,
+                },
+            };
+            let sled_slot = match end {
+                End::Front => &mut self.front,
+                End::Back => &mut self.back,
+            };
+            if !mem_first {
+                return sled_slot.take().map(Ok);
+            }
+            let (key, value) = match end {
+                End::Front => self.mem.pop_front(),
+                End::Back => self.mem.pop_back(),
+            }?;
+            if sled_key.as_ref() == Some(&key) {
+                *sled_slot = None;
+            }
+            if let Some(value) = value {
+                return Some(Ok((key, value)));
+            }
         }
-        Ok(self.back.as_ref())
     }
+}
+
+/// Which end of an [`Iter`] a step reads from.
+#[derive(Clone, Copy)]
+enum End {
+    Front,
+    Back,
 }
 
 impl Iterator for Iter {
     type Item = sled::Result<(IVec, IVec)>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            let sled_key = match self.sled_front() {
-                Ok(kv) => kv.map(|(k, _)| k.clone()),
-                Err(e) => return Some(Err(e)),
-            };
-            let mem_first = match (self.mem.front(), &sled_key) {
-                (None, None) => return None,
-                (Some(_), None) => true,
-                (None, Some(_)) => false,
-                (Some((mk, _)), Some(sk)) => mk <= sk,
-            };
-            if !mem_first {
-                return self.front.take().map(Ok);
-            }
-            let (key, value) = self.mem.pop_front()?;
-            if sled_key.as_ref() == Some(&key) {
-                self.front = None;
-            }
-            if let Some(value) = value {
-                return Some(Ok((key, value)));
-            }
-        }
+        self.step(End::Front)
     }
 }
 
 impl DoubleEndedIterator for Iter {
     fn next_back(&mut self) -> Option<Self::Item> {
-        loop {
-            let sled_key = match self.sled_back() {
-                Ok(kv) => kv.map(|(k, _)| k.clone()),
-                Err(e) => return Some(Err(e)),
-            };
-            let mem_last = match (self.mem.back(), &sled_key) {
-                (None, None) => return None,
-                (Some(_), None) => true,
-                (None, Some(_)) => false,
-                (Some((mk, _)), Some(sk)) => mk >= sk,
-            };
-            if !mem_last {
-                return self.back.take().map(Ok);
-            }
-            let (key, value) = self.mem.pop_back()?;
-            if sled_key.as_ref() == Some(&key) {
-                self.back = None;
-            }
-            if let Some(value) = value {
-                return Some(Ok((key, value)));
-            }
-        }
+        self.step(End::Back)
     }
 }
 
