@@ -518,7 +518,20 @@ pub fn encode_command(args: &[&[u8]]) -> Vec<u8> {
     out
 }
 
-/// Polls `condition` until it holds or [`PATIENCE`] runs out; panics with `what` then.
+/// `herald serve` with its RESP and HTTP listeners on ephemeral ports; a test adds its own
+/// flags.
+pub fn serve_on_ephemeral_ports() -> std::process::Command {
+    let mut command = std::process::Command::new(herald_binary());
+    command.args([
+        "serve",
+        "--resp-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ]);
+    command
+}
+
 /// Runs `herald serve` with `args` (the listeners on ephemeral ports added), expecting it to
 /// refuse to start: waits for it to exit (killing it after the patience), and returns its exit
 /// status (`None`: it kept running) and what it wrote on stderr.
@@ -527,14 +540,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    let mut child = std::process::Command::new(herald_binary())
-        .args([
-            "serve",
-            "--resp-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ])
+    let mut child = serve_on_ephemeral_ports()
         .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -557,6 +563,7 @@ where
     (status, stderr)
 }
 
+/// Polls `condition` until it holds or [`PATIENCE`] runs out; panics with `what` then.
 pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + PATIENCE;
     while !condition() {

@@ -1,6 +1,6 @@
 //! The node as an operator meets it: start-up errors, configuration sources, graceful shutdown.
 
-use herald_tests::{Herald, RawConn, herald_binary, scratch_dir};
+use herald_tests::{Herald, RawConn, herald_binary, scratch_dir, serve_on_ephemeral_ports};
 use std::process::Command;
 use std::time::Duration;
 
@@ -103,15 +103,8 @@ fn address_in_use_is_one_clear_line_and_exit_code_1() {
 #[test]
 fn a_data_directory_serves_one_node_only() {
     let node = Herald::start();
-    let output = Command::new(herald_binary())
-        .args([
-            "serve",
-            "--resp-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
+    let output = serve_on_ephemeral_ports()
+        .arg("--data-dir")
         .arg(&node.data_dir)
         .output()
         .unwrap();
@@ -211,14 +204,7 @@ fn shutdown_timeout_takes_a_duration() {
 
     let data_dir = scratch_dir("bad-shutdown-timeout");
     for bad in ["10x", "1.5s", "-1"] {
-        let output = Command::new(herald_binary())
-            .args([
-                "serve",
-                "--resp-addr",
-                "127.0.0.1:0",
-                "--http-addr",
-                "127.0.0.1:0",
-            ])
+        let output = serve_on_ephemeral_ports()
             .arg("--data-dir")
             .arg(&data_dir)
             .arg(format!("--shutdown-timeout={bad}"))
@@ -324,16 +310,11 @@ fn a_closed_stdout_is_not_a_crash() {
 fn missing_certificates_say_how_to_make_them() {
     let data_dir = scratch_dir("no-certs");
     let tls_dir = scratch_dir("no-certs-tls");
-    let output = Command::new(herald_binary())
+    let output = serve_on_ephemeral_ports()
         .args([
-            "serve",
             "--node-id",
             "1",
             "--cluster-addr",
-            "127.0.0.1:0",
-            "--resp-addr",
-            "127.0.0.1:0",
-            "--http-addr",
             "127.0.0.1:0",
             "--tls-dir",
         ])
