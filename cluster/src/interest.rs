@@ -38,6 +38,14 @@ pub const INTEREST_SYNC_LIMIT: Duration = Duration::from_secs(1);
 /// adds interest would wait the whole limit for it. It is still sent every push, and waited
 /// for in full again once it answers.
 pub const INTEREST_SILENT_PEER_WAIT: Duration = Duration::from_millis(50);
+/// A push stops waiting for a member that has left every call unanswered this long
+/// ([`Peers::unanswered_for`]), before [`INTEREST_SYNC_LIMIT`]: the clients of a node that
+/// just died reconnect to the others at once, and their subscribes would otherwise wait the
+/// whole limit for the dead node on the first push after its death. A live member answers
+/// within its round trip, and Raft heartbeats (every 75 ms) keep showing that it does, so
+/// this only cuts the wait for one that stopped answering everyone; it is above the leader
+/// lease (350 ms) that herald's failover already counts as a member's silence.
+pub const INTEREST_PEER_SILENCE: Duration = Duration::from_millis(400);
 /// The least time between the starts of two pushes when subscribes asked for the second while
 /// the first was under way: in a reconnect storm of clients on distinct channels, each push
 /// (the node's whole interest) then serves every subscribe that arrived meanwhile, instead of

@@ -335,6 +335,9 @@ struct Slot {
     /// Bumped by each dial and by address changes: a dial's result is only recorded if the
     /// generation is still its own.
     generation: u64,
+    /// When the oldest call made since the peer last answered one started (`None`: every
+    /// call so far was answered). See [`Peers::unanswered_for`].
+    unanswered_since: Option<Instant>,
 }
 
 /// The client side of node-to-node RPC: at most one live connection per peer, shared by all
@@ -376,6 +379,8 @@ pub struct PeerLink {
 struct Acquired {
     connection: quinn::Connection,
     fresh: bool,
+    /// The peer's slot, to record whether the call is answered.
+    slot: Arc<Mutex<Slot>>,
 }
 
 enum ExchangeError {
@@ -394,6 +399,30 @@ impl Peers {
         };
         let slot = slot.lock();
         slot.failures > 0 || matches!(&slot.link, Link::Connected(c) if c.close_reason().is_some())
+    }
+
+    /// How long `id` has left calls unanswered: since the start of the oldest call made over a
+    /// connection after the peer last answered one; `None` while every call was answered (or
+    /// none made). A live peer answers within its round trip; the figure of one that died or
+    /// was cut off grows from the first call after that, and Raft heartbeats make one every
+    /// heartbeat interval on any pair of nodes where one leads a group of the other. A peer
+    /// that cannot be dialed makes no call: see [`Self::is_unreachable`].
+    pub fn unanswered_for(&self, id: NodeId) -> Option<Duration> {
+        let slot = self.slots.lock().get(&id).cloned()?;
+        let since = slot.lock().unanswered_since?;
+        Some(since.elapsed())
+    }
+
+    /// Resolves once `id` has left calls unanswered for `silence` ([`Self::unanswered_for`]),
+    /// checked every 25 ms: a caller waiting on one peer gives up on it when the peer stopped
+    /// answering everyone, rather than at its own timeout.
+    pub async fn until_silent(&self, id: NodeId, silence: Duration) {
+        loop {
+            if self.unanswered_for(id).is_some_and(|d| d >= silence) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     /// The link to every peer this node has an address for (see [`PeerLink`]).
@@ -519,6 +548,7 @@ impl Peers {
                     backoff: self.options.backoff_initial,
                     last_error: String::new(),
                     generation: 0,
+                    unanswered_since: None,
                 }))
             })
             .clone()
@@ -553,12 +583,22 @@ impl Peers {
         let mut retried = false;
         loop {
             let wait = connect_wait.min(deadline.saturating_duration_since(Instant::now()));
-            let Acquired { connection, fresh } = self.acquire(target, wait).await?;
+            let Acquired {
+                connection,
+                fresh,
+                slot,
+            } = self.acquire(target, wait).await?;
             // Again: the dial that made this connection may just have judged the peer.
             self.refuse_raft_to_changed_store(target, request)?;
+            slot.lock()
+                .unanswered_since
+                .get_or_insert_with(Instant::now);
             let exchange = tokio::time::timeout_at(deadline, exchange(&connection, &frame)).await;
             match exchange {
-                Ok(Ok(response)) => return Ok(response),
+                Ok(Ok(response)) => {
+                    slot.lock().unanswered_since = None;
+                    return Ok(response);
+                }
                 Ok(Err(ExchangeError::NotSent(reason))) => {
                     self.drop_connection(target, &connection, &reason);
                     // A pooled connection may have died unnoticed: dial once more.
@@ -642,6 +682,7 @@ impl Peers {
                         return Ok(Acquired {
                             connection: connection.clone(),
                             fresh: false,
+                            slot: slot_ref.clone(),
                         });
                     }
                     Some(reason) => {
@@ -693,6 +734,7 @@ impl Peers {
             Some(Ok(connection)) => Ok(Acquired {
                 connection,
                 fresh: true,
+                slot: slot_ref,
             }),
             Some(Err(reason)) => Err(unreachable(reason)),
             None => Err(unreachable("the dial was abandoned".into())),

@@ -113,9 +113,15 @@ impl Handler for TestHandler {
         self.groups.lock().unwrap().get(&group).cloned()
     }
 
+    /// An echo; a request `hang` is never answered (a peer that stopped answering).
     fn app(&self, from: NodeId, request: Bytes) -> BoxFuture<'static, Bytes> {
         let answer = format!("node {} to node {from}: ", self.id);
-        Box::pin(async move { Bytes::from([answer.as_bytes(), &request].concat()) })
+        Box::pin(async move {
+            if &request[..] == b"hang" {
+                futures::future::pending::<()>().await;
+            }
+            Bytes::from([answer.as_bytes(), &request].concat())
+        })
     }
 }
 
@@ -239,6 +245,50 @@ async fn app_requests_roundtrip_and_concurrent_callers_share_one_dial() {
         "{error}"
     );
     assert_eq!(a.peers.dials(), 1, "still the one connection");
+
+    a.stop().await;
+    b.stop().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A peer's silence is counted from the oldest call it left unanswered, and ends with its
+/// next answer: what lets the interest push stop waiting for a node that died.
+#[tokio::test]
+async fn a_peer_that_leaves_calls_unanswered_shows_as_silent_until_it_answers() {
+    init_tracing();
+    let dir = cert_dir("silence", &[1, 2]);
+    let localhost = "127.0.0.1:0".parse().unwrap();
+    let a = Node::start(bind(&dir, 1, localhost).unwrap(), PeersOptions::default());
+    let b = Node::start(bind(&dir, 2, localhost).unwrap(), PeersOptions::default());
+    a.peers.set_addr(2, b.addr());
+    assert_eq!(a.peers.unanswered_for(2), None, "no call yet");
+    a.peers.call(2, &app(b"ping"), PATIENCE).await.unwrap();
+    assert_eq!(a.peers.unanswered_for(2), None, "every call answered");
+
+    let wait = Duration::from_millis(300);
+    let error = a.peers.call(2, &app(b"hang"), wait).await.unwrap_err();
+    assert!(
+        matches!(error, RpcError::Timeout { peer: 2, .. }),
+        "{error}"
+    );
+    let silent = a.peers.unanswered_for(2).expect("a call is unanswered");
+    assert!(silent >= wait, "silent for {silent:?}");
+    tokio::time::timeout(PATIENCE, a.peers.until_silent(2, wait))
+        .await
+        .expect("already silent that long");
+
+    // A second unanswered call does not restart the count; an answer ends it.
+    {
+        let hang = app(b"hang");
+        let mut hanging = std::pin::pin!(a.peers.call(2, &hang, PATIENCE));
+        assert!(
+            futures::poll!(hanging.as_mut()).is_pending(),
+            "sent, not answered"
+        );
+        assert!(a.peers.unanswered_for(2).unwrap() >= silent);
+        a.peers.call(2, &app(b"ping"), PATIENCE).await.unwrap();
+        assert_eq!(a.peers.unanswered_for(2), None, "answered again");
+    }
 
     a.stop().await;
     b.stop().await;

@@ -11,7 +11,8 @@ use herald_storage::raft::NodeId;
 
 use super::ClusterNode;
 use crate::interest::{
-    INTEREST_PUSH_SPACING, INTEREST_SILENT_PEER_WAIT, INTEREST_SYNC_LIMIT, Interest,
+    INTEREST_PEER_SILENCE, INTEREST_PUSH_SPACING, INTEREST_SILENT_PEER_WAIT, INTEREST_SYNC_LIMIT,
+    Interest,
 };
 use crate::message::{AppRequest, encode};
 use crate::rpc::Request;
@@ -24,7 +25,8 @@ impl ClusterNode {
     /// the previous one started, so that it serves every subscribe that comes meanwhile; one
     /// asked for while none was under way (a client subscribing to one channel after another)
     /// starts at once. A member that did not answer the last push is waited for at most
-    /// [`INTEREST_SILENT_PEER_WAIT`] until it answers again.
+    /// [`INTEREST_SILENT_PEER_WAIT`] until it answers again, and one that has answered no
+    /// call of this node for [`INTEREST_PEER_SILENCE`] is not waited for any longer.
     pub(super) async fn interest_loop(&self) {
         let sync = &self.inner.interest_sync;
         let mut ticker = tokio::time::interval(Duration::from_millis(300));
@@ -79,7 +81,17 @@ impl ClusterNode {
                     INTEREST_SYNC_LIMIT
                 };
                 async move {
-                    let answered = self.inner.peers.call(peer, request, wait).await.is_ok();
+                    let peers = &self.inner.peers;
+                    // Given up on at the earliest after the short wait: by then the push is
+                    // sent (and taken if the member is alive), whatever became of the answer.
+                    let silent = async {
+                        tokio::time::sleep(INTEREST_SILENT_PEER_WAIT).await;
+                        peers.until_silent(peer, INTEREST_PEER_SILENCE).await;
+                    };
+                    let answered = tokio::select! {
+                        result = peers.call(peer, request, wait) => result.is_ok(),
+                        () = silent => false,
+                    };
                     (peer, answered)
                 }
             });
