@@ -22,6 +22,8 @@
 //!   forwarding to the leader, retrying only when that is safe.
 //! - [`failure`]: why a group stopped on this node: its storage failed, or its Raft task
 //!   panicked or stopped.
+//! - [`clock`]: the members' clock offsets, and the majority-corrected clock a leader's
+//!   entries carry.
 //! - [`failover`]: when a leader goes silent, the surviving voters pick the candidate with the
 //!   longest log and start its election as soon as the lease allows.
 //! - [`placement`]: which members a partition's voters are, and the voter swap that moves a
@@ -34,10 +36,12 @@
 //!     idle partitions' clock ticks).
 //!   - `node/elections.rs`: the node's side of fast failover and pre-vote.
 //!   - `node/interest_loop.rs`: pushing this node's interest to the other members.
+//!   - `node/clock_loop.rs`: measuring the members' clocks.
 //!   - `node/handler.rs`: what a node answers other nodes ([`Handler`], the node's requests).
 //!   - `node/meta.rs`: writes through the meta leader (join, remove, namespaces, `Init`).
 //!   - `node/hand_over.rs`: handing the partitions a node leads over at shutdown.
 
+pub mod clock;
 pub mod failover;
 pub mod failure;
 pub mod handoff;

@@ -93,6 +93,10 @@ pub enum AppRequest {
         /// The publishes, in order.
         publishes: Vec<Publish>,
     },
+    /// "What does your clock read?" (answered [`AppResponse::Clock`]): how members measure
+    /// each other's clocks ([`crate::clock`]). Last, so that older nodes decode the variants
+    /// before it (they answer an error, and are not measured).
+    Clock,
 }
 
 /// Why a proposal was not committed.
@@ -151,6 +155,8 @@ pub enum AppResponse {
     /// (it was removed): the sender learns it is no longer a member. Last, so that older
     /// nodes decode the variants before it.
     NotMember,
+    /// Answer to [`AppRequest::Clock`]: the answering node's wall clock, unix ms.
+    Clock(u64),
 }
 
 const CONFIG: bincode::config::Configuration = bincode::config::standard();

@@ -37,6 +37,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::ClusterClock;
 use crate::failover::LeaderContact;
 use crate::failure::GroupFailure;
 use crate::handoff::PartitionGate;
@@ -49,6 +50,7 @@ use crate::proposer::{self, ProposeRequest, ProposeResult, ProposerContext, Prop
 use crate::rpc::{self, Peers, Request, Response};
 use crate::transport::{Transport, TransportOptions};
 
+mod clock_loop;
 mod elections;
 mod formation;
 mod hand_over;
@@ -187,6 +189,8 @@ struct Inner {
     hooks: LocalHooks,
     /// When each group's leader was last heard from (failover detection).
     contact: Arc<LeaderContact>,
+    /// The members' clock offsets: what this node's proposals take as the time.
+    clock: Arc<ClusterClock>,
     raft_timings: RaftTimings,
     /// Per partition: held by its proposer's rounds here, exclusively by a hand-back.
     gates: Vec<Arc<PartitionGate>>,
@@ -331,6 +335,7 @@ impl ClusterNode {
                 interest_sync: InterestSync::default(),
                 hooks,
                 contact: Arc::new(LeaderContact::new(usize::from(partitions) + 1)),
+                clock: Arc::default(),
                 raft_timings: config.raft,
                 gates: (0..partitions).map(|_| Arc::default()).collect(),
                 takeovers: (0..=partitions).map(|_| AtomicU64::new(0)).collect(),
@@ -350,6 +355,7 @@ impl ClusterNode {
                 options: config.proposer.clone(),
                 gate: node.inner.gates[usize::from(partition)].clone(),
                 contact: node.inner.contact.clone(),
+                clock: node.inner.clock.clone(),
                 lease: Duration::from_millis(config.raft.election_max_ms),
             };
             tokio::spawn(proposer::run(ctx, rx));
@@ -367,6 +373,10 @@ impl ClusterNode {
         {
             let node = node.clone();
             tokio::spawn(async move { node.interest_loop().await });
+        }
+        {
+            let node = node.clone();
+            tokio::spawn(async move { node.clock_loop().await });
         }
         {
             let node = node.clone();
@@ -570,6 +580,7 @@ impl ClusterNode {
             epoch: self.is_formed().then(|| self.epoch().to_string()),
             members: self.members(),
             links: self.links(),
+            clock_correction_ms: self.inner.clock.correction_ms(),
             groups,
         }
     }
@@ -578,7 +589,9 @@ impl ClusterNode {
     /// connected, but no Raft message goes to it or is taken from it.
     fn links(&self) -> BTreeMap<NodeId, crate::rpc::PeerLink> {
         let mut links = self.inner.peers.links();
+        let offsets = self.inner.clock.offsets();
         for (peer, link) in links.iter_mut() {
+            link.clock_offset_ms = offsets.get(peer).copied();
             if self.inner.peer_stores.is_refused(*peer) {
                 link.state = "refused";
                 link.last_error = Some(format!(
@@ -712,6 +725,9 @@ pub struct ClusterStatus {
     pub members: BTreeMap<NodeId, String>,
     /// This node's link to each peer it has an address for.
     pub links: BTreeMap<NodeId, crate::rpc::PeerLink>,
+    /// What this node adds to its clock to get the majority's, ms ([`crate::clock`]); 0
+    /// when its clock agrees.
+    pub clock_correction_ms: i64,
     /// Every group as this node sees it.
     pub groups: Vec<GroupStatus>,
 }

@@ -21,12 +21,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald_storage::raft::{Command, Reply, TypeConfig, partition_group};
-use herald_storage::{Applied, Partition, Publish, unix_now_ms};
+use herald_storage::{Applied, Partition, Publish};
 use openraft::Raft;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::NodeId;
+use crate::clock::ClusterClock;
 use crate::failover::LeaderContact;
 use crate::failure::GroupFailure;
 use crate::handoff::PartitionGate;
@@ -101,6 +102,8 @@ pub(crate) struct ProposerContext {
     pub gate: Arc<PartitionGate>,
     /// When this node last heard each group's leader: tells a dead old leader from a live one.
     pub contact: Arc<LeaderContact>,
+    /// The cluster's time, which the entries proposed here carry.
+    pub clock: Arc<ClusterClock>,
     /// The leader lease (the election timeout's maximum).
     pub lease: Duration,
     /// Where relaying starts looking for a member that reaches the leader.
@@ -428,7 +431,7 @@ impl ProposerContext {
             })));
         }
         let command = Command::Publish {
-            now_ms: unix_now_ms(),
+            now_ms: self.clock.now_ms(),
             publishes: all_publishes(batch),
         };
         match tokio::time::timeout(remaining, self.raft.client_write(command)).await {

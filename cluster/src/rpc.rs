@@ -372,6 +372,9 @@ pub struct PeerLink {
     pub failed_dials: u32,
     /// Why the last dial failed, while the peer is unreachable.
     pub last_error: Option<String>,
+    /// The peer's clock minus this node's, ms, as last measured (filled in by the node:
+    /// [`crate::clock`]).
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// A connection handed to a call, and whether it was dialed for it (a pooled one may turn
@@ -454,6 +457,7 @@ impl Peers {
                         rtt_us,
                         failed_dials: slot.failures,
                         last_error: unreachable.then(|| slot.last_error.clone()),
+                        clock_offset_ms: None,
                     },
                 ))
             })

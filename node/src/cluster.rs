@@ -2,6 +2,7 @@
 //! any node's HTTP port (`/api/cluster/*`).
 
 use crate::cli::{ClusterArgs, ClusterCommand};
+use herald_cluster::clock::CLOCK_TOLERANCE;
 use serde_json::{Value, json};
 use std::process::ExitCode;
 
@@ -158,6 +159,11 @@ fn render_namespaces(body: &Value) -> String {
     out
 }
 
+/// `+3600.0 s`, `-0.8 s`.
+fn signed_seconds(ms: i64) -> String {
+    format!("{:+.1} s", ms as f64 / 1000.0)
+}
+
 /// The status as a table: members, then one line per group.
 fn render_status(status: &Value) -> String {
     let mut out = String::new();
@@ -167,6 +173,13 @@ fn render_status(status: &Value) -> String {
         status["formed"],
         status["epoch"].as_str().unwrap_or("-")
     ));
+    let correction = status["clock_correction_ms"].as_i64().unwrap_or(0);
+    if correction != 0 {
+        out.push_str(&format!(
+            "THIS NODE'S CLOCK is {} off from the majority's; its proposals carry the corrected time (fix its clock)\n",
+            signed_seconds(-correction)
+        ));
+    }
     out.push_str("members:\n");
     if let Some(members) = status["members"].as_object() {
         for (id, addr) in members {
@@ -191,8 +204,15 @@ fn render_status(status: &Value) -> String {
                     None => "no link".to_string(),
                 }
             };
+            // Against the cluster's time (this node's, corrected).
+            let clock = match link["clockOffsetMs"].as_i64().map(|o| o - correction) {
+                Some(off) if off.unsigned_abs() > CLOCK_TOLERANCE.as_millis() as u64 => {
+                    format!(", CLOCK {} off", signed_seconds(off))
+                }
+                _ => String::new(),
+            };
             out.push_str(&format!(
-                "  {id}  {}  {seen}\n",
+                "  {id}  {}  {seen}{clock}\n",
                 addr.as_str().unwrap_or("?")
             ));
         }
@@ -312,5 +332,41 @@ mod tests {
             "{table}"
         );
         assert!(lines[7].contains(" 1 (1) "), "{table}");
+    }
+
+    #[test]
+    fn the_status_table_shows_clocks_off_from_the_majority() {
+        let link = |offset: i64| {
+            serde_json::json!({ "state": "connected", "rttUs": 400, "failedDials": 0,
+                                "lastError": null, "clockOffsetMs": offset })
+        };
+        // Node 3 is an hour ahead of nodes 1 and 2.
+        let on_1 = serde_json::json!({
+            "node": 1, "formed": true, "epoch": "e1", "clock_correction_ms": 0,
+            "members": { "1": "a:1", "2": "a:2", "3": "a:3" },
+            "links": { "2": link(20), "3": link(3_600_000) },
+            "groups": []
+        });
+        let table = render_status(&on_1);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[3], "  2  a:2  connected, rtt 0.4 ms", "{table}");
+        assert_eq!(
+            lines[4], "  3  a:3  connected, rtt 0.4 ms, CLOCK +3600.0 s off",
+            "{table}"
+        );
+        let on_3 = serde_json::json!({
+            "node": 3, "formed": true, "epoch": "e1", "clock_correction_ms": -3_600_010,
+            "members": { "1": "a:1", "2": "a:2", "3": "a:3" },
+            "links": { "1": link(-3_600_000), "2": link(-3_600_020) },
+            "groups": []
+        });
+        let table = render_status(&on_3);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[1].starts_with("THIS NODE'S CLOCK is +3600.0 s off"),
+            "{table}"
+        );
+        assert_eq!(lines[3], "  1  a:1  connected, rtt 0.4 ms", "{table}");
+        assert_eq!(lines[4], "  2  a:2  connected, rtt 0.4 ms", "{table}");
     }
 }

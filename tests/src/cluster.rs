@@ -85,6 +85,8 @@ pub struct Cluster {
     extra: Vec<String>,
     /// Extra `herald serve` arguments of single nodes, after `extra`.
     node_extra: std::collections::BTreeMap<u64, Vec<String>>,
+    /// Extra environment variables of single nodes' processes.
+    node_env: std::collections::BTreeMap<u64, Vec<(String, String)>>,
 }
 
 impl Cluster {
@@ -102,7 +104,7 @@ impl Cluster {
     /// Prepares `total` node slots (all named in every node's `--peers`) but starts and forms
     /// the cluster with the first `started` only; the others can join later.
     pub fn start_some(total: usize, started: usize, extra: &[&str]) -> Cluster {
-        Cluster::launch_all(total, started, extra, &[], false)
+        Cluster::launch_all(total, started, extra, &[], &[], false)
     }
 
     /// [`Cluster::start_some`] with extra arguments for single nodes too: `(id, args)`.
@@ -112,14 +114,20 @@ impl Cluster {
         extra: &[&str],
         node_extra: &[(u64, &[&str])],
     ) -> Cluster {
-        Cluster::launch_all(total, started, extra, node_extra, false)
+        Cluster::launch_all(total, started, extra, node_extra, &[], false)
+    }
+
+    /// [`Cluster::start`] with extra environment variables for single nodes' processes, kept
+    /// for their restarts: `(id, [(name, value)])`.
+    pub fn start_with_env(n: usize, node_env: &[(u64, &[(&str, &str)])]) -> Cluster {
+        Cluster::launch_all(n, n, &[], &[], node_env, false)
     }
 
     /// [`Cluster::start`] with every node reached through a [`Relay`] of its own (its
     /// `--peers` entry, hence its member address, is the relay's), so that a test can cut one
     /// direction between two nodes with [`Cluster::block`].
     pub fn start_relayed(n: usize) -> Cluster {
-        Cluster::launch_all(n, n, &[], &[], true)
+        Cluster::launch_all(n, n, &[], &[], &[], true)
     }
 
     fn launch_all(
@@ -127,6 +135,7 @@ impl Cluster {
         started: usize,
         extra: &[&str],
         node_extra: &[(u64, &[&str])],
+        node_env: &[(u64, &[(&str, &str)])],
         relayed: bool,
     ) -> Cluster {
         let n = total;
@@ -152,6 +161,13 @@ impl Cluster {
             node_extra: node_extra
                 .iter()
                 .map(|(id, args)| (*id, args.iter().map(|s| s.to_string()).collect()))
+                .collect(),
+            node_env: node_env
+                .iter()
+                .map(|(id, vars)| {
+                    let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+                    (*id, vars.collect())
+                })
                 .collect(),
         };
         let ids: Vec<u64> = cluster.members.iter().map(|m| m.id).take(started).collect();
@@ -211,9 +227,16 @@ impl Cluster {
             args.extend(own.iter().map(String::as_str));
         }
         let data_dir = member.data_dir.clone();
+        let env: Vec<(&str, &str)> = self
+            .node_env
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let node = match file_size_limit {
             Some(kib) => Herald::start_with_file_size_limit(data_dir, kib, &args),
-            None => Herald::start_in(data_dir, &args, &[]),
+            None => Herald::start_in(data_dir, &args, &env),
         };
         self.members[(id - 1) as usize].node = Some(node);
     }

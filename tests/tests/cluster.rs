@@ -2200,3 +2200,71 @@ async fn a_node_of_another_cluster_is_refused_a_members_data_directory() {
     .await;
     let _ = std::fs::remove_dir_all(tls);
 }
+
+/// libfaketime, which shifts a process's wall clock (`scripts/install-test-deps` installs it).
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// A member whose clock runs two hours ahead leads a partition after a message id was
+/// committed there: its entries must not carry its clock, which would move the partition's
+/// clock two hours on and make every member forget the message id (a retry would commit
+/// twice). The members measure each other's clocks and the skewed one proposes with the
+/// majority's time; `herald cluster status` shows the skew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_with_a_clock_hours_ahead_does_not_make_the_cluster_forget_message_ids() {
+    const TWO_HOURS_MS: i64 = 2 * 3_600_000;
+    assert!(
+        std::path::Path::new(LIBFAKETIME).exists(),
+        "{LIBFAKETIME} is missing: run scripts/install-test-deps"
+    );
+    // The wall clock only: timers and Raft run on the monotonic clock.
+    let ahead: &[(&str, &str)] = &[
+        ("LD_PRELOAD", LIBFAKETIME),
+        ("FAKETIME", "+2h"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let mut cluster = Cluster::start_with_env(3, &[(3, ahead)]);
+    let near = |ms: Option<i64>, expected: i64| ms.is_some_and(|ms| (ms - expected).abs() < 60_000);
+    herald_tests::wait_until("node 3 knows its clock is two hours ahead", || {
+        let status = cluster.status(3).unwrap_or_default();
+        near(status["clock_correction_ms"].as_i64(), -TWO_HOURS_MS)
+    });
+    herald_tests::wait_until("node 1 sees node 3's clock two hours ahead", || {
+        let status = cluster.status(1).unwrap_or_default();
+        status["clock_correction_ms"].as_i64() == Some(0)
+            && near(status["links"]["3"]["clockOffsetMs"].as_i64(), TWO_HOURS_MS)
+    });
+    let (ok, table) = cluster.cli(1, &["status"]);
+    assert!(ok && table.contains("CLOCK +7200"), "{table}");
+
+    // Partition 2 is node 3's (its first voter): while node 3 is down, a message id is
+    // committed there under node 1's or 2's clock.
+    cluster.kill(3);
+    cluster.wait_converged();
+    let mut first = None;
+    for i in 0..64 {
+        let channel = format!("clock:{i}");
+        let reply = publish_until_acked(&cluster, 1, &channel, "once").await;
+        if partition_of_reply(&reply) == 2 {
+            first = Some((channel, reply));
+            break;
+        }
+    }
+    let (channel, first) = first.expect("a channel on partition 2");
+    assert_eq!(first["duplicate"], json!(false), "{first}");
+
+    // Node 3 comes back and takes partition 2 back; it commits there.
+    cluster.start_node(3, 3);
+    herald_tests::wait_until("node 3 leads partition 2 again", || {
+        cluster.leader_of(1, 2) == Some(3) && cluster.leader_of(3, 2) == Some(3)
+    });
+    let later = publish_until_acked(&cluster, 1, &channel, "later").await;
+    assert_eq!(partition_of_reply(&later), 2);
+
+    // The retry of the first publish is still known.
+    let retry = publish_until_acked(&cluster, 1, &channel, "once").await;
+    assert_eq!(
+        (&retry["duplicate"], &retry["position"]),
+        (&json!(true), &first["position"]),
+        "the message id was forgotten: {retry}"
+    );
+}

@@ -70,6 +70,7 @@ impl ClusterNode {
     pub(super) async fn handle_app(&self, from: NodeId, request: AppRequest) -> AppResponse {
         match request {
             AppRequest::Ping => AppResponse::Pong,
+            AppRequest::Clock => AppResponse::Clock(herald_storage::unix_now_ms()),
             AppRequest::Interest(interest) => {
                 self.inner.interest.update(from, interest);
                 AppResponse::Done(Ok(()))

@@ -40,12 +40,13 @@ impl ClusterNode {
                 continue;
             }
             let raft = raft.clone();
+            let clock = self.inner.clock.clone();
             tokio::spawn(async move {
                 let Ok(_round) = gate.rounds.try_read() else {
                     return;
                 };
                 let tick = Command::Publish {
-                    now_ms: herald_storage::unix_now_ms(),
+                    now_ms: clock.now_ms(),
                     publishes: Vec::new(),
                 };
                 if let Err(error) = raft.client_write(tick).await {

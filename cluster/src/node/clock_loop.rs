@@ -1,0 +1,84 @@
+//! The clock loop: measures every member's clock each [`CLOCK_ROUND`], so that this node's
+//! proposals carry the majority's time (see [`crate::clock`]), and warns when clocks disagree.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use herald_storage::raft::NodeId;
+use tokio::time::Instant;
+
+use super::ClusterNode;
+use crate::clock::{CLOCK_ROUND, CLOCK_TOLERANCE};
+use crate::message::{AppRequest, AppResponse, decode, encode};
+use crate::rpc::{Request, Response};
+
+impl ClusterNode {
+    /// Measures each other member's clock every [`CLOCK_ROUND`] (the first round at once)
+    /// and records the offsets; logs a warning when this node's own clock is corrected, or a
+    /// member's is off, by more than [`CLOCK_TOLERANCE`] (once each time that starts).
+    pub(super) async fn clock_loop(&self) {
+        let mut ticker = tokio::time::interval(CLOCK_ROUND);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let clock = &self.inner.clock;
+        let tolerance = CLOCK_TOLERANCE.as_millis() as i64;
+        let mut corrected = false;
+        let mut skewed: BTreeSet<NodeId> = BTreeSet::new();
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = self.inner.shutdown.cancelled() => break,
+            }
+            let members = self.members();
+            clock.retain(|id| members.contains_key(&id));
+            let request = Request::App(encode(&AppRequest::Clock));
+            let calls = members
+                .keys()
+                .copied()
+                .filter(|&peer| peer != self.inner.id)
+                .map(|peer| {
+                    let request = &request;
+                    async move {
+                        let sent_ms = herald_storage::unix_now_ms();
+                        let start = Instant::now();
+                        let answer = self
+                            .inner
+                            .peers
+                            .call(peer, request, Duration::from_secs(1))
+                            .await;
+                        let rtt = start.elapsed();
+                        if let Ok(Response::App(bytes)) = answer
+                            && let Ok(AppResponse::Clock(their_ms)) = decode(&bytes)
+                        {
+                            clock.record(peer, sent_ms, their_ms, rtt);
+                        }
+                    }
+                });
+            futures::future::join_all(calls).await;
+            let correction = clock.correction_ms();
+            if correction != 0 && !corrected {
+                tracing::warn!(
+                    correction_ms = correction,
+                    "this node's clock is off from the majority of the cluster's members; its proposals carry the corrected time, but fix its clock (NTP)"
+                );
+            } else if correction == 0 && corrected {
+                tracing::info!("this node's clock agrees with the majority of the cluster's again");
+            }
+            corrected = correction != 0;
+            for (peer, offset) in clock.offsets() {
+                // Relative to the cluster's time, not to this node's own clock.
+                let off = offset - correction;
+                if off.abs() > tolerance {
+                    if skewed.insert(peer) {
+                        tracing::warn!(
+                            peer,
+                            offset_ms = off,
+                            "a member's clock is off from the cluster's majority; fix its clock (NTP)"
+                        );
+                    }
+                } else {
+                    skewed.remove(&peer);
+                }
+            }
+        }
+    }
+}
