@@ -19,6 +19,7 @@
 //! a single node) uses its own clock.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use herald_storage::raft::NodeId;
@@ -47,6 +48,8 @@ struct Reading {
 #[derive(Debug, Default)]
 pub struct ClusterClock {
     readings: Mutex<BTreeMap<NodeId, Reading>>,
+    /// The correction as last computed ([`Self::refresh`]): what every proposal reads.
+    correction: AtomicI64,
 }
 
 impl ClusterClock {
@@ -91,19 +94,28 @@ impl ClusterClock {
             .collect()
     }
 
-    /// What to add to this node's clock to get the cluster's (ms): the median offset, when
-    /// past the tolerance; 0 otherwise.
-    pub fn correction_ms(&self) -> i64 {
+    /// Computes the correction from the fresh readings (the median offset, when past the
+    /// tolerance; 0 otherwise), keeps it for [`Self::now_ms`] and returns it. The clock loop
+    /// calls it after each round.
+    pub fn refresh(&self) -> i64 {
         let offsets: Vec<i64> = self.offsets().into_values().collect();
         let median = median_with_self(&offsets);
-        if median.unsigned_abs() > CLOCK_TOLERANCE.as_millis() as u64 {
+        let correction = if median.unsigned_abs() > CLOCK_TOLERANCE.as_millis() as u64 {
             median
         } else {
             0
-        }
+        };
+        self.correction.store(correction, Ordering::Relaxed);
+        correction
     }
 
-    /// The cluster's clock now (unix ms): what this node's proposals carry.
+    /// What this node adds to its clock to get the cluster's (ms), as last refreshed.
+    pub fn correction_ms(&self) -> i64 {
+        self.correction.load(Ordering::Relaxed)
+    }
+
+    /// The cluster's clock now (unix ms): what this node's proposals carry. One atomic read
+    /// on top of the wall clock: it runs for every proposal round.
     pub fn now_ms(&self) -> u64 {
         let local = herald_storage::unix_now_ms();
         local.saturating_add_signed(self.correction_ms())
@@ -157,10 +169,12 @@ mod tests {
         // Members 30 ms behind: within the tolerance.
         assert_eq!(clock.record(2, 1_000_000, 999_971, rtt), Some(-30));
         assert_eq!(clock.record(3, 1_000_000, 999_971, rtt), Some(-30));
-        assert_eq!(clock.correction_ms(), 0);
+        assert_eq!(clock.refresh(), 0);
         // An hour behind: corrected.
         clock.record(2, 10 * HOUR as u64, 9 * HOUR as u64 + 1, rtt);
         clock.record(3, 10 * HOUR as u64, 9 * HOUR as u64 + 1, rtt);
+        assert_eq!(clock.correction_ms(), 0, "not before the refresh");
+        assert_eq!(clock.refresh(), -HOUR);
         assert_eq!(clock.correction_ms(), -HOUR);
         let corrected = clock.now_ms() as i64;
         let local = herald_storage::unix_now_ms() as i64;
@@ -177,7 +191,7 @@ mod tests {
         clock.retain(|id| id != 3);
         assert_eq!(clock.offsets().len(), 1);
         assert_eq!(
-            clock.correction_ms(),
+            clock.refresh(),
             0,
             "one member against this node: no majority"
         );

@@ -54,7 +54,7 @@ impl ClusterNode {
                     }
                 });
             futures::future::join_all(calls).await;
-            let correction = clock.correction_ms();
+            let correction = clock.refresh();
             if correction != 0 && !corrected {
                 tracing::warn!(
                     correction_ms = correction,
