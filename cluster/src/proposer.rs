@@ -32,7 +32,7 @@ use crate::failover::LeaderContact;
 use crate::failure::GroupFailure;
 use crate::handoff::PartitionGate;
 use crate::message::{AppRequest, AppResponse, ProposeError, decode, encode};
-use crate::rpc::{Peers, Request, Response, RpcError};
+use crate::rpc::{Peers, Request, Response, RpcError, SILENT_AFTER};
 
 /// Batch limits and the publish deadline.
 #[derive(Clone, Debug)]
@@ -104,6 +104,9 @@ pub(crate) struct ProposerContext {
     pub contact: Arc<LeaderContact>,
     /// The cluster's time, which the entries proposed here carry.
     pub clock: Arc<ClusterClock>,
+    /// Whether every other member has gone silent to this node (`ClusterNode::isolated`):
+    /// nothing can commit here then, so publishes fail at once instead of at the deadline.
+    pub isolated: tokio::sync::watch::Receiver<bool>,
     /// The leader lease (the election timeout's maximum).
     pub lease: Duration,
     /// Where relaying starts looking for a member that reaches the leader.
@@ -278,6 +281,36 @@ impl ProposerContext {
         self.raft.metrics().borrow().current_leader == Some(self.id)
     }
 
+    /// Whether every other member of the partition's group (the whole cluster: the members
+    /// that are not voters are learners) is silent to this node ([`Peers::is_silent`]), as
+    /// of now; [`ProposerContext::isolated`] is the same, refreshed on a timer.
+    fn isolated_now(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let mut others = metrics
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .filter(|&id| id != self.id)
+            .peekable();
+        others.peek().is_some() && others.all(|id| self.peers.is_silent(id))
+    }
+
+    /// Runs one round, cut short (its outcome unknown: it may have gone out) if this node
+    /// loses every other member meanwhile ([`ProposerContext::isolated`]).
+    async fn unless_isolated(&self, round: impl std::future::Future<Output = Round>) -> Round {
+        let mut isolated = self.isolated.clone();
+        tokio::select! {
+            biased;
+            round = round => round,
+            // (Err: the node is stopping; the round goes on.)
+            Ok(_) = isolated.wait_for(|&cut_off| cut_off) => Round::Unknown(format!(
+                "this node lost its quorum while the publish was in flight: no other member has answered it for {SILENT_AFTER:?}"
+            )),
+        }
+    }
+
     async fn propose(&self, mut batch: Vec<ProposeRequest>) {
         let deadline = Instant::now() + self.options.publish_timeout;
         let group = partition_group(self.partition);
@@ -288,6 +321,21 @@ impl ProposerContext {
         loop {
             if batch.is_empty() {
                 return;
+            }
+            // Cut off from every other member: no round can commit here, so say so now rather
+            // than at the deadline; "not committed" only if no earlier round went out.
+            if self.isolated_now() {
+                let cut_off = format!(
+                    "this node lost its quorum: no other member of the cluster has answered it for {SILENT_AFTER:?}, so partition {} cannot commit here; publish to another node",
+                    self.partition
+                );
+                let error = match unknown {
+                    None => ProposeError::NotCommitted(cut_off),
+                    Some(why) => ProposeError::Unknown(format!(
+                        "{cut_off}; an earlier attempt may have committed ({why})"
+                    )),
+                };
+                return distribute(batch, Err(error));
             }
             let leader = self.raft.metrics().borrow().current_leader;
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -317,7 +365,8 @@ impl ProposerContext {
                         Ok(guard) => {
                             round_guard = Some(guard);
                             let remaining = deadline.saturating_duration_since(Instant::now());
-                            self.write_locally(&batch, remaining).await
+                            self.unless_isolated(self.write_locally(&batch, remaining))
+                                .await
                         }
                         Err(_) => Round::Retry,
                     }
@@ -341,9 +390,11 @@ impl ProposerContext {
                         return;
                     }
                     if direct {
-                        self.forward(leader, &batch, remaining).await
+                        self.unless_isolated(self.forward(leader, &batch, remaining))
+                            .await
                     } else {
-                        self.relay(Some(leader), &batch, remaining).await
+                        self.unless_isolated(self.relay(Some(leader), &batch, remaining))
+                            .await
                     }
                 }
                 None => {
@@ -368,7 +419,8 @@ impl ProposerContext {
                         }
                     }
                     let remaining = deadline.saturating_duration_since(Instant::now());
-                    self.relay(None, &batch, remaining).await
+                    self.unless_isolated(self.relay(None, &batch, remaining))
+                        .await
                 }
             };
             match round {

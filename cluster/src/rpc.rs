@@ -340,6 +340,13 @@ struct Slot {
     unanswered_since: Option<Instant>,
 }
 
+/// A peer that has left every call of this node unanswered this long is taken for gone
+/// ([`Peers::is_silent`]): a node that finds every other member so is cut off, and one that
+/// finds a majority so has lost its quorum, a second after it happened rather than at the
+/// Raft timers' verdicts. Raft heartbeats make a call every 75 ms, so a live member answers
+/// several in that time even on a loaded machine.
+pub const SILENT_AFTER: Duration = Duration::from_secs(1);
+
 /// The client side of node-to-node RPC: at most one live connection per peer, shared by all
 /// callers (share the `Peers` itself in an `Arc`).
 ///
@@ -414,6 +421,13 @@ impl Peers {
         let slot = self.slots.lock().get(&id).cloned()?;
         let since = slot.lock().unanswered_since?;
         Some(since.elapsed())
+    }
+
+    /// Whether `id` counts as gone silent: it is unreachable ([`Self::is_unreachable`]) or
+    /// has left this node's calls unanswered for [`SILENT_AFTER`] ([`Self::unanswered_for`]).
+    /// A member that answers anything within that time is not.
+    pub fn is_silent(&self, id: NodeId) -> bool {
+        self.is_unreachable(id) || self.unanswered_for(id).is_some_and(|d| d >= SILENT_AFTER)
     }
 
     /// Resolves once `id` has left calls unanswered for `silence` ([`Self::unanswered_for`]),

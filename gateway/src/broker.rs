@@ -293,7 +293,7 @@ impl Broker {
     pub fn is_ready(&self) -> bool {
         match &self.log {
             Log::Local(_) => true,
-            Log::Cluster(node) => node.has_quorum(),
+            Log::Cluster(node) => node.has_quorum() && node.reaches_majority(),
         }
     }
 }

@@ -6,8 +6,10 @@
 //! (on this node or another), which replays history and loses nothing.
 //!
 //! - **Quorum lost** ([`Reason::NoQuorum`]): the node has been cut off from its cluster for
-//!   [`CUT_OFF_AFTER`]; nothing new commits here. Raised while it lasts, so a client that
-//!   comes back too early is sent away again.
+//!   [`CUT_OFF_AFTER`] (a Raft group without a leader it hears), or a majority of the members
+//!   has answered none of its calls for a second (`ClusterNode::reaches_majority`: then at
+//!   once); nothing new commits here. Raised while it lasts, so a client that comes back too
+//!   early is sent away again.
 //! - **Stopped** ([`Reason::StorageFailed`], [`Reason::GroupStopped`]): one of the node's Raft
 //!   groups stopped, on a storage failure (a full disk) or for another reason (its Raft task
 //!   panicked), so that partition's events no longer reach this node. Raised at once and while
@@ -169,12 +171,15 @@ impl Reconnect {
                         );
                         let _ = cut_off_tx.send(Some(reason));
                     }
-                } else if !node.is_formed() || node.has_quorum() {
+                } else if !node.is_formed() || (node.has_quorum() && node.reaches_majority()) {
                     without_quorum = None;
                     cut_off_tx.send_if_modified(|v| v.take().is_some());
                 } else {
                     let since = *without_quorum.get_or_insert_with(tokio::time::Instant::now);
-                    if since.elapsed() >= CUT_OFF_AFTER && cut_off_tx.borrow().is_none() {
+                    // A majority of the members silent for a second already (no failover
+                    // elsewhere looks like that): at once; otherwise after CUT_OFF_AFTER.
+                    let cut_off = since.elapsed() >= CUT_OFF_AFTER || !node.reaches_majority();
+                    if cut_off && cut_off_tx.borrow().is_none() {
                         tracing::warn!(
                             "this node has lost its quorum: telling streaming and subscribed clients to reconnect elsewhere"
                         );

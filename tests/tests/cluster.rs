@@ -2268,3 +2268,53 @@ async fn a_member_with_a_clock_hours_ahead_does_not_make_the_cluster_forget_mess
         "the message id was forgotten: {retry}"
     );
 }
+
+/// A node no other member answers any more refuses durable publishes as soon as it knows (a
+/// second of silence), saying it lost its quorum and that nothing was committed, rather than
+/// holding each one for the publish timeout (two minutes here: a wait would fail the test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_no_member_answers_refuses_publishes_at_once() {
+    let mut cluster = Cluster::start_with(3, &["--publish-timeout", "120s"]);
+    let lone = cluster.node(1).http;
+    // Channels on every partition, whether node 1 leads it or forwards to its leader.
+    let mut channels = Vec::new();
+    for k in 0..64 {
+        let channel = format!("orders:{k}");
+        let reply = try_publish(lone, &json!({ "channel": channel, "data": 0 }))
+            .await
+            .expect("publish while the cluster is whole");
+        let partition = partition_of_reply(&reply);
+        if !channels.iter().any(|(_, p)| *p == partition) {
+            channels.push((channel, partition));
+        }
+    }
+    assert_eq!(channels.len(), 4, "a channel per partition: {channels:?}");
+    cluster.kill(2);
+    cluster.kill(3);
+    // A publish in flight when the silence is established is told its outcome is unknown;
+    // once node 1 knows, every one is refused at once.
+    let refused = |error: &str| {
+        error.starts_with("503")
+            && error.contains("lost its quorum")
+            && error.contains("nothing was committed")
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let error = try_publish(lone, &json!({ "channel": channels[0].0, "data": 1 }))
+            .await
+            .expect_err("a node cut off from every member must not acknowledge");
+        if refused(&error) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never refused at once: {error}"
+        );
+    }
+    for (channel, partition) in &channels {
+        let error = try_publish(lone, &json!({ "channel": channel, "data": 2 }))
+            .await
+            .expect_err("a node cut off from every member must not acknowledge");
+        assert!(refused(&error), "partition {partition}: {error}");
+    }
+}
