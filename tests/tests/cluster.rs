@@ -220,6 +220,7 @@ async fn a_publish_on_one_node_reaches_subscribers_on_the_others() {
         "herald_raft_group_stopped 0",
         "herald_cluster_has_quorum 1",
         "herald_cluster_members 3",
+        "herald_clock_correction_ms 0",
         "herald_raft_term{group=\"0\"}",
         "herald_raft_leader{group=\"1\"}",
         "herald_raft_elections_called_total{group=\"0\"}",
@@ -2235,6 +2236,21 @@ async fn a_member_with_a_clock_hours_ahead_does_not_make_the_cluster_forget_mess
     });
     let (ok, table) = cluster.cli(1, &["status"]);
     assert!(ok && table.contains("CLOCK +7200"), "{table}");
+    // Prometheus sees it too.
+    let metrics = reqwest::get(format!("http://{}/metrics", cluster.node(3).http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let correction = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("herald_clock_correction_ms "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(
+        near(correction.map(|c| c as i64), -TWO_HOURS_MS),
+        "{correction:?} in:\n{metrics}"
+    );
 
     // Partition 2 is node 3's (its first voter): while node 3 is down, a message id is
     // committed there under node 1's or 2's clock.

@@ -161,7 +161,7 @@ pub async fn metrics(State(state): State<HttpState>) -> Response {
 }
 
 /// The cluster as Prometheus sees it, from this node's view (`herald cluster status` in
-/// numbers): quorum, and per Raft group (`group` 0 is the meta group, `group` p+1 partition
+/// numbers): quorum, clocks, and per Raft group (`group` 0 is the meta group, `group` p+1 partition
 /// p) its term, leader, log and apply positions, elections this node called, and (on the
 /// leader) each follower's lag in entries.
 fn cluster_metrics(node: &herald_cluster::node::ClusterNode) {
@@ -177,6 +177,15 @@ fn cluster_metrics(node: &herald_cluster::node::ClusterNode) {
     metrics::counter!("herald_interest_pushes_total").absolute(sync.pushes.load(Ordering::Relaxed));
     let status = node.status();
     metrics::gauge!("herald_cluster_members").set(status.members.len() as f64);
+    // Clocks: what this node adds to its own to propose with the majority's time (0 when it
+    // agrees), and each member's measured offset (its clock minus this node's).
+    metrics::gauge!("herald_clock_correction_ms").set(status.clock_correction_ms as f64);
+    for (peer, link) in &status.links {
+        if let Some(offset) = link.clock_offset_ms {
+            metrics::gauge!("herald_peer_clock_offset_ms", "peer" => peer.to_string())
+                .set(offset as f64);
+        }
+    }
     for g in &status.groups {
         let group = g.group.to_string();
         let leader = g.leader.map_or(-1.0, |l| l as f64);
