@@ -506,15 +506,21 @@ impl ClusterNode {
         others.peek().is_some() && others.all(|&id| self.inner.peers.is_silent(id))
     }
 
-    /// Refreshes [`Self::isolated`] for the proposers every [`ISOLATION_CHECK`].
+    /// Refreshes [`Self::isolated`] for the proposers every [`ISOLATION_CHECK`]: true once
+    /// two checks in a row find it, so that a node that was itself stopped (SIGSTOP, a VM
+    /// pause), to which every call made before looks a second unanswered, does not refuse
+    /// publishes in the milliseconds before the first answers come in.
     async fn isolation_loop(&self) {
         let mut ticker = tokio::time::interval(ISOLATION_CHECK);
+        let mut seen = false;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
                 () = self.inner.shutdown.cancelled() => break,
             }
-            let isolated = self.isolated();
+            let now = self.isolated();
+            let isolated = now && seen;
+            seen = now;
             self.inner.isolated.send_if_modified(|was| {
                 let changed = *was != isolated;
                 *was = isolated;

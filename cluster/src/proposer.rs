@@ -281,22 +281,6 @@ impl ProposerContext {
         self.raft.metrics().borrow().current_leader == Some(self.id)
     }
 
-    /// Whether every other member of the partition's group (the whole cluster: the members
-    /// that are not voters are learners) is silent to this node ([`Peers::is_silent`]), as
-    /// of now; [`ProposerContext::isolated`] is the same, refreshed on a timer.
-    fn isolated_now(&self) -> bool {
-        let metrics = self.raft.metrics();
-        let metrics = metrics.borrow();
-        let mut others = metrics
-            .membership_config
-            .membership()
-            .nodes()
-            .map(|(id, _)| *id)
-            .filter(|&id| id != self.id)
-            .peekable();
-        others.peek().is_some() && others.all(|id| self.peers.is_silent(id))
-    }
-
     /// Runs one round, cut short (its outcome unknown: it may have gone out) if this node
     /// loses every other member meanwhile ([`ProposerContext::isolated`]).
     async fn unless_isolated(&self, round: impl std::future::Future<Output = Round>) -> Round {
@@ -324,7 +308,7 @@ impl ProposerContext {
             }
             // Cut off from every other member: no round can commit here, so say so now rather
             // than at the deadline; "not committed" only if no earlier round went out.
-            if self.isolated_now() {
+            if *self.isolated.borrow() {
                 let cut_off = format!(
                     "this node lost its quorum: no other member of the cluster has answered it for {SILENT_AFTER:?}, so partition {} cannot commit here; publish to another node",
                     self.partition
