@@ -76,6 +76,16 @@ fn partition_of_reply(reply: &Value) -> u16 {
     partition.parse().expect("a partition number")
 }
 
+/// The `/metrics` text of the node serving HTTP at `http`.
+async fn metrics_of(http: std::net::SocketAddr) -> String {
+    reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// One HTTP publish attempt: `Ok(reply)` on 200, `Err(text)` otherwise.
 async fn try_publish(http: std::net::SocketAddr, body: &Value) -> Result<Value, String> {
     let response = reqwest::Client::new()
@@ -208,12 +218,7 @@ async fn a_publish_on_one_node_reaches_subscribers_on_the_others() {
     assert_eq!(event.data, r#"{"step":3}"#);
 
     // Prometheus sees the cluster: quorum, and each group's term and leader.
-    let metrics = reqwest::get(format!("http://{}/metrics", b.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(b.http).await;
     for line in [
         "herald_ready 1",
         "herald_storage_failed 0",
@@ -1455,12 +1460,7 @@ async fn a_member_whose_disk_fills_sends_its_clients_away_and_catches_up_after_a
     assert!(told.contains("storage failed"), "{told}");
     let stats = herald_tests::cluster::get_json(cluster.node(3), "/api/realtime/stats").unwrap();
     assert_eq!(stats["status"], "storage failed", "{stats}");
-    let metrics = reqwest::get(format!("http://{}/metrics", cluster.node(3).http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(cluster.node(3).http).await;
     for line in ["herald_storage_failed 1", "herald_raft_group_stopped 0"] {
         assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
     }
@@ -2237,12 +2237,7 @@ async fn a_member_with_a_clock_hours_ahead_does_not_make_the_cluster_forget_mess
     let (ok, table) = cluster.cli(1, &["status"]);
     assert!(ok && table.contains("CLOCK +7200"), "{table}");
     // Prometheus sees it too.
-    let metrics = reqwest::get(format!("http://{}/metrics", cluster.node(3).http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(cluster.node(3).http).await;
     let correction = metrics
         .lines()
         .find_map(|l| l.strip_prefix("herald_clock_correction_ms "))
