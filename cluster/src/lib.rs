@@ -37,6 +37,8 @@
 //!   - `node/elections.rs`: the node's side of fast failover and pre-vote.
 //!   - `node/interest_loop.rs`: pushing this node's interest to the other members.
 //!   - `node/clock_loop.rs`: measuring the members' clocks.
+//!   - `node/reachability.rs`: whether this node still reaches a majority, or anyone, from
+//!     its own calls (not ready, streams moved, publishes refused at once).
 //!   - `node/handler.rs`: what a node answers other nodes ([`Handler`], the node's requests).
 //!   - `node/meta.rs`: writes through the meta leader (join, remove, namespaces, `Init`).
 //!   - `node/hand_over.rs`: handing the partitions a node leads over at shutdown.

@@ -58,6 +58,9 @@ mod handler;
 mod interest_loop;
 mod meta;
 mod placement_loop;
+mod reachability;
+
+pub use reachability::Reach;
 
 /// How a node joins (or forms) a cluster.
 #[derive(Clone, Debug)]
@@ -140,9 +143,6 @@ pub const MAX_PUBLISH_BYTES: usize = crate::rpc::MAX_FRAME / 2;
 /// How long a shutting-down node spends handing its partitions over before it stops.
 const HAND_OVER_LIMIT: Duration = Duration::from_secs(3);
 
-/// How often [`ClusterNode::isolated`] is refreshed for the proposers.
-const ISOLATION_CHECK: Duration = Duration::from_millis(100);
-
 /// How long a "not a member" answer counts (see [`ClusterNode::is_removed`]): a removed node
 /// keeps probing while it hears no leader, so the answer is renewed; a node joined again stops
 /// getting it.
@@ -194,9 +194,9 @@ struct Inner {
     contact: Arc<LeaderContact>,
     /// The members' clock offsets: what this node's proposals take as the time.
     clock: Arc<ClusterClock>,
-    /// Whether every other member is silent to this node ([`ClusterNode::isolated`]),
-    /// refreshed every [`ISOLATION_CHECK`]; the proposers watch it.
-    isolated: watch::Sender<bool>,
+    /// How many members answer this node, as the reachability loop last judged it
+    /// (`node/reachability.rs`); the proposers watch it.
+    reach: watch::Sender<Reach>,
     raft_timings: RaftTimings,
     /// Per partition: held by its proposer's rounds here, exclusively by a hand-back.
     gates: Vec<Arc<PartitionGate>>,
@@ -342,7 +342,7 @@ impl ClusterNode {
                 hooks,
                 contact: Arc::new(LeaderContact::new(usize::from(partitions) + 1)),
                 clock: Arc::default(),
-                isolated: watch::Sender::new(false),
+                reach: watch::Sender::new(Reach::default()),
                 raft_timings: config.raft,
                 gates: (0..partitions).map(|_| Arc::default()).collect(),
                 takeovers: (0..=partitions).map(|_| AtomicU64::new(0)).collect(),
@@ -363,7 +363,7 @@ impl ClusterNode {
                 gate: node.inner.gates[usize::from(partition)].clone(),
                 contact: node.inner.contact.clone(),
                 clock: node.inner.clock.clone(),
-                isolated: node.inner.isolated.subscribe(),
+                reach: node.inner.reach.subscribe(),
                 lease: Duration::from_millis(config.raft.election_max_ms),
             };
             tokio::spawn(proposer::run(ctx, rx));
@@ -388,7 +388,7 @@ impl ClusterNode {
         }
         {
             let node = node.clone();
-            tokio::spawn(async move { node.isolation_loop().await });
+            tokio::spawn(async move { node.reachability_loop().await });
         }
         {
             let node = node.clone();
@@ -476,57 +476,6 @@ impl ClusterNode {
             .await
             .map_err(|_| ProposeError::Closed)?;
         Ok(rx)
-    }
-
-    /// Whether this node reaches a majority of the cluster's members (itself included): those
-    /// not silent ([`Peers::is_silent`]). False only in a formed cluster where more than half
-    /// the members have answered none of this node's calls for [`crate::rpc::SILENT_AFTER`]:
-    /// nothing can commit with this node then, and its live delivery has stopped.
-    pub fn reaches_majority(&self) -> bool {
-        if !self.is_formed() {
-            return true;
-        }
-        let members = self.members();
-        let answering = members
-            .keys()
-            .filter(|&&id| id == self.inner.id || !self.inner.peers.is_silent(id))
-            .count();
-        2 * answering > members.len()
-    }
-
-    /// Whether every other member of the formed cluster is silent to this node
-    /// ([`Peers::is_silent`]: unreachable, or no answer to its calls for
-    /// [`crate::rpc::SILENT_AFTER`]): it is cut off, and nothing can commit here.
-    pub fn isolated(&self) -> bool {
-        if !self.is_formed() {
-            return false;
-        }
-        let members = self.members();
-        let mut others = members.keys().filter(|&&id| id != self.inner.id).peekable();
-        others.peek().is_some() && others.all(|&id| self.inner.peers.is_silent(id))
-    }
-
-    /// Refreshes [`Self::isolated`] for the proposers every [`ISOLATION_CHECK`]: true once
-    /// two checks in a row find it, so that a node that was itself stopped (SIGSTOP, a VM
-    /// pause), to which every call made before looks a second unanswered, does not refuse
-    /// publishes in the milliseconds before the first answers come in.
-    async fn isolation_loop(&self) {
-        let mut ticker = tokio::time::interval(ISOLATION_CHECK);
-        let mut seen = false;
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                () = self.inner.shutdown.cancelled() => break,
-            }
-            let now = self.isolated();
-            let isolated = now && seen;
-            seen = now;
-            self.inner.isolated.send_if_modified(|was| {
-                let changed = *was != isolated;
-                *was = isolated;
-                changed
-            });
-        }
     }
 
     /// Whether this node can currently commit: every partition group has a leader it has heard

@@ -104,9 +104,9 @@ pub(crate) struct ProposerContext {
     pub contact: Arc<LeaderContact>,
     /// The cluster's time, which the entries proposed here carry.
     pub clock: Arc<ClusterClock>,
-    /// Whether every other member has gone silent to this node (`ClusterNode::isolated`):
-    /// nothing can commit here then, so publishes fail at once instead of at the deadline.
-    pub isolated: tokio::sync::watch::Receiver<bool>,
+    /// This node's reachability (`node/reachability.rs`): once every other member is silent,
+    /// nothing can commit here, so publishes fail at once instead of at the deadline.
+    pub reach: tokio::sync::watch::Receiver<crate::node::Reach>,
     /// The leader lease (the election timeout's maximum).
     pub lease: Duration,
     /// Where relaying starts looking for a member that reaches the leader.
@@ -282,14 +282,14 @@ impl ProposerContext {
     }
 
     /// Runs one round, cut short (its outcome unknown: it may have gone out) if this node
-    /// loses every other member meanwhile ([`ProposerContext::isolated`]).
+    /// loses every other member meanwhile ([`ProposerContext::reach`]).
     async fn unless_isolated(&self, round: impl std::future::Future<Output = Round>) -> Round {
-        let mut isolated = self.isolated.clone();
+        let mut reach = self.reach.clone();
         tokio::select! {
             biased;
             round = round => round,
             // (Err: the node is stopping; the round goes on.)
-            Ok(_) = isolated.wait_for(|&cut_off| cut_off) => Round::Unknown(format!(
+            Ok(_) = reach.wait_for(|r| r.isolated) => Round::Unknown(format!(
                 "this node lost its quorum while the publish was in flight: no other member has answered it for {SILENT_AFTER:?}"
             )),
         }
@@ -308,7 +308,7 @@ impl ProposerContext {
             }
             // Cut off from every other member: no round can commit here, so say so now rather
             // than at the deadline; "not committed" only if no earlier round went out.
-            if *self.isolated.borrow() {
+            if self.reach.borrow().isolated {
                 let cut_off = format!(
                     "this node lost its quorum: no other member of the cluster has answered it for {SILENT_AFTER:?}, so partition {} cannot commit here; publish to another node",
                     self.partition

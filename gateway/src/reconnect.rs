@@ -140,11 +140,6 @@ impl Reconnect {
         let skips = skips_tx.subscribe();
         tokio::spawn(async move {
             let mut without_quorum: Option<tokio::time::Instant> = None;
-            // Whether the last check found a majority of the members silent: it takes two
-            // checks in a row, so that a node that was itself stopped (SIGSTOP, a VM pause)
-            // and sees every call it made before as a second unanswered does not send its
-            // clients away in the milliseconds before the first answers come in.
-            let mut minority_seen = false;
             let mut detector = SkipDetector::new(delivered.len());
             let mut ticker = tokio::time::interval(CHECK_EVERY);
             loop {
@@ -178,16 +173,12 @@ impl Reconnect {
                     }
                 } else if !node.is_formed() || (node.has_quorum() && node.reaches_majority()) {
                     without_quorum = None;
-                    minority_seen = false;
                     cut_off_tx.send_if_modified(|v| v.take().is_some());
                 } else {
                     let since = *without_quorum.get_or_insert_with(tokio::time::Instant::now);
                     // A majority of the members silent for a second already (no failover
-                    // elsewhere looks like that), on two checks in a row: now; otherwise
-                    // after CUT_OFF_AFTER.
-                    let minority = !node.reaches_majority();
-                    let cut_off = since.elapsed() >= CUT_OFF_AFTER || (minority && minority_seen);
-                    minority_seen = minority;
+                    // elsewhere looks like that): now; otherwise after CUT_OFF_AFTER.
+                    let cut_off = since.elapsed() >= CUT_OFF_AFTER || !node.reaches_majority();
                     if cut_off && cut_off_tx.borrow().is_none() {
                         tracing::warn!(
                             "this node has lost its quorum: telling streaming and subscribed clients to reconnect elsewhere"
