@@ -2202,8 +2202,17 @@ async fn a_node_of_another_cluster_is_refused_a_members_data_directory() {
     let _ = std::fs::remove_dir_all(tls);
 }
 
-/// libfaketime, which shifts a process's wall clock (`scripts/install-test-deps` installs it).
-const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+/// libfaketime, which shifts a process's wall clock (`scripts/install-test-deps` installs
+/// it), under the machine's multiarch directory (`/usr/lib/<arch>-linux-gnu/faketime`).
+fn libfaketime() -> Option<String> {
+    std::fs::read_dir("/usr/lib")
+        .ok()?
+        .flatten()
+        .find_map(|dir| {
+            let lib = dir.path().join("faketime/libfaketime.so.1");
+            lib.exists().then(|| lib.to_string_lossy().into_owned())
+        })
+}
 
 /// A member whose clock runs two hours ahead leads a partition after a message id was
 /// committed there: its entries must not carry its clock, which would move the partition's
@@ -2213,13 +2222,10 @@ const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_with_a_clock_hours_ahead_does_not_make_the_cluster_forget_message_ids() {
     const TWO_HOURS_MS: i64 = 2 * 3_600_000;
-    assert!(
-        std::path::Path::new(LIBFAKETIME).exists(),
-        "{LIBFAKETIME} is missing: run scripts/install-test-deps"
-    );
+    let libfaketime = libfaketime().expect("libfaketime is missing: run scripts/install-test-deps");
     // The wall clock only: timers and Raft run on the monotonic clock.
     let ahead: &[(&str, &str)] = &[
-        ("LD_PRELOAD", LIBFAKETIME),
+        ("LD_PRELOAD", libfaketime.as_str()),
         ("FAKETIME", "+2h"),
         ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
     ];
