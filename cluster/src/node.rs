@@ -368,7 +368,12 @@ impl ClusterNode {
             };
             tokio::spawn(proposer::run(ctx, rx));
         }
-        rpc::serve(transport, Arc::new(node.clone()), shutdown.clone());
+        rpc::serve(
+            transport,
+            Arc::new(node.clone()),
+            node.inner.peers.clone(),
+            shutdown.clone(),
+        );
         if config.bootstrap_expect > 0 {
             let node = node.clone();
             let expect = config.bootstrap_expect;

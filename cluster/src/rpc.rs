@@ -541,6 +541,23 @@ impl Peers {
         slot.generation += 1;
     }
 
+    /// Node `id` has just connected to this node, so it is up: a backoff after failed dials
+    /// to it (while it was down or restarting) ends, and the next call dials at once instead
+    /// of up to [`PeersOptions::backoff_max`] later. A restarted leader's followers, and a
+    /// restarted follower's leaders, otherwise reached it only when their backoff ran out:
+    /// meanwhile it heard no leader and caught up with nothing.
+    pub fn dialed_in(&self, id: NodeId) {
+        let Some(slot) = self.slots.lock().get(&id).cloned() else {
+            return;
+        };
+        let mut slot = slot.lock();
+        if matches!(slot.link, Link::Backoff { .. }) {
+            tracing::debug!(peer = id, "the peer connected: its backoff ends");
+            slot.link = Link::Idle;
+            slot.backoff = self.options.backoff_initial;
+        }
+    }
+
     /// Forgets node `id` (removed from the cluster): closes its connection.
     pub fn remove(&self, id: NodeId) {
         let removed = self.slots.lock().remove(&id);
@@ -978,12 +995,14 @@ pub trait Handler: Send + Sync + 'static {
 
 /// Serves RPCs arriving at `transport` until `shutdown` is cancelled or the endpoint closes:
 /// each connection in its own task (handshake and membership check included), each stream in
-/// its own task. The returned task ends once the accept loop and the connection tasks have
-/// stopped; calls already being answered are not waited for (close the transport with
-/// [`Transport::shutdown`] afterwards).
+/// its own task. A peer that connects ends its backoff in `peers`, this node's client side
+/// ([`Peers::dialed_in`]). The returned task ends once the accept loop and the connection
+/// tasks have stopped; calls already being answered are not waited for (close the transport
+/// with [`Transport::shutdown`] afterwards).
 pub fn serve(
     transport: Arc<Transport>,
     handler: Arc<dyn Handler>,
+    peers: Arc<Peers>,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -998,6 +1017,7 @@ pub fn serve(
             connections.spawn(serve_connection(
                 incoming,
                 handler.clone(),
+                peers.clone(),
                 shutdown.clone(),
             ));
         }
@@ -1009,6 +1029,7 @@ pub fn serve(
 async fn serve_connection(
     incoming: IncomingPeer,
     handler: Arc<dyn Handler>,
+    peers: Arc<Peers>,
     shutdown: CancellationToken,
 ) {
     let peer = tokio::select! {
@@ -1019,6 +1040,7 @@ async fn serve_connection(
         },
     };
     tracing::debug!(peer = peer.peer, addr = %peer.connection.remote_address(), "cluster connection accepted");
+    peers.dialed_in(peer.peer);
     // The store id the peer shows on this connection (its first request): Raft messages are
     // judged by it, per connection.
     let shown: Arc<std::sync::OnceLock<u64>> = Arc::default();

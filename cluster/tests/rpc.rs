@@ -150,8 +150,13 @@ impl Node {
             ..Default::default()
         });
         let shutdown = CancellationToken::new();
-        let server = serve(transport.clone(), handler.clone(), shutdown.clone());
         let peers = Peers::with_options(transport.clone(), options);
+        let server = serve(
+            transport.clone(),
+            handler.clone(),
+            peers.clone(),
+            shutdown.clone(),
+        );
         if let Some(stores) = stores {
             peers.set_store_ids(stores);
         }
@@ -476,6 +481,62 @@ async fn a_down_node_is_unreachable_then_reachable_once_it_is_up() {
         other => panic!("{other:?}"),
     }
     tracing::info!(unreachable, dials = a.peers.dials(), "reconnected");
+
+    a.stop().await;
+    b.stop().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A peer that dials in is up: the backoff this node was in after failing to dial it ends at
+/// once. (A restarted node otherwise heard nothing from the members that had failed to dial
+/// it while it was down until their backoff ran out: a leader's heartbeats among them.)
+#[tokio::test]
+async fn a_peer_that_dials_in_ends_the_backoff_on_it() {
+    init_tracing();
+    let dir = cert_dir("dialed-in", &[1, 2]);
+    let localhost = "127.0.0.1:0".parse().unwrap();
+    // A backoff far longer than the test: only its end lets node 1 reach node 2 again.
+    let options = PeersOptions {
+        connect_timeout: Duration::from_millis(300),
+        backoff_initial: Duration::from_secs(600),
+        backoff_max: Duration::from_secs(600),
+    };
+    let a = Node::start(bind(&dir, 1, localhost).unwrap(), options);
+    let b_addr = {
+        let b = bind(&dir, 2, localhost).unwrap();
+        let addr = b.local_addr().unwrap();
+        b.shutdown().await;
+        addr
+    };
+    a.peers.set_addr(2, b_addr);
+    for _ in 0..2 {
+        let error = a
+            .peers
+            .call(2, &app(b"hello?"), PATIENCE)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, RpcError::Unreachable { .. }), "{error}");
+    }
+
+    let deadline = Instant::now() + PATIENCE;
+    let b = loop {
+        match bind(&dir, 2, b_addr) {
+            Ok(transport) => break Node::start(transport, PeersOptions::default()),
+            Err(error) if Instant::now() < deadline => {
+                tracing::debug!(%error, "rebinding");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => panic!("{error}"),
+        }
+    };
+    // Node 2 calls node 1 (answered once node 1 has accepted its connection)...
+    b.peers.set_addr(1, a.addr());
+    b.peers.call(1, &app(b"back"), PATIENCE).await.unwrap();
+    // ...and node 1's next call to node 2 dials at once.
+    match a.peers.call(2, &app(b"hello"), PATIENCE).await {
+        Ok(Response::App(bytes)) => assert_eq!(&bytes[..], b"node 2 to node 1: hello"),
+        other => panic!("node 1 still in backoff on node 2 after it dialed in: {other:?}"),
+    }
 
     a.stop().await;
     b.stop().await;
