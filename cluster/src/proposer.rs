@@ -81,11 +81,6 @@ impl ProposeRequest {
     fn forwarded(&self) -> bool {
         self.origin.is_some()
     }
-
-    /// Forwarded here, and not to be passed on to another node.
-    fn final_hop(&self) -> bool {
-        self.origin.is_some() && !self.relayed
-    }
 }
 
 /// The longest a leader's round waits for the next batch of a busy forwarder.
@@ -364,7 +359,7 @@ impl ProposerContext {
                         && !self.peers.is_unreachable(leader);
                     batch = reject(
                         batch,
-                        |r| r.final_hop() || (r.relayed && !direct),
+                        |r| !may_pass_on(r, leader, direct),
                         &ProposeError::NotLeader {
                             group,
                             leader: Some(leader),
@@ -580,10 +575,34 @@ impl ProposerContext {
             publishes: all_publishes(batch),
         };
         let timeout = remaining + Duration::from_millis(500);
-        let answer = self
-            .peers
-            .call(via, &Request::App(encode(&request)), timeout)
-            .await;
+        let request = Request::App(encode(&request));
+        let call = self.peers.call(via, &request, timeout);
+        tokio::pin!(call);
+        // This node may be elected (or handed the partition) while the member passes the batch
+        // on; from then on publishes forwarded here wait for this proposer, and the member
+        // itself may be forwarding its own publishes here, holding the relayed batch in its
+        // queue behind them: each waits for the other until the call times out. So once this
+        // node leads, the member gets a lease to answer (it turns a batch relayed by the
+        // leader away at once), then the batch's outcome is unknown: retried here if every
+        // publish carries a message id.
+        let mut metrics = self.raft.metrics();
+        let me = self.id;
+        let became_leader = async move {
+            let _ = metrics.wait_for(|m| m.current_leader == Some(me)).await;
+        };
+        let answer = tokio::select! {
+            biased;
+            answer = &mut call => answer,
+            _ = became_leader => match tokio::time::timeout(self.lease, &mut call).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    return Round::Unknown(format!(
+                        "this node became partition {}'s leader while node {via} relayed the publish, which did not answer within {:?}",
+                        self.partition, self.lease
+                    ));
+                }
+            },
+        };
         round_of(answer, via, Hop::Relay)
     }
 
@@ -679,6 +698,22 @@ fn round_of(answer: Result<Response, RpcError>, to: NodeId, hop: Hop) -> Round {
     }
 }
 
+/// Whether `request`, which reached this node, may be sent on to the partition's `leader`
+/// (`direct`: over a link that works). This node's own clients' requests may; a forwarded one
+/// goes no further unless it was relayed, and a relayed one goes only over a working link and
+/// never back to the node that relayed it. That node became the leader after sending it (a
+/// node just restarted relays until it first hears the leader, and is often handed a
+/// partition moments later): its proposer is still waiting for this answer, so the request
+/// would queue behind that very wait until a timeout or a hand-back broke the cycle (seconds
+/// without a commit in rolling restarts). Answered "not the leader" instead, it is proposed
+/// there at once.
+fn may_pass_on(request: &ProposeRequest, leader: NodeId, direct: bool) -> bool {
+    match request.origin {
+        None => true,
+        Some(origin) => request.relayed && direct && origin != leader,
+    }
+}
+
 /// The members a batch may be relayed through: every member but this node, the leader it
 /// cannot reach and those it cannot reach either, in id order.
 fn relay_peers(
@@ -708,5 +743,25 @@ mod tests {
         assert_eq!(relay_peers(&members, 2, Some(1), |id| id == 3), vec![4]);
         assert_eq!(relay_peers(&members, 2, None, |_| false), vec![1, 3, 4]);
         assert!(relay_peers(&[1, 2], 2, Some(1), |_| false).is_empty());
+    }
+
+    #[test]
+    fn a_relayed_batch_is_never_sent_back_to_the_node_that_relayed_it() {
+        let request = |origin: Option<NodeId>, relayed: bool| ProposeRequest {
+            publishes: Vec::new(),
+            origin,
+            relayed,
+            reply: oneshot::channel().0,
+        };
+        // This node's own clients' publishes go to the leader, over any link.
+        assert!(may_pass_on(&request(None, false), 1, true));
+        assert!(may_pass_on(&request(None, false), 1, false));
+        // A forwarded one goes no further.
+        assert!(!may_pass_on(&request(Some(2), false), 1, true));
+        // A relayed one goes on once, over a link that works...
+        assert!(may_pass_on(&request(Some(2), true), 1, true));
+        assert!(!may_pass_on(&request(Some(2), true), 1, false));
+        // ...but not back to the node that relayed it, now the leader itself.
+        assert!(!may_pass_on(&request(Some(1), true), 1, true));
     }
 }
