@@ -15,15 +15,21 @@
 //! node ignores one skewed member. Offsets under [`CLOCK_TOLERANCE`] are not corrected
 //! (measurement jitter), and measurements older than [`CLOCK_STALE`] are not used. A node
 //! whose correction passes the tolerance, or that sees a member off by more, logs a warning:
-//! the clock should still be fixed. A node that has measured nobody yet (right after start,
-//! a single node) uses its own clock.
+//! the clock should still be fixed. A node that measured nobody (a single node, or one whose
+//! members do not answer) uses its own clock.
+//!
+//! A node just started has measured nobody yet, and in a rolling restart it is often handed
+//! partitions within a second of its start. So a leader proposes only once the first round
+//! has ended ([`ClusterClock::wait_first_round`]): milliseconds when the members answer, at
+//! most the round's 1 s call timeout when some do not.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use herald_storage::raft::NodeId;
 use parking_lot::Mutex;
+use tokio::sync::watch;
 
 /// How often each member's clock is measured.
 pub const CLOCK_ROUND: Duration = Duration::from_secs(2);
@@ -45,14 +51,51 @@ struct Reading {
 }
 
 /// The members' clock offsets and the correction they give (see the module doc).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ClusterClock {
     readings: Mutex<BTreeMap<NodeId, Reading>>,
     /// The correction as last computed ([`Self::refresh`]): what every proposal reads.
     correction: AtomicI64,
+    /// Whether a round of measurements has ended since this node started (read on every
+    /// proposal, so an atomic; `first_round` wakes those waiting for it).
+    measured: AtomicBool,
+    first_round: watch::Sender<bool>,
+}
+
+impl Default for ClusterClock {
+    fn default() -> Self {
+        ClusterClock {
+            readings: Mutex::default(),
+            correction: AtomicI64::default(),
+            measured: AtomicBool::new(false),
+            first_round: watch::channel(false).0,
+        }
+    }
 }
 
 impl ClusterClock {
+    /// Marks the end of a round of measurements (the clock loop calls it after
+    /// [`Self::refresh`]): proposals waiting for the first go ahead.
+    pub fn round_ended(&self) {
+        if !self.measured.swap(true, Ordering::AcqRel) {
+            self.first_round.send_replace(true);
+        }
+    }
+
+    /// Whether a round of measurements has ended since this node started.
+    pub fn measured(&self) -> bool {
+        self.measured.load(Ordering::Acquire)
+    }
+
+    /// Returns once the first round of measurements has ended (at once after that).
+    pub async fn wait_first_round(&self) {
+        if self.measured() {
+            return;
+        }
+        let mut ended = self.first_round.subscribe();
+        let _ = ended.wait_for(|ended| *ended).await;
+    }
+
     /// Records a measurement of `member`: its clock read `their_ms` in an answer to a call
     /// sent when this node's clock read `sent_ms` and that took `rtt`. Returns the offset
     /// (the member's clock minus this node's, ms), or `None` when the call took too long to
@@ -160,6 +203,30 @@ mod tests {
         // Two clocks an hour apart: no majority, no correction.
         assert_eq!(median_with_self(&[HOUR]), 0);
         assert_eq!(median_with_self(&[-HOUR]), 0);
+    }
+
+    #[tokio::test]
+    async fn proposals_wait_for_the_first_round_only() {
+        let clock = std::sync::Arc::new(ClusterClock::default());
+        assert!(!clock.measured());
+        let waiting = tokio::spawn({
+            let clock = clock.clone();
+            async move { clock.wait_first_round().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "no round has ended yet");
+        clock.refresh();
+        clock.round_ended();
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("woken by the end of the first round")
+            .unwrap();
+        assert!(clock.measured());
+        // Later rounds change nothing; waiting returns at once.
+        clock.round_ended();
+        tokio::time::timeout(Duration::from_millis(1), clock.wait_first_round())
+            .await
+            .unwrap();
     }
 
     #[test]

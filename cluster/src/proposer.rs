@@ -461,6 +461,21 @@ impl ProposerContext {
                 format!("{failure}; restart the node")
             })));
         }
+        // A leader that has just started (a rolling restart hands it partitions within a
+        // second) proposes once its clock has been compared with the members': the entry's
+        // clock moves the partition's for good (`crate::clock`). Milliseconds, at most the
+        // first round's 1 s call timeout; at once ever after.
+        if !self.clock.measured()
+            && tokio::time::timeout(remaining, self.clock.wait_first_round())
+                .await
+                .is_err()
+        {
+            return Round::Done(Err(ProposeError::NotCommitted(format!(
+                "partition {} could not commit within {:?}: this node, its leader, has not \
+                 compared its clock with the other members' yet",
+                self.partition, self.options.publish_timeout
+            ))));
+        }
         let command = Command::Publish {
             now_ms: self.clock.now_ms(),
             publishes: all_publishes(batch),

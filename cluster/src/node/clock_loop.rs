@@ -13,22 +13,21 @@ use crate::message::{AppRequest, AppResponse, decode, encode};
 use crate::rpc::{Request, Response};
 
 impl ClusterNode {
-    /// Measures each other member's clock every [`CLOCK_ROUND`] (the first round at once)
-    /// and records the offsets; logs a warning when this node's own clock is corrected, or a
+    /// Measures each other member's clock every [`CLOCK_ROUND`] (the first round at once,
+    /// or as soon as the cluster forms) and records the offsets; logs a warning when this node's own clock is corrected, or a
     /// member's is off, by more than [`CLOCK_TOLERANCE`] (once each time that starts).
     pub(super) async fn clock_loop(&self) {
-        let mut ticker = tokio::time::interval(CLOCK_ROUND);
+        let mut ticker = tokio::time::interval_at(Instant::now() + CLOCK_ROUND, CLOCK_ROUND);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let clock = &self.inner.clock;
         let tolerance = CLOCK_TOLERANCE.as_millis() as i64;
         let mut corrected = false;
         let mut skewed: BTreeSet<NodeId> = BTreeSet::new();
+        // Until the cluster forms (no members known yet), look again every 100 ms rather than
+        // every round: leaders wait for the first round before they propose.
         loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                () = self.inner.shutdown.cancelled() => break,
-            }
             let members = self.members();
+            let formed = !members.is_empty();
             clock.retain(|id| members.contains_key(&id));
             let request = Request::App(encode(&AppRequest::Clock));
             let calls = members
@@ -55,6 +54,9 @@ impl ClusterNode {
                 });
             futures::future::join_all(calls).await;
             let correction = clock.refresh();
+            if formed {
+                clock.round_ended();
+            }
             if correction != 0 && !corrected {
                 tracing::warn!(
                     correction_ms = correction,
@@ -78,6 +80,11 @@ impl ClusterNode {
                 } else {
                     skewed.remove(&peer);
                 }
+            }
+            tokio::select! {
+                _ = ticker.tick(), if formed => {}
+                () = tokio::time::sleep(Duration::from_millis(100)), if !formed => {}
+                () = self.inner.shutdown.cancelled() => break,
             }
         }
     }
