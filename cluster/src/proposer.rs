@@ -538,11 +538,37 @@ impl ProposerContext {
         let leader_changed = async move {
             let _ = metrics.wait_for(|m| m.current_leader != Some(leader)).await;
         };
+        // A leader cut off both ways (`partition-bridge` in the chaos suite) neither answers
+        // nor is replaced (the other voter still hears it), and the call would wait for the
+        // connection's idle timeout (3 s). So the call is given up once the leader has
+        // answered nothing for `SILENT_AFTER` and sent nothing for a lease: its outcome is
+        // unknown, retried (through another member by then) if every publish has a message
+        // id. A live leader that is slow to commit still sends heartbeats, and keeps the call.
+        let group = partition_group(self.partition);
+        let cut_off = async {
+            tokio::time::sleep(SILENT_AFTER).await;
+            loop {
+                if self
+                    .peers
+                    .unanswered_for(leader)
+                    .is_some_and(|d| d >= SILENT_AFTER)
+                    && self.contact.silence(usize::from(group)) >= self.lease
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        };
         let answer = tokio::select! {
             biased;
             answer = &mut call => answer,
+            () = cut_off => {
+                return Round::Unknown(format!(
+                    "node {leader}, partition {}'s leader, has answered nothing for {SILENT_AFTER:?} and sent nothing for {:?}: the link to it seems cut",
+                    self.partition, self.lease
+                ));
+            }
             _ = leader_changed => {
-                let group = partition_group(self.partition);
                 let alive = self.contact.silence(usize::from(group)) < self.lease;
                 let grace = if alive { self.lease } else { Duration::ZERO };
                 match tokio::time::timeout(grace, &mut call).await {
