@@ -405,26 +405,49 @@ async fn a_stalled_handshake_does_not_hold_up_other_connections() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Node 1 (dials time out after 300 ms, then the given backoff), told that node 2 listens at
+/// an address where nothing does (bound, then closed); returns node 1 and that address.
+async fn node_1_facing_a_vacant_node_2(
+    dir: &Path,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+) -> (Node, SocketAddr) {
+    let localhost = "127.0.0.1:0".parse().unwrap();
+    let options = PeersOptions {
+        connect_timeout: Duration::from_millis(300),
+        backoff_initial,
+        backoff_max,
+    };
+    let a = Node::start(bind(dir, 1, localhost).unwrap(), options);
+    let b = bind(dir, 2, localhost).unwrap();
+    let b_addr = b.local_addr().unwrap();
+    b.shutdown().await;
+    a.peers.set_addr(2, b_addr);
+    (a, b_addr)
+}
+
+/// Node `id` started on `addr` (the old socket there may take a moment to go).
+async fn start_at(dir: &Path, id: NodeId, addr: SocketAddr) -> Node {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match bind(dir, id, addr) {
+            Ok(transport) => return Node::start(transport, PeersOptions::default()),
+            Err(error) if Instant::now() < deadline => {
+                tracing::debug!(%error, "rebinding");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => panic!("{error}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_down_node_is_unreachable_then_reachable_once_it_is_up() {
     init_tracing();
     let dir = cert_dir("down", &[1, 2]);
-    let localhost = "127.0.0.1:0".parse().unwrap();
-    let options = PeersOptions {
-        connect_timeout: Duration::from_millis(300),
-        backoff_initial: Duration::from_millis(50),
-        backoff_max: Duration::from_millis(400),
-    };
-    let a = Node::start(bind(&dir, 1, localhost).unwrap(), options);
-
-    // Node 2's address, with nothing listening there.
-    let b_addr = {
-        let b = bind(&dir, 2, localhost).unwrap();
-        let addr = b.local_addr().unwrap();
-        b.shutdown().await;
-        addr
-    };
-    a.peers.set_addr(2, b_addr);
+    let (a, b_addr) =
+        node_1_facing_a_vacant_node_2(&dir, Duration::from_millis(50), Duration::from_millis(400))
+            .await;
 
     let started = Instant::now();
     let error = a
@@ -448,18 +471,8 @@ async fn a_down_node_is_unreachable_then_reachable_once_it_is_up() {
     assert!(matches!(error, RpcError::Unreachable { .. }), "{error}");
     assert!(started.elapsed() < Duration::from_secs(5));
 
-    // Node 2 comes up on the same address (the old socket may take a moment to go).
-    let deadline = Instant::now() + PATIENCE;
-    let b = loop {
-        match bind(&dir, 2, b_addr) {
-            Ok(transport) => break Node::start(transport, PeersOptions::default()),
-            Err(error) if Instant::now() < deadline => {
-                tracing::debug!(%error, "rebinding");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(error) => panic!("{error}"),
-        }
-    };
+    // Node 2 comes up on the same address.
+    let b = start_at(&dir, 2, b_addr).await;
     let deadline = Instant::now() + PATIENCE;
     let mut unreachable = 0;
     let response = loop {
@@ -494,21 +507,10 @@ async fn a_down_node_is_unreachable_then_reachable_once_it_is_up() {
 async fn a_peer_that_dials_in_ends_the_backoff_on_it() {
     init_tracing();
     let dir = cert_dir("dialed-in", &[1, 2]);
-    let localhost = "127.0.0.1:0".parse().unwrap();
     // A backoff far longer than the test: only its end lets node 1 reach node 2 again.
-    let options = PeersOptions {
-        connect_timeout: Duration::from_millis(300),
-        backoff_initial: Duration::from_secs(600),
-        backoff_max: Duration::from_secs(600),
-    };
-    let a = Node::start(bind(&dir, 1, localhost).unwrap(), options);
-    let b_addr = {
-        let b = bind(&dir, 2, localhost).unwrap();
-        let addr = b.local_addr().unwrap();
-        b.shutdown().await;
-        addr
-    };
-    a.peers.set_addr(2, b_addr);
+    let (a, b_addr) =
+        node_1_facing_a_vacant_node_2(&dir, Duration::from_secs(600), Duration::from_secs(600))
+            .await;
     for _ in 0..2 {
         let error = a
             .peers
@@ -518,17 +520,7 @@ async fn a_peer_that_dials_in_ends_the_backoff_on_it() {
         assert!(matches!(error, RpcError::Unreachable { .. }), "{error}");
     }
 
-    let deadline = Instant::now() + PATIENCE;
-    let b = loop {
-        match bind(&dir, 2, b_addr) {
-            Ok(transport) => break Node::start(transport, PeersOptions::default()),
-            Err(error) if Instant::now() < deadline => {
-                tracing::debug!(%error, "rebinding");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(error) => panic!("{error}"),
-        }
-    };
+    let b = start_at(&dir, 2, b_addr).await;
     // Node 2 calls node 1 (answered once node 1 has accepted its connection)...
     b.peers.set_addr(1, a.addr());
     b.peers.call(1, &app(b"back"), PATIENCE).await.unwrap();
