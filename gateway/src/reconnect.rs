@@ -97,6 +97,14 @@ impl Reason {
     }
 }
 
+/// An SSE `event: reconnect` with `reason`, in the shape of [`Reason::sse_event`], for the
+/// reasons that are not a [`Reason`] (a node that is starting).
+pub fn reconnect_event(reason: &str) -> Vec<u8> {
+    let reason = serde_json::Value::from(reason);
+    format!("event: reconnect\ndata: {{\"type\":\"reconnect\",\"reason\":{reason}}}\n\n")
+        .into_bytes()
+}
+
 /// The node's two signals; the broker holds one.
 #[derive(Debug)]
 pub struct Reconnect {

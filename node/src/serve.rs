@@ -9,6 +9,7 @@ use herald_gateway::broker::Broker;
 use herald_gateway::http::HttpState;
 use herald_gateway::hub::Hub;
 use herald_gateway::resp::RespServer;
+use herald_gateway::starting::Starting;
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::net::SocketAddr;
@@ -79,6 +80,12 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         Some(lock) => lock,
         None => lock_data_dir(&config)?,
     };
+    // Until the store is open, clients are answered at once (LOADING, 503, reconnect) instead
+    // of waiting unanswered in the listen backlog through a log replay.
+    let starting = Starting::answer(resp_listener, http, &config.resp, &config.http);
+    tracing::info!(
+        "opening the event store; until it is open, clients are answered LOADING (RESP) and 503 (HTTP)"
+    );
     let metrics = Metrics::install()?;
     let hub = Arc::new(Hub::new(config.resp.pubsub_output_limit));
     let store_dir = config.data_dir.join("store");
@@ -116,12 +123,15 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         return Err(error);
     }
     broker.spawn_expiry(Duration::from_secs(5), shutdown.clone());
-    let resp = RespServer::with_listener(
-        resp_listener,
+    let ports = starting.finish().await?;
+    let http = ports.http;
+    let mut resp = RespServer::with_listener(
+        ports.resp,
         broker.clone(),
         config.resp.clone(),
         shutdown.clone(),
     )?;
+    resp.adopt(ports.adopt);
     tracing::info!(addr = %resp.local_addr(), "RESP (Redis protocol) listening");
     tracing::info!(addr = %http.local_addr()?, "HTTP listening");
     if config.resp.requirepass.is_none() && !config.resp_addr.addr.ip().is_loopback() {

@@ -195,7 +195,8 @@ impl Herald {
         }
     }
 
-    /// Whether a RESP server at `addr` answers an inline PING (any reply, `-NOAUTH` included).
+    /// Whether a RESP server at `addr` answers an inline PING (any reply, `-NOAUTH` included,
+    /// but not the `-LOADING` of a node that is still opening its store).
     fn answers_ping(addr: SocketAddr) -> bool {
         let Ok(mut stream) = TcpStream::connect(addr) else {
             return false;
@@ -212,7 +213,7 @@ impl Herald {
                 _ => return false,
             }
         }
-        true
+        !reply.starts_with(b"-LOADING")
     }
 
     /// `redis://` URL of the node (RESP2), for the `redis` crate.

@@ -341,7 +341,8 @@ async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
     axum::http::StatusCode::NOT_FOUND.into_response()
 }
 
-fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+/// The CORS layer for `origins` (none when empty).
+pub(crate) fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     if origins.is_empty() {
         return None;
     }

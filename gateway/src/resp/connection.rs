@@ -247,14 +247,20 @@ impl Drop for Session {
     }
 }
 
-/// Serves one client until it disconnects, is killed, or the server shuts down.
-pub(crate) async fn serve(ctx: Arc<ServerContext>, stream: TcpStream, client: Arc<ClientInfo>) {
+/// Serves one client until it disconnects, is killed, or the server shuts down. `parser` and
+/// `buffer` hold what the client sent before that is not a complete request yet (for a
+/// connection adopted from the start-up answerer), or nothing.
+pub(crate) async fn serve(
+    ctx: Arc<ServerContext>,
+    stream: TcpStream,
+    client: Arc<ClientInfo>,
+    mut parser: RequestParser,
+    mut buffer: BytesMut,
+) {
     let (mut reader, writer) = stream.into_split();
     let outbox = client.subscriber.outbox().clone();
     let writer = tokio::spawn(write_loop(writer, outbox.clone()));
     let mut session = Session::new(ctx.clone(), client);
-    let mut parser = RequestParser::new();
-    let mut buffer = BytesMut::new();
     let mut reconnect = ctx.broker.reconnect_watch();
 
     'connection: loop {

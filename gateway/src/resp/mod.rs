@@ -13,5 +13,5 @@ pub mod parse;
 pub mod server;
 pub mod settings;
 
-pub use server::{BindError, RespServer, ServerContext};
+pub use server::{AdoptedClient, BindError, RespServer, ServerContext};
 pub use settings::RespSettings;

@@ -6,7 +6,9 @@ use crate::hub::outbox::{CloseReason, Outbox};
 use crate::hub::{Format, Hub, Subscriber};
 use crate::resp::clients::{ClientInfo, ClientRegistry};
 use crate::resp::connection;
+use crate::resp::parse::RequestParser;
 use crate::resp::settings::RespSettings;
+use bytes::BytesMut;
 use parking_lot::RwLock;
 use std::io;
 use std::net::SocketAddr;
@@ -15,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -58,6 +61,22 @@ pub(crate) const REPLY_BACKPRESSURE_BYTES: usize = 4 * 1024 * 1024;
 pub struct RespServer {
     listener: TcpListener,
     context: Arc<ServerContext>,
+    adopted: Option<mpsc::Receiver<AdoptedClient>>,
+}
+
+/// A client connection accepted before the server ran (by the node's start-up answerer,
+/// [`crate::starting`]), handed over with what it has sent that is not a complete request
+/// yet. The server admits it as if it had just accepted it.
+#[derive(Debug)]
+pub struct AdoptedClient {
+    /// The connection.
+    pub stream: TcpStream,
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// The request being parsed, if one is half read.
+    pub parser: RequestParser,
+    /// Bytes read from the client and not parsed yet.
+    pub buffer: BytesMut,
 }
 
 /// A bind failure, naming the address so the node can tell the operator which flag to change.
@@ -108,7 +127,17 @@ impl RespServer {
             listen_addr,
             shutdown,
         });
-        Ok(RespServer { listener, context })
+        Ok(RespServer {
+            listener,
+            context,
+            adopted: None,
+        })
+    }
+
+    /// Also admits the connections that arrive on `from`, until it closes: clients accepted
+    /// before this server ran.
+    pub fn adopt(&mut self, from: mpsc::Receiver<AdoptedClient>) {
+        self.adopted = Some(from);
     }
 
     /// The bound address (useful with port 0).
@@ -126,15 +155,22 @@ impl RespServer {
     pub async fn run(self, drain_timeout: Duration) {
         let tracker = TaskTracker::new();
         let context = self.context;
+        let mut adopted = self.adopted;
         loop {
             let accepted = tokio::select! {
-                accepted = self.listener.accept() => accepted,
+                accepted = self.listener.accept() => accepted.map(|(stream, addr)| AdoptedClient {
+                    stream,
+                    addr,
+                    parser: RequestParser::new(),
+                    buffer: BytesMut::new(),
+                }),
+                client = next_adopted(&mut adopted) => Ok(client),
                 _ = context.shutdown.cancelled() => break,
             };
             match accepted {
-                Ok((stream, addr)) => {
+                Ok(client) => {
                     let context = context.clone();
-                    tracker.spawn(async move { admit(context, stream, addr).await });
+                    tracker.spawn(async move { admit(context, client).await });
                 }
                 Err(error) => {
                     // Out of file descriptors and similar: back off instead of spinning.
@@ -158,8 +194,27 @@ impl RespServer {
     }
 }
 
+/// The next adopted client; pending for ever once there are none to come.
+async fn next_adopted(from: &mut Option<mpsc::Receiver<AdoptedClient>>) -> AdoptedClient {
+    loop {
+        match from {
+            Some(receiver) => match receiver.recv().await {
+                Some(client) => return client,
+                None => *from = None,
+            },
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// Applies the admission rules to a new connection, then serves it.
-async fn admit(context: Arc<ServerContext>, mut stream: TcpStream, addr: SocketAddr) {
+async fn admit(context: Arc<ServerContext>, accepted: AdoptedClient) {
+    let AdoptedClient {
+        mut stream,
+        addr,
+        parser,
+        buffer,
+    } = accepted;
     context
         .stats
         .connections_received
@@ -199,7 +254,7 @@ async fn admit(context: Arc<ServerContext>, mut stream: TcpStream, addr: SocketA
         context: &context,
         id,
     };
-    connection::serve(context.clone(), stream, client).await;
+    connection::serve(context.clone(), stream, client, parser, buffer).await;
     tracing::debug!(id, %addr, "RESP client disconnected");
 }
 
