@@ -412,12 +412,20 @@ async fn node_1_facing_a_vacant_node_2(
     backoff_initial: Duration,
     backoff_max: Duration,
 ) -> (Node, SocketAddr) {
-    let localhost = "127.0.0.1:0".parse().unwrap();
     let options = PeersOptions {
         connect_timeout: Duration::from_millis(300),
         backoff_initial,
         backoff_max,
     };
+    node_1_facing_a_vacant_node_2_with(dir, options).await
+}
+
+/// [`node_1_facing_a_vacant_node_2`] with node 1's dialing options.
+async fn node_1_facing_a_vacant_node_2_with(
+    dir: &Path,
+    options: PeersOptions,
+) -> (Node, SocketAddr) {
+    let localhost = "127.0.0.1:0".parse().unwrap();
     let a = Node::start(bind(dir, 1, localhost).unwrap(), options);
     let b = bind(dir, 2, localhost).unwrap();
     let b_addr = b.local_addr().unwrap();
@@ -528,6 +536,48 @@ async fn a_peer_that_dials_in_ends_the_backoff_on_it() {
     match a.peers.call(2, &app(b"hello"), PATIENCE).await {
         Ok(Response::App(bytes)) => assert_eq!(&bytes[..], b"node 2 to node 1: hello"),
         other => panic!("node 1 still in backoff on node 2 after it dialed in: {other:?}"),
+    }
+
+    a.stop().await;
+    b.stop().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A dial that went out after failed ones, while the peer was still down, is given up when
+/// the peer dials in: otherwise it holds the slot until QUIC resends its first packet or the
+/// connect timeout passes, and calls meanwhile fail as "reconnecting".
+#[tokio::test]
+async fn a_peer_that_dials_in_ends_a_dial_to_it_that_went_out_while_it_was_down() {
+    init_tracing();
+    let dir = cert_dir("dialed-in-dialing", &[1, 2]);
+    let options = PeersOptions {
+        connect_timeout: Duration::from_secs(3),
+        backoff_initial: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(10),
+    };
+    let (a, b_addr) = node_1_facing_a_vacant_node_2_with(&dir, options).await;
+    // One failed dial (its connect timeout), then, after the backoff, a second one that
+    // stays under way: the call gives up waiting for it, the dial goes on.
+    let error = a
+        .peers
+        .call(2, &app(b"hello?"), PATIENCE)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, RpcError::Unreachable { .. }), "{error}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let error = a
+        .peers
+        .call_with(2, &app(b"hello?"), Duration::from_millis(1), PATIENCE)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("still connecting"), "{error}");
+
+    let b = start_at(&dir, 2, b_addr).await;
+    b.peers.set_addr(1, a.addr());
+    b.peers.call(1, &app(b"back"), PATIENCE).await.unwrap();
+    match a.peers.call(2, &app(b"hello"), PATIENCE).await {
+        Ok(Response::App(bytes)) => assert_eq!(&bytes[..], b"node 2 to node 1: hello"),
+        other => panic!("node 1 still waits for its old dial to node 2: {other:?}"),
     }
 
     a.stop().await;
