@@ -827,38 +827,39 @@ async fn dial(
     };
     {
         let mut slot = slot.lock();
-        if slot.generation == generation {
-            match &result {
-                Ok(connection) => {
-                    if slot.failures > 0 {
-                        tracing::info!(peer = target, "reconnected to node");
-                    } else {
-                        tracing::debug!(peer = target, "connected to node");
-                    }
-                    slot.link = Link::Connected(connection.clone());
-                    slot.failures = 0;
-                    slot.backoff = options.backoff_initial;
+        let current = slot.generation == generation;
+        match &result {
+            // Ours, or one whose slot moved on (a new address, the peer removed, a dial given
+            // up when the peer dialed in) while no other dial runs: the connection is to the
+            // right node (its certificate says so), so it is kept, and the peer is reachable
+            // again (else `is_unreachable` stayed true over a working connection).
+            Ok(connection) if current || matches!(slot.link, Link::Idle) => {
+                if !current {
+                    tracing::debug!(peer = target, "a dial given up connected after all: kept");
                 }
-                Err(reason) => {
-                    slot.failures += 1;
-                    if slot.failures == 1 {
-                        tracing::warn!(peer = target, %reason, "cannot connect to node");
-                    } else {
-                        tracing::debug!(peer = target, %reason, failures = slot.failures, "cannot connect to node");
-                    }
-                    slot.link = Link::Backoff {
-                        until: Instant::now() + slot.backoff,
-                    };
-                    slot.backoff = (slot.backoff * 2).min(options.backoff_max);
-                    slot.last_error = reason.clone();
+                if slot.failures > 0 {
+                    tracing::info!(peer = target, "reconnected to node");
+                } else {
+                    tracing::debug!(peer = target, "connected to node");
                 }
-            }
-        } else if let Ok(connection) = &result {
-            // The address changed (or the peer was removed) meanwhile. The connection is to
-            // the right node (its certificate says so): pool it unless another dial runs.
-            tracing::debug!(peer = target, "dial outcome superseded");
-            if matches!(slot.link, Link::Idle) {
                 slot.link = Link::Connected(connection.clone());
+                slot.failures = 0;
+                slot.backoff = options.backoff_initial;
+            }
+            Ok(_) => tracing::debug!(peer = target, "dial outcome superseded by another dial"),
+            Err(_) if !current => {}
+            Err(reason) => {
+                slot.failures += 1;
+                if slot.failures == 1 {
+                    tracing::warn!(peer = target, %reason, "cannot connect to node");
+                } else {
+                    tracing::debug!(peer = target, %reason, failures = slot.failures, "cannot connect to node");
+                }
+                slot.link = Link::Backoff {
+                    until: Instant::now() + slot.backoff,
+                };
+                slot.backoff = (slot.backoff * 2).min(options.backoff_max);
+                slot.last_error = reason.clone();
             }
         }
     }
