@@ -251,9 +251,7 @@ async fn app_requests_roundtrip_and_concurrent_callers_share_one_dial() {
     );
     assert_eq!(a.peers.dials(), 1, "still the one connection");
 
-    a.stop().await;
-    b.stop().await;
-    std::fs::remove_dir_all(dir).unwrap();
+    stop_both(a, b, dir).await;
 }
 
 /// A peer's silence is counted from the oldest call it left unanswered, and ends with its
@@ -295,9 +293,7 @@ async fn a_peer_that_leaves_calls_unanswered_shows_as_silent_until_it_answers() 
         assert_eq!(a.peers.unanswered_for(2), None, "answered again");
     }
 
-    a.stop().await;
-    b.stop().await;
-    std::fs::remove_dir_all(dir).unwrap();
+    stop_both(a, b, dir).await;
 }
 
 /// Writes a raw frame on a new stream and decodes the server's response.
@@ -458,12 +454,7 @@ async fn a_down_node_is_unreachable_then_reachable_once_it_is_up() {
             .await;
 
     let started = Instant::now();
-    let error = a
-        .peers
-        .call(2, &app(b"hello?"), PATIENCE)
-        .await
-        .unwrap_err();
-    assert!(matches!(error, RpcError::Unreachable { .. }), "{error}");
+    node_2_is_unreachable_from(&a).await;
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "bounded by the connect timeout, not the call's: {:?}",
@@ -471,12 +462,7 @@ async fn a_down_node_is_unreachable_then_reachable_once_it_is_up() {
     );
     // In backoff (or redialing after a failure): fails fast, without waiting for a dial.
     let started = Instant::now();
-    let error = a
-        .peers
-        .call(2, &app(b"hello?"), PATIENCE)
-        .await
-        .unwrap_err();
-    assert!(matches!(error, RpcError::Unreachable { .. }), "{error}");
+    node_2_is_unreachable_from(&a).await;
     assert!(started.elapsed() < Duration::from_secs(5));
 
     // Node 2 comes up on the same address.
@@ -503,9 +489,7 @@ async fn a_down_node_is_unreachable_then_reachable_once_it_is_up() {
     }
     tracing::info!(unreachable, dials = a.peers.dials(), "reconnected");
 
-    a.stop().await;
-    b.stop().await;
-    std::fs::remove_dir_all(dir).unwrap();
+    stop_both(a, b, dir).await;
 }
 
 /// A peer that dials in is up: the backoff this node was in after failing to dial it ends at
@@ -520,27 +504,10 @@ async fn a_peer_that_dials_in_ends_the_backoff_on_it() {
         node_1_facing_a_vacant_node_2(&dir, Duration::from_secs(600), Duration::from_secs(600))
             .await;
     for _ in 0..2 {
-        let error = a
-            .peers
-            .call(2, &app(b"hello?"), PATIENCE)
-            .await
-            .unwrap_err();
-        assert!(matches!(error, RpcError::Unreachable { .. }), "{error}");
+        node_2_is_unreachable_from(&a).await;
     }
 
-    let b = start_at(&dir, 2, b_addr).await;
-    // Node 2 calls node 1 (answered once node 1 has accepted its connection)...
-    b.peers.set_addr(1, a.addr());
-    b.peers.call(1, &app(b"back"), PATIENCE).await.unwrap();
-    // ...and node 1's next call to node 2 dials at once.
-    match a.peers.call(2, &app(b"hello"), PATIENCE).await {
-        Ok(Response::App(bytes)) => assert_eq!(&bytes[..], b"node 2 to node 1: hello"),
-        other => panic!("node 1 still in backoff on node 2 after it dialed in: {other:?}"),
-    }
-
-    a.stop().await;
-    b.stop().await;
-    std::fs::remove_dir_all(dir).unwrap();
+    node_1_reaches_node_2_once_it_dials_in(dir, a, b_addr, "still in backoff on node 2").await;
 }
 
 /// A dial that went out after failed ones, while the peer was still down, is given up when
@@ -552,17 +519,23 @@ async fn a_peer_that_dials_in_ends_a_dial_to_it_that_went_out_while_it_was_down(
     let dir = cert_dir("dialed-in-dialing", &[1, 2]);
     let (a, b_addr) = node_1_redialing_a_vacant_node_2(&dir).await;
 
-    let b = start_at(&dir, 2, b_addr).await;
-    b.peers.set_addr(1, a.addr());
-    b.peers.call(1, &app(b"back"), PATIENCE).await.unwrap();
+    node_1_reaches_node_2_once_it_dials_in(dir, a, b_addr, "still waits for its old dial").await;
+}
+
+/// Starts node 2 at `b_addr`, has it call node 1 `a`, and requires node 1's next call to node
+/// 2 to be answered (`stuck`: what node 1 does if it is not); then stops both.
+async fn node_1_reaches_node_2_once_it_dials_in(
+    dir: PathBuf,
+    a: Node,
+    b_addr: SocketAddr,
+    stuck: &str,
+) {
+    let b = node_2_back_and_calling_node_1(&dir, b_addr, &a).await;
     match a.peers.call(2, &app(b"hello"), PATIENCE).await {
         Ok(Response::App(bytes)) => assert_eq!(&bytes[..], b"node 2 to node 1: hello"),
-        other => panic!("node 1 still waits for its old dial to node 2: {other:?}"),
+        other => panic!("node 2 dialed in, but node 1 {stuck}: {other:?}"),
     }
-
-    a.stop().await;
-    b.stop().await;
-    std::fs::remove_dir_all(dir).unwrap();
+    stop_both(a, b, dir).await;
 }
 
 /// A dial given up when the peer dialed in may connect after all (QUIC resends its first
@@ -576,9 +549,7 @@ async fn a_dial_given_up_that_connects_after_all_makes_the_peer_reachable() {
     let (a, b_addr) = node_1_redialing_a_vacant_node_2(&dir).await;
     assert!(a.peers.is_unreachable(2));
 
-    let b = start_at(&dir, 2, b_addr).await;
-    b.peers.set_addr(1, a.addr());
-    b.peers.call(1, &app(b"back"), PATIENCE).await.unwrap();
+    let b = node_2_back_and_calling_node_1(&dir, b_addr, &a).await;
     // Node 1 makes no call: the given-up dial is its only one.
     let deadline = Instant::now() + PATIENCE;
     while a.peers.links()[&2].state != "connected" {
@@ -588,9 +559,33 @@ async fn a_dial_given_up_that_connects_after_all_makes_the_peer_reachable() {
     assert!(!a.peers.is_unreachable(2), "{:?}", a.peers.links()[&2]);
     assert_eq!(a.peers.links()[&2].failed_dials, 0);
 
+    stop_both(a, b, dir).await;
+}
+
+/// Node 1 `a` calls node 2 and gets "unreachable".
+async fn node_2_is_unreachable_from(a: &Node) {
+    let error = a
+        .peers
+        .call(2, &app(b"hello?"), PATIENCE)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, RpcError::Unreachable { .. }), "{error}");
+}
+
+/// Stops both test nodes and removes their certificates' directory.
+async fn stop_both(a: Node, b: Node, dir: PathBuf) {
     a.stop().await;
     b.stop().await;
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Node 2 started at `addr`, having called node 1 `a` (answered once node 1 has accepted its
+/// connection, so node 1 has seen it dial in).
+async fn node_2_back_and_calling_node_1(dir: &Path, addr: SocketAddr, a: &Node) -> Node {
+    let b = start_at(dir, 2, addr).await;
+    b.peers.set_addr(1, a.addr());
+    b.peers.call(1, &app(b"back"), PATIENCE).await.unwrap();
+    b
 }
 
 /// Node 1 facing a vacant node 2 (3 s connect timeout, 10 ms backoff), after one failed dial
@@ -602,12 +597,7 @@ async fn node_1_redialing_a_vacant_node_2(dir: &Path) -> (Node, SocketAddr) {
         backoff_max: Duration::from_millis(10),
     };
     let (a, b_addr) = node_1_facing_a_vacant_node_2_with(dir, options).await;
-    let error = a
-        .peers
-        .call(2, &app(b"hello?"), PATIENCE)
-        .await
-        .unwrap_err();
-    assert!(matches!(error, RpcError::Unreachable { .. }), "{error}");
+    node_2_is_unreachable_from(&a).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let error = a
         .peers
@@ -1155,7 +1145,5 @@ async fn raft_messages_are_refused_both_ways_with_a_member_on_another_store() {
         Response::Error(reason) => assert!(reason.contains("another store"), "{reason}"),
         other => panic!("{other:?}"),
     }
-    a.stop().await;
-    b.stop().await;
-    std::fs::remove_dir_all(dir).unwrap();
+    stop_both(a, b, dir).await;
 }
