@@ -248,11 +248,6 @@ pub struct PeersOptions {
     pub backoff_initial: Duration,
     /// Backoff ceiling.
     pub backoff_max: Duration,
-    /// A first dial under way this long when the peer dials in is given up (see
-    /// [`Peers::dialed_in`]): a handshake over a working path takes a few round trips, so one
-    /// this old went out while the peer was down, and waits for QUIC to resend its first
-    /// packet (a second after it was sent).
-    pub stale_dial: Duration,
 }
 
 impl Default for PeersOptions {
@@ -261,7 +256,6 @@ impl Default for PeersOptions {
             connect_timeout: Duration::from_secs(2),
             backoff_initial: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
-            stale_dial: Duration::from_millis(250),
         }
     }
 }
@@ -323,11 +317,8 @@ enum Link {
     Idle,
     /// A live (as far as we know) connection.
     Connected(quinn::Connection),
-    /// A dial is under way since `since`; its outcome is published in `outcome`.
-    Dialing {
-        outcome: watch::Receiver<DialResult>,
-        since: Instant,
-    },
+    /// A dial is under way; its outcome is published here.
+    Dialing(watch::Receiver<DialResult>),
     /// The last dial failed: no new dial before `until`.
     Backoff { until: Instant },
 }
@@ -470,7 +461,7 @@ impl Peers {
                         ("connected", Some(c.rtt().as_micros() as u64))
                     }
                     _ if unreachable => ("unreachable", None),
-                    Link::Dialing { .. } => ("connecting", None),
+                    Link::Dialing(_) => ("connecting", None),
                     _ => ("idle", None),
                 };
                 Some((
@@ -556,14 +547,11 @@ impl Peers {
     /// restarted follower's leaders, otherwise reached it only when their backoff ran out:
     /// meanwhile it heard no leader and caught up with nothing.
     ///
-    /// A dial still under way after failed ones, or for longer than
-    /// [`PeersOptions::stale_dial`], is given up too: it went out while the peer was down,
-    /// and its handshake waits for QUIC to resend its first packet (about a second later) or
-    /// for the connect timeout. Seen in the chaos suite: after failed dials, a restarted
-    /// node's members reached it 1.0-1.4 s after it was ready in 4 of 14 kills; after none (a
-    /// node that restarted at once), a hand-over in a rolling restart waited 0.9 s for such a
-    /// dial. (A dial that has just gone out is left alone: at start-up two nodes dial each
-    /// other.) Calls already waiting for the dial given up still get its outcome.
+    /// A dial still under way after failed ones is given up too: it went out while the peer
+    /// was down, and its handshake waits for QUIC to resend its first packet (about a second
+    /// later) or for the connect timeout. Seen in the chaos `kill` scenario: a restarted node's
+    /// members reached it 1.0-1.4 s after it was ready in 4 of 14 restarts, their handshakes
+    /// aborted meanwhile. (A first dial is left alone: at start-up two nodes dial each other.)
     pub fn dialed_in(&self, id: NodeId) {
         let Some(slot) = self.slots.lock().get(&id).cloned() else {
             return;
@@ -573,9 +561,7 @@ impl Peers {
             Link::Backoff { .. } => {
                 tracing::debug!(peer = id, "the peer connected: its backoff ends");
             }
-            Link::Dialing { since, .. }
-                if slot.failures > 0 || since.elapsed() >= self.options.stale_dial =>
-            {
+            Link::Dialing(_) if slot.failures > 0 => {
                 tracing::debug!(
                     peer = id,
                     "the peer connected: the dial under way is given up"
@@ -758,8 +744,8 @@ impl Peers {
                 }
             }
             match &slot.link {
-                Link::Dialing { outcome, .. } if slot.failures == 0 => outcome.clone(),
-                Link::Dialing { .. } => {
+                Link::Dialing(outcome) if slot.failures == 0 => outcome.clone(),
+                Link::Dialing(_) => {
                     return Err(unreachable(format!("{} (reconnecting)", slot.last_error)));
                 }
                 Link::Backoff { until } if Instant::now() < *until => {
@@ -775,10 +761,7 @@ impl Peers {
                     };
                     let (tx, rx) = watch::channel(None);
                     slot.generation += 1;
-                    slot.link = Link::Dialing {
-                        outcome: rx.clone(),
-                        since: Instant::now(),
-                    };
+                    slot.link = Link::Dialing(rx.clone());
                     self.dials.fetch_add(1, Ordering::Relaxed);
                     tokio::spawn(dial(
                         self.transport.clone(),

@@ -412,8 +412,6 @@ async fn node_1_facing_a_vacant_node_2(
         connect_timeout: Duration::from_millis(300),
         backoff_initial,
         backoff_max,
-
-        ..PeersOptions::default()
     };
     node_1_facing_a_vacant_node_2_with(dir, options).await
 }
@@ -524,41 +522,6 @@ async fn a_peer_that_dials_in_ends_a_dial_to_it_that_went_out_while_it_was_down(
     node_1_reaches_node_2_once_it_dials_in(dir, a, b_addr, "still waits for its old dial").await;
 }
 
-/// A first dial (none failed before it) that went out while the peer was down, and is older
-/// than `stale_dial`, is given up too when the peer dials in: a node that restarts at once
-/// is dialed while it is down, and that handshake completes only when QUIC resends its first
-/// packet, about a second after sending it.
-#[tokio::test]
-async fn a_peer_that_dials_in_ends_a_first_dial_to_it_that_went_out_while_it_was_down() {
-    init_tracing();
-    let dir = cert_dir("dialed-in-first", &[1, 2]);
-    let options = PeersOptions {
-        connect_timeout: Duration::from_secs(3),
-        stale_dial: Duration::ZERO,
-        ..PeersOptions::default()
-    };
-    let (a, b_addr) = node_1_facing_a_vacant_node_2_with(&dir, options).await;
-    let error = a
-        .peers
-        .call_with(2, &app(b"hello?"), Duration::from_millis(100), PATIENCE)
-        .await
-        .unwrap_err();
-    assert!(error.to_string().contains("still connecting"), "{error}");
-
-    let b = node_2_back_and_calling_node_1(&dir, b_addr, &a).await;
-    // Waiting for the old dial instead, the call would still be connecting: QUIC resends
-    // its first packet a second after the dial began.
-    let answer = a
-        .peers
-        .call_with(2, &app(b"hello"), Duration::from_millis(500), PATIENCE)
-        .await;
-    match answer {
-        Ok(Response::App(bytes)) => assert_eq!(&bytes[..], b"node 2 to node 1: hello"),
-        other => panic!("node 2 dialed in, but node 1 waits for its old dial: {other:?}"),
-    }
-    stop_both(a, b, dir).await;
-}
-
 /// Starts node 2 at `b_addr`, has it call node 1 `a`, and requires node 1's next call to node
 /// 2 to be answered (`stuck`: what node 1 does if it is not); then stops both.
 async fn node_1_reaches_node_2_once_it_dials_in(
@@ -632,8 +595,6 @@ async fn node_1_redialing_a_vacant_node_2(dir: &Path) -> (Node, SocketAddr) {
         connect_timeout: Duration::from_secs(3),
         backoff_initial: Duration::from_millis(10),
         backoff_max: Duration::from_millis(10),
-
-        ..PeersOptions::default()
     };
     let (a, b_addr) = node_1_facing_a_vacant_node_2_with(dir, options).await;
     node_2_is_unreachable_from(&a).await;
