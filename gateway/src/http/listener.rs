@@ -98,7 +98,7 @@ pub async fn run(listener: TcpListener, router: Router, shutdown: CancellationTo
 
 /// After a failed `accept`: per-connection errors are ignored, others (out of descriptors)
 /// are logged and followed by a pause, as `axum::serve` does.
-async fn accept_failed(error: io::Error, shutdown: &CancellationToken) {
+pub(crate) async fn accept_failed(error: io::Error, shutdown: &CancellationToken) {
     if matches!(
         error.kind(),
         io::ErrorKind::ConnectionRefused
@@ -192,7 +192,7 @@ async fn first_look(stream: &TcpStream) -> io::Result<First> {
 
 /// Whether `path` (origin form, with any query) is an SSE route: `/api/stream`,
 /// `/api/stream/...` or `/api/stream?...`.
-fn is_sse_path(path: &str) -> bool {
+pub(crate) fn is_sse_path(path: &str) -> bool {
     path.strip_prefix("/api/stream")
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
 }
@@ -239,7 +239,7 @@ fn sse_request(bytes: &[u8]) -> Option<(Request<Body>, usize)> {
 
 /// Serves a connection with hyper (HTTP/1.1 with upgrades), as `axum::serve` does: graceful
 /// shutdown lets an in-flight response finish and closes idle keep-alive connections.
-async fn serve_hyper(stream: TcpStream, router: Router, shutdown: CancellationToken) {
+pub(crate) async fn serve_hyper(stream: TcpStream, router: Router, shutdown: CancellationToken) {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -11,7 +11,7 @@
 //! from 20.5 to 3.1 KiB of RSS); everything else is served by hyper as `axum::serve` would.
 
 pub mod cluster;
-mod listener;
+pub(crate) mod listener;
 pub mod ops;
 pub mod publish;
 pub mod sse;

@@ -3,6 +3,7 @@
 
 use super::{Answered, STARTING};
 use crate::http::HttpSettings;
+use crate::http::listener::{accept_failed, is_sse_path, serve_hyper};
 use crate::reconnect::reconnect_event;
 use axum::Router;
 use axum::body::Body;
@@ -10,17 +11,12 @@ use axum::extract::FromRequest;
 use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
 use axum::http::{HeaderValue, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-/// How long a connection may take to send its request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Accepts HTTP connections on `listener` and answers one request on each with `router` until
 /// `ready` is cancelled; then returns the listener. Connections accepted by then still get
@@ -30,36 +26,24 @@ pub(super) async fn answer(
     router: Router,
     ready: CancellationToken,
 ) -> TcpListener {
+    // Connections already accepted keep their own (never cancelled) token: they get their
+    // one answer after `ready` too.
+    let connections = CancellationToken::new();
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(error) => {
-                    tracing::warn!(%error, "accepting an HTTP client failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    accept_failed(error, &ready).await;
                     continue;
                 }
             },
             _ = ready.cancelled() => break,
         };
-        tokio::spawn(serve(stream, router.clone()));
+        // With hyper as the node serves it (upgrades allowed, for the WebSocket close).
+        tokio::spawn(serve_hyper(stream, router.clone(), connections.clone()));
     }
     listener
-}
-
-/// Serves one connection with hyper, upgrades allowed (for the WebSocket close).
-async fn serve(stream: TcpStream, router: Router) {
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEAD_TIMEOUT);
-    let served = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(router))
-        .await;
-    if let Err(error) = served {
-        tracing::trace!("HTTP connection failed while starting: {error:#}");
-    }
 }
 
 /// Every request goes to [`respond`], with the node's CORS headers.
@@ -93,7 +77,7 @@ async fn respond(request: Request<Body>, retry: Duration) -> Response {
                 Err(_) => unavailable(),
             }
         }
-        _ if get && (path == "/api/stream" || path.starts_with("/api/stream/")) => {
+        _ if get && is_sse_path(path) => {
             let mut body = format!("retry: {}\n", retry.as_millis()).into_bytes();
             body.extend_from_slice(&reconnect_event(
                 "this node is starting (loading its event store): reconnect in a moment with your Last-Event-ID",
