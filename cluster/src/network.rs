@@ -387,7 +387,7 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
     }
 
     /// The pool's dial backoff schedule (50 ms doubling), capped at
-    /// [`REPLICATION_BACKOFF_MAX`].
+    /// `REPLICATION_BACKOFF_MAX`.
     fn backoff(&self) -> Backoff {
         let options = self.peers.options();
         let max = options.backoff_max.min(REPLICATION_BACKOFF_MAX);

@@ -523,7 +523,7 @@ impl ClusterNode {
     }
 
     /// Stops the groups and the endpoint, after handing the partitions this node leads to
-    /// other voters (at most [`HAND_OVER_LIMIT`]): a rolling restart then moves leadership
+    /// other voters (at most `HAND_OVER_LIMIT`): a rolling restart then moves leadership
     /// in milliseconds instead of leaving each partition without a leader for a failover.
     pub async fn shutdown(&self) {
         if self.is_formed() {
@@ -638,7 +638,7 @@ impl ClusterNode {
     /// Whether this node was removed from the cluster it formed with: the membership it
     /// knows lists other members but not this one, or (as the members stop replicating to a
     /// node once its removal commits, it rarely learns of it itself) a quorum of the voters it
-    /// probed while hearing no leader answered, within [`NOT_MEMBER_MEMORY`], that it is not a
+    /// probed while hearing no leader answered, within `NOT_MEMBER_MEMORY`, that it is not a
     /// member. It then commits nothing; its clients are moved elsewhere like a node without
     /// quorum, and `/ready` says why.
     pub fn is_removed(&self) -> bool {

@@ -4,7 +4,7 @@
 //! watermark, then replays history up to that watermark; live events at or below the watermark
 //! are skipped (they were replayed or predate the stream), everything above arrives live. So the
 //! hand-over from history to live has no gap and no duplicate, whatever is being published
-//! meanwhile. The replay is read a page at a time ([`replay`]: at most [`REPLAY_PAGE_EVENTS`] events or
+//! meanwhile. The replay is read a page at a time (`replay`: at most [`REPLAY_PAGE_EVENTS`] events or
 //! [`REPLAY_PAGE_BYTES`] of payload) as the client takes it, so a resume over a long history
 //! holds one page in memory, not the history; should retention drop events the replay has not
 //! reached yet (a client slower than the publishers), a gap notice says so where they were. Each event the stream emits carries the stream's full cursor (the last delivered

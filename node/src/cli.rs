@@ -33,7 +33,7 @@ pub enum Command {
 /// `herald health`: a probe for health checks where no curl exists (e.g. a scratch image).
 #[derive(Debug, Args)]
 pub struct HealthArgs {
-    /// The node's HTTP address; an unspecified host (0.0.0.0, [::]) means this machine's
+    /// The node's HTTP address; an unspecified host (0.0.0.0, `[::]`) means this machine's
     /// loopback, so the node's own --http-addr works as is.
     #[arg(
         long,

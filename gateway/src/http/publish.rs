@@ -34,7 +34,7 @@ use serde_json::{Value, json};
 pub struct PublishRequest {
     /// The channel.
     pub channel: String,
-    /// The payload, as the client wrote it (see [`payload_of`]).
+    /// The payload, as the client wrote it (see `payload_of`).
     pub data: Box<RawValue>,
     /// Makes retries idempotent within the dedup window.
     #[serde(rename = "messageId")]

@@ -185,7 +185,7 @@ pub fn sse_data(payload: &[u8]) -> Bytes {
 /// The WebSocket message for `payload` on `channel`, without its opening `{`. `positioned`:
 /// the writer puts an `id` (the cursor) in front, so a payload's own `id` would clash.
 ///
-/// A payload that is not merged (see [`json_object_body`]) goes in `data`: as itself when it is
+/// A payload that is not merged (see `json_object_body`) goes in `data`: as itself when it is
 /// a JSON object or array (structured data, as `JSON.stringify` writes it), otherwise as its
 /// text in a JSON string. Scalars are never re-read as JSON: `7` and `"7"`, `true` and `True`,
 /// `quoted` and `"quoted"` stay the distinct texts they were published as (what SSE's
