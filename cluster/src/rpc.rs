@@ -338,6 +338,8 @@ struct Slot {
     /// When the oldest call made since the peer last answered one started (`None`: every
     /// call so far was answered). See [`Peers::unanswered_for`].
     unanswered_since: Option<Instant>,
+    /// When the peer last answered a call (see [`Peers::called_within`]).
+    last_answered: Option<Instant>,
 }
 
 /// A peer that has left every call of this node unanswered this long is taken for gone
@@ -421,6 +423,18 @@ impl Peers {
         let slot = self.slots.lock().get(&id).cloned()?;
         let since = slot.lock().unanswered_since?;
         Some(since.elapsed())
+    }
+
+    /// Whether this node has a call to `id` under way, or had one answered within `within`:
+    /// if not, its silence would not show (see [`Self::unanswered_for`]), so the
+    /// reachability check asks it something.
+    pub fn called_within(&self, id: NodeId, within: Duration) -> bool {
+        let Some(slot) = self.slots.lock().get(&id).cloned() else {
+            return false;
+        };
+        let slot = slot.lock();
+        slot.unanswered_since.is_some()
+            || slot.last_answered.is_some_and(|at| at.elapsed() < within)
     }
 
     /// Whether `id` counts as gone silent: it is unreachable ([`Self::is_unreachable`]) or
@@ -601,6 +615,7 @@ impl Peers {
                     last_error: String::new(),
                     generation: 0,
                     unanswered_since: None,
+                    last_answered: None,
                 }))
             })
             .clone()
@@ -648,7 +663,9 @@ impl Peers {
             let exchange = tokio::time::timeout_at(deadline, exchange(&connection, &frame)).await;
             match exchange {
                 Ok(Ok(response)) => {
-                    slot.lock().unanswered_since = None;
+                    let mut slot = slot.lock();
+                    slot.unanswered_since = None;
+                    slot.last_answered = Some(Instant::now());
                     return Ok(response);
                 }
                 Ok(Err(ExchangeError::NotSent(reason))) => {

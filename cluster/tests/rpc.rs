@@ -265,8 +265,13 @@ async fn a_peer_that_leaves_calls_unanswered_shows_as_silent_until_it_answers() 
     let b = Node::start(bind(&dir, 2, localhost).unwrap(), PeersOptions::default());
     a.peers.set_addr(2, b.addr());
     assert_eq!(a.peers.unanswered_for(2), None, "no call yet");
+    assert!(!a.peers.called_within(2, PATIENCE), "never called");
     a.peers.call(2, &app(b"ping"), PATIENCE).await.unwrap();
     assert_eq!(a.peers.unanswered_for(2), None, "every call answered");
+    // Answered lately, so the reachability check would not ping it; after a while it would.
+    assert!(a.peers.called_within(2, PATIENCE));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!a.peers.called_within(2, Duration::from_millis(50)));
 
     let wait = Duration::from_millis(300);
     let error = a.peers.call(2, &app(b"hang"), wait).await.unwrap_err();
@@ -289,6 +294,10 @@ async fn a_peer_that_leaves_calls_unanswered_shows_as_silent_until_it_answers() 
             "sent, not answered"
         );
         assert!(a.peers.unanswered_for(2).unwrap() >= silent);
+        assert!(
+            a.peers.called_within(2, Duration::ZERO),
+            "a call under way counts as called"
+        );
         a.peers.call(2, &app(b"ping"), PATIENCE).await.unwrap();
         assert_eq!(a.peers.unanswered_for(2), None, "answered again");
     }
