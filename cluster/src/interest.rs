@@ -10,7 +10,8 @@
 //! only nodes with interest in its channel get it.
 //!
 //! Non-durable events travel through a bounded queue per peer, drained in batches of up to
-//! 1,000 events per RPC. A full queue drops (non-durable means at most once) and counts it.
+//! 1,000 events per RPC. A full queue drops (non-durable means at most once); [`RelayCounts`]
+//! counts what was queued, acknowledged, dropped, lost with a failed call and received.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -95,10 +96,25 @@ pub struct InterestTable {
     peers: Arc<Peers>,
     remote: RwLock<HashMap<NodeId, (Interest, Instant)>>,
     queues: Mutex<HashMap<NodeId, mpsc::Sender<TransientEvent>>>,
-    /// Non-durable events dropped because a peer's queue was full.
-    pub dropped: AtomicU64,
-    /// Non-durable events sent to peers.
+    /// What became of non-durable events on their way between nodes.
+    pub relayed: Arc<RelayCounts>,
+}
+
+/// Counts of non-durable events between nodes, for `/metrics`: an operator sees how much
+/// traffic interest saves or costs, and every event a peer did not get.
+#[derive(Debug, Default)]
+pub struct RelayCounts {
+    /// Events queued for a peer with interest (one per peer the event goes to).
+    pub queued: AtomicU64,
+    /// Events a peer acknowledged.
     pub sent: AtomicU64,
+    /// Events dropped because the peer's queue was full (it takes them slower than they come).
+    pub dropped: AtomicU64,
+    /// Events whose call to the peer failed (unreachable, timed out): the peer may not have
+    /// them.
+    pub failed: AtomicU64,
+    /// Events received from peers for this node's subscribers.
+    pub received: AtomicU64,
 }
 
 impl std::fmt::Debug for InterestTable {
@@ -117,8 +133,7 @@ impl InterestTable {
             peers,
             remote: RwLock::default(),
             queues: Mutex::default(),
-            dropped: AtomicU64::new(0),
-            sent: AtomicU64::new(0),
+            relayed: Arc::default(),
         })
     }
 
@@ -180,19 +195,16 @@ impl InterestTable {
                 .entry(peer)
                 .or_insert_with(|| {
                     let (tx, rx) = mpsc::channel(TRANSIENT_QUEUE);
-                    tokio::spawn(drain(self.peers.clone(), peer, rx));
+                    tokio::spawn(drain(self.peers.clone(), peer, rx, self.relayed.clone()));
                     tx
                 })
                 .clone()
         };
-        match sender.try_send(event) {
-            Ok(()) => {
-                self.sent.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        let counter = match sender.try_send(event) {
+            Ok(()) => &self.relayed.queued,
+            Err(_) => &self.relayed.dropped,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -285,15 +297,25 @@ impl InterestSync {
 }
 
 /// Sends one peer's queued events, up to [`TRANSIENT_BATCH`] per RPC.
-async fn drain(peers: Arc<Peers>, peer: NodeId, mut rx: mpsc::Receiver<TransientEvent>) {
+async fn drain(
+    peers: Arc<Peers>,
+    peer: NodeId,
+    mut rx: mpsc::Receiver<TransientEvent>,
+    counts: Arc<RelayCounts>,
+) {
     let mut batch = Vec::with_capacity(64);
     while rx.recv_many(&mut batch, TRANSIENT_BATCH).await > 0 {
+        let events = batch.len() as u64;
         let request = Request::App(encode(&AppRequest::Transient {
             events: std::mem::take(&mut batch),
         }));
-        if let Err(error) = peers.call(peer, &request, Duration::from_secs(2)).await {
-            tracing::debug!(peer, %error, "non-durable events to a peer were lost");
-        }
+        match peers.call(peer, &request, Duration::from_secs(2)).await {
+            Ok(_) => counts.sent.fetch_add(events, Ordering::Relaxed),
+            Err(error) => {
+                tracing::debug!(peer, %error, events, "non-durable events to a peer were lost");
+                counts.failed.fetch_add(events, Ordering::Relaxed)
+            }
+        };
     }
 }
 

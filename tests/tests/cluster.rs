@@ -86,6 +86,33 @@ async fn metrics_of(http: std::net::SocketAddr) -> String {
         .unwrap()
 }
 
+/// The node's `herald_transient_relay_events_total` for `outcome` (0 before it is first set).
+async fn relay_count(http: std::net::SocketAddr, outcome: &str) -> u64 {
+    let metrics = metrics_of(http).await;
+    let series = format!("herald_transient_relay_events_total{{outcome=\"{outcome}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .map_or(0, |n| n.trim().parse().expect("a count"))
+}
+
+/// Waits until the node's relay count for `outcome` reaches `n` (the peer's answer comes after
+/// its subscribers have the events).
+async fn wait_for_relay_count(http: std::net::SocketAddr, outcome: &str, n: u64) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let count = relay_count(http, outcome).await;
+        if count == n {
+            return;
+        }
+        assert!(
+            count < n && tokio::time::Instant::now() < deadline,
+            "{outcome}: {count}, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// One HTTP publish attempt: `Ok(reply)` on 200, `Err(text)` otherwise.
 async fn try_publish(http: std::net::SocketAddr, body: &Value) -> Result<Value, String> {
     let response = reqwest::Client::new()
@@ -483,8 +510,10 @@ async fn a_node_cut_off_from_the_majority_refuses_durable_publishes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_durable_events_and_pubsub_counts_span_the_cluster() {
-    let config =
-        herald_tests::config_file("[namespace.cursor]\nhistory_size = 0\ndurable = false\n");
+    let config = herald_tests::config_file(
+        "[namespace.cursor]\nhistory_size = 0\ndurable = false\n\
+         [namespace.quiet]\nhistory_size = 0\ndurable = false\n",
+    );
     let cluster = Cluster::start_with(3, &["--config", config.to_str().unwrap()]);
     let (a, b, c) = (cluster.node(1), cluster.node(2), cluster.node(3));
 
@@ -554,6 +583,37 @@ async fn non_durable_events_and_pubsub_counts_span_the_cluster() {
         .unwrap();
     assert_eq!(message.get_channel_name(), "cursor:doc1");
     assert_eq!(message.get_payload::<String>().unwrap(), "x=1");
+    // A queued the event once for each of B and C; each acknowledged it.
+    assert_eq!(relay_count(a.http, "queued").await, 2);
+    wait_for_relay_count(a.http, "sent", 2).await;
+    assert_eq!(relay_count(b.http, "received").await, 1);
+    assert_eq!(relay_count(c.http, "received").await, 1);
+
+    // Only nodes with interest get an event: one nobody wants stays on A...
+    let receivers: i64 = conn.publish("quiet:x", "x=2").await.unwrap();
+    assert_eq!(receivers, 0);
+    assert_eq!(relay_count(a.http, "queued").await, 2, "sent to nobody");
+    // ...and one only C's pattern wants goes from B to C, not to A.
+    let mut on_b_conn = redis::Client::open(b.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let receivers: i64 = on_b_conn.publish("cursor:doc2", "x=3").await.unwrap();
+    assert_eq!(receivers, 1, "C's pattern subscriber");
+    let message = tokio::time::timeout(PATIENCE, on_c.on_message().next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(message.get_channel_name(), "cursor:doc2");
+    assert_eq!(relay_count(b.http, "queued").await, 1, "to C alone");
+    assert_eq!(relay_count(c.http, "received").await, 2);
+    assert_eq!(relay_count(a.http, "received").await, 0);
+    for node in [a, b, c] {
+        for outcome in ["dropped", "failed"] {
+            assert_eq!(relay_count(node.http, outcome).await, 0, "{outcome}");
+        }
+    }
 
     // The stats count the whole cluster.
     let stats: Value = reqwest::get(format!("{}/api/realtime/stats", a.http_url()))

@@ -4,6 +4,7 @@
 //! meta and group writes, group initialisation, failover probes and elections, hand-backs.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -76,6 +77,8 @@ impl ClusterNode {
                 AppResponse::Done(Ok(()))
             }
             AppRequest::Transient { events } => {
+                let received = &self.inner.interest.relayed.received;
+                received.fetch_add(events.len() as u64, Ordering::Relaxed);
                 for event in &events {
                     (self.inner.hooks.deliver)(event);
                 }

@@ -175,6 +175,19 @@ fn cluster_metrics(node: &herald_cluster::node::ClusterNode) {
     metrics::counter!("herald_interest_sync_timeouts_total")
         .absolute(sync.timeouts.load(Ordering::Relaxed));
     metrics::counter!("herald_interest_pushes_total").absolute(sync.pushes.load(Ordering::Relaxed));
+    // Non-durable events between nodes: queued for a peer with interest, acknowledged by it,
+    // dropped on a full queue, lost with a failed call, and received from peers.
+    let relayed = &node.interest().relayed;
+    for (outcome, count) in [
+        ("queued", &relayed.queued),
+        ("sent", &relayed.sent),
+        ("dropped", &relayed.dropped),
+        ("failed", &relayed.failed),
+        ("received", &relayed.received),
+    ] {
+        metrics::counter!("herald_transient_relay_events_total", "outcome" => outcome)
+            .absolute(count.load(Ordering::Relaxed));
+    }
     let status = node.status();
     metrics::gauge!("herald_cluster_members").set(status.members.len() as f64);
     // Clocks: what this node adds to its own to propose with the majority's time (0 when it
