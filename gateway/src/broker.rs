@@ -92,6 +92,10 @@ enum Log {
     Cluster(ClusterNode),
 }
 
+/// A pass of expiry is followed by a pause of at least this many times its duration (see
+/// [`Broker::spawn_expiry`]).
+pub const EXPIRY_PAUSE_FACTOR: u32 = 4;
+
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct BrokerStats {
@@ -848,7 +852,13 @@ impl Broker {
         }
     }
 
-    /// Deletes expired history and dedup records every `every`, until `shutdown`.
+    /// Deletes expired history and dedup records every `every`, until `shutdown`. A pass
+    /// visits every channel with history, so with very many channels (a million per-job
+    /// channels under a day's TTL) it takes seconds of CPU: the next pass then starts
+    /// [`EXPIRY_PAUSE_FACTOR`] times the last one's duration after it ended, if that is
+    /// longer than `every`, so that expiry takes at most a fifth of a core. Reads never
+    /// return an expired event meanwhile (they check each event's deadline), so only the
+    /// disk space is freed later.
     pub fn spawn_expiry(
         self: &Arc<Self>,
         every: Duration,
@@ -856,20 +866,23 @@ impl Broker {
     ) {
         let broker = self.clone();
         tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(every);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut pause = every;
             loop {
                 tokio::select! {
-                    _ = ticker.tick() => {}
-                    _ = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(pause) => {}
+                    () = shutdown.cancelled() => return,
                 }
                 let worker = broker.clone();
+                let started = tokio::time::Instant::now();
                 let result = tokio::task::spawn_blocking(move || {
                     worker
                         .store
                         .expire(&worker.namespaces.current(), herald_storage::unix_now_ms())
                 })
                 .await;
+                pause = every
+                    .saturating_sub(started.elapsed())
+                    .max(started.elapsed() * EXPIRY_PAUSE_FACTOR);
                 match result {
                     Ok(Ok(0)) => {}
                     Ok(Ok(removed)) => {

@@ -25,7 +25,8 @@
 //! per publish; as soon as publishes queue up, the pipeline above takes over.
 //!
 //! sled itself is flushed only at **checkpoints**, on a third thread: each time a log segment
-//! fills up (64 MiB), and when the log closes; a checkpoint deletes the segments it covers.
+//! fills up (64 MiB) or the store's table of recent writes holds many keys (see the `memtable`
+//! module), and when the log closes; a checkpoint deletes the segments it covers.
 //! [`Store::open`] replays the records a crash left uncovered. If the write-ahead log ever
 //! fails (a write or sync error), the log stops using it and flushes sled for every group
 //! instead: slower, still durable. All of this is the private `wal` module's `WalWriter`.
@@ -1125,5 +1126,38 @@ mod tests {
             })
             .sum();
         assert_eq!(events, 300);
+    }
+
+    /// Many small events on distinct channels start a checkpoint long before the segment is
+    /// full: a checkpoint's sled batch stays within `memtable::CHECKPOINT_KEYS` keys or so.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_new_keys_start_a_checkpoint_before_the_segment_fills() {
+        let dir = TempDir::new("checkpoint-keys");
+        let store = open(&dir);
+        let wal_dir = wal::LOCAL.dir(store.dir());
+        let segment_files = || std::fs::read_dir(&wal_dir).unwrap().count();
+        let (on_commit, _) = recorder();
+        let log = start_with(&store, on_commit, LogOptions::default());
+        // Each publish on a new channel adds two keys (history chunk, channel meta); the
+        // records come to a few MiB, far from a 64 MiB segment.
+        let publishes = crate::memtable::CHECKPOINT_KEYS;
+        for start in (0..publishes).step_by(512) {
+            let batch = (start..(start + 512).min(publishes))
+                .map(|i| Publish::new(format!("job:{i}"), &b"x"[..]))
+                .collect();
+            log.publish_many(batch).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        // A checkpoint ran: the segment it covered is gone, and sled holds the keys.
+        while segment_files() > 1 || store.unwritten_bytes() > 64 << 10 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} segments, {} bytes unwritten",
+                segment_files(),
+                store.unwritten_bytes()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        log.close().await;
     }
 }

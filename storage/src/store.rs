@@ -37,6 +37,10 @@ use crate::wal::LogName;
 
 /// How many operations `expire` puts in one batch before applying it (between channels).
 const EXPIRE_CHUNK: usize = 10_000;
+/// How many channels (or dedup index entries) `expire` looks at before it lets a waiting apply
+/// in, whether or not they needed work: a pass over a million channels none of which expires
+/// yet held the writer lock for seconds, and every publish waited for it.
+const EXPIRE_YIELD_EVERY: usize = 1_000;
 
 /// Everything that can go wrong in the store or the log. `Clone` so that one failure can be
 /// handed to every publisher of a batch.
@@ -313,6 +317,8 @@ pub struct Store {
     /// Dedup records expire by their partition's applied clock, not the local one (set when the
     /// store joined a cluster or a Raft state machine was opened on it).
     deterministic_expiry: AtomicBool,
+    /// Times `expire` let waiting applies in (for tests).
+    expire_yields: AtomicU64,
     /// Flush coalescing: tickets taken by callers of [`Store::flush`], the highest ticket a
     /// completed flush covered, and the lock one flush at a time holds.
     flush_tickets: AtomicU64,
@@ -573,6 +579,7 @@ impl Store {
             stat_events: AtomicU64::new(events),
             cluster: AtomicBool::new(cluster),
             deterministic_expiry: AtomicBool::new(cluster),
+            expire_yields: AtomicU64::new(0),
             flush_tickets: AtomicU64::new(0),
             flushed_ticket: AtomicU64::new(0),
             flush_lock: tokio::sync::Mutex::new(()),
@@ -1151,6 +1158,12 @@ impl Store {
         self.tree.unwritten_bytes() as u64
     }
 
+    /// Whether enough recent writes wait in memory for a checkpoint to start before the
+    /// write-ahead log's segment fills (the `memtable` module's key limit).
+    pub(crate) fn wants_checkpoint(&self) -> bool {
+        self.tree.wants_checkpoint()
+    }
+
     /// Blocking form of [`Store::flush`] (same guarantee, but not shared with concurrent
     /// callers of [`Store::flush`]): for the local log's flusher thread, shutdown paths and
     /// tests outside a runtime. Everything applied before the call is covered.
@@ -1416,7 +1429,22 @@ impl Store {
         let mut chunk = ExpireChunk::default();
         let mut deleted = 0usize;
 
+        let mut visited = 0usize;
+        // Commits what is pending and lets a waiting apply in, every so many channels or
+        // deletions (an apply must not interleave with uncommitted work on the same channel).
+        let mut pause = |chunk: &mut ExpireChunk, state: &mut MutexGuard<'_, WriteState>| {
+            visited += 1;
+            if chunk.ops < EXPIRE_CHUNK && !visited.is_multiple_of(EXPIRE_YIELD_EVERY) {
+                return Ok(());
+            }
+            self.commit_chunk(chunk, state)?;
+            self.expire_yields.fetch_add(1, Ordering::Relaxed);
+            MutexGuard::bump(state);
+            Ok::<(), StorageError>(())
+        };
+
         for key in self.tree.scan_prefix([codec::PREFIX_CHANNEL]).keys() {
+            pause(&mut chunk, &mut state)?;
             let meta_key = key?;
             // Read the meta afresh: the lock may have been yielded to apply since the scan began.
             let Some(v) = self.tree.get(&meta_key)? else {
@@ -1456,11 +1484,6 @@ impl Store {
             } else {
                 chunk.batch.insert(meta_key, codec::encode(&meta));
             }
-            if chunk.ops >= EXPIRE_CHUNK {
-                self.commit_chunk(&mut chunk, &mut state)?;
-                // Let a waiting apply in between chunks, so expire never stalls publishing long.
-                MutexGuard::bump(&mut state);
-            }
         }
 
         let deterministic = self.deterministic_expiry.load(Ordering::Acquire);
@@ -1483,6 +1506,7 @@ impl Store {
                 .range(vec![codec::PREFIX_DEDUP_EXPIRY]..end)
                 .keys()
             {
+                pause(&mut chunk, &mut state)?;
                 let k = key?;
                 let (at_ms, dedup_key) = codec::split_dedup_expiry_key(&k)?;
                 if deterministic {
@@ -1503,10 +1527,6 @@ impl Store {
                         chunk.ops += 1;
                         deleted += 1;
                     }
-                }
-                if chunk.ops >= EXPIRE_CHUNK {
-                    self.commit_chunk(&mut chunk, &mut state)?;
-                    MutexGuard::bump(&mut state);
                 }
             }
         }
@@ -2482,6 +2502,28 @@ mod tests {
             .unwrap();
         assert_eq!(store.peer_store_ids().unwrap(), vec![(4, 44)]);
         assert_eq!(store.peer_store_generation(), before + 1);
+    }
+
+    /// A pass over many channels none of which expires still lets applies in between every
+    /// [`EXPIRE_YIELD_EVERY`] channels, instead of holding the writer lock for the whole scan.
+    #[test]
+    fn expire_lets_applies_in_while_it_scans_channels_with_nothing_to_delete() {
+        let dir = TempDir::new("expire-yields");
+        let store = Store::open(dir.path(), opts(4)).unwrap();
+        let namespaces = ns(100, Some(Duration::from_secs(3600)));
+        let channels = 5 * EXPIRE_YIELD_EVERY;
+        let batch: Vec<Publish> = (0..channels)
+            .map(|i| publish(&format!("job:{i}"), "x"))
+            .collect();
+        store.apply(&batch, &namespaces, T0).unwrap();
+        store.flush_blocking().unwrap();
+        assert_eq!(store.expire(&namespaces, T0 + 1_000).unwrap(), 0);
+        assert!(
+            store.expire_yields.load(Ordering::Relaxed) >= (channels / EXPIRE_YIELD_EVERY) as u64,
+            "yielded {} times over {channels} channels",
+            store.expire_yields.load(Ordering::Relaxed)
+        );
+        assert_eq!(store.channel_stats().events, channels as u64);
     }
 
     #[test]

@@ -37,6 +37,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::store::{Ops, StorageError, Store};
 
@@ -556,7 +557,10 @@ impl WalWriter {
     /// ones.
     pub(crate) fn rotate_if_full(&mut self, next_lsn: u64) {
         let Some(wal) = &mut self.wal else { return };
-        if !wal.is_full() {
+        // Also when the store's table holds many keys (small records on many channels): a
+        // checkpoint's batch then stays short (see `memtable::CHECKPOINT_KEYS`).
+        let many_keys = || !self.checkpoints.busy() && self.store.wants_checkpoint();
+        if !wal.is_full() && !many_keys() {
             return;
         }
         let rotated = wal
@@ -603,19 +607,27 @@ impl WalWriter {
 struct Checkpoints {
     tx: Option<std::sync::mpsc::Sender<Vec<PathBuf>>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Requests asked for and not yet done (queued or running).
+    outstanding: Arc<AtomicUsize>,
 }
 
 impl Checkpoints {
     /// Starts the thread; checkpoints flush `store`.
     fn start(store: Arc<Store>) -> Checkpoints {
         let (tx, rx) = std::sync::mpsc::channel::<Vec<PathBuf>>();
+        let outstanding = Arc::new(AtomicUsize::new(0));
+        let done = outstanding.clone();
         let spawned = std::thread::Builder::new()
             .name("herald-log-checkpoint".into())
             .spawn(move || {
                 let mut pending = Vec::new();
                 while let Ok(full) = rx.recv() {
+                    let mut taken = 1;
                     pending.extend(full);
-                    pending.extend(rx.try_iter().flatten());
+                    for more in rx.try_iter() {
+                        pending.extend(more);
+                        taken += 1;
+                    }
                     // Every record in `pending` was applied before its segment was handed
                     // over, so a flush starting now covers them all.
                     match store.flush_blocking().and_then(|()| delete(&pending)) {
@@ -624,18 +636,21 @@ impl Checkpoints {
                             tracing::error!(%error, "write-ahead log checkpoint failed; retrying at the next one");
                         }
                     }
+                    done.fetch_sub(taken, Ordering::AcqRel);
                 }
             });
         match spawned {
             Ok(thread) => Checkpoints {
                 tx: Some(tx),
                 thread: Some(thread),
+                outstanding,
             },
             Err(error) => {
                 tracing::error!(%error, "cannot start the checkpoint thread; segments stay until the log closes");
                 Checkpoints {
                     tx: None,
                     thread: None,
+                    outstanding,
                 }
             }
         }
@@ -644,8 +659,17 @@ impl Checkpoints {
     /// Asks for a checkpoint covering `full`.
     fn request(&self, full: Vec<PathBuf>) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(full);
+            self.outstanding.fetch_add(1, Ordering::AcqRel);
+            if tx.send(full).is_err() {
+                self.outstanding.fetch_sub(1, Ordering::AcqRel);
+            }
         }
+    }
+
+    /// Whether a checkpoint is queued or running (without a thread: always, so that no
+    /// segment is cut for a checkpoint that cannot come).
+    fn busy(&self) -> bool {
+        self.tx.is_none() || self.outstanding.load(Ordering::Acquire) > 0
     }
 
     /// Waits for the running checkpoint, if any, and stops the thread.
