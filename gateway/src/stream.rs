@@ -440,6 +440,23 @@ impl EventStream {
         }
     }
 
+    /// Appends the live events already queued for the stream to `out`, without waiting: what
+    /// a stream being ended still owes its client. Nothing while a replay is unfinished (live
+    /// events wait behind it).
+    pub fn take_queued(&mut self, out: &mut Vec<Emit>) {
+        if self.replaying() {
+            return;
+        }
+        let outbox = self.subscriber.outbox().clone();
+        if outbox.take_items(&mut self.items) == Some(Batch::Frames) {
+            for item in std::mem::take(&mut self.items) {
+                if let Some(emit) = self.accept(item) {
+                    out.push(emit);
+                }
+            }
+        }
+    }
+
     /// Turns one queued item into what to emit, skipping what was replayed already and
     /// advancing the cursor.
     fn accept(&mut self, item: Item) -> Option<Emit> {

@@ -289,3 +289,116 @@ fn history_last_reads_the_newest_events() {
         "{error}"
     );
 }
+
+/// A pipelined `PUBLISH` to a durable channel takes effect before the commands sent after it
+/// on the same connection, as in Redis: a `HISTORY` in the same write sees the event.
+#[test]
+fn history_pipelined_after_publish_sees_the_event() {
+    let node = Herald::start();
+    let mut conn = RawConn::connect(node.resp);
+    for i in 0..10 {
+        let channel = format!("pipelined-{i}");
+        let mut write = herald_tests::encode_command(&[b"PUBLISH", channel.as_bytes(), b"m1"]);
+        write.extend(herald_tests::encode_command(&[
+            b"HISTORY",
+            channel.as_bytes(),
+            b"LAST",
+            b"1",
+        ]));
+        conn.send(&write);
+        assert_eq!(conn.read_frame(), b":0\r\n");
+        let events: Vec<(String, String)> =
+            redis::from_redis_value(redis::parse_redis_value(&conn.read_frame()).unwrap()).unwrap();
+        assert_eq!(
+            events.iter().map(|(_, p)| p.as_str()).collect::<Vec<_>>(),
+            ["m1"],
+            "round {i}: HISTORY ran before the PUBLISH sent ahead of it"
+        );
+    }
+
+    // The same through the redis crate's (non-transactional) pipeline.
+    let mut connection = redis::Client::open(node.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let (receivers, events): (i64, Vec<(String, String)>) = redis::pipe()
+        .publish("pipelined-crate", "c1")
+        .cmd("HISTORY")
+        .arg(&["pipelined-crate", "LAST", "1"])
+        .query(&mut connection)
+        .unwrap();
+    assert_eq!(receivers, 0);
+    assert_eq!(
+        events.iter().map(|(_, p)| p.as_str()).collect::<Vec<_>>(),
+        ["c1"]
+    );
+}
+
+/// `PUBLISH c m1` then `HSUBSCRIBE $ c` in one write: `$` means events after the
+/// subscription, and m1 was published before it.
+#[test]
+fn hsubscribe_live_pipelined_after_publish_does_not_get_the_event() {
+    let node = Herald::start();
+    let mut conn = RawConn::connect(node.resp);
+    let mut write = herald_tests::encode_command(&[b"PUBLISH", b"before", b"m1"]);
+    write.extend(herald_tests::encode_command(&[
+        b"HSUBSCRIBE",
+        b"$",
+        b"before",
+    ]));
+    conn.send(&write);
+    assert_eq!(
+        conn.read_frame(),
+        b":0\r\n",
+        "nobody was subscribed when m1 was published"
+    );
+    assert_eq!(
+        conn.read_frame(),
+        b"*3\r\n$10\r\nhsubscribe\r\n$6\r\nbefore\r\n:1\r\n"
+    );
+    publish(&node, "before", "m2");
+    assert_eq!(
+        read_hmessage(&mut conn).2,
+        "m2",
+        "the first event after the subscription is m2, not m1"
+    );
+}
+
+/// On a connection with a history subscription (RESP3, where `PUBLISH` is allowed while
+/// subscribed), `PUBLISH c m` then `HUNSUBSCRIBE` in one write: the connection was subscribed
+/// when it published, so it counts as a receiver and gets m before the `HUNSUBSCRIBE` reply.
+/// Several rounds: the event must not be left behind in the subscription when it ends.
+#[test]
+fn hunsubscribe_pipelined_after_publish_delivers_the_event_first() {
+    let node = Herald::start();
+    let mut conn = RawConn::connect(node.resp);
+    conn.command(&[b"HELLO", b"3"]);
+    conn.read_frame();
+    for round in 0..10 {
+        conn.command(&[b"HSUBSCRIBE", b"$", b"until"]);
+        assert_eq!(
+            conn.read_frame(),
+            b">3\r\n$10\r\nhsubscribe\r\n$5\r\nuntil\r\n:1\r\n"
+        );
+        let payload = format!("m{round}");
+        let mut write = herald_tests::encode_command(&[b"PUBLISH", b"until", payload.as_bytes()]);
+        write.extend(herald_tests::encode_command(&[b"HUNSUBSCRIBE"]));
+        conn.send(&write);
+        let (channel, _, got) = read_hmessage(&mut conn);
+        assert_eq!(
+            (channel.as_str(), got.as_str()),
+            ("until", payload.as_str())
+        );
+        assert_eq!(
+            conn.read_frame(),
+            b":1\r\n",
+            "round {round}: the subscription received the event"
+        );
+        assert_eq!(
+            conn.read_frame(),
+            b">3\r\n$12\r\nhunsubscribe\r\n_\r\n:0\r\n"
+        );
+    }
+    conn.command(&[b"PING"]);
+    assert_eq!(conn.read_frame(), b"+PONG\r\n");
+}

@@ -242,33 +242,41 @@ impl Outbox {
         self.next_with(max_bytes, |item| out.push(item)).await
     }
 
+    /// Moves what is queued to `out` without waiting (a stream being ended hands over what
+    /// reached it); `None` when nothing is queued and the client is not closed.
+    pub fn take_items(&self, out: &mut Vec<Item>) -> Option<Batch> {
+        self.take_with(usize::MAX, |item| out.push(item))
+    }
+
     async fn next_with(&self, max_bytes: usize, mut take: impl FnMut(Item)) -> Batch {
         loop {
-            {
-                let mut state = self.state.lock();
-                if !state.frames.is_empty() {
-                    let mut taken = 0;
-                    while let Some(item) = state.frames.pop_front() {
-                        taken += item.frame.len();
-                        take(item);
-                        if taken >= max_bytes {
-                            break;
-                        }
-                    }
-                    state.bytes -= taken;
-                    if state.soft_exceeded_since.is_some() && state.bytes == 0 {
-                        state.soft_exceeded_since = None;
-                    }
-                    drop(state);
-                    self.drained.notify_waiters();
-                    return Batch::Frames;
-                }
-                if let Some(reason) = state.closed {
-                    return Batch::Closed(reason);
-                }
+            if let Some(batch) = self.take_with(max_bytes, &mut take) {
+                return batch;
             }
             self.ready.notified().await;
         }
+    }
+
+    fn take_with(&self, max_bytes: usize, mut take: impl FnMut(Item)) -> Option<Batch> {
+        let mut state = self.state.lock();
+        if !state.frames.is_empty() {
+            let mut taken = 0;
+            while let Some(item) = state.frames.pop_front() {
+                taken += item.frame.len();
+                take(item);
+                if taken >= max_bytes {
+                    break;
+                }
+            }
+            state.bytes -= taken;
+            if state.soft_exceeded_since.is_some() && state.bytes == 0 {
+                state.soft_exceeded_since = None;
+            }
+            drop(state);
+            self.drained.notify_waiters();
+            return Some(Batch::Frames);
+        }
+        state.closed.map(Batch::Closed)
     }
 
     /// Waits until at most `bytes` are queued or the client is closing: the reader's

@@ -21,6 +21,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
+use tokio_util::sync::CancellationToken;
 
 /// Most bytes the writer gathers into one write.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
@@ -55,8 +56,12 @@ pub(crate) struct Session {
     /// Subscriptions by kind: channels, patterns, shard channels.
     pub subscriptions: [IndexSet<Bytes>; 3],
     /// Replies not yet queued, in command order; durable publishes wait in their slot for
-    /// their commit while later commands run.
+    /// their commit while later commands that cannot observe them run (see
+    /// [`Session::settle_publishes`]).
     slots: Vec<Slot>,
+    /// How many of `slots` are [`Slot::Publish`]: publishes handed to the log whose commit
+    /// has not been waited for yet.
+    unsettled: usize,
     /// Durable publishes read but not yet handed to the log, and their slots: they go to the
     /// log together ([`Session::submit_staged`]) so that they share one batch and one sync.
     staged: Vec<Publish>,
@@ -66,8 +71,8 @@ pub(crate) struct Session {
     pub wakes: Wakes,
     /// Set by `QUIT` and protocol errors: stop after queued output is written.
     pub closing: bool,
-    /// The task forwarding this connection's history subscription (`HSUBSCRIBE`), if any.
-    pub history: Option<tokio::task::JoinHandle<()>>,
+    /// This connection's history subscription (`HSUBSCRIBE`), if any.
+    pub history: Option<HistorySubscription>,
     /// How many channels the history subscription holds: they count in every subscription
     /// count the client is told, so a client that leaves pub/sub mode at a count of zero does
     /// not leave while history events still come.
@@ -84,6 +89,7 @@ impl Session {
             authenticated,
             subscriptions: Default::default(),
             slots: Vec::new(),
+            unsettled: 0,
             staged: Vec::new(),
             staged_slots: Vec::new(),
             staged_bytes: 0,
@@ -118,6 +124,7 @@ impl Session {
     /// Reserves the reply slot of a publish whose outcome is not known yet.
     pub fn reply_later(&mut self, ticket: Ticket) {
         self.slots.push(Slot::Publish(ticket));
+        self.unsettled += 1;
     }
 
     /// Stages a publish to a durable namespace: its reply slot is reserved now, and it goes to
@@ -151,7 +158,10 @@ impl Session {
             .zip(tickets)
         {
             self.slots[index] = match ticket {
-                Ok(ticket) => Slot::Publish(ticket),
+                Ok(ticket) => {
+                    self.unsettled += 1;
+                    Slot::Publish(ticket)
+                }
                 Err(error) => {
                     let mut buffer = BytesMut::new();
                     Frame::error(format!("ERR publish failed: {error}"))
@@ -162,10 +172,42 @@ impl Session {
         }
     }
 
+    /// Waits until every publish read so far has taken effect (committed, and handed to the
+    /// local subscribers, history subscriptions included), keeping the replies in their slots.
+    /// Runs before a command that could observe an earlier publish of the same connection
+    /// (reads history, or changes what it is delivered to), so that commands take effect in
+    /// the order they were sent even though durable publishes are answered later. Costs
+    /// nothing when no publish is outstanding, which is the case for all but the first such
+    /// command after a run of publishes.
+    pub async fn settle_publishes(&mut self) {
+        self.submit_staged().await;
+        if self.unsettled == 0 {
+            return;
+        }
+        self.unsettled = 0;
+        for slot in &mut self.slots {
+            if !matches!(slot, Slot::Publish(_)) {
+                continue;
+            }
+            let Slot::Publish(ticket) = std::mem::replace(slot, Slot::Ready(BytesMut::new()))
+            else {
+                unreachable!()
+            };
+            let frame = match self.ctx.broker.wait(ticket).await {
+                Ok(published) => Frame::Integer(published.receivers as i64),
+                Err(error) => Frame::error(format!("ERR publish failed: {error}")),
+            };
+            let mut buffer = BytesMut::new();
+            frame.encode(self.protocol, &mut buffer);
+            *slot = Slot::Ready(buffer);
+        }
+    }
+
     /// Queues the replies encoded so far. Must run before anything else is queued directly
     /// (hub subscription confirmations), to keep replies in command order.
     pub async fn flush_replies(&mut self) {
         self.submit_staged().await;
+        self.unsettled = 0;
         self.wakes.wake_all();
         let mut out = BytesMut::new();
         for slot in std::mem::take(&mut self.slots) {
@@ -212,10 +254,19 @@ impl Session {
         self.client.meta.lock().subscriptions = counts;
     }
 
+    /// Ends the history subscription, if there is one, once the events that reached it live
+    /// are queued for the client (see [`HistorySubscription::end`]).
+    pub async fn end_history(&mut self) {
+        if let Some(history) = self.history.take() {
+            history.end().await;
+        }
+        self.history_channels = 0;
+    }
+
     /// Drops every subscription without replies (disconnect, `RESET`).
     pub fn drop_subscriptions(&mut self) {
         if let Some(history) = self.history.take() {
-            history.abort();
+            history.forwarder.abort();
         }
         self.history_channels = 0;
         let [channels, patterns, shards] = std::mem::take(&mut self.subscriptions);
@@ -231,6 +282,26 @@ impl Session {
             ],
         );
         self.record_subscription_counts();
+    }
+}
+
+/// A connection's history subscription (`HSUBSCRIBE`): the task that forwards its events to
+/// the client, and the token that asks it to stop.
+pub(crate) struct HistorySubscription {
+    /// The forwarding task.
+    pub forwarder: tokio::task::JoinHandle<()>,
+    /// Cancelled to end the subscription (see [`HistorySubscription::end`]).
+    pub stop: CancellationToken,
+}
+
+impl HistorySubscription {
+    /// Ends the subscription as `HUNSUBSCRIBE` and `RESET` do: the forwarder first queues the
+    /// live events that already reached the subscription (every publish the connection sent
+    /// before, see [`Session::settle_publishes`]), then stops; an unfinished replay stops where
+    /// it is. Returns once it has stopped, so a reply queued after this comes after them.
+    pub async fn end(self) {
+        self.stop.cancel();
+        let _ = self.forwarder.await;
     }
 }
 

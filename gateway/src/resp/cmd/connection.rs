@@ -168,6 +168,7 @@ pub(super) fn select(session: &mut Session, args: &Args) {
 /// `RESET`: back to a fresh connection's state.
 pub(super) async fn reset(session: &mut Session) {
     session.flush_replies().await;
+    session.end_history().await;
     session.drop_subscriptions();
     session.protocol = Protocol::Resp2;
     session.subscriber().set_protocol(Protocol::Resp2);

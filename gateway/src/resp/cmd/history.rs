@@ -14,8 +14,10 @@
 //!   Replay hands over to live events with no gap and no duplicate. One history subscription
 //!   per connection.
 //! - `HUNSUBSCRIBE`: ends it (`[hunsubscribe, nil, count]`, the channels and patterns the
-//!   connection still holds). The history subscription's channels count in every
-//!   subscription count (`SUBSCRIBE`, `UNSUBSCRIBE`, ...), as channels and patterns do.
+//!   connection still holds), after the live events that reached it (every publish sent
+//!   before on the same connection included); an unfinished replay stops where it is. The
+//!   history subscription's channels count in every subscription count (`SUBSCRIBE`,
+//!   `UNSUBSCRIBE`, ...), as channels and patterns do.
 //! - `HPUBLISH channel payload [ID message-id]`: `PUBLISH` with a message id, replying
 //!   `[cursor, receivers, duplicate]`: the event's cursor (nil for non-durable namespaces), the
 //!   receivers, and 1 when the message id was already committed within the dedup window (the
@@ -26,8 +28,8 @@ use super::{Args, integer_arg, syntax_error};
 use crate::hub::Format;
 use crate::hub::encode::hmessage_head;
 use crate::hub::outbox::Outbox;
-use crate::reconnect::Reason;
-use crate::resp::connection::Session;
+use crate::reconnect::{Reason, ReconnectWatch};
+use crate::resp::connection::{HistorySubscription, Session};
 use crate::resp::frame::{Frame, Protocol};
 use crate::resp::server::REPLY_BACKPRESSURE_BYTES;
 use crate::stream::{Emit, EventStream, Start, check_cursor, position_text};
@@ -35,6 +37,7 @@ use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use herald_storage::Cursor;
 use std::panic::AssertUnwindSafe;
+use tokio_util::sync::CancellationToken;
 
 /// Default and largest `COUNT` of `HISTORY`.
 const HISTORY_COUNT: usize = 1000;
@@ -272,10 +275,25 @@ pub(super) async fn hsubscribe(session: &mut Session, args: &Args) {
     session.flush_replies().await;
     let outbox = session.outbox().clone();
     outbox.push_reply(out.freeze());
+    let stop = CancellationToken::new();
     let forward = {
         let outbox = outbox.clone();
+        let stop = stop.clone();
         async move {
             let mut emits = Vec::new();
+            // HUNSUBSCRIBE or RESET: what reached the subscription live goes out first.
+            let hand_over = |stream: &mut EventStream, reconnect: &mut ReconnectWatch| {
+                if let Some(reason) = reconnect.now() {
+                    return end_with(&outbox, protocol, reason);
+                }
+                let mut emits = Vec::new();
+                stream.take_queued(&mut emits);
+                if !emits.is_empty() {
+                    let mut out = BytesMut::new();
+                    write_emits(&mut out, protocol, emits);
+                    outbox.push_reply(out.freeze());
+                }
+            };
             loop {
                 tokio::select! {
                     // Checked first: once live delivery skipped events (a snapshot install) or the
@@ -284,6 +302,7 @@ pub(super) async fn hsubscribe(session: &mut Session, args: &Args) {
                     // over any event past the hole, so no such event is forwarded.
                     biased;
                     reason = reconnect.requested() => return end_with(&outbox, protocol, reason),
+                    () = stop.cancelled() => return hand_over(&mut stream, &mut reconnect),
                     next = stream.next(&mut emits) => {
                         if next.is_none() {
                             // The stream passed its output limit: close the client so it resumes.
@@ -303,6 +322,7 @@ pub(super) async fn hsubscribe(session: &mut Session, args: &Args) {
                         tokio::select! {
                             biased;
                             reason = reconnect.requested() => return end_with(&outbox, protocol, reason),
+                            () = stop.cancelled() => return hand_over(&mut stream, &mut reconnect),
                             () = outbox.wait_below(REPLY_BACKPRESSURE_BYTES) => {}
                         }
                     }
@@ -323,7 +343,7 @@ pub(super) async fn hsubscribe(session: &mut Session, args: &Args) {
             outbox.close(crate::hub::outbox::CloseReason::AfterFlush);
         }
     });
-    session.history = Some(forwarder);
+    session.history = Some(HistorySubscription { forwarder, stop });
     session.history_channels = channels_count;
     session.record_subscription_counts();
 }
@@ -338,11 +358,8 @@ fn end_with(outbox: &Outbox, protocol: Protocol, reason: Reason) {
 }
 
 /// `HUNSUBSCRIBE`.
-pub(super) fn hunsubscribe(session: &mut Session) {
-    if let Some(forwarder) = session.history.take() {
-        forwarder.abort();
-    }
-    session.history_channels = 0;
+pub(super) async fn hunsubscribe(session: &mut Session) {
+    session.end_history().await;
     session.record_subscription_counts();
     // What the connection still holds (channels and patterns), as Redis's UNSUBSCRIBE counts.
     let count = session.subscription_count(crate::hub::Kind::Channel);

@@ -75,9 +75,16 @@ pub(crate) async fn execute(session: &mut Session, args: Args) {
         meta.last_command = (command.name, subcommand);
         meta.last_active = Instant::now();
     }
-    // Publishes staged from this read go to the log before any other command runs.
-    if command.name != "publish" {
-        session.submit_staged().await;
+    // Commands take effect in the order they were sent. A durable PUBLISH is answered once
+    // committed, and those read together are staged to share one commit, so a later command
+    // that could observe them (reads history, changes what is delivered to whom, reports
+    // counters...) first waits until they took effect. PING and ECHO observe nothing, and
+    // HPUBLISH's commit is queued behind theirs: those only hand the staged ones to the log,
+    // so that a pipeline mixing them with PUBLISH keeps one commit per read.
+    match command.name {
+        "publish" => {}
+        "ping" | "echo" | "hpublish" => session.submit_staged().await,
+        _ => session.settle_publishes().await,
     }
     match command.name {
         "auth" => connection::auth(session, &args),
@@ -89,7 +96,7 @@ pub(crate) async fn execute(session: &mut Session, args: Args) {
         "history" => history::history(session, &args),
         "hpublish" => history::hpublish(session, &args).await,
         "hsubscribe" => history::hsubscribe(session, &args).await,
-        "hunsubscribe" => history::hunsubscribe(session),
+        "hunsubscribe" => history::hunsubscribe(session).await,
         "info" => server::info(session, &args),
         "ping" => connection::ping(session, &args),
         "psubscribe" => pubsub::subscribe(session, crate::hub::Kind::Pattern, &args).await,
