@@ -239,8 +239,15 @@ async fn read_history(node: &NodeAddr, channels: &[String], password: Option<&st
                     anyhow::bail!("HISTORY {channel}: {e}");
                 }
                 let items = reply.items().unwrap_or_default();
+                let mut events = 0;
                 for item in items {
                     let pair = item.items().unwrap_or_default();
+                    // A gap notice, `[hgap, channel, requested, oldest, reason]`, is no event:
+                    // what it says is missing shows as missing positions.
+                    if pair.len() == 5 && pair[0].text().as_deref() == Some("hgap") {
+                        continue;
+                    }
+                    events += 1;
                     let cursor = pair.first().and_then(resp::Value::text).unwrap_or_default();
                     let payload: serde_json::Value = pair
                         .get(1)
@@ -260,7 +267,7 @@ async fn read_history(node: &NodeAddr, channels: &[String], password: Option<&st
                     });
                     after = Some(cursor);
                 }
-                if items.len() < 1000 {
+                if events < 1000 {
                     break;
                 }
             }

@@ -402,3 +402,132 @@ fn hunsubscribe_pipelined_after_publish_delivers_the_event_first() {
     conn.command(&[b"PING"]);
     assert_eq!(conn.read_frame(), b"+PONG\r\n");
 }
+
+/// `HPUBLISH`es `payload` and returns its cursor.
+fn hpublish(conn: &mut redis::Connection, channel: &str, payload: &str) -> String {
+    let (cursor, _, _): (String, i64, i64) = redis::cmd("HPUBLISH")
+        .arg(&[channel, payload])
+        .query(conn)
+        .unwrap();
+    cursor
+}
+
+/// One RESP3 bulk string's encoding.
+fn bulk(text: &str) -> String {
+    format!("${}\r\n{text}\r\n", text.len())
+}
+
+/// An event of a `HISTORY` reply, `[cursor, payload]`, encoded.
+fn entry(cursor: &str, payload: &str) -> String {
+    format!("*2\r\n{}{}", bulk(cursor), bulk(payload))
+}
+
+/// `HISTORY ... AFTER cursor` tells, as its first entry, that it cannot give everything after
+/// the cursor: `[hgap, channel, requested, oldest, reason]` as `HSUBSCRIBE` sends it, for a
+/// cursor older than retention, from another store, or ahead of the node. Then come the
+/// events it has, as SSE gives them after its `event: gap`.
+#[test]
+fn history_reports_a_gap_first() {
+    let config = config_file("[namespace.small]\nhistory_size = 2\n");
+    let node = Herald::start_with(&["--config", config.to_str().unwrap()]);
+    let mut connection = redis::Client::open(node.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let cursors: Vec<String> = (1..=5)
+        .map(|i| hpublish(&mut connection, "small:x", &format!("e{i}")))
+        .collect();
+    let position = |cursor: &str| {
+        let cursor = herald_storage::Cursor::decode(cursor).unwrap();
+        let (partition, seq) = cursor
+            .positions()
+            .map(|p| (p.partition, p.seq))
+            .next()
+            .unwrap();
+        format!("{partition}-{seq}")
+    };
+    let retained = format!("{}{}", entry(&cursors[3], "e4"), entry(&cursors[4], "e5"));
+    let mut conn = RawConn::connect(node.resp);
+    let read_after = |conn: &mut RawConn, after: &str| {
+        conn.command(&[b"HISTORY", b"small:x", b"AFTER", after.as_bytes()]);
+        String::from_utf8(conn.read_frame()).unwrap()
+    };
+
+    // Retention dropped events 2 and 3.
+    assert_eq!(
+        read_after(&mut conn, &cursors[0]),
+        format!(
+            "*3\r\n*5\r\n{}{}{}{}{}{retained}",
+            bulk("hgap"),
+            bulk("small:x"),
+            bulk(&position(&cursors[0])),
+            bulk(&position(&cursors[3])),
+            bulk("retention")
+        )
+    );
+    // Within retention: no gap, the reply as it always was.
+    assert_eq!(
+        read_after(&mut conn, &cursors[2]),
+        format!("*2\r\n{retained}")
+    );
+    assert_eq!(
+        read_after(&mut conn, &cursors[3]),
+        format!("*1\r\n{}", entry(&cursors[4], "e5"))
+    );
+    // COUNT counts events; the gap comes on top.
+    conn.command(&[
+        b"HISTORY",
+        b"small:x",
+        b"AFTER",
+        cursors[0].as_bytes(),
+        b"COUNT",
+        b"1",
+    ]);
+    let reply = String::from_utf8(conn.read_frame()).unwrap();
+    assert!(
+        reply.starts_with("*2\r\n*5\r\n$4\r\nhgap\r\n")
+            && reply.ends_with(&entry(&cursors[3], "e4")),
+        "{reply}"
+    );
+
+    // A cursor of another store: nothing it names can be matched.
+    let mut other = Herald::start();
+    publish(&other, "x", "y");
+    let foreign = history(&other, &["x"]).remove(0).0;
+    other.signal("KILL");
+    let _ = other.wait_exit(std::time::Duration::from_secs(10));
+    assert_eq!(
+        read_after(&mut conn, &foreign),
+        format!(
+            "*3\r\n*5\r\n{}{}$-1\r\n{}{}{retained}",
+            bulk("hgap"),
+            bulk("small:x"),
+            bulk(&position(&cursors[3])),
+            bulk("epoch")
+        )
+    );
+
+    // A cursor ahead of everything this node has (a data directory restored from an older
+    // copy): what the node has is replayed from the start.
+    let mut ahead = herald_storage::Cursor::decode(&cursors[4]).unwrap();
+    let last = ahead.positions().next().unwrap();
+    ahead.advance(herald_storage::Position::new(last.partition, last.seq + 10));
+    let ahead = ahead.encode();
+    assert_eq!(
+        read_after(&mut conn, &ahead),
+        format!(
+            "*3\r\n*5\r\n{}{}{}{}{}{retained}",
+            bulk("hgap"),
+            bulk("small:x"),
+            bulk(&position(&ahead)),
+            bulk(&position(&cursors[3])),
+            bulk("ahead")
+        )
+    );
+
+    // In RESP3 the gap is an array inside the reply too (not a push).
+    conn.command(&[b"HELLO", b"3"]);
+    conn.read_frame();
+    let reply = read_after(&mut conn, &cursors[0]);
+    assert!(reply.starts_with("*3\r\n*5\r\n$4\r\nhgap\r\n"), "{reply}");
+}

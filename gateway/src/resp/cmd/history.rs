@@ -3,8 +3,11 @@
 //!
 //! - `HISTORY channel [AFTER cursor|0] [COUNT n]`: retained events after `cursor` (`0` or none:
 //!   all retained), oldest first, at most `n` (default 1000), as `[cursor, payload]` pairs. Each
-//!   cursor resumes right after its event. `HISTORY channel LAST n`: the newest `n` (at most
-//!   1000), oldest first.
+//!   cursor resumes right after its event. When the history after `cursor` cannot be given in
+//!   full (older than retention, from another epoch, or ahead of what a single node has, as
+//!   for `HSUBSCRIBE` below), the first entry is the gap, `[hgap, channel, requested, oldest,
+//!   reason]` (five elements, so no event can be mistaken for it), then what is retained (`n`
+//!   events of it). `HISTORY channel LAST n`: the newest `n` (at most 1000), oldest first.
 //! - `HSUBSCRIBE from channel [channel ...]`: like `SUBSCRIBE`, with history. `from` is `$`
 //!   (live only), `0` (everything retained first) or a cursor (everything after it first).
 //!   Confirmations are `[hsubscribe, channel, count]`; events arrive as
@@ -32,10 +35,10 @@ use crate::reconnect::{Reason, ReconnectWatch};
 use crate::resp::connection::{HistorySubscription, Session};
 use crate::resp::frame::{Frame, Protocol};
 use crate::resp::server::REPLY_BACKPRESSURE_BYTES;
-use crate::stream::{Emit, EventStream, Start, check_cursor, position_text};
+use crate::stream::{Emit, EventStream, Gap, Start, check_cursor, position_text};
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
-use herald_storage::Cursor;
+use herald_storage::{Cursor, Position};
 use std::panic::AssertUnwindSafe;
 use tokio_util::sync::CancellationToken;
 
@@ -109,29 +112,69 @@ pub(super) fn history(session: &mut Session, args: &Args) {
         return;
     }
     let partition = broker.partition_of(channel);
-    let after_seq = after
-        .filter(|c| c.epoch == broker.epoch())
-        .map(|c| c.get(partition).unwrap_or(0));
     // Only what is committed (flushed) is shown: the store may already hold the next batch
     // while its flush is in flight, and a cursor must never name an event a crash could undo.
     let committed = broker.committed_seq(partition);
-    let events = match last {
-        Some(n) => broker.store().last(channel, n),
-        None => broker.store().history_after(channel, after_seq, count),
+    // Where the read starts, and why it cannot give everything after the cursor, by the rules
+    // of HSUBSCRIBE and SSE (see `stream`): nothing of another store's cursor can be matched,
+    // and a cursor ahead of what a single node committed names events it no longer has (its
+    // data directory restored from an older copy); both read what is retained from the start.
+    let (after_seq, mut why) = match &after {
+        None => (None, None),
+        Some(cursor) if cursor.epoch != broker.epoch() => (None, Some((None, "epoch"))),
+        Some(cursor) => {
+            let seq = cursor.get(partition).unwrap_or(0);
+            if broker.cluster().is_none() && seq > committed {
+                let requested = Position { partition, seq };
+                (None, Some((Some(requested), "ahead")))
+            } else {
+                (Some(seq), None)
+            }
+        }
     };
-    match events {
-        Ok(events) => {
-            let items = events
+    let store = broker.store();
+    let events = match last {
+        Some(n) => store.last(channel, n),
+        None => store.history_after(channel, after_seq, count),
+    };
+    // Retention is checked after the read, so that events dropped while it ran are told too.
+    let read = events.and_then(|events| {
+        if let (Some(seq), None) = (after_seq, &why)
+            && seq < store.retention_floor(channel)?
+        {
+            why = Some((Some(Position { partition, seq }), "retention"));
+        }
+        let gap = match why {
+            Some((requested, reason)) => Some(Gap {
+                channel: channel.clone(),
+                requested,
+                oldest: store.oldest(channel)?,
+                reason,
+            }),
+            None => None,
+        };
+        Ok((events, gap))
+    });
+    match read {
+        Ok((events, gap)) => {
+            // A gap comes first, as `[hgap, channel, requested, oldest, reason]`: five elements
+            // where an event has two, and `hgap` where an event has its cursor (never `hgap`).
+            let items = gap
+                .map(|gap| Frame::Array(gap_items(gap)))
                 .into_iter()
-                .take_while(|event| event.position.seq <= committed)
-                .map(|event| {
-                    let mut cursor = Cursor::new(broker.epoch());
-                    cursor.advance(event.position);
-                    Frame::Array(vec![
-                        Frame::Bulk(Bytes::from(cursor.encode())),
-                        Frame::Bulk(event.payload),
-                    ])
-                })
+                .chain(
+                    events
+                        .into_iter()
+                        .take_while(|event| event.position.seq <= committed)
+                        .map(|event| {
+                            let mut cursor = Cursor::new(broker.epoch());
+                            cursor.advance(event.position);
+                            Frame::Array(vec![
+                                Frame::Bulk(Bytes::from(cursor.encode())),
+                                Frame::Bulk(event.payload),
+                            ])
+                        }),
+                )
                 .collect();
             session.reply(Frame::Array(items));
         }
@@ -387,18 +430,20 @@ fn write_emits(out: &mut BytesMut, protocol: Protocol, emits: impl IntoIterator<
                 out.extend_from_slice(&frame);
             }
             Emit::Transient { frame } => out.extend_from_slice(&frame),
-            Emit::Gap(gap) => {
-                let text =
-                    |p| position_text(p).map_or(Frame::Null, |t| Frame::Bulk(Bytes::from(t)));
-                Frame::Push(vec![
-                    Frame::text("hgap"),
-                    Frame::Bulk(gap.channel),
-                    text(gap.requested),
-                    text(gap.oldest),
-                    Frame::text(gap.reason),
-                ])
-                .encode(protocol, out);
-            }
+            Emit::Gap(gap) => Frame::Push(gap_items(gap)).encode(protocol, out),
         }
     }
+}
+
+/// A gap notice's elements, `hgap, channel, requested, oldest, reason` (positions as `p-seq`,
+/// nil when unknown): an `HSUBSCRIBE` push, or the first entry of a `HISTORY` reply.
+fn gap_items(gap: Gap) -> Vec<Frame> {
+    let text = |p| position_text(p).map_or(Frame::Null, |t| Frame::Bulk(Bytes::from(t)));
+    vec![
+        Frame::text("hgap"),
+        Frame::Bulk(gap.channel),
+        text(gap.requested),
+        text(gap.oldest),
+        Frame::text(gap.reason),
+    ]
 }
