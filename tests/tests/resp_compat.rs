@@ -357,3 +357,96 @@ fn unauthenticated_clients_cannot_announce_big_requests() {
         );
     }
 }
+
+/// `CONFIG SET` refuses what Redis refuses, with Redis's errors: values out of a setting's
+/// bounds, integers `string2ll` would not take, a setting named twice; every name is checked
+/// before any value, and the first failure leaves every setting as it was.
+#[test]
+fn config_set_bounds_and_errors() {
+    let set = |name: &'static str, value: &'static str| cmd(0, &["CONFIG", "SET", name, value]);
+    assert_same_as_redis(
+        "config set",
+        1,
+        &[
+            set("maxclients", "0"),
+            set("maxclients", "-1"),
+            set("maxclients", "4294967296"),
+            set("maxclients", "05"),
+            set("maxclients", "+5"),
+            set("maxclients", "1.5"),
+            set("maxclients", "99999999999999999999"),
+            set("maxclients", "50"),
+            cmd(0, &["CONFIG", "GET", "maxclients"]),
+            set("timeout", "-1"),
+            set("timeout", "2147483648"),
+            set("timeout", ""),
+            set("timeout", "2147483647"),
+            cmd(0, &["CONFIG", "GET", "timeout"]),
+            set("TIMEOUT", "x"),
+            cmd(0, &["CONFIG", "SET", "timeout", "0", "timeout", "1"]),
+            cmd(0, &["CONFIG", "SET", "timeout", "0", "TIMEOUT", "1"]),
+            cmd(0, &["CONFIG", "SET", "timeout", "x", "Foo", "1"]),
+            cmd(
+                0,
+                &["CONFIG", "SET", "timeout", "1", "timeout", "2", "foo", "1"],
+            ),
+            cmd(0, &["CONFIG", "SET", "timeout", "1", "DATABASES", "1"]),
+            cmd(0, &["CONFIG", "SET", "timeout", "1", "maxclients", "0"]),
+            cmd(0, &["CONFIG", "GET", "timeout"]),
+            set("timeout", "0"),
+            set("proto-max-bulk-len", "1kb"),
+            set("proto-max-bulk-len", "1048575"),
+            set("proto-max-bulk-len", ""),
+            set("proto-max-bulk-len", "mb"),
+            set("proto-max-bulk-len", "-1"),
+            set("proto-max-bulk-len", "+2mb"),
+            set("proto-max-bulk-len", "1.5mb"),
+            set("proto-max-bulk-len", "9223372036854775808"),
+            set("proto-max-bulk-len", "18446744073709551616"),
+            set("proto-max-bulk-len", "9000000000gb"),
+            set("proto-max-bulk-len", "2MB"),
+            cmd(0, &["CONFIG", "GET", "proto-max-bulk-len"]),
+            set("proto-max-bulk-len", "512mb"),
+            set("client-query-buffer-limit", "1kb"),
+            set("client-query-buffer-limit", "-5"),
+            set("client-query-buffer-limit", "2000000b"),
+            cmd(0, &["CONFIG", "GET", "client-query-buffer-limit"]),
+            set("client-query-buffer-limit", "1gb"),
+            set("client-output-buffer-limit", ""),
+            set("client-output-buffer-limit", "foo x y z"),
+            set("client-output-buffer-limit", "master 1 2 3"),
+            set("client-output-buffer-limit", "pubsub 1 2 x"),
+            set("client-output-buffer-limit", "pubsub -1 2 3"),
+            set("client-output-buffer-limit", "pubsub 1 2 -3"),
+            set(
+                "client-output-buffer-limit",
+                "pubsub 1 2 99999999999999999999999",
+            ),
+            set("client-output-buffer-limit", "pubsub  1 2 3"),
+            set("client-output-buffer-limit", "pubsub 1 2 3 "),
+            set("client-output-buffer-limit", "pubsub 1 2 3 normal x 2 3"),
+            cmd(0, &["CONFIG", "GET", "client-output-buffer-limit"]),
+            // Redis reads the seconds into a C int.
+            set("client-output-buffer-limit", "pubsub 1 2 2147483648"),
+            set("client-output-buffer-limit", "pubsub 1 2 4294967296"),
+            cmd(0, &["CONFIG", "GET", "client-output-buffer-limit"]),
+            set("client-output-buffer-limit", "PubSub 1kb 2KB +3"),
+            cmd(0, &["CONFIG", "GET", "client-output-buffer-limit"]),
+            set("client-output-buffer-limit", "pubsub 32mb 8mb 60"),
+            set("protected-mode", "maybe"),
+            cmd(
+                0,
+                &[
+                    "CONFIG",
+                    "SET",
+                    "protected-mode",
+                    "yes",
+                    "protected-mode",
+                    "no",
+                ],
+            ),
+        ],
+        &[],
+        &[],
+    );
+}

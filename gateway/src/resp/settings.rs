@@ -43,14 +43,14 @@ impl Default for RespSettings {
     }
 }
 
-/// Why a `CONFIG SET` was refused; the text follows Redis's.
+/// Why a `CONFIG SET` value was refused; the text follows Redis's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SettingError {
     /// Not a herald setting.
     Unknown,
     /// Known, but fixed at start-up.
     Immutable,
-    /// The value does not parse.
+    /// The value does not parse, or is out of the setting's bounds.
     Invalid(String),
 }
 
@@ -67,6 +67,27 @@ pub const SETTING_NAMES: &[&str] = &[
     "port",
     "bind",
 ];
+
+/// The settings `CONFIG SET` refuses: fixed at start-up (in Redis, `port` and `bind` are not,
+/// but herald does not move its listeners at run time).
+const IMMUTABLE: &[&str] = &["databases", "port", "bind"];
+
+/// `name`'s setting for `CONFIG SET` (names are case-insensitive), or why it cannot be set.
+pub fn setting_to_set(name: &str) -> Result<&'static str, SettingError> {
+    let name = SETTING_NAMES
+        .iter()
+        .copied()
+        .find(|known| known.eq_ignore_ascii_case(name))
+        .ok_or(SettingError::Unknown)?;
+    if IMMUTABLE.contains(&name) {
+        return Err(SettingError::Immutable);
+    }
+    Ok(name)
+}
+
+/// The bounds Redis 7 gives its memory settings `proto-max-bulk-len` and
+/// `client-query-buffer-limit`.
+const MEMORY_SETTING_BOUNDS: (i64, i64) = (1024 * 1024, i64::MAX);
 
 impl RespSettings {
     /// The request-parsing limits these settings imply.
@@ -100,36 +121,25 @@ impl RespSettings {
         })
     }
 
-    /// Applies `CONFIG SET name value`.
+    /// Applies `CONFIG SET name value`, `name` as [`setting_to_set`] returns it; values are
+    /// parsed and bounded as Redis 7 does.
     pub fn set(&mut self, name: &str, value: &str) -> Result<(), SettingError> {
         match name {
             "requirepass" => {
                 self.requirepass = (!value.is_empty()).then(|| value.to_string());
             }
             "protected-mode" => self.protected_mode = parse_yes_no(value)?,
-            "maxclients" => self.maxclients = parse_integer(value)?.max(1) as usize,
+            "maxclients" => self.maxclients = parse_integer(value, 1, u32::MAX.into())? as usize,
             "proto-max-bulk-len" => {
-                let bytes = parse_memory(value)?;
-                if bytes < 1024 {
-                    return Err(SettingError::Invalid(
-                        "argument must be a memory value of at least 1kb".into(),
-                    ));
-                }
-                self.proto_max_bulk_len = bytes;
+                self.proto_max_bulk_len = parse_memory_setting(value, MEMORY_SETTING_BOUNDS)?
             }
             "client-query-buffer-limit" => {
-                let bytes = parse_memory(value)?;
-                if bytes < 1024 * 1024 {
-                    return Err(SettingError::Invalid(
-                        "argument must be a memory value of at least 1mb".into(),
-                    ));
-                }
-                self.client_query_buffer_limit = bytes;
+                self.client_query_buffer_limit = parse_memory_setting(value, MEMORY_SETTING_BOUNDS)?
             }
             "client-output-buffer-limit" => {
                 self.pubsub_output_limit = parse_output_limit(value, self.pubsub_output_limit)?
             }
-            "timeout" => self.timeout_seconds = parse_integer(value)?,
+            "timeout" => self.timeout_seconds = parse_integer(value, 0, i32::MAX.into())? as u64,
             "databases" | "port" | "bind" => return Err(SettingError::Immutable),
             _ => return Err(SettingError::Unknown),
         }
@@ -151,10 +161,62 @@ fn parse_yes_no(value: &str) -> Result<bool, SettingError> {
     }
 }
 
-fn parse_integer(value: &str) -> Result<u64, SettingError> {
-    value
-        .parse::<u64>()
-        .map_err(|_| SettingError::Invalid("argument couldn't be parsed into an integer".into()))
+/// An integer setting as Redis parses it (`string2ll`: no `+`, no leading zeros), within
+/// `min..=max`.
+fn parse_integer(value: &str, min: i64, max: i64) -> Result<i64, SettingError> {
+    let n = crate::resp::parse::parse_strict_i64(value.as_bytes()).ok_or_else(|| {
+        SettingError::Invalid("argument couldn't be parsed into an integer".into())
+    })?;
+    if n < min || n > max {
+        return Err(out_of_bounds(min, max));
+    }
+    Ok(n)
+}
+
+fn out_of_bounds(min: i64, max: i64) -> SettingError {
+    SettingError::Invalid(format!(
+        "argument must be between {min} and {max} inclusive"
+    ))
+}
+
+/// A memory value as Redis's `memtoull` reads it: digits (none is 0; past `u64::MAX` is
+/// `u64::MAX`) and a unit, multiplied with wrap-around; `None` when it is no memory value.
+fn redis_memtoull(value: &str) -> Option<u64> {
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (digits, unit) = value.split_at(split);
+    let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" => 1000,
+        "kb" => 1024,
+        "m" => 1000 * 1000,
+        "mb" => 1024 * 1024,
+        "g" => 1000 * 1000 * 1000,
+        "gb" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    if digits.len() >= 128 {
+        return None;
+    }
+    let number = if digits.is_empty() {
+        0
+    } else {
+        digits.parse::<u64>().unwrap_or(u64::MAX)
+    };
+    Some(number.wrapping_mul(multiplier))
+}
+
+/// A memory setting as Redis 7 checks it: a memory value, then (read as a signed 64-bit
+/// number) within `bounds`.
+fn parse_memory_setting(value: &str, (min, max): (i64, i64)) -> Result<usize, SettingError> {
+    let bytes = redis_memtoull(value)
+        .ok_or_else(|| SettingError::Invalid("argument must be a memory value".into()))?
+        as i64;
+    if bytes < min || bytes > max {
+        return Err(out_of_bounds(min, max));
+    }
+    Ok(bytes as usize)
 }
 
 /// Parses a Redis memory value: `1024`, `64kb`, `32mb`, `1gb`, `1k` (1000), `1m` (1000000)...
@@ -185,41 +247,70 @@ pub fn parse_memory(value: &str) -> Result<usize, SettingError> {
         .ok_or_else(|| SettingError::Invalid("argument must be a memory value".into()))
 }
 
-/// Parses `client-output-buffer-limit`: `<class> <hard> <soft> <seconds>` groups; herald keeps
-/// the `pubsub` class and accepts (and ignores) `normal` and `replica`/`slave`.
+/// Parses `client-output-buffer-limit` as Redis 7 does: `<class> <hard> <soft> <seconds>`
+/// groups, split at each single space (an empty value is no group, and changes nothing);
+/// herald keeps the `pubsub` class and accepts (and ignores) `normal` and `replica`/`slave`.
+/// Nothing changes unless every group is valid.
 fn parse_output_limit(value: &str, current: OutputLimit) -> Result<OutputLimit, SettingError> {
-    let words: Vec<&str> = value.split_whitespace().collect();
-    if words.is_empty() || !words.len().is_multiple_of(4) {
+    let words: Vec<&str> = if value.is_empty() {
+        Vec::new()
+    } else {
+        value.split(' ').collect()
+    };
+    if !words.len().is_multiple_of(4) {
         return Err(SettingError::Invalid(
             "Wrong number of arguments in buffer limit configuration.".into(),
         ));
     }
     let mut limit = current;
     for group in words.chunks(4) {
-        let hard = parse_memory(group[1])?;
-        let soft = parse_memory(group[2])?;
-        let seconds = group[3].parse::<u64>().map_err(|_| {
-            SettingError::Invalid(
-                "Error in soft_seconds setting in buffer limit configuration.".into(),
-            )
-        })?;
-        match group[0].to_ascii_lowercase().as_str() {
-            "pubsub" => {
-                limit = OutputLimit {
-                    hard_bytes: hard,
-                    soft_bytes: soft,
-                    soft_seconds: seconds,
-                }
-            }
-            "normal" | "replica" | "slave" => {}
-            _ => {
-                return Err(SettingError::Invalid(
-                    "Invalid client class specified in buffer limit configuration.".into(),
-                ));
-            }
+        let class = group[0].to_ascii_lowercase();
+        if !matches!(class.as_str(), "pubsub" | "normal" | "replica" | "slave") {
+            return Err(SettingError::Invalid(
+                "Invalid client class specified in buffer limit configuration.".into(),
+            ));
+        }
+        // Redis reads the seconds with `strtoll` into an `int`.
+        let seconds = redis_strtoll(group[3]).map(|s| s as i32);
+        let (Some(hard), Some(soft), Some(seconds @ 0..)) =
+            (redis_memtoull(group[1]), redis_memtoull(group[2]), seconds)
+        else {
+            return Err(SettingError::Invalid(
+                "Error in hard, soft or soft_seconds setting in buffer limit configuration.".into(),
+            ));
+        };
+        if class == "pubsub" {
+            limit = OutputLimit {
+                hard_bytes: hard as usize,
+                soft_bytes: soft as usize,
+                soft_seconds: seconds as u64,
+            };
         }
     }
     Ok(limit)
+}
+
+/// A whole string read by C's `strtoll` (base 10): leading white space, a sign, digits
+/// (saturating); an empty string is 0. `None` when anything is left over.
+fn redis_strtoll(text: &str) -> Option<i64> {
+    if text.is_empty() {
+        return Some(0);
+    }
+    let rest = text.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    let (negative, digits) = match rest.as_bytes().first() {
+        Some(b'-') => (true, &rest[1..]),
+        Some(b'+') => (false, &rest[1..]),
+        _ => (false, rest),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(match (digits.parse::<i64>(), negative) {
+        (Ok(n), false) => n,
+        (Ok(n), true) => -n,
+        (Err(_), false) => i64::MAX,
+        (Err(_), true) => i64::MIN,
+    })
 }
 
 #[cfg(test)]

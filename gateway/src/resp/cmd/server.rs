@@ -6,7 +6,7 @@ use crate::hub::glob::Glob;
 use crate::resp::cmd::connection::REDIS_COMPAT_VERSION;
 use crate::resp::connection::Session;
 use crate::resp::frame::Frame;
-use crate::resp::settings::{SETTING_NAMES, SettingError};
+use crate::resp::settings::{self, SETTING_NAMES, SettingError};
 use bytes::Bytes;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -283,26 +283,42 @@ pub(super) fn config(session: &mut Session, subcommand: &str, args: &Args) {
         }
         "set" if !args.len().is_multiple_of(2) => wrong_arity("config|set"),
         "set" => {
-            let mut updated = session.ctx.settings.read().clone();
+            // As Redis: every name is checked first (the first unknown, immutable or repeated
+            // one fails the command, named as given), then the values are applied in order to
+            // a copy, the first invalid one failing the command (named as the setting is) with
+            // nothing changed.
+            let pairs: Vec<&[bytes::Bytes]> = args[2..].chunks(2).collect();
+            let mut names: Vec<&'static str> = Vec::with_capacity(pairs.len());
             let mut failure = None;
-            for pair in args[2..].chunks(2) {
-                let name = String::from_utf8_lossy(&pair[0]).to_ascii_lowercase();
-                let value = String::from_utf8_lossy(&pair[1]).into_owned();
-                match updated.set(&name, &value) {
-                    Ok(()) => {}
-                    Err(SettingError::Unknown) => {
+            for pair in &pairs {
+                let given = String::from_utf8_lossy(&pair[0]);
+                let why = match settings::setting_to_set(&given) {
+                    Ok(name) if names.contains(&name) => "duplicate parameter",
+                    Ok(name) => {
+                        names.push(name);
+                        continue;
+                    }
+                    Err(SettingError::Immutable) => "can't set immutable config",
+                    Err(_) => {
                         failure = Some(format!(
-                            "ERR Unknown option or number of arguments for CONFIG SET - '{name}'"
+                            "ERR Unknown option or number of arguments for CONFIG SET - '{given}'"
                         ));
                         break;
                     }
-                    Err(SettingError::Immutable) => {
-                        failure = Some(format!(
-                            "ERR CONFIG SET failed (possibly related to argument '{name}') - can't set immutable config"
-                        ));
-                        break;
-                    }
-                    Err(SettingError::Invalid(why)) => {
+                };
+                failure = Some(format!(
+                    "ERR CONFIG SET failed (possibly related to argument '{given}') - {why}"
+                ));
+                break;
+            }
+            let mut updated = session.ctx.settings.read().clone();
+            if failure.is_none() {
+                for (name, pair) in names.iter().zip(&pairs) {
+                    let value = String::from_utf8_lossy(&pair[1]);
+                    if let Err(error) = updated.set(name, &value) {
+                        let SettingError::Invalid(why) = error else {
+                            unreachable!("{name} was found settable above")
+                        };
                         failure = Some(format!(
                             "ERR CONFIG SET failed (possibly related to argument '{name}') - {why}"
                         ));
