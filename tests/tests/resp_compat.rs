@@ -450,3 +450,70 @@ fn config_set_bounds_and_errors() {
         &[],
     );
 }
+
+/// Arguments Redis refuses in `PUBSUB CHANNELS` / `SHARDCHANNELS` (one pattern at most) and
+/// `CLIENT LIST` (`TYPE` alone, or `ID`s; ids that name no client list nothing).
+#[test]
+fn pubsub_and_client_list_arguments() {
+    assert_same_as_redis(
+        "arguments",
+        1,
+        &[
+            cmd(0, &["PUBSUB", "CHANNELS", "a", "b"]),
+            cmd(0, &["PUBSUB", "channels", "a", "b", "c"]),
+            cmd(0, &["PUBSUB", "ShardChannels", "a", "b"]),
+            cmd(0, &["PUBSUB", "CHANNELS", "a"]),
+            cmd(0, &["PUBSUB", "SHARDCHANNELS", "a"]),
+            cmd(0, &["CLIENT", "LIST", "TYPE", "normal", "ID", "1"]),
+            cmd(0, &["CLIENT", "LIST", "TYPE", "pubsub", "TYPE", "normal"]),
+            cmd(0, &["CLIENT", "LIST", "ID", "1", "TYPE", "normal"]),
+            cmd(0, &["CLIENT", "LIST", "TYPE"]),
+            cmd(0, &["CLIENT", "LIST", "ID"]),
+            cmd(0, &["CLIENT", "LIST", "TYPE", "master"]),
+            cmd(0, &["CLIENT", "LIST", "TYPE", "pubsub"]),
+            cmd(0, &["CLIENT", "LIST", "TYPE", "nope"]),
+            cmd(0, &["CLIENT", "LIST", "ID", "0"]),
+            cmd(0, &["CLIENT", "LIST", "ID", "-1", "999999"]),
+            cmd(0, &["CLIENT", "LIST", "ID", "999999", "x"]),
+            cmd(0, &["CLIENT", "LIST", "ID", "01"]),
+        ],
+        &[],
+        &[],
+    );
+}
+
+/// `CLIENT LIST ID a b ...` lists each id's client in the order given, as often as named,
+/// as Redis does.
+#[test]
+fn client_list_by_id_follows_the_ids_given() {
+    let redis = RedisServer::start(&[]);
+    let herald = Herald::start();
+    for addr in [redis.addr, herald.resp] {
+        let mut first = RawConn::connect(addr);
+        let mut second = RawConn::connect(addr);
+        let id = |conn: &mut RawConn| {
+            conn.command(&[b"CLIENT", b"ID"]);
+            let reply = String::from_utf8(conn.read_frame()).unwrap();
+            reply.trim_start_matches(':').trim_end().to_string()
+        };
+        let (a, b) = (id(&mut first), id(&mut second));
+        first.command(&[
+            b"CLIENT",
+            b"LIST",
+            b"ID",
+            b.as_bytes(),
+            a.as_bytes(),
+            b.as_bytes(),
+        ]);
+        let listed: Vec<String> = String::from_utf8_lossy(&first.read_frame())
+            .split('\n')
+            .filter_map(|line| {
+                line.split(' ')
+                    .next()?
+                    .strip_prefix("id=")
+                    .map(String::from)
+            })
+            .collect();
+        assert_eq!(listed, [b.clone(), a, b], "at {addr}");
+    }
+}

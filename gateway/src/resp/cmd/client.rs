@@ -65,7 +65,7 @@ pub(super) fn client(session: &mut Session, subcommand: &str, args: &Args) {
                 "    Kill connection made from <ip:port>.",
                 "KILL <option> <value> [<option> <value> [...]]",
                 "    Kill connections. Options are: ID, ADDR, LADDR, USER, SKIPME, MAXAGE.",
-                "LIST [TYPE (NORMAL|PUBSUB)] [ID <id> [<id> ...]]",
+                "LIST [TYPE (NORMAL|PUBSUB) | ID <id> [<id> ...]]",
                 "    Return information about client connections.",
                 "SETINFO <option> <value>",
                 "    Set client meta attr. Options are: LIB-NAME, LIB-VER.",
@@ -107,41 +107,47 @@ fn set_info(session: &Session, attribute: &Bytes, value: &Bytes) -> Frame {
 
 /// `CLIENT LIST [TYPE normal|pubsub|master|replica] [ID id ...]`.
 fn list(session: &Session, args: &Args) -> Frame {
-    let mut clients = session.ctx.clients.snapshot();
-    let mut i = 2;
-    while i < args.len() {
-        if args[i].eq_ignore_ascii_case(b"type") && i + 1 < args.len() {
-            let wanted = args[i + 1].to_ascii_lowercase();
-            match wanted.as_slice() {
-                b"normal" => clients.retain(|c| !c.is_subscriber()),
-                b"pubsub" => clients.retain(|c| c.is_subscriber()),
-                b"master" | b"replica" | b"slave" => clients.clear(),
+    let clients = session.ctx.clients.snapshot();
+    let mut text = String::new();
+    // As Redis 7: no option, `TYPE type` alone, or `ID id [id ...]` (each id's client, in the
+    // order given; an id no client has, zero or negative ones included, lists nothing).
+    match &args[2..] {
+        [] => clients.iter().for_each(|client| {
+            text.push_str(&client.describe());
+            text.push('\n');
+        }),
+        [option, wanted] if option.eq_ignore_ascii_case(b"type") => {
+            let subscribers = match wanted.to_ascii_lowercase().as_slice() {
+                b"normal" => Some(false),
+                b"pubsub" => Some(true),
+                b"master" | b"replica" | b"slave" => None,
                 _ => {
                     return Frame::error(format!(
                         "ERR Unknown client type '{}'",
-                        super::truncate_lossy(&args[i + 1], 128)
+                        super::truncate_lossy(wanted, 128)
                     ));
                 }
+            };
+            for client in clients
+                .iter()
+                .filter(|c| Some(c.is_subscriber()) == subscribers)
+            {
+                text.push_str(&client.describe());
+                text.push('\n');
             }
-            i += 2;
-        } else if args[i].eq_ignore_ascii_case(b"id") && i + 1 < args.len() {
-            let mut ids = Vec::new();
-            for arg in &args[i + 1..] {
-                match crate::resp::parse::parse_strict_i64(arg) {
-                    Some(id) if id > 0 => ids.push(id as u64),
-                    _ => return Frame::error("ERR Invalid client ID"),
+        }
+        [option, ids @ ..] if option.eq_ignore_ascii_case(b"id") && !ids.is_empty() => {
+            for arg in ids {
+                let Some(id) = crate::resp::parse::parse_strict_i64(arg) else {
+                    return Frame::error("ERR Invalid client ID");
+                };
+                if let Some(client) = clients.iter().find(|c| i64::try_from(c.id) == Ok(id)) {
+                    text.push_str(&client.describe());
+                    text.push('\n');
                 }
             }
-            clients.retain(|c| ids.contains(&c.id));
-            i = args.len();
-        } else {
-            return syntax_error();
         }
-    }
-    let mut text = String::new();
-    for client in clients {
-        text.push_str(&client.describe());
-        text.push('\n');
+        _ => return syntax_error(),
     }
     Frame::Verbatim(Bytes::from(text))
 }

@@ -124,10 +124,19 @@ pub(super) fn spublish(session: &mut Session, args: &Args) {
 pub(super) fn introspect(session: &mut Session, subcommand: &str, args: &Args) {
     // The broker answers for the whole cluster (local hub + the other nodes' interest).
     let hub = session.ctx.broker.clone();
-    if matches!(subcommand, "channels" | "shardchannels")
-        && super::refuse_long_pattern(session, &args[2.min(args.len())..])
-    {
-        return;
+    if matches!(subcommand, "channels" | "shardchannels") {
+        // At most one pattern: the command table says `-2`, as Redis's does, and Redis refuses
+        // more in the command itself.
+        if args.len() > 3 {
+            session.reply(Frame::error(format!(
+                "ERR unknown subcommand or wrong number of arguments for '{}'. Try PUBSUB HELP.",
+                super::truncate_lossy(&args[1], 128)
+            )));
+            return;
+        }
+        if super::refuse_long_pattern(session, &args[2..]) {
+            return;
+        }
     }
     let reply = match subcommand {
         "channels" | "shardchannels" => {
