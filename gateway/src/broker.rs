@@ -118,11 +118,21 @@ pub struct Broker {
     namespaces: Arc<LiveNamespaces>,
     committed: Arc<Vec<AtomicU64>>,
     delivered: Arc<Delivered>,
+    /// Per partition, the highest seq this node acknowledged to a client. In a cluster a
+    /// publish this node forwarded is acknowledged once the partition's leader has applied
+    /// it, before this node has: reads wait for it ([`Broker::caught_up`]).
+    acked: Vec<AtomicU64>,
     stats: Arc<BrokerStats>,
     connections: Arc<OnceLock<ConnectionCounter>>,
     /// When streams must end and their clients reconnect (quorum lost, history skipped).
     reconnect: Reconnect,
 }
+
+/// How long a read waits at most for this node to apply the events it acknowledged (see
+/// [`Broker::caught_up`]): a follower learns of a commit with the leader's next message,
+/// within milliseconds; one that stays behind longer (cut off, catching up) reads what it has
+/// rather than hold the client.
+pub const CAUGHT_UP_WAIT: Duration = Duration::from_secs(2);
 
 /// Counts this node's open client connections per protocol (`resp`, `sse`, `websocket`).
 pub type ConnectionCounter = Box<dyn Fn() -> BTreeMap<String, u64> + Send + Sync>;
@@ -159,6 +169,7 @@ impl Broker {
             on_commit,
         )?);
         Ok(Arc::new(Broker {
+            acked: acked_marks(&store),
             hub,
             store,
             log,
@@ -227,6 +238,7 @@ impl Broker {
         let reconnect =
             Reconnect::watch_cluster(node.clone(), store.clone(), committed.clone(), skips);
         Ok(Arc::new(Broker {
+            acked: acked_marks(&store),
             hub,
             store,
             log: Log::Cluster(node),
@@ -330,6 +342,11 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.message)
     }
+}
+
+/// No acknowledgement yet, per partition.
+fn acked_marks(store: &Store) -> Vec<AtomicU64> {
+    (0..store.partitions()).map(|_| AtomicU64::new(0)).collect()
 }
 
 /// Each partition's committed watermark, starting from what the store holds.
@@ -817,6 +834,13 @@ impl Broker {
                 if let (Log::Local(_), Applied::New(event)) = (&self.log, &applied) {
                     self.delivered.wait_for(event.position).await;
                 }
+                let position = match &applied {
+                    Applied::New(event) => event.position,
+                    Applied::Duplicate(position) => *position,
+                };
+                if let Some(mark) = self.acked.get(usize::from(position.partition)) {
+                    mark.fetch_max(position.seq, Ordering::SeqCst);
+                }
                 Ok(match applied {
                     Applied::New(event) => {
                         self.stats.durable_published.fetch_add(1, Ordering::Relaxed);
@@ -837,6 +861,31 @@ impl Broker {
                         }
                     }
                 })
+            }
+        }
+    }
+
+    /// Waits until this node has applied every event it acknowledged in `partitions` (at most
+    /// [`CAUGHT_UP_WAIT`]), so that a read after an acknowledged publish on this node sees it:
+    /// a client that publishes and then reads history or resumes a stream here gets its own
+    /// event. Returns at once on a single node and on a partition's leader, which answer only
+    /// after applying; a forwarding follower applies on the leader's next message.
+    pub async fn caught_up(&self, partitions: impl IntoIterator<Item = Partition>) {
+        if matches!(self.log, Log::Local(_)) {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + CAUGHT_UP_WAIT;
+        for partition in partitions {
+            let Some(mark) = self.acked.get(usize::from(partition)) else {
+                continue;
+            };
+            let target = mark.load(Ordering::SeqCst);
+            if self.store.latest_seq(partition) >= target {
+                continue;
+            }
+            let applied = self.delivered.wait_for(Position::new(partition, target));
+            if tokio::time::timeout_at(deadline, applied).await.is_err() {
+                return;
             }
         }
     }

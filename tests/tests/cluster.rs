@@ -2426,3 +2426,44 @@ async fn subscribes_right_after_a_member_dies_do_not_wait_for_it() {
         assert_eq!(next_message(stream).await.data, "after");
     }
 }
+
+/// Read-your-writes on one node: a publish acknowledged by a node that forwarded it to its
+/// partition's leader is in that node's history and stream replays at once, although the
+/// node applies it only when the leader's next message tells it of the commit. (Before the
+/// fix, HISTORY right after PUBLISH missed the event for most channels.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_after_an_acknowledged_publish_on_the_same_node_sees_it() {
+    let cluster = Cluster::start(3);
+    let node = cluster.node(1);
+    let mut conn = redis::Client::open(node.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // Channels on every partition, most of them led by another node.
+    for i in 0..200 {
+        let channel = format!("ryw:{}", i % 40);
+        let payload = format!("v{i}");
+        let _: i64 = conn.publish(&channel, &payload).await.unwrap();
+        let history: Vec<(String, Vec<u8>)> = redis::cmd("HISTORY")
+            .arg(&channel)
+            .arg("LAST")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(
+            history.last().map(|(_, p)| p.as_slice()),
+            Some(payload.as_bytes()),
+            "publish {i} on {channel}"
+        );
+    }
+    // Over HTTP and SSE: a stream opened right after the publish's answer replays it.
+    for i in 0..20 {
+        let channel = format!("ryw-sse:{i}");
+        let body = json!({"channel": channel, "data": {"n": i}});
+        try_publish(node.http, &body).await.unwrap();
+        let mut events = sse(node.http, &format!("{channel}?last=1"), None).await;
+        assert_eq!(read_n(&mut events, 1).await, vec![i]);
+    }
+}

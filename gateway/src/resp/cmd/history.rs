@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 const HISTORY_COUNT: usize = 1000;
 
 /// `HISTORY channel [AFTER cursor|0] [COUNT n]` or `HISTORY channel LAST n`.
-pub(super) fn history(session: &mut Session, args: &Args) {
+pub(super) async fn history(session: &mut Session, args: &Args) {
     let mut after = None;
     let mut count = HISTORY_COUNT;
     let mut last = None;
@@ -112,6 +112,8 @@ pub(super) fn history(session: &mut Session, args: &Args) {
         return;
     }
     let partition = broker.partition_of(channel);
+    // An event this node acknowledged (to this client or another) is in the answer.
+    broker.caught_up([partition]).await;
     // Only what is committed (flushed) is shown: the store may already hold the next batch
     // while its flush is in flight, and a cursor must never name an event a crash could undo.
     let committed = broker.committed_seq(partition);

@@ -93,7 +93,7 @@ pub(crate) async fn execute(session: &mut Session, args: Args) {
         "config" => server::config(session, subcommand, &args),
         "echo" => session.reply(Frame::Bulk(args[1].clone())),
         "hello" => connection::hello(session, &args),
-        "history" => history::history(session, &args),
+        "history" => history::history(session, &args).await,
         "hpublish" => history::hpublish(session, &args).await,
         "hsubscribe" => history::hsubscribe(session, &args).await,
         "hunsubscribe" => history::hunsubscribe(session).await,
