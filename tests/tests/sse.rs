@@ -951,3 +951,63 @@ async fn a_channel_without_history_tells_a_resuming_client_what_it_missed() {
     let live: Value = serde_json::from_str(&next(&mut events).await.data).unwrap();
     assert_eq!(live["n"], 2);
 }
+
+/// A channel listed more than once on a multi-channel stream, as written or in another
+/// spelling that decodes to the same name (`dup%2Fb` and `dup/b`), is streamed once: its
+/// retained events are replayed once on a first connect and on a resume, and the copies do not
+/// count toward the 1,024-channel limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_listed_twice_is_streamed_once() {
+    let node = Herald::start();
+    for i in 0..3 {
+        publish(&node, "dup:a", json!(format!("a{i}")), None).await;
+        publish(&node, "dup/b", json!(format!("b{i}")), None).await;
+    }
+    let base = format!("{}/api/stream", node.http_url());
+    let url = format!("{base}?channel=dup:a&channel=dup%2Fb&channel=dup:a&channel=dup/b&last=3");
+    let mut events = connect(&url, None).await;
+    let mut replayed = Vec::new();
+    for _ in 0..6 {
+        replayed.push(next(&mut events).await);
+    }
+    // Each channel's events in order (the two may be in different partitions, replayed one
+    // after the other), each id once; a copy would come before the marker published next.
+    let mut ids: Vec<&str> = replayed.iter().map(|e| e.id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 6, "an id twice: {replayed:?}");
+    for prefix in ["a", "b"] {
+        let of: Vec<&str> = replayed
+            .iter()
+            .map(|e| e.data.as_str())
+            .filter(|d| d.starts_with(prefix))
+            .collect();
+        assert_eq!(
+            of,
+            [0, 1, 2].map(|i| format!("{prefix}{i}")),
+            "{replayed:?}"
+        );
+    }
+    publish(&node, "dup:a", json!("marker"), None).await;
+    assert_eq!(next(&mut events).await.data, "marker");
+    drop(events);
+
+    // A resume after `a0` on a URL that lists `dup:a` three times (`%3A` is `:`).
+    let a0 = replayed.iter().find(|e| e.data == "a0").unwrap().id.clone();
+    let url = format!("{base}?channel=dup:a&channel=dup%3Aa&channel=dup:a");
+    let mut resumed = connect(&url, Some(&a0)).await;
+    for data in ["a1", "a2", "marker"] {
+        assert_eq!(next(&mut resumed).await.data, data);
+    }
+    publish(&node, "dup:a", json!("marker 2"), None).await;
+    assert_eq!(next(&mut resumed).await.data, "marker 2");
+
+    // 1,024 channels and a copy of one: within the limit.
+    let many = (0..1024)
+        .map(|i| format!("channel=c{i}"))
+        .chain(["channel=c0".to_string()])
+        .collect::<Vec<_>>()
+        .join("&");
+    let response = reqwest::get(format!("{base}?{many}")).await.unwrap();
+    assert_eq!(response.status(), 200);
+}

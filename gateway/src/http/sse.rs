@@ -9,6 +9,8 @@
 //! | `/api/stream/council-score?videoUrl=&transcript=&features=` | publishes a request on `council_score_requests`, streams `council_score:{requestId}` |
 //! | `/api/stream/evaluate-creative?content=&type=` | publishes a request on `creative_evaluation_requests`, streams `creative_evaluation:{requestId}` |
 //!
+//! A channel listed more than once in `?channel=` (as written or once decoded) is streamed once.
+//!
 //! Every event of a durable channel carries `id: <cursor>`. A client that reconnects with
 //! `Last-Event-ID` (or `?lastEventId=` for polyfills) gets everything retained after it, then
 //! live events, with no gap and no duplicate; `?last=N` replays the last N events on a first
@@ -35,6 +37,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use bytes::{BufMut, Bytes, BytesMut};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
@@ -58,7 +61,7 @@ pub async fn stream_channel(
 /// The last event of every stream when the node shuts down.
 const SHUTDOWN_EVENT: &[u8] = b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node is shutting down; reconnect with your Last-Event-ID\"}\n\n";
 
-/// `GET /api/stream?channel=a&channel=b`.
+/// `GET /api/stream?channel=a&channel=b`: each channel once, however often it is listed.
 pub async fn stream_query(
     State(state): State<HttpState>,
     headers: HeaderMap,
@@ -68,10 +71,15 @@ pub async fn stream_query(
         Ok(params) => params,
         Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
     };
+    // Each channel once, in first-seen order, compared as decoded (`a%2Fb` is `a/b`): a copy
+    // would replay every retained event twice and count toward the channel limit.
+    let mut seen = HashSet::new();
     let channels: Vec<Bytes> = params
-        .into_iter()
+        .iter()
         .filter(|(k, _)| k == "channel")
-        .map(|(_, v)| Bytes::from(v))
+        .map(|(_, v)| v.as_str())
+        .filter(|channel| seen.insert(*channel))
+        .map(|channel| Bytes::copy_from_slice(channel.as_bytes()))
         .collect();
     if channels.is_empty() {
         return error_response(
