@@ -1011,3 +1011,65 @@ async fn a_channel_listed_twice_is_streamed_once() {
     let response = reqwest::get(format!("{base}?{many}")).await.unwrap();
     assert_eq!(response.status(), 200);
 }
+
+/// `HEAD` is a safe method: on a stream route it gets the head a `GET` gets (or its 400), and
+/// `council-score` and `evaluate-creative` publish no request for it (they did: axum serves
+/// `HEAD` with the `GET` handler).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_on_stream_routes_answers_the_head_and_publishes_nothing() {
+    let node = Herald::start();
+    let client = redis::Client::open(node.url()).unwrap();
+    let mut worker = client.get_async_pubsub().await.unwrap();
+    worker.subscribe("council_score_requests").await.unwrap();
+    worker
+        .subscribe("creative_evaluation_requests")
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let base = node.http_url();
+    for path in [
+        "/api/stream/council-score?videoUrl=v1",
+        "/api/stream/council-score?videoUrl=v1&requestId=head-1",
+        "/api/stream/evaluate-creative?content=c1&type=image",
+        "/api/stream/evaluate-creative?content=c1&requestId=head-2",
+        "/api/stream/news?last=3",
+        "/api/stream?channel=a&channel=b",
+        "/api/stream/render-progress/r1",
+    ] {
+        let response = http.head(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let headers = response.headers();
+        assert_eq!(headers["content-type"], "text/event-stream", "{path}");
+        assert_eq!(headers["cache-control"], "no-cache", "{path}");
+        assert_eq!(headers["x-accel-buffering"], "no", "{path}");
+        assert!(response.bytes().await.unwrap().is_empty(), "{path}");
+    }
+    // What a GET would refuse, a HEAD is refused too (with no body).
+    for path in [
+        "/api/stream/council-score?requestId=a%20b",
+        "/api/stream?channel=",
+        "/api/stream/news?last=many",
+    ] {
+        let response = http.head(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(response.status(), 400, "{path}");
+    }
+    // No request reached the workers: the first message they get is this marker.
+    publish(&node, "council_score_requests", json!("marker"), None).await;
+    let first = tokio::time::timeout(PATIENCE, worker.on_message().next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.get_payload_bytes(), b"marker");
+    // And a GET still publishes its request.
+    let _events = connect(
+        &format!("{base}/api/stream/evaluate-creative?content=c2"),
+        None,
+    )
+    .await;
+    let request = tokio::time::timeout(PATIENCE, worker.on_message().next())
+        .await
+        .unwrap()
+        .unwrap();
+    let request: Value = serde_json::from_slice(request.get_payload_bytes()).unwrap();
+    assert_eq!(request["content"], "c2");
+}

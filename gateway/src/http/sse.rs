@@ -10,6 +10,8 @@
 //! | `/api/stream/evaluate-creative?content=&type=` | publishes a request on `creative_evaluation_requests`, streams `creative_evaluation:{requestId}` |
 //!
 //! A channel listed more than once in `?channel=` (as written or once decoded) is streamed once.
+//! A `HEAD` to any of these routes is checked as a `GET` is and gets the same response head,
+//! but subscribes to nothing and publishes nothing (`HEAD` is a safe method).
 //!
 //! Every event of a durable channel carries `id: <cursor>`. A client that reconnects with
 //! `Last-Event-ID` (or `?lastEventId=` for polyfills) gets everything retained after it, then
@@ -34,7 +36,7 @@ use crate::reconnect::ReconnectWatch;
 use crate::stream::{Emit, EventStream, Gap, Start, position_text};
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::Response;
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::HashSet;
@@ -45,6 +47,7 @@ use std::time::SystemTime;
 /// `GET /api/stream/{channel}`.
 pub async fn stream_channel(
     State(state): State<HttpState>,
+    method: Method,
     Path(channel): Path<String>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
@@ -54,6 +57,7 @@ pub async fn stream_channel(
         vec![Bytes::from(channel)],
         &headers,
         query.as_deref(),
+        method == Method::HEAD,
     )
     .await
 }
@@ -64,6 +68,7 @@ const SHUTDOWN_EVENT: &[u8] = b"event: reconnect\ndata: {\"type\":\"reconnect\",
 /// `GET /api/stream?channel=a&channel=b`: each channel once, however often it is listed.
 pub async fn stream_query(
     State(state): State<HttpState>,
+    method: Method,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
@@ -93,7 +98,14 @@ pub async fn stream_query(
             "empty channel name: every ?channel= needs a name",
         );
     }
-    open(state, channels, &headers, query.as_deref()).await
+    open(
+        state,
+        channels,
+        &headers,
+        query.as_deref(),
+        method == Method::HEAD,
+    )
+    .await
 }
 
 /// The seed's per-entity endpoints and the channel namespace each maps to.
@@ -106,6 +118,7 @@ const ENTITY_STREAMS: &[(&str, &str)] = &[
 /// `GET /api/stream/{render-progress|campaign-metrics|ab-test-results}/{id}`.
 pub async fn entity_stream(
     State(state): State<HttpState>,
+    method: Method,
     Path((endpoint, id)): Path<(String, String)>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
@@ -117,6 +130,7 @@ pub async fn entity_stream(
                 vec![Bytes::from(format!("{namespace}:{id}"))],
                 &headers,
                 query.as_deref(),
+                method == Method::HEAD,
             )
             .await
         }
@@ -132,6 +146,7 @@ pub async fn entity_stream(
 /// `GET /api/stream/council-score?videoUrl=&transcript=&features=`.
 pub async fn council_score(
     State(state): State<HttpState>,
+    method: Method,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
@@ -141,6 +156,7 @@ pub async fn council_score(
         "council_score",
         &headers,
         query.as_deref(),
+        method == Method::HEAD,
     )
     .await
 }
@@ -148,6 +164,7 @@ pub async fn council_score(
 /// `GET /api/stream/evaluate-creative?content=&type=`.
 pub async fn evaluate_creative(
     State(state): State<HttpState>,
+    method: Method,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
@@ -157,18 +174,21 @@ pub async fn evaluate_creative(
         "creative_evaluation",
         &headers,
         query.as_deref(),
+        method == Method::HEAD,
     )
     .await
 }
 
 /// Streams the reply channel of a fresh request, then publishes the request (with the query
-/// parameters) for workers: subscribing first means no answer can be missed.
+/// parameters) for workers: subscribing first means no answer can be missed. A `HEAD`
+/// (`head`) is checked as a `GET` is and gets its response head, but publishes nothing.
 async fn request_stream(
     state: HttpState,
     requests: &str,
     replies: &str,
     headers: &HeaderMap,
     query: Option<&str>,
+    head: bool,
 ) -> Response {
     let params = match params(query) {
         Ok(params) => params,
@@ -203,9 +223,10 @@ async fn request_stream(
         state.clone(),
         vec![Bytes::from(reply_channel.clone())],
         start,
+        head,
     )
     .await;
-    if response.status() != StatusCode::OK || resuming {
+    if response.status() != StatusCode::OK || resuming || head {
         return response;
     }
     let mut request = serde_json::Map::new();
@@ -283,14 +304,16 @@ fn start_of(headers: &HeaderMap, query: Option<&str>, broker: &Broker) -> Result
     }
 }
 
+/// Opens a stream of `channels` from where the request says (`head`: see [`open_from`]).
 async fn open(
     state: HttpState,
     channels: Vec<Bytes>,
     headers: &HeaderMap,
     query: Option<&str>,
+    head: bool,
 ) -> Response {
     match start_of(headers, query, state.broker()) {
-        Ok(start) => open_from(state, channels, start).await,
+        Ok(start) => open_from(state, channels, start, head).await,
         Err(reason) => error_response(StatusCode::BAD_REQUEST, reason),
     }
 }
@@ -298,9 +321,18 @@ async fn open(
 /// Opens an SSE stream of `channels` starting at `start`. The response head goes out once the
 /// subscription is in place, in a cluster once the other members know of it (so a client's
 /// `EventSource.onopen` means it is subscribed).
-async fn open_from(state: HttpState, channels: Vec<Bytes>, start: Start) -> Response {
+///
+/// For a `HEAD` (`head`), the request is checked as a `GET`'s is and answered with the same
+/// head, but nothing is subscribed or read: `HEAD` is a safe method.
+async fn open_from(state: HttpState, channels: Vec<Bytes>, start: Start, head: bool) -> Response {
     if let Err(reason) = super::check_channels(channels.iter().map(|c| &c[..]), 0) {
         return error_response(StatusCode::BAD_REQUEST, reason);
+    }
+    if head {
+        // A body of unknown length, never polled: the head says what a `GET`'s would.
+        return stream_response(Body::from_stream(futures::stream::empty::<
+            Result<Bytes, std::io::Error>,
+        >()));
     }
     // Taken before the history is read: a skip after this point ends the stream.
     let reconnect = state.broker().reconnect_watch();
@@ -384,12 +416,17 @@ async fn open_from(state: HttpState, channels: Vec<Bytes>, start: Start) -> Resp
         };
         Some((Ok(chunk), open))
     });
+    stream_response(Body::from_stream(body))
+}
+
+/// A stream's response: 200 and the SSE headers, with `body`.
+fn stream_response(body: Body) -> Response {
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
         .header("x-accel-buffering", "no")
-        .body(Body::from_stream(body))
+        .body(body)
         .expect("valid response")
 }
 
