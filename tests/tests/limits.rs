@@ -301,3 +301,52 @@ fn a_malformed_request_leaves_no_client_behind() {
         String::from_utf8_lossy(&list).matches("id=").count() == 1
     });
 }
+
+/// `POST /api/publish` takes bodies of up to 2 MiB. A `Content-Length` over that is refused at
+/// once with a 413, without waiting for the body: no `100 Continue` invites it, and a client
+/// that sends no `Expect` is not left without an answer while it sends (or never sends) 100 MB.
+/// (The clients here announce a length and send no body: one that sends it gets the 413 too,
+/// but may see the connection reset first, as the node closes it without reading the body.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_body_announced_over_the_limit_is_refused_before_it_is_read() {
+    const LIMIT: usize = 2 * 1024 * 1024;
+    let node = Herald::start();
+    for (length, expect) in [
+        (100_000_000, "Expect: 100-continue\r\n"),
+        (100_000_000, ""),
+        (LIMIT + 1, ""),
+    ] {
+        let mut client = RawConn::connect(node.http);
+        client.send(
+            format!(
+                "POST /api/publish HTTP/1.1\r\nHost: herald\r\nContent-Type: application/json\r\n\
+                 Content-Length: {length}\r\n{expect}\r\n"
+            )
+            .as_bytes(),
+        );
+        // The answer, then the end of the connection (the body is never read).
+        let reply = String::from_utf8(client.read_to_close()).unwrap();
+        assert!(
+            reply.starts_with("HTTP/1.1 413 Payload Too Large\r\n")
+                && reply
+                    .ends_with("\r\n\r\nFailed to buffer the request body: length limit exceeded"),
+            "{length} {expect:?}: {reply:?}"
+        );
+        assert!(!reply.contains("100 Continue"), "{reply:?}");
+    }
+
+    // A body of exactly 2 MiB is published.
+    let frame = r#"{"channel":"big","data":""}"#;
+    let body = format!(
+        r#"{{"channel":"big","data":"{}"}}"#,
+        "x".repeat(LIMIT - frame.len())
+    );
+    assert_eq!(body.len(), LIMIT);
+    let reply = reqwest::Client::new()
+        .post(format!("{}/api/publish", node.http_url()))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200, "{}", reply.text().await.unwrap());
+}

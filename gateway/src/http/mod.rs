@@ -22,6 +22,7 @@ pub mod ws;
 use crate::broker::Broker;
 use crate::resp::ServerContext;
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -311,7 +312,10 @@ pub fn router(state: HttpState) -> Router {
             "/api/cluster/namespaces",
             get(cluster::namespaces).post(cluster::set_namespaces),
         )
-        .route("/api/publish", post(publish::publish))
+        .route(
+            "/api/publish",
+            post(publish::publish).layer(DefaultBodyLimit::max(publish::MAX_BODY_BYTES)),
+        )
         .route("/api/stream", get(sse::stream_query))
         .route("/api/stream/{endpoint}/{id}", get(sse::entity_stream))
         .route("/api/stream/council-score", get(sse::council_score))
