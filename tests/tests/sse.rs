@@ -1073,3 +1073,70 @@ async fn head_on_stream_routes_answers_the_head_and_publishes_nothing() {
     let request: Value = serde_json::from_slice(request.get_payload_bytes()).unwrap();
     assert_eq!(request["content"], "c2");
 }
+
+/// An empty `?last=` (a URL built as `?last=${n ?? ''}`) means "not given", as an empty
+/// `?lastEventId=` does: a live stream, not a 400 that `EventSource` would never retry. A
+/// parameter that takes one value and is given twice is a 400 naming it, on every route
+/// (one took the first copy, another the last).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_last_is_not_given_and_a_parameter_given_twice_is_a_400() {
+    let node = Herald::start();
+    let client = redis::Client::open(node.url()).unwrap();
+    let mut worker = client.get_async_pubsub().await.unwrap();
+    worker.subscribe("council_score_requests").await.unwrap();
+    publish(&node, "empty-last", json!("before"), None).await;
+    let base = node.http_url();
+    for path in [
+        "/api/stream/empty-last?last=",
+        "/api/stream/empty-last?last=&lastEventId=",
+        "/api/stream?channel=empty-last&last=",
+    ] {
+        let mut events = connect(&format!("{base}{path}"), None).await;
+        publish(&node, "empty-last", json!(path), None).await;
+        assert_eq!(next(&mut events).await.data, path, "live, nothing replayed");
+    }
+    let _request = connect(
+        &format!("{base}/api/stream/council-score?videoUrl=v&last="),
+        None,
+    )
+    .await;
+    let request = tokio::time::timeout(PATIENCE, worker.on_message().next())
+        .await
+        .unwrap()
+        .unwrap();
+    let request: Value = serde_json::from_slice(request.get_payload_bytes()).unwrap();
+    assert_eq!(request["videoUrl"], "v");
+
+    for (path, name) in [
+        ("/api/stream/news?last=1&last=2", "last"),
+        ("/api/stream?channel=a&channel=b&last=1&last=1", "last"),
+        ("/api/stream/news?lastEventId=&lastEventId=", "lastEventId"),
+        (
+            "/api/stream/render-progress/r1?lastEventId=a&last=1&lastEventId=b",
+            "lastEventId",
+        ),
+        (
+            "/api/stream/council-score?videoUrl=a&videoUrl=b",
+            "videoUrl",
+        ),
+        (
+            "/api/stream/evaluate-creative?content=c&requestId=r1&requestId=r2",
+            "requestId",
+        ),
+    ] {
+        let response = reqwest::get(format!("{base}{path}")).await.unwrap();
+        assert_eq!(response.status(), 400, "{path}");
+        assert_eq!(
+            response.text().await.unwrap(),
+            format!("invalid query: {name}= is given more than once (it takes one value)\n"),
+            "{path}"
+        );
+    }
+    // No request reached the workers for the refused ones.
+    publish(&node, "council_score_requests", json!("marker"), None).await;
+    let next_request = tokio::time::timeout(PATIENCE, worker.on_message().next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next_request.get_payload_bytes(), b"marker");
+}

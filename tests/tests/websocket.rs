@@ -660,6 +660,35 @@ async fn alerts_reach_their_user_only() {
         matches!(&bad_cursor, Err(Error::Http(r)) if r.status() == 400),
         "a malformed cursor is a 400"
     );
+
+    // An empty `last` is not given, as an empty cursor is: live alerts only.
+    let (mut ws, _) = connect(&node, "/ws/alerts?userId=u1&last=&cursor=").await;
+    assert_eq!(next(&mut ws).await["type"], "subscribed");
+    publish(&node, "alerts:u1", alert("alert_126")).await;
+    assert_eq!(split_id(next(&mut ws).await).1["alertId"], "alert_126");
+    // A parameter given twice is a 400 naming it.
+    for (path, name) in [
+        ("/ws/alerts?userId=u1&last=1&last=2", "last"),
+        ("/ws/alerts?userId=u1&userId=u2", "userId"),
+        ("/ws/alerts?userId=u1&cursor=&cursor=", "cursor"),
+        ("/ws?userId=u1&userId=u2", "userId"),
+    ] {
+        match connect_async(format!("ws://{}{path}", node.http)).await {
+            Err(Error::Http(response)) => {
+                assert_eq!(response.status(), 400, "{path}");
+                let body = String::from_utf8(response.body().clone().unwrap_or_default());
+                assert_eq!(
+                    body.unwrap(),
+                    format!(
+                        "invalid query: {name}= is given more than once (it takes one value)\n"
+                    ),
+                    "{path}"
+                );
+            }
+            Err(other) => panic!("{path}: expected HTTP 400, got {other}"),
+            Ok(_) => panic!("{path}: expected HTTP 400, the upgrade succeeded"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

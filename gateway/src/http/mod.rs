@@ -90,6 +90,37 @@ pub(crate) fn query_params(query: Option<&str>) -> Result<Vec<(String, String)>,
     Ok(pairs)
 }
 
+/// The value of `name`, a parameter that takes one value, if it is given; a parameter given
+/// more than once is refused (one handler took the first copy, another the last).
+pub(crate) fn single_param<'a>(
+    params: &'a [(String, String)],
+    name: &str,
+) -> Result<Option<&'a str>, String> {
+    let mut found = params.iter().filter(|(k, _)| k == name).map(|(_, v)| v);
+    match (found.next(), found.next()) {
+        (value, None) => Ok(value.map(String::as_str)),
+        (Some(_), Some(_)) => Err(given_twice(name)),
+        (None, Some(_)) => unreachable!("a second value without a first"),
+    }
+}
+
+/// Why a query is refused that gives the single-valued parameter `name` more than once.
+pub(crate) fn given_twice(name: &str) -> String {
+    format!("invalid query: {name}= is given more than once (it takes one value)")
+}
+
+/// `?last=N`'s value: `None` when it is not given or empty (`?last=`, as a URL built from an
+/// unset variable has it), else the whole number, or why it is not one.
+pub(crate) fn last_param(params: &[(String, String)]) -> Result<Option<usize>, String> {
+    match single_param(params, "last")? {
+        Some(n) if !n.trim().is_empty() => n
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("invalid last '{n}': expected a whole number")),
+        _ => Ok(None),
+    }
+}
+
 /// `text` with `+` as a space and each `%XX` as its byte (a `%` not followed by two hex digits
 /// stays as it is, as browsers do), with the `percent-encoding` crate; its UTF-8 is checked by
 /// the caller.
@@ -428,5 +459,27 @@ mod tests {
             "invalid query: channel= is not UTF-8 once percent-decoded"
         );
         assert!(query_params(Some("%FF=1")).is_err());
+    }
+
+    #[test]
+    fn single_valued_parameters_are_refused_twice_and_an_empty_last_is_none() {
+        let params = query_params(Some("last=3&channel=a&channel=b&lastEventId=x")).unwrap();
+        assert_eq!(single_param(&params, "last").unwrap(), Some("3"));
+        assert_eq!(single_param(&params, "cursor").unwrap(), None);
+        assert_eq!(last_param(&params).unwrap(), Some(3));
+        assert_eq!(
+            single_param(&params, "channel").unwrap_err(),
+            "invalid query: channel= is given more than once (it takes one value)"
+        );
+        for query in ["", "last=", "last=+", "other=1"] {
+            let params = query_params(Some(query)).unwrap();
+            assert_eq!(last_param(&params).unwrap(), None, "{query}");
+        }
+        for query in ["last=1&last=2", "last=&last=", "last=x"] {
+            assert!(
+                last_param(&query_params(Some(query)).unwrap()).is_err(),
+                "{query}"
+            );
+        }
     }
 }

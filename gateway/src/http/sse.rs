@@ -18,7 +18,9 @@
 //! live events, with no gap and no duplicate; `?last=N` replays the last N events on a first
 //! connect. A cursor older than retention, from another epoch, or ahead of what a single node
 //! has, first gets an `event: gap` naming the requested and oldest available positions. A
-//! malformed cursor is a 400.
+//! malformed cursor is a 400. An empty `last` or cursor is as if not given; `last`,
+//! `lastEventId` and every parameter of the request endpoints take one value, and one given
+//! twice is a 400.
 //!
 //! `council-score` and `evaluate-creative` take an optional `requestId` of the client's
 //! (1-64 of `A-Z a-z 0-9 _ -`): the stream is then `{replies}:{requestId}`, and a reconnect to
@@ -198,6 +200,12 @@ async fn request_stream(
         Ok(start) => start,
         Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
     };
+    // Each parameter becomes one field of the request: one given twice is refused, rather
+    // than one of its values dropped.
+    let mut names = HashSet::new();
+    if let Some((name, _)) = params.iter().find(|(name, _)| !names.insert(name.as_str())) {
+        return error_response(StatusCode::BAD_REQUEST, super::given_twice(name));
+    }
     let (request_id, start, resuming) = match params.iter().find(|(k, _)| k == "requestId") {
         Some((_, id)) => {
             if !valid_request_id(id) {
@@ -270,23 +278,22 @@ fn params(query: Option<&str>) -> Result<Vec<(String, String)>, String> {
     super::query_params(query)
 }
 
-/// Where the client wants to start: `Last-Event-ID` header, else `lastEventId`, else `last=N`.
-/// A cursor naming a partition `broker`'s store does not have is malformed.
+/// Where the client wants to start: `Last-Event-ID` header, else `lastEventId`, else `last=N`
+/// (an empty one, like an empty cursor, is not given). A cursor naming a partition `broker`'s
+/// store does not have is malformed, and `lastEventId` or `last` given twice is refused.
 fn start_of(headers: &HeaderMap, query: Option<&str>, broker: &Broker) -> Result<Start, String> {
     let params = params(query)?;
     let header = headers
         .get("last-event-id")
         .map(|v| v.to_str().map(str::to_string));
+    // Checked even when the header makes them moot: the same URL works the same way whether
+    // or not a reconnect adds the header.
+    let query_cursor = super::single_param(&params, "lastEventId")?;
+    let last = super::last_param(&params)?;
     let (cursor, source) = match header {
         Some(Ok(value)) => (Some(value), "Last-Event-ID"),
         Some(Err(_)) => return Err("invalid Last-Event-ID: not ASCII".into()),
-        None => (
-            params
-                .iter()
-                .find(|(k, _)| k == "lastEventId")
-                .map(|(_, v)| v.clone()),
-            "lastEventId",
-        ),
+        None => (query_cursor.map(str::to_string), "lastEventId"),
     };
     if let Some(cursor) = cursor.filter(|c| !c.trim().is_empty()) {
         let start = Start::from_cursor(&cursor).map_err(|e| format!("invalid {source}: {e}"))?;
@@ -295,13 +302,7 @@ fn start_of(headers: &HeaderMap, query: Option<&str>, broker: &Broker) -> Result
             .map_err(|e| format!("invalid {source}: {e}"))?;
         return Ok(start);
     }
-    match params.iter().find(|(k, _)| k == "last") {
-        Some((_, n)) => n
-            .parse()
-            .map(Start::Last)
-            .map_err(|_| format!("invalid last '{n}': expected a whole number")),
-        None => Ok(Start::Live),
-    }
+    Ok(last.map_or(Start::Live, Start::Last))
 }
 
 /// Opens a stream of `channels` from where the request says (`head`: see [`open_from`]).

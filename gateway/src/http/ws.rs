@@ -48,8 +48,9 @@
 //!
 //! - `/ws/alerts` requires `userId` (400 without it) and starts subscribed to `alerts:<userId>`
 //!   (a `subscribed` message follows `connected`); `?cursor=<id>` (or `?lastEventId=<id>`) or
-//!   `?last=N` replay its history first, a malformed cursor is a 400. Otherwise the protocol is
-//!   the same.
+//!   `?last=N` replay its history first (an empty one is not given), a malformed cursor is a
+//!   400. Otherwise the protocol is the same. On both, `userId`, `cursor`, `lastEventId` and
+//!   `last` take one value: one given twice is a 400.
 //! - Each heartbeat goes with a WebSocket ping, which browsers answer on their own. A client from
 //!   which nothing (message, ping or pong) arrived for 60 s is closed with code 1000; time the
 //!   session spent writing to a slow reader (and so not reading) does not count.
@@ -110,7 +111,10 @@ pub async fn connect(
         Ok(params) => params,
         Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
     };
-    let user_id = param(&params, "userId").filter(|u| !u.is_empty());
+    let user_id = match param(&params, "userId") {
+        Ok(user_id) => user_id.filter(|u| !u.is_empty()),
+        Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
+    };
     match upgrade {
         Ok(upgrade) => open(state, upgrade, user_id, Vec::new(), Start::Live).await,
         Err(rejection) => rejection.into_response(),
@@ -127,7 +131,11 @@ pub async fn alerts(
         Ok(params) => params,
         Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
     };
-    let Some(user_id) = param(&params, "userId").filter(|u| !u.is_empty()) else {
+    let user_id = match param(&params, "userId") {
+        Ok(user_id) => user_id.filter(|u| !u.is_empty()),
+        Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
+    };
+    let Some(user_id) = user_id else {
         return error_response(
             StatusCode::BAD_REQUEST,
             "missing userId: connect to /ws/alerts?userId=<user>",
@@ -158,26 +166,19 @@ fn params(query: Option<&str>) -> Result<Vec<(String, String)>, String> {
     super::query_params(query)
 }
 
-fn param(params: &[(String, String)], name: &str) -> Option<String> {
-    params
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.clone())
+/// The single-valued parameter `name`, or why the query is refused (given twice).
+fn param(params: &[(String, String)], name: &str) -> Result<Option<String>, String> {
+    super::single_param(params, name).map(|value| value.map(str::to_string))
 }
 
-/// `?cursor=` (or `?lastEventId=`), else `?last=N`, else live.
+/// `?cursor=` (or `?lastEventId=`), else `?last=N`, else live; an empty value is not given.
 fn start_param(params: &[(String, String)]) -> Result<Start, String> {
-    let cursor = param(params, "cursor").or_else(|| param(params, "lastEventId"));
-    if let Some(cursor) = cursor.filter(|c| !c.trim().is_empty()) {
+    let (cursor, last_event_id) = (param(params, "cursor")?, param(params, "lastEventId")?);
+    let last = super::last_param(params)?;
+    if let Some(cursor) = cursor.or(last_event_id).filter(|c| !c.trim().is_empty()) {
         return Start::from_cursor(&cursor).map_err(|e| format!("invalid cursor: {e}"));
     }
-    match param(params, "last") {
-        Some(n) => n
-            .parse()
-            .map(Start::Last)
-            .map_err(|_| format!("invalid last '{n}': expected a whole number")),
-        None => Ok(Start::Live),
-    }
+    Ok(last.map_or(Start::Live, Start::Last))
 }
 
 /// Opens the stream before upgrading (so a storage failure is an HTTP error and nothing
