@@ -158,19 +158,17 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     let http_task = tokio::spawn(herald_gateway::http::serve(http, http_state));
 
     signal.await;
+    // One deadline for the whole drain, taken before anything is told to stop: a client that
+    // does not read what is left for it is given up at it, not a moment later (it was a
+    // second later, as was every exit that had to wait for such a client).
+    let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
     tracing::info!("shutting down: no new clients, draining the connected ones");
     shutdown.cancel();
-    let drained = tokio::time::timeout(
-        config
-            .shutdown_timeout
-            .saturating_add(Duration::from_secs(1)),
-        async {
-            let _ = resp_task.await;
-            let _ = http_task.await;
-        },
-    )
-    .await;
-    if drained.is_err() {
+    let servers = async {
+        let _ = resp_task.await;
+        let _ = http_task.await;
+    };
+    if tokio::time::timeout_at(deadline, servers).await.is_err() {
         tracing::warn!("some connections did not close in time; exiting anyway");
     }
     broker.close().await;

@@ -41,6 +41,73 @@ fn sigterm_drains_clients_and_exits_zero() {
     assert!(node.log().contains("shutting down"), "{}", node.log());
 }
 
+/// The seconds into its day at which the node logged its first line containing `needle` (the
+/// log's own timestamps, `2026-12-06T17:54:47.999701Z  INFO ...`).
+fn logged_at(log: &str, needle: &str) -> f64 {
+    let line = log
+        .lines()
+        .find(|line| line.contains(needle))
+        .unwrap_or_else(|| panic!("no {needle:?} in the log:\n{log}"));
+    let time = &line[line.find('T').expect("a timestamp") + 1..line.find('Z').unwrap()];
+    let mut parts = time.split(':').map(|p| p.parse::<f64>().unwrap());
+    let (h, m, s) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+    );
+    h * 3600.0 + m * 60.0 + s
+}
+
+/// A client that does not read what is left for it is given up at `--shutdown-timeout`, not a
+/// second later as it was (500 ms took 1.5 s, 5 s took 6 s). Measured on the node's clock, from
+/// its "shutting down" line to its "did not close in time" one, so this process's scheduling
+/// does not count; the slack is for a late timer on a busy machine, well under the second.
+#[test]
+fn a_client_that_does_not_read_is_given_up_at_the_shutdown_timeout() {
+    use std::io::{Read, Write};
+    let mut node = Herald::start_with(&["--shutdown-timeout", "1s"]);
+    // A raw SSE client with a small receive buffer that reads the response head, then stops.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    socket.connect(&node.http.into()).unwrap();
+    let mut stuck: std::net::TcpStream = socket.into();
+    stuck
+        .set_read_timeout(Some(herald_tests::PATIENCE))
+        .unwrap();
+    stuck
+        .write_all(b"GET /api/stream/stuck HTTP/1.1\r\nHost: herald\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    while !String::from_utf8_lossy(&head).contains("retry:") {
+        let mut chunk = [0u8; 1024];
+        let n = stuck.read(&mut chunk).unwrap();
+        assert!(n > 0, "stream closed early");
+        head.extend_from_slice(&chunk[..n]);
+    }
+    // 8 MB for it: more than the kernel's buffers hold, less than its output limit.
+    let mut publisher = RawConn::connect(node.resp);
+    let payload = vec![b'x'; 100_000];
+    for _ in 0..80 {
+        publisher.command(&[b"PUBLISH", b"stuck", &payload]);
+        assert_eq!(publisher.read_until_suffix(b"\r\n"), b":1\r\n");
+    }
+
+    node.signal("TERM");
+    let status = node
+        .wait_exit(herald_tests::PATIENCE)
+        .expect("herald exits after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    let log = node.log();
+    let drained = (logged_at(&log, "did not close in time") - logged_at(&log, "shutting down")
+        + 86_400.0)
+        % 86_400.0; // across midnight too
+    assert!(
+        (1.0..1.4).contains(&drained),
+        "the drain took {drained:.3} s for a 1 s --shutdown-timeout:\n{log}"
+    );
+    drop(stuck);
+}
+
 #[test]
 fn sigint_also_stops_the_node() {
     let mut node = Herald::start();
