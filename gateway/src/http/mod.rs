@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 pub use crate::broker::MAX_CHANNEL_NAME_BYTES;
 
@@ -390,10 +390,10 @@ pub(crate) fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
         CorsLayer::new()
             .allow_origin(allow)
             .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
-            .allow_headers([
-                axum::http::header::CONTENT_TYPE,
-                axum::http::HeaderName::from_static("last-event-id"),
-            ]),
+            // Whatever headers the page's request carries (`Authorization` for a proxy in
+            // front, `X-Request-ID`...): herald reads only its own and ignores the rest, and an
+            // origin not allowed gets no `access-control-allow-origin`, so its preflight fails.
+            .allow_headers(AllowHeaders::mirror_request()),
     )
 }
 
@@ -436,6 +436,7 @@ pub(crate) fn error_response(
 
 #[cfg(test)]
 mod tests {
+    use super::test_node;
     use super::*;
 
     #[test]
@@ -459,6 +460,69 @@ mod tests {
             "invalid query: channel= is not UTF-8 once percent-decoded"
         );
         assert!(query_params(Some("%FF=1")).is_err());
+    }
+
+    /// A browser's preflight for a request with headers of its own (`Authorization`,
+    /// `X-Request-ID`) is allowed for an allowed origin: only `content-type` and
+    /// `last-event-id` were, so such a `fetch` failed CORS.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn preflights_allow_the_headers_they_ask_for_on_allowed_origins() {
+        let settings = HttpSettings {
+            cors_origins: vec!["https://app.example.com".to_string()],
+            ..HttpSettings::default()
+        };
+        let node = test_node::start("cors", settings).await;
+        let client = reqwest::Client::new();
+        let url = format!("http://{}/api/publish", node.addr);
+        let preflight = |origin: &str| {
+            client
+                .request(reqwest::Method::OPTIONS, &url)
+                .header("origin", origin)
+                .header("access-control-request-method", "POST")
+                .header(
+                    "access-control-request-headers",
+                    "authorization,content-type,x-request-id",
+                )
+                .send()
+        };
+        let allowed = preflight("https://app.example.com").await.unwrap();
+        assert!(allowed.status().is_success(), "{}", allowed.status());
+        let headers = allowed.headers();
+        assert_eq!(
+            headers["access-control-allow-origin"],
+            "https://app.example.com"
+        );
+        let allowed_headers = headers["access-control-allow-headers"].to_str().unwrap();
+        for name in ["authorization", "content-type", "x-request-id"] {
+            assert!(allowed_headers.contains(name), "{name}: {allowed_headers}");
+        }
+        assert!(
+            headers["access-control-allow-methods"]
+                .to_str()
+                .unwrap()
+                .contains("POST")
+        );
+        // Another origin is not allowed: without `access-control-allow-origin` the browser
+        // fails its preflight whatever else the answer says.
+        let other = preflight("https://evil.example").await.unwrap();
+        assert!(!other.headers().contains_key("access-control-allow-origin"));
+
+        // The request itself, as the browser then sends it.
+        let publish = client
+            .post(&url)
+            .header("origin", "https://app.example.com")
+            .header("authorization", "Bearer t")
+            .header("x-request-id", "r-1")
+            .header("content-type", "application/json")
+            .body(r#"{"channel":"cors","data":"hi"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(publish.status(), 200);
+        assert_eq!(
+            publish.headers()["access-control-allow-origin"],
+            "https://app.example.com"
+        );
     }
 
     #[test]
