@@ -101,8 +101,9 @@ fn a_client_that_does_not_read_is_given_up_at_the_shutdown_timeout() {
     let drained = (logged_at(&log, "did not close in time") - logged_at(&log, "shutting down")
         + 86_400.0)
         % 86_400.0; // across midnight too
+    // The bug held it 2.0 s; the bound leaves a loaded CI machine 0.8 s of scheduling slack.
     assert!(
-        (1.0..1.4).contains(&drained),
+        (1.0..1.8).contains(&drained),
         "the drain took {drained:.3} s for a 1 s --shutdown-timeout:\n{log}"
     );
     drop(stuck);
