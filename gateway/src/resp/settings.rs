@@ -179,14 +179,9 @@ fn out_of_bounds(min: i64, max: i64) -> SettingError {
     ))
 }
 
-/// A memory value as Redis's `memtoull` reads it: digits (none is 0; past `u64::MAX` is
-/// `u64::MAX`) and a unit, multiplied with wrap-around; `None` when it is no memory value.
-fn redis_memtoull(value: &str) -> Option<u64> {
-    let split = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
-    let (digits, unit) = value.split_at(split);
-    let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
+/// The bytes in one of Redis's memory units (lower case; none is bytes).
+fn memory_unit(unit: &str) -> Option<u64> {
+    Some(match unit {
         "" | "b" => 1,
         "k" => 1000,
         "kb" => 1024,
@@ -195,7 +190,17 @@ fn redis_memtoull(value: &str) -> Option<u64> {
         "g" => 1000 * 1000 * 1000,
         "gb" => 1024 * 1024 * 1024,
         _ => return None,
-    };
+    })
+}
+
+/// A memory value as Redis's `memtoull` reads it: digits (none is 0; past `u64::MAX` is
+/// `u64::MAX`) and a unit, multiplied with wrap-around; `None` when it is no memory value.
+fn redis_memtoull(value: &str) -> Option<u64> {
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (digits, unit) = value.split_at(split);
+    let multiplier = memory_unit(&unit.to_ascii_lowercase())?;
     if digits.len() >= 128 {
         return None;
     }
@@ -226,24 +231,9 @@ pub fn parse_memory(value: &str) -> Result<usize, SettingError> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(lower.len());
     let (digits, unit) = lower.split_at(split);
-    let multiplier: usize = match unit {
-        "" | "b" => 1,
-        "k" => 1000,
-        "kb" => 1024,
-        "m" => 1000 * 1000,
-        "mb" => 1024 * 1024,
-        "g" => 1000 * 1000 * 1000,
-        "gb" => 1024 * 1024 * 1024,
-        _ => {
-            return Err(SettingError::Invalid(
-                "argument must be a memory value".into(),
-            ));
-        }
-    };
-    digits
-        .parse::<usize>()
-        .ok()
-        .and_then(|n| n.checked_mul(multiplier))
+    memory_unit(unit)
+        .and_then(|multiplier| usize::try_from(multiplier).ok())
+        .and_then(|multiplier| digits.parse::<usize>().ok()?.checked_mul(multiplier))
         .ok_or_else(|| SettingError::Invalid("argument must be a memory value".into()))
 }
 
