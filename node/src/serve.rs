@@ -27,8 +27,26 @@ pub fn init_logging(filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr)
+        .with_writer(|| DropWriteErrors(std::io::stderr()))
         .init();
+}
+
+/// A log writer that drops the lines it cannot write. tracing-subscriber reports a failed
+/// write with `eprintln!`, which panics when stderr itself is what failed: a node whose log
+/// reader went away (`herald serve 2>&1 | head`, a log shipper restarted) died at its next
+/// log line. Losing log lines is better than losing the node.
+struct DropWriteErrors<W>(W);
+
+impl<W: std::io::Write> std::io::Write for DropWriteErrors<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = self.0.write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = self.0.flush();
+        Ok(())
+    }
 }
 
 /// A bare level (`info`, `warn`, `error`) with openraft's chatter left out. At info, openraft

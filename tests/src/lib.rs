@@ -104,7 +104,15 @@ impl Herald {
 
     /// Starts a node on an existing data directory (a restart after [`Herald::kill_keeping_data`]).
     pub fn start_in(data_dir: PathBuf, args: &[&str], envs: &[(&str, &str)]) -> Herald {
-        Herald::launch(Command::new(herald_binary()), data_dir, args, envs)
+        Herald::launch(Command::new(herald_binary()), data_dir, args, envs, true)
+    }
+
+    /// Starts a node and closes the read end of its stderr once it has logged its addresses,
+    /// as `herald serve 2>&1 | head` does: its later log lines have no reader.
+    /// [`Herald::log`] then holds only what came before.
+    pub fn start_closing_log(args: &[&str]) -> Herald {
+        let command = Command::new(herald_binary());
+        Herald::launch(command, scratch_dir("node"), args, &[], false)
     }
 
     /// Starts a node whose process may not write any file past `kib` KiB (`ulimit -f`, with
@@ -115,15 +123,17 @@ impl Herald {
         bash.args(["-c", r#"trap '' XFSZ; ulimit -f "$0"; exec "$@""#])
             .arg(kib.to_string())
             .arg(herald_binary());
-        Herald::launch(bash, data_dir, args, &[])
+        Herald::launch(bash, data_dir, args, &[], true)
     }
 
     /// Runs `command` followed by `serve` and the node's arguments, and waits until it serves.
+    /// Without `keep_log`, its stderr is closed once it has logged its addresses.
     fn launch(
         mut command: Command,
         data_dir: PathBuf,
         args: &[&str],
         envs: &[(&str, &str)],
+        keep_log: bool,
     ) -> Herald {
         command
             .arg("serve")
@@ -157,6 +167,7 @@ impl Herald {
                 } else if line.contains("HTTP listening") {
                     http = address_in(&line);
                 }
+                let started = resp.is_some() && http.is_some();
                 if let (Some(r), Some(h)) = (resp, http) {
                     let _ = tx.send((r, h));
                     resp = None;
@@ -164,6 +175,9 @@ impl Herald {
                 let mut log = sink.lock().unwrap();
                 log.push_str(&line);
                 log.push('\n');
+                if started && !keep_log {
+                    break; // drops the pipe's read end
+                }
             }
         });
         let (resp, http) = match rx.recv_timeout(PATIENCE) {

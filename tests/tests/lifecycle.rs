@@ -374,6 +374,31 @@ fn a_closed_stdout_is_not_a_crash() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A node whose log reader went away (`herald serve 2>&1 | head -n 1`, a log shipper that
+/// stopped) keeps serving: its log lines are dropped. tracing-subscriber reported the failed
+/// write with `eprintln!`, which panicked on the same broken stderr: the connection whose
+/// command logged was dropped, and a log line on the main thread (a signal) killed the node
+/// with exit code 101.
+#[test]
+fn a_closed_stderr_is_not_a_crash() {
+    let mut node = Herald::start_closing_log(&[]);
+    let mut client = RawConn::connect(node.resp);
+    // Logs "settings changed by CONFIG SET", then answers.
+    client.command(&[b"CONFIG", b"SET", b"timeout", b"0"]);
+    assert_eq!(client.read_until_suffix(b"\r\n"), b"+OK\r\n");
+    client.command(&[b"PING"]);
+    assert_eq!(client.read_until_suffix(b"\r\n"), b"+PONG\r\n");
+    let mut other = RawConn::connect(node.resp);
+    other.command(&[b"PING"]);
+    assert_eq!(other.read_until_suffix(b"\r\n"), b"+PONG\r\n");
+    // The main thread logs the signal and the shutdown.
+    node.signal("TERM");
+    let status = node
+        .wait_exit(Duration::from_secs(30))
+        .expect("herald exits after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+}
+
 #[test]
 fn missing_certificates_say_how_to_make_them() {
     let data_dir = scratch_dir("no-certs");
