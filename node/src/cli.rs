@@ -72,6 +72,11 @@ pub struct ClusterArgs {
         global = true
     )]
     pub password: Option<String>,
+    /// Give up waiting for the node's answer after this long, e.g. 30s (a bare number is
+    /// seconds) [default: 10s for status and namespaces, 60s for init, join, remove and
+    /// namespaces --set, changes that wait for a quorum of the cluster].
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout, global = true)]
+    pub timeout: Option<std::time::Duration>,
     /// What to do.
     #[command(subcommand)]
     pub command: ClusterCommand,
@@ -302,6 +307,15 @@ pub struct ServeArgs {
     /// Log filter, e.g. info or herald_gateway=debug [default: info].
     #[arg(long, env = "HERALD_LOG", value_name = "FILTER")]
     pub log: Option<String>,
+}
+
+/// A `--timeout`: a duration or a bare number of seconds, above zero.
+fn parse_timeout(value: &str) -> Result<std::time::Duration, String> {
+    match crate::config::seconds_or_duration("timeout", value) {
+        Ok(timeout) if timeout.is_zero() => Err("the timeout must be above zero".to_string()),
+        Ok(timeout) => Ok(timeout),
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 fn parse_yes_no(value: &str) -> Result<bool, String> {

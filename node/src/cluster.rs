@@ -5,6 +5,37 @@ use crate::cli::{ClusterArgs, ClusterCommand};
 use herald_cluster::clock::CLOCK_TOLERANCE;
 use serde_json::{Value, json};
 use std::process::ExitCode;
+use std::time::Duration;
+
+/// How long a read (`status`, `namespaces`) waits for the node's answer without `--timeout`.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a change (`init`, `join`, `remove`, `namespaces --set`) waits for the node's answer
+/// without `--timeout`: it commits through the meta group's quorum, after the node passed it to
+/// the meta leader (retrying for up to 10 s while there is none), and a join first asks the new
+/// node for its partition count (up to 10 s per call to a node that does not answer).
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The change `command` makes, as the timeout error names it; `None` for a read.
+fn change(command: &ClusterCommand) -> Option<String> {
+    match command {
+        ClusterCommand::Status { .. } | ClusterCommand::Namespaces { set: None, .. } => None,
+        ClusterCommand::Init => Some("the cluster's formation".to_string()),
+        ClusterCommand::Join { node_id, .. } => Some(format!("the join of node {node_id}")),
+        ClusterCommand::Remove { node_id } => Some(format!("the removal of node {node_id}")),
+        ClusterCommand::Namespaces { set: Some(_), .. } => {
+            Some("the new namespace config".to_string())
+        }
+    }
+}
+
+/// How long `command` waits for the node's answer.
+fn timeout(args: &ClusterArgs) -> Duration {
+    args.timeout.unwrap_or(match change(&args.command) {
+        Some(_) => CHANGE_TIMEOUT,
+        None => READ_TIMEOUT,
+    })
+}
 
 /// Runs one `herald cluster` command; prints the outcome, exit code 1 on failure.
 pub fn run(args: ClusterArgs) -> ExitCode {
@@ -56,7 +87,7 @@ async fn call(args: &ClusterArgs) -> Result<String, String> {
             client.post(format!("{base}/namespaces")).body(text)
         }
     };
-    let body = send(args, request).await?;
+    let body = send(args, request, timeout(args), change(&args.command)).await?;
     Ok(match &args.command {
         ClusterCommand::Status { json: false } => render_status(&body),
         ClusterCommand::Namespaces { json: false, .. } => render_namespaces(&body),
@@ -64,21 +95,44 @@ async fn call(args: &ClusterArgs) -> Result<String, String> {
     })
 }
 
-/// Sends `request` with the password, if any; the answer's JSON body, or its error.
-async fn send(args: &ClusterArgs, request: reqwest::RequestBuilder) -> Result<Value, String> {
+/// Sends `request` with the password, if any, and waits at most `timeout` for the whole
+/// answer; the answer's JSON body, or its error. `change` names the change the request makes
+/// (`None` for a read), for the error when the time runs out.
+async fn send(
+    args: &ClusterArgs,
+    request: reqwest::RequestBuilder,
+    timeout: Duration,
+    change: Option<String>,
+) -> Result<Value, String> {
     let request = match &args.password {
         Some(password) => request.bearer_auth(password),
         None => request,
     };
-    let response = request
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach {}: {e}", args.http))?;
+    let timed_out = || match &change {
+        Some(change) => format!(
+            "no answer from {} within {timeout:?} to {change} (raise --timeout to wait longer): the change may still complete; check with `herald cluster status`",
+            args.http
+        ),
+        None => format!(
+            "no answer from {} within {timeout:?} (raise --timeout to wait longer): the node may be stopped or overloaded; `herald health --http {}` checks that it serves",
+            args.http, args.http
+        ),
+    };
+    let response = request.timeout(timeout).send().await.map_err(|e| {
+        if e.is_timeout() {
+            timed_out()
+        } else {
+            format!("cannot reach {}: {e}", args.http)
+        }
+    })?;
     let ok = response.status().is_success();
-    let body: Value = response
-        .json()
-        .await
-        .map_err(|e| format!("unexpected answer from {}: {e}", args.http))?;
+    let body: Value = response.json().await.map_err(|e| {
+        if e.is_timeout() {
+            timed_out()
+        } else {
+            format!("unexpected answer from {}: {e}", args.http)
+        }
+    })?;
     if !ok {
         return Err(body["error"]
             .as_str()
@@ -93,7 +147,7 @@ async fn send(args: &ClusterArgs, request: reqwest::RequestBuilder) -> Result<Va
 /// applied the removal yet may still list).
 async fn after_remove(args: &ClusterArgs, removed: u64) -> Option<String> {
     let status = reqwest::Client::new().get(format!("http://{}/api/cluster/status", args.http));
-    match send(args, status).await {
+    match send(args, status, args.timeout.unwrap_or(READ_TIMEOUT), None).await {
         Ok(status) => {
             let left: Vec<u64> = status["members"]
                 .as_object()

@@ -320,7 +320,7 @@ impl NodeConfig {
 
 /// A setting that took whole seconds before it took units: a duration (`10s`, `500ms`, `2m`),
 /// or a bare number of seconds, as before.
-fn seconds_or_duration(name: &str, value: &str) -> Result<Duration> {
+pub fn seconds_or_duration(name: &str, value: &str) -> Result<Duration> {
     let text = value.trim();
     let seconds = (!text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
         .then(|| text.parse::<u64>().ok())

@@ -2122,6 +2122,51 @@ async fn a_node_with_another_partition_count_is_not_let_in_at_formation() {
     }
 }
 
+/// `herald cluster` gives up on a node that does not answer (here SIGSTOPped: its kernel
+/// still accepts the connection), as `herald health` does, instead of waiting forever: a read
+/// after its default timeout, a change after `--timeout`, saying the change may still
+/// complete.
+#[test]
+fn cluster_commands_give_up_on_a_node_that_does_not_answer() {
+    let cluster = Cluster::start(1);
+    cluster.node(1).signal("STOP");
+    let (ok, out) = cluster.cli(1, &["status"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("no answer from") && out.contains("within 10s") && out.contains("--timeout"),
+        "{out}"
+    );
+    let (ok, out) = cluster.cli(
+        1,
+        &[
+            "join",
+            "--node-id",
+            "2",
+            "--addr",
+            "127.0.0.1:7999",
+            "--timeout",
+            "1s",
+        ],
+    );
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("within 1s to the join of node 2")
+            && out.contains("the change may still complete; check with `herald cluster status`"),
+        "{out}"
+    );
+    let (ok, out) = cluster.cli(1, &["remove", "--node-id", "2", "--timeout", "2"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("within 2s to the removal of node 2"), "{out}");
+    cluster.node(1).signal("CONT");
+    let (ok, out) = cluster.cli(1, &["status", "--timeout", "30s"]);
+    assert!(ok, "{out}");
+    let (ok, out) = cluster.cli(1, &["status", "--timeout", "0"]);
+    assert!(
+        !ok && out.contains("the timeout must be above zero"),
+        "{out}"
+    );
+}
+
 /// `herald cluster status --help` says what the table shows: every column of the groups'
 /// header, and nothing the table does not show (it has no commit positions).
 #[test]
