@@ -304,7 +304,8 @@ pub struct ServeArgs {
     #[arg(long, env = "HERALD_PUBLISH_TIMEOUT", value_name = "DURATION")]
     pub publish_timeout: Option<String>,
 
-    /// Log filter, e.g. info or herald_gateway=debug [default: info].
+    /// Log filter, e.g. info or warn,herald_gateway=debug; it must name a level. RUST_LOG is
+    /// read when neither this nor the config file's `log` is set [default: info].
     #[arg(long, env = "HERALD_LOG", value_name = "FILTER")]
     pub log: Option<String>,
 }

@@ -310,12 +310,60 @@ impl NodeConfig {
                 Some(value) => seconds_or_duration("shutdown-timeout", &value)?,
                 None => Duration::from_secs(5),
             },
-            log: args.log.or(file.log).unwrap_or_else(|| "info".to_string()),
+            log: log_filter(args.log, file.log, std::env::var("RUST_LOG").ok())?,
             store,
             namespaces: file.namespace.unwrap_or_default(),
             http,
         })
     }
+}
+
+/// The log filter: `--log` (or `HERALD_LOG`), else the file's `log`, else `RUST_LOG` (the
+/// tracing ecosystem's variable, read last so that herald's own settings win as documented),
+/// else `info`; refused by [`check_log_filter`] when it could not mean what was meant.
+fn log_filter(
+    setting: Option<String>,
+    file: Option<String>,
+    rust_log: Option<String>,
+) -> Result<String> {
+    let rust_log = rust_log.filter(|v| !v.trim().is_empty());
+    let (filter, source) = match (setting, file, rust_log) {
+        (Some(filter), _, _) => (filter, "--log / HERALD_LOG"),
+        (None, Some(filter), _) => (filter, "`log` in the config file"),
+        (None, None, Some(filter)) => (filter, "RUST_LOG"),
+        (None, None, None) => return Ok("info".to_string()),
+    };
+    check_log_filter(&filter, source)?;
+    Ok(filter)
+}
+
+/// Refuses a log filter that names no level anywhere (`verbose`, `inf`): tracing takes a bare
+/// word that is not a level as a target name, so such a filter would log nothing at all but
+/// that target, silently. Refuses, too, a directive tracing cannot parse (`herald=loud`).
+fn check_log_filter(filter: &str, source: &str) -> Result<()> {
+    const EXPECTED: &str = "give a level (trace, debug, info, warn, error or off) and/or target=level directives, comma-separated, e.g. info or warn,herald_cluster=debug";
+    let names_level = filter
+        .split(',')
+        .map(|directive| {
+            directive
+                .rsplit_once('=')
+                .map_or(directive, |(_, level)| level)
+        })
+        .map(str::trim)
+        // tracing reads an empty level as `error`: `herald=` is no level named.
+        .any(|level| {
+            !level.is_empty()
+                && level
+                    .parse::<tracing_subscriber::filter::LevelFilter>()
+                    .is_ok()
+        });
+    if !names_level {
+        bail!("invalid log filter '{filter}' ({source}): it names no level; {EXPECTED}");
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map_err(|e| anyhow!("invalid log filter '{filter}' ({source}): {e}; {EXPECTED}"))?;
+    Ok(())
 }
 
 /// A setting that took whole seconds before it took units: a duration (`10s`, `500ms`, `2m`),
@@ -391,6 +439,58 @@ fn output_limit(value: &str) -> Result<OutputLimit> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn rust_log_is_read_only_when_neither_the_setting_nor_the_file_sets_the_log() {
+        let some = |s: &str| Some(s.to_string());
+        let filter = |setting, file, rust_log| log_filter(setting, file, rust_log).unwrap();
+        assert_eq!(filter(some("warn"), some("debug"), some("off")), "warn");
+        assert_eq!(filter(None, some("debug"), some("off")), "debug");
+        assert_eq!(filter(None, None, some("off")), "off");
+        assert_eq!(filter(None, None, some(" ")), "info");
+        assert_eq!(filter(None, None, None), "info");
+    }
+
+    #[test]
+    fn a_log_filter_that_names_no_level_is_refused() {
+        for good in [
+            "info",
+            "WARN",
+            "off",
+            "herald=debug,warn",
+            "warn,herald_cluster=debug",
+            "info,openraft=info",
+            "herald_gateway=debug",
+            "warn,herald_cluster",
+            "info,herald_cluster[join]=debug",
+        ] {
+            assert!(check_log_filter(good, "--log").is_ok(), "{good}");
+        }
+        for bad in ["verbose", "inf", "herald_cluster", "", " , "] {
+            let error = check_log_filter(bad, "--log / HERALD_LOG")
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                error,
+                format!(
+                    "invalid log filter '{bad}' (--log / HERALD_LOG): it names no level; give a level (trace, debug, info, warn, error or off) and/or target=level directives, comma-separated, e.g. info or warn,herald_cluster=debug"
+                )
+            );
+        }
+        let error = check_log_filter("info,herald=loud", "RUST_LOG")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("invalid log filter 'info,herald=loud' (RUST_LOG): ")
+                && error.contains("target=level")
+                && !error.contains('\n'),
+            "{error}"
+        );
+        let error = log_filter(None, Some("verbose".into()), None)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("(`log` in the config file)"), "{error}");
+    }
 
     #[test]
     fn flags_override_file_which_overrides_defaults() {

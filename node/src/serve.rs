@@ -19,10 +19,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Sets up `tracing` output to stderr with `filter` (overridden by `RUST_LOG` when set).
+/// Sets up `tracing` output to stderr with `filter` (resolved and checked by
+/// [`NodeConfig::resolve`], `RUST_LOG` included).
 pub fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(quiet_openraft(filter)));
+    let filter = tracing_subscriber::EnvFilter::new(quiet_openraft(filter));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -227,6 +227,40 @@ fn settings_come_from_flags_then_environment_then_file() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `--log` (here the harness's `--log info`) wins over `RUST_LOG`, as the README and the
+/// example config say: `RUST_LOG=off` in the environment used to silence the node whatever
+/// its settings said.
+#[test]
+fn the_log_setting_wins_over_rust_log() {
+    let node = Herald::start_configured(&[], &[("RUST_LOG", "off")]);
+    assert!(node.log().contains("herald node ready"), "{}", node.log());
+}
+
+/// A log filter that names no level (`verbose`, a typo of `info`) is refused at start-up in
+/// one line that says what a filter looks like, instead of being taken as a target name that
+/// turns every log line off.
+#[tokio::test]
+async fn a_log_filter_without_a_level_is_refused() {
+    let dir = scratch_dir("log-verbose");
+    for filter in ["verbose", "inf"] {
+        let (status, stderr) = herald_tests::serve_expecting_refusal([
+            "--log",
+            filter,
+            "--data-dir",
+            dir.to_str().unwrap(),
+        ])
+        .await;
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "{stderr}");
+        assert_eq!(
+            stderr,
+            format!(
+                "herald: invalid log filter '{filter}' (--log / HERALD_LOG): it names no level; give a level (trace, debug, info, warn, error or off) and/or target=level directives, comma-separated, e.g. info or warn,herald_cluster=debug\n"
+            )
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn a_bad_config_file_names_the_problem() {
     let dir = scratch_dir("bad-config");
