@@ -698,14 +698,21 @@ impl ClusterNode {
         target: NodeId,
         request: &AppRequest,
     ) -> Result<AppResponse, ProposeError> {
+        self.call_within(target, request, Duration::from_secs(10))
+            .await
+    }
+
+    /// [`Self::call`] that gives up after `timeout`.
+    async fn call_within(
+        &self,
+        target: NodeId,
+        request: &AppRequest,
+        timeout: Duration,
+    ) -> Result<AppResponse, ProposeError> {
         match self
             .inner
             .peers
-            .call(
-                target,
-                &Request::App(encode(request)),
-                Duration::from_secs(10),
-            )
+            .call(target, &Request::App(encode(request)), timeout)
             .await
         {
             Ok(Response::App(bytes)) => decode(&bytes).map_err(ProposeError::Failed),

@@ -2122,6 +2122,61 @@ async fn a_node_with_another_partition_count_is_not_let_in_at_formation() {
     }
 }
 
+/// A node started with another partition count than the cluster's is refused by `herald
+/// cluster join`, with fewer partitions as with more: a node with fewer was let in, its meta
+/// group stopped on the cluster's `Init` ("created with 2 partitions but 4 were requested"),
+/// and the others made it a voter all the same, costing the cluster its fault tolerance.
+#[test]
+fn a_join_of_a_node_with_another_partition_count_is_refused() {
+    let mut cluster = Cluster::start_some(4, 3, &[]);
+    let addr = format!("127.0.0.1:{}", cluster.members[3].cluster_port);
+    for (partitions, described) in [(2, "fewer"), (8, "more")] {
+        cluster.start_node_with_partitions(4, 3, partitions);
+        let (ok, text) = cluster.cli(2, &["join", "--node-id", "4", "--addr", &addr]);
+        assert!(!ok, "joined with {partitions} partitions: {text}");
+        assert!(
+            text.contains(&format!(
+                "node 4 runs {described} partitions than the cluster (4): the count is fixed when a store is created; start it with --partitions 4 on an empty data directory, then join it"
+            )),
+            "{text}"
+        );
+        let members = cluster.status(1).expect("status")["members"].clone();
+        assert!(members.get("4").is_none(), "node 4 is a member: {members}");
+        cluster.wipe(4);
+    }
+    cluster.start_node(4, 3);
+    let (ok, text) = cluster.cli(2, &["join", "--node-id", "4", "--addr", &addr]);
+    assert!(ok, "join failed: {text}");
+    cluster.wait_converged();
+}
+
+/// A node joined before it was up (the join cannot ask it its partition count, and lets it
+/// in, as it lets in a wrong address) and then started with another count than the cluster's
+/// is never made a voter: its meta group stopped on the cluster's `Init`, and as a voter it
+/// cost the groups their fault tolerance. The leaders say why.
+#[test]
+fn a_node_of_another_partition_count_joined_before_it_was_up_never_votes() {
+    let mut cluster = Cluster::start_some(4, 3, &[]);
+    let addr = format!("127.0.0.1:{}", cluster.members[3].cluster_port);
+    let (ok, text) = cluster.cli(1, &["join", "--node-id", "4", "--addr", &addr]);
+    assert!(ok, "join failed: {text}");
+    cluster.start_node_with_partitions(4, 3, 2);
+    herald_tests::wait_until("a leader refuses node 4 a vote", || {
+        (1..=3).any(|id| {
+            cluster.node(id).log().contains(
+                "node 4 runs fewer partitions than the cluster (4): it is not made a voter of any group",
+            )
+        })
+    });
+    let status = cluster.status(1).expect("status");
+    for group in status["groups"].as_array().unwrap() {
+        assert!(
+            !group["voters"].as_array().unwrap().contains(&json!(4)),
+            "node 4 votes: {group}"
+        );
+    }
+}
+
 /// `herald cluster` gives up on a node that does not answer (here SIGSTOPped: its kernel
 /// still accepts the connection), as `herald health` does, instead of waiting forever: a read
 /// after its default timeout, a change after `--timeout`, saying the change may still

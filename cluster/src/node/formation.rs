@@ -99,26 +99,44 @@ impl ClusterNode {
     }
 
     /// Whether `peer` runs another partition count than this node: `Some(described)` if so
-    /// ("fewer" or "more"), `None` if it runs the same or cannot tell. Asked with the
-    /// failover probe, which a node answers only for groups it runs: it must run this node's
-    /// last partition group and not the one after. (No message of its own, so that nodes
-    /// from before it need no upgrade.)
+    /// ("fewer" or "more"), `None` if it runs the same or did not answer (see
+    /// [`Self::compare_partition_count`]).
     pub(super) async fn other_partition_count(&self, peer: NodeId) -> Option<&'static str> {
+        self.compare_partition_count(peer, Duration::from_secs(10))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// How `peer`'s partition count compares with this node's: `Ok(None)` the same,
+    /// `Ok(Some(described))` another ("fewer" or "more"), `Err(reason)` when it did not
+    /// answer (not up, a connection to it just lost), which tells nothing. Asked with the
+    /// failover probe, which a node answers only for groups it runs: it must run this node's
+    /// last partition group and not the one after. (No message of its own, so that nodes from
+    /// before it need no upgrade.) Each of the two calls waits at most `timeout`.
+    pub(super) async fn compare_partition_count(
+        &self,
+        peer: NodeId,
+        timeout: Duration,
+    ) -> Result<Option<&'static str>, String> {
         let ours = self.inner.store.partitions();
         let runs = |group: GroupId| async move {
-            match self.call(peer, &AppRequest::Probe { group }).await {
-                Ok(AppResponse::Probe(probe)) => Some(probe.is_some()),
-                _ => None,
+            match self
+                .call_within(peer, &AppRequest::Probe { group }, timeout)
+                .await
+            {
+                Ok(AppResponse::Probe(probe)) => Ok(probe.is_some()),
+                Ok(other) => Err(format!("node {peer} answered {other:?}")),
+                Err(error) => Err(error.to_string()),
             }
         };
-        match (
-            runs(partition_group(ours - 1)).await?,
-            runs(partition_group(ours)).await?,
-        ) {
-            (false, _) => Some("fewer"),
-            (true, true) => Some("more"),
-            (true, false) => None,
+        if !runs(partition_group(ours - 1)).await? {
+            return Ok(Some("fewer"));
         }
+        if runs(partition_group(ours)).await? {
+            return Ok(Some("more"));
+        }
+        Ok(None)
     }
 
     /// Initialises the meta group with `members`, writes the epoch, and initialises every

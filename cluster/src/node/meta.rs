@@ -30,6 +30,13 @@ fn join_address_problem(addr: &str) -> Option<&'static str> {
     }
 }
 
+/// How long a join asks a node that does not answer for its partition count before it joins
+/// it unchecked (then checked before it becomes a voter). A call on the connection to a node
+/// that restarted since (as after a refused join: wiped, started with the right count) took
+/// 3 s to fail before the next one reached the new process; and a node that passes a join on
+/// to the meta leader waits 10 s for the leader's answer.
+const JOIN_PROBE_PATIENCE: Duration = Duration::from_secs(6);
+
 impl ClusterNode {
     pub(super) async fn meta_request(&self, request: AppRequest) -> Result<(), ProposeError> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -80,13 +87,36 @@ impl ClusterNode {
                 self.inner.peers.set_addr(node, addr.clone());
                 // A node already up on a store of another partition count could never apply
                 // the cluster's Init: refused now rather than voting and leading partitions
-                // it cannot serve. (One not up yet is checked when its meta group applies Init.)
-                if let Some(theirs) = self.other_partition_count(node).await {
-                    return Err(ProposeError::Failed(format!(
-                        "node {node} runs {theirs} partitions than the cluster ({}): the count is fixed when a store is created; start it with --partitions {} on an empty data directory, then join it",
-                        self.inner.store.partitions(),
-                        self.inner.store.partitions()
-                    )));
+                // it cannot serve. A call that fails tells nothing (a connection to a node
+                // that restarted is found dead by the first), so it is asked again for a
+                // while. (One not up yet is checked before it becomes a voter.)
+                let deadline = tokio::time::Instant::now() + JOIN_PROBE_PATIENCE;
+                let compared = loop {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    match self
+                        .compare_partition_count(node, left.max(Duration::from_millis(200)))
+                        .await
+                    {
+                        Err(_) if tokio::time::Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        other => break other,
+                    }
+                };
+                match compared {
+                    Ok(Some(theirs)) => {
+                        return Err(ProposeError::Failed(format!(
+                            "node {node} runs {theirs} partitions than the cluster ({}): the count is fixed when a store is created; start it with --partitions {} on an empty data directory, then join it",
+                            self.inner.store.partitions(),
+                            self.inner.store.partitions()
+                        )));
+                    }
+                    Ok(None) => {}
+                    Err(reason) => tracing::info!(
+                        node,
+                        %reason,
+                        "joining node {node}, which does not answer: it becomes a voter only once it answers, with the cluster's partition count"
+                    ),
                 }
                 meta.add_learner(node, BasicNode::new(addr), true)
                     .await

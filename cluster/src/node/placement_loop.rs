@@ -6,7 +6,9 @@
 //! order, so leadership spreads over the nodes; every other member follows as a learner, so every
 //! node applies every partition and can serve any resume from its own store. The leader of each
 //! group converges it on that picture: it adds new members as learners, promotes learners while
-//! the group has fewer than three voters, and drops nodes that left the cluster.
+//! the group has fewer than three voters, and drops nodes that left the cluster. A learner
+//! becomes a voter (promoted or swapped in) only once it answered that it runs the cluster's
+//! partition count.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -22,7 +24,55 @@ use crate::placement::{placement, rebalance_swap};
 /// Placement rounds (one a second) between two clock ticks of idle partitions.
 const CLOCK_TICK_ROUNDS: u64 = 60;
 
+/// What the placement loop learnt of members' partition counts (see [`ClusterNode::may_vote`]).
+#[derive(Debug, Default)]
+struct CountChecks {
+    /// Members that answered they run the cluster's partition count.
+    same: BTreeSet<NodeId>,
+    /// Members of another count, already logged.
+    warned: BTreeSet<NodeId>,
+}
+
+impl CountChecks {
+    /// Forgets nodes that are no longer members: one joined again may run another store.
+    fn keep(&mut self, members: &std::collections::BTreeMap<NodeId, String>) {
+        self.same.retain(|id| members.contains_key(id));
+        self.warned.retain(|id| members.contains_key(id));
+    }
+}
+
 impl ClusterNode {
+    /// Whether member `node` may become a voter: only once it has answered that it runs the
+    /// cluster's partition count (asked once per member, remembered in `checks`). A node of
+    /// another count that got in (joined before it was up, or while it could not be asked)
+    /// stopped its meta group on the cluster's `Init`, and as a voter would cost the groups
+    /// their fault tolerance; one that does not answer now is asked again next round.
+    async fn may_vote(&self, node: NodeId, checks: &mut CountChecks) -> bool {
+        if checks.same.contains(&node) {
+            return true;
+        }
+        match self
+            .compare_partition_count(node, Duration::from_secs(1))
+            .await
+        {
+            Ok(None) => {
+                checks.same.insert(node);
+                true
+            }
+            Ok(Some(theirs)) => {
+                if checks.warned.insert(node) {
+                    let ours = self.inner.store.partitions();
+                    tracing::error!(
+                        node,
+                        "node {node} runs {theirs} partitions than the cluster ({ours}): it is not made a voter of any group (the count is fixed when a store is created); remove it (`herald cluster remove --node-id {node}`), start it with --partitions {ours} on an empty data directory, then join it"
+                    );
+                }
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
     /// On each partition this node leads, commits an empty batch: it moves the partition's
     /// applied clock forward, so message ids of an idle partition leave the dedup window (the
     /// clock only advances through the log, which keeps dedup decisions identical on every
@@ -70,6 +120,7 @@ impl ClusterNode {
         let mut uninitialised_rounds: u32 = 0;
         // The membership's address of this node that was last warned about.
         let mut warned_address: Option<String> = None;
+        let mut count_checks = CountChecks::default();
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -103,6 +154,7 @@ impl ClusterNode {
                 );
                 warned_address = Some(known.clone());
             }
+            count_checks.keep(&members);
             {
                 let mut allowed = self.inner.allowed.write();
                 allowed.extend(members.keys().copied());
@@ -223,7 +275,7 @@ impl ClusterNode {
                 // Promote caught-up learners while voters are short.
                 if voters.len() < want_voters.min(ids.len()) {
                     let last = m.last_log_index.unwrap_or(0);
-                    let ready: BTreeSet<NodeId> = m
+                    let caught_up: Vec<NodeId> = m
                         .replication
                         .as_ref()
                         .map(|r| {
@@ -237,10 +289,17 @@ impl ClusterNode {
                                         && matched.as_ref().is_some_and(|l| l.index + 100 >= last)
                                 })
                                 .map(|(id, _)| *id)
-                                .take(want_voters.min(ids.len()) - voters.len())
                                 .collect()
                         })
                         .unwrap_or_default();
+                    let mut ready = BTreeSet::new();
+                    for id in caught_up {
+                        if ready.len() < want_voters.min(ids.len()) - voters.len()
+                            && self.may_vote(id, &mut count_checks).await
+                        {
+                            ready.insert(id);
+                        }
+                    }
                     if !ready.is_empty() {
                         match raft
                             .change_membership(ChangeMembers::AddVoterIds(ready.clone()), true)
@@ -278,6 +337,7 @@ impl ClusterNode {
                 };
                 if let Some((out, into)) =
                     rebalance_swap(self.inner.id, &desired, &voters, caught_up)
+                    && self.may_vote(into, &mut count_checks).await
                 {
                     let next: BTreeSet<NodeId> = voters
                         .iter()
