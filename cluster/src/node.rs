@@ -247,6 +247,8 @@ impl ClusterNode {
                 )));
             }
         }
+        // Before anything speaks for this node: a store of another node's refuses it.
+        store.claim_node_id(id)?;
         let identity = NodeIdentity::load(&config.tls_dir, id)?;
         let allowed: BTreeSet<NodeId> = config.peers.keys().copied().collect();
         let allowed = Arc::new(RwLock::new(allowed));

@@ -4,12 +4,13 @@ use crate::config::{AddrSetting, NodeConfig};
 use crate::metrics::Metrics;
 use anyhow::{Context, Result, anyhow};
 use herald_cluster::identity::NodeIdentity;
-use herald_cluster::node::{ClusterConfig, ClusterNode};
+use herald_cluster::node::{ClusterConfig, ClusterError, ClusterNode};
 use herald_gateway::broker::Broker;
 use herald_gateway::http::HttpState;
 use herald_gateway::hub::Hub;
 use herald_gateway::resp::RespServer;
 use herald_gateway::starting::Starting;
+use herald_storage::StorageError;
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::net::SocketAddr;
@@ -126,12 +127,16 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             CancellationToken::new(),
         )
         .await
-        .with_context(|| {
-            format!(
+        .map_err(|error| match error {
+            // Names the node, both ids and the store already.
+            ClusterError::Storage(error @ StorageError::NodeIdMismatch { .. }) => {
+                anyhow::Error::new(error)
+            }
+            error => anyhow::Error::new(error).context(format!(
                 "cannot start cluster node {} (store in {})",
                 cluster.node_id,
                 store_dir.display()
-            )
+            )),
         })?,
     };
     if let (Some(node), Some(cluster)) = (broker.cluster(), &config.cluster)

@@ -19,6 +19,7 @@
 //! | `m` `k` u16 BE partition | u64 BE | the partition's applied clock: the largest `now_ms` apply used |
 //! | `m` `c` | u64 BE | the cluster's epoch, present once the store joined a cluster |
 //! | `m` `l` | u64 BE | the last record of the local log's write-ahead log applied (see the `wal` module) |
+//! | `m` `o` | u64 BE | the node id a cluster node first opened the store as (absent in single-node stores and stores from before it) |
 //! | `r` u16 BE group `l` u64 BE index | `openraft::Entry` | one Raft log entry of the group |
 //! | `r` group `v` | `openraft::Vote` | the group's vote |
 //! | `r` group `p` | `openraft::LogId` | the group's last purged log id |
@@ -62,6 +63,8 @@ pub(crate) const KEY_STORE_ID: &[u8] = b"mi";
 pub(crate) const PREFIX_PEER_STORE: &[u8] = b"mn";
 /// The cluster's namespace config, as its meta group last applied it (a `NamespacesSpec`).
 pub(crate) const KEY_CLUSTER_NAMESPACES: &[u8] = b"mx";
+/// The node id the store was first opened as by a cluster node (see `Store::claim_node_id`).
+pub(crate) const KEY_NODE_ID: &[u8] = b"mo";
 pub(crate) const PREFIX_RAFT: u8 = b'r';
 pub(crate) const RAFT_LOG: u8 = b'l';
 pub(crate) const RAFT_VOTE: u8 = b'v';
@@ -295,7 +298,8 @@ mod tests {
     /// store ids) would read the other key's records as theirs.
     #[test]
     fn meta_keys_are_prefix_free() {
-        let keys: [&[u8]; 12] = [
+        let keys: [&[u8]; 13] = [
+            KEY_NODE_ID,
             KEY_VERSION,
             KEY_EPOCH,
             KEY_PARTITIONS,

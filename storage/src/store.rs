@@ -106,6 +106,20 @@ pub enum StorageError {
         /// The cluster's epoch.
         epoch: String,
     },
+    /// A cluster node started under another node id than the one its store was first opened
+    /// as (`--node-id` mixed up with another node's `--data-dir`): refused, as it would believe
+    /// it leads that node's partitions and the members would mistake it for that node.
+    #[error(
+        "store in {dir} belongs to node {stored}, not node {requested}: start node {requested} on its own data directory (--data-dir), or start this one as node {stored} (--node-id {stored}); under another id, it would take node {stored}'s Raft state for its own"
+    )]
+    NodeIdMismatch {
+        /// The store's directory.
+        dir: PathBuf,
+        /// The node id the store belongs to.
+        stored: u64,
+        /// The node id it was opened as.
+        requested: u64,
+    },
 }
 
 /// sled's error as a sentence: its I/O errors display as Rust's debug form (`Os { code: 28,
@@ -681,6 +695,32 @@ impl Store {
             }
             None => self.tree.remove(peer_store_key(peer))?,
         };
+        Ok(())
+    }
+
+    /// Binds the store to cluster node `node_id`: records it the first time a cluster node
+    /// opens the store (a new store, or one from before the record existed), and refuses
+    /// ([`StorageError::NodeIdMismatch`]) any other id afterwards. The store holds the node's
+    /// Raft votes and logs: under another id it would pass for that node.
+    pub fn claim_node_id(&self, node_id: u64) -> Result<(), StorageError> {
+        match self.tree.get(codec::KEY_NODE_ID)? {
+            Some(v) => {
+                let stored = codec::be_u64(&v, "node id")?;
+                if stored != node_id {
+                    return Err(StorageError::NodeIdMismatch {
+                        dir: self.dir.clone(),
+                        stored,
+                        requested: node_id,
+                    });
+                }
+            }
+            None => {
+                self.tree
+                    .insert(codec::KEY_NODE_ID, &node_id.to_be_bytes())?;
+                self.tree.flush()?;
+                tracing::info!(dir = %self.dir.display(), node_id, "the store belongs to this node id from now on");
+            }
+        }
         Ok(())
     }
 
@@ -1928,6 +1968,41 @@ mod tests {
         );
         let err = Store::open(dir.path(), opts(0)).unwrap_err();
         assert!(matches!(err, StorageError::InvalidOptions(_)), "{err}");
+    }
+
+    #[test]
+    fn a_store_keeps_the_node_id_it_was_first_claimed_as() {
+        let dir = TempDir::new("node-id");
+        {
+            // A store from before the record (or a single node's): the first claim records.
+            let store = Store::open(dir.path(), opts(4)).unwrap();
+            store.claim_node_id(3).unwrap();
+            store.claim_node_id(3).unwrap();
+        }
+        let store = Store::open(dir.path(), opts(4)).unwrap();
+        store.claim_node_id(3).unwrap();
+        let err = store.claim_node_id(2).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StorageError::NodeIdMismatch {
+                    stored: 3,
+                    requested: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!(
+                "store in {} belongs to node 3, not node 2: ",
+                dir.path().display()
+            )) && msg.contains("--node-id 3")
+                && !msg.contains('\n'),
+            "{msg}"
+        );
+        store.claim_node_id(3).unwrap();
     }
 
     #[test]

@@ -250,6 +250,15 @@ impl Cluster {
         Herald::start_in(scratch_dir(&format!("impostor{id}")), &args, &[])
     }
 
+    /// The `herald serve` cluster flags node `id` is started with (its address, the peers,
+    /// the certificates, the partitions), without `--data-dir`: for a test that starts a
+    /// process of its own, with a value changed.
+    pub fn serve_args(&self, id: u64) -> Vec<String> {
+        let member = &self.members[(id - 1) as usize];
+        let cluster_addr = format!("127.0.0.1:{}", member.cluster_port);
+        self.node_args(id, &cluster_addr, self.members.len(), TEST_PARTITIONS)
+    }
+
     /// The cluster flags of node `id`: its address, the peers, the certificates.
     fn node_args(
         &self,

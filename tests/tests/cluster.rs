@@ -2362,6 +2362,44 @@ async fn a_node_of_another_cluster_is_refused_a_members_data_directory() {
     let _ = std::fs::remove_dir_all(tls);
 }
 
+/// A node started with another node's id on a member's data directory (`--node-id 2` on
+/// node 3's) is refused, naming both ids and the directory: it would take node 3's Raft state
+/// for node 2's, believe it leads node 2's partitions, and the members would advise removing
+/// the healthy node 2. Node 3 then starts on its directory as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_under_another_id_on_a_members_data_directory_is_refused() {
+    let mut cluster = Cluster::start(3);
+    publish_until_acked(&cluster, 1, "ids:1", "kept").await;
+    cluster.kill(3);
+    let data_dir = cluster.data_dir(3).to_path_buf();
+    let mut args = cluster.serve_args(3);
+    let at = args.iter().position(|a| a == "--node-id").unwrap() + 1;
+    args[at] = "2".to_string();
+    args.extend(["--data-dir".to_string(), data_dir.display().to_string()]);
+    let (status, stderr) = herald_tests::serve_expecting_refusal(&args).await;
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "node 2 ran on node 3's data directory: {stderr}"
+    );
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!(
+            "herald: store in {} belongs to node 3, not node 2: start node 2 on its own data directory (--data-dir), or start this one as node 3 (--node-id 3)",
+            data_dir.join("store").display()
+        )),
+        "{stderr}"
+    );
+    cluster.start_node(3, 3);
+    cluster.wait_converged();
+    eventually_equal(
+        "node 3's history, as it was",
+        &vec!["kept".to_string()],
+        || history_payloads(cluster.node(3), "ids:1"),
+    )
+    .await;
+}
+
 /// libfaketime, which shifts a process's wall clock (`scripts/install-test-deps` installs
 /// it), under the machine's multiarch directory (`/usr/lib/<arch>-linux-gnu/faketime`).
 fn libfaketime() -> Option<String> {
