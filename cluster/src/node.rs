@@ -642,8 +642,14 @@ impl ClusterNode {
     /// node once its removal commits, it rarely learns of it itself) a quorum of the voters it
     /// probed while hearing no leader answered, within `NOT_MEMBER_MEMORY`, that it is not a
     /// member. It then commits nothing; its clients are moved elsewhere like a node without
-    /// quorum, and `/ready` says why.
+    /// quorum, and `/ready` says why. As the reachability loop last judged it (every 100 ms),
+    /// so that `/ready`, the clients told to move and the publishes refused agree.
     pub fn is_removed(&self) -> bool {
+        self.inner.reach.borrow().removed
+    }
+
+    /// [`Self::is_removed`] from this moment's view.
+    fn removed_now(&self) -> bool {
         self.is_formed()
             && (!self.is_member(self.id())
                 || self

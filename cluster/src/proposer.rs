@@ -284,9 +284,13 @@ impl ProposerContext {
             biased;
             round = round => round,
             // (Err: the node is stopping; the round goes on.)
-            Ok(_) = reach.wait_for(|r| r.isolated) => Round::Unknown(format!(
-                "this node lost its quorum while the publish was in flight: no other member has answered it for {SILENT_AFTER:?}"
-            )),
+            Ok(reach) = reach.wait_for(|r| r.isolated || r.removed) => Round::Unknown(if reach.removed {
+                "this node was removed from the cluster while the publish was in flight".to_string()
+            } else {
+                format!(
+                    "this node lost its quorum while the publish was in flight: no other member has answered it for {SILENT_AFTER:?}"
+                )
+            }),
         }
     }
 
@@ -301,13 +305,22 @@ impl ProposerContext {
             if batch.is_empty() {
                 return;
             }
-            // Cut off from every other member: no round can commit here, so say so now rather
-            // than at the deadline; "not committed" only if no earlier round went out.
-            if self.reach.borrow().isolated {
-                let cut_off = format!(
-                    "this node lost its quorum: no other member of the cluster has answered it for {SILENT_AFTER:?}, so partition {} cannot commit here; publish to another node",
-                    self.partition
-                );
+            // Removed from the cluster, or cut off from every other member: no round can
+            // commit here, so say so now rather than at the deadline; "not committed" only if
+            // no earlier round went out.
+            let reach = *self.reach.borrow();
+            if reach.removed || reach.isolated {
+                let cut_off = if reach.removed {
+                    format!(
+                        "this node was removed from the cluster, so partition {} cannot commit here; publish to another node",
+                        self.partition
+                    )
+                } else {
+                    format!(
+                        "this node lost its quorum: no other member of the cluster has answered it for {SILENT_AFTER:?}, so partition {} cannot commit here; publish to another node",
+                        self.partition
+                    )
+                };
                 let error = match unknown {
                     None => ProposeError::NotCommitted(cut_off),
                     Some(why) => ProposeError::Unknown(format!(

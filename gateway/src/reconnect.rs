@@ -10,6 +10,9 @@
 //!   has answered none of its calls for a second (`ClusterNode::reaches_majority`: then at
 //!   once); nothing new commits here. Raised while it lasts, so a client that comes back too
 //!   early is sent away again.
+//! - **Removed** ([`Reason::Removed`]): the node knows it was removed from its cluster
+//!   (`ClusterNode::is_removed`, what `/ready` says): nothing commits here again. Raised at
+//!   once and while it lasts, ahead of a lost quorum.
 //! - **Stopped** ([`Reason::StorageFailed`], [`Reason::GroupStopped`]): one of the node's Raft
 //!   groups stopped, on a storage failure (a full disk) or for another reason (its Raft task
 //!   panicked), so that partition's events no longer reach this node. Raised at once and while
@@ -41,6 +44,8 @@ const CHECK_EVERY: Duration = Duration::from_millis(250);
 pub enum Reason {
     /// This node lost its cluster quorum.
     NoQuorum,
+    /// This node was removed from its cluster.
+    Removed,
     /// This node's history skipped ahead of its live delivery (a snapshot install).
     Skipped,
     /// One of this node's Raft groups stopped on a storage failure.
@@ -54,6 +59,7 @@ impl Reason {
     pub fn sse_event(self) -> &'static [u8] {
         match self {
             Reason::NoQuorum => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node lost its cluster quorum; reconnect to another node with your Last-Event-ID\"}\n\n",
+            Reason::Removed => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node was removed from the cluster; reconnect to another node with your Last-Event-ID\"}\n\n",
             Reason::Skipped => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node caught up from a snapshot; reconnect with your Last-Event-ID to get every event\"}\n\n",
             Reason::StorageFailed => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node's storage failed; reconnect to another node with your Last-Event-ID\"}\n\n",
             Reason::GroupStopped => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"a Raft group stopped on this node; reconnect to another node with your Last-Event-ID\"}\n\n",
@@ -65,6 +71,9 @@ impl Reason {
         match self {
             Reason::NoQuorum => {
                 "this node lost its cluster quorum: reconnect to another node and resume from your cursor"
+            }
+            Reason::Removed => {
+                "this node was removed from the cluster: reconnect to another node and resume from your cursor"
             }
             Reason::Skipped => {
                 "this node caught up from a snapshot: reconnect and resume from your cursor"
@@ -83,6 +92,9 @@ impl Reason {
         match self {
             Reason::NoQuorum => {
                 "ERR this node lost its cluster quorum: reconnect to another node (HSUBSCRIBE resumes from your cursor)"
+            }
+            Reason::Removed => {
+                "ERR this node was removed from the cluster: reconnect to another node (HSUBSCRIBE resumes from your cursor)"
             }
             Reason::Skipped => {
                 "ERR this node caught up from a snapshot: reconnect and resume from your cursor (HSUBSCRIBE)"
@@ -178,6 +190,15 @@ impl Reconnect {
                             "{failure}: telling streaming and subscribed clients to reconnect elsewhere; restart the node"
                         );
                         let _ = cut_off_tx.send(Some(reason));
+                    }
+                } else if node.is_removed() {
+                    // Told before a quorum lost (which follows: the members no longer talk to
+                    // it), and instead of it when that came first.
+                    if *cut_off_tx.borrow() != Some(Reason::Removed) {
+                        tracing::warn!(
+                            "this node was removed from the cluster: telling streaming and subscribed clients to reconnect elsewhere; stop it and delete its data directory, or join it again with `herald cluster join`"
+                        );
+                        let _ = cut_off_tx.send(Some(Reason::Removed));
                     }
                 } else if !node.is_formed() || (node.has_quorum() && node.reaches_majority()) {
                     without_quorum = None;
@@ -308,6 +329,7 @@ mod tests {
     fn every_reason_is_told_in_each_protocol_and_a_stopped_group_by_its_kind() {
         let all = [
             Reason::NoQuorum,
+            Reason::Removed,
             Reason::Skipped,
             Reason::StorageFailed,
             Reason::GroupStopped,

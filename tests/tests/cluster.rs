@@ -2362,6 +2362,72 @@ async fn a_node_of_another_cluster_is_refused_a_members_data_directory() {
     let _ = std::fs::remove_dir_all(tls);
 }
 
+/// A node removed from the cluster, once it knows it (its `/ready` says so), refuses durable
+/// publishes at once, saying it was removed (they used to wait out the publish timeout and fail
+/// with "its leader ... was unreachable ...; this node may be cut off"), and sends its SSE and
+/// RESP subscribers elsewhere with that reason (they were told it "lost its cluster quorum").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_tells_publishers_and_subscribers_it_was_removed() {
+    let cluster = Cluster::start(4);
+    let (ok, text) = cluster.cli(1, &["remove", "--node-id", "4"]);
+    assert!(ok, "remove failed: {text}");
+    let removed = cluster.node(4);
+    herald_tests::wait_until("node 4's /ready says it was removed", || {
+        herald_tests::cluster::get_json(removed, "/ready").is_some_and(|r| {
+            r["status"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("removed from the cluster"))
+        })
+    });
+    let refused = try_publish(removed.http, &json!({ "channel": "gone:1", "data": 1 }))
+        .await
+        .expect_err("a removed node must not acknowledge publishes");
+    assert!(
+        refused.starts_with("503")
+            && refused.contains("this node was removed from the cluster")
+            && refused.contains("publish to another node"),
+        "{refused}"
+    );
+    let mut publisher = herald_tests::RawConn::connect(removed.resp);
+    publisher.command(&[b"PUBLISH", b"gone:1", b"x"]);
+    let reply = String::from_utf8_lossy(&publisher.read_until_suffix(b"\r\n")).into_owned();
+    assert!(
+        reply.starts_with("-") && reply.contains("this node was removed from the cluster"),
+        "{reply}"
+    );
+
+    let mut events = sse(removed.http, "gone:1", None).await;
+    let reconnect = loop {
+        let event = tokio::time::timeout(PATIENCE, events.next())
+            .await
+            .expect("a reconnect event in time")
+            .expect("the stream ends only after the reconnect event");
+        if event.event != "message" {
+            break event;
+        }
+    };
+    assert_eq!(reconnect.event, "reconnect", "{reconnect:?}");
+    assert!(
+        reconnect
+            .data
+            .contains("this node was removed from the cluster; reconnect to another node"),
+        "{}",
+        reconnect.data
+    );
+    let mut subscriber = herald_tests::RawConn::connect(removed.resp);
+    subscriber.command(&[b"SUBSCRIBE", b"gone:1"]);
+    let rest = tokio::task::spawn_blocking(move || subscriber.read_to_close())
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&rest).ends_with(
+            "-ERR this node was removed from the cluster: reconnect to another node (HSUBSCRIBE resumes from your cursor)\r\n"
+        ),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+}
+
 /// A node started with another node's id on a member's data directory (`--node-id 2` on
 /// node 3's) is refused, naming both ids and the directory: it would take node 3's Raft state
 /// for node 2's, believe it leads node 2's partitions, and the members would advise removing

@@ -192,7 +192,7 @@ impl ClusterNode {
         // A member that has not applied a join yet may answer so to a new node: only a
         // quorum of the voters counts.
         if not_member.load(Ordering::Relaxed) > voters.len() / 2 {
-            if !self.is_removed() {
+            if !self.removed_now() {
                 tracing::warn!(
                     group,
                     "the cluster's members say this node is not a member (it was removed): it commits nothing; stop it and delete its data directory, or join it again"

@@ -12,6 +12,9 @@
 //!   this node and its live delivery has stopped; it is not ready, and the gateway tells its
 //!   streaming clients to move. A failover elsewhere never looks like that: the node still
 //!   reaches the others.
+//! - **Removed** ([`Reach::removed`]): the node knows it is no longer a member
+//!   ([`ClusterNode::is_removed`]); the proposers refuse publishes at once, saying so, and the
+//!   gateway tells its streaming clients why they must move. Taken at the first check.
 //! - **Every other member silent** ([`ClusterNode::isolated`]): the proposers refuse publishes
 //!   before their round goes out ("nothing was committed") and end a round in flight as
 //!   "outcome unknown", instead of waiting out the publish timeout. A node that reaches a
@@ -48,6 +51,8 @@ pub struct Reach {
     pub majority: bool,
     /// Every other member is silent.
     pub isolated: bool,
+    /// This node knows it was removed from the cluster ([`ClusterNode::is_removed`]).
+    pub removed: bool,
 }
 
 impl Default for Reach {
@@ -55,6 +60,7 @@ impl Default for Reach {
         Reach {
             majority: true,
             isolated: false,
+            removed: false,
         }
     }
 }
@@ -125,6 +131,7 @@ impl ClusterNode {
         Reach {
             majority: 2 * answering > members.len(),
             isolated: !others.is_empty() && others.iter().all(|silent| *silent),
+            removed: self.removed_now(),
         }
     }
 
@@ -144,6 +151,8 @@ impl ClusterNode {
             let judged = Reach {
                 majority: now.majority || last.majority,
                 isolated: now.isolated && last.isolated,
+                // A verdict of the membership (or of a quorum of voters), not of silences.
+                removed: now.removed,
             };
             last = now;
             self.inner.reach.send_if_modified(|was| {
