@@ -45,6 +45,19 @@ async fn next_message(events: &mut Events) -> eventsource_stream::Event {
     }
 }
 
+/// The next event that is not a `message` (the `reconnect` a stream ends with).
+async fn next_non_message(events: &mut Events) -> eventsource_stream::Event {
+    loop {
+        let event = tokio::time::timeout(PATIENCE, events.next())
+            .await
+            .expect("a reconnect event in time")
+            .expect("the stream ends only after the reconnect event");
+        if event.event != "message" {
+            return event;
+        }
+    }
+}
+
 /// The `n` field of the next `count` message events.
 async fn read_n(events: &mut Events, count: usize) -> Vec<i64> {
     let mut values = Vec::with_capacity(count);
@@ -472,15 +485,7 @@ async fn a_node_cut_off_from_the_majority_refuses_durable_publishes() {
     });
     // Its streams are told to resume elsewhere: SSE gets `event: reconnect` and ends, the
     // WebSocket is closed with 1012.
-    let reconnect = loop {
-        let event = tokio::time::timeout(PATIENCE, events.next())
-            .await
-            .expect("a reconnect event in time")
-            .expect("the stream ends only after the reconnect event");
-        if event.event != "message" {
-            break event;
-        }
-    };
+    let reconnect = next_non_message(&mut events).await;
     assert_eq!(reconnect.event, "reconnect", "{reconnect:?}");
     assert!(reconnect.data.contains("quorum"), "{}", reconnect.data);
     let end = tokio::time::timeout(PATIENCE, events.next())
@@ -2397,15 +2402,7 @@ async fn a_removed_node_tells_publishers_and_subscribers_it_was_removed() {
     );
 
     let mut events = sse(removed.http, "gone:1", None).await;
-    let reconnect = loop {
-        let event = tokio::time::timeout(PATIENCE, events.next())
-            .await
-            .expect("a reconnect event in time")
-            .expect("the stream ends only after the reconnect event");
-        if event.event != "message" {
-            break event;
-        }
-    };
+    let reconnect = next_non_message(&mut events).await;
     assert_eq!(reconnect.event, "reconnect", "{reconnect:?}");
     assert!(
         reconnect

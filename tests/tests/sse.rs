@@ -48,6 +48,15 @@ async fn publish(node: &Herald, channel: &str, data: Value, message_id: Option<&
     herald_tests::publish_http(node, &body).await
 }
 
+/// The next request a worker subscribed to a requests channel receives, as JSON.
+async fn next_request(worker: &mut redis::aio::PubSub) -> Value {
+    let message = tokio::time::timeout(PATIENCE, worker.on_message().next())
+        .await
+        .expect("a worker request in time")
+        .expect("the worker's subscription is open");
+    serde_json::from_slice(message.get_payload_bytes()).expect("a JSON request")
+}
+
 fn stream_url(node: &Herald, channel: &str) -> String {
     format!("{}/api/stream/{channel}", node.http_url())
 }
@@ -409,11 +418,7 @@ async fn council_score_publishes_a_request_and_streams_the_workers_answer() {
         None,
     )
     .await;
-    let request = tokio::time::timeout(PATIENCE, worker.on_message().next())
-        .await
-        .unwrap()
-        .unwrap();
-    let request: Value = serde_json::from_slice(request.get_payload_bytes()).unwrap();
+    let request = next_request(&mut worker).await;
     assert_eq!(request["videoUrl"], "https://v/1.mp4");
     assert_eq!(request["transcript"], "hello");
     // The query cannot choose where the workers answer: the server's reply channel wins over
@@ -1066,11 +1071,7 @@ async fn head_on_stream_routes_answers_the_head_and_publishes_nothing() {
         None,
     )
     .await;
-    let request = tokio::time::timeout(PATIENCE, worker.on_message().next())
-        .await
-        .unwrap()
-        .unwrap();
-    let request: Value = serde_json::from_slice(request.get_payload_bytes()).unwrap();
+    let request = next_request(&mut worker).await;
     assert_eq!(request["content"], "c2");
 }
 
@@ -1100,11 +1101,7 @@ async fn an_empty_last_is_not_given_and_a_parameter_given_twice_is_a_400() {
         None,
     )
     .await;
-    let request = tokio::time::timeout(PATIENCE, worker.on_message().next())
-        .await
-        .unwrap()
-        .unwrap();
-    let request: Value = serde_json::from_slice(request.get_payload_bytes()).unwrap();
+    let request = next_request(&mut worker).await;
     assert_eq!(request["videoUrl"], "v");
 
     for (path, name) in [
