@@ -45,7 +45,7 @@ pub fn run(args: ClusterArgs) -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("herald: cannot start the async runtime: {error}");
+            complain!("herald: cannot start the async runtime: {error}");
             return ExitCode::from(1);
         }
     };
@@ -55,12 +55,12 @@ pub fn run(args: ClusterArgs) -> ExitCode {
             if let ClusterCommand::Remove { node_id } = args.command
                 && let Some(warning) = runtime.block_on(after_remove(&args, node_id))
             {
-                eprintln!("herald: warning: {warning}");
+                complain!("herald: warning: {warning}");
             }
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("herald: {error}");
+            complain!("herald: {error}");
             ExitCode::from(1)
         }
     }

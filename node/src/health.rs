@@ -20,14 +20,14 @@ pub fn run(args: HealthArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok((status, body)) => {
-            eprintln!(
+            complain!(
                 "herald: http://{}{path} answered {status}: {body}",
                 args.http
             );
             ExitCode::from(1)
         }
         Err(error) => {
-            eprintln!("herald: http://{}{path}: {error}", args.http);
+            complain!("herald: http://{}{path}: {error}", args.http);
             ExitCode::from(1)
         }
     }

@@ -21,6 +21,15 @@ macro_rules! say {
     }};
 }
 
+/// `eprintln!` that does not panic when stderr is closed: a node started with `2>&-` (or whose
+/// log reader went away) that fails to start exits 1 with its reason lost, not 101 in a panic.
+macro_rules! complain {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 mod cli;
 mod cluster;
 mod config;
@@ -51,7 +60,7 @@ fn main() -> ExitCode {
             let config = match config::NodeConfig::resolve(*args) {
                 Ok(config) => config,
                 Err(error) => {
-                    eprintln!("herald: {error:#}");
+                    complain!("herald: {error:#}");
                     return ExitCode::from(1);
                 }
             };
@@ -59,14 +68,14 @@ fn main() -> ExitCode {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
                 Err(error) => {
-                    eprintln!("herald: cannot start the async runtime: {error}");
+                    complain!("herald: cannot start the async runtime: {error}");
                     return ExitCode::from(1);
                 }
             };
             match runtime.block_on(serve::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
-                    eprintln!("herald: {error:#}");
+                    complain!("herald: {error:#}");
                     ExitCode::from(1)
                 }
             }
@@ -95,7 +104,7 @@ fn certs(command: cli::CertsCommand) -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("herald: {error}");
+            complain!("herald: {error}");
             ExitCode::from(1)
         }
     }

@@ -433,6 +433,34 @@ fn a_closed_stderr_is_not_a_crash() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// A start that fails with nobody reading stderr (`2>&-`, a supervisor's log pipe gone) exits
+/// 1, the failure's code, not 101 from a panic while saying why.
+#[test]
+fn a_refused_start_with_a_closed_stderr_exits_1() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let data_dir = scratch_dir("closed-stderr-refused");
+    let tls_dir = scratch_dir("closed-stderr-refused-tls");
+    let status = serve_on_ephemeral_ports()
+        .args([
+            "--node-id",
+            "1",
+            "--cluster-addr",
+            "127.0.0.1:0",
+            "--tls-dir",
+        ])
+        .arg(&tls_dir)
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(writer)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let _ = std::fs::remove_dir_all(data_dir);
+    let _ = std::fs::remove_dir_all(tls_dir);
+}
+
 #[test]
 fn missing_certificates_say_how_to_make_them() {
     let data_dir = scratch_dir("no-certs");
