@@ -125,18 +125,36 @@ pub fn parse_peers(entries: &[String]) -> Result<BTreeMap<u64, String>> {
         let id: u64 = id
             .parse()
             .map_err(|_| anyhow!("invalid peer '{entry}': '{id}' is not a node id"))?;
-        if addr
+        let port = addr
             .rsplit_once(':')
-            .and_then(|(_, p)| p.parse::<u16>().ok())
-            .is_none()
-        {
-            bail!("invalid peer '{entry}': '{addr}' is not HOST:PORT");
+            .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)));
+        match port {
+            Some((host, port)) if port != 0 && valid_host(host) => {}
+            _ => bail!(
+                "invalid peer '{entry}': '{addr}' is not HOST:PORT (a host name, an IPv4 \
+                 address or a bracketed IPv6 one, and a port from 1 to 65535); separate peers \
+                 with ','"
+            ),
         }
         if peers.insert(id, addr.to_string()).is_some() {
             bail!("invalid peers: node {id} is listed twice");
         }
     }
     Ok(peers)
+}
+
+/// Whether `host` can name a peer: a DNS name (letters, digits, `-`, `_`, `.`), an IPv4
+/// address or a bracketed IPv6 one. What else slipped through (`a;b`, a space, an empty host)
+/// was taken as a name and failed later with a resolver error far from the mistake.
+fn valid_host(host: &str) -> bool {
+    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return inner.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 impl NodeConfig {
@@ -439,6 +457,41 @@ fn output_limit(value: &str) -> Result<OutputLimit> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn peers_are_id_at_host_port() {
+        let parse = |entries: &[&str]| {
+            parse_peers(&entries.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+                .map_err(|e| e.to_string())
+        };
+        let peers = parse(&[
+            "1@10.0.0.1:7000",
+            "2@node-2.herald_svc:7000",
+            "3@[::1]:7000",
+        ])
+        .unwrap();
+        assert_eq!(peers[&2], "node-2.herald_svc:7000");
+        assert_eq!(peers[&3], "[::1]:7000");
+        for bad in [
+            "1@a:7000;2@b:7000",
+            "1@:7000",
+            "1@a b:7000",
+            "1@host:0",
+            "1@host:70000",
+            "1@[nope]:7000",
+            "1@host",
+        ] {
+            let error = parse(&[bad]).unwrap_err();
+            assert!(
+                error.starts_with(&format!("invalid peer '{bad}'")),
+                "{error}"
+            );
+        }
+        assert_eq!(
+            parse(&["1@a:1", "1@b:2"]).unwrap_err(),
+            "invalid peers: node 1 is listed twice"
+        );
+    }
 
     #[test]
     fn rust_log_is_read_only_when_neither_the_setting_nor_the_file_sets_the_log() {
