@@ -489,16 +489,60 @@ impl ClusterNode {
     /// from (or leads with a recent quorum acknowledgement). A node cut off on the minority side
     /// loses this within an election timeout; its streaming clients should move.
     pub fn has_quorum(&self) -> bool {
+        self.quorum_problem().is_none()
+    }
+
+    /// Why this node cannot commit right now (see [`Self::has_quorum`]), in words for an
+    /// operator: not formed yet, a group without a leader, a leader no majority answers, a
+    /// leader this node has not heard from. `None` when every group can commit here.
+    pub fn quorum_problem(&self) -> Option<String> {
+        if !self.is_formed() {
+            return Some(
+                "not formed yet: waiting for the nodes of --bootstrap-expect to meet, or for \
+                 `herald cluster init` (first node) or `herald cluster join` (the others)"
+                    .to_string(),
+            );
+        }
         // A follower that has not heard its leader for two leases is cut off from it: with
         // herald's pre-vote it keeps following (it calls no election nobody would grant).
         let silent = Duration::from_millis(self.inner.raft_timings.election_max_ms * 2);
-        self.is_formed()
-            && self.inner.groups.iter().enumerate().all(|(group, raft)| {
+        self.inner
+            .groups
+            .iter()
+            .enumerate()
+            .find_map(|(group, raft)| {
+                let what = match group_partition(group as GroupId) {
+                    None => "the meta group".to_string(),
+                    Some(partition) => format!("partition {partition}"),
+                };
                 let m = raft.metrics();
                 let m = m.borrow();
-                match m.state {
-                    ServerState::Leader => m.millis_since_quorum_ack.is_some_and(|ms| ms < 2_000),
-                    _ => m.current_leader.is_some() && self.inner.contact.silence(group) < silent,
+                match (m.state, m.current_leader) {
+                    (ServerState::Leader, _) => match m.millis_since_quorum_ack {
+                        Some(ms) if ms < 2_000 => None,
+                        Some(ms) => Some(format!(
+                            "no quorum: this node leads {what}, but no majority of its voters \
+                             has answered for {ms} ms"
+                        )),
+                        None => Some(format!(
+                            "no quorum: this node leads {what}, but no majority of its voters \
+                             has answered yet"
+                        )),
+                    },
+                    (_, None) => Some(format!(
+                        "no quorum: {what} has no leader (an election is under way, or too few \
+                         of its voters are reachable)"
+                    )),
+                    (_, Some(leader)) => {
+                        let silence = self.inner.contact.silence(group);
+                        (silence >= silent).then(|| {
+                            format!(
+                                "no quorum: this node has not heard from node {leader}, the \
+                                 leader of {what}, for {} ms",
+                                silence.as_millis()
+                            )
+                        })
+                    }
                 }
             })
     }

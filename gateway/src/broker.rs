@@ -307,9 +307,21 @@ impl Broker {
     /// Whether durable publishes can commit right now: always on a single node; in a cluster,
     /// once it is formed and while this node is on the majority side.
     pub fn is_ready(&self) -> bool {
+        self.unready().is_none()
+    }
+
+    /// Why durable publishes cannot commit on this node right now (what `/ready` says), or
+    /// `None` when they can (see [`Self::is_ready`]).
+    pub fn unready(&self) -> Option<String> {
         match &self.log {
-            Log::Local(_) => true,
-            Log::Cluster(node) => node.has_quorum() && node.reaches_majority(),
+            Log::Local(_) => None,
+            Log::Cluster(node) => node.quorum_problem().or_else(|| {
+                (!node.reaches_majority()).then(|| {
+                    "no quorum: this node reaches no majority of the cluster's members (a \
+                     network split, or most of them down)"
+                        .to_string()
+                })
+            }),
         }
     }
 }

@@ -481,7 +481,19 @@ async fn a_node_cut_off_from_the_majority_refuses_durable_publishes() {
         write!(stream, "GET /ready HTTP/1.0\r\n\r\n").unwrap();
         let mut text = String::new();
         stream.read_to_string(&mut text).unwrap();
-        text.starts_with("HTTP/1.0 503") || text.starts_with("HTTP/1.1 503")
+        let refused = text.starts_with("HTTP/1.0 503") || text.starts_with("HTTP/1.1 503");
+        // It says which group cannot commit and why, not only that it cannot.
+        if refused {
+            assert!(
+                text.contains("\"status\":\"no quorum: ")
+                    && (text.contains("partition ")
+                        || text.contains("the meta group")
+                        || text.contains("no majority of the cluster's members"))
+                    && text.contains("; durable publishes cannot commit on this node"),
+                "{text}"
+            );
+        }
+        refused
     });
     // Its streams are told to resume elsewhere: SSE gets `event: reconnect` and ends, the
     // WebSocket is closed with 1012.
@@ -1663,6 +1675,13 @@ async fn an_init_by_hand_while_a_node_is_down_creates_every_partition() {
     let mut cluster = Cluster::start_some(3, 0, &[]);
     cluster.start_node(2, 0);
     cluster.start_node(3, 0);
+    // Before the init, /ready says what the node waits for.
+    let ready = herald_tests::cluster::get_json(cluster.node(2), "/ready").expect("/ready answers");
+    let status = ready["status"].as_str().unwrap_or_default();
+    assert!(
+        status.starts_with("not formed yet: ") && status.contains("herald cluster init"),
+        "{ready}"
+    );
     let (ok, text) = cluster.cli(2, &["init"]);
     assert!(ok, "init failed: {text}");
     // Every partition (node 1 is the first voter of some) gets a leader among nodes 2 and 3.

@@ -44,10 +44,12 @@ pub async fn ready(State(state): State<HttpState>) -> Response {
             Json(json!({ "status": "removed from the cluster: this node is no longer a member and commits nothing; stop it and delete its data directory, or join it again with `herald cluster join`" })),
         )
             .into_response()
-    } else if !state.broker().is_ready() {
+    } else if let Some(problem) = state.broker().unready() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "no quorum: durable publishes cannot commit on this node" })),
+            Json(json!({
+                "status": format!("{problem}; durable publishes cannot commit on this node")
+            })),
         )
             .into_response()
     } else {
