@@ -134,6 +134,10 @@ pub struct Broker {
 /// rather than hold the client.
 pub const CAUGHT_UP_WAIT: Duration = Duration::from_secs(2);
 
+/// How often [`Broker::caught_up`] looks at the store again while it waits: the events it
+/// waits for may arrive in a snapshot from the leader, which the delivery marks do not see.
+const CAUGHT_UP_POLL: Duration = Duration::from_millis(50);
+
 /// Counts this node's open client connections per protocol (`resp`, `sse`, `websocket`).
 pub type ConnectionCounter = Box<dyn Fn() -> BTreeMap<String, u64> + Send + Sync>;
 
@@ -892,12 +896,18 @@ impl Broker {
                 continue;
             };
             let target = mark.load(Ordering::SeqCst);
-            if self.store.latest_seq(partition) >= target {
-                continue;
-            }
-            let applied = self.delivered.wait_for(Position::new(partition, target));
-            if tokio::time::timeout_at(deadline, applied).await.is_err() {
-                return;
+            // A snapshot installed from the leader moves the store but not the delivered
+            // marks, so the store is looked at again every `CAUGHT_UP_POLL`.
+            while self.store.latest_seq(partition) < target {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return;
+                }
+                let applied = self.delivered.wait_for(Position::new(partition, target));
+                let until = deadline.min(now + CAUGHT_UP_POLL);
+                if tokio::time::timeout_at(until, applied).await.is_ok() {
+                    break;
+                }
             }
         }
     }
