@@ -14,6 +14,7 @@
 
 use crate::transport::{IncomingPeer, Transport};
 use bytes::Bytes;
+use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use herald_storage::raft::{GroupId, NodeId, TypeConfig};
 use openraft::error::{InstallSnapshotError, RaftError};
@@ -232,6 +233,10 @@ async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, FrameError>
             Err(e) => return Err(FrameError::Read(format!("reading the frame: {e}"))),
         }
     }
+    // The stream's end (its FIN) came with the frame's last bytes: reading it lets the stream
+    // close quietly. A `RecvStream` dropped before it has seen its end sends the peer a
+    // STOP_SENDING frame, in a datagram of its own: two of the four datagrams of each call.
+    let _ = recv.read_chunk(1, true).now_or_never();
     Ok(buf)
 }
 
