@@ -382,6 +382,11 @@ pub struct PeerLink {
     pub state: &'static str,
     /// The connection's current round-trip estimate (QUIC's), while connected.
     pub rtt_us: Option<u64>,
+    /// UDP datagrams sent and received, and packets lost, on the connection this node calls
+    /// the peer over (QUIC's counts since it opened; `None` while not connected): a call
+    /// costs about one datagram each way, and losses on loopback or a LAN point at a
+    /// saturated host or link.
+    pub datagrams: Option<DatagramCounts>,
     /// Failed dials since the last successful one.
     pub failed_dials: u32,
     /// Why the last dial failed, while the peer is unreachable.
@@ -389,6 +394,18 @@ pub struct PeerLink {
     /// The peer's clock minus this node's, ms, as last measured (filled in by the node:
     /// [`crate::clock`]).
     pub clock_offset_ms: Option<i64>,
+}
+
+/// What one QUIC connection has sent and lost (see [`PeerLink::datagrams`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DatagramCounts {
+    /// UDP datagrams sent.
+    pub sent: u64,
+    /// UDP datagrams received.
+    pub received: u64,
+    /// Packets QUIC declared lost (and sent again, if they carried data).
+    pub lost: u64,
 }
 
 /// A connection handed to a call, and whether it was dialed for it (a pooled one may turn
@@ -475,19 +492,30 @@ impl Peers {
                 let slot = slot.lock();
                 slot.addr.as_ref()?;
                 let unreachable = slot.failures > 0;
-                let (state, rtt_us) = match &slot.link {
+                let (state, rtt_us, datagrams) = match &slot.link {
                     Link::Connected(c) if c.close_reason().is_none() => {
-                        ("connected", Some(c.rtt().as_micros() as u64))
+                        let stats = c.stats();
+                        let datagrams = DatagramCounts {
+                            sent: stats.udp_tx.datagrams,
+                            received: stats.udp_rx.datagrams,
+                            lost: stats.path.lost_packets,
+                        };
+                        (
+                            "connected",
+                            Some(c.rtt().as_micros() as u64),
+                            Some(datagrams),
+                        )
                     }
-                    _ if unreachable => ("unreachable", None),
-                    Link::Dialing(_) => ("connecting", None),
-                    _ => ("idle", None),
+                    _ if unreachable => ("unreachable", None, None),
+                    Link::Dialing(_) => ("connecting", None, None),
+                    _ => ("idle", None, None),
                 };
                 Some((
                     id,
                     PeerLink {
                         state,
                         rtt_us,
+                        datagrams,
                         failed_dials: slot.failures,
                         last_error: unreachable.then(|| slot.last_error.clone()),
                         clock_offset_ms: None,

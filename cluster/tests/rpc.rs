@@ -210,6 +210,23 @@ async fn app_requests_roundtrip_and_concurrent_callers_share_one_dial() {
     }
     assert_eq!(a.peers.dials(), 1, "concurrent callers wait for one dial");
 
+    // One at a time, a millisecond apart (as a follower's next AppendEntries comes), a call
+    // costs about a datagram each way: the request carries the acknowledgement of the last
+    // answer and the answer that of the request. (Each side's stream used to end with a
+    // STOP_SENDING frame, which then went in a datagram of its own: two each way.)
+    let before = a.peers.links()[&2].datagrams.expect("connected");
+    let calls = 200;
+    for _ in 0..calls {
+        a.peers.call(2, &ping, PATIENCE).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let after = a.peers.links()[&2].datagrams.expect("connected");
+    let (sent, received) = (after.sent - before.sent, after.received - before.received);
+    assert!(
+        sent < calls * 3 / 2 && received < calls * 3 / 2,
+        "{calls} calls took {sent} datagrams out and {received} in"
+    );
+
     // The other direction has its own pool; the server learned the caller's id from its
     // certificate.
     b.peers.set_addr(1, a.addr());

@@ -242,10 +242,20 @@ fn render_status(status: &Value) -> String {
                 "this node".to_string()
             } else {
                 match link["state"].as_str() {
-                    Some("connected") => match link["rttUs"].as_u64() {
-                        Some(us) => format!("connected, rtt {:.1} ms", us as f64 / 1000.0),
-                        None => "connected".to_string(),
-                    },
+                    Some("connected") => {
+                        let mut seen = match link["rttUs"].as_u64() {
+                            Some(us) => format!("connected, rtt {:.1} ms", us as f64 / 1000.0),
+                            None => "connected".to_string(),
+                        };
+                        // Losses are the exception on a LAN: shown only when there are some.
+                        let datagrams = &link["datagrams"];
+                        if let (Some(lost @ 1..), Some(sent)) =
+                            (datagrams["lost"].as_u64(), datagrams["sent"].as_u64())
+                        {
+                            seen.push_str(&format!(", {lost} of {sent} packets lost"));
+                        }
+                        seen
+                    }
                     Some("unreachable") => format!(
                         "UNREACHABLE ({} failed dials): {}",
                         link["failedDials"],
@@ -354,7 +364,8 @@ mod tests {
             "node": 1, "formed": true, "epoch": "e1",
             "members": { "1": "127.0.0.1:7001", "2": "127.0.0.1:7002", "3": "127.0.0.1:7003" },
             "links": {
-                "2": { "state": "connected", "rttUs": 420, "failedDials": 0, "lastError": null },
+                "2": { "state": "connected", "rttUs": 420, "failedDials": 0, "lastError": null,
+                       "datagrams": { "sent": 9000, "received": 8990, "lost": 12 } },
                 "3": { "state": "unreachable", "rttUs": null, "failedDials": 4,
                        "lastError": "no connection to 127.0.0.1:7003 within 1s" }
             },
@@ -371,7 +382,7 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines[2], "  1  127.0.0.1:7001  this node", "{table}");
         assert_eq!(
-            lines[3], "  2  127.0.0.1:7002  connected, rtt 0.4 ms",
+            lines[3], "  2  127.0.0.1:7002  connected, rtt 0.4 ms, 12 of 9000 packets lost",
             "{table}"
         );
         assert_eq!(

@@ -269,6 +269,10 @@ async fn a_publish_on_one_node_reaches_subscribers_on_the_others() {
         "herald_raft_term{group=\"0\"}",
         "herald_raft_leader{group=\"1\"}",
         "herald_raft_elections_called_total{group=\"0\"}",
+        "herald_peer_rtt_seconds{peer=",
+        "herald_peer_datagrams_total{peer=",
+        "direction=\"sent\"}",
+        "herald_peer_lost_packets_total{peer=",
     ] {
         assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
     }

@@ -200,6 +200,20 @@ fn cluster_metrics(node: &herald_cluster::node::ClusterNode) {
             metrics::gauge!("herald_peer_clock_offset_ms", "peer" => peer.to_string())
                 .set(offset as f64);
         }
+        // The connection this node calls the peer over: its round trip, and the datagrams it
+        // took and lost (counted from the connection's start, so a reconnect resets them).
+        if let Some(rtt) = link.rtt_us {
+            metrics::gauge!("herald_peer_rtt_seconds", "peer" => peer.to_string())
+                .set(rtt as f64 / 1e6);
+        }
+        if let Some(datagrams) = link.datagrams {
+            for (direction, count) in [("sent", datagrams.sent), ("received", datagrams.received)] {
+                metrics::counter!("herald_peer_datagrams_total", "peer" => peer.to_string(), "direction" => direction)
+                    .absolute(count);
+            }
+            metrics::counter!("herald_peer_lost_packets_total", "peer" => peer.to_string())
+                .absolute(datagrams.lost);
+        }
     }
     for g in &status.groups {
         let group = g.group.to_string();
