@@ -18,7 +18,7 @@
 
 use crate::cli::{ClusterArgs, ClusterSystem};
 use crate::launch::{HeraldCluster, NatsCluster, WorkDir};
-use crate::procfs::{ProcDelta, ProcSample};
+use crate::procfs::{NetSample, ProcDelta, ProcSample};
 use crate::report::{Latency, json_list, json_str, latency_json, thousands};
 use anyhow::{Context, bail};
 use bytes::Bytes;
@@ -225,6 +225,8 @@ pub struct ClusterResult {
     pub server: Option<ProcDelta>,
     /// herald: Raft log entries appended to the partition groups over the window.
     pub raft_entries: Option<u64>,
+    /// UDP datagrams and TCP segments the machine sent over the window (servers and client).
+    pub net: Option<NetSample>,
     /// This benchmark client's own CPU time over the window, in seconds.
     pub client_cpu_s: f64,
     /// Connection failures.
@@ -280,6 +282,14 @@ impl ClusterResult {
                 per_ack(server.write_bytes as f64, self.acked),
             );
         }
+        if let Some(net) = &self.net {
+            let _ = write!(
+                out,
+                "; sent per msg {:.1} UDP datagrams + {:.1} TCP segments",
+                per_ack(net.udp_out as f64, self.acked),
+                per_ack(net.tcp_out as f64, self.acked),
+            );
+        }
         let _ = write!(
             out,
             "; client CPU {:.0}%",
@@ -310,8 +320,8 @@ impl ClusterResult {
         format!(
             "{{\"system\":{},\"connections\":{},\"pipeline\":{},\"payload\":{},\"channels\":{},\
              \"duration_s\":{},\"warmup_s\":{},\"acked\":{},\"acked_per_s\":{:.1},\
-             \"latency_us\":{},\"servers\":{},\"raft_entries\":{},\"client_cpu_s\":{:.3},\
-             \"errors\":{}}}",
+             \"latency_us\":{},\"servers\":{},\"raft_entries\":{},\"udp_out\":{},\
+             \"tcp_out\":{},\"client_cpu_s\":{:.3},\"errors\":{}}}",
             json_str(s.system.name()),
             s.connections,
             s.pipeline,
@@ -325,6 +335,10 @@ impl ClusterResult {
             server,
             self.raft_entries
                 .map_or("null".to_owned(), |e| e.to_string()),
+            self.net
+                .map_or("null".to_owned(), |n| n.udp_out.to_string()),
+            self.net
+                .map_or("null".to_owned(), |n| n.tcp_out.to_string()),
             self.client_cpu_s,
             json_list(&self.errors),
         )
@@ -418,7 +432,9 @@ pub async fn run(s: &ClusterScenario) -> anyhow::Result<ClusterResult> {
     let cpu_before = sample_all(&s.pids)?;
     let client_before = ProcSample::read(std::process::id())?;
     let log_before = raft_log_total(&s.status_addrs).await;
+    let net_before = NetSample::read();
     tokio::time::sleep_until((start + s.warmup + s.duration).into()).await;
+    let net = NetSample::read().zip(net_before).map(|(a, b)| a.since(&b));
     let cpu_after = sample_all(&s.pids)?;
     let client_cpu_s = ProcSample::read(std::process::id())?
         .since(&client_before)
@@ -457,6 +473,7 @@ pub async fn run(s: &ClusterScenario) -> anyhow::Result<ClusterResult> {
         hist,
         server,
         raft_entries,
+        net,
         client_cpu_s,
         errors,
     })
