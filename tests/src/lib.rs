@@ -419,6 +419,35 @@ impl RawConn {
         std::mem::take(&mut self.buffer)
     }
 
+    /// Reads until the received bytes hold `needle`; returns them up to and including its
+    /// first occurrence, and keeps what follows for the next read.
+    pub fn read_through(&mut self, needle: &[u8]) -> Vec<u8> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(at) = self.buffer.windows(needle.len()).position(|w| w == needle) {
+                return self.buffer.drain(..at + needle.len()).collect();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing holding {:?}; got {:?}",
+                String::from_utf8_lossy(needle),
+                String::from_utf8_lossy(&self.buffer)
+            );
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => panic!(
+                    "connection closed; got {:?}",
+                    String::from_utf8_lossy(&self.buffer)
+                ),
+                Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
+                Err(e) => panic!(
+                    "read failed ({e}); got {:?}",
+                    String::from_utf8_lossy(&self.buffer)
+                ),
+            }
+        }
+    }
+
     /// Reads until the server closes the connection; returns everything received.
     pub fn read_to_close(&mut self) -> Vec<u8> {
         let mut rest = Vec::new();

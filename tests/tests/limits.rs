@@ -350,3 +350,97 @@ async fn a_publish_body_announced_over_the_limit_is_refused_before_it_is_read() 
         .unwrap();
     assert_eq!(reply.status(), 200, "{}", reply.text().await.unwrap());
 }
+
+/// Sends a chunked `POST path` whose body is `total` bytes (64 KiB chunks) on `client`, in
+/// full, as a client that reads the answer only once its request is sent (curl, most
+/// libraries) does; panics naming the byte it got to if the node cuts it off before.
+fn send_chunked(client: &mut RawConn, path: &str, total: usize) {
+    use std::io::Write;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: herald\r\nContent-Type: application/json\r\n\
+         Transfer-Encoding: chunked\r\n\r\n"
+    );
+    let mut stream = client.stream();
+    stream.write_all(head.as_bytes()).expect("send the head");
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut sent = 0;
+    while sent < total {
+        let n = chunk.len().min(total - sent);
+        let framed = [format!("{n:X}\r\n").as_bytes(), &chunk[..n], b"\r\n"].concat();
+        if let Err(error) = stream.write_all(&framed) {
+            panic!("the node cut the body off after {sent} of {total} bytes: {error}");
+        }
+        sent += n;
+    }
+    stream
+        .write_all(b"0\r\n\r\n")
+        .expect("send the body's last chunk");
+}
+
+/// Reads one HTTP/1.1 response with a `content-length` (head and body) from `client`.
+fn read_response(client: &mut RawConn) -> (String, String) {
+    let head = String::from_utf8(client.read_through(b"\r\n\r\n")).unwrap();
+    let length = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or_else(|| panic!("no content-length in {head:?}"));
+    let body = String::from_utf8(client.read_exact(length)).unwrap();
+    (head, body)
+}
+
+/// A body sent without a length (`Transfer-Encoding: chunked`) that grows past the 2 MiB
+/// limit gets the same 413 as a `Content-Length` over it: the node reads the rest of the body
+/// and drops it before it answers, so a client that sends its whole body before it reads gets
+/// the answer, not a reset connection (closing a socket with unread bytes in it sends a TCP
+/// reset, which can also discard the answer sent just before). The connection stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_publish_body_over_the_limit_gets_a_413_not_a_reset() {
+    const LIMIT: usize = 2 * 1024 * 1024;
+    let node = Herald::start();
+    for total in [LIMIT + 1, 12 * 1024 * 1024] {
+        let mut client = RawConn::connect(node.http);
+        send_chunked(&mut client, "/api/publish", total);
+        let (head, body) = read_response(&mut client);
+        assert!(
+            head.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+            "{total}: {head:?}"
+        );
+        assert_eq!(
+            body, "Failed to buffer the request body: length limit exceeded",
+            "{total}"
+        );
+        // The body was read to its end: the connection takes the next request.
+        let publish = r#"{"channel":"after-413","data":"ok"}"#;
+        client.send(
+            format!(
+                "POST /api/publish HTTP/1.1\r\nHost: herald\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n{publish}",
+                publish.len()
+            )
+            .as_bytes(),
+        );
+        let (head, body) = read_response(&mut client);
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head:?} {body}");
+    }
+
+    // A real HTTP client streaming its body (reqwest sends it chunked) gets the 413 too.
+    let chunks = futures::stream::iter(
+        (0..12 * 16).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 64 * 1024]))),
+    );
+    let reply = reqwest::Client::new()
+        .post(format!("{}/api/publish", node.http_url()))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("an answer, not a reset connection");
+    assert_eq!(reply.status(), 413);
+    assert_eq!(
+        reply.text().await.unwrap(),
+        "Failed to buffer the request body: length limit exceeded"
+    );
+}

@@ -4,12 +4,14 @@
 //! - [`sse`]: `GET /api/stream/...`, resumable with `Last-Event-ID`.
 //! - [`ws`]: `/ws` and `/ws/alerts`, the seed's WebSocket protocol with resumable subscriptions.
 //! - [`publish`]: `POST /api/publish`.
+//! - [`body`]: the size limit of the `POST` endpoints' bodies.
 //! - [`ops`]: `/api/realtime/stats`, `/health`, `/ready`, `/metrics`.
 //!
 //! [`serve`] runs its own accept loop (`listener`): SSE requests are answered and streamed
 //! straight to their sockets, without hyper's per-connection buffers (an idle SSE stream went
 //! from 20.5 to 3.1 KiB of RSS); everything else is served by hyper as `axum::serve` would.
 
+pub mod body;
 pub mod cluster;
 pub(crate) mod listener;
 pub mod ops;
@@ -22,7 +24,8 @@ pub mod ws;
 use crate::broker::Broker;
 use crate::resp::ServerContext;
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::Request;
+use axum::middleware::{self, Next};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -345,7 +348,9 @@ pub fn router(state: HttpState) -> Router {
         )
         .route(
             "/api/publish",
-            post(publish::publish).layer(DefaultBodyLimit::max(publish::MAX_BODY_BYTES)),
+            post(publish::publish).layer(middleware::from_fn(|request: Request, next: Next| {
+                body::limit(body::Errors::Text, request, next)
+            })),
         )
         .route("/api/stream", get(sse::stream_query))
         .route("/api/stream/{endpoint}/{id}", get(sse::entity_stream))

@@ -19,8 +19,8 @@ use crate::hub::Wakes;
 use crate::stream::position_text;
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request, State};
-use axum::http::{StatusCode, header};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use herald_storage::StorageError;
 use herald_storage::{Cursor, Publish};
@@ -156,37 +156,12 @@ fn unpaired_surrogate(raw: &str) -> Option<&str> {
 /// Most events in one batch request.
 const MAX_BATCH: usize = 10_000;
 
-/// Largest request body (axum's default limit, set on the route): a `Content-Length` over it is
-/// refused before any of the body is read, a body without one once it passes the limit.
-pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+/// Largest request body: see [`super::body`] for how one over it is answered.
+pub const MAX_BODY_BYTES: usize = super::body::MAX_BODY_BYTES;
 
-/// The answer to a body over [`MAX_BODY_BYTES`], as axum words it for a body that passes the
-/// limit while it is read.
-fn body_too_large() -> Response {
-    (
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "Failed to buffer the request body: length limit exceeded",
-    )
-        .into_response()
-}
-
-/// `POST /api/publish`.
-///
-/// A `Content-Length` over [`MAX_BODY_BYTES`] gets a 413 at once: the body is not read (no
-/// `100 Continue` is sent for it), and hyper closes the connection after the answer, as it
-/// does whenever a request's body is left unread.
-pub async fn publish(State(state): State<HttpState>, request: Request) -> Response {
-    let announced = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|length| length.to_str().ok()?.parse::<u64>().ok());
-    if announced.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
-        return body_too_large();
-    }
-    let body = match Bytes::from_request(request, &state).await {
-        Ok(body) => body,
-        Err(rejection) => return rejection.into_response(),
-    };
+/// `POST /api/publish`. Its body is read by [`super::body::limit`] first: one over
+/// [`MAX_BODY_BYTES`] gets a 413 and never reaches this handler.
+pub async fn publish(State(state): State<HttpState>, body: Bytes) -> Response {
     let (events, batch) = match parse_body(&body) {
         Ok(parsed) => parsed,
         Err(error) => {
