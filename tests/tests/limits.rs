@@ -444,3 +444,79 @@ async fn a_chunked_publish_body_over_the_limit_gets_a_413_not_a_reset() {
         "Failed to buffer the request body: length limit exceeded"
     );
 }
+
+/// The cluster endpoints `herald cluster init|join|remove|namespaces --set` calls hold their
+/// bodies to the publish API's 2 MiB, with the same answers: a `Content-Length` over it gets a
+/// 413 at once (no `100 Continue`, the body never read), a chunked body passing it gets the
+/// 413 once the rest is read and dropped; as JSON `{"error"}`, which the CLI prints. (On a
+/// node that is not clustered, a body within the limit gets the endpoint's 409.)
+#[test]
+fn cluster_request_bodies_over_the_limit_get_a_413_at_once() {
+    const LIMIT: usize = 2 * 1024 * 1024;
+    let node = Herald::start();
+    let refused = |head: &str, body: &str, what: &str| {
+        assert!(
+            head.starts_with("HTTP/1.1 413 Payload Too Large\r\n")
+                && head.contains("content-type: application/json\r\n"),
+            "{what}: {head:?}"
+        );
+        let error: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            error["error"], "the request body is over the limit of 2097152 bytes (2 MiB)",
+            "{what}"
+        );
+    };
+    for path in [
+        "/api/cluster/init",
+        "/api/cluster/join",
+        "/api/cluster/remove",
+        "/api/cluster/namespaces",
+    ] {
+        for (length, expect) in [
+            (100_000_000, "Expect: 100-continue\r\n"),
+            (100_000_000, ""),
+            (LIMIT + 1, ""),
+        ] {
+            let what = format!("{path} {length} {expect:?}");
+            let mut client = RawConn::connect(node.http);
+            // Not the harness's 30 s: a node that waits for the body never answers.
+            client
+                .stream()
+                .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            client.send(
+                format!(
+                    "POST {path} HTTP/1.1\r\nHost: herald\r\nContent-Type: application/json\r\n\
+                     Content-Length: {length}\r\n{expect}\r\n"
+                )
+                .as_bytes(),
+            );
+            let reply = String::from_utf8(client.read_to_close()).unwrap();
+            let (head, body) = reply
+                .split_once("\r\n\r\n")
+                .unwrap_or_else(|| panic!("{what}: no answer in time: {reply:?}"));
+            assert!(!reply.contains("100 Continue"), "{what}: {reply:?}");
+            refused(head, body, &what);
+        }
+        let mut client = RawConn::connect(node.http);
+        send_chunked(&mut client, path, 12 * 1024 * 1024);
+        let (head, body) = read_response(&mut client);
+        refused(&head, &body, &format!("{path} chunked"));
+        // Within the limit, the request reaches the endpoint.
+        let member = r#"{"nodeId":2,"addr":"127.0.0.1:51002"}"#;
+        client.send(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: herald\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n{member}",
+                member.len()
+            )
+            .as_bytes(),
+        );
+        let (head, body) = read_response(&mut client);
+        assert!(
+            head.starts_with("HTTP/1.1 409 Conflict\r\n"),
+            "{path}: {head:?}"
+        );
+        assert!(body.contains("this node runs alone"), "{path}: {body}");
+    }
+}

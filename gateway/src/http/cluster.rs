@@ -6,7 +6,9 @@
 //! new namespace config).
 //!
 //! When the node has a password (`--requirepass`), these need `Authorization: Bearer <password>`.
-//! On a single node they answer 409 with a one-line reason.
+//! On a single node they answer 409 with a one-line reason. The `POST` bodies are held to 2 MiB
+//! as the publish API's are (see [`super::body`]), before anything else is checked: over it, a
+//! 413 with `{"error"}`.
 
 use super::HttpState;
 use axum::Json;

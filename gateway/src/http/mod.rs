@@ -26,7 +26,7 @@ use crate::resp::ServerContext;
 use axum::Router;
 use axum::extract::Request;
 use axum::middleware::{self, Next};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
@@ -339,18 +339,26 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/api/realtime/stats", get(ops::stats))
         .route("/api/cluster/status", get(cluster::status))
-        .route("/api/cluster/init", post(cluster::init))
-        .route("/api/cluster/join", post(cluster::join))
-        .route("/api/cluster/remove", post(cluster::remove))
+        .route(
+            "/api/cluster/init",
+            limited(post(cluster::init), body::Errors::Json),
+        )
+        .route(
+            "/api/cluster/join",
+            limited(post(cluster::join), body::Errors::Json),
+        )
+        .route(
+            "/api/cluster/remove",
+            limited(post(cluster::remove), body::Errors::Json),
+        )
         .route(
             "/api/cluster/namespaces",
-            get(cluster::namespaces).post(cluster::set_namespaces),
+            get(cluster::namespaces)
+                .merge(limited(post(cluster::set_namespaces), body::Errors::Json)),
         )
         .route(
             "/api/publish",
-            post(publish::publish).layer(middleware::from_fn(|request: Request, next: Next| {
-                body::limit(body::Errors::Text, request, next)
-            })),
+            limited(post(publish::publish), body::Errors::Text),
         )
         .route("/api/stream", get(sse::stream_query))
         .route("/api/stream/{endpoint}/{id}", get(sse::entity_stream))
@@ -365,6 +373,14 @@ pub fn router(state: HttpState) -> Router {
         Some(cors) => router.layer(cors),
         None => router,
     }
+}
+
+/// `route` with its request body read first and held to [`body::MAX_BODY_BYTES`] (see
+/// [`body`]), a body over it answered 413 in the words `errors` says.
+fn limited(route: MethodRouter<HttpState>, errors: body::Errors) -> MethodRouter<HttpState> {
+    route.layer(middleware::from_fn(move |request: Request, next: Next| {
+        body::limit(errors, request, next)
+    }))
 }
 
 /// A path no route takes: a 404, with a hint under `/api/stream/` (a channel name's `/` must
