@@ -1137,3 +1137,90 @@ async fn an_empty_last_is_not_given_and_a_parameter_given_twice_is_a_400() {
         .unwrap();
     assert_eq!(next_request.get_payload_bytes(), b"marker");
 }
+
+/// `Last-Event-ID` given twice with different values is a 400 saying so, on every stream
+/// route, as a parameter that takes one value given twice is (which one would the stream
+/// resume from?); nothing is streamed or published for it. The same value twice is that value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_event_id_given_twice_with_different_values_is_a_400() {
+    const REFUSED: &str = "invalid header: Last-Event-ID is given more than once, with different values (it takes one value)\n";
+    let node = Herald::start();
+    let client = redis::Client::open(node.url()).unwrap();
+    let mut worker = client.get_async_pubsub().await.unwrap();
+    worker.subscribe("council_score_requests").await.unwrap();
+    let first = publish(&node, "twice", json!("one"), None).await;
+    publish(&node, "twice", json!("two"), None).await;
+    let first = first["id"].as_str().unwrap().to_string();
+    let other = publish(&node, "elsewhere", json!("x"), None).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let base = node.http_url();
+    let http = reqwest::Client::new();
+    for path in [
+        "/api/stream/twice",
+        "/api/stream?channel=twice",
+        "/api/stream/render-progress/r1",
+        "/api/stream/council-score?videoUrl=v",
+    ] {
+        for (one, two) in [(first.as_str(), other.as_str()), ("", first.as_str())] {
+            let response = http
+                .get(format!("{base}{path}"))
+                .header("Last-Event-ID", one)
+                .header("Last-Event-ID", two)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 400, "{path} {one:?} {two:?}");
+            assert_eq!(response.text().await.unwrap(), REFUSED, "{path}");
+        }
+    }
+
+    // A head that comes in two pieces is read by hyper, not by the direct SSE path: the same.
+    let mut raw = herald_tests::RawConn::connect(node.http);
+    raw.send(
+        format!(
+            "GET /api/stream/twice HTTP/1.1\r\nHost: herald\r\nConnection: close\r\n\
+             Last-Event-ID: {first}\r\n"
+        )
+        .as_bytes(),
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    raw.send(format!("Last-Event-ID: {other}\r\n\r\n").as_bytes());
+    let reply = String::from_utf8(raw.read_to_close()).unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.1 400 Bad Request\r\n") && reply.ends_with(REFUSED),
+        "{reply:?}"
+    );
+
+    // The same value twice (blanks around it aside) resumes after it.
+    let response = http
+        .get(stream_url(&node, "twice"))
+        .header("Last-Event-ID", first.as_str())
+        .header("Last-Event-ID", format!(" {first}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut events: Events = Box::pin(
+        response
+            .bytes_stream()
+            .eventsource()
+            .map(|e| e.expect("well-formed SSE")),
+    );
+    assert_eq!(next(&mut events).await.data, "two");
+
+    // No request reached the workers for the refused council-score streams.
+    publish(
+        &node,
+        "council_score_requests",
+        json!({ "marker": 1 }),
+        None,
+    )
+    .await;
+    assert_eq!(
+        next_request(&mut worker).await,
+        json!({ "marker": 1 }),
+        "the marker is the first request"
+    );
+}

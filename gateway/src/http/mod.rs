@@ -112,6 +112,14 @@ pub(crate) fn given_twice(name: &str) -> String {
     format!("invalid query: {name}= is given more than once (it takes one value)")
 }
 
+/// Why a request is refused that gives the single-valued header `name` more than once, with
+/// different values (the same value twice is that value).
+pub(crate) fn header_given_twice(name: &str) -> String {
+    format!(
+        "invalid header: {name} is given more than once, with different values (it takes one value)"
+    )
+}
+
 /// `?last=N`'s value: `None` when it is not given or empty (`?last=`, as a URL built from an
 /// unset variable has it), else the whole number, or why it is not one.
 pub(crate) fn last_param(params: &[(String, String)]) -> Result<Option<usize>, String> {

@@ -20,7 +20,7 @@
 //! has, first gets an `event: gap` naming the requested and oldest available positions. A
 //! malformed cursor is a 400. An empty `last` or cursor is as if not given; `last`,
 //! `lastEventId` and every parameter of the request endpoints take one value, and one given
-//! twice is a 400.
+//! twice is a 400; so is a `Last-Event-ID` header given twice with different values.
 //!
 //! `council-score` and `evaluate-creative` take an optional `requestId` of the client's
 //! (1-64 of `A-Z a-z 0-9 _ -`): the stream is then `{replies}:{requestId}`, and a reconnect to
@@ -280,19 +280,16 @@ fn params(query: Option<&str>) -> Result<Vec<(String, String)>, String> {
 
 /// Where the client wants to start: `Last-Event-ID` header, else `lastEventId`, else `last=N`
 /// (an empty one, like an empty cursor, is not given). A cursor naming a partition `broker`'s
-/// store does not have is malformed, and `lastEventId` or `last` given twice is refused.
+/// store does not have is malformed, and `lastEventId` or `last` given twice is refused, as is
+/// a `Last-Event-ID` header given twice with different values.
 fn start_of(headers: &HeaderMap, query: Option<&str>, broker: &Broker) -> Result<Start, String> {
     let params = params(query)?;
-    let header = headers
-        .get("last-event-id")
-        .map(|v| v.to_str().map(str::to_string));
     // Checked even when the header makes them moot: the same URL works the same way whether
     // or not a reconnect adds the header.
     let query_cursor = super::single_param(&params, "lastEventId")?;
     let last = super::last_param(&params)?;
-    let (cursor, source) = match header {
-        Some(Ok(value)) => (Some(value), "Last-Event-ID"),
-        Some(Err(_)) => return Err("invalid Last-Event-ID: not ASCII".into()),
+    let (cursor, source) = match last_event_id(headers)? {
+        Some(value) => (Some(value), "Last-Event-ID"),
         None => (query_cursor.map(str::to_string), "lastEventId"),
     };
     if let Some(cursor) = cursor.filter(|c| !c.trim().is_empty()) {
@@ -303,6 +300,24 @@ fn start_of(headers: &HeaderMap, query: Option<&str>, broker: &Broker) -> Result
         return Ok(start);
     }
     Ok(last.map_or(Start::Live, Start::Last))
+}
+
+/// The `Last-Event-ID` header's value, if given. Given twice with different values it is
+/// refused, as a single-valued query parameter given twice is (one handler would resume from
+/// the first, another from the last); the same value twice (blanks around it aside) is that
+/// value.
+fn last_event_id(headers: &HeaderMap) -> Result<Option<String>, String> {
+    let mut values = headers.get_all("last-event-id").iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.any(|other| other.as_bytes().trim_ascii() != first.as_bytes().trim_ascii()) {
+        return Err(super::header_given_twice("Last-Event-ID"));
+    }
+    match first.to_str() {
+        Ok(value) => Ok(Some(value.to_string())),
+        Err(_) => Err("invalid Last-Event-ID: not ASCII".into()),
+    }
 }
 
 /// Opens a stream of `channels` from where the request says (`head`: see [`open_from`]).
