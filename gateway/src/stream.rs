@@ -401,10 +401,12 @@ impl EventStream {
                 return None;
             }
         };
+        let mut replayed = 0;
         for item in items {
             match item {
                 ReplayItem::Gap(gap) => out.push(Emit::Gap(gap)),
                 ReplayItem::Event(event) => {
+                    replayed += 1;
                     self.cursor.advance(event.position);
                     out.push(Emit::Event {
                         cursor: self.cursor.encode(),
@@ -414,6 +416,11 @@ impl EventStream {
                 }
             }
         }
+        self.broker
+            .hub()
+            .stats()
+            .replayed
+            .fetch_add(replayed, std::sync::atomic::Ordering::Relaxed);
         if replay.is_done() {
             self.finish_replay();
         } else {

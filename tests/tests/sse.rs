@@ -1224,3 +1224,117 @@ async fn a_last_event_id_given_twice_with_different_values_is_a_400() {
         "the marker is the first request"
     );
 }
+
+/// A counter's value in the node's `/metrics`.
+async fn counter(node: &Herald, name: &str) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", node.http_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+/// Events sent from history are counted in `herald_replayed_total`, whichever way a client
+/// asks for them (SSE `Last-Event-ID` and `?last=N`, a WebSocket subscribe with a cursor, RESP
+/// `HISTORY` and `HSUBSCRIBE`), each event once; `herald_delivered_total` counts live
+/// deliveries only, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_replayed_from_history_are_counted_apart_from_live_deliveries() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let node = Herald::start();
+    let mut ids = Vec::new();
+    for n in 1..=5 {
+        let reply = publish(&node, "replayed", json!({ "n": n }), None).await;
+        ids.push(reply["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(counter(&node, "herald_replayed_total").await, 0);
+    let delivered = counter(&node, "herald_delivered_total").await;
+    let url = stream_url(&node, "replayed");
+    let data = |n: u64| json!({ "n": n }).to_string();
+
+    // SSE: a resume after the 2nd event (3 events), then the last 2.
+    let mut resumed = connect(&url, Some(&ids[1])).await;
+    for n in 3..=5 {
+        assert_eq!(next(&mut resumed).await.data, data(n));
+    }
+    let mut last = connect(&format!("{url}?last=2"), None).await;
+    for n in 4..=5 {
+        assert_eq!(next(&mut last).await.data, data(n));
+    }
+    assert_eq!(counter(&node, "herald_replayed_total").await, 5);
+
+    // WebSocket: a subscribe with the 1st event's cursor (4 events).
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws?userId=u", node.http))
+        .await
+        .unwrap();
+    let request = json!({ "type": "subscribe", "channel": "replayed", "cursor": ids[0] });
+    ws.send(Message::text(request.to_string())).await.unwrap();
+    let mut ws_next = async || loop {
+        let message = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("a WebSocket message in time")
+            .expect("open")
+            .expect("no error");
+        if let Message::Text(text) = message {
+            let value: Value = serde_json::from_str(&text).unwrap();
+            // Events are the published objects (with `id` and `channel`): no `type`.
+            match value["type"].as_str() {
+                None => return value,
+                Some("connected" | "subscribed" | "heartbeat") => {}
+                Some(_) => panic!("unexpected message {value}"),
+            }
+        }
+    };
+    for n in 2..=5 {
+        assert_eq!(ws_next().await["n"], n);
+    }
+    assert_eq!(counter(&node, "herald_replayed_total").await, 9);
+
+    // RESP: HISTORY from the start (5) and its LAST 2, then HSUBSCRIBE from the start (5).
+    let client = redis::Client::open(node.url()).unwrap();
+    let mut resp = herald_tests::patient_connection(&client).await;
+    for (args, count) in [(&["AFTER", "0"][..], 5), (&["LAST", "2"][..], 2)] {
+        let events: Vec<(String, String)> = redis::cmd("HISTORY")
+            .arg("replayed")
+            .arg(args)
+            .query_async(&mut resp)
+            .await
+            .unwrap();
+        assert_eq!(events.len(), count, "{args:?}");
+    }
+    let mut hsub = herald_tests::RawConn::connect(node.resp);
+    hsub.command(&[b"HSUBSCRIBE", b"0", b"replayed"]);
+    hsub.read_frame();
+    for n in 1..=5 {
+        let (_, _, payload) = herald_tests::parse_hmessage(&hsub.read_frame());
+        assert_eq!(payload, data(n));
+    }
+    assert_eq!(counter(&node, "herald_replayed_total").await, 21);
+    assert_eq!(
+        counter(&node, "herald_delivered_total").await,
+        delivered,
+        "replays are not live deliveries"
+    );
+
+    // A live event reaches the four streams: delivered, not replayed.
+    publish(&node, "replayed", json!({ "n": 6 }), None).await;
+    assert_eq!(next(&mut resumed).await.data, data(6));
+    assert_eq!(next(&mut last).await.data, data(6));
+    assert_eq!(ws_next().await["n"], 6);
+    assert_eq!(herald_tests::parse_hmessage(&hsub.read_frame()).2, data(6));
+    assert_eq!(
+        counter(&node, "herald_delivered_total").await,
+        delivered + 4
+    );
+    assert_eq!(counter(&node, "herald_replayed_total").await, 21);
+}

@@ -135,6 +135,9 @@ pub async fn metrics(State(state): State<HttpState>) -> Response {
     metrics::counter!("herald_publish_failures_total")
         .absolute(broker.failed.load(Ordering::Relaxed));
     metrics::counter!("herald_delivered_total").absolute(stats.delivered.load(Ordering::Relaxed));
+    // Events sent from history (resumes, `last=N`, `HSUBSCRIBE` replays, `HISTORY`), which
+    // `herald_delivered_total` (live delivery) does not count.
+    metrics::counter!("herald_replayed_total").absolute(stats.replayed.load(Ordering::Relaxed));
     metrics::counter!("herald_dropped_clients_total")
         .absolute(stats.slow_clients_closed.load(Ordering::Relaxed));
     let history = state.broker().store().channel_stats();

@@ -169,8 +169,11 @@ impl Drop for Reservation {
 pub struct HubStats {
     /// Messages published through this hub.
     pub published: AtomicU64,
-    /// Message copies queued to receivers.
+    /// Message copies queued to receivers (live delivery).
     pub delivered: AtomicU64,
+    /// Events sent to clients from history, not live: the replays of resumed and `last=N`
+    /// streams (SSE, WebSocket, `HSUBSCRIBE`) and the events of `HISTORY` replies.
+    pub replayed: AtomicU64,
     /// Clients closed for passing their output limit.
     pub slow_clients_closed: AtomicU64,
 }

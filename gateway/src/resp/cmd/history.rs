@@ -161,22 +161,27 @@ pub(super) async fn history(session: &mut Session, args: &Args) {
         Ok((events, gap)) => {
             // A gap comes first, as `[hgap, channel, requested, oldest, reason]`: five elements
             // where an event has two, and `hgap` where an event has its cursor (never `hgap`).
+            let events: Vec<Frame> = events
+                .into_iter()
+                .take_while(|event| event.position.seq <= committed)
+                .map(|event| {
+                    let mut cursor = Cursor::new(broker.epoch());
+                    cursor.advance(event.position);
+                    Frame::Array(vec![
+                        Frame::Bulk(Bytes::from(cursor.encode())),
+                        Frame::Bulk(event.payload),
+                    ])
+                })
+                .collect();
+            broker
+                .hub()
+                .stats()
+                .replayed
+                .fetch_add(events.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let items = gap
                 .map(|gap| Frame::Array(gap_items(gap)))
                 .into_iter()
-                .chain(
-                    events
-                        .into_iter()
-                        .take_while(|event| event.position.seq <= committed)
-                        .map(|event| {
-                            let mut cursor = Cursor::new(broker.epoch());
-                            cursor.advance(event.position);
-                            Frame::Array(vec![
-                                Frame::Bulk(Bytes::from(cursor.encode())),
-                                Frame::Bulk(event.payload),
-                            ])
-                        }),
-                )
+                .chain(events)
                 .collect();
             session.reply(Frame::Array(items));
         }
