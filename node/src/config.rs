@@ -8,7 +8,7 @@ use herald_cluster::proposer::ProposerOptions;
 use herald_gateway::http::HttpSettings;
 use herald_gateway::hub::outbox::OutputLimit;
 use herald_gateway::resp::RespSettings;
-use herald_gateway::resp::settings::parse_memory;
+use herald_gateway::resp::settings::{SOFT_SECONDS_MAX, parse_memory};
 use herald_storage::{Namespaces, StoreOptions, parse_duration};
 use serde::{Deserialize, Deserializer};
 use std::collections::{BTreeMap, BTreeSet};
@@ -173,26 +173,35 @@ impl NodeConfig {
             .protected_mode
             .or(file.protected_mode)
             .unwrap_or(resp.protected_mode);
-        resp.maxclients = args
-            .maxclients
-            .or(file.maxclients)
-            .unwrap_or(resp.maxclients);
-        if resp.maxclients == 0 {
-            bail!("maxclients must be at least 1");
+        if let Some((maxclients, from)) = given(args.maxclients, file.maxclients) {
+            resp.maxclients = maxclients;
+            in_config_set_range(
+                "maxclients",
+                from,
+                &maxclients.to_string(),
+                maxclients as u64,
+            )?;
         }
-        if let Some(value) = args.proto_max_bulk_len.or(file.proto_max_bulk_len) {
-            resp.proto_max_bulk_len = memory("proto-max-bulk-len", &value)?;
+        if let Some((value, from)) = given(args.proto_max_bulk_len, file.proto_max_bulk_len) {
+            resp.proto_max_bulk_len = memory("--proto-max-bulk-len", from, &value)?;
+            let bytes = resp.proto_max_bulk_len as u64;
+            in_config_set_range("proto-max-bulk-len", from, &value, bytes)?;
         }
-        if let Some(value) = args
-            .client_query_buffer_limit
-            .or(file.client_query_buffer_limit)
-        {
-            resp.client_query_buffer_limit = memory("client-query-buffer-limit", &value)?;
+        if let Some((value, from)) = given(
+            args.client_query_buffer_limit,
+            file.client_query_buffer_limit,
+        ) {
+            resp.client_query_buffer_limit = memory("--client-query-buffer-limit", from, &value)?;
+            let bytes = resp.client_query_buffer_limit as u64;
+            in_config_set_range("client-query-buffer-limit", from, &value, bytes)?;
         }
-        if let Some(value) = args.pubsub_output_limit.or(file.pubsub_output_limit) {
-            resp.pubsub_output_limit = output_limit(&value)?;
+        if let Some((value, from)) = given(args.pubsub_output_limit, file.pubsub_output_limit) {
+            resp.pubsub_output_limit = output_limit(&value, from)?;
         }
-        resp.timeout_seconds = args.timeout.or(file.timeout).unwrap_or(0);
+        if let Some((timeout, from)) = given(args.timeout, file.timeout) {
+            resp.timeout_seconds = timeout;
+            in_config_set_range("timeout", from, &timeout.to_string(), timeout)?;
+        }
         let mut store = StoreOptions::default();
         if let Some(partitions) = args.partitions.or(file.partitions) {
             if partitions == 0 {
@@ -431,25 +440,86 @@ fn millis(name: &str, value: &str) -> Result<u64> {
     Ok(duration.as_millis().min(u128::from(u64::MAX)) as u64)
 }
 
-fn memory(name: &str, value: &str) -> Result<usize> {
+/// Where a setting's value came from: a flag (or its `HERALD_*` variable, which clap reads
+/// as the flag), or the config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Flag,
+    File,
+}
+
+/// The value of a setting, the flag's over the file's, and where it came from.
+fn given<T>(flag: Option<T>, file: Option<T>) -> Option<(T, Source)> {
+    flag.map(|v| (v, Source::Flag))
+        .or_else(|| file.map(|v| (v, Source::File)))
+}
+
+/// `--flag 'value'` as the operator set it, for an error: with the flag's variable, or the
+/// file's key.
+fn named(flag: &str, from: Source, value: &str) -> String {
+    let key = flag.trim_start_matches('-').replace('-', "_");
+    match from {
+        Source::Flag => format!("{flag} '{value}' (or HERALD_{})", key.to_ascii_uppercase()),
+        Source::File => format!("{flag} '{value}' (`{key}` in the config file)"),
+    }
+}
+
+/// Refuses a number that `CONFIG SET setting` would refuse: the flag and the run-time command
+/// take the same range, so a value the node starts with can be set again, and none it could
+/// never have been set to at run time gets in at start-up. `value` is the text given, `number`
+/// what it means.
+fn in_config_set_range(setting: &str, from: Source, value: &str, number: u64) -> Result<()> {
+    let Some((min, max)) = herald_gateway::resp::settings::bounds(setting) else {
+        return Ok(());
+    };
+    let number = i128::from(number);
+    if number < i128::from(min) || number > i128::from(max) {
+        let flag = named(&format!("--{setting}"), from, value);
+        let unit = if matches!(setting, "proto-max-bulk-len" | "client-query-buffer-limit") {
+            format!(" ({number} bytes): it must be from {min} (1mb) to {max} bytes")
+        } else {
+            format!(": it must be from {min} to {max}")
+        };
+        bail!("invalid {flag}{unit}, the range CONFIG SET {setting} accepts");
+    }
+    Ok(())
+}
+
+fn memory(flag: &str, from: Source, value: &str) -> Result<usize> {
     parse_memory(value).map_err(|_| {
-        anyhow!("invalid {name} '{value}': expected a size such as 1024, 64kb, 32mb or 1gb")
+        anyhow!(
+            "invalid {}: expected a size such as 1024, 64kb, 32mb or 1gb",
+            named(flag, from, value)
+        )
     })
 }
 
-fn output_limit(value: &str) -> Result<OutputLimit> {
+fn output_limit(value: &str, from: Source) -> Result<OutputLimit> {
+    let flag = named("--pubsub-output-limit", from, value);
     let parts: Vec<&str> = value.split_whitespace().collect();
     let [hard, soft, seconds] = parts[..] else {
-        bail!(
-            "invalid pubsub-output-limit '{value}': expected '<hard> <soft> <soft-seconds>', e.g. '32mb 8mb 60'"
-        );
+        bail!("invalid {flag}: expected '<hard> <soft> <soft-seconds>', e.g. '32mb 8mb 60'");
     };
+    let size = |bound: &str, text: &str| {
+        parse_memory(text).map_err(|_| {
+            anyhow!(
+                "invalid {flag}: the {bound} limit '{text}' is not a size such as 1024, 64kb, 32mb or 1gb"
+            )
+        })
+    };
+    let soft_seconds = seconds
+        .parse::<u64>()
+        .ok()
+        .filter(|s| *s <= SOFT_SECONDS_MAX)
+        .ok_or_else(|| {
+            anyhow!(
+                "invalid {flag}: soft-seconds '{seconds}' must be whole seconds from 0 to {SOFT_SECONDS_MAX}, the range CONFIG SET client-output-buffer-limit accepts"
+            )
+        })?;
     Ok(OutputLimit {
-        hard_bytes: memory("pubsub-output-limit hard limit", hard)?,
-        soft_bytes: memory("pubsub-output-limit soft limit", soft)?,
-        soft_seconds: seconds.parse().map_err(|_| {
-            anyhow!("invalid pubsub-output-limit soft-seconds '{seconds}': expected whole seconds")
-        })?,
+        hard_bytes: size("hard", hard)?,
+        soft_bytes: size("soft", soft)?,
+        soft_seconds,
     })
 }
 
@@ -568,6 +638,150 @@ mod tests {
         );
         assert_eq!(config.resp.pubsub_output_limit.hard_bytes, 1 << 20);
         std::fs::remove_file(&file.0).unwrap();
+    }
+
+    /// Each value refused at start-up is one `CONFIG SET` refuses for the same setting, and
+    /// each accepted one it accepts: the flags, the variables and the file take Redis's range.
+    #[test]
+    fn start_up_refuses_what_config_set_refuses() {
+        let flag = |set: fn(&mut ServeArgs, &str), value: &str| {
+            let mut args = ServeArgs::default();
+            set(&mut args, value);
+            NodeConfig::resolve(args).map_err(|e| e.to_string())
+        };
+        type Case = (&'static str, fn(&mut ServeArgs, &str), &'static str, bool);
+        let cases: &[Case] = &[
+            (
+                "maxclients",
+                |a, v| a.maxclients = v.parse().ok(),
+                "0",
+                false,
+            ),
+            (
+                "maxclients",
+                |a, v| a.maxclients = v.parse().ok(),
+                "4294967296",
+                false,
+            ),
+            (
+                "maxclients",
+                |a, v| a.maxclients = v.parse().ok(),
+                "4294967295",
+                true,
+            ),
+            (
+                "maxclients",
+                |a, v| a.maxclients = v.parse().ok(),
+                "1",
+                true,
+            ),
+            (
+                "timeout",
+                |a, v| a.timeout = v.parse().ok(),
+                "2147483648",
+                false,
+            ),
+            (
+                "timeout",
+                |a, v| a.timeout = v.parse().ok(),
+                "2147483647",
+                true,
+            ),
+            ("timeout", |a, v| a.timeout = v.parse().ok(), "0", true),
+            (
+                "proto-max-bulk-len",
+                |a, v| a.proto_max_bulk_len = Some(v.into()),
+                "1kb",
+                false,
+            ),
+            (
+                "proto-max-bulk-len",
+                |a, v| a.proto_max_bulk_len = Some(v.into()),
+                "1048575",
+                false,
+            ),
+            (
+                "proto-max-bulk-len",
+                |a, v| a.proto_max_bulk_len = Some(v.into()),
+                "1mb",
+                true,
+            ),
+            (
+                "proto-max-bulk-len",
+                |a, v| a.proto_max_bulk_len = Some(v.into()),
+                "18446744073709551615",
+                false,
+            ),
+            (
+                "client-query-buffer-limit",
+                |a, v| a.client_query_buffer_limit = Some(v.into()),
+                "0",
+                false,
+            ),
+            (
+                "client-query-buffer-limit",
+                |a, v| a.client_query_buffer_limit = Some(v.into()),
+                "512kb",
+                false,
+            ),
+            (
+                "client-query-buffer-limit",
+                |a, v| a.client_query_buffer_limit = Some(v.into()),
+                "1gb",
+                true,
+            ),
+        ];
+        for &(setting, set, value, accepted) in cases {
+            let redis = RespSettings::default().set(setting, value).is_ok();
+            assert_eq!(redis, accepted, "CONFIG SET {setting} {value}");
+            match flag(set, value) {
+                Ok(_) => assert!(accepted, "--{setting} {value} was accepted"),
+                Err(error) => {
+                    assert!(!accepted, "--{setting} {value}: {error}");
+                    let env = format!("HERALD_{}", setting.replace('-', "_").to_uppercase());
+                    assert!(
+                        error.starts_with(&format!("invalid --{setting} '{value}' (or {env})"))
+                            && error.ends_with(&format!("the range CONFIG SET {setting} accepts")),
+                        "{error}"
+                    );
+                }
+            }
+        }
+        // Soft seconds: Redis reads them into an int.
+        for (seconds, accepted) in [("2147483648", false), ("2147483647", true), ("0", true)] {
+            let limit = format!("32mb 8mb {seconds}");
+            let redis = RespSettings::default()
+                .set("client-output-buffer-limit", &format!("pubsub {limit}"))
+                .is_ok();
+            assert_eq!(
+                redis, accepted,
+                "CONFIG SET client-output-buffer-limit {limit}"
+            );
+            let got = flag(|a, v| a.pubsub_output_limit = Some(v.into()), &limit);
+            match got {
+                Ok(_) => assert!(accepted, "{limit} was accepted"),
+                Err(error) => assert!(
+                    !accepted
+                        && error.starts_with(&format!("invalid --pubsub-output-limit '{limit}' (or HERALD_PUBSUB_OUTPUT_LIMIT)"))
+                        && error.contains("soft-seconds '2147483648'"),
+                    "{error}"
+                ),
+            }
+        }
+        // The file's values are checked alike, and the error names the file's key.
+        let (path, mut file) = tempfile_in_target("herald-config-bounds.toml");
+        writeln!(file, "maxclients = 0").unwrap();
+        let error = NodeConfig::resolve(ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            error,
+            "invalid --maxclients '0' (`maxclients` in the config file): it must be from 1 to 4294967295, the range CONFIG SET maxclients accepts"
+        );
+        let _ = std::fs::remove_file(path);
     }
 
     #[test]

@@ -89,6 +89,21 @@ pub fn setting_to_set(name: &str) -> Result<&'static str, SettingError> {
 /// `client-query-buffer-limit`.
 const MEMORY_SETTING_BOUNDS: (i64, i64) = (1024 * 1024, i64::MAX);
 
+/// The range `CONFIG SET name` accepts for a number setting (Redis 7's bounds, inclusive);
+/// `None` for a setting that is no number. Start-up checks the flags against the same range.
+pub fn bounds(name: &str) -> Option<(i64, i64)> {
+    match name {
+        "maxclients" => Some((1, u32::MAX.into())),
+        "proto-max-bulk-len" | "client-query-buffer-limit" => Some(MEMORY_SETTING_BOUNDS),
+        "timeout" => Some((0, i32::MAX.into())),
+        _ => None,
+    }
+}
+
+/// The most soft seconds `CONFIG SET client-output-buffer-limit` takes: Redis reads them into
+/// an `int`.
+pub const SOFT_SECONDS_MAX: u64 = i32::MAX as u64;
+
 impl RespSettings {
     /// The request-parsing limits these settings imply.
     pub fn request_limits(&self) -> RequestLimits {
@@ -129,22 +144,27 @@ impl RespSettings {
                 self.requirepass = (!value.is_empty()).then(|| value.to_string());
             }
             "protected-mode" => self.protected_mode = parse_yes_no(value)?,
-            "maxclients" => self.maxclients = parse_integer(value, 1, u32::MAX.into())? as usize,
+            "maxclients" => self.maxclients = parse_integer(value, number_bounds(name))? as usize,
             "proto-max-bulk-len" => {
-                self.proto_max_bulk_len = parse_memory_setting(value, MEMORY_SETTING_BOUNDS)?
+                self.proto_max_bulk_len = parse_memory_setting(value, number_bounds(name))?
             }
             "client-query-buffer-limit" => {
-                self.client_query_buffer_limit = parse_memory_setting(value, MEMORY_SETTING_BOUNDS)?
+                self.client_query_buffer_limit = parse_memory_setting(value, number_bounds(name))?
             }
             "client-output-buffer-limit" => {
                 self.pubsub_output_limit = parse_output_limit(value, self.pubsub_output_limit)?
             }
-            "timeout" => self.timeout_seconds = parse_integer(value, 0, i32::MAX.into())? as u64,
+            "timeout" => self.timeout_seconds = parse_integer(value, number_bounds(name))? as u64,
             "databases" | "port" | "bind" => return Err(SettingError::Immutable),
             _ => return Err(SettingError::Unknown),
         }
         Ok(())
     }
+}
+
+/// [`bounds`] of a number setting.
+fn number_bounds(name: &str) -> (i64, i64) {
+    bounds(name).unwrap_or((i64::MIN, i64::MAX))
 }
 
 fn yes_no(flag: bool) -> &'static str {
@@ -163,7 +183,7 @@ fn parse_yes_no(value: &str) -> Result<bool, SettingError> {
 
 /// An integer setting as Redis parses it (`string2ll`: no `+`, no leading zeros), within
 /// `min..=max`.
-fn parse_integer(value: &str, min: i64, max: i64) -> Result<i64, SettingError> {
+fn parse_integer(value: &str, (min, max): (i64, i64)) -> Result<i64, SettingError> {
     let n = crate::resp::parse::parse_strict_i64(value.as_bytes()).ok_or_else(|| {
         SettingError::Invalid("argument couldn't be parsed into an integer".into())
     })?;
