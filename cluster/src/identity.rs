@@ -50,6 +50,10 @@ pub enum IdentityError {
     /// TLS configuration failed.
     #[error("TLS configuration error: {0}")]
     Tls(String),
+    /// A file of a node's certificate directory that is missing or cannot serve: which file,
+    /// what is wrong with it, and what fixes it.
+    #[error("{0}")]
+    Unusable(String),
     /// Issuing a certificate where the CA's private key is not (kept offline, as advised).
     #[error(
         "{0} not found: issuing a node certificate needs the cluster CA's private key (made by `herald certs init`); if it is kept offline, issue the certificate where it is, or bring it back for the issue"
@@ -191,19 +195,6 @@ impl Clone for NodeIdentity {
     }
 }
 
-fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
-    let pem = std::fs::read(path).map_err(io(path))?;
-    let certs =
-        rustls_pemfile_certs(&pem).map_err(|e| cert_error(format!("{}: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(cert_error(format!(
-            "{}: no certificate in the file",
-            path.display()
-        )));
-    }
-    Ok(certs)
-}
-
 /// Parses PEM certificates (`-----BEGIN CERTIFICATE-----` blocks).
 fn rustls_pemfile_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     use rustls::pki_types::pem::PemObject;
@@ -212,40 +203,224 @@ fn rustls_pemfile_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Stri
         .map_err(|e| e.to_string())
 }
 
+/// The files of a node's certificate directory, and what fixes each: the start-up errors of
+/// [`NodeIdentity::load`] name the file, what is wrong with it, and the command to run.
+struct CertFiles<'a> {
+    dir: &'a Path,
+    id: NodeId,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl<'a> CertFiles<'a> {
+    fn new(dir: &'a Path, id: NodeId) -> Self {
+        CertFiles {
+            dir,
+            id,
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("node-{id}.pem")),
+            key: dir.join(format!("node-{id}.key")),
+        }
+    }
+
+    /// What fixes `file`: the cluster's CA certificate copied again (or a new CA), or this
+    /// node's certificate issued again.
+    fn fix(&self, file: &Path) -> String {
+        let (dir, id) = (self.dir.display(), self.id);
+        if file == self.ca {
+            format!(
+                "copy the cluster's ca.pem here from where its CA was created; for a new cluster, create a CA with `herald certs init --dir {dir}`, then each node's certificate with `herald certs issue --dir {dir} --node-id N`"
+            )
+        } else {
+            format!(
+                "issue this node's certificate again: remove {} and {}, run `herald certs issue --dir {dir} --node-id {id}` (it needs the cluster's ca.key: run it where that is, and copy node-{id}.pem and node-{id}.key here)",
+                self.cert.display(),
+                self.key.display()
+            )
+        }
+    }
+
+    /// `file` cannot serve, for `reason`: the error, with the fix.
+    fn unusable(&self, file: &Path, reason: impl std::fmt::Display) -> IdentityError {
+        IdentityError::Unusable(format!("{}: {reason}; {}", file.display(), self.fix(file)))
+    }
+
+    /// Reads `file`, or says why it cannot be read and what to do.
+    fn read(&self, file: &Path) -> Result<Vec<u8>, IdentityError> {
+        std::fs::read(file).map_err(|error| match error.kind() {
+            std::io::ErrorKind::NotFound if *file == self.ca => IdentityError::Unusable(format!(
+                "{} not found: create the cluster CA with `herald certs init --dir {dir}` (once) and this node's certificate with `herald certs issue --dir {dir} --node-id {id}`",
+                file.display(),
+                dir = self.dir.display(),
+                id = self.id
+            )),
+            std::io::ErrorKind::NotFound => IdentityError::Unusable(format!(
+                "{} not found: issue this node's certificate with `herald certs issue --dir {dir} --node-id {id}` (it needs the cluster's ca.key: run it where that is, and copy node-{id}.pem and node-{id}.key here; it does not replace a node-{id}.pem or node-{id}.key left there: remove it first)",
+                file.display(),
+                dir = self.dir.display(),
+                id = self.id
+            )),
+            std::io::ErrorKind::PermissionDenied => IdentityError::Unusable(format!(
+                "{}: cannot read it: permission denied{}; make it readable by the user herald runs as (`chown` it to that user, or `chmod g+r` it with that user in its group)",
+                file.display(),
+                owner(file)
+            )),
+            _ => self.unusable(file, format!("cannot read it: {error}")),
+        })
+    }
+
+    /// The certificates of a PEM file, at least one, each a valid X.509 certificate.
+    fn certificates(&self, file: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+        let pem = self.read(file)?;
+        let certs = rustls_pemfile_certs(&pem)
+            .map_err(|e| self.unusable(file, format!("not a PEM certificate ({e})")))?;
+        if certs.is_empty() {
+            return Err(self.unusable(
+                file,
+                "holds no certificate (no -----BEGIN CERTIFICATE----- block)",
+            ));
+        }
+        for cert in &certs {
+            if let Err(e) = x509_parser::parse_x509_certificate(cert) {
+                return Err(self.unusable(file, format!("not a valid certificate ({e})")));
+            }
+        }
+        Ok(certs)
+    }
+}
+
+/// ` (the file is owned by uid U, mode 0MMM, and herald runs as uid V)`, as far as known.
+fn owner(file: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(file) else {
+        return String::new();
+    };
+    // /proc/self belongs to the process's effective user.
+    let runs_as = std::fs::metadata("/proc/self")
+        .map(|m| format!(", and herald runs as uid {}", m.uid()))
+        .unwrap_or_default();
+    format!(
+        " (the file is owned by uid {}, mode {:04o}{runs_as})",
+        meta.uid(),
+        meta.mode() & 0o7777
+    )
+}
+
+/// Checks that `chain` was issued by the CA of `roots`, for the uses a node puts it to (a
+/// server that peers dial by its node name, a client that dials them), as the peers will
+/// check it at each connection. Without this, a node with another CA's certificate started,
+/// and every connection to or from it then failed.
+fn verify_issued_by(
+    files: &CertFiles<'_>,
+    roots: &rustls::RootCertStore,
+    chain: &[CertificateDer<'static>],
+    provider: &Arc<CryptoProvider>,
+) -> Result<(), IdentityError> {
+    use rustls::client::danger::ServerCertVerifier;
+    let roots = Arc::new(roots.clone());
+    let now = rustls::pki_types::UnixTime::now();
+    let (end_entity, intermediates) = (&chain[0], &chain[1..]);
+    let tls = |e: rustls::client::VerifierBuilderError| IdentityError::Tls(e.to_string());
+    let server = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        roots.clone(),
+        provider.clone(),
+    )
+    .build()
+    .map_err(tls)?;
+    let client = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(tls)?;
+    let name = NodeIdentity::server_name(files.id);
+    let refused = match server
+        .verify_server_cert(end_entity, intermediates, &name, &[], now)
+        .and_then(|_| client.verify_client_cert(end_entity, intermediates, now))
+    {
+        Ok(_) => return Ok(()),
+        Err(error) => error,
+    };
+    use rustls::CertificateError;
+    let reason = match refused {
+        rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        ) => {
+            return Err(IdentityError::Unusable(format!(
+                "{}: it was not issued by the CA in {}: one of the two comes from another CA. If ca.pem is the cluster's (the one the other nodes have), {}; if ca.pem is not, {}",
+                files.cert.display(),
+                files.ca.display(),
+                files.fix(&files.cert),
+                files.fix(&files.ca)
+            )));
+        }
+        rustls::Error::InvalidCertificate(CertificateError::Expired) => {
+            "it has expired".to_string()
+        }
+        rustls::Error::InvalidCertificate(CertificateError::NotValidYet) => {
+            "it is not valid yet (is this machine's clock right?)".to_string()
+        }
+        other => format!("{} does not accept it ({other})", files.ca.display()),
+    };
+    Err(files.unusable(&files.cert, reason))
+}
+
 impl NodeIdentity {
-    /// Loads node `id`'s credentials from a certificate directory, checking that the
-    /// certificate names that node.
+    /// Loads node `id`'s credentials from a certificate directory, checking what its peers
+    /// will: that the certificate names that node, goes with the key, and was issued by the CA
+    /// in `ca.pem`. An error names the file at fault, what is wrong with it, and the command
+    /// that fixes it.
     pub fn load(dir: &Path, id: NodeId) -> Result<NodeIdentity, IdentityError> {
         use rustls::pki_types::pem::PemObject;
-        // A missing file: say how to make it.
-        let hint = |error: IdentityError| match error {
-            IdentityError::Io { path, error } if error.kind() == std::io::ErrorKind::NotFound => {
-                cert_error(format!(
-                    "{} not found: create the cluster CA with `herald certs init --dir {}` (once) and this node's certificate with `herald certs issue --dir {} --node-id {id}`",
-                    path.display(),
-                    dir.display(),
-                    dir.display()
-                ))
-            }
-            other => other,
-        };
-        let ca = read_pem_certs(&dir.join("ca.pem")).map_err(hint)?;
-        let chain = read_pem_certs(&dir.join(format!("node-{id}.pem"))).map_err(hint)?;
-        let key_path = dir.join(format!("node-{id}.key"));
-        let key_pem = std::fs::read(&key_path)
-            .map_err(io(&key_path))
-            .map_err(hint)?;
-        let key = PrivateKeyDer::from_pem_slice(&key_pem)
-            .map_err(|e| cert_error(format!("{}: {e}", key_path.display())))?;
-        match node_id_of(&chain[0]) {
-            Some(named) if named == id => Ok(NodeIdentity { id, ca, chain, key }),
-            Some(other) => Err(cert_error(format!(
-                "node-{id}.pem names node {other}, not node {id}"
-            ))),
-            None => Err(cert_error(format!(
-                "node-{id}.pem names no herald node (not issued by `herald certs issue`?)"
-            ))),
+        let files = CertFiles::new(dir, id);
+        let ca = files.certificates(&files.ca)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in &ca {
+            roots.add(cert.clone()).map_err(|e| {
+                files.unusable(&files.ca, format!("not a usable CA certificate ({e})"))
+            })?;
         }
+        let chain = files.certificates(&files.cert)?;
+        match node_id_of(&chain[0]) {
+            Some(named) if named == id => {}
+            Some(other) => {
+                return Err(files.unusable(
+                    &files.cert,
+                    format!(
+                        "it names node {other}, not node {id} (node {other}'s certificate, copied or renamed?)"
+                    ),
+                ));
+            }
+            None => {
+                return Err(files.unusable(
+                    &files.cert,
+                    "it names no herald node (it was not issued by `herald certs issue`)",
+                ));
+            }
+        }
+        let key_pem = files.read(&files.key)?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+            let reason = match e {
+                rustls::pki_types::pem::Error::NoItemsFound => {
+                    "holds no private key (no -----BEGIN PRIVATE KEY----- block)".to_string()
+                }
+                other => format!("not a PEM private key ({other})"),
+            };
+            files.unusable(&files.key, reason)
+        })?;
+        let provider = Self::provider();
+        rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider).map_err(
+            |e| match e {
+                rustls::Error::InconsistentKeys(_) => files.unusable(
+                    &files.key,
+                    format!(
+                        "it is not the key of {} (the two files come from different issues)",
+                        files.cert.display()
+                    ),
+                ),
+                other => files.unusable(&files.key, format!("not a usable private key ({other})")),
+            },
+        )?;
+        verify_issued_by(&files, &roots, &chain, &provider)?;
+        Ok(NodeIdentity { id, ca, chain, key })
     }
 
     fn provider() -> Arc<CryptoProvider> {
