@@ -738,11 +738,43 @@ impl ClusterNode {
     }
 
     /// Forms a cluster of this node and `peers` now (hand operation), without waiting for
-    /// a bootstrap count.
-    pub async fn init(&self) -> Result<(), ProposeError> {
+    /// a bootstrap count. On a cluster already formed it changes nothing and says so
+    /// ([`InitError::AlreadyFormed`]), unless partitions were left uncreated there (a
+    /// formation cut short, or an init while their voters were down): it creates those.
+    pub async fn init(&self) -> Result<(), InitError> {
+        if self.is_formed() && self.every_group_created() {
+            let members = self
+                .members()
+                .iter()
+                .map(|(id, addr)| format!("{id} at {addr}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            tracing::info!(
+                epoch = %self.epoch(),
+                "`herald cluster init` asked of a formed cluster: nothing to do"
+            );
+            return Err(InitError::AlreadyFormed {
+                epoch: self.epoch().to_string(),
+                members,
+            });
+        }
         let mut members = self.inner.static_peers.clone();
         members.insert(self.inner.id, self.inner.advertise.clone());
-        self.form(members).await
+        Ok(self.form(members).await?)
+    }
+
+    /// Whether every group, the meta group and each partition's, has a membership on this
+    /// node: it was created, and this node is in it.
+    fn every_group_created(&self) -> bool {
+        self.inner.groups.iter().all(|raft| {
+            raft.metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .nodes()
+                .next()
+                .is_some()
+        })
     }
 
     async fn call(
@@ -786,6 +818,24 @@ fn raft_error<E: std::error::Error>(error: RaftError<NodeId, E>) -> ProposeError
         RaftError::APIError(e) => ProposeError::Failed(e.to_string()),
         RaftError::Fatal(e) => ProposeError::Failed(e.to_string()),
     }
+}
+
+/// Why `herald cluster init` formed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// The cluster is formed already, every partition included: the init changed nothing.
+    #[error(
+        "the cluster is already formed (epoch {epoch}; members {members}): nothing was changed. `herald cluster status` shows it; `herald cluster join` adds a node"
+    )]
+    AlreadyFormed {
+        /// The cluster's epoch.
+        epoch: String,
+        /// Its members, `id at address`, comma-separated.
+        members: String,
+    },
+    /// Forming failed.
+    #[error(transparent)]
+    Failed(#[from] ProposeError),
 }
 
 /// What `herald cluster status` shows.

@@ -2691,3 +2691,48 @@ async fn a_read_after_an_acknowledged_publish_on_the_same_node_sees_it() {
         assert_eq!(read_n(&mut events, 1).await, vec![i]);
     }
 }
+
+/// The WARN and ERROR lines of a node's log.
+fn warnings_and_errors(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|line| line.contains(" WARN ") || line.contains(" ERROR "))
+        .collect()
+}
+
+/// `herald cluster init` on a formed cluster says plainly that it is formed and fails (exit 1:
+/// it formed nothing, as `herald certs init` over an existing CA fails), on any node; the
+/// cluster is unchanged, and no node logs a WARN or an ERROR for it. (It answered "formed"
+/// with exit 0, and every node logged openraft's "Can not initialize" ERROR for each group.)
+#[test]
+fn an_init_of_a_formed_cluster_says_it_is_formed_and_changes_nothing() {
+    let cluster = Cluster::start(3);
+    let epoch = cluster.status(1).expect("status")["epoch"]
+        .as_str()
+        .expect("an epoch")
+        .to_string();
+    let logged: Vec<usize> = (1..=3).map(|id| cluster.node(id).log().len()).collect();
+    for via in [1, 2] {
+        let (ok, text) = cluster.cli(via, &["init"]);
+        assert!(!ok, "an init of a formed cluster succeeded: {text}");
+        assert!(
+            text.starts_with(&format!(
+                "herald: the cluster is already formed (epoch {epoch}; members 1 at 127.0.0.1:"
+            )) && text.contains("nothing was changed")
+                && text.contains("herald cluster join"),
+            "{text}"
+        );
+    }
+    // What a second init did (nothing) would have been logged by now.
+    std::thread::sleep(Duration::from_secs(1));
+    for id in 1..=3 {
+        let log = cluster.node(id).log();
+        let since = &log[logged[id as usize - 1]..];
+        assert!(
+            warnings_and_errors(since).is_empty(),
+            "node {id} logged for the init:\n{since}"
+        );
+        let status = cluster.status(id).expect("status");
+        assert_eq!(status["epoch"].as_str(), Some(epoch.as_str()), "node {id}");
+    }
+    cluster.wait_converged();
+}

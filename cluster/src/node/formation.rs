@@ -147,11 +147,18 @@ impl ClusterNode {
             .iter()
             .map(|(id, addr)| (*id, BasicNode::new(addr.clone())))
             .collect();
-        match meta.initialize(nodes).await {
-            Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
-            Err(error) => return Err(ProposeError::Failed(format!("initialising meta: {error}"))),
+        // Asked only when it is not: openraft logs an ERROR for an initialize it refuses.
+        if !matches!(meta.is_initialized().await, Ok(true)) {
+            match meta.initialize(nodes).await {
+                Ok(()) => {
+                    tracing::info!(members = ?members.keys().collect::<Vec<_>>(), "formed the meta group")
+                }
+                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                Err(error) => {
+                    return Err(ProposeError::Failed(format!("initialising meta: {error}")));
+                }
+            }
         }
-        tracing::info!(members = ?members.keys().collect::<Vec<_>>(), "formed the meta group");
         self.inner.allowed.write().extend(members.keys().copied());
         if !self.is_formed() {
             let command = Command::Init {

@@ -128,6 +128,11 @@ impl ClusterNode {
                     .iter()
                     .map(|(id, addr)| (*id, BasicNode::new(addr.clone())))
                     .collect();
+                // Asked only when it is not (a second init, a formation finished): openraft
+                // logs an ERROR for an initialize it refuses.
+                if matches!(raft.is_initialized().await, Ok(true)) {
+                    return AppResponse::Done(Ok(()));
+                }
                 match raft.initialize(nodes).await {
                     Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
                     Err(error) => {

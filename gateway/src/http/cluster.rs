@@ -17,7 +17,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use herald_cluster::message::ProposeError;
-use herald_cluster::node::ClusterNode;
+use herald_cluster::node::{ClusterNode, InitError};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -56,7 +56,8 @@ pub async fn status(State(state): State<HttpState>, headers: HeaderMap) -> Respo
     }
 }
 
-/// `POST /api/cluster/init`.
+/// `POST /api/cluster/init`: 200 once formed; 409 on a cluster formed already (nothing
+/// changed); 503 when forming failed.
 pub async fn init(State(state): State<HttpState>, headers: HeaderMap) -> Response {
     let node = match cluster(&state, &headers) {
         Ok(node) => node,
@@ -64,7 +65,9 @@ pub async fn init(State(state): State<HttpState>, headers: HeaderMap) -> Respons
     };
     match node.init().await {
         Ok(()) => Json(json!({ "status": "formed", "members": node.members() })).into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        // Nothing to do is not what was asked: a 409, which the CLI turns into exit code 1.
+        Err(e @ InitError::AlreadyFormed { .. }) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(InitError::Failed(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 
