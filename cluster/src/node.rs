@@ -183,6 +183,8 @@ struct Inner {
     peer_stores: Arc<PeerStores>,
     transport: Arc<Transport>,
     static_peers: BTreeMap<NodeId, String>,
+    /// `--bootstrap-expect` (0: formed by hand).
+    bootstrap_expect: usize,
     /// Node ids allowed to connect: the static peers and every member the meta group knows.
     allowed: Arc<RwLock<BTreeSet<NodeId>>>,
     shutdown: CancellationToken,
@@ -337,6 +339,7 @@ impl ClusterNode {
                 peer_stores,
                 transport: transport.clone(),
                 static_peers: config.peers.clone(),
+                bootstrap_expect: config.bootstrap_expect,
                 allowed,
                 shutdown: shutdown.clone(),
                 interest: InterestTable::new(id, peers.clone()),
@@ -639,6 +642,9 @@ impl ClusterNode {
             .collect();
         ClusterStatus {
             node: self.inner.id,
+            advertise: self.inner.advertise.clone(),
+            peers: self.inner.static_peers.clone(),
+            bootstrap_expect: self.inner.bootstrap_expect,
             formed: self.is_formed(),
             epoch: self.is_formed().then(|| self.epoch().to_string()),
             members: self.members(),
@@ -843,6 +849,13 @@ pub enum InitError {
 pub struct ClusterStatus {
     /// This node.
     pub node: NodeId,
+    /// The address this node gives the others (`--advertise-addr`, else its `--peers` entry).
+    pub advertise: String,
+    /// The peers this node was started with (`--peers`, this node left out): before the
+    /// cluster is formed, the nodes it expects to form it with.
+    pub peers: BTreeMap<NodeId, String>,
+    /// `--bootstrap-expect` (0: the cluster is formed by `herald cluster init`).
+    pub bootstrap_expect: usize,
     /// Whether the cluster is formed (epoch applied here).
     pub formed: bool,
     /// The cluster epoch, once formed.

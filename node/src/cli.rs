@@ -96,7 +96,8 @@ pub enum ClusterCommand {
     /// leader, the term, this node's last-log and applied indexes, the voters, the elections
     /// this node called (in parentheses, those taken over: elections the group's leader asked
     /// for, handing the group to this node), and, on a group this node leads, each member's
-    /// lag in log entries.
+    /// lag in log entries. A node not in a formed cluster yet lists, instead of members,
+    /// itself and the peers it was started with (--peers), with what it waits for.
     Status {
         /// Print the raw JSON.
         #[arg(long)]

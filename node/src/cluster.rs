@@ -4,6 +4,7 @@
 use crate::cli::{ClusterArgs, ClusterCommand};
 use herald_cluster::clock::CLOCK_TOLERANCE;
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -218,6 +219,98 @@ fn signed_seconds(ms: i64) -> String {
     format!("{:+.1} s", ms as f64 / 1000.0)
 }
 
+/// A member's (or a peer's) line: its id, its address and how this node reaches it.
+fn member_line(status: &Value, id: &str, addr: &str) -> String {
+    let correction = status["clock_correction_ms"].as_i64().unwrap_or(0);
+    let link = &status["links"][id];
+    let seen = if id.parse::<u64>().ok() == status["node"].as_u64() {
+        "this node".to_string()
+    } else {
+        match link["state"].as_str() {
+            Some("connected") => {
+                let mut seen = match link["rttUs"].as_u64() {
+                    Some(us) => format!("connected, rtt {:.1} ms", us as f64 / 1000.0),
+                    None => "connected".to_string(),
+                };
+                // Losses are the exception on a LAN: shown only when there are some.
+                let datagrams = &link["datagrams"];
+                if let (Some(lost @ 1..), Some(sent)) =
+                    (datagrams["lost"].as_u64(), datagrams["sent"].as_u64())
+                {
+                    seen.push_str(&format!(", {lost} of {sent} packets lost"));
+                }
+                seen
+            }
+            Some("unreachable") => format!(
+                "UNREACHABLE ({} failed dials): {}",
+                link["failedDials"],
+                link["lastError"].as_str().unwrap_or("?")
+            ),
+            Some("refused") => {
+                format!("REFUSED: {}", link["lastError"].as_str().unwrap_or("?"))
+            }
+            Some(state) => state.to_string(),
+            None => "no link".to_string(),
+        }
+    };
+    // Against the cluster's time (this node's, corrected).
+    let clock = match link["clockOffsetMs"].as_i64().map(|o| o - correction) {
+        Some(off) if off.unsigned_abs() > CLOCK_TOLERANCE.as_millis() as u64 => {
+            format!(", CLOCK {} off", signed_seconds(off))
+        }
+        _ => String::new(),
+    };
+    format!("  {id}  {addr}  {seen}{clock}\n")
+}
+
+/// A node not in a formed cluster yet has no members: what it waits for, then itself and the
+/// peers it was started with (`--peers`), each with its link.
+fn not_formed(status: &Value) -> String {
+    let node = status["node"].as_u64().unwrap_or_default();
+    let Some(peers) = status["peers"].as_object() else {
+        // A node from before `peers` was reported.
+        return "members: none yet (not formed)\n".to_string();
+    };
+    let advertise = status["advertise"].as_str().unwrap_or("?");
+    let mut all: BTreeMap<u64, &str> = peers
+        .iter()
+        .filter_map(|(id, addr)| Some((id.parse().ok()?, addr.as_str()?)))
+        .collect();
+    all.insert(node, advertise);
+    let reachable = 1 + all
+        .keys()
+        .filter(|id| status["links"][id.to_string()]["state"] == "connected")
+        .filter(|&&id| id != node)
+        .count();
+    let expect = status["bootstrap_expect"].as_u64().unwrap_or(0);
+    let lowest = all.keys().next().copied().unwrap_or(node);
+    let join =
+        format!("`herald cluster join --node-id {node} --addr {advertise}` through a member");
+    let mut out = match (expect, peers.is_empty()) {
+        (0, true) => format!(
+            "not formed yet: waiting to be joined ({join}), or for `herald cluster init` (a cluster of this node alone, which others then join)\n"
+        ),
+        (0, false) => format!(
+            "not formed yet: waiting for `herald cluster init` (through any of these nodes), or to be joined ({join})\n"
+        ),
+        (_, _) if lowest == node => format!(
+            "not formed yet: this node forms the cluster once {expect} of these nodes answer (--bootstrap-expect {expect}); {reachable} do now\n"
+        ),
+        (_, _) => format!(
+            "not formed yet: node {lowest} forms the cluster once {expect} of these nodes answer (--bootstrap-expect {expect}); this node reaches {reachable} of them (itself included)\n"
+        ),
+    };
+    if peers.is_empty() {
+        out.push_str("members: none yet; no --peers\n");
+    } else {
+        out.push_str("members: none yet; the peers this node was started with (--peers):\n");
+    }
+    for (id, addr) in all {
+        out.push_str(&member_line(status, &id.to_string(), addr));
+    }
+    out
+}
+
 /// The status as a table: members, then one line per group.
 fn render_status(status: &Value) -> String {
     let mut out = String::new();
@@ -234,52 +327,15 @@ fn render_status(status: &Value) -> String {
             signed_seconds(-correction)
         ));
     }
-    out.push_str("members:\n");
-    if let Some(members) = status["members"].as_object() {
-        for (id, addr) in members {
-            let link = &status["links"][id.as_str()];
-            let seen = if id == &status["node"].to_string() {
-                "this node".to_string()
-            } else {
-                match link["state"].as_str() {
-                    Some("connected") => {
-                        let mut seen = match link["rttUs"].as_u64() {
-                            Some(us) => format!("connected, rtt {:.1} ms", us as f64 / 1000.0),
-                            None => "connected".to_string(),
-                        };
-                        // Losses are the exception on a LAN: shown only when there are some.
-                        let datagrams = &link["datagrams"];
-                        if let (Some(lost @ 1..), Some(sent)) =
-                            (datagrams["lost"].as_u64(), datagrams["sent"].as_u64())
-                        {
-                            seen.push_str(&format!(", {lost} of {sent} packets lost"));
-                        }
-                        seen
-                    }
-                    Some("unreachable") => format!(
-                        "UNREACHABLE ({} failed dials): {}",
-                        link["failedDials"],
-                        link["lastError"].as_str().unwrap_or("?")
-                    ),
-                    Some("refused") => {
-                        format!("REFUSED: {}", link["lastError"].as_str().unwrap_or("?"))
-                    }
-                    Some(state) => state.to_string(),
-                    None => "no link".to_string(),
-                }
-            };
-            // Against the cluster's time (this node's, corrected).
-            let clock = match link["clockOffsetMs"].as_i64().map(|o| o - correction) {
-                Some(off) if off.unsigned_abs() > CLOCK_TOLERANCE.as_millis() as u64 => {
-                    format!(", CLOCK {} off", signed_seconds(off))
-                }
-                _ => String::new(),
-            };
-            out.push_str(&format!(
-                "  {id}  {}  {seen}{clock}\n",
-                addr.as_str().unwrap_or("?")
-            ));
+    let members = status["members"].as_object().filter(|m| !m.is_empty());
+    match members {
+        Some(members) => {
+            out.push_str("members:\n");
+            for (id, addr) in members {
+                out.push_str(&member_line(status, id, addr.as_str().unwrap_or("?")));
+            }
         }
+        None => out.push_str(&not_formed(status)),
     }
     out.push_str(
         "group  partition  role       leader  term  last-log  applied  voters      elections (taken over)  lag\n",
@@ -397,6 +453,70 @@ mod tests {
             "{table}"
         );
         assert!(lines[7].contains(" 1 (1) "), "{table}");
+    }
+
+    #[test]
+    fn a_node_not_formed_yet_shows_what_it_waits_for_itself_and_its_peers() {
+        let status = |node: u64, peers: Value, expect: u64, links: Value| {
+            serde_json::json!({
+                "node": node, "formed": false, "epoch": null, "advertise": format!("h{node}:7000"),
+                "peers": peers, "bootstrap_expect": expect, "members": {}, "links": links,
+                "groups": []
+            })
+        };
+        let connected = serde_json::json!({ "state": "connected", "rttUs": 900 });
+        let down = serde_json::json!({ "state": "unreachable", "failedDials": 2,
+                                       "lastError": "no connection to h3:7000 within 2s" });
+        let peers = serde_json::json!({ "1": "h1:7000", "3": "h3:7000" });
+        let links = serde_json::json!({ "1": connected, "3": down });
+        let table = render_status(&status(2, peers.clone(), 3, links.clone()));
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[1],
+            "not formed yet: node 1 forms the cluster once 3 of these nodes answer (--bootstrap-expect 3); this node reaches 2 of them (itself included)",
+            "{table}"
+        );
+        assert_eq!(
+            lines[2], "members: none yet; the peers this node was started with (--peers):",
+            "{table}"
+        );
+        assert_eq!(lines[3], "  1  h1:7000  connected, rtt 0.9 ms", "{table}");
+        assert_eq!(lines[4], "  2  h2:7000  this node", "{table}");
+        assert_eq!(
+            lines[5],
+            "  3  h3:7000  UNREACHABLE (2 failed dials): no connection to h3:7000 within 2s",
+            "{table}"
+        );
+        let peers = serde_json::json!({ "2": "h2:7000", "3": "h3:7000" });
+        let table = render_status(&status(1, peers, 3, serde_json::json!({})));
+        assert!(
+            table.contains("this node forms the cluster once 3 of these nodes answer (--bootstrap-expect 3); 1 do now")
+                && table.contains("  2  h2:7000  no link\n"),
+            "{table}"
+        );
+        let table = render_status(&status(2, peers_of(&[1]), 0, serde_json::json!({})));
+        assert!(
+            table.contains("waiting for `herald cluster init`")
+                && table
+                    .contains("`herald cluster join --node-id 2 --addr h2:7000` through a member"),
+            "{table}"
+        );
+        let table = render_status(&status(4, serde_json::json!({}), 0, serde_json::json!({})));
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[1].starts_with("not formed yet: waiting to be joined"),
+            "{table}"
+        );
+        assert_eq!(lines[2], "members: none yet; no --peers", "{table}");
+        assert_eq!(lines[3], "  4  h4:7000  this node", "{table}");
+    }
+
+    fn peers_of(ids: &[u64]) -> Value {
+        Value::Object(
+            ids.iter()
+                .map(|id| (id.to_string(), Value::from(format!("h{id}:7000"))))
+                .collect(),
+        )
     }
 
     #[test]

@@ -2736,3 +2736,59 @@ fn an_init_of_a_formed_cluster_says_it_is_formed_and_changes_nothing() {
     }
     cluster.wait_converged();
 }
+
+/// `herald cluster status` on a node whose cluster is not formed yet shows what it waits for,
+/// itself, and the peers it was started with, each with its link (it showed an empty member
+/// list: nothing to tell a peer that is down from one that is up).
+#[test]
+fn the_status_of_a_node_not_formed_yet_shows_it_and_its_peers() {
+    let mut cluster = Cluster::start_some(3, 0, &[]);
+    cluster.start_node(1, 0);
+    cluster.start_node(2, 0);
+    let port = |id: u64| cluster.members[id as usize - 1].cluster_port;
+    let want = [
+        format!("  1  127.0.0.1:{}  connected, rtt ", port(1)),
+        format!("  2  127.0.0.1:{}  this node", port(2)),
+        format!("  3  127.0.0.1:{}  UNREACHABLE (", port(3)),
+    ];
+    let mut table = String::new();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !want.iter().all(|line| table.contains(line.as_str())) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "want lines {want:#?} in:\n{table}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let (ok, text) = cluster.cli(2, &["status"]);
+        assert!(ok, "{text}");
+        table = text;
+    }
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("node 2  formed: false"), "{table}");
+    assert!(
+        lines[1].starts_with("not formed yet: waiting for `herald cluster init`")
+            && lines[1].contains(&format!(
+                "herald cluster join --node-id 2 --addr 127.0.0.1:{}",
+                port(2)
+            )),
+        "{table}"
+    );
+    assert_eq!(
+        lines[2], "members: none yet; the peers this node was started with (--peers):",
+        "{table}"
+    );
+    assert!(
+        lines[3..6]
+            .iter()
+            .zip(&want)
+            .all(|(l, w)| l.starts_with(w.as_str())),
+        "{table}"
+    );
+    let status = cluster.status(2).expect("status");
+    assert_eq!(status["bootstrap_expect"], 0, "{status}");
+    assert_eq!(
+        status["peers"].as_object().map(|p| p.len()),
+        Some(2),
+        "{status}"
+    );
+}
