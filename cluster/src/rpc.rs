@@ -345,7 +345,19 @@ struct Slot {
     unanswered_since: Option<Instant>,
     /// When the peer last answered a call (see [`Peers::called_within`]).
     last_answered: Option<Instant>,
+    /// Whether a dial to the peer ever succeeded: the first failure to reach a peer this node
+    /// had a connection to is worth a warning, not the first to reach one that may not be up
+    /// yet (at formation, the nodes start one after another).
+    ever_connected: bool,
+    /// Since when dials to the peer fail (`None` while they do not).
+    failing_since: Option<Instant>,
+    /// Whether the current run of failures has been warned of.
+    warned: bool,
 }
+
+/// Dials to a peer never reached that fail this long are warned of: it should be up by then
+/// (it is logged at info at the first failure, as a peer may simply not have started yet).
+const NEVER_REACHED_WARNING: Duration = Duration::from_secs(60);
 
 /// A peer that has left every call of this node unanswered this long is taken for gone
 /// ([`Peers::is_silent`]): a node that finds every other member so is cut off, and one that
@@ -584,6 +596,8 @@ impl Peers {
             slot.link = Link::Idle;
         }
         slot.failures = 0;
+        slot.failing_since = None;
+        slot.warned = false;
         slot.backoff = self.options.backoff_initial;
         slot.generation += 1;
     }
@@ -649,6 +663,9 @@ impl Peers {
                     generation: 0,
                     unanswered_since: None,
                     last_answered: None,
+                    ever_connected: false,
+                    failing_since: None,
+                    warned: false,
                 }))
             })
             .clone()
@@ -863,8 +880,15 @@ async fn dial(
             .await
             .map(|peer| peer.connection)
             .map_err(|e| e.to_string())?;
-        if let Some(store_ids) = &store_ids {
-            exchange_store_ids(&connection, target, store_ids.as_ref()).await?;
+        if let Some(store_ids) = &store_ids
+            && let Err(reason) = exchange_store_ids(&connection, target, store_ids.as_ref()).await
+        {
+            if crate::transport::refused_as_non_member(&connection) {
+                return Err(format!(
+                    "node {target} refuses this node: {NOT_A_MEMBER} (yet: `herald cluster join` adds it)"
+                ));
+            }
+            return Err(reason);
         }
         Ok(connection)
     };
@@ -887,21 +911,46 @@ async fn dial(
                 if !current {
                     tracing::debug!(peer = target, "a dial given up connected after all: kept");
                 }
-                if slot.failures > 0 {
+                if slot.failures > 0 && slot.ever_connected {
                     tracing::info!(peer = target, "reconnected to node");
+                } else if slot.failures > 0 {
+                    tracing::info!(peer = target, "connected to node");
                 } else {
                     tracing::debug!(peer = target, "connected to node");
                 }
                 slot.link = Link::Connected(connection.clone());
                 slot.failures = 0;
+                slot.ever_connected = true;
+                slot.failing_since = None;
+                slot.warned = false;
                 slot.backoff = options.backoff_initial;
             }
             Ok(_) => tracing::debug!(peer = target, "dial outcome superseded by another dial"),
             Err(_) if !current => {}
             Err(reason) => {
                 slot.failures += 1;
-                if slot.failures == 1 {
+                let failing = slot
+                    .failing_since
+                    .get_or_insert_with(Instant::now)
+                    .elapsed();
+                // Refused as a non-member: this node waits to be joined (or was removed).
+                let not_member = reason.contains(NOT_A_MEMBER);
+                if slot.failures == 1 && slot.ever_connected && !not_member {
+                    slot.warned = true;
                     tracing::warn!(peer = target, %reason, "cannot connect to node");
+                } else if slot.failures == 1 {
+                    // Not up yet, most likely (nodes start one after another), or this node
+                    // not joined yet.
+                    tracing::info!(peer = target, %reason, "cannot connect to node yet");
+                } else if !slot.warned && !not_member && failing >= NEVER_REACHED_WARNING {
+                    slot.warned = true;
+                    tracing::warn!(
+                        peer = target,
+                        %reason,
+                        failures = slot.failures,
+                        "still cannot connect to node {target} after {} s: is it running, at the address this node has for it?",
+                        failing.as_secs()
+                    );
                 } else {
                     tracing::debug!(peer = target, %reason, failures = slot.failures, "cannot connect to node");
                 }
@@ -915,6 +964,9 @@ async fn dial(
     }
     outcome.send_replace(Some(result));
 }
+
+/// What a dial refused by a peer because this node is not a member says.
+const NOT_A_MEMBER: &str = "not a member of its cluster";
 
 /// A new connection's first exchange: this node's store id for the peer's, which `store_ids`
 /// judges. A node from before the exchange answers with an error: it is not checked.

@@ -87,11 +87,23 @@ pub struct PeerConnection {
 /// Decides which node ids may connect (the current members).
 pub type PeerFilter = Arc<dyn Fn(NodeId) -> bool + Send + Sync>;
 
+/// The application close code of a connection refused because its node is not a member;
+/// the dialer reads it to say so ([`refused_as_non_member`]).
+pub const CLOSE_NOT_A_MEMBER: u32 = 3;
+
+/// How often at most a node logs that it refused connections of the same non-member: one
+/// waiting to be joined (or removed, and still running) dials every couple of seconds.
+const NON_MEMBER_LOG_EVERY: Duration = Duration::from_secs(600);
+
+/// When this node last logged a refusal of each non-member.
+type Refusals = Arc<parking_lot::Mutex<std::collections::HashMap<NodeId, std::time::Instant>>>;
+
 /// This node's QUIC endpoint.
 pub struct Transport {
     endpoint: quinn::Endpoint,
     identity: NodeIdentity,
     allowed: PeerFilter,
+    refusals: Refusals,
 }
 
 impl Transport {
@@ -130,6 +142,7 @@ impl Transport {
             endpoint,
             identity,
             allowed,
+            refusals: Refusals::default(),
         })
     }
 
@@ -175,6 +188,7 @@ impl Transport {
         Some(IncomingPeer {
             incoming,
             allowed: self.allowed.clone(),
+            refusals: self.refusals.clone(),
         })
     }
 
@@ -198,6 +212,7 @@ impl Transport {
 pub struct IncomingPeer {
     incoming: quinn::Incoming,
     allowed: PeerFilter,
+    refusals: Refusals,
 }
 
 impl std::fmt::Debug for IncomingPeer {
@@ -215,8 +230,10 @@ impl IncomingPeer {
     }
 
     /// Completes the handshake and checks the dialer's certificate names a member node.
-    /// Refusals are logged with the reason and returned as errors. A handshake that stalls
-    /// ends after the transport's idle timeout.
+    /// Refusals are returned as errors and logged with the reason: at WARN when something is
+    /// wrong (a certificate of no node, a failed TLS verification), lower for what happens
+    /// as nodes come and go (a dialer that gave up its handshake, a node waiting to be
+    /// joined). A handshake that stalls ends after the transport's idle timeout.
     pub async fn authenticate(self) -> Result<PeerConnection, TransportError> {
         let addr = self.incoming.remote_address();
         let refused = |reason: String| {
@@ -225,6 +242,13 @@ impl IncomingPeer {
         };
         let connection = match self.incoming.await {
             Ok(connection) => connection,
+            Err(error) if dialer_gave_up(&error) => {
+                // A dial given up (its timeout, or the dialer found this node had dialed in),
+                // or a dialer stopped: its side says why, if anything is wrong.
+                let reason = format!("handshake ended by the dialer: {error}");
+                tracing::debug!(%addr, %reason, "no cluster connection");
+                return Err(TransportError::Refused { addr, reason });
+            }
             Err(error) => return Err(refused(format!("handshake failed: {error}"))),
         };
         match peer_id(&connection) {
@@ -233,14 +257,61 @@ impl IncomingPeer {
                 Err(refused("its certificate names no node".into()))
             }
             Some(peer) if !(self.allowed)(peer) => {
-                connection.close(3u32.into(), b"not a member");
-                Err(refused(format!(
-                    "node {peer} is not a member of this cluster"
-                )))
+                connection.close(CLOSE_NOT_A_MEMBER.into(), b"not a member");
+                let reason = format!("node {peer} is not a member of this cluster");
+                // A node waiting for `herald cluster join` (or a member that has not applied
+                // the join yet), or a removed one still running: logged now and then.
+                let now = std::time::Instant::now();
+                let log = {
+                    let mut refusals = self.refusals.lock();
+                    let due = refusals
+                        .get(&peer)
+                        .is_none_or(|at| now.duration_since(*at) >= NON_MEMBER_LOG_EVERY);
+                    if due {
+                        refusals.insert(peer, now);
+                    }
+                    due
+                };
+                if log {
+                    tracing::info!(
+                        %addr,
+                        "refused a cluster connection from node {peer}: not a member of this cluster (a node waiting for `herald cluster join`, or one removed; logged once every {} minutes)",
+                        NON_MEMBER_LOG_EVERY.as_secs() / 60
+                    );
+                } else {
+                    tracing::debug!(%addr, %reason, "refused a cluster connection");
+                }
+                Err(TransportError::Refused { addr, reason })
             }
             Some(peer) => Ok(PeerConnection { peer, connection }),
         }
     }
+}
+
+/// Whether a handshake ended because the dialer ended it (closed it, or went silent): a
+/// dial given up, a node stopped mid-handshake. A TLS failure is not one.
+fn dialer_gave_up(error: &quinn::ConnectionError) -> bool {
+    match error {
+        quinn::ConnectionError::ApplicationClosed(_)
+        | quinn::ConnectionError::Reset
+        | quinn::ConnectionError::TimedOut
+        | quinn::ConnectionError::LocallyClosed => true,
+        // An application closing during the handshake is sent as this transport code.
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            close.error_code == quinn::TransportErrorCode::APPLICATION_ERROR
+        }
+        _ => false,
+    }
+}
+
+/// Whether `connection` was closed by its peer because this node is not a member of the
+/// peer's cluster ([`CLOSE_NOT_A_MEMBER`]).
+pub fn refused_as_non_member(connection: &quinn::Connection) -> bool {
+    matches!(
+        connection.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(close))
+            if close.error_code == quinn::VarInt::from_u32(CLOSE_NOT_A_MEMBER)
+    )
 }
 
 /// The node id the peer's certificate names.

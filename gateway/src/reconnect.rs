@@ -160,6 +160,9 @@ impl Reconnect {
         let skips = skips_tx.subscribe();
         tokio::spawn(async move {
             let mut without_quorum: Option<tokio::time::Instant> = None;
+            // Whether this node has had a quorum since it started: one that has not (it just
+            // joined, or restarted and is catching up) has lost nothing.
+            let mut had_quorum = false;
             let mut detector = SkipDetector::new(delivered.len());
             let mut ticker = tokio::time::interval(CHECK_EVERY);
             loop {
@@ -201,6 +204,7 @@ impl Reconnect {
                         let _ = cut_off_tx.send(Some(Reason::Removed));
                     }
                 } else if !node.is_formed() || (node.has_quorum() && node.reaches_majority()) {
+                    had_quorum |= node.is_formed();
                     without_quorum = None;
                     cut_off_tx.send_if_modified(|v| v.take().is_some());
                 } else {
@@ -209,9 +213,15 @@ impl Reconnect {
                     // elsewhere looks like that): now; otherwise after CUT_OFF_AFTER.
                     let cut_off = since.elapsed() >= CUT_OFF_AFTER || !node.reaches_majority();
                     if cut_off && cut_off_tx.borrow().is_none() {
-                        tracing::warn!(
-                            "this node has lost its quorum: telling streaming and subscribed clients to reconnect elsewhere"
-                        );
+                        if had_quorum {
+                            tracing::warn!(
+                                "this node has lost its quorum: telling streaming and subscribed clients to reconnect elsewhere"
+                            );
+                        } else {
+                            tracing::info!(
+                                "this node has no quorum yet (it is catching up after a join or a restart, or its members are not up): telling streaming and subscribed clients to connect elsewhere until it has"
+                            );
+                        }
                         let _ = cut_off_tx.send(Some(Reason::NoQuorum));
                     }
                 }

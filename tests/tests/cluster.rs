@@ -2792,3 +2792,111 @@ fn the_status_of_a_node_not_formed_yet_shows_it_and_its_peers() {
         "{status}"
     );
 }
+
+/// A healthy formation by `--bootstrap-expect`, of nodes started a few seconds apart (longer
+/// than a dial's timeout, so that the first node's first dials to the others fail), logs no
+/// WARN and no ERROR line on any node. (Each node warned that it could not connect to a node
+/// not started yet, and of the handshakes its peers gave up.)
+#[test]
+fn a_formation_of_nodes_started_one_after_another_logs_no_warning_or_error() {
+    let mut cluster = Cluster::start_some(3, 0, &[]);
+    for id in 1..=3 {
+        if id > 1 {
+            std::thread::sleep(Duration::from_millis(2500));
+        }
+        cluster.start_node(id, 3);
+    }
+    cluster.wait_converged();
+    // Whatever follows a formation (placement rounds, clocks) has a second to show.
+    std::thread::sleep(Duration::from_secs(1));
+    for id in 1..=3 {
+        let log = cluster.node(id).log();
+        assert!(
+            warnings_and_errors(&log).is_empty(),
+            "node {id} warned during a healthy formation:\n{log}"
+        );
+    }
+}
+
+/// A cluster formed by hand, as an operator does it: node 1 alone (`--peers` naming itself),
+/// `herald cluster init`, then nodes 2 and 3, each started with `--peers` naming node 1 and
+/// itself and joined with `herald cluster join` a few seconds later, logs no WARN and no ERROR
+/// line on any node. (A node waiting to be joined dials its peers, which refused it with a
+/// WARN on each attempt, and it warned that it could not connect.)
+#[test]
+fn a_cluster_formed_by_init_and_joins_logs_no_warning_or_error() {
+    use herald_tests::cluster::{certs, free_udp_port, get_json};
+    use herald_tests::{Herald, scratch_dir};
+    let tls = scratch_dir("init-join-tls");
+    let tls = tls.to_str().unwrap();
+    certs(&["init", "--dir", tls, "--issue", "1,2,3"]);
+    let ports: Vec<u16> = (0..3).map(|_| free_udp_port()).collect();
+    let addr = |id: usize| format!("127.0.0.1:{}", ports[id - 1]);
+    let start = |id: usize, peers: &str| {
+        let node_id = id.to_string();
+        let cluster_addr = addr(id);
+        let args = [
+            "--node-id",
+            &node_id,
+            "--cluster-addr",
+            &cluster_addr,
+            "--peers",
+            peers,
+            "--tls-dir",
+            tls,
+            "--partitions",
+            "4",
+        ];
+        Herald::start_in(scratch_dir(&format!("init-join-{id}")), &args, &[])
+    };
+    let cli = |node: &Herald, args: &[&str]| {
+        let output = std::process::Command::new(herald_tests::herald_binary())
+            .arg("cluster")
+            .args(args)
+            .arg("--http")
+            .arg(node.http.to_string())
+            .output()
+            .expect("run herald cluster");
+        let text = String::from_utf8_lossy(&output.stdout).to_string()
+            + &String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "herald cluster {args:?}: {text}");
+    };
+    let mut nodes = vec![start(1, &format!("1@{}", addr(1)))];
+    cli(&nodes[0], &["init"]);
+    for id in [2, 3] {
+        nodes.push(start(id, &format!("1@{},{id}@{}", addr(1), addr(id))));
+        // Long enough for the new node to dial node 1 and be refused, as it is until joined.
+        std::thread::sleep(Duration::from_secs(2));
+        cli(
+            &nodes[0],
+            &["join", "--node-id", &id.to_string(), "--addr", &addr(id)],
+        );
+    }
+    // Every node formed, with a leader for every group, which every node names alike.
+    let converged = || {
+        let views: Vec<Option<Vec<Value>>> = nodes
+            .iter()
+            .map(|node| {
+                let status = get_json(node, "/api/cluster/status")?;
+                let groups = status["groups"].as_array()?;
+                (status["formed"] == true
+                    && status["members"].as_object()?.len() == 3
+                    && groups.iter().all(|g| g["leader"].is_u64()))
+                .then(|| groups.iter().map(|g| g["leader"].clone()).collect())
+            })
+            .collect();
+        views.iter().all(Option::is_some) && views.windows(2).all(|w| w[0] == w[1])
+    };
+    herald_tests::wait_until("the three nodes form one cluster", converged);
+    std::thread::sleep(Duration::from_secs(1));
+    for (id, node) in nodes.iter().enumerate() {
+        let log = node.log();
+        assert!(
+            warnings_and_errors(&log).is_empty(),
+            "node {} warned while the cluster was formed by hand:\n{log}",
+            id + 1
+        );
+    }
+    drop(nodes);
+    let _ = std::fs::remove_dir_all(tls);
+}
