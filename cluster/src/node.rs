@@ -772,15 +772,7 @@ impl ClusterNode {
     /// Whether every group, the meta group and each partition's, has a membership on this
     /// node: it was created, and this node is in it.
     fn every_group_created(&self) -> bool {
-        self.inner.groups.iter().all(|raft| {
-            raft.metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .nodes()
-                .next()
-                .is_some()
-        })
+        self.inner.groups.iter().all(has_membership)
     }
 
     async fn call(
@@ -817,6 +809,17 @@ impl ClusterNode {
     fn gate(&self, group: GroupId) -> Option<&Arc<PartitionGate>> {
         self.inner.gates.get(usize::from(group_partition(group)?))
     }
+}
+
+/// Whether `raft`'s group was created on this node: its membership names a node.
+pub(crate) fn has_membership(raft: &Raft<TypeConfig>) -> bool {
+    raft.metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .nodes()
+        .next()
+        .is_some()
 }
 
 fn raft_error<E: std::error::Error>(error: RaftError<NodeId, E>) -> ProposeError {

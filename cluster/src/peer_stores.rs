@@ -172,15 +172,7 @@ impl PeerStores {
 
     /// Whether this node knows the cluster's membership (the meta group has one).
     fn membership_known(&self) -> bool {
-        self.meta.get().is_some_and(|meta| {
-            meta.metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .nodes()
-                .next()
-                .is_some()
-        })
+        self.meta.get().is_some_and(crate::node::has_membership)
     }
 
     /// Whether `peer` is a member, as far as this node knows (`true` before it knows any).

@@ -403,20 +403,26 @@ impl RawConn {
                 String::from_utf8_lossy(suffix),
                 String::from_utf8_lossy(&self.buffer)
             );
-            let mut chunk = [0u8; 65536];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => panic!(
-                    "connection closed; got {:?}",
-                    String::from_utf8_lossy(&self.buffer)
-                ),
-                Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
-                Err(e) => panic!(
-                    "read failed ({e}); got {:?}",
-                    String::from_utf8_lossy(&self.buffer)
-                ),
-            }
+            self.read_more();
         }
         std::mem::take(&mut self.buffer)
+    }
+
+    /// Appends what the connection has next to the buffer; panics (with what was received)
+    /// when it closes or fails.
+    fn read_more(&mut self) {
+        let mut chunk = [0u8; 65536];
+        match self.stream.read(&mut chunk) {
+            Ok(0) => panic!(
+                "connection closed; got {:?}",
+                String::from_utf8_lossy(&self.buffer)
+            ),
+            Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!(
+                "read failed ({e}); got {:?}",
+                String::from_utf8_lossy(&self.buffer)
+            ),
+        }
     }
 
     /// Reads until the received bytes hold `needle`; returns them up to and including its
@@ -433,18 +439,7 @@ impl RawConn {
                 String::from_utf8_lossy(needle),
                 String::from_utf8_lossy(&self.buffer)
             );
-            let mut chunk = [0u8; 65536];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => panic!(
-                    "connection closed; got {:?}",
-                    String::from_utf8_lossy(&self.buffer)
-                ),
-                Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
-                Err(e) => panic!(
-                    "read failed ({e}); got {:?}",
-                    String::from_utf8_lossy(&self.buffer)
-                ),
-            }
+            self.read_more();
         }
     }
 

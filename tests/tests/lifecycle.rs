@@ -433,6 +433,27 @@ fn a_closed_stderr_is_not_a_crash() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// `herald serve` as node 1 of a cluster whose `tls_dir` holds no certificates (a start that
+/// is refused).
+fn serve_without_certificates(
+    data_dir: &std::path::Path,
+    tls_dir: &std::path::Path,
+) -> std::process::Command {
+    let mut command = serve_on_ephemeral_ports();
+    command
+        .args([
+            "--node-id",
+            "1",
+            "--cluster-addr",
+            "127.0.0.1:0",
+            "--tls-dir",
+        ])
+        .arg(tls_dir)
+        .arg("--data-dir")
+        .arg(data_dir);
+    command
+}
+
 /// A start that fails with nobody reading stderr (`2>&-`, a supervisor's log pipe gone) exits
 /// 1, the failure's code, not 101 from a panic while saying why.
 #[test]
@@ -441,17 +462,7 @@ fn a_refused_start_with_a_closed_stderr_exits_1() {
     drop(reader);
     let data_dir = scratch_dir("closed-stderr-refused");
     let tls_dir = scratch_dir("closed-stderr-refused-tls");
-    let status = serve_on_ephemeral_ports()
-        .args([
-            "--node-id",
-            "1",
-            "--cluster-addr",
-            "127.0.0.1:0",
-            "--tls-dir",
-        ])
-        .arg(&tls_dir)
-        .arg("--data-dir")
-        .arg(&data_dir)
+    let status = serve_without_certificates(&data_dir, &tls_dir)
         .stdout(std::process::Stdio::null())
         .stderr(writer)
         .status()
@@ -465,17 +476,7 @@ fn a_refused_start_with_a_closed_stderr_exits_1() {
 fn missing_certificates_say_how_to_make_them() {
     let data_dir = scratch_dir("no-certs");
     let tls_dir = scratch_dir("no-certs-tls");
-    let output = serve_on_ephemeral_ports()
-        .args([
-            "--node-id",
-            "1",
-            "--cluster-addr",
-            "127.0.0.1:0",
-            "--tls-dir",
-        ])
-        .arg(&tls_dir)
-        .arg("--data-dir")
-        .arg(&data_dir)
+    let output = serve_without_certificates(&data_dir, &tls_dir)
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));

@@ -249,15 +249,7 @@ impl ClusterNode {
             .groups
             .iter()
             .enumerate()
-            .filter(|(_, raft)| {
-                raft.metrics()
-                    .borrow()
-                    .membership_config
-                    .membership()
-                    .nodes()
-                    .next()
-                    .is_none()
-            })
+            .filter(|(_, raft)| !super::has_membership(raft))
             .filter_map(|(group, _)| group_partition(group as GroupId))
             .collect();
         if missing.is_empty() {
