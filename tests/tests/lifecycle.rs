@@ -233,7 +233,10 @@ fn settings_come_from_flags_then_environment_then_file() {
 #[test]
 fn the_log_setting_wins_over_rust_log() {
     let node = Herald::start_configured(&[], &[("RUST_LOG", "off")]);
-    assert!(node.log().contains("herald node ready"), "{}", node.log());
+    // The node answers before the thread reading its stderr has necessarily read that line.
+    herald_tests::wait_until("the node logs that it is ready", || {
+        node.log().contains("herald node ready")
+    });
 }
 
 /// A log filter that names no level (`verbose`, a typo of `info`) is refused at start-up in
