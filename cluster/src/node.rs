@@ -746,9 +746,15 @@ impl ClusterNode {
     /// Forms a cluster of this node and `peers` now (hand operation), without waiting for
     /// a bootstrap count. On a cluster already formed it changes nothing and says so
     /// ([`InitError::AlreadyFormed`]), unless partitions were left uncreated there (a
-    /// formation cut short, or an init while their voters were down): it creates those.
+    /// formation cut short, or an init while their voters were down): it creates those that
+    /// no member has a log for, over the current members, and fails without a change when a
+    /// member does not answer.
     pub async fn init(&self) -> Result<(), InitError> {
-        if self.is_formed() && self.every_group_created() {
+        if self.is_formed() {
+            let missing = self.partitions_without_membership();
+            if !missing.is_empty() && !self.create_uncreated_partitions(missing).await?.is_empty() {
+                return Ok(());
+            }
             let members = self
                 .members()
                 .iter()
@@ -767,12 +773,6 @@ impl ClusterNode {
         let mut members = self.inner.static_peers.clone();
         members.insert(self.inner.id, self.inner.advertise.clone());
         Ok(self.form(members).await?)
-    }
-
-    /// Whether every group, the meta group and each partition's, has a membership on this
-    /// node: it was created, and this node is in it.
-    fn every_group_created(&self) -> bool {
-        self.inner.groups.iter().all(has_membership)
     }
 
     async fn call(

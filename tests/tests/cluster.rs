@@ -2096,6 +2096,38 @@ async fn a_formation_cut_short_is_finished_by_the_meta_leader() {
     );
 }
 
+/// `herald cluster init` on a formed cluster whose partitions were never created (a formation
+/// cut short, as above) creates them, over the cluster's members, as the meta leader would ten
+/// seconds later; it says it changed nothing only when nothing was missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_init_creates_the_partitions_of_a_formation_cut_short() {
+    // Inherited by the nodes; only the forming node acts on it. Each test is a process.
+    unsafe { std::env::set_var("HERALD_TEST_FORMATION_STOPS_AFTER_INIT", "1") };
+    let mut cluster = Cluster::start_some(3, 0, &[]);
+    for id in [2, 3, 1] {
+        cluster.start_node(id, 3);
+    }
+    herald_tests::wait_until("the forming node stopped after Init", || {
+        cluster
+            .node(1)
+            .log()
+            .contains("partitions left uninitialised")
+    });
+    let (ok, text) = cluster.cli(2, &["init"]);
+    assert!(ok, "init failed: {text}");
+    cluster.wait_converged();
+    for i in 0..8 {
+        publish_until_acked(&cluster, 1 + i % 3, &format!("created:{i}"), "x").await;
+    }
+    let log = cluster.node(2).log();
+    assert!(
+        log.contains("creating the partitions no member has a log for"),
+        "{log}"
+    );
+    let (ok, text) = cluster.cli(2, &["init"]);
+    assert!(!ok && text.contains("already formed"), "{text}");
+}
+
 /// A member that was down while big events were published catches up: AppendEntries carry
 /// at most about 1 MiB of entries each. openraft sent up to 300 entries at once (19 MiB of
 /// 64 KiB events) and gave each request the heartbeat interval to be answered: the request

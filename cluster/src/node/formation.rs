@@ -244,34 +244,14 @@ impl ClusterNode {
         if !self.is_formed() || meta.metrics().borrow().current_leader != Some(self.inner.id) {
             return 0;
         }
-        let missing: Vec<Partition> = self
-            .inner
-            .groups
-            .iter()
-            .enumerate()
-            .filter(|(_, raft)| !super::has_membership(raft))
-            .filter_map(|(group, _)| group_partition(group as GroupId))
-            .collect();
+        let missing = self.partitions_without_membership();
         if missing.is_empty() {
             return 0;
         }
         if rounds + 1 < FORMATION_REPAIR_ROUNDS {
             return rounds + 1;
         }
-        // Only groups that no member has a log for were never initialised: elsewhere this
-        // node may simply not have been added yet (a join under way).
-        let members = self.members();
-        let ids: Vec<NodeId> = members.keys().copied().collect();
-        let mut never = Vec::new();
-        for partition in missing {
-            let group = partition_group(partition);
-            let answers = self
-                .probe_voters(group, &ids, None, Duration::from_secs(1))
-                .await;
-            if answers.len() == ids.len() && answers.iter().all(|(_, p)| p.last_log.is_none()) {
-                never.push(partition);
-            }
-        }
+        let (never, _) = self.never_initialised(missing).await;
         if never.is_empty() {
             return 0;
         }
@@ -279,7 +259,66 @@ impl ClusterNode {
             partitions = ?never,
             "partitions no member has a log for: the cluster's formation was cut short; initialising them"
         );
-        self.init_partitions(&members, never.into_iter()).await;
+        self.init_partitions(&self.members(), never.into_iter())
+            .await;
         0
+    }
+
+    /// The partition groups this node has no membership for (not created, or this node not
+    /// added yet).
+    pub(super) fn partitions_without_membership(&self) -> Vec<Partition> {
+        self.inner
+            .groups
+            .iter()
+            .enumerate()
+            .filter(|(_, raft)| !super::has_membership(raft))
+            .filter_map(|(group, _)| group_partition(group as GroupId))
+            .collect()
+    }
+
+    /// Which of `partitions` were never initialised: every member answers and none has a log
+    /// for the group. Elsewhere this node may simply not have been added yet (a join under
+    /// way). Also returns those some member did not answer about.
+    async fn never_initialised(
+        &self,
+        partitions: Vec<Partition>,
+    ) -> (Vec<Partition>, Vec<Partition>) {
+        let ids: Vec<NodeId> = self.members().keys().copied().collect();
+        let (mut never, mut unknown) = (Vec::new(), Vec::new());
+        for partition in partitions {
+            let group = partition_group(partition);
+            let answers = self
+                .probe_voters(group, &ids, None, Duration::from_secs(1))
+                .await;
+            if answers.len() < ids.len() {
+                unknown.push(partition);
+            } else if answers.iter().all(|(_, p)| p.last_log.is_none()) {
+                never.push(partition);
+            }
+        }
+        (never, unknown)
+    }
+
+    /// `herald cluster init` on a formed cluster some of whose partition groups this node has
+    /// no membership for: creates those no member has a log for, over the cluster's current
+    /// members (not this node's `--peers`, which joins and removals may have left behind:
+    /// placing a group over them could start it on a node that is not a member, or on this
+    /// node alone while it is still being added). Returns the partitions created.
+    pub(super) async fn create_uncreated_partitions(
+        &self,
+        missing: Vec<Partition>,
+    ) -> Result<Vec<Partition>, ProposeError> {
+        let (never, unknown) = self.never_initialised(missing).await;
+        if !unknown.is_empty() {
+            return Err(ProposeError::Failed(format!(
+                "not every member answered about partitions {unknown:?}, so whether they were ever created is unknown; nothing was changed: run `herald cluster init` again once every member is up"
+            )));
+        }
+        if !never.is_empty() {
+            tracing::info!(partitions = ?never, "`herald cluster init`: creating the partitions no member has a log for");
+            self.init_partitions(&self.members(), never.iter().copied())
+                .await;
+        }
+        Ok(never)
     }
 }
