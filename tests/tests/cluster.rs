@@ -2065,16 +2065,12 @@ async fn a_second_process_with_a_members_id_does_not_cut_the_member_off() {
     .await;
 }
 
-/// A formation cut short between the cluster's Init and the partitions' initialisation (the
-/// forming node killed in those milliseconds; here a test-only fault stops it there) left a
-/// cluster that said it was formed but whose partitions never had a voter: not ready, for
-/// good, whatever was restarted. The meta leader finishes the formation.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_formation_cut_short_is_finished_by_the_meta_leader() {
+/// Three nodes formed by --bootstrap-expect whose forming node (1) stops after the cluster's
+/// Init, leaving every partition uncreated (a test-only fault, as if it died there).
+fn a_cluster_whose_formation_stops_after_init() -> Cluster {
     // Inherited by the nodes; only the forming node acts on it. Each test is a process.
     unsafe { std::env::set_var("HERALD_TEST_FORMATION_STOPS_AFTER_INIT", "1") };
-    let cluster = Cluster::start_some(3, 0, &[]);
-    let mut cluster = cluster;
+    let mut cluster = Cluster::start_some(3, 0, &[]);
     for id in [2, 3, 1] {
         cluster.start_node(id, 3);
     }
@@ -2084,6 +2080,16 @@ async fn a_formation_cut_short_is_finished_by_the_meta_leader() {
             .log()
             .contains("partitions left uninitialised")
     });
+    cluster
+}
+
+/// A formation cut short between the cluster's Init and the partitions' initialisation (the
+/// forming node killed in those milliseconds; here a test-only fault stops it there) left a
+/// cluster that said it was formed but whose partitions never had a voter: not ready, for
+/// good, whatever was restarted. The meta leader finishes the formation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_formation_cut_short_is_finished_by_the_meta_leader() {
+    let cluster = a_cluster_whose_formation_stops_after_init();
     // Converged: every group has a leader every node agrees on.
     cluster.wait_converged();
     for i in 0..8 {
@@ -2101,18 +2107,7 @@ async fn a_formation_cut_short_is_finished_by_the_meta_leader() {
 /// seconds later; it says it changed nothing only when nothing was missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_init_creates_the_partitions_of_a_formation_cut_short() {
-    // Inherited by the nodes; only the forming node acts on it. Each test is a process.
-    unsafe { std::env::set_var("HERALD_TEST_FORMATION_STOPS_AFTER_INIT", "1") };
-    let mut cluster = Cluster::start_some(3, 0, &[]);
-    for id in [2, 3, 1] {
-        cluster.start_node(id, 3);
-    }
-    herald_tests::wait_until("the forming node stopped after Init", || {
-        cluster
-            .node(1)
-            .log()
-            .contains("partitions left uninitialised")
-    });
+    let cluster = a_cluster_whose_formation_stops_after_init();
     let (ok, text) = cluster.cli(2, &["init"]);
     assert!(ok, "init failed: {text}");
     cluster.wait_converged();
