@@ -514,7 +514,9 @@ impl ClusterNode {
             .iter()
             .enumerate()
             .find_map(|(group, raft)| {
-                let what = match group_partition(group as GroupId) {
+                // Named only when something is wrong: this runs for every group on each
+                // readiness look (`/ready`, `/metrics`, the streams' quorum watch).
+                let what = || match group_partition(group as GroupId) {
                     None => "the meta group".to_string(),
                     Some(partition) => format!("partition {partition}"),
                 };
@@ -524,24 +526,28 @@ impl ClusterNode {
                     (ServerState::Leader, _) => match m.millis_since_quorum_ack {
                         Some(ms) if ms < 2_000 => None,
                         Some(ms) => Some(format!(
-                            "no quorum: this node leads {what}, but no majority of its voters \
-                             has answered for {ms} ms"
+                            "no quorum: this node leads {}, but no majority of its voters \
+                             has answered for {ms} ms",
+                            what()
                         )),
                         None => Some(format!(
-                            "no quorum: this node leads {what}, but no majority of its voters \
-                             has answered yet"
+                            "no quorum: this node leads {}, but no majority of its voters \
+                             has answered yet",
+                            what()
                         )),
                     },
                     (_, None) => Some(format!(
-                        "no quorum: {what} has no leader (an election is under way, or too few \
-                         of its voters are reachable)"
+                        "no quorum: {} has no leader (an election is under way, or too few \
+                         of its voters are reachable)",
+                        what()
                     )),
                     (_, Some(leader)) => {
                         let silence = self.inner.contact.silence(group);
                         (silence >= silent).then(|| {
                             format!(
                                 "no quorum: this node has not heard from node {leader}, the \
-                                 leader of {what}, for {} ms",
+                                 leader of {}, for {} ms",
+                                what(),
                                 silence.as_millis()
                             )
                         })
