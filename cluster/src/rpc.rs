@@ -306,6 +306,38 @@ impl From<&String> for PeerAddr {
     }
 }
 
+/// What is wrong with `addr` as a member's cluster address (`HOST:PORT`), if anything: a DNS
+/// name (letters, digits, `-`, `_`, `.`), an IPv4 address or a bracketed IPv6 one, and a port
+/// from 1 to 65535. Members dial it as given, so a typo (`a:1;b:2`, a space, port 0) would make
+/// a member that never answers; `--peers` and `herald cluster join` both check with this.
+pub fn address_problem(addr: &str) -> Option<&'static str> {
+    if addr.parse::<SocketAddr>().is_ok() {
+        return None;
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Some("the address must be HOST:PORT");
+    };
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(inner) => inner.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        }
+    };
+    if !host_ok {
+        return Some(
+            "the address must be HOST:PORT, with a host name, an IPv4 address or a bracketed IPv6 one",
+        );
+    }
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => Some("the port must be a number from 1 to 65535"),
+        Ok(_) => None,
+    }
+}
+
 impl std::fmt::Display for PeerAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -125,36 +125,14 @@ pub fn parse_peers(entries: &[String]) -> Result<BTreeMap<u64, String>> {
         let id: u64 = id
             .parse()
             .map_err(|_| anyhow!("invalid peer '{entry}': '{id}' is not a node id"))?;
-        let port = addr
-            .rsplit_once(':')
-            .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)));
-        match port {
-            Some((host, port)) if port != 0 && valid_host(host) => {}
-            _ => bail!(
-                "invalid peer '{entry}': '{addr}' is not HOST:PORT (a host name, an IPv4 \
-                 address or a bracketed IPv6 one, and a port from 1 to 65535); separate peers \
-                 with ','"
-            ),
+        if let Some(problem) = herald_cluster::rpc::address_problem(addr) {
+            bail!("invalid peer '{entry}': {problem}; separate peers with ','");
         }
         if peers.insert(id, addr.to_string()).is_some() {
             bail!("invalid peers: node {id} is listed twice");
         }
     }
     Ok(peers)
-}
-
-/// Whether `host` can name a peer: a DNS name (letters, digits, `-`, `_`, `.`), an IPv4
-/// address or a bracketed IPv6 one. What else slipped through (`a;b`, a space, an empty host)
-/// was taken as a name and failed later with a resolver error far from the mistake.
-fn valid_host(host: &str) -> bool {
-    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        return inner.parse::<std::net::Ipv6Addr>().is_ok();
-    }
-    !host.is_empty()
-        && host.len() <= 253
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 impl NodeConfig {

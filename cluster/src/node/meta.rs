@@ -12,24 +12,6 @@ use openraft::{BasicNode, ChangeMembers};
 use super::{ClusterNode, raft_error};
 use crate::message::{AppRequest, AppResponse, ProposeError};
 
-/// What is wrong with `addr` as a member's cluster address (`host:port`), if anything: it is
-/// dialed as given, so a typo would make a member that never answers.
-fn join_address_problem(addr: &str) -> Option<&'static str> {
-    if addr.parse::<std::net::SocketAddr>().is_ok() {
-        return None;
-    }
-    let Some((host, port)) = addr.rsplit_once(':') else {
-        return Some("the address must be HOST:PORT");
-    };
-    if host.is_empty() || host.contains(char::is_whitespace) {
-        return Some("the address must be HOST:PORT, with a host name or IP address");
-    }
-    match port.parse::<u16>() {
-        Ok(0) | Err(_) => Some("the port must be a number from 1 to 65535"),
-        Ok(_) => None,
-    }
-}
-
 /// How long a join asks a node that does not answer for its partition count before it joins
 /// it unchecked (then checked before it becomes a voter). A call on the connection to a node
 /// that restarted since (as after a refused join: wiped, started with the right count) took
@@ -71,7 +53,7 @@ impl ClusterNode {
         let meta = &self.inner.groups[usize::from(META_GROUP)];
         let result = match request {
             AppRequest::Join { node, addr } => {
-                if let Some(problem) = join_address_problem(&addr) {
+                if let Some(problem) = crate::rpc::address_problem(&addr) {
                     return Err(ProposeError::Failed(format!(
                         "cannot join node {node} at {addr:?}: {problem}"
                     )));
