@@ -854,8 +854,12 @@ impl Broker {
                     Applied::New(event) => event.position,
                     Applied::Duplicate(position) => *position,
                 };
-                if let Some(mark) = self.acked.get(usize::from(position.partition)) {
-                    mark.fetch_max(position.seq, Ordering::SeqCst);
+                // Read only by `caught_up`, which a single node skips (it answers after
+                // applying).
+                if let (Log::Cluster(_), Some(mark)) =
+                    (&self.log, self.acked.get(usize::from(position.partition)))
+                {
+                    mark.fetch_max(position.seq, Ordering::Relaxed);
                 }
                 Ok(match applied {
                     Applied::New(event) => {
@@ -895,7 +899,7 @@ impl Broker {
             let Some(mark) = self.acked.get(usize::from(partition)) else {
                 continue;
             };
-            let target = mark.load(Ordering::SeqCst);
+            let target = mark.load(Ordering::Relaxed);
             // A snapshot installed from the leader moves the store but not the delivered
             // marks, so the store is looked at again every `CAUGHT_UP_POLL`.
             while self.store.latest_seq(partition) < target {

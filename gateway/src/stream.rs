@@ -146,13 +146,16 @@ impl EventStream {
         outbox: Arc<Outbox>,
     ) -> Result<(EventStream, Vec<Emit>), StorageError> {
         let _reserved = broker.announce(Kind::Channel, &channels).await;
-        // What this node acknowledged is in what the stream replays.
-        let partitions: BTreeSet<Partition> = channels
-            .iter()
-            .filter(|c| broker.is_durable(c))
-            .map(|c| broker.partition_of(c))
-            .collect();
-        broker.caught_up(partitions).await;
+        // What this node acknowledged is in what the stream replays (a live stream replays
+        // nothing: it does not wait).
+        if !matches!(start, Start::Live) {
+            let partitions: BTreeSet<Partition> = channels
+                .iter()
+                .filter(|c| broker.is_durable(c))
+                .map(|c| broker.partition_of(c))
+                .collect();
+            broker.caught_up(partitions).await;
+        }
         let hub = broker.hub().clone();
         let id = hub.next_client_id();
         let subscriber = Arc::new(Subscriber::new(id, outbox, format));
