@@ -1047,8 +1047,17 @@ async fn head_on_stream_routes_answers_the_head_and_publishes_nothing() {
         assert_eq!(headers["content-type"], "text/event-stream", "{path}");
         assert_eq!(headers["cache-control"], "no-cache", "{path}");
         assert_eq!(headers["x-accel-buffering"], "no", "{path}");
-        assert!(response.bytes().await.unwrap().is_empty(), "{path}");
     }
+    // Nothing was subscribed: no SSE client is left behind by the HEADs.
+    let stats: serde_json::Value = http
+        .get(format!("{base}/api/realtime/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["sse"]["totalConnections"], 0, "{stats}");
     // What a GET would refuse, a HEAD is refused too (with no body).
     for path in [
         "/api/stream/council-score?requestId=a%20b",
