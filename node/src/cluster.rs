@@ -14,7 +14,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a change (`init`, `join`, `remove`, `namespaces --set`) waits for the node's answer
 /// without `--timeout`: it commits through the meta group's quorum, after the node passed it to
 /// the meta leader (retrying for up to 10 s while there is none), and a join first asks the new
-/// node for its partition count (up to 10 s per call to a node that does not answer).
+/// node for its partition count (at most 6 s in all for a node that does not answer).
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The change `command` makes, as the timeout error names it; `None` for a read.

@@ -24,7 +24,9 @@ use serde_json::json;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Largest request body (axum's default limit).
+/// Largest request body. Equal to axum's own `DefaultBodyLimit`, which the handlers' `Bytes`
+/// and `Json` extractors still apply: raising this alone would leave bodies over 2 MiB refused
+/// by axum; raise that limit (`DefaultBodyLimit::max`) with it.
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 
 /// Most bytes of a body over the limit read and dropped before the 413 goes out.
