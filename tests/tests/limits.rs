@@ -9,6 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+/// herald's request body limit (2 MiB), which the body tests probe on both sides.
+const LIMIT: usize = 2 * 1024 * 1024;
+
 fn info_field(node: &Herald, field: &str) -> String {
     let client = redis::Client::open(node.url()).unwrap();
     let mut connection = client.get_connection().unwrap();
@@ -309,7 +312,6 @@ fn a_malformed_request_leaves_no_client_behind() {
 /// but may see the connection reset first, as the node closes it without reading the body.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_body_announced_over_the_limit_is_refused_before_it_is_read() {
-    const LIMIT: usize = 2 * 1024 * 1024;
     let node = Herald::start();
     for (length, expect) in [
         (100_000_000, "Expect: 100-continue\r\n"),
@@ -399,7 +401,6 @@ fn read_response(client: &mut RawConn) -> (String, String) {
 /// reset, which can also discard the answer sent just before). The connection stays usable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_publish_body_over_the_limit_gets_a_413_not_a_reset() {
-    const LIMIT: usize = 2 * 1024 * 1024;
     let node = Herald::start();
     for total in [LIMIT + 1, 12 * 1024 * 1024] {
         let mut client = RawConn::connect(node.http);
@@ -452,7 +453,6 @@ async fn a_chunked_publish_body_over_the_limit_gets_a_413_not_a_reset() {
 /// node that is not clustered, a body within the limit gets the endpoint's 409.)
 #[test]
 fn cluster_request_bodies_over_the_limit_get_a_413_at_once() {
-    const LIMIT: usize = 2 * 1024 * 1024;
     let node = Herald::start();
     let refused = |head: &str, body: &str, what: &str| {
         assert!(

@@ -57,6 +57,21 @@ async fn next_request(worker: &mut redis::aio::PubSub) -> Value {
     serde_json::from_slice(message.get_payload_bytes()).expect("a JSON request")
 }
 
+/// Publishes `marker` on the council-score requests channel and checks it is the next message
+/// the workers get on `requests`: no request was published before it.
+async fn no_request_before_marker(
+    node: &Herald,
+    requests: &mut (impl futures::Stream<Item = redis::Msg> + Unpin),
+    marker: &str,
+) {
+    publish(node, "council_score_requests", json!(marker), None).await;
+    let next = tokio::time::timeout(PATIENCE, requests.next())
+        .await
+        .expect("a message in time")
+        .expect("the subscription is open");
+    assert_eq!(next.get_payload_bytes(), marker.as_bytes());
+}
+
 fn stream_url(node: &Herald, channel: &str) -> String {
     format!("{}/api/stream/{channel}", node.http_url())
 }
@@ -719,12 +734,7 @@ async fn a_council_score_request_with_its_own_id_resumes_instead_of_starting_aga
     let data: Value = serde_json::from_str(&next(&mut resumed).await.data).unwrap();
     assert_eq!(data["stage"], "claude");
     // No second request went to the workers: the next one they see is this marker.
-    publish(&node, "council_score_requests", json!("marker"), None).await;
-    let next_request = tokio::time::timeout(PATIENCE, requests.next())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(next_request.get_payload_bytes(), b"marker");
+    no_request_before_marker(&node, &mut requests, "marker").await;
 
     // A reconnect without a cursor (the connection dropped before the first answer, or a
     // blank Last-Event-ID) replays the request's whole reply channel: nothing is lost, and the
@@ -739,12 +749,7 @@ async fn a_council_score_request_with_its_own_id_resumes_instead_of_starting_aga
         assert_eq!(stages[0]["stage"], "gemini");
         assert_eq!(stages[1]["stage"], "claude");
     }
-    publish(&node, "council_score_requests", json!("marker 2"), None).await;
-    let next_request = tokio::time::timeout(PATIENCE, requests.next())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(next_request.get_payload_bytes(), b"marker 2");
+    no_request_before_marker(&node, &mut requests, "marker 2").await;
 
     let bad = reqwest::get(format!(
         "{}/api/stream/council-score?requestId=a%20b",
@@ -1068,12 +1073,7 @@ async fn head_on_stream_routes_answers_the_head_and_publishes_nothing() {
         assert_eq!(response.status(), 400, "{path}");
     }
     // No request reached the workers: the first message they get is this marker.
-    publish(&node, "council_score_requests", json!("marker"), None).await;
-    let first = tokio::time::timeout(PATIENCE, worker.on_message().next())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(first.get_payload_bytes(), b"marker");
+    no_request_before_marker(&node, &mut worker.on_message(), "marker").await;
     // And a GET still publishes its request.
     let _events = connect(
         &format!("{base}/api/stream/evaluate-creative?content=c2"),
@@ -1139,12 +1139,7 @@ async fn an_empty_last_is_not_given_and_a_parameter_given_twice_is_a_400() {
         );
     }
     // No request reached the workers for the refused ones.
-    publish(&node, "council_score_requests", json!("marker"), None).await;
-    let next_request = tokio::time::timeout(PATIENCE, worker.on_message().next())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(next_request.get_payload_bytes(), b"marker");
+    no_request_before_marker(&node, &mut worker.on_message(), "marker").await;
 }
 
 /// `Last-Event-ID` given twice with different values is a 400 saying so, on every stream
