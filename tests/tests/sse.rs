@@ -1054,14 +1054,7 @@ async fn head_on_stream_routes_answers_the_head_and_publishes_nothing() {
         assert_eq!(headers["x-accel-buffering"], "no", "{path}");
     }
     // Nothing was subscribed: no SSE client is left behind by the HEADs.
-    let stats: serde_json::Value = http
-        .get(format!("{base}/api/realtime/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = herald_tests::cluster::get_json(&node, "/api/realtime/stats").expect("stats");
     assert_eq!(stats["sse"]["totalConnections"], 0, "{stats}");
     // What a GET would refuse, a HEAD is refused too (with no body).
     for path in [
