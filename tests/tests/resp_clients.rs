@@ -188,6 +188,104 @@ async fn a_long_pipeline_of_durable_publishes_commits_everything_in_order() {
     }
 }
 
+/// The `redis` crate's atomic pipeline sends `MULTI`, the commands and `EXEC` in one write,
+/// as redis-py's default pipeline does. Durable publishes in a transaction are committed and
+/// delivered in order, each answered in `EXEC`'s array; a transaction with a command refused
+/// inside (unknown, or a subscription) publishes nothing, and the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_publish_in_order_or_not_at_all() {
+    let node = Herald::start();
+    let client = redis::Client::open(node.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("tx").await.unwrap();
+    let mut connection = patient_connection(&client).await;
+
+    let (first, second, echo, numsub): (i64, i64, String, Vec<(String, i64)>) = redis::pipe()
+        .atomic()
+        .publish("tx", "first")
+        .publish("tx", "second")
+        .cmd("ECHO")
+        .arg("e")
+        .cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("tx")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!((first, second, echo.as_str()), (1, 1, "e"));
+    assert_eq!(numsub, vec![("tx".to_string(), 1)]);
+
+    for refused in ["NOSUCH", "SUBSCRIBE"] {
+        let error = redis::pipe()
+            .atomic()
+            .publish("tx", "never")
+            .cmd(refused)
+            .arg("x")
+            .query_async::<()>(&mut connection)
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Some("EXECABORT"), "{refused}: {error}");
+    }
+
+    let third: Vec<i64> = redis::pipe()
+        .atomic()
+        .publish("tx", "third")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(third, [1]);
+    let mut messages = pubsub.on_message();
+    for want in ["first", "second", "third"] {
+        let message = tokio::time::timeout(PATIENCE, messages.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(message.get_payload::<String>().unwrap(), want);
+    }
+    let history: Vec<(String, String)> = redis::cmd("HISTORY")
+        .arg("tx")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let payloads: Vec<&str> = history.iter().map(|(_, p)| p.as_str()).collect();
+    assert_eq!(payloads, ["first", "second", "third"]);
+}
+
+/// A transaction's queued commands are bounded by `client-query-buffer-limit`: past it the
+/// transaction is refused with a reason, nothing of it runs, and the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_past_the_query_buffer_limit_is_refused_whole() {
+    let node = Herald::start();
+    let client = redis::Client::open(node.url()).unwrap();
+    let mut connection = patient_connection(&client).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("client-query-buffer-limit")
+        .arg("1mb")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let mut raw = herald_tests::RawConn::connect(node.resp);
+    let big = "x".repeat(600 * 1024);
+    raw.send(b"MULTI\r\n");
+    raw.command(&[b"PUBLISH", b"big", big.as_bytes()]);
+    raw.command(&[b"PUBLISH", b"big", big.as_bytes()]);
+    raw.send(b"PUBLISH big small\r\nEXEC\r\nPING\r\n");
+    let transcript = raw.read_until_suffix(b"+PONG\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&transcript),
+        "+OK\r\n+QUEUED\r\n-ERR transaction discarded: its queued commands would hold more \
+         than client-query-buffer-limit (1048576 bytes)\r\n+QUEUED\r\n\
+         -EXECABORT Transaction discarded because of previous errors.\r\n+PONG\r\n"
+    );
+    let history: Vec<(String, String)> = redis::cmd("HISTORY")
+        .arg("big")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(history.is_empty(), "{} events published", history.len());
+}
+
 fn redis_cli(node: &Herald, args: &[&str]) -> String {
     let output = Command::new("redis-cli")
         .args(["-h", "127.0.0.1", "-p", &node.resp.port().to_string()])

@@ -292,6 +292,60 @@ fn inline_commands_and_pipelining() {
     );
 }
 
+/// `MULTI` / `EXEC` / `DISCARD`, as redis-py's default pipeline, ioredis's `multi()` and the
+/// `redis` crate's atomic pipelines send them: each step is one write, ending outside the
+/// transaction (the sync marker, an unknown command, would otherwise be queued).
+#[test]
+fn transactions() {
+    assert_same_as_redis(
+        "transactions",
+        3,
+        &[
+            cmd(1, &["SUBSCRIBE", "a"]),
+            Raw(
+                0,
+                b"MULTI\r\nPUBLISH a one\r\nPING\r\nECHO x\r\nPUBLISH a two\r\nEXEC\r\n",
+            ),
+            cmd(1, &["PING"]),
+            Raw(0, b"MULTI\r\nEXEC\r\n"),
+            cmd(0, &["EXEC"]),
+            cmd(0, &["DISCARD"]),
+            // A nested MULTI is refused but leaves the transaction to run.
+            Raw(0, b"MULTI\r\nMULTI\r\nPUBLISH a three\r\nEXEC\r\n"),
+            // A command refused while queued dooms the whole transaction.
+            Raw(0, b"MULTI\r\nPUBLISH a\r\nPUBLISH a lost\r\nEXEC\r\n"),
+            Raw(0, b"MULTI\r\nNOSUCH x\r\nPUBLISH a lost\r\nEXEC\r\n"),
+            Raw(0, b"MULTI\r\nCLIENT NOPE\r\nEXEC\r\n"),
+            Raw(0, b"MULTI\r\nPUBLISH a lost\r\nDISCARD\r\nEXEC\r\n"),
+            Raw(0, b"MULTI\r\nPUBLISH a lost\r\nRESET\r\nEXEC\r\n"),
+            cmd(1, &["PING"]),
+            // A command that fails while it runs fails alone.
+            Raw(
+                0,
+                b"MULTI\r\nCONFIG SET timeout abc\r\nPUBLISH a four\r\nEXEC\r\n",
+            ),
+            Raw(
+                0,
+                b"MULTI\r\nPUBSUB NUMSUB a b\r\nCLIENT SETNAME tx\r\nCLIENT GETNAME\r\n\
+                  SELECT 3\r\nPUBSUB CHANNELS\r\nHELLO 3\r\nPING\r\nEXEC\r\n",
+            ),
+            cmd(0, &["HELLO", "2"]),
+            // No MULTI while subscribed in RESP2; in RESP3 it is allowed.
+            cmd(1, &["MULTI"]),
+            cmd(2, &["HELLO", "3"]),
+            cmd(2, &["SUBSCRIBE", "a"]),
+            // Publishing to itself here is not compared: Redis 7.0 writes the push message
+            // inside EXEC's array (fixed in Redis 7.2), herald outside it.
+            Raw(2, b"MULTI\r\nPING\r\nPUBLISH b five\r\nEXEC\r\n"),
+            cmd(0, &["PUBLISH", "a", "six"]),
+            cmd(1, &["PING"]),
+            cmd(2, &["PING"]),
+        ],
+        &[],
+        &[],
+    );
+}
+
 #[test]
 fn malformed_requests_close_the_connection_with_redis_errors() {
     let cases: &[&'static [u8]] = &[

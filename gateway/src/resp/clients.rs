@@ -28,6 +28,8 @@ pub struct ClientMeta {
     pub subscriptions: [usize; 3],
     /// Bytes received and not yet parsed.
     pub query_buffer: usize,
+    /// Inside `MULTI`: the commands queued and the bytes they hold.
+    pub transaction: Option<(usize, usize)>,
 }
 
 /// One connected client.
@@ -70,6 +72,7 @@ impl ClientInfo {
                 last_active: now,
                 subscriptions: [0; 3],
                 query_buffer: 0,
+                transaction: None,
             }),
         }
     }
@@ -94,7 +97,7 @@ impl ClientInfo {
         let _ = write!(
             line,
             "id={} addr={} laddr={} fd=-1 name={} age={} idle={} flags={} db=0 sub={} psub={} ssub={} \
-             multi=-1 qbuf={} qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll={} omem={} \
+             multi={} qbuf={} qbuf-free=0 argv-mem=0 multi-mem={} rbs=0 rbp=0 obl=0 oll={} omem={} \
              tot-mem=0 events=r cmd={} user=default redir=-1 resp={} lib-name={} lib-ver={}",
             self.id,
             self.addr,
@@ -102,11 +105,18 @@ impl ClientInfo {
             lossy(&meta.name),
             now.duration_since(self.connected).as_secs(),
             now.duration_since(meta.last_active).as_secs(),
-            if pubsub { "P" } else { "N" },
+            match (pubsub, meta.transaction.is_some()) {
+                (false, false) => "N",
+                (true, false) => "P",
+                (false, true) => "x",
+                (true, true) => "Px",
+            },
             meta.subscriptions[0],
             meta.subscriptions[1],
             meta.subscriptions[2],
+            meta.transaction.map_or(-1, |(commands, _)| commands as i64),
             meta.query_buffer,
+            meta.transaction.map_or(0, |(_, bytes)| bytes),
             outbox.queued_frames(),
             outbox.queued_bytes(),
             if meta.last_command.1.is_empty() {

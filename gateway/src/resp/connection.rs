@@ -10,7 +10,8 @@ use crate::hub::outbox::{Batch, CloseReason, Outbox};
 use crate::hub::{Kind, Subscriber, Wakes};
 use crate::resp::clients::ClientInfo;
 use crate::resp::cmd;
-use crate::resp::frame::{Frame, Protocol};
+use crate::resp::cmd::transaction::Transaction;
+use crate::resp::frame::{Frame, Protocol, encode_header};
 use crate::resp::parse::RequestParser;
 use crate::resp::server::{REPLY_BACKPRESSURE_BYTES, ServerContext};
 use bytes::{Bytes, BytesMut};
@@ -77,6 +78,11 @@ pub(crate) struct Session {
     /// count the client is told, so a client that leaves pub/sub mode at a count of zero does
     /// not leave while history events still come.
     pub history_channels: usize,
+    /// The open transaction (`MULTI` until `EXEC`, `DISCARD` or `RESET`), if any.
+    pub transaction: Option<Transaction>,
+    /// Set while `EXEC` runs: [`Session::flush_replies`] then queues nothing, so that its
+    /// array of replies goes out whole.
+    pub hold_replies: bool,
 }
 
 impl Session {
@@ -97,6 +103,8 @@ impl Session {
             closing: false,
             history: None,
             history_channels: 0,
+            transaction: None,
+            hold_replies: false,
         }
     }
 
@@ -119,6 +127,18 @@ impl Session {
             unreachable!()
         };
         frame.encode(self.protocol, buffer);
+    }
+
+    /// Encodes the header of an array reply of `len` items; the next `len` replies are its
+    /// items (`EXEC`'s reply).
+    pub fn reply_array_header(&mut self, len: usize) {
+        if !matches!(self.slots.last(), Some(Slot::Ready(_))) {
+            self.slots.push(Slot::Ready(BytesMut::new()));
+        }
+        let Some(Slot::Ready(buffer)) = self.slots.last_mut() else {
+            unreachable!()
+        };
+        encode_header(buffer, b'*', len as i64);
     }
 
     /// Reserves the reply slot of a publish whose outcome is not known yet.
@@ -204,9 +224,13 @@ impl Session {
     }
 
     /// Queues the replies encoded so far. Must run before anything else is queued directly
-    /// (hub subscription confirmations), to keep replies in command order.
+    /// (hub subscription confirmations), to keep replies in command order. While `EXEC` runs
+    /// ([`Session::hold_replies`]) it only hands the staged publishes to the log.
     pub async fn flush_replies(&mut self) {
         self.submit_staged().await;
+        if self.hold_replies {
+            return;
+        }
         self.unsettled = 0;
         self.wakes.wake_all();
         let mut out = BytesMut::new();

@@ -167,6 +167,7 @@ pub(super) fn select(session: &mut Session, args: &Args) {
 
 /// `RESET`: back to a fresh connection's state.
 pub(super) async fn reset(session: &mut Session) {
+    super::transaction::end(session);
     session.flush_replies().await;
     session.end_history().await;
     session.drop_subscriptions();

@@ -3,7 +3,8 @@
 //!
 //! One module per command family, as in mini-redis: [`connection`] (PING, ECHO, HELLO, AUTH,
 //! SELECT, QUIT, RESET), [`pubsub`] (the pub/sub set), [`client`] (CLIENT), [`server`]
-//! (INFO, COMMAND, CONFIG). Handlers reply through [`Session::reply`].
+//! (INFO, COMMAND, CONFIG), [`transaction`] (MULTI, EXEC, DISCARD). Handlers reply through
+//! [`Session::reply`].
 
 mod client;
 mod connection;
@@ -11,6 +12,7 @@ mod history;
 mod pubsub;
 mod server;
 pub mod table;
+pub(crate) mod transaction;
 
 use crate::resp::connection::Session;
 use crate::resp::frame::Frame;
@@ -23,97 +25,124 @@ use table::{ALLOWED_WHILE_SUBSCRIBED, CommandSpec};
 /// The request's arguments, the command name first.
 pub(crate) type Args = Vec<Bytes>;
 
-/// Runs one request and queues its reply (or replies) on the session.
+/// Runs one request (or queues it, inside a transaction) and queues its reply (or replies)
+/// on the session.
 pub(crate) async fn execute(session: &mut Session, args: Args) {
     session
         .ctx
         .stats
         .commands_processed
         .fetch_add(1, Ordering::Relaxed);
-    let Some(command) = table::lookup(&args[0]) else {
-        session.reply(unknown_command(&args));
-        return;
-    };
-    let (spec, subcommand) = if command.subcommands.is_empty() {
-        (command, "")
-    } else if args.len() < 2 {
-        session.reply(wrong_arity(command.name));
-        return;
-    } else {
-        match command.subcommand(&args[1]) {
-            Some(sub) => (sub, sub.name),
-            None => {
-                session.reply(Frame::error(format!(
-                    "ERR unknown subcommand '{}'. Try {} HELP.",
-                    truncate_lossy(&args[1], 128),
-                    command.name.to_ascii_uppercase()
-                )));
-                return;
-            }
+    let (command, subcommand) = match check(session, &args) {
+        Ok(found) => found,
+        Err(refusal) => {
+            // As in Redis, a command refused inside a transaction dooms the transaction.
+            transaction::abort(session);
+            session.reply(refusal);
+            return;
         }
     };
-    if !spec.arity_ok(args.len()) {
-        session.reply(wrong_arity(&full_name(command, subcommand)));
-        return;
-    }
-    if !session.authenticated && !spec.no_auth() {
-        session.reply(Frame::error("NOAUTH Authentication required."));
-        return;
-    }
-    if session.protocol == Protocol::Resp2
-        && session.in_pubsub_context()
-        && !ALLOWED_WHILE_SUBSCRIBED.contains(&command.name)
-    {
-        session.reply(Frame::error(format!(
-            "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
-            full_name(command, subcommand)
-        )));
-        return;
-    }
     {
         let mut meta = session.client.meta.lock();
         meta.last_command = (command.name, subcommand);
         meta.last_active = Instant::now();
     }
+    match command.name {
+        "multi" => transaction::multi(session),
+        "exec" => transaction::exec(session).await,
+        "discard" => transaction::discard(session),
+        // QUIT and RESET act at once, as in Redis; RESET also ends the transaction.
+        "quit" | "reset" => run(session, command.name, subcommand, &args).await,
+        name if session.transaction.is_some() => {
+            transaction::queue(session, name, subcommand, args)
+        }
+        name => run(session, name, subcommand, &args).await,
+    }
+}
+
+/// Redis's checks in Redis's order: the command (and subcommand) exists, its arity, the
+/// connection's authentication, the RESP2 subscribed context. Returns the command and the
+/// subcommand's name (or ""), or the error to reply.
+fn check(session: &Session, args: &Args) -> Result<(&'static CommandSpec, &'static str), Frame> {
+    let Some(command) = table::lookup(&args[0]) else {
+        return Err(unknown_command(args));
+    };
+    let (spec, subcommand) = if command.subcommands.is_empty() {
+        (command, "")
+    } else if args.len() < 2 {
+        return Err(wrong_arity(command.name));
+    } else {
+        match command.subcommand(&args[1]) {
+            Some(sub) => (sub, sub.name),
+            None => {
+                return Err(Frame::error(format!(
+                    "ERR unknown subcommand '{}'. Try {} HELP.",
+                    truncate_lossy(&args[1], 128),
+                    command.name.to_ascii_uppercase()
+                )));
+            }
+        }
+    };
+    if !spec.arity_ok(args.len()) {
+        return Err(wrong_arity(&full_name(command, subcommand)));
+    }
+    if !session.authenticated && !spec.no_auth() {
+        return Err(Frame::error("NOAUTH Authentication required."));
+    }
+    if session.protocol == Protocol::Resp2
+        && session.in_pubsub_context()
+        && !ALLOWED_WHILE_SUBSCRIBED.contains(&command.name)
+    {
+        return Err(Frame::error(format!(
+            "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
+            full_name(command, subcommand)
+        )));
+    }
+    Ok((command, subcommand))
+}
+
+/// Runs a checked command: `name` is the command's, `subcommand` the subcommand's (or "").
+/// Also what `EXEC` runs each queued command with.
+async fn run(session: &mut Session, name: &'static str, subcommand: &'static str, args: &Args) {
     // Commands take effect in the order they were sent. A durable PUBLISH is answered once
     // committed, and those read together are staged to share one commit, so a later command
     // that could observe them (reads history, changes what is delivered to whom, reports
     // counters...) first waits until they took effect. PING and ECHO observe nothing, and
     // HPUBLISH's commit is queued behind theirs: those only hand the staged ones to the log,
     // so that a pipeline mixing them with PUBLISH keeps one commit per read.
-    match command.name {
+    match name {
         "publish" => {}
         "ping" | "echo" | "hpublish" => session.submit_staged().await,
         _ => session.settle_publishes().await,
     }
-    match command.name {
-        "auth" => connection::auth(session, &args),
-        "client" => client::client(session, subcommand, &args),
-        "command" => server::command(session, subcommand, &args),
-        "config" => server::config(session, subcommand, &args),
+    match name {
+        "auth" => connection::auth(session, args),
+        "client" => client::client(session, subcommand, args),
+        "command" => server::command(session, subcommand, args),
+        "config" => server::config(session, subcommand, args),
         "echo" => session.reply(Frame::Bulk(args[1].clone())),
-        "hello" => connection::hello(session, &args),
-        "history" => history::history(session, &args).await,
-        "hpublish" => history::hpublish(session, &args).await,
-        "hsubscribe" => history::hsubscribe(session, &args).await,
+        "hello" => connection::hello(session, args),
+        "history" => history::history(session, args).await,
+        "hpublish" => history::hpublish(session, args).await,
+        "hsubscribe" => history::hsubscribe(session, args).await,
         "hunsubscribe" => history::hunsubscribe(session).await,
-        "info" => server::info(session, &args),
-        "ping" => connection::ping(session, &args),
-        "psubscribe" => pubsub::subscribe(session, crate::hub::Kind::Pattern, &args).await,
-        "publish" => pubsub::publish(session, &args).await,
-        "pubsub" => pubsub::introspect(session, subcommand, &args),
-        "punsubscribe" => pubsub::unsubscribe(session, crate::hub::Kind::Pattern, &args).await,
+        "info" => server::info(session, args),
+        "ping" => connection::ping(session, args),
+        "psubscribe" => pubsub::subscribe(session, crate::hub::Kind::Pattern, args).await,
+        "publish" => pubsub::publish(session, args).await,
+        "pubsub" => pubsub::introspect(session, subcommand, args),
+        "punsubscribe" => pubsub::unsubscribe(session, crate::hub::Kind::Pattern, args).await,
         "quit" => {
             session.reply(Frame::OK);
             session.closing = true;
         }
         "reset" => connection::reset(session).await,
-        "select" => connection::select(session, &args),
-        "spublish" => pubsub::spublish(session, &args),
-        "ssubscribe" => pubsub::subscribe(session, crate::hub::Kind::Shard, &args).await,
-        "subscribe" => pubsub::subscribe(session, crate::hub::Kind::Channel, &args).await,
-        "sunsubscribe" => pubsub::unsubscribe(session, crate::hub::Kind::Shard, &args).await,
-        "unsubscribe" => pubsub::unsubscribe(session, crate::hub::Kind::Channel, &args).await,
+        "select" => connection::select(session, args),
+        "spublish" => pubsub::spublish(session, args),
+        "ssubscribe" => pubsub::subscribe(session, crate::hub::Kind::Shard, args).await,
+        "subscribe" => pubsub::subscribe(session, crate::hub::Kind::Channel, args).await,
+        "sunsubscribe" => pubsub::unsubscribe(session, crate::hub::Kind::Shard, args).await,
+        "unsubscribe" => pubsub::unsubscribe(session, crate::hub::Kind::Channel, args).await,
         other => unreachable!("command {other} is in the table but has no handler"),
     }
 }

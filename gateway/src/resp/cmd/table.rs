@@ -91,6 +91,7 @@ const fn container(
 const CONN: &str = "connection";
 const PUBSUB: &str = "pubsub";
 const SERVER: &str = "server";
+const TRANSACTIONS: &str = "transactions";
 const FAST_CONN: &[&str] = &[
     "noscript",
     "loading",
@@ -101,6 +102,7 @@ const FAST_CONN: &[&str] = &[
 ];
 const SUB_FLAGS: &[&str] = &["pubsub", "noscript", "loading", "stale"];
 const PUB_FLAGS: &[&str] = &["pubsub", "loading", "stale", "fast"];
+const TX_FLAGS: &[&str] = &["noscript", "loading", "stale", "fast", "allow_busy"];
 const INTROSPECT: &[&str] = &["loading", "stale"];
 const ADMIN: &[&str] = &["admin", "noscript", "loading", "stale"];
 const CLIENT_FLAGS: &[&str] = &["noscript", "loading", "stale"];
@@ -303,6 +305,15 @@ pub static COMMANDS: &[CommandSpec] = &[
         ],
     ),
     spec(
+        "discard",
+        1,
+        TX_FLAGS,
+        &["@fast", "@transaction"],
+        TRANSACTIONS,
+        "Discards a transaction.",
+        "2.0.0",
+    ),
+    spec(
         "echo",
         2,
         &["fast"],
@@ -310,6 +321,15 @@ pub static COMMANDS: &[CommandSpec] = &[
         CONN,
         "Returns the given string.",
         "1.0.0",
+    ),
+    spec(
+        "exec",
+        1,
+        &["noscript", "loading", "stale", "skip_slowlog"],
+        &["@slow", "@transaction"],
+        TRANSACTIONS,
+        "Executes all commands in a transaction.",
+        "1.2.0",
     ),
     spec(
         "hello",
@@ -364,6 +384,15 @@ pub static COMMANDS: &[CommandSpec] = &[
         SERVER,
         "Returns information and statistics about the server.",
         "1.0.0",
+    ),
+    spec(
+        "multi",
+        1,
+        TX_FLAGS,
+        &["@fast", "@transaction"],
+        TRANSACTIONS,
+        "Starts a transaction.",
+        "1.2.0",
     ),
     spec(
         "ping",
