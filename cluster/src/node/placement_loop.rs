@@ -11,6 +11,7 @@
 //! partition count.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::time::Duration;
 
 use herald_storage::raft::{Command, GroupId, META_GROUP, NodeId, group_partition};
@@ -31,13 +32,57 @@ struct CountChecks {
     same: BTreeSet<NodeId>,
     /// Members of another count, already logged.
     warned: BTreeSet<NodeId>,
+    /// Members asked this round that did not answer the same count (no answer, another
+    /// count): not asked again before the next round. A silent member used to be asked for
+    /// every group short of it, each time waiting for the call's timeout, which held up the
+    /// round's decisions for every other group.
+    not_now: BTreeSet<NodeId>,
 }
 
 impl CountChecks {
-    /// Forgets nodes that are no longer members: one joined again may run another store.
-    fn keep(&mut self, members: &std::collections::BTreeMap<NodeId, String>) {
+    /// Starts a round: members that did not answer the same count may be asked again, and
+    /// nodes that are no longer members are forgotten (one joined again may run another
+    /// store).
+    fn next_round(&mut self, members: &std::collections::BTreeMap<NodeId, String>) {
+        self.not_now.clear();
         self.same.retain(|id| members.contains_key(id));
         self.warned.retain(|id| members.contains_key(id));
+    }
+
+    /// Whether member `node` may become a voter (see [`ClusterNode::may_vote`]): `compare`
+    /// asks it how its partition count compares with the cluster's `ours` (as
+    /// [`ClusterNode::compare_partition_count`] does), at most once per round, and never
+    /// again once it answered the same.
+    async fn may_vote<F>(&mut self, node: NodeId, ours: u16, compare: impl FnOnce() -> F) -> bool
+    where
+        F: Future<Output = Result<Option<&'static str>, String>>,
+    {
+        if self.same.contains(&node) {
+            return true;
+        }
+        if self.not_now.contains(&node) {
+            return false;
+        }
+        match compare().await {
+            Ok(None) => {
+                self.same.insert(node);
+                true
+            }
+            Ok(Some(theirs)) => {
+                if self.warned.insert(node) {
+                    tracing::error!(
+                        node,
+                        "node {node} runs {theirs} partitions than the cluster ({ours}): it is not made a voter of any group (the count is fixed when a store is created); remove it (`herald cluster remove --node-id {node}`), start it with --partitions {ours} on an empty data directory, then join it"
+                    );
+                }
+                self.not_now.insert(node);
+                false
+            }
+            Err(_) => {
+                self.not_now.insert(node);
+                false
+            }
+        }
     }
 }
 
@@ -46,31 +91,14 @@ impl ClusterNode {
     /// cluster's partition count (asked once per member, remembered in `checks`). A node of
     /// another count that got in (joined before it was up, or while it could not be asked)
     /// stopped its meta group on the cluster's `Init`, and as a voter would cost the groups
-    /// their fault tolerance; one that does not answer now is asked again next round.
+    /// their fault tolerance; one that does not answer now (or answers another count) is not
+    /// asked again for another group this round, and is asked again next round.
     async fn may_vote(&self, node: NodeId, checks: &mut CountChecks) -> bool {
-        if checks.same.contains(&node) {
-            return true;
-        }
-        match self
-            .compare_partition_count(node, Duration::from_secs(1))
+        checks
+            .may_vote(node, self.inner.store.partitions(), || {
+                self.compare_partition_count(node, Duration::from_secs(1))
+            })
             .await
-        {
-            Ok(None) => {
-                checks.same.insert(node);
-                true
-            }
-            Ok(Some(theirs)) => {
-                if checks.warned.insert(node) {
-                    let ours = self.inner.store.partitions();
-                    tracing::error!(
-                        node,
-                        "node {node} runs {theirs} partitions than the cluster ({ours}): it is not made a voter of any group (the count is fixed when a store is created); remove it (`herald cluster remove --node-id {node}`), start it with --partitions {ours} on an empty data directory, then join it"
-                    );
-                }
-                false
-            }
-            Err(_) => false,
-        }
     }
 
     /// On each partition this node leads, commits an empty batch: it moves the partition's
@@ -154,7 +182,7 @@ impl ClusterNode {
                 );
                 warned_address = Some(known.clone());
             }
-            count_checks.keep(&members);
+            count_checks.next_round(&members);
             {
                 let mut allowed = self.inner.allowed.write();
                 allowed.extend(members.keys().copied());
@@ -363,5 +391,82 @@ impl ClusterNode {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// A probe that counts its calls and answers `answer`.
+    fn probe(
+        calls: &Cell<u32>,
+        answer: Result<Option<&'static str>, String>,
+    ) -> impl FnOnce() -> std::future::Ready<Result<Option<&'static str>, String>> {
+        move || {
+            calls.set(calls.get() + 1);
+            std::future::ready(answer)
+        }
+    }
+
+    fn members(ids: &[NodeId]) -> BTreeMap<NodeId, String> {
+        ids.iter().map(|id| (*id, format!("n{id}:7000"))).collect()
+    }
+
+    #[tokio::test]
+    async fn a_silent_member_is_asked_once_a_round_whatever_the_groups_short_of_it() {
+        let mut checks = CountChecks::default();
+        let calls = Cell::new(0);
+        for round in 1..=3 {
+            checks.next_round(&members(&[1, 2, 3]));
+            // Eight groups would take node 3: one call (one timeout) for all of them.
+            for _ in 0..8 {
+                let unanswered = Err("node 3: timed out".to_string());
+                assert!(!checks.may_vote(3, 8, probe(&calls, unanswered)).await);
+            }
+            assert_eq!(calls.get(), round, "calls after round {round}");
+        }
+        // Answering next round, it may vote, and is not asked again.
+        checks.next_round(&members(&[1, 2, 3]));
+        for _ in 0..8 {
+            assert!(checks.may_vote(3, 8, probe(&calls, Ok(None))).await);
+        }
+        checks.next_round(&members(&[1, 2, 3]));
+        assert!(checks.may_vote(3, 8, probe(&calls, Ok(None))).await);
+        assert_eq!(calls.get(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_member_of_another_count_never_votes_and_is_asked_once_a_round() {
+        let mut checks = CountChecks::default();
+        let calls = Cell::new(0);
+        for round in 1..=2 {
+            checks.next_round(&members(&[1, 2, 3]));
+            for _ in 0..4 {
+                assert!(
+                    !checks
+                        .may_vote(3, 8, probe(&calls, Ok(Some("fewer"))))
+                        .await
+                );
+            }
+            assert_eq!(calls.get(), round);
+        }
+        assert!(checks.warned.contains(&3));
+    }
+
+    #[tokio::test]
+    async fn a_member_that_left_is_asked_again_after_it_joins_again() {
+        let mut checks = CountChecks::default();
+        let calls = Cell::new(0);
+        checks.next_round(&members(&[1, 2, 3]));
+        assert!(checks.may_vote(3, 8, probe(&calls, Ok(None))).await);
+        // Removed, then joined again on another store, of another count.
+        checks.next_round(&members(&[1, 2]));
+        checks.next_round(&members(&[1, 2, 3]));
+        assert!(!checks.may_vote(3, 8, probe(&calls, Ok(Some("more")))).await);
+        assert_eq!(calls.get(), 2);
     }
 }
