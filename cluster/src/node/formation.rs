@@ -113,7 +113,7 @@ impl ClusterNode {
     /// answer (not up, a connection to it just lost), which tells nothing. Asked with the
     /// failover probe, which a node answers only for groups it runs: it must run this node's
     /// last partition group and not the one after. (No message of its own, so that nodes from
-    /// before it need no upgrade.) Each of the two calls waits at most `timeout`.
+    /// before it need no upgrade.) The two calls go out together; each waits at most `timeout`.
     pub(super) async fn compare_partition_count(
         &self,
         peer: NodeId,
@@ -130,10 +130,13 @@ impl ClusterNode {
                 Err(error) => Err(error.to_string()),
             }
         };
-        if !runs(partition_group(ours - 1)).await? {
+        // Both at once: a member that does not answer costs one timeout, not two.
+        let (last, next) =
+            futures::join!(runs(partition_group(ours - 1)), runs(partition_group(ours)));
+        if !last? {
             return Ok(Some("fewer"));
         }
-        if runs(partition_group(ours)).await? {
+        if next? {
             return Ok(Some("more"));
         }
         Ok(None)
