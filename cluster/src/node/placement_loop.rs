@@ -25,6 +25,36 @@ use crate::placement::{placement, rebalance_swap};
 /// Placement rounds (one a second) between two clock ticks of idle partitions.
 const CLOCK_TICK_ROUNDS: u64 = 60;
 
+/// How long a round waits for one membership change of one group to commit. A change that
+/// cannot commit (its group lacks a quorum) would otherwise hold up the placement of every
+/// other group this node leads until that group recovers. The change stays submitted when
+/// the round stops waiting (openraft goes on with it), and commits once the group can.
+const MEMBERSHIP_CHANGE_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Waits for a membership change of `group` at most [`MEMBERSHIP_CHANGE_PATIENCE`]; `what`
+/// names it in the logs. Returns whether it committed.
+async fn bounded<T, E: std::fmt::Display>(
+    group: usize,
+    what: &'static str,
+    change: impl Future<Output = Result<T, E>>,
+) -> bool {
+    match tokio::time::timeout(MEMBERSHIP_CHANGE_PATIENCE, change).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(error)) => {
+            tracing::debug!(group, %error, "{what} failed");
+            false
+        }
+        Err(_) => {
+            tracing::info!(
+                group,
+                "{what}: not committed within {} s (the group may lack a quorum); it stays submitted, and placement goes on with the other groups",
+                MEMBERSHIP_CHANGE_PATIENCE.as_secs()
+            );
+            false
+        }
+    }
+}
+
 /// What the placement loop learnt of members' partition counts (see [`ClusterNode::may_vote`]).
 #[derive(Debug, Default)]
 struct CountChecks {
@@ -277,9 +307,12 @@ impl ClusterNode {
                 // Members missing from the group join as learners.
                 for id in ids.iter().filter(|id| !in_group.contains(id)) {
                     let node = BasicNode::new(members[id].clone());
-                    if let Err(error) = raft.add_learner(*id, node, false).await {
-                        tracing::debug!(group, node = id, %error, "adding a learner failed");
-                    }
+                    bounded(
+                        group,
+                        "adding a learner",
+                        raft.add_learner(*id, node, false),
+                    )
+                    .await;
                 }
                 // Nodes that left the cluster leave the group.
                 let gone: BTreeSet<NodeId> = in_group
@@ -291,13 +324,19 @@ impl ClusterNode {
                     let gone_voters: BTreeSet<NodeId> =
                         gone.intersection(&voters).copied().collect();
                     if !gone_voters.is_empty() && voters.len() > gone_voters.len() {
-                        let _ = raft
-                            .change_membership(ChangeMembers::RemoveVoters(gone_voters), false)
-                            .await;
-                    }
-                    let _ = raft
-                        .change_membership(ChangeMembers::RemoveNodes(gone.clone()), false)
+                        bounded(
+                            group,
+                            "removing voters that left",
+                            raft.change_membership(ChangeMembers::RemoveVoters(gone_voters), false),
+                        )
                         .await;
+                    }
+                    bounded(
+                        group,
+                        "removing nodes that left",
+                        raft.change_membership(ChangeMembers::RemoveNodes(gone.clone()), false),
+                    )
+                    .await;
                     continue;
                 }
                 // Promote caught-up learners while voters are short.
@@ -328,18 +367,15 @@ impl ClusterNode {
                             ready.insert(id);
                         }
                     }
-                    if !ready.is_empty() {
-                        match raft
-                            .change_membership(ChangeMembers::AddVoterIds(ready.clone()), true)
-                            .await
-                        {
-                            Ok(_) => {
-                                tracing::info!(group, voters = ?ready, "promoted learners to voters")
-                            }
-                            Err(error) => {
-                                tracing::debug!(group, %error, "promoting learners failed")
-                            }
-                        }
+                    if !ready.is_empty()
+                        && bounded(
+                            group,
+                            "promoting learners",
+                            raft.change_membership(ChangeMembers::AddVoterIds(ready.clone()), true),
+                        )
+                        .await
+                    {
+                        tracing::info!(group, voters = ?ready, "promoted learners to voters")
                     }
                     continue;
                 }
@@ -373,20 +409,20 @@ impl ClusterNode {
                         .filter(|&v| v != out)
                         .chain([into])
                         .collect();
-                    match raft
-                        .change_membership(ChangeMembers::ReplaceAllVoters(next), true)
-                        .await
+                    if bounded(
+                        group,
+                        "moving a voter",
+                        raft.change_membership(ChangeMembers::ReplaceAllVoters(next), true),
+                    )
+                    .await
                     {
-                        Ok(_) => tracing::info!(
+                        tracing::info!(
                             group,
                             partition,
                             added = into,
                             removed = out,
                             "moved a voter to where the placement puts it (the removed one stays a learner)"
-                        ),
-                        Err(error) => {
-                            tracing::debug!(group, %error, "moving a voter failed")
-                        }
+                        )
                     }
                 }
             }
@@ -410,6 +446,26 @@ mod tests {
             calls.set(calls.get() + 1);
             std::future::ready(answer)
         }
+    }
+
+    /// A membership change that cannot commit (its group lacks a quorum) holds the round for
+    /// at most the patience, so the other groups' placement goes on.
+    #[tokio::test(start_paused = true)]
+    async fn a_change_that_never_commits_holds_the_round_for_the_patience_only() {
+        let started = tokio::time::Instant::now();
+        let never = std::future::pending::<Result<(), String>>();
+        assert!(!bounded(3, "promoting learners", never).await);
+        assert_eq!(started.elapsed(), MEMBERSHIP_CHANGE_PATIENCE);
+        assert!(
+            bounded(
+                3,
+                "promoting learners",
+                std::future::ready(Ok::<_, String>(()))
+            )
+            .await
+        );
+        let refused = std::future::ready(Err::<(), _>("in progress".to_string()));
+        assert!(!bounded(3, "promoting learners", refused).await);
     }
 
     fn members(ids: &[NodeId]) -> BTreeMap<NodeId, String> {
