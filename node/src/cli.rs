@@ -197,7 +197,7 @@ pub struct ServeArgs {
 
     /// Most simultaneous Redis-protocol clients [default: 10000].
     #[arg(long, env = "HERALD_MAXCLIENTS", value_name = "N")]
-    pub maxclients: Option<usize>,
+    pub maxclients: Option<String>,
 
     /// Longest request argument, e.g. 512mb [default: 512mb].
     #[arg(long, env = "HERALD_PROTO_MAX_BULK_LEN", value_name = "BYTES")]
@@ -215,7 +215,7 @@ pub struct ServeArgs {
 
     /// Close non-subscriber clients idle for this many seconds, 0 for never [default: 0].
     #[arg(long, env = "HERALD_TIMEOUT", value_name = "SECONDS")]
-    pub timeout: Option<u64>,
+    pub timeout: Option<String>,
 
     /// How long shutdown waits for clients to drain, e.g. 10s or 500ms; a bare number is
     /// seconds [default: 5s].

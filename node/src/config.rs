@@ -6,9 +6,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use herald_cluster::node::{ClusterConfig, RaftTimings};
 use herald_cluster::proposer::ProposerOptions;
 use herald_gateway::http::HttpSettings;
-use herald_gateway::hub::outbox::OutputLimit;
 use herald_gateway::resp::RespSettings;
-use herald_gateway::resp::settings::{SOFT_SECONDS_MAX, parse_memory};
+use herald_gateway::resp::settings::SettingError;
 use herald_storage::{Namespaces, StoreOptions, parse_duration};
 use serde::{Deserialize, Deserializer};
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,11 +24,17 @@ pub struct FileConfig {
     data_dir: Option<PathBuf>,
     requirepass: Option<String>,
     protected_mode: Option<bool>,
-    maxclients: Option<usize>,
+    // The settings `CONFIG SET` changes too: a TOML integer or a string, kept as text for
+    // `NodeConfig::resolve` to parse as `CONFIG SET` does.
+    #[serde(default, deserialize_with = "number_or_text")]
+    maxclients: Option<String>,
+    #[serde(default, deserialize_with = "number_or_text")]
     proto_max_bulk_len: Option<String>,
+    #[serde(default, deserialize_with = "number_or_text")]
     client_query_buffer_limit: Option<String>,
     pubsub_output_limit: Option<String>,
-    timeout: Option<u64>,
+    #[serde(default, deserialize_with = "number_or_text")]
+    timeout: Option<String>,
     /// A duration, or whole seconds (a TOML integer or a string of digits) as it took before.
     #[serde(default, deserialize_with = "seconds_or_duration_text")]
     shutdown_timeout: Option<String>,
@@ -151,34 +156,44 @@ impl NodeConfig {
             .protected_mode
             .or(file.protected_mode)
             .unwrap_or(resp.protected_mode);
-        if let Some((maxclients, from)) = given(args.maxclients, file.maxclients) {
-            resp.maxclients = maxclients;
-            in_config_set_range(
-                "maxclients",
-                from,
-                &maxclients.to_string(),
-                maxclients as u64,
-            )?;
-        }
-        if let Some((value, from)) = given(args.proto_max_bulk_len, file.proto_max_bulk_len) {
-            resp.proto_max_bulk_len = memory("--proto-max-bulk-len", from, &value)?;
-            let bytes = resp.proto_max_bulk_len as u64;
-            in_config_set_range("proto-max-bulk-len", from, &value, bytes)?;
-        }
-        if let Some((value, from)) = given(
-            args.client_query_buffer_limit,
-            file.client_query_buffer_limit,
-        ) {
-            resp.client_query_buffer_limit = memory("--client-query-buffer-limit", from, &value)?;
-            let bytes = resp.client_query_buffer_limit as u64;
-            in_config_set_range("client-query-buffer-limit", from, &value, bytes)?;
+        // The settings `CONFIG SET` changes go through its parser and bounds: a value the node
+        // starts with can be set again at run time, none gets in that `CONFIG SET` would
+        // refuse, and a refusal gives `CONFIG SET`'s reason.
+        let redis_settings = [
+            ("maxclients", given(args.maxclients, file.maxclients)),
+            (
+                "proto-max-bulk-len",
+                given(args.proto_max_bulk_len, file.proto_max_bulk_len),
+            ),
+            (
+                "client-query-buffer-limit",
+                given(
+                    args.client_query_buffer_limit,
+                    file.client_query_buffer_limit,
+                ),
+            ),
+            ("timeout", given(args.timeout, file.timeout)),
+        ];
+        for (setting, value) in redis_settings {
+            if let Some((value, from)) = value {
+                let flag = format!("--{setting}");
+                set_as_config_set(&mut resp, setting, &value, &flag, from, &value)?;
+            }
         }
         if let Some((value, from)) = given(args.pubsub_output_limit, file.pubsub_output_limit) {
-            resp.pubsub_output_limit = output_limit(&value, from)?;
-        }
-        if let Some((timeout, from)) = given(args.timeout, file.timeout) {
-            resp.timeout_seconds = timeout;
-            in_config_set_range("timeout", from, &timeout.to_string(), timeout)?;
+            let flag = "--pubsub-output-limit";
+            // The flag is `CONFIG SET client-output-buffer-limit`'s `pubsub` group without
+            // the class, its words separated by any white space.
+            let words: Vec<&str> = value.split_whitespace().collect();
+            if words.len() != 3 {
+                bail!(
+                    "invalid {}: expected '<hard> <soft> <soft-seconds>', e.g. '32mb 8mb 60'",
+                    named(flag, from, &value)
+                );
+            }
+            let group = format!("pubsub {}", words.join(" "));
+            let setting = "client-output-buffer-limit";
+            set_as_config_set(&mut resp, setting, &group, flag, from, &value)?;
         }
         let mut store = StoreOptions::default();
         if let Some(partitions) = args.partitions.or(file.partitions) {
@@ -412,6 +427,28 @@ fn seconds_or_duration_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<St
     d.deserialize_any(Text).map(Some)
 }
 
+/// A file value that `CONFIG SET` parses: a TOML integer (written out in digits, a negative
+/// one with its sign, for the setting's bounds to refuse) or a string, as text.
+fn number_or_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct Text;
+    impl serde::de::Visitor<'_> for Text {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a whole number or a string")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+    d.deserialize_any(Text).map(Some)
+}
+
 fn millis(name: &str, value: &str) -> Result<u64> {
     let duration =
         parse_duration(value.trim()).map_err(|e| anyhow!("invalid {name} '{value}': {e}"))?;
@@ -442,68 +479,34 @@ fn named(flag: &str, from: Source, value: &str) -> String {
     }
 }
 
-/// Refuses a number that `CONFIG SET setting` would refuse: the flag and the run-time command
-/// take the same range, so a value the node starts with can be set again, and none it could
-/// never have been set to at run time gets in at start-up. `value` is the text given, `number`
-/// what it means.
-fn in_config_set_range(setting: &str, from: Source, value: &str, number: u64) -> Result<()> {
-    let Some((min, max)) = herald_gateway::resp::settings::bounds(setting) else {
-        return Ok(());
-    };
-    let number = i128::from(number);
-    if number < i128::from(min) || number > i128::from(max) {
-        let flag = named(&format!("--{setting}"), from, value);
-        let unit = if matches!(setting, "proto-max-bulk-len" | "client-query-buffer-limit") {
-            format!(" ({number} bytes): it must be from {min} (1mb) to {max} bytes")
-        } else {
-            format!(": it must be from {min} to {max}")
+/// Sets `setting` to `value` as `CONFIG SET setting value` does, through
+/// [`RespSettings::set`]: start-up and the run-time command share one parser and one table of
+/// bounds. A refusal gives `CONFIG SET`'s reason after `flag` and the text `given`, with the
+/// flag's variable or the file's key, as `from` says.
+fn set_as_config_set(
+    resp: &mut RespSettings,
+    setting: &str,
+    value: &str,
+    flag: &str,
+    from: Source,
+    given: &str,
+) -> Result<()> {
+    resp.set(setting, value).map_err(|error| {
+        let why = match error {
+            SettingError::Invalid(why) => why,
+            // The names above are all settable.
+            SettingError::Unknown | SettingError::Immutable => {
+                format!("{setting} is not a setting CONFIG SET changes")
+            }
         };
-        bail!("invalid {flag}{unit}, the range CONFIG SET {setting} accepts");
-    }
-    Ok(())
-}
-
-fn memory(flag: &str, from: Source, value: &str) -> Result<usize> {
-    parse_memory(value).map_err(|_| {
-        anyhow!(
-            "invalid {}: expected a size such as 1024, 64kb, 32mb or 1gb",
-            named(flag, from, value)
-        )
-    })
-}
-
-fn output_limit(value: &str, from: Source) -> Result<OutputLimit> {
-    let flag = named("--pubsub-output-limit", from, value);
-    let parts: Vec<&str> = value.split_whitespace().collect();
-    let [hard, soft, seconds] = parts[..] else {
-        bail!("invalid {flag}: expected '<hard> <soft> <soft-seconds>', e.g. '32mb 8mb 60'");
-    };
-    let size = |bound: &str, text: &str| {
-        parse_memory(text).map_err(|_| {
-            anyhow!(
-                "invalid {flag}: the {bound} limit '{text}' is not a size such as 1024, 64kb, 32mb or 1gb"
-            )
-        })
-    };
-    let soft_seconds = seconds
-        .parse::<u64>()
-        .ok()
-        .filter(|s| *s <= SOFT_SECONDS_MAX)
-        .ok_or_else(|| {
-            anyhow!(
-                "invalid {flag}: soft-seconds '{seconds}' must be whole seconds from 0 to {SOFT_SECONDS_MAX}, the range CONFIG SET client-output-buffer-limit accepts"
-            )
-        })?;
-    Ok(OutputLimit {
-        hard_bytes: size("hard", hard)?,
-        soft_bytes: size("soft", soft)?,
-        soft_seconds,
+        anyhow!("invalid {}: {why}", named(flag, from, given))
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use herald_gateway::hub::outbox::OutputLimit;
     use std::io::Write;
 
     #[test]
@@ -603,7 +606,7 @@ mod tests {
         .unwrap();
         let args = ServeArgs {
             config: Some(file.0.clone()),
-            maxclients: Some(9),
+            maxclients: Some("9".into()),
             ..ServeArgs::default()
         };
         let config = NodeConfig::resolve(args).unwrap();
@@ -618,148 +621,184 @@ mod tests {
         std::fs::remove_file(&file.0).unwrap();
     }
 
-    /// Each value refused at start-up is one `CONFIG SET` refuses for the same setting, and
-    /// each accepted one it accepts: the flags, the variables and the file take Redis's range.
+    /// A flag (or its variable) of a setting `CONFIG SET` changes takes exactly the values
+    /// `CONFIG SET` takes (which the compatibility tests check against Redis), to the same
+    /// effect, and refuses the others with `CONFIG SET`'s reason: Redis's integers (no `+`, no
+    /// leading zero) and memory values, and its bounds.
     #[test]
-    fn start_up_refuses_what_config_set_refuses() {
-        let flag = |set: fn(&mut ServeArgs, &str), value: &str| {
-            let mut args = ServeArgs::default();
-            set(&mut args, value);
-            NodeConfig::resolve(args).map_err(|e| e.to_string())
-        };
+    fn start_up_takes_what_config_set_takes() {
         type Case = (&'static str, fn(&mut ServeArgs, &str), &'static str, bool);
+        let maxclients: fn(&mut ServeArgs, &str) = |a, v| a.maxclients = Some(v.into());
+        let timeout: fn(&mut ServeArgs, &str) = |a, v| a.timeout = Some(v.into());
+        let bulk: fn(&mut ServeArgs, &str) = |a, v| a.proto_max_bulk_len = Some(v.into());
+        let query: fn(&mut ServeArgs, &str) = |a, v| a.client_query_buffer_limit = Some(v.into());
         let cases: &[Case] = &[
-            (
-                "maxclients",
-                |a, v| a.maxclients = v.parse().ok(),
-                "0",
-                false,
-            ),
-            (
-                "maxclients",
-                |a, v| a.maxclients = v.parse().ok(),
-                "4294967296",
-                false,
-            ),
-            (
-                "maxclients",
-                |a, v| a.maxclients = v.parse().ok(),
-                "4294967295",
-                true,
-            ),
-            (
-                "maxclients",
-                |a, v| a.maxclients = v.parse().ok(),
-                "1",
-                true,
-            ),
-            (
-                "timeout",
-                |a, v| a.timeout = v.parse().ok(),
-                "2147483648",
-                false,
-            ),
-            (
-                "timeout",
-                |a, v| a.timeout = v.parse().ok(),
-                "2147483647",
-                true,
-            ),
-            ("timeout", |a, v| a.timeout = v.parse().ok(), "0", true),
-            (
-                "proto-max-bulk-len",
-                |a, v| a.proto_max_bulk_len = Some(v.into()),
-                "1kb",
-                false,
-            ),
-            (
-                "proto-max-bulk-len",
-                |a, v| a.proto_max_bulk_len = Some(v.into()),
-                "1048575",
-                false,
-            ),
-            (
-                "proto-max-bulk-len",
-                |a, v| a.proto_max_bulk_len = Some(v.into()),
-                "1mb",
-                true,
-            ),
-            (
-                "proto-max-bulk-len",
-                |a, v| a.proto_max_bulk_len = Some(v.into()),
-                "18446744073709551615",
-                false,
-            ),
-            (
-                "client-query-buffer-limit",
-                |a, v| a.client_query_buffer_limit = Some(v.into()),
-                "0",
-                false,
-            ),
-            (
-                "client-query-buffer-limit",
-                |a, v| a.client_query_buffer_limit = Some(v.into()),
-                "512kb",
-                false,
-            ),
-            (
-                "client-query-buffer-limit",
-                |a, v| a.client_query_buffer_limit = Some(v.into()),
-                "1gb",
-                true,
-            ),
+            ("maxclients", maxclients, "0", false),
+            ("maxclients", maxclients, "4294967296", false),
+            ("maxclients", maxclients, "4294967295", true),
+            ("maxclients", maxclients, "1", true),
+            ("maxclients", maxclients, "05", false),
+            ("maxclients", maxclients, "+5", false),
+            ("maxclients", maxclients, "-1", false),
+            ("maxclients", maxclients, "1.5", false),
+            ("timeout", timeout, "2147483648", false),
+            ("timeout", timeout, "2147483647", true),
+            ("timeout", timeout, "0", true),
+            ("timeout", timeout, "+40", false),
+            ("timeout", timeout, "", false),
+            ("proto-max-bulk-len", bulk, "1kb", false),
+            ("proto-max-bulk-len", bulk, "1048575", false),
+            ("proto-max-bulk-len", bulk, "1mb", true),
+            ("proto-max-bulk-len", bulk, "2MB", true),
+            ("proto-max-bulk-len", bulk, "18446744073709551615", false),
+            ("proto-max-bulk-len", bulk, "9000000000gb", false),
+            ("proto-max-bulk-len", bulk, "1.5mb", false),
+            ("client-query-buffer-limit", query, "0", false),
+            ("client-query-buffer-limit", query, "512kb", false),
+            ("client-query-buffer-limit", query, "2000000b", true),
+            ("client-query-buffer-limit", query, "1gb", true),
         ];
         for &(setting, set, value, accepted) in cases {
-            let redis = RespSettings::default().set(setting, value).is_ok();
-            assert_eq!(redis, accepted, "CONFIG SET {setting} {value}");
-            match flag(set, value) {
-                Ok(_) => assert!(accepted, "--{setting} {value} was accepted"),
-                Err(error) => {
-                    assert!(!accepted, "--{setting} {value}: {error}");
+            let mut redis = RespSettings::default();
+            let at_run_time = redis.set(setting, value);
+            assert_eq!(
+                at_run_time.is_ok(),
+                accepted,
+                "CONFIG SET {setting} {value}"
+            );
+            let mut args = ServeArgs::default();
+            set(&mut args, value);
+            match (at_run_time, NodeConfig::resolve(args)) {
+                (Ok(()), Ok(config)) => assert_eq!(config.resp, redis, "--{setting} {value}"),
+                (Err(SettingError::Invalid(why)), Err(error)) => {
                     let env = format!("HERALD_{}", setting.replace('-', "_").to_uppercase());
-                    assert!(
-                        error.starts_with(&format!("invalid --{setting} '{value}' (or {env})"))
-                            && error.ends_with(&format!("the range CONFIG SET {setting} accepts")),
-                        "{error}"
+                    assert_eq!(
+                        error.to_string(),
+                        format!("invalid --{setting} '{value}' (or {env}): {why}")
                     );
+                }
+                (at_run_time, at_start_up) => {
+                    panic!("--{setting} {value}: {at_start_up:?}, CONFIG SET: {at_run_time:?}")
                 }
             }
         }
-        // Soft seconds: Redis reads them into an int.
-        for (seconds, accepted) in [("2147483648", false), ("2147483647", true), ("0", true)] {
-            let limit = format!("32mb 8mb {seconds}");
-            let redis = RespSettings::default()
-                .set("client-output-buffer-limit", &format!("pubsub {limit}"))
-                .is_ok();
-            assert_eq!(
-                redis, accepted,
-                "CONFIG SET client-output-buffer-limit {limit}"
-            );
-            let got = flag(|a, v| a.pubsub_output_limit = Some(v.into()), &limit);
-            match got {
-                Ok(_) => assert!(accepted, "{limit} was accepted"),
-                Err(error) => assert!(
-                    !accepted
-                        && error.starts_with(&format!("invalid --pubsub-output-limit '{limit}' (or HERALD_PUBSUB_OUTPUT_LIMIT)"))
-                        && error.contains("soft-seconds '2147483648'"),
-                    "{error}"
-                ),
-            }
-        }
-        // The file's values are checked alike, and the error names the file's key.
-        let (path, mut file) = tempfile_in_target("herald-config-bounds.toml");
-        writeln!(file, "maxclients = 0").unwrap();
-        let error = NodeConfig::resolve(ServeArgs {
-            config: Some(path.clone()),
-            ..ServeArgs::default()
-        })
-        .unwrap_err()
-        .to_string();
+        let error = |setting: fn(&mut ServeArgs, &str), value: &str| {
+            let mut args = ServeArgs::default();
+            setting(&mut args, value);
+            NodeConfig::resolve(args).unwrap_err().to_string()
+        };
         assert_eq!(
-            error,
-            "invalid --maxclients '0' (`maxclients` in the config file): it must be from 1 to 4294967295, the range CONFIG SET maxclients accepts"
+            error(maxclients, "05"),
+            "invalid --maxclients '05' (or HERALD_MAXCLIENTS): argument couldn't be parsed into an integer"
         );
-        let _ = std::fs::remove_file(path);
+        assert_eq!(
+            error(timeout, "2147483648"),
+            "invalid --timeout '2147483648' (or HERALD_TIMEOUT): argument must be between 0 and 2147483647 inclusive"
+        );
+    }
+
+    /// `--pubsub-output-limit` is `CONFIG SET client-output-buffer-limit`'s `pubsub` group:
+    /// soft seconds are read into a C `int` as Redis reads them, from its config file and
+    /// command line as from `CONFIG SET` (2147483648 is negative, and refused; 4294967297 is 1).
+    #[test]
+    fn pubsub_output_limit_is_read_as_config_set_reads_it() {
+        let limit = |value: &str| {
+            NodeConfig::resolve(ServeArgs {
+                pubsub_output_limit: Some(value.into()),
+                ..ServeArgs::default()
+            })
+            .map(|config| config.resp.pubsub_output_limit)
+            .map_err(|e| e.to_string())
+        };
+        let accepted = |hard_bytes, soft_bytes, soft_seconds| {
+            Ok(OutputLimit {
+                hard_bytes,
+                soft_bytes,
+                soft_seconds,
+            })
+        };
+        assert_eq!(limit("32mb 8mb 60"), accepted(32 << 20, 8 << 20, 60));
+        assert_eq!(limit(" 1mb\t512kb  +5 "), accepted(1 << 20, 512 << 10, 5));
+        assert_eq!(limit("1k 1kb 2147483647"), accepted(1000, 1024, 2147483647));
+        assert_eq!(limit("1 2 4294967296"), accepted(1, 2, 0));
+        assert_eq!(limit("1 2 4294967297"), accepted(1, 2, 1));
+        for value in [
+            "1 2 2147483648",
+            "1 2 -3",
+            "1 2 99999999999999999999",
+            "x 2 3",
+            "-1 2 3",
+        ] {
+            let group = format!("pubsub {value}");
+            let Err(SettingError::Invalid(why)) =
+                RespSettings::default().set("client-output-buffer-limit", &group)
+            else {
+                panic!("CONFIG SET client-output-buffer-limit {group} was taken");
+            };
+            assert_eq!(
+                limit(value),
+                Err(format!(
+                    "invalid --pubsub-output-limit '{value}' (or HERALD_PUBSUB_OUTPUT_LIMIT): {why}"
+                ))
+            );
+        }
+        assert_eq!(
+            limit("1 2 2147483648"),
+            Err("invalid --pubsub-output-limit '1 2 2147483648' (or HERALD_PUBSUB_OUTPUT_LIMIT): Error in hard, soft or soft_seconds setting in buffer limit configuration.".into())
+        );
+        assert_eq!(
+            limit("pubsub 1 2 3"),
+            Err("invalid --pubsub-output-limit 'pubsub 1 2 3' (or HERALD_PUBSUB_OUTPUT_LIMIT): expected '<hard> <soft> <soft-seconds>', e.g. '32mb 8mb 60'".into())
+        );
+    }
+
+    /// The file's values are read as the flags' are, TOML integers or strings, and a refusal
+    /// names the file's key.
+    #[test]
+    fn the_file_takes_what_config_set_takes() {
+        let resolve = |text: &str| {
+            let (path, mut file) = tempfile_in_target("herald-config-bounds.toml");
+            writeln!(file, "{text}").unwrap();
+            let config = NodeConfig::resolve(ServeArgs {
+                config: Some(path.clone()),
+                ..ServeArgs::default()
+            })
+            .map(|config| config.resp)
+            .map_err(|e| e.to_string());
+            let _ = std::fs::remove_file(path);
+            config
+        };
+        let resp = resolve(
+            "maxclients = \"50\"\ntimeout = 7\nproto_max_bulk_len = 2097152\nclient_query_buffer_limit = \"2mb\"\npubsub_output_limit = \"1mb 1mb 4294967297\"",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                resp.maxclients,
+                resp.timeout_seconds,
+                resp.proto_max_bulk_len,
+                resp.client_query_buffer_limit,
+                resp.pubsub_output_limit.soft_seconds
+            ),
+            (50, 7, 2 << 20, 2 << 20, 1)
+        );
+        assert_eq!(
+            resolve("maxclients = 0").unwrap_err(),
+            "invalid --maxclients '0' (`maxclients` in the config file): argument must be between 1 and 4294967295 inclusive"
+        );
+        assert_eq!(
+            resolve("timeout = -1").unwrap_err(),
+            "invalid --timeout '-1' (`timeout` in the config file): argument must be between 0 and 2147483647 inclusive"
+        );
+        assert_eq!(
+            resolve("pubsub_output_limit = \"1 2 2147483648\"").unwrap_err(),
+            "invalid --pubsub-output-limit '1 2 2147483648' (`pubsub_output_limit` in the config file): Error in hard, soft or soft_seconds setting in buffer limit configuration."
+        );
+        let error = resolve("maxclients = 1.5").unwrap_err();
+        assert!(
+            error.contains("line 1") && error.contains("a whole number or a string"),
+            "{error}"
+        );
     }
 
     #[test]
