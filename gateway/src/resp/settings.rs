@@ -1,5 +1,7 @@
 //! Settings of the Redis-protocol server that `CONFIG GET` / `CONFIG SET` read and change at
-//! run time, with the names, units and formats Redis uses for them.
+//! run time, with the names, units and formats Redis uses for them. [`RespSettings::set`] is
+//! their one parser: the node reads its flags, variables and file keys for them through it too,
+//! as Redis reads its config file and command line with `CONFIG SET`'s code.
 
 use crate::hub::outbox::OutputLimit;
 use crate::resp::parse::RequestLimits;
@@ -89,20 +91,16 @@ pub fn setting_to_set(name: &str) -> Result<&'static str, SettingError> {
 /// `client-query-buffer-limit`.
 const MEMORY_SETTING_BOUNDS: (i64, i64) = (1024 * 1024, i64::MAX);
 
-/// The range `CONFIG SET name` accepts for a number setting (Redis 7's bounds, inclusive);
-/// `None` for a setting that is no number. Start-up checks the flags against the same range.
-pub fn bounds(name: &str) -> Option<(i64, i64)> {
+/// The range a number setting takes (Redis 7's bounds, inclusive), at start-up as from
+/// `CONFIG SET`: the one table of them.
+fn bounds(name: &str) -> (i64, i64) {
     match name {
-        "maxclients" => Some((1, u32::MAX.into())),
-        "proto-max-bulk-len" | "client-query-buffer-limit" => Some(MEMORY_SETTING_BOUNDS),
-        "timeout" => Some((0, i32::MAX.into())),
-        _ => None,
+        "maxclients" => (1, u32::MAX.into()),
+        "proto-max-bulk-len" | "client-query-buffer-limit" => MEMORY_SETTING_BOUNDS,
+        "timeout" => (0, i32::MAX.into()),
+        _ => (i64::MIN, i64::MAX),
     }
 }
-
-/// The most soft seconds `CONFIG SET client-output-buffer-limit` takes: Redis reads them into
-/// an `int`.
-pub const SOFT_SECONDS_MAX: u64 = i32::MAX as u64;
 
 impl RespSettings {
     /// The request-parsing limits these settings imply.
@@ -137,34 +135,31 @@ impl RespSettings {
     }
 
     /// Applies `CONFIG SET name value`, `name` as [`setting_to_set`] returns it; values are
-    /// parsed and bounded as Redis 7 does.
+    /// parsed and bounded as Redis 7 does. The node's start-up settings for these are applied
+    /// with it too, so a value is taken, and refused for the same reason, whichever way it
+    /// comes.
     pub fn set(&mut self, name: &str, value: &str) -> Result<(), SettingError> {
         match name {
             "requirepass" => {
                 self.requirepass = (!value.is_empty()).then(|| value.to_string());
             }
             "protected-mode" => self.protected_mode = parse_yes_no(value)?,
-            "maxclients" => self.maxclients = parse_integer(value, number_bounds(name))? as usize,
+            "maxclients" => self.maxclients = parse_integer(value, bounds(name))? as usize,
             "proto-max-bulk-len" => {
-                self.proto_max_bulk_len = parse_memory_setting(value, number_bounds(name))?
+                self.proto_max_bulk_len = parse_memory_setting(value, bounds(name))?
             }
             "client-query-buffer-limit" => {
-                self.client_query_buffer_limit = parse_memory_setting(value, number_bounds(name))?
+                self.client_query_buffer_limit = parse_memory_setting(value, bounds(name))?
             }
             "client-output-buffer-limit" => {
                 self.pubsub_output_limit = parse_output_limit(value, self.pubsub_output_limit)?
             }
-            "timeout" => self.timeout_seconds = parse_integer(value, number_bounds(name))? as u64,
+            "timeout" => self.timeout_seconds = parse_integer(value, bounds(name))? as u64,
             "databases" | "port" | "bind" => return Err(SettingError::Immutable),
             _ => return Err(SettingError::Unknown),
         }
         Ok(())
     }
-}
-
-/// [`bounds`] of a number setting.
-fn number_bounds(name: &str) -> (i64, i64) {
-    bounds(name).unwrap_or((i64::MIN, i64::MAX))
 }
 
 fn yes_no(flag: bool) -> &'static str {
@@ -244,19 +239,6 @@ fn parse_memory_setting(value: &str, (min, max): (i64, i64)) -> Result<usize, Se
     Ok(bytes as usize)
 }
 
-/// Parses a Redis memory value: `1024`, `64kb`, `32mb`, `1gb`, `1k` (1000), `1m` (1000000)...
-pub fn parse_memory(value: &str) -> Result<usize, SettingError> {
-    let lower = value.to_ascii_lowercase();
-    let split = lower
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(lower.len());
-    let (digits, unit) = lower.split_at(split);
-    memory_unit(unit)
-        .and_then(|multiplier| usize::try_from(multiplier).ok())
-        .and_then(|multiplier| digits.parse::<usize>().ok()?.checked_mul(multiplier))
-        .ok_or_else(|| SettingError::Invalid("argument must be a memory value".into()))
-}
-
 /// Parses `client-output-buffer-limit` as Redis 7 does: `<class> <hard> <soft> <seconds>`
 /// groups, split at each single space (an empty value is no group, and changes nothing);
 /// herald keeps the `pubsub` class and accepts (and ignores) `normal` and `replica`/`slave`.
@@ -280,7 +262,11 @@ fn parse_output_limit(value: &str, current: OutputLimit) -> Result<OutputLimit, 
                 "Invalid client class specified in buffer limit configuration.".into(),
             ));
         }
-        // Redis reads the seconds with `strtoll` into an `int`.
+        // Redis reads the seconds with `strtoll` into an `int`: 2147483648 is negative and
+        // refused, 4294967297 is 1. It does so from its config file and command line too (they
+        // share `CONFIG SET`'s code), so herald's start-up takes them this way as well
+        // (`--pubsub-output-limit` is this `pubsub` group), rather than refusing at start-up
+        // what `CONFIG SET` takes.
         let seconds = redis_strtoll(group[3]).map(|s| s as i32);
         let (Some(hard), Some(soft), Some(seconds @ 0..)) =
             (redis_memtoull(group[1]), redis_memtoull(group[2]), seconds)
@@ -329,11 +315,17 @@ mod tests {
 
     #[test]
     fn memory_values_like_redis() {
-        assert_eq!(parse_memory("32mb"), Ok(32 * 1024 * 1024));
-        assert_eq!(parse_memory("1k"), Ok(1000));
-        assert_eq!(parse_memory("1GB"), Ok(1 << 30));
-        assert!(parse_memory("12xb").is_err());
-        assert!(parse_memory("").is_err());
+        assert_eq!(redis_memtoull("32mb"), Some(32 * 1024 * 1024));
+        assert_eq!(redis_memtoull("1k"), Some(1000));
+        assert_eq!(redis_memtoull("1GB"), Some(1 << 30));
+        assert_eq!(redis_memtoull("mb"), Some(0), "no digits are 0");
+        assert_eq!(
+            redis_memtoull("9000000000gb"),
+            Some(9_663_676_416_000_000_000),
+            "multiplied with wrap-around"
+        );
+        assert_eq!(redis_memtoull("12xb"), None);
+        assert_eq!(redis_memtoull("1.5mb"), None);
     }
 
     #[test]
@@ -346,6 +338,18 @@ mod tests {
         assert_eq!(
             settings.get("client-output-buffer-limit", addr).unwrap(),
             "normal 0 0 0 slave 268435456 67108864 60 pubsub 1048576 524288 5"
+        );
+        settings
+            .set("client-output-buffer-limit", "pubsub 1 2 4294967297")
+            .unwrap();
+        assert_eq!(
+            settings.pubsub_output_limit.soft_seconds, 1,
+            "an int, as Redis"
+        );
+        assert!(
+            settings
+                .set("client-output-buffer-limit", "pubsub 1 2 2147483648")
+                .is_err()
         );
         assert_eq!(settings.set("port", "1"), Err(SettingError::Immutable));
         assert_eq!(settings.set("nope", "1"), Err(SettingError::Unknown));
