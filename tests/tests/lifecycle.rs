@@ -227,6 +227,57 @@ fn settings_come_from_flags_then_environment_then_file() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Start-up reads these settings as `CONFIG SET` does: soft seconds past 2147483647 are a C
+/// `int` to Redis, from its config file as from `CONFIG SET` (4294967297 is 1), and a node
+/// started with them shows what `CONFIG SET` would have made of them.
+#[test]
+fn start_up_settings_are_read_as_config_set_reads_them() {
+    let node = Herald::start_configured(
+        &["--requirepass", "pw", "--proto-max-bulk-len", "2MB"],
+        &[("HERALD_PUBSUB_OUTPUT_LIMIT", "1mb  1mb 4294967297")],
+    );
+    assert_eq!(
+        config_get(&node, "pw", "client-output-buffer-limit"),
+        "normal 0 0 0 slave 268435456 67108864 60 pubsub 1048576 1048576 1"
+    );
+    assert_eq!(config_get(&node, "pw", "proto-max-bulk-len"), "2097152");
+}
+
+/// A start-up value `CONFIG SET` would refuse is refused with `CONFIG SET`'s reason, in one
+/// line naming the flag and its variable, or the file's key.
+#[tokio::test]
+async fn a_start_up_setting_config_set_refuses_is_refused_with_its_reason() {
+    let dir = scratch_dir("refused-setting");
+    let file = dir.join("herald.toml");
+    std::fs::write(&file, "timeout = -1\n").unwrap();
+    let file = file.to_str().unwrap();
+    for (args, says) in [
+        (
+            vec!["--maxclients", "05"],
+            "invalid --maxclients '05' (or HERALD_MAXCLIENTS): argument couldn't be parsed into an integer",
+        ),
+        (
+            vec!["--pubsub-output-limit", "32mb 8mb 2147483648"],
+            "invalid --pubsub-output-limit '32mb 8mb 2147483648' (or HERALD_PUBSUB_OUTPUT_LIMIT): Error in hard, soft or soft_seconds setting in buffer limit configuration.",
+        ),
+        (
+            vec!["--config", file],
+            "invalid --timeout '-1' (`timeout` in the config file): argument must be between 0 and 2147483647 inclusive",
+        ),
+    ] {
+        let data = dir.join("data");
+        let (status, stderr) = herald_tests::serve_expecting_refusal(
+            args.iter()
+                .copied()
+                .chain(["--data-dir", data.to_str().unwrap()]),
+        )
+        .await;
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "{stderr}");
+        assert_eq!(stderr, format!("herald: {says}\n"));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// `--log` (here the harness's `--log info`) wins over `RUST_LOG`, as the README and the
 /// example config say: `RUST_LOG=off` in the environment used to silence the node whatever
 /// its settings said.
