@@ -286,6 +286,49 @@ async fn a_transaction_past_the_query_buffer_limit_is_refused_whole() {
     assert!(history.is_empty(), "{} events published", history.len());
 }
 
+/// `EXEC` holds its replies until its last command ran; past 64 MiB of them, the commands
+/// left are not run, each answered with an error saying so, and the array stays whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_whose_replies_pass_the_limit_runs_no_more_commands() {
+    let node = Herald::start();
+    let client = redis::Client::open(node.url()).unwrap();
+    let mut connection = patient_connection(&client).await;
+    let payload = "x".repeat(8 * 1024);
+    let mut fill = redis::pipe();
+    for _ in 0..100 {
+        fill.publish("big", &payload);
+    }
+    let _: Vec<i64> = fill.query_async(&mut connection).await.unwrap();
+
+    let mut raw = herald_tests::RawConn::connect(node.resp);
+    // 100 reads of 100 events of 8 KiB: about 80 MiB of replies.
+    let mut request = b"MULTI\r\n".to_vec();
+    request.extend(b"HISTORY big\r\n".repeat(100));
+    request.extend(b"PUBLISH big late\r\nEXEC\r\nPING\r\n");
+    raw.send(&request);
+    let replies = raw.read_until_suffix(b"+PONG\r\n");
+    let text = String::from_utf8_lossy(&replies);
+    let header = format!("{}*101\r\n", "+QUEUED\r\n".repeat(101));
+    assert!(
+        text.starts_with(&format!("+OK\r\n{header}*100\r\n")),
+        "{}",
+        &text[..2000]
+    );
+    let not_run = text
+        .matches("-ERR not run: this EXEC's replies passed 67108864 bytes\r\n")
+        .count();
+    let run = 101 - not_run;
+    assert!((80..=90).contains(&run), "{run} commands ran");
+    assert!(text.ends_with("-ERR not run: this EXEC's replies passed 67108864 bytes\r\n+PONG\r\n"));
+    // The publish after the limit was not run.
+    let history: Vec<(String, String)> = redis::cmd("HISTORY")
+        .arg("big")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(history.iter().all(|(_, payload)| payload != "late"));
+}
+
 fn redis_cli(node: &Herald, args: &[&str]) -> String {
     let output = Command::new("redis-cli")
         .args(["-h", "127.0.0.1", "-p", &node.resp.port().to_string()])

@@ -316,6 +316,8 @@ fn transactions() {
             Raw(0, b"MULTI\r\nPUBLISH a\r\nPUBLISH a lost\r\nEXEC\r\n"),
             Raw(0, b"MULTI\r\nNOSUCH x\r\nPUBLISH a lost\r\nEXEC\r\n"),
             Raw(0, b"MULTI\r\nCLIENT NOPE\r\nEXEC\r\n"),
+            // EXEC refused (its arity) ends the transaction, saying why.
+            Raw(0, b"MULTI\r\nPUBLISH a lost\r\nEXEC now\r\nPING\r\n"),
             Raw(0, b"MULTI\r\nPUBLISH a lost\r\nDISCARD\r\nEXEC\r\n"),
             Raw(0, b"MULTI\r\nPUBLISH a lost\r\nRESET\r\nEXEC\r\n"),
             cmd(1, &["PING"]),

@@ -83,6 +83,9 @@ pub(crate) struct Session {
     /// Set while `EXEC` runs: [`Session::flush_replies`] then queues nothing, so that its
     /// array of replies goes out whole.
     pub hold_replies: bool,
+    /// Bytes encoded into `slots` since they were last queued (publish replies still to
+    /// come not counted).
+    reply_bytes: usize,
 }
 
 impl Session {
@@ -105,6 +108,7 @@ impl Session {
             history_channels: 0,
             transaction: None,
             hold_replies: false,
+            reply_bytes: 0,
         }
     }
 
@@ -120,25 +124,32 @@ impl Session {
 
     /// Encodes a reply; it is queued with the rest of the batch.
     pub fn reply(&mut self, frame: Frame) {
+        let protocol = self.protocol;
+        self.encode_reply(|buffer| frame.encode(protocol, buffer));
+    }
+
+    /// Bytes of replies encoded and not queued yet (what `EXEC` holds).
+    pub fn reply_bytes(&self) -> usize {
+        self.reply_bytes
+    }
+
+    /// Encodes into the last ready slot (a new one if the last is a publish's).
+    fn encode_reply(&mut self, encode: impl FnOnce(&mut BytesMut)) {
         if !matches!(self.slots.last(), Some(Slot::Ready(_))) {
             self.slots.push(Slot::Ready(BytesMut::new()));
         }
         let Some(Slot::Ready(buffer)) = self.slots.last_mut() else {
             unreachable!()
         };
-        frame.encode(self.protocol, buffer);
+        let before = buffer.len();
+        encode(buffer);
+        self.reply_bytes += buffer.len() - before;
     }
 
     /// Encodes the header of an array reply of `len` items; the next `len` replies are its
     /// items (`EXEC`'s reply).
     pub fn reply_array_header(&mut self, len: usize) {
-        if !matches!(self.slots.last(), Some(Slot::Ready(_))) {
-            self.slots.push(Slot::Ready(BytesMut::new()));
-        }
-        let Some(Slot::Ready(buffer)) = self.slots.last_mut() else {
-            unreachable!()
-        };
-        encode_header(buffer, b'*', len as i64);
+        self.encode_reply(|buffer| encode_header(buffer, b'*', len as i64));
     }
 
     /// Reserves the reply slot of a publish whose outcome is not known yet.
@@ -232,6 +243,7 @@ impl Session {
             return;
         }
         self.unsettled = 0;
+        self.reply_bytes = 0;
         self.wakes.wake_all();
         let mut out = BytesMut::new();
         for slot in std::mem::take(&mut self.slots) {
@@ -342,20 +354,38 @@ impl Drop for Session {
     }
 }
 
-/// Serves one client until it disconnects, is killed, or the server shuts down. `parser` and
-/// `buffer` hold what the client sent before that is not a complete request yet (for a
-/// connection adopted from the start-up answerer), or nothing.
+/// Where a connection adopted from the start-up answerer left off; empty for a new one.
+pub(crate) struct Unread {
+    /// The request being parsed, if one is half read.
+    pub parser: RequestParser,
+    /// Bytes read and not parsed yet.
+    pub buffer: BytesMut,
+    /// A `MULTI` was refused with `-LOADING` and its transaction is not over: the session
+    /// starts in a refused transaction, so its commands are not run one by one.
+    pub in_refused_transaction: bool,
+}
+
+/// Serves one client until it disconnects, is killed, or the server shuts down, starting
+/// from what the start-up answerer left `unread`.
 pub(crate) async fn serve(
     ctx: Arc<ServerContext>,
     stream: TcpStream,
     client: Arc<ClientInfo>,
-    mut parser: RequestParser,
-    mut buffer: BytesMut,
+    unread: Unread,
 ) {
+    let Unread {
+        mut parser,
+        mut buffer,
+        in_refused_transaction,
+    } = unread;
     let (mut reader, writer) = stream.into_split();
     let outbox = client.subscriber.outbox().clone();
     let writer = tokio::spawn(write_loop(writer, outbox.clone()));
     let mut session = Session::new(ctx.clone(), client);
+    if in_refused_transaction {
+        session.transaction = Some(Transaction::refused());
+        session.client.meta.lock().transaction = Some((0, 0));
+    }
     let mut reconnect = ctx.broker.reconnect_watch();
 
     'connection: loop {

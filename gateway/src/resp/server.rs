@@ -77,6 +77,10 @@ pub struct AdoptedClient {
     pub parser: RequestParser,
     /// Bytes read from the client and not parsed yet.
     pub buffer: BytesMut,
+    /// The client sent `MULTI` while the node was starting (answered `-LOADING`) and no
+    /// `EXEC`, `DISCARD` or `RESET` since: the rest of that transaction must not run as
+    /// plain commands (see [`Transaction::refused`](crate::resp::cmd::transaction::Transaction::refused)).
+    pub in_refused_transaction: bool,
 }
 
 /// A bind failure, naming the address so the node can tell the operator which flag to change.
@@ -163,6 +167,7 @@ impl RespServer {
                     addr,
                     parser: RequestParser::new(),
                     buffer: BytesMut::new(),
+                    in_refused_transaction: false,
                 }),
                 client = next_adopted(&mut adopted) => Ok(client),
                 _ = context.shutdown.cancelled() => break,
@@ -214,6 +219,7 @@ async fn admit(context: Arc<ServerContext>, accepted: AdoptedClient) {
         addr,
         parser,
         buffer,
+        in_refused_transaction,
     } = accepted;
     context
         .stats
@@ -254,7 +260,12 @@ async fn admit(context: Arc<ServerContext>, accepted: AdoptedClient) {
         context: &context,
         id,
     };
-    connection::serve(context.clone(), stream, client, parser, buffer).await;
+    let unread = connection::Unread {
+        parser,
+        buffer,
+        in_refused_transaction,
+    };
+    connection::serve(context.clone(), stream, client, unread).await;
     tracing::debug!(id, %addr, "RESP client disconnected");
 }
 

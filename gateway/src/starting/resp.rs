@@ -92,6 +92,7 @@ impl Client {
         let mut parser = RequestParser::new();
         let mut buffer = BytesMut::new();
         let mut replies = BytesMut::new();
+        let mut in_refused_transaction = false;
         loop {
             let mut quit = false;
             loop {
@@ -103,6 +104,14 @@ impl Client {
                             break;
                         }
                         self.answered.resp_commands.fetch_add(1, Ordering::Relaxed);
+                        if args[0].eq_ignore_ascii_case(b"MULTI") {
+                            in_refused_transaction = true;
+                        } else if [&b"EXEC"[..], b"DISCARD", b"RESET"]
+                            .iter()
+                            .any(|name| args[0].eq_ignore_ascii_case(name))
+                        {
+                            in_refused_transaction = false;
+                        }
                         replies.extend_from_slice(b"-LOADING ");
                         replies.extend_from_slice(STARTING.as_bytes());
                         replies.extend_from_slice(b"\r\n");
@@ -142,6 +151,7 @@ impl Client {
             addr: self.addr,
             parser,
             buffer,
+            in_refused_transaction,
         };
         // A closed queue: the start failed, and the connection closes with it.
         let _ = handover.send(adopted).await;

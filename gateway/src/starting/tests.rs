@@ -115,6 +115,38 @@ async fn redis_clients_get_loading_and_their_connections_are_served_once_the_nod
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A transaction cut by the moment the node became ready does not run its second half: its
+/// `MULTI` was refused, so its `EXEC` is too, and nothing of it is published (a client that
+/// retries it publishes it once). A transaction that ended while starting leaves nothing.
+#[tokio::test]
+async fn a_transaction_refused_while_starting_stays_refused_once_ready() {
+    let ports = start_answering(HttpSettings::default()).await;
+    let loading = format!("-LOADING {STARTING}\r\n");
+    let mut cut = TcpStream::connect(ports.resp).await.unwrap();
+    cut.write_all(b"MULTI\r\nPUBLISH tx one\r\n").await.unwrap();
+    assert_eq!(
+        read_exactly(&mut cut, 2 * loading.len()).await,
+        loading.repeat(2)
+    );
+    let mut ended = TcpStream::connect(ports.resp).await.unwrap();
+    ended.write_all(b"MULTI\r\nEXEC\r\n").await.unwrap();
+    assert_eq!(
+        read_exactly(&mut ended, 2 * loading.len()).await,
+        loading.repeat(2)
+    );
+
+    let (server, dir) = ready(ports.starting).await;
+    cut.write_all(b"PUBLISH tx two\r\nEXEC\r\nHISTORY tx\r\n")
+        .await
+        .unwrap();
+    let want = "+QUEUED\r\n-EXECABORT Transaction discarded because of previous errors.\r\n*0\r\n";
+    assert_eq!(read_exactly(&mut cut, want.len()).await, want);
+    ended.write_all(b"PUBLISH tx three\r\n").await.unwrap();
+    assert_eq!(read_exactly(&mut ended, 4).await, ":0\r\n");
+    server.cancel();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Finishes the start-up and runs a RESP server (on a fresh store) that adopts its clients;
 /// returns the server's shutdown token and the store's directory.
 async fn ready(starting: Starting) -> (CancellationToken, std::path::PathBuf) {

@@ -35,6 +35,10 @@ pub(crate) async fn execute(session: &mut Session, args: Args) {
         .fetch_add(1, Ordering::Relaxed);
     let (command, subcommand) = match check(session, &args) {
         Ok(found) => found,
+        Err(refusal) if session.transaction.is_some() && args[0].eq_ignore_ascii_case(b"exec") => {
+            transaction::exec_refused(session, refusal);
+            return;
+        }
         Err(refusal) => {
             // As in Redis, a command refused inside a transaction dooms the transaction.
             transaction::abort(session);

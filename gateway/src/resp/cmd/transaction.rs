@@ -10,13 +10,24 @@
 //! while it runs (a publish that cannot be committed, a bad `CONFIG SET` value) has its error
 //! in its place in the array and the others still run: there is no rollback.
 //!
-//! The durable publishes of one `EXEC` go to the log as one request, as those of one pipelined
-//! read do (see [`Session::stage_publish`]).
+//! The durable publishes of one `EXEC` are staged together, as those of one pipelined read
+//! are (see [`Session::stage_publish`]): on a single node they go to the log as one request
+//! and share one sync; in a cluster each goes, in order, to its partition's leader.
+//!
+//! Bounds: the queued commands count against `client-query-buffer-limit` (their arguments are
+//! copied out of the read buffer, so what is counted is what is held), and `EXEC`'s replies,
+//! held until the last command ran, against [`EXEC_REPLY_LIMIT`]: the commands after that
+//! point are not run, each answered with an error saying so.
+//!
+//! A `MULTI` refused with `-LOADING` while the node starts leaves the rest of its transaction
+//! refused ([`Transaction::refused`]) once the node is ready, so that a transaction cut by the
+//! moment the node became ready does not run its second half.
 //!
 //! Where herald differs from Redis, and why:
 //! - Subscription commands (`SUBSCRIBE`, `UNSUBSCRIBE`, their pattern, shard and history
 //!   forms) are refused inside a transaction and mark it. Redis queues them, but its `EXEC`
-//!   then writes more replies than its array announces, which no client can parse.
+//!   then writes one reply per channel, more or fewer than its array announces when the
+//!   command names no channel or several, which no client can parse.
 //! - Other connections' commands may run between a transaction's commands. Redis runs a
 //!   transaction with nothing in between; herald keeps each connection's own order, so a
 //!   subscriber sees a transaction's events in order, but possibly with another client's
@@ -27,6 +38,7 @@
 use super::Args;
 use crate::resp::connection::Session;
 use crate::resp::frame::Frame;
+use bytes::Bytes;
 
 /// Commands refused between `MULTI` and `EXEC` (see the module doc).
 const REFUSED_IN_TRANSACTION: &[&str] = &[
@@ -39,6 +51,11 @@ const REFUSED_IN_TRANSACTION: &[&str] = &[
     "hsubscribe",
     "hunsubscribe",
 ];
+
+/// Most bytes of replies one `EXEC` holds: replies are held until the transaction's last
+/// command ran (so that its array goes out whole), and a transaction of a few kilobytes of
+/// `HISTORY` reads could otherwise hold gigabytes.
+pub(crate) const EXEC_REPLY_LIMIT: usize = 64 * 1024 * 1024;
 
 /// Bytes a queued command costs beyond its arguments' bytes (the argument list itself), so
 /// that a transaction of many empty commands is bounded too.
@@ -59,6 +76,18 @@ pub(crate) struct Transaction {
     bytes: usize,
     /// Set when a command was refused while queueing: `EXEC` then runs nothing.
     aborted: bool,
+}
+
+impl Transaction {
+    /// A transaction whose `MULTI` was refused (answered `-LOADING` while the node started):
+    /// its commands are answered `QUEUED` and its `EXEC` with `EXECABORT`, so none of them
+    /// runs.
+    pub(crate) fn refused() -> Transaction {
+        Transaction {
+            aborted: true,
+            ..Transaction::default()
+        }
+    }
 }
 
 /// `MULTI`.
@@ -138,6 +167,9 @@ pub(super) fn queue(
         return;
     }
     transaction.bytes += cost;
+    // A copy: the arguments are slices of the read buffer, and held for long they would keep
+    // every read they came in alive, far more than `bytes` counts.
+    let args = args.iter().map(|arg| Bytes::copy_from_slice(arg)).collect();
     transaction.queued.push(Queued {
         name,
         subcommand,
@@ -165,7 +197,26 @@ pub(super) async fn exec(session: &mut Session) {
     // variable number, are never queued); holding the replies keeps the array whole.
     session.hold_replies = true;
     for queued in transaction.queued {
+        if session.reply_bytes() > EXEC_REPLY_LIMIT {
+            session.reply(Frame::error(format!(
+                "ERR not run: this EXEC's replies passed {EXEC_REPLY_LIMIT} bytes"
+            )));
+            continue;
+        }
         super::run(session, queued.name, queued.subcommand, &queued.args).await;
     }
     session.hold_replies = false;
+}
+
+/// `EXEC` refused by the checks (its arity): as in Redis, the transaction ends, and the reply
+/// says why.
+pub(super) fn exec_refused(session: &mut Session, refusal: Frame) {
+    end(session);
+    let Frame::Error(message) = refusal else {
+        unreachable!("a refusal is an error")
+    };
+    let reason = message.strip_prefix("ERR ").unwrap_or(&message);
+    session.reply(Frame::error(format!(
+        "EXECABORT Transaction discarded because of: {reason}"
+    )));
 }
