@@ -16,11 +16,14 @@
 //! retained. The `ahead` check is a heuristic for a data directory restored from an older
 //! copy: it catches a client that comes back before the restored node has committed past its
 //! cursor, not one that comes back later (positions alone cannot tell the reused ones apart).
+//! These rules are [`Resume`]'s, which `HISTORY` follows too.
 
 mod replay;
+mod resume;
 
 use replay::{ChannelReplay, Replay, ReplayItem};
 pub use replay::{REPLAY_PAGE_BYTES, REPLAY_PAGE_EVENTS};
+pub use resume::{GapCause, GapReason, Resume};
 
 use crate::broker::Broker;
 use crate::hub::outbox::{Batch, Item, Outbox};
@@ -85,9 +88,8 @@ pub struct Gap {
     pub requested: Option<Position>,
     /// The oldest position still retained for the channel, if any.
     pub oldest: Option<Position>,
-    /// `"retention"`, `"epoch"`, or `"ahead"` (a single node was asked to resume after
-    /// events it does not have: its data directory was restored from an older copy).
-    pub reason: &'static str,
+    /// Why (see [`Resume`] for the rules).
+    pub reason: GapReason,
 }
 
 /// One thing the stream emits.
@@ -200,34 +202,28 @@ impl EventStream {
                 .entry(p)
                 .or_insert_with(|| broker.committed_seq(p));
         }
-        // On a single node a cursor is never ahead of what the node committed (events reach
-        // clients after commit): one that is names events this node no longer has, its data
-        // directory restored from an older copy, and the positions past its head are being
-        // given to other events. Those partitions are resumed like another epoch's. Only the
-        // stream's own partitions are checked: a cursor may name any partition number.
-        let ahead: BTreeSet<Partition> = match &start {
-            Start::After(cursor)
-                if cursor.epoch == broker.epoch() && broker.cluster().is_none() =>
-            {
-                watermarks
-                    .iter()
-                    .filter(|&(&p, &committed)| cursor.get(p).unwrap_or(0) > committed)
-                    .map(|(&p, _)| p)
-                    .collect()
-            }
-            _ => BTreeSet::new(),
+        // Where the cursor resumes each partition, and whether with a gap (the rules are
+        // `Resume`'s). Only the stream's own partitions are looked at: a cursor may name any
+        // partition number.
+        let single_node = broker.cluster().is_none();
+        let resumes: BTreeMap<Partition, Resume> = match &start {
+            Start::After(cursor) => watermarks
+                .iter()
+                .map(|(&p, &committed)| {
+                    let resume = Resume::new(cursor, p, broker.epoch(), committed, single_node);
+                    (p, resume)
+                })
+                .collect(),
+            Start::Live | Start::Last(_) => BTreeMap::new(),
         };
         // In a cluster a cursor can be ahead of this node (it came from a node further along,
         // e.g. this one just restarted and is catching up): what it already covers must not
         // come again when this node applies it, so the cursor raises the point below which
-        // live events are skipped.
-        if let Start::After(cursor) = &start
-            && cursor.epoch == broker.epoch()
-        {
-            for (&p, seq) in watermarks.iter_mut() {
-                if !ahead.contains(&p) {
-                    *seq = (*seq).max(cursor.get(p).unwrap_or(0));
-                }
+        // live events are skipped. Where it cannot be matched (another epoch; on a single
+        // node, ahead of what it committed) it raises nothing.
+        for (p, seq) in watermarks.iter_mut() {
+            if let Some(after) = resumes.get(p).and_then(Resume::after) {
+                *seq = (*seq).max(after);
             }
         }
         // 3. Gap notices, and where each channel's replay starts (read later, by pages).
@@ -240,43 +236,21 @@ impl EventStream {
             let after = match &start {
                 Start::Live => continue,
                 Start::Last(n) => store.seq_before_last(channel, *n)?,
-                Start::After(cursor) if cursor.epoch != broker.epoch() => {
-                    emits.push(Emit::Gap(Gap {
-                        channel: channel.clone(),
-                        requested: None,
-                        oldest: store.oldest(channel)?,
-                        reason: "epoch",
-                    }));
-                    None
-                }
-                Start::After(cursor) if ahead.contains(&p) => {
-                    emits.push(Emit::Gap(Gap {
-                        channel: channel.clone(),
-                        requested: Some(Position {
-                            partition: p,
-                            seq: cursor.get(p).unwrap_or(0),
-                        }),
-                        oldest: store.oldest(channel)?,
-                        reason: "ahead",
-                    }));
-                    None
-                }
-                Start::After(cursor) => {
-                    let after = cursor.get(p).unwrap_or(0);
-                    let floor = store.retention_floor(channel)?;
-                    if after < floor {
+                Start::After(_) => {
+                    let resume = resumes[&p];
+                    // The floor is read only where the cursor was matched (it costs a pass
+                    // over the channel's chunk heads, and is not looked at otherwise).
+                    let floor = match resume.after() {
+                        Some(_) => store.retention_floor(channel)?,
+                        None => 0,
+                    };
+                    if let Some(cause) = resume.gap(floor) {
                         floor_told = floor;
-                        emits.push(Emit::Gap(Gap {
-                            channel: channel.clone(),
-                            requested: Some(Position {
-                                partition: p,
-                                seq: after,
-                            }),
-                            oldest: store.oldest(channel)?,
-                            reason: "retention",
-                        }));
+                        emits.push(Emit::Gap(
+                            cause.notice(channel.clone(), store.oldest(channel)?),
+                        ));
                     }
-                    Some(after)
+                    resume.after()
                 }
             };
             // The notice above told of what retention dropped so far; the replay reports only
@@ -292,11 +266,13 @@ impl EventStream {
         {
             // Partitions the store lacks are dropped (callers refuse such cursors first, see
             // `check_cursor`): the cursor goes out with every event, and a hand-made one naming
-            // thousands of partitions would make each event huge.
+            // thousands of partitions would make each event huge. So are the stream's
+            // partitions the cursor could not be matched in (`ahead`): they start over.
             let partitions = broker.store().partitions();
+            let unmatched = |p: Partition| resumes.get(&p).is_some_and(|r| r.after().is_none());
             for position in cursor
                 .positions()
-                .filter(|pos| pos.partition < partitions && !ahead.contains(&pos.partition))
+                .filter(|pos| pos.partition < partitions && !unmatched(pos.partition))
             {
                 self.cursor.advance(position);
             }
@@ -797,7 +773,7 @@ mod tests {
         assert_eq!(sent, want.iter().map(|w| w.as_bytes()).collect::<Vec<_>>());
         match gap {
             Emit::Gap(gap) => {
-                assert_eq!(gap.reason, "retention");
+                assert_eq!(gap.reason, GapReason::Retention);
                 let requested = gap.requested.expect("a position");
                 assert_eq!(
                     requested.seq,

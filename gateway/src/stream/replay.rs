@@ -11,7 +11,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use bytes::Bytes;
 use herald_storage::{Event, Position, StorageError, Store};
 
-use super::Gap;
+use super::{Gap, GapReason};
 
 /// Events a replay page holds at most.
 pub const REPLAY_PAGE_EVENTS: usize = 512;
@@ -110,7 +110,7 @@ impl ChannelReplay {
                 seq: after,
             }),
             oldest: store.oldest(&self.channel)?,
-            reason: "retention",
+            reason: GapReason::Retention,
         }))
     }
 }

@@ -35,7 +35,7 @@ use crate::reconnect::{Reason, ReconnectWatch};
 use crate::resp::connection::{HistorySubscription, Session};
 use crate::resp::frame::{Frame, Protocol};
 use crate::resp::server::REPLY_BACKPRESSURE_BYTES;
-use crate::stream::{Emit, EventStream, Gap, Start, check_cursor, position_text};
+use crate::stream::{Emit, EventStream, Gap, GapReason, Start, check_cursor, position_text};
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use herald_storage::{Cursor, Position};
@@ -123,12 +123,12 @@ pub(super) async fn history(session: &mut Session, args: &Args) {
     // data directory restored from an older copy); both read what is retained from the start.
     let (after_seq, mut why) = match &after {
         None => (None, None),
-        Some(cursor) if cursor.epoch != broker.epoch() => (None, Some((None, "epoch"))),
+        Some(cursor) if cursor.epoch != broker.epoch() => (None, Some((None, GapReason::Epoch))),
         Some(cursor) => {
             let seq = cursor.get(partition).unwrap_or(0);
             if broker.cluster().is_none() && seq > committed {
                 let requested = Position { partition, seq };
-                (None, Some((Some(requested), "ahead")))
+                (None, Some((Some(requested), GapReason::Ahead)))
             } else {
                 (Some(seq), None)
             }
@@ -144,7 +144,7 @@ pub(super) async fn history(session: &mut Session, args: &Args) {
         if let (Some(seq), None) = (after_seq, &why)
             && seq < store.retention_floor(channel)?
         {
-            why = Some((Some(Position { partition, seq }), "retention"));
+            why = Some((Some(Position { partition, seq }), GapReason::Retention));
         }
         let gap = match why {
             Some((requested, reason)) => Some(Gap {
@@ -451,6 +451,6 @@ fn gap_items(gap: Gap) -> Vec<Frame> {
         Frame::Bulk(gap.channel),
         text(gap.requested),
         text(gap.oldest),
-        Frame::text(gap.reason),
+        Frame::text(gap.reason.as_str()),
     ]
 }
