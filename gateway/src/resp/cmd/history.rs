@@ -35,10 +35,10 @@ use crate::reconnect::{Reason, ReconnectWatch};
 use crate::resp::connection::{HistorySubscription, Session};
 use crate::resp::frame::{Frame, Protocol};
 use crate::resp::server::REPLY_BACKPRESSURE_BYTES;
-use crate::stream::{Emit, EventStream, Gap, GapReason, Start, check_cursor, position_text};
+use crate::stream::{Emit, EventStream, Gap, Resume, Start, check_cursor, position_text};
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
-use herald_storage::{Cursor, Position};
+use herald_storage::Cursor;
 use std::panic::AssertUnwindSafe;
 use tokio_util::sync::CancellationToken;
 
@@ -117,42 +117,28 @@ pub(super) async fn history(session: &mut Session, args: &Args) {
     // Only what is committed (flushed) is shown: the store may already hold the next batch
     // while its flush is in flight, and a cursor must never name an event a crash could undo.
     let committed = broker.committed_seq(partition);
-    // Where the read starts, and why it cannot give everything after the cursor, by the rules
-    // of HSUBSCRIBE and SSE (see `stream`): nothing of another store's cursor can be matched,
-    // and a cursor ahead of what a single node committed names events it no longer has (its
-    // data directory restored from an older copy); both read what is retained from the start.
-    let (after_seq, mut why) = match &after {
-        None => (None, None),
-        Some(cursor) if cursor.epoch != broker.epoch() => (None, Some((None, GapReason::Epoch))),
-        Some(cursor) => {
-            let seq = cursor.get(partition).unwrap_or(0);
-            if broker.cluster().is_none() && seq > committed {
-                let requested = Position { partition, seq };
-                (None, Some((Some(requested), GapReason::Ahead)))
-            } else {
-                (Some(seq), None)
-            }
-        }
-    };
+    // Where the read starts, and whether the reply starts with a gap: the rules of HSUBSCRIBE,
+    // SSE and WebSocket (`stream::Resume`).
+    let resume = after.as_ref().map(|cursor| {
+        let single_node = broker.cluster().is_none();
+        Resume::new(cursor, partition, broker.epoch(), committed, single_node)
+    });
     let store = broker.store();
     let events = match last {
         Some(n) => store.last(channel, n),
-        None => store.history_after(channel, after_seq, count),
+        None => store.history_after(channel, resume.and_then(|r| r.after()), count),
     };
     // Retention is checked after the read, so that events dropped while it ran are told too.
     let read = events.and_then(|events| {
-        if let (Some(seq), None) = (after_seq, &why)
-            && seq < store.retention_floor(channel)?
-        {
-            why = Some((Some(Position { partition, seq }), GapReason::Retention));
-        }
-        let gap = match why {
-            Some((requested, reason)) => Some(Gap {
-                channel: channel.clone(),
-                requested,
-                oldest: store.oldest(channel)?,
-                reason,
-            }),
+        let Some(resume) = resume else {
+            return Ok((events, None));
+        };
+        let floor = match resume.after() {
+            Some(_) => store.retention_floor(channel)?,
+            None => 0,
+        };
+        let gap = match resume.gap(floor) {
+            Some(cause) => Some(cause.notice(channel.clone(), store.oldest(channel)?)),
             None => None,
         };
         Ok((events, gap))
