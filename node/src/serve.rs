@@ -23,13 +23,43 @@ use tokio_util::sync::CancellationToken;
 /// Sets up `tracing` output to stderr with `filter` (resolved and checked by
 /// [`NodeConfig::resolve`], `RUST_LOG` included).
 pub fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::new(quiet_openraft(filter));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    tracing::subscriber::set_global_default(log_subscriber(filter, ansi, || {
+        DropWriteErrors(std::io::stderr())
+    }))
+    .expect("logging is set up once");
+}
+
+/// The node's log: `filter` (a bare level made quiet about openraft, see [`quiet_openraft`]
+/// and [`peer_request_error`]) over lines written to `writer`.
+fn log_subscriber<W>(filter: &str, ansi: bool, writer: W) -> impl tracing::Subscriber + Send + Sync
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::filter::{FilterExt, filter_fn};
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    let quiet = quiet_openraft(filter) != filter.trim();
+    let env = tracing_subscriber::EnvFilter::new(quiet_openraft(filter));
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
-        .with_writer(|| DropWriteErrors(std::io::stderr()))
-        .init();
+        .with_writer(writer)
+        .with_filter(env.and(filter_fn(move |meta| !(quiet && peer_request_error(meta)))));
+    tracing_subscriber::registry().with(layer)
+}
+
+/// Whether an event is one of openraft's core errors about one peer's request: a vote or a
+/// leadership confirmation that a peer did not answer (down, restarting, or not connected
+/// yet). Those name the peer in a `target` field, and come in every election of every group
+/// while a peer is away: a node started a few seconds after the others on a loaded machine
+/// logged `ERROR while requesting vote ... node 3 is unreachable` during a healthy formation.
+/// herald reports unreachable peers itself, as for replication (see [`quiet_openraft`]);
+/// openraft's other core errors (a storage failure, a core that stopped) have no such field
+/// and are kept.
+fn peer_request_error(meta: &tracing::Metadata<'_>) -> bool {
+    meta.is_event()
+        && meta.target() == "openraft::core::raft_core"
+        && meta.fields().field("target").is_some()
 }
 
 /// A log writer that drops the lines it cannot write. tracing-subscriber reports a failed
@@ -417,5 +447,47 @@ mod logging_tests {
         assert!(quiet_openraft("info").contains("openraft=warn"));
         assert_eq!(quiet_openraft("debug"), "debug");
         assert_eq!(quiet_openraft("info,openraft=info"), "info,openraft=info");
+    }
+
+    /// Logs what openraft's core logs when a peer does not answer a vote request, and when its
+    /// core stops on a storage error, under `filter`; returns the lines written.
+    fn openraft_core_lines(filter: &str) -> String {
+        let lines = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        let sink = lines.clone();
+        let writer = move || Sink(sink.clone());
+        tracing::subscriber::with_default(log_subscriber(filter, false, writer), || {
+            let target = 3;
+            tracing::error!(target: "openraft::core::raft_core", {error = "node 3 is unreachable", target = display(&target)}, "while requesting vote");
+            tracing::error!(target: "openraft::core::raft_core", error = "disk failed", "quit RaftCore::main on error");
+        });
+        String::from_utf8(lines.lock().unwrap().clone()).unwrap()
+    }
+
+    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_peer_that_does_not_answer_a_vote_is_no_error_line_and_a_stopped_core_is() {
+        for level in ["info", "warn", "error"] {
+            let lines = openraft_core_lines(level);
+            assert!(!lines.contains("while requesting vote"), "{level}: {lines}");
+            assert!(
+                lines.contains("quit RaftCore::main on error"),
+                "{level}: {lines}"
+            );
+        }
+        // Directives are taken as given.
+        let lines = openraft_core_lines("info,openraft=info");
+        assert!(lines.contains("while requesting vote"), "{lines}");
     }
 }
