@@ -36,8 +36,8 @@ fn log_subscriber<W>(filter: &str, ansi: bool, writer: W) -> impl tracing::Subsc
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
-    use tracing_subscriber::filter::{FilterExt, filter_fn};
     use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::{FilterExt, filter_fn};
     use tracing_subscriber::layer::SubscriberExt;
     let quiet = quiet_openraft(filter) != filter.trim();
     let env = tracing_subscriber::EnvFilter::new(quiet_openraft(filter));
