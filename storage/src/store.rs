@@ -263,6 +263,19 @@ pub struct ChannelStats {
     pub events: u64,
 }
 
+/// What [`Store::history_read`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryRead {
+    /// The events read, as [`Store::history_after`] gives them.
+    pub events: Vec<Event>,
+    /// The highest seq the read knows to be no longer retained: the channel's removal floor
+    /// (retention's trims and expiry's deletions; the partition's forgotten floor for a
+    /// channel without bookkeeping), or the last seq of an expired chunk the read passed
+    /// over, whichever is higher. Events after the read's start and at or below it were
+    /// dropped, not read. Expired chunks past the last event read are not looked at.
+    pub gone_through: u64,
+}
+
 /// State that only the writers (apply, expire, Raft bookkeeping) touch, under one lock.
 struct WriteState {
     last_seq: Vec<u64>,
@@ -1234,11 +1247,53 @@ impl Store {
         limit: usize,
         now_ms: u64,
     ) -> Result<Vec<Event>, StorageError> {
+        Ok(self
+            .history_read_at(channel, after_seq, limit, now_ms)?
+            .events)
+    }
+
+    /// [`Store::history_after`], also telling what the read found no longer retained
+    /// ([`HistoryRead::gone_through`]): a replay in progress compares that with where it read
+    /// from to learn that events it had not reached were dropped, whether retention removed
+    /// them or they passed their TTL and expiry has not removed them yet (the read skips both).
+    pub fn history_read(
+        &self,
+        channel: &[u8],
+        after_seq: Option<u64>,
+        limit: usize,
+    ) -> Result<HistoryRead, StorageError> {
+        self.history_read_at(channel, after_seq, limit, unix_now_ms())
+    }
+
+    /// [`Store::history_read`] with an explicit clock.
+    pub fn history_read_at(
+        &self,
+        channel: &[u8],
+        after_seq: Option<u64>,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<HistoryRead, StorageError> {
+        let meta_key = codec::chan_key(codec::PREFIX_CHANNEL, channel);
+        // One read of the meta for both the read's floor and the report's (without
+        // bookkeeping the channel has no chunks, and its loss floor is the partition's).
+        let (removed, mut gone_through) = match self.tree.get(&meta_key)? {
+            Some(v) => {
+                let r = codec::decode::<ChannelMeta>(&v, "channel meta")?.removed_through;
+                (r, r)
+            }
+            None => (
+                0,
+                self.forgotten[usize::from(self.partition_of(channel))].load(Ordering::Acquire),
+            ),
+        };
         let mut out = Vec::new();
         if limit == 0 || after_seq == Some(u64::MAX) {
-            return Ok(out);
+            return Ok(HistoryRead {
+                events: out,
+                gone_through,
+            });
         }
-        let floor = self.removed_through(channel)?.max(after_seq.unwrap_or(0));
+        let floor = removed.max(after_seq.unwrap_or(0));
         let prefix = codec::chan_key(codec::PREFIX_HISTORY, channel);
         // Start at the chunk that may hold `floor + 1`: the last one starting at or before it.
         let start = match self
@@ -1257,18 +1312,29 @@ impl Store {
             }
             let head: ChunkHead = codec::decode(&v, "chunk")?;
             let first = head.first_above(floor);
-            if head.expired(now_ms) || first == head.seqs.len() {
+            if first == head.seqs.len() {
+                continue;
+            }
+            if head.expired(now_ms) {
+                // Passed over: its events are gone for this reader, as if removed.
+                gone_through = gone_through.max(head.seqs[head.seqs.len() - 1]);
                 continue;
             }
             let chunk = codec::decode_chunk(&v)?;
             for i in first..chunk.seqs.len() {
                 out.push(chunk_event(&channel, &chunk, i));
                 if out.len() == limit {
-                    return Ok(out);
+                    return Ok(HistoryRead {
+                        events: out,
+                        gone_through,
+                    });
                 }
             }
         }
-        Ok(out)
+        Ok(HistoryRead {
+            events: out,
+            gone_through,
+        })
     }
 
     /// The last `n` retained (unexpired, by the system clock) events of `channel`, ascending.
@@ -2233,6 +2299,47 @@ mod tests {
         let store = Store::open(dir.path(), opts(2)).unwrap();
         assert_eq!(store.channel_stats(), ChannelStats::default());
         assert!(store.retention_floor_at(b"b", T0).unwrap() >= floor_b);
+    }
+
+    /// A read tells what it passed over as gone: expired chunks expiry has not removed yet
+    /// count as removed, from the moment they expire, and so does what expiry removed.
+    #[test]
+    fn a_history_read_tells_what_it_found_expired_or_removed() {
+        let dir = TempDir::new("ttl-read");
+        let store = Store::open(dir.path(), opts(1)).unwrap();
+        let namespaces = ns(100, Some(Duration::from_secs(10)));
+        // Seqs 1-2 expire at T0 + 10 s, 3 at T0 + 15 s.
+        store
+            .apply(&[publish("a", "1"), publish("a", "2")], &namespaces, T0)
+            .unwrap();
+        store
+            .apply(&[publish("a", "3")], &namespaces, T0 + 5_000)
+            .unwrap();
+        let read = |after: Option<u64>, limit: usize, now: u64| {
+            let read = store.history_read_at(b"a", after, limit, now).unwrap();
+            assert_eq!(
+                read.events,
+                store.history_after_at(b"a", after, limit, now).unwrap()
+            );
+            (payloads(&read.events), read.gone_through)
+        };
+        assert_eq!(
+            read(Some(0), 10, T0 + 9_999),
+            (vec!["1".into(), "2".into(), "3".into()], 0)
+        );
+        // Expired, not removed: the read skips seqs 1-2 and says so.
+        assert_eq!(read(Some(0), 10, T0 + 10_000), (vec!["3".to_string()], 2));
+        assert_eq!(read(None, 10, T0 + 10_000), (vec!["3".to_string()], 2));
+        // Behind the read's start they are not looked at (no loss for that reader).
+        assert_eq!(read(Some(2), 10, T0 + 10_000), (vec!["3".to_string()], 0));
+        assert_eq!(read(Some(0), 10, T0 + 15_000), (vec![], 3));
+        // Once expiry removed them, the channel's floor says the same.
+        assert_eq!(store.expire(&namespaces, T0 + 10_000).unwrap(), 2);
+        assert_eq!(read(Some(0), 10, T0 + 10_000), (vec!["3".to_string()], 2));
+        assert_eq!(store.expire(&namespaces, T0 + 15_000).unwrap(), 1);
+        // The channel lost its bookkeeping: its partition's forgotten floor is told.
+        assert_eq!(read(Some(0), 10, T0 + 15_000), (vec![], 3));
+        assert_eq!(read(Some(0), 0, T0 + 15_000), (vec![], 3));
     }
 
     #[test]
