@@ -610,6 +610,16 @@ mod tests {
     use herald_storage::{NamespaceConfig, Namespaces, StoreOptions};
 
     fn broker(name: &str, history_size: usize) -> (Arc<Broker>, std::path::PathBuf) {
+        broker_ttl(name, history_size, None)
+    }
+
+    /// A broker whose channels also lose their events `history_ttl` after publication (no
+    /// expiry worker runs: expired events stay stored until a test removes them).
+    fn broker_ttl(
+        name: &str,
+        history_size: usize,
+        history_ttl: Option<std::time::Duration>,
+    ) -> (Arc<Broker>, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!(
             "herald-stream-{name}-{}-{:x}",
             std::process::id(),
@@ -617,7 +627,7 @@ mod tests {
         ));
         let namespaces = Namespaces::new(NamespaceConfig {
             history_size,
-            history_ttl: None,
+            history_ttl,
             durable: true,
         });
         let hub = Arc::new(Hub::new(crate::hub::outbox::OutputLimit::PUBSUB_DEFAULT));
@@ -796,6 +806,61 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        drop(stream);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Events that pass their TTL after the stream opened (retained then, so no gap at open)
+    /// and before the replay reached them are told as a gap, even though the expiry worker
+    /// has not removed them yet (reads already leave them out).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_expiring_before_the_replay_reaches_them_become_a_gap_notice() {
+        use std::time::{Duration, Instant};
+        let ttl = Duration::from_secs(3);
+        let (broker, dir) = broker_ttl("ttl", 100, Some(ttl));
+        let started = Instant::now();
+        publish(&broker, "c", 0..3).await;
+        // Published later, so still retained when the first three have expired.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        publish(&broker, "c", 3..5).await;
+        let p = broker.partition_of(b"c");
+        let (mut stream, backlog) = EventStream::open(
+            broker.clone(),
+            Format::Sse,
+            vec![Bytes::from_static(b"c")],
+            Start::After(Cursor::new(broker.epoch())),
+        )
+        .await
+        .unwrap();
+        assert!(
+            backlog.is_empty(),
+            "everything was retained at the open: {backlog:?}"
+        );
+        // The first three expire; the expiry worker (not running here) has not removed them.
+        tokio::time::sleep(
+            (started + ttl + Duration::from_millis(300)).saturating_duration_since(Instant::now()),
+        )
+        .await;
+        let (events, gaps, _) = drain_replay(&mut stream).await;
+        assert_eq!(
+            gaps,
+            [Gap {
+                channel: Bytes::from_static(b"c"),
+                requested: Some(Position {
+                    partition: p,
+                    seq: 0
+                }),
+                oldest: Some(Position {
+                    partition: p,
+                    seq: 4
+                }),
+                reason: GapReason::Retention,
+            }]
+        );
+        assert_eq!(
+            events,
+            [3, 4].map(|i| ("c".to_string(), format!("data: {i}\n\n")))
+        );
         drop(stream);
         let _ = std::fs::remove_dir_all(dir);
     }

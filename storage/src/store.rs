@@ -1464,18 +1464,6 @@ impl Store {
     }
 
     /// The channel's `removed_through` (0 without bookkeeping, which means without chunks).
-    /// The seq through which retention has removed `channel`'s events: one read, without
-    /// looking for expired chunks not yet removed (see [`Store::retention_floor`] for that).
-    /// A replay in progress compares it with its position to learn that events it had not
-    /// reached were dropped.
-    pub fn removal_floor(&self, channel: &[u8]) -> Result<u64, StorageError> {
-        let meta_key = codec::chan_key(codec::PREFIX_CHANNEL, channel);
-        Ok(match self.tree.get(&meta_key)? {
-            Some(v) => codec::decode::<ChannelMeta>(&v, "channel meta")?.removed_through,
-            None => self.forgotten[usize::from(self.partition_of(channel))].load(Ordering::Acquire),
-        })
-    }
-
     fn removed_through(&self, channel: &[u8]) -> Result<u64, StorageError> {
         let meta_key = codec::chan_key(codec::PREFIX_CHANNEL, channel);
         Ok(match self.tree.get(&meta_key)? {

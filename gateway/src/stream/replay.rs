@@ -2,8 +2,9 @@
 //! (ascending), each channel's events after its read position up to the partition's
 //! watermark, merged in sequence order with a heap of the channels' next events. A stream holds
 //! read positions and one page, never its whole history. A channel whose unread events
-//! retention drops meanwhile (a client slower than the publishers) yields a gap notice where
-//! they were.
+//! retention drops meanwhile (a client slower than the publishers), or whose unread events
+//! pass their TTL (whether or not expiry removed them yet), yields a gap notice where they
+//! were.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -71,18 +72,21 @@ impl ChannelReplay {
         self.after
     }
 
-    /// Once what was read is replayed: a gap notice if retention dropped events after the read
-    /// position since, then the channel's next events up to `limit`.
+    /// Once what was read is replayed: a gap notice if events after the read position were
+    /// dropped since (the read skipped them), then the channel's next events up to `limit`.
     fn refill(&mut self, store: &Store, limit: u64) -> Result<Option<Gap>, StorageError> {
         if self.done || !self.read.is_empty() {
             return Ok(None);
         }
-        let gap = self.dropped(store, limit)?;
-        let events = store.history_after(&self.channel, self.after, CHANNEL_READ)?;
-        if events.len() < CHANNEL_READ {
+        // What the read passed over is judged by the read itself (the same clock, the same
+        // removal floor): expired chunks that expiry has not removed yet are skipped by the
+        // read, and so count as dropped here too.
+        let read = store.history_read(&self.channel, self.after, CHANNEL_READ)?;
+        let gap = self.dropped(store, limit, read.gone_through)?;
+        if read.events.len() < CHANNEL_READ {
             self.done = true;
         }
-        for event in events {
+        for event in read.events {
             if event.position.seq > limit {
                 self.done = true;
                 break;
@@ -92,17 +96,21 @@ impl ChannelReplay {
         Ok(gap)
     }
 
-    /// A gap notice for events after the read position that retention dropped and no notice
-    /// told of yet.
-    fn dropped(&mut self, store: &Store, limit: u64) -> Result<Option<Gap>, StorageError> {
+    /// A gap notice for events after the read position that are gone through `gone_through`
+    /// (retention dropped them, or they expired) and no notice told of yet.
+    fn dropped(
+        &mut self,
+        store: &Store,
+        limit: u64,
+        gone_through: u64,
+    ) -> Result<Option<Gap>, StorageError> {
         let Some(after) = self.after.filter(|&after| after < limit) else {
             return Ok(None);
         };
-        let floor = store.removal_floor(&self.channel)?;
-        if floor <= after.max(self.floor_told) {
+        if gone_through <= after.max(self.floor_told) {
             return Ok(None);
         }
-        self.floor_told = floor;
+        self.floor_told = gone_through;
         Ok(Some(Gap {
             channel: self.channel.clone(),
             requested: Some(Position {
