@@ -79,7 +79,8 @@ pub struct AdoptedClient {
     pub buffer: BytesMut,
     /// The client sent `MULTI` while the node was starting (answered `-LOADING`) and no
     /// `EXEC`, `DISCARD` or `RESET` since: the rest of that transaction must not run as
-    /// plain commands (see [`Transaction::refused`](crate::resp::cmd::transaction::Transaction::refused)).
+    /// plain commands (the session starts in a refused transaction, whose `EXEC` answers
+    /// `EXECABORT`).
     pub in_refused_transaction: bool,
 }
 
