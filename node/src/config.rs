@@ -406,47 +406,47 @@ pub fn seconds_or_duration(name: &str, value: &str) -> Result<Duration> {
 /// The file form of [`seconds_or_duration`]: a TOML integer (seconds) or a string, kept as
 /// text for [`NodeConfig::resolve`] to parse as it parses the flag.
 fn seconds_or_duration_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    struct Text;
-    impl serde::de::Visitor<'_> for Text {
-        type Value = String;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a duration such as \"10s\" or \"500ms\", or whole seconds")
-        }
-        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
-            u64::try_from(v)
-                .map(|v| v.to_string())
-                .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
-        }
-        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-    }
-    d.deserialize_any(Text).map(Some)
+    d.deserialize_any(IntegerOrText {
+        expecting: "a duration such as \"10s\" or \"500ms\", or whole seconds",
+        negative: false,
+    })
+    .map(Some)
 }
 
 /// A file value that `CONFIG SET` parses: a TOML integer (written out in digits, a negative
 /// one with its sign, for the setting's bounds to refuse) or a string, as text.
 fn number_or_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    struct Text;
-    impl serde::de::Visitor<'_> for Text {
-        type Value = String;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a whole number or a string")
-        }
-        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
-            Ok(v.to_string())
-        }
+    d.deserialize_any(IntegerOrText {
+        expecting: "a whole number or a string",
+        negative: true,
+    })
+    .map(Some)
+}
+
+/// Reads a file value that is a TOML integer or a string as text; a negative integer is
+/// refused here unless `negative` (then the setting's own bounds refuse it, with its reason).
+struct IntegerOrText {
+    expecting: &'static str,
+    negative: bool,
+}
+
+impl serde::de::Visitor<'_> for IntegerOrText {
+    type Value = String;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.expecting)
     }
-    d.deserialize_any(Text).map(Some)
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+        if v < 0 && !self.negative {
+            return Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self));
+        }
+        Ok(v.to_string())
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+        Ok(v.to_string())
+    }
 }
 
 fn millis(name: &str, value: &str) -> Result<u64> {

@@ -454,18 +454,7 @@ impl RawConn {
     /// Reads exactly `n` bytes.
     pub fn read_exact(&mut self, n: usize) -> Vec<u8> {
         while self.buffer.len() < n {
-            let mut chunk = [0u8; 65536];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => panic!(
-                    "connection closed after {:?}",
-                    String::from_utf8_lossy(&self.buffer)
-                ),
-                Ok(k) => self.buffer.extend_from_slice(&chunk[..k]),
-                Err(e) => panic!(
-                    "read failed ({e}) after {:?}",
-                    String::from_utf8_lossy(&self.buffer)
-                ),
-            }
+            self.read_more();
         }
         self.buffer.drain(..n).collect()
     }
