@@ -21,64 +21,168 @@ pub fn placement(partition: Partition, members: &[NodeId]) -> (Vec<NodeId>, Vec<
     (voters, learners)
 }
 
-/// The voter swap that brings a full group's voters closer to `desired` (its placement):
-/// `(out, into)`, the first voter not placed there (never `me`, its leader: the hand-back moves
-/// leadership to a placed voter first) for the first placed node that is not a voter and is
-/// `caught_up`. `None` when the voters are the placement, the group is not full, or no such
-/// pair exists yet.
+/// The learners a group short of voters may promote, in id order (the caller takes as many as
+/// it misses that pass the partition count check): those `caught_up` that are not `silent`. A
+/// dead learner's match stays near the leader's last entry while the partition is idle, so
+/// being caught up does not show it is alive; as a voter it would cost the group the live
+/// learner promoted in its place.
+pub fn promotion_candidates(
+    learners: impl IntoIterator<Item = NodeId>,
+    caught_up: impl Fn(NodeId) -> bool,
+    silent: impl Fn(NodeId) -> bool,
+) -> Vec<NodeId> {
+    let mut candidates: Vec<NodeId> = learners
+        .into_iter()
+        .filter(|&id| caught_up(id) && !silent(id))
+        .collect();
+    candidates.sort_unstable();
+    candidates.dedup();
+    candidates
+}
+
+/// A voter swap that brings a full group's voters closer to its placement (see
+/// [`rebalance_swap`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Swap {
+    /// The voter that leaves the voters (it stays a learner).
+    pub out: NodeId,
+    /// The placed nodes that may take its place, in placement order: the caller takes the
+    /// first that passes the partition count check, so that one that fails it does not hold
+    /// up the others.
+    pub into: Vec<NodeId>,
+}
+
+/// The voter swap that brings a full group's voters closer to `desired` (its placement): one
+/// voter not placed there leaves (never `me`, its leader: the hand-back moves leadership to a
+/// placed voter first; a `silent` one first, as it votes for nothing) for one of the placed
+/// nodes that are not voters, are `caught_up` and are not `silent`. A silent node is never
+/// swapped in: a dead one looks caught up while the partition is idle, and would take the
+/// place of a live voter. So a swap never leaves the group fewer live voters. `None` when the
+/// voters are the placement, the group is not full, or no such swap exists yet.
 pub fn rebalance_swap(
     me: NodeId,
     desired: &[NodeId],
     voters: &BTreeSet<NodeId>,
     caught_up: impl Fn(NodeId) -> bool,
-) -> Option<(NodeId, NodeId)> {
+    silent: impl Fn(NodeId) -> bool,
+) -> Option<Swap> {
     if voters.len() != desired.len() {
         return None;
     }
-    let into = desired
+    let into: Vec<NodeId> = desired
         .iter()
         .copied()
-        .find(|d| !voters.contains(d) && caught_up(*d))?;
-    let out = voters
-        .iter()
-        .copied()
-        .find(|v| *v != me && !desired.contains(v))?;
-    Some((out, into))
+        .filter(|&d| !voters.contains(&d) && caught_up(d) && !silent(d))
+        .collect();
+    if into.is_empty() {
+        return None;
+    }
+    let outside = || {
+        voters
+            .iter()
+            .copied()
+            .filter(|v| *v != me && !desired.contains(v))
+    };
+    let out = outside()
+        .find(|&v| silent(v))
+        .or_else(|| outside().next())?;
+    Some(Swap { out, into })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn set(v: &[NodeId]) -> BTreeSet<NodeId> {
+        v.iter().copied().collect()
+    }
+
+    fn swap(out: NodeId, into: &[NodeId]) -> Option<Swap> {
+        Some(Swap {
+            out,
+            into: into.to_vec(),
+        })
+    }
+
     #[test]
     fn a_joined_node_is_swapped_in_for_a_voter_outside_the_placement() {
         let all_caught_up = |_: NodeId| true;
-        let voters = |v: &[NodeId]| v.iter().copied().collect::<BTreeSet<NodeId>>();
+        let none_silent = |_: NodeId| false;
         // Node 4 joined a cluster of 1, 2, 3: partition 1's placement is 2, 3, 4.
         let desired = placement(1, &[1, 2, 3, 4]).0;
         assert_eq!(desired, [2, 3, 4]);
         assert_eq!(
-            rebalance_swap(2, &desired, &voters(&[1, 2, 3]), all_caught_up),
-            Some((1, 4))
+            rebalance_swap(2, &desired, &set(&[1, 2, 3]), all_caught_up, none_silent),
+            swap(1, &[4])
         );
         // Not while node 4 lags, nor taking out the leader itself (the hand-back first moves
         // leadership to a placed voter, which then swaps).
         assert_eq!(
-            rebalance_swap(2, &desired, &voters(&[1, 2, 3]), |n| n != 4),
+            rebalance_swap(2, &desired, &set(&[1, 2, 3]), |n| n != 4, none_silent),
             None
         );
         assert_eq!(
-            rebalance_swap(1, &desired, &voters(&[1, 2, 3]), all_caught_up),
+            rebalance_swap(1, &desired, &set(&[1, 2, 3]), all_caught_up, none_silent),
             None
         );
         // Nothing to do once the voters are the placement, or while the group is short.
         assert_eq!(
-            rebalance_swap(2, &desired, &voters(&[2, 3, 4]), all_caught_up),
+            rebalance_swap(2, &desired, &set(&[2, 3, 4]), all_caught_up, none_silent),
             None
         );
         assert_eq!(
-            rebalance_swap(2, &desired, &voters(&[2, 3]), all_caught_up),
+            rebalance_swap(2, &desired, &set(&[2, 3]), all_caught_up, none_silent),
             None
         );
+    }
+
+    /// A dead node looks caught up while its partition is idle: it is never swapped in for a
+    /// live voter, and a live placed node is offered after it (which the dead one used to
+    /// hold up, round after round).
+    #[test]
+    fn a_silent_node_is_never_swapped_in() {
+        let all_caught_up = |_: NodeId| true;
+        // Partition 0 over 1, 3, 4, 5 (node 2 removed) is placed on 1, 3, 4; its voters are
+        // 1, 3, 5 after node 5 was promoted for node 2.
+        let desired = placement(0, &[1, 3, 4, 5]).0;
+        assert_eq!(desired, [1, 3, 4]);
+        assert_eq!(
+            rebalance_swap(1, &desired, &set(&[1, 3, 5]), all_caught_up, |n| n == 4),
+            None,
+            "dead node 4 taking live node 5's vote"
+        );
+        // Two placed non-voters, the first dead: the live one is offered.
+        let desired = [1, 2, 3];
+        assert_eq!(
+            rebalance_swap(1, &desired, &set(&[1, 4, 5]), all_caught_up, |n| n == 2),
+            swap(4, &[3])
+        );
+        // Both alive: both offered, in placement order (the caller takes the first that
+        // passes the partition count check).
+        assert_eq!(
+            rebalance_swap(1, &desired, &set(&[1, 4, 5]), all_caught_up, |_| false),
+            swap(4, &[2, 3])
+        );
+        // A silent voter outside the placement goes first.
+        assert_eq!(
+            rebalance_swap(1, &desired, &set(&[1, 4, 5]), all_caught_up, |n| n == 5),
+            swap(5, &[2, 3])
+        );
+        // ... but never the leader itself.
+        assert_eq!(
+            rebalance_swap(5, &desired, &set(&[1, 4, 5]), all_caught_up, |n| n == 5),
+            swap(4, &[2, 3])
+        );
+    }
+
+    #[test]
+    fn a_silent_learner_is_not_a_promotion_candidate() {
+        // Partition 0's learners 4 (dead, its match still recent) and 5: only 5, though 4 has
+        // the lower id.
+        let silent = |n: NodeId| n == 4;
+        assert_eq!(promotion_candidates([5, 4], |_| true, silent), [5]);
+        assert_eq!(promotion_candidates([4, 5, 6], |n| n != 5, silent), [6]);
+        assert_eq!(promotion_candidates([6, 5], |_| true, |_| false), [5, 6]);
+        assert!(promotion_candidates([4], |_| true, silent).is_empty());
     }
 }

@@ -8,7 +8,12 @@
 //! group converges it on that picture: it adds new members as learners, promotes learners while
 //! the group has fewer than three voters, and drops nodes that left the cluster. A learner
 //! becomes a voter (promoted or swapped in) only once it answered that it runs the cluster's
-//! partition count.
+//! partition count, and only while it is not silent (`Peers::is_silent`): a dead learner's
+//! match stays near the leader's last entry while its partition is idle, so being caught up
+//! does not show it is alive, and as a voter it would take the place of a live one. So a
+//! voter change never leaves a group fewer live voters: a swap takes out a silent voter
+//! outside the placement first, and tries each placed node in turn (one that is dead or does
+//! not answer the count check does not hold up the others).
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -20,7 +25,7 @@ use tokio::sync::mpsc;
 
 use super::ClusterNode;
 use crate::handoff::{self, HandBacks};
-use crate::placement::{placement, rebalance_swap};
+use crate::placement::{Swap, placement, promotion_candidates, rebalance_swap};
 
 /// Placement rounds (one a second) between two clock ticks of idle partitions.
 const CLOCK_TICK_ROUNDS: u64 = 60;
@@ -339,28 +344,28 @@ impl ClusterNode {
                     .await;
                     continue;
                 }
-                // Promote caught-up learners while voters are short.
-                if voters.len() < want_voters.min(ids.len()) {
-                    let last = m.last_log_index.unwrap_or(0);
-                    let caught_up: Vec<NodeId> = m
-                        .replication
+                let last = m.last_log_index.unwrap_or(0);
+                // Only a node that has answered: one that never did (a wrong address, a node
+                // that cannot start) has no match and must not become a voter.
+                let caught_up = |id: NodeId| {
+                    m.replication
                         .as_ref()
-                        .map(|r| {
-                            r.iter()
-                                .filter(|(id, matched)| {
-                                    !voters.contains(id)
-                                        && members.contains_key(id)
-                                        // Only a learner that has answered: one that
-                                        // never did (a wrong address, a node that cannot
-                                        // start) has no match and must not become a voter.
-                                        && matched.as_ref().is_some_and(|l| l.index + 100 >= last)
-                                })
-                                .map(|(id, _)| *id)
-                                .collect()
+                        .and_then(|r| r.get(&id))
+                        .is_some_and(|matched| {
+                            matched.as_ref().is_some_and(|l| l.index + 100 >= last)
                         })
-                        .unwrap_or_default();
+                };
+                // Raft heartbeats go to learners too, so a live one is never silent.
+                let silent = |id: NodeId| self.inner.peers.is_silent(id);
+                // Promote caught-up learners that answer while voters are short.
+                if voters.len() < want_voters.min(ids.len()) {
+                    let learners = ids
+                        .iter()
+                        .copied()
+                        .filter(|id| in_group.contains(id) && !voters.contains(id));
+                    let candidates = promotion_candidates(learners, caught_up, silent);
                     let mut ready = BTreeSet::new();
-                    for id in caught_up {
+                    for id in candidates {
                         if ready.len() < want_voters.min(ids.len()) - voters.len()
                             && self.may_vote(id, &mut count_checks).await
                         {
@@ -390,19 +395,21 @@ impl ClusterNode {
                     continue;
                 }
                 let desired = placement(partition, &ids).0;
-                let last = m.last_log_index.unwrap_or(0);
-                let caught_up = |id: NodeId| {
-                    m.replication
-                        .as_ref()
-                        .and_then(|r| r.get(&id))
-                        .is_some_and(|matched| {
-                            matched.as_ref().is_some_and(|l| l.index + 100 >= last)
-                        })
+                let Some(Swap { out, into }) =
+                    rebalance_swap(self.inner.id, &desired, &voters, caught_up, silent)
+                else {
+                    continue;
                 };
-                if let Some((out, into)) =
-                    rebalance_swap(self.inner.id, &desired, &voters, caught_up)
-                    && self.may_vote(into, &mut count_checks).await
-                {
+                // The first placed node that passes the count check: one that does not (yet)
+                // must not hold up the others.
+                let mut chosen = None;
+                for id in into {
+                    if self.may_vote(id, &mut count_checks).await {
+                        chosen = Some(id);
+                        break;
+                    }
+                }
+                if let Some(into) = chosen {
                     let next: BTreeSet<NodeId> = voters
                         .iter()
                         .copied()
