@@ -26,8 +26,9 @@
 //!
 //! Only a leader that has led for [`READY_ROUNDS`] placement rounds in one term (seconds,
 //! more than a lease) hands back, only in a plain group of at most three voters (where its
-//! vote and the taker's are a quorum), and only to a node that has been nearly caught up for
-//! as many rounds in a row, so a node that flaps gets nothing. A node hands back one
+//! vote and the taker's are a quorum), and only to a node that has been nearly caught up (and
+//! not silent: a dead node's progress stays where it was on an idle partition) for as many
+//! rounds in a row, so a node that flaps gets nothing. A node hands back one
 //! partition at a time; after a hand-back that did not move the leadership, or one whose
 //! partition came back within [`KEPT_ROUNDS`], that partition waits twice as long (up to
 //! [`MAX_BACKOFF_ROUNDS`]) before the next try.
@@ -535,19 +536,25 @@ impl HandBacks {
 }
 
 /// The node `group` should be handed to, if any: its `preferred` node when that is not this
-/// node (`me`), is one of the group's `voters`, and has replicated up to `last_log_index`
-/// within [`READY_LAG`] entries (`matched`: the leader's replication progress of that node).
+/// node (`me`), is one of the group's `voters`, has replicated up to `last_log_index` within
+/// [`READY_LAG`] entries (`matched`: the leader's replication progress of that node), and is
+/// not `silent` (`Peers::is_silent`). A dead node's match stays where it was while the
+/// partition is idle, so without the last check a leader tried to hand an idle partition to
+/// its dead preferred node again and again, each try closing the partition to publishes for
+/// a few hundred milliseconds and holding up every other group's hand-back while it ran.
 pub fn hand_back_target(
     me: NodeId,
     preferred: Option<NodeId>,
     voters: &[NodeId],
     last_log_index: Option<u64>,
     matched: Option<u64>,
+    silent: impl Fn(NodeId) -> bool,
 ) -> Option<NodeId> {
     let preferred = preferred?;
     let caught_up =
         matched.is_some_and(|m| m.saturating_add(READY_LAG) >= last_log_index.unwrap_or(0));
-    (preferred != me && voters.contains(&preferred) && caught_up).then_some(preferred)
+    (preferred != me && voters.contains(&preferred) && caught_up && !silent(preferred))
+        .then_some(preferred)
 }
 
 #[cfg(test)]
@@ -557,8 +564,9 @@ mod tests {
     #[test]
     fn only_a_nearly_caught_up_preferred_voter_other_than_the_leader() {
         let voters = [1, 2, 3];
-        let target =
-            |me, preferred, matched| hand_back_target(me, preferred, &voters, Some(1_000), matched);
+        let target = |me, preferred, matched| {
+            hand_back_target(me, preferred, &voters, Some(1_000), matched, |_| false)
+        };
         assert_eq!(target(2, Some(1), Some(1_000)), Some(1));
         assert_eq!(
             target(2, Some(1), Some(900)),
@@ -570,6 +578,17 @@ mod tests {
         assert_eq!(target(1, Some(1), Some(1_000)), None, "leads it already");
         assert_eq!(target(2, Some(4), Some(1_000)), None, "a learner");
         assert_eq!(target(2, None, Some(1_000)), None);
+        // A dead preferred node still looks caught up while the partition is idle.
+        let silent = |n: NodeId| n == 1;
+        assert_eq!(
+            hand_back_target(2, Some(1), &voters, Some(1_000), Some(1_000), silent),
+            None,
+            "silent"
+        );
+        assert_eq!(
+            hand_back_target(1, Some(3), &voters, Some(1_000), Some(1_000), silent),
+            Some(3)
+        );
     }
 
     /// One placement round in which `group` (led in `term`) has `ready` as its target.

@@ -3023,3 +3023,49 @@ fn a_cluster_formed_by_init_and_joins_logs_no_warning_or_error() {
     drop(nodes);
     let _ = std::fs::remove_dir_all(tls);
 }
+
+/// A leader does not try to hand a partition back to its preferred node while that node is
+/// dead. (A dead node's replication progress stays where it was on an idle partition, so it
+/// looked ready: the leader tried again and again, each try closing the partition to
+/// publishes for a few hundred milliseconds and holding up its other hand-backs.)
+#[test]
+fn no_partition_is_handed_back_to_a_dead_node() {
+    let mut cluster = Cluster::start(3);
+    cluster.wait_converged();
+    let led_by_2_and_3 = |cluster: &Cluster| {
+        cluster.status(2).is_some_and(|s| {
+            s["groups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|g| g["partition"].is_null() || g["leader"] == 2 || g["leader"] == 3)
+        })
+    };
+    // Node 1 freezes: nodes 2 and 3 take its partitions. It wakes up and answers their
+    // heartbeats, so their leaders know it caught up, and dies before they hand anything back.
+    cluster.node(1).signal("STOP");
+    herald_tests::wait_until("nodes 2 and 3 lead every partition", || {
+        led_by_2_and_3(&cluster)
+    });
+    cluster.node(1).signal("CONT");
+    std::thread::sleep(Duration::from_millis(1000));
+    cluster.kill(1);
+    assert!(led_by_2_and_3(&cluster), "{:?}", cluster.status(2));
+    // A hand-back already under way when node 1 died ends within a couple of leases.
+    std::thread::sleep(Duration::from_secs(3));
+    let logged: Vec<usize> = [2, 3].map(|id| cluster.node(id).log().len()).to_vec();
+    // A leader hands back after three placement rounds (seconds) of readiness; give it several.
+    std::thread::sleep(Duration::from_secs(10));
+    for (i, id) in [2u64, 3].into_iter().enumerate() {
+        let log = cluster.node(id).log();
+        let tries: Vec<&str> = log[logged[i]..]
+            .lines()
+            .filter(|line| line.contains("hand") && line.contains(" to=1"))
+            .collect();
+        assert!(
+            tries.is_empty(),
+            "node {id} tried to hand a partition to dead node 1:\n{}",
+            tries.join("\n")
+        );
+    }
+}

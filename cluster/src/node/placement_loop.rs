@@ -257,6 +257,7 @@ impl ClusterNode {
                         &voters.iter().copied().collect::<Vec<_>>(),
                         m.last_log_index,
                         matched,
+                        |id| self.inner.peers.is_silent(id),
                     )
                     .filter(|_| plain);
                     let term = m.current_term;
