@@ -917,4 +917,55 @@ mod tests {
         let file = std::fs::File::create(&path).unwrap();
         (path, file)
     }
+
+    /// `deploy/herald.example.toml` says it lists every setting with its default: with its
+    /// settings uncommented it must parse, and name every key the file takes (the list comes
+    /// from serde's own "unknown field, expected one of" message, so a new key cannot be
+    /// forgotten there).
+    #[test]
+    fn the_example_file_lists_every_setting_and_parses_uncommented() {
+        let example = include_str!("../../deploy/herald.example.toml");
+        let setting = |line: &'static str| -> Option<&'static str> {
+            let rest = line.strip_prefix("# ")?;
+            let key = rest.split(" = ").next()?;
+            (rest.starts_with("[namespace.")
+                || (rest.contains(" = ")
+                    && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')))
+            .then_some(rest)
+        };
+        let uncommented: String = example
+            .lines()
+            .filter_map(setting)
+            .map(|line| format!("{line}\n"))
+            .collect();
+        toml::from_str::<FileConfig>(&uncommented).unwrap_or_else(|e| {
+            panic!("the example does not parse uncommented: {e}\n{uncommented}")
+        });
+        let refused = toml::from_str::<FileConfig>("no_such_key = 1")
+            .expect_err("an unknown key")
+            .to_string();
+        let expected = refused
+            .split("expected one of ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no key list in {refused}"));
+        let keys: Vec<&str> = expected
+            .split(", ")
+            .map(|k| k.trim().trim_matches('`'))
+            .filter(|k| !k.is_empty())
+            .collect();
+        assert!(
+            keys.contains(&"resp_addr") && keys.contains(&"namespace"),
+            "{keys:?}"
+        );
+        for key in keys {
+            let listed = if key == "namespace" {
+                uncommented.contains("[namespace.")
+            } else {
+                uncommented
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{key} = ")))
+            };
+            assert!(listed, "deploy/herald.example.toml does not list `{key}`");
+        }
+    }
 }
