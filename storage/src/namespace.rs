@@ -278,7 +278,10 @@ impl LiveNamespaces {
     }
 
     /// Replaces the cluster's config (the meta group applied one, or a snapshot); says so in
-    /// the log when it changes, and warns when it differs from this node's file.
+    /// the log when it changes. When it differs from this node's file, the first one (at
+    /// start, or when the cluster forms) is a warning: the file does not say what the node
+    /// does. A later change is an operator's `namespaces --set`, logged as information: a
+    /// warning on every node for an intended change would teach operators to ignore them.
     pub(crate) fn set_cluster(&self, spec: Option<&NamespacesSpec>) {
         let next = spec.map(|s| Arc::new(Namespaces::from_spec(s)));
         let mut cluster = self.cluster.write();
@@ -286,10 +289,15 @@ impl LiveNamespaces {
             return;
         }
         match &next {
-            Some(ns) if **ns != *self.local => tracing::warn!(
+            Some(ns) if **ns != *self.local && cluster.is_none() => tracing::warn!(
                 cluster = %ns.to_toml().replace('\n', " "),
                 file = %self.local.to_toml().replace('\n', " "),
                 "the cluster's namespace config differs from this node's config file; the cluster's applies (`herald cluster namespaces --set FILE` changes it for every node)"
+            ),
+            Some(ns) if **ns != *self.local => tracing::info!(
+                cluster = %ns.to_toml().replace('\n', " "),
+                file = %self.local.to_toml().replace('\n', " "),
+                "the cluster's namespace config changed; it differs from this node's config file, and the cluster's applies"
             ),
             Some(_) => tracing::info!(
                 "the cluster's namespace config is in force (the same as this node's file)"
