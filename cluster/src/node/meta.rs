@@ -112,26 +112,18 @@ impl ClusterNode {
                 if !known {
                     return Err(ProposeError::Failed(format!("node {node} is not a member")));
                 }
-                let result = if is_voter {
-                    meta.change_membership(
-                        ChangeMembers::RemoveVoters(BTreeSet::from([node])),
-                        false,
-                    )
-                    .await
-                    .map(|_| ())
+                // One membership change, never two: a voter's removal (`retain` false) takes
+                // it out of the nodes too. When the voter removed is this leader, openraft 0.9
+                // keeps it leading until its next tick (so that the followers learn of the
+                // commit) though the group no longer lists it, and a second change asked of it
+                // meanwhile is accepted, then trips a debug assertion that panics the group's
+                // task (a release build appends it as a leader outside the group).
+                let change = if is_voter {
+                    ChangeMembers::RemoveVoters(BTreeSet::from([node]))
                 } else {
-                    Ok(())
+                    ChangeMembers::RemoveNodes(BTreeSet::from([node]))
                 };
-                match result {
-                    Ok(()) => meta
-                        .change_membership(
-                            ChangeMembers::RemoveNodes(BTreeSet::from([node])),
-                            false,
-                        )
-                        .await
-                        .map(|_| ()),
-                    Err(e) => Err(e),
-                }
+                meta.change_membership(change, false).await.map(|_| ())
             }
             _ => return Err(ProposeError::Failed("not a meta request".into())),
         };
