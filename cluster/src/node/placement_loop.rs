@@ -330,12 +330,18 @@ impl ClusterNode {
                     let gone_voters: BTreeSet<NodeId> =
                         gone.intersection(&voters).copied().collect();
                     if !gone_voters.is_empty() && voters.len() > gone_voters.len() {
+                        // This takes them out of the nodes too (`retain` false); learners that
+                        // left wait for the next round. Never a second change now: if this
+                        // node left (a removed leader learns of its removal from the meta
+                        // group), it no longer belongs to the group, and openraft 0.9 would
+                        // take the change from it and trip on it (see `handle_meta`).
                         bounded(
                             group,
                             "removing voters that left",
                             raft.change_membership(ChangeMembers::RemoveVoters(gone_voters), false),
                         )
                         .await;
+                        continue;
                     }
                     bounded(
                         group,
