@@ -89,6 +89,26 @@ pub fn rebalance_swap(
     Some(Swap { out, into })
 }
 
+/// What a removal of `node` would cost a group whose voters are `voters`: the voters that are
+/// `silent` among those left, when the live ones left are no majority of them. The members stop
+/// taking a removed node's messages at once, so such a group (one whose voters were the removed
+/// node and a dead one) could then commit nothing, not even the change that drops the node,
+/// until the silent voter is back. `None` when the group keeps a live majority, or `node` does
+/// not vote in it.
+pub fn removal_stalls(
+    node: NodeId,
+    voters: &BTreeSet<NodeId>,
+    silent: impl Fn(NodeId) -> bool,
+) -> Option<Vec<NodeId>> {
+    if !voters.contains(&node) {
+        return None;
+    }
+    let left: Vec<NodeId> = voters.iter().copied().filter(|&v| v != node).collect();
+    let quiet: Vec<NodeId> = left.iter().copied().filter(|&v| silent(v)).collect();
+    let live = left.len() - quiet.len();
+    (!left.is_empty() && live < left.len() / 2 + 1).then_some(quiet)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,5 +204,25 @@ mod tests {
         assert_eq!(promotion_candidates([4, 5, 6], |n| n != 5, silent), [6]);
         assert_eq!(promotion_candidates([6, 5], |_| true, |_| false), [5, 6]);
         assert!(promotion_candidates([4], |_| true, silent).is_empty());
+    }
+
+    /// Removing one of a group's three voters while another is dead leaves one live voter of
+    /// two; removing the dead one, or any voter while the others live, keeps a majority.
+    #[test]
+    fn a_removal_that_leaves_a_group_no_live_majority_is_named() {
+        let voters = set(&[1, 3, 4]);
+        let four_dead = |n: NodeId| n == 4;
+        assert_eq!(removal_stalls(1, &voters, four_dead), Some(vec![4]));
+        assert_eq!(removal_stalls(4, &voters, four_dead), None, "the dead one");
+        assert_eq!(removal_stalls(2, &voters, four_dead), None, "not a voter");
+        assert_eq!(removal_stalls(1, &voters, |_| false), None, "all live");
+        // Five meta voters, one dead: four left, three live, a majority.
+        assert_eq!(removal_stalls(1, &set(&[1, 2, 3, 4, 5]), |n| n == 5), None);
+        assert_eq!(
+            removal_stalls(1, &set(&[1, 2, 3, 4, 5]), |n| n >= 4),
+            Some(vec![4, 5])
+        );
+        // The last voter of a group: nothing is left to stall.
+        assert_eq!(removal_stalls(1, &set(&[1]), |_| false), None);
     }
 }

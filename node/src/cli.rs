@@ -119,6 +119,12 @@ pub enum ClusterCommand {
         /// The node to remove.
         #[arg(long, value_name = "N")]
         node_id: u64,
+        /// Remove it even where the voters left would have no live quorum (a group whose
+        /// voters are this node and one that does not answer): such a group commits nothing
+        /// until the silent node is back. Without it, such a removal is refused, saying which
+        /// groups and nodes.
+        #[arg(long)]
+        force: bool,
     },
     /// Show the cluster's namespace config (the one every member applies); with --set, replace
     /// it with the [namespace.NAME] tables of a file (e.g. a node's config file).

@@ -23,7 +23,7 @@ fn change(command: &ClusterCommand) -> Option<String> {
         ClusterCommand::Status { .. } | ClusterCommand::Namespaces { set: None, .. } => None,
         ClusterCommand::Init => Some("the cluster's formation".to_string()),
         ClusterCommand::Join { node_id, .. } => Some(format!("the join of node {node_id}")),
-        ClusterCommand::Remove { node_id } => Some(format!("the removal of node {node_id}")),
+        ClusterCommand::Remove { node_id, .. } => Some(format!("the removal of node {node_id}")),
         ClusterCommand::Namespaces { set: Some(_), .. } => {
             Some("the new namespace config".to_string())
         }
@@ -53,7 +53,7 @@ pub fn run(args: ClusterArgs) -> ExitCode {
     match runtime.block_on(call(&args)) {
         Ok(text) => {
             say!("{text}");
-            if let ClusterCommand::Remove { node_id } = args.command
+            if let ClusterCommand::Remove { node_id, .. } = args.command
                 && let Some(warning) = runtime.block_on(after_remove(&args, node_id))
             {
                 complain!("herald: warning: {warning}");
@@ -76,9 +76,9 @@ async fn call(args: &ClusterArgs) -> Result<String, String> {
         ClusterCommand::Join { node_id, addr } => client
             .post(format!("{base}/join"))
             .json(&json!({ "nodeId": node_id, "addr": addr })),
-        ClusterCommand::Remove { node_id } => client
+        ClusterCommand::Remove { node_id, force } => client
             .post(format!("{base}/remove"))
-            .json(&json!({ "nodeId": node_id })),
+            .json(&json!({ "nodeId": node_id, "force": force })),
         ClusterCommand::Namespaces { set: None, .. } => client.get(format!("{base}/namespaces")),
         ClusterCommand::Namespaces {
             set: Some(file), ..

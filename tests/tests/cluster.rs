@@ -1170,7 +1170,36 @@ async fn remove_the_meta_leader(cluster: &mut Cluster, through_itself: bool, dea
     } else {
         *running.iter().find(|&&id| id != leader).unwrap()
     };
-    let (ok, text) = cluster.cli(via, &["remove", "--node-id", &leader.to_string()]);
+    let mut remove = vec!["remove", "--node-id"];
+    let leader_id = leader.to_string();
+    remove.push(&leader_id);
+    if let (Some(dead), false) = (dead, stalled.is_empty()) {
+        // Refused while it would stall those partitions, saying which and why, once `via`
+        // knows the dead node does not answer.
+        herald_tests::wait_until(&format!("node {via} finds node {dead} unreachable"), || {
+            cluster
+                .status(via)
+                .is_some_and(|s| s["links"][dead.to_string()]["state"] == "unreachable")
+        });
+        let (ok, text) = cluster.cli(via, &remove);
+        assert!(
+            !ok,
+            "a removal that stalls partitions {stalled:?} went ahead: {text}"
+        );
+        assert!(
+            text.contains(&format!("removing node {leader} now would leave"))
+                && text.contains(&format!(
+                    "without a quorum while node {dead} does not answer"
+                ))
+                && stalled
+                    .iter()
+                    .all(|p| text.contains(&format!("partition {p}")))
+                && text.contains("--force"),
+            "{text}"
+        );
+        remove.push("--force");
+    }
+    let (ok, text) = cluster.cli(via, &remove);
     assert!(
         ok && text.contains("\"removed\""),
         "removing meta leader {leader} through node {via}: {text}\nits log:\n{}",
@@ -1296,9 +1325,15 @@ async fn a_dead_learner_is_not_promoted_after_a_removal() {
     cluster.kill(4);
     // Longer than a member takes to count as silent (1 s without an answer).
     tokio::time::sleep(Duration::from_secs(3)).await;
-    // (Partition 1, voters 2, 3 and 4, has no quorum once node 2 leaves while node 4 is down:
-    // that is the removal's doing, and not this test's concern.)
+    // Partition 1, voters 2, 3 and 4, has no quorum once node 2 leaves while node 4 is down:
+    // the removal is refused for it, and forced (that partition is not this test's concern).
     let (ok, text) = cluster.cli(1, &["remove", "--node-id", "2"]);
+    assert!(
+        !ok && text
+            .contains("would leave partition 1 without a quorum while node 4 does not answer"),
+        "{text}"
+    );
+    let (ok, text) = cluster.cli(1, &["remove", "--node-id", "2", "--force"]);
     assert!(ok, "remove failed: {text}");
     let mut voters = Vec::new();
     herald_tests::wait_until("partition 0 has three voters again", || {

@@ -1,7 +1,8 @@
 //! Cluster operations over HTTP, what `herald cluster status | init | join | remove |
 //! namespaces` calls: `GET /api/cluster/status`, `POST /api/cluster/init`,
 //! `POST /api/cluster/join` (`{"nodeId": N, "addr": "host:port"}`), `POST /api/cluster/remove`
-//! (`{"nodeId": N}`), `GET /api/cluster/namespaces` (the namespace config in force) and
+//! (`{"nodeId": N}`; `"force": true` to remove a node even where the voters left would have no
+//! live quorum, which is otherwise refused with 409), `GET /api/cluster/namespaces` (the namespace config in force) and
 //! `POST /api/cluster/namespaces` (a TOML body with `[namespace.NAME]` tables: the cluster's
 //! new namespace config).
 //!
@@ -78,6 +79,10 @@ pub struct MemberRequest {
     node_id: u64,
     #[serde(default)]
     addr: Option<String>,
+    /// A removal that would leave groups without a live quorum goes ahead anyway (see
+    /// `ClusterNode::removal_stalls`).
+    #[serde(default)]
+    force: bool,
 }
 
 /// A join or remove body, after the password check; or the error response.
@@ -139,6 +144,11 @@ pub async fn remove(
         Ok(parts) => parts,
         Err(response) => return *response,
     };
+    if !request.force
+        && let Some(why) = node.removal_stalls(request.node_id)
+    {
+        return error(StatusCode::CONFLICT, why);
+    }
     changed(
         node.remove(request.node_id).await,
         "removed",
