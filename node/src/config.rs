@@ -120,6 +120,28 @@ pub struct NodeConfig {
     pub cluster: Option<ClusterConfig>,
 }
 
+/// Refuses cluster settings (`(flag, set)`) given without `--node-id` and `--tls-dir`: they
+/// would be ignored and the node run alone, taking publishes no other node sees (an env
+/// file that lost `HERALD_NODE_ID` would start a standalone node that looks healthy).
+fn refuse_cluster_settings_without_node(settings: &[(&str, bool)]) -> Result<()> {
+    let set: Vec<&str> = settings
+        .iter()
+        .filter(|(_, set)| *set)
+        .map(|(flag, _)| *flag)
+        .collect();
+    let Some((last, rest)) = set.split_last() else {
+        return Ok(());
+    };
+    let (named, needs) = if rest.is_empty() {
+        (last.to_string(), "needs")
+    } else {
+        (format!("{} and {last}", rest.join(", ")), "need")
+    };
+    bail!(
+        "{named} {needs} --node-id and --tls-dir (cluster mode), and neither is set; without them herald runs a single node, so it refuses to start rather than ignore {named}: set --node-id and --tls-dir (HERALD_NODE_ID and HERALD_TLS_DIR, or node_id and tls_dir in the config file), or remove {named} to run a single node"
+    )
+}
+
 /// Parses `ID@HOST:PORT` peer entries.
 pub fn parse_peers(entries: &[String]) -> Result<BTreeMap<u64, String>> {
     let mut peers = BTreeMap::new();
@@ -224,7 +246,24 @@ impl NodeConfig {
         let node_id = args.node_id.or(file.node_id);
         let tls_dir = args.tls_dir.or(file.tls_dir);
         let cluster = match (node_id, tls_dir) {
-            (None, None) => None,
+            (None, None) => {
+                refuse_cluster_settings_without_node(&[
+                    ("--peers", args.peers.is_some() || file.peers.is_some()),
+                    (
+                        "--bootstrap-expect",
+                        args.bootstrap_expect.or(file.bootstrap_expect).is_some(),
+                    ),
+                    (
+                        "--cluster-addr",
+                        args.cluster_addr.or(file.cluster_addr).is_some(),
+                    ),
+                    (
+                        "--advertise-addr",
+                        args.advertise_addr.is_some() || file.advertise_addr.is_some(),
+                    ),
+                ])?;
+                None
+            }
             (None, Some(_)) => {
                 bail!("--tls-dir is set but --node-id is not: a cluster node needs both")
             }

@@ -568,8 +568,21 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
+    serve_expecting_refusal_with_env(args, &[]).await
+}
+
+/// [`serve_expecting_refusal`] with environment variables `envs` (`(name, value)`) set.
+pub async fn serve_expecting_refusal_with_env<I, S>(
+    args: I,
+    envs: &[(&str, &str)],
+) -> (Option<std::process::ExitStatus>, String)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
     let mut child = serve_on_ephemeral_ports()
         .args(args)
+        .envs(envs.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -766,3 +766,74 @@ fn a_refused_start_leaves_no_store_behind() {
     }
     let _ = std::fs::remove_dir_all(root);
 }
+
+/// Cluster settings without `--node-id` and `--tls-dir` (an env file that lost
+/// `HERALD_NODE_ID`, say) are refused at start-up, naming what is set and what is missing,
+/// whether they come from flags, `HERALD_*` variables or the config file. (They were ignored:
+/// the node ran alone, ready, taking publishes no other node saw.)
+#[tokio::test]
+async fn cluster_settings_without_a_node_id_and_tls_dir_are_refused() {
+    let dir = scratch_dir("cluster-without-node");
+    let file = herald_tests::config_file(
+        "peers = [\"1@127.0.0.1:7001\", \"2@127.0.0.1:7002\"]\ncluster_addr = \"127.0.0.1:7001\"\n",
+    );
+    let file = file.to_str().unwrap();
+    let missing = "--node-id and --tls-dir (cluster mode), and neither is set; without them herald runs a single node, so it refuses to start rather than ignore";
+    // (flags, environment, what stderr starts with)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, String);
+    let cases: [Case; 5] = [
+        (
+            vec!["--peers", "1@127.0.0.1:7001,2@127.0.0.1:7002"],
+            vec![],
+            format!("--peers needs {missing} --peers:"),
+        ),
+        (
+            vec!["--bootstrap-expect", "3"],
+            vec![],
+            format!("--bootstrap-expect needs {missing} --bootstrap-expect:"),
+        ),
+        (
+            vec![],
+            vec![
+                ("HERALD_PEERS", "1@127.0.0.1:7001,2@127.0.0.1:7002"),
+                ("HERALD_BOOTSTRAP_EXPECT", "2"),
+            ],
+            format!(
+                "--peers and --bootstrap-expect need {missing} --peers and --bootstrap-expect:"
+            ),
+        ),
+        (
+            vec!["--config", file],
+            vec![],
+            format!("--peers and --cluster-addr need {missing} --peers and --cluster-addr:"),
+        ),
+        (
+            vec!["--advertise-addr", "node-1:7000"],
+            vec![],
+            format!("--advertise-addr needs {missing} --advertise-addr:"),
+        ),
+    ];
+    for (args, envs, says) in cases {
+        let data = dir.join("data");
+        let (status, stderr) = herald_tests::serve_expecting_refusal_with_env(
+            args.iter()
+                .copied()
+                .chain(["--data-dir", data.to_str().unwrap()]),
+            &envs,
+        )
+        .await;
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(1),
+            "{args:?} {envs:?}: {stderr}"
+        );
+        assert!(
+            stderr.starts_with(&format!("herald: {says}"))
+                && stderr.contains("set --node-id and --tls-dir (HERALD_NODE_ID and HERALD_TLS_DIR, or node_id and tls_dir in the config file)")
+                && stderr.lines().count() == 1,
+            "{args:?} {envs:?}: {stderr}"
+        );
+        assert!(!data.exists(), "a refused start left {}", data.display());
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
