@@ -97,6 +97,11 @@ pub enum AppRequest {
     /// each other's clocks ([`crate::clock`]). Last, so that older nodes decode the variants
     /// before it (they answer an error, and are not measured).
     Clock,
+    /// "Is your cluster formed?" (answered [`AppResponse::Formation`]): asked of its peers by
+    /// a node not formed before `herald cluster init` or a bootstrap forms anything, so that a
+    /// node started after its cluster formed does not form one of its own. Last, so that
+    /// older nodes decode the variants before it.
+    Formation,
 }
 
 /// Why a proposal was not committed.
@@ -157,6 +162,9 @@ pub enum AppResponse {
     NotMember,
     /// Answer to [`AppRequest::Clock`]: the answering node's wall clock, unix ms.
     Clock(u64),
+    /// Answer to [`AppRequest::Formation`]: `Some("epoch E; members 1 at host:port, ...")`
+    /// once the answering node's cluster is formed, else `None`.
+    Formation(Option<String>),
 }
 
 const CONFIG: bincode::config::Configuration = bincode::config::standard();

@@ -59,6 +59,7 @@ mod interest_loop;
 mod meta;
 mod placement_loop;
 mod reachability;
+mod store_check;
 
 pub use reachability::Reach;
 
@@ -166,6 +167,20 @@ pub enum ClusterError {
     /// The configuration makes no sense.
     #[error("{0}")]
     Config(String),
+    /// The store belongs to another cluster: none of its members is at this node's address
+    /// or among its `--peers` (its data directory is another cluster's). Found before the node
+    /// opens its endpoint, so that cluster never hears of it.
+    #[error(
+        "the store holds another cluster (cluster epoch {epoch}, members {members}): none of its members is at this node's address ({advertise}) or among its --peers"
+    )]
+    AnotherCluster {
+        /// The store's cluster epoch.
+        epoch: String,
+        /// Its members, `id at address`, comma-separated.
+        members: String,
+        /// This node's advertised cluster address.
+        advertise: String,
+    },
 }
 
 struct Inner {
@@ -249,8 +264,11 @@ impl ClusterNode {
                 )));
             }
         }
-        // Before anything speaks for this node: a store of another node's refuses it.
+        // Before anything speaks for this node: a store of another node's refuses it, and so
+        // does one of another cluster (before the endpoint opens: see `store_check`).
         store.claim_node_id(id)?;
+        let journal = RaftJournal::of(&store)?;
+        store_check::check_store_is_this_clusters(&config, &store, &journal, &namespaces).await?;
         let identity = NodeIdentity::load(&config.tls_dir, id)?;
         let allowed: BTreeSet<NodeId> = config.peers.keys().copied().collect();
         let allowed = Arc::new(RwLock::new(allowed));
@@ -287,7 +305,6 @@ impl ClusterNode {
         );
 
         let partitions = store.partitions();
-        let journal = RaftJournal::of(&store)?;
         let mut groups = Vec::with_capacity(usize::from(partitions) + 1);
         let mut elections = Vec::with_capacity(usize::from(partitions) + 1);
         for group in 0..=partitions {
@@ -372,6 +389,15 @@ impl ClusterNode {
                 lease: Duration::from_millis(config.raft.election_max_ms),
             };
             tokio::spawn(proposer::run(ctx, rx));
+        }
+        {
+            let inner = Arc::downgrade(&node.inner);
+            transport.set_refusal_note(Arc::new(move || {
+                ClusterNode {
+                    inner: inner.upgrade()?,
+                }
+                .formation_note()
+            }));
         }
         rpc::serve(
             transport,
@@ -791,7 +817,8 @@ impl ClusterNode {
 
     /// Forms a cluster of this node and `peers` now (hand operation), without waiting for
     /// a bootstrap count. On a cluster already formed it changes nothing and says so
-    /// ([`InitError::AlreadyFormed`]), unless partitions were left uncreated there (a
+    /// ([`InitError::AlreadyFormed`]; [`InitError::FormedWithoutThisNode`] when this node is
+    /// not formed but one of its `--peers` is, in a cluster this node is no member of), unless partitions were left uncreated there (a
     /// formation cut short, or an init while their voters were down): it creates those that
     /// no member has a log for, over the current members, and fails without a change when a
     /// member does not answer.
@@ -816,9 +843,75 @@ impl ClusterNode {
                 members,
             });
         }
+        // This node's peers may have formed a cluster without it (it came later): forming
+        // here would start a meta group of its own that calls elections on them.
+        if let Some((via, formed)) = self.formed_without_this_node().await {
+            tracing::warn!(
+                via,
+                "`herald cluster init` asked of a node that is not a member of the cluster its peers formed: nothing was changed"
+            );
+            return Err(InitError::FormedWithoutThisNode {
+                formed: formed.map_or_else(
+                    || format!("node {via} says so"),
+                    |formed| format!("{formed}; node {via} says so"),
+                ),
+                node: self.inner.id,
+                addr: self.inner.advertise.clone(),
+            });
+        }
         let mut members = self.inner.static_peers.clone();
         members.insert(self.inner.id, self.inner.advertise.clone());
         Ok(self.form(members).await?)
+    }
+
+    /// What this node tells a node that asks whether its cluster is formed: `epoch E; members
+    /// 1 at host:port, ...` once it is, else `None`.
+    fn formation_note(&self) -> Option<String> {
+        if !self.is_formed() {
+            return None;
+        }
+        let members = self
+            .members()
+            .iter()
+            .map(|(id, addr)| format!("{id} at {addr}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Some(format!("epoch {}; members {members}", self.epoch()))
+    }
+
+    /// A peer (of `--peers`) that is a member of a formed cluster, while this node is not
+    /// formed (so no member of it), and what it said of that cluster (`epoch E; members ...`,
+    /// when it said). Every peer is asked at once, each for at most a few seconds: one that
+    /// lets this node connect (it names this node in its own `--peers`) answers
+    /// [`AppRequest::Formation`] (or, a version before that request, the meta group's probe
+    /// that this node is not a member); one that refuses the connection as a non-member
+    /// tells, if formed, its cluster's epoch and members in the refusal (see
+    /// [`Transport::set_refusal_note`]). A peer that does not answer tells nothing.
+    pub(crate) async fn formed_without_this_node(&self) -> Option<(NodeId, Option<String>)> {
+        let asks = self.inner.static_peers.keys().map(|&peer| async move {
+            let ask = |request: AppRequest| async move {
+                self.call_within(peer, &request, Duration::from_secs(3))
+                    .await
+            };
+            match ask(AppRequest::Formation).await {
+                Ok(AppResponse::Formation(Some(formed))) => Some((peer, Some(formed))),
+                Ok(AppResponse::Formation(None)) => None,
+                Ok(_) => match ask(AppRequest::Probe { group: META_GROUP }).await {
+                    Ok(AppResponse::NotMember) => Some((peer, None)),
+                    _ => None,
+                },
+                Err(_) => self
+                    .inner
+                    .peers
+                    .formed_without_this_node(peer)
+                    .map(|formed| (peer, Some(formed))),
+            }
+        });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .next()
     }
 
     async fn call(
@@ -887,6 +980,20 @@ pub enum InitError {
         epoch: String,
         /// Its members, `id at address`, comma-separated.
         members: String,
+    },
+    /// This node is not formed, but one of its `--peers` is a member of a formed cluster
+    /// this node is not a member of (it was started after the cluster formed): the init
+    /// changed nothing; the node is to be joined instead.
+    #[error(
+        "the cluster is already formed ({formed}): nothing was changed, and this node ({node}) is not one of its members. Add it with `herald cluster join --node-id {node} --addr {addr}` through a member"
+    )]
+    FormedWithoutThisNode {
+        /// What the peer said of the cluster (`epoch E; members ...`), and which peer.
+        formed: String,
+        /// This node.
+        node: NodeId,
+        /// Its cluster address.
+        addr: String,
     },
     /// Forming failed.
     #[error(transparent)]

@@ -385,6 +385,9 @@ struct Slot {
     failing_since: Option<Instant>,
     /// Whether the current run of failures has been warned of.
     warned: bool,
+    /// What the peer said of its formed cluster when its last dial was refused because this
+    /// node is not a member (see [`Peers::formed_without_this_node`]).
+    formed_note: Option<String>,
 }
 
 /// Dials to a peer never reached that fail this long are warned of: it should be up by then
@@ -469,6 +472,14 @@ enum ExchangeError {
 }
 
 impl Peers {
+    /// What `id` said of its cluster when it last refused this node's dial as a non-member,
+    /// if that cluster is formed: `epoch E; members 1 at host:port, ...`. `None` if it did not
+    /// refuse, or is not formed (or runs a version that does not say).
+    pub fn formed_without_this_node(&self, id: NodeId) -> Option<String> {
+        let slot = self.slots.lock().get(&id).cloned()?;
+        slot.lock().formed_note.clone()
+    }
+
     /// Whether `id` is known to be out of reach: its last dial failed, or its connection
     /// closed (a dead peer's, at the QUIC idle timeout). A peer never dialed is not.
     pub fn is_unreachable(&self, id: NodeId) -> bool {
@@ -698,6 +709,7 @@ impl Peers {
                     ever_connected: false,
                     failing_since: None,
                     warned: false,
+                    formed_note: None,
                 }))
             })
             .clone()
@@ -916,6 +928,7 @@ async fn dial(
             && let Err(reason) = exchange_store_ids(&connection, target, store_ids.as_ref()).await
         {
             if crate::transport::refused_as_non_member(&connection) {
+                slot.lock().formed_note = crate::transport::non_member_note(&connection);
                 return Err(format!(
                     "node {target} refuses this node: {NOT_A_MEMBER} (yet: `herald cluster join` adds it)"
                 ));
@@ -951,6 +964,7 @@ async fn dial(
                     tracing::debug!(peer = target, "connected to node");
                 }
                 slot.link = Link::Connected(connection.clone());
+                slot.formed_note = None;
                 slot.failures = 0;
                 slot.ever_connected = true;
                 slot.failing_since = None;

@@ -95,6 +95,20 @@ pub const CLOSE_NOT_A_MEMBER: u32 = 3;
 /// waiting to be joined (or removed, and still running) dials every couple of seconds.
 const NON_MEMBER_LOG_EVERY: Duration = Duration::from_secs(600);
 
+/// What a node refusing a non-member tells it of its cluster, if formed: `epoch E; members
+/// 1 at host:port, ...` (see [`Transport::set_refusal_note`]).
+pub type RefusalNote = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// The close reason of a refusal of a non-member; a formed cluster's node follows it with
+/// [`FORMED_NOTE`] and its note.
+const NOT_A_MEMBER_REASON: &str = "not a member";
+
+/// What comes between [`NOT_A_MEMBER_REASON`] and the refusing node's [`RefusalNote`].
+const FORMED_NOTE: &str = "; formed: ";
+
+/// The longest note sent (a close reason must fit in one packet).
+const MAX_NOTE: usize = 900;
+
 /// When this node last logged a refusal of each non-member.
 type Refusals = Arc<parking_lot::Mutex<std::collections::HashMap<NodeId, std::time::Instant>>>;
 
@@ -104,6 +118,7 @@ pub struct Transport {
     identity: NodeIdentity,
     allowed: PeerFilter,
     refusals: Refusals,
+    note: Arc<parking_lot::RwLock<Option<RefusalNote>>>,
 }
 
 impl Transport {
@@ -143,7 +158,15 @@ impl Transport {
             identity,
             allowed,
             refusals: Refusals::default(),
+            note: Arc::default(),
         })
+    }
+
+    /// What this node tells a node it refuses as a non-member about its cluster (its epoch
+    /// and members, once formed): so that `herald cluster init` through a node that is not a
+    /// member finds the cluster formed, and refuses, instead of forming one of its own.
+    pub fn set_refusal_note(&self, note: RefusalNote) {
+        *self.note.write() = Some(note);
     }
 
     /// The bound address.
@@ -189,6 +212,7 @@ impl Transport {
             incoming,
             allowed: self.allowed.clone(),
             refusals: self.refusals.clone(),
+            note: self.note.clone(),
         })
     }
 
@@ -213,6 +237,7 @@ pub struct IncomingPeer {
     incoming: quinn::Incoming,
     allowed: PeerFilter,
     refusals: Refusals,
+    note: Arc<parking_lot::RwLock<Option<RefusalNote>>>,
 }
 
 impl std::fmt::Debug for IncomingPeer {
@@ -257,7 +282,21 @@ impl IncomingPeer {
                 Err(refused("its certificate names no node".into()))
             }
             Some(peer) if !(self.allowed)(peer) => {
-                connection.close(CLOSE_NOT_A_MEMBER.into(), b"not a member");
+                let note = self.note.read().as_ref().and_then(|note| note());
+                let mut close = NOT_A_MEMBER_REASON.to_string();
+                if let Some(mut note) = note {
+                    if note.len() > MAX_NOTE {
+                        let mut end = MAX_NOTE;
+                        while !note.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        note.truncate(end);
+                        note.push_str(", ...");
+                    }
+                    close.push_str(FORMED_NOTE);
+                    close.push_str(&note);
+                }
+                connection.close(CLOSE_NOT_A_MEMBER.into(), close.as_bytes());
                 let reason = format!("node {peer} is not a member of this cluster");
                 // A node waiting for `herald cluster join` (or a member that has not applied
                 // the join yet), or a removed one still running: logged now and then.
@@ -312,6 +351,23 @@ pub fn refused_as_non_member(connection: &quinn::Connection) -> bool {
         Some(quinn::ConnectionError::ApplicationClosed(close))
             if close.error_code == quinn::VarInt::from_u32(CLOSE_NOT_A_MEMBER)
     )
+}
+
+/// What the peer that closed `connection` as refusing a non-member said of its cluster: its
+/// [`RefusalNote`] (`epoch E; members ...`) when it is formed, `None` otherwise.
+pub fn non_member_note(connection: &quinn::Connection) -> Option<String> {
+    match connection.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(close))
+            if close.error_code == quinn::VarInt::from_u32(CLOSE_NOT_A_MEMBER) =>
+        {
+            let reason = String::from_utf8_lossy(&close.reason);
+            reason
+                .strip_prefix(NOT_A_MEMBER_REASON)?
+                .strip_prefix(FORMED_NOTE)
+                .map(str::to_string)
+        }
+        _ => None,
+    }
 }
 
 /// The node id the peer's certificate names.

@@ -4,16 +4,14 @@ use crate::config::{AddrSetting, NodeConfig};
 use crate::metrics::Metrics;
 use anyhow::{Context, Result, anyhow};
 use herald_cluster::identity::NodeIdentity;
-use herald_cluster::node::{ClusterConfig, ClusterError, ClusterNode};
+use herald_cluster::node::{ClusterConfig, ClusterError};
 use herald_gateway::broker::Broker;
 use herald_gateway::http::HttpState;
 use herald_gateway::hub::Hub;
 use herald_gateway::resp::RespServer;
 use herald_gateway::starting::Starting;
 use herald_storage::StorageError;
-use std::collections::BTreeSet;
 use std::fs::File;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,6 +160,14 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             ClusterError::Storage(error @ StorageError::NodeIdMismatch { .. }) => {
                 anyhow::Error::new(error)
             }
+            ClusterError::AnotherCluster {
+                epoch,
+                members,
+                advertise,
+            } => anyhow!(
+                "data directory {} holds the store of another cluster (cluster epoch {epoch}, members {members}): none of its members is at this node's address ({advertise}) or among its --peers, so start this node on its own data directory (an empty one for a node new to its cluster)",
+                config.data_dir.display(),
+            ),
             error => anyhow::Error::new(error).context(format!(
                 "cannot start cluster node {} (store in {})",
                 cluster.node_id,
@@ -169,12 +175,6 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             )),
         })?,
     };
-    if let (Some(node), Some(cluster)) = (broker.cluster(), &config.cluster)
-        && let Err(error) = check_store_is_this_clusters(node, cluster, &config.data_dir).await
-    {
-        broker.close().await;
-        return Err(error);
-    }
     broker.spawn_expiry(Duration::from_secs(5), shutdown.clone());
     let ports = starting.finish().await?;
     let http = ports.http;
@@ -247,78 +247,6 @@ fn check_cluster_endpoint(cluster: &ClusterConfig) -> Result<()> {
     std::net::UdpSocket::bind(cluster.bind)
         .map(drop)
         .map_err(|e| bind_error(&setting, "the other cluster nodes (UDP)", e))
-}
-
-/// Refuses to run a cluster node on the store of another cluster: a formed store whose
-/// members are at none of the addresses this node is configured with (its advertised address
-/// and its --peers), as when --data-dir names another cluster's directory. Such a node would
-/// serve that cluster's history as its own, and answer its own cluster's formation with
-/// another cluster's log. Addresses that differ as written are compared once resolved (a
-/// host name and its IP address are the same member); when some cannot be resolved, the node
-/// starts and warns instead. A store with a member at one of these addresses passes: it is
-/// this cluster's, whichever node's it is (the members judge that by its store id).
-async fn check_store_is_this_clusters(
-    node: &ClusterNode,
-    config: &ClusterConfig,
-    data_dir: &Path,
-) -> Result<()> {
-    if !node.is_formed() {
-        return Ok(());
-    }
-    // The meta group reports the membership it loaded once its task has run.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    let mut members = node.members();
-    while members.is_empty() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        members = node.members();
-    }
-    let ours: BTreeSet<&str> = config
-        .peers
-        .values()
-        .chain([&config.advertise])
-        .map(String::as_str)
-        .collect();
-    if members.is_empty() || members.values().any(|addr| ours.contains(addr.as_str())) {
-        return Ok(());
-    }
-    let theirs: BTreeSet<&str> = members.values().map(String::as_str).collect();
-    let (ours_resolved, theirs_resolved) = tokio::join!(resolve(&ours), resolve(&theirs));
-    let listed = members
-        .iter()
-        .map(|(id, addr)| format!("{id} at {addr}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    match (ours_resolved, theirs_resolved) {
-        (Some(ours), Some(theirs)) if ours.is_disjoint(&theirs) => Err(anyhow!(
-            "data directory {} holds the store of another cluster (cluster epoch {}, members {listed}): none of its members is at this node's address ({}) or among its --peers, so start this node on its own data directory (an empty one for a node new to its cluster)",
-            data_dir.display(),
-            node.epoch(),
-            config.advertise
-        )),
-        (Some(_), Some(_)) => Ok(()),
-        _ => {
-            tracing::warn!(
-                members = %listed,
-                "the store's cluster has no member at this node's address or at one of its --peers as written, and some of these addresses cannot be resolved to compare them: if {} is another cluster's data directory, stop this node and start it on its own",
-                data_dir.display()
-            );
-            Ok(())
-        }
-    }
-}
-
-/// The socket addresses of `hosts` (`host:port`), or `None` if one of them cannot be resolved
-/// within a second.
-async fn resolve(hosts: &BTreeSet<&str>) -> Option<BTreeSet<SocketAddr>> {
-    let mut all = BTreeSet::new();
-    for host in hosts {
-        let found = tokio::time::timeout(Duration::from_secs(1), tokio::net::lookup_host(*host))
-            .await
-            .ok()?
-            .ok()?;
-        all.extend(found);
-    }
-    Some(all)
 }
 
 /// A one-line bind error naming the address, who it is for (`what`) and the setting that

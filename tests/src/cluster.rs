@@ -347,45 +347,12 @@ impl Cluster {
     /// Runs `herald cluster ARGS --http <node id's HTTP address>`; returns (success, stdout+stderr).
     /// Panics if the command has not ended after three times [`PATIENCE`] (it is killed).
     pub fn cli(&self, via: u64, args: &[&str]) -> (bool, String) {
-        let mut child = Command::new(herald_binary())
-            .arg("cluster")
-            .args(args)
-            .arg("--http")
-            .arg(self.node(via).http.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run herald cluster");
-        let read = |mut pipe: Box<dyn Read + Send>| {
-            std::thread::spawn(move || {
-                let mut text = Vec::new();
-                let _ = pipe.read_to_end(&mut text);
-                String::from_utf8_lossy(&text).into_owned()
-            })
-        };
-        let stdout = read(Box::new(child.stdout.take().unwrap()));
-        let stderr = read(Box::new(child.stderr.take().unwrap()));
-        let deadline = Instant::now() + PATIENCE * 3;
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "herald cluster {args:?} did not end within {:?}",
-                    PATIENCE * 3
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let text = format!(
-            "{}{}",
-            stdout.join().unwrap_or_default(),
-            stderr.join().unwrap_or_default()
-        );
-        (status.success(), text)
+        cli_via(self.node(via).http, args)
+    }
+
+    /// The directory of the cluster's certificates (`--tls-dir`).
+    pub fn tls_dir(&self) -> &std::path::Path {
+        &self.tls_dir
     }
 
     /// `GET /api/cluster/status` of node `id`.
@@ -457,4 +424,49 @@ impl Cluster {
         }
         true
     }
+}
+
+/// Runs `herald cluster ARGS --http HTTP` (a node's HTTP address); returns (success,
+/// stdout+stderr). Panics if the command has not ended after three times [`PATIENCE`] (it is
+/// killed).
+pub fn cli_via(http: std::net::SocketAddr, args: &[&str]) -> (bool, String) {
+    let mut child = Command::new(herald_binary())
+        .arg("cluster")
+        .args(args)
+        .arg("--http")
+        .arg(http.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run herald cluster");
+    let read = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = pipe.read_to_end(&mut text);
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().unwrap()));
+    let stderr = read(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + PATIENCE * 3;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "herald cluster {args:?} did not end within {:?}",
+                PATIENCE * 3
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = format!(
+        "{}{}",
+        stdout.join().unwrap_or_default(),
+        stderr.join().unwrap_or_default()
+    );
+    (status.success(), text)
 }

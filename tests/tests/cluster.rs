@@ -3304,3 +3304,142 @@ fn no_partition_is_handed_back_to_a_dead_node() {
         );
     }
 }
+
+/// `herald cluster init` through a node started after its cluster formed (so not a member,
+/// and not formed itself) refuses, saying the cluster is formed (its epoch and members) and
+/// how to join the node, and forms nothing; the members log no WARN or ERROR for it. (It
+/// answered "not the leader of group 0 (leader: None)", after the node had formed a meta
+/// group of its own over its --peers, whose elections moved the real cluster's meta leader.)
+/// Both for a node the members name in their --peers (it connects and asks) and one they do
+/// not (they refuse its connections, and say their epoch in the refusal).
+#[test]
+fn an_init_through_a_node_started_after_the_cluster_formed_refuses_and_forms_nothing() {
+    use herald_tests::cluster::{certs, cli_via, free_udp_port};
+    let mut cluster = Cluster::start_some(4, 3, &[]);
+    let epoch = cluster.status(1).expect("status")["epoch"]
+        .as_str()
+        .expect("an epoch")
+        .to_string();
+    // Node 4: in every member's --peers, started to wait for an init.
+    cluster.start_node(4, 0);
+    // Node 5: in no member's --peers; its own name the members and itself.
+    let tls = cluster.tls_dir().to_str().unwrap().to_string();
+    certs(&["issue", "--dir", &tls, "--node-id", "5"]);
+    let port5 = free_udp_port();
+    let peers = (1..=3)
+        .map(|id| format!("{id}@127.0.0.1:{}", cluster.members[id - 1].cluster_port))
+        .chain([format!("5@127.0.0.1:{port5}")])
+        .collect::<Vec<_>>()
+        .join(",");
+    let node5 = herald_tests::Herald::start_in(
+        herald_tests::scratch_dir("node5"),
+        &[
+            "--node-id",
+            "5",
+            "--cluster-addr",
+            &format!("127.0.0.1:{port5}"),
+            "--peers",
+            &peers,
+            "--tls-dir",
+            &tls,
+            "--partitions",
+            &herald_tests::cluster::TEST_PARTITIONS.to_string(),
+        ],
+        &[],
+    );
+    let logged: Vec<usize> = (1..=3).map(|id| cluster.node(id).log().len()).collect();
+    for (id, http, port) in [
+        (4, cluster.node(4).http, cluster.members[3].cluster_port),
+        (5, node5.http, port5),
+    ] {
+        let (ok, text) = cli_via(http, &["init"]);
+        assert!(!ok, "an init through node {id} succeeded: {text}");
+        assert!(
+            text.starts_with(&format!(
+                "herald: the cluster is already formed (epoch {epoch}; members 1 at 127.0.0.1:"
+            )) && text.contains("nothing was changed")
+                && text.contains(&format!(
+                    "`herald cluster join --node-id {id} --addr 127.0.0.1:{port}` through a member"
+                )),
+            "node {id}: {text}"
+        );
+    }
+    // A meta group formed by the init would have been logged, and have called elections, by now.
+    std::thread::sleep(Duration::from_secs(3));
+    for (id, node) in [(4, cluster.node(4)), (5, &node5)] {
+        let log = node.log();
+        assert!(
+            !log.contains("formed the meta group"),
+            "node {id} formed a meta group:\n{log}"
+        );
+        let status = herald_tests::cluster::get_json(node, "/api/cluster/status").expect("status");
+        assert_eq!(status["formed"], false, "node {id}: {status}");
+        assert_eq!(
+            status["groups"][0]["voters"],
+            json!([]),
+            "node {id}: {status}"
+        );
+    }
+    for id in 1..=3 {
+        let log = cluster.node(id).log();
+        let since = &log[logged[id as usize - 1]..];
+        assert!(
+            warnings_and_errors(since).is_empty(),
+            "node {id} logged for the inits:\n{since}"
+        );
+        let status = cluster.status(id).expect("status");
+        assert_eq!(status["epoch"].as_str(), Some(epoch.as_str()), "node {id}");
+    }
+    // Joined, node 4 becomes a member as usual.
+    let addr = format!("127.0.0.1:{}", cluster.members[3].cluster_port);
+    let (ok, text) = cluster.cli(1, &["join", "--node-id", "4", "--addr", &addr]);
+    assert!(ok, "join failed: {text}");
+    cluster.wait_converged();
+}
+
+/// A node started with a cluster's flags for node 1 (its address, peers and certificates)
+/// while node 1 is down, but on the data directory of another cluster, refuses to start before
+/// it opens its endpoint: the members, which dial node 1's address all the time, log no WARN or
+/// ERROR about it. (It opened its endpoint first and answered their dials showing the other
+/// cluster's store, and they logged "refusing node 1: it runs on another store ... remove it
+/// and join it again" of their node 1, whose own data directory is intact.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_on_another_clusters_data_directory_is_refused_before_it_opens_its_endpoint() {
+    let mut cluster = Cluster::start(3);
+    let mut other = Cluster::start(1);
+    other.kill(1);
+    cluster.kill(1);
+    let logged: Vec<usize> = (2..=3).map(|id| cluster.node(id).log().len()).collect();
+    let mut args = cluster.serve_args(1);
+    args.extend(["--data-dir".into(), other.data_dir(1).display().to_string()]);
+    let (status, stderr) = herald_tests::serve_expecting_refusal(&args).await;
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "a node ran on another cluster's data directory ({status:?}): {stderr}"
+    );
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(&format!(
+            "data directory {} holds the store of another cluster",
+            other.data_dir(1).display()
+        )) && last.contains(&format!("1 at 127.0.0.1:{}", other.members[0].cluster_port))
+            && last.contains("start this node on its own data directory"),
+        "{stderr}"
+    );
+    // The members dial node 1 every couple of seconds at most.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for id in 2..=3 {
+        let log = cluster.node(id).log();
+        let since = &log[logged[id as usize - 2]..];
+        let about_its_store: Vec<&str> = warnings_and_errors(since)
+            .into_iter()
+            .filter(|line| line.contains("another store") || line.contains("refusing node 1"))
+            .collect();
+        assert!(
+            about_its_store.is_empty(),
+            "node {id} logged about the refused node:\n{since}"
+        );
+    }
+    cluster.start_node(1, 3);
+    cluster.wait_converged();
+}

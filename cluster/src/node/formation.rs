@@ -93,6 +93,18 @@ impl ClusterNode {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
+        // Nodes of `--peers` that formed a cluster without this one (it was started later):
+        // they are joined to, not formed with.
+        if let Some((via, formed)) = self.formed_without_this_node().await {
+            tracing::error!(
+                via,
+                formed = formed.as_deref().unwrap_or("?"),
+                "node {via} is a member of a formed cluster this node is not a member of: not forming another; add this node with `herald cluster join --node-id {id} --addr {addr}` through a member",
+                id = self.inner.id,
+                addr = self.inner.advertise
+            );
+            return;
+        }
         if let Err(error) = self.form(reachable).await {
             tracing::error!(%error, "forming the cluster failed");
         }

@@ -72,6 +72,7 @@ impl ClusterNode {
         match request {
             AppRequest::Ping => AppResponse::Pong,
             AppRequest::Clock => AppResponse::Clock(herald_storage::unix_now_ms()),
+            AppRequest::Formation => AppResponse::Formation(self.formation_note()),
             AppRequest::Interest(interest) => {
                 self.inner.interest.update(from, interest);
                 AppResponse::Done(Ok(()))
