@@ -923,6 +923,55 @@ async fn a_lone_surrogate_in_string_data_is_named_as_such() {
     assert!(!text.contains("line 1"), "{text}");
 }
 
+/// A field of the wrong type is named with its event (counted from 0, as the other errors
+/// count), in each body form; nothing of a refused batch is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_typed_field_is_named_with_its_event() {
+    let node = Herald::start();
+    let expected = "; expected {\"channel\": \"...\", \"data\": ..., \"messageId\"?: \"...\"}, an \
+                    array of them, or {\"events\": [...]}\n";
+    for (body, reason) in [
+        (
+            r#"{"channel":5,"data":"x"}"#,
+            "`channel`: invalid type: integer `5`, expected a string",
+        ),
+        (
+            r#"{"channel":"a","data":"x","messageId":5}"#,
+            "`messageId`: invalid type: integer `5`, expected a string",
+        ),
+        (
+            r#"[{"channel":"typed","data":1},{"channel":1,"data":1}]"#,
+            "event 1: `channel`: invalid type: integer `1`, expected a string",
+        ),
+        (
+            r#"{"events":[{"channel":"typed","data":1},{"channel":"a","data":1,"messageId":[]}]}"#,
+            "event 1: `messageId`: invalid type: sequence, expected a string",
+        ),
+        (
+            r#"[{"channel":"typed","data":1},{"channel":"a"}]"#,
+            "event 1: missing field `data`",
+        ),
+    ] {
+        let reply = reqwest::Client::new()
+            .post(format!("{}/api/publish", node.http_url()))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 400, "{body}");
+        assert_eq!(
+            reply.text().await.unwrap(),
+            format!("invalid publish request: {reason}{expected}"),
+            "{body}"
+        );
+    }
+    assert!(
+        herald_tests::history_payloads(&node, "typed")
+            .await
+            .is_empty()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_shutting_down_tells_its_streams_to_reconnect() {
     let node = Herald::start();

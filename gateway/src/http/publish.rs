@@ -54,9 +54,7 @@ struct Wrapped {
 /// [`RawValue`]).
 fn parse_body(body: &[u8]) -> Result<(Vec<PublishRequest>, bool), String> {
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'[') => serde_json::from_slice(body)
-            .map(|events| (events, true))
-            .map_err(|e| e.to_string()),
+        Some(b'[') => parse::<Vec<PublishRequest>>(body).map(|events| (events, true)),
         Some(b'{') => match serde_json::from_slice::<PublishRequest>(body) {
             Ok(one) => Ok((vec![one], false)),
             Err(one_error) => {
@@ -65,15 +63,62 @@ fn parse_body(body: &[u8]) -> Result<(Vec<PublishRequest>, bool), String> {
                 >(body)
                 .is_ok_and(|fields| fields.contains_key("events"));
                 if !wrapped {
-                    return Err(one_error.to_string());
+                    return Err(explain::<PublishRequest>(body, one_error));
                 }
-                serde_json::from_slice::<Wrapped>(body)
-                    .map(|w| (w.events, true))
-                    .map_err(|e| e.to_string())
+                parse::<Wrapped>(body).map(|w| (w.events, true))
             }
         },
         _ => Err("the body is not a JSON object or array".into()),
     }
+}
+
+/// `body` parsed as a `T`, or why it is not one (see [`explain`]).
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|error| explain::<T>(body, error))
+}
+
+/// Why `body` is not a `T`, given `error`, the parse's own. A value of the wrong type, a
+/// missing or an unknown field is told with where it is (``event 1: `channel`: invalid
+/// type: ...``, events counted from 0 as in the other errors), without serde's position in
+/// the body; malformed JSON keeps that position, its only pointer. The path is tracked by
+/// parsing the body again, on this error path only: tracking it would slow every publish's
+/// parse.
+fn explain<T: serde::de::DeserializeOwned>(body: &[u8], error: serde_json::Error) -> String {
+    if error.classify() != serde_json::error::Category::Data {
+        return error.to_string();
+    }
+    let mut parser = serde_json::Deserializer::from_slice(body);
+    let Err(tracked) = serde_path_to_error::deserialize::<_, T>(&mut parser) else {
+        return error.to_string();
+    };
+    let mut told = Vec::new();
+    let mut segments = tracked.path().iter().peekable();
+    while let Some(segment) = segments.next() {
+        match segment {
+            serde_path_to_error::Segment::Seq { index } => told.push(format!("event {index}")),
+            // `{"events": [...]}`: the event's number says it.
+            serde_path_to_error::Segment::Map { key }
+                if key == "events"
+                    && matches!(
+                        segments.peek(),
+                        Some(serde_path_to_error::Segment::Seq { .. })
+                    ) => {}
+            serde_path_to_error::Segment::Map { key } => told.push(format!("`{key}`")),
+            serde_path_to_error::Segment::Enum { .. } | serde_path_to_error::Segment::Unknown => {}
+        }
+    }
+    let reason = tracked.into_inner();
+    let mut reason = reason.to_string();
+    // serde_json appends the position to the message: the path says it better.
+    if let Some(at) = reason.rfind(" at line ") {
+        reason.truncate(at);
+    }
+    // The path of an unknown field ends with it, which the reason names already.
+    if reason.starts_with("unknown field") {
+        told.pop();
+    }
+    told.push(reason);
+    told.join(": ")
 }
 
 /// The bytes an event's `data` publishes: a JSON string's text, else the JSON text as sent
@@ -349,6 +394,39 @@ mod tests {
         assert!(error(r#"{"data": 1}"#).contains("missing field `channel`"));
         assert!(error(r#"{"channel": "a", "data": 1, "id": 2}"#).contains("unknown field `id`"));
         assert!(error(r#"{"channel": 5, "data": 1}"#).contains("invalid type: integer `5`"));
+        assert_eq!(
+            error(r#"{"channel": 5, "data": "x"}"#),
+            "`channel`: invalid type: integer `5`, expected a string"
+        );
+        assert_eq!(
+            error(r#"{"channel": "a", "data": "x", "messageId": 5}"#),
+            "`messageId`: invalid type: integer `5`, expected a string"
+        );
+        assert_eq!(
+            error(r#"[{"channel": "ok", "data": 1}, {"channel": 1, "data": 1}]"#),
+            "event 1: `channel`: invalid type: integer `1`, expected a string"
+        );
+        assert_eq!(
+            error(r#"{"events": [{"channel": "ok", "data": 1}, {"channel": [], "data": 1}]}"#),
+            "event 1: `channel`: invalid type: sequence, expected a string"
+        );
+        assert_eq!(
+            error(r#"[{"channel": "ok", "data": 1}, {"channel": "a"}]"#),
+            "event 1: missing field `data`"
+        );
+        assert_eq!(
+            error(r#"{"events": 5}"#),
+            "`events`: invalid type: integer `5`, expected a sequence"
+        );
+        assert_eq!(
+            error(r#"[{"channel": "a", "data": 1}, {"channel": "a", "data": 1, "id": 2}]"#),
+            "event 1: unknown field `id`, expected one of `channel`, `data`, `messageId`"
+        );
+        // Malformed JSON keeps serde's position: it has no path.
+        assert_eq!(
+            error(r#"[{"channel": "a", "data": 1}, {"channel": "a""#),
+            "EOF while parsing an object at line 1 column 45"
+        );
         assert!(error(r#"{"events": [{"channel": "a"}]}"#).contains("missing field `data`"));
         assert!(error(r#"[{"channel": "a", "data": 1}, {}]"#).contains("missing field"));
         assert_eq!(error("42"), "the body is not a JSON object or array");
