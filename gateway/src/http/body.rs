@@ -50,18 +50,18 @@ pub enum Errors {
 impl Errors {
     /// The answer to a body over [`MAX_BODY_BYTES`].
     pub fn too_large(self) -> Response {
+        let over = format!("the request body is over the limit of {MAX_BODY_BYTES} bytes (2 MiB)");
         match self {
-            // As axum words it for a body that passes the limit while it is read, as this
-            // endpoint always answered.
-            Errors::Text => (
+            // The publish API's other errors' shape, with what to do (axum's own words,
+            // "length limit exceeded", said neither).
+            Errors::Text => super::error_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "Failed to buffer the request body: length limit exceeded",
-            )
-                .into_response(),
-            Errors::Json => self.error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the request body is over the limit of {MAX_BODY_BYTES} bytes (2 MiB)"),
+                format!(
+                    "{over}: split the events over several requests; one event's data must \
+                     fit in one request"
+                ),
             ),
+            Errors::Json => self.error(StatusCode::PAYLOAD_TOO_LARGE, over),
         }
     }
 
