@@ -433,9 +433,13 @@ pub const MAX_MESSAGE_ID_BYTES: usize = 1024;
 /// non-durable `PUBLISH` take any name, as in Redis.
 pub const MAX_CHANNEL_NAME_BYTES: usize = 1024;
 
-/// Why a publish to `channel` is refused for its name, if it is: longer than
-/// [`MAX_CHANNEL_NAME_BYTES`].
+/// Why a publish to `channel` is refused for its name, if it is: empty, or longer than
+/// [`MAX_CHANNEL_NAME_BYTES`]. No stream (SSE, WebSocket, `HSUBSCRIBE`) takes such a name, so
+/// nothing published under it could be read.
 pub fn check_publish_channel(channel: &[u8]) -> Result<(), String> {
+    if channel.is_empty() {
+        return Err("empty channel name".to_string());
+    }
     if channel.len() > MAX_CHANNEL_NAME_BYTES {
         return Err(format!(
             "channel name of {} bytes: the limit is {MAX_CHANNEL_NAME_BYTES}",

@@ -211,6 +211,56 @@ fn hpublish_with_a_message_id_commits_once() {
     assert_eq!(history(&node, &["payments"]).len(), 1, "nothing committed");
 }
 
+/// An empty channel name is refused where a stream would read it: `PUBLISH` to a durable
+/// channel (nothing is stored), `HPUBLISH` and `HSUBSCRIBE`, as SSE, WebSocket and the HTTP
+/// publish refuse it. A non-durable `PUBLISH ""` and `SUBSCRIBE ""` work as in Redis.
+#[test]
+fn an_empty_channel_name_is_refused_where_a_stream_would_read_it() {
+    let node = Herald::start();
+    let mut conn = RawConn::connect(node.resp);
+    for (command, reply) in [
+        (
+            &[&b"PUBLISH"[..], b"", b"x"][..],
+            &b"-ERR empty channel name for a durable channel (streams read its history, and take no empty name)\r\n"[..],
+        ),
+        (&[b"HPUBLISH", b"", b"x"], b"-ERR empty channel name\r\n"),
+        (&[b"HPUBLISH", b"", b"x", b"ID", b"m"], b"-ERR empty channel name\r\n"),
+        (&[b"HSUBSCRIBE", b"$", b"", b"ok"], b"-ERR empty channel name\r\n"),
+        (&[b"HSUBSCRIBE", b"0", b"ok", b""], b"-ERR empty channel name\r\n"),
+        (&[b"HISTORY", b""], b"*0\r\n"),
+    ] {
+        conn.command(command);
+        assert_eq!(
+            String::from_utf8_lossy(&conn.read_until_suffix(b"\r\n")),
+            String::from_utf8_lossy(reply),
+            "{command:?}"
+        );
+    }
+    // The connection has no history subscription: the refused ones took nothing.
+    conn.command(&[b"HSUBSCRIBE", b"$", b"ok"]);
+    assert_eq!(
+        conn.read_frame(),
+        b"*3\r\n$10\r\nhsubscribe\r\n$2\r\nok\r\n:1\r\n"
+    );
+    assert!(history(&node, &[""]).is_empty(), "nothing was stored");
+
+    let config = config_file("[namespace.default]\nhistory_size = 0\ndurable = false\n");
+    let live = Herald::start_with(&["--config", config.to_str().unwrap()]);
+    let mut subscriber = RawConn::connect(live.resp);
+    subscriber.command(&[b"SUBSCRIBE", b""]);
+    assert_eq!(
+        subscriber.read_frame(),
+        b"*3\r\n$9\r\nsubscribe\r\n$0\r\n\r\n:1\r\n"
+    );
+    let mut publisher = RawConn::connect(live.resp);
+    publisher.command(&[b"PUBLISH", b"", b"x"]);
+    assert_eq!(publisher.read_until_suffix(b"\r\n"), b":1\r\n");
+    assert_eq!(
+        subscriber.read_frame(),
+        b"*3\r\n$7\r\nmessage\r\n$0\r\n\r\n$1\r\nx\r\n"
+    );
+}
+
 /// A history subscription's channels count with the connection's channels and patterns, as
 /// Redis counts subscriptions: a client that leaves pub/sub mode when a count reaches zero
 /// must not leave while history events still come. A channel named twice counts once.

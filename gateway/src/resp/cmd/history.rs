@@ -255,6 +255,11 @@ pub(super) async fn hsubscribe(session: &mut Session, args: &Args) {
             }
         },
     };
+    // No other stream takes an empty name either (and nothing is published under one).
+    if args[2..].iter().any(|c| c.is_empty()) {
+        session.reply(Frame::error("ERR empty channel name"));
+        return;
+    }
     if let Some(long) = args[2..]
         .iter()
         .find(|c| c.len() > crate::broker::MAX_CHANNEL_NAME_BYTES)

@@ -81,15 +81,20 @@ pub(super) async fn unsubscribe(session: &mut Session, kind: Kind, args: &Args) 
 /// once the message is committed; pipelined publishes share one commit (they are staged and
 /// go to the log together).
 ///
-/// A durable channel's name is limited to [`MAX_CHANNEL_NAME_BYTES`](crate::broker::MAX_CHANNEL_NAME_BYTES)
-/// (its history is read by streams, which take no longer name); a non-durable one's is not,
-/// as in Redis.
+/// A durable channel's name must not be empty and is limited to
+/// [`MAX_CHANNEL_NAME_BYTES`](crate::broker::MAX_CHANNEL_NAME_BYTES) (its history is read by
+/// streams, which take no such name); a non-durable one's is not, as in Redis.
 pub(super) async fn publish(session: &mut Session, args: &Args) {
     let broker = session.ctx.broker.clone();
     if broker.is_durable(&args[1]) {
         if let Err(reason) = crate::broker::check_publish_channel(&args[1]) {
+            let refused = if args[1].is_empty() {
+                "empty"
+            } else {
+                "longer"
+            };
             session.reply(Frame::error(format!(
-                "ERR {reason} for a durable channel (streams read its history, and take no longer name)"
+                "ERR {reason} for a durable channel (streams read its history, and take no {refused} name)"
             )));
             return;
         }
