@@ -567,6 +567,19 @@ async fn bad_messages_get_errors_and_the_connection_stays_open() {
     }
     send(&mut ws, json!({ "type": "subscribe", "channel": "many:0" })).await;
     assert_eq!(next(&mut ws).await["type"], "subscribed");
+    // A name quoted in an error is cut short, and marked so.
+    send(
+        &mut ws,
+        json!({ "type": "subscribe", "channel": "n".repeat(1025) }),
+    )
+    .await;
+    assert_eq!(
+        next(&mut ws).await["message"],
+        format!(
+            "cannot subscribe to {}…: channel name of 1025 bytes: the limit is 1024",
+            "n".repeat(64)
+        )
+    );
     send(
         &mut ws,
         json!({ "type": "subscribe", "channel": "many:1024" }),

@@ -588,7 +588,7 @@ async fn handle(
             if let Err(reason) = super::check_channels([&channel[..]], others) {
                 out.push(error_message(&format!(
                     "cannot subscribe to {}: {reason}",
-                    truncate(&String::from_utf8_lossy(&channel), 64)
+                    shortened(&String::from_utf8_lossy(&channel))
                 )));
                 return 0;
             }
@@ -606,7 +606,7 @@ async fn handle(
                 Err(error) => {
                     out.push(error_message(&format!(
                         "cannot subscribe to {}: {error}",
-                        String::from_utf8_lossy(&channel)
+                        shortened(&String::from_utf8_lossy(&channel))
                     )));
                     0
                 }
@@ -687,7 +687,7 @@ fn parse_request(message: &str) -> Result<Request, String> {
         }),
         other => Err(format!(
             "unknown message type {}: {TYPES}",
-            serde_json::to_string(truncate(other, 64)).expect("strings serialize")
+            serde_json::to_string(&shortened(other)).expect("strings serialize")
         )),
     }
 }
@@ -828,6 +828,21 @@ fn error_message(reason: &str) -> Message {
     ))
 }
 
+/// Most bytes of a client's name (a channel, a message type) quoted in an error message.
+const QUOTED_BYTES: usize = 64;
+
+/// `text` as an error message quotes it: whole up to [`QUOTED_BYTES`], else its first
+/// [`QUOTED_BYTES`] followed by `…`, so that the message stays one short line and does not
+/// pass the prefix off as the whole name.
+fn shortened(text: &str) -> std::borrow::Cow<'_, str> {
+    let kept = truncate(text, QUOTED_BYTES);
+    if kept.len() == text.len() {
+        std::borrow::Cow::Borrowed(text)
+    } else {
+        std::borrow::Cow::Owned(format!("{kept}…"))
+    }
+}
+
 /// The longest prefix of `text` of at most `max` bytes ending on a character boundary.
 fn truncate(text: &str, max: usize) -> &str {
     if text.len() <= max {
@@ -966,7 +981,12 @@ mod tests {
             );
         }
         let long = format!(r#"{{"type":"{}"}}"#, "x".repeat(10_000));
-        assert!(parse_request(&long).unwrap_err().len() < 200);
+        assert_eq!(
+            parse_request(&long).unwrap_err(),
+            format!("unknown message type \"{}…\": {TYPES}", "x".repeat(64))
+        );
+        assert_eq!(shortened("short"), "short");
+        assert_eq!(shortened(&"é".repeat(40)), format!("{}…", "é".repeat(32)));
     }
 
     #[test]
