@@ -126,6 +126,19 @@ async fn send(
             format!("cannot reach {}: {e}", args.http)
         }
     })?;
+    // The node's own words name the HTTP header; the operator of this CLI passes a flag.
+    if response.status() == reqwest::StatusCode::UNAUTHORIZED {
+        return Err(match args.password {
+            None => format!(
+                "the node at {} has a password: give it with --password <PASSWORD> or the HERALD_REQUIREPASS environment variable (the node's --requirepass)",
+                args.http
+            ),
+            Some(_) => format!(
+                "the node at {} refused the password given (--password or HERALD_REQUIREPASS): it must be the node's --requirepass",
+                args.http
+            ),
+        });
+    }
     let ok = response.status().is_success();
     let body: Value = response.json().await.map_err(|e| {
         if e.is_timeout() {

@@ -394,6 +394,61 @@ fn requirepass_from_the_environment_protects_the_node() {
     assert_eq!(conn.read_until_suffix(b"\r\n"), b":0\r\n");
 }
 
+/// `herald cluster` against a node with a password tells the operator the flag (or variable)
+/// that gives it, not the HTTP header the CLI sends.
+#[test]
+fn cluster_commands_say_how_to_give_the_password() {
+    let node = Herald::start_with(&["--requirepass", "pw"]);
+    let http = node.http.to_string();
+    let run = |password: Option<&str>| {
+        let mut command = Command::new(herald_binary());
+        command
+            .args(["cluster", "--http", &http, "status"])
+            .env_remove("HERALD_REQUIREPASS");
+        if let Some(password) = password {
+            command.args(["--password", password]);
+        }
+        let output = command.output().unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    assert_eq!(
+        run(None),
+        (
+            Some(1),
+            format!(
+                "herald: the node at {http} has a password: give it with --password <PASSWORD> or the HERALD_REQUIREPASS environment variable (the node's --requirepass)\n"
+            )
+        )
+    );
+    assert_eq!(
+        run(Some("wrong")),
+        (
+            Some(1),
+            format!(
+                "herald: the node at {http} refused the password given (--password or HERALD_REQUIREPASS): it must be the node's --requirepass\n"
+            )
+        )
+    );
+    // The right one gets past the password (this node runs alone).
+    let (code, stderr) = run(Some("pw"));
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("this node runs alone"), "{stderr}");
+    // An HTTP client is still told the header.
+    let mut client = RawConn::connect(node.http);
+    client.send(b"GET /api/cluster/status HTTP/1.1\r\nHost: herald\r\nConnection: close\r\n\r\n");
+    let reply = String::from_utf8(client.read_to_close()).unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.1 401 Unauthorized\r\n")
+            && reply.ends_with(
+                r#"{"error":"cluster operations need Authorization: Bearer <requirepass>"}"#
+            ),
+        "{reply}"
+    );
+}
+
 #[test]
 fn certs_init_and_issue_create_the_cluster_credentials() {
     let dir = scratch_dir("certs");
