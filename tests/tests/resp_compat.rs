@@ -6,7 +6,7 @@
 //! gives in every state: subscribed, unauthenticated, RESP2 or RESP3) echoes the marker; so
 //! both transcripts are cut at the same points without any timing assumptions.
 
-use herald_tests::{Herald, RawConn, RedisServer, encode_command};
+use herald_tests::{Herald, RawConn, RedisServer, config_file, encode_command};
 use std::net::SocketAddr;
 
 /// What one step does.
@@ -255,18 +255,36 @@ fn glob_patterns() {
         "ab[c",
     ];
     let publisher = patterns.len();
-    let mut steps: Vec<Action> = patterns
-        .iter()
-        .enumerate()
-        .map(|(i, p)| cmd(i, &["PSUBSCRIBE", p]))
-        .collect();
+    let subscribed = || -> Vec<Action> {
+        patterns
+            .iter()
+            .enumerate()
+            .map(|(i, p)| cmd(i, &["PSUBSCRIBE", p]))
+            .collect()
+    };
+    let mut steps = subscribed();
     for channel in [
-        "hello", "hallo", "hllo", "heeeello", "hbllo", "hcllo", "h*llo", "abc", "xyz", "",
+        "hello", "hallo", "hllo", "heeeello", "hbllo", "hcllo", "h*llo", "abc", "xyz",
     ] {
         steps.push(cmd(publisher, &["PUBLISH", channel, "m"]));
     }
     steps.extend((0..patterns.len()).map(|i| cmd(i, &["PING"])));
     assert_same_as_redis("patterns", patterns.len() + 1, &steps, &[], &[]);
+
+    // The empty channel, which herald refuses for a durable channel (no stream could read
+    // it): published to a non-durable one, as in Redis.
+    let mut steps = subscribed();
+    steps.push(cmd(publisher, &["PUBLISH", "", "m"]));
+    steps.extend((0..patterns.len()).map(|i| cmd(i, &["PING"])));
+    let config = config_file("[namespace.default]\nhistory_size = 0\ndurable = false\n");
+    let config = ["--config", config.to_str().unwrap()];
+    assert_same_as_redis(
+        "patterns, empty channel",
+        patterns.len() + 1,
+        &steps,
+        &[],
+        &config,
+    );
 }
 
 #[test]
