@@ -828,12 +828,7 @@ impl ClusterNode {
             if !missing.is_empty() && !self.create_uncreated_partitions(missing).await?.is_empty() {
                 return Ok(());
             }
-            let members = self
-                .members()
-                .iter()
-                .map(|(id, addr)| format!("{id} at {addr}"))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let members = self.members_text();
             tracing::info!(
                 epoch = %self.epoch(),
                 "`herald cluster init` asked of a formed cluster: nothing to do"
@@ -864,18 +859,23 @@ impl ClusterNode {
         Ok(self.form(members).await?)
     }
 
+    /// The members as `1 at host:port, 2 at host:port`, as the "already formed" answers
+    /// name them.
+    fn members_text(&self) -> String {
+        self.members()
+            .iter()
+            .map(|(id, addr)| format!("{id} at {addr}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// What this node tells a node that asks whether its cluster is formed: `epoch E; members
     /// 1 at host:port, ...` once it is, else `None`.
     fn formation_note(&self) -> Option<String> {
         if !self.is_formed() {
             return None;
         }
-        let members = self
-            .members()
-            .iter()
-            .map(|(id, addr)| format!("{id} at {addr}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let members = self.members_text();
         Some(format!("epoch {}; members {members}", self.epoch()))
     }
 
