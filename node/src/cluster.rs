@@ -53,9 +53,16 @@ pub fn run(args: ClusterArgs) -> ExitCode {
     match runtime.block_on(call(&args)) {
         Ok(text) => {
             say!("{text}");
-            if let ClusterCommand::Remove { node_id, .. } = args.command
-                && let Some(warning) = runtime.block_on(after_remove(&args, node_id))
-            {
+            let warning = match &args.command {
+                ClusterCommand::Remove { node_id, .. } => {
+                    runtime.block_on(after_remove(&args, *node_id))
+                }
+                ClusterCommand::Join { node_id, addr } => {
+                    runtime.block_on(after_join(&args, *node_id, addr))
+                }
+                _ => None,
+            };
+            if let Some(warning) = warning {
                 complain!("herald: warning: {warning}");
             }
             ExitCode::SUCCESS
@@ -175,6 +182,43 @@ async fn after_remove(args: &ClusterArgs, removed: u64) -> Option<String> {
         Err(error) => Some(format!(
             "node {removed} is removed, but the members left could not be read ({error}): check with `herald cluster status` that at least {SURVIVES_A_FAILURE} are left, the fewest that survive a failure"
         )),
+    }
+}
+
+/// How long `herald cluster join` watches the asked node's link to the joined one before it
+/// warns that the joined node does not answer: longer than the longest dial backoff (2 s), as
+/// the asked node may have failed to reach it before it was started, and members are called
+/// at least once a second.
+const JOIN_ANSWER_PATIENCE: Duration = Duration::from_secs(5);
+
+/// After `herald cluster join`: the warning to print if the node asked does not reach the
+/// joined one within [`JOIN_ANSWER_PATIENCE`] (its link in the node's status never
+/// `connected`, and `unreachable` at the end), e.g. a wrong address or a node not started
+/// yet. It is a member all the same, but votes nowhere until it answers.
+async fn after_join(args: &ClusterArgs, joined: u64, addr: &str) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + JOIN_ANSWER_PATIENCE;
+    loop {
+        let status = reqwest::Client::new().get(format!("http://{}/api/cluster/status", args.http));
+        let status = send(args, status, args.timeout.unwrap_or(READ_TIMEOUT), None)
+            .await
+            .ok()?;
+        let link = &status["links"][joined.to_string()];
+        if link["state"] == "connected" {
+            return None;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            if link["state"] != "unreachable" {
+                return None;
+            }
+            let why = link["lastError"]
+                .as_str()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default();
+            return Some(format!(
+                "node {joined} does not answer at {addr}{why}: it is a member, but becomes a voter only once it answers; start it, or if the address is wrong, `herald cluster remove --node-id {joined}` and join it at the right one"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
