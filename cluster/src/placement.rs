@@ -90,17 +90,23 @@ pub fn rebalance_swap(
 }
 
 /// What a removal of `node` would cost a group whose voters are `voters`: the voters that are
-/// `silent` among those left, when the live ones left are no majority of them. The members stop
-/// taking a removed node's messages at once, so such a group (one whose voters were the removed
-/// node and a dead one) could then commit nothing, not even the change that drops the node,
-/// until the silent voter is back. `None` when the group keeps a live majority, or `node` does
-/// not vote in it.
+/// `silent` among those left, when the group has a live majority now and the live ones left
+/// would be no majority of them. The members stop taking a removed node's messages at once, so
+/// such a group (one whose voters were the removed node and a dead one) could then commit
+/// nothing, not even the change that drops the node, until the silent voter is back. `None`
+/// when the group keeps a live majority, has none already (removing one of its dead voters
+/// makes nothing worse: refusing would send the operator from one dead node to the other), or
+/// `node` does not vote in it.
 pub fn removal_stalls(
     node: NodeId,
     voters: &BTreeSet<NodeId>,
     silent: impl Fn(NodeId) -> bool,
 ) -> Option<Vec<NodeId>> {
     if !voters.contains(&node) {
+        return None;
+    }
+    let live_now = voters.iter().filter(|&&v| !silent(v)).count();
+    if live_now < voters.len() / 2 + 1 {
         return None;
     }
     let left: Vec<NodeId> = voters.iter().copied().filter(|&v| v != node).collect();
@@ -224,5 +230,11 @@ mod tests {
         );
         // The last voter of a group: nothing is left to stall.
         assert_eq!(removal_stalls(1, &set(&[1]), |_| false), None);
+        // Two of three dead: the group commits nothing already, and removing either dead
+        // voter (or the live one) makes nothing worse.
+        let two_dead = |n: NodeId| n == 4 || n == 5;
+        assert_eq!(removal_stalls(4, &set(&[1, 4, 5]), two_dead), None);
+        assert_eq!(removal_stalls(5, &set(&[1, 4, 5]), two_dead), None);
+        assert_eq!(removal_stalls(1, &set(&[1, 4, 5]), two_dead), None);
     }
 }

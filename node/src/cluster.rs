@@ -186,10 +186,11 @@ async fn after_remove(args: &ClusterArgs, removed: u64) -> Option<String> {
 }
 
 /// How long `herald cluster join` watches the asked node's link to the joined one before it
-/// warns that the joined node does not answer: longer than the longest dial backoff (2 s), as
-/// the asked node may have failed to reach it before it was started, and members are called
-/// at least once a second.
-const JOIN_ANSWER_PATIENCE: Duration = Duration::from_secs(5);
+/// warns that the joined node does not answer: the asked node may have failed to reach it
+/// before it was started (or been refused by it before it took the join), and then dials
+/// again only at its next call after the backoff (at most 2 s), members being called at
+/// least every 2 s; twice that and more.
+const JOIN_ANSWER_PATIENCE: Duration = Duration::from_secs(8);
 
 /// After `herald cluster join`: the warning to print if the node asked does not reach the
 /// joined one within [`JOIN_ANSWER_PATIENCE`] (its link in the node's status never

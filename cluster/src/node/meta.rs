@@ -51,6 +51,22 @@ impl ClusterNode {
     /// Join/Remove on the meta leader.
     pub(super) async fn handle_meta(&self, request: AppRequest) -> Result<(), ProposeError> {
         let meta = &self.inner.groups[usize::from(META_GROUP)];
+        // A leader that removed itself goes on leading until its next tick (about 110 ms),
+        // though the group no longer lists it; a change asked of it then trips openraft's
+        // `is_leader` assertion. The caller retries and finds the new leader.
+        let listed = meta
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .any(|(id, _)| *id == self.inner.id);
+        if !listed {
+            return Err(ProposeError::NotLeader {
+                group: META_GROUP,
+                leader: None,
+            });
+        }
         let result = match request {
             AppRequest::Join { node, addr } => {
                 if let Some(problem) = crate::rpc::address_problem(&addr) {

@@ -240,6 +240,11 @@ impl ClusterNode {
                     continue;
                 }
                 let membership = m.membership_config.membership().clone();
+                // A leader that removed itself leads until its next tick though the group no
+                // longer lists it: no change may be asked of it then (see `handle_meta`).
+                if !membership.nodes().any(|(id, _)| *id == self.inner.id) {
+                    continue;
+                }
                 let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
                 if let Some(partition) = group_partition(group as GroupId) {
                     // The first of its placed voters that votes already: while a joined node is
