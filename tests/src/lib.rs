@@ -626,6 +626,18 @@ pub async fn publish_http(node: &Herald, body: &serde_json::Value) -> serde_json
     response.json().await.expect("publish reply is JSON")
 }
 
+/// Posts `body` as written (malformed or odd JSON included) to the node's
+/// `POST /api/publish` and returns the response, whatever its status: what the tests of
+/// refused bodies and exact payload bytes need.
+pub async fn publish_raw(node: &Herald, body: impl Into<reqwest::Body>) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}/api/publish", node.http_url()))
+        .body(body)
+        .send()
+        .await
+        .expect("publish request")
+}
+
 /// A channel's retained payloads on `node`, oldest first (`HISTORY` over RESP, which returns
 /// `[cursor, payload]` pairs).
 pub async fn history_payloads(node: &Herald, channel: &str) -> Vec<String> {

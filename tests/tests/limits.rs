@@ -349,12 +349,7 @@ async fn a_publish_body_announced_over_the_limit_is_refused_before_it_is_read() 
         "x".repeat(LIMIT - frame.len())
     );
     assert_eq!(body.len(), LIMIT);
-    let reply = reqwest::Client::new()
-        .post(format!("{}/api/publish", node.http_url()))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let reply = herald_tests::publish_raw(&node, body).await;
     assert_eq!(reply.status(), 200, "{}", reply.text().await.unwrap());
 }
 

@@ -906,12 +906,11 @@ async fn channel_names_over_the_limit_cannot_be_published() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_surrogate_in_string_data_is_named_as_such() {
     let node = Herald::start();
-    let reply = reqwest::Client::new()
-        .post(format!("{}/api/publish", node.http_url()))
-        .body(r#"[{"channel": "x", "data": "fine"}, {"channel": "x", "data": "\ud800"}]"#)
-        .send()
-        .await
-        .unwrap();
+    let reply = herald_tests::publish_raw(
+        &node,
+        r#"[{"channel": "x", "data": "fine"}, {"channel": "x", "data": "\ud800"}]"#,
+    )
+    .await;
     assert_eq!(reply.status(), 400);
     let text = reply.text().await.unwrap();
     assert!(
@@ -952,12 +951,7 @@ async fn a_wrong_typed_field_is_named_with_its_event() {
             "event 1: missing field `data`",
         ),
     ] {
-        let reply = reqwest::Client::new()
-            .post(format!("{}/api/publish", node.http_url()))
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let reply = herald_tests::publish_raw(&node, body).await;
         assert_eq!(reply.status(), 400, "{body}");
         assert_eq!(
             reply.text().await.unwrap(),

@@ -466,12 +466,7 @@ async fn data_is_the_payload_text_unless_it_is_an_object_or_array() {
     }
     // Over HTTP, a JSON number is published as its digits and arrives as that text too.
     let body = r#"{"channel": "kinds", "data": 12345678901234567890}"#;
-    let reply = reqwest::Client::new()
-        .post(format!("{}/api/publish", node.http_url()))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let reply = herald_tests::publish_raw(&node, body).await;
     assert_eq!(reply.status(), 200);
     assert_eq!(
         split_id(next(&mut ws).await).1["data"],
