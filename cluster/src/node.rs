@@ -770,46 +770,6 @@ impl ClusterNode {
         self.meta_request(AppRequest::Join { node, addr }).await
     }
 
-    /// Why removing `node` now would stop groups from committing, if it would: the groups
-    /// (the meta group and partitions) whose voters left would have no live majority, as this
-    /// node sees them (see [`crate::placement::removal_stalls`]), in a sentence saying what to
-    /// do instead. `herald cluster remove` refuses such a removal unless forced.
-    pub fn removal_stalls(&self, node: NodeId) -> Option<String> {
-        let mut stalled: Vec<String> = Vec::new();
-        let mut silent_voters: BTreeSet<NodeId> = BTreeSet::new();
-        for (group, raft) in self.inner.groups.iter().enumerate() {
-            let voters: BTreeSet<NodeId> = raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .voter_ids()
-                .collect();
-            let silent = |id: NodeId| id != self.inner.id && self.inner.peers.is_silent(id);
-            if let Some(quiet) = crate::placement::removal_stalls(node, &voters, silent) {
-                stalled.push(match group_partition(group as GroupId) {
-                    Some(partition) => format!("partition {partition}"),
-                    None => "the meta group".to_string(),
-                });
-                silent_voters.extend(quiet);
-            }
-        }
-        if stalled.is_empty() {
-            return None;
-        }
-        let names = |ids: &BTreeSet<NodeId>| {
-            ids.iter()
-                .map(|id| format!("node {id}"))
-                .collect::<Vec<_>>()
-                .join(" and ")
-        };
-        let down = names(&silent_voters);
-        Some(format!(
-            "removing node {node} now would leave {} without a quorum while {down} does not answer: the members stop taking node {node}'s messages at once, so nothing would commit there (not even the removal's own change) until {down} is back. Bring {down} back first, or remove {down} first; --force removes node {node} anyway",
-            stalled.join(", ")
-        ))
-    }
-
     /// Asks the meta leader to remove `node` from the cluster.
     pub async fn remove(&self, node: NodeId) -> Result<(), ProposeError> {
         self.meta_request(AppRequest::Remove { node }).await
@@ -877,41 +837,6 @@ impl ClusterNode {
         }
         let members = self.members_text();
         Some(format!("epoch {}; members {members}", self.epoch()))
-    }
-
-    /// A peer (of `--peers`) that is a member of a formed cluster, while this node is not
-    /// formed (so no member of it), and what it said of that cluster (`epoch E; members ...`,
-    /// when it said). Every peer is asked at once, each for at most a few seconds: one that
-    /// lets this node connect (it names this node in its own `--peers`) answers
-    /// [`AppRequest::Formation`] (or, a version before that request, the meta group's probe
-    /// that this node is not a member); one that refuses the connection as a non-member
-    /// tells, if formed, its cluster's epoch and members in the refusal (see
-    /// [`Transport::set_refusal_note`]). A peer that does not answer tells nothing.
-    pub(crate) async fn formed_without_this_node(&self) -> Option<(NodeId, Option<String>)> {
-        let asks = self.inner.static_peers.keys().map(|&peer| async move {
-            let ask = |request: AppRequest| async move {
-                self.call_within(peer, &request, Duration::from_secs(3))
-                    .await
-            };
-            match ask(AppRequest::Formation).await {
-                Ok(AppResponse::Formation(Some(formed))) => Some((peer, Some(formed))),
-                Ok(AppResponse::Formation(None)) => None,
-                Ok(_) => match ask(AppRequest::Probe { group: META_GROUP }).await {
-                    Ok(AppResponse::NotMember) => Some((peer, None)),
-                    _ => None,
-                },
-                Err(_) => self
-                    .inner
-                    .peers
-                    .formed_without_this_node(peer)
-                    .map(|formed| (peer, Some(formed))),
-            }
-        });
-        futures::future::join_all(asks)
-            .await
-            .into_iter()
-            .flatten()
-            .next()
     }
 
     async fn call(

@@ -1,7 +1,8 @@
 //! Forming the cluster: bootstrap by `--bootstrap-expect` (the node with the lowest id forms
 //! it once enough nodes of its partition count answer), the formation itself (meta group, epoch,
 //! every partition group on its first voter), and the meta leader finishing a formation that
-//! was cut short. Apart from the rest of the node because it runs once in a cluster's life,
+//! was cut short, and the check that a node's peers have not formed a cluster without it
+//! before it forms one (`formed_without_this_node`). Apart from the rest of the node because it runs once in a cluster's life,
 //! while everything else runs all the time.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -23,6 +24,41 @@ use crate::placement::placement;
 const FORMATION_REPAIR_ROUNDS: u32 = 10;
 
 impl ClusterNode {
+    /// A peer (of `--peers`) that is a member of a formed cluster, while this node is not
+    /// formed (so no member of it), and what it said of that cluster (`epoch E; members ...`,
+    /// when it said). Every peer is asked at once, each for at most a few seconds: one that
+    /// lets this node connect (it names this node in its own `--peers`) answers
+    /// [`AppRequest::Formation`] (or, a version before that request, the meta group's probe
+    /// that this node is not a member); one that refuses the connection as a non-member
+    /// tells, if formed, its cluster's epoch and members in the refusal (see
+    /// [`Transport::set_refusal_note`]). A peer that does not answer tells nothing.
+    pub(crate) async fn formed_without_this_node(&self) -> Option<(NodeId, Option<String>)> {
+        let asks = self.inner.static_peers.keys().map(|&peer| async move {
+            let ask = |request: AppRequest| async move {
+                self.call_within(peer, &request, Duration::from_secs(3))
+                    .await
+            };
+            match ask(AppRequest::Formation).await {
+                Ok(AppResponse::Formation(Some(formed))) => Some((peer, Some(formed))),
+                Ok(AppResponse::Formation(None)) => None,
+                Ok(_) => match ask(AppRequest::Probe { group: META_GROUP }).await {
+                    Ok(AppResponse::NotMember) => Some((peer, None)),
+                    _ => None,
+                },
+                Err(_) => self
+                    .inner
+                    .peers
+                    .formed_without_this_node(peer)
+                    .map(|formed| (peer, Some(formed))),
+            }
+        });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .next()
+    }
+
     pub(super) async fn bootstrap(&self, expect: usize) {
         let mut members = self.inner.static_peers.clone();
         members.insert(self.inner.id, self.inner.advertise.clone());

@@ -1,12 +1,13 @@
 //! Writes to a group through its leader, the meta group's above all: a join or a removal
 //! (checked on the meta leader: the address, a changed address, the partition count), the
 //! namespace config, the cluster's `Init`. Any node may be asked: it passes the write on to the
-//! leader it knows, and retries while there is none.
+//! leader it knows, and retries while there is none. A removal that would leave a group
+//! without a live quorum is found here too (`removal_stalls`), for the HTTP handler to refuse.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use herald_storage::raft::{Command, GroupId, META_GROUP};
+use herald_storage::raft::{Command, GroupId, META_GROUP, NodeId, group_partition};
 use openraft::{BasicNode, ChangeMembers};
 
 use super::{ClusterNode, raft_error};
@@ -20,6 +21,46 @@ use crate::message::{AppRequest, AppResponse, ProposeError};
 const JOIN_PROBE_PATIENCE: Duration = Duration::from_secs(6);
 
 impl ClusterNode {
+    /// Why removing `node` now would stop groups from committing, if it would: the groups
+    /// (the meta group and partitions) whose voters left would have no live majority, as this
+    /// node sees them (see [`crate::placement::removal_stalls`]), in a sentence saying what to
+    /// do instead. `herald cluster remove` refuses such a removal unless forced.
+    pub fn removal_stalls(&self, node: NodeId) -> Option<String> {
+        let mut stalled: Vec<String> = Vec::new();
+        let mut silent_voters: BTreeSet<NodeId> = BTreeSet::new();
+        for (group, raft) in self.inner.groups.iter().enumerate() {
+            let voters: BTreeSet<NodeId> = raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .collect();
+            let silent = |id: NodeId| id != self.inner.id && self.inner.peers.is_silent(id);
+            if let Some(quiet) = crate::placement::removal_stalls(node, &voters, silent) {
+                stalled.push(match group_partition(group as GroupId) {
+                    Some(partition) => format!("partition {partition}"),
+                    None => "the meta group".to_string(),
+                });
+                silent_voters.extend(quiet);
+            }
+        }
+        if stalled.is_empty() {
+            return None;
+        }
+        let names = |ids: &BTreeSet<NodeId>| {
+            ids.iter()
+                .map(|id| format!("node {id}"))
+                .collect::<Vec<_>>()
+                .join(" and ")
+        };
+        let down = names(&silent_voters);
+        Some(format!(
+            "removing node {node} now would leave {} without a quorum while {down} does not answer: the members stop taking node {node}'s messages at once, so nothing would commit there (not even the removal's own change) until {down} is back. Bring {down} back first, or remove {down} first; --force removes node {node} anyway",
+            stalled.join(", ")
+        ))
+    }
+
     pub(super) async fn meta_request(&self, request: AppRequest) -> Result<(), ProposeError> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
