@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use herald_storage::raft::{Command, GroupId, META_GROUP, NodeId, group_partition};
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers};
 
 use super::{ClusterNode, raft_error};
@@ -19,6 +20,36 @@ use crate::message::{AppRequest, AppResponse, ProposeError};
 /// 3 s to fail before the next one reached the new process; and a node that passes a join on
 /// to the meta leader waits 10 s for the leader's answer.
 const JOIN_PROBE_PATIENCE: Duration = Duration::from_secs(6);
+
+/// How long a join or removal waits for a membership change already under way in the meta
+/// group (the placement round promoting the node joined just before, say) before it fails.
+const CHANGE_IN_PROGRESS_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Runs the membership change `change` makes, again every 100 ms while openraft refuses it
+/// because another change is under way (for at most [`CHANGE_IN_PROGRESS_PATIENCE`]): two
+/// joins back to back used to fail the second with "the cluster is already undergoing a
+/// configuration change", as the first one's promotion was still committing.
+async fn after_change_in_progress<F, Fut, R>(
+    mut change: F,
+) -> Result<(), RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<
+            Output = Result<R, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>>,
+        >,
+{
+    let deadline = tokio::time::Instant::now() + CHANGE_IN_PROGRESS_PATIENCE;
+    loop {
+        match change().await {
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::InProgress(_),
+            ))) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other.map(|_| ()),
+        }
+    }
+}
 
 impl ClusterNode {
     /// Why removing `node` now would stop groups from committing, if it would: the groups
@@ -157,9 +188,8 @@ impl ClusterNode {
                         "joining node {node}, which does not answer: it becomes a voter only once it answers, with the cluster's partition count"
                     ),
                 }
-                meta.add_learner(node, BasicNode::new(addr), true)
-                    .await
-                    .map(|_| ())
+                let node_info = BasicNode::new(addr);
+                after_change_in_progress(|| meta.add_learner(node, node_info.clone(), true)).await
             }
             AppRequest::Remove { node } => {
                 let m = meta.metrics().borrow().clone();
@@ -180,7 +210,7 @@ impl ClusterNode {
                 } else {
                     ChangeMembers::RemoveNodes(BTreeSet::from([node]))
                 };
-                meta.change_membership(change, false).await.map(|_| ())
+                after_change_in_progress(|| meta.change_membership(change.clone(), false)).await
             }
             _ => return Err(ProposeError::Failed("not a meta request".into())),
         };
