@@ -165,6 +165,11 @@ pub enum AppResponse {
     /// Answer to [`AppRequest::Formation`]: `Some("epoch E; members 1 at host:port, ...")`
     /// once the answering node's cluster is formed, else `None`.
     Formation(Option<String>),
+    /// Answer to [`AppRequest::Formation`] from a node whose formed cluster counts the asker
+    /// among its members (`epoch E; members ...`): the asker was named at formation or joined,
+    /// and has not caught up yet, so it is to wait, neither form nor be joined. Last, so that
+    /// older nodes decode the variants before it.
+    FormationMember(String),
 }
 
 const CONFIG: bincode::config::Configuration = bincode::config::standard();

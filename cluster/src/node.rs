@@ -777,8 +777,9 @@ impl ClusterNode {
 
     /// Forms a cluster of this node and `peers` now (hand operation), without waiting for
     /// a bootstrap count. On a cluster already formed it changes nothing and says so
-    /// ([`InitError::AlreadyFormed`]; [`InitError::FormedWithoutThisNode`] when this node is
-    /// not formed but one of its `--peers` is, in a cluster this node is no member of), unless partitions were left uncreated there (a
+    /// ([`InitError::AlreadyFormed`]; when this node is not formed but one of its `--peers`
+    /// is, [`InitError::FormedCatchingUp`] if that cluster counts this node as a member and
+    /// [`InitError::FormedWithoutThisNode`] if not), unless partitions were left uncreated there (a
     /// formation cut short, or an init while their voters were down): it creates those that
     /// no member has a log for, over the current members, and fails without a change when a
     /// member does not answer.
@@ -800,16 +801,24 @@ impl ClusterNode {
         }
         // This node's peers may have formed a cluster without it (it came later): forming
         // here would start a meta group of its own that calls elections on them.
-        if let Some((via, formed)) = self.formed_without_this_node().await {
+        if let Some(elsewhere) = self.formed_without_this_node().await {
+            let via = elsewhere.via;
+            if elsewhere.member {
+                tracing::info!(
+                    via,
+                    "`herald cluster init` asked of a member that has not caught up with the formed cluster yet: nothing was changed"
+                );
+                return Err(InitError::FormedCatchingUp {
+                    formed: elsewhere.described(),
+                    node: self.inner.id,
+                });
+            }
             tracing::warn!(
                 via,
                 "`herald cluster init` asked of a node that is not a member of the cluster its peers formed: nothing was changed"
             );
             return Err(InitError::FormedWithoutThisNode {
-                formed: formed.map_or_else(
-                    || format!("node {via} says so"),
-                    |formed| format!("{formed}; node {via} says so"),
-                ),
+                formed: elsewhere.described(),
                 node: self.inner.id,
                 addr: self.inner.advertise.clone(),
             });
@@ -905,6 +914,18 @@ pub enum InitError {
         epoch: String,
         /// Its members, `id at address`, comma-separated.
         members: String,
+    },
+    /// This node is not formed, but one of its `--peers` is a member of a formed cluster
+    /// that counts this node among its members (named at formation, or joined) and this node
+    /// has not caught up yet: the init changed nothing; the node catches up on its own.
+    #[error(
+        "the cluster is already formed ({formed}), and this node ({node}) is one of its members that has not caught up yet: nothing was changed. It catches up from the members on its own; `herald cluster status` shows when"
+    )]
+    FormedCatchingUp {
+        /// What the peer said of the cluster (`epoch E; members ...`), and which peer.
+        formed: String,
+        /// This node.
+        node: NodeId,
     },
     /// This node is not formed, but one of its `--peers` is a member of a formed cluster
     /// this node is not a member of (it was started after the cluster formed): the init

@@ -23,33 +23,62 @@ use crate::placement::placement;
 /// membership, before it initialises them (a formation cut short).
 const FORMATION_REPAIR_ROUNDS: u32 = 10;
 
+/// What a peer of `--peers` said of the cluster it is a member of, while this node is not
+/// formed (see [`ClusterNode::formed_without_this_node`]).
+#[derive(Debug)]
+pub(crate) struct FormedElsewhere {
+    /// The peer that said so.
+    pub via: NodeId,
+    /// What it said of the cluster (`epoch E; members ...`), when it said.
+    pub formed: Option<String>,
+    /// The cluster counts this node among its members: it was named at formation or joined,
+    /// and has not caught up yet (it is to wait, neither form nor be joined).
+    pub member: bool,
+}
+
+impl FormedElsewhere {
+    /// `epoch E; members ...; node N says so`, as the refusals quote it.
+    pub fn described(&self) -> String {
+        let via = self.via;
+        match &self.formed {
+            Some(formed) => format!("{formed}; node {via} says so"),
+            None => format!("node {via} says so"),
+        }
+    }
+}
+
 impl ClusterNode {
     /// A peer (of `--peers`) that is a member of a formed cluster, while this node is not
-    /// formed (so no member of it), and what it said of that cluster (`epoch E; members ...`,
-    /// when it said). Every peer is asked at once, each for at most a few seconds: one that
+    /// formed, and what it said of that cluster. Every peer is asked at once, each for at most a few seconds: one that
     /// lets this node connect (it names this node in its own `--peers`) answers
     /// [`AppRequest::Formation`] (or, a version before that request, the meta group's probe
     /// that this node is not a member); one that refuses the connection as a non-member
     /// tells, if formed, its cluster's epoch and members in the refusal (see
     /// [`Transport::set_refusal_note`]). A peer that does not answer tells nothing.
-    pub(crate) async fn formed_without_this_node(&self) -> Option<(NodeId, Option<String>)> {
+    pub(crate) async fn formed_without_this_node(&self) -> Option<FormedElsewhere> {
         let asks = self.inner.static_peers.keys().map(|&peer| async move {
             let ask = |request: AppRequest| async move {
                 self.call_within(peer, &request, Duration::from_secs(3))
                     .await
             };
+            let elsewhere = |formed, member| FormedElsewhere {
+                via: peer,
+                formed,
+                member,
+            };
             match ask(AppRequest::Formation).await {
-                Ok(AppResponse::Formation(Some(formed))) => Some((peer, Some(formed))),
+                Ok(AppResponse::FormationMember(formed)) => Some(elsewhere(Some(formed), true)),
+                Ok(AppResponse::Formation(Some(formed))) => Some(elsewhere(Some(formed), false)),
                 Ok(AppResponse::Formation(None)) => None,
                 Ok(_) => match ask(AppRequest::Probe { group: META_GROUP }).await {
-                    Ok(AppResponse::NotMember) => Some((peer, None)),
+                    Ok(AppResponse::NotMember) => Some(elsewhere(None, false)),
                     _ => None,
                 },
                 Err(_) => self
                     .inner
                     .peers
                     .formed_without_this_node(peer)
-                    .map(|formed| (peer, Some(formed))),
+                    .map(|formed| elsewhere(Some(formed), false)),
             }
         });
         futures::future::join_all(asks)
@@ -131,10 +160,20 @@ impl ClusterNode {
         };
         // Nodes of `--peers` that formed a cluster without this one (it was started later):
         // they are joined to, not formed with.
-        if let Some((via, formed)) = self.formed_without_this_node().await {
+        if let Some(elsewhere) = self.formed_without_this_node().await {
+            let via = elsewhere.via;
+            let formed = elsewhere.formed.as_deref().unwrap_or("?");
+            if elsewhere.member {
+                tracing::info!(
+                    via,
+                    formed,
+                    "node {via} says the cluster is formed with this node as a member: not forming another; this node catches up from its members"
+                );
+                return;
+            }
             tracing::error!(
                 via,
-                formed = formed.as_deref().unwrap_or("?"),
+                formed,
                 "node {via} is a member of a formed cluster this node is not a member of: not forming another; add this node with `herald cluster join --node-id {id} --addr {addr}` through a member",
                 id = self.inner.id,
                 addr = self.inner.advertise

@@ -72,7 +72,10 @@ impl ClusterNode {
         match request {
             AppRequest::Ping => AppResponse::Pong,
             AppRequest::Clock => AppResponse::Clock(herald_storage::unix_now_ms()),
-            AppRequest::Formation => AppResponse::Formation(self.formation_note()),
+            AppRequest::Formation => match self.formation_note() {
+                Some(note) if self.is_member(from) => AppResponse::FormationMember(note),
+                note => AppResponse::Formation(note),
+            },
             AppRequest::Interest(interest) => {
                 self.inner.interest.update(from, interest);
                 AppResponse::Done(Ok(()))

@@ -67,9 +67,11 @@ pub async fn init(State(state): State<HttpState>, headers: HeaderMap) -> Respons
     match node.init().await {
         Ok(()) => Json(json!({ "status": "formed", "members": node.members() })).into_response(),
         // Nothing to do is not what was asked: a 409, which the CLI turns into exit code 1.
-        Err(e @ (InitError::AlreadyFormed { .. } | InitError::FormedWithoutThisNode { .. })) => {
-            error(StatusCode::CONFLICT, e.to_string())
-        }
+        Err(
+            e @ (InitError::AlreadyFormed { .. }
+            | InitError::FormedCatchingUp { .. }
+            | InitError::FormedWithoutThisNode { .. }),
+        ) => error(StatusCode::CONFLICT, e.to_string()),
         Err(InitError::Failed(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
