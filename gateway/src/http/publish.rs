@@ -72,6 +72,9 @@ fn parse_body(body: &[u8]) -> Result<(Vec<PublishRequest>, bool), String> {
     }
 }
 
+/// What an event is, as the errors name it.
+const EVENT_SHAPE: &str = r#"an event object {"channel", "data", "messageId"?}"#;
+
 /// `body` parsed as a `T`, or why it is not one (see [`explain`]).
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
     serde_json::from_slice(body).map_err(|error| explain::<T>(body, error))
@@ -113,6 +116,8 @@ fn explain<T: serde::de::DeserializeOwned>(body: &[u8], error: serde_json::Error
     if let Some(at) = reason.rfind(" at line ") {
         reason.truncate(at);
     }
+    // serde names the Rust type where a value is no object: say what the client is to send.
+    reason = reason.replace("struct PublishRequest", EVENT_SHAPE);
     // The path of an unknown field ends with it, which the reason names already.
     if reason.starts_with("unknown field") {
         told.pop();
@@ -430,6 +435,15 @@ mod tests {
         assert!(error(r#"{"events": [{"channel": "a"}]}"#).contains("missing field `data`"));
         assert!(error(r#"[{"channel": "a", "data": 1}, {}]"#).contains("missing field"));
         assert_eq!(error("42"), "the body is not a JSON object or array");
+        // An element that is no object is told what an event is, not serde's type name.
+        assert_eq!(
+            error(r#"[{"channel": "a", "data": 1}, 7]"#),
+            r#"event 1: invalid type: integer `7`, expected an event object {"channel", "data", "messageId"?}"#
+        );
+        assert_eq!(
+            error(r#"{"events": ["x"]}"#),
+            r#"event 0: invalid type: string "x", expected an event object {"channel", "data", "messageId"?}"#
+        );
         let (events, batch) = parse_body(br#"{"events": [{"channel": "a", "data": 1}]}"#).unwrap();
         assert_eq!((events.len(), batch), (1, true));
         let (events, batch) = parse_body(br#"{"channel": "a", "data": {"x": 1}}"#).unwrap();
