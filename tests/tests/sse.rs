@@ -764,6 +764,38 @@ async fn a_council_score_request_with_its_own_id_resumes_instead_of_starting_aga
     assert_eq!(empty.status(), 400);
 }
 
+/// A seed endpoint without its id (`/api/stream/render-progress`) is a 400 saying the id is
+/// missing (it streamed a channel of that name, which nothing publishes to, so the client
+/// waited forever); a channel of exactly that name still streams through `?channel=`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_endpoint_without_its_id_is_a_400_naming_the_missing_id() {
+    let node = Herald::start();
+    for (endpoint, namespace) in [
+        ("render-progress", "render_progress"),
+        ("campaign-metrics", "campaign_metrics"),
+        ("ab-test-results", "ab_test_results"),
+    ] {
+        let response = reqwest::get(format!("{}/api/stream/{endpoint}", node.http_url()))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{endpoint}");
+        assert_eq!(
+            response.text().await.unwrap().trim_end(),
+            format!(
+                "/api/stream/{endpoint} needs an id: /api/stream/{endpoint}/{{id}} streams channel {namespace}:{{id}} (a channel named '{endpoint}' streams at /api/stream?channel={endpoint})"
+            )
+        );
+    }
+    let mut events = connect(
+        &format!("{}/api/stream?channel=render-progress", node.http_url()),
+        None,
+    )
+    .await;
+    publish(&node, "render-progress", json!({ "n": 1 }), None).await;
+    let event = next(&mut events).await;
+    assert_eq!(serde_json::from_str::<Value>(&event.data).unwrap()["n"], 1);
+}
+
 /// A cursor naming a partition the store does not have (16 by default) was never handed out:
 /// it is malformed, a 400 with the reason, not a resume with a `retention` gap (nothing left
 /// retention). One from another store may name any partition: that is an `epoch` gap.

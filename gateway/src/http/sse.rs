@@ -9,6 +9,8 @@
 //! | `/api/stream/council-score?videoUrl=&transcript=&features=` | publishes a request on `council_score_requests`, streams `council_score:{requestId}` |
 //! | `/api/stream/evaluate-creative?content=&type=` | publishes a request on `creative_evaluation_requests`, streams `creative_evaluation:{requestId}` |
 //!
+//! `/api/stream/render-progress` (and the other two) without an id is a 400 that says the id is
+//! missing: a channel of exactly that name streams at `/api/stream?channel=render-progress`.
 //! A channel listed more than once in `?channel=` (as written or once decoded) is streamed once.
 //! A `HEAD` to any of these routes is checked as a `GET` is and gets the same response head,
 //! but subscribes to nothing and publishes nothing (`HEAD` is a safe method).
@@ -54,6 +56,16 @@ pub async fn stream_channel(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
+    // `/api/stream/render-progress` without its id would stream a channel of that name,
+    // which nothing publishes to: a client that lost its id would wait forever.
+    if let Some((endpoint, namespace)) = ENTITY_STREAMS.iter().find(|(name, _)| *name == channel) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "/api/stream/{endpoint} needs an id: /api/stream/{endpoint}/{{id}} streams channel {namespace}:{{id}} (a channel named '{endpoint}' streams at /api/stream?channel={endpoint})"
+            ),
+        );
+    }
     open(
         state,
         vec![Bytes::from(channel)],
