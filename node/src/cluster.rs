@@ -92,6 +92,13 @@ async fn call(args: &ClusterArgs) -> Result<String, String> {
         } => {
             let text = std::fs::read_to_string(file)
                 .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            // Checked here too (the node checks it again) to name the file with the line.
+            herald_storage::Namespaces::from_toml(&text).map_err(|e| {
+                format!(
+                    "{}: {e}; nothing was sent, the cluster's config is unchanged",
+                    file.display()
+                )
+            })?;
             client.post(format!("{base}/namespaces")).body(text)
         }
     };

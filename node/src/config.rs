@@ -66,15 +66,10 @@ impl FileConfig {
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         toml::from_str(&text).map_err(|e| {
             // The line at fault, as written: a type error's message names no key.
-            let place = e
-                .span()
-                .and_then(|span| {
-                    let line = text[..span.start.min(text.len())].matches('\n').count();
-                    text.lines()
-                        .nth(line)
-                        .map(|l| format!(", line {} (`{}`)", line + 1, l.trim()))
-                })
-                .unwrap_or_default();
+            let place = match herald_storage::namespace::toml_error_place(&text, &e) {
+                place if place.is_empty() => place,
+                place => format!(", line{place}"),
+            };
             anyhow!(
                 "invalid config file {}{place}: {}",
                 path.display(),

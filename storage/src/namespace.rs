@@ -167,15 +167,19 @@ impl Namespaces {
     /// A document without a `namespace` table is refused, so that a wrong file does not reset
     /// every namespace to the defaults.
     pub fn from_toml(text: &str) -> Result<Namespaces, String> {
-        let doc: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| format!("not valid TOML: {}", e.message()))?;
-        let Some(tables) = doc.get("namespace") else {
-            return Err(
-                "no [namespace.NAME] table (write [namespace.default] for the defaults)".into(),
-            );
-        };
-        Namespaces::deserialize(tables.clone()).map_err(|e| format!("[namespace]: {}", e.message()))
+        /// The document's namespace tables; its other keys are ignored.
+        #[derive(Deserialize)]
+        struct Document {
+            namespace: Option<Namespaces>,
+        }
+        // Parsed from the text (not from a parsed table) so that an error has its line.
+        let doc: Document = toml::from_str(text).map_err(|e| match toml_error_place(text, &e) {
+            place if place.is_empty() => e.message().to_string(),
+            place => format!("line{place}: {}", e.message()),
+        })?;
+        doc.namespace.ok_or_else(|| {
+            "no [namespace.NAME] table (write [namespace.default] for the defaults)".into()
+        })
     }
 
     /// The resolved form the cluster stores (see [`NamespacesSpec`]).
@@ -339,7 +343,9 @@ fn de_ttl<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<Duration>>, D
     match parse_duration(s) {
         Ok(d) if d.is_zero() => Ok(Some(None)),
         Ok(d) => Ok(Some(Some(d))),
-        Err(e) => Err(serde::de::Error::custom(e)),
+        Err(e) => Err(serde::de::Error::custom(format!(
+            "{e}; or \"none\" for no age limit"
+        ))),
     }
 }
 
@@ -370,6 +376,20 @@ impl<'de> Deserialize<'de> for Namespaces {
         }
         Ok(ns)
     }
+}
+
+/// Where a TOML parse error is, as ` N (`the line as written`)`, or nothing when it has no
+/// place: error messages name the line because a type error's own message names no key.
+pub fn toml_error_place(text: &str, error: &toml::de::Error) -> String {
+    error
+        .span()
+        .and_then(|span| {
+            let line = text[..span.start.min(text.len())].matches('\n').count();
+            text.lines()
+                .nth(line)
+                .map(|l| format!(" {} (`{}`)", line + 1, l.trim()))
+        })
+        .unwrap_or_default()
 }
 
 /// Why a duration string was rejected.
@@ -444,10 +464,20 @@ mod tests {
             Namespaces::from_toml("resp_addr = \"x\"\n").unwrap_err(),
             "no [namespace.NAME] table (write [namespace.default] for the defaults)"
         );
+        // Errors name the line, as written.
         let e = Namespaces::from_toml("[namespace.x]\nhistory_size = \"many\"\n").unwrap_err();
-        assert!(e.starts_with("[namespace]: "), "{e}");
+        assert_eq!(
+            e,
+            "line 2 (`history_size = \"many\"`): invalid type: string \"many\", expected usize"
+        );
+        let e = Namespaces::from_toml("[namespace.x]\nhistory_ttl = \"forever\"\n").unwrap_err();
+        assert!(
+            e.starts_with("line 2 (`history_ttl = \"forever\"`): invalid duration \"forever\"")
+                && e.ends_with("; or \"none\" for no age limit"),
+            "{e}"
+        );
         let e = Namespaces::from_toml("[namespace.x\n").unwrap_err();
-        assert!(e.starts_with("not valid TOML: "), "{e}");
+        assert!(e.starts_with("line 1 (`[namespace.x`): "), "{e}");
     }
 
     #[derive(Deserialize)]
@@ -547,6 +577,11 @@ mod tests {
         assert!(e.contains("unknown field `history_sise`"), "{e}");
         let e = parse("[namespace.x]\nhistory_ttl = \"10 parsecs\"\n").unwrap_err();
         assert!(e.contains("invalid duration \"10 parsecs\""), "{e}");
+        let e = parse("[namespace.x]\nhistory_ttl = \"forever\"\n").unwrap_err();
+        assert!(
+            e.contains("or \"7d\"; or \"none\" for no age limit") && e.contains("line 2"),
+            "{e}"
+        );
         let e = parse("[namespace.x]\nhistory_ttl = 10\n").unwrap_err();
         assert!(e.contains("invalid type"), "{e}");
         let e = parse("[namespace.x]\nhistory_size = -1\n").unwrap_err();

@@ -2143,6 +2143,17 @@ async fn every_member_applies_the_clusters_namespace_config() {
         refused.contains("no [namespace.NAME] table (write [namespace.default] for the defaults)"),
         "{refused}"
     );
+    // A bad value is named by file and line, and nothing changes.
+    let bad = herald_tests::config_file("[namespace.small]\nhistory_ttl = \"forever\"\n");
+    let (ok, refused) = cluster.cli(1, &["namespaces", "--set", bad.to_str().unwrap()]);
+    assert!(!ok, "{refused}");
+    assert!(
+        refused.starts_with(&format!(
+            "herald: {}: line 2 (`history_ttl = \"forever\"`): invalid duration \"forever\"",
+            bad.display()
+        )) && refused.contains("\"none\" for no age limit; nothing was sent"),
+        "{refused}"
+    );
     let (ok, shown) = cluster.cli(1, &["namespaces"]);
     assert!(ok && shown.contains("history_size = 2"), "{shown}");
 }
