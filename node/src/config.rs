@@ -256,6 +256,30 @@ impl NodeConfig {
                         "--advertise-addr",
                         args.advertise_addr.is_some() || file.advertise_addr.is_some(),
                     ),
+                    (
+                        "--publish-timeout",
+                        args.publish_timeout.is_some() || file.publish_timeout.is_some(),
+                    ),
+                    (
+                        "--raft-heartbeat",
+                        args.raft_heartbeat.is_some() || file.raft_heartbeat.is_some(),
+                    ),
+                    (
+                        "--election-timeout",
+                        args.election_timeout.is_some() || file.election_timeout.is_some(),
+                    ),
+                    (
+                        "--raft-snapshot-logs",
+                        args.raft_snapshot_logs
+                            .or(file.raft_snapshot_logs)
+                            .is_some(),
+                    ),
+                    (
+                        "--raft-fast-failover",
+                        args.raft_fast_failover
+                            .or(file.raft_fast_failover)
+                            .is_some(),
+                    ),
                 ])?;
                 None
             }

@@ -823,7 +823,7 @@ fn a_refused_start_leaves_no_store_behind() {
 }
 
 /// Cluster settings without `--node-id` and `--tls-dir` (an env file that lost
-/// `HERALD_NODE_ID`, say) are refused at start-up, naming what is set and what is missing,
+/// `HERALD_NODE_ID`, say), and Raft's settings likewise, are refused at start-up, naming what is set and what is missing,
 /// whether they come from flags, `HERALD_*` variables or the config file. (They were ignored:
 /// the node ran alone, ready, taking publishes no other node saw.)
 #[tokio::test]
@@ -836,7 +836,9 @@ async fn cluster_settings_without_a_node_id_and_tls_dir_are_refused() {
     let missing = "--node-id and --tls-dir (cluster mode), and neither is set; without them herald runs a single node, so it refuses to start rather than ignore";
     // (flags, environment, what stderr starts with)
     type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, String);
-    let cases: [Case; 5] = [
+    let tuning = herald_tests::config_file("raft_fast_failover = false\n");
+    let tuning = tuning.to_str().unwrap();
+    let cases: [Case; 7] = [
         (
             vec!["--peers", "1@127.0.0.1:7001,2@127.0.0.1:7002"],
             vec![],
@@ -866,6 +868,26 @@ async fn cluster_settings_without_a_node_id_and_tls_dir_are_refused() {
             vec!["--advertise-addr", "node-1:7000"],
             vec![],
             format!("--advertise-addr needs {missing} --advertise-addr:"),
+        ),
+        // Raft's and the proposer's settings mean nothing on a single node either.
+        (
+            vec!["--config", tuning, "--raft-heartbeat", "50ms"],
+            vec![("HERALD_PUBLISH_TIMEOUT", "3s")],
+            format!(
+                "--publish-timeout, --raft-heartbeat and --raft-fast-failover need {missing} --publish-timeout, --raft-heartbeat and --raft-fast-failover:"
+            ),
+        ),
+        (
+            vec![
+                "--election-timeout",
+                "300ms-500ms",
+                "--raft-snapshot-logs",
+                "100",
+            ],
+            vec![],
+            format!(
+                "--election-timeout and --raft-snapshot-logs need {missing} --election-timeout and --raft-snapshot-logs:"
+            ),
         ),
     ];
     for (args, envs, says) in cases {
