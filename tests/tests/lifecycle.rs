@@ -41,6 +41,113 @@ fn sigterm_drains_clients_and_exits_zero() {
     assert!(node.log().contains("shutting down"), "{}", node.log());
 }
 
+/// A `PUBLISH` in flight when SIGTERM arrives gets its reply before the connection closes:
+/// every event committed was acknowledged, and every acknowledgement names a committed event.
+/// (Its reply was dropped: the shutdown closed every client's queue while the publish waited
+/// for its commit, so a client that retried published the event twice.) A pipelining client
+/// keeps publishes in flight all the time; the requests the node did not run get no reply.
+#[test]
+fn a_publish_in_flight_at_sigterm_is_answered_before_the_connection_closes() {
+    use std::io::{Read, Write};
+    let config = herald_tests::config_file("[namespace.default]\nhistory_size = 1000000\n");
+    let mut node = Herald::start_with(&["--config", config.to_str().unwrap()]);
+    let mut stream = std::net::TcpStream::connect(node.resp).unwrap();
+    stream
+        .set_read_timeout(Some(herald_tests::PATIENCE))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let writing = std::thread::spawn(move || {
+        let mut sent = 0u64;
+        loop {
+            let mut batch = Vec::new();
+            for n in sent..sent + 100 {
+                let payload = format!("x-{n}");
+                batch.extend_from_slice(&herald_tests::encode_command(&[
+                    b"PUBLISH",
+                    b"inflight",
+                    payload.as_bytes(),
+                ]));
+            }
+            if writer.write_all(&batch).is_err() {
+                return sent;
+            }
+            sent += 100;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    // Read replies until some have come, then stop the node mid-stream.
+    let mut replies = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let mut signalled = false;
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => replies.extend_from_slice(&chunk[..n]),
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(error) => panic!("reading replies: {error}"),
+        }
+        if !signalled && replies.len() > 2_000 {
+            node.signal("TERM");
+            signalled = true;
+        }
+    }
+    let sent = writing.join().unwrap();
+    let status = node
+        .wait_exit(herald_tests::PATIENCE)
+        .expect("herald exits after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    let text = String::from_utf8(replies).unwrap();
+    let lines: Vec<&str> = text.split_terminator("\r\n").collect();
+    let acknowledged = lines.iter().filter(|l| l.starts_with(':')).count();
+    let failed: Vec<&&str> = lines.iter().filter(|l| !l.starts_with(':')).collect();
+    assert!(
+        failed.is_empty(),
+        "a single node's publishes all commit during the drain: {failed:?}"
+    );
+    assert!(
+        acknowledged < sent as usize,
+        "the node stopped before it ran every request ({acknowledged} of {sent}): the test proves nothing"
+    );
+
+    let node = Herald::start_in(
+        node.kill_keeping_data(),
+        &["--config", config.to_str().unwrap()],
+        &[],
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let committed = runtime.block_on(async {
+        let client = redis::Client::open(node.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut payloads: Vec<String> = Vec::new();
+        let mut after = "0".to_string();
+        loop {
+            let page: Vec<(String, String)> = redis::cmd("HISTORY")
+                .arg("inflight")
+                .arg("AFTER")
+                .arg(&after)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            after = last.clone();
+            payloads.extend(page.into_iter().map(|(_, payload)| payload));
+        }
+        payloads
+    });
+    let expected: Vec<String> = (0..acknowledged).map(|n| format!("x-{n}")).collect();
+    assert_eq!(
+        committed.len(),
+        acknowledged,
+        "{} events committed, {acknowledged} acknowledged",
+        committed.len()
+    );
+    assert_eq!(committed, expected);
+}
+
 /// The seconds into its day at which the node logged its first line containing `needle` (the
 /// log's own timestamps, `2026-12-06T17:54:47.999701Z  INFO ...`).
 fn logged_at(log: &str, needle: &str) -> f64 {

@@ -1,7 +1,6 @@
 //! The registry of connected RESP clients, for `CLIENT LIST / KILL / INFO`, `INFO clients`,
 //! `maxclients` and shutdown.
 
-use crate::hub::outbox::CloseReason;
 use crate::hub::{ClientId, Subscriber};
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -167,12 +166,5 @@ impl ClientRegistry {
     /// A snapshot of the connected clients, by id.
     pub fn snapshot(&self) -> Vec<Arc<ClientInfo>> {
         self.clients.lock().values().cloned().collect()
-    }
-
-    /// Marks every client for closing (shutdown).
-    pub fn close_all(&self, reason: CloseReason) {
-        for client in self.snapshot() {
-            client.subscriber.outbox().close(reason);
-        }
     }
 }

@@ -399,6 +399,12 @@ pub(crate) async fn serve(
             )
         };
         loop {
+            // Shutting down: requests not run yet get no reply (nothing of theirs is done, as
+            // when the connection drops), while those run so far get theirs below, a
+            // publish's once it is committed.
+            if ctx.shutdown.is_cancelled() {
+                break;
+            }
             match parser.next_request(&mut buffer, &limits, session.authenticated) {
                 Ok(Some(args)) => {
                     cmd::execute(&mut session, args).await;
@@ -480,7 +486,9 @@ pub(crate) async fn serve(
     if ctx.shutdown.is_cancelled() {
         outbox.close(CloseReason::AfterFlush);
     }
-    let _ = writer.await;
+    if writer.await.unwrap_or(false) {
+        discard_unread(&mut reader).await;
+    }
 }
 
 /// The idle timeout (`timeout` setting); subscribers are exempt, as in Redis.
@@ -492,21 +500,64 @@ async fn idle_deadline(timeout_seconds: u64, session: &Session) {
 }
 
 /// Writes queued frames until the client is closed; batches whatever is queued into one write.
-async fn write_loop(mut socket: OwnedWriteHalf, outbox: Arc<Outbox>) {
+/// Returns whether everything queued was written and the write side shut (a FIN sent): the
+/// close was graceful.
+async fn write_loop(mut socket: OwnedWriteHalf, outbox: Arc<Outbox>) -> bool {
     let mut buffer = BytesMut::new();
-    while outbox.next_batch(&mut buffer, WRITE_BATCH_BYTES).await == Batch::Frames {
+    loop {
+        match outbox.next_batch(&mut buffer, WRITE_BATCH_BYTES).await {
+            Batch::Frames => {}
+            Batch::Closed(reason) => {
+                let flushed = socket.shutdown().await.is_ok();
+                return flushed && reason == CloseReason::AfterFlush;
+            }
+        }
         let written = tokio::select! {
             written = socket.write_all(&buffer) => written.is_ok(),
             _ = outbox.wait_aborted() => false,
         };
         if !written {
             outbox.close(CloseReason::Killed);
-            return;
+            return false;
         }
         buffer.clear();
         if buffer.capacity() > IDLE_BUFFER_BYTES {
             buffer = BytesMut::new();
         }
     }
-    let _ = socket.shutdown().await;
+}
+
+/// How long a graceful close reads and drops what the client still sends, at most.
+const LINGER_MAX: Duration = Duration::from_secs(1);
+
+/// How long a graceful close waits for more from a client that sends nothing.
+const LINGER_QUIET: Duration = Duration::from_millis(50);
+
+/// After a graceful close's last reply and FIN: reads and drops what the client still sends
+/// (requests the node will not run) until it closes its side, goes quiet, or [`LINGER_MAX`]
+/// passes. Closing a socket with unread bytes makes the kernel send a reset, and a reset makes
+/// the client's kernel drop the replies it has not read yet: a pipelining client lost the
+/// replies of publishes that were committed, and would publish them again.
+async fn discard_unread(reader: &mut tokio::net::tcp::OwnedReadHalf) {
+    let mut scratch = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + LINGER_MAX;
+    loop {
+        match reader.try_read(&mut scratch) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                let quiet = (tokio::time::Instant::now() + LINGER_QUIET).min(deadline);
+                if !matches!(
+                    tokio::time::timeout_at(quiet, reader.readable()).await,
+                    Ok(Ok(()))
+                ) {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
+    }
 }

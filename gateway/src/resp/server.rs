@@ -2,7 +2,7 @@
 //! connection task per client, and drains them all on shutdown.
 
 use crate::broker::Broker;
-use crate::hub::outbox::{CloseReason, Outbox};
+use crate::hub::outbox::Outbox;
 use crate::hub::{Format, Hub, Subscriber};
 use crate::resp::clients::{ClientInfo, ClientRegistry};
 use crate::resp::connection;
@@ -155,8 +155,9 @@ impl RespServer {
         self.context.clone()
     }
 
-    /// Accepts clients until shutdown, then closes every client (flushing what is queued for
-    /// it) and waits up to `drain_timeout` for their connections to end.
+    /// Accepts clients until shutdown, then waits up to `drain_timeout` for every connection
+    /// to end: each runs no further request, queues the replies of those it ran (a publish's
+    /// once committed), flushes them and closes.
     pub async fn run(self, drain_timeout: Duration) {
         let tracker = TaskTracker::new();
         let context = self.context;
@@ -187,7 +188,10 @@ impl RespServer {
         }
         drop(self.listener);
         tracker.close();
-        context.clients.close_all(CloseReason::AfterFlush);
+        // Each connection ends itself on `shutdown`, once the replies of the requests it ran
+        // are queued (a publish's waits for its commit) and flushed. Closing every client's
+        // queue here instead dropped the reply of a publish still waiting for its commit: the
+        // event was committed and the client, told nothing, published it again.
         if tokio::time::timeout(drain_timeout, tracker.wait())
             .await
             .is_err()
