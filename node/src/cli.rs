@@ -8,7 +8,11 @@ use std::path::PathBuf;
 /// herald: a clustered real-time pub/sub gateway. Publish with any Redis client or HTTP;
 /// subscribe over Redis, Server-Sent Events or WebSocket.
 #[derive(Debug, Parser)]
-#[command(name = "herald", version, propagate_version = true)]
+#[command(
+    name = "herald",
+    version = herald_gateway::VERSION_AND_COMMIT,
+    propagate_version = true
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]

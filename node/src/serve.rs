@@ -197,7 +197,8 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         );
     }
     tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
+        version = herald_gateway::VERSION,
+        commit = herald_gateway::COMMIT,
         data_dir = %config.data_dir.display(),
         epoch = %broker.epoch(),
         partitions = broker.store().partitions(),

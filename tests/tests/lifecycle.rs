@@ -11,9 +11,15 @@ fn version_flag() {
         .output()
         .unwrap();
     assert!(output.status.success());
-    assert_eq!(
-        String::from_utf8(output.stdout).unwrap(),
-        format!("herald {}\n", env!("CARGO_PKG_VERSION"))
+    // The version and the commit it was built from (which build a node runs, in an upgrade).
+    let printed = String::from_utf8(output.stdout).unwrap();
+    let commit = printed
+        .strip_prefix(&format!("herald {} (commit ", env!("CARGO_PKG_VERSION")))
+        .and_then(|rest| rest.strip_suffix(")\n"))
+        .unwrap_or_else(|| panic!("{printed:?}"));
+    assert!(
+        commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{printed:?}"
     );
 }
 

@@ -388,7 +388,9 @@ fn redis_cli_resp3_and_introspection() {
     assert!(hello.contains("proto") && hello.contains("3"), "{hello}");
     let info = redis_cli(&node, &["INFO", "server"]);
     assert!(
-        info.contains("redis_version:") && info.contains("herald_version:"),
+        info.contains("redis_version:")
+            && info.contains("herald_version:")
+            && info.contains("herald_commit:"),
         "{info}"
     );
     let count: usize = redis_cli(&node, &["COMMAND", "COUNT"])

@@ -491,6 +491,21 @@ async fn stats_health_ready_and_metrics() {
         .await
         .unwrap();
     assert_eq!(health["status"], "healthy");
+    // Which build the node runs, as `herald --version` says it.
+    let version = std::process::Command::new(herald_tests::herald_binary())
+        .arg("--version")
+        .output()
+        .unwrap()
+        .stdout;
+    let version = String::from_utf8(version).unwrap();
+    let commit = health["commit"].as_str().unwrap();
+    assert_eq!(
+        version,
+        format!(
+            "herald {} (commit {commit})\n",
+            health["version"].as_str().unwrap()
+        )
+    );
     assert_eq!(
         client
             .get(format!("{}/ready", node.http_url()))
@@ -517,6 +532,14 @@ async fn stats_health_ready_and_metrics() {
     ] {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");
     }
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("herald_build_info{")
+                && line.contains(&format!("commit=\"{commit}\""))
+                && line.ends_with(" 1")),
+        "no herald_build_info with commit {commit} in\n{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

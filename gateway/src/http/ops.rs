@@ -11,9 +11,13 @@ use serde_json::{Value, json};
 use std::sync::atomic::Ordering;
 use std::time::UNIX_EPOCH;
 
-/// `GET /health`: the process is up.
+/// `GET /health`: the process is up, and which build it runs (`version`, `commit`).
 pub async fn health() -> Json<Value> {
-    Json(json!({ "status": "healthy" }))
+    Json(json!({
+        "status": "healthy",
+        "version": crate::VERSION,
+        "commit": crate::COMMIT,
+    }))
 }
 
 /// `GET /ready`: 200 while the node accepts clients and (in a cluster) can commit; 503 once it
@@ -120,6 +124,9 @@ pub async fn metrics(State(state): State<HttpState>) -> Response {
     let hub = state.broker().hub();
     let stats = hub.stats();
     let broker = state.broker().stats();
+    // Prometheus's build-info idiom: 1, with the build in its labels.
+    metrics::gauge!("herald_build_info", "version" => crate::VERSION, "commit" => crate::COMMIT)
+        .set(1.0);
     metrics::gauge!("herald_connections", "protocol" => "resp")
         .set(state.resp().clients.len() as f64);
     metrics::gauge!("herald_connections", "protocol" => "sse")

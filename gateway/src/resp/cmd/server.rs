@@ -40,10 +40,12 @@ pub(super) fn info(session: &mut Session, args: &Args) {
     section(
         "Server",
         format!(
-            "redis_version:{REDIS_COMPAT_VERSION}\r\nherald_version:{}\r\nredis_mode:standalone\r\n\
+            "redis_version:{REDIS_COMPAT_VERSION}\r\nherald_version:{}\r\nherald_commit:{}\r\n\
+             redis_mode:standalone\r\n\
              os:{} {}\r\narch_bits:{}\r\nprocess_id:{}\r\nrun_id:{}\r\ntcp_port:{}\r\n\
              uptime_in_seconds:{uptime}\r\nuptime_in_days:{}\r\n",
-            env!("CARGO_PKG_VERSION"),
+            crate::VERSION,
+            crate::COMMIT,
             std::env::consts::OS,
             std::env::consts::ARCH,
             usize::BITS,
