@@ -27,10 +27,10 @@ fn main() {
                     println!("cargo:rerun-if-changed={file}");
                 }
             }
-            if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
-                if let Some(file) = git(&["rev-parse", "--git-path", &branch]) {
-                    println!("cargo:rerun-if-changed={file}");
-                }
+            if let Some(file) = git(&["symbolic-ref", "-q", "HEAD"])
+                .and_then(|branch| git(&["rev-parse", "--git-path", &branch]))
+            {
+                println!("cargo:rerun-if-changed={file}");
             }
             git(&["rev-parse", "--short=12", "HEAD"])
         })
