@@ -95,6 +95,8 @@ pub struct InterestTable {
     id: NodeId,
     peers: Arc<Peers>,
     remote: RwLock<HashMap<NodeId, (Interest, Instant)>>,
+    /// The other members, as the last push went to them (see [`InterestTable::set_members`]).
+    members: RwLock<Vec<NodeId>>,
     queues: Mutex<HashMap<NodeId, mpsc::Sender<TransientEvent>>>,
     /// What became of non-durable events on their way between nodes.
     pub relayed: Arc<RelayCounts>,
@@ -132,6 +134,7 @@ impl InterestTable {
             id,
             peers,
             remote: RwLock::default(),
+            members: RwLock::default(),
             queues: Mutex::default(),
             relayed: Arc::default(),
         })
@@ -162,9 +165,49 @@ impl InterestTable {
             .collect()
     }
 
+    /// Records the other members (those the interest loop pushes to), so that a member whose
+    /// interest this node does not know is not taken for one without subscribers.
+    pub fn set_members(&self, members: impl IntoIterator<Item = NodeId>) {
+        let members: Vec<NodeId> = members.into_iter().filter(|id| *id != self.id).collect();
+        if *self.members.read() != members {
+            *self.members.write() = members;
+        }
+    }
+
     /// Peers with interest in `channel` (exact subscribers, or for channels a pattern that
-    /// `matches(pattern, channel)`), with how many subscribers each has for it.
+    /// `matches(pattern, channel)`), with how many subscribers each has for it; and, with 0
+    /// subscribers counted, every reachable member whose interest this node does not know yet.
+    /// A node that has just started knows no one's interest until the others push theirs (at
+    /// once when it connects, and every 3 s): its non-durable publishes meanwhile went to no
+    /// other node, and their subscribers missed them. Sent to such a member, an event reaches
+    /// its subscribers if it has any; only the count undercounts.
     pub fn interested(
+        &self,
+        kind: InterestKind,
+        channel: &[u8],
+        matches: &dyn Fn(&[u8], &[u8]) -> bool,
+    ) -> Vec<(NodeId, usize)> {
+        let mut interested = self.known_interest(kind, channel, matches);
+        let members = self.members.read();
+        if !members.is_empty() {
+            let remote = self.remote.read();
+            interested.extend(
+                members
+                    .iter()
+                    .filter(|id| {
+                        remote
+                            .get(id)
+                            .is_none_or(|(_, at)| at.elapsed() >= INTEREST_TTL)
+                            && !self.peers.is_unreachable(**id)
+                    })
+                    .map(|id| (*id, 0)),
+            );
+        }
+        interested
+    }
+
+    /// [`Self::interested`] among the members whose interest is known.
+    fn known_interest(
         &self,
         kind: InterestKind,
         channel: &[u8],

@@ -416,6 +416,8 @@ pub struct Peers {
     store_ids: std::sync::OnceLock<Arc<dyn StoreIds>>,
     slots: Mutex<HashMap<NodeId, Arc<Mutex<Slot>>>>,
     dials: AtomicU64,
+    /// Counts the connections peers opened to this node (see [`Peers::arrivals`]).
+    arrivals: tokio::sync::watch::Sender<u64>,
 }
 
 /// How this node's link to one peer stands, for `herald cluster status`: what an operator
@@ -593,6 +595,7 @@ impl Peers {
             store_ids: std::sync::OnceLock::new(),
             slots: Mutex::new(HashMap::new()),
             dials: AtomicU64::new(0),
+            arrivals: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -657,6 +660,7 @@ impl Peers {
     /// members reached it 1.0-1.4 s after it was ready in 4 of 14 restarts, their handshakes
     /// aborted meanwhile. (A first dial is left alone: at start-up two nodes dial each other.)
     pub fn dialed_in(&self, id: NodeId) {
+        self.arrivals.send_modify(|n| *n += 1);
         let Some(slot) = self.slots.lock().get(&id).cloned() else {
             return;
         };
@@ -677,6 +681,13 @@ impl Peers {
         }
         slot.link = Link::Idle;
         slot.backoff = self.options.backoff_initial;
+    }
+
+    /// Changes each time a peer opens a connection to this node ([`Peers::dialed_in`]): a
+    /// peer that has just (re)started knows nothing this node pushes periodically, such as its
+    /// interest, and is told at once instead of at the next period.
+    pub fn arrivals(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.arrivals.subscribe()
     }
 
     /// Forgets node `id` (removed from the cluster): closes its connection.

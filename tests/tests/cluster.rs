@@ -772,6 +772,35 @@ async fn a_publish_right_after_a_confirmed_resp_subscribe_on_another_node_reache
     drop(raw);
 }
 
+/// A node that has just restarted knows no other node's interest until they push theirs (every
+/// 3 s): its non-durable publishes meanwhile went to no other node, and the subscribers there,
+/// subscribed all along, missed them (`PUBLISH` answered 0). Now they go to every member whose
+/// interest it does not know yet, and the members push theirs as soon as it connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_sends_its_first_non_durable_publishes_to_the_other_nodes() {
+    let (mut cluster, _) = race_cluster().await;
+    let mut on_b = redis::Client::open(cluster.node(2).url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    on_b.subscribe("cursor:restart").await.unwrap();
+    for round in 0..3 {
+        cluster.kill(1);
+        cluster.start_node(1, 3);
+        let client = redis::Client::open(cluster.node(1).url()).unwrap();
+        let mut publisher = herald_tests::patient_connection(&client).await;
+        let _: i64 = publisher.publish("cursor:restart", round).await.unwrap();
+        let message = tokio::time::timeout(PATIENCE, on_b.on_message().next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("round {round}: the first publish through the restarted node never reached node 2")
+            })
+            .unwrap();
+        assert_eq!(message.get_payload::<i64>().unwrap(), round);
+    }
+}
+
 /// As above, for an SSE stream on node 3: once its response head arrived (what
 /// `EventSource.onopen` tells), an HTTP publish on node 1 reaches it and counts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

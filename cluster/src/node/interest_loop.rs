@@ -36,9 +36,17 @@ impl ClusterNode {
         let mut crowded: Option<tokio::time::Instant> = None;
         // Members that did not answer the last push (see `INTEREST_SILENT_PEER_WAIT`).
         let mut silent: BTreeSet<NodeId> = BTreeSet::new();
+        let mut arrivals = self.inner.peers.arrivals();
         loop {
             let asked = tokio::select! {
                 _ = ticker.tick() => false,
+                // A peer connected: it may have just restarted and know no one's interest
+                // (its non-durable publishes count no subscriber here until it does), so it
+                // gets this node's now, not at the next 3 s refresh.
+                Ok(()) = arrivals.changed() => {
+                    last = None;
+                    false
+                }
                 () = sync.asked() => true,
                 () = self.inner.shutdown.cancelled() => break,
             };
@@ -72,6 +80,7 @@ impl ClusterNode {
             let mut targets: BTreeSet<NodeId> = self.members().into_keys().collect();
             targets.extend(self.inner.static_peers.keys().copied());
             targets.remove(&self.inner.id);
+            self.inner.interest.set_members(targets.iter().copied());
             let request = Request::App(encode(&AppRequest::Interest(current.clone())));
             let calls = targets.into_iter().map(|peer| {
                 let request = &request;
