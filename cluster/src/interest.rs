@@ -7,7 +7,9 @@
 //! only once every reachable member has acknowledged it, so that a publish started anywhere
 //! after the confirmation reaches the subscriber and counts it. The table answers `PUBSUB CHANNELS / NUMSUB / NUMPAT` and the stats
 //! for the whole cluster, and tells a non-durable publish which peers to send the event to:
-//! only nodes with interest in its channel get it.
+//! only nodes with interest in its channel get it, and members whose interest this node does
+//! not know yet (it has just started): they may have subscribers. A peer that connects is sent
+//! this node's interest at once, so that a restarted node learns everyone's within a round trip.
 //!
 //! Non-durable events travel through a bounded queue per peer, drained in batches of up to
 //! 1,000 events per RPC. A full queue drops (non-durable means at most once); [`RelayCounts`]
