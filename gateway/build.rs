@@ -20,17 +20,20 @@ fn main() {
         .ok()
         .filter(|c| !c.is_empty())
         .or_else(|| {
-            // Built again when HEAD moves: the files naming it (HEAD, the branch's ref, and
-            // packed refs for a branch packed away).
-            for path in ["HEAD", "packed-refs"] {
-                if let Some(file) = git(&["rev-parse", "--git-path", path]) {
+            // Built again when HEAD moves: the files naming it (HEAD, its reflog, the branch's
+            // ref, packed refs), those that exist: cargo takes a missing file for a changed
+            // one and would build this crate again every time.
+            let branch = git(&["symbolic-ref", "-q", "HEAD"]);
+            for path in ["HEAD", "logs/HEAD", "packed-refs"]
+                .into_iter()
+                .map(str::to_string)
+                .chain(branch)
+            {
+                if let Some(file) = git(&["rev-parse", "--git-path", &path])
+                    .filter(|file| std::path::Path::new(file).exists())
+                {
                     println!("cargo:rerun-if-changed={file}");
                 }
-            }
-            if let Some(file) = git(&["symbolic-ref", "-q", "HEAD"])
-                .and_then(|branch| git(&["rev-parse", "--git-path", &branch]))
-            {
-                println!("cargo:rerun-if-changed={file}");
             }
             git(&["rev-parse", "--short=12", "HEAD"])
         })
