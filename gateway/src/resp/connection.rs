@@ -425,7 +425,9 @@ pub(crate) async fn serve(
             }
         }
         session.flush_replies().await;
-        if buffer.len() > query_limit {
+        // (At shutdown the requests left unrun stay in the buffer: not a client to kill,
+        // which would drop the replies just queued.)
+        if buffer.len() > query_limit && !ctx.shutdown.is_cancelled() {
             tracing::warn!(
                 id = session.client.id,
                 bytes = buffer.len(),
@@ -487,7 +489,7 @@ pub(crate) async fn serve(
         outbox.close(CloseReason::AfterFlush);
     }
     if writer.await.unwrap_or(false) {
-        discard_unread(&mut reader).await;
+        linger(&mut reader).await;
     }
 }
 
@@ -527,37 +529,43 @@ async fn write_loop(mut socket: OwnedWriteHalf, outbox: Arc<Outbox>) -> bool {
     }
 }
 
-/// How long a graceful close reads and drops what the client still sends, at most.
+/// How long a graceful close waits, at most, for the client to take its last replies.
 const LINGER_MAX: Duration = Duration::from_secs(1);
 
-/// How long a graceful close waits for more from a client that sends nothing.
-const LINGER_QUIET: Duration = Duration::from_millis(50);
+/// How often a graceful close looks whether the client has taken its last replies.
+const LINGER_STEP: Duration = Duration::from_millis(10);
 
-/// After a graceful close's last reply and FIN: reads and drops what the client still sends
-/// (requests the node will not run) until it closes its side, goes quiet, or [`LINGER_MAX`]
-/// passes. Closing a socket with unread bytes makes the kernel send a reset, and a reset makes
-/// the client's kernel drop the replies it has not read yet: a pipelining client lost the
-/// replies of publishes that were committed, and would publish them again.
-async fn discard_unread(reader: &mut tokio::net::tcp::OwnedReadHalf) {
-    let mut scratch = [0u8; 4096];
+/// After a graceful close's last reply and FIN: waits until the client's kernel has
+/// acknowledged all of it (or the client closes its side, or [`LINGER_MAX`] passes), reading
+/// and dropping what the client still sends (requests the node will not run) meanwhile.
+/// Closing a socket with unread bytes makes the kernel send a reset and drop what it has not
+/// sent yet: a pipelining client lost the replies of publishes that were committed, and would
+/// publish them again. Once everything is acknowledged, a reset takes nothing from the client.
+/// A client that reads nothing for [`LINGER_MAX`] loses what it did not take.
+async fn linger(reader: &mut tokio::net::tcp::OwnedReadHalf) {
+    use tokio::io::AsyncReadExt;
     let deadline = tokio::time::Instant::now() + LINGER_MAX;
-    loop {
-        match reader.try_read(&mut scratch) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                let quiet = (tokio::time::Instant::now() + LINGER_QUIET).min(deadline);
-                if !matches!(
-                    tokio::time::timeout_at(quiet, reader.readable()).await,
-                    Ok(Ok(()))
-                ) {
-                    return;
-                }
-            }
-            Err(_) => return,
+    // On the heap, and only here: not a part of every connection's future.
+    let mut scratch = vec![0u8; 4096];
+    while unacknowledged_bytes(reader) != Some(0) {
+        match tokio::time::timeout(LINGER_STEP, reader.read(&mut scratch)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) | Err(_) => {}
         }
         if tokio::time::Instant::now() >= deadline {
             return;
         }
     }
+}
+
+/// Bytes this socket has sent or queued that its peer has not acknowledged yet (the FIN
+/// counts one), from the kernel (`SIOCOUTQ`); `None` if it cannot tell.
+fn unacknowledged_bytes(reader: &tokio::net::tcp::OwnedReadHalf) -> Option<usize> {
+    use std::os::fd::AsRawFd;
+    let fd = reader.as_ref().as_raw_fd();
+    let mut bytes: libc::c_int = 0;
+    // SAFETY: `fd` is this connection's open socket, and `bytes` a valid out-parameter for
+    // the request (an int).
+    let result = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut bytes) };
+    (result == 0).then(|| usize::try_from(bytes).unwrap_or(0))
 }
