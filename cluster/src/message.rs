@@ -100,8 +100,14 @@ pub enum AppRequest {
     /// "Is your cluster formed?" (answered [`AppResponse::Formation`]): asked of its peers by
     /// a node not formed before `herald cluster init` or a bootstrap forms anything, so that a
     /// node started after its cluster formed does not form one of its own. Last, so that
-    /// older nodes decode the variants before it.
+    /// older nodes decode the variants before it. Answered `Formation` only, as nodes that
+    /// ask it know no other answer.
     Formation,
+    /// [`AppRequest::Formation`], from a node that also understands
+    /// [`AppResponse::FormationMember`]: the answering node says so when its formed cluster
+    /// counts the asker as a member. Last, so that older nodes decode the variants before it
+    /// (they answer an error, and are asked `Formation` instead).
+    FormedWithMe,
 }
 
 /// Why a proposal was not committed.
@@ -165,8 +171,8 @@ pub enum AppResponse {
     /// Answer to [`AppRequest::Formation`]: `Some("epoch E; members 1 at host:port, ...")`
     /// once the answering node's cluster is formed, else `None`.
     Formation(Option<String>),
-    /// Answer to [`AppRequest::Formation`] from a node whose formed cluster counts the asker
-    /// among its members (`epoch E; members ...`): the asker was named at formation or joined,
+    /// Answer to [`AppRequest::FormedWithMe`] from a node whose formed cluster counts the
+    /// asker among its members (`epoch E; members ...`): the asker was named at formation or joined,
     /// and has not caught up yet, so it is to wait, neither form nor be joined. Last, so that
     /// older nodes decode the variants before it.
     FormationMember(String),

@@ -66,7 +66,13 @@ impl ClusterNode {
                 formed,
                 member,
             };
-            match ask(AppRequest::Formation).await {
+            // Asked as `FormedWithMe`; a node older than that request answers an error, and
+            // is asked `Formation`; one older than that too, the meta group's probe.
+            let mut answer = ask(AppRequest::FormedWithMe).await;
+            if matches!(answer, Ok(AppResponse::Done(Err(_)))) {
+                answer = ask(AppRequest::Formation).await;
+            }
+            match answer {
                 Ok(AppResponse::FormationMember(formed)) => Some(elsewhere(Some(formed), true)),
                 Ok(AppResponse::Formation(Some(formed))) => Some(elsewhere(Some(formed), false)),
                 Ok(AppResponse::Formation(None)) => None,

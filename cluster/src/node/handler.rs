@@ -72,8 +72,14 @@ impl ClusterNode {
         match request {
             AppRequest::Ping => AppResponse::Pong,
             AppRequest::Clock => AppResponse::Clock(herald_storage::unix_now_ms()),
-            AppRequest::Formation => match self.formation_note() {
-                Some(note) if self.is_member(from) => AppResponse::FormationMember(note),
+            AppRequest::Formation => AppResponse::Formation(self.formation_note()),
+            // A member on a store that is not the one it was a member with (wiped) is not
+            // told it catches up: the members refuse its Raft messages (see
+            // `crate::peer_stores`), so it would not.
+            AppRequest::FormedWithMe => match self.formation_note() {
+                Some(note) if self.is_member(from) && !self.inner.peer_stores.is_refused(from) => {
+                    AppResponse::FormationMember(note)
+                }
                 note => AppResponse::Formation(note),
             },
             AppRequest::Interest(interest) => {
