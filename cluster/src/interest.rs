@@ -178,58 +178,52 @@ impl InterestTable {
 
     /// Peers with interest in `channel` (exact subscribers, or for channels a pattern that
     /// `matches(pattern, channel)`), with how many subscribers each has for it; and, with 0
-    /// subscribers counted, every reachable member whose interest this node does not know yet.
-    /// A node that has just started knows no one's interest until the others push theirs (at
-    /// once when it connects, and every 3 s): its non-durable publishes meanwhile went to no
-    /// other node, and their subscribers missed them. Sent to such a member, an event reaches
-    /// its subscribers if it has any; only the count undercounts.
+    /// subscribers counted, every reachable member whose interest this node has never
+    /// received. A node that has just started knows no one's interest until the others push
+    /// theirs (at once when it connects, and every 3 s): its non-durable publishes meanwhile
+    /// went to no other node, and their subscribers missed them. Sent to such a member, an
+    /// event reaches its subscribers if it has any; only the count undercounts. (A member
+    /// whose pushes stopped coming is not sent everything: its last interest expires.)
     pub fn interested(
         &self,
         kind: InterestKind,
         channel: &[u8],
         matches: &dyn Fn(&[u8], &[u8]) -> bool,
     ) -> Vec<(NodeId, usize)> {
-        let mut interested = self.known_interest(kind, channel, matches);
-        let members = self.members.read();
-        if !members.is_empty() {
-            let remote = self.remote.read();
-            interested.extend(
-                members
-                    .iter()
-                    .filter(|id| {
-                        remote
-                            .get(id)
-                            .is_none_or(|(_, at)| at.elapsed() >= INTEREST_TTL)
-                            && !self.peers.is_unreachable(**id)
-                    })
-                    .map(|id| (*id, 0)),
-            );
-        }
+        let remote = self.remote.read();
+        let now = Instant::now();
+        let mut interested: Vec<(NodeId, usize)> = remote
+            .iter()
+            .filter(|(id, (_, at))| {
+                now.saturating_duration_since(*at) < INTEREST_TTL
+                    && !self.peers.is_unreachable(**id)
+            })
+            .filter_map(|(id, (interest, _))| {
+                let n = match kind {
+                    InterestKind::Shard => {
+                        interest.shards.get(channel).copied().unwrap_or(0) as usize
+                    }
+                    InterestKind::Channel => {
+                        interest.channels.get(channel).copied().unwrap_or(0) as usize
+                            + interest
+                                .patterns
+                                .iter()
+                                .filter(|(p, _)| matches(p, channel))
+                                .map(|(_, n)| *n as usize)
+                                .sum::<usize>()
+                    }
+                };
+                (n > 0).then_some((*id, n))
+            })
+            .collect();
+        interested.extend(
+            self.members
+                .read()
+                .iter()
+                .filter(|id| !remote.contains_key(id) && !self.peers.is_unreachable(**id))
+                .map(|id| (*id, 0)),
+        );
         interested
-    }
-
-    /// [`Self::interested`] among the members whose interest is known.
-    fn known_interest(
-        &self,
-        kind: InterestKind,
-        channel: &[u8],
-        matches: &dyn Fn(&[u8], &[u8]) -> bool,
-    ) -> Vec<(NodeId, usize)> {
-        self.for_each(|id, interest| {
-            let n = match kind {
-                InterestKind::Shard => interest.shards.get(channel).copied().unwrap_or(0) as usize,
-                InterestKind::Channel => {
-                    interest.channels.get(channel).copied().unwrap_or(0) as usize
-                        + interest
-                            .patterns
-                            .iter()
-                            .filter(|(p, _)| matches(p, channel))
-                            .map(|(_, n)| *n as usize)
-                            .sum::<usize>()
-                }
-            };
-            (n > 0).then_some((id, n))
-        })
     }
 
     /// Queues a non-durable event for `peer`; drops it (and counts) when the queue is full.

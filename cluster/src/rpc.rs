@@ -660,7 +660,13 @@ impl Peers {
     /// members reached it 1.0-1.4 s after it was ready in 4 of 14 restarts, their handshakes
     /// aborted meanwhile. (A first dial is left alone: at start-up two nodes dial each other.)
     pub fn dialed_in(&self, id: NodeId) {
+        self.reset_backoff(id);
+        // After the reset: a push that this starts reaches the peer at once.
         self.arrivals.send_modify(|n| *n += 1);
+    }
+
+    /// [`Self::dialed_in`]'s end of a backoff.
+    fn reset_backoff(&self, id: NodeId) {
         let Some(slot) = self.slots.lock().get(&id).cloned() else {
             return;
         };
