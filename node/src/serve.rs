@@ -87,14 +87,13 @@ impl<W: std::io::Write> std::io::Write for DropWriteErrors<W> {
 /// cannot reach (`herald_cluster::rpc`), `herald cluster status` shows each link, and
 /// `herald_raft_follower_lag_entries` a follower left behind. openraft's core stays at error
 /// (a storage failure, a stopped group). Likewise its snapshot sender's WARN for every try
-/// to a peer that is down (700 lines in 45 s while a node was upgraded), and the ERROR of
-/// every call into a group that has stopped (each caller's, at an ordinary shutdown; a group
-/// stopped by a failure says so itself, from the core). A filter with directives (`openraft=info`,
+/// to a peer that is down (700 lines in 45 s while a node was upgraded): a snapshot that does
+/// not arrive shows in `herald_raft_follower_lag_entries`. A filter with directives (`openraft=info`,
 /// `herald_cluster=debug`) and the levels below info are taken as given.
 fn quiet_openraft(filter: &str) -> String {
     const QUIET: &str = "openraft::replication=off,\
         openraft::engine::handler::replication_handler=off,openraft::core::raft_core=error,\
-        openraft::network::snapshot_transport=error,openraft::raft::raft_inner=off";
+        openraft::network::snapshot_transport=error";
     match filter.trim() {
         "info" => format!("info,openraft=warn,{QUIET}"),
         level @ ("warn" | "error") => format!("{level},{QUIET}"),
