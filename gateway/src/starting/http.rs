@@ -64,7 +64,12 @@ async fn respond(request: Request<Body>, retry: Duration) -> Response {
     let path = request.uri().path();
     let get = request.method() == Method::GET;
     let mut response = match path {
-        "/health" if get => axum::Json(json!({ "status": "starting" })).into_response(),
+        "/health" if get => axum::Json(json!({
+            "status": "starting",
+            "version": crate::VERSION,
+            "commit": crate::COMMIT,
+        }))
+        .into_response(),
         "/ready" if get => (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({ "status": "starting: loading the event store" })),

@@ -18,8 +18,9 @@
 //!   with whatever half-sent request it holds, so a client that retries on it is served.
 //!   Unlike Redis, `AUTH` and `HELLO` get `-LOADING` too (the session they would set up does
 //!   not carry over), so a client that sends them on connect fails to connect and retries.
-//! - **HTTP** ([`http`]): `/health` is 200 with `{"status":"starting"}` (the process is alive:
-//!   a liveness probe must not kill a node that is replaying a long log), `/ready` is 503 with
+//! - **HTTP** ([`http`]): `/health` is 200 with `{"status":"starting"}` and the build's
+//!   `version` and `commit` (the process is alive: a liveness probe must not kill a node that
+//!   is replaying a long log), `/ready` is 503 with
 //!   `{"status":"starting: loading the event store"}`. An SSE request gets the stream's usual
 //!   ending for a node clients must leave (a `retry:` line, then `event: reconnect`), which
 //!   browsers follow by reconnecting with their `Last-Event-ID`: an HTTP error status would

@@ -181,7 +181,15 @@ async fn http_clients_are_told_the_node_is_starting_in_their_protocols_terms() {
     // Alive, not ready.
     let health = http.get(format!("{base}/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);
-    assert_eq!(health.text().await.unwrap(), r#"{"status":"starting"}"#);
+    let body: serde_json::Value = health.json().await.unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "status": "starting",
+            "version": crate::VERSION,
+            "commit": crate::COMMIT,
+        })
+    );
     let ready = http.get(format!("{base}/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 503);
     let body: serde_json::Value = ready.json().await.unwrap();
