@@ -20,6 +20,13 @@ fn main() {
         .ok()
         .filter(|c| !c.is_empty())
         .or_else(|| {
+            // Only this workspace's own repository tells its commit: sources unpacked inside
+            // another one (a packaging repository) would be given that one's.
+            let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+            let top = git(&["rev-parse", "--show-toplevel"])?;
+            if std::fs::canonicalize(top).ok()? != std::fs::canonicalize(workspace).ok()? {
+                return None;
+            }
             // Built again when HEAD moves: the files naming it (HEAD, its reflog, the branch's
             // ref, packed refs), those that exist: cargo takes a missing file for a changed
             // one and would build this crate again every time.
