@@ -560,6 +560,7 @@ async fn linger(reader: &mut tokio::net::tcp::OwnedReadHalf) {
 
 /// Bytes this socket has sent or queued that its peer has not acknowledged yet (the FIN
 /// counts one), from the kernel (`SIOCOUTQ`); `None` if it cannot tell.
+#[cfg(target_os = "linux")]
 fn unacknowledged_bytes(reader: &tokio::net::tcp::OwnedReadHalf) -> Option<usize> {
     use std::os::fd::AsRawFd;
     let fd = reader.as_ref().as_raw_fd();
@@ -568,4 +569,11 @@ fn unacknowledged_bytes(reader: &tokio::net::tcp::OwnedReadHalf) -> Option<usize
     // the request (an int).
     let result = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut bytes) };
     (result == 0).then(|| usize::try_from(bytes).unwrap_or(0))
+}
+
+/// Elsewhere the kernel is not asked: a graceful close lingers until the client closes its
+/// side or [`LINGER_MAX`] passes.
+#[cfg(not(target_os = "linux"))]
+fn unacknowledged_bytes(_: &tokio::net::tcp::OwnedReadHalf) -> Option<usize> {
+    None
 }
