@@ -64,3 +64,4 @@ pub use event::{Epoch, Event, Partition, Position, partition_of, unix_now_ms};
 pub use log::{LocalLog, LogOptions, LogStats, OnCommit, Pending};
 pub use namespace::{LiveNamespaces, NamespaceConfig, Namespaces, NamespacesSpec, parse_duration};
 pub use store::{Applied, ChannelStats, HistoryRead, Publish, StorageError, Store, StoreOptions};
+pub use wal::slow_disk_operations;

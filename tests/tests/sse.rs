@@ -529,6 +529,7 @@ async fn stats_health_ready_and_metrics() {
         "herald_published_total",
         "herald_history_events",
         "herald_store_unwritten_bytes",
+        "herald_disk_slow_operations_total 0",
     ] {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");
     }

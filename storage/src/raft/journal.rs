@@ -321,7 +321,8 @@ impl Shared {
     /// of the store once the log was given up (or fails now).
     fn sync(&self, file: Option<&File>) -> Result<(), StorageError> {
         if let Some(file) = file {
-            match file.sync_data() {
+            let dir = || wal::RAFT.dir(self.store.dir());
+            match wal::timed("sync", dir, || file.sync_data()) {
                 Ok(()) => return Ok(()),
                 Err(error) => {
                     if let Some(writer) = &mut self.queue.lock().writer {
