@@ -131,7 +131,7 @@ pub enum ProposeError {
     /// The proposal was sent but its outcome is unknown (timeout or connection lost after
     /// sending): it may or may not commit. Retrying with the same message id is safe.
     #[error(
-        "the outcome of the publish is unknown ({0}); retry with a message id (messageId over HTTP, HPUBLISH channel payload ID id over RESP), so that it commits once"
+        "the outcome of the publish is unknown ({0}); retry with the same message id, or one if it had none (messageId over HTTP, HPUBLISH channel payload ID id over RESP), so that it commits once"
     )]
     Unknown(String),
     /// The cluster has not been formed yet (bootstrap still waiting for peers).
