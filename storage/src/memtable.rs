@@ -695,7 +695,19 @@ mod tests {
             tree.flush().unwrap();
             assert_eq!(tree.sled.len(), 256);
         }
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        // sled's flusher thread lets the file lock go a moment after the database is dropped
+        // (a reopen at once failed with "could not acquire lock" on a loaded machine).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let db = loop {
+            match sled::Config::new().path(dir.path()).open() {
+                Ok(db) => break db,
+                Err(error) if std::time::Instant::now() < deadline => {
+                    assert!(error.to_string().contains("lock"), "{error}");
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(error) => panic!("{error}"),
+            }
+        };
         let tree = db.open_tree("t").unwrap();
         assert_eq!(tree.len(), 256);
         assert!(tree.iter().values().all(|v| v.unwrap()[..] == value[..]));
