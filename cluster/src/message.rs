@@ -108,6 +108,10 @@ pub enum AppRequest {
     /// counts the asker as a member. Last, so that older nodes decode the variants before it
     /// (they answer an error, and are asked `Formation` instead).
     FormedWithMe,
+    /// "Which build do you run?" (answered [`AppResponse::Build`]): asked by the clock loop,
+    /// for `herald cluster status`. Last, so that older nodes decode the variants before it
+    /// (they answer an error: a build from before 2026-12-07).
+    Build,
 }
 
 /// Why a proposal was not committed.
@@ -176,6 +180,9 @@ pub enum AppResponse {
     /// and has not caught up yet, so it is to wait, neither form nor be joined. Last, so that
     /// older nodes decode the variants before it.
     FormationMember(String),
+    /// Answer to [`AppRequest::Build`]: `0.1.0 (commit ...)`. Last, so that older nodes
+    /// decode the variants before it.
+    Build(String),
 }
 
 const CONFIG: bincode::config::Configuration = bincode::config::standard();

@@ -83,6 +83,9 @@ pub struct ClusterConfig {
     pub raft: RaftTimings,
     /// Batching and publish deadline.
     pub proposer: ProposerOptions,
+    /// This node's build (`0.1.0 (commit ...)`), as the members' `herald cluster status`
+    /// shows it: which nodes a rolling upgrade has reached.
+    pub build: String,
 }
 
 /// Raft timers, in milliseconds. openraft uses the heartbeat interval as the AppendEntries
@@ -211,6 +214,10 @@ struct Inner {
     contact: Arc<LeaderContact>,
     /// The members' clock offsets: what this node's proposals take as the time.
     clock: Arc<ClusterClock>,
+    /// This node's build ([`ClusterConfig::build`]).
+    build: String,
+    /// Each member's build, as it last told it (the clock loop asks).
+    builds: parking_lot::Mutex<BTreeMap<NodeId, String>>,
     /// How many members answer this node, as the reachability loop last judged it
     /// (`node/reachability.rs`); the proposers watch it.
     reach: watch::Sender<Reach>,
@@ -364,6 +371,8 @@ impl ClusterNode {
                 hooks,
                 contact: Arc::new(LeaderContact::new(usize::from(partitions) + 1)),
                 clock: Arc::default(),
+                build: config.build.clone(),
+                builds: parking_lot::Mutex::default(),
                 reach: watch::Sender::new(Reach::default()),
                 raft_timings: config.raft,
                 gates: (0..partitions).map(|_| Arc::default()).collect(),
@@ -682,6 +691,7 @@ impl ClusterNode {
             members: self.members(),
             links: self.links(),
             clock_correction_ms: self.inner.clock.correction_ms(),
+            build: self.inner.build.clone(),
             groups,
         }
     }
@@ -691,8 +701,10 @@ impl ClusterNode {
     fn links(&self) -> BTreeMap<NodeId, crate::rpc::PeerLink> {
         let mut links = self.inner.peers.links();
         let offsets = self.inner.clock.offsets();
+        let builds = self.inner.builds.lock().clone();
         for (peer, link) in links.iter_mut() {
             link.clock_offset_ms = offsets.get(peer).copied();
+            link.build = builds.get(peer).cloned();
             if self.inner.peer_stores.is_refused(*peer) {
                 link.state = "refused";
                 link.last_error = Some(format!(
@@ -969,6 +981,8 @@ pub struct ClusterStatus {
     /// What this node adds to its clock to get the majority's, ms ([`crate::clock`]); 0
     /// when its clock agrees.
     pub clock_correction_ms: i64,
+    /// This node's build (`0.1.0 (commit ...)`); each peer's is in its link.
+    pub build: String,
     /// Every group as this node sees it.
     pub groups: Vec<GroupStatus>,
 }

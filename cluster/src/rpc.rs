@@ -443,6 +443,8 @@ pub struct PeerLink {
     /// The peer's clock minus this node's, ms, as last measured (filled in by the node:
     /// [`crate::clock`]).
     pub clock_offset_ms: Option<i64>,
+    /// The peer's build (`0.1.0 (commit ...)`) as it last told it; `None` until it has.
+    pub build: Option<String>,
 }
 
 /// What one QUIC connection has sent and lost (see [`PeerLink::datagrams`]).
@@ -576,6 +578,7 @@ impl Peers {
                         failed_dials: slot.failures,
                         last_error: unreachable.then(|| slot.last_error.clone()),
                         clock_offset_ms: None,
+                        build: None,
                     },
                 ))
             })

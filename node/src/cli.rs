@@ -92,10 +92,11 @@ pub enum ClusterCommand {
     /// Members and this node's link to each, then each Raft group's role, leader, term, log
     /// indexes, voters, elections and lag.
     ///
-    /// The table: a first line THIS NODE'S CLOCK when this node's wall clock is off from the
-    /// majority's; the members, each with how this node reaches it (connected and the round
-    /// trip, UNREACHABLE and the last error, or REFUSED and why) and CLOCK when its clock is
-    /// off by more than 0.5 s; then one line per Raft group
+    /// The table: a first line with the node, the epoch and the build it runs, then THIS
+    /// NODE'S CLOCK when this node's wall clock is off from the majority's; the members, each
+    /// with how this node reaches it (connected and the round trip, UNREACHABLE and the last
+    /// error, or REFUSED and why), CLOCK when its clock is off by more than 0.5 s, and BUILD
+    /// when it runs another build than this node (a rolling upgrade's progress); then one line per Raft group
     /// (group 0 is the meta group, the others the partitions): this node's role in it, the
     /// leader, the term, this node's last-log and applied indexes, the voters, the elections
     /// this node called (in parentheses, those taken over: elections the group's leader asked

@@ -325,7 +325,12 @@ fn member_line(status: &Value, id: &str, addr: &str) -> String {
         }
         _ => String::new(),
     };
-    format!("  {id}  {addr}  {seen}{clock}\n")
+    // Shown where it is not this node's: a rolling upgrade's progress.
+    let build = match link["build"].as_str() {
+        Some(build) if Some(build) != status["build"].as_str() => format!(", BUILD {build}"),
+        _ => String::new(),
+    };
+    format!("  {id}  {addr}  {seen}{clock}{build}\n")
 }
 
 /// A node not in a formed cluster yet has no members: what it waits for, then itself and the
@@ -380,10 +385,11 @@ fn not_formed(status: &Value) -> String {
 fn render_status(status: &Value) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "node {}  formed: {}  epoch: {}\n",
+        "node {}  formed: {}  epoch: {}  build: {}\n",
         status["node"],
         status["formed"],
-        status["epoch"].as_str().unwrap_or("-")
+        status["epoch"].as_str().unwrap_or("-"),
+        status["build"].as_str().unwrap_or("?")
     ));
     let correction = status["clock_correction_ms"].as_i64().unwrap_or(0);
     if correction != 0 {
@@ -618,5 +624,33 @@ mod tests {
         );
         assert_eq!(lines[3], "  1  a:1  connected, rtt 0.4 ms", "{table}");
         assert_eq!(lines[4], "  2  a:2  connected, rtt 0.4 ms", "{table}");
+    }
+
+    /// In a rolling upgrade: the header names this node's build, and a member line the
+    /// member's where it differs.
+    #[test]
+    fn the_status_table_shows_the_members_that_run_another_build() {
+        let link = |build: &str| {
+            serde_json::json!({ "state": "connected", "rttUs": 400, "failedDials": 0,
+                                "lastError": null, "build": build })
+        };
+        let status = serde_json::json!({
+            "node": 1, "formed": true, "epoch": "e1", "clock_correction_ms": 0,
+            "build": "0.1.0 (commit new)",
+            "members": { "1": "a:1", "2": "a:2", "3": "a:3" },
+            "links": { "2": link("0.1.0 (commit new)"), "3": link("0.1.0 (commit old)") },
+            "groups": []
+        });
+        let table = render_status(&status);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[0], "node 1  formed: true  epoch: e1  build: 0.1.0 (commit new)",
+            "{table}"
+        );
+        assert_eq!(lines[3], "  2  a:2  connected, rtt 0.4 ms", "{table}");
+        assert_eq!(
+            lines[4], "  3  a:3  connected, rtt 0.4 ms, BUILD 0.1.0 (commit old)",
+            "{table}"
+        );
     }
 }

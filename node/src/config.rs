@@ -358,6 +358,7 @@ impl NodeConfig {
                     tls_dir,
                     raft,
                     proposer,
+                    build: herald_gateway::VERSION_AND_COMMIT.to_string(),
                 })
             }
         };

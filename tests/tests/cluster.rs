@@ -144,6 +144,56 @@ async fn try_publish(http: std::net::SocketAddr, body: &Value) -> Result<Value, 
     }
 }
 
+/// `herald cluster status` names this node's build and every peer's (what `herald --version`
+/// prints after the name): which nodes a rolling upgrade has reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_status_names_every_members_build() {
+    let cluster = Cluster::start(3);
+    let version = std::process::Command::new(herald_tests::herald_binary())
+        .arg("--version")
+        .output()
+        .unwrap()
+        .stdout;
+    let build = String::from_utf8(version)
+        .unwrap()
+        .trim_end()
+        .strip_prefix("herald ")
+        .unwrap()
+        .to_string();
+    for id in 1..=3u64 {
+        let want: Vec<String> = vec![build.clone(); 3];
+        herald_tests::eventually_equal(
+            &format!("node {id}'s status names every member's build"),
+            &want,
+            || async {
+                let status = cluster.status(id).expect("status");
+                (1..=3u64)
+                    .map(|peer| {
+                        let build = if peer == id {
+                            &status["build"]
+                        } else {
+                            &status["links"][peer.to_string()]["build"]
+                        };
+                        build.as_str().unwrap_or("none").to_string()
+                    })
+                    .collect::<Vec<_>>()
+            },
+        )
+        .await;
+    }
+    let (ok, table) = cluster.cli(1, &["status"]);
+    assert!(ok, "{table}");
+    assert!(
+        table
+            .lines()
+            .next()
+            .unwrap()
+            .ends_with(&format!("build: {build}")),
+        "{table}"
+    );
+    assert!(!table.contains("BUILD"), "one build everywhere:\n{table}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_on_one_node_reaches_subscribers_on_the_others() {
     let cluster = Cluster::start(3);

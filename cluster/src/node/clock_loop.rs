@@ -13,6 +13,26 @@ use crate::message::{AppRequest, AppResponse, decode, encode};
 use crate::rpc::{Request, Response};
 
 impl ClusterNode {
+    /// Asks `peer` which build it runs and records the answer, for `herald cluster status`
+    /// (a node from before the question answers an error, recorded as such).
+    async fn ask_build(&self, peer: NodeId) {
+        let request = Request::App(encode(&AppRequest::Build));
+        let answer = self
+            .inner
+            .peers
+            .call(peer, &request, Duration::from_secs(1))
+            .await;
+        let build = match answer.ok().and_then(|answer| match answer {
+            Response::App(bytes) => decode::<AppResponse>(&bytes).ok(),
+            _ => None,
+        }) {
+            Some(AppResponse::Build(build)) => build,
+            Some(AppResponse::Done(Err(_))) => "older than 2026-12-07 (tells no build)".into(),
+            _ => return,
+        };
+        self.inner.builds.lock().insert(peer, build);
+    }
+
     /// Measures each other member's clock every [`CLOCK_ROUND`] (the first round at once,
     /// or as soon as the cluster forms) and records the offsets; logs a warning when this node's own clock is corrected, or a
     /// member's is off, by more than [`CLOCK_TOLERANCE`] (once each time that starts).
@@ -50,6 +70,7 @@ impl ClusterNode {
                         {
                             clock.record(peer, sent_ms, their_ms, rtt);
                         }
+                        self.ask_build(peer).await;
                     }
                 });
             futures::future::join_all(calls).await;

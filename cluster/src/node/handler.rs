@@ -73,6 +73,7 @@ impl ClusterNode {
             AppRequest::Ping => AppResponse::Pong,
             AppRequest::Clock => AppResponse::Clock(herald_storage::unix_now_ms()),
             AppRequest::Formation => AppResponse::Formation(self.formation_note()),
+            AppRequest::Build => AppResponse::Build(self.inner.build.clone()),
             // A member on a store that is not the one it was a member with (wiped) is not
             // told it catches up: the members refuse its Raft messages (see
             // `crate::peer_stores`), so it would not.
