@@ -69,8 +69,10 @@ impl ClusterNode {
                             && let Ok(AppResponse::Clock(their_ms)) = decode(&bytes)
                         {
                             clock.record(peer, sent_ms, their_ms, rtt);
+                            // Asked of a member that answers only: a silent one would hold
+                            // the round (which leaders wait for at first) another second.
+                            self.ask_build(peer).await;
                         }
-                        self.ask_build(peer).await;
                     }
                 });
             futures::future::join_all(calls).await;
