@@ -158,11 +158,23 @@ impl InterestTable {
     /// Calls `f` with every other node's current interest: pushed within [`INTEREST_TTL`], by a
     /// node this one can still reach (a node that died stops counting as soon as its connection
     /// is found dead, not 10 s later: PUBSUB NUMSUB and receiver counts drop its subscribers).
-    pub fn for_each<T>(&self, mut f: impl FnMut(NodeId, &Interest) -> Option<T>) -> Vec<T> {
-        let remote = self.remote.read();
+    pub fn for_each<T>(&self, f: impl FnMut(NodeId, &Interest) -> Option<T>) -> Vec<T> {
+        self.each_current(&self.remote.read(), f)
+    }
+
+    /// [`Self::for_each`] over `remote`, the table as read under a lock the caller holds.
+    fn each_current<T>(
+        &self,
+        remote: &HashMap<NodeId, (Interest, Instant)>,
+        mut f: impl FnMut(NodeId, &Interest) -> Option<T>,
+    ) -> Vec<T> {
+        let now = Instant::now();
         remote
             .iter()
-            .filter(|(id, (_, at))| at.elapsed() < INTEREST_TTL && !self.peers.is_unreachable(**id))
+            .filter(|(id, (_, at))| {
+                now.saturating_duration_since(*at) < INTEREST_TTL
+                    && !self.peers.is_unreachable(**id)
+            })
             .filter_map(|(id, (interest, _))| f(*id, interest))
             .collect()
     }
@@ -190,32 +202,24 @@ impl InterestTable {
         channel: &[u8],
         matches: &dyn Fn(&[u8], &[u8]) -> bool,
     ) -> Vec<(NodeId, usize)> {
+        // One read of the table for both: a member's first push landing between two reads
+        // would count it neither as known nor as unknown.
         let remote = self.remote.read();
-        let now = Instant::now();
-        let mut interested: Vec<(NodeId, usize)> = remote
-            .iter()
-            .filter(|(id, (_, at))| {
-                now.saturating_duration_since(*at) < INTEREST_TTL
-                    && !self.peers.is_unreachable(**id)
-            })
-            .filter_map(|(id, (interest, _))| {
-                let n = match kind {
-                    InterestKind::Shard => {
-                        interest.shards.get(channel).copied().unwrap_or(0) as usize
-                    }
-                    InterestKind::Channel => {
-                        interest.channels.get(channel).copied().unwrap_or(0) as usize
-                            + interest
-                                .patterns
-                                .iter()
-                                .filter(|(p, _)| matches(p, channel))
-                                .map(|(_, n)| *n as usize)
-                                .sum::<usize>()
-                    }
-                };
-                (n > 0).then_some((*id, n))
-            })
-            .collect();
+        let mut interested = self.each_current(&remote, |id, interest| {
+            let n = match kind {
+                InterestKind::Shard => interest.shards.get(channel).copied().unwrap_or(0) as usize,
+                InterestKind::Channel => {
+                    interest.channels.get(channel).copied().unwrap_or(0) as usize
+                        + interest
+                            .patterns
+                            .iter()
+                            .filter(|(p, _)| matches(p, channel))
+                            .map(|(_, n)| *n as usize)
+                            .sum::<usize>()
+                }
+            };
+            (n > 0).then_some((id, n))
+        });
         interested.extend(
             self.members
                 .read()
