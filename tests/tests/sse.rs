@@ -529,7 +529,8 @@ async fn stats_health_ready_and_metrics() {
         "herald_published_total",
         "herald_history_events",
         "herald_store_unwritten_bytes",
-        "herald_disk_slow_operations_total 0",
+        // (Its value is the disk's: a slow CI disk may count some.)
+        "herald_disk_slow_operations_total ",
     ] {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");
     }
