@@ -3153,6 +3153,21 @@ fn warnings_and_errors(log: &str) -> Vec<&str> {
         .collect()
 }
 
+/// Asserts that nodes 1-3 logged no WARN or ERROR since `logged` (each one's log length then)
+/// for `what`, and still show cluster epoch `epoch`: the command changed nothing.
+fn assert_members_unchanged(cluster: &Cluster, logged: &[usize], epoch: &str, what: &str) {
+    for id in 1..=3u64 {
+        let log = cluster.node(id).log();
+        let since = &log[logged[id as usize - 1]..];
+        assert!(
+            warnings_and_errors(since).is_empty(),
+            "node {id} logged for {what}:\n{since}"
+        );
+        let status = cluster.status(id).expect("status");
+        assert_eq!(status["epoch"].as_str(), Some(epoch), "node {id}");
+    }
+}
+
 /// `herald cluster init` on a formed cluster says plainly that it is formed and fails (exit 1:
 /// it formed nothing, as `herald certs init` over an existing CA fails), on any node; the
 /// cluster is unchanged, and no node logs a WARN or an ERROR for it. (It answered "formed"
@@ -3178,16 +3193,7 @@ fn an_init_of_a_formed_cluster_says_it_is_formed_and_changes_nothing() {
     }
     // What a second init did (nothing) would have been logged by now.
     std::thread::sleep(Duration::from_secs(1));
-    for id in 1..=3 {
-        let log = cluster.node(id).log();
-        let since = &log[logged[id as usize - 1]..];
-        assert!(
-            warnings_and_errors(since).is_empty(),
-            "node {id} logged for the init:\n{since}"
-        );
-        let status = cluster.status(id).expect("status");
-        assert_eq!(status["epoch"].as_str(), Some(epoch.as_str()), "node {id}");
-    }
+    assert_members_unchanged(&cluster, &logged, &epoch, "the init");
     cluster.wait_converged();
 }
 
@@ -3476,16 +3482,7 @@ fn an_init_through_a_node_started_after_the_cluster_formed_refuses_and_forms_not
             "node {id}: {status}"
         );
     }
-    for id in 1..=3 {
-        let log = cluster.node(id).log();
-        let since = &log[logged[id as usize - 1]..];
-        assert!(
-            warnings_and_errors(since).is_empty(),
-            "node {id} logged for the inits:\n{since}"
-        );
-        let status = cluster.status(id).expect("status");
-        assert_eq!(status["epoch"].as_str(), Some(epoch.as_str()), "node {id}");
-    }
+    assert_members_unchanged(&cluster, &logged, &epoch, "the inits");
     // Joined, node 4 becomes a member as usual.
     let addr = format!("127.0.0.1:{}", cluster.members[3].cluster_port);
     let (ok, text) = cluster.cli(1, &["join", "--node-id", "4", "--addr", &addr]);
