@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
 
+use crate::io_watch::{Operation, timed};
+
 /// What makes a sled flush survive power loss: `fdatasync` of sled's data file, and of the
 /// blob files sled wrote since the last sync.
 ///
@@ -41,8 +43,11 @@ impl DiskSync {
 
     /// Makes everything sled has written so far durable: call it after a sled flush.
     pub(crate) fn sync(&self) -> std::io::Result<()> {
-        self.sync_blobs()?;
-        self.data_file.sync_data()
+        let path = || self.blobs_dir.with_file_name("db");
+        timed(Operation::Sync, path, || {
+            self.sync_blobs()?;
+            self.data_file.sync_data()
+        })
     }
 
     fn sync_blobs(&self) -> std::io::Result<()> {

@@ -24,6 +24,8 @@
 //! - `memtable` (private): the store's tree: every write since the last checkpoint in memory
 //!   in front of sled, merged into reads, written to sled as one atomic batch per checkpoint
 //!   (most history chunks and Raft entries die before one and never reach sled).
+//! - [`io_watch`]: every write and sync of the logs and every checkpoint timed: slow ones
+//!   counted and logged, and the oldest one still running, for the node's disk-stall watchdog.
 //! - `disk` (private): what makes a flush survive power loss (`fdatasync` of sled's data file
 //!   and of the blob files sled writes unsynced).
 //! - `wal` (private): the store's write-ahead logs (the local log's, and the Raft journal all
@@ -50,6 +52,7 @@ mod codec;
 pub mod cursor;
 mod disk;
 pub mod event;
+pub mod io_watch;
 pub mod log;
 mod memtable;
 pub mod namespace;
@@ -64,4 +67,3 @@ pub use event::{Epoch, Event, Partition, Position, partition_of, unix_now_ms};
 pub use log::{LocalLog, LogOptions, LogStats, OnCommit, Pending};
 pub use namespace::{LiveNamespaces, NamespaceConfig, Namespaces, NamespacesSpec, parse_duration};
 pub use store::{Applied, ChannelStats, HistoryRead, Publish, StorageError, Store, StoreOptions};
-pub use wal::slow_disk_operations;

@@ -28,11 +28,13 @@
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::{Bound, RangeBounds};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use sled::IVec;
 
+use crate::io_watch::{Operation, timed};
 use crate::store::Ops;
 
 /// A checkpoint starts once the table holds this many keys, even if the write-ahead log's
@@ -278,12 +280,16 @@ impl Tree {
     /// leaves the table as it was (merged under anything written meanwhile).
     pub(crate) fn flush(&self) -> sled::Result<()> {
         let _one = self.checkpoint.lock();
-        let frozen = self.freeze();
-        let written = self.write_frozen(&frozen);
-        // Once the batch is in, sled holds it (in memory, if the flush fails): the table goes.
-        self.thaw(written.is_ok());
-        written?;
-        self.sled.flush().map(drop)
+        let dir = || PathBuf::from("the store's sled database");
+        timed(Operation::Checkpoint, dir, || {
+            let frozen = self.freeze();
+            let written = self.write_frozen(&frozen);
+            // Once the batch is in, sled holds it (in memory, if the flush fails): the table
+            // goes.
+            self.thaw(written.is_ok());
+            written?;
+            self.sled.flush().map(drop)
+        })
     }
 
     /// [`Tree::flush`] for async callers: the batch is written on a blocking thread.

@@ -39,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::io_watch::{Operation, timed};
 use crate::store::{Ops, StorageError, Store};
 
 /// How far ahead of its records a segment is zero-filled (see [`Wal::append`]).
@@ -50,50 +51,6 @@ const PREALLOCATE: u64 = 256 << 10;
 /// few hundred bytes a record dirtied: 262,406 `write_bytes` per 340-byte write + sync instead
 /// of 4,434 (the device itself wrote ~4.6 KiB either way; measured on this machine).
 const PAGE: u64 = 4096;
-
-/// A write or sync of a log file that takes longer is logged as a WARN: the disk is slow or
-/// stalled, and every commit on the node waits for it (a Raft append is written on the async
-/// runtime, so while it waits the node answers nothing else either).
-const SLOW_DISK: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// Writes and syncs of the logs that took longer than [`SLOW_DISK`], since start.
-static SLOW_DISK_OPERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// When the last slow-disk WARN was logged, to log at most one in 10 s.
-static SLOW_DISK_LOGGED: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
-
-/// How many writes and syncs of the write-ahead logs took longer than half a second since
-/// the node started, for `/metrics` (`herald_disk_slow_operations_total`): a disk that stalls
-/// shows here, and in a WARN naming the file.
-pub fn slow_disk_operations() -> u64 {
-    SLOW_DISK_OPERATIONS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Runs `operation` (a write or sync of the file `path` names, asked for only when it is
-/// reported) and reports it if it took past [`SLOW_DISK`].
-pub(crate) fn timed<T>(
-    what: &str,
-    path: impl FnOnce() -> PathBuf,
-    operation: impl FnOnce() -> T,
-) -> T {
-    let start = std::time::Instant::now();
-    let result = operation();
-    let took = start.elapsed();
-    if took >= SLOW_DISK {
-        SLOW_DISK_OPERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut logged = SLOW_DISK_LOGGED.lock().unwrap_or_else(|e| e.into_inner());
-        if logged.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(10)) {
-            *logged = Some(std::time::Instant::now());
-            tracing::warn!(
-                file = %path().display(),
-                took_ms = took.as_millis() as u64,
-                "the disk took {} ms to {what} a write-ahead log file: it is slow or stalled, and every commit on this node waits for it (see herald_disk_slow_operations_total)",
-                took.as_millis()
-            );
-        }
-    }
-    result
-}
 
 /// Zero-fills `[from, to)` of `file`, a page per write (see [`PAGE`]).
 fn zero_fill(file: &File, from: u64, to: u64) -> std::io::Result<()> {
@@ -274,9 +231,12 @@ fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StorageError> {
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), StorageError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_error("cannot sync", dir, e))
+    timed(
+        Operation::Sync,
+        || dir.to_path_buf(),
+        || File::open(dir).and_then(|d| d.sync_all()),
+    )
+    .map_err(|e| io_error("cannot sync", dir, e))
 }
 
 /// Reads every whole record of the log in `dir`, in order, and hands each to `replay`.
@@ -410,7 +370,11 @@ impl Wal {
     /// as what the failed sync left on disk is unknown.
     pub(crate) fn append(&mut self, records: &[&[u8]]) -> std::io::Result<()> {
         self.write(records)?;
-        timed("sync", || self.path.clone(), || self.file.sync_data())
+        timed(
+            Operation::Sync,
+            || self.path.clone(),
+            || self.file.sync_data(),
+        )
     }
 
     /// Writes `records` (encoded by [`encode`], consecutive LSNs) with one write, without
@@ -438,14 +402,19 @@ impl Wal {
         let end = self.len + bytes.len() as u64;
         let zero_filled = if end > self.zeroed {
             let to = end.max(self.zeroed + PREALLOCATE).next_multiple_of(PAGE);
-            zero_fill(&self.file, self.zeroed, to).map(|()| to)
+            timed(
+                Operation::Write,
+                || self.path.clone(),
+                || zero_fill(&self.file, self.zeroed, to),
+            )
+            .map(|()| to)
         } else {
             Ok(self.zeroed)
         };
         let written = zero_filled.and_then(|zeroed| {
             self.zeroed = zeroed;
             timed(
-                "write",
+                Operation::Write,
                 || self.path.clone(),
                 || self.file.write_all_at(bytes, self.len),
             )
@@ -611,11 +580,13 @@ impl WalWriter {
         if !wal.is_full() && !many_keys() {
             return;
         }
-        let rotated = wal
-            .file
-            .sync_data()
-            .map_err(|e| io_error("cannot sync", &wal.path, e))
-            .and_then(|()| wal.rotate(next_lsn));
+        let rotated = timed(
+            Operation::Sync,
+            || wal.path.clone(),
+            || wal.file.sync_data(),
+        )
+        .map_err(|e| io_error("cannot sync", &wal.path, e))
+        .and_then(|()| wal.rotate(next_lsn));
         if let Err(error) = rotated {
             self.fail(&error);
             return;
@@ -905,22 +876,6 @@ mod tests {
     }
 
     /// The zero-fill covers exactly its range, from and to any offset, a page per write.
-    #[test]
-    fn a_slow_write_or_sync_is_counted_and_its_result_kept() {
-        assert_eq!(timed("sync", || PathBuf::from("fast.log"), || 7), 7);
-        let before = slow_disk_operations();
-        let slow = timed(
-            "sync",
-            || PathBuf::from("slow.log"),
-            || {
-                std::thread::sleep(SLOW_DISK);
-                8
-            },
-        );
-        assert_eq!(slow, 8);
-        assert!(slow_disk_operations() > before);
-    }
-
     #[test]
     fn zero_fill_covers_unaligned_ranges() {
         use std::os::unix::fs::FileExt;

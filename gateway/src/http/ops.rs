@@ -147,7 +147,7 @@ pub async fn metrics(State(state): State<HttpState>) -> Response {
     metrics::counter!("herald_replayed_total").absolute(stats.replayed.load(Ordering::Relaxed));
     // Writes and syncs of the write-ahead logs past half a second: a slow or stalled disk.
     metrics::counter!("herald_disk_slow_operations_total")
-        .absolute(herald_storage::slow_disk_operations());
+        .absolute(herald_storage::io_watch::slow_operations());
     metrics::counter!("herald_dropped_clients_total")
         .absolute(stats.slow_clients_closed.load(Ordering::Relaxed));
     let history = state.broker().store().channel_stats();

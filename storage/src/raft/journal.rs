@@ -40,6 +40,7 @@ use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
 
 use super::TypeConfig;
+use crate::io_watch::{Operation, timed};
 use crate::store::{Ops, StorageError, Store};
 use crate::wal::{self, Wal, WalWriter};
 
@@ -322,7 +323,7 @@ impl Shared {
     fn sync(&self, file: Option<&File>) -> Result<(), StorageError> {
         if let Some(file) = file {
             let dir = || wal::RAFT.dir(self.store.dir());
-            match wal::timed("sync", dir, || file.sync_data()) {
+            match timed(Operation::Sync, dir, || file.sync_data()) {
                 Ok(()) => return Ok(()),
                 Err(error) => {
                     if let Some(writer) = &mut self.queue.lock().writer {
