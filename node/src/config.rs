@@ -38,6 +38,9 @@ pub struct FileConfig {
     /// A duration, or whole seconds (a TOML integer or a string of digits) as it took before.
     #[serde(default, deserialize_with = "seconds_or_duration_text")]
     shutdown_timeout: Option<String>,
+    /// A duration, or whole seconds; 0 turns the watchdog off.
+    #[serde(default, deserialize_with = "seconds_or_duration_text")]
+    disk_stall_timeout: Option<String>,
     log: Option<String>,
     partitions: Option<u16>,
     dedup_window: Option<String>,
@@ -103,6 +106,9 @@ pub struct NodeConfig {
     pub resp: RespSettings,
     /// How long shutdown waits for clients.
     pub shutdown_timeout: Duration,
+    /// How long a disk operation may wait before the node is taken down (`None`: never); see
+    /// `disk_watchdog`.
+    pub disk_stall_timeout: Option<Duration>,
     /// Log filter.
     pub log: String,
     /// Store settings (partitions, dedup window).
@@ -388,6 +394,11 @@ impl NodeConfig {
             shutdown_timeout: match args.shutdown_timeout.or(file.shutdown_timeout) {
                 Some(value) => seconds_or_duration("shutdown-timeout", &value)?,
                 None => Duration::from_secs(5),
+            },
+            disk_stall_timeout: match args.disk_stall_timeout.or(file.disk_stall_timeout) {
+                Some(value) => Some(seconds_or_duration("disk-stall-timeout", &value)?)
+                    .filter(|timeout| !timeout.is_zero()),
+                None => Some(crate::disk_watchdog::DEFAULT_TIMEOUT),
             },
             log: log_filter(args.log, file.log, std::env::var("RUST_LOG").ok())?,
             store,

@@ -10,6 +10,8 @@
 //! - `cluster`: `herald cluster status | init | join | remove | namespaces`, over a node's HTTP port.
 //! - `health`: `herald health [--ready]`, a probe of a node's `/health` or `/ready` for
 //!   container health checks.
+//! - `disk_watchdog`: takes the node down when its disk stops answering, so that its clients
+//!   resume on other nodes.
 //! - `serve`: start-up (data directory, listeners), signal handling and graceful shutdown.
 
 /// `println!` that does not panic when stdout is closed: `herald cluster status | head` closes
@@ -33,6 +35,7 @@ macro_rules! complain {
 mod cli;
 mod cluster;
 mod config;
+mod disk_watchdog;
 mod health;
 mod metrics;
 mod serve;

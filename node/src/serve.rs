@@ -115,6 +115,10 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         None
     };
     check_free_space(&config.data_dir, MIN_FREE_BYTES_AT_START)?;
+    if let Some(timeout) = config.disk_stall_timeout {
+        crate::disk_watchdog::start(timeout, config.data_dir.clone())
+            .context("cannot start the disk-stall watchdog")?;
+    }
     if let Some(cluster) = &config.cluster {
         check_cluster_endpoint(cluster)?;
     }
