@@ -120,15 +120,28 @@ fn a_publish_in_flight_at_sigterm_is_answered_before_the_connection_closes() {
         &["--config", config.to_str().unwrap()],
         &[],
     );
+    let committed = whole_history(&node, "inflight");
+    let expected: Vec<String> = (0..acknowledged).map(|n| format!("x-{n}")).collect();
+    assert_eq!(
+        committed.len(),
+        acknowledged,
+        "{} events committed, {acknowledged} acknowledged",
+        committed.len()
+    );
+    assert_eq!(committed, expected);
+}
+
+/// Every payload `node` holds on `channel`, oldest first, a page of `HISTORY` at a time.
+fn whole_history(node: &Herald, channel: &str) -> Vec<String> {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let committed = runtime.block_on(async {
+    runtime.block_on(async {
         let client = redis::Client::open(node.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         let mut payloads: Vec<String> = Vec::new();
         let mut after = "0".to_string();
         loop {
             let page: Vec<(String, String)> = redis::cmd("HISTORY")
-                .arg("inflight")
+                .arg(channel)
                 .arg("AFTER")
                 .arg(&after)
                 .arg("COUNT")
@@ -143,15 +156,101 @@ fn a_publish_in_flight_at_sigterm_is_answered_before_the_connection_closes() {
             payloads.extend(page.into_iter().map(|(_, payload)| payload));
         }
         payloads
+    })
+}
+
+/// A pipelining client that reads its replies slowly, a few hundred bytes at a time, gets
+/// every reply of what committed before a SIGTERM closed its connection, however long it takes
+/// them, as long as it takes some every second: the graceful close used to give up a second
+/// after the FIN whatever the client did, and the rest of its replies was lost (publishes that
+/// had committed, which the client would publish again).
+#[test]
+fn a_slow_reader_gets_every_reply_of_a_graceful_close() {
+    use std::io::{Read, Write};
+    let config = herald_tests::config_file("[namespace.default]\nhistory_size = 1000000\n");
+    let mut node = Herald::start_with(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--shutdown-timeout",
+        "60s",
+    ]);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&node.resp.into()).unwrap();
+    let mut stream: std::net::TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(herald_tests::PATIENCE))
+        .unwrap();
+    // A pipelining client that goes on sending while it reads: unread requests when the node
+    // closes its socket are what makes the kernel reset the connection and drop the replies
+    // it has not sent yet.
+    let mut writer = stream.try_clone().unwrap();
+    let writing = std::thread::spawn(move || {
+        let mut sent = 0u64;
+        loop {
+            let mut batch = Vec::new();
+            for n in sent..sent + 100 {
+                let payload = format!("slow-{n}");
+                batch.extend_from_slice(&herald_tests::encode_command(&[
+                    b"PUBLISH",
+                    b"slow",
+                    payload.as_bytes(),
+                ]));
+            }
+            if writer.write_all(&batch).is_err() {
+                return;
+            }
+            sent += 100;
+        }
     });
-    let expected: Vec<String> = (0..acknowledged).map(|n| format!("x-{n}")).collect();
+    // 1 KiB every 50 ms, about 20 KB/s through a 4 KiB receive buffer: what the node holds
+    // for the client when it stops a second in (its socket's send buffer, grown to 50-100 KB
+    // by then) takes seconds to drain.
+    let mut replies = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let mut read_after_signal = None;
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => replies.extend_from_slice(&chunk[..n]),
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(error) => panic!("reading replies: {error}"),
+        }
+        if read_after_signal.is_none() && replies.len() > 20_000 {
+            node.signal("TERM");
+            read_after_signal = Some(replies.len());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    writing.join().unwrap();
+    let status = node
+        .wait_exit(herald_tests::PATIENCE)
+        .expect("herald exits after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    let after_signal = replies.len() - read_after_signal.expect("replies came");
+    let text = String::from_utf8(replies).unwrap();
+    let lines: Vec<&str> = text.split_terminator("\r\n").collect();
+    let acknowledged = lines.iter().filter(|l| l.starts_with(':')).count();
+    let failed: Vec<&&str> = lines.iter().filter(|l| !l.starts_with(':')).collect();
+    assert!(failed.is_empty(), "replies that are not counts: {failed:?}");
+    let node = Herald::start_in(
+        node.kill_keeping_data(),
+        &["--config", config.to_str().unwrap()],
+        &[],
+    );
+    let committed = whole_history(&node, "slow");
     assert_eq!(
-        committed.len(),
         acknowledged,
-        "{} events committed, {acknowledged} acknowledged",
+        committed.len(),
+        "{} publishes committed, and the client got the replies of {acknowledged}",
         committed.len()
     );
+    let expected: Vec<String> = (0..acknowledged).map(|n| format!("slow-{n}")).collect();
     assert_eq!(committed, expected);
+    assert!(
+        after_signal > 30_000,
+        "only {after_signal} bytes of replies were left at the SIGTERM, read in about a second: the test proves nothing"
+    );
 }
 
 /// The seconds into its day at which the node logged its first line containing `needle` (the

@@ -489,7 +489,7 @@ pub(crate) async fn serve(
         outbox.close(CloseReason::AfterFlush);
     }
     if writer.await.unwrap_or(false) {
-        linger(&mut reader).await;
+        linger(&mut reader, ctx.shutdown.is_cancelled()).await;
     }
 }
 
@@ -529,22 +529,29 @@ async fn write_loop(mut socket: OwnedWriteHalf, outbox: Arc<Outbox>) -> bool {
     }
 }
 
-/// How long a graceful close waits, at most, for the client to take its last replies.
+/// How long a graceful close waits for the client to take its last replies, but at shutdown.
 const LINGER_MAX: Duration = Duration::from_secs(1);
 
 /// How often a graceful close looks whether the client has taken its last replies.
 const LINGER_STEP: Duration = Duration::from_millis(10);
 
 /// After a graceful close's last reply and FIN: waits until the client's kernel has
-/// acknowledged all of it (or the client closes its side, or [`LINGER_MAX`] passes), reading
-/// and dropping what the client still sends (requests the node will not run) meanwhile.
-/// Closing a socket with unread bytes makes the kernel send a reset and drop what it has not
-/// sent yet: a pipelining client lost the replies of publishes that were committed, and would
-/// publish them again. Once everything is acknowledged, a reset takes nothing from the client.
-/// A client that reads nothing for [`LINGER_MAX`] loses what it did not take.
-async fn linger(reader: &mut tokio::net::tcp::OwnedReadHalf) {
+/// acknowledged all of it (or the client closes its side), reading and dropping what the
+/// client still sends (requests the node will not run) meanwhile. Closing a socket with unread
+/// bytes makes the kernel send a reset and drop what it has not sent yet: a pipelining client
+/// lost the replies of publishes that were committed, and would publish them again. Once
+/// everything is acknowledged, a reset takes nothing from the client.
+///
+/// At shutdown (`shutting_down`) it waits as long as the drain may take (`--shutdown-timeout`
+/// ends the process): a client that reads slowly, through a small receive buffer, takes its
+/// replies in bursts as far apart as TCP's zero-window probes, which back off past a second,
+/// so "no progress for a while" cannot tell it from one that reads nothing. It lost the
+/// replies of committed publishes with a limit of a second. Otherwise (`QUIT`, a protocol
+/// error, the client's own FIN: the client sends nothing after it, or is at fault) it waits
+/// [`LINGER_MAX`] at most, so that a client that never reads does not hold its connection.
+async fn linger(reader: &mut tokio::net::tcp::OwnedReadHalf, shutting_down: bool) {
     use tokio::io::AsyncReadExt;
-    let deadline = tokio::time::Instant::now() + LINGER_MAX;
+    let deadline = (!shutting_down).then(|| tokio::time::Instant::now() + LINGER_MAX);
     // On the heap, and only here: not a part of every connection's future.
     let mut scratch = vec![0u8; 4096];
     while unacknowledged_bytes(reader) != Some(0) {
@@ -552,7 +559,7 @@ async fn linger(reader: &mut tokio::net::tcp::OwnedReadHalf) {
             Ok(Ok(0)) | Ok(Err(_)) => return,
             Ok(Ok(_)) | Err(_) => {}
         }
-        if tokio::time::Instant::now() >= deadline {
+        if deadline.is_some_and(|deadline| tokio::time::Instant::now() >= deadline) {
             return;
         }
     }
@@ -572,7 +579,7 @@ fn unacknowledged_bytes(reader: &tokio::net::tcp::OwnedReadHalf) -> Option<usize
 }
 
 /// Elsewhere the kernel is not asked: a graceful close lingers until the client closes its
-/// side or [`LINGER_MAX`] passes.
+/// side, or [`LINGER_MAX`] passes (at shutdown: until the process exits).
 #[cfg(not(target_os = "linux"))]
 fn unacknowledged_bytes(_: &tokio::net::tcp::OwnedReadHalf) -> Option<usize> {
     None
