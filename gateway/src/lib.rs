@@ -5,6 +5,8 @@
 //!
 //! ## Layout
 //!
+//! - [`build`]: the version and commit this binary was built from (`gateway/build.rs`), as
+//!   every surface reports them.
 //! - [`broker`]: where every surface publishes and reads history: the node's store, and its
 //!   cluster node when it has one.
 //! - [`hub`]: which local clients listen to which channels and patterns, and the fan-out of a
@@ -30,25 +32,10 @@
 //! receiver over its output limit is disconnected instead of slowing anybody else.
 
 pub mod broker;
+pub mod build;
 pub mod http;
 pub mod hub;
 pub mod reconnect;
 pub mod resp;
 pub mod starting;
 pub mod stream;
-
-/// herald's version, as every surface reports it.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// The commit herald was built from (12 hex digits; `unknown` for a build without git), as
-/// `--version`, `/health`, `INFO` and `/metrics` report it: it tells builds of one version
-/// apart, which nodes a rolling upgrade has reached.
-pub const COMMIT: &str = env!("HERALD_COMMIT");
-
-/// `0.1.0 (commit 0123456789ab)`: what `herald --version` prints after the name.
-pub const VERSION_AND_COMMIT: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("HERALD_COMMIT"),
-    ")"
-);

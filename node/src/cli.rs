@@ -10,7 +10,7 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 #[command(
     name = "herald",
-    version = herald_gateway::VERSION_AND_COMMIT,
+    version = herald_gateway::build::VERSION_AND_COMMIT,
     propagate_version = true
 )]
 pub struct Cli {

@@ -364,7 +364,7 @@ impl NodeConfig {
                     tls_dir,
                     raft,
                     proposer,
-                    build: herald_gateway::VERSION_AND_COMMIT.to_string(),
+                    build: herald_gateway::build::VERSION_AND_COMMIT.to_string(),
                 })
             }
         };

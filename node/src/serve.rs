@@ -200,8 +200,8 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         );
     }
     tracing::info!(
-        version = herald_gateway::VERSION,
-        commit = herald_gateway::COMMIT,
+        version = herald_gateway::build::VERSION,
+        commit = herald_gateway::build::COMMIT,
         data_dir = %config.data_dir.display(),
         epoch = %broker.epoch(),
         partitions = broker.store().partitions(),

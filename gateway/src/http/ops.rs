@@ -15,8 +15,8 @@ use std::time::UNIX_EPOCH;
 pub async fn health() -> Json<Value> {
     Json(json!({
         "status": "healthy",
-        "version": crate::VERSION,
-        "commit": crate::COMMIT,
+        "version": crate::build::VERSION,
+        "commit": crate::build::COMMIT,
     }))
 }
 
@@ -125,7 +125,7 @@ pub async fn metrics(State(state): State<HttpState>) -> Response {
     let stats = hub.stats();
     let broker = state.broker().stats();
     // Prometheus's build-info idiom: 1, with the build in its labels.
-    metrics::gauge!("herald_build_info", "version" => crate::VERSION, "commit" => crate::COMMIT)
+    metrics::gauge!("herald_build_info", "version" => crate::build::VERSION, "commit" => crate::build::COMMIT)
         .set(1.0);
     metrics::gauge!("herald_connections", "protocol" => "resp")
         .set(state.resp().clients.len() as f64);

@@ -66,8 +66,8 @@ async fn respond(request: Request<Body>, retry: Duration) -> Response {
     let mut response = match path {
         "/health" if get => axum::Json(json!({
             "status": "starting",
-            "version": crate::VERSION,
-            "commit": crate::COMMIT,
+            "version": crate::build::VERSION,
+            "commit": crate::build::COMMIT,
         }))
         .into_response(),
         "/ready" if get => (

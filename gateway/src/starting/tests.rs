@@ -186,8 +186,8 @@ async fn http_clients_are_told_the_node_is_starting_in_their_protocols_terms() {
         body,
         serde_json::json!({
             "status": "starting",
-            "version": crate::VERSION,
-            "commit": crate::COMMIT,
+            "version": crate::build::VERSION,
+            "commit": crate::build::COMMIT,
         })
     );
     let ready = http.get(format!("{base}/ready")).send().await.unwrap();

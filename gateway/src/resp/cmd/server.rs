@@ -44,8 +44,8 @@ pub(super) fn info(session: &mut Session, args: &Args) {
              redis_mode:standalone\r\n\
              os:{} {}\r\narch_bits:{}\r\nprocess_id:{}\r\nrun_id:{}\r\ntcp_port:{}\r\n\
              uptime_in_seconds:{uptime}\r\nuptime_in_days:{}\r\n",
-            crate::VERSION,
-            crate::COMMIT,
+            crate::build::VERSION,
+            crate::build::COMMIT,
             std::env::consts::OS,
             std::env::consts::ARCH,
             usize::BITS,
