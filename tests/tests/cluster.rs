@@ -240,11 +240,8 @@ async fn a_publish_on_one_node_reaches_subscribers_on_the_others() {
         .expect("publish on A");
         assert_eq!(reply["durable"], true);
     }
-    let mut publisher = redis::Client::open(a.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut publisher =
+        herald_tests::patient_connection(&redis::Client::open(a.url()).unwrap()).await;
     let _: i64 = publisher
         .publish("job_progress:j1", r#"{"step":2}"#)
         .await
@@ -287,11 +284,8 @@ async fn a_publish_on_one_node_reaches_subscribers_on_the_others() {
     // every node (a leader that appended it could never replicate it, and its partition would
     // stall); the channel keeps working.
     for node in [a, b, c] {
-        let mut conn = redis::Client::open(node.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut conn =
+            herald_tests::patient_connection(&redis::Client::open(node.url()).unwrap()).await;
         let refused: redis::RedisResult<i64> =
             conn.publish("job_progress:j1", vec![b'x'; 33 << 20]).await;
         let error = refused.unwrap_err().to_string();
@@ -603,11 +597,7 @@ async fn non_durable_events_and_pubsub_counts_span_the_cluster() {
     on_c.psubscribe("cursor:*").await.unwrap();
 
     // Node A learns of them through the interest exchange.
-    let mut conn = redis::Client::open(a.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = herald_tests::patient_connection(&redis::Client::open(a.url()).unwrap()).await;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let numsub: (String, i64) = redis::cmd("PUBSUB")
@@ -665,11 +655,8 @@ async fn non_durable_events_and_pubsub_counts_span_the_cluster() {
     assert_eq!(receivers, 0);
     assert_eq!(relay_count(a.http, "queued").await, 2, "sent to nobody");
     // ...and one only C's pattern wants goes from B to C, not to A.
-    let mut on_b_conn = redis::Client::open(b.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut on_b_conn =
+        herald_tests::patient_connection(&redis::Client::open(b.url()).unwrap()).await;
     let receivers: i64 = on_b_conn.publish("cursor:doc2", "x=3").await.unwrap();
     assert_eq!(receivers, 1, "C's pattern subscriber");
     let message = tokio::time::timeout(PATIENCE, on_c.on_message().next())
@@ -3113,11 +3100,8 @@ async fn subscribes_right_after_a_member_dies_do_not_wait_for_it() {
 async fn a_read_after_an_acknowledged_publish_on_the_same_node_sees_it() {
     let cluster = Cluster::start(3);
     let node = cluster.node(1);
-    let mut conn = redis::Client::open(node.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn =
+        herald_tests::patient_connection(&redis::Client::open(node.url()).unwrap()).await;
     // Channels on every partition, most of them led by another node.
     for i in 0..200 {
         let channel = format!("ryw:{}", i % 40);

@@ -136,7 +136,7 @@ fn whole_history(node: &Herald, channel: &str) -> Vec<String> {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let client = redis::Client::open(node.url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut conn = herald_tests::patient_connection(&client).await;
         let mut payloads: Vec<String> = Vec::new();
         let mut after = "0".to_string();
         loop {

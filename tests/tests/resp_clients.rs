@@ -22,7 +22,7 @@ async fn redis_crate_resp2_receives_everything_in_order_intact() {
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub.subscribe("orders").await.unwrap();
     pubsub.psubscribe("orders*").await.unwrap();
-    let mut publisher = client.get_multiplexed_async_connection().await.unwrap();
+    let mut publisher = herald_tests::patient_connection(&client).await;
 
     const COUNT: u32 = 2_000;
     let sender = tokio::spawn(async move {
@@ -78,7 +78,7 @@ async fn redis_crate_resp3_gets_push_messages() {
         .unwrap();
     assert_eq!(pong, "PONG");
 
-    let mut publisher = client.get_multiplexed_async_connection().await.unwrap();
+    let mut publisher = herald_tests::patient_connection(&client).await;
     let receivers: i64 = publisher
         .publish("alerts:u1", hostile_payload(7))
         .await
@@ -112,7 +112,7 @@ async fn pipelined_commands_are_answered_in_order() {
     let client = redis::Client::open(node.url()).unwrap();
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub.subscribe("even").await.unwrap();
-    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let mut connection = herald_tests::patient_connection(&client).await;
 
     let mut pipe = redis::pipe();
     for i in 0..1_000 {

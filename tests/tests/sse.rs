@@ -388,7 +388,7 @@ async fn payloads_with_newlines_and_non_ascii_arrive_intact() {
 
     // The same bytes published over RESP arrive the same way.
     let client = redis::Client::open(node.url()).unwrap();
-    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let mut connection = herald_tests::patient_connection(&client).await;
     let _: i64 = redis::AsyncCommands::publish(&mut connection, "text", texts[0])
         .await
         .unwrap();
@@ -930,7 +930,7 @@ async fn channel_names_over_the_limit_cannot_be_published() {
     assert_eq!(next(&mut events).await.data, "fits");
 
     let redis = redis::Client::open(node.url()).unwrap();
-    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = herald_tests::patient_connection(&redis).await;
     for command in ["PUBLISH", "HPUBLISH"] {
         let error = redis::cmd(command)
             .arg(&long)

@@ -374,7 +374,7 @@ async fn payloads_arrive_intact() {
 
     // Over RESP, raw bytes.
     let client = redis::Client::open(node.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = herald_tests::patient_connection(&client).await;
     let receivers: i64 = redis::cmd("PUBLISH")
         .arg("notes:n1")
         .arg(tricky)
@@ -436,7 +436,7 @@ async fn data_is_the_payload_text_unless_it_is_an_object_or_array() {
     )
     .await;
     let client = redis::Client::open(node.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = herald_tests::patient_connection(&client).await;
     let cases = [
         ("7", json!("7")),
         ("007", json!("007")),
