@@ -43,11 +43,9 @@ impl DiskSync {
 
     /// Makes everything sled has written so far durable: call it after a sled flush.
     pub(crate) fn sync(&self) -> std::io::Result<()> {
+        self.sync_blobs()?;
         let path = || self.blobs_dir.with_file_name("db");
-        timed(Operation::Sync, path, || {
-            self.sync_blobs()?;
-            self.data_file.sync_data()
-        })
+        timed(Operation::StoreSync, path, || self.data_file.sync_data())
     }
 
     fn sync_blobs(&self) -> std::io::Result<()> {

@@ -353,12 +353,18 @@ impl Wal {
 
     fn new_segment(dir: &Path, first_lsn: u64) -> Result<(File, PathBuf), StorageError> {
         let path = segment_path(dir, first_lsn);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| io_error("cannot create", &path, e))?;
+        let file = timed(
+            Operation::Write,
+            || path.clone(),
+            || {
+                OpenOptions::new()
+                    .create(true)
+                    .truncate(true)
+                    .write(true)
+                    .open(&path)
+            },
+        )
+        .map_err(|e| io_error("cannot create", &path, e))?;
         // The name must survive a crash before any record in it counts.
         sync_dir(dir)?;
         Ok((file, path))
