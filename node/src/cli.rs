@@ -233,10 +233,10 @@ pub struct ServeArgs {
     #[arg(long, env = "HERALD_SHUTDOWN_TIMEOUT", value_name = "DURATION")]
     pub shutdown_timeout: Option<String>,
 
-    /// How long a write or sync of the node's disk may wait before the node gives up: it
-    /// closes every connection (clients resume on other nodes) and exits with status 75 for
-    /// its supervisor to restart it, e.g. 30s (a bare number is seconds); 0 never gives up
-    /// [default: 20s].
+    /// How long a write or sync of the write-ahead logs may wait before the node gives up on
+    /// its disk: it closes every connection (clients resume on other nodes) and exits with
+    /// status 75 (once the stuck write returns) for its supervisor to restart it, e.g. 30s (a
+    /// bare number is seconds; at least 1s); 0 never gives up [default: 20s].
     #[arg(long, env = "HERALD_DISK_STALL_TIMEOUT", value_name = "DURATION")]
     pub disk_stall_timeout: Option<String>,
 

@@ -396,8 +396,13 @@ impl NodeConfig {
                 None => Duration::from_secs(5),
             },
             disk_stall_timeout: match args.disk_stall_timeout.or(file.disk_stall_timeout) {
-                Some(value) => Some(seconds_or_duration("disk-stall-timeout", &value)?)
-                    .filter(|timeout| !timeout.is_zero()),
+                Some(value) => match seconds_or_duration("disk-stall-timeout", &value)? {
+                    timeout if timeout.is_zero() => None,
+                    timeout if timeout < Duration::from_secs(1) => bail!(
+                        "invalid disk-stall-timeout '{value}': at least 1s (the watchdog looks once a second), or 0 to turn it off"
+                    ),
+                    timeout => Some(timeout),
+                },
                 None => Some(crate::disk_watchdog::DEFAULT_TIMEOUT),
             },
             log: log_filter(args.log, file.log, std::env::var("RUST_LOG").ok())?,

@@ -44,26 +44,48 @@ pub fn start(timeout: Duration, data_dir: PathBuf) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("disk-watchdog".into())
         .spawn(move || {
-            let (operation, waited) = watch(timeout, CHECK_EVERY, oldest_in_flight);
+            let (operation, waited) = watch(timeout, CHECK_EVERY, oldest_in_flight, sleep_for);
             take_down(operation, waited, timeout, &data_dir);
         })
         .map(drop)
 }
 
 /// Reads `oldest` every `every` until an operation has run `timeout` or longer, and returns it.
+///
+/// A process stopped whole (`SIGSTOP`, `docker pause`, a frozen VM) stops this thread too, and
+/// finds at its return an operation that has "run" through the pause: that is not a stall. So
+/// a sleep that overran by far restarts the watch, and an operation counts only the time the
+/// watchdog itself was awake to see (a stalled disk leaves this thread running).
 fn watch(
     timeout: Duration,
     every: Duration,
     oldest: impl Fn() -> Option<(Operation, Duration)>,
+    mut sleep: impl FnMut(Duration) -> Duration,
 ) -> (Operation, Duration) {
+    let mut awake = Duration::ZERO;
     loop {
         if let Some((operation, running)) = oldest()
-            && running >= timeout
+            && running.min(awake) >= timeout
         {
             return (operation, running);
         }
-        std::thread::sleep(every);
+        let slept = sleep(every);
+        awake = if slept > every + PAUSED {
+            Duration::ZERO
+        } else {
+            awake + slept
+        };
     }
+}
+
+/// How far past its time a sleep of the watchdog must end to mean the process was stopped.
+const PAUSED: Duration = Duration::from_secs(2);
+
+/// Sleeps `every` and returns how long it took.
+fn sleep_for(every: Duration) -> Duration {
+    let start = std::time::Instant::now();
+    std::thread::sleep(every);
+    start.elapsed()
 }
 
 /// Says why, ends every connection, and exits with [`EXIT_STATUS`].
@@ -93,8 +115,9 @@ fn take_down(
     unsafe { libc::_exit(EXIT_STATUS) }
 }
 
-/// `shutdown(SHUT_RDWR)` on every socket the process has open: TCP connections end (the peer
-/// reads end of stream, or a reset for unread data), listeners stop taking connections. Other
+/// `shutdown(SHUT_RDWR)` on every IP socket the process has open: TCP connections end (the
+/// peer reads what was sent, then end of stream), listeners stop taking connections, the
+/// cluster's UDP socket sends no more (the other members then find the node silent). Other
 /// descriptors are left alone. A thread blocked on the disk cannot delay this, as it holds
 /// none of the sockets' locks.
 fn shut_down_sockets() {
@@ -152,16 +175,51 @@ mod tests {
     #[test]
     fn watch_returns_once_an_operation_has_waited_the_limit() {
         let calls = AtomicU64::new(0);
-        let found = watch(Duration::from_secs(20), Duration::from_millis(1), || {
-            let n = calls.fetch_add(1, Ordering::Relaxed);
-            match n {
-                0 => None,
-                1 => Some((Operation::Sync, Duration::from_secs(19))),
-                _ => Some((Operation::Write, Duration::from_secs(n * 10))),
-            }
-        });
-        assert_eq!(found, (Operation::Write, Duration::from_secs(20)));
-        assert_eq!(calls.load(Ordering::Relaxed), 3);
+        let every = Duration::from_secs(1);
+        let found = watch(
+            Duration::from_secs(20),
+            every,
+            || {
+                let n = calls.fetch_add(1, Ordering::Relaxed);
+                (n > 0).then(|| (Operation::Sync, Duration::from_secs(n)))
+            },
+            |every| every,
+        );
+        assert_eq!(found, (Operation::Sync, Duration::from_secs(20)));
+        assert_eq!(calls.load(Ordering::Relaxed), 21);
+    }
+
+    /// An operation found old after the process was stopped (a sleep that took far longer than
+    /// asked) must stay stuck a whole limit after the pause before the node is taken down.
+    #[test]
+    fn a_pause_of_the_process_is_not_a_stall() {
+        let sleeps = AtomicU64::new(0);
+        let every = Duration::from_secs(1);
+        let found = watch(
+            Duration::from_secs(20),
+            every,
+            // One operation, started just before a 60 s pause and still running after.
+            || {
+                Some((
+                    Operation::Write,
+                    Duration::from_secs(sleeps.load(Ordering::Relaxed) * 1000),
+                ))
+            },
+            |every| {
+                let n = sleeps.fetch_add(1, Ordering::Relaxed);
+                if n == 0 {
+                    Duration::from_secs(60)
+                } else {
+                    every
+                }
+            },
+        );
+        assert_eq!(found.0, Operation::Write);
+        assert_eq!(
+            sleeps.load(Ordering::Relaxed),
+            21,
+            "20 s awake after the pause"
+        );
     }
 
     /// A connection's peer reads end of stream once its socket is shut down, a listener

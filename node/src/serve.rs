@@ -105,6 +105,11 @@ fn quiet_openraft(filter: &str) -> String {
 pub async fn run(config: NodeConfig) -> Result<()> {
     // Handlers first: a signal that arrives during start-up still means a clean stop.
     let signal = shutdown_signal()?;
+    // Before anything touches the data directory: a stalled disk can hold up its first write.
+    if let Some(timeout) = config.disk_stall_timeout {
+        crate::disk_watchdog::start(timeout, config.data_dir.clone())
+            .context("cannot start the disk-stall watchdog")?;
+    }
     // Every check that needs no store comes before the store, and a data directory that does
     // not exist yet is created only once they all passed: a refused start (no certificates,
     // a port in use) leaves no data directory or store behind. One that exists is locked
@@ -115,10 +120,6 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         None
     };
     check_free_space(&config.data_dir, MIN_FREE_BYTES_AT_START)?;
-    if let Some(timeout) = config.disk_stall_timeout {
-        crate::disk_watchdog::start(timeout, config.data_dir.clone())
-            .context("cannot start the disk-stall watchdog")?;
-    }
     if let Some(cluster) = &config.cluster {
         check_cluster_endpoint(cluster)?;
     }
