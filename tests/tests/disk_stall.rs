@@ -4,8 +4,9 @@
 //! logs why, and exits with status 75 for its supervisor; a restart keeps every acknowledged
 //! event.
 //!
-//! Needs `/dev/fuse` (and fusepy over libfuse2, which `scripts/install-test-deps` installs);
-//! on a machine without `/dev/fuse` the test says so and does nothing.
+//! Needs `/dev/fuse`, and Debian's Python with fusepy over libfuse2 (`python3-fusepy`, which
+//! `scripts/install-test-deps` installs); on a machine without `/dev/fuse` the test says so and
+//! does nothing.
 
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
@@ -19,6 +20,9 @@ const PATIENCE: Duration = Duration::from_secs(60);
 /// A FUSE mount whose writes and syncs wait while [`StalledDisk::stall`] is on.
 struct StalledDisk {
     daemon: Child,
+    /// The daemon's standard input: it unmounts and exits when this closes, even if this
+    /// process is killed before its cleanup.
+    lifeline: Option<std::process::ChildStdin>,
     mount: PathBuf,
     flag: PathBuf,
 }
@@ -35,21 +39,40 @@ impl StalledDisk {
         std::fs::create_dir_all(&root).unwrap();
         std::fs::create_dir_all(&mount).unwrap();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/stallfs.py");
-        let daemon = Command::new("python3")
+        let mut daemon = Command::new("/usr/bin/python3")
             .arg(script)
             .args([&root, &mount, &flag])
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
-            .expect("python3 runs the FUSE passthrough");
-        let disk = StalledDisk {
+            .expect("Debian's python3 runs the FUSE passthrough (scripts/install-test-deps)");
+        let lifeline = daemon.stdin.take();
+        let mut disk = StalledDisk {
             daemon,
+            lifeline,
             mount,
             flag,
         };
-        wait_until("the FUSE passthrough is mounted", || {
-            std::fs::read_to_string("/proc/mounts")
-                .is_ok_and(|mounts| mounts.contains(disk.mount.to_str().unwrap()))
-        });
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            let mounted = std::fs::read_to_string("/proc/mounts")
+                .is_ok_and(|mounts| mounts.contains(disk.mount.to_str().unwrap()));
+            if mounted {
+                break;
+            }
+            if let Ok(Some(status)) = disk.daemon.try_wait() {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = disk.daemon.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+                }
+                panic!("the FUSE passthrough did not mount ({status}):\n{stderr}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the FUSE passthrough did not mount in time"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Some(disk)
     }
 
@@ -73,7 +96,9 @@ impl Drop for Unstall {
 impl Drop for StalledDisk {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.flag);
-        // SIGTERM: fusepy unmounts on its way out; a lazy unmount covers a daemon that did not.
+        // Its input closed, the daemon unmounts and exits; SIGTERM and a lazy unmount cover
+        // one that did not.
+        drop(self.lifeline.take());
         let _ = Command::new("kill")
             .arg(self.daemon.id().to_string())
             .status();
@@ -88,7 +113,7 @@ async fn a_node_whose_disk_stalls_closes_its_connections_and_exits_for_its_super
         return;
     };
     let data_dir = disk.mount.join("data");
-    let mut node = Herald::start_in(data_dir.clone(), &["--disk-stall-timeout", "2s"], &[]);
+    let mut node = Herald::start_in(data_dir.clone(), &["--disk-stall-timeout", "5s"], &[]);
     let client = redis::Client::open(node.url()).unwrap();
     let mut publisher = patient_connection(&client).await;
     let _: i64 = redis::cmd("PUBLISH")
