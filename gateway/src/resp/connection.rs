@@ -532,7 +532,8 @@ async fn write_loop(mut socket: OwnedWriteHalf, outbox: Arc<Outbox>) -> bool {
 /// How long a graceful close waits for the client to take its last replies, but at shutdown.
 const LINGER_MAX: Duration = Duration::from_secs(1);
 
-/// How often a graceful close looks whether the client has taken its last replies.
+/// How often a graceful close looks whether the client has taken its last replies (in its
+/// first second; ten times less often after).
 const LINGER_STEP: Duration = Duration::from_millis(10);
 
 /// After a graceful close's last reply and FIN: waits until the client's kernel has
@@ -551,11 +552,19 @@ const LINGER_STEP: Duration = Duration::from_millis(10);
 /// [`LINGER_MAX`] at most, so that a client that never reads does not hold its connection.
 async fn linger(reader: &mut tokio::net::tcp::OwnedReadHalf, shutting_down: bool) {
     use tokio::io::AsyncReadExt;
-    let deadline = (!shutting_down).then(|| tokio::time::Instant::now() + LINGER_MAX);
+    let start = tokio::time::Instant::now();
+    let deadline = (!shutting_down).then(|| start + LINGER_MAX);
     // On the heap, and only here: not a part of every connection's future.
     let mut scratch = vec![0u8; 4096];
     while unacknowledged_bytes(reader) != Some(0) {
-        match tokio::time::timeout(LINGER_STEP, reader.read(&mut scratch)).await {
+        // Past the first second (only at shutdown), a look every 100 ms: many connections
+        // to peers gone for good do not keep the node busy through its drain.
+        let step = if start.elapsed() < LINGER_MAX {
+            LINGER_STEP
+        } else {
+            LINGER_STEP * 10
+        };
+        match tokio::time::timeout(step, reader.read(&mut scratch)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return,
             Ok(Ok(_)) | Err(_) => {}
         }
