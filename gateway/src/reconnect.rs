@@ -13,6 +13,11 @@
 //! - **Removed** ([`Reason::Removed`]): the node knows it was removed from its cluster
 //!   (`ClusterNode::is_removed`, what `/ready` says): nothing commits here again. Raised at
 //!   once and while it lasts, ahead of a lost quorum.
+//! - **Not formed** ([`Reason::NotFormed`]): the node is in no formed cluster yet (it waits
+//!   for a join, for `herald cluster init`, or for its `--bootstrap-expect` peers; `/ready`
+//!   says 503): no event reaches it, so a stream there would wait in silence for good (a
+//!   browser's `EventSource` behind a proxy without health checks stayed open on it, receiving
+//!   nothing). Raised at once and while it lasts; lifted once the node is formed.
 //! - **Stopped** ([`Reason::StorageFailed`], [`Reason::GroupStopped`]): one of the node's Raft
 //!   groups stopped, on a storage failure (a full disk) or for another reason (its Raft task
 //!   panicked), so that partition's events no longer reach this node. Raised at once and while
@@ -46,6 +51,8 @@ pub enum Reason {
     NoQuorum,
     /// This node was removed from its cluster.
     Removed,
+    /// This node is in no formed cluster yet (not joined, not initialised).
+    NotFormed,
     /// This node's history skipped ahead of its live delivery (a snapshot install).
     Skipped,
     /// One of this node's Raft groups stopped on a storage failure.
@@ -60,6 +67,7 @@ impl Reason {
         match self {
             Reason::NoQuorum => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node lost its cluster quorum; reconnect to another node with your Last-Event-ID\"}\n\n",
             Reason::Removed => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node was removed from the cluster; reconnect to another node with your Last-Event-ID\"}\n\n",
+            Reason::NotFormed => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node is not in a formed cluster yet; reconnect to another node with your Last-Event-ID\"}\n\n",
             Reason::Skipped => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node caught up from a snapshot; reconnect with your Last-Event-ID to get every event\"}\n\n",
             Reason::StorageFailed => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node's storage failed; reconnect to another node with your Last-Event-ID\"}\n\n",
             Reason::GroupStopped => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"a Raft group stopped on this node; reconnect to another node with your Last-Event-ID\"}\n\n",
@@ -74,6 +82,9 @@ impl Reason {
             }
             Reason::Removed => {
                 "this node was removed from the cluster: reconnect to another node and resume from your cursor"
+            }
+            Reason::NotFormed => {
+                "this node is not in a formed cluster yet: reconnect to another node and resume from your cursor"
             }
             Reason::Skipped => {
                 "this node caught up from a snapshot: reconnect and resume from your cursor"
@@ -95,6 +106,9 @@ impl Reason {
             }
             Reason::Removed => {
                 "ERR this node was removed from the cluster: reconnect to another node (HSUBSCRIBE resumes from your cursor)"
+            }
+            Reason::NotFormed => {
+                "ERR this node is not in a formed cluster yet: reconnect to another node (HSUBSCRIBE resumes from your cursor)"
             }
             Reason::Skipped => {
                 "ERR this node caught up from a snapshot: reconnect and resume from your cursor (HSUBSCRIBE)"
@@ -170,7 +184,6 @@ impl Reconnect {
                     _ = ticker.tick() => {}
                     _ = node.stopped() => return,
                 }
-                // Before the cluster is formed there is nothing to move to.
                 // A broken store (a write-ahead log that failed for lack of space breaks it at
                 // once) is told before its groups stop on it, and before a quorum lost meanwhile.
                 let failed = match store.broken_by() {
@@ -203,8 +216,18 @@ impl Reconnect {
                         );
                         let _ = cut_off_tx.send(Some(Reason::Removed));
                     }
-                } else if !node.is_formed() || (node.has_quorum() && node.reaches_majority()) {
-                    had_quorum |= node.is_formed();
+                } else if !node.is_formed() {
+                    // No event reaches a node in no formed cluster: its streams would wait in
+                    // silence. Said at once (it is no passing election), and lifted once formed.
+                    without_quorum = None;
+                    if *cut_off_tx.borrow() != Some(Reason::NotFormed) {
+                        tracing::info!(
+                            "this node is not in a formed cluster yet (waiting for a join, `herald cluster init` or its --bootstrap-expect peers): telling streaming and subscribed clients to connect elsewhere until it is"
+                        );
+                        let _ = cut_off_tx.send(Some(Reason::NotFormed));
+                    }
+                } else if node.has_quorum() && node.reaches_majority() {
+                    had_quorum = true;
                     without_quorum = None;
                     cut_off_tx.send_if_modified(|v| v.take().is_some());
                 } else {
@@ -340,6 +363,7 @@ mod tests {
         let all = [
             Reason::NoQuorum,
             Reason::Removed,
+            Reason::NotFormed,
             Reason::Skipped,
             Reason::StorageFailed,
             Reason::GroupStopped,

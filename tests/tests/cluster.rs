@@ -2889,6 +2889,65 @@ async fn a_removed_node_tells_publishers_and_subscribers_it_was_removed() {
     );
 }
 
+/// A node in no formed cluster (started, not joined yet: `/ready` 503) sends its SSE clients
+/// elsewhere with `event: reconnect`. It used to hold their streams open with nothing ever to
+/// deliver: a browser's `EventSource` behind a proxy without health checks (open-source
+/// nginx) that landed on it stayed there for good, receiving nothing. Once joined, it streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_not_joined_yet_sends_its_streams_elsewhere_until_it_is() {
+    let mut cluster = Cluster::start_some(4, 3, &[]);
+    cluster.start_node(4, 3);
+    let http = cluster.node(4).http;
+    // Its store open (while it opens, every stream is told "starting" instead).
+    herald_tests::wait_until("node 4's store is open", || {
+        herald_tests::cluster::get_json(cluster.node(4), "/health")
+            .is_some_and(|h| h["status"] == "healthy")
+    });
+    let mut events = sse(http, "waiting:1", None).await;
+    let reconnect = next_non_message(&mut events).await;
+    assert_eq!(reconnect.event, "reconnect", "{reconnect:?}");
+    assert!(
+        reconnect
+            .data
+            .contains("this node is not in a formed cluster yet; reconnect to another node"),
+        "{}",
+        reconnect.data
+    );
+
+    let addr = format!("127.0.0.1:{}", cluster.members[3].cluster_port);
+    let (ok, text) = cluster.cli(1, &["join", "--node-id", "4", "--addr", &addr]);
+    assert!(ok, "join failed: {text}");
+    cluster.wait_converged();
+    // A member now, it streams what is published elsewhere. Its watcher looks every 250 ms,
+    // so a stream opened just before it did may still be sent away: open another then.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    for n in 0.. {
+        let mut events = sse(http, "waiting:1", None).await;
+        try_publish(
+            cluster.node(1).http,
+            &json!({ "channel": "waiting:1", "data": { "n": n } }),
+        )
+        .await
+        .expect("publish");
+        let event = tokio::time::timeout(PATIENCE, events.next())
+            .await
+            .expect("an event in time")
+            .expect("an event before the stream ends");
+        if event.event == "message" {
+            let data: Value = serde_json::from_str(&event.data).unwrap();
+            assert_eq!(data["n"], n);
+            break;
+        }
+        assert_eq!(event.event, "reconnect", "{event:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 4 still sends streams away once joined: {}",
+            event.data
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A node started with another node's id on a member's data directory (`--node-id 2` on
 /// node 3's) is refused, naming both ids and the directory: it would take node 3's Raft state
 /// for node 2's, believe it leads node 2's partitions, and the members would advise removing
