@@ -140,6 +140,8 @@ pub struct Reconnect {
     cut_off: watch::Receiver<Option<Reason>>,
     /// Counts history skips.
     skips: watch::Receiver<u64>,
+    /// Whether the node is formed, read when a stream asks.
+    formed: Formed,
 }
 
 /// One stream's view of [`Reconnect`]: remembers which skips it has already seen.
@@ -147,6 +149,26 @@ pub struct Reconnect {
 pub struct ReconnectWatch {
     cut_off: watch::Receiver<Option<Reason>>,
     skips: watch::Receiver<u64>,
+    formed: Formed,
+}
+
+/// Whether a cluster node is formed, read from its store at the moment it is asked: a
+/// [`Reason::NotFormed`] the watcher has not lifted yet (it looks every [`CHECK_EVERY`]) must
+/// not send away a stream opened right after the formation.
+#[derive(Clone)]
+struct Formed(Option<Arc<Store>>);
+
+impl Formed {
+    /// Whether `reason` still holds now (a `NotFormed` no longer does once the store is formed).
+    fn holds(&self, reason: Reason) -> bool {
+        reason != Reason::NotFormed || !self.0.as_ref().is_some_and(|s| s.cluster_initialized())
+    }
+}
+
+impl std::fmt::Debug for Formed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Formed")
+    }
 }
 
 impl Reconnect {
@@ -155,6 +177,7 @@ impl Reconnect {
         Reconnect {
             cut_off: watch::channel(None).1,
             skips: watch::channel(0).1,
+            formed: Formed(None),
         }
     }
 
@@ -172,6 +195,7 @@ impl Reconnect {
     ) -> Reconnect {
         let (cut_off_tx, cut_off) = watch::channel(None);
         let skips = skips_tx.subscribe();
+        let formed = Formed(Some(store.clone()));
         tokio::spawn(async move {
             let mut without_quorum: Option<tokio::time::Instant> = None;
             // Whether this node has had a quorum since it started: one that has not (it just
@@ -231,6 +255,10 @@ impl Reconnect {
                     without_quorum = None;
                     cut_off_tx.send_if_modified(|v| v.take().is_some());
                 } else {
+                    // Formed now: what holds from here on is whether it has a quorum.
+                    cut_off_tx.send_if_modified(|v| {
+                        (*v == Some(Reason::NotFormed)) && v.take().is_some()
+                    });
                     let since = *without_quorum.get_or_insert_with(tokio::time::Instant::now);
                     // A majority of the members silent for a second already (no failover
                     // elsewhere looks like that): now; otherwise after CUT_OFF_AFTER.
@@ -268,7 +296,11 @@ impl Reconnect {
                 }
             }
         });
-        Reconnect { cut_off, skips }
+        Reconnect {
+            cut_off,
+            skips,
+            formed,
+        }
     }
 
     /// A watch for one stream, taken when it starts: skips before this moment are not its
@@ -279,6 +311,7 @@ impl Reconnect {
         ReconnectWatch {
             cut_off: self.cut_off.clone(),
             skips,
+            formed: self.formed.clone(),
         }
     }
 }
@@ -290,7 +323,8 @@ impl ReconnectWatch {
     /// would otherwise let events past the hole out first. Live delivery raises a skip before
     /// it queues any event past the hole, so a stream holding such an event sees the skip here.
     pub fn now(&mut self) -> Option<Reason> {
-        if let Some(reason) = *self.cut_off.borrow() {
+        let cut_off = *self.cut_off.borrow();
+        if let Some(reason) = cut_off.filter(|r| self.formed.holds(*r)) {
             Some(reason)
         } else if self.skips.has_changed().unwrap_or(false) {
             Some(Reason::Skipped)
@@ -304,7 +338,12 @@ impl ReconnectWatch {
     pub async fn requested(&mut self) -> Reason {
         // Each side ends `false` when its watcher is gone (a single node): never, then.
         let cut_off = async {
-            match self.cut_off.wait_for(Option::is_some).await {
+            let formed = &self.formed;
+            match self
+                .cut_off
+                .wait_for(|r| r.is_some_and(|r| formed.holds(r)))
+                .await
+            {
                 Ok(reason) => *reason,
                 Err(_) => None,
             }
@@ -436,7 +475,11 @@ mod tests {
     async fn a_cut_off_node_asks_now_and_a_skip_asks_only_streams_open_at_the_time() {
         let (cut_tx, cut_off) = watch::channel(None);
         let (skip_tx, skips) = watch::channel(0u64);
-        let reconnect = Reconnect { cut_off, skips };
+        let reconnect = Reconnect {
+            cut_off,
+            skips,
+            formed: Formed(None),
+        };
         let mut open = reconnect.watch();
         skip_tx.send_modify(|n| *n += 1);
         assert_eq!(open.requested().await, Reason::Skipped);
