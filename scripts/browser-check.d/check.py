@@ -337,7 +337,8 @@ def busiest(cluster, nodes=(1, 2, 3)):
 
 
 def resume_times(rec, t0, t1, names):
-    """Per stream: from the fault at t0 to its first `open` after a drop seen before t1."""
+    """Per stream that dropped between t0 (the fault) and t1: from the fault to its next
+    `open`, and to the first event it received after the drop (what a user notices)."""
     out = {}
     for name in names:
         drop = next((e for e in rec.log if e["name"] == name and e["t"] >= t0 and e["t"] < t1
@@ -346,7 +347,8 @@ def resume_times(rec, t0, t1, names):
             continue
         op = next((e for e in rec.log if e["name"] == name and e["t"] > drop["t"]
                    and e["what"] == "open"), None)
-        out[name] = (op["t"] - t0) if op else None
+        ev = next((e for e in rec.events if e["name"] == name and e["t"] > drop["t"]), None)
+        out[name] = ((op["t"] - t0) if op else None, (ev["t"] - t0) if ev else None)
     return out
 
 
@@ -476,7 +478,7 @@ def main():
                 st, hd, body = f"connect: {e.__class__.__name__}", {}, ""
             key = (st, hd.get("content-type"), hd.get("access-control-allow-origin"),
                    "reconnect" if "event: reconnect" in body else
-                   ("retry" if body.startswith("retry") else body[:40]))
+                   ("a stream" if body else "no body"))
             starting_answers[key] = starting_answers.get(key, 0) + 1
             if cluster.ready(victim):
                 break
@@ -676,20 +678,22 @@ def main():
                       f"{live[int(len(live) * 0.99) - 1]:5.0f}  ({len(lat) - len(live)} of "
                       f"{len(lat)} later than 1 s: replayed after a fault)")
         # Resume after each fault.
-        print("  resume after each fault (fault -> stream open again, ms; streams that dropped):")
+        print("  after each fault, for the streams that dropped (ms from the fault): open again;"
+              " first event received again")
         for idx, (label, t0, _info) in enumerate(faults):
             t1 = faults[idx + 1][1] if idx + 1 < len(faults) else idle_t0
             rt = resume_times(rec, t0, t1, names)
-            never = [n for n, v in rt.items() if v is None]
-            vals = sorted(v for v in rt.values() if v is not None)
-            if vals:
-                print(f"    {label:<24} {len(rt)} dropped, resumed in median "
-                      f"{statistics.median(vals):.0f} max {max(vals):.0f}"
-                      + (f"; NEVER: {never}" if never else ""))
-            else:
-                print(f"    {label:<24} {len(rt)} dropped" + (f"; NEVER: {never}" if never else ""))
+            never = [n for n, v in rt.items() if v[1] is None]
+            opens = sorted(v[0] for v in rt.values() if v[0] is not None)
+            firsts = sorted(v[1] for v in rt.values() if v[1] is not None)
+            line = f"    {label:<24} {len(rt):>2} dropped"
+            if opens:
+                line += f"; open median {statistics.median(opens):5.0f} max {max(opens):5.0f}"
+            if firsts:
+                line += f"; event median {statistics.median(firsts):5.0f} max {max(firsts):5.0f}"
+            print(line + (f"; NEVER: {never}" if never else ""))
             for n in never:
-                fail(f"{n} never resumed after {label}")
+                fail(f"{n} received nothing after {label}")
         # SSE reconnect delays: `error` to `open`, which the `retry:` field (3 s) sets.
         delays = []
         for name in names:
