@@ -43,6 +43,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::Response;
 use bytes::{BufMut, Bytes, BytesMut};
+use herald_storage::StorageError;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -368,12 +369,7 @@ async fn open_from(state: HttpState, channels: Vec<Bytes>, start: Start, head: b
         match EventStream::open(state.broker().clone(), Format::Sse, channels.clone(), start).await
         {
             Ok(opened) => opened,
-            Err(error) => {
-                return error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("cannot read history: {error}"),
-                );
-            }
+            Err(error) => return history_failed(state.settings().retry, &error),
         };
     let events_sent = Arc::new(AtomicU64::new(0));
     let guard = state.sse_clients().register(
@@ -448,6 +444,19 @@ async fn open_from(state: HttpState, channels: Vec<Bytes>, start: Start, head: b
 }
 
 /// A stream's response: 200 and the SSE headers, with `body`.
+/// The answer to a stream whose history could not be read: a 200 stream that sets the retry
+/// delay, says why in an `event: reconnect` and ends, so that the client comes back with its
+/// cursor. A 503 made a browser's `EventSource` give up for good (it retries only a 200
+/// `text/event-stream` that ends), over what is most likely a passing failure.
+fn history_failed(retry: std::time::Duration, error: &StorageError) -> Response {
+    tracing::warn!(%error, "an SSE stream could not read its history; told to reconnect");
+    let mut body = format!("retry: {}\n\n", retry.as_millis()).into_bytes();
+    body.extend(crate::reconnect::reconnect_event(&format!(
+        "this node cannot read the history now ({error}); reconnect with your Last-Event-ID"
+    )));
+    stream_response(Body::from(body))
+}
+
 fn stream_response(body: Body) -> Response {
     Response::builder()
         .status(StatusCode::OK)
@@ -528,4 +537,29 @@ pub(crate) fn rand_u64() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream whose history cannot be read is told to come back (a browser's `EventSource`
+    /// retries a 200 stream that ends, and gives up for good on a 503).
+    #[tokio::test]
+    async fn a_failed_history_read_is_a_stream_that_says_reconnect() {
+        let error = StorageError::Internal("disk read failed".into());
+        let response = history_failed(std::time::Duration::from_secs(3), &error);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "text/event-stream"
+        );
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        assert_eq!(
+            std::str::from_utf8(&body).unwrap(),
+            "retry: 3000\n\nevent: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node cannot read the history now (internal storage error: disk read failed); reconnect with your Last-Event-ID\"}\n\n"
+        );
+    }
 }
