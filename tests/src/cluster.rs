@@ -104,7 +104,7 @@ impl Cluster {
     /// Prepares `total` node slots (all named in every node's `--peers`) but starts and forms
     /// the cluster with the first `started` only; the others can join later.
     pub fn start_some(total: usize, started: usize, extra: &[&str]) -> Cluster {
-        Cluster::launch_all(total, started, extra, &[], &[], false)
+        Cluster::launch_all(total, started, extra, &[], &[], &[], false)
     }
 
     /// [`Cluster::start_some`] with extra arguments for single nodes too: `(id, args)`.
@@ -114,20 +114,31 @@ impl Cluster {
         extra: &[&str],
         node_extra: &[(u64, &[&str])],
     ) -> Cluster {
-        Cluster::launch_all(total, started, extra, node_extra, &[], false)
+        Cluster::launch_all(total, started, extra, node_extra, &[], &[], false)
+    }
+
+    /// [`Cluster::start`] with extra arguments for single nodes, `(id, args)`, and data
+    /// directories of the test's choosing for some, `(id, dir)` (a mount of the test's own):
+    /// the harness leaves those in place when it is done.
+    pub fn start_each_in(
+        n: usize,
+        node_extra: &[(u64, &[&str])],
+        node_dirs: &[(u64, PathBuf)],
+    ) -> Cluster {
+        Cluster::launch_all(n, n, &[], node_extra, &[], node_dirs, false)
     }
 
     /// [`Cluster::start`] with extra environment variables for single nodes' processes, kept
     /// for their restarts: `(id, [(name, value)])`.
     pub fn start_with_env(n: usize, node_env: &[(u64, &[(&str, &str)])]) -> Cluster {
-        Cluster::launch_all(n, n, &[], &[], node_env, false)
+        Cluster::launch_all(n, n, &[], &[], node_env, &[], false)
     }
 
     /// [`Cluster::start`] with every node reached through a [`Relay`] of its own (its
     /// `--peers` entry, hence its member address, is the relay's), so that a test can cut one
     /// direction between two nodes with [`Cluster::block`].
     pub fn start_relayed(n: usize) -> Cluster {
-        Cluster::launch_all(n, n, &[], &[], &[], true)
+        Cluster::launch_all(n, n, &[], &[], &[], &[], true)
     }
 
     fn launch_all(
@@ -136,6 +147,7 @@ impl Cluster {
         extra: &[&str],
         node_extra: &[(u64, &[&str])],
         node_env: &[(u64, &[(&str, &str)])],
+        node_dirs: &[(u64, PathBuf)],
         relayed: bool,
     ) -> Cluster {
         let n = total;
@@ -150,7 +162,10 @@ impl Cluster {
                 id,
                 cluster_port,
                 node: None,
-                data_dir: scratch_dir(&format!("node{id}")),
+                data_dir: node_dirs
+                    .iter()
+                    .find(|(node, _)| *node == id)
+                    .map_or_else(|| scratch_dir(&format!("node{id}")), |(_, dir)| dir.clone()),
                 relay: relayed.then(|| Relay::start(cluster_port)),
             });
         }

@@ -9,6 +9,7 @@
 
 pub mod cluster;
 pub mod relay;
+pub mod stalled_disk;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -10,102 +10,9 @@
 
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
-use herald_tests::{Herald, history_payloads, patient_connection, scratch_dir, wait_until};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use herald_tests::stalled_disk::StalledDisk;
+use herald_tests::{Herald, PATIENCE, history_payloads, patient_connection, wait_until};
 use std::time::Duration;
-
-const PATIENCE: Duration = Duration::from_secs(60);
-
-/// A FUSE mount whose writes and syncs wait while [`StalledDisk::stall`] is on.
-struct StalledDisk {
-    daemon: Child,
-    /// The daemon's standard input: it unmounts and exits when this closes, even if this
-    /// process is killed before its cleanup.
-    lifeline: Option<std::process::ChildStdin>,
-    mount: PathBuf,
-    flag: PathBuf,
-}
-
-impl StalledDisk {
-    /// Mounts a passthrough of a fresh directory; `None` without `/dev/fuse`.
-    fn mount() -> Option<StalledDisk> {
-        if !Path::new("/dev/fuse").exists() {
-            eprintln!("SKIPPED: no /dev/fuse on this machine, so no disk can be stalled");
-            return None;
-        }
-        let dir = scratch_dir("stalled-disk");
-        let (root, mount, flag) = (dir.join("root"), dir.join("mnt"), dir.join("STALL"));
-        std::fs::create_dir_all(&root).unwrap();
-        std::fs::create_dir_all(&mount).unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/stallfs.py");
-        let mut daemon = Command::new("/usr/bin/python3")
-            .arg(script)
-            .args([&root, &mount, &flag])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("Debian's python3 runs the FUSE passthrough (scripts/install-test-deps)");
-        let lifeline = daemon.stdin.take();
-        let mut disk = StalledDisk {
-            daemon,
-            lifeline,
-            mount,
-            flag,
-        };
-        let deadline = std::time::Instant::now() + PATIENCE;
-        loop {
-            let mounted = std::fs::read_to_string("/proc/mounts")
-                .is_ok_and(|mounts| mounts.contains(disk.mount.to_str().unwrap()));
-            if mounted {
-                break;
-            }
-            if let Ok(Some(status)) = disk.daemon.try_wait() {
-                let mut stderr = String::new();
-                if let Some(mut pipe) = disk.daemon.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
-                }
-                panic!("the FUSE passthrough did not mount ({status}):\n{stderr}");
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the FUSE passthrough did not mount in time"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(disk)
-    }
-
-    /// Stalls the disk until the guard returned is dropped (before the node is, on a panic
-    /// too: a node waiting on the disk cannot be killed).
-    fn stall(&self) -> Unstall {
-        std::fs::write(&self.flag, b"").unwrap();
-        Unstall(self.flag.clone())
-    }
-}
-
-/// Lets a stalled disk answer again when dropped.
-struct Unstall(PathBuf);
-
-impl Drop for Unstall {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-impl Drop for StalledDisk {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.flag);
-        // Its input closed, the daemon unmounts and exits; SIGTERM and a lazy unmount cover
-        // one that did not.
-        drop(self.lifeline.take());
-        let _ = Command::new("kill")
-            .arg(self.daemon.id().to_string())
-            .status();
-        let _ = self.daemon.wait();
-        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
-    }
-}
 
 #[tokio::test]
 async fn a_node_whose_disk_stalls_closes_its_connections_and_exits_for_its_supervisor() {
@@ -197,4 +104,123 @@ async fn a_node_whose_disk_stalls_closes_its_connections_and_exits_for_its_super
     );
     drop(node);
     drop(disk);
+}
+
+/// Publishes `{"n": n}` on `channel` through `node` with message id `m-n`, retrying (same id)
+/// until it is acknowledged: the node's partition may be electing a new leader.
+async fn publish_until_acknowledged(node: &Herald, channel: &str, n: u32) {
+    let body = serde_json::json!({ "channel": channel, "data": { "n": n }, "messageId": format!("m-{n}") });
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let response = reqwest::Client::new()
+            .post(format!("{}/api/publish", node.http_url()))
+            .json(&body)
+            .send()
+            .await;
+        if response.is_ok_and(|r| r.status() == 200) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "publish {n} never acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What a stream delivered: each event's `n` and id, in order, until it ends or `want` came.
+async fn read_events(
+    events: &mut (
+             impl futures::Stream<Item = Result<eventsource_stream::Event, impl std::fmt::Debug>> + Unpin
+         ),
+    got: &mut Vec<(u32, String)>,
+    want: usize,
+) {
+    while got.len() < want {
+        let Ok(next) = tokio::time::timeout(PATIENCE, events.next()).await else {
+            panic!("no event or end in time; got {got:?}");
+        };
+        match next {
+            Some(Ok(event)) if event.event == "message" => {
+                let data: serde_json::Value = serde_json::from_str(&event.data).unwrap();
+                got.push((data["n"].as_u64().unwrap() as u32, event.id));
+            }
+            Some(Ok(_)) => {} // a reconnect notice: the end follows
+            Some(Err(_)) | None => return,
+        }
+    }
+}
+
+/// A cluster member whose disk stalls: the others carry on, its streaming clients' connections
+/// end, and they resume on another member with their `Last-Event-ID`, missing nothing and
+/// seeing nothing twice; the node exits 75 and, started again, catches up.
+#[tokio::test]
+async fn a_cluster_member_whose_disk_stalls_lets_its_streams_resume_on_the_others() {
+    let Some(disk) = StalledDisk::mount() else {
+        return;
+    };
+    let mut cluster = herald_tests::cluster::Cluster::start_each_in(
+        3,
+        &[(3, &["--disk-stall-timeout", "5s"])],
+        &[(3, disk.mount.join("data"))],
+    );
+    let channel = "stall:orders";
+    for n in 0..5 {
+        publish_until_acknowledged(cluster.node(1), channel, n).await;
+    }
+    let response = reqwest::get(format!(
+        "{}/api/stream/{channel}?last=100",
+        cluster.node(3).http_url()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut on_three = Box::pin(response.bytes_stream().eventsource());
+    let mut got = Vec::new();
+    read_events(&mut on_three, &mut got, 5).await;
+
+    let stalled = disk.stall();
+    for n in 5..25 {
+        publish_until_acknowledged(cluster.node(1), channel, n).await;
+    }
+    // Node 3's stream ends (past the 5 s limit) with whatever it delivered before.
+    read_events(&mut on_three, &mut got, usize::MAX).await;
+    let last_id = got.last().unwrap().1.clone();
+    let response = reqwest::Client::new()
+        .get(format!(
+            "{}/api/stream/{channel}",
+            cluster.node(2).http_url()
+        ))
+        .header("Last-Event-ID", &last_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut on_two = Box::pin(response.bytes_stream().eventsource());
+    read_events(&mut on_two, &mut got, 25).await;
+    let numbers: Vec<u32> = got.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        numbers,
+        (0..25).collect::<Vec<_>>(),
+        "every event once, in order"
+    );
+
+    drop(stalled);
+    let status = cluster.members[2]
+        .node
+        .as_mut()
+        .unwrap()
+        .wait_exit(PATIENCE)
+        .expect("node 3 exited once its disk answered");
+    assert_eq!(status.code(), Some(75));
+    cluster.kill(3);
+    cluster.start_node(3, 3);
+    herald_tests::eventually_equal(
+        "node 3's history once it caught up",
+        &(0..25)
+            .map(|n| format!("{{\"n\":{n}}}"))
+            .collect::<Vec<_>>(),
+        || history_payloads(cluster.node(3), channel),
+    )
+    .await;
 }
