@@ -128,6 +128,12 @@ impl Cluster {
         Cluster::launch_all(n, n, &[], node_extra, &[], node_dirs, false)
     }
 
+    /// [`Cluster::start_some`] with none started, and extra environment variables for single
+    /// nodes' processes, kept for their starts: `(id, [(name, value)])`.
+    pub fn prepare_with_env(total: usize, node_env: &[(u64, &[(&str, &str)])]) -> Cluster {
+        Cluster::launch_all(total, 0, &[], &[], node_env, &[], false)
+    }
+
     /// [`Cluster::start`] with extra environment variables for single nodes' processes, kept
     /// for their restarts: `(id, [(name, value)])`.
     pub fn start_with_env(n: usize, node_env: &[(u64, &[(&str, &str)])]) -> Cluster {

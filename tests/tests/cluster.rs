@@ -2470,9 +2470,10 @@ async fn a_second_process_with_a_members_id_does_not_cut_the_member_off() {
 /// Three nodes formed by --bootstrap-expect whose forming node (1) stops after the cluster's
 /// Init, leaving every partition uncreated (a test-only fault, as if it died there).
 fn a_cluster_whose_formation_stops_after_init() -> Cluster {
-    // Inherited by the nodes; only the forming node acts on it. Each test is a process.
-    unsafe { std::env::set_var("HERALD_TEST_FORMATION_STOPS_AFTER_INIT", "1") };
-    let mut cluster = Cluster::start_some(3, 0, &[]);
+    // Only the forming node acts on it; given to each node's process, not set in this one
+    // (where it reached the nodes of every test running alongside under `cargo test`).
+    let stop: &[(&str, &str)] = &[("HERALD_TEST_FORMATION_STOPS_AFTER_INIT", "1")];
+    let mut cluster = Cluster::prepare_with_env(3, &[(1, stop), (2, stop), (3, stop)]);
     for id in [2, 3, 1] {
         cluster.start_node(id, 3);
     }
