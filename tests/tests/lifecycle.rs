@@ -54,49 +54,15 @@ fn sigterm_drains_clients_and_exits_zero() {
 /// keeps publishes in flight all the time; the requests the node did not run get no reply.
 #[test]
 fn a_publish_in_flight_at_sigterm_is_answered_before_the_connection_closes() {
-    use std::io::{Read, Write};
     let config = herald_tests::config_file("[namespace.default]\nhistory_size = 1000000\n");
     let mut node = Herald::start_with(&["--config", config.to_str().unwrap()]);
     let mut stream = std::net::TcpStream::connect(node.resp).unwrap();
     stream
         .set_read_timeout(Some(herald_tests::PATIENCE))
         .unwrap();
-    let mut writer = stream.try_clone().unwrap();
-    let writing = std::thread::spawn(move || {
-        let mut sent = 0u64;
-        loop {
-            let mut batch = Vec::new();
-            for n in sent..sent + 100 {
-                let payload = format!("x-{n}");
-                batch.extend_from_slice(&herald_tests::encode_command(&[
-                    b"PUBLISH",
-                    b"inflight",
-                    payload.as_bytes(),
-                ]));
-            }
-            if writer.write_all(&batch).is_err() {
-                return sent;
-            }
-            sent += 100;
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    });
+    let writing = publish_until_refused(&stream, "inflight", "x", Duration::from_millis(1));
     // Read replies until some have come, then stop the node mid-stream.
-    let mut replies = Vec::new();
-    let mut chunk = [0u8; 65536];
-    let mut signalled = false;
-    loop {
-        match stream.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => replies.extend_from_slice(&chunk[..n]),
-            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(error) => panic!("reading replies: {error}"),
-        }
-        if !signalled && replies.len() > 2_000 {
-            node.signal("TERM");
-            signalled = true;
-        }
-    }
+    let (replies, _) = read_replies_with_sigterm(&mut stream, &node, 65536, 2_000, Duration::ZERO);
     let sent = writing.join().unwrap();
     let status = node
         .wait_exit(herald_tests::PATIENCE)
@@ -129,6 +95,71 @@ fn a_publish_in_flight_at_sigterm_is_answered_before_the_connection_closes() {
         committed.len()
     );
     assert_eq!(committed, expected);
+}
+
+/// Pipelines `PUBLISH channel <prefix>-<n>` on `stream` (a clone of it), 100 at a time with
+/// `pause` between batches, until the node refuses the connection; returns how many were
+/// sent.
+fn publish_until_refused(
+    stream: &std::net::TcpStream,
+    channel: &'static str,
+    prefix: &'static str,
+    pause: Duration,
+) -> std::thread::JoinHandle<u64> {
+    use std::io::Write;
+    let mut writer = stream.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut sent = 0u64;
+        loop {
+            let mut batch = Vec::new();
+            for n in sent..sent + 100 {
+                let payload = format!("{prefix}-{n}");
+                batch.extend_from_slice(&herald_tests::encode_command(&[
+                    b"PUBLISH",
+                    channel.as_bytes(),
+                    payload.as_bytes(),
+                ]));
+            }
+            if writer.write_all(&batch).is_err() {
+                return sent;
+            }
+            sent += 100;
+            std::thread::sleep(pause);
+        }
+    })
+}
+
+/// Reads `stream` to its end, `chunk` bytes at a time with `pause` between reads, and sends
+/// the node a SIGTERM once `signal_after` bytes have come; returns what was read, and how
+/// much of it had come at the signal.
+fn read_replies_with_sigterm(
+    stream: &mut std::net::TcpStream,
+    node: &Herald,
+    chunk: usize,
+    signal_after: usize,
+    pause: Duration,
+) -> (Vec<u8>, usize) {
+    use std::io::Read;
+    let mut replies = Vec::new();
+    let mut buffer = vec![0u8; chunk];
+    let mut at_signal = None;
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => replies.extend_from_slice(&buffer[..n]),
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(error) => panic!("reading replies: {error}"),
+        }
+        if at_signal.is_none() && replies.len() > signal_after {
+            node.signal("TERM");
+            at_signal = Some(replies.len());
+        }
+        std::thread::sleep(pause);
+    }
+    (
+        replies,
+        at_signal.expect("replies came before the stream ended"),
+    )
 }
 
 /// Every payload `node` holds on `channel`, oldest first, a page of `HISTORY` at a time.
@@ -166,7 +197,6 @@ fn whole_history(node: &Herald, channel: &str) -> Vec<String> {
 /// had committed, which the client would publish again).
 #[test]
 fn a_slow_reader_gets_every_reply_of_a_graceful_close() {
-    use std::io::{Read, Write};
     let config = herald_tests::config_file("[namespace.default]\nhistory_size = 1000000\n");
     let mut node = Herald::start_with(&[
         "--config",
@@ -184,50 +214,18 @@ fn a_slow_reader_gets_every_reply_of_a_graceful_close() {
     // A pipelining client that goes on sending while it reads: unread requests when the node
     // closes its socket are what makes the kernel reset the connection and drop the replies
     // it has not sent yet.
-    let mut writer = stream.try_clone().unwrap();
-    let writing = std::thread::spawn(move || {
-        let mut sent = 0u64;
-        loop {
-            let mut batch = Vec::new();
-            for n in sent..sent + 100 {
-                let payload = format!("slow-{n}");
-                batch.extend_from_slice(&herald_tests::encode_command(&[
-                    b"PUBLISH",
-                    b"slow",
-                    payload.as_bytes(),
-                ]));
-            }
-            if writer.write_all(&batch).is_err() {
-                return;
-            }
-            sent += 100;
-        }
-    });
+    let writing = publish_until_refused(&stream, "slow", "slow", Duration::ZERO);
     // 1 KiB every 50 ms, about 20 KB/s through a 4 KiB receive buffer: what the node holds
     // for the client when it stops a second in (its socket's send buffer, grown to 50-100 KB
     // by then) takes seconds to drain.
-    let mut replies = Vec::new();
-    let mut chunk = [0u8; 1024];
-    let mut read_after_signal = None;
-    loop {
-        match stream.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => replies.extend_from_slice(&chunk[..n]),
-            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(error) => panic!("reading replies: {error}"),
-        }
-        if read_after_signal.is_none() && replies.len() > 20_000 {
-            node.signal("TERM");
-            read_after_signal = Some(replies.len());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (replies, read_after_signal) =
+        read_replies_with_sigterm(&mut stream, &node, 1024, 20_000, Duration::from_millis(50));
     writing.join().unwrap();
     let status = node
         .wait_exit(herald_tests::PATIENCE)
         .expect("herald exits after SIGTERM");
     assert!(status.success(), "exit status {status:?}");
-    let after_signal = replies.len() - read_after_signal.expect("replies came");
+    let after_signal = replies.len() - read_after_signal;
     let text = String::from_utf8(replies).unwrap();
     let lines: Vec<&str> = text.split_terminator("\r\n").collect();
     let acknowledged = lines.iter().filter(|l| l.starts_with(':')).count();
