@@ -123,12 +123,17 @@ impl Reason {
     }
 }
 
-/// An SSE `event: reconnect` with `reason`, in the shape of [`Reason::sse_event`], for the
-/// reasons that are not a [`Reason`] (a node that is starting).
-pub fn reconnect_event(reason: &str) -> Vec<u8> {
+/// A whole SSE body that sends the client away at once: the `retry:` delay, then an
+/// `event: reconnect` with `reason` in the shape of [`Reason::sse_event`], for the reasons that
+/// are not a [`Reason`] (a node that is starting, a history read that failed). A browser's
+/// `EventSource` retries a 200 `text/event-stream` that ends; on a 503 it gives up for good.
+pub fn reconnect_body(retry: std::time::Duration, reason: &str) -> Vec<u8> {
     let reason = serde_json::Value::from(reason);
-    format!("event: reconnect\ndata: {{\"type\":\"reconnect\",\"reason\":{reason}}}\n\n")
-        .into_bytes()
+    format!(
+        "retry: {}\nevent: reconnect\ndata: {{\"type\":\"reconnect\",\"reason\":{reason}}}\n\n",
+        retry.as_millis()
+    )
+    .into_bytes()
 }
 
 /// The node's two signals; the broker holds one.

@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 pub const SLOW: Duration = Duration::from_millis(500);
 
 /// Operations the watchdog can see at once. The store runs a handful at a time (the local
-/// log's writer and syncer, the Raft journal's writer and syncer, a checkpoint); past this
-/// many, an operation runs unwatched rather than wait for a slot.
+/// log's writer and syncer, the Raft journal's writer and syncer); past this many, an
+/// operation runs unwatched rather than wait for a slot.
 const SLOTS: usize = 64;
 
 /// The slots of the operations in flight: each holds 0 (free) or `start << 3 | kind`, `start`

@@ -443,20 +443,21 @@ async fn open_from(state: HttpState, channels: Vec<Bytes>, start: Start, head: b
     stream_response(Body::from_stream(body))
 }
 
-/// A stream's response: 200 and the SSE headers, with `body`.
 /// The answer to a stream whose history could not be read: a 200 stream that sets the retry
 /// delay, says why in an `event: reconnect` and ends, so that the client comes back with its
-/// cursor. A 503 made a browser's `EventSource` give up for good (it retries only a 200
-/// `text/event-stream` that ends), over what is most likely a passing failure.
+/// cursor. A 503 made a browser's `EventSource` give up for good, over what is most likely a
+/// passing failure.
 fn history_failed(retry: std::time::Duration, error: &StorageError) -> Response {
     tracing::warn!(%error, "an SSE stream could not read its history; told to reconnect");
-    let mut body = format!("retry: {}\n\n", retry.as_millis()).into_bytes();
-    body.extend(crate::reconnect::reconnect_event(&format!(
-        "this node cannot read the history now ({error}); reconnect with your Last-Event-ID"
-    )));
-    stream_response(Body::from(body))
+    stream_response(Body::from(crate::reconnect::reconnect_body(
+        retry,
+        &format!(
+            "this node cannot read the history now ({error}); reconnect with your Last-Event-ID"
+        ),
+    )))
 }
 
+/// A stream's response: 200 and the SSE headers, with `body`.
 fn stream_response(body: Body) -> Response {
     Response::builder()
         .status(StatusCode::OK)
@@ -559,7 +560,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             std::str::from_utf8(&body).unwrap(),
-            "retry: 3000\n\nevent: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node cannot read the history now (internal storage error: disk read failed); reconnect with your Last-Event-ID\"}\n\n"
+            "retry: 3000\nevent: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node cannot read the history now (internal storage error: disk read failed); reconnect with your Last-Event-ID\"}\n\n"
         );
     }
 }

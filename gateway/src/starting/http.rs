@@ -4,7 +4,7 @@
 use super::{Answered, STARTING};
 use crate::http::HttpSettings;
 use crate::http::listener::{accept_failed, is_sse_path, serve_hyper};
-use crate::reconnect::reconnect_event;
+use crate::reconnect::reconnect_body;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::FromRequest;
@@ -83,10 +83,10 @@ async fn respond(request: Request<Body>, retry: Duration) -> Response {
             }
         }
         _ if get && is_sse_path(path) => {
-            let mut body = format!("retry: {}\n", retry.as_millis()).into_bytes();
-            body.extend_from_slice(&reconnect_event(
+            let body = reconnect_body(
+                retry,
                 "this node is starting (loading its event store): reconnect in a moment with your Last-Event-ID",
-            ));
+            );
             (
                 [
                     (header::CONTENT_TYPE, "text/event-stream"),
