@@ -106,7 +106,7 @@ pub enum Operation {
     Write,
     /// A sync (`fdatasync`/`fsync`) of a log file or its directory.
     Sync,
-    /// A checkpoint: recent writes into sled, and sled's flush.
+    /// A checkpoint's flush of sled (recent writes, already handed to sled, to disk).
     Checkpoint,
     /// A sync of sled's files after a flush.
     StoreSync,
