@@ -61,6 +61,9 @@ pub(crate) const KEY_RAFT_LOG: &[u8] = b"mr";
 pub(crate) const KEY_STORE_ID: &[u8] = b"mi";
 /// Followed by a node id (8 bytes, big-endian): the store id that peer was last seen using.
 pub(crate) const PREFIX_PEER_STORE: &[u8] = b"mn";
+/// Followed by a node id (8 bytes, big-endian): what this node knows of that peer's Raft
+/// journal (a `PeerProgress`).
+pub(crate) const PREFIX_PEER_PROGRESS: &[u8] = b"mj";
 /// The cluster's namespace config, as its meta group last applied it (a `NamespacesSpec`).
 pub(crate) const KEY_CLUSTER_NAMESPACES: &[u8] = b"mx";
 /// The node id the store was first opened as by a cluster node (see `Store::claim_node_id`).
@@ -298,7 +301,7 @@ mod tests {
     /// store ids) would read the other key's records as theirs.
     #[test]
     fn meta_keys_are_prefix_free() {
-        let keys: [&[u8]; 13] = [
+        let keys: [&[u8]; 14] = [
             KEY_NODE_ID,
             KEY_VERSION,
             KEY_EPOCH,
@@ -311,6 +314,7 @@ mod tests {
             KEY_RAFT_LOG,
             KEY_STORE_ID,
             PREFIX_PEER_STORE,
+            PREFIX_PEER_PROGRESS,
             KEY_CLUSTER_NAMESPACES,
         ];
         for (i, a) in keys.iter().enumerate() {

@@ -66,4 +66,7 @@ pub use cursor::{Cursor, CursorError};
 pub use event::{Epoch, Event, Partition, Position, partition_of, unix_now_ms};
 pub use log::{LocalLog, LogOptions, LogStats, OnCommit, Pending};
 pub use namespace::{LiveNamespaces, NamespaceConfig, Namespaces, NamespacesSpec, parse_duration};
-pub use store::{Applied, ChannelStats, HistoryRead, Publish, StorageError, Store, StoreOptions};
+pub use store::{
+    Applied, ChannelStats, HistoryRead, JournalProgress, PeerProgress, Publish, StorageError,
+    Store, StoreOptions,
+};

@@ -318,6 +318,69 @@ impl Ops {
     }
 }
 
+/// How far a store's Raft journal has got (its records are numbered in write order, votes,
+/// appends and applies alike, and never renumbered), as a cluster node shows it to its peers.
+/// Raft trusts a voter never to forget what it acknowledged; a data directory restored from a
+/// backup or a disk snapshot keeps its store id but has forgotten the records written since.
+/// Its peers tell it apart: a run that starts (`start`) below a record an earlier run had made
+/// durable went back in time (see `herald_cluster::peer_stores`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JournalProgress {
+    /// A random number drawn when the store was opened: tells one run from the next.
+    pub run: u64,
+    /// The journal's last record when this run opened it: what the data directory held.
+    pub start: u64,
+    /// The journal's last durable record now.
+    pub durable: u64,
+}
+
+/// What a node records of a member's journal (see [`JournalProgress`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerProgress {
+    /// The store id the member showed.
+    pub store: u64,
+    /// The run of it last seen.
+    pub run: u64,
+    /// Where that run's journal started.
+    pub start: u64,
+    /// The highest durable record it showed, any run.
+    pub durable: u64,
+    /// A run of it started below `durable`: its data directory went back in time, and it is
+    /// refused until removed from the cluster (`run` and `start` are that run's).
+    pub went_back: bool,
+}
+
+impl PeerProgress {
+    const BYTES: usize = 33;
+
+    fn encode(&self) -> [u8; Self::BYTES] {
+        let mut out = [0u8; Self::BYTES];
+        out[..8].copy_from_slice(&self.store.to_be_bytes());
+        out[8..16].copy_from_slice(&self.run.to_be_bytes());
+        out[16..24].copy_from_slice(&self.start.to_be_bytes());
+        out[24..32].copy_from_slice(&self.durable.to_be_bytes());
+        out[32] = u8::from(self.went_back);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<PeerProgress, StorageError> {
+        if bytes.len() != Self::BYTES {
+            return Err(StorageError::Corrupt(format!(
+                "a peer's journal record is {} bytes, not {}",
+                bytes.len(),
+                Self::BYTES
+            )));
+        }
+        Ok(PeerProgress {
+            store: codec::be_u64(&bytes[..8], "peer store id")?,
+            run: codec::be_u64(&bytes[8..16], "peer run")?,
+            start: codec::be_u64(&bytes[16..24], "peer journal start")?,
+            durable: codec::be_u64(&bytes[24..32], "peer journal record")?,
+            went_back: bytes[32] != 0,
+        })
+    }
+}
+
 /// One node's durable event history (see the module docs).
 pub struct Store {
     /// The database `tree` lives in, open for the store's life.
@@ -360,6 +423,11 @@ pub struct Store {
     raft_journal: AtomicBool,
     /// The open journal, for [`crate::raft::RaftJournal::of`].
     raft_journal_slot: Mutex<std::sync::Weak<crate::raft::RaftJournal>>,
+    /// See [`Store::journal_progress`]: this run's random number, the journal's last record
+    /// when it started (`u64::MAX`: not started) and its last durable record.
+    run: u64,
+    journal_start: AtomicU64,
+    journal_durable: AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -614,6 +682,9 @@ impl Store {
             broken_by: Mutex::new(None),
             raft_journal: AtomicBool::new(false),
             raft_journal_slot: Mutex::new(std::sync::Weak::new()),
+            run: Epoch::random().0,
+            journal_start: AtomicU64::new(u64::MAX),
+            journal_durable: AtomicU64::new(0),
         })
     }
 
@@ -673,10 +744,103 @@ impl Store {
                 forgot = true;
             }
         }
+        let mut progress = Vec::new();
+        for kv in self.tree.scan_prefix(codec::PREFIX_PEER_PROGRESS) {
+            let (key, _) = kv?;
+            progress.push(codec::be_u64(
+                &key[codec::PREFIX_PEER_PROGRESS.len()..],
+                "peer id",
+            )?);
+        }
+        // Journaled like the records themselves, so that a crash cannot redo a record
+        // without its removal.
+        let mut removals = Ops::default();
+        for peer in progress.into_iter().filter(|peer| !members.contains(peer)) {
+            removals.remove(peer_progress_key(peer));
+        }
+        if removals.len() > 0 {
+            self.write_journaled(removals)?;
+            forgot = true;
+        }
         if forgot {
             self.peer_store_generation.fetch_add(1, Ordering::AcqRel);
         }
         Ok(())
+    }
+
+    /// How far this store's Raft journal has got, for peers to tell a data directory that
+    /// went back in time (restored from a backup or a disk snapshot) from the one they knew
+    /// (see [`JournalProgress`]); `None` before the journal is opened.
+    pub fn journal_progress(&self) -> Option<JournalProgress> {
+        let start = self.journal_start.load(Ordering::Acquire);
+        (start != u64::MAX).then(|| JournalProgress {
+            run: self.run,
+            start,
+            durable: self.journal_durable.load(Ordering::Acquire).max(start),
+        })
+    }
+
+    /// The journal opened with `last` as its last record.
+    pub(crate) fn journal_started(&self, last: u64) {
+        self.journal_durable.fetch_max(last, Ordering::AcqRel);
+        self.journal_start.store(last, Ordering::Release);
+    }
+
+    /// Every journal record up to `lsn` is durable.
+    pub(crate) fn journal_durable(&self, lsn: u64) {
+        self.journal_durable.fetch_max(lsn, Ordering::AcqRel);
+    }
+
+    /// What this node last recorded of member `peer`'s journal (see
+    /// [`Store::set_peer_progress`]).
+    pub fn peer_progress(&self, peer: u64) -> Result<Option<PeerProgress>, StorageError> {
+        match self.tree.get(peer_progress_key(peer))? {
+            Some(v) => PeerProgress::decode(&v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Records what this node knows of member `peer`'s journal. With the Raft journal open,
+    /// as a record of it, made durable with its next sync (a few ms): a node `kill -9`ed
+    /// after seeing a member's journal pass a backup still knows it when that member comes
+    /// back restored. A record marking the member's store as gone back in time is flushed.
+    pub fn set_peer_progress(
+        &self,
+        peer: u64,
+        progress: &PeerProgress,
+    ) -> Result<(), StorageError> {
+        let mut ops = Ops::default();
+        ops.insert(peer_progress_key(peer), &progress.encode()[..]);
+        self.write_journaled(ops)?;
+        if progress.went_back {
+            self.tree.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes `ops` as a record of the Raft journal if it is open (durable within a few ms,
+    /// redone after a crash), else to the tree (durable at the next checkpoint).
+    fn write_journaled(&self, ops: Ops) -> Result<(), StorageError> {
+        let journal = self.raft_journal_slot.lock().upgrade();
+        match journal {
+            Some(journal) => journal.submit(ops, crate::raft::Done::Nobody),
+            None => Ok(self.tree.apply(ops)?),
+        }
+    }
+
+    /// Forgets every record of [`Store::set_peer_progress`] (flushed); returns how many there
+    /// were.
+    pub fn forget_peer_progress(&self) -> Result<usize, StorageError> {
+        let keys: Vec<_> = self
+            .tree
+            .scan_prefix(codec::PREFIX_PEER_PROGRESS)
+            .map(|kv| kv.map(|(key, _)| key))
+            .collect::<Result<_, _>>()?;
+        for key in &keys {
+            self.tree.remove(key)?;
+        }
+        self.tree.flush()?;
+        Ok(keys.len())
     }
 
     /// Counts [`Store::forget_peer_store_ids_except`] calls that forgot something: a cache of
@@ -1156,6 +1320,12 @@ fn write_chunk(channel: &[u8], chunk: &mut StoredChunk, batch: &mut Ops) {
     chunk.seqs.clear();
     chunk.message_ids.clear();
     chunk.payloads.clear();
+}
+
+fn peer_progress_key(peer: u64) -> Vec<u8> {
+    let mut key = codec::PREFIX_PEER_PROGRESS.to_vec();
+    key.extend_from_slice(&peer.to_be_bytes());
+    key
 }
 
 fn peer_store_key(peer: u64) -> Vec<u8> {

@@ -161,6 +161,7 @@ impl RaftJournal {
     fn start(store: Arc<Store>, segment_bytes: u64) -> Result<Arc<RaftJournal>, StorageError> {
         let next_lsn = store.raft_log_applied()? + 1;
         let wal = Wal::create(&wal::RAFT.dir(store.dir()), next_lsn, segment_bytes)?;
+        store.journal_started(next_lsn - 1);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 next_lsn,
@@ -279,7 +280,7 @@ impl Shared {
     /// record nobody waits for); at close, the log's last checkpoint.
     fn run(&self) {
         loop {
-            let (done, file) = {
+            let (done, file, written) = {
                 let mut queue = self.queue.lock();
                 loop {
                     if !queue.done.is_empty() || queue.closed {
@@ -304,9 +305,13 @@ impl Shared {
                 (
                     std::mem::take(&mut queue.done),
                     queue.writer.as_ref().and_then(WalWriter::sync_handle),
+                    queue.next_lsn - 1,
                 )
             };
             let result = self.sync(file.as_deref());
+            if result.is_ok() {
+                self.store.journal_durable(written);
+            }
             self.rounds.fetch_add(1, Ordering::Release);
             for d in done {
                 d.complete(&result);
@@ -476,6 +481,34 @@ mod tests {
         log_b.blocking_append(blanks(1, 3..4)).await.unwrap();
         // 1 vote, 2 appends, 1 truncation, 1 append, 3 x (append + apply), then this append.
         assert_eq!(replayed.raft_log_applied().unwrap(), 12);
+    }
+
+    /// What a node shows its peers of its journal: a run starts where the run before it made
+    /// its last record durable (a copy of the directory taken earlier would start below).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_starts_where_the_one_before_made_records_durable() {
+        let dir = TempDir::new("journal-progress");
+        let store = open(&dir);
+        assert_eq!(store.journal_progress(), None, "no journal yet");
+        let journal = RaftJournal::open(store.clone()).unwrap();
+        let first = store.journal_progress().unwrap();
+        assert_eq!((first.start, first.durable), (0, 0));
+        let mut log = RaftLogStore::new(journal.clone(), partition_group(0));
+        log.save_vote(&Vote::new_committed(1, 1)).await.unwrap();
+        log.blocking_append(blanks(1, 1..4)).await.unwrap();
+        let durable = store.journal_progress().unwrap().durable;
+        assert_eq!(durable, 2, "a vote and an append");
+        log.blocking_append(blanks(1, 4..6)).await.unwrap();
+        assert_eq!(store.journal_progress().unwrap().durable, 3);
+        drop((log, journal));
+        drop(store);
+
+        let store = open(&dir);
+        let journal = RaftJournal::open(store.clone()).unwrap();
+        let second = store.journal_progress().unwrap();
+        assert_ne!(second.run, first.run, "a new run");
+        assert_eq!((second.start, second.durable), (3, 3));
+        drop(journal);
     }
 
     /// An apply whose writes the journal refuses (here: it is closed) fails, and the store

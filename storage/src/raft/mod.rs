@@ -16,6 +16,7 @@ mod snapshot_file;
 mod state_machine;
 mod support;
 
+pub(crate) use journal::Done;
 pub use journal::RaftJournal;
 pub use log_store::RaftLogStore;
 pub use state_machine::{GroupSnapshotBuilder, GroupStateMachine};
