@@ -112,6 +112,10 @@ pub enum AppRequest {
     /// for `herald cluster status`. Last, so that older nodes decode the variants before it
     /// (they answer an error: a build from before 2026-12-07).
     Build,
+    /// "How far has your Raft journal got?" (answered [`AppResponse::Journal`]): asked by the
+    /// clock loop, so that a member's data directory going back in time is told apart (see
+    /// [`crate::peer_stores`]). Last, like `Build`.
+    Journal,
 }
 
 /// Why a proposal was not committed.
@@ -183,6 +187,9 @@ pub enum AppResponse {
     /// Answer to [`AppRequest::Build`]: `0.1.0 (commit ...)`. Last, so that older nodes
     /// decode the variants before it.
     Build(String),
+    /// Answer to [`AppRequest::Journal`]: the node's store id and journal (`None` before its
+    /// journal is open). Last, like the request.
+    Journal(Option<crate::rpc::Identity>),
 }
 
 const CONFIG: bincode::config::Configuration = bincode::config::standard();

@@ -287,6 +287,7 @@ fn variant(response: &Response) -> &'static str {
         Response::NoSuchGroup(_) => "NoSuchGroup",
         Response::Error(_) => "Error",
         Response::StoreId(_) => "StoreId",
+        Response::Identity(_) => "Identity",
     }
 }
 

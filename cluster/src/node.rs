@@ -86,6 +86,9 @@ pub struct ClusterConfig {
     /// This node's build (`0.1.0 (commit ...)`), as the members' `herald cluster status`
     /// shows it: which nodes a rolling upgrade has reached.
     pub build: String,
+    /// Forget, at start, what this node recorded of its peers' Raft journals (see
+    /// [`crate::peer_stores`]): after a whole cluster is restored from backups.
+    pub forget_peer_journals: bool,
 }
 
 /// Raft timers, in milliseconds. openraft uses the heartbeat interval as the AppendEntries
@@ -290,6 +293,13 @@ impl ClusterNode {
             filter,
         )?);
         let peers = Peers::new(transport.clone());
+        if config.forget_peer_journals {
+            let forgot = store.forget_peer_progress()?;
+            tracing::warn!(
+                forgot,
+                "forgot how far the members' Raft journals had got (--forget-peer-journals): a member restored from an older backup is heard again"
+            );
+        }
         let peer_stores = PeerStores::new(store.clone());
         peers.set_store_ids(peer_stores.clone());
         for (&peer, addr) in &config.peers {
@@ -692,6 +702,7 @@ impl ClusterNode {
             links: self.links(),
             clock_correction_ms: self.inner.clock.correction_ms(),
             build: self.inner.build.clone(),
+            journal: self.inner.store.journal_progress(),
             groups,
         }
     }
@@ -705,12 +716,14 @@ impl ClusterNode {
         for (peer, link) in links.iter_mut() {
             link.clock_offset_ms = offsets.get(peer).copied();
             link.build = builds.get(peer).cloned();
+            link.journal = self
+                .inner
+                .peer_stores
+                .journal_seen(*peer)
+                .map(|seen| seen.durable);
             if self.inner.peer_stores.is_refused(*peer) {
                 link.state = "refused";
-                link.last_error = Some(format!(
-                    "runs on another store than the one it was a member with: {}",
-                    crate::rpc::store_changed(*peer)
-                ));
+                link.last_error = Some(self.inner.peer_stores.refusal(*peer));
             }
         }
         links
@@ -983,6 +996,9 @@ pub struct ClusterStatus {
     pub clock_correction_ms: i64,
     /// This node's build (`0.1.0 (commit ...)`); each peer's is in its link.
     pub build: String,
+    /// How far this node's Raft journal has got (see [`crate::peer_stores`]); each peer's,
+    /// as this node last saw it, is in its link.
+    pub journal: Option<herald_storage::JournalProgress>,
     /// Every group as this node sees it.
     pub groups: Vec<GroupStatus>,
 }

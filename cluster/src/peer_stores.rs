@@ -18,19 +18,30 @@
 //! no new connection (so no new exchange) follows the join; one that has not shown one since
 //! (the usual "lost disk: remove it, join it again" before it is back) is recorded at its first
 //! exchange after the join.
+//!
+//! A data directory restored from a backup or a disk snapshot keeps its store id, but has
+//! forgotten what was written since: the same danger. So a node also shows how far its Raft
+//! journal has got (`Store::journal_progress`: a random number per run, the journal's last
+//! record when the run began, its last durable record now), at the start of every connection
+//! and each clock round. Each node records, per member, the highest durable record it saw
+//! (raised every round, on the store's next checkpoint) and the run it was seen in. A new run
+//! that begins below it went back in time: the member is refused for good (the verdict is
+//! flushed), until it is removed and joined again. A backup taken less than a round before the
+//! member's last report of it is not told apart; a member stopped and copied whole is (its
+//! next run starts where it stopped).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use herald_storage::Store;
 use herald_storage::raft::TypeConfig;
+use herald_storage::{JournalProgress, PeerProgress, Store};
 use openraft::Raft;
 use parking_lot::Mutex;
 
 use crate::NodeId;
-use crate::rpc::{StoreIds, store_changed};
+use crate::rpc::{Identity, StoreIds, store_changed, store_went_back};
 
 /// How often a refused member is logged.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -56,6 +67,8 @@ pub struct PeerStores {
     /// The recorded store ids as last read from the store (`None`: no record), for the
     /// per-message checks; cleared when the store's generation moves.
     records: Mutex<(u64, HashMap<NodeId, Option<u64>>)>,
+    /// What is recorded of each member's journal, as last read or written, like `records`.
+    journals: Mutex<(u64, HashMap<NodeId, Option<PeerProgress>>)>,
 }
 
 impl PeerStores {
@@ -71,6 +84,7 @@ impl PeerStores {
             refused: Mutex::new(HashMap::new()),
             dialed: Mutex::new(HashMap::new()),
             records: Mutex::new((0, HashMap::new())),
+            journals: Mutex::new((0, HashMap::new())),
         })
     }
 
@@ -162,6 +176,102 @@ impl PeerStores {
         record
     }
 
+    /// What is recorded of `peer`'s journal, through a cache kept in step with the store.
+    fn journal_record(&self, peer: NodeId) -> Option<PeerProgress> {
+        let generation = self.store.peer_store_generation();
+        let mut journals = self.journals.lock();
+        if journals.0 != generation {
+            *journals = (generation, HashMap::new());
+        }
+        if let Some(record) = journals.1.get(&peer) {
+            return *record;
+        }
+        let record = self.store.peer_progress(peer).ok().flatten();
+        journals.1.insert(peer, record);
+        record
+    }
+
+    /// Records what is known of `peer`'s journal in the store and the cache.
+    fn set_journal_record(&self, peer: NodeId, record: PeerProgress) {
+        if let Err(error) = self.store.set_peer_progress(peer, &record) {
+            tracing::warn!(peer, %error, "cannot record a member's journal");
+        }
+        let generation = self.store.peer_store_generation();
+        let mut journals = self.journals.lock();
+        if journals.0 == generation {
+            journals.1.insert(peer, Some(record));
+        }
+    }
+
+    /// Whether `peer`, seen on `store`, went back in time (see the module doc).
+    fn went_back(&self, peer: NodeId, store: u64) -> bool {
+        self.journal_record(peer)
+            .is_some_and(|record| record.store == store && record.went_back)
+    }
+
+    /// Raises what is known of member `peer`'s journal to what it showed in a clock round,
+    /// if that is the run last judged; records it if none was (its connections started
+    /// before this node knew the membership). Another run is judged at its first connection,
+    /// not here: this answer may be an earlier run's, overtaken.
+    pub fn saw_journal(&self, peer: NodeId, identity: &Identity) {
+        let _judging = self.judging.lock();
+        if !self.membership_known()
+            || !self.is_member(peer)
+            || self.record(peer) != Some(identity.store)
+        {
+            return;
+        }
+        let journal = &identity.journal;
+        let raised = match self.journal_record(peer) {
+            Some(record) if record.store == identity.store => {
+                (record.run == journal.run && record.durable < journal.durable && !record.went_back)
+                    .then_some(PeerProgress {
+                        durable: journal.durable,
+                        ..record
+                    })
+            }
+            _ => Some(PeerProgress {
+                store: identity.store,
+                run: journal.run,
+                start: journal.start,
+                durable: journal.durable,
+                went_back: false,
+            }),
+        };
+        if let Some(record) = raised {
+            self.set_journal_record(peer, record);
+        }
+    }
+
+    /// The highest journal record of `peer`'s known to this node, and whether it went back
+    /// (for `herald cluster status`).
+    pub fn journal_seen(&self, peer: NodeId) -> Option<PeerProgress> {
+        self.journal_record(peer)
+    }
+
+    /// This node's store id and journal (see [`StoreIds::identity`]).
+    pub fn identity(&self) -> Option<Identity> {
+        StoreIds::identity(self)
+    }
+
+    /// Why `peer` is refused (see [`StoreIds::refusal`]).
+    pub fn refusal(&self, peer: NodeId) -> String {
+        StoreIds::refusal(self, peer)
+    }
+
+    /// Logs a refusal of `peer`, at most every [`WARN_EVERY`], and records it.
+    fn refuse(&self, peer: NodeId, log: impl FnOnce()) {
+        let mut refused = self.refused.lock();
+        let now = Instant::now();
+        match refused.get(&peer) {
+            Some(at) if now.duration_since(*at) < WARN_EVERY => {}
+            _ => {
+                refused.insert(peer, now);
+                log();
+            }
+        }
+    }
+
     /// Records `store` for `peer` in the store and the cache.
     fn set_record(&self, peer: NodeId, store: u64) {
         if let Err(error) = self.store.set_peer_store_id(peer, Some(store)) {
@@ -193,13 +303,8 @@ impl PeerStores {
             refused.remove(&peer);
             return true;
         }
-        let now = Instant::now();
-        let last = refused.insert(peer, now);
-        if let Some(at) = last
-            && now.duration_since(at) < WARN_EVERY
-        {
-            refused.insert(peer, at);
-        } else {
+        drop(refused);
+        self.refuse(peer, || {
             tracing::error!(
                 peer,
                 known = format_args!("{known:016x}"),
@@ -207,7 +312,7 @@ impl PeerStores {
                 "refusing node {peer}: it runs on another store than the one it was a member with; {} (or a second process was started with node id {peer}, e.g. from a copied config: stop that one; the member itself keeps working)",
                 store_changed(peer)
             );
-        }
+        });
         false
     }
 }
@@ -231,7 +336,86 @@ impl StoreIds for PeerStores {
 
     fn refused_store(&self, peer: NodeId, store: u64) -> bool {
         // Members only have records (a node that leaves is forgotten).
-        self.record(peer).is_some_and(|known| known != store)
+        self.record(peer).is_some_and(|known| known != store) || self.went_back(peer, store)
+    }
+
+    fn identity(&self) -> Option<Identity> {
+        Some(Identity {
+            store: self.store.store_id(),
+            journal: self.store.journal_progress()?,
+        })
+    }
+
+    fn accepts_journal(&self, peer: NodeId, store: u64, journal: &JournalProgress) -> bool {
+        let _judging = self.judging.lock();
+        self.sync();
+        if !self.membership_known() || !self.is_member(peer) {
+            return true;
+        }
+        let known = self
+            .journal_record(peer)
+            .filter(|record| record.store == store);
+        let record = match known {
+            Some(record) if record.went_back => None,
+            Some(record) if record.run == journal.run => Some(PeerProgress {
+                durable: record.durable.max(journal.durable),
+                ..record
+            }),
+            Some(record) if journal.start < record.durable => {
+                self.set_journal_record(
+                    peer,
+                    PeerProgress {
+                        run: journal.run,
+                        start: journal.start,
+                        went_back: true,
+                        ..record
+                    },
+                );
+                None
+            }
+            _ => Some(PeerProgress {
+                store,
+                run: journal.run,
+                start: journal.start,
+                durable: journal
+                    .durable
+                    .max(known.map_or(0, |record| record.durable)),
+                went_back: false,
+            }),
+        };
+        match record {
+            Some(record) => {
+                if known != Some(record) {
+                    self.set_journal_record(peer, record);
+                }
+                true
+            }
+            None => {
+                let durable = known.map_or(0, |record| record.durable);
+                self.refuse(peer, || {
+                    tracing::error!(
+                        peer,
+                        start = journal.start,
+                        durable,
+                        "refusing node {peer}: {}",
+                        store_went_back(peer, journal.start, durable)
+                    );
+                });
+                false
+            }
+        }
+    }
+
+    fn refusal(&self, peer: NodeId) -> String {
+        match self.journal_record(peer) {
+            Some(record) if record.went_back && self.record(peer) == Some(record.store) => {
+                store_went_back(peer, record.start, record.durable)
+            }
+            _ => format!(
+                "runs on another store than the one it was a member with: {}",
+                store_changed(peer)
+            ),
+        }
     }
 
     fn refused_dialed(&self, peer: NodeId) -> bool {

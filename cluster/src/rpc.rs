@@ -16,6 +16,7 @@ use crate::transport::{IncomingPeer, Transport};
 use bytes::Bytes;
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
+use herald_storage::JournalProgress;
 use herald_storage::raft::{GroupId, NodeId, TypeConfig};
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
@@ -74,6 +75,20 @@ pub enum Request {
     /// The dialing node's store id, its first request on a new connection; answered with
     /// [`Response::StoreId`] (see [`StoreIds`]). Last, so that older nodes decode the others.
     StoreId(u64),
+    /// The dialing node's store id and journal, its first request on a new connection
+    /// (instead of [`Request::StoreId`]); answered with [`Response::Identity`] (see
+    /// [`StoreIds`]). Last: a node from before it answers an error, and is sent `StoreId`.
+    Identity(Identity),
+}
+
+/// A node's store id and how far its Raft journal has got: what each side of a new
+/// connection shows the other (see [`StoreIds`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// See `Store::store_id`.
+    pub store: u64,
+    /// See `Store::journal_progress`.
+    pub journal: JournalProgress,
 }
 
 impl Request {
@@ -105,6 +120,8 @@ pub enum Response {
     Error(String),
     /// Answer to [`Request::StoreId`]: the receiver's store id. Last, like the request.
     StoreId(u64),
+    /// Answer to [`Request::Identity`]: the receiver's. Last, like the request.
+    Identity(Identity),
 }
 
 /// Why a call failed. [`RpcError::not_sent`] tells whether a retry is known to be safe.
@@ -445,6 +462,9 @@ pub struct PeerLink {
     pub clock_offset_ms: Option<i64>,
     /// The peer's build (`0.1.0 (commit ...)`) as it last told it; `None` until it has.
     pub build: Option<String>,
+    /// The highest record of the peer's Raft journal this node has seen durable (see
+    /// [`crate::peer_stores`]); `None` until it has seen one.
+    pub journal: Option<u64>,
 }
 
 /// What one QUIC connection has sent and lost (see [`PeerLink::datagrams`]).
@@ -579,6 +599,7 @@ impl Peers {
                         last_error: unreachable.then(|| slot.last_error.clone()),
                         clock_offset_ms: None,
                         build: None,
+                        journal: None,
                     },
                 ))
             })
@@ -1034,15 +1055,34 @@ async fn dial(
 /// What a dial refused by a peer because this node is not a member says.
 const NOT_A_MEMBER: &str = "not a member of its cluster";
 
-/// A new connection's first exchange: this node's store id for the peer's, which `store_ids`
-/// judges. A node from before the exchange answers with an error: it is not checked.
+/// A new connection's first exchange: this node's [`Identity`] for the peer's, which
+/// `store_ids` judges. A node from before the identity is sent the store id alone; one from
+/// before the store id answers with an error: it is not checked.
 async fn exchange_store_ids(
     connection: &quinn::Connection,
     target: NodeId,
     store_ids: &dyn StoreIds,
 ) -> Result<(), String> {
-    let frame = encode_frame(&Request::StoreId(store_ids.local()))?;
-    match exchange(connection, &frame).await {
+    let ours = store_ids.identity();
+    let request = match ours {
+        Some(identity) => Request::Identity(identity),
+        None => Request::StoreId(store_ids.local()),
+    };
+    let mut answer = exchange(connection, &encode_frame(&request)?).await;
+    if ours.is_some()
+        && matches!(&answer, Ok(Response::Error(reason)) if !reason.starts_with("refused:"))
+    {
+        // A node from before the identity: the store id alone.
+        let frame = encode_frame(&Request::StoreId(store_ids.local()))?;
+        answer = exchange(connection, &frame).await;
+    }
+    match answer {
+        Ok(Response::Identity(theirs)) => {
+            if store_ids.accepts_dialed(target, theirs.store) {
+                store_ids.accepts_journal(target, theirs.store, &theirs.journal);
+            }
+            Ok(())
+        }
         Ok(Response::StoreId(theirs)) => {
             store_ids.accepts_dialed(target, theirs);
             Ok(())
@@ -1103,7 +1143,25 @@ async fn exchange(connection: &quinn::Connection, frame: &[u8]) -> Result<Respon
 /// What an operator is told about member `peer`, back with another store.
 pub fn store_changed(peer: NodeId) -> String {
     format!(
-        "its data directory was lost or replaced, so it may lack events it acknowledged and must not vote; remove it (`herald cluster remove --node-id {peer}`) and join it again (`herald cluster join --node-id {peer} --addr ...`)"
+        "its data directory was lost or replaced, so it may lack events it acknowledged and must not vote; {}",
+        remove_and_join(peer)
+    )
+}
+
+/// Why member `peer`, back on its store but with less of its journal than it had made
+/// durable, is refused: `start` is where its journal begins now, `durable` what a run of it
+/// had made durable before.
+pub fn store_went_back(peer: NodeId, start: u64, durable: u64) -> String {
+    format!(
+        "its data directory went back in time (its Raft journal starts at record {start}, and it had made record {durable} durable): restored from a backup or a disk snapshot, it may lack events it acknowledged and must not vote; {}",
+        remove_and_join(peer)
+    )
+}
+
+/// The operator's way back for a member refused for its store.
+fn remove_and_join(peer: NodeId) -> String {
+    format!(
+        "remove it (`herald cluster remove --node-id {peer}`) and join it again (`herald cluster join --node-id {peer} --addr ...`)"
     )
 }
 
@@ -1116,9 +1174,31 @@ pub fn store_changed(peer: NodeId) -> String {
 /// [`Request::StoreId`], answered with the receiver's), so the Raft messages themselves are
 /// unchanged and a node from before the exchange still talks to newer ones during a rolling
 /// upgrade (it is simply not checked).
+///
+/// The identity also shows how far the node's Raft journal has got, and a member whose
+/// data directory went back in time (restored from a backup: same store id, less journal) is
+/// refused for good, like one on another store (see `crate::peer_stores`).
 pub trait StoreIds: Send + Sync {
     /// This node's store id.
     fn local(&self) -> u64;
+    /// This node's store id and journal, once the journal is open (`None`: the store id
+    /// alone is shown).
+    fn identity(&self) -> Option<Identity> {
+        None
+    }
+    /// Judges the journal member `peer` showed, on store `store`, at the start of a
+    /// connection: whether it is heard.
+    fn accepts_journal(&self, peer: NodeId, store: u64, journal: &JournalProgress) -> bool {
+        let _ = (peer, store, journal);
+        true
+    }
+    /// Why `peer` is refused, for its log and `herald cluster status`.
+    fn refusal(&self, peer: NodeId) -> String {
+        format!(
+            "runs on another store than the one it was a member with: {}",
+            store_changed(peer)
+        )
+    }
     /// Judges node `peer`, seen with store id `store`: whether it is heard. The verdict
     /// stands (see [`StoreIds::refused`]) until the peer is seen again.
     fn accepts(&self, peer: NodeId, store: u64) -> bool;
@@ -1271,10 +1351,15 @@ async fn serve_stream(
                 let _ = shown.set(store);
                 dispatch(from, Request::StoreId(store), handler.as_ref()).await
             }
+            Ok(Request::Identity(identity)) => {
+                let _ = shown.set(identity.store);
+                dispatch(from, Request::Identity(identity), handler.as_ref()).await
+            }
             Ok(request) if request.is_raft() && handler.store_ids().is_some_and(refused) => {
+                let reason = handler.store_ids().map(|ids| ids.refusal(from));
                 Response::Error(format!(
-                    "refused: node {from} runs on another store than the one it was a member with: {}",
-                    store_changed(from)
+                    "refused: node {from} {}",
+                    reason.unwrap_or_default()
                 ))
             }
             Ok(request) => dispatch(from, request, handler.as_ref()).await,
@@ -1359,11 +1444,23 @@ async fn dispatch(from: NodeId, request: Request, handler: &dyn Handler) -> Resp
         Request::App(request) => Response::App(handler.app(from, request).await),
         Request::StoreId(store) => match handler.store_ids() {
             // Refused: the peer is told why, so that its own log says what to do.
-            Some(store_ids) if !store_ids.accepts(from, store) => Response::Error(format!(
-                "refused: node {from} runs on another store than the one it was a member with: {}",
-                store_changed(from)
-            )),
+            Some(store_ids) if !store_ids.accepts(from, store) => {
+                Response::Error(format!("refused: node {from} {}", store_ids.refusal(from)))
+            }
             Some(store_ids) => Response::StoreId(store_ids.local()),
+            None => Response::Error("this node does not check store ids".into()),
+        },
+        Request::Identity(theirs) => match handler.store_ids() {
+            Some(store_ids)
+                if !store_ids.accepts(from, theirs.store)
+                    || !store_ids.accepts_journal(from, theirs.store, &theirs.journal) =>
+            {
+                Response::Error(format!("refused: node {from} {}", store_ids.refusal(from)))
+            }
+            Some(store_ids) => match store_ids.identity() {
+                Some(ours) => Response::Identity(ours),
+                None => Response::StoreId(store_ids.local()),
+            },
             None => Response::Error("this node does not check store ids".into()),
         },
     }

@@ -318,6 +318,13 @@ pub struct ServeArgs {
     #[arg(long, env = "HERALD_RAFT_FAST_FAILOVER", value_name = "BOOL")]
     pub raft_fast_failover: Option<bool>,
 
+    /// Forget, at this start, how far this node saw every member's Raft journal get: after a
+    /// whole cluster is restored from backups taken at different times, members would refuse
+    /// each other as gone back in time (start every node with it once). A member it refused
+    /// for that is heard again. Not in the config file: a one-off.
+    #[arg(long, env = "HERALD_FORGET_PEER_JOURNALS")]
+    pub forget_peer_journals: bool,
+
     /// How long a durable publish may wait for its quorum commit before failing, e.g. 5s
     /// [default: 5s].
     #[arg(long, env = "HERALD_PUBLISH_TIMEOUT", value_name = "DURATION")]

@@ -286,6 +286,7 @@ impl NodeConfig {
                             .or(file.raft_fast_failover)
                             .is_some(),
                     ),
+                    ("--forget-peer-journals", args.forget_peer_journals),
                 ])?;
                 None
             }
@@ -365,6 +366,7 @@ impl NodeConfig {
                     raft,
                     proposer,
                     build: herald_gateway::build::VERSION_AND_COMMIT.to_string(),
+                    forget_peer_journals: args.forget_peer_journals,
                 })
             }
         };

@@ -33,6 +33,22 @@ impl ClusterNode {
         self.inner.builds.lock().insert(peer, build);
     }
 
+    /// Asks `peer` how far its Raft journal has got, and raises what is known of it (see
+    /// [`crate::peer_stores`]); a node from before the question answers an error, ignored.
+    async fn ask_journal(&self, peer: NodeId) {
+        let request = Request::App(encode(&AppRequest::Journal));
+        let answer = self
+            .inner
+            .peers
+            .call(peer, &request, Duration::from_secs(1))
+            .await;
+        if let Ok(Response::App(bytes)) = answer
+            && let Ok(AppResponse::Journal(Some(identity))) = decode(&bytes)
+        {
+            self.inner.peer_stores.saw_journal(peer, &identity);
+        }
+    }
+
     /// Measures each other member's clock every [`CLOCK_ROUND`] (the first round at once,
     /// or as soon as the cluster forms) and records the offsets; logs a warning when this node's own clock is corrected, or a
     /// member's is off, by more than [`CLOCK_TOLERANCE`] (once each time that starts).
@@ -72,6 +88,7 @@ impl ClusterNode {
                             // Asked of a member that answers only: a silent one would hold
                             // the round (which leaders wait for at first) another second.
                             self.ask_build(peer).await;
+                            self.ask_journal(peer).await;
                         }
                     }
                 });
