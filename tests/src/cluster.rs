@@ -314,7 +314,7 @@ impl Cluster {
             .expect("node is running")
     }
 
-    /// `kill -9`s node `id`, keeping its data for a restart.
+    /// `kill -9`s node `id` (if it runs), keeping its data for a restart.
     pub fn kill(&mut self, id: u64) {
         let member = &mut self.members[(id - 1) as usize];
         if let Some(node) = member.node.take() {
@@ -334,6 +334,34 @@ impl Cluster {
         let member = &mut self.members[(id - 1) as usize];
         let _ = std::fs::remove_dir_all(&member.data_dir);
         member.data_dir = scratch_dir(&format!("node{id}-wiped"));
+    }
+
+    /// Node `id`'s own `herald serve` flags from its next start on (replacing any it had).
+    pub fn set_node_args(&mut self, id: u64, args: &[&str]) {
+        self.node_extra
+            .insert(id, args.iter().map(|a| a.to_string()).collect());
+    }
+
+    /// A copy of node `id`'s data directory, taken while it is stopped (so the copy is whole):
+    /// a backup, for [`Cluster::restore`].
+    pub fn back_up(&self, id: u64) -> std::path::PathBuf {
+        let member = &self.members[(id - 1) as usize];
+        assert!(
+            member.node.is_none(),
+            "node {id} is stopped (`kill`) before a backup"
+        );
+        let backup = scratch_dir(&format!("node{id}-backup"));
+        copy_dir(&member.data_dir, &backup);
+        backup
+    }
+
+    /// `kill -9`s node `id` and puts a copy of `backup` (see [`Cluster::back_up`]) in place of
+    /// its data directory: its next start is on the store as it was then.
+    pub fn restore(&mut self, id: u64, backup: &std::path::Path) {
+        self.kill(id);
+        let member = &mut self.members[(id - 1) as usize];
+        let _ = std::fs::remove_dir_all(&member.data_dir);
+        copy_dir(backup, &member.data_dir);
     }
 
     /// Node `from` can no longer reach node `to` (its packets to `to`'s relay are dropped);
@@ -490,4 +518,22 @@ pub fn cli_via(http: std::net::SocketAddr, args: &[&str]) -> (bool, String) {
         stderr.join().unwrap_or_default()
     );
     (status.success(), text)
+}
+
+/// Copies directory `from` into `to` (created if missing), with `cp -a`: files, modes and
+/// times as they are.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("create the copy's directory");
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .status()
+        .expect("run cp");
+    assert!(
+        status.success(),
+        "cp -a {} {}: {status}",
+        from.display(),
+        to.display()
+    );
 }

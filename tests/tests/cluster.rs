@@ -2064,6 +2064,143 @@ async fn a_member_back_on_an_empty_data_directory_cannot_vote_away_acknowledged_
     .await;
 }
 
+/// The highest record of node `of`'s Raft journal node `by` has seen durable (its status).
+fn journal_seen(cluster: &Cluster, by: u64, of: u64) -> Option<u64> {
+    cluster.status(by)?["links"][of.to_string()]["journal"].as_u64()
+}
+
+/// A data directory restored from a backup keeps its store id but has forgotten what the
+/// member acknowledged since: like a lost one, it must not help elect a leader that lacks
+/// those events. Its peers tell it by its Raft journal, which starts below what they saw it
+/// make durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_restored_from_a_backup_cannot_vote_away_acknowledged_events() {
+    let mut cluster = Cluster::start(3);
+    // A channel whose partition node 1 leads.
+    let mut channel = String::new();
+    for i in 0.. {
+        let name = format!("restored:{i}");
+        let reply = publish_until_acked(&cluster, 1, &name, "probe").await;
+        if cluster.leader_of(1, partition_of_reply(&reply)) == Some(1) {
+            channel = name;
+            break;
+        }
+    }
+    // Node 3 is stopped, backed up and started again.
+    stop_with_sigterm(&mut cluster, 3);
+    cluster.kill(3);
+    let backup = cluster.back_up(3);
+    cluster.start_node(3, 3);
+    let mut backed_up = 0;
+    herald_tests::wait_until("node 3 shows its journal", || {
+        let start = cluster
+            .status(3)
+            .and_then(|s| s["journal"]["start"].as_u64());
+        backed_up = start.unwrap_or_default();
+        start.is_some()
+    });
+    // It acknowledges more, and node 2 sees its journal pass where the backup ends.
+    publish_until_acked(&cluster, 1, &channel, "after the backup").await;
+    herald_tests::wait_until("node 2 sees node 3's journal pass the backup", || {
+        journal_seen(&cluster, 2, 3).is_some_and(|seen| seen > backed_up)
+    });
+    // With node 2 paused, an event commits on nodes 1 and 3 only.
+    cluster.node(2).signal("STOP");
+    publish_until_acked(&cluster, 1, &channel, "acknowledged").await;
+    // Node 1 dies; node 3 dies and is restored from the backup; node 2 resumes; node 3
+    // comes back.
+    cluster.kill(1);
+    cluster.restore(3, &backup);
+    cluster.node(2).signal("CONT");
+    cluster.start_node(3, 3);
+
+    // Node 2 lacks the event, and node 3 must not help it lead: nothing commits until node 1
+    // (which has the event) is back.
+    let until = tokio::time::Instant::now() + Duration::from_secs(8);
+    while tokio::time::Instant::now() < until {
+        let refused = try_publish(
+            cluster.node(2).http,
+            &json!({ "channel": channel, "data": "too early" }),
+        )
+        .await
+        .expect_err("nodes 2 and 3 must not form a quorum: 3 forgot what it acknowledged");
+        assert!(refused.starts_with("503"), "{refused}");
+    }
+    herald_tests::wait_until("node 2 says why it refuses node 3", || {
+        cluster
+            .node(2)
+            .log()
+            .contains("refusing node 3: its data directory went back in time")
+    });
+    herald_tests::wait_until("node 3 is told why it is refused", || {
+        cluster.node(3).log().contains("went back in time")
+    });
+
+    cluster.start_node(1, 3);
+    publish_until_acked(&cluster, 2, &channel, "after").await;
+    let want: Vec<String> = ["probe", "after the backup", "acknowledged", "after"]
+        .map(String::from)
+        .to_vec();
+    for id in [1, 2] {
+        eventually_equal(
+            &format!("node {id} holds every acknowledged event"),
+            &want,
+            || history_payloads(cluster.node(id), &channel),
+        )
+        .await;
+    }
+    // Node 2 still refuses node 3 after a restart of its own.
+    stop_with_sigterm(&mut cluster, 2);
+    cluster.kill(2);
+    cluster.start_node(2, 3);
+    herald_tests::wait_until("node 2, restarted, still refuses node 3", || {
+        cluster
+            .node(2)
+            .log()
+            .contains("refusing node 3: its data directory went back in time")
+    });
+    let refused = |cluster: &Cluster, by: u64| {
+        cluster
+            .status(by)
+            .is_some_and(|status| status["links"]["3"]["state"] == "refused")
+    };
+    assert!(refused(&cluster, 2), "{:?}", cluster.status(2));
+    // What an operator who restored every node does: node 2 forgets the journals it saw.
+    stop_with_sigterm(&mut cluster, 2);
+    cluster.kill(2);
+    cluster.set_node_args(2, &["--forget-peer-journals"]);
+    cluster.start_node(2, 3);
+    herald_tests::wait_until("node 2 forgot the journals and hears node 3 again", || {
+        cluster
+            .node(2)
+            .log()
+            .contains("forgot how far the members' Raft journals had got")
+            && cluster
+                .status(2)
+                .is_some_and(|status| status["links"]["3"]["state"] == "connected")
+    });
+    assert!(
+        refused(&cluster, 1),
+        "node 1 still refuses node 3: {:?}",
+        cluster.status(1)
+    );
+
+    // The operator's way back: remove node 3 and join it again; it then catches up.
+    let (ok, text) = cluster.cli(1, &["remove", "--node-id", "3"]);
+    assert!(ok, "remove failed: {text}");
+    let addr = format!("127.0.0.1:{}", cluster.members[2].cluster_port);
+    herald_tests::wait_until("node 3 can be joined again", || {
+        cluster
+            .cli(1, &["join", "--node-id", "3", "--addr", &addr])
+            .0
+    });
+    eventually_equal("node 3 catches up", &want, || async {
+        history_payloads(cluster.node(3), &channel).await
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(backup);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_init_by_hand_while_a_node_is_down_creates_every_partition() {
     // No --bootstrap-expect: the cluster is formed by `herald cluster init`, with node 1 away.
