@@ -23,12 +23,14 @@
 //! forgotten what was written since: the same danger. So a node also shows how far its Raft
 //! journal has got (`Store::journal_progress`: a random number per run, the journal's last
 //! record when the run began, its last durable record now), at the start of every connection
-//! and each clock round. Each node records, per member, the highest durable record it saw
-//! (raised every round, on the store's next checkpoint) and the run it was seen in. A new run
-//! that begins below it went back in time: the member is refused for good (the verdict is
-//! flushed), until it is removed and joined again. A backup taken less than a round before the
-//! member's last report of it is not told apart; a member stopped and copied whole is (its
-//! next run starts where it stopped).
+//! and each clock round. Each node records, per member, the highest durable record it saw and
+//! the run it was seen in (in memory at once; in its store, as a record of its own journal,
+//! whenever that moved by more than [`WRITE_SLACK`]). A new run that begins below it went back
+//! in time: the member is refused for good (the verdict is flushed), until it is removed and
+//! joined again. A backup taken less than a round before the member's last report of it is not
+//! told apart (nor, by a node that crashed since, one within [`WRITE_SLACK`] records of what
+//! it had written down); a member stopped and copied whole is (its next run starts where it
+//! stopped).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,8 +69,27 @@ pub struct PeerStores {
     /// The recorded store ids as last read from the store (`None`: no record), for the
     /// per-message checks; cleared when the store's generation moves.
     records: Mutex<(u64, HashMap<NodeId, Option<u64>>)>,
-    /// What is recorded of each member's journal, as last read or written, like `records`.
-    journals: Mutex<(u64, HashMap<NodeId, Option<PeerProgress>>)>,
+    /// What this node knows of each member's journal.
+    journals: Mutex<Journals>,
+}
+
+/// How far a member's journal may get past what is written of it to the store before the
+/// record is written again. Writing every raise would feed itself: each write is a record of
+/// this node's own journal, which its peers see and write down in turn, every round, idle or
+/// not. A record written this far behind only makes a check after a crash of this node less
+/// strict by as much (this process judges by what it holds in memory).
+const WRITE_SLACK: u64 = 64;
+
+/// What this node knows of each member's journal (see the module doc).
+#[derive(Default)]
+struct Journals {
+    /// The store's [`Store::peer_store_generation`] these reflect.
+    generation: u64,
+    /// The record of each member as this process holds it (`None`: none in the store), raised
+    /// at once.
+    known: HashMap<NodeId, Option<PeerProgress>>,
+    /// The highest durable record written to the store for each member.
+    written: HashMap<NodeId, u64>,
 }
 
 impl PeerStores {
@@ -84,7 +105,7 @@ impl PeerStores {
             refused: Mutex::new(HashMap::new()),
             dialed: Mutex::new(HashMap::new()),
             records: Mutex::new((0, HashMap::new())),
-            journals: Mutex::new((0, HashMap::new())),
+            journals: Mutex::new(Journals::default()),
         })
     }
 
@@ -176,30 +197,53 @@ impl PeerStores {
         record
     }
 
-    /// What is recorded of `peer`'s journal, through a cache kept in step with the store.
-    fn journal_record(&self, peer: NodeId) -> Option<PeerProgress> {
+    /// The journals known, after dropping those of members the store forgot since the last
+    /// look (they left the cluster).
+    fn journals(&self) -> parking_lot::MutexGuard<'_, Journals> {
         let generation = self.store.peer_store_generation();
         let mut journals = self.journals.lock();
-        if journals.0 != generation {
-            *journals = (generation, HashMap::new());
+        if journals.generation != generation {
+            journals.generation = generation;
+            let kept = |peer: &NodeId| matches!(self.store.peer_progress(*peer), Ok(Some(_)));
+            journals.known.retain(|peer, _| kept(peer));
+            journals.written.retain(|peer, _| kept(peer));
         }
-        if let Some(record) = journals.1.get(&peer) {
+        journals
+    }
+
+    /// What this node knows of `peer`'s journal (read from the store the first time).
+    fn journal_record(&self, peer: NodeId) -> Option<PeerProgress> {
+        let mut journals = self.journals();
+        if let Some(record) = journals.known.get(&peer) {
             return *record;
         }
         let record = self.store.peer_progress(peer).ok().flatten();
-        journals.1.insert(peer, record);
+        journals.known.insert(peer, record);
+        if let Some(record) = record {
+            journals.written.insert(peer, record.durable);
+        }
         record
     }
 
-    /// Records what is known of `peer`'s journal in the store and the cache.
+    /// Records what is known of `peer`'s journal: in memory at once; in the store when it
+    /// changes more than a raise of at most [`WRITE_SLACK`] records. Called under `judging`.
     fn set_journal_record(&self, peer: NodeId, record: PeerProgress) {
+        let mut journals = self.journals();
+        let before = journals.known.get(&peer).copied().flatten();
+        let written = journals.written.get(&peer).copied();
+        let write = before.is_none_or(|before| {
+            before.store != record.store
+                || before.run != record.run
+                || before.went_back != record.went_back
+        }) || written.is_none_or(|written| record.durable > written + WRITE_SLACK);
+        journals.known.insert(peer, Some(record));
+        if !write {
+            return;
+        }
+        journals.written.insert(peer, record.durable);
+        drop(journals);
         if let Err(error) = self.store.set_peer_progress(peer, &record) {
             tracing::warn!(peer, %error, "cannot record a member's journal");
-        }
-        let generation = self.store.peer_store_generation();
-        let mut journals = self.journals.lock();
-        if journals.0 == generation {
-            journals.1.insert(peer, Some(record));
         }
     }
 

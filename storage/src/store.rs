@@ -801,9 +801,9 @@ impl Store {
     }
 
     /// Records what this node knows of member `peer`'s journal. With the Raft journal open,
-    /// as a record of it, made durable with its next sync (a few ms): a node `kill -9`ed
-    /// after seeing a member's journal pass a backup still knows it when that member comes
-    /// back restored. A record marking the member's store as gone back in time is flushed.
+    /// as a record of it, made durable with its next sync (a few ms) and redone after a
+    /// crash, like the writes it records. A record marking the member's store as gone back in
+    /// time is flushed.
     pub fn set_peer_progress(
         &self,
         peer: u64,

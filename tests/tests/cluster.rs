@@ -2179,11 +2179,6 @@ async fn a_member_restored_from_a_backup_cannot_vote_away_acknowledged_events() 
                 .status(2)
                 .is_some_and(|status| status["links"]["3"]["state"] == "connected")
     });
-    assert!(
-        refused(&cluster, 1),
-        "node 1 still refuses node 3: {:?}",
-        cluster.status(1)
-    );
 
     // The operator's way back: remove node 3 and join it again; it then catches up.
     let (ok, text) = cluster.cli(1, &["remove", "--node-id", "3"]);
