@@ -1985,19 +1985,95 @@ async fn publish_until_acked(cluster: &Cluster, via: u64, channel: &str, data: &
     }
 }
 
+/// A channel (named `PREFIX:N`) whose partition node 1 leads, found by publishing `probe` on
+/// each until one lands there.
+async fn channel_led_by_node_1(cluster: &Cluster, prefix: &str) -> String {
+    for i in 0.. {
+        let name = format!("{prefix}:{i}");
+        let reply = publish_until_acked(cluster, 1, &name, "probe").await;
+        if cluster.leader_of(1, partition_of_reply(&reply)) == Some(1) {
+            return name;
+        }
+    }
+    unreachable!()
+}
+
+/// Asserts that for many election timeouts nothing commits through node 2 on `channel`:
+/// node 2 lacks an acknowledged event, and node 3 (which forgot it) must not help it lead
+/// (without the check, nodes 2 and 3 elect node 2 within one timeout). Then that node 2 logs
+/// `refusing node 3: {why}` and node 3 is told `told`.
+async fn assert_node_3_cannot_help_node_2_lead(
+    cluster: &Cluster,
+    channel: &str,
+    why: &str,
+    told: &str,
+) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(8);
+    while tokio::time::Instant::now() < until {
+        let refused = try_publish(
+            cluster.node(2).http,
+            &json!({ "channel": channel, "data": "too early" }),
+        )
+        .await
+        .expect_err("nodes 2 and 3 must not form a quorum: 3 forgot what it acknowledged");
+        assert!(refused.starts_with("503"), "{refused}");
+    }
+    let refusing = format!("refusing node 3: {why}");
+    herald_tests::wait_until("node 2 says why it refuses node 3", || {
+        cluster.node(2).log().contains(&refusing)
+    });
+    herald_tests::wait_until("node 3 is told why it is refused", || {
+        cluster.node(3).log().contains(told)
+    });
+}
+
+/// Starts node 1 again (it has every acknowledged event), publishes `after` through node 2, and
+/// waits until nodes 1 and 2 hold `acknowledged` then `after` on `channel`; returns that list.
+async fn node_1_back_has_every_event(
+    cluster: &mut Cluster,
+    channel: &str,
+    acknowledged: &[&str],
+) -> Vec<String> {
+    cluster.start_node(1, 3);
+    publish_until_acked(cluster, 2, channel, "after").await;
+    let want: Vec<String> = acknowledged
+        .iter()
+        .chain(&["after"])
+        .map(|s| s.to_string())
+        .collect();
+    // Acknowledged once a quorum has it: node 1, just restarted, may apply it a moment later.
+    for id in [1, 2] {
+        eventually_equal(
+            &format!("node {id} holds every acknowledged event"),
+            &want,
+            || history_payloads(cluster.node(id), channel),
+        )
+        .await;
+    }
+    want
+}
+
+/// The operator's way back for node 3, refused for its store: remove it and join it again; it
+/// then catches up to `want` on `channel`.
+async fn remove_and_join_node_3_again(cluster: &Cluster, channel: &str, want: &[String]) {
+    let (ok, text) = cluster.cli(1, &["remove", "--node-id", "3"]);
+    assert!(ok, "remove failed: {text}");
+    let addr = format!("127.0.0.1:{}", cluster.members[2].cluster_port);
+    herald_tests::wait_until("node 3 can be joined again", || {
+        cluster
+            .cli(1, &["join", "--node-id", "3", "--addr", &addr])
+            .0
+    });
+    eventually_equal("node 3 catches up", &want.to_vec(), || async {
+        history_payloads(cluster.node(3), channel).await
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_back_on_an_empty_data_directory_cannot_vote_away_acknowledged_events() {
     let mut cluster = Cluster::start(3);
-    // A channel whose partition node 1 leads.
-    let mut channel = String::new();
-    for i in 0.. {
-        let name = format!("wiped:{i}");
-        let reply = publish_until_acked(&cluster, 1, &name, "probe").await;
-        if cluster.leader_of(1, partition_of_reply(&reply)) == Some(1) {
-            channel = name;
-            break;
-        }
-    }
+    let channel = channel_led_by_node_1(&cluster, "wiped").await;
     // With node 2 paused, an event commits on nodes 1 and 3 only.
     cluster.node(2).signal("STOP");
     publish_until_acked(&cluster, 1, &channel, "acknowledged").await;
@@ -2009,59 +2085,16 @@ async fn a_member_back_on_an_empty_data_directory_cannot_vote_away_acknowledged_
 
     // Node 2 lacks the event, and node 3 must not help it lead: nothing commits until node 1
     // (which has the event) is back.
-    // (Many election timeouts: without the check, nodes 2 and 3 elect node 2 within one.)
-    let until = tokio::time::Instant::now() + Duration::from_secs(8);
-    while tokio::time::Instant::now() < until {
-        let refused = try_publish(
-            cluster.node(2).http,
-            &json!({ "channel": channel, "data": "too early" }),
-        )
-        .await
-        .expect_err("nodes 2 and 3 must not form a quorum: 3 forgot what it acknowledged");
-        assert!(refused.starts_with("503"), "{refused}");
-    }
-    herald_tests::wait_until("node 2 says why it refuses node 3", || {
-        cluster.node(2).log().contains("refusing node 3")
-    });
-    herald_tests::wait_until("node 3 is told why it is refused", || {
-        cluster
-            .node(3)
-            .log()
-            .contains("runs on another store than the one it was a member with")
-    });
-
-    cluster.start_node(1, 3);
-    publish_until_acked(&cluster, 2, &channel, "after").await;
-    // Acknowledged once a quorum has it: node 1, just restarted, may apply it a moment later.
-    let want: Vec<String> = ["probe", "acknowledged", "after"]
-        .map(String::from)
-        .to_vec();
-    for id in [1, 2] {
-        eventually_equal(
-            &format!("node {id} holds every acknowledged event"),
-            &want,
-            || history_payloads(cluster.node(id), &channel),
-        )
-        .await;
-    }
-
-    // The operator's way back: remove node 3 and join it again; it then catches up.
-    let (ok, text) = cluster.cli(1, &["remove", "--node-id", "3"]);
-    assert!(ok, "remove failed: {text}");
-    let addr = format!("127.0.0.1:{}", cluster.members[2].cluster_port);
-    herald_tests::wait_until("node 3 can be joined again", || {
-        cluster
-            .cli(1, &["join", "--node-id", "3", "--addr", &addr])
-            .0
-    });
-    eventually_equal(
-        "node 3 catches up",
-        &["probe", "acknowledged", "after"]
-            .map(String::from)
-            .to_vec(),
-        || async { history_payloads(cluster.node(3), &channel).await },
+    assert_node_3_cannot_help_node_2_lead(
+        &cluster,
+        &channel,
+        "it runs on another store",
+        "runs on another store than the one it was a member with",
     )
     .await;
+    let want =
+        node_1_back_has_every_event(&mut cluster, &channel, &["probe", "acknowledged"]).await;
+    remove_and_join_node_3_again(&cluster, &channel, &want).await;
 }
 
 /// The highest record of node `of`'s Raft journal node `by` has seen durable (its status).
@@ -2076,16 +2109,7 @@ fn journal_seen(cluster: &Cluster, by: u64, of: u64) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_restored_from_a_backup_cannot_vote_away_acknowledged_events() {
     let mut cluster = Cluster::start(3);
-    // A channel whose partition node 1 leads.
-    let mut channel = String::new();
-    for i in 0.. {
-        let name = format!("restored:{i}");
-        let reply = publish_until_acked(&cluster, 1, &name, "probe").await;
-        if cluster.leader_of(1, partition_of_reply(&reply)) == Some(1) {
-            channel = name;
-            break;
-        }
-    }
+    let channel = channel_led_by_node_1(&cluster, "restored").await;
     // Node 3 is stopped, backed up and started again.
     stop_with_sigterm(&mut cluster, 3);
     cluster.kill(3);
@@ -2116,39 +2140,19 @@ async fn a_member_restored_from_a_backup_cannot_vote_away_acknowledged_events() 
 
     // Node 2 lacks the event, and node 3 must not help it lead: nothing commits until node 1
     // (which has the event) is back.
-    let until = tokio::time::Instant::now() + Duration::from_secs(8);
-    while tokio::time::Instant::now() < until {
-        let refused = try_publish(
-            cluster.node(2).http,
-            &json!({ "channel": channel, "data": "too early" }),
-        )
-        .await
-        .expect_err("nodes 2 and 3 must not form a quorum: 3 forgot what it acknowledged");
-        assert!(refused.starts_with("503"), "{refused}");
-    }
-    herald_tests::wait_until("node 2 says why it refuses node 3", || {
-        cluster
-            .node(2)
-            .log()
-            .contains("refusing node 3: its data directory went back in time")
-    });
-    herald_tests::wait_until("node 3 is told why it is refused", || {
-        cluster.node(3).log().contains("went back in time")
-    });
-
-    cluster.start_node(1, 3);
-    publish_until_acked(&cluster, 2, &channel, "after").await;
-    let want: Vec<String> = ["probe", "after the backup", "acknowledged", "after"]
-        .map(String::from)
-        .to_vec();
-    for id in [1, 2] {
-        eventually_equal(
-            &format!("node {id} holds every acknowledged event"),
-            &want,
-            || history_payloads(cluster.node(id), &channel),
-        )
-        .await;
-    }
+    assert_node_3_cannot_help_node_2_lead(
+        &cluster,
+        &channel,
+        "its data directory went back in time",
+        "went back in time",
+    )
+    .await;
+    let want = node_1_back_has_every_event(
+        &mut cluster,
+        &channel,
+        &["probe", "after the backup", "acknowledged"],
+    )
+    .await;
     // Node 2 still refuses node 3 after a restart of its own.
     stop_with_sigterm(&mut cluster, 2);
     cluster.kill(2);
@@ -2180,19 +2184,7 @@ async fn a_member_restored_from_a_backup_cannot_vote_away_acknowledged_events() 
                 .is_some_and(|status| status["links"]["3"]["state"] == "connected")
     });
 
-    // The operator's way back: remove node 3 and join it again; it then catches up.
-    let (ok, text) = cluster.cli(1, &["remove", "--node-id", "3"]);
-    assert!(ok, "remove failed: {text}");
-    let addr = format!("127.0.0.1:{}", cluster.members[2].cluster_port);
-    herald_tests::wait_until("node 3 can be joined again", || {
-        cluster
-            .cli(1, &["join", "--node-id", "3", "--addr", &addr])
-            .0
-    });
-    eventually_equal("node 3 catches up", &want, || async {
-        history_payloads(cluster.node(3), &channel).await
-    })
-    .await;
+    remove_and_join_node_3_again(&cluster, &channel, &want).await;
     let _ = std::fs::remove_dir_all(backup);
 }
 

@@ -13,19 +13,24 @@ use crate::message::{AppRequest, AppResponse, decode, encode};
 use crate::rpc::{Request, Response};
 
 impl ClusterNode {
-    /// Asks `peer` which build it runs and records the answer, for `herald cluster status`
-    /// (a node from before the question answers an error, recorded as such).
-    async fn ask_build(&self, peer: NodeId) {
-        let request = Request::App(encode(&AppRequest::Build));
+    /// Asks `peer` one question of the clock round (1 s at most); `None` if no answer came.
+    async fn ask(&self, peer: NodeId, question: &AppRequest) -> Option<AppResponse> {
+        let request = Request::App(encode(question));
         let answer = self
             .inner
             .peers
             .call(peer, &request, Duration::from_secs(1))
             .await;
-        let build = match answer.ok().and_then(|answer| match answer {
-            Response::App(bytes) => decode::<AppResponse>(&bytes).ok(),
+        match answer {
+            Ok(Response::App(bytes)) => decode(&bytes).ok(),
             _ => None,
-        }) {
+        }
+    }
+
+    /// Asks `peer` which build it runs and records the answer, for `herald cluster status`
+    /// (a node from before the question answers an error, recorded as such).
+    async fn ask_build(&self, peer: NodeId) {
+        let build = match self.ask(peer, &AppRequest::Build).await {
             Some(AppResponse::Build(build)) => build,
             Some(AppResponse::Done(Err(_))) => "older than 2026-12-07 (tells no build)".into(),
             _ => return,
@@ -36,14 +41,8 @@ impl ClusterNode {
     /// Asks `peer` how far its Raft journal has got, and raises what is known of it (see
     /// [`crate::peer_stores`]); a node from before the question answers an error, ignored.
     async fn ask_journal(&self, peer: NodeId) {
-        let request = Request::App(encode(&AppRequest::Journal));
-        let answer = self
-            .inner
-            .peers
-            .call(peer, &request, Duration::from_secs(1))
-            .await;
-        if let Ok(Response::App(bytes)) = answer
-            && let Ok(AppResponse::Journal(Some(identity))) = decode(&bytes)
+        if let Some(AppResponse::Journal(Some(identity))) =
+            self.ask(peer, &AppRequest::Journal).await
         {
             self.inner.peer_stores.saw_journal(peer, &identity);
         }
