@@ -187,9 +187,13 @@ pub enum AppResponse {
     /// Answer to [`AppRequest::Build`]: `0.1.0 (commit ...)`. Last, so that older nodes
     /// decode the variants before it.
     Build(String),
-    /// Answer to [`AppRequest::Journal`]: the node's store id and journal (`None` before its
-    /// journal is open). Last, like the request.
-    Journal(Option<crate::rpc::Identity>),
+    /// Answer to [`AppRequest::Journal`]. Last, like the request.
+    Journal {
+        /// The node's store id and journal (`None` before its journal is open).
+        identity: Option<crate::rpc::Identity>,
+        /// The members it refuses as gone back in time, each with the store id it refuses.
+        went_back: Vec<(NodeId, u64)>,
+    },
 }
 
 const CONFIG: bincode::config::Configuration = bincode::config::standard();

@@ -26,8 +26,9 @@
 //! and each clock round. Each node records, per member, the highest durable record it saw and
 //! the run it was seen in (in memory at once; in its store, as a record of its own journal,
 //! whenever that moved by more than [`WRITE_SLACK`]). A new run that begins below it went back
-//! in time: the member is refused for good (the verdict is flushed), until it is removed and
-//! joined again. A backup taken less than a round before the member's last report of it is not
+//! in time: the member is refused for good (the verdict is flushed and told to the other
+//! members each round: [`PeerStores::heard_went_back`]), until it is removed and joined again.
+//! A backup taken after the member's last report (its last round before it stopped) is not
 //! told apart (nor, by a node that crashed since, one within [`WRITE_SLACK`] records of what
 //! it had written down); a member stopped and copied whole is (its next run starts where it
 //! stopped).
@@ -277,6 +278,7 @@ impl PeerStores {
             _ => Some(PeerProgress {
                 store: identity.store,
                 run: journal.run,
+                previous_run: 0,
                 start: journal.start,
                 durable: journal.durable,
                 went_back: false,
@@ -284,6 +286,70 @@ impl PeerStores {
         };
         if let Some(record) = raised {
             self.set_journal_record(peer, record);
+        }
+    }
+
+    /// The members this node refuses as gone back in time, each with the store id it refuses
+    /// (told to the others in the clock round: see [`PeerStores::heard_went_back`]).
+    pub fn went_back_members(&self) -> Vec<(NodeId, u64)> {
+        let Some(meta) = self.meta.get() else {
+            return Vec::new();
+        };
+        let members: Vec<NodeId> = meta
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect();
+        members
+            .into_iter()
+            .filter_map(|member| {
+                let record = self.journal_record(member)?;
+                (record.went_back && self.record(member) == Some(record.store))
+                    .then_some((member, record.store))
+            })
+            .collect()
+    }
+
+    /// Member `from` refuses the members in `went_back` (with the store each showed) as gone
+    /// back in time: so does this node, if it knows each on the same store. A member that was
+    /// down when a restored node first came back would otherwise judge only that node's later
+    /// runs, whose journals start higher and higher (it writes records of its own while
+    /// refused), and might let it in.
+    pub fn heard_went_back(&self, from: NodeId, went_back: &[(NodeId, u64)]) {
+        for &(peer, store) in went_back {
+            let _judging = self.judging.lock();
+            if !self.membership_known()
+                || !self.is_member(peer)
+                || self.record(peer) != Some(store)
+                || self.went_back(peer, store)
+            {
+                continue;
+            }
+            let known = self
+                .journal_record(peer)
+                .filter(|record| record.store == store);
+            self.set_journal_record(
+                peer,
+                PeerProgress {
+                    store,
+                    run: known.map_or(0, |record| record.run),
+                    previous_run: known.map_or(0, |record| record.previous_run),
+                    start: known.map_or(0, |record| record.start),
+                    durable: known.map_or(0, |record| record.durable),
+                    went_back: true,
+                },
+            );
+            self.refuse(peer, || {
+                tracing::error!(
+                    peer,
+                    from,
+                    "refusing node {peer}: node {from} found {}",
+                    store_went_back(peer, 0, 0)
+                );
+            });
         }
     }
 
@@ -344,7 +410,10 @@ impl PeerStores {
     fn judge(&self, peer: NodeId, known: u64, shown: u64) -> bool {
         let mut refused = self.refused.lock();
         if known == shown {
-            refused.remove(&peer);
+            // Refused for its journal, it stays so (and its refusal is logged only so often).
+            if !self.went_back(peer, shown) {
+                refused.remove(&peer);
+            }
             return true;
         }
         drop(refused);
@@ -401,6 +470,11 @@ impl StoreIds for PeerStores {
             .filter(|record| record.store == store);
         let record = match known {
             Some(record) if record.went_back => None,
+            // A late exchange of the run before (its connection's task was held up): that
+            // process is gone, the run after it was judged already.
+            Some(record) if record.previous_run != 0 && record.previous_run == journal.run => {
+                return true;
+            }
             Some(record) if record.run == journal.run => Some(PeerProgress {
                 durable: record.durable.max(journal.durable),
                 ..record
@@ -410,6 +484,7 @@ impl StoreIds for PeerStores {
                     peer,
                     PeerProgress {
                         run: journal.run,
+                        previous_run: record.run,
                         start: journal.start,
                         went_back: true,
                         ..record
@@ -420,6 +495,7 @@ impl StoreIds for PeerStores {
             _ => Some(PeerProgress {
                 store,
                 run: journal.run,
+                previous_run: known.map_or(0, |record| record.run),
                 start: journal.start,
                 durable: journal
                     .durable

@@ -1152,8 +1152,15 @@ pub fn store_changed(peer: NodeId) -> String {
 /// durable, is refused: `start` is where its journal begins now, `durable` what a run of it
 /// had made durable before.
 pub fn store_went_back(peer: NodeId, start: u64, durable: u64) -> String {
+    let how = if durable > 0 {
+        format!(
+            " (its Raft journal starts at record {start}, and it had made record {durable} durable)"
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "its data directory went back in time (its Raft journal starts at record {start}, and it had made record {durable} durable): restored from a backup or a disk snapshot, it may lack events it acknowledged and must not vote; {}",
+        "its data directory went back in time{how}: restored from a backup or a disk snapshot, it may lack events it acknowledged and must not vote; {}",
         remove_and_join(peer)
     )
 }

@@ -341,6 +341,9 @@ pub struct PeerProgress {
     pub store: u64,
     /// The run of it last seen.
     pub run: u64,
+    /// The run before `run` (0: none seen): an exchange of that one, late (its connection's
+    /// task held up), is not judged as a new run.
+    pub previous_run: u64,
     /// Where that run's journal started.
     pub start: u64,
     /// The highest durable record it showed, any run.
@@ -351,7 +354,7 @@ pub struct PeerProgress {
 }
 
 impl PeerProgress {
-    const BYTES: usize = 33;
+    const BYTES: usize = 41;
 
     fn encode(&self) -> [u8; Self::BYTES] {
         let mut out = [0u8; Self::BYTES];
@@ -359,7 +362,8 @@ impl PeerProgress {
         out[8..16].copy_from_slice(&self.run.to_be_bytes());
         out[16..24].copy_from_slice(&self.start.to_be_bytes());
         out[24..32].copy_from_slice(&self.durable.to_be_bytes());
-        out[32] = u8::from(self.went_back);
+        out[32..40].copy_from_slice(&self.previous_run.to_be_bytes());
+        out[40] = u8::from(self.went_back);
         out
     }
 
@@ -376,7 +380,8 @@ impl PeerProgress {
             run: codec::be_u64(&bytes[8..16], "peer run")?,
             start: codec::be_u64(&bytes[16..24], "peer journal start")?,
             durable: codec::be_u64(&bytes[24..32], "peer journal record")?,
-            went_back: bytes[32] != 0,
+            previous_run: codec::be_u64(&bytes[32..40], "peer previous run")?,
+            went_back: bytes[40] != 0,
         })
     }
 }
@@ -813,7 +818,7 @@ impl Store {
         ops.insert(peer_progress_key(peer), &progress.encode()[..]);
         self.write_journaled(ops)?;
         if progress.went_back {
-            self.tree.flush()?;
+            self.flush_blocking()?;
         }
         Ok(())
     }
@@ -839,7 +844,7 @@ impl Store {
         for key in &keys {
             self.tree.remove(key)?;
         }
-        self.tree.flush()?;
+        self.flush_blocking()?;
         Ok(keys.len())
     }
 

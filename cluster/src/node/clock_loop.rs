@@ -38,13 +38,24 @@ impl ClusterNode {
         self.inner.builds.lock().insert(peer, build);
     }
 
-    /// Asks `peer` how far its Raft journal has got, and raises what is known of it (see
-    /// [`crate::peer_stores`]); a node from before the question answers an error, ignored.
+    /// Asks `peer` how far its Raft journal has got, and raises what is known of it, and
+    /// which members it refuses as gone back in time (see [`crate::peer_stores`]); a node
+    /// from before the question answers an error, ignored.
     async fn ask_journal(&self, peer: NodeId) {
-        if let Some(AppResponse::Journal(Some(identity))) =
-            self.ask(peer, &AppRequest::Journal).await
+        if let Some(AppResponse::Journal {
+            identity,
+            went_back,
+        }) = self.ask(peer, &AppRequest::Journal).await
         {
-            self.inner.peer_stores.saw_journal(peer, &identity);
+            let stores = &self.inner.peer_stores;
+            if let Some(identity) = identity {
+                stores.saw_journal(peer, &identity);
+            }
+            let others: Vec<_> = went_back
+                .into_iter()
+                .filter(|(member, _)| *member != self.inner.id)
+                .collect();
+            stores.heard_went_back(peer, &others);
         }
     }
 

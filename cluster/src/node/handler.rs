@@ -74,7 +74,10 @@ impl ClusterNode {
             AppRequest::Clock => AppResponse::Clock(herald_storage::unix_now_ms()),
             AppRequest::Formation => AppResponse::Formation(self.formation_note()),
             AppRequest::Build => AppResponse::Build(self.inner.build.clone()),
-            AppRequest::Journal => AppResponse::Journal(self.inner.peer_stores.identity()),
+            AppRequest::Journal => AppResponse::Journal {
+                identity: self.inner.peer_stores.identity(),
+                went_back: self.inner.peer_stores.went_back_members(),
+            },
             // A member on a store that is not the one it was a member with (wiped) is not
             // told it catches up: the members refuse its Raft messages (see
             // `crate::peer_stores`), so it would not.
