@@ -25,11 +25,11 @@
 //! record when the run began, its last durable record now), at the start of every connection
 //! and each clock round. Each node records, per member, the highest durable record it saw and
 //! the run it was seen in (in memory at once; in its store, as a record of its own journal,
-//! whenever that moved by more than [`WRITE_SLACK`]). A new run that begins below it went back
+//! whenever that moved by more than `WRITE_SLACK` (64)). A new run that begins below it went back
 //! in time: the member is refused for good (the verdict is flushed and told to the other
 //! members each round: [`PeerStores::heard_went_back`]), until it is removed and joined again.
 //! A backup taken after the member's last report (its last round before it stopped) is not
-//! told apart (nor, by a node that crashed since, one within [`WRITE_SLACK`] records of what
+//! told apart (nor, by a node that crashed since, one within `WRITE_SLACK` (64) records of what
 //! it had written down); a member stopped and copied whole is (its next run starts where it
 //! stopped).
 
@@ -227,7 +227,7 @@ impl PeerStores {
     }
 
     /// Records what is known of `peer`'s journal: in memory at once; in the store when it
-    /// changes more than a raise of at most [`WRITE_SLACK`] records. Called under `judging`.
+    /// changes more than a raise of at most `WRITE_SLACK` (64) records. Called under `judging`.
     fn set_journal_record(&self, peer: NodeId, record: PeerProgress) {
         let mut journals = self.journals();
         let before = journals.known.get(&peer).copied().flatten();
