@@ -544,6 +544,12 @@ impl ClusterNode {
     /// operator: not formed yet, a group without a leader, a leader no majority answers, a
     /// leader this node has not heard from. `None` when every group can commit here.
     pub fn quorum_problem(&self) -> Option<String> {
+        // Its store is refused: it takes no part in Raft with those members, whatever its
+        // groups show for now (a node back on an empty store is not formed either: this says
+        // why).
+        if let Some(refusal) = self.inner.peers.refused_by().into_iter().min() {
+            return Some(format!("refused by the cluster: {refusal}"));
+        }
         if !self.is_formed() {
             return Some(
                 "not formed yet: waiting for the nodes of --bootstrap-expect to meet, or for \

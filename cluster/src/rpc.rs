@@ -405,6 +405,9 @@ struct Slot {
     /// What the peer said of its formed cluster when its last dial was refused because this
     /// node is not a member (see [`Peers::formed_without_this_node`]).
     formed_note: Option<String>,
+    /// Why the peer refused this node's store at the last dial's exchange, while it does (see
+    /// [`Peers::refused_by`]).
+    refused_note: Option<String>,
 }
 
 /// Dials to a peer never reached that fail this long are warned of: it should be up by then
@@ -502,6 +505,17 @@ impl Peers {
     pub fn formed_without_this_node(&self, id: NodeId) -> Option<String> {
         let slot = self.slots.lock().get(&id).cloned()?;
         slot.lock().formed_note.clone()
+    }
+
+    /// The peers that refused this node's store at their last dial's exchange (its data
+    /// directory lost, replaced or gone back in time: see [`StoreIds`]), each with why, as
+    /// they said it: `node 2 refuses it (node 3: its data directory went back in time ...)`.
+    pub fn refused_by(&self) -> Vec<String> {
+        let slots: Vec<_> = self.slots.lock().values().cloned().collect();
+        slots
+            .iter()
+            .filter_map(|slot| slot.lock().refused_note.clone())
+            .collect()
     }
 
     /// Whether `id` is known to be out of reach: its last dial failed, or its connection
@@ -751,6 +765,7 @@ impl Peers {
                     failing_since: None,
                     warned: false,
                     formed_note: None,
+                    refused_note: None,
                 }))
             })
             .clone()
@@ -801,6 +816,17 @@ impl Peers {
                     let mut slot = slot.lock();
                     slot.unanswered_since = None;
                     slot.last_answered = Some(Instant::now());
+                    // The peer's verdict on this node's store, as its Raft answers show it
+                    // (it may change on a connection: the node removed and joined again).
+                    match &response {
+                        Response::Error(reason) if reason.starts_with("refused:") => {
+                            slot.refused_note = Some(refused_note(target, reason));
+                        }
+                        Response::AppendEntries(_)
+                        | Response::Vote(_)
+                        | Response::InstallSnapshot(_) => slot.refused_note = None,
+                        _ => {}
+                    }
                     return Ok(response);
                 }
                 Ok(Err(ExchangeError::NotSent(reason))) => {
@@ -965,16 +991,19 @@ async fn dial(
             .await
             .map(|peer| peer.connection)
             .map_err(|e| e.to_string())?;
-        if let Some(store_ids) = &store_ids
-            && let Err(reason) = exchange_store_ids(&connection, target, store_ids.as_ref()).await
-        {
-            if crate::transport::refused_as_non_member(&connection) {
-                slot.lock().formed_note = crate::transport::non_member_note(&connection);
-                return Err(format!(
-                    "node {target} refuses this node: {NOT_A_MEMBER} (yet: `herald cluster join` adds it)"
-                ));
+        if let Some(store_ids) = &store_ids {
+            match exchange_store_ids(&connection, target, store_ids.as_ref()).await {
+                Ok(refused) => slot.lock().refused_note = refused,
+                Err(reason) => {
+                    if crate::transport::refused_as_non_member(&connection) {
+                        slot.lock().formed_note = crate::transport::non_member_note(&connection);
+                        return Err(format!(
+                            "node {target} refuses this node: {NOT_A_MEMBER} (yet: `herald cluster join` adds it)"
+                        ));
+                    }
+                    return Err(reason);
+                }
             }
-            return Err(reason);
         }
         Ok(connection)
     };
@@ -1057,12 +1086,13 @@ const NOT_A_MEMBER: &str = "not a member of its cluster";
 
 /// A new connection's first exchange: this node's [`Identity`] for the peer's, which
 /// `store_ids` judges. A node from before the identity is sent the store id alone; one from
-/// before the store id answers with an error: it is not checked.
+/// before the store id answers with an error: it is not checked. `Ok(Some(why))`: the peer
+/// refuses this node's store (the connection stays; no Raft message is taken on it).
 async fn exchange_store_ids(
     connection: &quinn::Connection,
     target: NodeId,
     store_ids: &dyn StoreIds,
-) -> Result<(), String> {
+) -> Result<Option<String>, String> {
     let ours = store_ids.identity();
     let request = match ours {
         Some(identity) => Request::Identity(identity),
@@ -1081,22 +1111,28 @@ async fn exchange_store_ids(
             if store_ids.accepts_dialed(target, theirs.store) {
                 store_ids.accepts_journal(target, theirs.store, &theirs.journal);
             }
-            Ok(())
+            Ok(None)
         }
         Ok(Response::StoreId(theirs)) => {
             store_ids.accepts_dialed(target, theirs);
-            Ok(())
+            Ok(None)
         }
         Ok(Response::Error(reason)) if reason.starts_with("refused:") => {
             tracing::error!(peer = target, "node {target} {reason}");
-            Ok(())
+            Ok(Some(refused_note(target, &reason)))
         }
         // A node from before the exchange: not checked.
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(None),
         Err(ExchangeError::NotSent(reason) | ExchangeError::Failed(reason)) => {
             Err(format!("exchanging store ids: {reason}"))
         }
     }
+}
+
+/// What `herald cluster status` and `/ready` say of a peer's `refused: ...` answer.
+fn refused_note(peer: NodeId, refused: &str) -> String {
+    let why = refused.trim_start_matches("refused:").trim_start();
+    format!("node {peer} refuses it ({why})")
 }
 
 /// Resolves a peer address, preferring the address family the local endpoint is bound to.
@@ -1365,7 +1401,7 @@ async fn serve_stream(
             Ok(request) if request.is_raft() && handler.store_ids().is_some_and(refused) => {
                 let reason = handler.store_ids().map(|ids| ids.refusal(from));
                 Response::Error(format!(
-                    "refused: node {from} {}",
+                    "refused: node {from}: {}",
                     reason.unwrap_or_default()
                 ))
             }
@@ -1452,7 +1488,7 @@ async fn dispatch(from: NodeId, request: Request, handler: &dyn Handler) -> Resp
         Request::StoreId(store) => match handler.store_ids() {
             // Refused: the peer is told why, so that its own log says what to do.
             Some(store_ids) if !store_ids.accepts(from, store) => {
-                Response::Error(format!("refused: node {from} {}", store_ids.refusal(from)))
+                Response::Error(format!("refused: node {from}: {}", store_ids.refusal(from)))
             }
             Some(store_ids) => Response::StoreId(store_ids.local()),
             None => Response::Error("this node does not check store ids".into()),
@@ -1462,7 +1498,7 @@ async fn dispatch(from: NodeId, request: Request, handler: &dyn Handler) -> Resp
                 if !store_ids.accepts(from, theirs.store)
                     || !store_ids.accepts_journal(from, theirs.store, &theirs.journal) =>
             {
-                Response::Error(format!("refused: node {from} {}", store_ids.refusal(from)))
+                Response::Error(format!("refused: node {from}: {}", store_ids.refusal(from)))
             }
             Some(store_ids) => match store_ids.identity() {
                 Some(ours) => Response::Identity(ours),

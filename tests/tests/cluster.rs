@@ -2001,7 +2001,7 @@ async fn channel_led_by_node_1(cluster: &Cluster, prefix: &str) -> String {
 /// Asserts that for many election timeouts nothing commits through node 2 on `channel`:
 /// node 2 lacks an acknowledged event, and node 3 (which forgot it) must not help it lead
 /// (without the check, nodes 2 and 3 elect node 2 within one timeout). Then that node 2 logs
-/// `refusing node 3: {why}` and node 3 is told `told`.
+/// `refusing node 3: {why}` and node 3 is told `told`, in its log and its `/ready`.
 async fn assert_node_3_cannot_help_node_2_lead(
     cluster: &Cluster,
     channel: &str,
@@ -2024,6 +2024,13 @@ async fn assert_node_3_cannot_help_node_2_lead(
     });
     herald_tests::wait_until("node 3 is told why it is refused", || {
         cluster.node(3).log().contains(told)
+    });
+    herald_tests::wait_until("node 3's /ready says why it cannot commit", || {
+        herald_tests::cluster::get_json(cluster.node(3), "/ready").is_some_and(|ready| {
+            ready["status"].as_str().is_some_and(|status| {
+                status.contains("refused by the cluster") && status.contains(told)
+            })
+        })
     });
 }
 
@@ -2054,7 +2061,7 @@ async fn node_1_back_has_every_event(
 }
 
 /// The operator's way back for node 3, refused for its store: remove it and join it again; it
-/// then catches up to `want` on `channel`.
+/// then catches up to `want` on `channel`, and is ready.
 async fn remove_and_join_node_3_again(cluster: &Cluster, channel: &str, want: &[String]) {
     let (ok, text) = cluster.cli(1, &["remove", "--node-id", "3"]);
     assert!(ok, "remove failed: {text}");
@@ -2068,6 +2075,10 @@ async fn remove_and_join_node_3_again(cluster: &Cluster, channel: &str, want: &[
         history_payloads(cluster.node(3), channel).await
     })
     .await;
+    herald_tests::wait_until("node 3 is ready again", || {
+        herald_tests::cluster::get_json(cluster.node(3), "/ready")
+            .is_some_and(|ready| ready["status"] == "ready")
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
