@@ -447,7 +447,9 @@ pub struct Peers {
 pub struct PeerLink {
     /// `connected`, `connecting`, `unreachable` (dials fail; retried with backoff) or `idle`
     /// (no connection needed yet, or the last one closed); `refused` in `herald cluster status`
-    /// when the peer shows another store than the one it was a member with.
+    /// when the peer shows another store than the one it was a member with (or one gone back
+    /// in time); `refuses this node` when the peer says so of this node's store (connected,
+    /// but it takes no Raft message from this node; `last_error` says why).
     pub state: &'static str,
     /// The connection's current round-trip estimate (QUIC's), while connected.
     pub rtt_us: Option<u64>,
@@ -603,14 +605,20 @@ impl Peers {
                     Link::Dialing(_) => ("connecting", None, None),
                     _ => ("idle", None, None),
                 };
+                // Connected, but the peer takes no Raft message from this node: what matters.
+                let refuses = state == "connected" && slot.refused_note.is_some();
                 Some((
                     id,
                     PeerLink {
-                        state,
+                        state: if refuses { "refuses this node" } else { state },
                         rtt_us,
                         datagrams,
                         failed_dials: slot.failures,
-                        last_error: unreachable.then(|| slot.last_error.clone()),
+                        last_error: if refuses {
+                            slot.refused_note.clone()
+                        } else {
+                            unreachable.then(|| slot.last_error.clone())
+                        },
                         clock_offset_ms: None,
                         build: None,
                         journal: None,

@@ -95,7 +95,7 @@ pub enum ClusterCommand {
     /// The table: a first line with the node, the epoch and the build it runs, then THIS
     /// NODE'S CLOCK when this node's wall clock is off from the majority's; the members, each
     /// with how this node reaches it (connected and the round trip, UNREACHABLE and the last
-    /// error, or REFUSED and why), CLOCK when its clock is off by more than 0.5 s, and BUILD
+    /// error, REFUSED and why, or REFUSES THIS NODE and why: it refuses this node's store), CLOCK when its clock is off by more than 0.5 s, and BUILD
     /// when it runs another build than this node (a rolling upgrade's progress); then one line per Raft group
     /// (group 0 is the meta group, the others the partitions): this node's role in it, the
     /// leader, the term, this node's last-log and applied indexes, the voters, the elections

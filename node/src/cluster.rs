@@ -314,6 +314,10 @@ fn member_line(status: &Value, id: &str, addr: &str) -> String {
             Some("refused") => {
                 format!("REFUSED: {}", link["lastError"].as_str().unwrap_or("?"))
             }
+            Some("refuses this node") => format!(
+                "REFUSES THIS NODE: {}",
+                link["lastError"].as_str().unwrap_or("?")
+            ),
             Some(state) => state.to_string(),
             None => "no link".to_string(),
         }
@@ -650,6 +654,31 @@ mod tests {
         assert_eq!(lines[3], "  2  a:2  connected, rtt 0.4 ms", "{table}");
         assert_eq!(
             lines[4], "  3  a:3  connected, rtt 0.4 ms, BUILD 0.1.0 (commit old)",
+            "{table}"
+        );
+    }
+
+    /// On a node whose store its members refuse (restored from a backup): each such member
+    /// says so, and why.
+    #[test]
+    fn the_status_table_shows_the_members_that_refuse_this_node() {
+        let why = "node 2 refuses it (node 3: its data directory went back in time ...)";
+        let status = serde_json::json!({
+            "node": 3, "formed": true, "epoch": "e1", "clock_correction_ms": 0,
+            "build": "b", "members": { "1": "a:1", "2": "a:2", "3": "a:3" },
+            "links": {
+                "1": { "state": "connected", "rttUs": 400, "failedDials": 0, "lastError": null },
+                "2": { "state": "refuses this node", "rttUs": 400, "failedDials": 0,
+                       "lastError": why },
+            },
+            "groups": []
+        });
+        let table = render_status(&status);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[2], "  1  a:1  connected, rtt 0.4 ms", "{table}");
+        assert_eq!(
+            lines[3],
+            format!("  2  a:2  REFUSES THIS NODE: {why}"),
             "{table}"
         );
     }

@@ -2025,6 +2025,14 @@ async fn assert_node_3_cannot_help_node_2_lead(
     herald_tests::wait_until("node 3 is told why it is refused", || {
         cluster.node(3).log().contains(told)
     });
+    herald_tests::wait_until("node 3's status shows node 2 refusing it", || {
+        cluster.status(3).is_some_and(|status| {
+            status["links"]["2"]["state"] == "refuses this node"
+                && status["links"]["2"]["lastError"]
+                    .as_str()
+                    .is_some_and(|why| why.contains(told))
+        })
+    });
     herald_tests::wait_until("node 3's /ready says why it cannot commit", || {
         herald_tests::cluster::get_json(cluster.node(3), "/ready").is_some_and(|ready| {
             ready["status"].as_str().is_some_and(|status| {
