@@ -114,8 +114,10 @@ pub enum AppRequest {
     Build,
     /// "How far has your Raft journal got?" (answered [`AppResponse::Journal`]): asked by the
     /// clock loop, so that a member's data directory going back in time is told apart (see
-    /// [`crate::peer_stores`]). Last, like `Build`.
-    Journal,
+    /// [`crate::peer_stores`]), with the asker's own store id and journal (`None` before its
+    /// journal is open), so that the answer says whether its store is refused. Last, like
+    /// `Build`.
+    Journal(Option<crate::rpc::Identity>),
 }
 
 /// Why a proposal was not committed.
@@ -193,6 +195,9 @@ pub enum AppResponse {
         identity: Option<crate::rpc::Identity>,
         /// The members it refuses as gone back in time, each with the store id it refuses.
         went_back: Vec<(NodeId, u64)>,
+        /// Why it refuses the asker's store (`node N: ...`), if it does: a refused node
+        /// learns here when it is heard again (removed and joined again), not only at a dial.
+        refuses_you: Option<String>,
     },
 }
 

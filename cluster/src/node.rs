@@ -540,6 +540,14 @@ impl ClusterNode {
         self.quorum_problem().is_none()
     }
 
+    /// Whether members refuse this node's store (its data directory lost, replaced or gone back
+    /// in time, see [`crate::peer_stores`]), as they last answered it: `refused by the cluster:
+    /// node N refuses it (...)`.
+    pub fn store_refused(&self) -> Option<String> {
+        let refusal = self.inner.peers.refused_by().into_iter().min()?;
+        Some(format!("refused by the cluster: {refusal}"))
+    }
+
     /// Why this node cannot commit right now (see [`Self::has_quorum`]), in words for an
     /// operator: not formed yet, a group without a leader, a leader no majority answers, a
     /// leader this node has not heard from. `None` when every group can commit here.
@@ -547,8 +555,8 @@ impl ClusterNode {
         // Its store is refused: it takes no part in Raft with those members, whatever its
         // groups show for now (a node back on an empty store is not formed either: this says
         // why).
-        if let Some(refusal) = self.inner.peers.refused_by().into_iter().min() {
-            return Some(format!("refused by the cluster: {refusal}"));
+        if let Some(refusal) = self.store_refused() {
+            return Some(refusal);
         }
         if !self.is_formed() {
             return Some(

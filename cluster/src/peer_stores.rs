@@ -369,6 +369,11 @@ impl PeerStores {
         StoreIds::refusal(self, peer)
     }
 
+    /// Whether `peer`, showing store `store`, is refused (see [`StoreIds::refused_store`]).
+    pub fn refused_store(&self, peer: NodeId, store: u64) -> bool {
+        StoreIds::refused_store(self, peer, store)
+    }
+
     /// Logs a refusal of `peer`, at most every [`WARN_EVERY`], and records it.
     fn refuse(&self, peer: NodeId, log: impl FnOnce()) {
         let mut refused = self.refused.lock();
@@ -511,14 +516,22 @@ impl StoreIds for PeerStores {
                 true
             }
             None => {
-                let durable = known.map_or(0, |record| record.durable);
+                // The run judged gone back (this one, or an earlier one: a refused node's
+                // journal keeps growing, and its later runs start higher).
+                let (start, durable) = match known {
+                    Some(record) if record.went_back && record.run != journal.run => {
+                        (record.start, record.durable)
+                    }
+                    Some(record) => (journal.start, record.durable),
+                    None => (journal.start, 0),
+                };
                 self.refuse(peer, || {
                     tracing::error!(
                         peer,
-                        start = journal.start,
+                        start,
                         durable,
                         "refusing node {peer}: {}",
-                        store_went_back(peer, journal.start, durable)
+                        store_went_back(peer, start, durable)
                     );
                 });
                 false

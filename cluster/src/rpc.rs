@@ -520,6 +520,15 @@ impl Peers {
             .collect()
     }
 
+    /// Records whether `peer` refuses this node's store, as it answered in a clock round (`why`:
+    /// `node N: ...`, see [`Peers::refused_by`]).
+    pub fn set_refused(&self, peer: NodeId, why: Option<String>) {
+        let Some(slot) = self.slots.lock().get(&peer).cloned() else {
+            return;
+        };
+        slot.lock().refused_note = why.map(|why| format!("node {peer} refuses it ({why})"));
+    }
+
     /// Whether `id` is known to be out of reach: its last dial failed, or its connection
     /// closed (a dead peer's, at the QUIC idle timeout). A peer never dialed is not.
     pub fn is_unreachable(&self, id: NodeId) -> bool {

@@ -322,7 +322,11 @@ pub struct ServeArgs {
     /// whole cluster is restored from backups taken at different times, members would refuse
     /// each other as gone back in time (start every node with it once). A member it refused
     /// for that is heard again. Not in the config file: a one-off.
-    #[arg(long, env = "HERALD_FORGET_PEER_JOURNALS")]
+    #[arg(
+        long,
+        env = "HERALD_FORGET_PEER_JOURNALS",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub forget_peer_journals: bool,
 
     /// How long a durable publish may wait for its quorum commit before failing, e.g. 5s

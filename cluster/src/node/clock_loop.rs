@@ -42,12 +42,17 @@ impl ClusterNode {
     /// which members it refuses as gone back in time (see [`crate::peer_stores`]); a node
     /// from before the question answers an error, ignored.
     async fn ask_journal(&self, peer: NodeId) {
+        let ours = self.inner.peer_stores.identity();
         if let Some(AppResponse::Journal {
             identity,
             went_back,
-        }) = self.ask(peer, &AppRequest::Journal).await
+            refuses_you,
+        }) = self.ask(peer, &AppRequest::Journal(ours)).await
         {
             let stores = &self.inner.peer_stores;
+            if ours.is_some() {
+                self.inner.peers.set_refused(peer, refuses_you);
+            }
             if let Some(identity) = identity {
                 stores.saw_journal(peer, &identity);
             }

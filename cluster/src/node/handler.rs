@@ -74,10 +74,16 @@ impl ClusterNode {
             AppRequest::Clock => AppResponse::Clock(herald_storage::unix_now_ms()),
             AppRequest::Formation => AppResponse::Formation(self.formation_note()),
             AppRequest::Build => AppResponse::Build(self.inner.build.clone()),
-            AppRequest::Journal => AppResponse::Journal {
-                identity: self.inner.peer_stores.identity(),
-                went_back: self.inner.peer_stores.went_back_members(),
-            },
+            AppRequest::Journal(asker) => {
+                let stores = &self.inner.peer_stores;
+                AppResponse::Journal {
+                    identity: stores.identity(),
+                    went_back: stores.went_back_members(),
+                    refuses_you: asker
+                        .filter(|asker| stores.refused_store(from, asker.store))
+                        .map(|_| format!("node {from}: {}", stores.refusal(from))),
+                }
+            }
             // A member on a store that is not the one it was a member with (wiped) is not
             // told it catches up: the members refuse its Raft messages (see
             // `crate::peer_stores`), so it would not.

@@ -262,7 +262,10 @@ impl ClusterNode {
                         &voters.iter().copied().collect::<Vec<_>>(),
                         m.last_log_index,
                         matched,
-                        |id| self.inner.peers.is_silent(id),
+                        // A member refused for its store takes no Raft message: no hand-back.
+                        |id| {
+                            self.inner.peers.is_silent(id) || self.inner.peer_stores.is_refused(id)
+                        },
                     )
                     .filter(|_| plain);
                     let term = m.current_term;
