@@ -893,10 +893,13 @@ impl Broker {
     /// [`CAUGHT_UP_WAIT`]), so that a read after an acknowledged publish on this node sees it:
     /// a client that publishes and then reads history or resumes a stream here gets its own
     /// event. Returns at once on a single node and on a partition's leader, which answer only
-    /// after applying; a forwarding follower applies on the leader's next message.
-    pub async fn caught_up(&self, partitions: impl IntoIterator<Item = Partition>) {
+    /// after applying; a forwarding follower applies on the leader's next message. `false`:
+    /// still behind at the deadline (cut off, catching up, its store refused by the members):
+    /// a one-off read then says so rather than answer without the client's own event; a
+    /// stream goes on (the event comes when applied, or the stream is sent elsewhere).
+    pub async fn caught_up(&self, partitions: impl IntoIterator<Item = Partition>) -> bool {
         if matches!(self.log, Log::Local(_)) {
-            return;
+            return true;
         }
         let deadline = tokio::time::Instant::now() + CAUGHT_UP_WAIT;
         for partition in partitions {
@@ -909,7 +912,7 @@ impl Broker {
             while self.store.latest_seq(partition) < target {
                 let now = tokio::time::Instant::now();
                 if now >= deadline {
-                    return;
+                    return false;
                 }
                 let applied = self.delivered.wait_for(Position::new(partition, target));
                 let until = deadline.min(now + CAUGHT_UP_POLL);
@@ -918,6 +921,7 @@ impl Broker {
                 }
             }
         }
+        true
     }
 
     /// Commits what is queued and stops accepting durable publishes (shutdown).

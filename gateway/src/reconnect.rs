@@ -22,6 +22,10 @@
 //!   groups stopped, on a storage failure (a full disk) or for another reason (its Raft task
 //!   panicked), so that partition's events no longer reach this node. Raised at once and while
 //!   it lasts (until a restart).
+//! - **Refused** ([`Reason::Refused`]): the cluster's members refuse this node's store (its
+//!   data directory lost, replaced or restored from a backup: `herald_cluster::peer_stores`),
+//!   so its history is not the cluster's and nothing new reaches it. Raised at once and while
+//!   it lasts; lifted once they take it again (removed and joined again).
 //! - **History skipped** ([`Reason::Skipped`]): the node caught up from a Raft snapshot, which
 //!   moves partitions forward without applying (so without delivering) the events in between.
 //!   An event: streams open at that moment end; later ones read the history that now has them.
@@ -59,6 +63,9 @@ pub enum Reason {
     StorageFailed,
     /// One of this node's Raft groups stopped for another reason (its Raft task panicked).
     GroupStopped,
+    /// The cluster's members refuse this node's store (its data directory lost, replaced or
+    /// restored from a backup): it takes no part in the cluster until removed and joined again.
+    Refused,
 }
 
 impl Reason {
@@ -71,6 +78,7 @@ impl Reason {
             Reason::Skipped => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node caught up from a snapshot; reconnect with your Last-Event-ID to get every event\"}\n\n",
             Reason::StorageFailed => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"this node's storage failed; reconnect to another node with your Last-Event-ID\"}\n\n",
             Reason::GroupStopped => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"a Raft group stopped on this node; reconnect to another node with your Last-Event-ID\"}\n\n",
+            Reason::Refused => b"event: reconnect\ndata: {\"type\":\"reconnect\",\"reason\":\"the cluster refuses this node's store; reconnect to another node with your Last-Event-ID\"}\n\n",
         }
     }
 
@@ -95,6 +103,9 @@ impl Reason {
             Reason::GroupStopped => {
                 "a Raft group stopped on this node: reconnect to another node and resume from your cursor"
             }
+            Reason::Refused => {
+                "the cluster refuses this node's store: reconnect to another node and resume from your cursor"
+            }
         }
     }
 
@@ -118,6 +129,9 @@ impl Reason {
             }
             Reason::GroupStopped => {
                 "ERR a Raft group stopped on this node: reconnect to another node (HSUBSCRIBE resumes from your cursor)"
+            }
+            Reason::Refused => {
+                "ERR the cluster refuses this node's store: reconnect to another node (HSUBSCRIBE resumes from your cursor)"
             }
         }
     }
@@ -245,6 +259,16 @@ impl Reconnect {
                         );
                         let _ = cut_off_tx.send(Some(Reason::Removed));
                     }
+                } else if let Some(refused) = node.store_refused() {
+                    // Its history is what its store held, and nothing new reaches it: said at
+                    // once (its members answered so), lifted once they take it again.
+                    without_quorum = None;
+                    if *cut_off_tx.borrow() != Some(Reason::Refused) {
+                        tracing::error!(
+                            "{refused}: telling streaming and subscribed clients to reconnect elsewhere"
+                        );
+                        let _ = cut_off_tx.send(Some(Reason::Refused));
+                    }
                 } else if !node.is_formed() {
                     // No event reaches a node in no formed cluster: its streams would wait in
                     // silence. Said at once (it is no passing election), and lifted once formed.
@@ -262,7 +286,8 @@ impl Reconnect {
                 } else {
                     // Formed now: what holds from here on is whether it has a quorum.
                     cut_off_tx.send_if_modified(|v| {
-                        (*v == Some(Reason::NotFormed)) && v.take().is_some()
+                        matches!(*v, Some(Reason::NotFormed | Reason::Refused))
+                            && v.take().is_some()
                     });
                     let since = *without_quorum.get_or_insert_with(tokio::time::Instant::now);
                     // A majority of the members silent for a second already (no failover

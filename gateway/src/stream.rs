@@ -156,7 +156,7 @@ impl EventStream {
                 .filter(|c| broker.is_durable(c))
                 .map(|c| broker.partition_of(c))
                 .collect();
-            broker.caught_up(partitions).await;
+            let _ = broker.caught_up(partitions).await;
         }
         let hub = broker.hub().clone();
         let id = hub.next_client_id();

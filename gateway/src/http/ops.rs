@@ -48,6 +48,20 @@ pub async fn ready(State(state): State<HttpState>) -> Response {
             Json(json!({ "status": "removed from the cluster: this node is no longer a member and commits nothing; stop it and delete its data directory, or join it again with `herald cluster join`" })),
         )
             .into_response()
+    } else if let Some(refused) = state
+        .broker()
+        .cluster()
+        .and_then(|node| node.store_refused())
+    {
+        // Publishes sent here are still committed by the members (forwarded): what the node
+        // cannot do is serve history or streams.
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": format!("{refused}; this node serves no stream or history until it is removed and joined again")
+            })),
+        )
+            .into_response()
     } else if let Some(problem) = state.broker().unready() {
         (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -111,9 +111,24 @@ pub(super) async fn history(session: &mut Session, args: &Args) {
         session.reply(Frame::Array(Vec::new()));
         return;
     }
+    // A store its members refuse (lost, replaced, restored from a backup) holds what it held,
+    // not the cluster's history, and takes nothing new.
+    if let Some(refused) = broker.cluster().and_then(|node| node.store_refused()) {
+        session.reply(Frame::error(format!(
+            "ERR {refused}: its history is not the cluster's; read from another node"
+        )));
+        return;
+    }
     let partition = broker.partition_of(channel);
-    // An event this node acknowledged (to this client or another) is in the answer.
-    broker.caught_up([partition]).await;
+    // An event this node acknowledged (to this client or another) is in the answer, or the
+    // answer is an error: a client that reads after its publish must not be told it is not
+    // there.
+    if !broker.caught_up([partition]).await {
+        session.reply(Frame::error(
+            "ERR this node has not applied events it acknowledged (it is behind its cluster, or cut off from it): retry, or read from another node",
+        ));
+        return;
+    }
     // Only what is committed (flushed) is shown: the store may already hold the next batch
     // while its flush is in flight, and a cursor must never name an event a crash could undo.
     let committed = broker.committed_seq(partition);
