@@ -642,14 +642,20 @@ pub async fn publish_raw(node: &Herald, body: impl Into<reqwest::Body>) -> reqwe
 /// A channel's retained payloads on `node`, oldest first (`HISTORY` over RESP, which returns
 /// `[cursor, payload]` pairs).
 pub async fn history_payloads(node: &Herald, channel: &str) -> Vec<String> {
+    try_history_payloads(node, channel).await.unwrap()
+}
+
+/// [`history_payloads`], or the error `HISTORY` answered (a node refused by its cluster, or
+/// behind it, says so).
+pub async fn try_history_payloads(node: &Herald, channel: &str) -> Result<Vec<String>, String> {
     let client = redis::Client::open(node.url()).unwrap();
     let mut conn = patient_connection(&client).await;
     let events: Vec<(String, String)> = redis::cmd("HISTORY")
         .arg(channel)
         .query_async(&mut conn)
         .await
-        .unwrap();
-    events.into_iter().map(|(_, payload)| payload).collect()
+        .map_err(|e| e.to_string())?;
+    Ok(events.into_iter().map(|(_, payload)| payload).collect())
 }
 
 /// Awaits `read` until it returns `want`, for at most twice [`PATIENCE`]; panics naming `what`
