@@ -13,8 +13,9 @@
 //! - [`rpc`]: request/response over one bidirectional QUIC stream per call, the peer pool
 //!   (one connection per peer, reconnect with backoff) and the server dispatch ([`Handler`]).
 //! - [`network`]: openraft's `RaftNetworkFactory` per group over [`rpc`].
-//! - [`peer_stores`]: which store each member runs on; a member back on a lost data
-//!   directory is refused until it is removed and joined again.
+//! - [`peer_stores`]: which store each member runs on, and how far its Raft journal got; a
+//!   member back on a lost, replaced or restored data directory is refused until it is removed
+//!   and joined again. [`peer_journals`]: the verdict on a journal shown, a pure function.
 //! - [`interest`]: which channels and patterns each node's clients hold, pushed between nodes;
 //!   routes non-durable events to interested peers and answers `PUBSUB` for the cluster.
 //! - [`message`]: the node layer's own requests (forwarded publishes, meta writes, joins).
@@ -52,6 +53,7 @@ pub mod interest;
 pub mod message;
 pub mod network;
 pub mod node;
+pub mod peer_journals;
 pub mod peer_stores;
 pub mod placement;
 pub mod proposer;

@@ -32,6 +32,8 @@
 //! told apart (nor, by a node that crashed since, one within `WRITE_SLACK` (64) records of what
 //! it had written down); a member stopped and copied whole is (its next run starts where it
 //! stopped).
+//! The verdict on a journal shown is [`crate::peer_journals::judge`]; this module keeps the
+//! records it compares with.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,6 +46,7 @@ use openraft::Raft;
 use parking_lot::Mutex;
 
 use crate::NodeId;
+use crate::peer_journals::Verdict;
 use crate::rpc::{Identity, StoreIds, store_changed, store_went_back};
 
 /// How often a refused member is logged.
@@ -470,73 +473,32 @@ impl StoreIds for PeerStores {
         if !self.membership_known() || !self.is_member(peer) {
             return true;
         }
-        let known = self
-            .journal_record(peer)
-            .filter(|record| record.store == store);
-        let record = match known {
-            Some(record) if record.went_back => None,
-            // A late exchange of the run before (its connection's task was held up): that
-            // process is gone, the run after it was judged already.
-            Some(record) if record.previous_run != 0 && record.previous_run == journal.run => {
-                return true;
-            }
-            Some(record) if record.run == journal.run => Some(PeerProgress {
-                durable: record.durable.max(journal.durable),
-                ..record
-            }),
-            Some(record) if journal.start < record.durable => {
-                self.set_journal_record(
-                    peer,
-                    PeerProgress {
-                        run: journal.run,
-                        previous_run: record.run,
-                        start: journal.start,
-                        went_back: true,
-                        ..record
-                    },
-                );
-                None
-            }
-            _ => Some(PeerProgress {
-                store,
-                run: journal.run,
-                previous_run: known.map_or(0, |record| record.run),
-                start: journal.start,
-                durable: journal
-                    .durable
-                    .max(known.map_or(0, |record| record.durable)),
-                went_back: false,
-            }),
-        };
-        match record {
-            Some(record) => {
-                if known != Some(record) {
+        let known = self.journal_record(peer);
+        let shown_start = journal.start;
+        let (start, durable) = match crate::peer_journals::judge(known, store, journal) {
+            Verdict::Heard(record) => {
+                if let Some(record) = record {
                     self.set_journal_record(peer, record);
                 }
-                true
+                return true;
             }
-            None => {
-                // The run judged gone back (this one, or an earlier one: a refused node's
-                // journal keeps growing, and its later runs start higher).
-                let (start, durable) = match known {
-                    Some(record) if record.went_back && record.run != journal.run => {
-                        (record.start, record.durable)
-                    }
-                    Some(record) => (journal.start, record.durable),
-                    None => (journal.start, 0),
-                };
-                self.refuse(peer, || {
-                    tracing::error!(
-                        peer,
-                        start,
-                        durable,
-                        "refusing node {peer}: {}",
-                        store_went_back(peer, start, durable)
-                    );
-                });
-                false
+            Verdict::WentBack(record) => {
+                self.set_journal_record(peer, record);
+                (shown_start, record.durable)
             }
-        }
+            // Named by the run found gone back: a refused node's later runs start higher.
+            Verdict::StillRefused => known.map_or((shown_start, 0), |r| (r.start, r.durable)),
+        };
+        self.refuse(peer, || {
+            tracing::error!(
+                peer,
+                start,
+                durable,
+                "refusing node {peer}: {}",
+                store_went_back(peer, start, durable)
+            );
+        });
+        false
     }
 
     fn refusal(&self, peer: NodeId) -> String {
