@@ -59,6 +59,8 @@
 //!   (`pubsub-output-limit`) and is closed with code 1008; one whose socket accepts nothing for
 //!   60 s is dropped. Either resumes with its cursors and loses nothing still retained.
 //! - At shutdown every client gets close code 1001, "server shutting down".
+//! - A node that must send the client elsewhere (quorum lost, store refused or failed, history
+//!   unreadable at connect) closes with code 1012 and a reason: reconnect and resume.
 //!
 //! The intervals and limits are [`HttpSettings`](super::HttpSettings)' `ws_heartbeat`,
 //! `ws_timeout` and `ws_max_message`.
@@ -181,9 +183,9 @@ fn start_param(params: &[(String, String)]) -> Result<Start, String> {
     Ok(last.map_or(Start::Live, Start::Last))
 }
 
-/// Opens the stream before upgrading (so a storage failure is an HTTP error and nothing
-/// published meanwhile is missed; in a cluster, once the other members know of it), then hands
-/// it to the session.
+/// Opens the stream before upgrading (so nothing published meanwhile is missed; in a cluster,
+/// once the other members know of it), then hands it to the session. A history that cannot be
+/// read upgrades and closes at once with [`history_failed`]'s frame.
 async fn open(
     state: HttpState,
     upgrade: WebSocketUpgrade,
@@ -195,10 +197,14 @@ async fn open(
     let backlog = match streams.subscribe(channels, start).await {
         Ok(backlog) => backlog,
         Err(error) => {
-            return error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("cannot read history: {error}"),
-            );
+            tracing::warn!(%error, "a WebSocket could not read its history; told to reconnect");
+            return upgrade.on_upgrade(|mut socket| async move {
+                let _ = tokio::time::timeout(
+                    CLOSE_GRACE,
+                    socket.send(Message::Close(Some(history_failed()))),
+                )
+                .await;
+            });
         }
     };
     let max = state.settings().ws_max_message;
@@ -213,6 +219,18 @@ async fn open(
             let tracked = state.clone();
             tracked.track(session(socket, state, streams, backlog, user_id))
         })
+}
+
+/// The close frame of a connection whose history could not be read at open: upgraded and
+/// closed with 1012 and a reason, like every other "reconnect and resume" end. A refused
+/// handshake (503) reaches a browser's `WebSocket` as a bare 1006, with no reason to act on.
+fn history_failed() -> CloseFrame {
+    CloseFrame {
+        code: 1012,
+        reason: Utf8Bytes::from_static(
+            "this node cannot read the history now: reconnect and resume from your cursor",
+        ),
+    }
 }
 
 /// A client message, as the session sees it.
@@ -1010,6 +1028,12 @@ mod tests {
             1009
         );
         assert!(End::Gone.close_frame(10).is_none());
+        let failed = history_failed();
+        assert_eq!(
+            failed.code, 1012,
+            "the code every reconnect-and-resume end uses"
+        );
+        assert!(failed.reason.len() <= 123);
     }
 
     /// A node's HTTP surface in this process, with short WebSocket intervals; a raw client
