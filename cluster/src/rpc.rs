@@ -526,7 +526,7 @@ impl Peers {
         let Some(slot) = self.slots.lock().get(&peer).cloned() else {
             return;
         };
-        slot.lock().refused_note = why.map(|why| format!("node {peer} refuses it ({why})"));
+        slot.lock().refused_note = why.map(|why| refuses_it(peer, &why));
     }
 
     /// Whether `id` is known to be out of reach: its last dial failed, or its connection
@@ -1148,7 +1148,11 @@ async fn exchange_store_ids(
 
 /// What `herald cluster status` and `/ready` say of a peer's `refused: ...` answer.
 fn refused_note(peer: NodeId, refused: &str) -> String {
-    let why = refused.trim_start_matches("refused:").trim_start();
+    refuses_it(peer, refused.trim_start_matches("refused:").trim_start())
+}
+
+/// `node N refuses it (why)`: one wording for a refusal heard at a dial and in a clock round.
+fn refuses_it(peer: NodeId, why: &str) -> String {
     format!("node {peer} refuses it ({why})")
 }
 

@@ -633,10 +633,13 @@ impl Committer {
             // sync and commit here, which saves a hand-off to the flusher and back at low
             // load. Every earlier batch is answered, so commit order holds. Otherwise the
             // flusher syncs while the next batch is applied.
-            let idle = self.outstanding.load(Ordering::Acquire) == batch.requests
-                && intake.closing.is_empty();
-            if idle {
-                let mut writer = self.writer.lock();
+            // The writer free too: a flusher still answering the batches before (counted off
+            // already) would make this thread wait for it, not apply the next batch.
+            let idle = (self.outstanding.load(Ordering::Acquire) == batch.requests
+                && intake.closing.is_empty())
+            .then(|| self.writer.try_lock())
+            .flatten();
+            if let Some(mut writer) = idle {
                 drop(stage);
                 self.commit_with(&mut writer, vec![batch]);
                 continue;

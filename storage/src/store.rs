@@ -1327,16 +1327,20 @@ fn write_chunk(channel: &[u8], chunk: &mut StoredChunk, batch: &mut Ops) {
     chunk.payloads.clear();
 }
 
-fn peer_progress_key(peer: u64) -> Vec<u8> {
-    let mut key = codec::PREFIX_PEER_PROGRESS.to_vec();
+/// The key of what this store holds of `peer` under `prefix` (its store id, its journal's
+/// progress): the prefix, then the peer's id big-endian.
+fn peer_key(prefix: &[u8], peer: u64) -> Vec<u8> {
+    let mut key = prefix.to_vec();
     key.extend_from_slice(&peer.to_be_bytes());
     key
 }
 
+fn peer_progress_key(peer: u64) -> Vec<u8> {
+    peer_key(codec::PREFIX_PEER_PROGRESS, peer)
+}
+
 fn peer_store_key(peer: u64) -> Vec<u8> {
-    let mut key = codec::PREFIX_PEER_STORE.to_vec();
-    key.extend_from_slice(&peer.to_be_bytes());
-    key
+    peer_key(codec::PREFIX_PEER_STORE, peer)
 }
 
 fn add(a: &AtomicU64, d: i64) {
