@@ -418,8 +418,7 @@ struct Committer {
 
 /// How long after a request found another outstanding no request is committed on its own
 /// thread: while publishers overlap, a sync their batch shares beats a sync each, and a Tokio
-/// worker held by a sync holds up the tasks queued on it (4 connections with one publish in
-/// flight each ran at ~0.9x without this).
+/// worker held by a sync holds up the tasks queued on it.
 const CONTENDED: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The numbering of the batches, under [`Committer::stage`].
