@@ -628,12 +628,13 @@ impl Committer {
                 // A failed apply changed nothing: its number goes to the next batch.
                 stage.next_lsn += 1;
             }
-            // Nothing else waits (nothing at the flusher or being committed, nothing queued):
-            // sync and commit here, which saves a hand-off to the flusher and back at low
-            // load. Every earlier batch is answered, so commit order holds. Otherwise the
-            // flusher syncs while the next batch is applied.
-            // The writer free too: a flusher still answering the batches before (counted off
-            // already) would make this thread wait for it, not apply the next batch.
+            // Nothing else outstanding (nothing queued or carried over, at the flusher or being
+            // committed) and the writer free: sync and commit here, which saves a hand-off to
+            // the flusher and back at low load. Every earlier batch is answered, so commit
+            // order holds. The writer is checked too because a flusher still answering the
+            // batch before has counted it off already: waiting for it here would stop this
+            // thread applying the next batch. Otherwise the flusher syncs while the next batch
+            // is applied.
             let idle = (self.outstanding.load(Ordering::Acquire) == batch.requests
                 && intake.closing.is_empty())
             .then(|| self.writer.try_lock())
