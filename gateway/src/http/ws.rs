@@ -109,12 +109,8 @@ pub async fn connect(
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let params = match params(query.as_deref()) {
-        Ok(params) => params,
-        Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
-    };
-    let user_id = match param(&params, "userId") {
-        Ok(user_id) => user_id.filter(|u| !u.is_empty()),
+    let (_, user_id) = match params_and_user(query.as_deref()) {
+        Ok(parsed) => parsed,
         Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
     };
     match upgrade {
@@ -129,12 +125,8 @@ pub async fn alerts(
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let params = match params(query.as_deref()) {
-        Ok(params) => params,
-        Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
-    };
-    let user_id = match param(&params, "userId") {
-        Ok(user_id) => user_id.filter(|u| !u.is_empty()),
+    let (params, user_id) = match params_and_user(query.as_deref()) {
+        Ok(parsed) => parsed,
         Err(reason) => return error_response(StatusCode::BAD_REQUEST, reason),
     };
     let Some(user_id) = user_id else {
@@ -164,8 +156,15 @@ pub async fn alerts(
     }
 }
 
-fn params(query: Option<&str>) -> Result<Vec<(String, String)>, String> {
-    super::query_params(query)
+/// A WebSocket query's parameters and its `userId`.
+type ParamsAndUser = (Vec<(String, String)>, Option<String>);
+
+/// The query's parameters and its `userId` (`None` when absent or empty), or why the query
+/// is refused: what both WebSocket endpoints read first.
+fn params_and_user(query: Option<&str>) -> Result<ParamsAndUser, String> {
+    let params = super::query_params(query)?;
+    let user_id = param(&params, "userId")?.filter(|u| !u.is_empty());
+    Ok((params, user_id))
 }
 
 /// The single-valued parameter `name`, or why the query is refused (given twice).
