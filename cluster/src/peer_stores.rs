@@ -16,8 +16,10 @@
 //! catches up on "removed, then joined again" in one batch forgets it too. A node that joins
 //! gets the store id it showed at its last exchange since it left (if any) recorded, even when
 //! no new connection (so no new exchange) follows the join; one that has not shown one since
-//! (the usual "lost disk: remove it, join it again" before it is back) is recorded at its first
-//! exchange after the join.
+//! (the usual "lost disk: remove it, join it again" before it is back, or a node removed and
+//! joined again while it kept running) is recorded at its first exchange after the join, or
+//! from its answer to the first clock round ([`PeerStores::saw_journal`]), whichever comes
+//! first.
 //!
 //! A data directory restored from a backup or a disk snapshot keeps its store id, but has
 //! forgotten what was written since: the same danger. So a node also shows how far its Raft
@@ -261,13 +263,29 @@ impl PeerStores {
     /// if that is the run last judged; records it if none was (its connections started
     /// before this node knew the membership). Another run is judged at its first connection,
     /// not here: this answer may be an earlier run's, overtaken.
+    ///
+    /// A member with no store id recorded gets the one it answered with recorded: a node
+    /// removed and joined again while it kept running shows its store at no new connection,
+    /// and would otherwise be trusted on whatever store it next connects with, an empty
+    /// one after a lost disk included. The answer came over a connection this node dialed to
+    /// the member's address, from the process running there now.
     pub fn saw_journal(&self, peer: NodeId, identity: &Identity) {
         let _judging = self.judging.lock();
-        if !self.membership_known()
-            || !self.is_member(peer)
-            || self.record(peer) != Some(identity.store)
-        {
+        if !self.membership_known() || !self.is_member(peer) {
             return;
+        }
+        match self.record(peer) {
+            None => {
+                tracing::debug!(
+                    peer,
+                    store = format_args!("{:016x}", identity.store),
+                    "recording the store a member answers from"
+                );
+                self.set_record(peer, identity.store);
+                self.refused.lock().remove(&peer);
+            }
+            Some(known) if known != identity.store => return,
+            Some(_) => {}
         }
         let journal = &identity.journal;
         let raised = match self.journal_record(peer) {

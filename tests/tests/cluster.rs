@@ -2138,6 +2138,51 @@ async fn a_member_back_on_an_empty_data_directory_cannot_vote_away_acknowledged_
     remove_and_join_node_3_again(&cluster, &channel, &want).await;
 }
 
+/// A member removed and joined again while it kept running shows its store at no new
+/// connection; its peers record it all the same (from its answer to their clock round), so
+/// when it later comes back on an empty data directory it is refused like any member that
+/// lost its disk, instead of being trusted on the empty one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joined_again_while_running_is_refused_on_an_empty_data_directory() {
+    let mut cluster = Cluster::start(3);
+    let (ok, text) = cluster.cli(1, &["remove", "--node-id", "3"]);
+    assert!(ok, "remove failed: {text}");
+    let addr = format!("127.0.0.1:{}", cluster.members[2].cluster_port);
+    herald_tests::wait_until("node 3 can be joined again", || {
+        cluster
+            .cli(1, &["join", "--node-id", "3", "--addr", &addr])
+            .0
+    });
+    // The meta group's log up to the join: applied on a node, the removal's forgetting is
+    // behind it, and what it knows of node 3's journal was learnt since.
+    let joined = cluster
+        .status(1)
+        .and_then(|s| s["groups"][0]["last_log_index"].as_u64())
+        .expect("node 1's status");
+    for id in [1, 2] {
+        herald_tests::wait_until("the member has heard node 3 since the join", || {
+            cluster.status(id).is_some_and(|s| {
+                s["groups"][0]["applied_index"].as_u64() >= Some(joined)
+                    && s["links"]["3"]["journal"].as_u64().is_some()
+            })
+        });
+    }
+
+    cluster.wipe(3);
+    cluster.start_node(3, 3);
+    for id in [1, 2] {
+        herald_tests::wait_until("the member refuses node 3 on its empty store", || {
+            cluster
+                .status(id)
+                .is_some_and(|s| s["links"]["3"]["state"] == "refused")
+                && cluster
+                    .node(id)
+                    .log()
+                    .contains("refusing node 3: it runs on another store")
+        });
+    }
+}
+
 /// The highest record of node `of`'s Raft journal node `by` has seen durable (its status).
 fn journal_seen(cluster: &Cluster, by: u64, of: u64) -> Option<u64> {
     cluster.status(by)?["links"][of.to_string()]["journal"].as_u64()
