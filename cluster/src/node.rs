@@ -152,8 +152,15 @@ const HAND_OVER_LIMIT: Duration = Duration::from_secs(3);
 
 /// How long a "not a member" answer counts (see [`ClusterNode::is_removed`]): a removed node
 /// keeps probing while it hears no leader, so the answer is renewed; a node joined again stops
-/// getting it.
+/// getting it, and stops counting it at once when the meta group's leader replicates to it.
 const NOT_MEMBER_MEMORY: Duration = Duration::from_secs(10);
+
+/// Whether a quorum's "not a member" answer, `told` ago, still makes this node removed, its
+/// meta group's leader silent for `meta_silence`: for [`NOT_MEMBER_MEMORY`], unless a meta
+/// leader replicated to it since, which says it is a member again (joined).
+fn not_member_answer_counts(told: Duration, meta_silence: Duration) -> bool {
+    told < NOT_MEMBER_MEMORY && meta_silence >= told
+}
 
 /// Why the cluster layer could not start.
 #[derive(Debug, thiserror::Error)]
@@ -756,8 +763,6 @@ impl ClusterNode {
             .collect()
     }
 
-    /// Whether `node` is a member of the cluster as this node knows it (before the cluster is
-    /// formed, every node counts).
     /// Whether this node was removed from the cluster it formed with: the membership it
     /// knows lists other members but not this one, or (as the members stop replicating to a
     /// node once its removal commits, it rarely learns of it itself) a quorum of the voters it
@@ -773,11 +778,12 @@ impl ClusterNode {
     fn removed_now(&self) -> bool {
         self.is_formed()
             && (!self.is_member(self.id())
-                || self
-                    .inner
-                    .told_not_member
-                    .lock()
-                    .is_some_and(|at| at.elapsed() < NOT_MEMBER_MEMORY))
+                || self.inner.told_not_member.lock().is_some_and(|at| {
+                    not_member_answer_counts(
+                        at.elapsed(),
+                        self.inner.contact.silence(usize::from(META_GROUP)),
+                    )
+                }))
     }
 
     /// Records that a quorum of the voters probed answered that this node is not a member.
@@ -785,6 +791,8 @@ impl ClusterNode {
         *self.inner.told_not_member.lock() = Some(std::time::Instant::now());
     }
 
+    /// Whether `node` is a member of the cluster as this node knows it (before the cluster is
+    /// formed, every node counts).
     fn is_member(&self, node: NodeId) -> bool {
         let members = self.members();
         members.is_empty() || members.contains_key(&node)
@@ -1051,4 +1059,20 @@ pub struct GroupStatus {
     pub learners: Vec<NodeId>,
     /// On the leader: how many entries each follower is behind.
     pub lag: BTreeMap<NodeId, u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_not_member_answer_counts_until_it_expires_or_a_meta_leader_replicates_again() {
+        let s = Duration::from_secs;
+        // Told 1 s ago, no meta leader heard since (silent for 5 s): removed.
+        assert!(not_member_answer_counts(s(1), s(5)));
+        // Joined again: the meta leader replicated 200 ms ago, after the answer.
+        assert!(!not_member_answer_counts(s(1), Duration::from_millis(200)));
+        // Expired, whatever the leader did.
+        assert!(!not_member_answer_counts(NOT_MEMBER_MEMORY, s(60)));
+    }
 }

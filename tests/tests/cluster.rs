@@ -3055,6 +3055,7 @@ async fn a_node_of_another_cluster_is_refused_a_members_data_directory() {
 /// publishes at once, saying it was removed (they used to wait out the publish timeout and fail
 /// with "its leader ... was unreachable ...; this node may be cut off"), and sends its SSE and
 /// RESP subscribers elsewhere with that reason (they were told it "lost its cluster quorum").
+/// Joined again, it says so and takes publishes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_node_tells_publishers_and_subscribers_it_was_removed() {
     let cluster = Cluster::start(4);
@@ -3107,6 +3108,16 @@ async fn a_removed_node_tells_publishers_and_subscribers_it_was_removed() {
         "{}",
         String::from_utf8_lossy(&rest)
     );
+
+    let addr = format!("127.0.0.1:{}", cluster.members[3].cluster_port);
+    let (ok, text) = cluster.cli(1, &["join", "--node-id", "4", "--addr", &addr]);
+    assert!(ok, "join failed: {text}");
+    herald_tests::wait_until("node 4 says it is a member again", || {
+        removed
+            .log()
+            .contains("this node is a member of the cluster again (joined)")
+    });
+    publish_until_acked(&cluster, 4, "gone:1", "back").await;
 }
 
 /// A node in no formed cluster (started, not joined yet: `/ready` 503) sends its SSE clients

@@ -156,6 +156,11 @@ impl ClusterNode {
             };
             last = now;
             self.inner.reach.send_if_modified(|was| {
+                if was.removed && !judged.removed {
+                    tracing::info!(
+                        "this node is a member of the cluster again (joined): it commits publishes and serves its clients"
+                    );
+                }
                 let changed = *was != judged;
                 *was = judged;
                 changed
