@@ -2308,6 +2308,24 @@ async fn an_init_by_hand_while_a_node_is_down_creates_every_partition() {
     publish_until_acked(&cluster, 1, "init:after", "y").await;
 }
 
+/// `herald cluster init` while most members are down cannot commit the cluster's identity; it
+/// times out saying the change may still complete, and it does: once a quorum is up, the
+/// cluster is formed and every partition created, with no second `init`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_init_that_timed_out_with_most_members_down_completes_once_they_are_up() {
+    let mut cluster = Cluster::start_some(3, 0, &[]);
+    cluster.start_node(1, 0);
+    let (ok, text) = cluster.cli(1, &["init", "--timeout", "2s"]);
+    assert!(!ok, "init cannot complete with 1 of 3 members up: {text}");
+    assert!(text.contains("the change may still complete"), "{text}");
+    cluster.start_node(2, 0);
+    cluster.start_node(3, 0);
+    cluster.wait_converged();
+    for i in 0..8 {
+        publish_until_acked(&cluster, 1 + i % 3, &format!("late:{i}"), "x").await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_stopped_with_sigterm_hands_its_partitions_over_first() {
     let mut cluster = Cluster::start(3);

@@ -256,16 +256,38 @@ impl ClusterNode {
             }
         }
         self.inner.allowed.write().extend(members.keys().copied());
+        // The rest goes on in a task of its own: the meta group is initialised, and a cluster
+        // whose Init is never written stays unformed for good. A caller that stops waiting
+        // (`herald cluster init` timing out while most members are still down) leaves it
+        // running until a quorum is up and the cluster is formed.
+        let node = self.clone();
+        match tokio::spawn(async move { node.finish_formation(members).await }).await {
+            Ok(result) => result,
+            Err(error) => Err(ProposeError::Failed(format!(
+                "forming the cluster: {error}"
+            ))),
+        }
+    }
+
+    /// Writes the cluster's `Init` (and the forming node's namespace config) to the meta
+    /// group, retrying until a quorum of the members is up to commit it (or the node stops),
+    /// then initialises every partition group.
+    async fn finish_formation(
+        &self,
+        members: BTreeMap<NodeId, String>,
+    ) -> Result<(), ProposeError> {
         if !self.is_formed() {
+            // One epoch for every attempt: an attempt whose outcome was unknown and that
+            // committed after all makes the next a repeat, not a second cluster identity.
             let command = Command::Init {
                 epoch: Epoch::random(),
                 partitions: self.inner.store.partitions(),
             };
-            self.write_via_leader(META_GROUP, command).await?;
+            self.write_until_committed(command).await?;
             // The forming node's file becomes the cluster's namespace config.
             if self.inner.namespaces.cluster().is_none() {
                 let spec = self.inner.namespaces.local().to_spec();
-                self.write_via_leader(META_GROUP, Command::Namespaces { spec })
+                self.write_until_committed(Command::Namespaces { spec })
                     .await?;
             }
         }
@@ -278,6 +300,24 @@ impl ClusterNode {
         self.init_partitions(&members, 0..self.inner.store.partitions())
             .await;
         Ok(())
+    }
+
+    /// Writes `command` to the meta group, again and again while no quorum commits it, until
+    /// it is committed or the node stops.
+    async fn write_until_committed(&self, command: Command) -> Result<(), ProposeError> {
+        loop {
+            if matches!(command, Command::Init { .. }) && self.is_formed() {
+                return Ok(());
+            }
+            match self.write_via_leader(META_GROUP, command.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(error) if self.inner.shutdown.is_cancelled() => return Err(error),
+                Err(error) => tracing::warn!(
+                    %error,
+                    "forming the cluster: the meta group commits nothing yet (are most of the members down?); trying again"
+                ),
+            }
+        }
     }
 
     /// Initialises the groups of `partitions` over `members`, each on its first voter (or the
