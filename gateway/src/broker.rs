@@ -49,7 +49,13 @@ pub enum Ticket {
     /// Already delivered (non-durable namespace).
     Done(Published),
     /// Queued in the log; [`Broker::wait`] resolves once it is committed.
-    Queued { pending: Commit, channel: Bytes },
+    Queued {
+        pending: Commit,
+        channel: Bytes,
+        /// When the publish was handed to the log: the commit latency counts from here (on
+        /// a single node a lone publish is synced before `enqueue` returns).
+        since: Instant,
+    },
 }
 
 /// A durable publish waiting for its commit: in the node's own log, or in the cluster.
@@ -629,6 +635,7 @@ impl Broker {
             payload,
             message_id,
         };
+        let since = Instant::now();
         let pending = match &self.log {
             Log::Local(log) => Commit::Local(log.enqueue(publish).await?),
             Log::Cluster(node) => {
@@ -640,7 +647,11 @@ impl Broker {
                 )
             }
         };
-        Ok(Ticket::Queued { pending, channel })
+        Ok(Ticket::Queued {
+            pending,
+            channel,
+            since,
+        })
     }
 
     /// [`Broker::enqueue`] for several publishes, in order, a ticket (or the error that
@@ -672,12 +683,14 @@ impl Broker {
         if let (Log::Local(log), false) = (&self.log, durable.is_empty()) {
             let (slots, publishes): (Vec<usize>, Vec<Publish>) = durable.into_iter().unzip();
             let channels: Vec<Bytes> = publishes.iter().map(|p| p.channel.clone()).collect();
+            let since = Instant::now();
             match log.enqueue_many(publishes).await {
                 Ok(pending) => {
                     for ((slot, pending), channel) in slots.into_iter().zip(pending).zip(channels) {
                         tickets[slot] = Some(Ok(Ticket::Queued {
                             pending: Commit::Local(pending),
                             channel,
+                            since,
                         }));
                     }
                 }
@@ -839,8 +852,11 @@ impl Broker {
     pub async fn wait(&self, ticket: Ticket) -> Result<Published, StorageError> {
         match ticket {
             Ticket::Done(published) => Ok(published),
-            Ticket::Queued { pending, channel } => {
-                let started = Instant::now();
+            Ticket::Queued {
+                pending,
+                channel,
+                since,
+            } => {
                 let applied = pending.wait().await;
                 let applied = match applied {
                     Ok(applied) => applied,
@@ -850,7 +866,7 @@ impl Broker {
                     }
                 };
                 metrics::histogram!("herald_publish_commit_seconds")
-                    .record(started.elapsed().as_secs_f64());
+                    .record(since.elapsed().as_secs_f64());
                 if let (Log::Local(_), Applied::New(event)) = (&self.log, &applied) {
                     self.delivered.wait_for(event.position).await;
                 }

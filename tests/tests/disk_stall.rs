@@ -224,3 +224,54 @@ async fn a_cluster_member_whose_disk_stalls_lets_its_streams_resume_on_the_other
     )
     .await;
 }
+
+/// The commit latency a node reports covers the disk's sync: a publish held by a slow disk
+/// shows in `herald_publish_commit_seconds` for as long as it waited. (A lone publish is
+/// synced before the log's `enqueue` returns; the histogram counted only from there, so it
+/// showed microseconds while clients waited on the disk.)
+#[tokio::test]
+async fn a_publish_held_by_a_slow_disk_shows_in_the_commit_latency() {
+    let Some(disk) = StalledDisk::mount() else {
+        return;
+    };
+    let node = Herald::start_in(disk.mount.join("data"), &[], &[]);
+    let client = redis::Client::open(node.url()).unwrap();
+    let mut publisher = patient_connection(&client).await;
+    let commit_seconds = || async {
+        let metrics = reqwest::get(format!("{}/metrics", node.http_url()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("herald_publish_commit_seconds_sum "))
+            .map_or(0.0, |sum| sum.trim().parse::<f64>().unwrap())
+    };
+    let before = commit_seconds().await;
+
+    let stalled = disk.stall();
+    let publish = tokio::spawn(async move {
+        redis::cmd("PUBLISH")
+            .arg("slow:news")
+            .arg("held")
+            .query_async::<i64>(&mut publisher)
+            .await
+    });
+    // The disk answers again 1.5 s after the publish went out: it cannot have been committed
+    // in less than about that.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(stalled);
+    tokio::time::timeout(PATIENCE, publish)
+        .await
+        .expect("the publish is answered once the disk is back")
+        .unwrap()
+        .expect("the publish succeeds");
+
+    let waited = commit_seconds().await - before;
+    assert!(
+        waited >= 1.0,
+        "the commit latency shows {waited:.6} s for a publish the disk held 1.5 s"
+    );
+}
