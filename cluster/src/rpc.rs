@@ -445,8 +445,10 @@ pub struct Peers {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PeerLink {
-    /// `connected`, `connecting`, `unreachable` (dials fail; retried with backoff) or `idle`
-    /// (no connection needed yet, or the last one closed); `refused` in `herald cluster status`
+    /// `connected`, `silent` (connected, but the peer has answered no call for
+    /// [`SILENT_AFTER`] or more: dead, paused or cut off, before QUIC's idle timeout closes
+    /// the connection), `connecting`, `unreachable` (dials fail; retried with backoff) or
+    /// `idle` (no connection needed yet, or the last one closed); `refused` in `herald cluster status`
     /// when the peer shows another store than the one it was a member with (or one gone back
     /// in time); `refuses this node` when the peer says so of this node's store (connected,
     /// but it takes no Raft message from this node; `last_error` says why).
@@ -616,18 +618,31 @@ impl Peers {
                 };
                 // Connected, but the peer takes no Raft message from this node: what matters.
                 let refuses = state == "connected" && slot.refused_note.is_some();
+                // Connected, but answering nothing: a peer killed or paused keeps its
+                // connection until QUIC's idle timeout, seconds after its groups moved on.
+                let silent = (state == "connected")
+                    .then(|| slot.unanswered_since.map(|since| since.elapsed()))
+                    .flatten()
+                    .filter(|silence| *silence >= SILENT_AFTER);
+                let (state, last_error) = match silent {
+                    _ if refuses => ("refuses this node", slot.refused_note.clone()),
+                    Some(silence) => (
+                        "silent",
+                        Some(format!(
+                            "it has answered no call for {:.1} s (down, paused or cut off?)",
+                            silence.as_secs_f64()
+                        )),
+                    ),
+                    None => (state, unreachable.then(|| slot.last_error.clone())),
+                };
                 Some((
                     id,
                     PeerLink {
-                        state: if refuses { "refuses this node" } else { state },
+                        state,
                         rtt_us,
                         datagrams,
                         failed_dials: slot.failures,
-                        last_error: if refuses {
-                            slot.refused_note.clone()
-                        } else {
-                            unreachable.then(|| slot.last_error.clone())
-                        },
+                        last_error,
                         clock_offset_ms: None,
                         build: None,
                         journal: None,

@@ -314,6 +314,7 @@ fn member_line(status: &Value, id: &str, addr: &str) -> String {
             Some("refused") => {
                 format!("REFUSED: {}", link["lastError"].as_str().unwrap_or("?"))
             }
+            Some("silent") => format!("SILENT: {}", link["lastError"].as_str().unwrap_or("?")),
             Some("refuses this node") => format!(
                 "REFUSES THIS NODE: {}",
                 link["lastError"].as_str().unwrap_or("?")
@@ -628,6 +629,25 @@ mod tests {
         );
         assert_eq!(lines[3], "  1  a:1  connected, rtt 0.4 ms", "{table}");
         assert_eq!(lines[4], "  2  a:2  connected, rtt 0.4 ms", "{table}");
+    }
+
+    /// A member connected but answering nothing is shown as such, with how long.
+    #[test]
+    fn the_status_table_shows_a_silent_member() {
+        let status = serde_json::json!({
+            "node": 1, "formed": true, "epoch": "e1", "clock_correction_ms": 0,
+            "members": { "1": "a:1", "2": "a:2" },
+            "links": { "2": { "state": "silent", "rttUs": 400, "failedDials": 0,
+                              "lastError": "it has answered no call for 1.4 s (down, paused or cut off?)" } },
+            "groups": []
+        });
+        let table = render_status(&status);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[3],
+            "  2  a:2  SILENT: it has answered no call for 1.4 s (down, paused or cut off?)",
+            "{table}"
+        );
     }
 
     /// In a rolling upgrade: the header names this node's build, and a member line the

@@ -2308,6 +2308,31 @@ async fn an_init_by_hand_while_a_node_is_down_creates_every_partition() {
     publish_until_acked(&cluster, 1, "init:after", "y").await;
 }
 
+/// A member that stops answering (killed, paused, cut off) keeps its QUIC connection until the
+/// idle timeout; `herald cluster status` says it is silent from the first second on, rather
+/// than "connected" while its partitions have already moved on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_a_member_that_stopped_answering_as_silent() {
+    let cluster = Cluster::start(3);
+    let link = |by: u64| cluster.status(by).map(|s| s["links"]["3"].clone());
+    herald_tests::wait_until("node 1 is connected to node 3", || {
+        link(1).is_some_and(|l| l["state"] == "connected")
+    });
+    cluster.node(3).signal("STOP");
+    herald_tests::wait_until("node 1 calls node 3 silent", || {
+        link(1).is_some_and(|l| {
+            l["state"] == "silent"
+                && l["lastError"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("answered no call for"))
+        })
+    });
+    cluster.node(3).signal("CONT");
+    herald_tests::wait_until("node 3 answers again", || {
+        link(1).is_some_and(|l| l["state"] == "connected")
+    });
+}
+
 /// `herald cluster init` while most members are down cannot commit the cluster's identity; it
 /// times out saying the change may still complete, and it does: once a quorum is up, the
 /// cluster is formed and every partition created, with no second `init`.
