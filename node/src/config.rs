@@ -236,6 +236,10 @@ impl NodeConfig {
                 .map(|o| o.trim().to_string())
                 .filter(|o| !o.is_empty())
                 .collect();
+            for origin in &http.cors_origins {
+                check_origin(origin)
+                    .map_err(|e| anyhow!("invalid cors-origins '{origin}': {e}"))?;
+            }
         }
         if let Some(interval) = args.sse_keep_alive.or(file.sse_keep_alive) {
             http.keep_alive = parse_duration(&interval)
@@ -580,11 +584,69 @@ fn set_as_config_set(
     })
 }
 
+/// Refuses a CORS origin no browser sends, which would never match: an origin is `*` or
+/// `scheme://host[:port]`, with no path (`https://app.example.com/` with its slash is the
+/// usual slip).
+fn check_origin(origin: &str) -> Result<(), String> {
+    if origin == "*" {
+        return Ok(());
+    }
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return Err("an origin is scheme://host[:port], e.g. https://app.example.com".into());
+    };
+    let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    if !scheme_ok {
+        return Err(format!("'{scheme}' is not a URL scheme"));
+    }
+    if let Some(at) = authority.find(['/', '?', '#']) {
+        return Err(format!(
+            "an origin has no path: browsers send '{scheme}://{}', which this would never match",
+            &authority[..at]
+        ));
+    }
+    if authority.is_empty() || authority.contains(|c: char| c.is_whitespace() || c == ',') {
+        return Err("an origin is scheme://host[:port], e.g. https://app.example.com".into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use herald_gateway::hub::outbox::OutputLimit;
     use std::io::Write;
+
+    #[test]
+    fn cors_origins_are_scheme_host_port_without_a_path() {
+        for good in [
+            "*",
+            "https://app.example.com",
+            "http://localhost:3000",
+            "http://[::1]:8080",
+            "chrome-extension://abcdef",
+        ] {
+            assert_eq!(check_origin(good), Ok(()), "{good}");
+        }
+        assert_eq!(
+            check_origin("http://a.com/"),
+            Err(
+                "an origin has no path: browsers send 'http://a.com', which this would never match"
+                    .into()
+            )
+        );
+        for bad in [
+            "a.com",
+            "http://",
+            "http://a.com/app",
+            "1http://a.com",
+            "http://a b",
+        ] {
+            assert!(check_origin(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn peers_are_id_at_host_port() {
