@@ -53,6 +53,9 @@ struct Wrapped {
 /// the field at fault, and `data` can stay raw (serde's untagged enums cannot hold a
 /// [`RawValue`]).
 fn parse_body(body: &[u8]) -> Result<(Vec<PublishRequest>, bool), String> {
+    // A UTF-8 byte order mark, as some Windows tools (PowerShell, .NET writers) put before
+    // JSON: RFC 8259 lets a parser ignore it, and serde_json does not.
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'[') => parse::<Vec<PublishRequest>>(body).map(|events| (events, true)),
         Some(b'{') => match serde_json::from_slice::<PublishRequest>(body) {
@@ -449,5 +452,9 @@ mod tests {
         let (events, batch) = parse_body(br#"{"channel": "a", "data": {"x": 1}}"#).unwrap();
         assert_eq!((events.len(), batch), (1, false));
         assert_eq!(events[0].data.get(), r#"{"x": 1}"#);
+        // A byte order mark before the JSON is skipped.
+        let (events, batch) =
+            parse_body(b"\xEF\xBB\xBF[{\"channel\": \"a\", \"data\": 1}]").unwrap();
+        assert_eq!((events.len(), batch), (1, true));
     }
 }
