@@ -514,7 +514,11 @@ impl ClusterNode {
         relayed: bool,
     ) -> Result<oneshot::Receiver<ProposeResult>, ProposeError> {
         if !self.is_formed() {
-            return Err(ProposeError::NotFormed);
+            // Left out of a cluster that exists: the publisher is told why, not "not formed".
+            return Err(match self.left_out() {
+                Some(why) => ProposeError::Failed(format!("{why}; nothing was committed")),
+                None => ProposeError::NotFormed,
+            });
         }
         if let Some(big) = publishes.iter().find(|p| p.size() > MAX_PUBLISH_BYTES) {
             return Err(ProposeError::Failed(format!(
@@ -547,6 +551,26 @@ impl ClusterNode {
         self.quorum_problem().is_none()
     }
 
+    /// Why this node, not formed, is out of a cluster that exists: its store is refused
+    /// ([`Self::store_refused`]), or a peer refused its dial as a non-member of the cluster it
+    /// formed (`--bootstrap-expect` met without this node, or it was never joined). `None`
+    /// when no peer said so: the cluster may simply not be formed yet.
+    fn left_out(&self) -> Option<String> {
+        if let Some(refusal) = self.store_refused() {
+            return Some(refusal);
+        }
+        let (peer, formed) = self
+            .inner
+            .static_peers
+            .keys()
+            .find_map(|&peer| Some((peer, self.inner.peers.formed_without_this_node(peer)?)))?;
+        Some(format!(
+            "the cluster was formed without this node ({formed}; node {peer} says so): add it with `herald cluster join --node-id {id} --addr {addr}` through a member",
+            id = self.inner.id,
+            addr = self.inner.advertise,
+        ))
+    }
+
     /// Whether members refuse this node's store (its data directory lost, replaced or gone back
     /// in time, see [`crate::peer_stores`]), as they last answered it: `refused by the cluster:
     /// node N refuses it (...)`.
@@ -566,11 +590,11 @@ impl ClusterNode {
             return Some(refusal);
         }
         if !self.is_formed() {
-            return Some(
+            return Some(self.left_out().unwrap_or_else(|| {
                 "not formed yet: waiting for the nodes of --bootstrap-expect to meet, or for \
                  `herald cluster init` (first node) or `herald cluster join` (the others)"
-                    .to_string(),
-            );
+                    .to_string()
+            }));
         }
         // A follower that has not heard its leader for two leases is cut off from it: with
         // herald's pre-vote it keeps following (it calls no election nobody would grant).

@@ -3800,6 +3800,27 @@ fn an_init_through_a_node_started_after_the_cluster_formed_refuses_and_forms_not
         );
     }
     assert_members_unchanged(&cluster, &logged, &epoch, "the inits");
+    // Node 5, refused as a non-member, tells its probes and publishers why it is out (it
+    // said "not formed yet", as if no cluster existed).
+    let left_out =
+        format!("the cluster was formed without this node (epoch {epoch}; members 1 at 127.0.0.1:");
+    let join_5 =
+        format!("`herald cluster join --node-id 5 --addr 127.0.0.1:{port5}` through a member");
+    herald_tests::wait_until("node 5's /ready says it was left out", || {
+        herald_tests::cluster::get_json(&node5, "/ready").is_some_and(|ready| {
+            ready["status"]
+                .as_str()
+                .is_some_and(|s| s.starts_with(&left_out) && s.contains(&join_5))
+        })
+    });
+    let mut publisher = herald_tests::RawConn::connect(node5.resp);
+    publisher.command(&[b"PUBLISH", b"out:1", b"x"]);
+    let reply = String::from_utf8_lossy(&publisher.read_until_suffix(b"\r\n")).into_owned();
+    assert!(
+        reply.starts_with(&format!("-ERR publish failed: {left_out}"))
+            && reply.contains("nothing was committed"),
+        "{reply}"
+    );
     // Joined, node 4 becomes a member as usual.
     let addr = format!("127.0.0.1:{}", cluster.members[3].cluster_port);
     let (ok, text) = cluster.cli(1, &["join", "--node-id", "4", "--addr", &addr]);
