@@ -192,7 +192,9 @@ impl Transport {
             .endpoint
             .connect(addr, &server_name)
             .map_err(|e| failed(e.to_string()))?;
-        let connection = connecting.await.map_err(|e| failed(e.to_string()))?;
+        let connection = connecting
+            .await
+            .map_err(|e| failed(with_certificate_advice(e.to_string(), false)))?;
         match peer_id(&connection) {
             Some(id) if id == peer => Ok(PeerConnection { peer, connection }),
             other => {
@@ -274,7 +276,12 @@ impl IncomingPeer {
                 tracing::debug!(%addr, %reason, "no cluster connection");
                 return Err(TransportError::Refused { addr, reason });
             }
-            Err(error) => return Err(refused(format!("handshake failed: {error}"))),
+            Err(error) => {
+                return Err(refused(with_certificate_advice(
+                    format!("handshake failed: {error}"),
+                    true,
+                )));
+            }
         };
         match peer_id(&connection) {
             None => {
@@ -325,6 +332,27 @@ impl IncomingPeer {
             Some(peer) => Ok(PeerConnection { peer, connection }),
         }
     }
+}
+
+/// `reason` (a failed handshake), with what to do when a certificate was refused for its
+/// CA: TLS says only `invalid peer certificate: BadSignature` (or `UnknownIssuer`), on the
+/// side that refused it; the other side sees `aborted by peer` and the same words. `accepting`:
+/// this node was dialed.
+fn with_certificate_advice(reason: String, accepting: bool) -> String {
+    let foreign_ca = reason.contains("invalid peer certificate")
+        && (reason.contains("BadSignature") || reason.contains("UnknownIssuer"));
+    if !foreign_ca {
+        return reason;
+    }
+    let whose = match (accepting, reason.contains("aborted by peer")) {
+        (true, true) => "the dialer does not trust this node's certificate",
+        (true, false) => "this node does not trust the dialer's certificate",
+        (false, true) => "the node dialed does not trust this node's certificate",
+        (false, false) => "this node does not trust the certificate of the node it dialed",
+    };
+    format!(
+        "{reason}: {whose}, issued by another CA than its own ca.pem (another cluster's certificates, or a CA made again with `herald certs init`); give every node a certificate from the one cluster CA (`herald certs issue`)"
+    )
 }
 
 /// Whether a handshake ended because the dialer ended it (closed it, or went silent): a
