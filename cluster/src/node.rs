@@ -749,6 +749,7 @@ impl ClusterNode {
             build: self.inner.build.clone(),
             journal: self.inner.store.journal_progress(),
             groups,
+            left_out: (!self.is_formed()).then(|| self.left_out()).flatten(),
         }
     }
 
@@ -1047,6 +1048,9 @@ pub struct ClusterStatus {
     pub journal: Option<herald_storage::JournalProgress>,
     /// Every group as this node sees it.
     pub groups: Vec<GroupStatus>,
+    /// Why this node, not formed, is out of a cluster that exists (its store refused, or
+    /// the cluster formed without it), and how to get it in; `None` otherwise.
+    pub left_out: Option<String>,
 }
 
 /// One group as this node sees it.

@@ -335,7 +335,21 @@ fn member_line(status: &Value, id: &str, addr: &str) -> String {
         Some(build) if Some(build) != status["build"].as_str() => format!(", BUILD {build}"),
         _ => String::new(),
     };
-    format!("  {id}  {addr}  {seen}{clock}{build}\n")
+    // A member the meta group holds as a learner (joined, not promoted yet: it has not
+    // answered since its join, e.g. at a wrong address) votes nowhere.
+    let meta_learner = status["groups"][0]["learners"]
+        .as_array()
+        .is_some_and(|learners| {
+            learners
+                .iter()
+                .any(|l| l.as_u64().is_some_and(|l| l.to_string() == id))
+        });
+    let learner = if meta_learner {
+        ", LEARNER (not a voter yet)"
+    } else {
+        ""
+    };
+    format!("  {id}  {addr}  {seen}{learner}{clock}{build}\n")
 }
 
 /// A node not in a formed cluster yet has no members: what it waits for, then itself and the
@@ -362,6 +376,10 @@ fn not_formed(status: &Value) -> String {
     let join =
         format!("`herald cluster join --node-id {node} --addr {advertise}` through a member");
     let mut out = match (expect, peers.is_empty()) {
+        // A cluster exists and this node is out of it: that, not what a formation waits for.
+        _ if status["left_out"].is_string() => {
+            format!("LEFT OUT: {}\n", status["left_out"].as_str().unwrap_or("?"))
+        }
         (0, true) => format!(
             "not formed yet: waiting to be joined ({join}), or for `herald cluster init` (a cluster of this node alone, which others then join)\n"
         ),
@@ -369,7 +387,7 @@ fn not_formed(status: &Value) -> String {
             "not formed yet: waiting for `herald cluster init` (through any of these nodes), or to be joined ({join})\n"
         ),
         (_, _) if lowest == node => format!(
-            "not formed yet: this node forms the cluster once {expect} of these nodes answer (--bootstrap-expect {expect}); {reachable} do now\n"
+            "not formed yet: this node forms the cluster once {expect} of these nodes answer (--bootstrap-expect {expect}); it reaches {reachable} of them (itself included)\n"
         ),
         (_, _) => format!(
             "not formed yet: node {lowest} forms the cluster once {expect} of these nodes answer (--bootstrap-expect {expect}); this node reaches {reachable} of them (itself included)\n"
@@ -566,7 +584,7 @@ mod tests {
         let peers = serde_json::json!({ "2": "h2:7000", "3": "h3:7000" });
         let table = render_status(&status(1, peers, 3, serde_json::json!({})));
         assert!(
-            table.contains("this node forms the cluster once 3 of these nodes answer (--bootstrap-expect 3); 1 do now")
+            table.contains("this node forms the cluster once 3 of these nodes answer (--bootstrap-expect 3); it reaches 1 of them (itself included)")
                 && table.contains("  2  h2:7000  no link\n"),
             "{table}"
         );
@@ -585,6 +603,16 @@ mod tests {
         );
         assert_eq!(lines[2], "members: none yet; no --peers", "{table}");
         assert_eq!(lines[3], "  4  h4:7000  this node", "{table}");
+
+        // Out of a cluster that exists: said first, instead of what a formation waits for.
+        let mut out = status(3, peers_of(&[1, 2]), 2, serde_json::json!({}));
+        out["left_out"] = "the cluster was formed without this node (...)".into();
+        let table = render_status(&out);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[1], "LEFT OUT: the cluster was formed without this node (...)",
+            "{table}"
+        );
     }
 
     fn peers_of(ids: &[u64]) -> Value {
@@ -629,6 +657,25 @@ mod tests {
         );
         assert_eq!(lines[3], "  1  a:1  connected, rtt 0.4 ms", "{table}");
         assert_eq!(lines[4], "  2  a:2  connected, rtt 0.4 ms", "{table}");
+    }
+
+    /// A member the meta group holds as a learner (joined, never answered) is marked so.
+    #[test]
+    fn the_status_table_marks_a_member_that_is_no_voter_yet() {
+        let link = serde_json::json!({ "state": "connected", "rttUs": 400 });
+        let status = serde_json::json!({
+            "node": 1, "formed": true, "epoch": "e1", "clock_correction_ms": 0,
+            "members": { "1": "a:1", "2": "a:2", "9": "a:9" },
+            "links": { "2": link },
+            "groups": [{ "group": 0, "role": "leader", "voters": [1, 2], "learners": [9] }]
+        });
+        let table = render_status(&status);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[3], "  2  a:2  connected, rtt 0.4 ms", "{table}");
+        assert_eq!(
+            lines[4], "  9  a:9  no link, LEARNER (not a voter yet)",
+            "{table}"
+        );
     }
 
     /// A member connected but answering nothing is shown as such, with how long.

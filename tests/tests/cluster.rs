@@ -3813,6 +3813,13 @@ fn an_init_through_a_node_started_after_the_cluster_formed_refuses_and_forms_not
                 .is_some_and(|s| s.starts_with(&left_out) && s.contains(&join_5))
         })
     });
+    let status = herald_tests::cluster::get_json(&node5, "/api/cluster/status").expect("status");
+    assert!(
+        status["left_out"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(&left_out)),
+        "{status}"
+    );
     let mut publisher = herald_tests::RawConn::connect(node5.resp);
     publisher.command(&[b"PUBLISH", b"out:1", b"x"]);
     let reply = String::from_utf8_lossy(&publisher.read_until_suffix(b"\r\n")).into_owned();
