@@ -33,8 +33,9 @@
 //!   `job_progress:job_123`; `{"type":"job_progress"}` without `id` is the channel
 //!   `job_progress` (an `id` that is there must be a non-empty string or a number: `null`
 //!   and `""` are refused); `"channel":"any:name"` names a channel directly. herald adds
-//!   `"cursor":"<id>"`, to receive everything retained after that event first (the `id` of the
-//!   last event received on the channel), or `"last":N`, the last N retained events first.
+//!   `"cursor":"<id>"` (or `"lastEventId"`, as in the query), to receive everything retained
+//!   after that event first (the `id` of the last event received on the channel), or
+//!   `"last":N`, the last N retained events first.
 //!   Subscribing to a channel already subscribed changes nothing and replays nothing.
 //! - `{"type":"unsubscribe","channel":...}` with the same forms. The object form without `id`
 //!   (the seed's example) removes every channel of that type: `job_progress` and all
@@ -738,9 +739,14 @@ fn target(map: &Map<String, Value>, verb: &str) -> Result<Target, String> {
     }
 }
 
-/// Where a subscription starts: `cursor`, else `last`, else live.
+/// Where a subscription starts: `cursor` (or `lastEventId`, the name the query and SSE use),
+/// else `last`, else live.
 fn start_field(map: &Map<String, Value>) -> Result<Start, String> {
-    match map.get("cursor") {
+    let cursor = match map.get("cursor") {
+        None | Some(Value::Null) => map.get("lastEventId"),
+        given => given,
+    };
+    match cursor {
         None | Some(Value::Null) => {}
         Some(Value::String(cursor)) if cursor.trim().is_empty() => {}
         Some(Value::String(cursor)) => {
@@ -960,6 +966,12 @@ mod tests {
                 ..
             }
         ));
+        let named_as_in_sse =
+            parse_request(r#"{"type":"subscribe","channel":"a","lastEventId":"!!"}"#).unwrap_err();
+        assert!(
+            named_as_in_sse.contains("invalid cursor"),
+            "{named_as_in_sse}"
+        );
         let live = parse_request(r#"{"type":"subscribe","channel":"a","cursor":""}"#).unwrap();
         assert!(matches!(
             live,
