@@ -2087,9 +2087,9 @@ async fn node_1_back_has_every_event(
     want
 }
 
-/// The operator's way back for node 3, refused for its store: remove it and join it again; it
-/// then catches up to `want` on `channel`, and is ready.
-async fn remove_and_join_node_3_again(cluster: &Cluster, channel: &str, want: &[String]) {
+/// `herald cluster remove` of node 3 through node 1, then `join` at its address (tried until
+/// the removal lets it).
+fn remove_node_3_and_join_it_again(cluster: &Cluster) {
     let (ok, text) = cluster.cli(1, &["remove", "--node-id", "3"]);
     assert!(ok, "remove failed: {text}");
     let addr = format!("127.0.0.1:{}", cluster.members[2].cluster_port);
@@ -2098,6 +2098,12 @@ async fn remove_and_join_node_3_again(cluster: &Cluster, channel: &str, want: &[
             .cli(1, &["join", "--node-id", "3", "--addr", &addr])
             .0
     });
+}
+
+/// The operator's way back for node 3, refused for its store: remove it and join it again; it
+/// then catches up to `want` on `channel`, and is ready.
+async fn remove_and_join_node_3_again(cluster: &Cluster, channel: &str, want: &[String]) {
+    remove_node_3_and_join_it_again(cluster);
     // Refused until it hears from the members that they take it again (a clock round).
     eventually_equal("node 3 catches up", &want.to_vec(), || async {
         herald_tests::try_history_payloads(cluster.node(3), channel)
@@ -2145,14 +2151,7 @@ async fn a_member_back_on_an_empty_data_directory_cannot_vote_away_acknowledged_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_joined_again_while_running_is_refused_on_an_empty_data_directory() {
     let mut cluster = Cluster::start(3);
-    let (ok, text) = cluster.cli(1, &["remove", "--node-id", "3"]);
-    assert!(ok, "remove failed: {text}");
-    let addr = format!("127.0.0.1:{}", cluster.members[2].cluster_port);
-    herald_tests::wait_until("node 3 can be joined again", || {
-        cluster
-            .cli(1, &["join", "--node-id", "3", "--addr", &addr])
-            .0
-    });
+    remove_node_3_and_join_it_again(&cluster);
     // The meta group's log up to the join: applied on a node, the removal's forgetting is
     // behind it, and what it knows of node 3's journal was learnt since.
     let joined = cluster
@@ -2662,14 +2661,7 @@ async fn a_member_that_lost_its_disk_is_joined_again_before_it_is_back() {
     let mut cluster = Cluster::start(3);
     publish_until_acked(&cluster, 1, "rebuilt:1", "before").await;
     cluster.wipe(3);
-    let (ok, text) = cluster.cli(1, &["remove", "--node-id", "3"]);
-    assert!(ok, "remove failed: {text}");
-    let addr = format!("127.0.0.1:{}", cluster.members[2].cluster_port);
-    herald_tests::wait_until("node 3 can be joined again", || {
-        cluster
-            .cli(1, &["join", "--node-id", "3", "--addr", &addr])
-            .0
-    });
+    remove_node_3_and_join_it_again(&cluster);
     cluster.start_node(3, 3);
     publish_until_acked(&cluster, 3, "rebuilt:1", "after").await;
     eventually_equal(
