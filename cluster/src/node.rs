@@ -215,6 +215,8 @@ struct Inner {
     bootstrap_expect: usize,
     /// Node ids allowed to connect: the static peers and every member the meta group knows.
     allowed: Arc<RwLock<BTreeSet<NodeId>>>,
+    /// A task of this node is writing the cluster's `Init` (see `formation`).
+    forming: std::sync::atomic::AtomicBool,
     shutdown: CancellationToken,
     interest: Arc<InterestTable>,
     /// Interest pushes asked for by subscriptions, and the wait for them.
@@ -382,6 +384,7 @@ impl ClusterNode {
                 static_peers: config.peers.clone(),
                 bootstrap_expect: config.bootstrap_expect,
                 allowed,
+                forming: std::sync::atomic::AtomicBool::new(false),
                 shutdown: shutdown.clone(),
                 interest: InterestTable::new(id, peers.clone()),
                 interest_sync: InterestSync::default(),

@@ -2307,6 +2307,25 @@ async fn an_init_by_hand_while_a_node_is_down_creates_every_partition() {
     publish_until_acked(&cluster, 1, "init:after", "y").await;
 }
 
+/// The same init, with its node killed before a quorum was up (the task writing the cluster's
+/// identity dies with it): the meta group has its members but no cluster; once they are up,
+/// its leader writes it, and every partition is created, again with no second `init`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_init_cut_short_by_a_restart_is_finished_by_the_meta_leader() {
+    let mut cluster = Cluster::start_some(3, 0, &[]);
+    cluster.start_node(1, 0);
+    let (ok, text) = cluster.cli(1, &["init", "--timeout", "2s"]);
+    assert!(!ok, "init cannot complete with 1 of 3 members up: {text}");
+    cluster.kill(1);
+    for id in 1..=3 {
+        cluster.start_node(id, 0);
+    }
+    cluster.wait_converged();
+    for i in 0..8 {
+        publish_until_acked(&cluster, 1 + i % 3, &format!("restarted:{i}"), "x").await;
+    }
+}
+
 /// A member that stops answering (killed, paused, cut off) keeps its QUIC connection until the
 /// idle timeout; `herald cluster status` says it is silent from the first second on, rather
 /// than "connected" while its partitions have already moved on.

@@ -6,6 +6,7 @@
 //! while everything else runs all the time.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use herald_storage::raft::{
@@ -261,7 +262,13 @@ impl ClusterNode {
         // (`herald cluster init` timing out while most members are still down) leaves it
         // running until a quorum is up and the cluster is formed.
         let node = self.clone();
-        match tokio::spawn(async move { node.finish_formation(members).await }).await {
+        self.inner.forming.store(true, Ordering::Release);
+        let finished = tokio::spawn(async move {
+            let result = node.finish_formation(members).await;
+            node.inner.forming.store(false, Ordering::Release);
+            result
+        });
+        match finished.await {
             Ok(result) => result,
             Err(error) => Err(ProposeError::Failed(format!(
                 "forming the cluster: {error}"
@@ -377,8 +384,11 @@ impl ClusterNode {
     /// does (which initialises only what is not yet). Returns the new count of such rounds.
     pub(super) async fn finish_interrupted_formation(&self, rounds: u32) -> u32 {
         let meta = &self.inner.groups[usize::from(META_GROUP)];
-        if !self.is_formed() || meta.metrics().borrow().current_leader != Some(self.inner.id) {
+        if meta.metrics().borrow().current_leader != Some(self.inner.id) {
             return 0;
+        }
+        if !self.is_formed() {
+            return self.finish_unwritten_init(rounds);
         }
         let missing = self.partitions_without_membership();
         if missing.is_empty() {
@@ -397,6 +407,34 @@ impl ClusterNode {
         );
         self.init_partitions(&self.members(), never.into_iter())
             .await;
+        0
+    }
+
+    /// The meta leader of a cluster whose `Init` was never written (`herald cluster init`
+    /// with most members down, its node restarted before a quorum was up: the task writing it
+    /// died with the process) writes it, after [`FORMATION_REPAIR_ROUNDS`] rounds in a row,
+    /// over the meta group's members, unless a task of this node is writing it already.
+    /// Returns the new count of such rounds.
+    fn finish_unwritten_init(&self, rounds: u32) -> u32 {
+        let meta = &self.inner.groups[usize::from(META_GROUP)];
+        if !super::has_membership(meta) || self.inner.forming.load(Ordering::Acquire) {
+            return 0;
+        }
+        if rounds + 1 < FORMATION_REPAIR_ROUNDS {
+            return rounds + 1;
+        }
+        tracing::warn!(
+            "the meta group has members but the cluster's identity was never written (an init interrupted before a quorum was up): forming the cluster"
+        );
+        self.inner.forming.store(true, Ordering::Release);
+        let node = self.clone();
+        let members = self.members();
+        tokio::spawn(async move {
+            if let Err(error) = node.finish_formation(members).await {
+                tracing::error!(%error, "forming the cluster failed");
+            }
+            node.inner.forming.store(false, Ordering::Release);
+        });
         0
     }
 
