@@ -261,19 +261,28 @@ impl ClusterNode {
         // whose Init is never written stays unformed for good. A caller that stops waiting
         // (`herald cluster init` timing out while most members are still down) leaves it
         // running until a quorum is up and the cluster is formed.
-        let node = self.clone();
-        self.inner.forming.store(true, Ordering::Release);
-        let finished = tokio::spawn(async move {
-            let result = node.finish_formation(members).await;
-            node.inner.forming.store(false, Ordering::Release);
-            result
-        });
-        match finished.await {
+        match self.spawn_formation(members).await {
             Ok(result) => result,
             Err(error) => Err(ProposeError::Failed(format!(
                 "forming the cluster: {error}"
             ))),
         }
+    }
+
+    /// Runs [`Self::finish_formation`] in a task of its own (it outlives whoever waits for
+    /// it), with `forming` raised meanwhile so that the meta leader's repair
+    /// ([`Self::finish_unwritten_init`]) leaves it alone.
+    fn spawn_formation(
+        &self,
+        members: BTreeMap<NodeId, String>,
+    ) -> tokio::task::JoinHandle<Result<(), ProposeError>> {
+        let node = self.clone();
+        self.inner.forming.store(true, Ordering::Release);
+        tokio::spawn(async move {
+            let result = node.finish_formation(members).await;
+            node.inner.forming.store(false, Ordering::Release);
+            result
+        })
     }
 
     /// Writes the cluster's `Init` (and the forming node's namespace config) to the meta
@@ -426,14 +435,11 @@ impl ClusterNode {
         tracing::warn!(
             "the meta group has members but the cluster's identity was never written (an init interrupted before a quorum was up): forming the cluster"
         );
-        self.inner.forming.store(true, Ordering::Release);
-        let node = self.clone();
-        let members = self.members();
+        let formation = self.spawn_formation(self.members());
         tokio::spawn(async move {
-            if let Err(error) = node.finish_formation(members).await {
+            if let Ok(Err(error)) = formation.await {
                 tracing::error!(%error, "forming the cluster failed");
             }
-            node.inner.forming.store(false, Ordering::Release);
         });
         0
     }
