@@ -1,7 +1,8 @@
 //! Forming the cluster: bootstrap by `--bootstrap-expect` (the node with the lowest id forms
 //! it once enough nodes of its partition count answer), the formation itself (meta group, epoch,
-//! every partition group on its first voter), and the meta leader finishing a formation that
-//! was cut short, and the check that a node's peers have not formed a cluster without it
+//! every partition group on its first voter; written by a task that outlives the `init` that
+//! asked, retrying until a quorum is up), and the meta leader finishing a formation that was
+//! cut short (its identity or its partitions never written), and the check that a node's peers have not formed a cluster without it
 //! before it forms one (`formed_without_this_node`). Apart from the rest of the node because it runs once in a cluster's life,
 //! while everything else runs all the time.
 
