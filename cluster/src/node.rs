@@ -599,6 +599,11 @@ impl ClusterNode {
                     .to_string()
             }));
         }
+        // Members it refuses answer, but nothing commits with them: said before the groups'
+        // symptoms of it (no leader, a leader no majority answers).
+        if let Some(refused) = self.refused_members_note() {
+            return Some(refused);
+        }
         // A follower that has not heard its leader for two leases is cut off from it: with
         // herald's pre-vote it keeps following (it calls no election nobody would grant).
         let silent = Duration::from_millis(self.inner.raft_timings.election_max_ms * 2);

@@ -286,6 +286,8 @@ impl ProposerContext {
             // (Err: the node is stopping; the round goes on.)
             Ok(reach) = reach.wait_for(|r| r.isolated || r.removed) => Round::Unknown(if reach.removed {
                 "this node was removed from the cluster while the publish was in flight".to_string()
+            } else if reach.refused {
+                "this node came to refuse every other member that answers it while the publish was in flight (a data directory lost, replaced or gone back in time: see `herald cluster status`)".to_string()
             } else {
                 format!(
                     "this node lost its quorum while the publish was in flight: no other member has answered it for {SILENT_AFTER:?}"
@@ -313,6 +315,11 @@ impl ProposerContext {
                 let cut_off = if reach.removed {
                     format!(
                         "this node was removed from the cluster, so partition {} cannot commit here; publish to another node",
+                        self.partition
+                    )
+                } else if reach.refused {
+                    format!(
+                        "this node can commit with no other member: it refuses the store of those that answer it (a data directory lost, replaced or gone back in time: `herald cluster status` says why), so partition {} cannot commit here; publish to another node",
                         self.partition
                     )
                 } else {

@@ -3405,6 +3405,69 @@ async fn a_node_no_member_answers_refuses_publishes_at_once() {
     }
 }
 
+/// A node whose every other member came back on an empty data directory (it refuses them:
+/// they would vote as if they still held what they acknowledged) cannot commit anything: it
+/// refuses durable publishes at once, naming the refusal and saying nothing was committed,
+/// rather than holding each one for the publish timeout (two minutes here) and answering
+/// "outcome unknown" while its `/ready` already says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_refuses_every_other_member_refuses_publishes_at_once() {
+    let mut cluster = Cluster::start_with(3, &["--publish-timeout", "120s"]);
+    let lone = cluster.node(1).http;
+    let mut channels = Vec::new();
+    for k in 0..64 {
+        let channel = format!("wiped-peers:{k}");
+        let reply = try_publish(lone, &json!({ "channel": channel, "data": 0 }))
+            .await
+            .expect("publish while the cluster is whole");
+        let partition = partition_of_reply(&reply);
+        if !channels.iter().any(|(_, p)| *p == partition) {
+            channels.push((channel, partition));
+        }
+    }
+    assert_eq!(channels.len(), 4, "a channel per partition: {channels:?}");
+    cluster.wipe(2);
+    cluster.wipe(3);
+    cluster.start_node(2, 3);
+    cluster.start_node(3, 3);
+    herald_tests::wait_until("node 1 refuses nodes 2 and 3", || {
+        let log = cluster.node(1).log();
+        log.contains("refusing node 2") && log.contains("refusing node 3")
+    });
+    let refused = |error: &str| {
+        error.starts_with("503")
+            && error.contains("refuses")
+            && error.contains("nothing was committed")
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let error = try_publish(lone, &json!({ "channel": channels[0].0, "data": 1 }))
+            .await
+            .expect_err("a node that refuses every other member must not acknowledge");
+        if refused(&error) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never refused at once: {error}"
+        );
+    }
+    for (channel, partition) in &channels {
+        let error = try_publish(lone, &json!({ "channel": channel, "data": 2 }))
+            .await
+            .expect_err("a node that refuses every other member must not acknowledge");
+        assert!(refused(&error), "partition {partition}: {error}");
+    }
+    // Its `/ready` names the members it refuses, not a symptom (a group with no leader).
+    herald_tests::wait_until("node 1's /ready names the members it refuses", || {
+        herald_tests::cluster::get_json(cluster.node(1), "/ready").is_some_and(|ready| {
+            ready["status"]
+                .as_str()
+                .is_some_and(|status| status.contains("refuses node 2, node 3"))
+        })
+    });
+}
+
 /// The clients of a node that was just `kill -9`ed reconnect to the others at once: their
 /// new subscriptions are confirmed and get the events published after. Confirming waits until
 /// the other members know the interest, and the dead node (its connection open until the idle

@@ -20,6 +20,12 @@
 //!   "outcome unknown", instead of waiting out the publish timeout. A node that reaches a
 //!   minority is not isolated: it may still relay through it.
 //!
+//! A member whose store this node refuses (its data directory lost, replaced or gone back in
+//! time: [`crate::peer_stores`]) counts as silent in both verdicts, though it answers: no Raft
+//! message goes to it or is taken from it, so nothing commits with it. [`Reach::refused`] says
+//! that one is, so that `/ready` and the refused publishes name the refusal rather than a
+//! silence.
+//!
 //! A member this node has no call for (it leads no group the member follows, and no publish
 //! goes its way) would show its silence only at the next call, up to a second later (the
 //! clock round): in the chaos `partition-asym` scenario such a node took 2.7 s instead of
@@ -53,6 +59,9 @@ pub struct Reach {
     pub isolated: bool,
     /// This node knows it was removed from the cluster ([`ClusterNode::is_removed`]).
     pub removed: bool,
+    /// This node refuses the store of another member (see the module doc), which so counts
+    /// as silent.
+    pub refused: bool,
 }
 
 impl Default for Reach {
@@ -61,6 +70,7 @@ impl Default for Reach {
             majority: true,
             isolated: false,
             removed: false,
+            refused: false,
         }
     }
 }
@@ -115,6 +125,32 @@ impl ClusterNode {
         }
     }
 
+    /// The other `members` whose store this node refuses (see the module doc).
+    fn refused_members(&self, members: &BTreeMap<NodeId, String>) -> Vec<NodeId> {
+        members
+            .keys()
+            .copied()
+            .filter(|&id| id != self.inner.id && self.inner.peer_stores.is_refused(id))
+            .collect()
+    }
+
+    /// Why this node reaches no majority when that is (also) for members whose store it
+    /// refuses, naming them: `None` when it refuses none, or reaches a majority.
+    pub fn refused_members_note(&self) -> Option<String> {
+        let reach = *self.inner.reach.borrow();
+        if reach.majority || !reach.refused {
+            return None;
+        }
+        let refused = self.refused_members(&self.members());
+        let names: Vec<String> = refused.iter().map(|id| format!("node {id}")).collect();
+        (!names.is_empty()).then(|| {
+            format!(
+                "no quorum: this node refuses {} (a data directory lost, replaced or gone back in time: `herald cluster status` says why; remove each and join it again), so it reaches no majority of the cluster's members",
+                names.join(", ")
+            )
+        })
+    }
+
     /// The verdicts from this moment's view alone.
     fn reach_now(&self) -> Reach {
         if !self.is_formed() {
@@ -122,16 +158,18 @@ impl ClusterNode {
         }
         let members = self.members();
         let peers = &self.inner.peers;
+        let refused: Vec<NodeId> = self.refused_members(&members);
         let others: Vec<bool> = members
             .keys()
             .filter(|&&id| id != self.inner.id)
-            .map(|&id| peers.is_silent(id))
+            .map(|&id| peers.is_silent(id) || refused.contains(&id))
             .collect();
         let answering = 1 + others.iter().filter(|silent| !**silent).count();
         Reach {
             majority: 2 * answering > members.len(),
             isolated: !others.is_empty() && others.iter().all(|silent| *silent),
             removed: self.removed_now(),
+            refused: !refused.is_empty(),
         }
     }
 
@@ -153,6 +191,7 @@ impl ClusterNode {
                 isolated: now.isolated && last.isolated,
                 // A verdict of the membership (or of a quorum of voters), not of silences.
                 removed: now.removed,
+                refused: now.refused,
             };
             last = now;
             self.inner.reach.send_if_modified(|was| {
