@@ -109,7 +109,11 @@ pub enum ClusterCommand {
         json: bool,
     },
     /// Form the cluster now from the node and its --peers (instead of --bootstrap-expect).
-    Init,
+    Init {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Add a node (started with --node-id and --peers naming current members) to the cluster.
     Join {
         /// The new node's id (its certificate must name it).
@@ -118,6 +122,9 @@ pub enum ClusterCommand {
         /// The new node's cluster address (host:port, UDP).
         #[arg(long, value_name = "HOST:PORT")]
         addr: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove a node from the cluster; its data is not trusted again without a new join.
     Remove {
@@ -130,6 +137,9 @@ pub enum ClusterCommand {
         /// groups and nodes.
         #[arg(long)]
         force: bool,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the cluster's namespace config (the one every member applies); with --set, replace
     /// it with the [namespace.NAME] tables of a file (e.g. a node's config file).

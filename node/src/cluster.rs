@@ -21,7 +21,7 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
 fn change(command: &ClusterCommand) -> Option<String> {
     match command {
         ClusterCommand::Status { .. } | ClusterCommand::Namespaces { set: None, .. } => None,
-        ClusterCommand::Init => Some("the cluster's formation".to_string()),
+        ClusterCommand::Init { .. } => Some("the cluster's formation".to_string()),
         ClusterCommand::Join { node_id, .. } => Some(format!("the join of node {node_id}")),
         ClusterCommand::Remove { node_id, .. } => Some(format!("the removal of node {node_id}")),
         ClusterCommand::Namespaces { set: Some(_), .. } => {
@@ -57,7 +57,7 @@ pub fn run(args: ClusterArgs) -> ExitCode {
                 ClusterCommand::Remove { node_id, .. } => {
                     runtime.block_on(after_remove(&args, *node_id))
                 }
-                ClusterCommand::Join { node_id, addr } => {
+                ClusterCommand::Join { node_id, addr, .. } => {
                     runtime.block_on(after_join(&args, *node_id, addr))
                 }
                 _ => None,
@@ -79,11 +79,11 @@ async fn call(args: &ClusterArgs) -> Result<String, String> {
     let client = reqwest::Client::new();
     let request = match &args.command {
         ClusterCommand::Status { .. } => client.get(format!("{base}/status")),
-        ClusterCommand::Init => client.post(format!("{base}/init")),
-        ClusterCommand::Join { node_id, addr } => client
+        ClusterCommand::Init { .. } => client.post(format!("{base}/init")),
+        ClusterCommand::Join { node_id, addr, .. } => client
             .post(format!("{base}/join"))
             .json(&json!({ "nodeId": node_id, "addr": addr })),
-        ClusterCommand::Remove { node_id, force } => client
+        ClusterCommand::Remove { node_id, force, .. } => client
             .post(format!("{base}/remove"))
             .json(&json!({ "nodeId": node_id, "force": force })),
         ClusterCommand::Namespaces { set: None, .. } => client.get(format!("{base}/namespaces")),
@@ -106,8 +106,39 @@ async fn call(args: &ClusterArgs) -> Result<String, String> {
     Ok(match &args.command {
         ClusterCommand::Status { json: false } => render_status(&body),
         ClusterCommand::Namespaces { json: false, .. } => render_namespaces(&body),
+        ClusterCommand::Init { json: false } => render_formed(&body),
+        ClusterCommand::Join {
+            node_id,
+            json: false,
+            ..
+        } => format!(
+            "joined: node {node_id} is a member; it becomes a voter once it answers and has caught up (`herald cluster status` shows it)"
+        ),
+        ClusterCommand::Remove {
+            node_id,
+            json: false,
+            ..
+        } => format!(
+            "removed: node {node_id} is no longer a member; its data is not trusted again without a new join"
+        ),
         _ => serde_json::to_string_pretty(&body).unwrap_or_default(),
     })
+}
+
+/// `herald cluster init`'s answer, `{"status": "formed", "members": {"1": "host:port"}}`, as
+/// one line: `formed: members 1 at host:port, 2 at host:port`.
+fn render_formed(body: &Value) -> String {
+    let members: BTreeMap<u64, &str> = body["members"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(id, addr)| Some((id.parse().ok()?, addr.as_str().unwrap_or("?"))))
+        .collect();
+    let members: Vec<String> = members
+        .iter()
+        .map(|(id, addr)| format!("{id} at {addr}"))
+        .collect();
+    format!("formed: members {}", members.join(", "))
 }
 
 /// Sends `request` with the password, if any, and waits at most `timeout` for the whole
@@ -491,6 +522,18 @@ fn render_status(status: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_init_prints_the_members_in_id_order() {
+        let body = json!({
+            "status": "formed",
+            "members": { "10": "h:10", "2": "h:2", "1": "h:1" },
+        });
+        assert_eq!(
+            render_formed(&body),
+            "formed: members 1 at h:1, 2 at h:2, 10 at h:10"
+        );
+    }
 
     #[test]
     fn a_removal_that_leaves_fewer_than_three_members_warns() {
