@@ -354,6 +354,18 @@ impl EventStream {
         &self.cursor
     }
 
+    /// The cursor to resume this stream from as it stands, encoded, if it has a durable
+    /// channel (`None`: nothing of it can be resumed). Sent when the stream opens (SSE's first
+    /// `id:`, WebSocket's `subscribed`), so that a client that drops before its first event
+    /// resumes from there instead of coming back live-only and missing what was published
+    /// meanwhile.
+    pub fn resume_cursor(&self) -> Option<String> {
+        self.channels
+            .iter()
+            .any(|c| self.broker.is_durable(c))
+            .then(|| self.cursor.encode())
+    }
+
     /// Whether history is still to be replayed (live events wait behind it).
     fn replaying(&self) -> bool {
         self.replay.is_some()
@@ -538,6 +550,15 @@ impl StreamSet {
             }
         }
         self.streams.retain(|s| !s.channels.is_empty());
+    }
+
+    /// The resume cursor of the subscription holding `channel` (see
+    /// [`EventStream::resume_cursor`]).
+    pub fn resume_cursor(&self, channel: &[u8]) -> Option<String> {
+        self.streams
+            .iter()
+            .find(|s| s.channels.iter().any(|c| c[..] == *channel))?
+            .resume_cursor()
     }
 
     /// Every subscribed channel.

@@ -51,15 +51,23 @@ async fn send(ws: &mut Ws, message: Value) {
     ws.send(Message::text(message.to_string())).await.unwrap();
 }
 
-/// Subscribes and checks the confirmation names `channel`.
-async fn subscribe(ws: &mut Ws, request: Value, channel: &str) {
+/// Subscribes and checks the confirmation names `channel`; returns its cursor (a durable
+/// channel's only).
+async fn subscribe(ws: &mut Ws, request: Value, channel: &str) -> Option<String> {
     send(ws, request).await;
-    let reply = next(ws).await;
+    subscribed(next(ws).await, channel)
+}
+
+/// Checks that `reply` confirms a subscription to `channel` (the seed's message, with
+/// herald's `cursor` where the channel is durable); returns the cursor.
+fn subscribed(mut reply: Value, channel: &str) -> Option<String> {
+    let cursor = reply.as_object_mut().and_then(|o| o.remove("cursor"));
     assert_eq!(
         reply,
         json!({ "type": "subscribed", "channel": channel }),
         "subscribe confirmation"
     );
+    cursor.map(|c| c.as_str().expect("a string cursor").to_string())
 }
 
 /// Publishes over HTTP and returns the reply (position, id...).
@@ -307,6 +315,42 @@ async fn resume_with_a_cursor_gets_exactly_the_missed_events_then_live() {
     for i in 6..8 {
         assert_eq!(split_id(next(&mut ws).await).1["step"], i);
     }
+}
+
+/// A subscription that drops before its channel's first event resumes from the cursor its
+/// `subscribed` carried: what was published while it was away arrives, once each. (Without
+/// that cursor it could only come back live-only, and those events were lost to it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_dropped_before_its_first_event_resumes_from_its_subscribed_cursor() {
+    let node = Herald::start();
+    let channel = "job_progress:quiet";
+    // Events of the channel from before the subscription are not among what it resumes.
+    publish(&node, channel, json!({ "step": "before" })).await;
+    let (mut ws, _) = connect(&node, "/ws?userId=u1").await;
+    let cursor = subscribe(
+        &mut ws,
+        json!({ "type": "subscribe", "channel": channel }),
+        channel,
+    )
+    .await
+    .expect("a durable channel's subscribed carries a cursor");
+    ws.close(None).await.unwrap();
+    drop(ws);
+    for i in 0..3 {
+        publish(&node, channel, json!({ "step": i })).await;
+    }
+    let (mut ws, _) = connect(&node, "/ws?userId=u1").await;
+    subscribe(
+        &mut ws,
+        json!({ "type": "subscribe", "channel": channel, "cursor": cursor }),
+        channel,
+    )
+    .await;
+    for i in 0..3 {
+        assert_eq!(split_id(next(&mut ws).await).1["step"], i);
+    }
+    send(&mut ws, json!({ "type": "ping" })).await;
+    assert_eq!(next(&mut ws).await["type"], "pong", "nothing else came");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -605,10 +649,7 @@ async fn bad_messages_get_errors_and_the_connection_stays_open() {
 async fn alerts_reach_their_user_only() {
     let node = Herald::start();
     let (mut ws, _) = connect(&node, "/ws/alerts?userId=u1").await;
-    assert_eq!(
-        next(&mut ws).await,
-        json!({ "type": "subscribed", "channel": "alerts:u1" })
-    );
+    subscribed(next(&mut ws).await, "alerts:u1").expect("alerts are durable: a cursor");
     let alert = |id: &str| {
         json!({
             "type": "alert",

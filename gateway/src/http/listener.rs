@@ -658,7 +658,7 @@ mod tests {
                 .await
                 .unwrap();
             let mut got = Vec::new();
-            assert!(read_until(&mut tcp, &mut got, b"retry: 3000\n\n").await);
+            assert!(read_until(&mut tcp, &mut got, b"\n\n\r\n").await);
             let text = String::from_utf8_lossy(&got).into_owned();
             assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
             for line in [
@@ -670,11 +670,16 @@ mod tests {
             ] {
                 assert!(text.contains(line), "{line:?} missing from {text}");
             }
-            // The first chunk is the `retry:` line.
-            assert!(
-                text.contains("\r\n\r\nD\r\nretry: 3000\n\n\r\n"),
+            // The first chunk is the `retry:` line and the stream's cursor.
+            let (_, chunk) = text.split_once("\r\n\r\n").expect("a head");
+            let (size, block) = chunk.split_once("\r\n").expect("a chunk size");
+            assert_eq!(
+                usize::from_str_radix(size, 16),
+                Ok(block.len() - 2),
                 "{text:?}"
             );
+            assert!(block.starts_with("retry: 3000\nid: "), "{text:?}");
+            assert!(block.ends_with("\n\n\r\n"), "{text:?}");
             assert_eq!(node.state.sse_clients().len(), 1);
 
             node.state

@@ -15,7 +15,10 @@
 //! A `HEAD` to any of these routes is checked as a `GET` is and gets the same response head,
 //! but subscribes to nothing and publishes nothing (`HEAD` is a safe method).
 //!
-//! Every event of a durable channel carries `id: <cursor>`. A client that reconnects with
+//! Every event of a durable channel carries `id: <cursor>`, and so does the stream's first
+//! block (with `retry:`, and no event: `EventSource` dispatches nothing for it but keeps the
+//! id), so a client that drops before its first event resumes from where it opened rather than
+//! live-only. A client that reconnects with
 //! `Last-Event-ID` (or `?lastEventId=` for polyfills) gets everything retained after it, then
 //! live events, with no gap and no duplicate; `?last=N` replays the last N events on a first
 //! connect. A cursor older than retention, from another epoch, or ahead of what a single node
@@ -384,7 +387,16 @@ async fn open_from(state: HttpState, channels: Vec<Bytes>, start: Start, head: b
     tracing::debug!(id = stream.id(), "SSE client connected");
 
     let mut first = BytesMut::new();
-    first.put_slice(format!("retry: {}\n\n", state.settings().retry.as_millis()).as_bytes());
+    first.put_slice(format!("retry: {}\n", state.settings().retry.as_millis()).as_bytes());
+    // The cursor the stream starts from, in the block of no event that sets the retry: a
+    // browser keeps it as its last event id, so a reconnect before the first event resumes
+    // from here rather than live-only (what was published meanwhile would be lost).
+    if let Some(cursor) = stream.resume_cursor() {
+        first.put_slice(b"id: ");
+        first.put_slice(cursor.as_bytes());
+        first.put_u8(b'\n');
+    }
+    first.put_u8(b'\n');
     let sent = write_emits(&mut first, backlog);
     events_sent.fetch_add(sent, Ordering::Relaxed);
     state.sse_clients().count_events(sent);

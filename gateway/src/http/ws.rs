@@ -9,7 +9,7 @@
 //! |---|---|
 //! | `{"type":"connected","message":"Connected to real-time service","clientId":"ws_<id>","timestamp":"<RFC 3339>"}` | first, on connect |
 //! | `{"type":"heartbeat","serverTime":"<RFC 3339>"}` | every 30 s, together with a WebSocket ping |
-//! | `{"type":"subscribed","channel":"<name>"}` | a subscription took effect; its backlog follows |
+//! | `{"type":"subscribed","channel":"<name>","cursor":"<id>"}` | a subscription took effect; its backlog follows. `cursor` (durable channels only) is where it starts: a client that drops before the channel's first event resumes from it |
 //! | `{"type":"unsubscribed","channel":"<name>"}` | nothing more of the channel will be sent |
 //! | `{"type":"pong","timestamp":"<RFC 3339>"}` | the reply to `ping` |
 //! | `{"id":"<cursor>","channel":"<name>",...}` | an event (see below) |
@@ -480,7 +480,7 @@ async fn run(
         rfc3339(SystemTime::now())
     ))];
     for channel in stream.channels() {
-        first.push(control("subscribed", &channel));
+        first.push(subscribed(stream, &channel));
     }
     counter.add(push_emits(&mut first, backlog, &stream.channels()));
     socket.send(first).await?;
@@ -618,7 +618,7 @@ async fn handle(
             match stream.subscribe(vec![channel.clone()], start).await {
                 Ok(backlog) => {
                     state.ws_clients().set_channels(id, stream.channels());
-                    out.push(control("subscribed", &channel));
+                    out.push(subscribed(stream, &channel));
                     push_emits(out, backlog, &stream.channels())
                 }
                 Err(error) => {
@@ -841,6 +841,22 @@ fn control(kind: &str, channel: &[u8]) -> Message {
     out.put_slice(format!("{{\"type\":\"{kind}\",\"channel\":").as_bytes());
     crate::hub::encode::put_json_string(&mut out, channel);
     out.put_u8(b'}');
+    bytes_text(out.freeze())
+}
+
+/// `{"type":"subscribed","channel":..,"cursor":..}`: `cursor` (a durable channel's only) is
+/// where the subscription starts, for a client that drops before its first event to resume
+/// from (see [`crate::stream::EventStream::resume_cursor`]).
+fn subscribed(stream: &StreamSet, channel: &[u8]) -> Message {
+    let Some(cursor) = stream.resume_cursor(channel) else {
+        return control("subscribed", channel);
+    };
+    let mut out = BytesMut::with_capacity(channel.len() + cursor.len() + 48);
+    out.put_slice(b"{\"type\":\"subscribed\",\"channel\":");
+    crate::hub::encode::put_json_string(&mut out, channel);
+    out.put_slice(b",\"cursor\":\"");
+    out.put_slice(cursor.as_bytes());
+    out.put_slice(b"\"}");
     bytes_text(out.freeze())
 }
 
