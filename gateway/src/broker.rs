@@ -976,7 +976,7 @@ impl Broker {
                 let result = tokio::task::spawn_blocking(move || {
                     worker
                         .store
-                        .expire(&worker.namespaces.current(), herald_storage::unix_now_ms())
+                        .expire(&worker.namespaces.current(), worker.store.now_ms())
                 })
                 .await;
                 pause = every

@@ -412,6 +412,9 @@ pub struct Store {
     /// Dedup records expire by their partition's applied clock, not the local one (set when the
     /// store joined a cluster or a Raft state machine was opened on it).
     deterministic_expiry: AtomicBool,
+    /// What reads add to the wall clock to judge TTLs ([`Store::now_ms`]): in a cluster, the
+    /// correction that brings this node's clock to the majority's (`cluster::clock`).
+    clock_correction_ms: std::sync::atomic::AtomicI64,
     /// Times `expire` let waiting applies in (for tests).
     expire_yields: AtomicU64,
     /// Flush coalescing: tickets taken by callers of [`Store::flush`], the highest ticket a
@@ -679,6 +682,7 @@ impl Store {
             stat_events: AtomicU64::new(events),
             cluster: AtomicBool::new(cluster),
             deterministic_expiry: AtomicBool::new(cluster),
+            clock_correction_ms: std::sync::atomic::AtomicI64::new(0),
             expire_yields: AtomicU64::new(0),
             flush_tickets: AtomicU64::new(0),
             flushed_ticket: AtomicU64::new(0),
@@ -1408,14 +1412,14 @@ impl Store {
     }
 
     /// Retained events of `channel` with `seq > after_seq` (`None`: from the oldest), ascending,
-    /// at most `limit`, leaving out TTL-expired ones (by the system clock).
+    /// at most `limit`, leaving out TTL-expired ones (by [`Store::now_ms`]).
     pub fn history_after(
         &self,
         channel: &[u8],
         after_seq: Option<u64>,
         limit: usize,
     ) -> Result<Vec<Event>, StorageError> {
-        self.history_after_at(channel, after_seq, limit, unix_now_ms())
+        self.history_after_at(channel, after_seq, limit, self.now_ms())
     }
 
     /// [`Store::history_after`] with an explicit clock (`now_ms` decides what is expired).
@@ -1441,7 +1445,7 @@ impl Store {
         after_seq: Option<u64>,
         limit: usize,
     ) -> Result<HistoryRead, StorageError> {
-        self.history_read_at(channel, after_seq, limit, unix_now_ms())
+        self.history_read_at(channel, after_seq, limit, self.now_ms())
     }
 
     /// [`Store::history_read`] with an explicit clock.
@@ -1516,9 +1520,9 @@ impl Store {
         })
     }
 
-    /// The last `n` retained (unexpired, by the system clock) events of `channel`, ascending.
+    /// The last `n` retained (unexpired, by [`Store::now_ms`]) events of `channel`, ascending.
     pub fn last(&self, channel: &[u8], n: usize) -> Result<Vec<Event>, StorageError> {
-        self.last_at(channel, n, unix_now_ms())
+        self.last_at(channel, n, self.now_ms())
     }
 
     /// [`Store::last`] with an explicit clock.
@@ -1554,13 +1558,13 @@ impl Store {
         Ok(out)
     }
 
-    /// Where to read from for the last `n` retained (unexpired, by the system clock) events
+    /// Where to read from for the last `n` retained (unexpired, by [`Store::now_ms`]) events
     /// of `channel`: the seq just before the n-th newest (give it to
     /// [`Store::history_after`]), or `None` when `channel` retains `n` events or fewer (read
     /// from the start). Reads chunk heads only, so a client's `last=N` can be replayed a page
     /// at a time.
     pub fn seq_before_last(&self, channel: &[u8], n: usize) -> Result<Option<u64>, StorageError> {
-        self.seq_before_last_at(channel, n, unix_now_ms())
+        self.seq_before_last_at(channel, n, self.now_ms())
     }
 
     /// [`Store::seq_before_last`] with an explicit clock.
@@ -1593,9 +1597,9 @@ impl Store {
         Ok(None)
     }
 
-    /// The position of the oldest retained (unexpired, by the system clock) event of `channel`.
+    /// The position of the oldest retained (unexpired, by [`Store::now_ms`]) event of `channel`.
     pub fn oldest(&self, channel: &[u8]) -> Result<Option<Position>, StorageError> {
-        self.oldest_at(channel, unix_now_ms())
+        self.oldest_at(channel, self.now_ms())
     }
 
     /// [`Store::oldest`] with an explicit clock.
@@ -1614,14 +1618,14 @@ impl Store {
     }
 
     /// The highest seq of `channel` whose event is no longer retained (trimmed, expired by the
-    /// system clock, or dropped with the channel's bookkeeping); 0 if nothing was lost.
+    /// [`Store::now_ms`], or dropped with the channel's bookkeeping); 0 if nothing was lost.
     ///
     /// A client resuming `channel` after seq `c` (its cursor's seq for the channel's partition)
     /// may have missed events iff `c < retention_floor(channel)`: that is the gap test. It can
     /// over-report (a floor inherited from the partition when the channel's bookkeeping was
     /// dropped), never under-report. Cost: one pass over the channel's chunk heads.
     pub fn retention_floor(&self, channel: &[u8]) -> Result<u64, StorageError> {
-        self.retention_floor_at(channel, unix_now_ms())
+        self.retention_floor_at(channel, self.now_ms())
     }
 
     /// [`Store::retention_floor`] with an explicit clock.
@@ -1727,8 +1731,17 @@ impl Store {
             let (channel, _) = codec::split_chan(&meta_key)?;
             let config = namespaces.for_channel(channel);
             let excess = meta.retained.saturating_sub(config.history_size as u64);
+            // In a cluster, events are deleted for their TTL only once their partition's
+            // applied clock (the members' agreed time, replicated) has passed it too: a node
+            // whose own clock runs ahead would delete acknowledged events early, and its
+            // snapshots would carry the loss to the others. Reads still hide them by `now_ms`.
+            let ttl_now = if self.deterministic_expiry.load(Ordering::Acquire) {
+                now_ms.min(state.clock[usize::from(partition_of(channel, self.partitions))])
+            } else {
+                now_ms
+            };
             let (removed, chunks) =
-                self.trim_oldest(channel, &mut meta, excess, Some(now_ms), &mut chunk.batch)?;
+                self.trim_oldest(channel, &mut meta, excess, Some(ttl_now), &mut chunk.batch)?;
             if removed > 0 || chunks > 0 || meta.retained == 0 {
                 // Its chunks change behind the index's back: apply indexes it again if it must.
                 state.chunks.forget(channel);
@@ -1878,6 +1891,20 @@ impl Store {
     }
 
     /// From now on dedup records expire by their partition's applied clock (see [`Store::expire`]).
+    /// The time reads judge TTLs by (unix ms): the wall clock, shifted by the correction a
+    /// cluster node measured against the majority of its members ([`Self::set_clock_correction`]),
+    /// so that a node whose clock runs ahead does not hide events that are not expired.
+    pub fn now_ms(&self) -> u64 {
+        unix_now_ms().saturating_add_signed(self.clock_correction_ms.load(Ordering::Relaxed))
+    }
+
+    /// Sets what [`Self::now_ms`] adds to the wall clock (the cluster's clock loop calls it
+    /// after each round).
+    pub fn set_clock_correction(&self, correction_ms: i64) {
+        self.clock_correction_ms
+            .store(correction_ms, Ordering::Relaxed);
+    }
+
     pub(crate) fn enable_deterministic_expiry(&self) {
         self.deterministic_expiry.store(true, Ordering::Release);
     }

@@ -140,6 +140,21 @@ impl Cluster {
         Cluster::launch_all(n, n, &[], &[], node_env, &[], false)
     }
 
+    /// [`Cluster::start`] with extra `herald serve` arguments for every node and extra
+    /// environment variables for single nodes' processes (see [`Cluster::start_with_env`]).
+    pub fn start_with_args_and_env(
+        n: usize,
+        extra: &[&str],
+        node_env: &[(u64, &[(&str, &str)])],
+    ) -> Cluster {
+        Cluster::launch_all(n, n, extra, &[], node_env, &[], false)
+    }
+
+    /// Drops node `id`'s extra environment variables from its next start on.
+    pub fn clear_node_env(&mut self, id: u64) {
+        self.node_env.remove(&id);
+    }
+
     /// [`Cluster::start`] with every node reached through a [`Relay`] of its own (its
     /// `--peers` entry, hence its member address, is the relay's), so that a test can cut one
     /// direction between two nodes with [`Cluster::block`].

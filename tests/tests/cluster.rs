@@ -3358,6 +3358,68 @@ async fn a_member_with_a_clock_hours_ahead_does_not_make_the_cluster_forget_mess
     );
 }
 
+/// A member whose clock runs three hours ahead neither hides nor deletes events of a
+/// namespace with a one-hour TTL: its reads judge TTLs by the majority's time, and its expiry
+/// deletes an event only once the partition's replicated clock has passed its deadline too.
+/// (It deleted them by its own clock, and its snapshots carried the loss to the members that
+/// installed them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_with_a_clock_hours_ahead_neither_hides_nor_deletes_history_early() {
+    const THREE_HOURS_MS: i64 = 3 * 3_600_000;
+    let libfaketime = libfaketime().expect("libfaketime is missing: run scripts/install-test-deps");
+    let ahead: &[(&str, &str)] = &[
+        ("LD_PRELOAD", libfaketime.as_str()),
+        ("FAKETIME", "+3h"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let config = herald_tests::config_file("[namespace.ttl]\nhistory_ttl = \"1h\"\n");
+    let mut cluster =
+        Cluster::start_with_args_and_env(3, &["--config", config.to_str().unwrap()], &[(3, ahead)]);
+    herald_tests::wait_until("node 3 knows its clock is three hours ahead", || {
+        let status = cluster.status(3).unwrap_or_default();
+        status["clock_correction_ms"]
+            .as_i64()
+            .is_some_and(|ms| (ms + THREE_HOURS_MS).abs() < 60_000)
+    });
+    // Channels on several partitions, published through a sane node and the skewed one.
+    let channels: Vec<String> = (0..8).map(|i| format!("ttl:{i}")).collect();
+    for (i, channel) in channels.iter().enumerate() {
+        let via = if i % 2 == 0 { 1 } else { 3 };
+        publish_until_acked(&cluster, via, channel, "kept").await;
+    }
+    let want = vec!["kept".to_string()];
+    for channel in &channels {
+        eventually_equal(
+            &format!("node 3 shows {channel}'s event"),
+            &want,
+            || async {
+                herald_tests::try_history_payloads(cluster.node(3), channel)
+                    .await
+                    .unwrap_or_default()
+            },
+        )
+        .await;
+    }
+    // Node 3's expiry runs every 5 s: let two passes go by, then look at what its store kept,
+    // with its clock put right.
+    tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+    cluster.kill(3);
+    cluster.clear_node_env(3);
+    cluster.start_node(3, 3);
+    for channel in &channels {
+        eventually_equal(
+            &format!("node 3's store kept {channel}'s event"),
+            &want,
+            || async {
+                herald_tests::try_history_payloads(cluster.node(3), channel)
+                    .await
+                    .unwrap_or_default()
+            },
+        )
+        .await;
+    }
+}
+
 /// A node no other member answers any more refuses durable publishes as soon as it knows (a
 /// second of silence), saying it lost its quorum and that nothing was committed, rather than
 /// holding each one for the publish timeout (two minutes here: a wait would fail the test).

@@ -109,6 +109,8 @@ impl ClusterNode {
                 });
             futures::future::join_all(calls).await;
             let correction = clock.refresh();
+            // Reads judge TTLs by the same time (see `Store::now_ms`).
+            self.inner.store.set_clock_correction(correction);
             if formed {
                 clock.round_ended();
             }
