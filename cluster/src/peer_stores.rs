@@ -473,6 +473,10 @@ impl StoreIds for PeerStores {
         self.accepts(peer, store)
     }
 
+    fn takes_part(&self, peer: NodeId) -> bool {
+        !self.membership_known() || self.is_member(peer)
+    }
+
     fn refused_store(&self, peer: NodeId, store: u64) -> bool {
         // Members only have records (a node that leaves is forgotten).
         self.record(peer).is_some_and(|known| known != store) || self.went_back(peer, store)

@@ -899,18 +899,25 @@ impl Peers {
         target: NodeId,
         request: &Request,
     ) -> Result<(), RpcError> {
-        if request.is_raft()
-            && self
-                .store_ids
-                .get()
-                .is_some_and(|s| s.refused_dialed(target))
-        {
+        if !request.is_raft() {
+            return Ok(());
+        }
+        let Some(store_ids) = self.store_ids.get() else {
+            return Ok(());
+        };
+        if store_ids.refused_dialed(target) {
             return Err(RpcError::Unreachable {
                 peer: target,
                 reason: format!(
                     "node {target} runs on another store: {}",
                     store_changed(target)
                 ),
+            });
+        }
+        if !store_ids.takes_part(target) {
+            return Err(RpcError::Unreachable {
+                peer: target,
+                reason: format!("node {target} is no longer a member of the cluster (removed)"),
             });
         }
         Ok(())
@@ -1300,6 +1307,16 @@ pub trait StoreIds: Send + Sync {
     fn refused_dialed(&self, peer: NodeId) -> bool {
         self.refused(peer)
     }
+    /// Whether `peer` may take part in Raft with this node as far as the cluster's membership
+    /// goes: a node the membership no longer lists (removed, not joined again) takes part in
+    /// no group, though partition groups may list it until their leaders take it out. Its
+    /// record is forgotten at its removal, so that it can be joined again on a new store: a
+    /// node back on an empty data directory would otherwise count as a voter of those groups
+    /// from its removal on.
+    fn takes_part(&self, peer: NodeId) -> bool {
+        let _ = peer;
+        true
+    }
 }
 
 /// What a node serves: its Raft groups and its application requests.
@@ -1433,6 +1450,15 @@ async fn serve_stream(
             Ok(Request::Identity(identity)) => {
                 let _ = shown.set(identity.store);
                 dispatch(from, Request::Identity(identity), handler.as_ref()).await
+            }
+            // Not `refused:`, which would tell the node its store is refused: it was removed.
+            Ok(request)
+                if request.is_raft()
+                    && handler.store_ids().is_some_and(|ids| !ids.takes_part(from)) =>
+            {
+                Response::Error(format!(
+                    "not a member: node {from} is no longer a member of this cluster (removed, and not joined again): it takes part in no Raft group"
+                ))
             }
             Ok(request) if request.is_raft() && handler.store_ids().is_some_and(refused) => {
                 let reason = handler.store_ids().map(|ids| ids.refusal(from));

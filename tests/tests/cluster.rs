@@ -2693,6 +2693,76 @@ async fn a_member_that_lost_its_disk_is_joined_again_before_it_is_back() {
     assert!(!status.contains("REFUSED"), "{status}");
 }
 
+/// The documented way back for a member that lost its disk, taken while it runs and while
+/// publishers keep the partitions busy: it is refused on its empty store, removed, joined
+/// again, catches up (from snapshots and logs) and is ready, with every Raft group running.
+/// (Under load, its Raft groups quit on "try to get log at index 0", and it could not start
+/// again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_back_on_an_empty_disk_is_joined_again_under_load_while_it_runs() {
+    let mut cluster = Cluster::start_with(3, &["--raft-snapshot-logs", "200"]);
+    let http = cluster.node(1).http;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut acked = 0u64;
+            for n in 0u64.. {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let body = json!({ "channel": format!("busy:{}", n % 16), "data": n });
+                if try_publish(http, &body).await.is_ok() {
+                    acked += 1;
+                }
+            }
+            acked
+        })
+    };
+    publish_until_acked(&cluster, 1, "rebuilt:2", "before").await;
+    cluster.wipe(3);
+    cluster.start_node(3, 3);
+    herald_tests::wait_until("node 1 refuses node 3 on its empty store", || {
+        cluster.node(1).log().contains("refusing node 3")
+    });
+    // Joined again right after its removal: the join waits for the partitions' leaders to
+    // have taken node 3 out of their groups (it would otherwise stay a voter there, with the
+    // progress its lost store had made).
+    let (ok, text) = cluster.cli(1, &["remove", "--node-id", "3"]);
+    assert!(ok, "remove failed: {text}");
+    let addr = format!("127.0.0.1:{}", cluster.members[2].cluster_port);
+    let (ok, text) = cluster.cli(1, &["join", "--node-id", "3", "--addr", &addr]);
+    assert!(ok, "join right after the removal failed: {text}");
+    publish_until_acked(&cluster, 1, "rebuilt:2", "after").await;
+    eventually_equal(
+        "node 3 catches up",
+        &vec!["before".to_string(), "after".to_string()],
+        || async {
+            herald_tests::try_history_payloads(cluster.node(3), "rebuilt:2")
+                .await
+                .unwrap_or_default()
+        },
+    )
+    .await;
+    herald_tests::wait_until("node 3 is ready again", || {
+        herald_tests::cluster::get_json(cluster.node(3), "/ready")
+            .is_some_and(|ready| ready["status"] == "ready")
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = load.await.unwrap();
+    assert!(acked > 0, "the load published nothing");
+    cluster.wait_converged();
+    let log = cluster.node(3).log();
+    assert!(
+        !log.contains("quit RaftCore"),
+        "a Raft group quit on node 3:\n{log}"
+    );
+    // It starts again on what it caught up on.
+    stop_with_sigterm(&mut cluster, 3);
+    cluster.start_node(3, 3);
+    publish_until_acked(&cluster, 3, "rebuilt:2", "restarted").await;
+}
+
 /// A second process started under a member's node id (a copied config, a stale pod) is
 /// refused, and the member itself keeps working: refusals are judged per connection, by the
 /// store each shows, not per node id (the member used to be refused too, for as long as its
@@ -3531,6 +3601,17 @@ async fn a_node_that_refuses_every_other_member_refuses_publishes_at_once() {
                 .is_some_and(|status| status.contains("refuses node 2, node 3"))
         })
     });
+    // So do its stats, which no longer say "healthy".
+    let stats = herald_tests::cluster::get_json(cluster.node(1), "/api/realtime/stats")
+        .expect("the stats answer");
+    assert_eq!(stats["status"], "unavailable", "{stats}");
+    assert_eq!(stats["channels"]["isConnected"], false, "{stats}");
+    assert!(
+        stats["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("refuses node 2, node 3")),
+        "{stats}"
+    );
 }
 
 /// The clients of a node that was just `kill -9`ed reconnect to the others at once: their

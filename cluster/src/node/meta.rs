@@ -17,13 +17,22 @@ use crate::message::{AppRequest, AppResponse, ProposeError};
 /// How long a join asks a node that does not answer for its partition count before it joins
 /// it unchecked (then checked before it becomes a voter). A call on the connection to a node
 /// that restarted since (as after a refused join: wiped, started with the right count) took
-/// 3 s to fail before the next one reached the new process; and a node that passes a join on
-/// to the meta leader waits 10 s for the leader's answer.
+/// 3 s to fail before the next one reached the new process.
 const JOIN_PROBE_PATIENCE: Duration = Duration::from_secs(6);
 
 /// How long a join or removal waits for a membership change already under way in the meta
 /// group (the placement round promoting the node joined just before, say) before it fails.
 const CHANGE_IN_PROGRESS_PATIENCE: Duration = Duration::from_secs(5);
+
+/// How long a join of a node removed a moment ago waits for it to have left every partition
+/// group (each partition's leader takes a removed node out of its group on its own, one
+/// group per second at most).
+const LEAVE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How long a node that passes a join or removal on to the meta leader waits for its answer:
+/// the leader's own waits ([`LEAVE_PATIENCE`], [`JOIN_PROBE_PATIENCE`],
+/// [`CHANGE_IN_PROGRESS_PATIENCE`]) and a commit, within the CLI's 60 s for a change.
+const META_REQUEST_LIMIT: Duration = Duration::from_secs(48);
 
 /// Runs the membership change `change` makes, again every 100 ms while openraft refuses it
 /// because another change is under way (for at most [`CHANGE_IN_PROGRESS_PATIENCE`]): two
@@ -101,7 +110,9 @@ impl ClusterNode {
                 .current_leader;
             let result = match leader {
                 Some(l) if l == self.inner.id => self.handle_meta(request.clone()).await,
-                Some(l) => match self.call(l, &request).await {
+                // The leader's own waits (for a removed node to leave the partitions, for
+                // the joined node's answer, for a change under way) and then some.
+                Some(l) => match self.call_within(l, &request, META_REQUEST_LIMIT).await {
                     Ok(AppResponse::Done(r)) => r,
                     Ok(other) => Err(ProposeError::Failed(format!("unexpected answer {other:?}"))),
                     Err(e) => Err(e),
@@ -152,6 +163,9 @@ impl ClusterNode {
                     return Err(ProposeError::Failed(format!(
                         "node {node} is already a member, at {known}; to change its address, remove it (`herald cluster remove --node-id {node}`) and join it again at the new one"
                     )));
+                }
+                if !self.members().contains_key(&node) {
+                    self.until_left_partitions(node).await?;
                 }
                 self.inner.allowed.write().insert(node);
                 self.inner.peers.set_addr(node, addr.clone());
@@ -215,6 +229,46 @@ impl ClusterNode {
             _ => return Err(ProposeError::Failed("not a meta request".into())),
         };
         result.map_err(raft_error)
+    }
+
+    /// Waits (at most [`LEAVE_PATIENCE`]) until `node`, no member of the cluster, is in no
+    /// partition group either. A node removed a moment ago is taken out of each partition
+    /// group by that partition's leader, after the meta group's removal; joined again before
+    /// that, it would stay a voter of those groups with the progress its old store had made,
+    /// though it may come back on an empty data directory (the documented way back after a
+    /// lost disk): the leaders then sent it entries that do not follow from what it holds,
+    /// and its groups stopped on a log with a hole in it, for good. Joined once it has left
+    /// them, it comes back to each group as a new learner and catches up from a snapshot.
+    async fn until_left_partitions(&self, node: NodeId) -> Result<(), ProposeError> {
+        let deadline = tokio::time::Instant::now() + LEAVE_PATIENCE;
+        loop {
+            let still: Vec<String> = self
+                .inner
+                .groups
+                .iter()
+                .enumerate()
+                .filter(|(_, raft)| {
+                    raft.metrics()
+                        .borrow()
+                        .membership_config
+                        .membership()
+                        .nodes()
+                        .any(|(id, _)| *id == node)
+                })
+                .filter_map(|(group, _)| group_partition(group as GroupId))
+                .map(|partition| partition.to_string())
+                .collect();
+            if still.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ProposeError::Failed(format!(
+                    "node {node} has not left partitions {} since its removal (each partition's leader takes it out of its group; a partition without a leader cannot): nothing was changed; join it again once `herald cluster status` no longer lists it in their voters",
+                    still.join(", ")
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Writes `command` to `group` through its leader (this node or over RPC).
