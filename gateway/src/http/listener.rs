@@ -275,7 +275,7 @@ async fn serve_sse(mut stream: TcpStream, responding: Pin<Box<Oneshot<Router, Re
         let (head, chunked) = response_head(&parts, &body);
         (head, body, chunked)
     };
-    match forward(&stream, head, body, chunked).await {
+    match forward(&stream, head, body, chunked, WRITE_STALL).await {
         Ok(()) => {
             let _ = stream.shutdown().await;
         }
@@ -338,12 +338,17 @@ fn put_headers(head: &mut BytesMut, headers: &HeaderMap) {
     }
 }
 
+/// How long an SSE stream waits for a socket that takes none of its bytes before it drops
+/// the connection (as a WebSocket is dropped after the same time).
+const WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Body frames taken in one poll before the task yields, so a body that is always ready
 /// cannot hold a worker thread (hyper's connections yield the same way).
 const FRAMES_PER_POLL: usize = 16;
 
 /// Writes `head`, then the body's frames as they come (chunked if `chunked`), until the body
-/// ends (`Ok`: everything was written), fails, or the client goes away (`Err`).
+/// ends (`Ok`: everything was written), fails, the client goes away, or its socket takes
+/// nothing for `stall` (`Err`).
 ///
 /// A hand-written poll loop rather than `select!` over futures: between events the stream then
 /// keeps no future state, only this function's few locals.
@@ -352,8 +357,11 @@ async fn forward(
     mut pending: BytesMut,
     mut body: Body,
     chunked: bool,
+    stall: std::time::Duration,
 ) -> io::Result<()> {
     let mut ended = false;
+    // Set while written bytes wait for a socket that takes none (no cost between events).
+    let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
     std::future::poll_fn(|cx| {
         let mut frames = 0;
         loop {
@@ -402,10 +410,24 @@ async fn forward(
                 match stream.poll_write_ready(cx) {
                     Poll::Ready(ready) => {
                         ready?;
+                        let before = pending.len();
                         flush(stream, &mut pending)?;
+                        if pending.len() < before {
+                            stalled = None;
+                        }
                         continue;
                     }
                     Poll::Pending => {}
+                }
+                // A client that takes nothing (a stopped reader, a frozen tab) is not polled
+                // for its output limit meanwhile (its events wait in its queue): it is
+                // dropped after `stall` (WRITE_STALL) instead, and resumes with its cursor.
+                let timer = stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client took nothing for the write stall limit",
+                    )));
                 }
             }
             // Anything from the client: its end (it went away), or bytes to drop.
@@ -514,6 +536,36 @@ fn chunk_size_line(buf: &mut [u8; 18], len: usize) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client that reads nothing (a stopped reader, a frozen tab) holds an SSE connection
+    /// only until its socket has taken nothing for the stall limit: then the stream ends, and
+    /// the client resumes from its cursor when it comes back.
+    #[tokio::test]
+    async fn a_client_that_takes_nothing_is_dropped_after_the_stall_limit() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        // Endless events, never read.
+        let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+        let events = futures::stream::repeat_with(move || Ok::<_, io::Error>(chunk.clone()));
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            forward(
+                &server,
+                BytesMut::from(&b"HTTP/1.1 200 OK\r\n\r\n"[..]),
+                Body::from_stream(events),
+                true,
+                std::time::Duration::from_millis(300),
+            ),
+        )
+        .await
+        .expect("the stream ends once the client took nothing for the stall limit");
+        let error = ended.expect_err("a dropped client is an error");
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut, "{error}");
+        drop(client);
+    }
 
     #[test]
     fn only_sse_paths_take_the_direct_path() {
