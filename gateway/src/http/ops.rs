@@ -97,14 +97,19 @@ pub async fn stats(State(state): State<HttpState>) -> Json<Value> {
         })
     };
     let history = state.broker().store().channel_stats();
+    // What `/ready` says when the node cannot commit (no quorum, not formed, refused, removed).
+    let unready = state.broker().unready();
     Json(json!({
         "status": if state.shutdown().is_cancelled() {
             "shutting down"
         } else if let Some(failure) = state.broker().failure() {
             failure.status()
+        } else if unready.is_some() {
+            "unavailable"
         } else {
             "healthy"
         },
+        "reason": unready,
         "sse": {
             "totalConnections": state.sse_clients().len(),
             "totalEvents": state.sse_clients().total_events.load(Ordering::Relaxed),
@@ -117,7 +122,8 @@ pub async fn stats(State(state): State<HttpState>) -> Json<Value> {
         },
         "resp": { "totalConnections": state.resp().clients.len() },
         "channels": {
-            "isConnected": true,
+            // The seed's connection to its one Redis; here, to a quorum of the cluster.
+            "isConnected": unready.is_none(),
             "activeChannels": channels.len(),
             "totalSubscriptions": subscriptions,
             "redisSubscriptions": channels.len(),
