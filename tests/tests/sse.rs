@@ -868,16 +868,19 @@ async fn a_seed_endpoint_without_its_id_is_a_400_naming_the_missing_id() {
         ("campaign-metrics", "campaign_metrics"),
         ("ab-test-results", "ab_test_results"),
     ] {
-        let response = reqwest::get(format!("{}/api/stream/{endpoint}", node.http_url()))
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 400, "{endpoint}");
-        assert_eq!(
-            response.text().await.unwrap().trim_end(),
-            format!(
-                "/api/stream/{endpoint} needs an id: /api/stream/{endpoint}/{{id}} streams channel {namespace}:{{id}} (a channel named '{endpoint}' streams at /api/stream?channel={endpoint})"
-            )
-        );
+        // Without the id, and with an empty one (`render-progress/${jobId}` with `jobId` "").
+        for path in [endpoint.to_string(), format!("{endpoint}/")] {
+            let response = reqwest::get(format!("{}/api/stream/{path}", node.http_url()))
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 400, "{path}");
+            assert_eq!(
+                response.text().await.unwrap().trim_end(),
+                format!(
+                    "/api/stream/{endpoint} needs an id: /api/stream/{endpoint}/{{id}} streams channel {namespace}:{{id}} (a channel named '{endpoint}' streams at /api/stream?channel={endpoint})"
+                )
+            );
+        }
     }
     let mut events = connect(
         &format!("{}/api/stream?channel=render-progress", node.http_url()),

@@ -395,7 +395,11 @@ fn limited(route: MethodRouter<HttpState>, errors: body::Errors) -> MethodRouter
 /// be sent as `%2F`: `/api/stream/a/b` is not the channel `a/b`), empty elsewhere as before.
 async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
     use axum::response::IntoResponse;
-    if uri.path().starts_with("/api/stream/") {
+    if let Some(rest) = uri.path().strip_prefix("/api/stream/") {
+        // `/api/stream/render-progress/` (an empty id): the id is missing, not misplaced.
+        if let Some(missing) = rest.strip_suffix('/').and_then(sse::missing_id) {
+            return missing;
+        }
         return error_response(
             axum::http::StatusCode::NOT_FOUND,
             "no such stream: a channel name is one path segment, so send its '/' as %2F \

@@ -62,13 +62,8 @@ pub async fn stream_channel(
 ) -> Response {
     // `/api/stream/render-progress` without its id would stream a channel of that name,
     // which nothing publishes to: a client that lost its id would wait forever.
-    if let Some((endpoint, namespace)) = ENTITY_STREAMS.iter().find(|(name, _)| *name == channel) {
-        return error_response(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "/api/stream/{endpoint} needs an id: /api/stream/{endpoint}/{{id}} streams channel {namespace}:{{id}} (a channel named '{endpoint}' streams at /api/stream?channel={endpoint})"
-            ),
-        );
+    if let Some(missing) = missing_id(&channel) {
+        return missing;
     }
     open(
         state,
@@ -78,6 +73,18 @@ pub async fn stream_channel(
         method == Method::HEAD,
     )
     .await
+}
+
+/// The 400 of a stream endpoint asked for without its id (`/api/stream/render-progress`, or
+/// `/api/stream/render-progress/` from a client whose id was empty), if `endpoint` is one.
+pub(crate) fn missing_id(endpoint: &str) -> Option<Response> {
+    let (endpoint, namespace) = ENTITY_STREAMS.iter().find(|(name, _)| *name == endpoint)?;
+    Some(error_response(
+        StatusCode::BAD_REQUEST,
+        format!(
+            "/api/stream/{endpoint} needs an id: /api/stream/{endpoint}/{{id}} streams channel {namespace}:{{id}} (a channel named '{endpoint}' streams at /api/stream?channel={endpoint})"
+        ),
+    ))
 }
 
 /// The last event of every stream when the node shuts down.
