@@ -758,6 +758,7 @@ impl ClusterNode {
             journal: self.inner.store.journal_progress(),
             groups,
             left_out: (!self.is_formed()).then(|| self.left_out()).flatten(),
+            removed: self.is_removed(),
         }
     }
 
@@ -1059,6 +1060,9 @@ pub struct ClusterStatus {
     /// Why this node, not formed, is out of a cluster that exists (its store refused, or
     /// the cluster formed without it), and how to get it in; `None` otherwise.
     pub left_out: Option<String>,
+    /// This node knows it was removed from the cluster ([`ClusterNode::is_removed`]): the
+    /// members and groups shown are what it last knew.
+    pub removed: bool,
 }
 
 /// One group as this node sees it.

@@ -445,6 +445,13 @@ fn render_status(status: &Value) -> String {
         status["epoch"].as_str().unwrap_or("-"),
         status["build"].as_str().unwrap_or("?")
     ));
+    if status["removed"] == true {
+        out.push_str(&format!(
+            "REMOVED: this node was removed from the cluster; it commits nothing and sends its clients elsewhere (what follows is what it last knew). Join it again (`herald cluster join --node-id {} --addr {}` through a member), or stop it and delete its data directory\n",
+            status["node"],
+            status["advertise"].as_str().unwrap_or("HOST:PORT")
+        ));
+    }
     let correction = status["clock_correction_ms"].as_i64().unwrap_or(0);
     if correction != 0 {
         out.push_str(&format!(
@@ -736,6 +743,23 @@ mod tests {
         assert_eq!(
             lines[3],
             "  2  a:2  SILENT: it has answered no call for 1.4 s (down, paused or cut off?)",
+            "{table}"
+        );
+    }
+
+    /// A node removed from the cluster says so first: the rest is what it last knew.
+    #[test]
+    fn the_status_table_of_a_removed_node_says_it_was_removed() {
+        let status = serde_json::json!({
+            "node": 2, "advertise": "a:2", "formed": true, "epoch": "e1",
+            "clock_correction_ms": 0, "removed": true,
+            "members": { "1": "a:1", "2": "a:2" }, "links": {}, "groups": []
+        });
+        let table = render_status(&status);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[1].starts_with("REMOVED: this node was removed from the cluster;")
+                && lines[1].contains("`herald cluster join --node-id 2 --addr a:2`"),
             "{table}"
         );
     }

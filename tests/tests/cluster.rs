@@ -3196,6 +3196,16 @@ async fn a_removed_node_tells_publishers_and_subscribers_it_was_removed() {
                 .is_some_and(|s| s.starts_with("removed from the cluster"))
         })
     });
+    // Its `herald cluster status` says so first (it listed the members it last knew, as if
+    // all was well).
+    let (ok, table) = cluster.cli(4, &["status"]);
+    assert!(
+        ok && table
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("REMOVED: this node was removed from the cluster")),
+        "{table}"
+    );
     let refused = try_publish(removed.http, &json!({ "channel": "gone:1", "data": 1 }))
         .await
         .expect_err("a removed node must not acknowledge publishes");
