@@ -1936,6 +1936,12 @@ async fn a_member_whose_disk_fills_sends_its_clients_away_and_catches_up_after_a
     for line in ["herald_storage_failed 1", "herald_raft_group_stopped 0"] {
         assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
     }
+    // Its stopped groups take no more Raft messages: each made openraft log an ERROR, some
+    // 80 a second, burying the line that says why (on a disk that may hold the log too).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = cluster.node(3).log();
+    let flood = log.matches("failure sending RaftMsg to RaftCore").count();
+    assert!(flood < 20, "{flood} lines of the Raft message error flood");
 
     // Restarted without the limit, node 3 catches up: every acknowledged event, in order, once.
     cluster.kill(3);

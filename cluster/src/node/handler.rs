@@ -209,7 +209,14 @@ impl Handler for ClusterNode {
     }
 
     fn raft(&self, group: GroupId) -> Option<Raft<TypeConfig>> {
-        self.inner.groups.get(usize::from(group)).cloned()
+        let raft = self.inner.groups.get(usize::from(group))?;
+        // A group whose Raft task stopped here (a full disk, say) takes no more messages: each
+        // one made openraft log an ERROR (80 a second on a full disk, burying the one that
+        // says why); its leaders now find it unreachable and back off.
+        if crate::failure::GroupFailure::of(group, raft).is_some() {
+            return None;
+        }
+        Some(raft.clone())
     }
 
     fn accepts_vote(&self, from: NodeId, group: GroupId) -> bool {
