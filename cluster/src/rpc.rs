@@ -408,6 +408,9 @@ struct Slot {
     /// Why the peer refused this node's store at the last dial's exchange, while it does (see
     /// [`Peers::refused_by`]).
     refused_note: Option<String>,
+    /// The run (`JournalProgress::run`, drawn at each start) the peer showed at the exchange of
+    /// the pooled connection: a connection in from another run means it restarted since.
+    run: Option<u64>,
 }
 
 /// Dials to a peer never reached that fail this long are warned of: it should be up by then
@@ -735,6 +738,32 @@ impl Peers {
         self.arrivals.send_modify(|n| *n += 1);
     }
 
+    /// Node `id` opened a connection showing run `run` (see [`Slot::run`]). A pooled
+    /// connection on which it showed another run is to a process that is gone (killed and
+    /// started again: QUIC finds out only at its idle timeout): it is closed now, so that the
+    /// next call dials the new one. Non-durable events relayed to a node restarted right after
+    /// a `kill -9` went down the old connection and were lost, though its new subscribers
+    /// were confirmed.
+    pub fn saw_run(&self, id: NodeId, run: u64) {
+        let Some(slot) = self.slots.lock().get(&id).cloned() else {
+            return;
+        };
+        let mut slot = slot.lock();
+        if slot.run.is_none_or(|pooled| pooled == run) {
+            return;
+        }
+        if let Link::Connected(connection) = &slot.link {
+            tracing::debug!(
+                peer = id,
+                "the peer restarted: closing the connection to its previous run"
+            );
+            connection.close(0u32.into(), b"the peer restarted");
+            slot.link = Link::Idle;
+            slot.unanswered_since = None;
+        }
+        slot.run = None;
+    }
+
     /// [`Self::dialed_in`]'s end of a backoff.
     fn reset_backoff(&self, id: NodeId) {
         let Some(slot) = self.slots.lock().get(&id).cloned() else {
@@ -798,6 +827,7 @@ impl Peers {
                     warned: false,
                     formed_note: None,
                     refused_note: None,
+                    run: None,
                 }))
             })
             .clone()
@@ -1023,6 +1053,7 @@ async fn dial(
     store_ids: Option<Arc<dyn StoreIds>>,
     outcome: watch::Sender<DialResult>,
 ) {
+    let mut run = None;
     let attempt = async {
         let socket = resolve(&transport, &addr).await?;
         let connection = transport
@@ -1032,7 +1063,10 @@ async fn dial(
             .map_err(|e| e.to_string())?;
         if let Some(store_ids) = &store_ids {
             match exchange_store_ids(&connection, target, store_ids.as_ref()).await {
-                Ok(refused) => slot.lock().refused_note = refused,
+                Ok((refused, shown)) => {
+                    slot.lock().refused_note = refused;
+                    run = shown;
+                }
                 Err(reason) => {
                     if crate::transport::refused_as_non_member(&connection) {
                         slot.lock().formed_note = crate::transport::non_member_note(&connection);
@@ -1073,6 +1107,7 @@ async fn dial(
                     tracing::debug!(peer = target, "connected to node");
                 }
                 slot.link = Link::Connected(connection.clone());
+                slot.run = run;
                 slot.formed_note = None;
                 slot.failures = 0;
                 slot.ever_connected = true;
@@ -1131,7 +1166,7 @@ async fn exchange_store_ids(
     connection: &quinn::Connection,
     target: NodeId,
     store_ids: &dyn StoreIds,
-) -> Result<Option<String>, String> {
+) -> Result<(Option<String>, Option<u64>), String> {
     let ours = store_ids.identity();
     let request = match ours {
         Some(identity) => Request::Identity(identity),
@@ -1150,18 +1185,18 @@ async fn exchange_store_ids(
             if store_ids.accepts_dialed(target, theirs.store) {
                 store_ids.accepts_journal(target, theirs.store, &theirs.journal);
             }
-            Ok(None)
+            Ok((None, Some(theirs.journal.run)))
         }
         Ok(Response::StoreId(theirs)) => {
             store_ids.accepts_dialed(target, theirs);
-            Ok(None)
+            Ok((None, None))
         }
         Ok(Response::Error(reason)) if reason.starts_with("refused:") => {
             tracing::error!(peer = target, "node {target} {reason}");
-            Ok(Some(refused_note(target, &reason)))
+            Ok((Some(refused_note(target, &reason)), None))
         }
         // A node from before the exchange: not checked.
-        Ok(_) => Ok(None),
+        Ok(_) => Ok((None, None)),
         Err(ExchangeError::NotSent(reason) | ExchangeError::Failed(reason)) => {
             Err(format!("exchanging store ids: {reason}"))
         }
@@ -1419,6 +1454,7 @@ async fn serve_connection(
                     send,
                     recv,
                     handler.clone(),
+                    peers.clone(),
                 ));
             }
             Err(reason) => {
@@ -1435,6 +1471,7 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     handler: Arc<dyn Handler>,
+    peers: Arc<Peers>,
 ) {
     let refused = |store_ids: &dyn StoreIds| match shown.get() {
         Some(store) => store_ids.refused_store(from, *store),
@@ -1449,6 +1486,7 @@ async fn serve_stream(
             }
             Ok(Request::Identity(identity)) => {
                 let _ = shown.set(identity.store);
+                peers.saw_run(from, identity.journal.run);
                 dispatch(from, Request::Identity(identity), handler.as_ref()).await
             }
             // Not `refused:`, which would tell the node its store is refused: it was removed.

@@ -838,6 +838,41 @@ async fn a_restarted_node_sends_its_first_non_durable_publishes_to_the_other_nod
     }
 }
 
+/// The other way round: a node restarted a second after a `kill -9` takes a subscriber,
+/// confirmed; the non-durable events published on another node right after reach it, every
+/// one. (They went down the connection to the dead process, which QUIC finds dead only at its
+/// idle timeout, and were lost: the first publish of each round, or a whole burst.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_of_a_node_restarted_after_kill_gets_every_event_published_elsewhere() {
+    let (mut cluster, mut publisher) = race_cluster().await;
+    for round in 0..3 {
+        cluster.kill(2);
+        cluster.start_node(2, 3);
+        let mut on_b = redis::Client::open(cluster.node(2).url())
+            .unwrap()
+            .get_async_pubsub()
+            .await
+            .unwrap();
+        let channel = format!("cursor:after-kill-{round}");
+        on_b.subscribe(&channel).await.unwrap();
+        for n in 0..5 {
+            let receivers: i64 = publisher.publish(&channel, n).await.unwrap();
+            assert_eq!(
+                receivers, 1,
+                "round {round}: PUBLISH {n} counted node 2's subscriber"
+            );
+        }
+        let mut messages = on_b.on_message();
+        for n in 0..5 {
+            let message = tokio::time::timeout(PATIENCE, messages.next())
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: event {n} never reached node 2"))
+                .unwrap();
+            assert_eq!(message.get_payload::<i64>().unwrap(), n, "round {round}");
+        }
+    }
+}
+
 /// As above, for an SSE stream on node 3: once its response head arrived (what
 /// `EventSource.onopen` tells), an HTTP publish on node 1 reaches it and counts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
