@@ -524,11 +524,13 @@ fn deliver_on_commit(
             let (partition, seq) = (event.position.partition, event.position.seq);
             let before = committed[usize::from(partition)].fetch_max(seq, Ordering::SeqCst);
             if seq > before.saturating_add(1) {
-                tracing::warn!(
+                // What catching up from a snapshot does (a node just joined, or one too far
+                // behind for the log): no fault, so not a WARN (a healthy join logs none).
+                tracing::info!(
                     partition,
                     after = before,
                     next = seq,
-                    "live delivery skipped events (snapshot installed): streams resume from their cursors"
+                    "live delivery skipped events (caught up from a snapshot): streams resume from their cursors"
                 );
                 skips.send_modify(|n| *n += 1);
             }

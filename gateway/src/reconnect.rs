@@ -312,9 +312,9 @@ impl Reconnect {
                 let done: Vec<u64> = delivered.iter().map(|d| d.load(Ordering::SeqCst)).collect();
                 let skipped = detector.check(&stored, &done);
                 if !skipped.is_empty() {
-                    tracing::warn!(
+                    tracing::info!(
                         ?skipped,
-                        "history skipped ahead of live delivery (snapshot installed): streams resume from their cursors"
+                        "history skipped ahead of live delivery (caught up from a snapshot): streams resume from their cursors"
                     );
                     // Signal first, then move delivery's mark: a commit racing this sees either
                     // the old mark (and signals the skip again) or the signal already raised,
