@@ -679,7 +679,9 @@ impl ClusterNode {
     /// other voters (at most `HAND_OVER_LIMIT`): a rolling restart then moves leadership
     /// in milliseconds instead of leaving each partition without a leader for a failover.
     pub async fn shutdown(&self) {
-        if self.is_formed() {
+        // A removed node leads nothing the members still hear: nothing to hand over (it spent
+        // its 3 s trying, and logged that no voter took partitions it no longer belonged to).
+        if self.is_formed() && !self.is_removed() {
             // The hand-over keeps to its deadline; the timeout is a backstop, so that no
             // attempt stuck past it can hold the shutdown up.
             let deadline = tokio::time::Instant::now() + HAND_OVER_LIMIT;
