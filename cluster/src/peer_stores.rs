@@ -188,6 +188,13 @@ impl PeerStores {
         StoreIds::refused_dialed(self, peer)
     }
 
+    /// Whether `peer` is refused over the connections this node dials to it, or was at the
+    /// last exchange it made (a member restarted on an empty store dials in before this node
+    /// dials its new process): what the reachability verdicts count as not answering.
+    pub fn refuses(&self, peer: NodeId) -> bool {
+        self.is_refused(peer) || StoreIds::refused(self, peer)
+    }
+
     /// The store id recorded for `peer`, through a cache kept in step with the store.
     fn record(&self, peer: NodeId) -> Option<u64> {
         let generation = self.store.peer_store_generation();

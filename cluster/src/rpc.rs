@@ -757,9 +757,11 @@ impl Peers {
                 peer = id,
                 "the peer restarted: closing the connection to its previous run"
             );
+            // Its unanswered calls still count (the peer stays silent until a call over the
+            // next connection is answered): cleared here, the member looked answering in the
+            // moment before that connection, judged by the store of the old run.
             connection.close(0u32.into(), b"the peer restarted");
             slot.link = Link::Idle;
-            slot.unanswered_since = None;
         }
         slot.run = None;
     }

@@ -3541,18 +3541,13 @@ async fn a_member_with_a_clock_hours_ahead_neither_hides_nor_deletes_history_ear
     }
 }
 
-/// A node no other member answers any more refuses durable publishes as soon as it knows (a
-/// second of silence), saying it lost its quorum and that nothing was committed, rather than
-/// holding each one for the publish timeout (two minutes here: a wait would fail the test).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_no_member_answers_refuses_publishes_at_once() {
-    let mut cluster = Cluster::start_with(3, &["--publish-timeout", "120s"]);
-    let lone = cluster.node(1).http;
-    // Channels on every partition, whether node 1 leads it or forwards to its leader.
+/// One channel (named `{prefix}:{k}`) per partition, each published to once through `http`
+/// while the cluster is whole: whether that node leads the partition or forwards to its leader.
+async fn channel_per_partition(http: std::net::SocketAddr, prefix: &str) -> Vec<(String, u16)> {
     let mut channels = Vec::new();
     for k in 0..64 {
-        let channel = format!("orders:{k}");
-        let reply = try_publish(lone, &json!({ "channel": channel, "data": 0 }))
+        let channel = format!("{prefix}:{k}");
+        let reply = try_publish(http, &json!({ "channel": channel, "data": 0 }))
             .await
             .expect("publish while the cluster is whole");
         let partition = partition_of_reply(&reply);
@@ -3561,20 +3556,21 @@ async fn a_node_no_member_answers_refuses_publishes_at_once() {
         }
     }
     assert_eq!(channels.len(), 4, "a channel per partition: {channels:?}");
-    cluster.kill(2);
-    cluster.kill(3);
-    // A publish in flight when the silence is established is told its outcome is unknown;
-    // once node 1 knows, every one is refused at once.
-    let refused = |error: &str| {
-        error.starts_with("503")
-            && error.contains("lost its quorum")
-            && error.contains("nothing was committed")
-    };
+    channels
+}
+
+/// Publishes through `http` until one is `refused` (one in flight when the node learns may be
+/// told its outcome is unknown), then requires every partition's publish to be refused too.
+async fn assert_publishes_refused_at_once(
+    http: std::net::SocketAddr,
+    channels: &[(String, u16)],
+    refused: impl Fn(&str) -> bool,
+) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let error = try_publish(lone, &json!({ "channel": channels[0].0, "data": 1 }))
+        let error = try_publish(http, &json!({ "channel": channels[0].0, "data": 1 }))
             .await
-            .expect_err("a node cut off from every member must not acknowledge");
+            .expect_err("a node that can commit with no other member must not acknowledge");
         if refused(&error) {
             break;
         }
@@ -3583,12 +3579,30 @@ async fn a_node_no_member_answers_refuses_publishes_at_once() {
             "never refused at once: {error}"
         );
     }
-    for (channel, partition) in &channels {
-        let error = try_publish(lone, &json!({ "channel": channel, "data": 2 }))
+    for (channel, partition) in channels {
+        let error = try_publish(http, &json!({ "channel": channel, "data": 2 }))
             .await
-            .expect_err("a node cut off from every member must not acknowledge");
+            .expect_err("a node that can commit with no other member must not acknowledge");
         assert!(refused(&error), "partition {partition}: {error}");
     }
+}
+
+/// A node no other member answers any more refuses durable publishes as soon as it knows (a
+/// second of silence), saying it lost its quorum and that nothing was committed, rather than
+/// holding each one for the publish timeout (two minutes here: a wait would fail the test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_no_member_answers_refuses_publishes_at_once() {
+    let mut cluster = Cluster::start_with(3, &["--publish-timeout", "120s"]);
+    let lone = cluster.node(1).http;
+    let channels = channel_per_partition(lone, "orders").await;
+    cluster.kill(2);
+    cluster.kill(3);
+    assert_publishes_refused_at_once(lone, &channels, |error| {
+        error.starts_with("503")
+            && error.contains("lost its quorum")
+            && error.contains("nothing was committed")
+    })
+    .await;
 }
 
 /// A node whose every other member came back on an empty data directory (it refuses them:
@@ -3600,18 +3614,7 @@ async fn a_node_no_member_answers_refuses_publishes_at_once() {
 async fn a_node_that_refuses_every_other_member_refuses_publishes_at_once() {
     let mut cluster = Cluster::start_with(3, &["--publish-timeout", "120s"]);
     let lone = cluster.node(1).http;
-    let mut channels = Vec::new();
-    for k in 0..64 {
-        let channel = format!("wiped-peers:{k}");
-        let reply = try_publish(lone, &json!({ "channel": channel, "data": 0 }))
-            .await
-            .expect("publish while the cluster is whole");
-        let partition = partition_of_reply(&reply);
-        if !channels.iter().any(|(_, p)| *p == partition) {
-            channels.push((channel, partition));
-        }
-    }
-    assert_eq!(channels.len(), 4, "a channel per partition: {channels:?}");
+    let channels = channel_per_partition(lone, "wiped-peers").await;
     cluster.wipe(2);
     cluster.wipe(3);
     cluster.start_node(2, 3);
@@ -3620,30 +3623,6 @@ async fn a_node_that_refuses_every_other_member_refuses_publishes_at_once() {
         let log = cluster.node(1).log();
         log.contains("refusing node 2") && log.contains("refusing node 3")
     });
-    let refused = |error: &str| {
-        error.starts_with("503")
-            && error.contains("refuses")
-            && error.contains("nothing was committed")
-    };
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let error = try_publish(lone, &json!({ "channel": channels[0].0, "data": 1 }))
-            .await
-            .expect_err("a node that refuses every other member must not acknowledge");
-        if refused(&error) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never refused at once: {error}"
-        );
-    }
-    for (channel, partition) in &channels {
-        let error = try_publish(lone, &json!({ "channel": channel, "data": 2 }))
-            .await
-            .expect_err("a node that refuses every other member must not acknowledge");
-        assert!(refused(&error), "partition {partition}: {error}");
-    }
     // Its `/ready` names the members it refuses, not a symptom (a group with no leader).
     herald_tests::wait_until("node 1's /ready names the members it refuses", || {
         herald_tests::cluster::get_json(cluster.node(1), "/ready").is_some_and(|ready| {
@@ -3652,6 +3631,12 @@ async fn a_node_that_refuses_every_other_member_refuses_publishes_at_once() {
                 .is_some_and(|status| status.contains("refuses node 2, node 3"))
         })
     });
+    assert_publishes_refused_at_once(lone, &channels, |error| {
+        error.starts_with("503")
+            && error.contains("refuses")
+            && error.contains("nothing was committed")
+    })
+    .await;
     // So do its stats, which no longer say "healthy".
     let stats = herald_tests::cluster::get_json(cluster.node(1), "/api/realtime/stats")
         .expect("the stats answer");

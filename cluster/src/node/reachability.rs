@@ -130,7 +130,7 @@ impl ClusterNode {
         members
             .keys()
             .copied()
-            .filter(|&id| id != self.inner.id && self.inner.peer_stores.is_refused(id))
+            .filter(|&id| id != self.inner.id && self.inner.peer_stores.refuses(id))
             .collect()
     }
 
