@@ -738,9 +738,10 @@ impl Peers {
         self.arrivals.send_modify(|n| *n += 1);
     }
 
-    /// Node `id` opened a connection showing run `run` (see [`Slot::run`]). A pooled
-    /// connection on which it showed another run is to a process that is gone (killed and
-    /// started again: QUIC finds out only at its idle timeout): it is closed now, so that the
+    /// Node `id` opened a connection showing run `run` (`JournalProgress::run`, drawn at each
+    /// start). A pooled connection on which it showed another run is to a process that is
+    /// gone (killed and started again: QUIC finds out only at its idle timeout): it is closed
+    /// now, so that the
     /// next call dials the new one. Non-durable events relayed to a node restarted right after
     /// a `kill -9` went down the old connection and were lost, though its new subscribers
     /// were confirmed.
