@@ -2145,7 +2145,12 @@ fn remove_node_3_and_join_it_again(cluster: &Cluster) {
 /// then catches up to `want` on `channel`, and is ready.
 async fn remove_and_join_node_3_again(cluster: &Cluster, channel: &str, want: &[String]) {
     remove_node_3_and_join_it_again(cluster);
-    // Refused until it hears from the members that they take it again (a clock round).
+    node_3_catches_up_and_is_ready(cluster, channel, want).await;
+}
+
+/// Node 3, joined again, catches up to `want` on `channel` (it is refused until it hears from
+/// the members that they take it again: a clock round), and is ready.
+async fn node_3_catches_up_and_is_ready(cluster: &Cluster, channel: &str, want: &[String]) {
     eventually_equal("node 3 catches up", &want.to_vec(), || async {
         herald_tests::try_history_payloads(cluster.node(3), channel)
             .await
@@ -2775,20 +2780,8 @@ async fn a_member_back_on_an_empty_disk_is_joined_again_under_load_while_it_runs
     let (ok, text) = cluster.cli(1, &["join", "--node-id", "3", "--addr", &addr]);
     assert!(ok, "join right after the removal failed: {text}");
     publish_until_acked(&cluster, 1, "rebuilt:2", "after").await;
-    eventually_equal(
-        "node 3 catches up",
-        &vec!["before".to_string(), "after".to_string()],
-        || async {
-            herald_tests::try_history_payloads(cluster.node(3), "rebuilt:2")
-                .await
-                .unwrap_or_default()
-        },
-    )
-    .await;
-    herald_tests::wait_until("node 3 is ready again", || {
-        herald_tests::cluster::get_json(cluster.node(3), "/ready")
-            .is_some_and(|ready| ready["status"] == "ready")
-    });
+    let want = ["before".to_string(), "after".to_string()];
+    node_3_catches_up_and_is_ready(&cluster, "rebuilt:2", &want).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let acked = load.await.unwrap();
     assert!(acked > 0, "the load published nothing");
@@ -3509,30 +3502,32 @@ async fn a_member_with_a_clock_hours_ahead_neither_hides_nor_deletes_history_ear
         publish_until_acked(&cluster, via, channel, "kept").await;
     }
     let want = vec!["kept".to_string()];
-    for channel in &channels {
-        eventually_equal(
-            &format!("node 3 shows {channel}'s event"),
-            &want,
-            || async {
-                herald_tests::try_history_payloads(cluster.node(3), channel)
-                    .await
-                    .unwrap_or_default()
-            },
-        )
-        .await;
-    }
+    node_holds_each(&cluster, 3, &channels, &want, "shows").await;
     // Node 3's expiry runs every 5 s: let two passes go by, then look at what its store kept,
     // with its clock put right.
     tokio::time::sleep(std::time::Duration::from_secs(11)).await;
     cluster.kill(3);
     cluster.clear_node_env(3);
     cluster.start_node(3, 3);
-    for channel in &channels {
+    node_holds_each(&cluster, 3, &channels, &want, "kept in its store").await;
+}
+
+/// Waits until node `id`'s history of each of `channels` is `want` (`what` it did, for the
+/// failure message).
+async fn node_holds_each(
+    cluster: &Cluster,
+    id: u64,
+    channels: &[String],
+    want: &[String],
+    what: &str,
+) {
+    let want = want.to_vec();
+    for channel in channels {
         eventually_equal(
-            &format!("node 3's store kept {channel}'s event"),
+            &format!("node {id} {what} {channel}'s events"),
             &want,
             || async {
-                herald_tests::try_history_payloads(cluster.node(3), channel)
+                herald_tests::try_history_payloads(cluster.node(id), channel)
                     .await
                     .unwrap_or_default()
             },
