@@ -398,6 +398,12 @@ fn redis_cli_resp3_and_introspection() {
         .parse()
         .unwrap();
     assert!(count >= 20, "{count}");
+    // `COMMAND` alone is every command's info, as in Redis (it was an arity error).
+    let all = redis_cli(&node, &["COMMAND"]);
+    assert!(
+        all.lines().any(|l| l == "publish") && all.lines().any(|l| l == "subscribe"),
+        "{all}"
+    );
     assert_eq!(
         redis_cli(&node, &["CONFIG", "GET", "maxclients"]),
         "maxclients\n10000\n"

@@ -73,6 +73,9 @@ fn check(session: &Session, args: &Args) -> Result<(&'static CommandSpec, &'stat
     };
     let (spec, subcommand) = if command.subcommands.is_empty() {
         (command, "")
+    } else if args.len() < 2 && command.arity_ok(1) {
+        // A container its name alone runs (`COMMAND`: every command's info).
+        (command, "")
     } else if args.len() < 2 {
         return Err(wrong_arity(command.name));
     } else {

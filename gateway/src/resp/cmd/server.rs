@@ -179,7 +179,7 @@ fn command_docs(spec: &CommandSpec, parent: Option<&str>) -> Frame {
     Frame::Map(doc)
 }
 
-/// `COMMAND [COUNT | DOCS | INFO | LIST | HELP]`.
+/// `COMMAND [COUNT | DOCS | INFO | LIST | HELP]` (alone: every command's info).
 pub(super) fn command(session: &mut Session, subcommand: &str, args: &Args) {
     if subcommand == "list" && args.len() == 5 && super::refuse_long_pattern(session, &args[4..]) {
         return;
@@ -192,7 +192,8 @@ pub(super) fn command(session: &mut Session, subcommand: &str, args: &Args) {
                 .map(|name| lookup(name).map_or(Frame::Null, |spec| command_info(spec, None)))
                 .collect(),
         ),
-        "info" => Frame::Array(
+        // `COMMAND` alone, as Redis: every command's info.
+        "info" | "" => Frame::Array(
             COMMANDS
                 .iter()
                 .map(|spec| command_info(spec, None))

@@ -88,6 +88,11 @@ const fn container(
     }
 }
 
+/// `spec` with another arity (a container its name alone runs, as `COMMAND`).
+const fn with_arity(arity: i32, spec: CommandSpec) -> CommandSpec {
+    CommandSpec { arity, ..spec }
+}
+
 const CONN: &str = "connection";
 const PUBSUB: &str = "pubsub";
 const SERVER: &str = "server";
@@ -207,58 +212,62 @@ pub static COMMANDS: &[CommandSpec] = &[
             ),
         ],
     ),
-    container(
-        "command",
-        SERVER,
-        "Returns detailed information about all commands.",
-        "2.8.13",
-        &[
-            spec(
-                "count",
-                2,
-                INTROSPECT,
-                &["@slow", "@connection"],
-                SERVER,
-                "Returns a count of commands.",
-                "2.8.13",
-            ),
-            spec(
-                "docs",
-                -2,
-                INTROSPECT,
-                &["@slow", "@connection"],
-                SERVER,
-                "Returns documentary information about one, multiple or all commands.",
-                "7.0.0",
-            ),
-            spec(
-                "help",
-                2,
-                INTROSPECT,
-                &["@slow", "@connection"],
-                SERVER,
-                "Returns helpful text about the different subcommands.",
-                "5.0.0",
-            ),
-            spec(
-                "info",
-                -2,
-                INTROSPECT,
-                &["@slow", "@connection"],
-                SERVER,
-                "Returns information about one, multiple or all commands.",
-                "2.8.13",
-            ),
-            spec(
-                "list",
-                -2,
-                INTROSPECT,
-                &["@slow", "@connection"],
-                SERVER,
-                "Returns a list of command names.",
-                "7.0.0",
-            ),
-        ],
+    // Redis's arity -1: `COMMAND` alone is every command's `COMMAND INFO`.
+    with_arity(
+        -1,
+        container(
+            "command",
+            SERVER,
+            "Returns detailed information about all commands.",
+            "2.8.13",
+            &[
+                spec(
+                    "count",
+                    2,
+                    INTROSPECT,
+                    &["@slow", "@connection"],
+                    SERVER,
+                    "Returns a count of commands.",
+                    "2.8.13",
+                ),
+                spec(
+                    "docs",
+                    -2,
+                    INTROSPECT,
+                    &["@slow", "@connection"],
+                    SERVER,
+                    "Returns documentary information about one, multiple or all commands.",
+                    "7.0.0",
+                ),
+                spec(
+                    "help",
+                    2,
+                    INTROSPECT,
+                    &["@slow", "@connection"],
+                    SERVER,
+                    "Returns helpful text about the different subcommands.",
+                    "5.0.0",
+                ),
+                spec(
+                    "info",
+                    -2,
+                    INTROSPECT,
+                    &["@slow", "@connection"],
+                    SERVER,
+                    "Returns information about one, multiple or all commands.",
+                    "2.8.13",
+                ),
+                spec(
+                    "list",
+                    -2,
+                    INTROSPECT,
+                    &["@slow", "@connection"],
+                    SERVER,
+                    "Returns a list of command names.",
+                    "7.0.0",
+                ),
+            ],
+        ),
     ),
     container(
         "config",
