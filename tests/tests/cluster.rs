@@ -1967,6 +1967,13 @@ async fn a_member_whose_disk_fills_sends_its_clients_away_and_catches_up_after_a
     assert!(told.contains("storage failed"), "{told}");
     let stats = herald_tests::cluster::get_json(cluster.node(3), "/api/realtime/stats").unwrap();
     assert_eq!(stats["status"], "storage failed", "{stats}");
+    assert_eq!(stats["channels"]["isConnected"], false, "{stats}");
+    assert!(
+        stats["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("storage failed")),
+        "{stats}"
+    );
     let metrics = metrics_of(cluster.node(3).http).await;
     for line in ["herald_storage_failed 1", "herald_raft_group_stopped 0"] {
         assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
@@ -3400,6 +3407,16 @@ fn libfaketime() -> Option<String> {
         })
 }
 
+/// The environment that runs a node under libfaketime (at `lib`) with its wall clock `by`
+/// (`+2h`) ahead; timers and Raft run on the monotonic clock, left alone.
+fn clock_ahead<'a>(lib: &'a str, by: &'a str) -> [(&'a str, &'a str); 3] {
+    [
+        ("LD_PRELOAD", lib),
+        ("FAKETIME", by),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ]
+}
+
 /// A member whose clock runs two hours ahead leads a partition after a message id was
 /// committed there: its entries must not carry its clock, which would move the partition's
 /// clock two hours on and make every member forget the message id (a retry would commit
@@ -3409,13 +3426,8 @@ fn libfaketime() -> Option<String> {
 async fn a_member_with_a_clock_hours_ahead_does_not_make_the_cluster_forget_message_ids() {
     const TWO_HOURS_MS: i64 = 2 * 3_600_000;
     let libfaketime = libfaketime().expect("libfaketime is missing: run scripts/install-test-deps");
-    // The wall clock only: timers and Raft run on the monotonic clock.
-    let ahead: &[(&str, &str)] = &[
-        ("LD_PRELOAD", libfaketime.as_str()),
-        ("FAKETIME", "+2h"),
-        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
-    ];
-    let mut cluster = Cluster::start_with_env(3, &[(3, ahead)]);
+    let ahead = clock_ahead(&libfaketime, "+2h");
+    let mut cluster = Cluster::start_with_env(3, &[(3, &ahead)]);
     let near = |ms: Option<i64>, expected: i64| ms.is_some_and(|ms| (ms - expected).abs() < 60_000);
     herald_tests::wait_until("node 3 knows its clock is two hours ahead", || {
         let status = cluster.status(3).unwrap_or_default();
@@ -3481,14 +3493,13 @@ async fn a_member_with_a_clock_hours_ahead_does_not_make_the_cluster_forget_mess
 async fn a_member_with_a_clock_hours_ahead_neither_hides_nor_deletes_history_early() {
     const THREE_HOURS_MS: i64 = 3 * 3_600_000;
     let libfaketime = libfaketime().expect("libfaketime is missing: run scripts/install-test-deps");
-    let ahead: &[(&str, &str)] = &[
-        ("LD_PRELOAD", libfaketime.as_str()),
-        ("FAKETIME", "+3h"),
-        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
-    ];
+    let ahead = clock_ahead(&libfaketime, "+3h");
     let config = herald_tests::config_file("[namespace.ttl]\nhistory_ttl = \"1h\"\n");
-    let mut cluster =
-        Cluster::start_with_args_and_env(3, &["--config", config.to_str().unwrap()], &[(3, ahead)]);
+    let mut cluster = Cluster::start_with_args_and_env(
+        3,
+        &["--config", config.to_str().unwrap()],
+        &[(3, &ahead)],
+    );
     herald_tests::wait_until("node 3 knows its clock is three hours ahead", || {
         let status = cluster.status(3).unwrap_or_default();
         status["clock_correction_ms"]

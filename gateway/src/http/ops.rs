@@ -97,12 +97,17 @@ pub async fn stats(State(state): State<HttpState>) -> Json<Value> {
         })
     };
     let history = state.broker().store().channel_stats();
-    // What `/ready` says when the node cannot commit (no quorum, not formed, refused, removed).
-    let unready = state.broker().unready();
+    // Why the node cannot commit, as `/ready` says it: its storage or a Raft group failed;
+    // no quorum, not formed, refused, removed.
+    let failure = state.broker().failure();
+    let unready = match &failure {
+        Some(failure) => Some(failure.message.clone()),
+        None => state.broker().unready(),
+    };
     Json(json!({
         "status": if state.shutdown().is_cancelled() {
             "shutting down"
-        } else if let Some(failure) = state.broker().failure() {
+        } else if let Some(failure) = &failure {
             failure.status()
         } else if unready.is_some() {
             "unavailable"
