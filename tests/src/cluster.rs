@@ -16,13 +16,10 @@ use crate::{Herald, PATIENCE, herald_binary, scratch_dir};
 /// Partitions of test clusters: few, so formation and status stay quick.
 pub const TEST_PARTITIONS: u16 = 4;
 
-/// A free loopback UDP port (bound and released).
+/// A free loopback UDP port claimed for this test (see [`crate::ports`]): a member's port is
+/// in every peer's `--peers` before the member starts, and kept across its restarts.
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    crate::ports::claim_port()
 }
 
 /// Runs `herald certs ...` and requires success.

@@ -8,6 +8,7 @@
 //! so tests run in parallel without port clashes. Every process is killed when its handle drops.
 
 pub mod cluster;
+pub mod ports;
 pub mod relay;
 pub mod stalled_disk;
 
@@ -310,13 +311,9 @@ fn address_in(line: &str) -> Option<SocketAddr> {
     line[start..].split_whitespace().next()?.parse().ok()
 }
 
-/// A free loopback TCP port (bound and released; good enough for a reference server).
+/// A free loopback port claimed for this test (see [`ports`]).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    ports::claim_port()
 }
 
 /// A real `redis-server`, the reference herald's replies are compared with.
