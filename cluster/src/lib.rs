@@ -44,6 +44,7 @@
 //!   - `node/meta.rs`: writes through the meta leader (join, remove, namespaces, `Init`).
 //!   - `node/hand_over.rs`: handing the partitions a node leads over at shutdown.
 
+pub mod catch_up;
 pub mod clock;
 pub mod failover;
 pub mod failure;

@@ -37,6 +37,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::catch_up::{CatchUp, CatchingUp, Lag};
 use crate::clock::ClusterClock;
 use crate::failover::LeaderContact;
 use crate::failure::GroupFailure;
@@ -150,6 +151,9 @@ pub const MAX_PUBLISH_BYTES: usize = crate::rpc::MAX_FRAME / 2;
 /// How long a shutting-down node spends handing its partitions over before it stops.
 const HAND_OVER_LIMIT: Duration = Duration::from_secs(3);
 
+/// How often [`ClusterNode::wait_caught_up`] looks again.
+const CATCH_UP_POLL: Duration = Duration::from_millis(20);
+
 /// How long a "not a member" answer counts (see [`ClusterNode::is_removed`]): a removed node
 /// keeps probing while it hears no leader, so the answer is renewed; a node joined again stops
 /// getting it, and stops counting it at once when the meta group's leader replicates to it.
@@ -224,6 +228,9 @@ struct Inner {
     hooks: LocalHooks,
     /// When each group's leader was last heard from (failover detection).
     contact: Arc<LeaderContact>,
+    /// What each partition's leader had committed when this node (re)joined it, and whether
+    /// this node has applied that far (see [`crate::catch_up`]).
+    catch_up: CatchUp,
     /// The members' clock offsets: what this node's proposals take as the time.
     clock: Arc<ClusterClock>,
     /// This node's build ([`ClusterConfig::build`]).
@@ -390,6 +397,10 @@ impl ClusterNode {
                 interest_sync: InterestSync::default(),
                 hooks,
                 contact: Arc::new(LeaderContact::new(usize::from(partitions) + 1)),
+                catch_up: CatchUp::new(
+                    usize::from(partitions) + 1,
+                    Duration::from_millis(config.raft.election_max_ms * 2),
+                ),
                 clock: Arc::default(),
                 build: config.build.clone(),
                 builds: parking_lot::Mutex::default(),
@@ -580,6 +591,64 @@ impl ClusterNode {
     pub fn store_refused(&self) -> Option<String> {
         let refusal = self.inner.peers.refused_by().into_iter().min()?;
         Some(format!("refused by the cluster: {refusal}"))
+    }
+
+    /// Whether this node is still applying a backlog its partitions' leaders had committed
+    /// when it started or came back from a silence (see [`crate::catch_up`]): the first such
+    /// partition and how far behind it is. `None` once every partition caught up, and on a
+    /// node that is not formed or was removed (nothing reaches it: other reasons say so).
+    pub fn catching_up(&self) -> Option<CatchingUp> {
+        if !self.is_formed() || self.is_removed() {
+            return None;
+        }
+        let me = self.inner.id;
+        self.inner
+            .groups
+            .iter()
+            .enumerate()
+            .find_map(|(group, raft)| {
+                let partition = group_partition(group as GroupId)?;
+                if self.inner.catch_up.is_synced(group) {
+                    return None;
+                }
+                let m = raft.metrics();
+                let m = m.borrow();
+                // A group this node is no member of yet (it is being added) has nothing to
+                // catch up with here.
+                let membership = m.membership_config.membership();
+                if !membership.nodes().any(|(id, _)| *id == me) {
+                    return None;
+                }
+                let applied = m.last_applied.map_or(0, |id| id.index + 1);
+                let leads = m.state == ServerState::Leader;
+                let leader = m.current_leader;
+                drop(m);
+                let behind = match self.inner.catch_up.lag(group, applied, leads) {
+                    Lag::Synced => return None,
+                    Lag::Unheard => None,
+                    Lag::Behind(entries) => Some(entries),
+                };
+                Some(CatchingUp {
+                    partition,
+                    leader,
+                    behind,
+                })
+            })
+    }
+
+    /// Waits until [`Self::catching_up`] is `None`, at most `limit`; returns what is still
+    /// behind then. A subscription calls it before it starts, so that the backlog of a node
+    /// back from a restart or a silence is not delivered to it as live events. Returns at once
+    /// when nothing is behind (the common case: a few atomic reads per partition).
+    pub async fn wait_caught_up(&self, limit: Duration) -> Option<CatchingUp> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let behind = self.catching_up()?;
+            if tokio::time::Instant::now() >= deadline || self.inner.shutdown.is_cancelled() {
+                return Some(behind);
+            }
+            tokio::time::sleep(CATCH_UP_POLL).await;
+        }
     }
 
     /// Why this node cannot commit right now (see [`Self::has_quorum`]), in words for an

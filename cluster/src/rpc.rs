@@ -1383,10 +1383,11 @@ pub trait Handler: Send + Sync + 'static {
         true
     }
 
-    /// Called when `group`'s Raft accepted AppendEntries (from the leader it follows): the
-    /// leader is alive. Failover detection uses it.
-    fn heard_from_leader(&self, group: GroupId) {
-        let _ = group;
+    /// Called when `group`'s Raft accepted AppendEntries (from the leader it follows), which
+    /// carried the leader's commit index: the leader is alive (failover detection uses it),
+    /// and this node has that much to apply (catching up, [`crate::catch_up`]).
+    fn heard_from_leader(&self, group: GroupId, leader_commit: Option<u64>) {
+        let _ = (group, leader_commit);
     }
 
     /// Answers an application request from node `from`.
@@ -1552,6 +1553,7 @@ async fn dispatch(from: NodeId, request: Request, handler: &dyn Handler) -> Resp
         }
         Request::AppendEntries { group, rpc } => match handler.raft(group) {
             Some(raft) => {
+                let leader_commit = rpc.leader_commit.map(|id| id.index);
                 let response = raft.append_entries(rpc).await;
                 if matches!(
                     response,
@@ -1559,7 +1561,7 @@ async fn dispatch(from: NodeId, request: Request, handler: &dyn Handler) -> Resp
                         | AppendEntriesResponse::PartialSuccess(_)
                         | AppendEntriesResponse::Conflict)
                 ) {
-                    handler.heard_from_leader(group);
+                    handler.heard_from_leader(group, leader_commit);
                 }
                 Response::AppendEntries(response)
             }

@@ -140,6 +140,12 @@ pub struct Broker {
 /// rather than hold the client.
 pub const CAUGHT_UP_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a subscription waits at most, on a cluster node back from a restart or a silence,
+/// for the node to apply the backlog its partitions' leaders had committed (see
+/// [`Broker::announce`]). Past it the subscription starts anyway (the node's `/ready` has said
+/// 503 all along, so a load balancer sends no one here), with a warning.
+pub const CATCH_UP_PATIENCE: Duration = Duration::from_secs(10);
+
 /// How often [`Broker::caught_up`] looks at the store again while it waits: the events it
 /// waits for may arrive in a snapshot from the leader, which the delivery marks do not see.
 const CAUGHT_UP_POLL: Duration = Duration::from_millis(50);
@@ -276,10 +282,22 @@ impl Broker {
     /// started after the confirmation, on any node, reaches the subscriber and counts it, as
     /// in Redis. Keep the returned reservation until the subscription is in the hub. On a
     /// single node, or when this node holds every name already, returns at once.
+    ///
+    /// First, on a node still applying the backlog of a restart or a silence
+    /// ([`ClusterNode::wait_caught_up`]), waits until it has (at most [`CATCH_UP_PATIENCE`]):
+    /// the old events it applies meanwhile would otherwise reach the new subscription as live
+    /// ones.
     pub async fn announce(&self, kind: Kind, names: &[Bytes]) -> Option<Reservation> {
         let Log::Cluster(node) = &self.log else {
             return None;
         };
+        if let Some(behind) = node.wait_caught_up(CATCH_UP_PATIENCE).await {
+            tracing::warn!(
+                ?kind,
+                names = names.len(),
+                "a subscription starts while this node is still {behind}: it may get events published before it as live ones"
+            );
+        }
         let reservation = self.hub.reserve(kind, names)?;
         if !node.sync_interest().await {
             tracing::debug!(

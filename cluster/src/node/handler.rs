@@ -258,8 +258,9 @@ impl Handler for ClusterNode {
         !known || member
     }
 
-    fn heard_from_leader(&self, group: GroupId) {
+    fn heard_from_leader(&self, group: GroupId, leader_commit: Option<u64>) {
         self.inner.contact.heard(usize::from(group));
+        self.inner.catch_up.heard(usize::from(group), leader_commit);
     }
 
     fn app(&self, from: NodeId, request: Bytes) -> BoxFuture<'static, Bytes> {

@@ -22,9 +22,9 @@ pub async fn health() -> Json<Value> {
 
 /// `GET /ready`: 200 while the node accepts clients and (in a cluster) can commit; 503 once it
 /// is shutting down, before the cluster is formed, on the minority side of a partition, once
-/// removed from its cluster, after a write to its store failed (a full disk), or once one of
-/// its Raft groups stopped (only a
-/// restart recovers these two; the body says which).
+/// removed from its cluster, after a write to its store failed (a full disk), once one of
+/// its Raft groups stopped (only a restart recovers these two), and while it applies the
+/// backlog of a restart or a silence (catching up); the body says which.
 pub async fn ready(State(state): State<HttpState>) -> Response {
     if state.shutdown().is_cancelled() {
         (
@@ -70,6 +70,16 @@ pub async fn ready(State(state): State<HttpState>) -> Response {
             })),
         )
             .into_response()
+    } else if let Some(behind) = state.broker().cluster().and_then(|node| node.catching_up()) {
+        // It commits, but the events it applies now are old: a subscription made here
+        // waits until it has applied them, so clients are better sent elsewhere meanwhile.
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": format!("{behind}; subscriptions made here wait until it has")
+            })),
+        )
+            .into_response()
     } else {
         Json(json!({ "status": "ready" })).into_response()
     }
@@ -104,6 +114,11 @@ pub async fn stats(State(state): State<HttpState>) -> Json<Value> {
         Some(failure) => Some(failure.message.clone()),
         None => state.broker().unready(),
     };
+    // Connected and committing, but still applying a backlog (see `/ready`).
+    let catching_up = unready
+        .is_none()
+        .then(|| state.broker().cluster().and_then(|node| node.catching_up()))
+        .flatten();
     Json(json!({
         "status": if state.shutdown().is_cancelled() {
             "shutting down"
@@ -111,10 +126,12 @@ pub async fn stats(State(state): State<HttpState>) -> Json<Value> {
             failure.status()
         } else if unready.is_some() {
             "unavailable"
+        } else if catching_up.is_some() {
+            "catching up"
         } else {
             "healthy"
         },
-        "reason": unready,
+        "reason": unready.clone().or_else(|| catching_up.map(|behind| behind.to_string())),
         "sse": {
             "totalConnections": state.sse_clients().len(),
             "totalEvents": state.sse_clients().total_events.load(Ordering::Relaxed),
@@ -181,7 +198,14 @@ pub async fn metrics(State(state): State<HttpState>) -> Response {
     metrics::gauge!("herald_store_unwritten_bytes")
         .set(state.broker().store().unwritten_bytes() as f64);
     let failure = state.broker().failure();
-    let ready = !state.shutdown().is_cancelled() && failure.is_none() && state.broker().is_ready();
+    let catching_up = state
+        .broker()
+        .cluster()
+        .is_some_and(|node| node.catching_up().is_some());
+    let ready = !state.shutdown().is_cancelled()
+        && failure.is_none()
+        && state.broker().is_ready()
+        && !catching_up;
     metrics::gauge!("herald_ready").set(f64::from(u8::from(ready)));
     metrics::gauge!("herald_storage_failed").set(f64::from(u8::from(
         failure.as_ref().is_some_and(|f| f.storage),
@@ -191,6 +215,8 @@ pub async fn metrics(State(state): State<HttpState>) -> Response {
         failure.as_ref().is_some_and(|f| !f.storage),
     )));
     if let Some(node) = state.broker().cluster() {
+        // Applying the backlog of a restart or a silence (what `/ready` says).
+        metrics::gauge!("herald_cluster_catching_up").set(f64::from(u8::from(catching_up)));
         cluster_metrics(node);
     }
     (
