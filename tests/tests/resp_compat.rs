@@ -556,6 +556,32 @@ fn pubsub_and_client_list_arguments() {
     );
 }
 
+/// `CLIENT KILL` filters and their errors (with one connection, which `SKIPME` spares).
+#[test]
+fn client_kill_filters() {
+    assert_same_as_redis(
+        "client kill",
+        1,
+        &[
+            cmd(0, &["CLIENT", "KILL", "USER", "nobody"]),
+            cmd(0, &["CLIENT", "KILL", "USER", "default"]),
+            cmd(0, &["CLIENT", "KILL", "USER", "default", "TYPE", "pubsub"]),
+            cmd(0, &["CLIENT", "KILL", "TYPE", "nope"]),
+            cmd(0, &["CLIENT", "KILL", "TYPE", "master"]),
+            cmd(0, &["CLIENT", "KILL", "ID", "0"]),
+            cmd(0, &["CLIENT", "KILL", "ID", "999999"]),
+            cmd(0, &["CLIENT", "KILL", "MAXAGE", "x"]),
+            cmd(0, &["CLIENT", "KILL", "SKIPME", "maybe"]),
+            cmd(0, &["CLIENT", "KILL", "NOPE", "x"]),
+            cmd(0, &["CLIENT", "KILL", "ID"]),
+            cmd(0, &["CLIENT", "KILL", "10.0.0.1:5"]),
+            cmd(0, &["PING"]),
+        ],
+        &[],
+        &[],
+    );
+}
+
 /// `CLIENT LIST ID a b ...` lists each id's client in the order given, as often as named,
 /// as Redis does.
 #[test]

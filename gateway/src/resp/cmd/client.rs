@@ -186,10 +186,10 @@ fn kill(session: &mut Session, args: &Args) -> Frame {
             },
             b"addr" => filters.push(Box::new(move |c| c.addr.to_string() == value)),
             b"laddr" => filters.push(Box::new(move |c| c.laddr.to_string() == value)),
-            b"user" => {
-                let default = value == "default";
-                filters.push(Box::new(move |_| default));
-            }
+            // Every client is the `default` user (herald has no ACL users); another name is
+            // Redis's error for a user that does not exist.
+            b"user" if value == "default" => filters.push(Box::new(|_| true)),
+            b"user" => return Frame::error(format!("ERR No such user '{value}'")),
             b"type" => match value.to_ascii_lowercase().as_str() {
                 "normal" => filters.push(Box::new(|c| !c.is_subscriber())),
                 "pubsub" => filters.push(Box::new(|c| c.is_subscriber())),
@@ -198,7 +198,8 @@ fn kill(session: &mut Session, args: &Args) -> Frame {
             },
             b"maxage" => match value.parse::<u64>() {
                 Ok(age) => filters.push(Box::new(move |c| c.connected.elapsed().as_secs() >= age)),
-                Err(_) => return Frame::error("ERR value is not an integer or out of range"),
+                // Redis's own wording here.
+                Err(_) => return syntax_error(),
             },
             b"skipme" => match value.to_ascii_lowercase().as_str() {
                 "yes" => skip_me = true,
