@@ -517,11 +517,30 @@ impl Peers {
     /// The peers that refused this node's store at their last dial's exchange (its data
     /// directory lost, replaced or gone back in time: see [`StoreIds`]), each with why, as
     /// they said it: `node 2 refuses it (node 3: its data directory went back in time ...)`.
+    ///
+    /// A refusal from a peer whose own store this node refuses is left out: that is not the
+    /// member but a process claiming its id (a node started on an old data directory of the
+    /// same addresses, say), and its verdict on the members is worth nothing. Taken at its
+    /// word, it made the healthy members refuse to serve streams and history, and kept them
+    /// so after it had exited (an operator's finding).
     pub fn refused_by(&self) -> Vec<String> {
-        let slots: Vec<_> = self.slots.lock().values().cloned().collect();
+        let slots: Vec<_> = self
+            .slots
+            .lock()
+            .iter()
+            .map(|(id, slot)| (*id, slot.clone()))
+            .collect();
+        let impostor = |peer: NodeId| {
+            self.store_ids
+                .get()
+                .is_some_and(|ids| ids.refused(peer) || ids.refused_dialed(peer))
+        };
         slots
             .iter()
-            .filter_map(|slot| slot.lock().refused_note.clone())
+            .filter_map(|(peer, slot)| {
+                let note = slot.lock().refused_note.clone()?;
+                (!impostor(*peer)).then_some(note)
+            })
             .collect()
     }
 
