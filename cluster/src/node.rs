@@ -639,12 +639,18 @@ impl ClusterNode {
     /// Waits until [`Self::catching_up`] is `None`, at most `limit`; returns what is still
     /// behind then. A subscription calls it before it starts, so that the backlog of a node
     /// back from a restart or a silence is not delivered to it as live events. Returns at once
-    /// when nothing is behind (the common case: a few atomic reads per partition).
+    /// when nothing is behind (the common case: one atomic read per partition), and when no
+    /// majority of the members answers this node.
     pub async fn wait_caught_up(&self, limit: Duration) -> Option<CatchingUp> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let behind = self.catching_up()?;
-            if tokio::time::Instant::now() >= deadline || self.inner.shutdown.is_cancelled() {
+            // No majority answers this node: there is nobody to catch up from (and its
+            // streams are sent elsewhere for that), so subscriptions are not held up for it.
+            if tokio::time::Instant::now() >= deadline
+                || self.inner.shutdown.is_cancelled()
+                || !self.reaches_majority()
+            {
                 return Some(behind);
             }
             tokio::time::sleep(CATCH_UP_POLL).await;

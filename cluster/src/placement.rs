@@ -91,15 +91,23 @@ pub fn rebalance_swap(
 
 /// What a removal of `node` would cost a group whose voters are `voters`: the voters that are
 /// `silent` among those left, when the group has a live majority now and the live ones left
-/// would be no majority of them. The members stop taking a removed node's messages at once, so
-/// such a group (one whose voters were the removed node and a dead one) could then commit
-/// nothing, not even the change that drops the node, until the silent voter is back. `None`
-/// when the group keeps a live majority, has none already (removing one of its dead voters
-/// makes nothing worse: refusing would send the operator from one dead node to the other), or
-/// `node` does not vote in it.
+/// would not be enough to commit the change that drops `node`. `None` when the group keeps
+/// enough, has no live majority already (removing one of its dead voters makes nothing worse:
+/// refusing would send the operator from one dead node to the other), or `node` does not vote
+/// in it.
+///
+/// How many are enough depends on whether `node` takes part in that change. In the meta
+/// group it does (the removal is that group's own joint change: `node` votes for the old
+/// configuration), so the live voters left must be a majority of those left. A partition
+/// group drops `node` only after the meta group removed it, and the members stop taking its
+/// messages at once: the change needs a majority of all its `voters`, `node` counted and
+/// missing. So a group of two voters can never drop one (its leader alone is no majority of
+/// two), and two removals back to back can leave a group of three with one voter that takes
+/// part.
 pub fn removal_stalls(
     node: NodeId,
     voters: &BTreeSet<NodeId>,
+    node_takes_part: bool,
     silent: impl Fn(NodeId) -> bool,
 ) -> Option<Vec<NodeId>> {
     if !voters.contains(&node) {
@@ -112,7 +120,12 @@ pub fn removal_stalls(
     let left: Vec<NodeId> = voters.iter().copied().filter(|&v| v != node).collect();
     let quiet: Vec<NodeId> = left.iter().copied().filter(|&v| silent(v)).collect();
     let live = left.len() - quiet.len();
-    (!left.is_empty() && live < left.len() / 2 + 1).then_some(quiet)
+    let needed = if node_takes_part {
+        left.len() / 2 + 1
+    } else {
+        voters.len() / 2 + 1
+    };
+    (!left.is_empty() && live < needed).then_some(quiet)
 }
 
 #[cfg(test)]
@@ -218,23 +231,62 @@ mod tests {
     fn a_removal_that_leaves_a_group_no_live_majority_is_named() {
         let voters = set(&[1, 3, 4]);
         let four_dead = |n: NodeId| n == 4;
-        assert_eq!(removal_stalls(1, &voters, four_dead), Some(vec![4]));
-        assert_eq!(removal_stalls(4, &voters, four_dead), None, "the dead one");
-        assert_eq!(removal_stalls(2, &voters, four_dead), None, "not a voter");
-        assert_eq!(removal_stalls(1, &voters, |_| false), None, "all live");
-        // Five meta voters, one dead: four left, three live, a majority.
-        assert_eq!(removal_stalls(1, &set(&[1, 2, 3, 4, 5]), |n| n == 5), None);
+        assert_eq!(removal_stalls(1, &voters, true, four_dead), Some(vec![4]));
         assert_eq!(
-            removal_stalls(1, &set(&[1, 2, 3, 4, 5]), |n| n >= 4),
+            removal_stalls(4, &voters, true, four_dead),
+            None,
+            "the dead one"
+        );
+        assert_eq!(
+            removal_stalls(2, &voters, true, four_dead),
+            None,
+            "not a voter"
+        );
+        assert_eq!(
+            removal_stalls(1, &voters, true, |_| false),
+            None,
+            "all live"
+        );
+        // Five meta voters, one dead: four left, three live, a majority.
+        assert_eq!(
+            removal_stalls(1, &set(&[1, 2, 3, 4, 5]), true, |n| n == 5),
+            None
+        );
+        assert_eq!(
+            removal_stalls(1, &set(&[1, 2, 3, 4, 5]), true, |n| n >= 4),
             Some(vec![4, 5])
         );
         // The last voter of a group: nothing is left to stall.
-        assert_eq!(removal_stalls(1, &set(&[1]), |_| false), None);
+        assert_eq!(removal_stalls(1, &set(&[1]), true, |_| false), None);
         // Two of three dead: the group commits nothing already, and removing either dead
         // voter (or the live one) makes nothing worse.
         let two_dead = |n: NodeId| n == 4 || n == 5;
-        assert_eq!(removal_stalls(4, &set(&[1, 4, 5]), two_dead), None);
-        assert_eq!(removal_stalls(5, &set(&[1, 4, 5]), two_dead), None);
-        assert_eq!(removal_stalls(1, &set(&[1, 4, 5]), two_dead), None);
+        assert_eq!(removal_stalls(4, &set(&[1, 4, 5]), true, two_dead), None);
+        assert_eq!(removal_stalls(5, &set(&[1, 4, 5]), true, two_dead), None);
+        assert_eq!(removal_stalls(1, &set(&[1, 4, 5]), true, two_dead), None);
+        assert_eq!(removal_stalls(1, &set(&[1, 4, 5]), false, two_dead), None);
+    }
+
+    /// A partition group drops a removed node with a majority of all its voters, the removed
+    /// one missing: two voters can never drop one, and a voter removed before (still listed,
+    /// no longer heard: `silent`) and a second removal leave one of three.
+    #[test]
+    fn a_partition_group_needs_a_majority_of_all_its_voters_to_drop_one() {
+        let nobody = |_: NodeId| false;
+        assert_eq!(removal_stalls(3, &set(&[1, 2, 3]), false, nobody), None);
+        assert_eq!(
+            removal_stalls(2, &set(&[1, 2]), false, nobody),
+            Some(vec![])
+        );
+        assert_eq!(removal_stalls(2, &set(&[1, 2]), true, nobody), None, "meta");
+        let five_removed = |n: NodeId| n == 5;
+        assert_eq!(
+            removal_stalls(4, &set(&[1, 4, 5]), false, five_removed),
+            Some(vec![5])
+        );
+        assert_eq!(
+            removal_stalls(3, &set(&[1, 2, 3, 4, 5]), false, five_removed),
+            None
+        );
     }
 }

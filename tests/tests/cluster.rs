@@ -2804,6 +2804,93 @@ async fn a_member_back_on_an_empty_disk_is_joined_again_under_load_while_it_runs
     publish_until_acked(&cluster, 3, "rebuilt:2", "restarted").await;
 }
 
+/// A member started on a stale copy of its data directory refuses the members whose store
+/// changed since the copy (here node 1, joined again on a new disk), and they refuse it (it
+/// went back in time). Its refusal is worth nothing, as it is no member: the healthy members
+/// took it at their word, answered `/ready` 503 "refused by the cluster: node 3 refuses it",
+/// served no stream or history, and stayed so after it had exited (an operator's finding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_on_a_stale_copy_of_its_data_does_not_get_the_healthy_members_refused() {
+    let mut cluster = Cluster::start(3);
+    publish_until_acked(&cluster, 1, "stale:1", "first").await;
+    cluster.kill(3);
+    let stale = cluster.back_up(3);
+    cluster.start_node(3, 3);
+    // Node 1 loses its disk and is joined again: a new store, which nodes 2 and 3 record.
+    cluster.wipe(1);
+    cluster.start_node(1, 3);
+    herald_tests::wait_until("node 2 refuses node 1 on its empty store", || {
+        cluster.node(2).log().contains("refusing node 1")
+    });
+    let (ok, text) = cluster.cli(2, &["remove", "--node-id", "1"]);
+    assert!(ok, "remove failed: {text}");
+    let addr = format!("127.0.0.1:{}", cluster.members[0].cluster_port);
+    let (ok, text) = cluster.cli(2, &["join", "--node-id", "1", "--addr", &addr]);
+    assert!(ok, "join failed: {text}");
+    publish_until_acked(&cluster, 3, "stale:1", "second").await;
+    node_ready(&cluster, 1);
+    // Every partition has its three voters again (node 3 leaving one with two would stop it).
+    herald_tests::wait_until("every partition has three voters", || {
+        cluster.status(2).is_some_and(|status| {
+            status["groups"].as_array().unwrap().iter().all(|g| {
+                g["voters"]
+                    .as_array()
+                    .is_some_and(|voters| voters.len() == 3)
+            })
+        })
+    });
+    // Node 3 back on the stale copy: it knows node 1's old store.
+    cluster.restore(3, &stale);
+    cluster.start_node(3, 3);
+    herald_tests::wait_until("the stale node 3 refuses node 1", || {
+        cluster.node(3).log().contains("refusing node 1")
+    });
+    herald_tests::wait_until("node 1 refuses the stale node 3", || {
+        cluster.node(1).log().contains("refusing node 3")
+    });
+    // Nodes 1 and 2 (once they replaced node 3 as leader where it led) are ready and stay
+    // so, and serve history, while it runs and after it has gone.
+    for phase in ["while it runs", "after it has gone"] {
+        node_ready(&cluster, 1);
+        node_ready(&cluster, 2);
+        for _ in 0..10 {
+            for id in [1, 2] {
+                let ready = herald_tests::cluster::get_json(cluster.node(id), "/ready").unwrap();
+                assert_eq!(ready["status"], "ready", "node {id} {phase}: {ready}");
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let history = herald_tests::try_history_payloads(cluster.node(1), "stale:1").await;
+        assert_eq!(
+            history,
+            Ok(vec!["first".to_string(), "second".to_string()]),
+            "node 1's history {phase}"
+        );
+        cluster.kill(3);
+    }
+}
+
+fn node_ready(cluster: &Cluster, id: u64) {
+    let mut last = None;
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while std::time::Instant::now() < deadline {
+        last = herald_tests::cluster::get_json(cluster.node(id), "/ready");
+        if last
+            .as_ref()
+            .is_some_and(|ready| ready["status"] == "ready")
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = cluster.node(id).log();
+    let tail: Vec<&str> = log.lines().rev().take(60).collect();
+    panic!(
+        "node {id} is not ready: {last:?}\n{}",
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
+}
+
 /// A second process started under a member's node id (a copied config, a stale pod) is
 /// refused, and the member itself keeps working: refusals are judged per connection, by the
 /// store each shows, not per node id (the member used to be refused too, for as long as its
@@ -3112,48 +3199,73 @@ fn the_status_help_names_what_the_table_shows() {
     );
 }
 
-/// A removal that leaves the cluster unable to survive a failure (fewer than three members)
-/// succeeds, and says on stderr what the operator lost.
-#[test]
-fn a_removal_down_to_fewer_than_three_members_warns_that_no_failure_is_survived() {
+/// `herald cluster remove --node-id ID` through node 1: its exit status, stdout and stderr.
+fn cli_remove(cluster: &Cluster, id: &str) -> (bool, String, String) {
+    let output = std::process::Command::new(herald_tests::herald_binary())
+        .args(["cluster", "remove", "--node-id", id, "--http"])
+        .arg(cluster.node(1).http.to_string())
+        .output()
+        .expect("run herald cluster remove");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    (output.status.success(), stdout, stderr)
+}
+
+/// A removal that leaves the cluster unable to survive a failure (two members) succeeds, and
+/// says on stderr what the operator lost. One more is refused: every partition's voters are
+/// then the last two members, and a group of two cannot drop one once the members stop
+/// taking its messages (it was accepted, and no partition ever committed again, with no way
+/// back: an operator's finding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_down_to_two_members_warns_and_one_more_is_refused() {
     let cluster = Cluster::start(3);
-    let remove = |id: &str| {
-        let output = std::process::Command::new(herald_tests::herald_binary())
-            .args(["cluster", "remove", "--node-id", id, "--http"])
-            .arg(cluster.node(1).http.to_string())
-            .output()
-            .expect("run herald cluster remove");
-        let stdout = String::from_utf8(output.stdout).unwrap();
-        let stderr = String::from_utf8(output.stderr).unwrap();
-        assert!(output.status.success(), "{stdout}{stderr}");
-        assert!(
-            stdout.starts_with(&format!("removed: node {id} is no longer a member")),
-            "{stdout}"
-        );
-        assert!(
-            !stdout.contains("warning"),
-            "the warning goes to stderr: {stdout}"
-        );
-        stderr
-    };
-    let stderr = remove("3");
+    let (ok, stdout, stderr) = cli_remove(&cluster, "3");
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.starts_with("removed: node 3 is no longer a member"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("warning"),
+        "the warning goes to stderr: {stdout}"
+    );
     assert!(
         stderr.starts_with("herald: warning: the cluster has 2 members left (nodes 1 and 2)")
             && stderr.contains("no failure tolerance")
             && stderr.contains("herald cluster join"),
         "{stderr}"
     );
-    herald_tests::wait_until("node 3 is no longer a member", || {
-        cluster
-            .status(1)
-            .is_some_and(|s| s["members"].get("3").is_none())
-    });
-    let stderr = remove("2");
+    let (ok, stdout, stderr) = cli_remove(&cluster, "2");
+    assert!(!ok, "{stdout}{stderr}");
     assert!(
-        stderr.starts_with("herald: warning: the cluster has 1 member left (node 1)")
-            && stderr.contains("no failure tolerance"),
+        stderr.contains("removing node 2 would leave partition")
+            && stderr.contains("A cluster cannot shrink below two members")
+            && stderr.contains("--force"),
         "{stderr}"
     );
+    // Nothing changed: both members commit on every partition.
+    for via in [1, 2] {
+        for (channel, _) in channel_per_partition(cluster.node(via).http, "pair").await {
+            publish_until_acked(&cluster, via, &channel, "still").await;
+        }
+    }
+}
+
+/// Two removals back to back (an operator shrinking 4 nodes to 2... or 5 to 3) left the
+/// partitions whose voters were both removed nodes with one voter the members still hear, for
+/// good: the second removal came before the partitions' leaders had taken the first node out.
+/// A removal now answers once the node has left every partition group, so the next one finds
+/// the groups whole; every partition commits afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_removals_back_to_back_leave_every_partition_committing() {
+    let cluster = Cluster::start(4);
+    for id in ["4", "3"] {
+        let (ok, stdout, stderr) = cli_remove(&cluster, id);
+        assert!(ok, "removing node {id}: {stdout}{stderr}");
+    }
+    for (channel, _) in channel_per_partition(cluster.node(1).http, "shrunk").await {
+        publish_until_acked(&cluster, 2, &channel, "after").await;
+    }
 }
 
 /// A node of another cluster (its own certificates, peers and addresses) started on a

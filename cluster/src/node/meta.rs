@@ -62,12 +62,18 @@ where
 
 impl ClusterNode {
     /// Why removing `node` now would stop groups from committing, if it would: the groups
-    /// (the meta group and partitions) whose voters left would have no live majority, as this
-    /// node sees them (see [`crate::placement::removal_stalls`]), in a sentence saying what to
-    /// do instead. `herald cluster remove` refuses such a removal unless forced.
+    /// (the meta group and partitions) whose voters left would have no majority that takes
+    /// part, as this node sees them (see [`crate::placement::removal_stalls`]), in a sentence
+    /// saying what to do instead. A voter that does not answer takes no part, nor does one
+    /// already removed that a partition group still lists (its leader takes it out within
+    /// seconds; the members no longer take its messages). `herald cluster remove` refuses
+    /// such a removal unless forced.
     pub fn removal_stalls(&self, node: NodeId) -> Option<String> {
+        let members = self.members();
         let mut stalled: Vec<String> = Vec::new();
         let mut silent_voters: BTreeSet<NodeId> = BTreeSet::new();
+        let mut removed_voters: BTreeSet<NodeId> = BTreeSet::new();
+        let mut pairs = false;
         for (group, raft) in self.inner.groups.iter().enumerate() {
             let voters: BTreeSet<NodeId> = raft
                 .metrics()
@@ -76,13 +82,23 @@ impl ClusterNode {
                 .membership()
                 .voter_ids()
                 .collect();
-            let silent = |id: NodeId| id != self.inner.id && self.inner.peers.is_silent(id);
-            if let Some(quiet) = crate::placement::removal_stalls(node, &voters, silent) {
+            let meta = group == usize::from(META_GROUP);
+            let removed = |id: NodeId| !meta && !members.is_empty() && !members.contains_key(&id);
+            let silent =
+                |id: NodeId| id != self.inner.id && (self.inner.peers.is_silent(id) || removed(id));
+            if let Some(quiet) = crate::placement::removal_stalls(node, &voters, meta, silent) {
                 stalled.push(match group_partition(group as GroupId) {
                     Some(partition) => format!("partition {partition}"),
                     None => "the meta group".to_string(),
                 });
-                silent_voters.extend(quiet);
+                pairs |= quiet.is_empty();
+                for id in quiet {
+                    if removed(id) {
+                        removed_voters.insert(id);
+                    } else {
+                        silent_voters.insert(id);
+                    }
+                }
             }
         }
         if stalled.is_empty() {
@@ -94,10 +110,27 @@ impl ClusterNode {
                 .collect::<Vec<_>>()
                 .join(" and ")
         };
-        let down = names(&silent_voters);
+        let groups = stalled.join(", ");
+        if !removed_voters.is_empty() {
+            let gone = names(&removed_voters);
+            return Some(format!(
+                "removing node {node} now would leave {groups} without a quorum: {gone} was removed a moment ago and these partitions still count it as a voter until their leaders take it out (within seconds), while the members no longer take its messages, so nothing would commit there again. Wait until `herald cluster status` no longer lists {gone} among any partition's voters, then remove node {node}; --force removes node {node} anyway"
+            ));
+        }
+        if !silent_voters.is_empty() {
+            let down = names(&silent_voters);
+            return Some(format!(
+                "removing node {node} now would leave {groups} without a quorum while {down} does not answer: the members stop taking node {node}'s messages at once, so nothing would commit there (not even the removal's own change) until {down} is back. Bring {down} back first, or remove {down} first; --force removes node {node} anyway"
+            ));
+        }
+        debug_assert!(pairs);
+        if members.len() > 2 {
+            return Some(format!(
+                "removing node {node} now would leave {groups} without a quorum: node {node} is one of their two voters for now (a node was removed or joined a moment ago; their leaders make a third member a voter within seconds), and a group of two cannot drop one once the members stop taking its messages. Retry once `herald cluster status` shows three voters for every partition; --force removes node {node} anyway"
+            ));
+        }
         Some(format!(
-            "removing node {node} now would leave {} without a quorum while {down} does not answer: the members stop taking node {node}'s messages at once, so nothing would commit there (not even the removal's own change) until {down} is back. Bring {down} back first, or remove {down} first; --force removes node {node} anyway",
-            stalled.join(", ")
+            "removing node {node} would leave {groups} without a quorum: node {node} is one of their two voters, and a group of two cannot drop one once the members stop taking its messages (its other voter alone is no majority of two), so nothing would commit there again. A cluster cannot shrink below two members: to go down to one node, start a new single node and move the clients to it; --force removes node {node} anyway"
         ))
     }
 
@@ -164,8 +197,12 @@ impl ClusterNode {
                         "node {node} is already a member, at {known}; to change its address, remove it (`herald cluster remove --node-id {node}`) and join it again at the new one"
                     )));
                 }
-                if !self.members().contains_key(&node) {
-                    self.until_left_partitions(node).await?;
+                if !self.members().contains_key(&node)
+                    && let Err(still) = self.until_left_partitions(node).await
+                {
+                    return Err(ProposeError::Failed(format!(
+                        "node {node} has not left partitions {still} since its removal (each partition's leader takes it out of its group; a partition without a leader cannot): nothing was changed; join it again once `herald cluster status` no longer lists it in their voters"
+                    )));
                 }
                 self.inner.allowed.write().insert(node);
                 self.inner.peers.set_addr(node, addr.clone());
@@ -224,7 +261,23 @@ impl ClusterNode {
                 } else {
                     ChangeMembers::RemoveNodes(BTreeSet::from([node]))
                 };
-                after_change_in_progress(|| meta.change_membership(change.clone(), false)).await
+                after_change_in_progress(|| meta.change_membership(change.clone(), false))
+                    .await
+                    .map_err(raft_error)?;
+                // The partitions' leaders take the node out of their groups now; answered once
+                // they have (at most LEAVE_PATIENCE), so that a removal run right after this
+                // one does not find a group that still counts this node (and would refuse it,
+                // see `removal_stalls`). Not when this leader removed itself: it hears no
+                // group's change any more.
+                if node != self.inner.id
+                    && let Err(still) = self.until_partitions_whole(node).await
+                {
+                    tracing::warn!(
+                        "node {node} was removed, but after {} s {still} (each partition's leader takes a removed node out of its group and makes another member a voter; a partition without a leader cannot): remove no other node until `herald cluster status` shows it done",
+                        LEAVE_PATIENCE.as_secs()
+                    );
+                }
+                return Ok(());
             }
             _ => return Err(ProposeError::Failed("not a meta request".into())),
         };
@@ -239,7 +292,8 @@ impl ClusterNode {
     /// lost disk): the leaders then sent it entries that do not follow from what it holds,
     /// and its groups stopped on a log with a hole in it, for good. Joined once it has left
     /// them, it comes back to each group as a new learner and catches up from a snapshot.
-    async fn until_left_partitions(&self, node: NodeId) -> Result<(), ProposeError> {
+    /// Returns the partitions it is still in at the deadline.
+    async fn until_left_partitions(&self, node: NodeId) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + LEAVE_PATIENCE;
         loop {
             let still: Vec<String> = self
@@ -262,10 +316,50 @@ impl ClusterNode {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(ProposeError::Failed(format!(
-                    "node {node} has not left partitions {} since its removal (each partition's leader takes it out of its group; a partition without a leader cannot): nothing was changed; join it again once `herald cluster status` no longer lists it in their voters",
-                    still.join(", ")
-                )));
+                return Err(still.join(", "));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// After `node`'s removal: waits (at most [`LEAVE_PATIENCE`]) until it is in no partition
+    /// group and every partition group has as many voters as placement gives it (three, or
+    /// every member when fewer): the state a next removal needs (see [`Self::removal_stalls`]).
+    /// Returns what is still missing at the deadline.
+    async fn until_partitions_whole(&self, node: NodeId) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + LEAVE_PATIENCE;
+        loop {
+            let wanted = self.members().len().clamp(1, 3);
+            let mut listing = Vec::new();
+            let mut short = Vec::new();
+            for (group, raft) in self.inner.groups.iter().enumerate() {
+                let Some(partition) = group_partition(group as GroupId) else {
+                    continue;
+                };
+                let metrics = raft.metrics();
+                let metrics = metrics.borrow();
+                let membership = metrics.membership_config.membership();
+                if membership.nodes().any(|(id, _)| *id == node) {
+                    listing.push(partition.to_string());
+                } else if membership.voter_ids().count() < wanted {
+                    short.push(partition.to_string());
+                }
+            }
+            if listing.is_empty() && short.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let mut missing = Vec::new();
+                if !listing.is_empty() {
+                    missing.push(format!("partitions {} still list it", listing.join(", ")));
+                }
+                if !short.is_empty() {
+                    missing.push(format!(
+                        "partitions {} have fewer than {wanted} voters",
+                        short.join(", ")
+                    ));
+                }
+                return Err(missing.join(" and "));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
