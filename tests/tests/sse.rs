@@ -1506,3 +1506,72 @@ async fn events_replayed_from_history_are_counted_apart_from_live_deliveries() {
     );
     assert_eq!(counter(&node, "herald_replayed_total").await, 21);
 }
+
+/// A page on an origin named in `--cors-origins` may open its stream with credentials
+/// (`new EventSource(url, {withCredentials: true})`: a browser requires
+/// `access-control-allow-credentials: true` and its own origin echoed, and failed the stream
+/// without them); with `*` no credentials are allowed (browsers refuse that pairing anyway).
+#[tokio::test]
+async fn a_named_origin_may_stream_with_credentials() {
+    let node = Herald::start_configured(&["--cors-origins", "http://app.example"], &[]);
+    let client = reqwest::Client::new();
+    let url = format!("{}/api/stream/cors:1", node.http_url());
+    let preflight = client
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("origin", "http://app.example")
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "last-event-id")
+        .send()
+        .await
+        .unwrap();
+    let header = |response: &reqwest::Response, name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    assert_eq!(
+        header(&preflight, "access-control-allow-origin").as_deref(),
+        Some("http://app.example")
+    );
+    assert_eq!(
+        header(&preflight, "access-control-allow-credentials").as_deref(),
+        Some("true")
+    );
+    let stream = client
+        .get(&url)
+        .header("origin", "http://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert_eq!(
+        header(&stream, "access-control-allow-origin").as_deref(),
+        Some("http://app.example")
+    );
+    assert_eq!(
+        header(&stream, "access-control-allow-credentials").as_deref(),
+        Some("true")
+    );
+    // Another origin is not allowed (the credentials header alone lets it do nothing).
+    let other = client
+        .get(&url)
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&other, "access-control-allow-origin"), None);
+
+    let any = Herald::start_configured(&["--cors-origins", "*"], &[]);
+    let stream = client
+        .get(format!("{}/api/stream/cors:1", any.http_url()))
+        .header("origin", "http://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        header(&stream, "access-control-allow-origin").as_deref(),
+        Some("*")
+    );
+    assert_eq!(header(&stream, "access-control-allow-credentials"), None);
+}

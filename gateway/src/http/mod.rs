@@ -414,7 +414,8 @@ pub(crate) fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     if origins.is_empty() {
         return None;
     }
-    let allow = if origins.iter().any(|o| o == "*") {
+    let any = origins.iter().any(|o| o == "*");
+    let allow = if any {
         AllowOrigin::any()
     } else {
         AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
@@ -426,7 +427,11 @@ pub(crate) fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
             // Whatever headers the page's request carries (`Authorization` for a proxy in
             // front, `X-Request-ID`...): herald reads only its own and ignores the rest, and an
             // origin not allowed gets no `access-control-allow-origin`, so its preflight fails.
-            .allow_headers(AllowHeaders::mirror_request()),
+            .allow_headers(AllowHeaders::mirror_request())
+            // Origins named one by one may send credentials (`new EventSource(url,
+            // {withCredentials: true})`, `fetch` with `credentials: "include"`: the cookie of a
+            // proxy that authenticates in front of herald); browsers never allow that with `*`.
+            .allow_credentials(!any),
     )
 }
 
