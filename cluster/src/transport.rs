@@ -112,12 +112,22 @@ const MAX_NOTE: usize = 900;
 /// When this node last logged a refusal of each non-member.
 type Refusals = Arc<parking_lot::Mutex<std::collections::HashMap<NodeId, std::time::Instant>>>;
 
+/// When each address whose handshake failed was last warned of (see
+/// [`IncomingPeer::authenticate`]).
+type FailedHandshakes =
+    Arc<parking_lot::Mutex<std::collections::HashMap<SocketAddr, std::time::Instant>>>;
+
+/// How often a failed handshake from one address is warned of: a node with certificates of
+/// another CA redials every few seconds, and each attempt was a WARN line on every member.
+const FAILED_HANDSHAKE_LOG_EVERY: Duration = Duration::from_secs(60);
+
 /// This node's QUIC endpoint.
 pub struct Transport {
     endpoint: quinn::Endpoint,
     identity: NodeIdentity,
     allowed: PeerFilter,
     refusals: Refusals,
+    failed_handshakes: FailedHandshakes,
     note: Arc<parking_lot::RwLock<Option<RefusalNote>>>,
 }
 
@@ -158,6 +168,7 @@ impl Transport {
             identity,
             allowed,
             refusals: Refusals::default(),
+            failed_handshakes: FailedHandshakes::default(),
             note: Arc::default(),
         })
     }
@@ -214,6 +225,7 @@ impl Transport {
             incoming,
             allowed: self.allowed.clone(),
             refusals: self.refusals.clone(),
+            failed_handshakes: self.failed_handshakes.clone(),
             note: self.note.clone(),
         })
     }
@@ -239,6 +251,7 @@ pub struct IncomingPeer {
     incoming: quinn::Incoming,
     allowed: PeerFilter,
     refusals: Refusals,
+    failed_handshakes: FailedHandshakes,
     note: Arc<parking_lot::RwLock<Option<RefusalNote>>>,
 }
 
@@ -264,7 +277,26 @@ impl IncomingPeer {
     pub async fn authenticate(self) -> Result<PeerConnection, TransportError> {
         let addr = self.incoming.remote_address();
         let refused = |reason: String| {
-            tracing::warn!(%addr, %reason, "refused a cluster connection");
+            // Once a minute per address: a misconfigured node redials every few seconds.
+            let now = std::time::Instant::now();
+            let due = {
+                let mut failed = self.failed_handshakes.lock();
+                failed.retain(|_, at| now.duration_since(*at) < FAILED_HANDSHAKE_LOG_EVERY);
+                let due = !failed.contains_key(&addr);
+                if due {
+                    failed.insert(addr, now);
+                }
+                due
+            };
+            if due {
+                tracing::warn!(
+                    %addr,
+                    %reason,
+                    "refused a cluster connection (logged once a minute per address)"
+                );
+            } else {
+                tracing::debug!(%addr, %reason, "refused a cluster connection");
+            }
             TransportError::Refused { addr, reason }
         };
         let connection = match self.incoming.await {
