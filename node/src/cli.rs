@@ -359,7 +359,7 @@ fn parse_timeout(value: &str) -> Result<std::time::Duration, String> {
     }
 }
 
-fn parse_yes_no(value: &str) -> Result<bool, String> {
+pub(crate) fn parse_yes_no(value: &str) -> Result<bool, String> {
     match value.to_ascii_lowercase().as_str() {
         "yes" | "true" | "1" | "on" => Ok(true),
         "no" | "false" | "0" | "off" => Ok(false),

@@ -23,6 +23,8 @@ pub struct FileConfig {
     http_addr: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     requirepass: Option<String>,
+    // `true`/`false`, or `"yes"`/`"no"` as the flag and `CONFIG SET` take it.
+    #[serde(default, deserialize_with = "bool_or_yes_no")]
     protected_mode: Option<bool>,
     // The settings `CONFIG SET` changes too: a TOML integer or a string, kept as text for
     // `NodeConfig::resolve` to parse as `CONFIG SET` does.
@@ -504,6 +506,25 @@ fn number_or_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::
     .map(Some)
 }
 
+/// Reads a file value that is a TOML boolean or a string the `--protected-mode` flag takes
+/// (`yes`, `no`, ...).
+fn bool_or_yes_no<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    struct BoolOrYesNo;
+    impl serde::de::Visitor<'_> for BoolOrYesNo {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("true, false, \"yes\" or \"no\"")
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<bool, E> {
+            Ok(v)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<bool, E> {
+            crate::cli::parse_yes_no(v).map_err(E::custom)
+        }
+    }
+    d.deserialize_any(BoolOrYesNo).map(Some)
+}
+
 /// Reads a file value that is a TOML integer or a string as text; a negative integer is
 /// refused here unless `negative` (then the setting's own bounds refuse it, with its reason).
 struct IntegerOrText {
@@ -646,6 +667,21 @@ mod tests {
         ] {
             assert!(check_origin(bad).is_err(), "{bad}");
         }
+    }
+
+    /// The file takes `protected_mode` as the flag and `CONFIG SET` do (`"yes"`/`"no"`), and
+    /// as a TOML boolean; anything else is refused saying what it takes.
+    #[test]
+    fn protected_mode_in_the_file_is_a_boolean_or_yes_no() {
+        let read = |text: &str| toml::from_str::<FileConfig>(text).map(|f| f.protected_mode);
+        assert_eq!(read("protected_mode = \"no\"").unwrap(), Some(false));
+        assert_eq!(read("protected_mode = \"yes\"").unwrap(), Some(true));
+        assert_eq!(read("protected_mode = false").unwrap(), Some(false));
+        assert_eq!(read("").unwrap(), None);
+        let error = read("protected_mode = \"maybe\"").unwrap_err().to_string();
+        assert!(error.contains("expected yes or no, got 'maybe'"), "{error}");
+        let error = read("protected_mode = 3").unwrap_err().to_string();
+        assert!(error.contains("true, false, \"yes\" or \"no\""), "{error}");
     }
 
     #[test]
