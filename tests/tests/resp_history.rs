@@ -338,6 +338,23 @@ fn history_last_reads_the_newest_events() {
         error.to_string().contains("LAST cannot be combined"),
         "{error}"
     );
+    // More than a reply holds is refused, saying how to read it all (it was cut to 1000
+    // without a word, which looked like lost history).
+    for (option, text) in [
+        ("LAST", "LAST is at most 1000: read older events by pages"),
+        ("COUNT", "COUNT is at most 1000: read more by pages"),
+    ] {
+        let error = redis::cmd("HISTORY")
+            .arg(&["latest", option, "1001"])
+            .query::<redis::Value>(&mut connection)
+            .unwrap_err();
+        assert!(error.to_string().contains(text), "{error}");
+    }
+    let newest_1000: Vec<(String, String)> = redis::cmd("HISTORY")
+        .arg(&["latest", "LAST", "1000"])
+        .query(&mut connection)
+        .unwrap();
+    assert_eq!(newest_1000, all);
 }
 
 /// A pipelined `PUBLISH` to a durable channel takes effect before the commands sent after it

@@ -2,7 +2,8 @@
 //! resume guarantee as SSE and WebSocket clients:
 //!
 //! - `HISTORY channel [AFTER cursor|0] [COUNT n]`: retained events after `cursor` (`0` or none:
-//!   all retained), oldest first, at most `n` (default 1000), as `[cursor, payload]` pairs. Each
+//!   all retained), oldest first, at most `n` (default and largest 1000: more is an error, not
+//!   a silent cut), as `[cursor, payload]` pairs. Each
 //!   cursor resumes right after its event. When the history after `cursor` cannot be given in
 //!   full (older than retention, from another epoch, or ahead of what a single node has, as
 //!   for `HSUBSCRIBE` below), the first entry is the gap, `[hgap, channel, requested, oldest,
@@ -42,7 +43,7 @@ use herald_storage::Cursor;
 use std::panic::AssertUnwindSafe;
 use tokio_util::sync::CancellationToken;
 
-/// Default and largest `COUNT` of `HISTORY`.
+/// Default and largest `COUNT` (and largest `LAST`) of `HISTORY`: a reply's bound.
 const HISTORY_COUNT: usize = 1000;
 
 /// `HISTORY channel [AFTER cursor|0] [COUNT n]` or `HISTORY channel LAST n`.
@@ -78,7 +79,15 @@ pub(super) async fn history(session: &mut Session, args: &Args) {
             }
         } else if args[i].eq_ignore_ascii_case(b"last") {
             match integer_arg(value) {
-                Ok(n) if n > 0 => last = Some((n as usize).min(HISTORY_COUNT)),
+                Ok(n) if n > 0 && n as usize <= HISTORY_COUNT => last = Some(n as usize),
+                // Said, not cut silently: a client asking for more would take the newest
+                // 1000 for all there is.
+                Ok(n) if n > 0 => {
+                    session.reply(Frame::error(format!(
+                        "ERR LAST is at most {HISTORY_COUNT}: read older events by pages, with AFTER <cursor> COUNT n"
+                    )));
+                    return;
+                }
                 _ => {
                     session.reply(Frame::error("ERR LAST must be a positive integer"));
                     return;
@@ -87,7 +96,13 @@ pub(super) async fn history(session: &mut Session, args: &Args) {
         } else if args[i].eq_ignore_ascii_case(b"count") {
             after_or_count = true;
             match integer_arg(value) {
-                Ok(n) if n > 0 => count = (n as usize).min(HISTORY_COUNT),
+                Ok(n) if n > 0 && n as usize <= HISTORY_COUNT => count = n as usize,
+                Ok(n) if n > 0 => {
+                    session.reply(Frame::error(format!(
+                        "ERR COUNT is at most {HISTORY_COUNT}: read more by pages, each AFTER the last cursor of the one before"
+                    )));
+                    return;
+                }
                 _ => {
                     session.reply(Frame::error("ERR COUNT must be a positive integer"));
                     return;
