@@ -118,6 +118,11 @@ impl CatchUp {
         }
     }
 
+    /// How long ago this node started (the table was made).
+    pub fn since_start(&self) -> Duration {
+        self.start.elapsed()
+    }
+
     /// Whether `group` is known to be caught up (one atomic read: the fast path of every
     /// subscription).
     pub fn is_synced(&self, group: usize) -> bool {

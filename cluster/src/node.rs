@@ -151,6 +151,27 @@ pub const MAX_PUBLISH_BYTES: usize = crate::rpc::MAX_FRAME / 2;
 /// How long a shutting-down node spends handing its partitions over before it stops.
 const HAND_OVER_LIMIT: Duration = Duration::from_secs(3);
 
+/// How much of the cluster a node can serve ([`ClusterNode::availability`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Availability {
+    /// Every group commits here.
+    Whole,
+    /// Some partitions commit nowhere this node reaches (their voters are down, or cut off
+    /// from every member it reaches); the others commit here. Its clients are served as well
+    /// here as anywhere: they are not sent away, and `/ready` says 200 with the problem (in a
+    /// 5-node cluster split 2|3, every node of the majority side used to send every stream
+    /// away, and answer 503, though it committed most partitions). The text says which.
+    Degraded(String),
+    /// This node cannot serve what other members could: not formed, refused, cut off from
+    /// the meta group or from most members, no partition commits here, or a partition that
+    /// does not commit here commits on a member it reaches. The text says why.
+    Down(String),
+}
+
+/// How long after its start a node counts a partition whose leader it has not heard yet as
+/// one it is catching up on (see [`ClusterNode::catching_up`]).
+const UNHEARD_LIMIT: Duration = Duration::from_secs(10);
+
 /// How often [`ClusterNode::wait_caught_up`] looks again.
 const CATCH_UP_POLL: Duration = Duration::from_millis(20);
 
@@ -625,6 +646,13 @@ impl ClusterNode {
                 drop(m);
                 let behind = match self.inner.catch_up.lag(group, applied, leads) {
                     Lag::Synced => return None,
+                    // A partition no leader spoke for since the start: catching up for a
+                    // while; past that it has no leader to catch up with (its voters are
+                    // down, say), which `/ready` says as such, and a subscription does not
+                    // wait for it.
+                    Lag::Unheard if self.inner.catch_up.since_start() >= UNHEARD_LIMIT => {
+                        return None;
+                    }
                     Lag::Unheard => None,
                     Lag::Behind(entries) => Some(entries),
                 };
@@ -661,6 +689,17 @@ impl ClusterNode {
     /// operator: not formed yet, a group without a leader, a leader no majority answers, a
     /// leader this node has not heard from. `None` when every group can commit here.
     pub fn quorum_problem(&self) -> Option<String> {
+        self.node_problem().or_else(|| {
+            self.partition_problems()
+                .into_iter()
+                .next()
+                .map(|(_, problem)| problem)
+        })
+    }
+
+    /// The part of [`Self::quorum_problem`] that concerns the whole node: its store refused,
+    /// not formed, members it refuses, or the meta group unable to commit here.
+    pub fn node_problem(&self) -> Option<String> {
         // Its store is refused: it takes no part in Raft with those members, whatever its
         // groups show for now (a node back on an empty store is not formed either: this says
         // why).
@@ -679,54 +718,137 @@ impl ClusterNode {
         if let Some(refused) = self.refused_members_note() {
             return Some(refused);
         }
-        // A follower that has not heard its leader for two leases is cut off from it: with
-        // herald's pre-vote it keeps following (it calls no election nobody would grant).
+        self.group_problem(usize::from(META_GROUP))
+    }
+
+    /// The partitions that cannot commit here, each with why (as [`Self::quorum_problem`] says it).
+    /// Named only when something is wrong: this runs on each readiness look (`/ready`,
+    /// `/metrics`, the streams' quorum watch).
+    pub fn partition_problems(&self) -> Vec<(GroupId, String)> {
+        (0..self.inner.groups.len())
+            .filter(|&group| group != usize::from(META_GROUP))
+            .filter_map(|group| Some((group as GroupId, self.group_problem(group)?)))
+            .collect()
+    }
+
+    /// Why `group` cannot commit here, if it cannot: no leader, a leader (this node) no
+    /// majority of whose voters answers, or a leader this node has not heard from for two
+    /// leases (with herald's pre-vote a follower cut off from its leader keeps following: it
+    /// calls no election nobody would grant).
+    fn group_problem(&self, group: usize) -> Option<String> {
+        let raft = self.inner.groups.get(group)?;
         let silent = Duration::from_millis(self.inner.raft_timings.election_max_ms * 2);
-        self.inner
-            .groups
-            .iter()
-            .enumerate()
-            .find_map(|(group, raft)| {
-                // Named only when something is wrong: this runs for every group on each
-                // readiness look (`/ready`, `/metrics`, the streams' quorum watch).
-                let what = || match group_partition(group as GroupId) {
-                    None => "the meta group".to_string(),
-                    Some(partition) => format!("partition {partition}"),
-                };
-                let m = raft.metrics();
-                let m = m.borrow();
-                match (m.state, m.current_leader) {
-                    (ServerState::Leader, _) => match m.millis_since_quorum_ack {
-                        Some(ms) if ms < 2_000 => None,
-                        Some(ms) => Some(format!(
-                            "no quorum: this node leads {}, but no majority of its voters \
-                             has answered for {ms} ms",
-                            what()
-                        )),
-                        None => Some(format!(
-                            "no quorum: this node leads {}, but no majority of its voters \
-                             has answered yet",
-                            what()
-                        )),
-                    },
-                    (_, None) => Some(format!(
-                        "no quorum: {} has no leader (an election is under way, or too few \
-                         of its voters are reachable)",
-                        what()
-                    )),
-                    (_, Some(leader)) => {
-                        let silence = self.inner.contact.silence(group);
-                        (silence >= silent).then(|| {
-                            format!(
-                                "no quorum: this node has not heard from node {leader}, the \
-                                 leader of {}, for {} ms",
-                                what(),
-                                silence.as_millis()
-                            )
-                        })
-                    }
+        let what = || match group_partition(group as GroupId) {
+            None => "the meta group".to_string(),
+            Some(partition) => format!("partition {partition}"),
+        };
+        let m = raft.metrics();
+        let m = m.borrow();
+        match (m.state, m.current_leader) {
+            (ServerState::Leader, _) => match m.millis_since_quorum_ack {
+                Some(ms) if ms < 2_000 => None,
+                Some(ms) => Some(format!(
+                    "no quorum: this node leads {}, but no majority of its voters has answered \
+                     for {ms} ms",
+                    what()
+                )),
+                None => Some(format!(
+                    "no quorum: this node leads {}, but no majority of its voters has answered \
+                     yet",
+                    what()
+                )),
+            },
+            (_, None) => Some(format!(
+                "no quorum: {} has no leader (an election is under way, or too few of its \
+                 voters are reachable)",
+                what()
+            )),
+            (_, Some(leader)) => {
+                let silence = self.inner.contact.silence(group);
+                (silence >= silent).then(|| {
+                    format!(
+                        "no quorum: this node has not heard from node {leader}, the leader of \
+                         {}, for {} ms",
+                        what(),
+                        silence.as_millis()
+                    )
+                })
+            }
+        }
+    }
+
+    /// Why this node reaches no majority of the cluster's members, if it does not (see
+    /// [`Self::reaches_majority`]).
+    pub fn majority_problem(&self) -> Option<String> {
+        (!self.reaches_majority()).then(|| {
+            "no quorum: this node reaches no majority of the cluster's members (a network \
+             split, or most of them down)"
+                .to_string()
+        })
+    }
+
+    /// What this node can serve, for the decision to send its streaming clients elsewhere
+    /// and for `/ready` (see [`Availability`]). When some partitions cannot commit here but
+    /// the node is otherwise sound, the members it reaches are asked (at most `wait` each)
+    /// whether they commit those partitions: if one does, this node is worse off than it
+    /// ([`Availability::Down`]); if none does, the partitions are out for everyone it could
+    /// send clients to ([`Availability::Degraded`]).
+    pub async fn availability(&self, wait: Duration) -> Availability {
+        if let Some(problem) = self.node_problem().or_else(|| self.majority_problem()) {
+            return Availability::Down(problem);
+        }
+        let problems = self.partition_problems();
+        let Some((_, first)) = problems.first() else {
+            return Availability::Whole;
+        };
+        if problems.len() + 1 >= self.inner.groups.len() {
+            // No partition commits here.
+            return Availability::Down(first.clone());
+        }
+        for (group, problem) in &problems {
+            if self.committed_elsewhere(*group, wait).await {
+                return Availability::Down(format!(
+                    "{problem}, while members this node reaches commit it"
+                ));
+            }
+        }
+        let others = problems.len() - 1;
+        Availability::Degraded(if others == 0 {
+            first.clone()
+        } else {
+            format!(
+                "{first} (and {others} other partition{})",
+                if others == 1 { "" } else { "s" }
+            )
+        })
+    }
+
+    /// Whether a member this node reaches commits `group` (it leads it with a quorum, or
+    /// hears its leader): then this node's clients are better served there. Each member but
+    /// this one is asked (a failover probe, at most `wait`); members that do not answer count
+    /// for nothing. Asked only while the group cannot commit here.
+    pub async fn committed_elsewhere(&self, group: GroupId, wait: Duration) -> bool {
+        let lease = Duration::from_millis(self.inner.raft_timings.election_max_ms);
+        let me = self.inner.id;
+        let asks = self
+            .members()
+            .into_keys()
+            .filter(|&peer| peer != me && !self.inner.peers.is_silent(peer))
+            .map(|peer| async move {
+                let request = Request::App(encode(&AppRequest::Probe { group }));
+                match self.inner.peers.call(peer, &request, wait).await {
+                    Ok(Response::App(bytes)) => matches!(
+                        decode::<AppResponse>(&bytes),
+                        Ok(AppResponse::Probe(Some(probe)))
+                            if Duration::from_millis(probe.silent_ms) < lease
+                    ),
+                    _ => false,
                 }
-            })
+            });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .any(|heard| heard)
     }
 
     /// Why this node can no longer take part in a group, if it cannot: a group whose Raft

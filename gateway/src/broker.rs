@@ -340,16 +340,37 @@ impl Broker {
 
     /// Why durable publishes cannot commit on this node right now (what `/ready` says), or
     /// `None` when they can (see [`Self::is_ready`]).
+    ///
+    /// Partitions that commit nowhere this node reaches (their voters down, say) do not make
+    /// it unready while the others commit here ([`Self::degraded`]): it serves its clients as
+    /// well as any member could.
     pub fn unready(&self) -> Option<String> {
         match &self.log {
             Log::Local(_) => None,
-            Log::Cluster(node) => node.quorum_problem().or_else(|| {
-                (!node.reaches_majority()).then(|| {
-                    "no quorum: this node reaches no majority of the cluster's members (a \
-                     network split, or most of them down)"
-                        .to_string()
-                })
-            }),
+            Log::Cluster(node) => {
+                if let Some(problem) = node.node_problem().or_else(|| node.majority_problem()) {
+                    return Some(problem);
+                }
+                let problem = node.quorum_problem()?;
+                self.reconnect.degraded().is_none().then_some(problem)
+            }
+        }
+    }
+
+    /// Why some partitions cannot commit, on a node that is otherwise sound and where no
+    /// member it reaches commits them either (the reconnect watcher's last verdict, see
+    /// `ClusterNode::availability`); `None` when every partition commits here, or the node is
+    /// unready ([`Self::unready`]).
+    pub fn degraded(&self) -> Option<String> {
+        match &self.log {
+            Log::Local(_) => None,
+            Log::Cluster(node) => {
+                if node.node_problem().is_some() || !node.reaches_majority() {
+                    return None;
+                }
+                node.quorum_problem()?;
+                self.reconnect.degraded()
+            }
         }
     }
 }

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use herald_cluster::node::ClusterNode;
+use herald_cluster::node::{Availability, ClusterNode};
 use herald_storage::{Partition, Store};
 use tokio::sync::watch;
 
@@ -161,7 +161,23 @@ pub struct Reconnect {
     skips: watch::Receiver<u64>,
     /// Whether the node is formed, read when a stream asks.
     formed: Formed,
+    /// Set while some partitions commit nowhere this node reaches (see [`Reconnect::degraded`]),
+    /// with when the watcher last judged so.
+    degraded: Degraded,
 }
+
+/// The watcher's last [`Availability::Degraded`] verdict and when it was reached.
+type Degraded = Arc<parking_lot::Mutex<Option<(tokio::time::Instant, String)>>>;
+
+/// How often the watcher asks the members again, while partitions cannot commit here,
+/// whether they commit them (see `ClusterNode::availability`).
+const AVAILABILITY_EVERY: Duration = Duration::from_secs(1);
+
+/// How long each member may take to answer that question.
+const AVAILABILITY_WAIT: Duration = Duration::from_millis(300);
+
+/// How long a degraded verdict stands without being renewed.
+const DEGRADED_FRESH: Duration = Duration::from_secs(3);
 
 /// One stream's view of [`Reconnect`]: remembers which skips it has already seen.
 #[derive(Debug)]
@@ -197,6 +213,7 @@ impl Reconnect {
             cut_off: watch::channel(None).1,
             skips: watch::channel(0).1,
             formed: Formed(None),
+            degraded: Degraded::default(),
         }
     }
 
@@ -215,12 +232,16 @@ impl Reconnect {
         let (cut_off_tx, cut_off) = watch::channel(None);
         let skips = skips_tx.subscribe();
         let formed = Formed(Some(store.clone()));
+        let degraded = Degraded::default();
+        let verdict = degraded.clone();
         tokio::spawn(async move {
             let mut without_quorum: Option<tokio::time::Instant> = None;
             // Whether this node has had a quorum since it started: one that has not (it just
             // joined, or restarted and is catching up) has lost nothing.
             let mut had_quorum = false;
             let mut detector = SkipDetector::new(delivered.len());
+            // The last availability judged while groups could not commit here, and when.
+            let mut judged: Option<(tokio::time::Instant, Availability)> = None;
             let mut ticker = tokio::time::interval(CHECK_EVERY);
             loop {
                 tokio::select! {
@@ -279,7 +300,7 @@ impl Reconnect {
                         );
                         let _ = cut_off_tx.send(Some(Reason::NotFormed));
                     }
-                } else if node.has_quorum() && node.reaches_majority() {
+                } else if usable(&node, &mut judged, &verdict).await {
                     had_quorum = true;
                     without_quorum = None;
                     cut_off_tx.send_if_modified(|v| v.take().is_some());
@@ -330,7 +351,17 @@ impl Reconnect {
             cut_off,
             skips,
             formed,
+            degraded,
         }
+    }
+
+    /// Why some partitions cannot commit here, while the node is otherwise sound and no
+    /// member it reaches commits them either ([`Availability::Degraded`], as the watcher last
+    /// judged it): its clients are not sent away, and `/ready` stays 200. `None` otherwise.
+    pub fn degraded(&self) -> Option<String> {
+        let verdict = self.degraded.lock();
+        let (at, text) = verdict.as_ref()?;
+        (at.elapsed() < DEGRADED_FRESH).then(|| text.clone())
     }
 
     /// A watch for one stream, taken when it starts: skips before this moment are not its
@@ -383,6 +414,58 @@ impl ReconnectWatch {
             Some(reason) = cut_off => reason,
             true = skipped => Reason::Skipped,
             else => std::future::pending().await,
+        }
+    }
+}
+
+/// Whether the node serves its clients as well as any member it reaches: every group commits
+/// here, or the partitions that do not commit nowhere it reaches either
+/// ([`ClusterNode::availability`], asked again every [`AVAILABILITY_EVERY`] while groups
+/// cannot commit here). Records a degraded verdict in `verdict` for `/ready`.
+async fn usable(
+    node: &ClusterNode,
+    judged: &mut Option<(tokio::time::Instant, Availability)>,
+    verdict: &Degraded,
+) -> bool {
+    if node.has_quorum() && node.reaches_majority() {
+        if judged
+            .take()
+            .is_some_and(|(_, a)| matches!(a, Availability::Degraded(_)))
+        {
+            tracing::info!("every partition commits here again");
+        }
+        *verdict.lock() = None;
+        return true;
+    }
+    let due = judged
+        .as_ref()
+        .is_none_or(|(at, _)| at.elapsed() >= AVAILABILITY_EVERY);
+    if due {
+        let availability = node.availability(AVAILABILITY_WAIT).await;
+        let was_degraded = judged
+            .as_ref()
+            .is_some_and(|(_, a)| matches!(a, Availability::Degraded(_)));
+        if let Availability::Degraded(problem) = &availability
+            && !was_degraded
+        {
+            tracing::warn!(
+                "{problem}: no member this node reaches commits it either, so streaming and subscribed clients stay (they get its events once it commits again)"
+            );
+        }
+        *judged = Some((tokio::time::Instant::now(), availability));
+    }
+    match judged.as_ref().map(|(at, a)| (*at, a)) {
+        Some((at, Availability::Degraded(problem))) => {
+            *verdict.lock() = Some((at, problem.clone()));
+            true
+        }
+        Some((_, Availability::Whole)) => {
+            *verdict.lock() = None;
+            true
+        }
+        _ => {
+            *verdict.lock() = None;
+            false
         }
     }
 }
@@ -509,6 +592,7 @@ mod tests {
             cut_off,
             skips,
             formed: Formed(None),
+            degraded: Degraded::default(),
         };
         let mut open = reconnect.watch();
         skip_tx.send_modify(|n| *n += 1);

@@ -2891,6 +2891,65 @@ fn node_ready(cluster: &Cluster, id: u64) {
     );
 }
 
+/// Partitions whose voters are down commit nowhere, and a node that reaches the majority of
+/// the members serves the others as well as any member could: it keeps its streams and says
+/// ready, with the problem. In a 5-node cluster that lost two nodes (or split 2|3), every
+/// node of the majority side sent every stream away ("this node lost its cluster quorum")
+/// and answered `/ready` 503, though it committed most partitions: streaming was out
+/// everywhere, clients bouncing from node to node (a chaos tester's finding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_out_everywhere_do_not_send_the_streams_of_a_sound_node_away() {
+    let mut cluster = Cluster::start(5);
+    let channels = channel_per_partition(cluster.node(1).http, "split").await;
+    let status = cluster.status(1).unwrap();
+    let voters_of = |partition: u16| -> Vec<u64> {
+        status["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["partition"] == partition)
+            .unwrap()["voters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect()
+    };
+    let (whole, _) = channels
+        .iter()
+        .find(|(_, p)| !voters_of(*p).iter().any(|v| *v >= 4))
+        .expect("a partition on nodes 1-3");
+    assert!(
+        channels
+            .iter()
+            .any(|(_, p)| voters_of(*p).contains(&4) && voters_of(*p).contains(&5)),
+        "a partition on nodes 4 and 5: {status}"
+    );
+    let mut stream = sse(cluster.node(1).http, whole, None).await;
+    cluster.kill(4);
+    cluster.kill(5);
+    herald_tests::wait_until("node 1 says it is ready, degraded", || {
+        herald_tests::cluster::get_json(cluster.node(1), "/ready").is_some_and(|ready| {
+            ready["status"] == "ready"
+                && ready["degraded"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("no member this node reaches commits it"))
+        })
+    });
+    let stats = herald_tests::cluster::get_json(cluster.node(1), "/api/realtime/stats").unwrap();
+    assert_eq!(stats["status"], "degraded", "{stats}");
+    // Past the 3 s a node without quorum waits before it sends its streams away: the stream
+    // is still there, and gets what is published to its partition.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    try_publish(
+        cluster.node(2).http,
+        &json!({ "channel": whole, "data": { "n": 7 } }),
+    )
+    .await
+    .expect("the partition on nodes 1-3 commits");
+    assert_eq!(read_n(&mut stream, 1).await, vec![7]);
+}
+
 /// A second process started under a member's node id (a copied config, a stale pod) is
 /// refused, and the member itself keeps working: refusals are judged per connection, by the
 /// store each shows, not per node id (the member used to be refused too, for as long as its

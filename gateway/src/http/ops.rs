@@ -80,6 +80,14 @@ pub async fn ready(State(state): State<HttpState>) -> Response {
             })),
         )
             .into_response()
+    } else if let Some(problem) = state.broker().degraded() {
+        // Partitions that commit nowhere this node reaches: it serves its clients as well as
+        // any member could, so it stays in the balancer's rotation, saying what is out.
+        Json(json!({
+            "status": "ready",
+            "degraded": format!("{problem}; no member this node reaches commits it either: publishes to it fail and its streams wait until it commits again")
+        }))
+        .into_response()
     } else {
         Json(json!({ "status": "ready" })).into_response()
     }
@@ -114,6 +122,11 @@ pub async fn stats(State(state): State<HttpState>) -> Json<Value> {
         Some(failure) => Some(failure.message.clone()),
         None => state.broker().unready(),
     };
+    // Some partitions commit nowhere this node reaches (see `/ready`).
+    let degraded = unready
+        .is_none()
+        .then(|| state.broker().degraded())
+        .flatten();
     // Connected and committing, but still applying a backlog (see `/ready`).
     let catching_up = unready
         .is_none()
@@ -128,10 +141,15 @@ pub async fn stats(State(state): State<HttpState>) -> Json<Value> {
             "unavailable"
         } else if catching_up.is_some() {
             "catching up"
+        } else if degraded.is_some() {
+            "degraded"
         } else {
             "healthy"
         },
-        "reason": unready.clone().or_else(|| catching_up.map(|behind| behind.to_string())),
+        "reason": unready
+            .clone()
+            .or_else(|| catching_up.map(|behind| behind.to_string()))
+            .or(degraded),
         "sse": {
             "totalConnections": state.sse_clients().len(),
             "totalEvents": state.sse_clients().total_events.load(Ordering::Relaxed),
