@@ -602,6 +602,14 @@ async fn stats_health_ready_and_metrics() {
     ] {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");
     }
+    // Every family says what it is (an operator reads it next to the number).
+    for line in metrics.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let family = line.split_whitespace().nth(2).unwrap();
+        assert!(
+            metrics.contains(&format!("# HELP {family} ")),
+            "{family} has no HELP line in\n{metrics}"
+        );
+    }
     assert!(
         metrics
             .lines()
