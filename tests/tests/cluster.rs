@@ -2950,6 +2950,38 @@ async fn partitions_out_everywhere_do_not_send_the_streams_of_a_sound_node_away(
     assert_eq!(read_n(&mut stream, 1).await, vec![7]);
 }
 
+/// A node that formed a cluster of its own (started with itself as its only peer) refuses
+/// this cluster's members as non-members of its cluster: a join of it is refused, naming its
+/// cluster, instead of adding a member that never answers (it was accepted, and the warning
+/// blamed its address: an operator's finding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_another_formed_cluster_is_not_joined() {
+    let cluster = Cluster::start_some(4, 3, &[]);
+    let own = format!("4@127.0.0.1:{}", cluster.members[3].cluster_port);
+    let mut args = cluster.serve_args(4);
+    let at = |flag: &str| args.iter().position(|a| a == flag).unwrap() + 1;
+    let (peers, expect) = (at("--peers"), at("--bootstrap-expect"));
+    args[peers] = own;
+    args[expect] = "1".to_string();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let alone = herald_tests::Herald::start_in(herald_tests::scratch_dir("alone"), &args, &[]);
+    herald_tests::wait_until("node 4 formed a cluster of its own", || {
+        herald_tests::cluster::get_json(&alone, "/ready").is_some_and(|r| r["status"] == "ready")
+    });
+    let addr = format!("127.0.0.1:{}", cluster.members[3].cluster_port);
+    let (ok, text) = cluster.cli(1, &["join", "--node-id", "4", "--addr", &addr]);
+    assert!(!ok, "joined: {text}");
+    assert!(
+        text.contains("node 4 is a member of another cluster (epoch ")
+            && text.contains("nothing was changed"),
+        "{text}"
+    );
+    assert!(
+        cluster.status(1).unwrap()["members"].get("4").is_none(),
+        "node 4 is not a member"
+    );
+}
+
 /// A second process started under a member's node id (a copied config, a stale pod) is
 /// refused, and the member itself keeps working: refusals are judged per connection, by the
 /// store each shows, not per node id (the member used to be refused too, for as long as its

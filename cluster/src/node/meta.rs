@@ -219,11 +219,19 @@ impl ClusterNode {
                         .await
                     {
                         Err(_) if tokio::time::Instant::now() < deadline => {
+                            // It refused this node as a member of a cluster it formed without
+                            // it: another cluster, which it would never leave for this one.
+                            if let Some(refusal) = self.of_another_cluster(node) {
+                                return Err(ProposeError::Failed(refusal));
+                            }
                             tokio::time::sleep(Duration::from_millis(200)).await;
                         }
                         other => break other,
                     }
                 };
+                if let Some(refusal) = self.of_another_cluster(node) {
+                    return Err(ProposeError::Failed(refusal));
+                }
                 match compared {
                     Ok(Some(theirs)) => {
                         return Err(ProposeError::Failed(format!(
@@ -282,6 +290,21 @@ impl ClusterNode {
             _ => return Err(ProposeError::Failed("not a meta request".into())),
         };
         result.map_err(raft_error)
+    }
+
+    /// Why `node` cannot be joined, if it refused this node's dial as a non-member of a
+    /// cluster it formed under another epoch: it runs on the store of another cluster (formed
+    /// alone, say, started with itself as its only peer), and would stay a member that never
+    /// answers. Joined anyway, it was listed as unreachable for good, and the warning blamed
+    /// its address.
+    fn of_another_cluster(&self, node: NodeId) -> Option<String> {
+        let formed = self.inner.peers.formed_without_this_node(node)?;
+        let ours = self.epoch().to_string();
+        (!formed.contains(&ours)).then(|| {
+            format!(
+                "node {node} is a member of another cluster ({formed}), not of this one (epoch {ours}): nothing was changed. To join it to this cluster, stop it and start it on an empty data directory with this cluster's --peers, then join it"
+            )
+        })
     }
 
     /// Waits (at most [`LEAVE_PATIENCE`]) until `node`, no member of the cluster, is in no
