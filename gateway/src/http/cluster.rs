@@ -6,17 +6,19 @@
 //! `POST /api/cluster/namespaces` (a TOML body with `[namespace.NAME]` tables: the cluster's
 //! new namespace config).
 //!
-//! When the node has a password (`--requirepass`), these need `Authorization: Bearer <password>`.
+//! When the node has a password (`--requirepass`), these need `Authorization: Bearer <password>`;
+//! without one, protected mode (the default) takes the changes (init, join, remove, new
+//! namespaces) from loopback only (403 otherwise), as it takes Redis clients.
 //! On a single node they answer 409 with a one-line reason. The `POST` bodies are held to 2 MiB
 //! as the publish API's are (see [`super::body`]), before anything else is checked: over it, a
 //! 413 with `{"error"}`.
 
-use super::HttpState;
-use axum::Json;
+use super::{ClientAddr, HttpState};
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use herald_cluster::message::ProposeError;
 use herald_cluster::node::{ClusterNode, InitError};
 use serde::Deserialize;
@@ -49,6 +51,28 @@ fn cluster(state: &HttpState, headers: &HeaderMap) -> Result<ClusterNode, Box<Re
     })
 }
 
+/// What a cluster change (init, join, remove, namespaces) needs beyond [`cluster`]: without a
+/// password, protected mode (on by default, as for Redis clients) takes changes from loopback
+/// only. The HTTP port also serves browsers, and anyone reaching it could otherwise remove
+/// members or change the namespaces (an operator's finding). `herald cluster` run on a node
+/// (or through `docker compose exec`, `kubectl exec`) comes from loopback.
+fn change_allowed(
+    state: &HttpState,
+    client: Option<Extension<ClientAddr>>,
+) -> Result<(), Box<Response>> {
+    let settings = state.resp().settings.read();
+    if settings.requirepass.is_some() || !settings.protected_mode {
+        return Ok(());
+    }
+    if client.is_some_and(|Extension(ClientAddr(addr))| addr.ip().is_loopback()) {
+        return Ok(());
+    }
+    Err(Box::new(error(
+        StatusCode::FORBIDDEN,
+        "cluster changes are taken from loopback only while the node has no password (protected mode): run `herald cluster` on a node, or set --requirepass (then pass --password), or --protected-mode no",
+    )))
+}
+
 /// `GET /api/cluster/status`.
 pub async fn status(State(state): State<HttpState>, headers: HeaderMap) -> Response {
     match cluster(&state, &headers) {
@@ -59,7 +83,14 @@ pub async fn status(State(state): State<HttpState>, headers: HeaderMap) -> Respo
 
 /// `POST /api/cluster/init`: 200 once formed; 409 on a cluster formed already (nothing
 /// changed); 503 when forming failed.
-pub async fn init(State(state): State<HttpState>, headers: HeaderMap) -> Response {
+pub async fn init(
+    State(state): State<HttpState>,
+    client: Option<Extension<ClientAddr>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(response) = change_allowed(&state, client) {
+        return *response;
+    }
     let node = match cluster(&state, &headers) {
         Ok(node) => node,
         Err(response) => return *response,
@@ -117,10 +148,14 @@ fn changed(outcome: Result<(), ProposeError>, status: &str, node_id: u64) -> Res
 /// `POST /api/cluster/join`.
 pub async fn join(
     State(state): State<HttpState>,
+    client: Option<Extension<ClientAddr>>,
     headers: HeaderMap,
     body: Result<Json<MemberRequest>, JsonRejection>,
 ) -> Response {
     let expected = "{\"nodeId\": N, \"addr\": \"host:port\"}";
+    if let Err(response) = change_allowed(&state, client) {
+        return *response;
+    }
     let (node, request) = match member_request(&state, &headers, body, expected) {
         Ok(parts) => parts,
         Err(response) => return *response,
@@ -141,9 +176,13 @@ pub async fn join(
 /// `POST /api/cluster/remove`.
 pub async fn remove(
     State(state): State<HttpState>,
+    client: Option<Extension<ClientAddr>>,
     headers: HeaderMap,
     body: Result<Json<MemberRequest>, JsonRejection>,
 ) -> Response {
+    if let Err(response) = change_allowed(&state, client) {
+        return *response;
+    }
     let (node, request) = match member_request(&state, &headers, body, "{\"nodeId\": N}") {
         Ok(parts) => parts,
         Err(response) => return *response,
@@ -191,9 +230,13 @@ pub async fn namespaces(State(state): State<HttpState>, headers: HeaderMap) -> R
 /// namespace config (400 with the reason if they do not parse).
 pub async fn set_namespaces(
     State(state): State<HttpState>,
+    client: Option<Extension<ClientAddr>>,
     headers: HeaderMap,
     body: String,
 ) -> Response {
+    if let Err(response) = change_allowed(&state, client) {
+        return *response;
+    }
     let node = match cluster(&state, &headers) {
         Ok(node) => node,
         Err(response) => return *response,
@@ -205,5 +248,61 @@ pub async fn set_namespaces(
     match node.set_namespaces(&namespaces).await {
         Ok(()) => Json(json!({ "status": "set", "config": namespaces.to_toml() })).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{ClientAddr, HttpSettings, router, test_node};
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    /// The status a cluster change gets from a client at `from`.
+    async fn remove_from(node: &test_node::TestNode, from: &str) -> StatusCode {
+        let mut request = Request::post("/api/cluster/remove")
+            .header("content-type", "application/json")
+            .body(Body::from(r#"{"nodeId": 3}"#))
+            .unwrap();
+        request
+            .extensions_mut()
+            .insert(ClientAddr(from.parse().unwrap()));
+        router(node.state.clone())
+            .with_state(())
+            .oneshot(request)
+            .await
+            .unwrap()
+            .status()
+    }
+
+    /// Without a password, protected mode takes cluster changes from loopback only (a single
+    /// node then says it runs alone: 409); with one, or with protected mode off, from anywhere
+    /// (the password is checked next).
+    #[tokio::test]
+    async fn cluster_changes_without_a_password_come_from_loopback_only() {
+        let node = test_node::start("cluster-changes", HttpSettings::default()).await;
+        assert_eq!(
+            remove_from(&node, "192.0.2.9:40000").await,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            remove_from(&node, "127.0.0.1:40000").await,
+            StatusCode::CONFLICT
+        );
+        assert_eq!(
+            remove_from(&node, "[::1]:40000").await,
+            StatusCode::CONFLICT
+        );
+        node.state.resp().settings.write().requirepass = Some("secret".into());
+        assert_eq!(
+            remove_from(&node, "192.0.2.9:40000").await,
+            StatusCode::UNAUTHORIZED
+        );
+        node.state.resp().settings.write().requirepass = None;
+        node.state.resp().settings.write().protected_mode = false;
+        assert_eq!(
+            remove_from(&node, "192.0.2.9:40000").await,
+            StatusCode::CONFLICT
+        );
     }
 }

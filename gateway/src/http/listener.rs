@@ -245,8 +245,17 @@ pub(crate) async fn serve_hyper(stream: TcpStream, router: Router, shutdown: Can
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEAD_TIMEOUT);
+    // Each request carries the client's address ([`super::ClientAddr`]), for the handlers
+    // that take requests from loopback only.
+    let client = stream.peer_addr().ok().map(super::ClientAddr);
+    let service = tower::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+        if let Some(client) = client {
+            request.extensions_mut().insert(client);
+        }
+        router.clone().oneshot(request)
+    });
     let connection = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(router));
+        .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service));
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,

@@ -409,6 +409,11 @@ async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
     axum::http::StatusCode::NOT_FOUND.into_response()
 }
 
+/// The address of the client a request came from (a request extension, set for every
+/// request hyper serves).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
 /// The CORS layer for `origins` (none when empty).
 pub(crate) fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     if origins.is_empty() {
