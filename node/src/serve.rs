@@ -115,7 +115,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     // a port in use) leaves no data directory or store behind. One that exists is locked
     // first, so a second process on it is told that, not that its ports are taken.
     let existing_lock = if config.data_dir.exists() {
-        Some(lock_data_dir(&config)?)
+        Some(lock_data_dir(&config).await?)
     } else {
         None
     };
@@ -133,7 +133,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         .map_err(|e| bind_error(&config.http_addr, "HTTP clients", e))?;
     let _data_lock = match existing_lock {
         Some(lock) => lock,
-        None => lock_data_dir(&config)?,
+        None => lock_data_dir(&config).await?,
     };
     // Until the store is open, clients are answered at once (LOADING, 503, reconnect) instead
     // of waiting unanswered in the listen backlog through a log replay.
@@ -274,17 +274,45 @@ fn bind_error(setting: &AddrSetting, what: &str, error: std::io::Error) -> anyho
     )
 }
 
-/// Creates the data directory and locks it, so two nodes never share one.
-fn lock_data_dir(config: &NodeConfig) -> Result<File> {
+/// How long a start waits for the data directory's lock: a supervisor that restarts a node
+/// the moment it killed it (`kill -9`, an OOM kill) may start the new process while the old
+/// one is still being torn down, holding the lock a moment longer.
+const LOCK_PATIENCE: Duration = Duration::from_secs(3);
+
+/// Creates the data directory and locks it, so two nodes never share one. A lock held by
+/// another process is waited for up to [`LOCK_PATIENCE`] before the start is refused.
+async fn lock_data_dir(config: &NodeConfig) -> Result<File> {
     let dir = &config.data_dir;
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create data directory {}", dir.display()))?;
     let path = dir.join("herald.lock");
     let file = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-    file.try_lock().map_err(|_| {
-        anyhow!("data directory {} is in use by another herald process; give this node its own with --data-dir", dir.display())
-    })?;
-    Ok(file)
+    let deadline = tokio::time::Instant::now() + LOCK_PATIENCE;
+    let mut told = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(error)) => {
+                return Err(anyhow!("cannot lock {}: {error}", path.display()));
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(anyhow!(
+                "data directory {} is in use by another herald process; give this node its own with --data-dir",
+                dir.display()
+            ));
+        }
+        if !told {
+            told = true;
+            tracing::info!(
+                dir = %dir.display(),
+                "the data directory is locked by another process; waiting up to {} s for it to exit (a restart right after a kill)",
+                LOCK_PATIENCE.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The free space a node needs on its data directory's disk to start: sled writes as it opens

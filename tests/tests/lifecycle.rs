@@ -394,6 +394,28 @@ fn a_data_directory_serves_one_node_only() {
     );
 }
 
+/// A node started while the process that held its data directory is still going away (a
+/// supervisor restarting it the moment it killed it) waits for the lock instead of failing
+/// with "in use" (it failed at once).
+#[test]
+fn a_start_waits_a_moment_for_the_data_directory_of_a_process_going_away() {
+    let data_dir = herald_tests::scratch_dir("lock-held");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let lock = std::fs::File::create(data_dir.join("herald.lock")).unwrap();
+    lock.lock().unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(1000));
+        drop(lock);
+    });
+    let node = Herald::start_in(data_dir, &[], &[]);
+    release.join().unwrap();
+    assert!(
+        node.log().contains("waiting up to 3 s for it to exit"),
+        "{}",
+        node.log()
+    );
+}
+
 fn config_get(node: &Herald, password: &str, name: &str) -> String {
     let url = format!("redis://:{password}@{}/", node.resp);
     let mut connection = redis::Client::open(url).unwrap().get_connection().unwrap();
