@@ -258,6 +258,9 @@ struct Inner {
     build: String,
     /// Each member's build, as it last told it (the clock loop asks).
     builds: parking_lot::Mutex<BTreeMap<NodeId, String>>,
+    /// What a peer said, when the formation asked, of the cluster it formed without this node
+    /// (`epoch E; members ...; node N says so`): this node is left out until it is joined.
+    formed_elsewhere: parking_lot::Mutex<Option<String>>,
     /// How many members answer this node, as the reachability loop last judged it
     /// (`node/reachability.rs`); the proposers watch it.
     reach: watch::Sender<Reach>,
@@ -425,6 +428,7 @@ impl ClusterNode {
                 clock: Arc::default(),
                 build: config.build.clone(),
                 builds: parking_lot::Mutex::default(),
+                formed_elsewhere: parking_lot::Mutex::default(),
                 reach: watch::Sender::new(Reach::default()),
                 raft_timings: config.raft,
                 gates: (0..partitions).map(|_| Arc::default()).collect(),
@@ -594,13 +598,16 @@ impl ClusterNode {
         if let Some(refusal) = self.store_refused() {
             return Some(refusal);
         }
-        let (peer, formed) = self
-            .inner
-            .static_peers
-            .keys()
-            .find_map(|&peer| Some((peer, self.inner.peers.formed_without_this_node(peer)?)))?;
+        // A peer that let this node connect said so to the formation (it names this node in
+        // its own --peers); one that refused the connection said so in its refusal.
+        let said = self.inner.formed_elsewhere.lock().clone().or_else(|| {
+            self.inner.static_peers.keys().find_map(|&peer| {
+                let formed = self.inner.peers.formed_without_this_node(peer)?;
+                Some(format!("{formed}; node {peer} says so"))
+            })
+        })?;
         Some(format!(
-            "the cluster was formed without this node ({formed}; node {peer} says so): add it with `herald cluster join --node-id {id} --addr {addr}` through a member",
+            "the cluster was formed without this node ({said}): add it with `herald cluster join --node-id {id} --addr {addr}` through a member",
             id = self.inner.id,
             addr = self.inner.advertise,
         ))
@@ -805,12 +812,21 @@ impl ClusterNode {
             // No partition commits here.
             return Availability::Down(first.clone());
         }
-        for (group, problem) in &problems {
-            if self.committed_elsewhere(*group, wait).await {
-                return Availability::Down(format!(
-                    "{problem}, while members this node reaches commit it"
-                ));
-            }
+        // Asked about every such partition at once: the answer is wanted within `wait`.
+        let elsewhere = futures::future::join_all(
+            problems
+                .iter()
+                .map(|(group, _)| self.committed_elsewhere(*group, wait)),
+        )
+        .await;
+        if let Some((_, problem)) = problems
+            .iter()
+            .zip(elsewhere)
+            .find_map(|(problem, elsewhere)| elsewhere.then_some(problem))
+        {
+            return Availability::Down(format!(
+                "{problem}, while members this node reaches commit it"
+            ));
         }
         let others = problems.len() - 1;
         Availability::Degraded(if others == 0 {
@@ -827,7 +843,20 @@ impl ClusterNode {
     /// hears its leader): then this node's clients are better served there. Each member but
     /// this one is asked (a failover probe, at most `wait`); members that do not answer count
     /// for nothing. Asked only while the group cannot commit here.
+    ///
+    /// Never where this node leads the group: the members it reaches hear *it* (it goes on
+    /// sending to them while its other voters are down), which the probe's answer does not
+    /// tell apart from hearing another leader; and a leader cut off from the members that
+    /// elected another one reaches no majority of the cluster, which says so first.
     pub async fn committed_elsewhere(&self, group: GroupId, wait: Duration) -> bool {
+        let leads = self
+            .inner
+            .groups
+            .get(usize::from(group))
+            .is_some_and(|raft| raft.metrics().borrow().state == ServerState::Leader);
+        if leads {
+            return false;
+        }
         let lease = Duration::from_millis(self.inner.raft_timings.election_max_ms);
         let me = self.inner.id;
         let asks = self

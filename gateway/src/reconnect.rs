@@ -240,8 +240,8 @@ impl Reconnect {
             // joined, or restarted and is catching up) has lost nothing.
             let mut had_quorum = false;
             let mut detector = SkipDetector::new(delivered.len());
-            // The last availability judged while groups could not commit here, and when.
-            let mut judged: Option<(tokio::time::Instant, Availability)> = None;
+            // What the node can serve while groups cannot commit here.
+            let judge = Judge::default();
             let mut ticker = tokio::time::interval(CHECK_EVERY);
             loop {
                 tokio::select! {
@@ -300,7 +300,7 @@ impl Reconnect {
                         );
                         let _ = cut_off_tx.send(Some(Reason::NotFormed));
                     }
-                } else if usable(&node, &mut judged, &verdict).await {
+                } else if usable(&node, &judge, &verdict) {
                     had_quorum = true;
                     without_quorum = None;
                     cut_off_tx.send_if_modified(|v| v.take().is_some());
@@ -418,17 +418,27 @@ impl ReconnectWatch {
     }
 }
 
+/// The watcher's view of what the node can serve, judged by a task of its own (probes of the
+/// members take up to [`AVAILABILITY_WAIT`], which the watcher's other looks must not wait
+/// for: a history skip found late reached streams opened after it).
+#[derive(Default)]
+struct Judge {
+    /// The last verdict and when it was reached.
+    last: Arc<parking_lot::Mutex<Option<(tokio::time::Instant, Availability)>>>,
+    /// A judgement is under way.
+    running: Arc<std::sync::atomic::AtomicBool>,
+}
+
 /// Whether the node serves its clients as well as any member it reaches: every group commits
 /// here, or the partitions that do not commit nowhere it reaches either
-/// ([`ClusterNode::availability`], asked again every [`AVAILABILITY_EVERY`] while groups
-/// cannot commit here). Records a degraded verdict in `verdict` for `/ready`.
-async fn usable(
-    node: &ClusterNode,
-    judged: &mut Option<(tokio::time::Instant, Availability)>,
-    verdict: &Degraded,
-) -> bool {
+/// ([`ClusterNode::availability`], judged again every [`AVAILABILITY_EVERY`] while groups
+/// cannot commit here, in the background). Until a first verdict, it does not. Records a
+/// degraded verdict in `verdict` for `/ready`.
+fn usable(node: &ClusterNode, judge: &Judge, verdict: &Degraded) -> bool {
     if node.has_quorum() && node.reaches_majority() {
-        if judged
+        if judge
+            .last
+            .lock()
             .take()
             .is_some_and(|(_, a)| matches!(a, Availability::Degraded(_)))
         {
@@ -437,26 +447,34 @@ async fn usable(
         *verdict.lock() = None;
         return true;
     }
-    let due = judged
+    let due = judge
+        .last
+        .lock()
         .as_ref()
         .is_none_or(|(at, _)| at.elapsed() >= AVAILABILITY_EVERY);
-    if due {
-        let availability = node.availability(AVAILABILITY_WAIT).await;
-        let was_degraded = judged
-            .as_ref()
-            .is_some_and(|(_, a)| matches!(a, Availability::Degraded(_)));
-        if let Availability::Degraded(problem) = &availability
-            && !was_degraded
-        {
-            tracing::warn!(
-                "{problem}: no member this node reaches commits it either, so streaming and subscribed clients stay (they get its events once it commits again)"
-            );
-        }
-        *judged = Some((tokio::time::Instant::now(), availability));
+    if due && !judge.running.swap(true, Ordering::AcqRel) {
+        let (node, last, running) = (node.clone(), judge.last.clone(), judge.running.clone());
+        tokio::spawn(async move {
+            let availability = node.availability(AVAILABILITY_WAIT).await;
+            let mut last = last.lock();
+            let was_degraded = last
+                .as_ref()
+                .is_some_and(|(_, a)| matches!(a, Availability::Degraded(_)));
+            if let Availability::Degraded(problem) = &availability
+                && !was_degraded
+            {
+                tracing::info!(
+                    "{problem}: no member this node reaches commits it either, so streaming and subscribed clients stay (they get its events once it commits again)"
+                );
+            }
+            *last = Some((tokio::time::Instant::now(), availability));
+            running.store(false, Ordering::Release);
+        });
     }
-    match judged.as_ref().map(|(at, a)| (*at, a)) {
+    let last = judge.last.lock();
+    match last.as_ref() {
         Some((at, Availability::Degraded(problem))) => {
-            *verdict.lock() = Some((at, problem.clone()));
+            *verdict.lock() = Some((*at, problem.clone()));
             true
         }
         Some((_, Availability::Whole)) => {

@@ -118,6 +118,18 @@ impl ClusterNode {
                 bootstrapper = lowest,
                 "waiting for node {lowest} to form the cluster"
             );
+            // Node `lowest` may have formed without this node already (its --bootstrap-expect
+            // met by the others): its peers let this node connect (they name it in their own
+            // --peers), so no refusal says so; asked now and then, until formed or told.
+            while !self.is_formed() && !self.inner.shutdown.is_cancelled() {
+                if let Some(elsewhere) = self.formed_without_this_node().await {
+                    if !elsewhere.member {
+                        self.left_out_of(&elsewhere);
+                    }
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
             return;
         }
         let meta = &self.inner.groups[usize::from(META_GROUP)];
@@ -179,18 +191,27 @@ impl ClusterNode {
                 );
                 return;
             }
-            tracing::error!(
-                via,
-                formed,
-                "node {via} is a member of a formed cluster this node is not a member of: not forming another; add this node with `herald cluster join --node-id {id} --addr {addr}` through a member",
-                id = self.inner.id,
-                addr = self.inner.advertise
-            );
+            self.left_out_of(&elsewhere);
             return;
         }
         if let Err(error) = self.form(reachable).await {
             tracing::error!(%error, "forming the cluster failed");
         }
+    }
+
+    /// Records and logs that the cluster `elsewhere` tells of was formed without this node
+    /// (its status and `/ready` say so from now on, see `ClusterNode::left_out`).
+    fn left_out_of(&self, elsewhere: &FormedElsewhere) {
+        let via = elsewhere.via;
+        let formed = elsewhere.formed.as_deref().unwrap_or("?");
+        *self.inner.formed_elsewhere.lock() = Some(elsewhere.described());
+        tracing::error!(
+            via,
+            formed,
+            "node {via} is a member of a formed cluster this node is not a member of: not forming another; add this node with `herald cluster join --node-id {id} --addr {addr}` through a member",
+            id = self.inner.id,
+            addr = self.inner.advertise
+        );
     }
 
     /// Whether `peer` runs another partition count than this node: `Some(described)` if so
