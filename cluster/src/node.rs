@@ -172,6 +172,10 @@ pub enum Availability {
 /// one it is catching up on (see [`ClusterNode::catching_up`]).
 const UNHEARD_LIMIT: Duration = Duration::from_secs(10);
 
+/// How long [`ClusterNode::wait_caught_up`] goes on waiting while no majority answers this
+/// node: a process resumed from a pause reaches none until its calls are answered again.
+const CUT_OFF_PATIENCE: Duration = Duration::from_millis(1500);
+
 /// How often [`ClusterNode::wait_caught_up`] looks again.
 const CATCH_UP_POLL: Duration = Duration::from_millis(20);
 
@@ -489,6 +493,10 @@ impl ClusterNode {
         }
         {
             let node = node.clone();
+            tokio::spawn(async move { node.pause_detector().await });
+        }
+        {
+            let node = node.clone();
             tokio::spawn(async move { node.reachability_loop().await });
         }
         {
@@ -657,7 +665,7 @@ impl ClusterNode {
                     // while; past that it has no leader to catch up with (its voters are
                     // down, say), which `/ready` says as such, and a subscription does not
                     // wait for it.
-                    Lag::Unheard if self.inner.catch_up.since_start() >= UNHEARD_LIMIT => {
+                    Lag::Unheard if self.inner.catch_up.unheard_for(group) >= UNHEARD_LIMIT => {
                         return None;
                     }
                     Lag::Unheard => None,
@@ -671,20 +679,58 @@ impl ClusterNode {
             })
     }
 
+    /// Ticks the catch-up table's pause detector every [`crate::catch_up::TICK`] until the
+    /// node stops (see [`CatchUp::tick`]).
+    async fn pause_detector(&self) {
+        let mut ticker = tokio::time::interval(crate::catch_up::TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.inner.shutdown.cancelled() => return,
+            }
+            if let Some(gap) = self.inner.catch_up.tick() {
+                tracing::info!(
+                    gap_ms = gap.as_millis() as u64,
+                    "this node went {} ms without running (paused, or starved): it catches up with its leaders before new subscriptions start",
+                    gap.as_millis()
+                );
+            }
+        }
+    }
+
     /// Waits until [`Self::catching_up`] is `None`, at most `limit`; returns what is still
     /// behind then. A subscription calls it before it starts, so that the backlog of a node
     /// back from a restart or a silence is not delivered to it as live events. Returns at once
     /// when nothing is behind (the common case: one atomic read per partition), and when no
     /// majority of the members answers this node.
     pub async fn wait_caught_up(&self, limit: Duration) -> Option<CatchingUp> {
-        let deadline = tokio::time::Instant::now() + limit;
+        let started = tokio::time::Instant::now();
+        let deadline = started + limit;
         loop {
-            let behind = self.catching_up()?;
-            // No majority answers this node: there is nobody to catch up from (and its
-            // streams are sent elsewhere for that), so subscriptions are not held up for it.
+            // The pause detector has not ticked lately: the process may just have been
+            // resumed (this subscription waited in a socket's backlog meanwhile), and the
+            // detector not run yet to make every group catch up again. Looked at again
+            // once it has.
+            let behind = if self.inner.catch_up.ticking() {
+                self.catching_up()?
+            } else {
+                match self.catching_up() {
+                    Some(behind) => behind,
+                    None => CatchingUp {
+                        partition: 0,
+                        leader: None,
+                        behind: None,
+                    },
+                }
+            };
+            // No majority answers this node (for longer than a process just resumed takes
+            // to hear from them again): there is nobody to catch up from (and its streams
+            // are sent elsewhere for that), so subscriptions are not held up for it.
+            let cut_off = !self.reaches_majority() && started.elapsed() >= CUT_OFF_PATIENCE;
             if tokio::time::Instant::now() >= deadline
                 || self.inner.shutdown.is_cancelled()
-                || !self.reaches_majority()
+                || cut_off
             {
                 return Some(behind);
             }
