@@ -121,6 +121,23 @@ type FailedHandshakes =
 /// another CA redials every few seconds, and each attempt was a WARN line on every member.
 const FAILED_HANDSHAKE_LOG_EVERY: Duration = Duration::from_secs(60);
 
+/// Whether a refusal of `key` is due to be logged again: none was within `every` (then this
+/// one is recorded). Entries older than `every` are dropped, so the table stays small.
+fn log_due<K: std::hash::Hash + Eq + Copy>(
+    logged: &parking_lot::Mutex<std::collections::HashMap<K, std::time::Instant>>,
+    key: K,
+    every: Duration,
+) -> bool {
+    let now = std::time::Instant::now();
+    let mut logged = logged.lock();
+    logged.retain(|_, at| now.duration_since(*at) < every);
+    let due = !logged.contains_key(&key);
+    if due {
+        logged.insert(key, now);
+    }
+    due
+}
+
 /// This node's QUIC endpoint.
 pub struct Transport {
     endpoint: quinn::Endpoint,
@@ -278,17 +295,7 @@ impl IncomingPeer {
         let addr = self.incoming.remote_address();
         let refused = |reason: String| {
             // Once a minute per address: a misconfigured node redials every few seconds.
-            let now = std::time::Instant::now();
-            let due = {
-                let mut failed = self.failed_handshakes.lock();
-                failed.retain(|_, at| now.duration_since(*at) < FAILED_HANDSHAKE_LOG_EVERY);
-                let due = !failed.contains_key(&addr);
-                if due {
-                    failed.insert(addr, now);
-                }
-                due
-            };
-            if due {
+            if log_due(&self.failed_handshakes, addr, FAILED_HANDSHAKE_LOG_EVERY) {
                 tracing::warn!(
                     %addr,
                     %reason,
@@ -339,18 +346,7 @@ impl IncomingPeer {
                 let reason = format!("node {peer} is not a member of this cluster");
                 // A node waiting for `herald cluster join` (or a member that has not applied
                 // the join yet), or a removed one still running: logged now and then.
-                let now = std::time::Instant::now();
-                let log = {
-                    let mut refusals = self.refusals.lock();
-                    let due = refusals
-                        .get(&peer)
-                        .is_none_or(|at| now.duration_since(*at) >= NON_MEMBER_LOG_EVERY);
-                    if due {
-                        refusals.insert(peer, now);
-                    }
-                    due
-                };
-                if log {
+                if log_due(&self.refusals, peer, NON_MEMBER_LOG_EVERY) {
                     tracing::info!(
                         %addr,
                         "refused a cluster connection from node {peer}: not a member of this cluster (a node waiting for `herald cluster join`, or one removed; logged once every {} minutes)",

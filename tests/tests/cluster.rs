@@ -2773,19 +2773,10 @@ async fn a_member_back_on_an_empty_disk_is_joined_again_under_load_while_it_runs
         })
     };
     publish_until_acked(&cluster, 1, "rebuilt:2", "before").await;
-    cluster.wipe(3);
-    cluster.start_node(3, 3);
-    herald_tests::wait_until("node 1 refuses node 3 on its empty store", || {
-        cluster.node(1).log().contains("refusing node 3")
-    });
     // Joined again right after its removal: the join waits for the partitions' leaders to
     // have taken node 3 out of their groups (it would otherwise stay a voter there, with the
     // progress its lost store had made).
-    let (ok, text) = cluster.cli(1, &["remove", "--node-id", "3"]);
-    assert!(ok, "remove failed: {text}");
-    let addr = format!("127.0.0.1:{}", cluster.members[2].cluster_port);
-    let (ok, text) = cluster.cli(1, &["join", "--node-id", "3", "--addr", &addr]);
-    assert!(ok, "join right after the removal failed: {text}");
+    rejoin_on_an_empty_disk(&mut cluster, 3, 1);
     publish_until_acked(&cluster, 1, "rebuilt:2", "after").await;
     let want = ["before".to_string(), "after".to_string()];
     node_3_catches_up_and_is_ready(&cluster, "rebuilt:2", &want).await;
@@ -2804,6 +2795,31 @@ async fn a_member_back_on_an_empty_disk_is_joined_again_under_load_while_it_runs
     publish_until_acked(&cluster, 3, "rebuilt:2", "restarted").await;
 }
 
+/// Node `id` loses its disk and comes back on an empty one; once node `via` refuses its new
+/// store, it is removed and joined again through `via` (the documented way back).
+fn rejoin_on_an_empty_disk(cluster: &mut Cluster, id: u64, via: u64) {
+    cluster.wipe(id);
+    cluster.start_node(id, 3);
+    herald_tests::wait_until(
+        &format!("node {via} refuses node {id} on its empty store"),
+        || {
+            cluster
+                .node(via)
+                .log()
+                .contains(&format!("refusing node {id}"))
+        },
+    );
+    let node = id.to_string();
+    let (ok, text) = cluster.cli(via, &["remove", "--node-id", &node]);
+    assert!(ok, "remove failed: {text}");
+    let addr = format!(
+        "127.0.0.1:{}",
+        cluster.members[(id - 1) as usize].cluster_port
+    );
+    let (ok, text) = cluster.cli(via, &["join", "--node-id", &node, "--addr", &addr]);
+    assert!(ok, "join right after the removal failed: {text}");
+}
+
 /// A member started on a stale copy of its data directory refuses the members whose store
 /// changed since the copy (here node 1, joined again on a new disk), and they refuse it (it
 /// went back in time). Its refusal is worth nothing, as it is no member: the healthy members
@@ -2817,16 +2833,7 @@ async fn a_member_on_a_stale_copy_of_its_data_does_not_get_the_healthy_members_r
     let stale = cluster.back_up(3);
     cluster.start_node(3, 3);
     // Node 1 loses its disk and is joined again: a new store, which nodes 2 and 3 record.
-    cluster.wipe(1);
-    cluster.start_node(1, 3);
-    herald_tests::wait_until("node 2 refuses node 1 on its empty store", || {
-        cluster.node(2).log().contains("refusing node 1")
-    });
-    let (ok, text) = cluster.cli(2, &["remove", "--node-id", "1"]);
-    assert!(ok, "remove failed: {text}");
-    let addr = format!("127.0.0.1:{}", cluster.members[0].cluster_port);
-    let (ok, text) = cluster.cli(2, &["join", "--node-id", "1", "--addr", &addr]);
-    assert!(ok, "join failed: {text}");
+    rejoin_on_an_empty_disk(&mut cluster, 1, 2);
     publish_until_acked(&cluster, 3, "stale:1", "second").await;
     node_ready(&cluster, 1);
     // Every partition has its three voters again (node 3 leaving one with two would stop it).
@@ -4417,17 +4424,7 @@ async fn a_subscription_on_a_node_catching_up_gets_no_event_published_before_it(
     on_c.subscribe(channel).await.unwrap();
     let mut stream = sse(cluster.node(3).http, channel, None).await;
     let _: i64 = publisher.publish(channel, "live").await.unwrap();
-    let mut messages = on_c.on_message();
-    let first = tokio::time::timeout(PATIENCE, messages.next())
-        .await
-        .expect("an event in time")
-        .expect("subscribed");
-    let first: String = first.get_payload().unwrap();
-    assert_eq!(
-        first.get(..12).unwrap_or(&first),
-        "live",
-        "SUBSCRIBE on node 3 got an old event as live"
-    );
+    assert_next_is_live(&mut on_c).await;
     let first = next_message(&mut stream).await.data;
     assert!(
         first.contains("live") && !first.contains("old-"),
@@ -4473,7 +4470,12 @@ async fn a_subscription_sent_to_a_paused_node_gets_no_event_published_before_it(
         .expect("subscribed once node 3 resumed")
         .unwrap();
     let _: i64 = publisher.publish(channel, "live").await.unwrap();
-    let mut messages = on_c.on_message();
+    assert_next_is_live(&mut on_c).await;
+}
+
+/// Requires the next message node 3's `subscriber` gets to be `live`, not an old event.
+async fn assert_next_is_live(subscriber: &mut redis::aio::PubSub) {
+    let mut messages = subscriber.on_message();
     let first = tokio::time::timeout(PATIENCE, messages.next())
         .await
         .expect("an event in time")
