@@ -484,6 +484,13 @@ impl ClusterNode {
             tokio::spawn(async move { node.placement_loop().await });
         }
         {
+            // The members the non-durable publishes go to while their interest is unknown,
+            // known from the start: the interest loop records them only at its first push,
+            // and a publish before it (a node just restarted, its clients back at once) went
+            // to no other node.
+            let mut members: BTreeSet<NodeId> = node.members().into_keys().collect();
+            members.extend(node.inner.static_peers.keys().copied());
+            node.inner.interest.set_members(members);
             let node = node.clone();
             tokio::spawn(async move { node.interest_loop().await });
         }
