@@ -719,18 +719,10 @@ impl ClusterNode {
             // resumed (this subscription waited in a socket's backlog meanwhile), and the
             // detector not run yet to make every group catch up again. Looked at again
             // once it has.
-            let behind = if self.inner.catch_up.ticking() {
-                self.catching_up()?
-            } else {
-                match self.catching_up() {
-                    Some(behind) => behind,
-                    None => CatchingUp {
-                        partition: 0,
-                        leader: None,
-                        behind: None,
-                    },
-                }
-            };
+            let behind = self.catching_up();
+            if behind.is_none() && self.inner.catch_up.ticking() {
+                return None;
+            }
             // No majority answers this node (for longer than a process just resumed takes
             // to hear from them again): there is nobody to catch up from (and its streams
             // are sent elsewhere for that), so subscriptions are not held up for it.
@@ -739,7 +731,8 @@ impl ClusterNode {
                 || self.inner.shutdown.is_cancelled()
                 || cut_off
             {
-                return Some(behind);
+                // Only what is really behind: a detector that has not ticked names nothing.
+                return behind;
             }
             tokio::time::sleep(CATCH_UP_POLL).await;
         }
